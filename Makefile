@@ -1,0 +1,54 @@
+# hotpatch: `make demo` runs the main job, `make test` the test suite.
+# Both set up everything on a fresh Debian machine (system packages when run
+# as root, a virtualenv in .venv, the compiled core, the C fixtures).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FIXTURES := build/fixtures
+SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 wine64
+SAMPLE := $(FIXTURES)/switch_table/baseline.dll
+
+.PHONY: demo test bench deps venv fixtures realbins lint clean
+
+demo: venv fixtures
+	$(VENV)/bin/hotpatch info $(SAMPLE)
+	$(VENV)/bin/hotpatch functions $(SAMPLE)
+
+test: venv fixtures
+	$(PY) -m pytest tests
+
+bench: venv fixtures
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,mean,rounds
+
+lint: venv
+	$(VENV)/bin/ruff check hotpatch tests benchmarks setup.py
+
+deps:
+	@missing=""; \
+	for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml setup.py hotpatch/_core.pyx hotpatch/includes/capstone.pxd native/x86_fastlen.c
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+fixtures: deps venv
+	$(PY) tests/fixtures/build_fixtures.py --out $(FIXTURES)
+
+realbins: venv
+	$(PY) tests/realbins.py
+
+clean:
+	rm -rf build $(VENV) hotpatch/_core.c hotpatch/*.so *.egg-info

@@ -1,0 +1,216 @@
+"""Pure-Python reference implementation of the analysis core.
+
+``hotpatch/_core.pyx`` implements exactly the same two functions against
+capstone's C API; this module is the oracle the tests compare it with, and
+the fallback only when ``HOTPATCH_PURE_PYTHON=1`` asks for it.
+
+The contract (both implementations):
+
+``decode(ctx, items)``
+    ``items`` is a list of ``(rva, ranges)``; ``ranges`` a tuple of
+    ``(begin_rva, end_rva)``. Each range is swept linearly; a byte capstone
+    cannot decode is skipped. Returns, per item, ``(insn_rvas, refs, tables)``:
+    ``insn_rvas`` an ``array('I')``; ``refs`` a list of
+    ``(kind, insn_rva, operand_offset, operand_size, target_rva)`` in
+    instruction order (within one instruction: branch or RIP operand, then
+    jump-table records, then relocations by address); ``tables`` a list of
+    ``(insn_rva, table_rva, entry_kind, targets)``.
+
+``fingerprint(ctx, rva, ranges, refs, tables, function_starts)``
+    BLAKE2b-128 (hex) of the function's bytes with every reference operand
+    zeroed, then ``b"|"``, then per reference ``bytes([kind]) + descriptor +
+    b";"`` where the descriptor names what the target *is* (see
+    ``describe``), never where it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from array import array
+from bisect import bisect_left
+from typing import Any
+
+import capstone
+from capstone import x86_const as x86
+
+from .refkinds import (
+    ABS64,
+    BRANCH_REL8,
+    BRANCH_REL32,
+    CALL_REL32,
+    IAT_CALL,
+    IAT_JUMP,
+    IMAGE_REL32,
+    JUMP_TABLE,
+    MAX_TABLE_ENTRIES,
+    RIP_RELATIVE,
+    TABLE_IMAGE_REL32,
+    TABLE_SELF_REL32,
+)
+
+__all__ = ["decode", "fingerprint", "IMPLEMENTATION"]
+
+IMPLEMENTATION = "python"
+
+_GRP_JUMP = capstone.CS_GRP_JUMP
+_GRP_CALL = capstone.CS_GRP_CALL
+_GRP_BRANCH_RELATIVE = capstone.CS_GRP_BRANCH_RELATIVE
+
+
+def _disassembler() -> capstone.Cs:
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    return md
+
+
+def decode(ctx: Any, items: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[tuple[Any, list, list]]:
+    md = _disassembler()
+    return [_decode_one(md, ctx, ranges) for _, ranges in items]
+
+
+def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) -> tuple[Any, list, list]:
+    memory = ctx.memory
+    relocations = ctx.relocations
+    iat = ctx.iat
+    insn_rvas = array("I")
+    refs: list[tuple[int, int, int, int, int]] = []
+    tables: list[tuple[int, int, int, tuple[int, ...]]] = []
+    for begin, end in ranges:
+        end = min(end, len(memory))
+        lea_targets: dict[int, int] = {}
+        last_cmp = -1
+        offset = begin
+        while offset < end:
+            for insn in md.disasm(memory[offset:end], offset):
+                rva = insn.address
+                size = insn.size
+                offset = rva + size
+                insn_rvas.append(rva)
+                groups = insn.groups
+                is_call = _GRP_CALL in groups
+                if _GRP_BRANCH_RELATIVE in groups and insn.imm_offset and insn.imm_size in (1, 4):
+                    target = insn.operands[0].imm
+                    kind = BRANCH_REL8 if insn.imm_size == 1 else (CALL_REL32 if is_call else BRANCH_REL32)
+                    refs.append((kind, rva, insn.imm_offset, insn.imm_size, target))
+                elif insn.disp_offset:
+                    for op in insn.operands:
+                        if op.type == x86.X86_OP_MEM and op.mem.base == x86.X86_REG_RIP:
+                            target = rva + size + op.mem.disp
+                            kind = RIP_RELATIVE
+                            if target in iat:
+                                kind = IAT_CALL if is_call else (IAT_JUMP if _GRP_JUMP in groups else RIP_RELATIVE)
+                            refs.append((kind, rva, insn.disp_offset, insn.disp_size, target))
+                            if insn.id == x86.X86_INS_LEA:
+                                lea_targets[insn.operands[0].reg] = target
+                            break
+                        if op.type == x86.X86_OP_MEM and insn.disp_size == 4 and lea_targets.get(op.mem.base) == 0 \
+                                and ctx.first_section_rva <= op.mem.disp < len(memory):
+                            # MSVC addresses tables as [image base register + index + RVA]
+                            refs.append((IMAGE_REL32, rva, insn.disp_offset, 4, op.mem.disp))
+                            break
+                insn_id = insn.id
+                if insn_id == x86.X86_INS_CMP:
+                    ops = insn.operands
+                    last_cmp = ops[1].imm if len(ops) == 2 and ops[0].type == x86.X86_OP_REG \
+                        and ops[1].type == x86.X86_OP_IMM else -1
+                elif insn_id == x86.X86_INS_MOVSXD or insn_id == x86.X86_INS_MOV:
+                    _jump_table(ctx, insn, lea_targets, last_cmp, ranges, refs, tables)
+                index = bisect_left(relocations, rva)
+                while index < len(relocations) and relocations[index] < rva + size:
+                    reloc = relocations[index]
+                    value = struct.unpack_from("<Q", memory, reloc)[0] if reloc + 8 <= len(memory) else 0
+                    refs.append((ABS64, rva, reloc - rva, 8, value - ctx.image_base))
+                    index += 1
+            if offset < end:
+                offset += 1  # capstone stopped on a byte it cannot decode: skip it and resume
+    return insn_rvas, refs, tables
+
+
+def _jump_table(ctx: Any, insn: Any, lea_targets: dict[int, int], last_cmp: int,
+                ranges: tuple[tuple[int, int], ...], refs: list, tables: list) -> None:
+    """Recognise the indexed load of a switch: GCC (table-relative) or MSVC (image-relative)."""
+    ops = insn.operands
+    if len(ops) != 2 or ops[1].type != x86.X86_OP_MEM:
+        return
+    mem = ops[1].mem
+    if mem.index == 0 or mem.scale != 4 or mem.base not in lea_targets:
+        return
+    base_target = lea_targets[mem.base]
+    if insn.id == x86.X86_INS_MOVSXD and mem.disp == 0:
+        table, entry_kind = base_target, TABLE_SELF_REL32
+    elif insn.id == x86.X86_INS_MOV and base_target == 0 and mem.disp > 0 and ops[0].size == 4:
+        table, entry_kind = mem.disp, TABLE_IMAGE_REL32
+    else:
+        return
+    targets = _table_targets(ctx, table, entry_kind, last_cmp, ranges)
+    refs.append((JUMP_TABLE, insn.address, 0, 0, table))
+    tables.append((insn.address, table, entry_kind, targets))
+
+
+def _table_targets(ctx: Any, table: int, entry_kind: int, last_cmp: int,
+                   ranges: tuple[tuple[int, int], ...]) -> tuple[int, ...]:
+    """Entries of the table, up to the bounds check, while they land in the function.
+
+    The bound is only an upper limit: in MSVC's two-level switches it counts
+    the byte index table in front of the jump table.
+    """
+    memory = ctx.memory
+    count = last_cmp + 1 if 0 <= last_cmp < MAX_TABLE_ENTRIES else MAX_TABLE_ENTRIES
+    out = []
+    for index in range(count):
+        at = table + 4 * index
+        if at < 0 or at + 4 > len(memory):
+            break
+        if entry_kind == TABLE_SELF_REL32:
+            target = table + struct.unpack_from("<i", memory, at)[0]
+        else:
+            target = struct.unpack_from("<I", memory, at)[0]
+        if not any(begin <= target < end for begin, end in ranges):
+            break
+        out.append(target)
+    return tuple(out)
+
+
+# ── fingerprint ────────────────────────────────────────────────────────────
+
+
+def describe(ctx: Any, rva: int, ranges: tuple[tuple[int, int], ...], kind: int, target: int,
+             table: tuple[int, int, int, tuple[int, ...]] | None, function_starts: Any) -> bytes:
+    """What a reference's target is, independent of where things were placed."""
+    label = ctx.iat.get(target)
+    if label is not None:
+        return b"I" + label
+    if kind == JUMP_TABLE and table is not None:
+        return b"J" + bytes([table[2]]) + ",".join(str(t - rva) for t in table[3]).encode()
+    for begin, end in ranges:
+        if begin <= target < end:
+            return b"S" + str(target - rva).encode()
+    index = bisect_left(function_starts, target)
+    if index < len(function_starts) and function_starts[index] == target:
+        return b"F"
+    for begin, end, code in ctx.regions:
+        if begin <= target < end:
+            return b"D" + code
+    return b"O"
+
+
+def fingerprint(ctx: Any, rva: int, ranges: tuple[tuple[int, int], ...], refs: list, tables: list,
+                function_starts: Any) -> str:
+    memory = ctx.memory
+    pieces = []
+    for begin, end in ranges:
+        masked = bytearray(memory[begin:end])
+        for _, insn_rva, operand_offset, operand_size, _ in refs:
+            at = insn_rva + operand_offset - begin
+            if operand_size and 0 <= at < len(masked):
+                masked[at:at + operand_size] = bytes(min(operand_size, len(masked) - at))
+        pieces.append(bytes(masked))
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(b"".join(pieces))
+    digest.update(b"|")
+    table_at = {t[0]: t for t in tables}
+    for kind, insn_rva, _, _, target in refs:
+        table = table_at.get(insn_rva) if kind == JUMP_TABLE else None
+        digest.update(bytes([kind]) + describe(ctx, rva, ranges, kind, target, table, function_starts) + b";")
+    return digest.hexdigest()

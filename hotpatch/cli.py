@@ -1,0 +1,108 @@
+"""The ``hotpatch`` command line.
+
+Every subcommand prints a human view with rich, or JSON with ``--json``.
+Exit codes: 0 success, 2 bad input (any ``HotpatchError`` of that family);
+errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .errors import HotpatchError
+from .functions import discover
+from .image import Image
+from .report import function_rows, image_info
+
+__all__ = ["main"]
+
+
+def _print_json(document: Any) -> None:
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    image = Image.load(args.pe)
+    table = discover(image)
+    info = image_info(image, table)
+    if args.json:
+        _print_json(info)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    identity = info["identity"]
+    console.print(f"[bold]{image.name}[/bold]  {identity['machine']}  image base {image.image_base:#x}"
+                  f"  entry {info['entry_rva'] if info['entry_rva'] is not None else '-'}")
+    console.print(f"TimeDateStamp {identity['timedatestamp']:#x}  SizeOfImage {identity['size_of_image']:#x}"
+                  f"  CheckSum {identity['checksum']:#x}")
+    console.print(f"code SHA-256 {identity['code_sha256']}")
+    sections = Table("section", "rva", "virtual size", "raw size", "perm", title="sections")
+    for section in info["sections"]:
+        sections.add_row(section["name"], f"{section['rva']:#x}", f"{section['virtual_size']:#x}",
+                         f"{section['raw_size']:#x}", section["permissions"])
+    console.print(sections)
+    counts = info["counts"]
+    console.print(f"functions {counts['functions']} ("
+                  + ", ".join(f"{k} {v}" for k, v in counts["functions_by_source"].items()) + ")")
+    console.print(f"imports {counts['imports']}  exports {counts['exports']}  relocations {counts['relocations']}"
+                  f"  symbols {counts['symbols']}  instructions {counts['instructions']}")
+    console.print("coverage " + ", ".join(f"{name} {share:.2%}" for name, share in info["coverage"].items()))
+    return 0
+
+
+def cmd_functions(args: argparse.Namespace) -> int:
+    image = Image.load(args.pe)
+    rows = function_rows(discover(image))
+    if args.json:
+        _print_json({"schema": "hotpatch.functions/1", "path": args.pe, "functions": rows})
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "rva", "size", "sources", "pad before", "pad after", "fingerprint")
+    for row in rows:
+        table.add_row(row["name"] or "-", f"{row['rva']:#x}", str(row["size"]), ",".join(row["sources"]),
+                      str(row["pad_before"]), str(row["pad_after"]), row["fingerprint"])
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hotpatch", description="Rebootless updates for x64 Windows PE images.")
+    parser.add_argument("--version", action="version", version=f"hotpatch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="identity, sections, counts and coverage of a PE image")
+    info.add_argument("pe")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=cmd_info)
+
+    functions = commands.add_parser("functions", help="every discovered function with its fingerprint")
+    functions.add_argument("pe")
+    functions.add_argument("--json", action="store_true")
+    functions.set_defaults(run=cmd_functions)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except HotpatchError as exc:
+        print(f"hotpatch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

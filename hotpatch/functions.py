@@ -1,0 +1,307 @@
+"""Function discovery: where every function of an image starts and ends.
+
+.pdata is authoritative for the functions it lists (x64 requires it for every
+function that touches the stack), but leaf functions and hand-written kernels
+often have none. Those come from exports, COFF symbols, the entry point,
+pointers into code held in data (covered by base relocations), and direct call
+targets, followed until nothing new appears. A function without .pdata runs to
+the next known start, less the padding in front of it.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass
+from typing import Any
+
+from .analysis import AnalysisContext, FunctionAnalysis, decode, fingerprint_all
+from .image import Image, Section, UnwindInfo
+
+__all__ = ["Function", "FunctionTable", "discover", "SOURCES"]
+
+#: discovery sources, in the order they are tried
+SOURCES = ("pdata", "export", "symbol", "entry", "pointer", "call")
+
+# Padding between functions: int3, nop and the multi-byte nops compilers emit
+# for alignment (0F 1F /0 with their 66/2E prefixes, and 66 90).
+_NOP = rb"(?:\xcc|\x90|\x66+\x90|\x66*\x2e?\x0f\x1f(?:\x00|\x40.|\x44\x00\x00|\x80....|\x84\x00....))"
+USABLE_PADDING_RE = re.compile(_NOP + b"+", re.DOTALL)
+#: for coverage, zero fill (section tails, alignment in data-in-code) is not code either
+FILL_RE = re.compile(b"(?:" + _NOP + rb"|\x00)+", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Function:
+    rva: int
+    end_rva: int
+    name: str | None
+    sources: tuple[str, ...]
+    #: chained .pdata fragments (begin, end) folded into this function
+    fragments: tuple[tuple[int, int], ...] = ()
+    #: usable int3/nop bytes right before the entry and right after the end
+    pad_before: int = 0
+    pad_after: int = 0
+    unwind: UnwindInfo | None = None
+    fingerprint: str = ""
+
+    @property
+    def size(self) -> int:
+        return self.end_rva - self.rva
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return ((self.rva, self.end_rva),) + self.fragments
+
+    @property
+    def label(self) -> str:
+        return self.name or f"sub_{self.rva:x}"
+
+
+@dataclass(frozen=True, eq=False)
+class FunctionTable:
+    """All functions of one image with their analyses, sorted by RVA."""
+
+    image: Image
+    functions: tuple[Function, ...]
+    analyses: tuple[FunctionAnalysis, ...]
+    context: AnalysisContext
+
+    def __len__(self) -> int:
+        return len(self.functions)
+
+    def __iter__(self) -> Any:
+        return iter(self.functions)
+
+    def at(self, rva: int) -> Function | None:
+        """The function that starts at ``rva``."""
+        index = self._index.get(rva)
+        return None if index is None else self.functions[index]
+
+    def analysis_of(self, function: Function) -> FunctionAnalysis:
+        return self.analyses[self._index[function.rva]]
+
+    def containing(self, rva: int) -> Function | None:
+        """The function whose primary range or fragments contain ``rva``."""
+        starts = self._starts
+        index = bisect_right(starts, rva) - 1
+        if index >= 0 and self.functions[index].rva <= rva < self.functions[index].end_rva:
+            return self.functions[index]
+        return self._fragment_owner(rva)
+
+    def counts_by_source(self) -> dict[str, int]:
+        counts = dict.fromkeys(SOURCES, 0)
+        for function in self.functions:
+            for source in function.sources:
+                counts[source] += 1
+        return counts
+
+    def coverage(self) -> dict[str, float]:
+        """Per executable section: share of its non-fill bytes inside a discovered function."""
+        out = {}
+        for section in self.image.executable_sections:
+            covered = _covered_bytes(self.functions, section)
+            gaps = _gap_fill_bytes(self.image, self.functions, section)
+            total = section.virtual_size - gaps
+            out[section.name] = covered / total if total > 0 else 1.0
+        return out
+
+    def overlaps(self) -> list[tuple[Function, Function]]:
+        """Pairs of functions whose ranges overlap (discovery promises there are none)."""
+        spans = sorted((begin, end, f) for f in self.functions for begin, end in f.ranges)
+        return [(a[2], b[2]) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
+
+    @property
+    def _index(self) -> dict[int, int]:
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = {f.rva: i for i, f in enumerate(self.functions)}
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+    @property
+    def _starts(self) -> list[int]:
+        cached = self.__dict__.get("_starts_cache")
+        if cached is None:
+            cached = [f.rva for f in self.functions]
+            object.__setattr__(self, "_starts_cache", cached)
+        return cached
+
+    def _fragment_owner(self, rva: int) -> Function | None:
+        for function in self.functions:
+            for begin, end in function.fragments:
+                if begin <= rva < end:
+                    return function
+        return None
+
+
+# ── discovery ──────────────────────────────────────────────────────────────
+
+
+def discover(image: Image, impl: Any = None) -> FunctionTable:
+    """Find, bound and analyse every function of ``image``."""
+    ctx = AnalysisContext.from_image(image)
+    executable = image.executable_sections
+    pdata = {f.begin_rva: f for f in image.runtime_functions}
+    # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
+    owned = sorted((begin, end) for f in image.runtime_functions for begin, end in
+                   ((f.begin_rva, f.end_rva),) + f.fragments)
+    owned_starts = [begin for begin, _ in owned]
+
+    def inside_pdata(rva: int) -> bool:
+        index = bisect_right(owned_starts, rva) - 1
+        return index >= 0 and owned[index][0] < rva < owned[index][1] or (
+            index >= 0 and owned[index][0] == rva and rva not in pdata)
+
+    sources: dict[int, set[str]] = {rva: {"pdata"} for rva in pdata}
+    names: dict[int, str] = {}
+
+    def add(rva: int, source: str, name: str | None = None) -> bool:
+        if not any(s.contains_rva(rva) for s in executable) or inside_pdata(rva):
+            return False
+        new = rva not in sources
+        sources.setdefault(rva, set()).add(source)
+        if name and rva not in names:
+            names[rva] = name
+        return new
+
+    for export in image.exports:
+        if export.forwarder is None:
+            add(export.rva, "export", export.name)
+    for symbol in image.symbols:
+        if symbol.is_function or image.is_executable_rva(symbol.rva):
+            add(symbol.rva, "symbol", symbol.name)
+    if image.entry_rva is not None:
+        add(image.entry_rva, "entry")
+    for reloc in image.relocations:
+        if image.is_executable_rva(reloc):
+            continue  # pointers inside code are references of that code, not function starts
+        target = int.from_bytes(image.memory[reloc:reloc + 8], "little") - image.image_base
+        if 0 <= target < len(image.memory):
+            add(target, "pointer")
+
+    # Follow direct calls until no new function appears; decodes are cached by range.
+    decoded: dict[tuple[int, tuple[tuple[int, int], ...]], FunctionAnalysis] = {}
+    while True:
+        layout = _layout(image, sources, pdata, executable)
+        todo = [item for item in layout if item not in decoded]
+        for item, analysis in zip(todo, decode(ctx, todo, impl)):
+            decoded[item] = analysis
+        found = False
+        for item in todo:
+            for target in decoded[item].call_targets():
+                found |= add(target, "call")
+        if not found:
+            break
+
+    starts = array("I", sorted(sources))
+    final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, impl)
+    functions = []
+    for (rva, ranges), analysis in zip(layout, final):
+        runtime = pdata.get(rva)
+        name = names.get(rva)
+        functions.append(Function(
+            rva=rva,
+            end_rva=ranges[0][1],
+            name=name,
+            sources=tuple(s for s in SOURCES if s in sources[rva]),
+            fragments=ranges[1:],
+            unwind=runtime.unwind if runtime else None,
+            fingerprint=analysis.fingerprint,
+        ))
+    functions = _with_padding(image, functions)
+    return FunctionTable(image, tuple(functions), tuple(final), ctx)
+
+
+def _layout(image: Image, sources: dict[int, set[str]], pdata: dict[int, Any],
+            executable: tuple[Section, ...]) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
+    """(rva, ranges) of every known function; functions without .pdata end before the next start."""
+    starts = sorted(sources)
+    out = []
+    memory = image.memory
+    for index, rva in enumerate(starts):
+        runtime = pdata.get(rva)
+        if runtime is not None:
+            out.append((rva, ((rva, runtime.end_rva),) + runtime.fragments))
+            continue
+        section = next(s for s in executable if s.contains_rva(rva))
+        limit = min(section.rva + section.virtual_size if section.virtual_size else section.end_rva,
+                    section.end_rva)
+        if index + 1 < len(starts):
+            limit = min(limit, starts[index + 1])
+        end = _trim_fill(memory, rva, limit)
+        out.append((rva, ((rva, end),)))
+    return out
+
+
+def _trim_fill(memory: bytes, begin: int, end: int) -> int:
+    """``end`` moved back over the padding (int3, nops, zeros) that precedes the next function."""
+    window_begin = max(begin + 1, end - 4096)
+    last_end = end
+    for match in FILL_RE.finditer(memory, window_begin, end):
+        if match.end() == end:
+            last_end = match.start()
+    return max(last_end, begin + 1)
+
+
+def _with_padding(image: Image, functions: list[Function]) -> list[Function]:
+    """Usable int3/nop runs between neighbours: the run ending at each entry and the one after each end."""
+    memory = image.memory
+    out = []
+    sections = image.executable_sections
+    for index, function in enumerate(functions):
+        section = next(s for s in sections if s.contains_rva(function.rva))
+        gap_start = functions[index - 1].end_rva if index > 0 and functions[index - 1].end_rva >= section.rva \
+            else section.rva
+        gap_start = max(gap_start, section.rva)
+        gap_end = functions[index + 1].rva if index + 1 < len(functions) else section.end_rva
+        gap_end = min(gap_end, section.end_rva)
+        before = _run_ending_at(memory, gap_start, function.rva)
+        after = _run_starting_at(memory, function.end_rva, gap_end)
+        out.append(Function(function.rva, function.end_rva, function.name, function.sources, function.fragments,
+                            before, after, function.unwind, function.fingerprint))
+    return out
+
+
+def _run_ending_at(memory: bytes, gap_start: int, entry: int) -> int:
+    if gap_start >= entry:
+        return 0
+    best = 0
+    for match in USABLE_PADDING_RE.finditer(memory, max(gap_start, entry - 4096), entry):
+        if match.end() == entry:
+            best = entry - match.start()
+    return best
+
+
+def _run_starting_at(memory: bytes, end: int, gap_end: int) -> int:
+    if end >= gap_end:
+        return 0
+    match = USABLE_PADDING_RE.match(memory, end, gap_end)
+    return match.end() - end if match else 0
+
+
+def _covered_bytes(functions: tuple[Function, ...], section: Section) -> int:
+    total = 0
+    limit = section.rva + section.virtual_size
+    for function in functions:
+        for begin, end in function.ranges:
+            if begin < limit and end > section.rva:
+                total += min(end, limit) - max(begin, section.rva)
+    return total
+
+
+def _gap_fill_bytes(image: Image, functions: tuple[Function, ...], section: Section) -> int:
+    """Fill bytes (padding, zeros) lying outside every function in ``section``."""
+    spans = sorted((b, e) for f in functions for b, e in f.ranges)
+    limit = section.rva + section.virtual_size
+    fill = 0
+    cursor = section.rva
+    for begin, end in spans + [(limit, limit)]:
+        if end <= section.rva or begin > limit:
+            continue
+        if begin > cursor:
+            for match in FILL_RE.finditer(image.memory, cursor, min(begin, limit)):
+                fill += match.end() - match.start()
+        cursor = max(cursor, end)
+    return fill

@@ -1,0 +1,109 @@
+# Declarations of the parts of capstone's C API (5.0.x) the core uses.
+# Layouts come from the wheel's own headers at build time; the functions are
+# called through pointers taken from the libcapstone the Python package loaded.
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t
+
+
+cdef extern from "capstone/capstone.h" nogil:
+    ctypedef size_t csh
+    ctypedef int cs_arch
+    ctypedef int cs_mode
+    ctypedef int cs_err
+    ctypedef int cs_opt_type
+    ctypedef size_t cs_opt_value
+
+    int CS_ARCH_X86
+    int CS_MODE_64
+    int CS_OPT_DETAIL
+    int CS_OPT_ON
+    int CS_ERR_OK
+    int CS_GRP_JUMP
+    int CS_GRP_CALL
+    int CS_GRP_BRANCH_RELATIVE
+
+    ctypedef struct x86_op_mem:
+        int segment
+        int base
+        int index
+        int scale
+        int64_t disp
+
+    ctypedef struct cs_x86_op:
+        int type
+        int reg
+        int64_t imm
+        x86_op_mem mem
+        uint8_t size
+
+    ctypedef struct cs_x86_encoding:
+        uint8_t modrm_offset
+        uint8_t disp_offset
+        uint8_t disp_size
+        uint8_t imm_offset
+        uint8_t imm_size
+
+    ctypedef struct cs_x86:
+        int64_t disp
+        uint8_t op_count
+        cs_x86_op operands[8]
+        cs_x86_encoding encoding
+
+    ctypedef struct cs_detail:
+        uint8_t groups[8]
+        uint8_t groups_count
+        cs_x86 x86
+
+    ctypedef struct cs_insn:
+        unsigned int id
+        uint64_t address
+        uint16_t size
+        char op_str[160]
+        cs_detail *detail
+
+
+cdef extern from "capstone/x86.h" nogil:
+    int X86_OP_REG
+    int X86_OP_IMM
+    int X86_OP_MEM
+    int X86_REG_RIP
+    int X86_REG_ENDING
+    int X86_INS_LEA
+    int X86_INS_CALL
+    int X86_INS_JMP
+    int X86_INS_JAE
+    int X86_INS_JA
+    int X86_INS_JBE
+    int X86_INS_JB
+    int X86_INS_JCXZ
+    int X86_INS_JECXZ
+    int X86_INS_JE
+    int X86_INS_JGE
+    int X86_INS_JG
+    int X86_INS_JLE
+    int X86_INS_JL
+    int X86_INS_JNE
+    int X86_INS_JNO
+    int X86_INS_JNP
+    int X86_INS_JNS
+    int X86_INS_JO
+    int X86_INS_JP
+    int X86_INS_JRCXZ
+    int X86_INS_JS
+    int X86_INS_LOOP
+    int X86_INS_LOOPE
+    int X86_INS_LOOPNE
+    int X86_INS_XBEGIN
+    int X86_INS_ENDING
+    int X86_INS_CMP
+    int X86_INS_MOV
+    int X86_INS_MOVSXD
+
+
+ctypedef cs_err (*cs_open_fn)(cs_arch arch, cs_mode mode, csh *handle) noexcept nogil
+ctypedef cs_err (*cs_option_fn)(csh handle, cs_opt_type kind, size_t value) noexcept nogil
+ctypedef cs_insn *(*cs_malloc_fn)(csh handle) noexcept nogil
+ctypedef bint (*cs_disasm_iter_fn)(csh handle, const uint8_t **code, size_t *size, uint64_t *address,
+                                   cs_insn *insn) noexcept nogil
+ctypedef void (*cs_free_fn)(cs_insn *insn, size_t count) noexcept nogil
+ctypedef cs_err (*cs_close_fn)(csh *handle) noexcept nogil

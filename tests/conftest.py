@@ -1,0 +1,47 @@
+"""Shared test setup: built fixtures, real binaries, and no silent skips."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.build_fixtures import build_all
+from tests.fixtures.cases import Case, load_cases
+from tests.realbins import real_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fixtures_dir() -> Path:
+    return Path(os.environ.get("HOTPATCH_FIXTURES") or ROOT / "build" / "fixtures")
+
+
+@pytest.fixture(scope="session")
+def built_fixtures() -> Path:
+    out = fixtures_dir()
+    build_all(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cases(built_fixtures: Path) -> list[Case]:
+    return load_cases(built_fixtures)
+
+
+@pytest.fixture(scope="session")
+def rust_pyd() -> Path:
+    return real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd")
+
+
+@pytest.fixture(scope="session")
+def openblas_dll() -> Path:
+    return real_binary("numpy", "2.1.0", "numpy.libs/libscipy_openblas64_-*.dll")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A skipped test is not a passing test: the run fails if anything was skipped."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and reporter.stats.get("skipped") and exitstatus == 0:
+        session.exitstatus = 1

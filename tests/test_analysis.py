@@ -1,0 +1,128 @@
+"""The analysis core: compiled and reference implementations agree; references are right."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import hotpatch
+from hotpatch import Image, discover
+from hotpatch import _reference as reference
+from hotpatch.refkinds import (
+    ABS64,
+    CALL_REL32,
+    IAT_CALL,
+    IMAGE_REL32,
+    JUMP_TABLE,
+    RIP_RELATIVE,
+    TABLE_IMAGE_REL32,
+    TABLE_SELF_REL32,
+)
+from tests.realbins import real_binary
+
+
+def test_compiled_core_is_the_one_loaded() -> None:
+    assert hotpatch.backend().IMPLEMENTATION == "cython", "hotpatch._core did not build or load"
+
+
+def _assert_same(path: Path) -> int:
+    image = Image.load(path)
+    compiled = discover(image)
+    oracle = discover(image, impl=reference)
+    assert [f.rva for f in compiled] == [f.rva for f in oracle]
+    assert compiled.functions == oracle.functions
+    for fast, slow in zip(compiled.analyses, oracle.analyses):
+        assert fast.ranges == slow.ranges
+        assert fast.insn_rvas == slow.insn_rvas, hex(fast.rva)
+        assert fast.raw_refs == slow.raw_refs, hex(fast.rva)
+        assert fast.raw_tables == slow.raw_tables, hex(fast.rva)
+        assert fast.fingerprint == slow.fingerprint, hex(fast.rva)
+    return sum(a.instruction_count for a in compiled.analyses)
+
+
+def test_core_agrees_with_reference_on_every_fixture(built_fixtures: Path) -> None:
+    dlls = sorted(built_fixtures.glob("*/*.dll"))
+    assert len(dlls) >= 40
+    for dll in dlls:
+        _assert_same(dll)
+
+
+REAL = [
+    ("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd"),
+    ("numpy", "2.1.0", "numpy/_core/_multiarray_umath.*.pyd"),
+    ("numpy", "2.1.0", "numpy/_core/_simd.*.pyd"),
+    ("numpy", "2.1.1", "numpy/random/_generator.*.pyd"),
+]
+
+
+@pytest.mark.parametrize("dist,version,pattern", REAL, ids=[r[2].split("/")[-1] for r in REAL])
+def test_core_agrees_with_reference_on_real_binaries(dist: str, version: str, pattern: str) -> None:
+    instructions = _assert_same(real_binary(dist, version, pattern))
+    assert instructions > 10000
+
+
+def test_gcc_switch_uses_a_table_relative_jump_table(built_fixtures: Path) -> None:
+    table = discover(Image.load(built_fixtures / "switch_table" / "baseline.dll"))
+    tables = [(f, t) for f in table for t in table.analysis_of(f).jump_tables]
+    assert tables
+    function, jump_table = tables[0]
+    assert jump_table.entry_kind == TABLE_SELF_REL32 and len(jump_table.targets) >= 8
+    assert all(function.rva <= t < function.end_rva for t in jump_table.targets)
+    assert any(r.kind == JUMP_TABLE for r in table.analysis_of(function).references)
+
+
+def test_msvc_switches_use_image_relative_tables() -> None:
+    table = discover(Image.load(real_binary("numpy", "2.1.0", "numpy/_core/_multiarray_umath.*.pyd")))
+    kinds = Counter(t.entry_kind for a in table.analyses for t in a.jump_tables)
+    assert kinds[TABLE_IMAGE_REL32] > 50
+    for analysis in table.analyses:
+        image_relative = {r[1] for r in analysis.raw_refs if r[0] == IMAGE_REL32}
+        for jump_table in analysis.jump_tables:
+            if jump_table.entry_kind == TABLE_IMAGE_REL32:
+                assert jump_table.insn_rva in image_relative
+            assert all(any(b <= t < e for b, e in analysis.ranges) for t in jump_table.targets)
+
+
+def test_reference_kinds_on_fixtures(built_fixtures: Path) -> None:
+    image = Image.load(built_fixtures / "new_import" / "patched.dll")
+    table = discover(image)
+    function = next(f for f in table if f.name == "label_length")
+    refs = table.analysis_of(function).references
+    iat = [r for r in refs if r.kind == IAT_CALL]
+    assert any(image.import_at(r.target_rva).name == "lstrlenA" for r in iat)
+    for r in refs:
+        insn = image.read(r.insn_rva, 16)
+        assert 0 < r.operand_offset + r.operand_size <= 15 or r.kind == JUMP_TABLE
+        if r.kind in (CALL_REL32, RIP_RELATIVE, IAT_CALL):
+            displacement = int.from_bytes(insn[r.operand_offset:r.operand_offset + 4], "little", signed=True)
+            insn_end = table.analysis_of(function).insn_rvas
+            following = [x for x in insn_end if x > r.insn_rva]
+            next_rva = following[0] if following else function.end_rva
+            if r.operand_offset + 4 == next_rva - r.insn_rva:
+                assert next_rva + displacement == r.target_rva
+
+    aslr = Image.load(built_fixtures / "aslr_reloc" / "baseline.dll")
+    abs_refs = [r for a in discover(aslr).analyses for r in a.references if r.kind == ABS64]
+    for r in abs_refs:
+        assert r.insn_rva + r.operand_offset in aslr.relocations
+
+
+def test_fingerprints_do_not_depend_on_placement(built_fixtures: Path) -> None:
+    first = discover(Image.load(built_fixtures / "reorder" / "a.dll"))
+    second = discover(Image.load(built_fixtures / "reorder" / "b.dll"))
+    named_first = {f.name: f for f in first if f.name}
+    named_second = {f.name: f for f in second if f.name}
+    moved = [n for n in named_first if n in named_second and named_first[n].rva != named_second[n].rva]
+    assert len(moved) >= 3, "the reordered build must really move functions"
+    for name in named_first.keys() & named_second.keys():
+        assert named_first[name].fingerprint == named_second[name].fingerprint, name
+
+
+def test_changed_function_changes_fingerprint(cases: list) -> None:
+    body = next(c for c in cases if c.name == "body_change")
+    base = {f.name: f.fingerprint for f in discover(Image.load(body.baseline)) if f.name}
+    patched = {f.name: f.fingerprint for f in discover(Image.load(body.patched)) if f.name}
+    for name in body.changed:
+        assert base[name] != patched[name]

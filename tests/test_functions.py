@@ -1,0 +1,93 @@
+"""Function discovery: sources, bounds, padding, coverage."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from hotpatch import Image, discover
+from hotpatch.functions import USABLE_PADDING_RE
+
+
+def test_every_symbol_function_is_found_with_symbols(built_fixtures: Path) -> None:
+    image = Image.load(built_fixtures / "switch_table" / "baseline.dll")
+    table = discover(image)
+    starts = {f.rva for f in table}
+    for symbol in image.symbols:
+        if symbol.is_function and image.is_executable_rva(symbol.rva):
+            assert symbol.rva in starts, symbol.name
+    assert not table.overlaps()
+
+
+def test_exports_found_in_stripped_build(built_fixtures: Path) -> None:
+    image = Image.load(built_fixtures / "switch_table" / "baseline-stripped.dll")
+    table = discover(image)
+    for export in image.exports:
+        function = table.at(export.rva)
+        assert function is not None and "export" in function.sources
+        assert function.name == export.name
+
+
+def test_leaf_function_without_pdata_is_found_through_calls(built_fixtures: Path) -> None:
+    # A leaf function found only by calls: drop .pdata entirely and rediscover.
+    image = Image.load(built_fixtures / "new_callee" / "patched.dll")
+    stripped_pdata = Image.load(built_fixtures / "new_callee" / "patched-stripped.dll")
+    table = discover(image)
+    no_pdata = _without_pdata(stripped_pdata)
+    table_without = discover(no_pdata)
+    found = {f.rva for f in table_without}
+    callees = {t for a in table.analyses for t in a.call_targets() if table.at(t) is not None}
+    assert callees and callees <= found
+    assert any("call" in f.sources and "pdata" not in f.sources for f in table_without)
+    assert not table_without.overlaps()
+
+
+def _without_pdata(image: Image) -> Image:
+    import dataclasses
+
+    return dataclasses.replace(image, runtime_functions=())
+
+
+def test_function_ranges_lie_in_executable_sections(built_fixtures: Path) -> None:
+    image = Image.load(built_fixtures / "body_change" / "baseline.dll")
+    for function in discover(image):
+        section = image.section_from_rva(function.rva)
+        assert section is not None and section.executable
+        assert function.end_rva <= section.end_rva and function.size > 0
+
+
+def test_padding_before_entry_is_int3_or_nop(built_fixtures: Path) -> None:
+    image = Image.load(built_fixtures / "padding_entry" / "baseline.dll")
+    table = discover(image)
+    padded = [f for f in table if f.name and f.pad_before >= 5]
+    assert padded, "-fpatchable-function-entry leaves nops before the entry"
+    for function in padded:
+        pad = image.read(function.rva - function.pad_before, function.pad_before)
+        assert USABLE_PADDING_RE.fullmatch(pad), pad.hex()
+        owner = table.containing(function.rva - 1)
+        assert owner is None, "padding must not belong to another function"
+
+
+def test_counts_by_source_cover_every_function(built_fixtures: Path) -> None:
+    table = discover(Image.load(built_fixtures / "switch_table" / "baseline.dll"))
+    counts = table.counts_by_source()
+    assert counts["pdata"] > 0 and counts["export"] >= 1 and counts["entry"] == 1
+    assert all(f.sources for f in table)
+
+
+@pytest.mark.parametrize("which", ["openblas", "rust"])
+def test_coverage_on_real_binaries(which: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue("openblas_dll" if which == "openblas" else "rust_pyd")
+    image = Image.load(path)
+    table = discover(image)
+    coverage = table.coverage()
+    assert all(share >= 0.95 for share in coverage.values()), coverage
+    assert not table.overlaps()
+    # the hand-written OpenBLAS kernels have no .pdata: most functions must come from elsewhere
+    pdata = sum(1 for f in table if "pdata" in f.sources)
+    if which == "openblas":
+        assert len(image.runtime_functions) < 1000 and len(table) > 5 * pdata
+    assert pdata == len(image.runtime_functions)
+    assert len(Counter(f.rva for f in table)) == len(table)

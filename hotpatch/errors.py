@@ -16,6 +16,10 @@ __all__ = [
     "NotPE32PlusError",
     "CorruptImageError",
     "AnalysisError",
+    "DiffError",
+    "PackageError",
+    "ApplyError",
+    "BackendError",
 ]
 
 
@@ -52,3 +56,21 @@ class CorruptImageError(ImageError):
 
 class AnalysisError(HotpatchError):
     """The analysis core could not run (for example, the extension is missing)."""
+
+
+class DiffError(HotpatchError):
+    """Two images cannot be diffed (for example, they are not versions of one module)."""
+
+
+class PackageError(HotpatchError):
+    """A patch package is malformed, tampered with, or not trusted."""
+
+
+class ApplyError(HotpatchError):
+    """Applying, rolling back or inspecting a live patch failed; the target was left unchanged."""
+
+    exit_code = 1
+
+
+class BackendError(ApplyError):
+    """The process backend (native agent or emulator) failed to do what was asked."""

@@ -39,8 +39,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     console = Console()
     identity = info["identity"]
-    console.print(f"[bold]{image.name}[/bold]  {identity['machine']}  image base {image.image_base:#x}"
-                  f"  entry {info['entry_rva'] if info['entry_rva'] is not None else '-'}")
+    entry = f"{image.entry_rva:#x}" if image.entry_rva is not None else "-"
+    console.print(f"[bold]{image.name}[/bold]  {identity['machine']}  image base {image.image_base:#x}  entry {entry}")
     console.print(f"TimeDateStamp {identity['timedatestamp']:#x}  SizeOfImage {identity['size_of_image']:#x}"
                   f"  CheckSum {identity['checksum']:#x}")
     console.print(f"code SHA-256 {identity['code_sha256']}")

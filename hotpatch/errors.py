@@ -18,8 +18,26 @@ __all__ = [
     "AnalysisError",
     "DiffError",
     "PackageError",
+    "PackageTruncatedError",
+    "PackageMagicError",
+    "PackageVersionError",
+    "PackageHashError",
+    "PackageLimitError",
+    "PackageLayoutError",
+    "PackageFieldError",
+    "PackageEncodingError",
+    "PackageSignatureError",
+    "PackageUnsignedError",
+    "PackageUntrustedError",
+    "PackageKeyError",
     "ApplyError",
     "BackendError",
+    "Win32Error",
+    "ProcessGoneError",
+    "BusyError",
+    "BytesMismatchError",
+    "AgentProtocolError",
+    "WineError",
 ]
 
 
@@ -74,3 +92,94 @@ class ApplyError(HotpatchError):
 
 class BackendError(ApplyError):
     """The process backend (native agent or emulator) failed to do what was asked."""
+
+
+class Win32Error(BackendError):
+    """A Win32 call failed in the agent; ``call`` names it and ``code`` is its GetLastError()."""
+
+    def __init__(self, message: str, call: str = "", code: int = 0) -> None:
+        super().__init__(message)
+        self.call = call
+        self.code = code
+
+
+class ProcessGoneError(BackendError):
+    """The target process does not exist (any more), or has exited."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class BusyError(BackendError):
+    """A thread kept executing inside bytes about to change, through every retry."""
+
+    def __init__(self, message: str, thread_id: int = 0, rip: int = 0) -> None:
+        super().__init__(message)
+        self.thread_id = thread_id
+        self.rip = rip
+
+
+class BytesMismatchError(BackendError):
+    """The target does not hold the bytes a write expected to replace; nothing was written."""
+
+    def __init__(self, message: str, va: int = 0, found: bytes = b"") -> None:
+        super().__init__(message)
+        self.va = va
+        self.found = found
+
+
+class AgentProtocolError(BackendError):
+    """The agent died, did not answer in time, or the two sides disagree about the protocol."""
+
+
+class WineError(BackendError):
+    """Wine, needed to run the agent on this system, is missing or its prefix cannot be prepared."""
+
+
+class PackageTruncatedError(PackageError):
+    """The package ends before a structure it declares (header, section table, hash or signature)."""
+
+
+class PackageMagicError(PackageError):
+    """Not a hotpatch package: the file does not start with the .hpk magic."""
+
+
+class PackageVersionError(PackageError):
+    """A package format version this reader does not support."""
+
+
+class PackageHashError(PackageError):
+    """The content SHA-256 does not match: the package is corrupt or was altered."""
+
+
+class PackageLimitError(PackageError):
+    """A count or size exceeds a documented limit of the format."""
+
+
+class PackageLayoutError(PackageError):
+    """Sections or records overlap, are out of order, or point outside their range or at a missing blob."""
+
+
+class PackageFieldError(PackageError):
+    """A field holds a value the format does not define (unknown kind, reserved bits set, bad alignment)."""
+
+
+class PackageEncodingError(PackageError):
+    """A string is not valid UTF-8, contains NUL, or lacks its terminator."""
+
+
+class PackageSignatureError(PackageError):
+    """The Ed25519 signature over the content does not verify."""
+
+
+class PackageUnsignedError(PackageSignatureError):
+    """A signature is required (or keys are trusted) but the package carries none."""
+
+
+class PackageUntrustedError(PackageSignatureError):
+    """The signature verifies, but the signer's key is not one of the trusted keys."""
+
+
+class PackageKeyError(PackageError):
+    """A signing key or public key cannot be read."""

@@ -18,11 +18,12 @@ from typing import Any
 
 from .analysis import AnalysisContext, FunctionAnalysis, decode, fingerprint_all
 from .image import Image, Section, UnwindInfo
+from .refkinds import IAT_JUMP
 
-__all__ = ["Function", "FunctionTable", "discover", "SOURCES"]
+__all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
 
 #: discovery sources, in the order they are tried
-SOURCES = ("pdata", "export", "symbol", "entry", "pointer", "call")
+SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "pointer", "call")
 
 # Padding between functions: int3, nop and the multi-byte nops compilers emit
 # for alignment (0F 1F /0 with their 66/2E prefixes, and 66 90).
@@ -170,15 +171,18 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
         if export.forwarder is None:
             add(export.rva, "export", export.name)
     for symbol in image.symbols:
-        if symbol.is_function or image.is_executable_rva(symbol.rva):
+        if symbol.is_function:
             add(symbol.rva, "symbol", symbol.name)
     if image.entry_rva is not None:
         add(image.entry_rva, "entry")
+    for thunk in _import_thunks(image):
+        add(thunk, "thunk")
     for reloc in image.relocations:
         if image.is_executable_rva(reloc):
             continue  # pointers inside code are references of that code, not function starts
         target = int.from_bytes(image.memory[reloc:reloc + 8], "little") - image.image_base
-        if 0 <= target < len(image.memory):
+        # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
+        if 0 <= target < len(image.memory) and _starts_with_instruction(image.memory, target):
             add(target, "pointer")
 
     # Follow direct calls until no new function appears; decodes are cached by range.
@@ -194,6 +198,11 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
                 found |= add(target, "call")
         if not found:
             break
+    # Functions without .pdata end after their last instruction that is not fill.
+    layout = [item if item[0] in pdata else _trimmed(image, item, decoded[item]) for item in layout]
+    todo = [item for item in layout if item not in decoded]
+    for item, analysis in zip(todo, decode(ctx, todo, impl)):
+        decoded[item] = analysis
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, impl)
@@ -214,12 +223,47 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
     return FunctionTable(image, tuple(functions), tuple(final), ctx)
 
 
+_THUNK_RE = re.compile(rb"\xff\x25(....)", re.DOTALL)
+
+
+def _import_thunks(image: Image) -> list[int]:
+    """``jmp [rip+IAT slot]`` stubs: the linker's import thunks (mingw calls CRT functions through them)."""
+    out = []
+    for section in image.executable_sections:
+        for match in _THUNK_RE.finditer(image.memory, section.rva, section.end_rva):
+            rva = match.start()
+            target = rva + 6 + int.from_bytes(match.group(1), "little", signed=True)
+            if image.import_at(target) is not None:
+                out.append(rva)
+    return out
+
+
+def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
+    """The import a function only forwards to (``jmp [rip+IAT]``), or None."""
+    refs = table.analysis_of(function).raw_refs
+    if len(refs) == 1 and refs[0][1] == function.rva and refs[0][0] == IAT_JUMP:
+        imported = table.image.import_at(refs[0][4])
+        return imported.label if imported else None
+    return None
+
+
+_QUICK_DECODER: Any = None
+
+
+def _starts_with_instruction(memory: bytes, rva: int) -> bool:
+    global _QUICK_DECODER
+    if _QUICK_DECODER is None:
+        import capstone
+
+        _QUICK_DECODER = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    return any(True for _ in _QUICK_DECODER.disasm_lite(memory[rva:rva + 15], rva, 1))
+
+
 def _layout(image: Image, sources: dict[int, set[str]], pdata: dict[int, Any],
             executable: tuple[Section, ...]) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
     """(rva, ranges) of every known function; functions without .pdata end before the next start."""
     starts = sorted(sources)
     out = []
-    memory = image.memory
     for index, rva in enumerate(starts):
         runtime = pdata.get(rva)
         if runtime is not None:
@@ -230,19 +274,25 @@ def _layout(image: Image, sources: dict[int, set[str]], pdata: dict[int, Any],
                     section.end_rva)
         if index + 1 < len(starts):
             limit = min(limit, starts[index + 1])
-        end = _trim_fill(memory, rva, limit)
-        out.append((rva, ((rva, end),)))
+        out.append((rva, ((rva, limit),)))
     return out
 
 
-def _trim_fill(memory: bytes, begin: int, end: int) -> int:
-    """``end`` moved back over the padding (int3, nops, zeros) that precedes the next function."""
-    window_begin = max(begin + 1, end - 4096)
-    last_end = end
-    for match in FILL_RE.finditer(memory, window_begin, end):
-        if match.end() == end:
-            last_end = match.start()
-    return max(last_end, begin + 1)
+def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],
+             analysis: FunctionAnalysis) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """The item's range cut after its last instruction that is not fill (int3, nops, zeros)."""
+    rva, ((begin, limit),) = item
+    rvas = analysis.insn_rvas
+    memory = image.memory
+    end = limit
+    for index in range(len(rvas) - 1, -1, -1):
+        insn_end = rvas[index + 1] if index + 1 < len(rvas) else end
+        if not FILL_RE.fullmatch(memory, rvas[index], insn_end):
+            end = insn_end
+            break
+    else:
+        end = begin + 1
+    return rva, ((begin, max(end, begin + 1)),)
 
 
 def _with_padding(image: Image, functions: list[Function]) -> list[Function]:

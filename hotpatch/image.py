@@ -26,6 +26,7 @@ from .errors import (
 
 __all__ = [
     "Export",
+    "Tls",
     "Identity",
     "Image",
     "Import",
@@ -155,6 +156,16 @@ class RuntimeFunction:
     fragments: tuple[tuple[int, int], ...] = ()
 
 
+@dataclass(frozen=True)
+class Tls:
+    """The TLS directory: what every new thread gets, and who runs when it starts."""
+
+    template: bytes
+    zero_fill: int
+    callback_rvas: tuple[int, ...]
+    characteristics: int
+
+
 @dataclass(frozen=True, eq=False)
 class Image:
     """A parsed PE32+ x86-64 image. Build it with ``Image.load``."""
@@ -170,7 +181,7 @@ class Image:
     symbols: tuple[Symbol, ...]
     runtime_functions: tuple[RuntimeFunction, ...]
     load_config: dict[str, int]
-    has_tls: bool
+    tls: Tls | None
     memory: bytes = field(repr=False)
     _iat: dict[int, Import] = field(repr=False, default_factory=dict)
 
@@ -219,6 +230,10 @@ class Image:
     def import_at(self, iat_rva: int) -> Import | None:
         """The import whose IAT slot is at ``iat_rva``."""
         return self._iat.get(iat_rva)
+
+    @property
+    def has_tls(self) -> bool:
+        return self.tls is not None
 
     @property
     def executable_sections(self) -> tuple[Section, ...]:
@@ -345,10 +360,18 @@ def _build(binary: Any, data: bytes, path: str | None, label: str, headers: _Hea
         symbols=_symbols(binary, headers.sections),
         runtime_functions=_runtime_functions(binary, headers.sections, label),
         load_config=load_config,
-        has_tls=bool(binary.has_tls),
+        tls=_tls(binary, image_base),
         memory=bytes(memory),
         _iat={imp.iat_rva: imp for imp in imports},
     )
+
+
+def _tls(binary: Any, image_base: int) -> Tls | None:
+    if not binary.has_tls:
+        return None
+    tls = binary.tls
+    callbacks = tuple(va - image_base for va in tls.callbacks)
+    return Tls(bytes(tls.data_template), tls.sizeof_zero_fill, callbacks, int(tls.characteristics))
 
 
 def _exports(binary: Any) -> tuple[Export, ...]:

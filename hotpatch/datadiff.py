@@ -1,0 +1,242 @@
+"""Diff of everything that is not function code: data, imports, exports, TLS, entry point, load config.
+
+Baseline data maps to patched data through the references of matched
+instructions (the same operand of matched instructions points at
+corresponding data). Votes from unchanged functions are trusted first; a
+changed function can only map what they left unmapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .dataitems import DataItems, items_equal
+from .functions import FunctionTable
+from .targets import TargetClassifier
+
+if TYPE_CHECKING:
+    from .diff import FunctionDiff, _Pairing
+
+__all__ = ["DataChange", "diff_data"]
+
+_DATA_ALIGNMENT = 16
+
+
+@dataclass(frozen=True)
+class DataChange:
+    kind: str
+    baseline_rva: int | None
+    patched_rva: int | None
+    size: int | None
+    section: str | None
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "baseline_rva": self.baseline_rva, "patched_rva": self.patched_rva,
+                "size": self.size, "section": self.section, "detail": self.detail}
+
+
+def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff], function_map: dict[int, int],
+              pairing: _Pairing) -> tuple[list[DataChange], dict[int, int]]:
+    items_a, items_b = pairing.items()
+    data_map = _data_map(a, b, pairing, functions, function_map)
+    changes: list[DataChange] = []
+
+    def section_name(items: DataItems, rva: int) -> str | None:
+        section = items.section(rva)
+        return section.name if section else None
+
+    # mapped items whose content differs
+    for rva_a, rva_b in sorted(data_map.items()):
+        if rva_a in pairing.jump_tables_a or items_equal(items_a, items_b, rva_a, rva_b, function_map):
+            continue
+        writable = pairing.targets_a.is_writable_data(rva_a)
+        kind = "changed_writable_data" if writable else "changed_rodata"
+        size = min(items_a.extent(rva_a), items_b.extent(rva_b))
+        changes.append(DataChange(kind, rva_a, rva_b, size, section_name(items_a, rva_a),
+                                  f"{size} bytes at baseline {rva_a:#x} differ from patched {rva_b:#x}"))
+    changes.extend(_resized(items_a, items_b, data_map, pairing.targets_a))
+
+    # data only the new code references
+    mapped_b = set(data_map.values())
+    changed_b = _data_of(b, pairing.targets_b, {f.patched.rva for f in functions
+                                                if f.patched is not None and f.status in ("changed", "added")})
+    for rva in sorted(changed_b - mapped_b):
+        writable = pairing.targets_b.is_writable_data(rva)
+        if not writable:
+            kind = "new_rodata"
+        elif items_b.is_zero_initialised(rva):
+            kind = "new_bss"
+        else:
+            kind = "new_data"
+        size = items_b.extent(rva)
+        changes.append(DataChange(kind, None, rva, size, section_name(items_b, rva),
+                                  f"new {size}-byte item at patched {rva:#x}"))
+    # data only the old code referenced
+    changed_a = _data_of(a, pairing.targets_a, {f.baseline.rva for f in functions
+                                                if f.baseline is not None and f.status in ("changed", "removed")})
+    for rva in sorted(changed_a - set(data_map)):
+        writable = pairing.targets_a.is_writable_data(rva)
+        kind = "removed_data" if writable else "removed_rodata"
+        changes.append(DataChange(kind, rva, None, items_a.extent(rva), section_name(items_a, rva),
+                                  f"baseline item at {rva:#x} is no longer referenced"))
+
+    changes.extend(_imports(a, b))
+    changes.extend(_exports(a, b, function_map))
+    changes.extend(_tls(a, b))
+    changes.extend(_entry_point(a, b, function_map, functions))
+    changes.extend(_load_config(a, b))
+    return changes, data_map
+
+
+def _data_map(a: FunctionTable, b: FunctionTable, pairing: _Pairing, functions: list[FunctionDiff],
+              function_map: dict[int, int]) -> dict[int, int]:
+    """Baseline data RVA -> patched data RVA: by symbol name, by matched instructions, by identical content."""
+    data_map: dict[int, int] = {}
+    taken: set[int] = set()
+
+    def pair(rva_a: int, rva_b: int) -> None:
+        if rva_a not in data_map and rva_b not in taken:
+            data_map[rva_a] = rva_b
+            taken.add(rva_b)
+
+    for rva_a, rva_b in _same_named_data(a, b, pairing):
+        pair(rva_a, rva_b)
+    for source in ("unchanged", "changed"):
+        for (rva_a, rva_b), _ in sorted(pairing.data_votes[source].items(), key=lambda kv: (-kv[1], kv[0])):
+            pair(rva_a, rva_b)
+    # What a changed function still reads, maybe through different instructions: unique identical content.
+    items_a, items_b = pairing.items()
+    for entry in functions:
+        if entry.status != "changed" or entry.baseline is None or entry.patched is None:
+            continue
+        left = sorted(_data_of(a, pairing.targets_a, {entry.baseline.rva}) - data_map.keys())
+        right = sorted(_data_of(b, pairing.targets_b, {entry.patched.rva}) - taken)
+        for rva_a in left:
+            writable = pairing.targets_a.is_writable_data(rva_a)
+            same = [rva_b for rva_b in right if rva_b not in taken
+                    and pairing.targets_b.is_writable_data(rva_b) == writable
+                    and items_equal(items_a, items_b, rva_a, rva_b, function_map)]
+            if len(same) == 1:
+                pair(rva_a, same[0])
+    return data_map
+
+
+def _same_named_data(a: FunctionTable, b: FunctionTable, pairing: _Pairing) -> list[tuple[int, int]]:
+    """Data symbols of the same name that code references on both sides."""
+    def named(table: FunctionTable, targets: TargetClassifier) -> dict[str, int]:
+        referenced = _data_of(table, targets, {f.rva for f in table})
+        seen: dict[str, list[int]] = {}
+        for symbol in table.image.symbols:
+            if symbol.rva in referenced:
+                seen.setdefault(symbol.name, []).append(symbol.rva)
+        return {name: rvas[0] for name, rvas in seen.items() if len(rvas) == 1}
+
+    left, right = named(a, pairing.targets_a), named(b, pairing.targets_b)
+    return [(left[name], right[name]) for name in sorted(left.keys() & right.keys())]
+
+
+def _data_of(table: FunctionTable, targets: TargetClassifier, rvas: set[int]) -> set[int]:
+    out = set()
+    for rva in rvas:
+        function = table.at(rva)
+        if function is None:
+            continue
+        for ref in table.analysis_of(function).raw_refs:
+            if targets.is_data(ref[4]) and ref[4] not in targets.iat:
+                out.add(ref[4])
+    return out
+
+
+def _resized(items_a: DataItems, items_b: DataItems, data_map: dict[int, int],
+             targets_a: TargetClassifier) -> list[DataChange]:
+    """Writable items whose size changed.
+
+    Images carry no data sizes; the distance to the next symbol is one only
+    when symbols bound the item on both sides, in both images, and then only
+    up to alignment padding (compilers align globals to 16 bytes).
+    """
+    symbols_a = {s.rva for s in items_a.image.symbols}
+    symbols_b = {s.rva for s in items_b.image.symbols}
+    out = []
+    for rva_a, rva_b in sorted(data_map.items()):
+        if not targets_a.is_writable_data(rva_a) or rva_a not in symbols_a or rva_b not in symbols_b:
+            continue
+        next_a, next_b = items_a.next_start(rva_a), items_b.next_start(rva_b)
+        if next_a not in symbols_a or next_b not in symbols_b or data_map.get(next_a) != next_b:
+            continue
+        size_a, size_b = next_a - rva_a, next_b - rva_b
+        if -(-size_a // _DATA_ALIGNMENT) != -(-size_b // _DATA_ALIGNMENT):
+            out.append(DataChange("resized_data", rva_a, rva_b, size_b, None,
+                                  f"writable item at {rva_a:#x} spans {size_a} bytes, {size_b} in the patched image"))
+    return out
+
+
+def _imports(a: FunctionTable, b: FunctionTable) -> list[DataChange]:
+    labels_a = {imp.label for imp in a.image.imports}
+    labels_b = {imp.label: imp for imp in b.image.imports}
+    out = [DataChange("new_import", None, labels_b[label].iat_rva, None, None, label)
+           for label in sorted(labels_b.keys() - labels_a)]
+    out += [DataChange("removed_import", None, None, None, None, label) for label in sorted(labels_a - labels_b.keys())]
+    return out
+
+
+def _exports(a: FunctionTable, b: FunctionTable, function_map: dict[int, int]) -> list[DataChange]:
+    def key(export: object) -> str:
+        return export.name if export.name else f"#{export.ordinal}"  # type: ignore[attr-defined]
+
+    exports_a = {key(e): e for e in a.image.exports}
+    exports_b = {key(e): e for e in b.image.exports}
+    out = []
+    for name in sorted(exports_a.keys() - exports_b.keys()):
+        out.append(DataChange("removed_export", exports_a[name].rva, None, None, None, name))
+    for name in sorted(exports_b.keys() - exports_a.keys()):
+        out.append(DataChange("added_export", None, exports_b[name].rva, None, None, name))
+    for name in sorted(exports_a.keys() & exports_b.keys()):
+        old, new = exports_a[name], exports_b[name]
+        if old.forwarder or new.forwarder:
+            same = old.forwarder == new.forwarder
+        else:
+            same = function_map.get(old.rva) == new.rva
+        if not same:
+            out.append(DataChange("changed_export", old.rva, new.rva, None, None, name))
+    return out
+
+
+def _tls(a: FunctionTable, b: FunctionTable) -> list[DataChange]:
+    tls_a, tls_b = a.image.tls, b.image.tls
+    if tls_a is None and tls_b is None:
+        return []
+    if tls_a is None or tls_b is None:
+        return [DataChange("tls_change", None, None, None, None,
+                           "TLS directory added" if tls_a is None else "TLS directory removed")]
+    details = []
+    if tls_a.template != tls_b.template or tls_a.zero_fill != tls_b.zero_fill:
+        details.append("thread-local data template changed")
+    if len(tls_a.callback_rvas) != len(tls_b.callback_rvas):
+        details.append("TLS callbacks changed")
+    return [DataChange("tls_change", None, None, None, None, "; ".join(details))] if details else []
+
+
+def _entry_point(a: FunctionTable, b: FunctionTable, function_map: dict[int, int],
+                 functions: list[FunctionDiff]) -> list[DataChange]:
+    entry_a, entry_b = a.image.entry_rva, b.image.entry_rva
+    if entry_a is None and entry_b is None:
+        return []
+    if entry_a is None or entry_b is None or function_map.get(entry_a) != entry_b:
+        return [DataChange("entry_point_change", entry_a, entry_b, None, None, "entry point moved to other code")]
+    status = next((f.status for f in functions if f.baseline is not None and f.baseline.rva == entry_a), None)
+    if status == "changed":
+        return [DataChange("entry_point_change", entry_a, entry_b, None, None, "entry point code changed")]
+    return []
+
+
+def _load_config(a: FunctionTable, b: FunctionTable) -> list[DataChange]:
+    fields = ("guard_flags",)
+    out = []
+    for name in fields:
+        old, new = a.image.load_config.get(name), b.image.load_config.get(name)
+        if old != new:
+            out.append(DataChange("load_config_change", None, None, None, None, f"{name}: {old} -> {new}"))
+    return out

@@ -1,0 +1,213 @@
+"""Matching the functions of a baseline image with those of a patched image.
+
+Stages, each on what is still unmatched: unique name (export or symbol),
+unique fingerprint, call-graph propagation from matched pairs (callees by
+position, lone unmatched callers and callees), then similarity of the
+instruction streams above a threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+
+from .functions import Function, FunctionTable
+from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32
+
+__all__ = ["Match", "match_functions", "instruction_tokens", "SIMILARITY_THRESHOLD"]
+
+SIMILARITY_THRESHOLD = 0.6
+#: similarity is quadratic; past this many candidate pairs the rest stay unmatched
+MAX_SIMILARITY_PAIRS = 400_000
+
+
+@dataclass(frozen=True)
+class Match:
+    baseline_rva: int
+    patched_rva: int
+    method: str  # name | fingerprint | callgraph | similarity
+    similarity: float | None = None
+
+
+class _Matcher:
+    def __init__(self, baseline: FunctionTable, patched: FunctionTable) -> None:
+        self.baseline = baseline
+        self.patched = patched
+        self.forward: dict[int, Match] = {}
+        self.backward: dict[int, int] = {}
+
+    def pair(self, a: int, b: int, method: str, similarity: float | None = None) -> bool:
+        if a in self.forward or b in self.backward:
+            return False
+        self.forward[a] = Match(a, b, method, similarity)
+        self.backward[b] = a
+        return True
+
+    def unmatched_baseline(self) -> list[Function]:
+        return [f for f in self.baseline if f.rva not in self.forward]
+
+    def unmatched_patched(self) -> list[Function]:
+        return [f for f in self.patched if f.rva not in self.backward]
+
+
+def match_functions(baseline: FunctionTable, patched: FunctionTable) -> dict[int, Match]:
+    """Baseline RVA -> Match for every function that has a counterpart."""
+    m = _Matcher(baseline, patched)
+    _by_unique_key(m, lambda f: f.name, "name")
+    _by_unique_key(m, lambda f: f.fingerprint, "fingerprint")
+    _by_call_graph(m)
+    _by_similarity(m)
+    _by_call_graph(m)
+    return m.forward
+
+
+def _by_unique_key(m: _Matcher, key: object, method: str) -> None:
+    get = key  # type: ignore[assignment]
+    left: dict[object, list[int]] = defaultdict(list)
+    right: dict[object, list[int]] = defaultdict(list)
+    for f in m.unmatched_baseline():
+        k = get(f)  # type: ignore[operator]
+        if k:
+            left[k].append(f.rva)
+    for f in m.unmatched_patched():
+        k = get(f)  # type: ignore[operator]
+        if k:
+            right[k].append(f.rva)
+    for k, rvas in left.items():
+        other = right.get(k)
+        if len(rvas) == 1 and other is not None and len(other) == 1:
+            m.pair(rvas[0], other[0], method)
+
+
+def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Callees in instruction order and callers.
+
+    A callee is a call or tail-jump target, or a function whose address sits
+    in a table of pointers the function references (dispatch tables, vtables).
+    """
+    callees: dict[int, list[int]] = {}
+    callers: dict[int, list[int]] = defaultdict(list)
+    starts = {f.rva for f in table}
+    pointer_tables = _pointer_tables(table, starts)
+    for function, analysis in zip(table.functions, table.analyses):
+        own = function.ranges
+        out = []
+        for kind, _, _, _, target in analysis.raw_refs:
+            if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
+                if target in starts and target != function.rva and not any(b <= target < e for b, e in own):
+                    out.append(target)
+            elif target in pointer_tables:
+                out.extend(pointer_tables[target])
+        callees[function.rva] = out
+        for target in dict.fromkeys(out):
+            callers[target].append(function.rva)
+    return callees, callers
+
+
+def _pointer_tables(table: FunctionTable, starts: set[int]) -> dict[int, list[int]]:
+    """Data address -> the functions pointed at by the relocated slots that run from it."""
+    image = table.image
+    relocations = set(image.relocations)
+    out: dict[int, list[int]] = {}
+    for slot in image.relocations:
+        if slot - 8 in relocations or image.is_executable_rva(slot):
+            continue  # not the first slot of a run
+        run = []
+        at = slot
+        while at in relocations:
+            target = int.from_bytes(image.memory[at:at + 8], "little") - image.image_base
+            if target in starts:
+                run.append(target)
+            at += 8
+        if run:
+            out[slot] = run
+    return out
+
+
+def _by_call_graph(m: _Matcher) -> None:
+    callees_a, callers_a = call_graph(m.baseline)
+    callees_b, callers_b = call_graph(m.patched)
+    queue = list(m.forward.values())
+    while queue:
+        match = queue.pop()
+        a, b = match.baseline_rva, match.patched_rva
+        new = _aligned_pairs(m, callees_a.get(a, []), callees_b.get(b, []))
+        new.extend(_lone_pair(m, callers_a.get(a, []), callers_b.get(b, [])))
+        for x, y in new:
+            if x not in m.forward and y not in m.backward and m.pair(x, y, "callgraph"):
+                queue.append(m.forward[x])
+
+
+def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:
+    """Unmatched callees facing each other between callees already matched to each other."""
+    # Matched callees become anchors (their counterpart), unmatched ones unique placeholders.
+    keys_a = [m.forward[x].patched_rva if x in m.forward else ("a", i) for i, x in enumerate(left)]
+    keys_b = [y if y in m.backward else ("b", i) for i, y in enumerate(right)]
+    matcher = SequenceMatcher(None, keys_a, keys_b, autojunk=False)
+    pairs = []
+    for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+        if tag == "replace" and a1 - a0 == b1 - b0:
+            pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
+                         if left[i] not in m.forward and right[j] not in m.backward)
+    pairs.extend(_lone_pair(m, left, right))
+    return pairs
+
+
+def _lone_pair(m: _Matcher, left: Iterable[int], right: Iterable[int]) -> list[tuple[int, int]]:
+    free_left = list(dict.fromkeys(x for x in left if x not in m.forward))
+    free_right = list(dict.fromkeys(y for y in right if y not in m.backward))
+    return [(free_left[0], free_right[0])] if len(free_left) == 1 and len(free_right) == 1 else []
+
+
+def instruction_tokens(table: FunctionTable, function: Function) -> list[bytes]:
+    """One short hash per instruction of its bytes with reference operands masked."""
+    analysis = table.analysis_of(function)
+    memory = table.image.memory
+    masks: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for _, insn_rva, offset, size, _ in analysis.raw_refs:
+        if size:
+            masks[insn_rva].append((offset, size))
+    rvas = list(analysis.insn_rvas)
+    ends = rvas[1:] + [0]
+    tokens = []
+    for rva, end in zip(rvas, ends):
+        if end <= rva or end - rva > 15:
+            end = rva + 1
+        raw = bytearray(memory[rva:end])
+        for offset, size in masks.get(rva, ()):
+            raw[offset:offset + size] = bytes(min(size, max(0, len(raw) - offset)))
+        tokens.append(hashlib.blake2b(raw, digest_size=4).digest())
+    return tokens
+
+
+def _by_similarity(m: _Matcher) -> None:
+    left = m.unmatched_baseline()
+    right = m.unmatched_patched()
+    if not left or not right:
+        return
+    count = {f.rva: m.baseline.analysis_of(f).instruction_count for f in left}
+    count.update({-f.rva - 1: m.patched.analysis_of(f).instruction_count for f in right})
+    tokens_a = {f.rva: instruction_tokens(m.baseline, f) for f in left}
+    tokens_b = {f.rva: instruction_tokens(m.patched, f) for f in right}
+    scored: list[tuple[float, int, int]] = []
+    budget = MAX_SIMILARITY_PAIRS
+    for fa in left:
+        na = count[fa.rva]
+        for fb in right:
+            nb = count[-fb.rva - 1]
+            if not na or not nb or max(na, nb) > 2 * min(na, nb):
+                continue
+            budget -= 1
+            if budget < 0:
+                break
+            matcher = SequenceMatcher(None, tokens_a[fa.rva], tokens_b[fb.rva], autojunk=False)
+            if matcher.real_quick_ratio() < SIMILARITY_THRESHOLD or matcher.quick_ratio() < SIMILARITY_THRESHOLD:
+                continue
+            score = matcher.ratio()
+            if score >= SIMILARITY_THRESHOLD:
+                scored.append((score, fa.rva, fb.rva))
+    for score, a, b in sorted(scored, key=lambda s: (-s[0], s[1], s[2])):
+        m.pair(a, b, "similarity", round(score, 4))

@@ -1,0 +1,58 @@
+"""Patch packages (.hpk): the model, the byte format and its signatures.
+
+    package = Package.load("fix.hpk", trusted_keys=[load_public_key("release.pub")])
+    data = package.dumps(sign_key=load_private_key("release.key"))
+
+The format is specified in docs/FORMAT.md; native/hpk/ holds its C reader.
+"""
+
+from __future__ import annotations
+
+from .format import MAGIC, Section, signed_message
+from .model import (
+    FORMAT_VERSION,
+    LIMITS,
+    BaselineRVA,
+    Blob,
+    BlobKind,
+    BlobTarget,
+    Fixup,
+    FixupKind,
+    FixupTarget,
+    ImportTarget,
+    Limits,
+    Metadata,
+    Package,
+    PatchSite,
+    Strategy,
+    TargetIdentity,
+    UnwindEntry,
+)
+from .signing import generate_keypair, load_private_key, load_public_key, write_keypair
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LIMITS",
+    "MAGIC",
+    "BaselineRVA",
+    "Blob",
+    "BlobKind",
+    "BlobTarget",
+    "Fixup",
+    "FixupKind",
+    "FixupTarget",
+    "ImportTarget",
+    "Limits",
+    "Metadata",
+    "Package",
+    "PatchSite",
+    "Section",
+    "Strategy",
+    "TargetIdentity",
+    "UnwindEntry",
+    "generate_keypair",
+    "load_private_key",
+    "load_public_key",
+    "signed_message",
+    "write_keypair",
+]

@@ -1,0 +1,56 @@
+"""Which redirect strategies a baseline function's entry allows.
+
+In order of preference (DESIGN.md, Redirects):
+
+- ``short_jmp_padding``: a 2-byte ``jmp rel8`` at the entry into the padding
+  before it, where a 5-byte ``jmp rel32`` waits. Writing 2 aligned bytes is
+  atomic, so no thread check is needed.
+- ``rel32_jmp``: a 5-byte ``jmp rel32`` to code allocated within ±2 GB.
+- ``abs_jmp``: a 14-byte ``jmp [rip+0]`` with the address after it.
+
+A strategy is possible when the function and its trailing padding hold the
+bytes it writes, and no branch inside the function lands inside those bytes
+(a thread still running old code could jump into the middle of the redirect).
+"""
+
+from __future__ import annotations
+
+from .functions import Function, FunctionTable
+from .refkinds import BRANCH_REL8, BRANCH_REL32
+
+__all__ = ["SHORT_JMP_PADDING", "REL32_JMP", "ABS_JMP", "STRATEGY_LENGTHS", "possible_strategies"]
+
+SHORT_JMP_PADDING = "short_jmp_padding"
+REL32_JMP = "rel32_jmp"
+ABS_JMP = "abs_jmp"
+
+#: bytes each strategy overwrites at the entry
+STRATEGY_LENGTHS = {SHORT_JMP_PADDING: 2, REL32_JMP: 5, ABS_JMP: 14}
+#: the short jump lands on a 5-byte jump placed right before the entry
+PADDING_JUMP_LENGTH = 5
+
+
+def possible_strategies(table: FunctionTable, function: Function) -> list[str]:
+    """The strategies usable at ``function``'s entry, best first (empty: it cannot be redirected)."""
+    inner_targets = _inner_branch_targets(table, function)
+    room = function.size + function.pad_after
+    out = []
+    for strategy, length in STRATEGY_LENGTHS.items():
+        if length > room:
+            continue
+        if any(function.rva < t < function.rva + length for t in inner_targets):
+            continue
+        if strategy == SHORT_JMP_PADDING and (function.pad_before < PADDING_JUMP_LENGTH or function.size < 2):
+            continue
+        out.append(strategy)
+    return out
+
+
+def _inner_branch_targets(table: FunctionTable, function: Function) -> set[int]:
+    targets = set()
+    for kind, _, _, _, target in table.analysis_of(function).raw_refs:
+        if kind in (BRANCH_REL8, BRANCH_REL32) and function.rva < target < function.end_rva:
+            targets.add(target)
+    for jump_table in table.analysis_of(function).raw_tables:
+        targets.update(jump_table[3])
+    return targets

@@ -1,0 +1,125 @@
+"""The verdict: can this update be applied to running processes, or does it need a new baseline?
+
+NEW_BASELINE for anything a running process cannot take without a restart,
+one machine-readable reason per blocking item (kinds listed in docs/CLI.md);
+everything else is HOTPATCH. A user who knows better may override the
+data-layout heuristic; the override is recorded in the verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .layout import LayoutEvidence, find_layout_changes
+from .redirect import possible_strategies
+from .refkinds import BRANCH_REL8
+
+if TYPE_CHECKING:
+    from .diff import DiffResult
+
+__all__ = ["HOTPATCH", "NEW_BASELINE", "REASON_KINDS", "Reason", "Verdict", "decide"]
+
+HOTPATCH = "HOTPATCH"
+NEW_BASELINE = "NEW_BASELINE"
+
+REASON_KINDS = {
+    "changed_writable_data": "initialised writable data changed; the running process has its own state",
+    "removed_data": "writable data the old code used is gone",
+    "resized_data": "writable data changed size; the process holds the old size",
+    "changed_exports": "the export table changed; other modules bound to the old one",
+    "tls_change": "thread-local storage changed; existing threads have the old layout",
+    "entry_point_change": "the entry point changed; it already ran in every process",
+    "function_too_short": "a changed function is too short to redirect and has no usable padding",
+    "unsupported_reference": "changed code makes a reference the package builder cannot relocate",
+    "data_layout_change": "a structure the process keeps in memory changed its layout",
+}
+
+_DATA_REASONS = {
+    "changed_writable_data": "changed_writable_data",
+    "removed_data": "removed_data",
+    "resized_data": "resized_data",
+    "removed_export": "changed_exports",
+    "added_export": "changed_exports",
+    "changed_export": "changed_exports",
+    "tls_change": "tls_change",
+    "entry_point_change": "entry_point_change",
+}
+
+#: a rel8 branch leaving a function is routed through an island appended to the new code; it must reach it
+_REL8_ISLAND_REACH = 120
+
+
+@dataclass(frozen=True)
+class Reason:
+    kind: str
+    subject: str
+    message: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "subject": self.subject, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str
+    reasons: tuple[Reason, ...]
+    #: reasons the user overrode (``allow_layout_change``); recorded, not blocking
+    overridden: tuple[Reason, ...] = ()
+
+    @property
+    def hotpatchable(self) -> bool:
+        return self.status == HOTPATCH
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "reasons": [r.to_json() for r in self.reasons],
+                "overridden": [r.to_json() for r in self.overridden]}
+
+
+def decide(result: DiffResult, allow_layout_change: bool = False) -> tuple[Verdict, list[LayoutEvidence]]:
+    reasons: list[Reason] = []
+    for change in result.data:
+        kind = _DATA_REASONS.get(change.kind)
+        if kind is None:
+            continue
+        subject = change.detail if kind == "changed_exports" else _rva_subject(change)
+        reasons.append(Reason(kind, subject, f"{REASON_KINDS[kind]}: {change.kind} {change.detail}"))
+    for entry in result.functions:
+        if entry.status == "changed" and entry.baseline is not None:
+            if not possible_strategies(result.baseline, entry.baseline):
+                reasons.append(Reason("function_too_short", entry.baseline.label,
+                                      f"{entry.baseline.label} is {entry.baseline.size} bytes with "
+                                      f"{entry.baseline.pad_before}/{entry.baseline.pad_after} bytes of padding "
+                                      "before/after: no redirect fits"))
+        if entry.status in ("changed", "added") and entry.patched is not None:
+            reasons.extend(_unsupported_references(result, entry.patched))
+    evidence = find_layout_changes(result)
+    overridden: list[Reason] = []
+    if evidence:
+        layout = Reason("data_layout_change", evidence[0].function,
+                        f"{REASON_KINDS['data_layout_change']}: " + "; ".join(e.detail for e in evidence))
+        (overridden if allow_layout_change else reasons).append(layout)
+    status = NEW_BASELINE if reasons else HOTPATCH
+    return Verdict(status, tuple(reasons), tuple(overridden)), evidence
+
+
+def _rva_subject(change: Any) -> str:
+    rva = change.baseline_rva if change.baseline_rva is not None else change.patched_rva
+    where = f"{change.section}:" if change.section else ""
+    return f"{where}{rva:#x}" if rva is not None else change.kind
+
+
+def _unsupported_references(result: DiffResult, function: Any) -> list[Reason]:
+    table = result.patched
+    image = table.image
+    out = []
+    for kind, insn_rva, _, _, target in table.analysis_of(function).raw_refs:
+        inside = any(b <= target < e for b, e in function.ranges)
+        if kind == BRANCH_REL8 and not inside and function.size > _REL8_ISLAND_REACH:
+            out.append(Reason("unsupported_reference", function.label,
+                              f"{function.label}: rel8 branch at {insn_rva:#x} leaves a function too long "
+                              "for a relay island"))
+        elif not inside and target != 0 and image.section_from_rva(target) is None and target not in table.context.iat:
+            out.append(Reason("unsupported_reference", function.label,
+                              f"{function.label}: reference at {insn_rva:#x} to {target:#x}, outside the image"))
+    return out

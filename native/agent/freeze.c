@@ -1,0 +1,550 @@
+/*
+ * freeze.c: stopping the world. Suspends every thread of the target, reads
+ * their contexts, and on top of that: COMMIT (check no instruction pointer is
+ * inside the bytes to change, verify, write, flush, resume), the floor (the
+ * same freeze and thaw with nothing written), and THREAD_CONTEXTS.
+ *
+ * The pause is measured with QueryPerformanceCounter from the first
+ * SuspendThread to the last ResumeThread. Pages are made writable before the
+ * freeze and restored after the thaw, so the pause holds only the freeze
+ * itself, the verifying reads, the writes and the flushes.
+ */
+#include "agent.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define THREAD_ACCESS \
+    (THREAD_SUSPEND_RESUME | THREAD_GET_CONTEXT | THREAD_QUERY_INFORMATION | SYNCHRONIZE)
+#define MAX_FREEZE_ROUNDS 16
+#define STACK_CHUNK 65536
+
+/* ------------------------------------------------------------------------
+ * Clock
+ * --------------------------------------------------------------------- */
+static uint64_t now_ticks(void)
+{
+    LARGE_INTEGER t;
+    QueryPerformanceCounter(&t);
+    return (uint64_t)t.QuadPart;
+}
+
+static uint64_t ticks_to_ns(uint64_t ticks)
+{
+    LARGE_INTEGER f;
+    uint64_t freq;
+    QueryPerformanceFrequency(&f);
+    freq = f.QuadPart > 0 ? (uint64_t)f.QuadPart : 1;
+    return ticks / freq * 1000000000ull + ticks % freq * 1000000000ull / freq;
+}
+
+/* ------------------------------------------------------------------------
+ * Freeze and thaw
+ * --------------------------------------------------------------------- */
+typedef struct {
+    DWORD tid;
+    HANDLE thread;
+    uint64_t rip, rsp;
+} frozen_t;
+
+typedef struct {
+    frozen_t *threads;
+    size_t count, cap;
+    uint64_t first_suspend, last_resume; /* QPC ticks */
+} freeze_t;
+
+static int gone(HANDLE thread)
+{
+    return WaitForSingleObject(thread, 0) == WAIT_OBJECT_0;
+}
+
+static int known(const freeze_t *f, DWORD tid)
+{
+    size_t i;
+    for (i = 0; i < f->count; i++)
+        if (f->threads[i].tid == tid)
+            return 1;
+    return 0;
+}
+
+static void thaw(freeze_t *f)
+{
+    size_t i;
+    for (i = 0; i < f->count; i++)
+        ResumeThread(f->threads[i].thread);
+    if (f->count)
+        f->last_resume = now_ticks();
+    for (i = 0; i < f->count; i++)
+        CloseHandle(f->threads[i].thread);
+    free(f->threads);
+    f->threads = NULL;
+    f->count = f->cap = 0;
+}
+
+/* Suspends one thread and appends it; 0 if it is gone, <0 with rq set on error. */
+static int suspend_one(request_t *rq, freeze_t *f, DWORD tid)
+{
+    HANDLE thread = OpenThread(THREAD_ACCESS, FALSE, tid);
+    if (!thread) {
+        if (GetLastError() == ERROR_INVALID_PARAMETER)
+            return 0; /* exited since the snapshot */
+        fail_win32(rq, "OpenThread", "thread %lu", (unsigned long)tid);
+        return -1;
+    }
+    if (f->count == f->cap) {
+        size_t cap = f->cap ? f->cap * 2 : 32;
+        frozen_t *grown = realloc(f->threads, cap * sizeof *grown);
+        if (!grown) {
+            CloseHandle(thread);
+            fail(rq, ST_LIMIT, "out of memory freezing threads");
+            return -1;
+        }
+        f->threads = grown;
+        f->cap = cap;
+    }
+    if (!f->first_suspend)
+        f->first_suspend = now_ticks();
+    if (SuspendThread(thread) == (DWORD)-1) {
+        if (gone(thread)) {
+            CloseHandle(thread);
+            return 0;
+        }
+        fail_win32(rq, "SuspendThread", "thread %lu", (unsigned long)tid);
+        CloseHandle(thread);
+        return -1;
+    }
+    f->threads[f->count].tid = tid;
+    f->threads[f->count].thread = thread;
+    f->threads[f->count].rip = f->threads[f->count].rsp = 0;
+    f->count++;
+    return 1;
+}
+
+/*
+ * Suspends every thread of the target. Threads created while the first
+ * snapshot was walked are caught by snapshotting again until no new thread
+ * shows up. GetThreadContext then makes sure each thread has really stopped
+ * (SuspendThread alone is asynchronous) and gives its RIP.
+ */
+static int freeze(request_t *rq, target_t *t, freeze_t *f)
+{
+    int round;
+    size_t i;
+
+    memset(f, 0, sizeof *f);
+    if (t->pid == GetCurrentProcessId())
+        return fail(rq, ST_BAD_PAYLOAD, "the agent cannot freeze its own threads");
+    for (round = 0; round < MAX_FREEZE_ROUNDS; round++) {
+        DWORD *ids;
+        size_t n, added = 0;
+        if (!thread_ids(rq, t->pid, &ids, &n)) {
+            thaw(f);
+            return rq->status;
+        }
+        for (i = 0; i < n; i++) {
+            int r;
+            if (known(f, ids[i]))
+                continue;
+            r = suspend_one(rq, f, ids[i]);
+            if (r < 0) {
+                free(ids);
+                thaw(f);
+                return rq->status;
+            }
+            added += (size_t)r;
+        }
+        free(ids);
+        if (added == 0)
+            break;
+    }
+    if (f->count == 0) {
+        if (WaitForSingleObject(t->process, 0) == WAIT_OBJECT_0)
+            return fail(rq, ST_NO_PROCESS, "process %lu has exited", (unsigned long)t->pid);
+        return fail(rq, ST_NO_PROCESS, "process %lu has no threads", (unsigned long)t->pid);
+    }
+    for (i = 0; i < f->count; i++) {
+        CONTEXT ctx;
+        memset(&ctx, 0, sizeof ctx);
+        ctx.ContextFlags = CONTEXT_CONTROL;
+        if (!GetThreadContext(f->threads[i].thread, &ctx)) {
+            if (gone(f->threads[i].thread))
+                continue;
+            fail_win32(rq, "GetThreadContext", "thread %lu", (unsigned long)f->threads[i].tid);
+            thaw(f);
+            return rq->status;
+        }
+        f->threads[i].rip = ctx.Rip;
+        f->threads[i].rsp = ctx.Rsp;
+    }
+    TRACE("froze %lu threads of pid %lu", (unsigned long)f->count, (unsigned long)t->pid);
+    return ST_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * COMMIT
+ * --------------------------------------------------------------------- */
+typedef struct {
+    uint64_t address;
+    uint16_t length;
+    uint8_t no_suspend;
+    const uint8_t *expected;
+    const uint8_t *replacement;
+} cwrite_t;
+
+static int compare_writes(const void *a, const void *b)
+{
+    const cwrite_t *x = *(const cwrite_t *const *)a, *y = *(const cwrite_t *const *)b;
+    return (x->address > y->address) - (x->address < y->address);
+}
+
+static int parse_writes(request_t *rq, uint32_t count, cwrite_t *writes)
+{
+    const cwrite_t **sorted;
+    uint32_t i;
+
+    for (i = 0; i < count; i++) {
+        cwrite_t *w = &writes[i];
+        uint8_t flags, reserved;
+        if (!rd_u64(&rq->in, &w->address) || !rd_u16(&rq->in, &w->length) ||
+            !rd_u8(&rq->in, &flags) || !rd_u8(&rq->in, &reserved))
+            return bad_payload(rq, "COMMIT write header truncated");
+        if (w->length == 0 || w->length > AGENT_MAX_WRITE)
+            return fail(rq, ST_BAD_PAYLOAD, "write %lu: length %u not in 1..%u", (unsigned long)i,
+                        (unsigned)w->length, AGENT_MAX_WRITE);
+        if ((flags & ~1u) || reserved)
+            return fail(rq, ST_BAD_PAYLOAD, "write %lu: unknown flags 0x%x", (unsigned long)i,
+                        (unsigned)flags);
+        if (w->address + w->length < w->address)
+            return fail(rq, ST_BAD_PAYLOAD, "write %lu wraps around the address space",
+                        (unsigned long)i);
+        w->no_suspend = flags & 1u;
+        if (!rd_bytes(&rq->in, w->length, &w->expected) ||
+            !rd_bytes(&rq->in, w->length, &w->replacement))
+            return bad_payload(rq, "COMMIT write bytes truncated");
+    }
+    if (expect_end(rq))
+        return rq->status;
+
+    /* Overlapping writes would make "expected" and undo ill-defined. */
+    sorted = malloc(count * sizeof *sorted);
+    if (!sorted)
+        return fail(rq, ST_LIMIT, "out of memory sorting writes");
+    for (i = 0; i < count; i++)
+        sorted[i] = &writes[i];
+    qsort(sorted, count, sizeof *sorted, compare_writes);
+    for (i = 1; i < count; i++) {
+        if (sorted[i - 1]->address + sorted[i - 1]->length > sorted[i]->address) {
+            uint64_t at = sorted[i]->address;
+            free(sorted);
+            return fail(rq, ST_BAD_PAYLOAD, "writes overlap at 0x%llx", (unsigned long long)at);
+        }
+    }
+    free(sorted);
+    return ST_OK;
+}
+
+/* MISMATCH unless every write's target still holds its expected bytes. */
+static int verify(request_t *rq, target_t *t, const cwrite_t *writes, uint32_t count)
+{
+    uint8_t found[AGENT_MAX_WRITE];
+    uint32_t i;
+    for (i = 0; i < count; i++) {
+        if (read_raw(rq, t, writes[i].address, found, writes[i].length))
+            return rq->status;
+        if (memcmp(found, writes[i].expected, writes[i].length) != 0) {
+            memcpy(rq->data, found, writes[i].length);
+            rq->data_len = writes[i].length;
+            rq->address = writes[i].address;
+            return fail(rq, ST_MISMATCH, "write %lu: the %u bytes at 0x%llx are not the expected ones",
+                        (unsigned long)i, (unsigned)writes[i].length,
+                        (unsigned long long)writes[i].address);
+        }
+    }
+    return ST_OK;
+}
+
+/* The first thread whose RIP is strictly inside a write; NULL if none is. */
+static const frozen_t *inside(const freeze_t *f, const cwrite_t *writes, uint32_t count,
+                              uint32_t *which)
+{
+    size_t i;
+    uint32_t j;
+    for (i = 0; i < f->count; i++)
+        for (j = 0; j < count; j++)
+            if (f->threads[i].rip > writes[j].address &&
+                f->threads[i].rip < writes[j].address + writes[j].length) {
+                *which = j;
+                return &f->threads[i];
+            }
+    return NULL;
+}
+
+/* Writes in order; on failure puts back what was written, newest first. */
+static int apply_writes(request_t *rq, target_t *t, const cwrite_t *writes, uint32_t count)
+{
+    uint32_t i, done;
+    for (done = 0; done < count; done++)
+        if (write_raw(rq, t, writes[done].address, writes[done].replacement, writes[done].length))
+            break;
+    if (done == count) {
+        for (i = 0; i < count; i++)
+            FlushInstructionCache(t->process, (LPCVOID)(uintptr_t)writes[i].address,
+                                  writes[i].length);
+        return ST_OK;
+    }
+    for (i = done; i > 0; i--) {
+        SIZE_T put = 0;
+        const cwrite_t *w = &writes[i - 1];
+        if (!WriteProcessMemory(t->process, (LPVOID)(uintptr_t)w->address, w->expected, w->length,
+                                &put) ||
+            put != w->length) {
+            DWORD error = GetLastError();
+            rq->win32_error = error;
+            rq->address = w->address;
+            return fail(rq, ST_ROLLBACK_FAILED,
+                        "write %lu failed (%s, error %lu) and restoring write %lu at 0x%llx failed too",
+                        (unsigned long)done, rq->call, (unsigned long)rq->win32_error,
+                        (unsigned long)(i - 1), (unsigned long long)w->address);
+        }
+        FlushInstructionCache(t->process, (LPCVOID)(uintptr_t)w->address, w->length);
+    }
+    return rq->status;
+}
+
+static void put_report(request_t *rq, uint64_t pause_ticks, uint64_t total_ticks, uint32_t attempts,
+                       uint32_t threads, int suspended)
+{
+    wr_u64(&rq->out, ticks_to_ns(pause_ticks));
+    wr_u64(&rq->out, ticks_to_ns(total_ticks));
+    wr_u32(&rq->out, attempts);
+    wr_u32(&rq->out, threads);
+    wr_u32(&rq->out, suspended ? 1u : 0u);
+}
+
+int op_commit(request_t *rq)
+{
+    uint32_t id, max_attempts, retry_ms, count, i, attempts = 0, busy_write = 0;
+    uint64_t started = now_ticks(), pause = 0;
+    uint32_t frozen_threads = 0;
+    int suspend = 0, status = ST_OK;
+    target_t *t;
+    cwrite_t *writes;
+    pages_t pages;
+    freeze_t f;
+
+    if (!rd_u32(&rq->in, &id) || !rd_u32(&rq->in, &max_attempts) || !rd_u32(&rq->in, &retry_ms) ||
+        !rd_u32(&rq->in, &count))
+        return bad_payload(rq, "COMMIT needs handle, max_attempts, retry_sleep_ms, count");
+    if (max_attempts == 0 || max_attempts > AGENT_MAX_ATTEMPTS)
+        return fail(rq, ST_BAD_PAYLOAD, "max_attempts %lu not in 1..%u", (unsigned long)max_attempts,
+                    AGENT_MAX_ATTEMPTS);
+    if (retry_ms > AGENT_MAX_RETRY_SLEEP_MS)
+        return fail(rq, ST_BAD_PAYLOAD, "retry_sleep_ms %lu above %u", (unsigned long)retry_ms,
+                    AGENT_MAX_RETRY_SLEEP_MS);
+    if (count == 0 || count > AGENT_MAX_WRITES)
+        return fail(rq, ST_BAD_PAYLOAD, "write count %lu not in 1..%u", (unsigned long)count,
+                    AGENT_MAX_WRITES);
+    /* Each write needs at least 14 payload bytes, so this bounds the allocation. */
+    if ((size_t)count * 14u > rd_left(&rq->in))
+        return bad_payload(rq, "COMMIT write count larger than the payload");
+    t = target_get(rq, id);
+    if (!t)
+        return rq->status;
+    writes = calloc(count, sizeof *writes);
+    if (!writes)
+        return fail(rq, ST_LIMIT, "out of memory for %lu writes", (unsigned long)count);
+    if (parse_writes(rq, count, writes)) {
+        free(writes);
+        return rq->status;
+    }
+    for (i = 0; i < count; i++)
+        suspend |= !writes[i].no_suspend;
+    memset(&f, 0, sizeof f);
+
+    /* Outside the pause: a first check, and the pages made writable. */
+    memset(&pages, 0, sizeof pages);
+    if (verify(rq, t, writes, count)) {
+        free(writes);
+        return rq->status;
+    }
+    for (i = 0; i < count; i++)
+        if (pages_add(rq, &pages, writes[i].address, writes[i].length))
+            break;
+    if (rq->status || pages_unlock(rq, t, &pages)) {
+        pages_free(&pages);
+        free(writes);
+        return rq->status;
+    }
+
+    if (!suspend) {
+        /* Each write is atomic on its own (the caller orders them). */
+        attempts = 1;
+        status = verify(rq, t, writes, count);
+        if (status == ST_OK)
+            status = apply_writes(rq, t, writes, count);
+    } else {
+        int busy = 0;
+        for (attempts = 1; attempts <= max_attempts; attempts++) {
+            const frozen_t *in;
+            status = freeze(rq, t, &f);
+            if (status)
+                break;
+            in = inside(&f, writes, count, &busy_write);
+            busy = in != NULL;
+            if (!busy)
+                break;
+            rq->thread_id = in->tid;
+            rq->address = in->rip;
+            TRACE("attempt %lu: thread %lu busy at 0x%llx", (unsigned long)attempts,
+                  (unsigned long)in->tid, (unsigned long long)in->rip);
+            thaw(&f);
+            if (attempts < max_attempts && retry_ms)
+                Sleep(retry_ms);
+        }
+        if (status == ST_OK && busy) {
+            attempts = max_attempts;
+            status = fail(rq, ST_BUSY,
+                          "thread %lu stayed at 0x%llx inside write %lu [0x%llx, +%u) through %lu attempts",
+                          (unsigned long)rq->thread_id, (unsigned long long)rq->address,
+                          (unsigned long)busy_write, (unsigned long long)writes[busy_write].address,
+                          (unsigned)writes[busy_write].length, (unsigned long)max_attempts);
+        } else if (status == ST_OK) {
+            frozen_threads = (uint32_t)f.count;
+            status = verify(rq, t, writes, count);
+            if (status == ST_OK)
+                status = apply_writes(rq, t, writes, count);
+            thaw(&f);
+            pause = f.last_resume - f.first_suspend;
+        }
+    }
+
+    if (pages_relock(rq, t, &pages) && status == ST_OK)
+        status = rq->status;
+    pages_free(&pages);
+    free(writes);
+    if (status != ST_OK)
+        return status;
+    put_report(rq, pause, now_ticks() - started, attempts, frozen_threads, suspend);
+    return ST_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * FLOOR: the commit's freeze and thaw with nothing written.
+ * --------------------------------------------------------------------- */
+int op_floor(request_t *rq)
+{
+    uint64_t started = now_ticks();
+    uint32_t id, threads;
+    target_t *t;
+    freeze_t f;
+
+    if (!rd_u32(&rq->in, &id))
+        return bad_payload(rq, "FLOOR needs a u32 handle");
+    if (expect_end(rq))
+        return rq->status;
+    t = target_get(rq, id);
+    if (!t)
+        return rq->status;
+    if (freeze(rq, t, &f))
+        return rq->status;
+    threads = (uint32_t)f.count;
+    thaw(&f);
+    put_report(rq, f.last_resume - f.first_suspend, now_ticks() - started, 1, threads, 1);
+    return ST_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * THREAD_CONTEXTS: RIP and RSP of every thread, and how many stack slots
+ * between RSP and the stack base point into a watched range (to tell
+ * whether code is still in use before freeing it).
+ * --------------------------------------------------------------------- */
+typedef LONG(NTAPI *query_thread_fn)(HANDLE, int, PVOID, ULONG, PULONG);
+
+typedef struct {
+    LONG exit_status;
+    PVOID teb;
+    PVOID client_process, client_thread;
+    ULONG_PTR affinity;
+    LONG priority, base_priority;
+} thread_basic_info_t;
+
+static uint64_t stack_base(target_t *t, HANDLE thread)
+{
+    static query_thread_fn query;
+    thread_basic_info_t info;
+    uint64_t base = 0;
+    SIZE_T got = 0;
+
+    if (!query) {
+        HMODULE ntdll = GetModuleHandleW(L"ntdll.dll");
+        FARPROC proc = ntdll ? GetProcAddress(ntdll, "NtQueryInformationThread") : NULL;
+        if (!proc)
+            return 0;
+        query = (query_thread_fn)(void (*)(void))proc;
+    }
+    memset(&info, 0, sizeof info);
+    if (query(thread, 0 /* ThreadBasicInformation */, &info, sizeof info, NULL) < 0 || !info.teb)
+        return 0;
+    /* NT_TIB.StackBase follows the exception list pointer. */
+    if (!ReadProcessMemory(t->process, (const uint8_t *)info.teb + 8, &base, sizeof base, &got) ||
+        got != sizeof base)
+        return 0;
+    return base;
+}
+
+static uint32_t stack_hits(target_t *t, uint64_t rsp, uint64_t base, uint64_t lo, uint64_t size)
+{
+    static uint64_t chunk[STACK_CHUNK / 8];
+    uint64_t at = rsp & ~7ull, end = base;
+    uint32_t hits = 0;
+    size_t i;
+
+    if (end <= at || end - at > AGENT_MAX_STACK_SCAN)
+        end = at + AGENT_MAX_STACK_SCAN < at ? at : at + AGENT_MAX_STACK_SCAN;
+    while (at < end) {
+        SIZE_T want = end - at > STACK_CHUNK ? STACK_CHUNK : (SIZE_T)(end - at), got = 0;
+        if (!ReadProcessMemory(t->process, (LPCVOID)(uintptr_t)at, chunk, want, &got) || got == 0)
+            break;
+        for (i = 0; i < got / 8; i++)
+            if (chunk[i] - lo < size)
+                hits++;
+        at += got;
+    }
+    return hits;
+}
+
+int op_thread_contexts(request_t *rq)
+{
+    uint32_t id;
+    uint64_t watch, watch_size;
+    target_t *t;
+    freeze_t f;
+    size_t i;
+
+    if (!rd_u32(&rq->in, &id) || !rd_u64(&rq->in, &watch) || !rd_u64(&rq->in, &watch_size))
+        return bad_payload(rq, "THREAD_CONTEXTS needs handle, u64 watch address, u64 watch size");
+    if (expect_end(rq))
+        return rq->status;
+    t = target_get(rq, id);
+    if (!t)
+        return rq->status;
+    if (freeze(rq, t, &f))
+        return rq->status;
+    wr_u64(&rq->out, 0); /* pause, filled in below */
+    wr_u32(&rq->out, (uint32_t)f.count);
+    for (i = 0; i < f.count; i++) {
+        uint64_t base = stack_base(t, f.threads[i].thread);
+        wr_u32(&rq->out, f.threads[i].tid);
+        wr_u32(&rq->out, watch_size && base ? stack_hits(t, f.threads[i].rsp, base, watch, watch_size) : 0);
+        wr_u64(&rq->out, f.threads[i].rip);
+        wr_u64(&rq->out, f.threads[i].rsp);
+        wr_u64(&rq->out, base);
+    }
+    thaw(&f);
+    if (!rq->out.overflow) {
+        uint64_t ns = ticks_to_ns(f.last_resume - f.first_suspend);
+        for (i = 0; i < 8; i++)
+            rq->out.data[AGENT_HEADER_SIZE + i] = (uint8_t)(ns >> (8 * i));
+    }
+    return ST_OK;
+}

@@ -1,0 +1,439 @@
+/*
+ * memory.c: reading, writing and querying the target's memory, allocating
+ * near an address, protection changes, and the page sets COMMIT uses to make
+ * code writable for the shortest time.
+ */
+#include "agent.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define DEFAULT_MAX_DISTANCE 0x7FFF0000ull /* 2 GiB minus one granule */
+#define MAX_DISTANCE 0x80000000ull
+#define MAX_REGION_SIZE (1ull << 40)
+#define MAX_QUERIES (1u << 20)
+
+static SYSTEM_INFO g_si;
+
+static const SYSTEM_INFO *system_info(void)
+{
+    if (!g_si.dwPageSize)
+        GetSystemInfo(&g_si);
+    return &g_si;
+}
+
+static uint64_t align_down(uint64_t v, uint64_t a) { return v & ~(a - 1); }
+static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) & ~(a - 1); }
+
+static int read_target(request_t *rq, reader_t *in, target_t **t)
+{
+    uint32_t id;
+    if (!rd_u32(in, &id))
+        return bad_payload(rq, "missing u32 handle");
+    *t = target_get(rq, id);
+    return *t ? ST_OK : rq->status;
+}
+
+/* ------------------------------------------------------------------------
+ * Page sets: every page a set of writes touches, with its old protection.
+ * --------------------------------------------------------------------- */
+static int compare_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+int pages_add(request_t *rq, pages_t *set, uint64_t address, size_t len)
+{
+    uint64_t page = system_info()->dwPageSize;
+    uint64_t p, last = align_down(address + len - 1, page);
+    for (p = align_down(address, page); p <= last; p += page) {
+        if (set->count == set->cap) {
+            size_t cap = set->cap ? set->cap * 2 : 16;
+            uint64_t *pages = realloc(set->page, cap * sizeof *pages);
+            DWORD *old = realloc(set->old, cap * sizeof *old);
+            if (pages)
+                set->page = pages;
+            if (old)
+                set->old = old;
+            if (!pages || !old)
+                return fail(rq, ST_LIMIT, "out of memory collecting pages");
+            set->cap = cap;
+        }
+        set->page[set->count++] = p;
+    }
+    return ST_OK;
+}
+
+void pages_free(pages_t *set)
+{
+    free(set->page);
+    free(set->old);
+    memset(set, 0, sizeof *set);
+}
+
+int pages_unlock(request_t *rq, target_t *t, pages_t *set)
+{
+    SIZE_T page = system_info()->dwPageSize;
+    size_t i, n = 0;
+
+    /* Sort and drop duplicates, so each page is changed and restored once. */
+    qsort(set->page, set->count, sizeof *set->page, compare_u64);
+    for (i = 0; i < set->count; i++)
+        if (n == 0 || set->page[i] != set->page[n - 1])
+            set->page[n++] = set->page[i];
+    set->count = n;
+    for (i = 0; i < set->count; i++) {
+        if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)set->page[i], page,
+                              PAGE_EXECUTE_READWRITE, &set->old[i])) {
+            int status = target_fail(rq, t, "VirtualProtectEx", "making page 0x%llx writable",
+                                     (unsigned long long)set->page[i]);
+            set->unlocked = i;
+            pages_relock(rq, t, set);
+            rq->status = (uint16_t)status;
+            return status;
+        }
+    }
+    set->unlocked = set->count;
+    return ST_OK;
+}
+
+int pages_relock(request_t *rq, target_t *t, pages_t *set)
+{
+    SIZE_T page = system_info()->dwPageSize;
+    int status = ST_OK;
+    size_t i;
+    for (i = 0; i < set->unlocked; i++) {
+        DWORD ignored;
+        if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)set->page[i], page, set->old[i],
+                              &ignored) &&
+            status == ST_OK && rq->status == ST_OK)
+            status = target_fail(rq, t, "VirtualProtectEx", "restoring protection 0x%lx of page 0x%llx",
+                                 (unsigned long)set->old[i], (unsigned long long)set->page[i]);
+    }
+    set->unlocked = 0;
+    return status;
+}
+
+int write_raw(request_t *rq, target_t *t, uint64_t address, const uint8_t *data, size_t len)
+{
+    SIZE_T put = 0;
+    if (!WriteProcessMemory(t->process, (LPVOID)(uintptr_t)address, data, len, &put) || put != len)
+        return target_fail(rq, t, "WriteProcessMemory", "%lu bytes at 0x%llx (%lu written)",
+                           (unsigned long)len, (unsigned long long)address, (unsigned long)put);
+    return ST_OK;
+}
+
+int read_raw(request_t *rq, target_t *t, uint64_t address, uint8_t *data, size_t len)
+{
+    SIZE_T got = 0;
+    if (!ReadProcessMemory(t->process, (LPCVOID)(uintptr_t)address, data, len, &got) || got != len)
+        return target_fail(rq, t, "ReadProcessMemory", "%lu bytes at 0x%llx (%lu read)",
+                           (unsigned long)len, (unsigned long long)address, (unsigned long)got);
+    return ST_OK;
+}
+
+int write_through(request_t *rq, target_t *t, uint64_t address, const uint8_t *data, size_t len)
+{
+    pages_t set;
+    int status;
+
+    memset(&set, 0, sizeof set);
+    if (pages_add(rq, &set, address, len) || pages_unlock(rq, t, &set)) {
+        pages_free(&set);
+        return rq->status;
+    }
+    status = write_raw(rq, t, address, data, len);
+    if (status == ST_OK)
+        FlushInstructionCache(t->process, (LPCVOID)(uintptr_t)address, len);
+    if (pages_relock(rq, t, &set) && status == ST_OK)
+        status = rq->status;
+    pages_free(&set);
+    return status;
+}
+
+/* ------------------------------------------------------------------------
+ * READ, WRITE, QUERY
+ * --------------------------------------------------------------------- */
+int op_read(request_t *rq)
+{
+    target_t *t;
+    uint32_t size;
+    uint64_t address;
+    uint8_t *dest;
+
+    if (read_target(rq, &rq->in, &t))
+        return rq->status;
+    if (!rd_u32(&rq->in, &size) || !rd_u64(&rq->in, &address))
+        return bad_payload(rq, "READ needs handle, u32 size, u64 address");
+    if (expect_end(rq))
+        return rq->status;
+    if (size == 0 || size > AGENT_MAX_PAYLOAD || address + size < address)
+        return fail(rq, ST_BAD_PAYLOAD, "READ size %lu out of range", (unsigned long)size);
+    dest = wr_reserve(&rq->out, size);
+    if (!dest)
+        return fail(rq, ST_LIMIT, "cannot hold %lu bytes", (unsigned long)size);
+    return read_raw(rq, t, address, dest, size);
+}
+
+int op_write(request_t *rq)
+{
+    target_t *t;
+    uint64_t address;
+    size_t len;
+    const uint8_t *data;
+
+    if (read_target(rq, &rq->in, &t))
+        return rq->status;
+    if (!rd_u64(&rq->in, &address))
+        return bad_payload(rq, "WRITE needs handle, u64 address, bytes");
+    len = rd_left(&rq->in);
+    if (len == 0 || address + len < address)
+        return bad_payload(rq, "WRITE needs at least one byte inside the address space");
+    rd_bytes(&rq->in, len, &data);
+    return write_through(rq, t, address, data, len);
+}
+
+static void put_region(writer_t *w, const MEMORY_BASIC_INFORMATION *mbi)
+{
+    wr_u64(w, (uint64_t)(uintptr_t)mbi->BaseAddress);
+    wr_u64(w, (uint64_t)(uintptr_t)mbi->AllocationBase);
+    wr_u64(w, (uint64_t)mbi->RegionSize);
+    wr_u32(w, mbi->AllocationProtect);
+    wr_u32(w, mbi->State);
+    wr_u32(w, mbi->Protect);
+    wr_u32(w, mbi->Type);
+}
+
+int op_query(request_t *rq)
+{
+    target_t *t;
+    uint64_t address;
+    MEMORY_BASIC_INFORMATION mbi;
+
+    if (read_target(rq, &rq->in, &t))
+        return rq->status;
+    if (!rd_u64(&rq->in, &address))
+        return bad_payload(rq, "QUERY needs handle, u64 address");
+    if (expect_end(rq))
+        return rq->status;
+    if (!VirtualQueryEx(t->process, (LPCVOID)(uintptr_t)address, &mbi, sizeof mbi))
+        return target_fail(rq, t, "VirtualQueryEx", "address 0x%llx", (unsigned long long)address);
+    put_region(&rq->out, &mbi);
+    return ST_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * ALLOC_NEAR: like Detours, walk the regions around `anchor` with
+ * VirtualQueryEx, alternately upward and downward so the nearest free
+ * granule-aligned block wins, and reserve+commit it there. Every byte of
+ * the block lies within max_distance of `anchor`.
+ * --------------------------------------------------------------------- */
+typedef struct {
+    target_t *t;
+    request_t *rq;
+    uint64_t size, lo, hi, gran; /* hi: highest acceptable base */
+    DWORD protect;
+    uint64_t found;
+    int done; /* 1 found, -1 hard failure */
+} search_t;
+
+static int try_alloc(search_t *s, uint64_t base)
+{
+    LPVOID p;
+    if (base < s->lo || base > s->hi)
+        return 0;
+    p = VirtualAllocEx(s->t->process, (LPVOID)(uintptr_t)base, s->size, MEM_RESERVE | MEM_COMMIT,
+                       s->protect);
+    if (p) {
+        s->found = (uint64_t)(uintptr_t)p;
+        s->done = 1;
+        return 1;
+    }
+    /* Taken meanwhile (or not quite free): keep looking. Anything else is real. */
+    if (GetLastError() != ERROR_INVALID_ADDRESS) {
+        target_fail(s->rq, s->t, "VirtualAllocEx", "0x%llx bytes at 0x%llx",
+                    (unsigned long long)s->size, (unsigned long long)base);
+        s->done = -1;
+        return 1;
+    }
+    return 0;
+}
+
+/* One step upward from *cursor; sets *cursor past the region it looked at. */
+static void step_up(search_t *s, uint64_t *cursor)
+{
+    MEMORY_BASIC_INFORMATION mbi;
+    uint64_t base, end, next;
+    if (!VirtualQueryEx(s->t->process, (LPCVOID)(uintptr_t)*cursor, &mbi, sizeof mbi)) {
+        *cursor = UINT64_MAX; /* past the end of user space */
+        return;
+    }
+    base = (uint64_t)(uintptr_t)mbi.BaseAddress;
+    end = base + mbi.RegionSize;
+    if (mbi.State == MEM_FREE) {
+        uint64_t candidate = align_up(base > *cursor ? base : *cursor, s->gran);
+        if (candidate + s->size <= end && try_alloc(s, candidate))
+            return;
+    }
+    next = align_up(end, s->gran);
+    *cursor = next > *cursor ? next : *cursor + s->gran;
+}
+
+/* One step downward from *cursor; 0 in *cursor once nothing lies below. */
+static void step_down(search_t *s, uint64_t *cursor)
+{
+    MEMORY_BASIC_INFORMATION mbi;
+    uint64_t base, end, start;
+    if (!VirtualQueryEx(s->t->process, (LPCVOID)(uintptr_t)*cursor, &mbi, sizeof mbi)) {
+        *cursor = 0;
+        return;
+    }
+    base = (uint64_t)(uintptr_t)mbi.BaseAddress;
+    end = base + mbi.RegionSize;
+    if (mbi.State == MEM_FREE && end - base >= s->size) {
+        uint64_t candidate = align_down(end - s->size, s->gran);
+        if (candidate > s->hi)
+            candidate = align_down(s->hi, s->gran);
+        if (candidate >= base && try_alloc(s, candidate))
+            return;
+    }
+    start = base;
+    if (mbi.State != MEM_FREE && mbi.AllocationBase &&
+        (uint64_t)(uintptr_t)mbi.AllocationBase < start)
+        start = (uint64_t)(uintptr_t)mbi.AllocationBase;
+    *cursor = start >= s->gran ? align_down(start - 1, s->gran) : 0;
+}
+
+int op_alloc_near(request_t *rq)
+{
+    const SYSTEM_INFO *si = system_info();
+    target_t *t;
+    uint32_t protect;
+    uint64_t anchor, size, distance, up, down, app_lo, app_hi;
+    unsigned queries = 0;
+    search_t s;
+
+    if (read_target(rq, &rq->in, &t))
+        return rq->status;
+    if (!rd_u32(&rq->in, &protect) || !rd_u64(&rq->in, &anchor) || !rd_u64(&rq->in, &size) ||
+        !rd_u64(&rq->in, &distance))
+        return bad_payload(rq, "ALLOC_NEAR needs handle, u32 protect, u64 anchor, u64 size, u64 max_distance");
+    if (expect_end(rq))
+        return rq->status;
+    if (size == 0 || size > MAX_REGION_SIZE)
+        return fail(rq, ST_BAD_PAYLOAD, "allocation size 0x%llx out of range", (unsigned long long)size);
+    if (distance == 0)
+        distance = DEFAULT_MAX_DISTANCE;
+    if (distance > MAX_DISTANCE)
+        return fail(rq, ST_BAD_PAYLOAD, "max_distance 0x%llx above 2 GiB", (unsigned long long)distance);
+
+    if (anchor == 0) {
+        LPVOID p = VirtualAllocEx(t->process, NULL, size, MEM_RESERVE | MEM_COMMIT, protect);
+        if (!p)
+            return target_fail(rq, t, "VirtualAllocEx", "0x%llx bytes anywhere", (unsigned long long)size);
+        wr_u64(&rq->out, (uint64_t)(uintptr_t)p);
+        return ST_OK;
+    }
+
+    memset(&s, 0, sizeof s);
+    s.t = t;
+    s.rq = rq;
+    s.size = size;
+    s.protect = protect;
+    s.gran = si->dwAllocationGranularity;
+    app_lo = align_up((uint64_t)(uintptr_t)si->lpMinimumApplicationAddress, s.gran);
+    app_hi = (uint64_t)(uintptr_t)si->lpMaximumApplicationAddress;
+    s.lo = anchor > distance ? align_up(anchor - distance, s.gran) : 0;
+    if (s.lo < app_lo)
+        s.lo = app_lo;
+    s.hi = anchor + distance >= anchor ? anchor + distance - size : UINT64_MAX;
+    if (app_hi + 1 - size < s.hi)
+        s.hi = app_hi + 1 - size;
+    if (size > distance || s.lo > s.hi)
+        return fail(rq, ST_NO_SPACE, "no room for 0x%llx bytes within 0x%llx of 0x%llx",
+                    (unsigned long long)size, (unsigned long long)distance, (unsigned long long)anchor);
+
+    up = align_down(anchor, s.gran);
+    if (up < s.lo)
+        up = s.lo;
+    down = up >= s.gran ? up - s.gran : 0;
+    while (!s.done && queries < MAX_QUERIES && (up <= s.hi || (down >= s.lo && down != 0))) {
+        if (up <= s.hi) {
+            step_up(&s, &up);
+            queries++;
+        }
+        if (!s.done && down >= s.lo && down != 0) {
+            step_down(&s, &down);
+            queries++;
+        }
+    }
+    TRACE("alloc anchor 0x%llx: %u queries", (unsigned long long)anchor, queries);
+    if (s.done < 0)
+        return rq->status;
+    if (!s.done)
+        return fail(rq, ST_NO_SPACE, "no free 0x%llx bytes within 0x%llx of 0x%llx",
+                    (unsigned long long)size, (unsigned long long)distance, (unsigned long long)anchor);
+    wr_u64(&rq->out, s.found);
+    return ST_OK;
+}
+
+/* ------------------------------------------------------------------------
+ * FREE, PROTECT, FLUSH
+ * --------------------------------------------------------------------- */
+int op_free(request_t *rq)
+{
+    target_t *t;
+    uint64_t address;
+
+    if (read_target(rq, &rq->in, &t))
+        return rq->status;
+    if (!rd_u64(&rq->in, &address))
+        return bad_payload(rq, "FREE needs handle, u64 address");
+    if (expect_end(rq))
+        return rq->status;
+    if (!VirtualFreeEx(t->process, (LPVOID)(uintptr_t)address, 0, MEM_RELEASE))
+        return target_fail(rq, t, "VirtualFreeEx", "address 0x%llx", (unsigned long long)address);
+    return ST_OK;
+}
+
+int op_protect(request_t *rq)
+{
+    target_t *t;
+    uint32_t protect;
+    uint64_t address, size;
+    DWORD old = 0;
+
+    if (read_target(rq, &rq->in, &t))
+        return rq->status;
+    if (!rd_u32(&rq->in, &protect) || !rd_u64(&rq->in, &address) || !rd_u64(&rq->in, &size))
+        return bad_payload(rq, "PROTECT needs handle, u32 protect, u64 address, u64 size");
+    if (expect_end(rq))
+        return rq->status;
+    if (size == 0 || size > MAX_REGION_SIZE || address + size < address)
+        return fail(rq, ST_BAD_PAYLOAD, "PROTECT size 0x%llx out of range", (unsigned long long)size);
+    if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)address, size, protect, &old))
+        return target_fail(rq, t, "VirtualProtectEx", "0x%llx bytes at 0x%llx to 0x%lx",
+                           (unsigned long long)size, (unsigned long long)address, (unsigned long)protect);
+    wr_u32(&rq->out, old);
+    return ST_OK;
+}
+
+int op_flush(request_t *rq)
+{
+    target_t *t;
+    uint64_t address, size;
+
+    if (read_target(rq, &rq->in, &t))
+        return rq->status;
+    if (!rd_u64(&rq->in, &address) || !rd_u64(&rq->in, &size))
+        return bad_payload(rq, "FLUSH needs handle, u64 address, u64 size");
+    if (expect_end(rq))
+        return rq->status;
+    if (size > MAX_REGION_SIZE || address + size < address)
+        return fail(rq, ST_BAD_PAYLOAD, "FLUSH size 0x%llx out of range", (unsigned long long)size);
+    if (!FlushInstructionCache(t->process, (LPCVOID)(uintptr_t)address, size))
+        return target_fail(rq, t, "FlushInstructionCache", "0x%llx bytes at 0x%llx",
+                           (unsigned long long)size, (unsigned long long)address);
+    return ST_OK;
+}

@@ -7,10 +7,15 @@ structure layouts are why capstone's version is pinned in pyproject.toml.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def capstone_include() -> str:
@@ -29,4 +34,26 @@ core = Extension(
     extra_compile_args=["-O2", "-Wno-unused-function"],
 )
 
-setup(ext_modules=cythonize([core], compiler_directives={"language_level": 3}, quiet=True))
+
+class build_py_with_agent(build_py):
+    """Also build hotpatch-agent.exe into hotpatch/bin/ (native/agent/build.py), when mingw-w64 is there."""
+
+    def run(self) -> None:
+        super().run()
+        spec = importlib.util.spec_from_file_location("agent_build", os.path.join(HERE, "native", "agent", "build.py"))
+        agent = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(agent)
+        editable = getattr(self, "editable_mode", False)
+        package = os.path.join(HERE, "hotpatch") if editable else os.path.join(self.build_lib, "hotpatch")
+        try:
+            print(f"built {agent.build_agent(os.path.join(package, 'bin'), record=editable)}")
+        except agent.AgentBuildError as exc:
+            print(
+                f"WARNING: hotpatch-agent.exe not built, live patching will need HOTPATCH_AGENT: {exc}", file=sys.stderr
+            )
+
+
+setup(
+    ext_modules=cythonize([core], compiler_directives={"language_level": 3}, quiet=True),
+    cmdclass={"build_py": build_py_with_agent},
+)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from . import __version__
@@ -20,6 +21,11 @@ from .image import Image
 from .report import function_rows, image_info
 
 __all__ = ["main"]
+
+
+@contextmanager
+def _nullcontext() -> Iterator[None]:
+    yield
 
 
 def _print_json(document: Any) -> None:
@@ -75,6 +81,56 @@ def cmd_functions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .diff import diff
+
+    console = Console(stderr=True)
+    with console.status("diffing...", spinner="dots") if console.is_terminal else _nullcontext():
+        result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change)
+    document = result.to_json()
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(document, handle, indent=2)
+            handle.write("\n")
+    if args.json:
+        _print_json(document)
+        return 0
+    _print_diff(result)
+    return 0
+
+
+def _print_diff(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    summary = result.summary()
+    console.print(f"[bold]{result.baseline.image.name}[/bold] -> [bold]{result.patched.image.name}[/bold]: "
+                  + ", ".join(f"{v} {k}" for k, v in summary.items()))
+    table = Table("status", "function", "baseline rva", "patched rva", "match", "why")
+    for entry in result.functions:
+        if entry.status == "unchanged":
+            continue
+        table.add_row(entry.status, entry.name,
+                      f"{entry.baseline.rva:#x}" if entry.baseline else "-",
+                      f"{entry.patched.rva:#x}" if entry.patched else "-",
+                      (entry.match or "-") + (f" {entry.similarity:.2f}" if entry.similarity else ""),
+                      ",".join(entry.changes))
+    if table.rows:
+        console.print(table)
+    for change in result.data:
+        console.print(f"data: {change.kind} {change.detail}")
+    verdict = result.verdict
+    colour = "green" if verdict.hotpatchable else "red"
+    console.print(f"verdict: [bold {colour}]{verdict.status}[/bold {colour}]")
+    for reason in verdict.reasons:
+        console.print(f"  - {reason.kind}: {reason.message}")
+    for reason in verdict.overridden:
+        console.print(f"  - overridden {reason.kind}: {reason.message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotpatch", description="Rebootless updates for x64 Windows PE images.")
     parser.add_argument("--version", action="version", version=f"hotpatch {__version__}")
@@ -89,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     functions.add_argument("pe")
     functions.add_argument("--json", action="store_true")
     functions.set_defaults(run=cmd_functions)
+
+    diff = commands.add_parser("diff", help="function-by-function diff and the hotpatch verdict")
+    diff.add_argument("baseline")
+    diff.add_argument("patched")
+    diff.add_argument("--json", action="store_true")
+    diff.add_argument("--out", help="also write the JSON document to this file")
+    diff.add_argument("--allow-layout-change", action="store_true",
+                      help="do not block on data-layout evidence (the override is recorded in the verdict)")
+    diff.set_defaults(run=cmd_diff)
     return parser
 
 

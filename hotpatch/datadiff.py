@@ -8,6 +8,7 @@ changed function can only map what they left unmapped.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,15 +113,28 @@ def _data_map(a: FunctionTable, b: FunctionTable, pairing: _Pairing, functions: 
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
         left = sorted(_data_of(a, pairing.targets_a, {entry.baseline.rva}) - data_map.keys())
-        right = sorted(_data_of(b, pairing.targets_b, {entry.patched.rva}) - taken)
+        if not left:
+            continue
+        by_key: dict[tuple[bool, bytes], list[int]] = defaultdict(list)
+        for rva_b in sorted(_data_of(b, pairing.targets_b, {entry.patched.rva}) - taken):
+            by_key[(pairing.targets_b.is_writable_data(rva_b), _content_key(items_b, rva_b))].append(rva_b)
         for rva_a in left:
-            writable = pairing.targets_a.is_writable_data(rva_a)
-            same = [rva_b for rva_b in right if rva_b not in taken
-                    and pairing.targets_b.is_writable_data(rva_b) == writable
+            key = (pairing.targets_a.is_writable_data(rva_a), _content_key(items_a, rva_a))
+            same = [rva_b for rva_b in by_key.get(key, ()) if rva_b not in taken
                     and items_equal(items_a, items_b, rva_a, rva_b, function_map)]
             if len(same) == 1:
                 pair(rva_a, same[0])
     return data_map
+
+
+def _content_key(items: DataItems, rva: int) -> bytes:
+    """The first bytes of an item, pointer slots blanked: equal items have equal keys."""
+    length = min(8, items.extent(rva))
+    raw = bytearray(items.contents(rva, length))
+    for offset in items.pointer_slots(rva - 7, length + 7):  # slots that overlap the first bytes
+        low, high = max(0, offset - 7), min(length, offset + 1)
+        raw[low:high] = bytes(max(0, high - low))
+    return bytes(raw)
 
 
 def _same_named_data(a: FunctionTable, b: FunctionTable, pairing: _Pairing) -> list[tuple[int, int]]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
 
+from .align import aligned_indices
 from .datadiff import DataChange, diff_data
 from .dataitems import DataItems, items_equal
 from .functions import Function, FunctionTable, discover
@@ -171,15 +171,12 @@ class _Pairing:
             by_insn_b[ref[1]].append(ref)
         rvas_a = list(self.a.analysis_of(fa).insn_rvas)
         rvas_b = list(self.b.analysis_of(fb).insn_rvas)
-        matcher = SequenceMatcher(None, instruction_tokens(self.a, fa), instruction_tokens(self.b, fb),
-                                  autojunk=False)
         pairs = []
-        for block in matcher.get_matching_blocks():
-            for k in range(block.size):
-                left = by_insn_a.get(rvas_a[block.a + k], [])
-                right = by_insn_b.get(rvas_b[block.b + k], [])
-                if len(left) == len(right):
-                    pairs.extend(zip(left, right))
+        for i, j in aligned_indices(instruction_tokens(self.a, fa), instruction_tokens(self.b, fb)):
+            left = by_insn_a.get(rvas_a[i], [])
+            right = by_insn_b.get(rvas_b[j], [])
+            if len(left) == len(right):
+                pairs.extend(zip(left, right))
         return pairs
 
     def _compare(self, fa: Function, fb: Function) -> tuple[list[str], list[tuple[int, int]]]:

@@ -38,6 +38,7 @@ __all__ = [
     "BytesMismatchError",
     "AgentProtocolError",
     "WineError",
+    "RemoteTimeoutError",
 ]
 
 
@@ -183,3 +184,11 @@ class PackageUntrustedError(PackageSignatureError):
 
 class PackageKeyError(PackageError):
     """A signing key or public key cannot be read."""
+
+
+class RemoteTimeoutError(BackendError):
+    """A function called in the target did not return in time; its thread may still be running."""
+
+    def __init__(self, message: str, thread_id: int = 0) -> None:
+        super().__init__(message)
+        self.thread_id = thread_id

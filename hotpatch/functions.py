@@ -85,11 +85,11 @@ class FunctionTable:
 
     def containing(self, rva: int) -> Function | None:
         """The function whose primary range or fragments contain ``rva``."""
-        starts = self._starts
-        index = bisect_right(starts, rva) - 1
-        if index >= 0 and self.functions[index].rva <= rva < self.functions[index].end_rva:
-            return self.functions[index]
-        return self._fragment_owner(rva)
+        spans = self._spans
+        index = bisect_right(spans[0], rva) - 1
+        if index >= 0 and rva < spans[1][index]:
+            return spans[2][index]
+        return None
 
     def counts_by_source(self) -> dict[str, int]:
         counts = dict.fromkeys(SOURCES, 0)
@@ -122,19 +122,13 @@ class FunctionTable:
         return cached
 
     @property
-    def _starts(self) -> list[int]:
-        cached = self.__dict__.get("_starts_cache")
+    def _spans(self) -> tuple[list[int], list[int], list[Function]]:
+        cached = self.__dict__.get("_spans_cache")
         if cached is None:
-            cached = [f.rva for f in self.functions]
-            object.__setattr__(self, "_starts_cache", cached)
+            spans = sorted((begin, end, i) for i, f in enumerate(self.functions) for begin, end in f.ranges)
+            cached = ([s[0] for s in spans], [s[1] for s in spans], [self.functions[s[2]] for s in spans])
+            object.__setattr__(self, "_spans_cache", cached)
         return cached
-
-    def _fragment_owner(self, rva: int) -> Function | None:
-        for function in self.functions:
-            for begin, end in function.fragments:
-                if begin <= rva < end:
-                    return function
-        return None
 
 
 # ── discovery ──────────────────────────────────────────────────────────────

@@ -11,14 +11,14 @@ structures the process keeps, so they are left out.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
-from difflib import SequenceMatcher
 from typing import TYPE_CHECKING
 
 import capstone
-from capstone import x86_const as x86
 
+from .align import aligned_indices
 from .functions import Function, FunctionTable, import_thunk_target
 from .refkinds import CALL_REL32, IAT_CALL
 
@@ -32,9 +32,12 @@ ALLOCATORS = frozenset({
     "heapalloc", "heaprealloc", "rtlallocateheap", "localalloc", "globalalloc", "virtualalloc",
     "??2@yapeax_k@z", "??_u@yapeax_k@z", "_znwm", "_znam", "_znwy", "_znay",
 })
-_FRAME_REGISTERS = {x86.X86_REG_RSP, x86.X86_REG_RBP, x86.X86_REG_ESP, x86.X86_REG_EBP, x86.X86_REG_RIP, 0}
-_ARGUMENT_REGISTERS = {x86.X86_REG_RCX, x86.X86_REG_ECX, x86.X86_REG_RDX, x86.X86_REG_EDX,
-                       x86.X86_REG_R8, x86.X86_REG_R8D}
+_FRAME_REGISTERS = {"rsp", "rbp", "esp", "ebp", "rip"}
+_ARGUMENT_REGISTERS = {"rcx", "ecx", "rdx", "edx", "r8", "r8d"}
+# capstone's Intel syntax: "qword ptr [rcx + rax*8 + 0x10]"; the decoder runs in lite mode (text only),
+# about twenty times cheaper than building detail objects for every instruction of every changed function.
+_MEMORY = re.compile(r"\[(?P<base>[a-z0-9]+)(?: \+ [a-z0-9]+\*\d)?(?: (?P<sign>[+-]) (?P<disp>0x[0-9a-f]+|\d+))?\]")
+_NUMBER = re.compile(r"\b(?:0x[0-9a-f]+|\d+)\b")
 #: how many instructions before an allocator call may set its size argument
 _ALLOCATOR_WINDOW = 6
 
@@ -49,7 +52,6 @@ class LayoutEvidence:
 def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
     """Evidence across all changed functions: consistent displacement shifts, changed allocation sizes."""
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
     shifts: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))  # delta -> disp -> functions
     evidence: list[LayoutEvidence] = []
     for entry in result.functions:
@@ -72,43 +74,72 @@ def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
     return evidence
 
 
-def _decode(md: capstone.Cs, table: FunctionTable, function: Function) -> list:
-    code = table.image.read(function.rva, function.size)
-    return list(md.disasm(code, function.rva))
+#: one decoded instruction: (rva, mnemonic, operand text)
+Insn = tuple[int, str, str]
 
 
-def _token(insn: capstone.CsInsn) -> tuple:
+def _differing_instructions(md: capstone.Cs, table_a: FunctionTable, fa: Function, table_b: FunctionTable,
+                            fb: Function) -> tuple[list[Insn], list[Insn]]:
+    """Both functions' instructions, less the common prefix and suffix of byte-identical ones.
+
+    Identical instructions cannot show a moved displacement or a changed size.
+    """
+    def raw(table: FunctionTable, function: Function) -> list[tuple[int, bytes]]:
+        rvas = list(table.analysis_of(function).insn_rvas)
+        memory = table.image.memory
+        ends = rvas[1:] + [function.end_rva]
+        return [(rva, memory[rva:end]) for rva, end in zip(rvas, ends) if function.rva <= rva < function.end_rva]
+
+    raw_a, raw_b = raw(table_a, fa), raw(table_b, fb)
+    prefix = 0
+    while prefix < min(len(raw_a), len(raw_b)) and raw_a[prefix][1] == raw_b[prefix][1]:
+        prefix += 1
+    suffix = 0
+    while suffix < min(len(raw_a), len(raw_b)) - prefix and raw_a[-1 - suffix][1] == raw_b[-1 - suffix][1]:
+        suffix += 1
+
+    def decoded(table: FunctionTable, items: list[tuple[int, bytes]]) -> list[Insn]:
+        if not items:
+            return []
+        begin, end = items[0][0], items[-1][0] + len(items[-1][1])
+        return [(rva, mnemonic, operands) for rva, _, mnemonic, operands
+                in md.disasm_lite(table.image.read(begin, end - begin), begin)]
+
+    return decoded(table_a, raw_a[prefix:len(raw_a) - suffix]), decoded(table_b, raw_b[prefix:len(raw_b) - suffix])
+
+
+def _token(insn: Insn) -> tuple[str, str]:
     """The instruction with displacements and immediates abstracted away."""
-    shape: list[object] = [insn.id]
-    for op in insn.operands:
-        if op.type == x86.X86_OP_REG:
-            shape.append(("r", op.reg))
-        elif op.type == x86.X86_OP_MEM:
-            shape.append(("m", op.mem.base, op.mem.index, op.mem.scale, op.size))
-        else:
-            shape.append(("i", op.size))
-    return tuple(shape)
+    return insn[1], _NUMBER.sub("#", insn[2])
+
+
+def _displacement(operands: str) -> tuple[str, int] | None:
+    match = _MEMORY.search(operands)
+    if match is None or match.group("base") in _FRAME_REGISTERS:
+        return None
+    text = match.group("disp")
+    value = int(text, 0) if text else 0
+    return match.group("base"), -value if match.group("sign") == "-" else value
 
 
 def _compare(md: capstone.Cs, table_a: FunctionTable, fa: Function, table_b: FunctionTable,
              fb: Function) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(delta, old displacement) of moved structure fields, and (old, new) allocation sizes."""
-    insns_a, insns_b = _decode(md, table_a, fa), _decode(md, table_b, fb)
-    matcher = SequenceMatcher(None, [_token(i) for i in insns_a], [_token(i) for i in insns_b], autojunk=False)
+    insns_a, insns_b = _differing_instructions(md, table_a, fa, table_b, fb)
     moved: list[tuple[int, int]] = []
     sizes: list[tuple[int, int]] = []
     allocator_calls_a = _allocator_calls(table_a, fa)
     allocator_calls_b = _allocator_calls(table_b, fb)
-    for block in matcher.get_matching_blocks():
-        for k in range(block.size):
-            ia, ib = insns_a[block.a + k], insns_b[block.b + k]
-            for oa, ob in zip(ia.operands, ib.operands):
-                if oa.type == x86.X86_OP_MEM and oa.mem.base not in _FRAME_REGISTERS and oa.mem.disp != ob.mem.disp:
-                    moved.append((ob.mem.disp - oa.mem.disp, oa.mem.disp))
-            if _sets_allocator_size(ia, allocator_calls_a) and _sets_allocator_size(ib, allocator_calls_b):
-                old, new = ia.operands[1].imm, ib.operands[1].imm
-                if old != new:
-                    sizes.append((old, new))
+    for i, j in aligned_indices([_token(x) for x in insns_a], [_token(x) for x in insns_b]):
+        ia, ib = insns_a[i], insns_b[j]
+        if ia[2] == ib[2]:
+            continue
+        old, new = _displacement(ia[2]), _displacement(ib[2])
+        if old is not None and new is not None and old[0] == new[0] and old[1] != new[1]:
+            moved.append((new[1] - old[1], old[1]))
+        size_a, size_b = _allocator_size(ia, allocator_calls_a), _allocator_size(ib, allocator_calls_b)
+        if size_a is not None and size_b is not None and size_a != size_b:
+            sizes.append((size_a, size_b))
     return moved, sizes
 
 
@@ -129,11 +160,12 @@ def _allocator_calls(table: FunctionTable, function: Function) -> set[int]:
     return out
 
 
-def _sets_allocator_size(insn: capstone.CsInsn, allocator_calls: set[int]) -> bool:
-    """``mov <first or second argument register>, imm`` shortly before an allocator call."""
-    if insn.id != x86.X86_INS_MOV or len(insn.operands) != 2:
-        return False
-    dest, source = insn.operands
-    if dest.type != x86.X86_OP_REG or dest.reg not in _ARGUMENT_REGISTERS or source.type != x86.X86_OP_IMM:
-        return False
-    return any(0 < call - insn.address <= _ALLOCATOR_WINDOW * 15 for call in allocator_calls)
+def _allocator_size(insn: Insn, allocator_calls: set[int]) -> int | None:
+    """The immediate of ``mov <first or second argument register>, imm`` shortly before an allocator call."""
+    rva, mnemonic, operands = insn
+    if mnemonic != "mov" or not any(0 < call - rva <= _ALLOCATOR_WINDOW * 15 for call in allocator_calls):
+        return None
+    dest, _, source = operands.partition(", ")
+    if dest not in _ARGUMENT_REGISTERS or not _NUMBER.fullmatch(source):
+        return None
+    return int(source, 0)

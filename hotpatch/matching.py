@@ -9,19 +9,23 @@ instruction streams above a threshold.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
+from .align import opcodes
 from .functions import Function, FunctionTable
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32
 
 __all__ = ["Match", "match_functions", "instruction_tokens", "SIMILARITY_THRESHOLD"]
 
 SIMILARITY_THRESHOLD = 0.6
-#: similarity is quadratic; past this many candidate pairs the rest stay unmatched
-MAX_SIMILARITY_PAIRS = 400_000
+#: candidates per function on each side of its size (keeps the stage linear in the number of functions)
+SIMILARITY_CANDIDATES = 8
+#: past this many token comparisons a pair is scored by its multiset overlap instead of an alignment
+MAX_RATIO_WORK = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ def match_functions(baseline: FunctionTable, patched: FunctionTable) -> dict[int
     _by_unique_key(m, lambda f: f.name, "name")
     _by_unique_key(m, lambda f: f.fingerprint, "fingerprint")
     _by_call_graph(m)
+    _by_fingerprint_groups(m)
     _by_similarity(m)
     _by_call_graph(m)
     return m.forward
@@ -146,9 +151,8 @@ def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple
     # Matched callees become anchors (their counterpart), unmatched ones unique placeholders.
     keys_a = [m.forward[x].patched_rva if x in m.forward else ("a", i) for i, x in enumerate(left)]
     keys_b = [y if y in m.backward else ("b", i) for i, y in enumerate(right)]
-    matcher = SequenceMatcher(None, keys_a, keys_b, autojunk=False)
     pairs = []
-    for tag, a0, a1, b0, b1 in matcher.get_opcodes():
+    for tag, a0, a1, b0, b1 in opcodes(keys_a, keys_b):
         if tag == "replace" and a1 - a0 == b1 - b0:
             pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
                          if left[i] not in m.forward and right[j] not in m.backward)
@@ -183,30 +187,49 @@ def instruction_tokens(table: FunctionTable, function: Function) -> list[bytes]:
     return tokens
 
 
+def _by_fingerprint_groups(m: _Matcher) -> None:
+    """Identical functions present as often on both sides (template copies): paired in address order."""
+    left: dict[str, list[int]] = defaultdict(list)
+    right: dict[str, list[int]] = defaultdict(list)
+    for f in m.unmatched_baseline():
+        left[f.fingerprint].append(f.rva)
+    for f in m.unmatched_patched():
+        right[f.fingerprint].append(f.rva)
+    for fingerprint, rvas in left.items():
+        other = right.get(fingerprint, [])
+        if len(rvas) == len(other):
+            for a, b in zip(rvas, other):
+                m.pair(a, b, "fingerprint")
+
+
 def _by_similarity(m: _Matcher) -> None:
+    """Best-scoring pairs among the nearest candidates by size (bounded work per function)."""
     left = m.unmatched_baseline()
     right = m.unmatched_patched()
     if not left or not right:
         return
-    count = {f.rva: m.baseline.analysis_of(f).instruction_count for f in left}
-    count.update({-f.rva - 1: m.patched.analysis_of(f).instruction_count for f in right})
-    tokens_a = {f.rva: instruction_tokens(m.baseline, f) for f in left}
-    tokens_b = {f.rva: instruction_tokens(m.patched, f) for f in right}
+    count_a = {f.rva: m.baseline.analysis_of(f).instruction_count for f in left}
+    right_sorted = sorted(right, key=lambda f: m.patched.analysis_of(f).instruction_count)
+    counts_b = [m.patched.analysis_of(f).instruction_count for f in right_sorted]
+    tokens_b: dict[int, list[bytes]] = {}
     scored: list[tuple[float, int, int]] = []
-    budget = MAX_SIMILARITY_PAIRS
     for fa in left:
-        na = count[fa.rva]
-        for fb in right:
-            nb = count[-fb.rva - 1]
-            if not na or not nb or max(na, nb) > 2 * min(na, nb):
+        na = count_a[fa.rva]
+        if not na:
+            continue
+        middle = bisect_left(counts_b, na)
+        candidates = right_sorted[max(0, middle - SIMILARITY_CANDIDATES):middle + SIMILARITY_CANDIDATES]
+        tokens_a = instruction_tokens(m.baseline, fa)
+        for fb in candidates:
+            nb = m.patched.analysis_of(fb).instruction_count
+            if not nb or max(na, nb) > 2 * min(na, nb):
                 continue
-            budget -= 1
-            if budget < 0:
-                break
-            matcher = SequenceMatcher(None, tokens_a[fa.rva], tokens_b[fb.rva], autojunk=False)
+            if fb.rva not in tokens_b:
+                tokens_b[fb.rva] = instruction_tokens(m.patched, fb)
+            matcher = SequenceMatcher(None, tokens_a, tokens_b[fb.rva], autojunk=False)
             if matcher.real_quick_ratio() < SIMILARITY_THRESHOLD or matcher.quick_ratio() < SIMILARITY_THRESHOLD:
                 continue
-            score = matcher.ratio()
+            score = matcher.ratio() if na * nb <= MAX_RATIO_WORK else matcher.quick_ratio()
             if score >= SIMILARITY_THRESHOLD:
                 scored.append((score, fa.rva, fb.rva))
     for score, a, b in sorted(scored, key=lambda s: (-s[0], s[1], s[2])):

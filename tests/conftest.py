@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hotpatch.winehost import WineMissing, wine_command, wine_session
 from tests.fixtures.build_fixtures import build_all
 from tests.fixtures.cases import Case, load_cases
 from tests.realbins import real_binary
@@ -28,6 +30,17 @@ def built_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def cases(built_fixtures: Path) -> list[Case]:
     return load_cases(built_fixtures)
+
+
+@pytest.fixture(scope="session")
+def wine_prefix(built_fixtures: Path) -> Iterator[Path]:
+    """The private Wine prefix of the test run (build/fixtures/wineprefix), its wineserver kept up."""
+    try:
+        wine_command()
+    except WineMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    with wine_session(built_fixtures.resolve() / "wineprefix") as prefix:
+        yield prefix
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..errors import BackendError
+from ..errors import BackendError, RemoteTimeoutError
 
 __all__ = [
     "CALL_STUB_ASM",
@@ -151,6 +151,7 @@ class CommitReport:
     attempts: int  # freezes needed before no thread was inside the bytes
     suspended: bool  # whether threads were suspended at all
     threads: int  # threads suspended in the final freeze
+    per_thread: bool = False  # each thread suspended on its own rather than the whole process at once
 
 
 @dataclass(frozen=True)
@@ -338,12 +339,18 @@ def call_function(backend: ProcessBackend, function_va: int, *args: int, timeout
     words = [function_va, *(a & 0xFFFFFFFFFFFFFFFF for a in args)]
     words += [0] * (6 - len(words))
     base = backend.allocate_near(0, 2 * _PAGE, PAGE_READWRITE)
+    block = base + _PAGE
     try:
         backend.write(base, call_stub())
         backend.protect(base, _PAGE, PAGE_EXECUTE_READ)
-        block = base + _PAGE
         backend.write(block, struct.pack("<6Q", *words))
         backend.remote_call(base, block, timeout=timeout)
+    except RemoteTimeoutError:
+        raise  # the thread may still run the stub: leaking it beats freeing it under the thread
+    except BaseException:
+        backend.free(base)
+        raise
+    try:
         (result,) = struct.unpack("<Q", backend.read(block + 40, 8))
         return result
     finally:

@@ -24,6 +24,7 @@ from ..errors import (
     BusyError,
     BytesMismatchError,
     ProcessGoneError,
+    RemoteTimeoutError,
     Win32Error,
 )
 
@@ -201,6 +202,8 @@ def error_for(reply: Reply, pid: int | None = None) -> BackendError:
         return BusyError(f"busy: {info.message}", info.thread_id, info.va)
     if status == Status.MISMATCH:
         return BytesMismatchError(f"{info.message} (found {info.data.hex()})", info.va, info.data)
+    if status == Status.TIMEOUT:
+        return RemoteTimeoutError(info.message, info.thread_id)
     if status in (Status.BAD_FRAME, Status.BAD_VERSION, Status.UNKNOWN_OPCODE, Status.BAD_PAYLOAD):
         return AgentProtocolError(f"agent refused the request ({_status_name(status)}): {info.message}")
     detail = f" [{info.call} error {info.win32_error}]" if info.call else ""

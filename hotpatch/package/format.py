@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -606,11 +607,13 @@ def loads(
 def load(
     path: str | Path, trusted_keys: Iterable[bytes | str] | None = None, require_signature: bool = False
 ) -> Package:
-    """``loads`` on a file; the file is read only if it is within the size limit."""
+    """``loads`` on a file; a file beyond the size limit is refused before it is read."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
-            data = handle.read(LIMITS.file_size + 1)
+            if os.fstat(handle.fileno()).st_size > LIMITS.file_size:
+                raise PackageLimitError(f"{path}: larger than the {LIMITS.file_size}-byte limit")
+            data = handle.read(LIMITS.file_size + 1)  # a pipe has no size: read one byte past the limit
     except OSError as exc:
         raise PackageError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return loads(data, trusted_keys=trusted_keys, require_signature=require_signature)

@@ -189,12 +189,18 @@ int op_threads(request_t *rq);
 /* ------------------------------------------------------------------------
  * Memory (memory.c)
  * --------------------------------------------------------------------- */
-/* The pages a set of writes touches, and their protection before unlocking. */
+/* The pages a set of writes touches and, once unlocked, the spans made
+ * writable with the protection each had before. */
+typedef struct {
+    uint64_t start, size;
+    DWORD old;
+} span_t;
+
 typedef struct {
     uint64_t *page;
-    DWORD *old;
     size_t count, cap;
-    size_t unlocked; /* pages made writable so far, to be restored */
+    span_t *span;
+    size_t spans, span_cap; /* spans made writable so far, to be restored */
 } pages_t;
 
 int pages_add(request_t *rq, pages_t *set, uint64_t address, size_t len);

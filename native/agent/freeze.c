@@ -5,7 +5,7 @@
  * same freeze and thaw with nothing written), and THREAD_CONTEXTS.
  *
  * The pause is measured with QueryPerformanceCounter from the first
- * SuspendThread to the last ResumeThread. Pages are made writable before the
+ * suspension to the return of the last resume call. Pages are made writable before the
  * freeze and restored after the thaw, so the pause holds only the freeze
  * itself, the verifying reads, the writes and the flushes.
  */
@@ -39,8 +39,64 @@ static uint64_t ticks_to_ns(uint64_t ticks)
 }
 
 /* ------------------------------------------------------------------------
- * Freeze and thaw
+ * NT entry points (ntdll exports on Vista and later, and in Wine): NULL when
+ * missing, and the freeze falls back to Toolhelp32 and SuspendThread.
  * --------------------------------------------------------------------- */
+typedef LONG(NTAPI *next_thread_fn)(HANDLE, HANDLE, ACCESS_MASK, ULONG, ULONG, PHANDLE);
+typedef LONG(NTAPI *process_fn)(HANDLE);
+
+#define STATUS_NO_MORE_ENTRIES_ ((LONG)0x8000001AL)
+
+static struct {
+    int looked;
+    next_thread_fn next_thread;
+    process_fn suspend_process, resume_process;
+} g_nt;
+
+static void (*nt_proc(HMODULE ntdll, const char *name))(void)
+{
+    FARPROC proc = ntdll ? GetProcAddress(ntdll, name) : NULL;
+    return (void (*)(void))proc;
+}
+
+static void nt_init(void)
+{
+    HMODULE ntdll;
+    if (g_nt.looked)
+        return;
+    ntdll = GetModuleHandleW(L"ntdll.dll");
+    g_nt.next_thread = (next_thread_fn)nt_proc(ntdll, "NtGetNextThread");
+    g_nt.suspend_process = (process_fn)nt_proc(ntdll, "NtSuspendProcess");
+    g_nt.resume_process = (process_fn)nt_proc(ntdll, "NtResumeProcess");
+    g_nt.looked = 1;
+}
+
+/* Records a failed NT call: the error code field carries the NTSTATUS. */
+static int fail_nt(request_t *rq, const char *call, LONG status, DWORD pid)
+{
+    fail(rq, ST_WIN32, "%s failed with NTSTATUS 0x%08lx (pid %lu)", call, (unsigned long)status,
+         (unsigned long)pid);
+    rq->win32_error = (DWORD)status;
+    snprintf(rq->call, sizeof rq->call, "%s", call);
+    return ST_WIN32;
+}
+
+/* ------------------------------------------------------------------------
+ * Freeze and thaw
+ *
+ * Two methods. By default the whole process is suspended with one
+ * NtSuspendProcess (threads it creates meanwhile start suspended) and
+ * resumed with one NtResumeProcess; its threads are then opened one by one
+ * (NtGetNextThread) only to read their contexts. The other method
+ * (FREEZE_PER_THREAD, and the fallback) suspends each thread with
+ * SuspendThread, sweeping again until a sweep finds no new thread. Under
+ * Wine every call is a wineserver round trip, so one call instead of one
+ * per thread keeps the pause short, the resume above all.
+ * --------------------------------------------------------------------- */
+#define FREEZE_PER_THREAD 1u /* request flag */
+#define REPORT_SUSPENDED 1u  /* reply flags */
+#define REPORT_PER_THREAD 2u
+
 typedef struct {
     DWORD tid;
     HANDLE thread;
@@ -48,6 +104,8 @@ typedef struct {
 } frozen_t;
 
 typedef struct {
+    HANDLE process;
+    int whole_process;
     frozen_t *threads;
     size_t count, cap;
     uint64_t first_suspend, last_resume; /* QPC ticks */
@@ -70,10 +128,16 @@ static int known(const freeze_t *f, DWORD tid)
 static void thaw(freeze_t *f)
 {
     size_t i;
-    for (i = 0; i < f->count; i++)
-        ResumeThread(f->threads[i].thread);
-    if (f->count)
+    if (f->whole_process) {
+        g_nt.resume_process(f->process);
         f->last_resume = now_ticks();
+        f->whole_process = 0;
+    } else {
+        for (i = 0; i < f->count; i++)
+            ResumeThread(f->threads[i].thread);
+        if (f->count)
+            f->last_resume = now_ticks();
+    }
     for (i = 0; i < f->count; i++)
         CloseHandle(f->threads[i].thread);
     free(f->threads);
@@ -81,37 +145,30 @@ static void thaw(freeze_t *f)
     f->count = f->cap = 0;
 }
 
-/* Suspends one thread and appends it; 0 if it is gone, <0 with rq set on error. */
-static int suspend_one(request_t *rq, freeze_t *f, DWORD tid)
+/* Takes ownership of an opened thread handle, suspending the thread unless
+ * the whole process is: 1 if kept, 0 if it has exited (handle left to the
+ * caller), -1 with rq set on error. */
+static int adopt(request_t *rq, freeze_t *f, HANDLE thread, DWORD tid)
 {
-    HANDLE thread = OpenThread(THREAD_ACCESS, FALSE, tid);
-    if (!thread) {
-        if (GetLastError() == ERROR_INVALID_PARAMETER)
-            return 0; /* exited since the snapshot */
-        fail_win32(rq, "OpenThread", "thread %lu", (unsigned long)tid);
-        return -1;
-    }
     if (f->count == f->cap) {
         size_t cap = f->cap ? f->cap * 2 : 32;
-        frozen_t *grown = realloc(f->threads, cap * sizeof *grown);
+        frozen_t *grown = cap <= AGENT_MAX_THREADS ? realloc(f->threads, cap * sizeof *grown) : NULL;
         if (!grown) {
-            CloseHandle(thread);
-            fail(rq, ST_LIMIT, "out of memory freezing threads");
+            fail(rq, ST_LIMIT, "cannot track more than %lu threads", (unsigned long)f->count);
             return -1;
         }
         f->threads = grown;
         f->cap = cap;
     }
-    if (!f->first_suspend)
-        f->first_suspend = now_ticks();
-    if (SuspendThread(thread) == (DWORD)-1) {
-        if (gone(thread)) {
-            CloseHandle(thread);
-            return 0;
+    if (!f->whole_process) {
+        if (!f->first_suspend)
+            f->first_suspend = now_ticks();
+        if (SuspendThread(thread) == (DWORD)-1) {
+            if (gone(thread))
+                return 0;
+            fail_win32(rq, "SuspendThread", "thread %lu", (unsigned long)tid);
+            return -1;
         }
-        fail_win32(rq, "SuspendThread", "thread %lu", (unsigned long)tid);
-        CloseHandle(thread);
-        return -1;
     }
     f->threads[f->count].tid = tid;
     f->threads[f->count].thread = thread;
@@ -120,44 +177,116 @@ static int suspend_one(request_t *rq, freeze_t *f, DWORD tid)
     return 1;
 }
 
+/* One pass over the threads with NtGetNextThread: adopts those not known
+ * yet and returns how many, or -1 with rq set. */
+static long sweep_native(request_t *rq, target_t *t, freeze_t *f)
+{
+    HANDLE cursor = NULL, next = NULL;
+    int owned = 0; /* whether f owns the cursor handle */
+    long added = 0;
+
+    for (;;) {
+        LONG status = g_nt.next_thread(t->process, cursor, THREAD_ACCESS, 0, 0, &next);
+        DWORD tid;
+        int r;
+        if (cursor && !owned)
+            CloseHandle(cursor);
+        if (status == STATUS_NO_MORE_ENTRIES_)
+            return added;
+        if (status < 0) {
+            fail_nt(rq, "NtGetNextThread", status, t->pid);
+            return -1;
+        }
+        tid = GetThreadId(next);
+        r = known(f, tid) ? 0 : adopt(rq, f, next, tid);
+        if (r < 0) {
+            CloseHandle(next);
+            return -1;
+        }
+        added += r;
+        cursor = next;
+        owned = r == 1;
+    }
+}
+
+/* The same from a Toolhelp32 snapshot of every thread of the system. */
+static long sweep_toolhelp(request_t *rq, target_t *t, freeze_t *f)
+{
+    DWORD *ids;
+    size_t n, i;
+    long added = 0;
+
+    if (!thread_ids(rq, t->pid, &ids, &n))
+        return -1;
+    for (i = 0; i < n; i++) {
+        HANDLE thread;
+        int r;
+        if (known(f, ids[i]))
+            continue;
+        thread = OpenThread(THREAD_ACCESS, FALSE, ids[i]);
+        if (!thread) {
+            if (GetLastError() == ERROR_INVALID_PARAMETER)
+                continue; /* exited since the snapshot */
+            fail_win32(rq, "OpenThread", "thread %lu", (unsigned long)ids[i]);
+            free(ids);
+            return -1;
+        }
+        r = adopt(rq, f, thread, ids[i]);
+        if (r <= 0)
+            CloseHandle(thread);
+        if (r < 0) {
+            free(ids);
+            return -1;
+        }
+        added += r;
+    }
+    free(ids);
+    return added;
+}
+
 /*
- * Suspends every thread of the target. Threads created while the first
- * snapshot was walked are caught by snapshotting again until no new thread
- * shows up. GetThreadContext then makes sure each thread has really stopped
- * (SuspendThread alone is asynchronous) and gives its RIP.
+ * Suspends every thread of the target, then reads each one's context.
+ * GetThreadContext also makes sure the thread has really stopped
+ * (suspension is asynchronous) before its RIP is trusted.
  */
-static int freeze(request_t *rq, target_t *t, freeze_t *f)
+static int freeze(request_t *rq, target_t *t, freeze_t *f, uint32_t flags)
 {
     int round;
     size_t i;
 
+    nt_init();
     memset(f, 0, sizeof *f);
+    f->process = t->process;
     if (t->pid == GetCurrentProcessId())
         return fail(rq, ST_BAD_PAYLOAD, "the agent cannot freeze its own threads");
-    for (round = 0; round < MAX_FREEZE_ROUNDS; round++) {
-        DWORD *ids;
-        size_t n, added = 0;
-        if (!thread_ids(rq, t->pid, &ids, &n)) {
+    if (!(flags & FREEZE_PER_THREAD) && g_nt.suspend_process && g_nt.resume_process &&
+        g_nt.next_thread) {
+        LONG status;
+        f->first_suspend = now_ticks();
+        status = g_nt.suspend_process(t->process);
+        if (status < 0) {
+            if (WaitForSingleObject(t->process, 0) == WAIT_OBJECT_0)
+                return fail(rq, ST_NO_PROCESS, "process %lu has exited", (unsigned long)t->pid);
+            return fail_nt(rq, "NtSuspendProcess", status, t->pid);
+        }
+        f->whole_process = 1;
+        if (sweep_native(rq, t, f) < 0) {
             thaw(f);
             return rq->status;
         }
-        for (i = 0; i < n; i++) {
-            int r;
-            if (known(f, ids[i]))
-                continue;
-            r = suspend_one(rq, f, ids[i]);
-            if (r < 0) {
-                free(ids);
+    } else {
+        for (round = 0; round < MAX_FREEZE_ROUNDS; round++) {
+            long added = g_nt.next_thread ? sweep_native(rq, t, f) : sweep_toolhelp(rq, t, f);
+            if (added < 0) {
                 thaw(f);
                 return rq->status;
             }
-            added += (size_t)r;
+            if (added == 0)
+                break;
         }
-        free(ids);
-        if (added == 0)
-            break;
     }
     if (f->count == 0) {
+        thaw(f);
         if (WaitForSingleObject(t->process, 0) == WAIT_OBJECT_0)
             return fail(rq, ST_NO_PROCESS, "process %lu has exited", (unsigned long)t->pid);
         return fail(rq, ST_NO_PROCESS, "process %lu has no threads", (unsigned long)t->pid);
@@ -176,7 +305,9 @@ static int freeze(request_t *rq, target_t *t, freeze_t *f)
         f->threads[i].rip = ctx.Rip;
         f->threads[i].rsp = ctx.Rsp;
     }
-    TRACE("froze %lu threads of pid %lu", (unsigned long)f->count, (unsigned long)t->pid);
+    TRACE("froze %lu threads of pid %lu (%s) in %llu us", (unsigned long)f->count,
+          (unsigned long)t->pid, f->whole_process ? "process" : "per thread",
+          (unsigned long long)(ticks_to_ns(now_ticks() - f->first_suspend) / 1000));
     return ST_OK;
 }
 
@@ -298,13 +429,18 @@ static int apply_writes(request_t *rq, target_t *t, const cwrite_t *writes, uint
         if (!WriteProcessMemory(t->process, (LPVOID)(uintptr_t)w->address, w->expected, w->length,
                                 &put) ||
             put != w->length) {
-            DWORD error = GetLastError();
+            DWORD error = GetLastError(), first_error = rq->win32_error;
+            char first_call[sizeof rq->call];
+            snprintf(first_call, sizeof first_call, "%s", rq->call);
+            fail(rq, ST_ROLLBACK_FAILED,
+                 "write %lu failed (%s, error %lu) and restoring write %lu at 0x%llx failed too: "
+                 "the target holds a partial commit",
+                 (unsigned long)done, first_call, (unsigned long)first_error, (unsigned long)(i - 1),
+                 (unsigned long long)w->address);
             rq->win32_error = error;
             rq->address = w->address;
-            return fail(rq, ST_ROLLBACK_FAILED,
-                        "write %lu failed (%s, error %lu) and restoring write %lu at 0x%llx failed too",
-                        (unsigned long)done, rq->call, (unsigned long)rq->win32_error,
-                        (unsigned long)(i - 1), (unsigned long long)w->address);
+            snprintf(rq->call, sizeof rq->call, "WriteProcessMemory");
+            return ST_ROLLBACK_FAILED;
         }
         FlushInstructionCache(t->process, (LPCVOID)(uintptr_t)w->address, w->length);
     }
@@ -312,29 +448,31 @@ static int apply_writes(request_t *rq, target_t *t, const cwrite_t *writes, uint
 }
 
 static void put_report(request_t *rq, uint64_t pause_ticks, uint64_t total_ticks, uint32_t attempts,
-                       uint32_t threads, int suspended)
+                       uint32_t threads, uint32_t flags)
 {
     wr_u64(&rq->out, ticks_to_ns(pause_ticks));
     wr_u64(&rq->out, ticks_to_ns(total_ticks));
     wr_u32(&rq->out, attempts);
     wr_u32(&rq->out, threads);
-    wr_u32(&rq->out, suspended ? 1u : 0u);
+    wr_u32(&rq->out, flags);
 }
 
 int op_commit(request_t *rq)
 {
-    uint32_t id, max_attempts, retry_ms, count, i, attempts = 0, busy_write = 0;
+    uint32_t id, flags, max_attempts, retry_ms, count, i, attempts = 0, busy_write = 0;
     uint64_t started = now_ticks(), pause = 0;
-    uint32_t frozen_threads = 0;
+    uint32_t frozen_threads = 0, report = 0;
     int suspend = 0, status = ST_OK;
     target_t *t;
     cwrite_t *writes;
     pages_t pages;
     freeze_t f;
 
-    if (!rd_u32(&rq->in, &id) || !rd_u32(&rq->in, &max_attempts) || !rd_u32(&rq->in, &retry_ms) ||
-        !rd_u32(&rq->in, &count))
-        return bad_payload(rq, "COMMIT needs handle, max_attempts, retry_sleep_ms, count");
+    if (!rd_u32(&rq->in, &id) || !rd_u32(&rq->in, &flags) || !rd_u32(&rq->in, &max_attempts) ||
+        !rd_u32(&rq->in, &retry_ms) || !rd_u32(&rq->in, &count))
+        return bad_payload(rq, "COMMIT needs handle, flags, max_attempts, retry_sleep_ms, count");
+    if (flags & ~FREEZE_PER_THREAD)
+        return fail(rq, ST_BAD_PAYLOAD, "unknown COMMIT flags 0x%lx", (unsigned long)flags);
     if (max_attempts == 0 || max_attempts > AGENT_MAX_ATTEMPTS)
         return fail(rq, ST_BAD_PAYLOAD, "max_attempts %lu not in 1..%u", (unsigned long)max_attempts,
                     AGENT_MAX_ATTEMPTS);
@@ -386,7 +524,7 @@ int op_commit(request_t *rq)
         int busy = 0;
         for (attempts = 1; attempts <= max_attempts; attempts++) {
             const frozen_t *in;
-            status = freeze(rq, t, &f);
+            status = freeze(rq, t, &f, flags);
             if (status)
                 break;
             in = inside(&f, writes, count, &busy_write);
@@ -410,6 +548,7 @@ int op_commit(request_t *rq)
                           (unsigned)writes[busy_write].length, (unsigned long)max_attempts);
         } else if (status == ST_OK) {
             frozen_threads = (uint32_t)f.count;
+            report = REPORT_SUSPENDED | (f.whole_process ? 0 : REPORT_PER_THREAD);
             status = verify(rq, t, writes, count);
             if (status == ST_OK)
                 status = apply_writes(rq, t, writes, count);
@@ -424,7 +563,7 @@ int op_commit(request_t *rq)
     free(writes);
     if (status != ST_OK)
         return status;
-    put_report(rq, pause, now_ticks() - started, attempts, frozen_threads, suspend);
+    put_report(rq, pause, now_ticks() - started, attempts, frozen_threads, report);
     return ST_OK;
 }
 
@@ -434,22 +573,27 @@ int op_commit(request_t *rq)
 int op_floor(request_t *rq)
 {
     uint64_t started = now_ticks();
-    uint32_t id, threads;
+    uint32_t id, flags, threads;
+    int whole_process;
     target_t *t;
     freeze_t f;
 
-    if (!rd_u32(&rq->in, &id))
-        return bad_payload(rq, "FLOOR needs a u32 handle");
+    if (!rd_u32(&rq->in, &id) || !rd_u32(&rq->in, &flags))
+        return bad_payload(rq, "FLOOR needs handle, flags");
     if (expect_end(rq))
         return rq->status;
+    if (flags & ~FREEZE_PER_THREAD)
+        return fail(rq, ST_BAD_PAYLOAD, "unknown FLOOR flags 0x%lx", (unsigned long)flags);
     t = target_get(rq, id);
     if (!t)
         return rq->status;
-    if (freeze(rq, t, &f))
+    if (freeze(rq, t, &f, flags))
         return rq->status;
     threads = (uint32_t)f.count;
+    whole_process = f.whole_process;
     thaw(&f);
-    put_report(rq, f.last_resume - f.first_suspend, now_ticks() - started, 1, threads, 1);
+    put_report(rq, f.last_resume - f.first_suspend, now_ticks() - started, 1, threads,
+               REPORT_SUSPENDED | (whole_process ? 0 : REPORT_PER_THREAD));
     return ST_OK;
 }
 
@@ -515,20 +659,23 @@ static uint32_t stack_hits(target_t *t, uint64_t rsp, uint64_t base, uint64_t lo
 
 int op_thread_contexts(request_t *rq)
 {
-    uint32_t id;
+    uint32_t id, flags;
     uint64_t watch, watch_size;
     target_t *t;
     freeze_t f;
     size_t i;
 
-    if (!rd_u32(&rq->in, &id) || !rd_u64(&rq->in, &watch) || !rd_u64(&rq->in, &watch_size))
-        return bad_payload(rq, "THREAD_CONTEXTS needs handle, u64 watch address, u64 watch size");
+    if (!rd_u32(&rq->in, &id) || !rd_u32(&rq->in, &flags) || !rd_u64(&rq->in, &watch) ||
+        !rd_u64(&rq->in, &watch_size))
+        return bad_payload(rq, "THREAD_CONTEXTS needs handle, flags, u64 watch address, u64 watch size");
     if (expect_end(rq))
         return rq->status;
+    if (flags & ~FREEZE_PER_THREAD)
+        return fail(rq, ST_BAD_PAYLOAD, "unknown THREAD_CONTEXTS flags 0x%lx", (unsigned long)flags);
     t = target_get(rq, id);
     if (!t)
         return rq->status;
-    if (freeze(rq, t, &f))
+    if (freeze(rq, t, &f, flags))
         return rq->status;
     wr_u64(&rq->out, 0); /* pause, filled in below */
     wr_u32(&rq->out, (uint32_t)f.count);

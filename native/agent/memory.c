@@ -51,13 +51,9 @@ int pages_add(request_t *rq, pages_t *set, uint64_t address, size_t len)
         if (set->count == set->cap) {
             size_t cap = set->cap ? set->cap * 2 : 16;
             uint64_t *pages = realloc(set->page, cap * sizeof *pages);
-            DWORD *old = realloc(set->old, cap * sizeof *old);
-            if (pages)
-                set->page = pages;
-            if (old)
-                set->old = old;
-            if (!pages || !old)
+            if (!pages)
                 return fail(rq, ST_LIMIT, "out of memory collecting pages");
+            set->page = pages;
             set->cap = cap;
         }
         set->page[set->count++] = p;
@@ -68,50 +64,98 @@ int pages_add(request_t *rq, pages_t *set, uint64_t address, size_t len)
 void pages_free(pages_t *set)
 {
     free(set->page);
-    free(set->old);
+    free(set->span);
     memset(set, 0, sizeof *set);
 }
 
+static int add_span(request_t *rq, pages_t *set, uint64_t start, uint64_t size, DWORD old)
+{
+    if (set->spans == set->span_cap) {
+        size_t cap = set->span_cap ? set->span_cap * 2 : 16;
+        span_t *grown = realloc(set->span, cap * sizeof *grown);
+        if (!grown)
+            return fail(rq, ST_LIMIT, "out of memory recording protections");
+        set->span = grown;
+        set->span_cap = cap;
+    }
+    set->span[set->spans].start = start;
+    set->span[set->spans].size = size;
+    set->span[set->spans].old = old;
+    set->spans++;
+    return ST_OK;
+}
+
+/*
+ * Contiguous pages are changed in as few calls as possible: VirtualProtectEx
+ * reports the old protection of the first page only, so a run longer than a
+ * page is cut where VirtualQueryEx says the protection changes.
+ */
 int pages_unlock(request_t *rq, target_t *t, pages_t *set)
 {
-    SIZE_T page = system_info()->dwPageSize;
-    size_t i, n = 0;
+    uint64_t page = system_info()->dwPageSize;
+    size_t i, j, n = 0;
 
-    /* Sort and drop duplicates, so each page is changed and restored once. */
     qsort(set->page, set->count, sizeof *set->page, compare_u64);
     for (i = 0; i < set->count; i++)
         if (n == 0 || set->page[i] != set->page[n - 1])
             set->page[n++] = set->page[i];
     set->count = n;
-    for (i = 0; i < set->count; i++) {
-        if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)set->page[i], page,
-                              PAGE_EXECUTE_READWRITE, &set->old[i])) {
-            int status = target_fail(rq, t, "VirtualProtectEx", "making page 0x%llx writable",
-                                     (unsigned long long)set->page[i]);
-            set->unlocked = i;
+    for (i = 0; i < set->count; i = j + 1) {
+        uint64_t at = set->page[i], end;
+        for (j = i; j + 1 < set->count && set->page[j + 1] == set->page[j] + page; j++)
+            ;
+        end = set->page[j] + page;
+        while (at < end) {
+            uint64_t size = end - at;
+            DWORD old;
+            if (size > page) {
+                MEMORY_BASIC_INFORMATION mbi;
+                uint64_t region_end;
+                if (!VirtualQueryEx(t->process, (LPCVOID)(uintptr_t)at, &mbi, sizeof mbi)) {
+                    target_fail(rq, t, "VirtualQueryEx", "address 0x%llx", (unsigned long long)at);
+                    break;
+                }
+                region_end = (uint64_t)(uintptr_t)mbi.BaseAddress + mbi.RegionSize;
+                if (region_end > at && region_end - at < size)
+                    size = region_end - at;
+            }
+            if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)at, (SIZE_T)size,
+                                  PAGE_EXECUTE_READWRITE, &old)) {
+                target_fail(rq, t, "VirtualProtectEx", "making 0x%llx bytes at 0x%llx writable",
+                            (unsigned long long)size, (unsigned long long)at);
+                break;
+            }
+            if (add_span(rq, set, at, size, old)) {
+                DWORD ignored;
+                VirtualProtectEx(t->process, (LPVOID)(uintptr_t)at, (SIZE_T)size, old, &ignored);
+                break;
+            }
+            at += size;
+        }
+        if (rq->status != ST_OK) {
             pages_relock(rq, t, set);
-            rq->status = (uint16_t)status;
-            return status;
+            return rq->status;
         }
     }
-    set->unlocked = set->count;
     return ST_OK;
 }
 
 int pages_relock(request_t *rq, target_t *t, pages_t *set)
 {
-    SIZE_T page = system_info()->dwPageSize;
     int status = ST_OK;
     size_t i;
-    for (i = 0; i < set->unlocked; i++) {
+    for (i = 0; i < set->spans; i++) {
+        const span_t *span = &set->span[i];
         DWORD ignored;
-        if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)set->page[i], page, set->old[i],
-                              &ignored) &&
+        if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)span->start, (SIZE_T)span->size,
+                              span->old, &ignored) &&
             status == ST_OK && rq->status == ST_OK)
-            status = target_fail(rq, t, "VirtualProtectEx", "restoring protection 0x%lx of page 0x%llx",
-                                 (unsigned long)set->old[i], (unsigned long long)set->page[i]);
+            status = target_fail(rq, t, "VirtualProtectEx",
+                                 "restoring protection 0x%lx of 0x%llx bytes at 0x%llx",
+                                 (unsigned long)span->old, (unsigned long long)span->size,
+                                 (unsigned long long)span->start);
     }
-    set->unlocked = 0;
+    set->spans = 0;
     return status;
 }
 
@@ -224,10 +268,10 @@ int op_query(request_t *rq)
 }
 
 /* ------------------------------------------------------------------------
- * ALLOC_NEAR: like Detours, walk the regions around `anchor` with
+ * ALLOC_NEAR: like Detours, walk the regions around the anchor address with
  * VirtualQueryEx, alternately upward and downward so the nearest free
  * granule-aligned block wins, and reserve+commit it there. Every byte of
- * the block lies within max_distance of `anchor`.
+ * the block lies within max_distance of the anchor.
  * --------------------------------------------------------------------- */
 typedef struct {
     target_t *t;

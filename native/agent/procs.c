@@ -10,7 +10,7 @@
 
 #define OPEN_ACCESS                                                                     \
     (PROCESS_QUERY_INFORMATION | PROCESS_VM_OPERATION | PROCESS_VM_READ | PROCESS_VM_WRITE | \
-     PROCESS_CREATE_THREAD | SYNCHRONIZE)
+     PROCESS_CREATE_THREAD | PROCESS_SUSPEND_RESUME | SYNCHRONIZE)
 
 static target_t g_targets[AGENT_MAX_HANDLES];
 static uint32_t g_generation;

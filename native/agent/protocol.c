@@ -136,7 +136,7 @@ void wr_str(writer_t *w, const char *s)
 
 void wr_wstr(writer_t *w, const WCHAR *s)
 {
-    char buf[4 * MAX_PATH + 4];
+    char buf[8 * MAX_PATH]; /* UTF-8 of up to 2 * MAX_PATH UTF-16 units */
     int n = WideCharToMultiByte(CP_UTF8, 0, s, -1, buf, (int)sizeof buf, NULL, NULL);
     if (n <= 0)
         buf[0] = '\0';
@@ -345,6 +345,12 @@ int protocol_serve(void)
         rq.in.data = NULL;
 
         ok = send_reply(out, &rq);
+        if (rq.out.cap > (1u << 20)) {
+            /* Do not keep a large READ's buffer around for the next request. */
+            free(rq.out.data);
+            rq.out.data = NULL;
+            rq.out.cap = 0;
+        }
         if (!ok)
             return 0;
     }

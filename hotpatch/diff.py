@@ -210,8 +210,9 @@ class _Pairing:
         return sorted(changes), rodata
 
     def _same_code_place(self, rva_a: int, rva_b: int) -> bool:
-        owner_a = self.a.containing(rva_a)
-        owner_b = self.b.containing(rva_b)
+        """Code targets correspond when they sit at the same offset in (or after) matched functions."""
+        owner_a = self.a.containing(rva_a) or self.a.preceding(rva_a)
+        owner_b = self.b.containing(rva_b) or self.b.preceding(rva_b)
         if owner_a is None or owner_b is None:
             return False
         return self.function_map.get(owner_a.rva) == owner_b.rva and rva_a - owner_a.rva == rva_b - owner_b.rva

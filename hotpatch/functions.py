@@ -91,6 +91,11 @@ class FunctionTable:
             return spans[2][index]
         return None
 
+    def preceding(self, rva: int) -> Function | None:
+        """The last function that starts at or before ``rva`` (for addresses in gaps between functions)."""
+        index = bisect_right(self._starts, rva) - 1
+        return self.functions[index] if index >= 0 else None
+
     def counts_by_source(self) -> dict[str, int]:
         counts = dict.fromkeys(SOURCES, 0)
         for function in self.functions:
@@ -119,6 +124,14 @@ class FunctionTable:
         if cached is None:
             cached = {f.rva: i for i, f in enumerate(self.functions)}
             object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+    @property
+    def _starts(self) -> list[int]:
+        cached = self.__dict__.get("_starts_cache")
+        if cached is None:
+            cached = [f.rva for f in self.functions]
+            object.__setattr__(self, "_starts_cache", cached)
         return cached
 
     @property

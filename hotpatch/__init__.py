@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
 )
 from .functions import Function, FunctionTable, discover  # noqa: E402
 from .image import Image  # noqa: E402
+from .package import Package  # noqa: E402
 
 __all__ = [
     "AnalysisError",
@@ -36,6 +37,7 @@ __all__ = [
     "JumpTable",
     "NotPE32PlusError",
     "NotPEError",
+    "Package",
     "Reference",
     "TruncatedImageError",
     "UnsupportedArchitectureError",

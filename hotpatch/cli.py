@@ -131,6 +131,91 @@ def _print_diff(result: Any) -> None:
         console.print(f"  - overridden {reason.kind}: {reason.message}")
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from .diff import diff
+    from .errors import NotHotpatchableError
+    from .package.builder import build_package
+    from .package.report import package_json
+    from .package.signing import load_private_key
+
+    sign_key = load_private_key(args.sign_key) if args.sign_key else None
+    result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change)
+    try:
+        package = build_package(result, sequence=args.sequence, description=args.description or "",
+                                cve_ids=args.cve or (), baseline_id=args.baseline_id)
+    except NotHotpatchableError as exc:
+        if args.json:
+            _print_json({"schema": "hotpatch.build/1", "written": None, "verdict": result.verdict.to_json(),
+                         "reasons": [r.to_json() for r in exc.reasons]})
+        else:
+            print(f"hotpatch: {exc}; nothing written", file=sys.stderr)
+            for reason in exc.reasons:
+                print(f"  - {reason.kind}: {reason.message}", file=sys.stderr)
+        return exc.exit_code
+    data = package.dumps(sign_key)
+    with open(args.output, "wb") as handle:
+        handle.write(data)
+    if args.json:
+        from .package.model import Package
+
+        _print_json({"schema": "hotpatch.build/1", "written": args.output, "bytes": len(data),
+                     "verdict": result.verdict.to_json(), "package": package_json(Package.loads(data))})
+    else:
+        print(f"wrote {args.output}: {len(package.sites)} sites, {len(package.blobs)} blobs, "
+              f"{len(package.fixups)} fixups, {len(data)} bytes, package {package.package_id}"
+              + (" (signed)" if sign_key else " (unsigned)"))
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .package.signing import write_keypair
+
+    public = write_keypair(args.private, args.public)
+    if args.json:
+        _print_json({"private": args.private, "public": args.public, "public_key": public})
+    else:
+        print(f"wrote {args.private} (keep it secret) and {args.public}: public key {public}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .package.model import Package
+    from .package.report import disassemble_blob, package_json
+
+    package = Package.load(args.package)
+    document = package_json(package, with_fixups=args.fixups)
+    if args.json:
+        _print_json(document)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    target = document["target"]
+    console.print(f"[bold]package {document['package_id']}[/bold] for {target['module']} "
+                  f"(TimeDateStamp {target['timedatestamp']:#x}, SizeOfImage {target['size_of_image']:#x}, "
+                  f"CheckSum {target['checksum']:#x})")
+    console.print(f"baseline {document['baseline_id']} sequence {document['sequence']}; "
+                  f"signature {document['signature']['state']}")
+    meta = document["metadata"]
+    if meta["description"] or meta["cve_ids"]:
+        console.print(f"{meta['description']} {' '.join(meta['cve_ids'])}".strip())
+    sites = Table("function", "rva", "strategy", "fallbacks", "blob", title="patch sites")
+    for site in document["sites"]:
+        sites.add_row(site["function"], f"{site['rva']:#x}", site["strategy"], ",".join(site["fallbacks"]),
+                      str(site["target_blob"]))
+    console.print(sites)
+    console.print("blobs: " + ", ".join(f"#{b['index']} {b['kind']} {b['size']}" for b in document["blobs"]))
+    console.print("fixups: " + ", ".join(f"{k} {v}" for k, v in document["fixups_by_kind"].items()))
+    if document["imports"]:
+        console.print("imports: " + ", ".join(document["imports"]))
+    for site in document["sites"]:
+        console.print(f"[bold]{site['function']}[/bold] new code (blob {site['target_blob']}):")
+        for line in disassemble_blob(package, site["target_blob"], limit=args.lines):
+            console.print(f"  {line}", markup=False, highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotpatch", description="Rebootless updates for x64 Windows PE images.")
     parser.add_argument("--version", action="version", version=f"hotpatch {__version__}")
@@ -154,6 +239,32 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--allow-layout-change", action="store_true",
                       help="do not block on data-layout evidence (the override is recorded in the verdict)")
     diff.set_defaults(run=cmd_diff)
+
+    build = commands.add_parser("build", help="build a patch package (exit 3 when the update needs a new baseline)")
+    build.add_argument("baseline")
+    build.add_argument("patched")
+    build.add_argument("-o", "--output", required=True)
+    build.add_argument("--sequence", type=int, default=1)
+    build.add_argument("--baseline-id", help="identifier of the baseline (default: from its code hash)")
+    build.add_argument("--description")
+    build.add_argument("--cve", action="append", metavar="ID")
+    build.add_argument("--sign-key", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
+    build.add_argument("--allow-layout-change", action="store_true")
+    build.add_argument("--json", action="store_true")
+    build.set_defaults(run=cmd_build)
+
+    keygen = commands.add_parser("keygen", help="write an Ed25519 key pair for signing packages")
+    keygen.add_argument("private")
+    keygen.add_argument("public")
+    keygen.add_argument("--json", action="store_true")
+    keygen.set_defaults(run=cmd_keygen)
+
+    inspect = commands.add_parser("inspect", help="show what a package holds")
+    inspect.add_argument("package")
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--fixups", action="store_true", help="list every fixup (JSON)")
+    inspect.add_argument("--lines", type=int, default=24, help="instructions shown per new function")
+    inspect.set_defaults(run=cmd_inspect)
     return parser
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "NotPE32PlusError",
     "CorruptImageError",
     "AnalysisError",
+    "NotHotpatchableError",
     "DiffError",
     "PackageError",
     "PackageTruncatedError",
@@ -39,6 +40,11 @@ __all__ = [
     "AgentProtocolError",
     "WineError",
     "RemoteTimeoutError",
+    "EmulationError",
+    "UnmodelledImportError",
+    "EmulationFaultError",
+    "InstructionLimitError",
+    "GuestExceptionError",
 ]
 
 
@@ -192,3 +198,55 @@ class RemoteTimeoutError(BackendError):
     def __init__(self, message: str, thread_id: int = 0) -> None:
         super().__init__(message)
         self.thread_id = thread_id
+
+
+class EmulationError(BackendError):
+    """Emulated code could not run as asked (the emulator backend behind ``hotpatch verify``)."""
+
+
+class UnmodelledImportError(EmulationError):
+    """Emulated code called an imported function the emulator has no model for."""
+
+    def __init__(self, message: str, dll: str = "", name: str = "") -> None:
+        super().__init__(message)
+        self.dll = dll
+        self.name = name
+
+
+class EmulationFaultError(EmulationError):
+    """Emulated code faulted: a bad memory access, an invalid instruction, a CPU exception."""
+
+    def __init__(self, message: str, rip: int = 0, va: int = 0, instruction: str = "") -> None:
+        super().__init__(message)
+        self.rip = rip
+        self.va = va
+        self.instruction = instruction
+
+
+class InstructionLimitError(EmulationError):
+    """Emulated code ran past its instruction limit (most likely an endless loop)."""
+
+    def __init__(self, message: str, rip: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.rip = rip
+        self.limit = limit
+
+
+class GuestExceptionError(EmulationError):
+    """A Windows exception raised in emulated code reached no handler (the process would have died)."""
+
+    def __init__(self, message: str, code: int = 0, address: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.address = address
+
+
+class NotHotpatchableError(HotpatchError):
+    """The update needs a new baseline (a reboot): the verdict's reasons say why. Nothing was written."""
+
+    exit_code = 3
+
+    def __init__(self, reasons: tuple) -> None:
+        self.reasons = tuple(reasons)
+        kinds = ", ".join(sorted({r.kind for r in self.reasons})) or "unknown"
+        super().__init__(f"not hotpatchable, needs a new baseline: {kinds}")

@@ -154,6 +154,8 @@ class RuntimeFunction:
     unwind: UnwindInfo
     #: (begin, end) ranges of chained .pdata entries whose root is this function
     fragments: tuple[tuple[int, int], ...] = ()
+    #: the UNWIND_INFO RVA of each fragment (chained to the root's), in ``fragments`` order
+    fragment_unwind_rvas: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -447,7 +449,7 @@ def _unwind(info: Any, rva: int) -> UnwindInfo:
 def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str) -> tuple[RuntimeFunction, ...]:
     """.pdata entries; chained entries (UNW_FLAG_CHAININFO) become fragments of their root."""
     roots: dict[int, tuple[int, UnwindInfo]] = {}
-    fragments: dict[int, list[tuple[int, int]]] = {}
+    fragments: dict[int, list[tuple[int, int, int]]] = {}
     executable = [s for s in sections if s.executable]
     for entry in binary.exceptions:
         begin, end = entry.rva_start, entry.rva_end
@@ -464,15 +466,15 @@ def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str) -
         if root is entry:
             roots[begin] = (end, _unwind(info, entry.unwind_rva))
         else:
-            fragments.setdefault(root.rva_start, []).append((begin, end))
+            fragments.setdefault(root.rva_start, []).append((begin, end, entry.unwind_rva))
     out = []
     for begin, (end, unwind) in sorted(roots.items()):
-        own = tuple(sorted(r for r in fragments.pop(begin, []) if r[0] != begin))
-        out.append(RuntimeFunction(begin, end, unwind, own))
+        own = sorted(r for r in fragments.pop(begin, []) if r[0] != begin)
+        out.append(RuntimeFunction(begin, end, unwind, tuple((b, e) for b, e, _ in own), tuple(u for _, _, u in own)))
     # fragments whose root has no .pdata entry of its own are kept as functions in their own right
     for ranges in fragments.values():
-        for start, end in ranges:
-            out.append(RuntimeFunction(start, end, UnwindInfo(0, 0, 0, 0, 0, 0, 0, None)))
+        for start, end, unwind_rva in ranges:
+            out.append(RuntimeFunction(start, end, UnwindInfo(unwind_rva, 0, 0, 0, 0, 0, 0, None)))
     out.sort(key=lambda f: f.begin_rva)
     return tuple(out)
 

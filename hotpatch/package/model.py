@@ -96,6 +96,7 @@ class FixupKind(enum.IntEnum):
     REL32 = 1  # S + A - P, signed 32-bit
     ABS64 = 2  # S + A, 64-bit
     IMAGE_REL32 = 3  # S + A - module_base, unsigned 32-bit
+    ALLOC_REL32 = 4  # S + A - allocation_base, unsigned 32-bit (RVAs inside unwind info registered for new code)
 
     @property
     def width(self) -> int:

@@ -546,7 +546,7 @@ static int parse_fixups(ctx *c)
         uint32_t blob = rd32(r), offset = rd32(r + 4), a = rd32(r + 12), b = rd32(r + 16);
         uint8_t kind = r[8], target_kind = r[9];
         uint64_t key = ((uint64_t)blob << 32) | offset;
-        if (kind < HPK_FIXUP_REL32 || kind > HPK_FIXUP_IMAGE_REL32)
+        if (kind < HPK_FIXUP_REL32 || kind > HPK_FIXUP_ALLOC_REL32)
             return fail(c, HPK_E_FIELD, "fixup %u: unknown kind %u", (unsigned)i, (unsigned)kind);
         if (target_kind < HPK_TARGET_BASELINE_RVA || target_kind > HPK_TARGET_IMPORT)
             return fail(c, HPK_E_FIELD, "fixup %u: unknown target kind %u", (unsigned)i, (unsigned)target_kind);

@@ -76,7 +76,7 @@ const char *hpk_strerror(int code);
 /* ------------------------------------------------------------------ enums */
 
 enum hpk_blob_kind { HPK_BLOB_CODE = 1, HPK_BLOB_RODATA = 2, HPK_BLOB_DATA = 3, HPK_BLOB_BSS = 4 };
-enum hpk_fixup_kind { HPK_FIXUP_REL32 = 1, HPK_FIXUP_ABS64 = 2, HPK_FIXUP_IMAGE_REL32 = 3 };
+enum hpk_fixup_kind { HPK_FIXUP_REL32 = 1, HPK_FIXUP_ABS64 = 2, HPK_FIXUP_IMAGE_REL32 = 3, HPK_FIXUP_ALLOC_REL32 = 4 };
 enum hpk_target_kind { HPK_TARGET_BASELINE_RVA = 1, HPK_TARGET_BLOB = 2, HPK_TARGET_IMPORT = 3 };
 enum hpk_strategy { HPK_SHORT_JMP_PADDING = 1, HPK_REL32_JMP = 2, HPK_ABS_JMP = 3 };
 

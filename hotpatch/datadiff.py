@@ -112,11 +112,11 @@ def _data_map(a: FunctionTable, b: FunctionTable, pairing: _Pairing, functions: 
     for entry in functions:
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
-        left = sorted(_data_of(a, pairing.targets_a, {entry.baseline.rva}) - data_map.keys())
+        left = sorted(x for x in _data_of(a, pairing.targets_a, {entry.baseline.rva}) if x not in data_map)
         if not left:
             continue
         by_key: dict[tuple[bool, bytes], list[int]] = defaultdict(list)
-        for rva_b in sorted(_data_of(b, pairing.targets_b, {entry.patched.rva}) - taken):
+        for rva_b in sorted(x for x in _data_of(b, pairing.targets_b, {entry.patched.rva}) if x not in taken):
             by_key[(pairing.targets_b.is_writable_data(rva_b), _content_key(items_b, rva_b))].append(rva_b)
         for rva_a in left:
             key = (pairing.targets_a.is_writable_data(rva_a), _content_key(items_a, rva_a))

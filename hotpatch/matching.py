@@ -8,7 +8,6 @@ instruction streams above a threshold.
 
 from __future__ import annotations
 
-import hashlib
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
@@ -23,7 +22,7 @@ __all__ = ["Match", "match_functions", "instruction_tokens", "SIMILARITY_THRESHO
 
 SIMILARITY_THRESHOLD = 0.6
 #: candidates per function on each side of its size (keeps the stage linear in the number of functions)
-SIMILARITY_CANDIDATES = 8
+SIMILARITY_CANDIDATES = 5
 #: past this many token comparisons a pair is scored by its multiset overlap instead of an alignment
 MAX_RATIO_WORK = 1_000_000
 
@@ -88,11 +87,14 @@ def _by_unique_key(m: _Matcher, key: object, method: str) -> None:
 
 
 def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """Callees in instruction order and callers.
+    """Callees in instruction order and callers (cached per table).
 
     A callee is a call or tail-jump target, or a function whose address sits
     in a table of pointers the function references (dispatch tables, vtables).
     """
+    cached = table.__dict__.get("_call_graph_cache")
+    if cached is not None:
+        return cached
     callees: dict[int, list[int]] = {}
     callers: dict[int, list[int]] = defaultdict(list)
     starts = {f.rva for f in table}
@@ -109,6 +111,7 @@ def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, li
         callees[function.rva] = out
         for target in dict.fromkeys(out):
             callers[target].append(function.rva)
+    table.__dict__["_call_graph_cache"] = (callees, callers)
     return callees, callers
 
 
@@ -167,7 +170,11 @@ def _lone_pair(m: _Matcher, left: Iterable[int], right: Iterable[int]) -> list[t
 
 
 def instruction_tokens(table: FunctionTable, function: Function) -> list[bytes]:
-    """One short hash per instruction of its bytes with reference operands masked."""
+    """Each instruction's bytes with its reference operands zeroed (cached per table)."""
+    cache: dict[int, list[bytes]] = table.__dict__.setdefault("_token_cache", {})
+    cached = cache.get(function.rva)
+    if cached is not None:
+        return cached
     analysis = table.analysis_of(function)
     memory = table.image.memory
     masks: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -175,15 +182,20 @@ def instruction_tokens(table: FunctionTable, function: Function) -> list[bytes]:
         if size:
             masks[insn_rva].append((offset, size))
     rvas = list(analysis.insn_rvas)
-    ends = rvas[1:] + [0]
+    ends = rvas[1:] + [function.end_rva]
     tokens = []
     for rva, end in zip(rvas, ends):
-        if end <= rva or end - rva > 15:
-            end = rva + 1
+        if not rva < end <= rva + 15:
+            end = rva + 1  # the last instruction of a fragment, or undecodable bytes
+        masked = masks.get(rva)
+        if masked is None:
+            tokens.append(memory[rva:end])
+            continue
         raw = bytearray(memory[rva:end])
-        for offset, size in masks.get(rva, ()):
+        for offset, size in masked:
             raw[offset:offset + size] = bytes(min(size, max(0, len(raw) - offset)))
-        tokens.append(hashlib.blake2b(raw, digest_size=4).digest())
+        tokens.append(bytes(raw))
+    cache[function.rva] = tokens
     return tokens
 
 

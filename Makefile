@@ -9,7 +9,7 @@ FIXTURES := build/fixtures
 SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 wine64
 SAMPLE := $(FIXTURES)/switch_table/baseline.dll
 
-.PHONY: demo test bench deps venv fixtures realbins lint clean
+.PHONY: demo test bench fuzz deps venv fixtures realbins lint clean
 
 demo: venv fixtures
 	$(VENV)/bin/hotpatch info $(SAMPLE)
@@ -20,6 +20,10 @@ test: venv fixtures
 
 bench: venv fixtures
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,mean,rounds
+
+# deeper mutation runs of both package readers than the test suite's (tests/fuzz_package.py)
+fuzz: venv
+	$(PY) tests/fuzz_package.py --cases 200000
 
 lint: venv
 	$(VENV)/bin/ruff check hotpatch tests benchmarks setup.py
@@ -36,7 +40,7 @@ deps:
 	  fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py hotpatch/_core.pyx hotpatch/includes/capstone.pxd native/x86_fastlen.c
+$(VENV)/.installed: pyproject.toml setup.py hotpatch/_core.pyx hotpatch/includes/capstone.pxd native/x86_fastlen.c $(wildcard native/agent/*.c native/agent/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

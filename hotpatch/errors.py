@@ -17,6 +17,7 @@ __all__ = [
     "CorruptImageError",
     "AnalysisError",
     "NotHotpatchableError",
+    "VerifyError",
     "DiffError",
     "PackageError",
     "PackageTruncatedError",
@@ -45,6 +46,14 @@ __all__ = [
     "EmulationFaultError",
     "InstructionLimitError",
     "GuestExceptionError",
+    "InputsError",
+    "RefusedError",
+    "IdentityMismatchError",
+    "SiteMismatchError",
+    "SequenceError",
+    "FixupError",
+    "JournalError",
+    "StepFailedError",
 ]
 
 
@@ -250,3 +259,61 @@ class NotHotpatchableError(HotpatchError):
         self.reasons = tuple(reasons)
         kinds = ", ".join(sorted({r.kind for r in self.reasons})) or "unknown"
         super().__init__(f"not hotpatchable, needs a new baseline: {kinds}")
+
+
+# ---------------------------------------------------------------- live apply
+
+
+class RefusedError(ApplyError):
+    """The package does not fit the process as it is now; nothing was changed."""
+
+
+class IdentityMismatchError(RefusedError):
+    """The loaded module is not the package's baseline (name, TimeDateStamp, SizeOfImage, CheckSum, code)."""
+
+
+class SiteMismatchError(RefusedError):
+    """A patch site does not hold the bytes the package (or our earlier redirect) expects there."""
+
+    def __init__(self, message: str, va: int = 0, found: bytes = b"") -> None:
+        super().__init__(message)
+        self.va = va
+        self.found = found
+
+
+class SequenceError(RefusedError):
+    """A package of the same baseline with an equal or higher sequence number is already applied."""
+
+
+class FixupError(ApplyError):
+    """A fixup or redirect cannot be resolved in this process (out of reach, import not found)."""
+
+
+class JournalError(ApplyError):
+    """The host-side journal of a process cannot be read, written or locked."""
+
+
+class StepFailedError(ApplyError):
+    """A step of an apply, rollback or recovery failed; ``cause`` says why.
+
+    ``undone`` tells whether everything the transaction had done was undone,
+    so the process is as it was: the exit code is then 1 (refused or failed
+    safely), whatever the cause (a package refused by the signature policy
+    included). Otherwise it is 4: the process may be half-changed, and
+    ``hotpatch recover`` is the next thing to run.
+    """
+
+    def __init__(self, message: str, step: str, cause: BaseException, undone: bool = True) -> None:
+        super().__init__(message)
+        self.step = step
+        self.cause = cause
+        self.undone = undone
+        self.exit_code = 1 if undone else 4
+
+
+class InputsError(HotpatchError):
+    """An inputs file or call specification is malformed, or names a function that does not exist."""
+
+
+class VerifyError(HotpatchError):
+    """``hotpatch verify`` cannot run the comparison it was asked for (bad input: exit 2)."""

@@ -110,11 +110,13 @@ class _State:
 
 
 def build_package(result: DiffResult, *, sequence: int = 1, description: str = "", cve_ids: Iterable[str] = (),
-                  baseline_id: str | None = None, created: int | None = None) -> Package:
+                  baseline_id: str | None = None, created: int | None = None,
+                  origins: dict[int, int] | None = None) -> Package:
     """The package that takes a process running ``result.baseline`` to ``result.patched``.
 
     Raises ``NotHotpatchableError`` (exit 3) when the verdict is NEW_BASELINE
-    or when something the builder meets cannot be relocated.
+    or when something the builder meets cannot be relocated. ``origins``, if
+    given, is filled with blob index -> the patched-image RVA its data came from.
     """
     if not result.verdict.hotpatchable:
         raise NotHotpatchableError(result.verdict.reasons)
@@ -123,6 +125,8 @@ def build_package(result: DiffResult, *, sequence: int = 1, description: str = "
         blobs, fixups, sites, unwind = builder.build()
     except _Unsupported as exc:
         raise NotHotpatchableError((Reason("unsupported_reference", "package", str(exc)),)) from None
+    if origins is not None:
+        origins.update(builder.origins)
     image = result.baseline.image
     identity = image.identity
     return Package(
@@ -152,6 +156,8 @@ class _Builder:
         self.items_b = self._items_b()
         self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         self.labels_a = {imp.label: imp.iat_rva for imp in self.a.image.imports}
+        #: data blob index -> the patched-image RVA its bytes come from
+        self.origins: dict[int, int] = {}
 
     def _items_b(self) -> object:
         from ..dataitems import DataItems
@@ -339,6 +345,7 @@ class _Builder:
         index = self.state.reserve()
         data = b"" if zero else image.read(begin, end - begin)
         self.state.blobs[index] = Blob(index, kind, 16, data, end - begin)
+        self.origins[index] = begin
         for start in [s for s in items.starts if begin <= s < end]:  # type: ignore[attr-defined]
             self.state.data_blob_at[start] = (index, start - begin)
         self.state.data_blob_at[target] = (index, target - begin)

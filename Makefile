@@ -7,13 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
 SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 wine64
-SAMPLE := $(FIXTURES)/switch_table/baseline.dll
 
 .PHONY: demo test bench fuzz deps venv fixtures realbins lint clean
 
 demo: venv fixtures
-	$(VENV)/bin/hotpatch info $(SAMPLE)
-	$(VENV)/bin/hotpatch functions $(SAMPLE)
+	$(PY) -m hotpatch.demo --fixtures $(FIXTURES) --work build/demo
 
 test: venv fixtures
 	$(PY) -m pytest tests

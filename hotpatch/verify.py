@@ -1,0 +1,148 @@
+"""Verifying a package in the emulator: baseline + package must compute what the patched image computes.
+
+The baseline is mapped in Unicorn at a base other than its preferred one,
+the package goes in through the same transaction engine a live apply uses,
+then the same calls run on it and on the patched image (mapped the same way),
+and their results, buffer arguments and the data they changed are compared.
+Without an inputs file, every export whose code the package changes (itself
+or through what it calls) is called with a default set of integer arguments.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .apply.emulator import EmulatorBackend
+from .apply.engine import Engine
+from .apply.journal import Journal
+from .calls import CallResult, CallSpec, Difference, compare, default_calls, run_calls
+from .diff import DiffResult, diff
+from .errors import HotpatchError, VerifyError
+from .functions import FunctionTable
+from .image import Image
+from .matching import call_graph
+from .package.builder import build_package
+from .package.model import ImportTarget, Package
+
+__all__ = ["VerifyReport", "affected_exports", "verify"]
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    package_id: str
+    baseline_base: int
+    patched_base: int
+    calls: tuple[CallSpec, ...]
+    patched_results: tuple[CallResult, ...]
+    expected_results: tuple[CallResult, ...]
+    difference: Difference | None
+
+    @property
+    def agrees(self) -> bool:
+        return self.difference is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": "hotpatch.verify/1",
+            "package_id": self.package_id,
+            "agrees": self.agrees,
+            "baseline_base": self.baseline_base,
+            "patched_base": self.patched_base,
+            "calls": [
+                {"call": str(spec), "baseline_with_package": a.value, "patched": b.value}
+                for spec, a, b in zip(self.calls, self.patched_results, self.expected_results)
+            ],
+            "first_difference": None if self.difference is None else
+            {"call": self.difference.index, "kind": self.difference.kind, "message": self.difference.message},
+        }
+
+
+def affected_exports(result: DiffResult) -> list[str]:
+    """Exports of the baseline whose code changed, or that reach changed code through their callees."""
+    baseline: FunctionTable = result.baseline
+    changed = {e.baseline.rva for e in result.functions if e.status == "changed" and e.baseline is not None}
+    callees, _ = call_graph(baseline)
+    callers: dict[int, set[int]] = defaultdict(set)
+    for caller, targets in callees.items():
+        for target in targets:
+            callers[target].add(caller)
+    reached = set(changed)
+    frontier = list(changed)
+    while frontier:
+        for caller in callers.get(frontier.pop(), ()):
+            if caller not in reached:
+                reached.add(caller)
+                frontier.append(caller)
+    return sorted({e.name for e in baseline.image.exports if e.name and e.rva in reached})
+
+
+def verify(package: Package, baseline: str | Path, patched: str | Path,
+           calls: list[CallSpec] | None = None) -> VerifyReport:
+    baseline_image, patched_image = Image.load(baseline), Image.load(patched)
+    result = diff(baseline_image, patched_image, allow_layout_change=True)
+    if calls is None:
+        names = affected_exports(result)
+        if not names:
+            raise VerifyError("the package changes no exported code; give the calls to make with --inputs")
+        calls = default_calls(names)
+    live = EmulatorBackend.load(baseline_image)
+    reference = EmulatorBackend.load(patched_image)
+    try:
+        live.provide_imports(sorted({(f.target.dll, f.target.name) for f in package.fixups
+                                     if isinstance(f.target, ImportTarget)}))
+        with tempfile.TemporaryDirectory(prefix="hotpatch-verify-") as state:
+            engine = Engine(live, Journal(Path(state)), allow_unsigned=True)
+            with engine.transaction() as tx:
+                applied = tx.apply(package)
+        with_package = run_calls(live, calls)
+        expected = run_calls(reference, calls)
+        translate = _translator(result, package, applied, live, reference)
+        difference = compare(with_package, expected, labels=("baseline + package", "patched"),
+                             translate=translate)
+        return VerifyReport(package.package_id, live.main_module().base_va, reference.main_module().base_va,
+                            tuple(calls), tuple(with_package), tuple(expected), difference)
+    finally:
+        live.close()
+        reference.close()
+
+
+def _translator(result: DiffResult, package: Package, applied: Any, live: EmulatorBackend,
+                reference: EmulatorBackend) -> Any:
+    """Patched-process address -> where the same datum lives in the baseline + package process.
+
+    Existing data maps through the diff's data map. New data lives in the
+    package's blobs: rebuilding the package from the same diff says which
+    patched RVA each blob came from (only when the rebuild is the same
+    package; otherwise new data is left out of the comparison).
+    """
+    live_base = live.main_module().base_va
+    patched_module = reference.main_module()
+    inverse = {b: a for a, b in result.data_map.items()}
+    origins: dict[int, int] = {}
+    try:
+        rebuilt = build_package(result, sequence=package.sequence, baseline_id=package.baseline_id,
+                                description=package.metadata.description, cve_ids=package.metadata.cve_ids,
+                                created=package.metadata.created, origins=origins)
+        if rebuilt.content_sha256 != package.content_sha256:
+            origins = {}
+    except HotpatchError:
+        origins = {}
+    blob_vas: dict[int, int] = dict(applied.blob_vas)
+    spans = [(rva, package.blobs[blob].size, blob) for blob, rva in origins.items()]
+
+    def translate(va: int) -> int | None:
+        if not patched_module.contains(va):
+            return None
+        rva = va - patched_module.base_va
+        if rva in inverse:
+            return live_base + inverse[rva]
+        for start, size, blob in spans:
+            if start <= rva < start + size and blob in blob_vas:
+                return blob_vas[blob] + rva - start
+        return None
+
+    return translate

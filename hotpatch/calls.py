@@ -368,6 +368,7 @@ def compare(
     *,
     labels: tuple[str, str] = ("first", "second"),
     translate: Translate | None = None,
+    translate_first: Translate | None = None,
 ) -> Difference | None:
     """The first difference between two runs of the same calls, or None when they agree.
 
@@ -377,7 +378,7 @@ def compare(
     when the two processes lay their data out differently (a hotpatch keeps
     new globals in its own allocation), ``translate`` maps an address of the
     second process to the first's (None: the byte has no counterpart and is
-    not compared).
+    not compared), and ``translate_first`` likewise filters the first's.
     """
     one, two = labels
     if len(first) != len(second):
@@ -394,7 +395,7 @@ def compare(
                 return Difference(index, "buffer", f"{where}: buffer argument {number} differs at offset {offset}: "
                                                    f"{one} {x[offset:offset + 16].hex(' ')}, "
                                                    f"{two} {y[offset:offset + 16].hex(' ')}")
-        difference = _memory_difference(a, b, translate)
+        difference = _memory_difference(a, b, translate, translate_first)
         if difference is not None:
             key, mine, theirs, describe = difference
             return Difference(index, "memory", f"{where}: the memory it changed differs at {describe}: "
@@ -434,9 +435,12 @@ def _changed(result: CallResult, translate: Translate | None) -> dict[Key, tuple
     return out
 
 
-def _memory_difference(a: CallResult, b: CallResult, translate: Translate | None
+def _memory_difference(a: CallResult, b: CallResult, translate: Translate | None,
+                       translate_first: Translate | None = None
                        ) -> tuple[Key, list[int | None], list[int | None], str] | None:
-    mine = _changed(a, None if translate is None else (lambda va: va))
+    if translate_first is None and translate is not None:
+        translate_first = lambda va: va  # noqa: E731
+    mine = _changed(a, translate_first)
     theirs = _changed(b, translate)
     differing = {k for k in mine.keys() | theirs.keys() if mine.get(k, (None,))[0] != theirs.get(k, (None,))[0]}
     if not differing:

@@ -216,6 +216,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .calls import load_inputs
+    from .errors import EmulationError, VerifyError
+    from .package.model import Package
+    from .verify import verify
+
+    package = Package.load(args.package)
+    calls = load_inputs(args.inputs) if args.inputs else None
+    try:
+        report = verify(package, args.baseline, args.patched, calls)
+    except EmulationError as exc:
+        raise VerifyError(f"the emulator could not run the calls: {exc}") from None
+    if args.json:
+        _print_json(report.to_json())
+    else:
+        for spec, mine, theirs in zip(report.calls, report.patched_results, report.expected_results):
+            mark = "ok  " if mine.value == theirs.value else "DIFF"
+            print(f"{mark} {spec}: baseline + package {mine.value}, patched {theirs.value}")
+        if report.agrees:
+            print(f"package {report.package_id}: all {len(report.calls)} calls agree "
+                  f"(baseline mapped at {report.baseline_base:#x}, not its preferred base)")
+        else:
+            print(f"package {report.package_id}: {report.difference}")
+    return 0 if report.agrees else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotpatch", description="Rebootless updates for x64 Windows PE images.")
     parser.add_argument("--version", action="version", version=f"hotpatch {__version__}")
@@ -265,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--fixups", action="store_true", help="list every fixup (JSON)")
     inspect.add_argument("--lines", type=int, default=24, help="instructions shown per new function")
     inspect.set_defaults(run=cmd_inspect)
+
+    verify = commands.add_parser("verify", help="check in the emulator that baseline + package == patched")
+    verify.add_argument("package")
+    verify.add_argument("--baseline", required=True)
+    verify.add_argument("--patched", required=True)
+    verify.add_argument("--inputs", help="JSON file of the calls to make (docs/VERIFY.md)")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(run=cmd_verify)
+
+    from .apply.cli import add_apply_commands
+
+    add_apply_commands(commands)
     return parser
 
 

@@ -11,6 +11,7 @@ or through what it calls) is called with a default set of integer arguments.
 from __future__ import annotations
 
 import tempfile
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from .apply.emulator import EmulatorBackend
 from .apply.engine import Engine
 from .apply.journal import Journal
 from .calls import CallResult, CallSpec, Difference, compare, default_calls, run_calls
+from .dataitems import DataItems
 from .diff import DiffResult, diff
 from .errors import HotpatchError, VerifyError
 from .functions import FunctionTable
@@ -27,6 +29,7 @@ from .image import Image
 from .matching import call_graph
 from .package.builder import build_package
 from .package.model import ImportTarget, Package
+from .targets import TargetClassifier
 
 __all__ = ["VerifyReport", "affected_exports", "verify"]
 
@@ -61,10 +64,8 @@ class VerifyReport:
         }
 
 
-def affected_exports(result: DiffResult) -> list[str]:
-    """Exports of the baseline whose code changed, or that reach changed code through their callees."""
-    baseline: FunctionTable = result.baseline
-    changed = {e.baseline.rva for e in result.functions if e.status == "changed" and e.baseline is not None}
+def affected_exports(baseline: FunctionTable, changed: set[int]) -> list[str]:
+    """Exports of the baseline at ``changed`` RVAs, or that reach them through their callees."""
     callees, _ = call_graph(baseline)
     callers: dict[int, set[int]] = defaultdict(set)
     for caller, targets in callees.items():
@@ -85,7 +86,7 @@ def verify(package: Package, baseline: str | Path, patched: str | Path,
     baseline_image, patched_image = Image.load(baseline), Image.load(patched)
     result = diff(baseline_image, patched_image, allow_layout_change=True)
     if calls is None:
-        names = affected_exports(result)
+        names = affected_exports(result.baseline, {site.rva for site in package.sites})
         if not names:
             raise VerifyError("the package changes no exported code; give the calls to make with --inputs")
         calls = default_calls(names)
@@ -100,9 +101,9 @@ def verify(package: Package, baseline: str | Path, patched: str | Path,
                 applied = tx.apply(package)
         with_package = run_calls(live, calls)
         expected = run_calls(reference, calls)
-        translate = _translator(result, package, applied, live, reference)
+        translate, domain = _translator(result, package, applied, live, reference)
         difference = compare(with_package, expected, labels=("baseline + package", "patched"),
-                             translate=translate)
+                             translate=translate, translate_first=domain)
         return VerifyReport(package.package_id, live.main_module().base_va, reference.main_module().base_va,
                             tuple(calls), tuple(with_package), tuple(expected), difference)
     finally:
@@ -111,17 +112,24 @@ def verify(package: Package, baseline: str | Path, patched: str | Path,
 
 
 def _translator(result: DiffResult, package: Package, applied: Any, live: EmulatorBackend,
-                reference: EmulatorBackend) -> Any:
+                reference: EmulatorBackend) -> tuple[Any, Any]:
     """Patched-process address -> where the same datum lives in the baseline + package process.
 
-    Existing data maps through the diff's data map. New data lives in the
-    package's blobs: rebuilding the package from the same diff says which
-    patched RVA each blob came from (only when the rebuild is the same
-    package; otherwise new data is left out of the comparison).
+    Existing data maps item by item through the diff's data map. New data
+    lives in the package's blobs: rebuilding the package from the same diff
+    says which patched RVA each blob came from (only when the rebuild is the
+    same package; otherwise new data is left out of the comparison). The
+    second function keeps, of the baseline + package process, only the
+    addresses something maps to: data neither side shares is not compared.
     """
     live_base = live.main_module().base_va
     patched_module = reference.main_module()
-    inverse = {b: a for a, b in result.data_map.items()}
+    items_a, items_b = _items(result.baseline), _items(result.patched)
+    spans: list[tuple[int, int, int]] = []  # (patched start, size, baseline-process VA)
+    for rva_a, rva_b in result.data_map.items():
+        size = min(items_a.extent(rva_a), items_b.extent(rva_b))
+        if size > 0:
+            spans.append((rva_b, size, live_base + rva_a))
     origins: dict[int, int] = {}
     try:
         rebuilt = build_package(result, sequence=package.sequence, baseline_id=package.baseline_id,
@@ -132,17 +140,28 @@ def _translator(result: DiffResult, package: Package, applied: Any, live: Emulat
     except HotpatchError:
         origins = {}
     blob_vas: dict[int, int] = dict(applied.blob_vas)
-    spans = [(rva, package.blobs[blob].size, blob) for blob, rva in origins.items()]
+    spans += [(rva, package.blobs[blob].size, blob_vas[blob]) for blob, rva in origins.items() if blob in blob_vas]
+    spans.sort()
+    starts = [span[0] for span in spans]
+    targets = sorted((va, va + size) for _, size, va in spans)
 
     def translate(va: int) -> int | None:
         if not patched_module.contains(va):
             return None
         rva = va - patched_module.base_va
-        if rva in inverse:
-            return live_base + inverse[rva]
-        for start, size, blob in spans:
-            if start <= rva < start + size and blob in blob_vas:
-                return blob_vas[blob] + rva - start
+        index = bisect_right(starts, rva) - 1
+        if index >= 0 and rva < spans[index][0] + spans[index][1]:
+            return spans[index][2] + rva - spans[index][0]
         return None
 
-    return translate
+    def domain(va: int) -> int | None:
+        index = bisect_right(targets, (va, 1 << 64)) - 1
+        return va if index >= 0 and va < targets[index][1] else None
+
+    return translate, domain
+
+
+def _items(table: FunctionTable) -> DataItems:
+    targets = TargetClassifier(table)
+    referenced = {ref[4] for analysis in table.analyses for ref in analysis.raw_refs if targets.is_data(ref[4])}
+    return DataItems(table, targets, referenced)

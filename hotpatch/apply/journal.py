@@ -1,0 +1,384 @@
+"""The host-side journal: what the engine did, or was about to do, to each process.
+
+One JSON file per process, named after its pid and its start time (a reused
+pid is another file), in the state directory: ``$HOTPATCH_STATE``, else
+``~/.local/state/hotpatch`` (``%LOCALAPPDATA%\\hotpatch`` on Windows).
+
+Each package applied to the process has a record. The engine writes an intent
+before every step that changes the process (an allocation, a function table,
+a library loaded, a commit with its exact writes) and the result after it, so
+that ``recover`` can tell after a crash what exists in the target and finish
+or undo it. A record's ``phase`` says where the package stands:
+
+    applying -> applied -> rolling_back -> rolled_back
+        |          |
+        v          +-> replaced (by a newer package of the same baseline)
+      undone
+
+The file is replaced atomically (write aside, then rename), so a reader never
+sees half of it. It is not fsynced: a crash of the host machine ends the
+target processes too, so a journal only has to outlive the applier. A lock
+file serialises the engines working on one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import JournalError
+from .backend import CommitWrite
+from .redirects import Patch, SiteRedirect
+
+__all__ = [
+    "SCHEMA",
+    "AllocationRecord",
+    "CommitRecord",
+    "Journal",
+    "LibraryRecord",
+    "PackageRecord",
+    "ProcessJournal",
+    "TableRecord",
+    "default_state_dir",
+]
+
+SCHEMA = "hotpatch.journal/1"
+
+# Record phases.
+APPLYING = "applying"
+APPLIED = "applied"
+ROLLING_BACK = "rolling_back"
+ROLLED_BACK = "rolled_back"
+REPLACED = "replaced"
+UNDONE = "undone"
+#: phases in which the package's redirects are (or may be) in the process
+LIVE_PHASES = (APPLYING, APPLIED, ROLLING_BACK)
+
+# Resource states.
+INTENT = "intent"
+ALLOCATED = "allocated"
+FREED = "freed"
+RETAINED = "retained"
+REGISTERED = "registered"
+DELETED = "deleted"
+LOADED = "loaded"
+PENDING = "pending"
+DONE = "done"
+FAILED = "failed"
+
+#: finished records kept per process (older ones are dropped)
+KEEP_FINISHED = 16
+#: events kept per record, and per finished record
+KEEP_EVENTS = 64
+KEEP_FINISHED_EVENTS = 4
+
+
+def default_state_dir() -> Path:
+    """$HOTPATCH_STATE, else the user's local state directory."""
+    override = os.environ.get("HOTPATCH_STATE")
+    if override:
+        return Path(override).expanduser()
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "hotpatch"
+    return Path.home() / ".local" / "state" / "hotpatch"
+
+
+@dataclass
+class AllocationRecord:
+    """The one region holding a package's code, data and function table."""
+
+    va: int = 0
+    size: int = 0
+    state: str = INTENT  # intent | allocated | freed | retained
+    parts: list[dict[str, int | str]] = field(default_factory=list)  # name, va, size, protect
+
+
+@dataclass
+class TableRecord:
+    """A function table registered with RtlAddFunctionTable."""
+
+    va: int
+    count: int
+    base: int
+    state: str = INTENT  # intent | registered | deleted
+
+
+@dataclass
+class LibraryRecord:
+    """A DLL the engine loaded into the target for an import (LoadLibraryA), to be freed with the package."""
+
+    dll: str
+    hmodule: int = 0
+    state: str = INTENT  # intent | loaded | freed
+
+
+@dataclass
+class CommitRecord:
+    """A commit's exact writes, journaled before it is sent, and its outcome."""
+
+    kind: str  # apply | replace | rollback
+    writes: list[CommitWrite]
+    state: str = PENDING  # pending | done | failed
+    report: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "state": self.state,
+            "report": self.report,
+            "writes": [
+                {"va": w.va, "expected": w.expected.hex(), "new": w.new.hex(), "no_suspend": w.no_suspend}
+                for w in self.writes
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CommitRecord:
+        writes = [
+            CommitWrite(int(w["va"]), bytes.fromhex(w["expected"]), bytes.fromhex(w["new"]), bool(w["no_suspend"]))
+            for w in data["writes"]
+        ]
+        return cls(str(data["kind"]), writes, str(data["state"]), data.get("report"))
+
+
+@dataclass
+class PackageRecord:
+    """Everything the engine did to the process for one package."""
+
+    serial: int
+    package_id: str
+    baseline_id: str
+    sequence: int
+    module_name: str
+    module_base: int
+    description: str = ""
+    phase: str = APPLYING
+    sites: list[SiteRedirect] = field(default_factory=list)
+    allocation: AllocationRecord | None = None
+    function_table: TableRecord | None = None
+    libraries: list[LibraryRecord] = field(default_factory=list)
+    commit: CommitRecord | None = None
+    replaces: int | None = None  # serial of the record this one replaced (stacking)
+    replaced_by: int | None = None
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def patches(self) -> list[Patch]:
+        return [patch for site in self.sites for patch in site.patches]
+
+    @property
+    def live(self) -> bool:
+        return self.phase in LIVE_PHASES
+
+    @property
+    def finished(self) -> bool:
+        """Nothing of it is left in the process (or what is left is no longer tracked)."""
+        allocation_gone = self.allocation is None or self.allocation.state in (FREED, INTENT)
+        return self.phase in (ROLLED_BACK, REPLACED, UNDONE) and allocation_gone
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "serial": self.serial,
+            "package_id": self.package_id,
+            "baseline_id": self.baseline_id,
+            "sequence": self.sequence,
+            "module_name": self.module_name,
+            "module_base": self.module_base,
+            "description": self.description,
+            "phase": self.phase,
+            "sites": [site.to_json() for site in self.sites],
+            "allocation": asdict(self.allocation) if self.allocation else None,
+            "function_table": asdict(self.function_table) if self.function_table else None,
+            "libraries": [asdict(library) for library in self.libraries],
+            "commit": self.commit.to_json() if self.commit else None,
+            "replaces": self.replaces,
+            "replaced_by": self.replaced_by,
+            "events": self.events,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PackageRecord:
+        allocation = data.get("allocation")
+        table = data.get("function_table")
+        commit = data.get("commit")
+        return cls(
+            serial=int(data["serial"]),
+            package_id=str(data["package_id"]),
+            baseline_id=str(data["baseline_id"]),
+            sequence=int(data["sequence"]),
+            module_name=str(data["module_name"]),
+            module_base=int(data["module_base"]),
+            description=str(data.get("description", "")),
+            phase=str(data["phase"]),
+            sites=[SiteRedirect.from_json(site) for site in data.get("sites", [])],
+            allocation=AllocationRecord(**allocation) if allocation else None,
+            function_table=TableRecord(**table) if table else None,
+            libraries=[LibraryRecord(**library) for library in data.get("libraries", [])],
+            commit=CommitRecord.from_json(commit) if commit else None,
+            replaces=data.get("replaces"),
+            replaced_by=data.get("replaced_by"),
+            events=list(data.get("events", [])),
+        )
+
+
+class ProcessJournal:
+    """The journal of one process (pid and start time)."""
+
+    def __init__(self, path: Path, pid: int, start_time: int) -> None:
+        self.path = path
+        self.pid = pid
+        self.start_time = start_time
+        self.records: list[PackageRecord] = []
+        self._next_serial = 1
+        self._lock_handle: Any = None
+        self.load()
+
+    # -- file ------------------------------------------------------------------
+
+    def load(self) -> None:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            self.records = []
+            return
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+            if data.get("schema") != SCHEMA:
+                raise ValueError(f"schema {data.get('schema')!r}")
+            if (data["pid"], data["start_time"]) != (self.pid, self.start_time):
+                raise ValueError("it belongs to another process")
+            self.records = [PackageRecord.from_json(r) for r in data["records"]]
+            self._next_serial = int(data.get("next_serial", 1))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JournalError(f"the journal {self.path} is corrupt: {exc}") from None
+
+    def save(self) -> None:
+        self._compact()
+        document = {
+            "schema": SCHEMA,
+            "pid": self.pid,
+            "start_time": self.start_time,
+            "next_serial": self._next_serial,
+            "updated": time.time(),
+            "records": [record.to_json() for record in self.records],
+        }
+        aside = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # compact: json's C encoder is used only without indentation (saved once per step)
+            aside.write_text(json.dumps(document, separators=(",", ":")) + "\n")
+            os.replace(aside, self.path)
+        except OSError as exc:
+            raise JournalError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
+
+    def _compact(self) -> None:
+        finished = [r for r in self.records if r.finished]
+        drop = {id(r) for r in finished[: max(0, len(finished) - KEEP_FINISHED)]}
+        if drop:
+            self.records = [r for r in self.records if id(r) not in drop]
+        for record in self.records:
+            del record.events[: -(KEEP_FINISHED_EVENTS if record.finished else KEEP_EVENTS)]
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[ProcessJournal]:
+        """Hold the process's lock (one engine per process at a time) and read the journal afresh."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_path, "a+b")  # noqa: SIM115 - held for the whole block
+        except OSError as exc:
+            raise JournalError(f"cannot open the journal lock {lock_path}: {exc.strerror or exc}") from None
+        try:
+            _lock_file(handle)
+            self.load()
+            yield self
+        finally:
+            _unlock_file(handle)
+            handle.close()
+
+    # -- records ---------------------------------------------------------------
+
+    def new_record(self, **fields: Any) -> PackageRecord:
+        record = PackageRecord(serial=self._next_serial, **fields)
+        self._next_serial += 1
+        self.records.append(record)
+        return record
+
+    def record(self, serial: int) -> PackageRecord:
+        for record in self.records:
+            if record.serial == serial:
+                return record
+        raise JournalError(f"journal of process {self.pid} has no record {serial}")
+
+    def live(self, module_name: str | None = None) -> list[PackageRecord]:
+        """Records whose redirects are (or may be) in the process, oldest first."""
+        return [
+            r
+            for r in self.records
+            if r.live and (module_name is None or r.module_name.lower() == module_name.lower())
+        ]
+
+    def event(self, record: PackageRecord, step: str, state: str, save: bool = True, **detail: Any) -> None:
+        """Note a step's intent or result in the record, and save (unless the next event's save will do)."""
+        record.events.append({"time": round(time.time(), 6), "step": step, "state": state, **detail})
+        if save:
+            self.save()
+
+
+class Journal:
+    """The state directory holding the journals of every process."""
+
+    def __init__(self, state_dir: Path | str | None = None) -> None:
+        self.state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+
+    def path_for(self, pid: int, start_time: int) -> Path:
+        return self.state_dir / f"{pid}-{start_time}.json"
+
+    def process(self, pid: int, start_time: int) -> ProcessJournal:
+        return ProcessJournal(self.path_for(pid, start_time), pid, start_time)
+
+    def known(self) -> list[tuple[int, int]]:
+        """(pid, start time) of every process with a journal."""
+        found = []
+        if not self.state_dir.is_dir():
+            return found
+        for path in sorted(self.state_dir.glob("*-*.json")):
+            pid, _, start = path.stem.partition("-")
+            if pid.isdigit() and start.isdigit():
+                found.append((int(pid), int(start)))
+        return found
+
+
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def _lock_file(handle: Any) -> None:
+        handle.seek(0)
+        while True:
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                return
+            except OSError:
+                time.sleep(0.05)
+
+    def _unlock_file(handle: Any) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock_file(handle: Any) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+
+    def _unlock_file(handle: Any) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,80 @@
+"""verify: baseline + package, in the emulator at a non-preferred base, computes what the patched image computes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hotpatch.diff import diff
+from hotpatch.package.builder import build_package
+from hotpatch.verify import affected_exports, verify
+from tests.fixtures.cases import Case, load_cases
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _hotpatch_cases() -> list[str]:
+    return [c.name for c in load_cases(ROOT / "build" / "fixtures") if c.verdict == "HOTPATCH"]
+
+
+def _inputs(case: Case, path: Path) -> Path:
+    calls = [{"function": call.function, "args": list(call.args)} for call in case.calls]
+    path.write_text(json.dumps({"calls": calls}))
+    return path
+
+
+@pytest.mark.parametrize("name", _hotpatch_cases())
+def test_every_hotpatch_case_verifies(cases: list[Case], name: str, tmp_path: Path) -> None:
+    case = next(c for c in cases if c.name == name)
+    package_path = tmp_path / "fix.hpk"
+    build_package(diff(case.baseline, case.patched)).save(package_path)
+    run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "verify", str(package_path),
+                          "--baseline", str(case.baseline), "--patched", str(case.patched),
+                          "--inputs", str(_inputs(case, tmp_path / "inputs.json")), "--json"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert report["agrees"] and report["first_difference"] is None
+    preferred = 0x180000000
+    assert report["baseline_base"] != preferred
+    # the calls return what Wine measured for the patched DLL
+    assert [c["patched"] for c in report["calls"]] == [call.patched for call in case.calls]
+    assert [c["baseline_with_package"] for c in report["calls"]] == [call.patched for call in case.calls]
+
+
+def test_default_calls_cover_exports_reaching_changed_code(cases: list[Case]) -> None:
+    case = next(c for c in cases if c.name == "body_change")
+    result = diff(case.baseline, case.patched)
+    names = affected_exports(result.baseline, {e.baseline.rva for e in result.by_status("changed")})
+    assert "scale" in names and "scale_then_xor" in names and "add" not in names
+    package = build_package(result)
+    report = verify(package, case.baseline, case.patched)
+    assert report.agrees and len(report.calls) >= 2 * len(names)
+
+
+def test_a_wrong_package_is_caught(cases: list[Case], tmp_path: Path) -> None:
+    # the package for body_change, checked against a patched image it was not built from
+    case = next(c for c in cases if c.name == "body_change")
+    package_path = tmp_path / "fix.hpk"
+    build_package(diff(case.baseline, case.patched)).save(package_path)
+    run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "verify", str(package_path),
+                          "--baseline", str(case.baseline), "--patched", str(case.baseline)],
+                         capture_output=True, text=True)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "differs" in run.stdout
+
+
+def test_bad_inputs_exit_2(cases: list[Case], tmp_path: Path) -> None:
+    case = next(c for c in cases if c.name == "body_change")
+    package_path = tmp_path / "fix.hpk"
+    build_package(diff(case.baseline, case.patched)).save(package_path)
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text('{"calls": [{"function": "no_such_export", "args": [1]}]}')
+    run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "verify", str(package_path),
+                          "--baseline", str(case.baseline), "--patched", str(case.patched), "--inputs", str(inputs)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("hotpatch: error:")

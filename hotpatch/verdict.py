@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .clobbers import gcc_built, new_clobbers
 from .layout import LayoutEvidence, find_layout_changes
+from .matching import call_graph
 from .redirect import possible_strategies
 from .refkinds import BRANCH_REL8
 
@@ -33,6 +35,8 @@ REASON_KINDS = {
     "function_too_short": "a changed function is too short to redirect and has no usable padding",
     "unsupported_reference": "changed code makes a reference the package builder cannot relocate",
     "data_layout_change": "a structure the process keeps in memory changed its layout",
+    "register_clobber": "a changed function writes a volatile register its old version left alone, "
+                        "and its callers (GCC -fipa-ra) may keep values there across the call",
 }
 
 _DATA_REASONS = {
@@ -93,6 +97,7 @@ def decide(result: DiffResult, allow_layout_change: bool = False) -> tuple[Verdi
                                       "before/after: no redirect fits"))
         if entry.status in ("changed", "added") and entry.patched is not None:
             reasons.extend(_unsupported_references(result, entry.patched))
+    reasons.extend(_register_clobbers(result))
     evidence = find_layout_changes(result)
     overridden: list[Reason] = []
     if evidence:
@@ -122,4 +127,23 @@ def _unsupported_references(result: DiffResult, function: Any) -> list[Reason]:
         elif not inside and target != 0 and image.section_from_rva(target) is None and target not in table.context.iat:
             out.append(Reason("unsupported_reference", function.label,
                               f"{function.label}: reference at {insn_rva:#x} to {target:#x}, outside the image"))
+    return out
+
+
+def _register_clobbers(result: DiffResult) -> list[Reason]:
+    if not gcc_built(result.baseline):
+        return []
+    _, callers = call_graph(result.baseline)
+    out = []
+    for entry in result.functions:
+        if entry.status != "changed" or entry.baseline is None or entry.patched is None:
+            continue
+        if not callers.get(entry.baseline.rva):
+            continue  # nothing in the image calls it directly: no caller can rely on its registers
+        extra = new_clobbers(result.baseline, entry.baseline, result.patched, entry.patched)
+        if extra:
+            names = ", ".join(sorted(extra))
+            out.append(Reason("register_clobber", entry.baseline.label,
+                              f"{entry.baseline.label} now writes {names}; callers compiled with -fipa-ra may "
+                              "keep values there across the call (build with -fno-ipa-ra to hotpatch)"))
     return out

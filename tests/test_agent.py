@@ -76,7 +76,8 @@ def assemble(text: str, va: int = 0) -> bytes:
 class Host:
     """host.exe under Wine; a reader thread collects its output lines."""
 
-    def __init__(self, prefix: Path, dll: Path, calls: list[str], threads: int = THREADS) -> None:
+    def __init__(self, prefix: Path, dll: Path, calls: list[str], threads: int = THREADS,
+                 extra: tuple[str, ...] = ()) -> None:
         argv = [
             *wine_command(),
             str(host_exe(dll.parent.parent)),
@@ -89,6 +90,7 @@ class Host:
             "--print-base",
             "--interval-ms",
             "30",
+            *extra,
             *calls,
         ]
         self.proc = subprocess.Popen(

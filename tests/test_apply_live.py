@@ -1020,3 +1020,31 @@ def test_builder_package_goes_in_and_out_of_the_running_host(
     finally:
         code, stderr = running.stop()
     assert code == 0, f"host.exe exited with {code}: {stderr}"
+
+
+def test_package_applies_to_a_dll_loaded_away_from_its_preferred_base(
+    cases: list[Case], agent: AgentClient, wine_prefix: Path, state_dir: Path
+) -> None:
+    """The preferred base is taken (host --reserve), so the loader relocates the DLL and every fixup
+    of the package must follow the runtime base."""
+    from hotpatch.diff import diff
+    from hotpatch.package.builder import build_package
+
+    (case,) = [c for c in cases if c.name == "aslr_reloc"]
+    preferred = Image.load(case.baseline).image_base
+    pkg = build_package(diff(case.baseline, case.patched))
+    assert any(f.kind.name == "ABS64" for f in pkg.fixups), "the case must carry absolute addresses"
+    running = Host(wine_prefix, case.baseline, [c.spec() for c in case.calls], extra=("--reserve", hex(preferred)))
+    try:
+        assert running.base != preferred
+        with agent.open(running.pid) as backend:
+            engine = Engine(backend, Journal(state_dir), allow_unsigned=True)
+            wait_calls(running, case.calls, "baseline")
+            result = apply(engine, pkg)
+            assert result.module_base == running.base
+            wait_calls(running, case.calls, "patched")
+            rollback(engine)
+            wait_calls(running, case.calls, "baseline")
+    finally:
+        code, stderr = running.stop()
+    assert code == 0, f"host.exe exited with {code}: {stderr}"

@@ -134,7 +134,8 @@ def _compare(md: capstone.Cs, table_a: FunctionTable, fa: Function, table_b: Fun
         ia, ib = insns_a[i], insns_b[j]
         if ia[2] == ib[2]:
             continue
-        old, new = _displacement(ia[2]), _displacement(ib[2])
+        # lea computes with its "displacement" (x * 3 + 2); only real memory accesses reach fields
+        old, new = (None, None) if ia[1] == "lea" else (_displacement(ia[2]), _displacement(ib[2]))
         if old is not None and new is not None and old[0] == new[0] and old[1] != new[1]:
             moved.append((new[1] - old[1], old[1]))
         size_a, size_b = _allocator_size(ia, allocator_calls_a), _allocator_size(ib, allocator_calls_b)

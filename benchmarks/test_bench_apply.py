@@ -23,8 +23,7 @@ from hotpatch.apply.journal import Journal
 from hotpatch.diff import diff
 from hotpatch.package.builder import build_package
 from hotpatch.package.model import Package, Strategy
-from tests.conftest import wine_prefix  # noqa: F401 - a fixture
-from tests.test_agent import Host, agent_exe  # noqa: F401 - agent_exe is a fixture
+from tests.test_agent import Host
 
 THREADS = 16
 ROUNDS = 9

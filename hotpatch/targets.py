@@ -33,13 +33,20 @@ class TargetClassifier:
         self.starts = {f.rva for f in table}
         self._sections = sorted((s.rva, s.end_rva, s.executable, s.writable) for s in image.sections)
         self._section_starts = [s[0] for s in self._sections]
+        self._flags: dict[int, tuple[bool, bool] | None] = {}  # the same targets come up again and again
 
     def section_flags(self, rva: int) -> tuple[bool, bool] | None:
         """(executable, writable) of the section holding ``rva``, or None outside every section."""
+        try:
+            return self._flags[rva]
+        except KeyError:
+            pass
         index = bisect_right(self._section_starts, rva) - 1
+        flags = None
         if index >= 0 and rva < self._sections[index][1]:
-            return self._sections[index][2], self._sections[index][3]
-        return None
+            flags = self._sections[index][2], self._sections[index][3]
+        self._flags[rva] = flags
+        return flags
 
     def classify(self, function: Function, target: int) -> tuple[str, int | str]:
         label = self.iat.get(target)

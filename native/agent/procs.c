@@ -8,6 +8,17 @@
 #include <stdlib.h>
 #include <tlhelp32.h>
 
+/* Fill in a count reserved before the entries were written (NULL: nothing reserved). */
+static void put_u32_at(uint8_t *at, uint32_t value)
+{
+    if (!at)
+        return;
+    at[0] = (uint8_t)value;
+    at[1] = (uint8_t)(value >> 8);
+    at[2] = (uint8_t)(value >> 16);
+    at[3] = (uint8_t)(value >> 24);
+}
+
 #define OPEN_ACCESS                                                                     \
     (PROCESS_QUERY_INFORMATION | PROCESS_VM_OPERATION | PROCESS_VM_READ | PROCESS_VM_WRITE | \
      PROCESS_CREATE_THREAD | PROCESS_SUSPEND_RESUME | SYNCHRONIZE)
@@ -165,12 +176,7 @@ int op_list_processes(request_t *rq)
         } while (Process32NextW(snap, &entry));
     }
     CloseHandle(snap);
-    if (count_at) {
-        count_at[0] = (uint8_t)count;
-        count_at[1] = (uint8_t)(count >> 8);
-        count_at[2] = (uint8_t)(count >> 16);
-        count_at[3] = (uint8_t)(count >> 24);
-    }
+    put_u32_at(count_at, count);
     return ST_OK;
 }
 
@@ -248,12 +254,7 @@ int op_list_modules(request_t *rq)
         } while (Module32NextW(snap, &entry));
     }
     CloseHandle(snap);
-    if (count_at) {
-        count_at[0] = (uint8_t)count;
-        count_at[1] = (uint8_t)(count >> 8);
-        count_at[2] = (uint8_t)(count >> 16);
-        count_at[3] = (uint8_t)(count >> 24);
-    }
+    put_u32_at(count_at, count);
     return ST_OK;
 }
 

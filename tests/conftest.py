@@ -5,13 +5,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from hotpatch.apply.agent import AgentClient, AgentProcessBackend
+from hotpatch.apply.backend import Module
 from hotpatch.winehost import WineMissing, wine_command, wine_session
 from tests.fixtures.build_fixtures import build_all
 from tests.fixtures.cases import Case, load_cases
 from tests.realbins import real_binary
+
+if TYPE_CHECKING:
+    from tests.test_agent import Host
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,3 +64,38 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and reporter.stats.get("skipped") and exitstatus == 0:
         session.exitstatus = 1
+
+
+# ── the native agent and a target process (tests/test_agent.py, tests/test_apply_live.py) ──
+
+
+@pytest.fixture(scope="session")
+def agent_exe() -> Path:
+    from tests.test_agent import _agent_build
+
+    return _agent_build().build_agent(ROOT / "build" / "agent")
+
+
+@pytest.fixture(scope="module")
+def agent(agent_exe: Path, wine_prefix: Path) -> Iterator[AgentClient]:
+    client = AgentClient.start(agent_exe, prefix=wine_prefix, timeout=60)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def dll(built_fixtures: Path) -> Path:
+    """The DLL the module's ``host`` fixture runs (each test module defines its own host)."""
+    return built_fixtures.resolve() / "body_change" / "baseline.dll"
+
+
+@pytest.fixture(scope="module")
+def target(agent: AgentClient, host: Host) -> Iterator[AgentProcessBackend]:
+    with agent.open(host.pid) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="module")
+def module(target: AgentProcessBackend, dll: Path) -> Module:
+    (found,) = [m for m in target.modules() if m.name.lower() == dll.name]
+    return found

@@ -162,23 +162,6 @@ class Host:
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def agent_exe() -> Path:
-    return _agent_build().build_agent(ROOT / "build" / "agent")
-
-
-@pytest.fixture(scope="module")
-def agent(agent_exe: Path, wine_prefix: Path) -> Iterator[AgentClient]:
-    client = AgentClient.start(agent_exe, prefix=wine_prefix, timeout=60)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def dll(built_fixtures: Path) -> Path:
-    return built_fixtures.resolve() / "body_change" / "baseline.dll"
-
-
 @pytest.fixture(scope="module")
 def host(wine_prefix: Path, dll: Path) -> Iterator[Host]:
     running = Host(wine_prefix, dll, ["scale:7"])
@@ -187,18 +170,6 @@ def host(wine_prefix: Path, dll: Path) -> Iterator[Host]:
     assert code == 0, f"host.exe exited with {code}: {stderr}"
     assert any(line.startswith("done ") for line in running.lines), running.lines[-5:]
     assert all(values == (BASELINE,) or set(values) <= {BASELINE, STUB_VALUE} for values in running.observed(0))
-
-
-@pytest.fixture(scope="module")
-def target(agent: AgentClient, host: Host) -> Iterator[AgentProcessBackend]:
-    with agent.open(host.pid) as backend:
-        yield backend
-
-
-@pytest.fixture(scope="module")
-def module(target: AgentProcessBackend, dll: Path) -> Module:
-    (found,) = [m for m in target.modules() if m.name.lower() == dll.name]
-    return found
 
 
 @pytest.fixture(scope="module")

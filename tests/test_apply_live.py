@@ -66,7 +66,7 @@ from hotpatch.package.model import (
     UnwindEntry,
 )
 from tests.fixtures.cases import Call, Case, load_cases
-from tests.test_agent import Host, agent_exe  # noqa: F401 - agent_exe is a fixture
+from tests.test_agent import Host
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = ["scale:7", "add:2,3", "scale_then_xor:10,1"]
@@ -304,17 +304,6 @@ def rich(dll: Path, not_loaded_dll: str | None) -> Rich:
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def agent(agent_exe: Path, wine_prefix: Path) -> Iterator[AgentClient]:  # noqa: F811
-    client = AgentClient.start(agent_exe, prefix=wine_prefix, timeout=60)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def dll(built_fixtures: Path) -> Path:
-    return built_fixtures.resolve() / "body_change" / "baseline.dll"
-
 
 @pytest.fixture(scope="module")
 def host(wine_prefix: Path, dll: Path) -> Iterator[Host]:
@@ -326,17 +315,6 @@ def host(wine_prefix: Path, dll: Path) -> Iterator[Host]:
         seen = {v for values in running.observed(0, name) for v in values}
         assert seen <= allowed, f"{name} returned {sorted(seen - allowed)}"
 
-
-@pytest.fixture(scope="module")
-def target(agent: AgentClient, host: Host) -> Iterator[AgentProcessBackend]:
-    with agent.open(host.pid) as backend:
-        yield backend
-
-
-@pytest.fixture(scope="module")
-def module(target: AgentProcessBackend, dll: Path) -> Module:
-    (found,) = [m for m in target.modules() if m.name.lower() == dll.name]
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -447,6 +447,87 @@ static int apply_writes(request_t *rq, target_t *t, const cwrite_t *writes, uint
     return rq->status;
 }
 
+/* ------------------------------------------------------------------------
+ * Writes while frozen, coalesced: with threads stopped, sites that lie on
+ * adjacent pages are read, checked, patched and written back as one span,
+ * one call each instead of one per site (under Wine every call is a round
+ * trip to the wine server, and the pause is what they add up to).
+ * --------------------------------------------------------------------- */
+#define SPAN_PAGE 4096u
+#define SPAN_MAX (256u * 1024u)
+
+/* The sites' span when every page in it holds a site (so all were unlocked); 0 when not. */
+static uint64_t coalescible_span(const cwrite_t *writes, uint32_t count, uint64_t *low)
+{
+    const cwrite_t **sorted;
+    uint64_t lo, hi, reach;
+    uint32_t i;
+    if (count < 2)
+        return 0;
+    sorted = malloc(count * sizeof *sorted);
+    if (!sorted)
+        return 0;
+    for (i = 0; i < count; i++)
+        sorted[i] = &writes[i];
+    qsort(sorted, count, sizeof *sorted, compare_writes);
+    lo = sorted[0]->address;
+    hi = sorted[0]->address + sorted[0]->length;
+    for (i = 1; i < count; i++) {
+        reach = (hi - 1) / SPAN_PAGE + 1; /* the page after the last one covered so far */
+        if (sorted[i]->address / SPAN_PAGE > reach)
+            break;                        /* a page with no site in between */
+        if (sorted[i]->address + sorted[i]->length > hi)
+            hi = sorted[i]->address + sorted[i]->length;
+    }
+    free(sorted);
+    if (i < count || hi - lo > SPAN_MAX)
+        return 0;
+    *low = lo;
+    return hi - lo;
+}
+
+/* verify + apply_writes for frozen threads, in one read and one write when the span allows. */
+static int apply_frozen(request_t *rq, target_t *t, const cwrite_t *writes, uint32_t count)
+{
+    uint64_t lo = 0, size = coalescible_span(writes, count, &lo);
+    uint8_t *now, *original;
+    uint32_t i;
+    int status;
+    if (size == 0) {
+        status = verify(rq, t, writes, count);
+        return status == ST_OK ? apply_writes(rq, t, writes, count) : status;
+    }
+    now = malloc(2 * size);
+    if (!now)
+        return fail(rq, ST_LIMIT, "no memory for a %llu-byte commit span", (unsigned long long)size);
+    original = now + size;
+    if (read_raw(rq, t, lo, now, size)) {
+        free(now);
+        return rq->status;
+    }
+    memcpy(original, now, size);
+    for (i = 0; i < count; i++) {
+        uint8_t *at = now + (writes[i].address - lo);
+        if (memcmp(at, writes[i].expected, writes[i].length) != 0) {
+            memcpy(rq->data, at, writes[i].length);
+            rq->data_len = writes[i].length;
+            rq->address = writes[i].address;
+            free(now);
+            return fail(rq, ST_MISMATCH, "write %lu: the %u bytes at 0x%llx are not the expected ones",
+                        (unsigned long)i, (unsigned)writes[i].length, (unsigned long long)writes[i].address);
+        }
+        memcpy(at, writes[i].replacement, writes[i].length);
+    }
+    status = write_raw(rq, t, lo, now, size);
+    if (status != ST_OK && write_raw(rq, t, lo, original, size) != ST_OK)
+        status = fail(rq, ST_ROLLBACK_FAILED, "writing the %llu-byte span at 0x%llx failed and so did "
+                      "restoring it: the target holds a partial commit", (unsigned long long)size,
+                      (unsigned long long)lo);
+    FlushInstructionCache(t->process, (LPCVOID)(uintptr_t)lo, (SIZE_T)size);
+    free(now);
+    return status;
+}
+
 static void put_report(request_t *rq, uint64_t pause_ticks, uint64_t total_ticks, uint32_t attempts,
                        uint32_t threads, uint32_t flags)
 {
@@ -549,9 +630,7 @@ int op_commit(request_t *rq)
         } else if (status == ST_OK) {
             frozen_threads = (uint32_t)f.count;
             report = REPORT_SUSPENDED | (f.whole_process ? 0 : REPORT_PER_THREAD);
-            status = verify(rq, t, writes, count);
-            if (status == ST_OK)
-                status = apply_writes(rq, t, writes, count);
+            status = apply_frozen(rq, t, writes, count);
             thaw(&f);
             pause = f.last_resume - f.first_suspend;
         }

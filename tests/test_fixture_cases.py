@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from hotpatch.winehost import WineMissing, windows_path, wine_command, wine_env, wine_session
 from tests.fixtures.build_fixtures import ASLR_IMAGE_BASE, CASE_IMAGE_BASE, build_all, host_exe
 from tests.fixtures.cases import CASES_DIR, Case, load_cases
-from tests.fixtures.wine import WineMissing, windows_path, wine_command, wine_env, wine_session
 
 # Collection needs only the names; outputs are resolved against the real build dir later.
 CASE_NAMES = [case.name for case in load_cases(Path("unbuilt"))]

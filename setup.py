@@ -1,4 +1,4 @@
-"""Build of the compiled parts: the Cython analysis core (against capstone's headers).
+"""Build of the compiled parts: the Cython analysis core (against capstone's headers) and diff kernels.
 
 The core calls capstone through function pointers taken from the library the
 ``capstone`` Python package loads, so only its headers are needed here; the
@@ -33,6 +33,7 @@ core = Extension(
     include_dirs=[capstone_include(), "native"],
     extra_compile_args=["-O2", "-Wno-unused-function"],
 )
+diff_core = Extension("hotpatch._diffcore", ["hotpatch/_diffcore.pyx"], extra_compile_args=["-O2"])
 
 
 class build_py_with_agent(build_py):
@@ -54,6 +55,6 @@ class build_py_with_agent(build_py):
 
 
 setup(
-    ext_modules=cythonize([core], compiler_directives={"language_level": 3}, quiet=True),
+    ext_modules=cythonize([core, diff_core], compiler_directives={"language_level": 3}, quiet=True),
     cmdclass={"build_py": build_py_with_agent},
 )

@@ -44,7 +44,8 @@ def test_diff_end_to_end_core_against_reference(benchmark, rust_pair) -> None:  
 
 def _prefix(table: FunctionTable, share: float) -> FunctionTable:
     count = int(len(table) * share)
-    return FunctionTable(table.image, table.functions[:count], table.analyses[:count], table.context)
+    return FunctionTable(table.image, table.functions[:count], table.analyses[:count], table.context,
+                         table.backend)
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 1.0])

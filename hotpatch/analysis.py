@@ -31,6 +31,7 @@ __all__ = [
     "Reference",
     "backend",
     "decode",
+    "diff_kernels",
     "fingerprint_all",
 ]
 
@@ -144,6 +145,13 @@ def backend() -> ModuleType:
     if _backend is None:
         _backend = _load_backend()
     return _backend
+
+
+def diff_kernels(impl: Any = None) -> ModuleType:
+    """The diff kernels that go with an analysis implementation: compiled with compiled, Python with Python."""
+    impl = impl or backend()
+    compiled = getattr(impl, "IMPLEMENTATION", None) == "cython"
+    return importlib.import_module("hotpatch._diffcore" if compiled else "hotpatch._diffreference")
 
 
 @contextmanager

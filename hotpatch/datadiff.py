@@ -140,7 +140,7 @@ def _content_key(items: DataItems, rva: int) -> bytes:
 def _same_named_data(a: FunctionTable, b: FunctionTable, pairing: _Pairing) -> list[tuple[int, int]]:
     """Data symbols of the same name that code references on both sides."""
     def named(table: FunctionTable, targets: TargetClassifier) -> dict[str, int]:
-        referenced = _data_of(table, targets, {f.rva for f in table})
+        referenced = targets.all_data_targets()
         seen: dict[str, list[int]] = {}
         for symbol in table.image.symbols:
             if symbol.rva in referenced:
@@ -152,14 +152,11 @@ def _same_named_data(a: FunctionTable, b: FunctionTable, pairing: _Pairing) -> l
 
 
 def _data_of(table: FunctionTable, targets: TargetClassifier, rvas: set[int]) -> set[int]:
-    out = set()
+    out: set[int] = set()
     for rva in rvas:
         function = table.at(rva)
-        if function is None:
-            continue
-        for ref in table.analysis_of(function).raw_refs:
-            if targets.is_data(ref[4]) and ref[4] not in targets.iat:
-                out.add(ref[4])
+        if function is not None:
+            out |= targets.data_targets(function)
     return out
 
 

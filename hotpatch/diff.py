@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .align import aligned_indices
 from .datadiff import DataChange, diff_data
 from .dataitems import DataItems, items_equal
 from .functions import Function, FunctionTable, discover
 from .image import Image
-from .matching import Match, instruction_tokens, match_functions
+from .matching import Match, match_functions
+from .refkinds import JUMP_TABLE
+from .streams import InstructionStreams
 from .targets import CODE, DATA, FUNCTION, IMPORT, OTHER, TargetClassifier
 
 __all__ = ["DataChange", "DiffResult", "FunctionDiff", "diff"]
@@ -56,6 +57,8 @@ class DiffResult:
     #: baseline data RVA -> patched data RVA (through matched instructions and identical content)
     data_map: dict[int, int] = field(repr=False)
     evidence: Any = field(repr=False, default=None)
+    #: the token streams and alignments the diff computed (``hotpatch.streams.InstructionStreams``)
+    streams: Any = field(repr=False, default=None)
 
     def summary(self) -> dict[str, int]:
         counts = Counter(f.status for f in self.functions)
@@ -90,14 +93,17 @@ def diff(baseline: Image | FunctionTable | str | Path, patched: Image | Function
 
     table_a = _table(baseline)
     table_b = _table(patched)
-    matches = match_functions(table_a, table_b)
+    streams = InstructionStreams(table_a, table_b)
+    matches = match_functions(table_a, table_b, streams)
     function_map = {a: m.patched_rva for a, m in matches.items()}
-    pairing = _Pairing(table_a, table_b, function_map)
+    pairing = _Pairing(table_a, table_b, function_map, streams)
     functions = pairing.classify(matches)
     data, data_map = diff_data(table_a, table_b, functions, function_map, pairing)
-    result = DiffResult(table_a, table_b, tuple(functions), tuple(data), None, function_map, data_map)
+    result = DiffResult(table_a, table_b, tuple(functions), tuple(data), None, function_map, data_map,
+                        streams=streams)
     verdict, evidence = decide(result, allow_layout_change=allow_layout_change)
-    return DiffResult(table_a, table_b, tuple(functions), tuple(data), verdict, function_map, data_map, evidence)
+    return DiffResult(table_a, table_b, tuple(functions), tuple(data), verdict, function_map, data_map, evidence,
+                      streams)
 
 
 def _table(source: Image | FunctionTable | str | Path) -> FunctionTable:
@@ -113,8 +119,10 @@ def _table(source: Image | FunctionTable | str | Path) -> FunctionTable:
 class _Pairing:
     """Pairs the references of matched functions and judges whether they still mean the same."""
 
-    def __init__(self, a: FunctionTable, b: FunctionTable, function_map: dict[int, int]) -> None:
+    def __init__(self, a: FunctionTable, b: FunctionTable, function_map: dict[int, int],
+                 streams: InstructionStreams) -> None:
         self.a, self.b = a, b
+        self.streams = streams
         self.function_map = function_map
         self.targets_a = TargetClassifier(a)
         self.targets_b = TargetClassifier(b)
@@ -126,8 +134,8 @@ class _Pairing:
 
     def items(self) -> tuple[DataItems, DataItems]:
         if self._items is None:
-            self._items = (DataItems(self.a, self.targets_a, _data_targets(self.a, self.targets_a)),
-                           DataItems(self.b, self.targets_b, _data_targets(self.b, self.targets_b)))
+            self._items = (DataItems(self.a, self.targets_a, self.targets_a.all_data_targets()),
+                           DataItems(self.b, self.targets_b, self.targets_b.all_data_targets()))
         return self._items
 
     def classify(self, matches: dict[int, Match]) -> list[FunctionDiff]:
@@ -172,7 +180,7 @@ class _Pairing:
         rvas_a = list(self.a.analysis_of(fa).insn_rvas)
         rvas_b = list(self.b.analysis_of(fb).insn_rvas)
         pairs = []
-        for i, j in aligned_indices(instruction_tokens(self.a, fa), instruction_tokens(self.b, fb)):
+        for i, j in self.streams.aligned(fa, fb):
             left = by_insn_a.get(rvas_a[i], [])
             right = by_insn_b.get(rvas_b[j], [])
             if len(left) == len(right):
@@ -186,7 +194,13 @@ class _Pairing:
             changes.add("code")
         rodata: list[tuple[int, int]] = []
         votes = self.data_votes["unchanged" if same_code else "changed"]
+        # Equal fingerprints already say that branches inside the function and imports are the same.
+        begin, end = (fa.rva, fa.end_rva) if same_code else (0, 0)
+        iat = self.targets_a.iat if same_code else {}
         for ra, rb in self.ref_pairs(fa, fb):
+            target = ra[4]
+            if begin <= target < end and ra[0] != JUMP_TABLE or target in iat:
+                continue
             kind_a, value_a = self.targets_a.classify(fa, ra[4])
             kind_b, value_b = self.targets_b.classify(fb, rb[4])
             if kind_a != kind_b:
@@ -216,13 +230,3 @@ class _Pairing:
         if owner_a is None or owner_b is None:
             return False
         return self.function_map.get(owner_a.rva) == owner_b.rva and rva_a - owner_a.rva == rva_b - owner_b.rva
-
-
-def _data_targets(table: FunctionTable, targets: TargetClassifier) -> set[int]:
-    out = set()
-    for analysis in table.analyses:
-        for ref in analysis.raw_refs:
-            target = ref[4]
-            if targets.is_data(target) and target not in targets.iat:
-                out.add(target)
-    return out

@@ -16,7 +16,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
-from .analysis import AnalysisContext, FunctionAnalysis, decode, fingerprint_all
+from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
 from .image import Image, Section, UnwindInfo
 from .refkinds import IAT_JUMP
 
@@ -68,6 +68,8 @@ class FunctionTable:
     functions: tuple[Function, ...]
     analyses: tuple[FunctionAnalysis, ...]
     context: AnalysisContext
+    #: the analysis implementation that made it (``hotpatch._core`` or ``_reference``); the diff uses its twin
+    backend: Any = None
 
     def __len__(self) -> int:
         return len(self.functions)
@@ -150,7 +152,7 @@ class FunctionTable:
 def discover(image: Image, impl: Any = None) -> FunctionTable:
     """Find, bound and analyse every function of ``image``."""
     ctx = AnalysisContext.from_image(image)
-    executable = image.executable_sections
+    code = _CodeSections(image)
     pdata = {f.begin_rva: f for f in image.runtime_functions}
     # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
     owned = sorted((begin, end) for f in image.runtime_functions for begin, end in
@@ -165,8 +167,11 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
     sources: dict[int, set[str]] = {rva: {"pdata"} for rva in pdata}
     names: dict[int, str] = {}
 
+    def acceptable(rva: int) -> bool:
+        return code.section_of(rva) is not None and not inside_pdata(rva)
+
     def add(rva: int, source: str, name: str | None = None) -> bool:
-        if not any(s.contains_rva(rva) for s in executable) or inside_pdata(rva):
+        if not acceptable(rva):
             return False
         new = rva not in sources
         sources.setdefault(rva, set()).add(source)
@@ -184,25 +189,31 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
         add(image.entry_rva, "entry")
     for thunk in _import_thunks(image):
         add(thunk, "thunk")
+    memory, base = image.memory, image.image_base
+    decodable: dict[int, bool] = {}
     for reloc in image.relocations:
-        if image.is_executable_rva(reloc):
+        if code.section_of(reloc) is not None:
             continue  # pointers inside code are references of that code, not function starts
-        target = int.from_bytes(image.memory[reloc:reloc + 8], "little") - image.image_base
+        target = int.from_bytes(memory[reloc:reloc + 8], "little") - base
+        if not 0 <= target < len(memory) or not acceptable(target):
+            continue
         # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
-        if 0 <= target < len(image.memory) and _starts_with_instruction(image.memory, target):
+        if target not in decodable:
+            decodable[target] = _starts_with_instruction(memory, target)
+        if decodable[target]:
             add(target, "pointer")
 
     # Follow direct calls until no new function appears; decodes are cached by range.
     decoded: dict[tuple[int, tuple[tuple[int, int], ...]], FunctionAnalysis] = {}
     while True:
-        layout = _layout(image, sources, pdata, executable)
+        layout = _layout(code, sources, pdata)
         todo = [item for item in layout if item not in decoded]
         for item, analysis in zip(todo, decode(ctx, todo, impl)):
             decoded[item] = analysis
+        targets = {target for item in todo for target in decoded[item].call_targets()}
         found = False
-        for item in todo:
-            for target in decoded[item].call_targets():
-                found |= add(target, "call")
+        for target in targets:
+            found |= add(target, "call")
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
@@ -226,8 +237,8 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
             unwind=runtime.unwind if runtime else None,
             fingerprint=analysis.fingerprint,
         ))
-    functions = _with_padding(image, functions)
-    return FunctionTable(image, tuple(functions), tuple(final), ctx)
+    functions = _with_padding(image, code, functions)
+    return FunctionTable(image, tuple(functions), tuple(final), ctx, impl or backend())
 
 
 _THUNK_RE = re.compile(rb"\xff\x25(....)", re.DOTALL)
@@ -266,8 +277,22 @@ def _starts_with_instruction(memory: bytes, rva: int) -> bool:
     return any(True for _ in _QUICK_DECODER.disasm_lite(memory[rva:rva + 15], rva, 1))
 
 
-def _layout(image: Image, sources: dict[int, set[str]], pdata: dict[int, Any],
-            executable: tuple[Section, ...]) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
+class _CodeSections:
+    """The executable sections of an image, found by bisection."""
+
+    def __init__(self, image: Image) -> None:
+        self.sections = sorted(image.executable_sections, key=lambda s: s.rva)
+        self.starts = [s.rva for s in self.sections]
+
+    def section_of(self, rva: int) -> Section | None:
+        index = bisect_right(self.starts, rva) - 1
+        if index >= 0 and rva < self.sections[index].end_rva:
+            return self.sections[index]
+        return None
+
+
+def _layout(code: _CodeSections, sources: dict[int, set[str]],
+            pdata: dict[int, Any]) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
     """(rva, ranges) of every known function; functions without .pdata end before the next start."""
     starts = sorted(sources)
     out = []
@@ -276,7 +301,8 @@ def _layout(image: Image, sources: dict[int, set[str]], pdata: dict[int, Any],
         if runtime is not None:
             out.append((rva, ((rva, runtime.end_rva),) + runtime.fragments))
             continue
-        section = next(s for s in executable if s.contains_rva(rva))
+        section = code.section_of(rva)
+        assert section is not None
         limit = min(section.rva + section.virtual_size if section.virtual_size else section.end_rva,
                     section.end_rva)
         if index + 1 < len(starts):
@@ -302,13 +328,13 @@ def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],
     return rva, ((begin, max(end, begin + 1)),)
 
 
-def _with_padding(image: Image, functions: list[Function]) -> list[Function]:
+def _with_padding(image: Image, code: _CodeSections, functions: list[Function]) -> list[Function]:
     """Usable int3/nop runs between neighbours: the run ending at each entry and the one after each end."""
     memory = image.memory
     out = []
-    sections = image.executable_sections
     for index, function in enumerate(functions):
-        section = next(s for s in sections if s.contains_rva(function.rva))
+        section = code.section_of(function.rva)
+        assert section is not None
         gap_start = functions[index - 1].end_rva if index > 0 and functions[index - 1].end_rva >= section.rva \
             else section.rva
         gap_start = max(gap_start, section.rva)

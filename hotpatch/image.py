@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,10 +215,19 @@ class Image:
     # ── addresses ───────────────────────────────────────────────────────
 
     def section_from_rva(self, rva: int) -> Section | None:
-        for section in self.sections:
-            if section.contains_rva(rva):
-                return section
-        return None
+        starts, ends, ordered = self._section_index
+        index = bisect_right(starts, rva) - 1
+        return ordered[index] if index >= 0 and rva < ends[index] else None
+
+    @property
+    def _section_index(self) -> tuple[list[int], list[int], list[Section]]:
+        """Sections by RVA for bisection (loading refuses overlapping sections, so at most one holds an RVA)."""
+        cached = self.__dict__.get("_section_index_cache")
+        if cached is None:
+            ordered = sorted(self.sections, key=lambda s: s.rva)
+            cached = ([s.rva for s in ordered], [s.end_rva for s in ordered], ordered)
+            object.__setattr__(self, "_section_index_cache", cached)
+        return cached
 
     def is_executable_rva(self, rva: int) -> bool:
         section = self.section_from_rva(rva)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import capstone
 
@@ -58,7 +59,7 @@ def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
         name = entry.patched.label
-        moved, sizes = _compare(md, result.baseline, entry.baseline, result.patched, entry.patched)
+        moved, sizes = _compare(md, result, entry.baseline, entry.patched)
         for delta, displacement in moved:
             shifts[delta][displacement].add(name)
         evidence.extend(LayoutEvidence(name, "allocation_size", f"{name}: allocation size changed from "
@@ -78,34 +79,35 @@ def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
 Insn = tuple[int, str, str]
 
 
-def _differing_instructions(md: capstone.Cs, table_a: FunctionTable, fa: Function, table_b: FunctionTable,
-                            fb: Function) -> tuple[list[Insn], list[Insn]]:
-    """Both functions' instructions, less the common prefix and suffix of byte-identical ones.
+def _differing_runs(md: capstone.Cs, result: DiffResult, fa: Function,
+                    fb: Function) -> Iterator[tuple[list[Insn], list[Insn]]]:
+    """Decoded runs of instructions the token alignment left unpaired, facing each other.
 
-    Identical instructions cannot show a moved displacement or a changed size.
+    Aligned instructions are equal but for their reference operands (RIP-relative
+    addresses, branch targets), so they cannot show a moved field or a changed
+    allocation size; only what lies between them is worth decoding.
     """
-    def raw(table: FunctionTable, function: Function) -> list[tuple[int, bytes]]:
-        rvas = list(table.analysis_of(function).insn_rvas)
-        memory = table.image.memory
-        ends = rvas[1:] + [function.end_rva]
-        return [(rva, memory[rva:end]) for rva, end in zip(rvas, ends) if function.rva <= rva < function.end_rva]
+    rvas_a = result.baseline.analysis_of(fa).insn_rvas
+    rvas_b = result.patched.analysis_of(fb).insn_rvas
+    previous_i = previous_j = -1
+    for i, j in [*result.streams.aligned(fa, fb), (len(rvas_a), len(rvas_b))]:
+        if i - previous_i > 1 and j - previous_j > 1:
+            yield (_decoded(md, result.baseline, fa, rvas_a, previous_i + 1, i),
+                   _decoded(md, result.patched, fb, rvas_b, previous_j + 1, j))
+        previous_i, previous_j = i, j
 
-    raw_a, raw_b = raw(table_a, fa), raw(table_b, fb)
-    prefix = 0
-    while prefix < min(len(raw_a), len(raw_b)) and raw_a[prefix][1] == raw_b[prefix][1]:
-        prefix += 1
-    suffix = 0
-    while suffix < min(len(raw_a), len(raw_b)) - prefix and raw_a[-1 - suffix][1] == raw_b[-1 - suffix][1]:
-        suffix += 1
 
-    def decoded(table: FunctionTable, items: list[tuple[int, bytes]]) -> list[Insn]:
-        if not items:
-            return []
-        begin, end = items[0][0], items[-1][0] + len(items[-1][1])
-        return [(rva, mnemonic, operands) for rva, _, mnemonic, operands
-                in md.disasm_lite(table.image.read(begin, end - begin), begin)]
-
-    return decoded(table_a, raw_a[prefix:len(raw_a) - suffix]), decoded(table_b, raw_b[prefix:len(raw_b) - suffix])
+def _decoded(md: capstone.Cs, table: FunctionTable, function: Function, rvas: Any, first: int,
+             stop: int) -> list[Insn]:
+    """Instructions ``first`` to ``stop`` (exclusive) of ``function`` that lie in its primary range."""
+    inside = [k for k in range(first, stop) if function.rva <= rvas[k] < function.end_rva]
+    if not inside:
+        return []
+    begin = rvas[inside[0]]
+    end = rvas[inside[-1] + 1] if inside[-1] + 1 < len(rvas) else function.end_rva
+    end = min(max(end, begin + 1), function.end_rva)
+    return [(rva, mnemonic, operands) for rva, _, mnemonic, operands
+            in md.disasm_lite(table.image.read(begin, end - begin), begin)]
 
 
 def _token(insn: Insn) -> tuple[str, str]:
@@ -122,25 +124,28 @@ def _displacement(operands: str) -> tuple[str, int] | None:
     return match.group("base"), -value if match.group("sign") == "-" else value
 
 
-def _compare(md: capstone.Cs, table_a: FunctionTable, fa: Function, table_b: FunctionTable,
+def _compare(md: capstone.Cs, result: DiffResult, fa: Function,
              fb: Function) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(delta, old displacement) of moved structure fields, and (old, new) allocation sizes."""
-    insns_a, insns_b = _differing_instructions(md, table_a, fa, table_b, fb)
     moved: list[tuple[int, int]] = []
     sizes: list[tuple[int, int]] = []
-    allocator_calls_a = _allocator_calls(table_a, fa)
-    allocator_calls_b = _allocator_calls(table_b, fb)
-    for i, j in aligned_indices([_token(x) for x in insns_a], [_token(x) for x in insns_b]):
-        ia, ib = insns_a[i], insns_b[j]
-        if ia[2] == ib[2]:
-            continue
-        # lea computes with its "displacement" (x * 3 + 2); only real memory accesses reach fields
-        old, new = (None, None) if ia[1] == "lea" else (_displacement(ia[2]), _displacement(ib[2]))
-        if old is not None and new is not None and old[0] == new[0] and old[1] != new[1]:
-            moved.append((new[1] - old[1], old[1]))
-        size_a, size_b = _allocator_size(ia, allocator_calls_a), _allocator_size(ib, allocator_calls_b)
-        if size_a is not None and size_b is not None and size_a != size_b:
-            sizes.append((size_a, size_b))
+    allocator_calls: tuple[set[int], set[int]] | None = None
+    for insns_a, insns_b in _differing_runs(md, result, fa, fb):
+        for i, j in aligned_indices([_token(x) for x in insns_a], [_token(x) for x in insns_b]):
+            ia, ib = insns_a[i], insns_b[j]
+            if ia[2] == ib[2]:
+                continue
+            # lea computes with its "displacement" (x * 3 + 2); only real memory accesses reach fields
+            old, new = (None, None) if ia[1] == "lea" else (_displacement(ia[2]), _displacement(ib[2]))
+            if old is not None and new is not None and old[0] == new[0] and old[1] != new[1]:
+                moved.append((new[1] - old[1], old[1]))
+            if ia[1] != "mov" or ib[1] != "mov":
+                continue
+            if allocator_calls is None:
+                allocator_calls = _allocator_calls(result.baseline, fa), _allocator_calls(result.patched, fb)
+            size_a, size_b = _allocator_size(ia, allocator_calls[0]), _allocator_size(ib, allocator_calls[1])
+            if size_a is not None and size_b is not None and size_a != size_b:
+                sizes.append((size_a, size_b))
     return moved, sizes
 
 

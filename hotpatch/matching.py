@@ -12,13 +12,13 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from difflib import SequenceMatcher
 
 from .align import opcodes
 from .functions import Function, FunctionTable
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32
+from .streams import InstructionStreams
 
-__all__ = ["Match", "match_functions", "instruction_tokens", "SIMILARITY_THRESHOLD"]
+__all__ = ["Match", "match_functions", "SIMILARITY_THRESHOLD"]
 
 SIMILARITY_THRESHOLD = 0.6
 #: candidates per function on each side of its size (keeps the stage linear in the number of functions)
@@ -36,9 +36,10 @@ class Match:
 
 
 class _Matcher:
-    def __init__(self, baseline: FunctionTable, patched: FunctionTable) -> None:
+    def __init__(self, baseline: FunctionTable, patched: FunctionTable, streams: InstructionStreams) -> None:
         self.baseline = baseline
         self.patched = patched
+        self.streams = streams
         self.forward: dict[int, Match] = {}
         self.backward: dict[int, int] = {}
 
@@ -56,9 +57,10 @@ class _Matcher:
         return [f for f in self.patched if f.rva not in self.backward]
 
 
-def match_functions(baseline: FunctionTable, patched: FunctionTable) -> dict[int, Match]:
+def match_functions(baseline: FunctionTable, patched: FunctionTable,
+                    streams: InstructionStreams | None = None) -> dict[int, Match]:
     """Baseline RVA -> Match for every function that has a counterpart."""
-    m = _Matcher(baseline, patched)
+    m = _Matcher(baseline, patched, streams or InstructionStreams(baseline, patched))
     _by_unique_key(m, lambda f: f.name, "name")
     _by_unique_key(m, lambda f: f.fingerprint, "fingerprint")
     _by_call_graph(m)
@@ -169,36 +171,6 @@ def _lone_pair(m: _Matcher, left: Iterable[int], right: Iterable[int]) -> list[t
     return [(free_left[0], free_right[0])] if len(free_left) == 1 and len(free_right) == 1 else []
 
 
-def instruction_tokens(table: FunctionTable, function: Function) -> list[bytes]:
-    """Each instruction's bytes with its reference operands zeroed (cached per table)."""
-    cache: dict[int, list[bytes]] = table.__dict__.setdefault("_token_cache", {})
-    cached = cache.get(function.rva)
-    if cached is not None:
-        return cached
-    analysis = table.analysis_of(function)
-    memory = table.image.memory
-    masks: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    for _, insn_rva, offset, size, _ in analysis.raw_refs:
-        if size:
-            masks[insn_rva].append((offset, size))
-    rvas = list(analysis.insn_rvas)
-    ends = rvas[1:] + [function.end_rva]
-    tokens = []
-    for rva, end in zip(rvas, ends):
-        if not rva < end <= rva + 15:
-            end = rva + 1  # the last instruction of a fragment, or undecodable bytes
-        masked = masks.get(rva)
-        if masked is None:
-            tokens.append(memory[rva:end])
-            continue
-        raw = bytearray(memory[rva:end])
-        for offset, size in masked:
-            raw[offset:offset + size] = bytes(min(size, max(0, len(raw) - offset)))
-        tokens.append(bytes(raw))
-    cache[function.rva] = tokens
-    return tokens
-
-
 def _by_fingerprint_groups(m: _Matcher) -> None:
     """Identical functions present as often on both sides (template copies): paired in address order."""
     left: dict[str, list[int]] = defaultdict(list)
@@ -223,7 +195,6 @@ def _by_similarity(m: _Matcher) -> None:
     count_a = {f.rva: m.baseline.analysis_of(f).instruction_count for f in left}
     right_sorted = sorted(right, key=lambda f: m.patched.analysis_of(f).instruction_count)
     counts_b = [m.patched.analysis_of(f).instruction_count for f in right_sorted]
-    tokens_b: dict[int, list[bytes]] = {}
     scored: list[tuple[float, int, int]] = []
     for fa in left:
         na = count_a[fa.rva]
@@ -231,17 +202,11 @@ def _by_similarity(m: _Matcher) -> None:
             continue
         middle = bisect_left(counts_b, na)
         candidates = right_sorted[max(0, middle - SIMILARITY_CANDIDATES):middle + SIMILARITY_CANDIDATES]
-        tokens_a = instruction_tokens(m.baseline, fa)
         for fb in candidates:
             nb = m.patched.analysis_of(fb).instruction_count
             if not nb or max(na, nb) > 2 * min(na, nb):
                 continue
-            if fb.rva not in tokens_b:
-                tokens_b[fb.rva] = instruction_tokens(m.patched, fb)
-            matcher = SequenceMatcher(None, tokens_a, tokens_b[fb.rva], autojunk=False)
-            if matcher.real_quick_ratio() < SIMILARITY_THRESHOLD or matcher.quick_ratio() < SIMILARITY_THRESHOLD:
-                continue
-            score = matcher.ratio() if na * nb <= MAX_RATIO_WORK else matcher.quick_ratio()
+            score = m.streams.similarity(fa, fb, SIMILARITY_THRESHOLD, MAX_RATIO_WORK)
             if score >= SIMILARITY_THRESHOLD:
                 scored.append((score, fa.rva, fb.rva))
     for score, a, b in sorted(scored, key=lambda s: (-s[0], s[1], s[2])):

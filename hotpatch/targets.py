@@ -24,37 +24,45 @@ class Target:
 
 
 class TargetClassifier:
-    """Classifies reference targets of one image; cheap enough for every reference."""
+    """Classifies reference targets of one image; cheap enough for every reference (the same targets
+    come up again and again, so what does not depend on the referencing function is cached)."""
 
     def __init__(self, table: FunctionTable) -> None:
         image = table.image
         self.table = table
         self.iat = table.context.iat
         self.starts = {f.rva for f in table}
-        self._sections = sorted((s.rva, s.end_rva, s.executable, s.writable) for s in image.sections)
+        self._sections = sorted((s.rva, s.end_rva, (s.executable, s.writable)) for s in image.sections)
         self._section_starts = [s[0] for s in self._sections]
-        self._flags: dict[int, tuple[bool, bool] | None] = {}  # the same targets come up again and again
+        self._class: dict[int, tuple[str, int | str]] = {}
+        self._data_targets: dict[int, frozenset[int]] = {}
 
     def section_flags(self, rva: int) -> tuple[bool, bool] | None:
         """(executable, writable) of the section holding ``rva``, or None outside every section."""
-        try:
-            return self._flags[rva]
-        except KeyError:
-            pass
         index = bisect_right(self._section_starts, rva) - 1
-        flags = None
-        if index >= 0 and rva < self._sections[index][1]:
-            flags = self._sections[index][2], self._sections[index][3]
-        self._flags[rva] = flags
-        return flags
+        if index >= 0:
+            begin, end, flags = self._sections[index]
+            if rva < end:
+                return flags
+        return None
 
     def classify(self, function: Function, target: int) -> tuple[str, int | str]:
+        found = self._class.get(target)
+        if found is None:
+            found = self._class[target] = self._classify_outside(target)
+        if found[0] is not IMPORT:
+            if function.rva <= target < function.end_rva:
+                return SELF, target - function.rva
+            for begin, end in function.fragments:
+                if begin <= target < end:
+                    return SELF, target - function.rva
+        return found
+
+    def _classify_outside(self, target: int) -> tuple[str, int | str]:
+        """What ``target`` is when it is not inside the referencing function."""
         label = self.iat.get(target)
         if label is not None:
             return IMPORT, label.decode()
-        for begin, end in function.ranges:
-            if begin <= target < end:
-                return SELF, target - function.rva
         if target in self.starts:
             return FUNCTION, target
         flags = self.section_flags(target)
@@ -69,3 +77,19 @@ class TargetClassifier:
     def is_writable_data(self, rva: int) -> bool:
         flags = self.section_flags(rva)
         return flags is not None and flags[1] and not flags[0]
+
+    def data_targets(self, function: Function) -> frozenset[int]:
+        """The data (not import slots) that ``function``'s references point at."""
+        found = self._data_targets.get(function.rva)
+        if found is None:
+            targets = {ref[4] for ref in self.table.analysis_of(function).raw_refs}
+            found = self._data_targets[function.rva] = frozenset(
+                t for t in targets if self.is_data(t) and t not in self.iat)
+        return found
+
+    def all_data_targets(self) -> set[int]:
+        """The data every function of the image references."""
+        out: set[int] = set()
+        for function in self.table:
+            out |= self.data_targets(function)
+        return out

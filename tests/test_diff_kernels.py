@@ -1,0 +1,95 @@
+"""The diff kernels: compiled (hotpatch._diffcore) and reference (_diffreference) agree."""
+
+from __future__ import annotations
+
+import random
+from array import array
+from pathlib import Path
+
+import pytest
+
+from hotpatch import Image, discover
+from hotpatch import _diffcore as compiled
+from hotpatch import _diffreference as reference
+from hotpatch import _reference as reference_analysis
+from hotpatch.analysis import diff_kernels
+from hotpatch.diff import diff
+from hotpatch.matching import MAX_RATIO_WORK, SIMILARITY_THRESHOLD
+from tests.realbins import real_binary
+
+
+def test_compiled_kernels_go_with_the_compiled_core() -> None:
+    assert diff_kernels().IMPLEMENTATION == "cython"
+    assert diff_kernels(reference_analysis).IMPLEMENTATION == "python"
+
+
+def _edited(rng: random.Random, a: list[int], alphabet: int) -> list[int]:
+    b = list(a)
+    for _ in range(rng.randint(0, 8)):
+        roll = rng.random()
+        if roll < 0.3 and b:
+            del b[rng.randrange(len(b))]
+        elif roll < 0.6:
+            b.insert(rng.randrange(len(b) + 1), rng.randrange(alphabet))
+        elif b:
+            b[rng.randrange(len(b))] = rng.randrange(alphabet)
+    return b
+
+
+def test_kernels_agree_on_random_streams() -> None:
+    rng = random.Random(20261127)
+    for _ in range(4000):
+        alphabet = rng.choice([2, 3, 5, 20, 500])
+        a = [rng.randrange(alphabet) for _ in range(rng.randint(0, 80))]
+        b = _edited(rng, a, alphabet) if rng.random() < 0.6 else [rng.randrange(alphabet)
+                                                                   for _ in range(rng.randint(0, 80))]
+        a_ids, b_ids = array("I", a), array("I", b)
+        assert compiled.aligned_indices(a_ids, b_ids) == reference.aligned_indices(a_ids, b_ids), (a, b)
+        for threshold, work in ((0.0, 10**6), (SIMILARITY_THRESHOLD, 10**6), (0.0, 100)):
+            assert compiled.similarity(a_ids, b_ids, threshold, work) == \
+                reference.similarity(a_ids, b_ids, threshold, work), (a, b, threshold, work)
+
+
+def test_kernels_agree_on_a_real_pair() -> None:
+    """Tokens of every function, and the alignment and score of every changed pair, of _rust.pyd 43.0.0 -> 43.0.1."""
+    result = diff(real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd"),
+                  real_binary("cryptography", "43.0.1", "cryptography/hazmat/bindings/_rust.pyd"))
+    fast_intern: dict[bytes, int] = {}
+    slow_intern: dict[bytes, int] = {}
+
+    def tokens(table, function, kernels, intern):  # type: ignore[no-untyped-def]
+        analysis = table.analysis_of(function)
+        return kernels.token_ids(table.image.memory, analysis.insn_rvas, function.end_rva, analysis.raw_refs, intern)
+
+    pairs = 0
+    for entry in result.functions:
+        if entry.status != "changed" or "code" not in entry.changes:
+            continue
+        fast = [tokens(t, f, compiled, fast_intern) for t, f in ((result.baseline, entry.baseline),
+                                                                  (result.patched, entry.patched))]
+        slow = [tokens(t, f, reference, slow_intern) for t, f in ((result.baseline, entry.baseline),
+                                                                  (result.patched, entry.patched))]
+        assert fast == slow
+        assert compiled.aligned_indices(*fast) == reference.aligned_indices(*slow)
+        assert compiled.similarity(*fast, 0.0, MAX_RATIO_WORK) == reference.similarity(*slow, 0.0, MAX_RATIO_WORK)
+        pairs += 1
+    assert pairs > 1000
+
+
+def _comparable(result) -> tuple:  # type: ignore[no-untyped-def]
+    functions = [(f.status, f.baseline and f.baseline.rva, f.patched and f.patched.rva, f.match, f.similarity,
+                  f.changes) for f in result.functions]
+    return functions, [d.to_json() for d in result.data], result.verdict.to_json(), sorted(result.data_map.items())
+
+
+@pytest.mark.parametrize("stripped", [False, True], ids=["symbols", "stripped"])
+def test_reference_diff_equals_compiled_diff_on_every_case(built_fixtures: Path, stripped: bool) -> None:
+    suffix = "-stripped.dll" if stripped else ".dll"
+    cases = sorted(p for p in built_fixtures.iterdir() if (p / f"baseline{suffix}").is_file())
+    assert len(cases) >= 20
+    for case in cases:
+        images = [Image.load(case / f"{side}{suffix}") for side in ("baseline", "patched")]
+        fast = diff(discover(images[0]), discover(images[1]))
+        slow = diff(discover(images[0], impl=reference_analysis), discover(images[1], impl=reference_analysis))
+        assert fast.streams.kernels is compiled and slow.streams.kernels is reference
+        assert _comparable(fast) == _comparable(slow), case.name

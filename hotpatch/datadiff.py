@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .dataitems import DataItems, items_equal
+from .dataitems import DataItems
 from .functions import FunctionTable
 from .targets import TargetClassifier
 
@@ -50,7 +50,7 @@ def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff],
 
     # mapped items whose content differs
     for rva_a, rva_b in sorted(data_map.items()):
-        if rva_a in pairing.jump_tables_a or items_equal(items_a, items_b, rva_a, rva_b, function_map):
+        if rva_a in pairing.jump_tables_a or pairing.items_equal(rva_a, rva_b):
             continue
         writable = pairing.targets_a.is_writable_data(rva_a)
         kind = "changed_writable_data" if writable else "changed_rodata"
@@ -121,7 +121,7 @@ def _data_map(a: FunctionTable, b: FunctionTable, pairing: _Pairing, functions: 
         for rva_a in left:
             key = (pairing.targets_a.is_writable_data(rva_a), _content_key(items_a, rva_a))
             same = [rva_b for rva_b in by_key.get(key, ()) if rva_b not in taken
-                    and items_equal(items_a, items_b, rva_a, rva_b, function_map)]
+                    and pairing.items_equal(rva_a, rva_b)]
             if len(same) == 1:
                 pair(rva_a, same[0])
     return data_map

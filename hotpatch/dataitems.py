@@ -28,7 +28,7 @@ class DataItems:
         image = table.image
         self.image = image
         self.classifier = classifier
-        starts = {rva for rva in referenced if classifier.is_data(rva)}
+        starts = classifier.only_data(referenced)
         memory = image.memory
         for slot in image.relocations:
             target = int.from_bytes(memory[slot:slot + 8], "little") - image.image_base

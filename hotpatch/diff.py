@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .analysis import gc_paused
 from .datadiff import DataChange, diff_data
 from .dataitems import DataItems, items_equal
 from .functions import Function, FunctionTable, discover
@@ -89,6 +90,12 @@ class DiffResult:
 def diff(baseline: Image | FunctionTable | str | Path, patched: Image | FunctionTable | str | Path,
          allow_layout_change: bool = False) -> DiffResult:
     """Diff two versions of one module; the verdict says whether a hotpatch can carry the update."""
+    with gc_paused():
+        return _diff(baseline, patched, allow_layout_change)
+
+
+def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | FunctionTable | str | Path,
+          allow_layout_change: bool) -> DiffResult:
     from .verdict import decide
 
     table_a = _table(baseline)
@@ -129,6 +136,7 @@ class _Pairing:
         #: (baseline data rva, patched data rva) -> number of instruction pairs that say so; per source
         self.data_votes: dict[str, Counter[tuple[int, int]]] = {"unchanged": Counter(), "changed": Counter()}
         self._items: tuple[DataItems, DataItems] | None = None
+        self._items_equal: dict[tuple[int, int], bool] = {}
         #: jump tables are compared through the fingerprint (targets relative to the function), not as bytes
         self.jump_tables_a = {t[1] for analysis in a.analyses for t in analysis.raw_tables}
 
@@ -137,6 +145,15 @@ class _Pairing:
             self._items = (DataItems(self.a, self.targets_a, self.targets_a.all_data_targets()),
                            DataItems(self.b, self.targets_b, self.targets_b.all_data_targets()))
         return self._items
+
+    def items_equal(self, rva_a: int, rva_b: int) -> bool:
+        """``dataitems.items_equal`` of the two images' items (remembered: many functions read the same data)."""
+        key = (rva_a, rva_b)
+        found = self._items_equal.get(key)
+        if found is None:
+            items_a, items_b = self.items()
+            found = self._items_equal[key] = items_equal(items_a, items_b, rva_a, rva_b, self.function_map)
+        return found
 
     def classify(self, matches: dict[int, Match]) -> list[FunctionDiff]:
         out: list[FunctionDiff] = []
@@ -154,10 +171,9 @@ class _Pairing:
             status = CHANGED if changes else UNCHANGED
             out.append(FunctionDiff(status, fa, fb, match.method, match.similarity, tuple(changes)))
         if rodata_checks:
-            items_a, items_b = self.items()
             for index, rva_a, rva_b in rodata_checks:
                 entry = out[index]
-                if "rodata" in entry.changes or items_equal(items_a, items_b, rva_a, rva_b, self.function_map):
+                if "rodata" in entry.changes or self.items_equal(rva_a, rva_b):
                     continue
                 out[index] = FunctionDiff(CHANGED, entry.baseline, entry.patched, entry.match, entry.similarity,
                                           tuple(sorted(set(entry.changes) | {"rodata"})))
@@ -166,24 +182,30 @@ class _Pairing:
         return out
 
     def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]]:
-        """Pairs of references that sit at the same place in matched instructions."""
+        """Pairs of references that sit at the same place in matched instructions.
+
+        Equal fingerprints already say that branches inside the function and
+        imports are the same on both sides; those pairs are left out then.
+        """
         refs_a = self.a.analysis_of(fa).raw_refs
         refs_b = self.b.analysis_of(fb).raw_refs
         if fa.fingerprint == fb.fingerprint:
-            return list(zip(refs_a, refs_b))
+            begin, end, iat = fa.rva, fa.end_rva, self.targets_a.iat
+            return [(ra, rb) for ra, rb in zip(refs_a, refs_b)
+                    if not (begin <= ra[4] < end and ra[0] != JUMP_TABLE or ra[4] in iat)]
         by_insn_a: dict[int, list[tuple]] = defaultdict(list)
         by_insn_b: dict[int, list[tuple]] = defaultdict(list)
         for ref in refs_a:
             by_insn_a[ref[1]].append(ref)
         for ref in refs_b:
             by_insn_b[ref[1]].append(ref)
-        rvas_a = list(self.a.analysis_of(fa).insn_rvas)
-        rvas_b = list(self.b.analysis_of(fb).insn_rvas)
+        rvas_a = self.a.analysis_of(fa).insn_rvas
+        rvas_b = self.b.analysis_of(fb).insn_rvas
         pairs = []
         for i, j in self.streams.aligned(fa, fb):
-            left = by_insn_a.get(rvas_a[i], [])
-            right = by_insn_b.get(rvas_b[j], [])
-            if len(left) == len(right):
+            left = by_insn_a.get(rvas_a[i])
+            right = by_insn_b.get(rvas_b[j])
+            if left is not None and right is not None and len(left) == len(right):
                 pairs.extend(zip(left, right))
         return pairs
 
@@ -194,20 +216,21 @@ class _Pairing:
             changes.add("code")
         rodata: list[tuple[int, int]] = []
         votes = self.data_votes["unchanged" if same_code else "changed"]
-        # Equal fingerprints already say that branches inside the function and imports are the same.
-        begin, end = (fa.rva, fa.end_rva) if same_code else (0, 0)
-        iat = self.targets_a.iat if same_code else {}
+        starts_a, starts_b, function_map = self.targets_a.starts, self.targets_b.starts, self.function_map
         for ra, rb in self.ref_pairs(fa, fb):
-            target = ra[4]
-            if begin <= target < end and ra[0] != JUMP_TABLE or target in iat:
+            target_a, target_b = ra[4], rb[4]
+            # the common case first: calls to other functions on both sides (what classify would say)
+            if target_a in starts_a and target_b in starts_b and target_a != fa.rva and target_b != fb.rva:
+                if function_map.get(target_a) != target_b:
+                    changes.add("call_target")
                 continue
-            kind_a, value_a = self.targets_a.classify(fa, ra[4])
-            kind_b, value_b = self.targets_b.classify(fb, rb[4])
+            kind_a, value_a = self.targets_a.classify(fa, target_a)
+            kind_b, value_b = self.targets_b.classify(fb, target_b)
             if kind_a != kind_b:
                 changes.add("reference")
                 continue
             if kind_a == FUNCTION:
-                if self.function_map.get(value_a) != value_b:  # type: ignore[arg-type]
+                if function_map.get(value_a) != value_b:  # type: ignore[arg-type]
                     changes.add("call_target")
             elif kind_a == IMPORT:
                 if value_a != value_b:

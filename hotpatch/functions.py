@@ -16,7 +16,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
-from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
+from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all, gc_paused
 from .image import Image, Section, UnwindInfo
 from .refkinds import IAT_JUMP
 
@@ -151,6 +151,11 @@ class FunctionTable:
 
 def discover(image: Image, impl: Any = None) -> FunctionTable:
     """Find, bound and analyse every function of ``image``."""
+    with gc_paused():
+        return _discover(image, impl)
+
+
+def _discover(image: Image, impl: Any) -> FunctionTable:
     ctx = AnalysisContext.from_image(image)
     code = _CodeSections(image)
     pdata = {f.begin_rva: f for f in image.runtime_functions}

@@ -12,6 +12,7 @@ structures the process keeps, so they are left out.
 from __future__ import annotations
 
 import re
+from array import array
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import capstone
 
-from .align import aligned_indices
 from .functions import Function, FunctionTable, import_thunk_target
 from .refkinds import CALL_REL32, IAT_CALL
 
@@ -58,6 +58,8 @@ def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
     for entry in result.functions:
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
+        if entry.baseline.fingerprint == entry.patched.fingerprint:
+            continue  # same instructions but for references: nothing moved inside them
         name = entry.patched.label
         moved, sizes = _compare(md, result, entry.baseline, entry.patched)
         for delta, displacement in moved:
@@ -130,8 +132,11 @@ def _compare(md: capstone.Cs, result: DiffResult, fa: Function,
     moved: list[tuple[int, int]] = []
     sizes: list[tuple[int, int]] = []
     allocator_calls: tuple[set[int], set[int]] | None = None
+    intern: dict[tuple[str, str], int] = {}
     for insns_a, insns_b in _differing_runs(md, result, fa, fb):
-        for i, j in aligned_indices([_token(x) for x in insns_a], [_token(x) for x in insns_b]):
+        tokens_a = array("I", [intern.setdefault(_token(x), len(intern)) for x in insns_a])
+        tokens_b = array("I", [intern.setdefault(_token(x), len(intern)) for x in insns_b])
+        for i, j in result.streams.kernels.aligned_indices(tokens_a, tokens_b):
             ia, ib = insns_a[i], insns_b[j]
             if ia[2] == ib[2]:
                 continue

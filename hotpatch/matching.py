@@ -101,10 +101,11 @@ def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, li
     callers: dict[int, list[int]] = defaultdict(list)
     starts = {f.rva for f in table}
     pointer_tables = _pointer_tables(table, starts)
+    interesting = starts | pointer_tables.keys()
     for function, analysis in zip(table.functions, table.analyses):
         own = function.ranges
         out = []
-        for kind, _, _, _, target in analysis.raw_refs:
+        for kind, _, _, _, target in [ref for ref in analysis.raw_refs if ref[4] in interesting]:
             if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
                 if target in starts and target != function.rva and not any(b <= target < e for b, e in own):
                     out.append(target)
@@ -153,6 +154,8 @@ def _by_call_graph(m: _Matcher) -> None:
 
 def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:
     """Unmatched callees facing each other between callees already matched to each other."""
+    if all(x in m.forward for x in left) or all(y in m.backward for y in right):
+        return []  # nothing left to pair on one side
     # Matched callees become anchors (their counterpart), unmatched ones unique placeholders.
     keys_a = [m.forward[x].patched_rva if x in m.forward else ("a", i) for i, x in enumerate(left)]
     keys_b = [y if y in m.backward else ("b", i) for i, y in enumerate(right)]

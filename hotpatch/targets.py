@@ -7,7 +7,8 @@ something outside the image.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .functions import Function, FunctionTable
@@ -36,6 +37,7 @@ class TargetClassifier:
         self._section_starts = [s[0] for s in self._sections]
         self._class: dict[int, tuple[str, int | str]] = {}
         self._data_targets: dict[int, frozenset[int]] = {}
+        self._all_data_targets: frozenset[int] | None = None
 
     def section_flags(self, rva: int) -> tuple[bool, bool] | None:
         """(executable, writable) of the section holding ``rva``, or None outside every section."""
@@ -78,18 +80,26 @@ class TargetClassifier:
         flags = self.section_flags(rva)
         return flags is not None and flags[1] and not flags[0]
 
+    def only_data(self, rvas: Iterable[int]) -> set[int]:
+        """The RVAs of ``rvas`` that lie in data (non-executable) sections; one bisection per section."""
+        ordered = sorted(set(rvas))
+        out: set[int] = set()
+        for begin, end, (executable, _) in self._sections:
+            if not executable:
+                out.update(ordered[bisect_left(ordered, begin):bisect_left(ordered, end)])
+        return out
+
     def data_targets(self, function: Function) -> frozenset[int]:
         """The data (not import slots) that ``function``'s references point at."""
         found = self._data_targets.get(function.rva)
         if found is None:
-            targets = {ref[4] for ref in self.table.analysis_of(function).raw_refs}
-            found = self._data_targets[function.rva] = frozenset(
-                t for t in targets if self.is_data(t) and t not in self.iat)
+            targets = frozenset(ref[4] for ref in self.table.analysis_of(function).raw_refs)
+            found = self._data_targets[function.rva] = targets & self.all_data_targets()
         return found
 
-    def all_data_targets(self) -> set[int]:
+    def all_data_targets(self) -> frozenset[int]:
         """The data every function of the image references."""
-        out: set[int] = set()
-        for function in self.table:
-            out |= self.data_targets(function)
-        return out
+        if self._all_data_targets is None:
+            targets = {ref[4] for analysis in self.table.analyses for ref in analysis.raw_refs}
+            self._all_data_targets = frozenset(self.only_data(targets) - self.iat.keys())
+        return self._all_data_targets

@@ -14,7 +14,17 @@ from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
+from .refkinds import (
+    BRANCH_REL8 as _BRANCH_REL8, BRANCH_REL32 as _BRANCH_REL32, CALL_REL32 as _CALL_REL32,
+    JUMP_TABLE as _JUMP_TABLE,
+)
+
 IMPLEMENTATION = "cython"
+
+cdef int BRANCH_REL8 = _BRANCH_REL8
+cdef int BRANCH_REL32 = _BRANCH_REL32
+cdef int CALL_REL32 = _CALL_REL32
+cdef int JUMP_TABLE = _JUMP_TABLE
 
 #: gaps without unique anchors up to this many comparisons are aligned by longest matching blocks
 cdef int64_t SMALL_GAP = 20000
@@ -392,3 +402,64 @@ def aligned_indices(const uint32_t[:] a, const uint32_t[:] b):
         return [(pairs.data[2 * index], pairs.data[2 * index + 1]) for index in range(pairs.count)]
     finally:
         free(pairs.data)
+
+
+# ── reference scans ─────────────────────────────────────────────────────────
+
+def callees(list refs, tuple ranges, set starts, dict pointer_tables):
+    """Functions a function reaches, in instruction order: direct call and branch targets outside
+    its ``ranges`` that are function ``starts``, and the functions of ``pointer_tables`` it references."""
+    cdef list out = []
+    cdef tuple ref, span
+    cdef int kind
+    cdef bint inside
+    cdef object target
+    for ref in refs:
+        target = ref[4]
+        kind = ref[0]
+        if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
+            if target in starts:
+                inside = False
+                for span in ranges:
+                    if span[0] <= target < span[1]:
+                        inside = True
+                        break
+                if not inside:
+                    out.append(target)
+        else:
+            found = pointer_tables.get(target)
+            if found is not None:
+                out.extend(found)
+    return out
+
+
+def triage_refs(list refs_a, list refs_b, list pairs, int64_t begin, int64_t end, dict iat, dict function_map,
+                frozenset data_a, frozenset data_b):
+    """Sort the reference pairs of two matched functions into (data pairs, pairs left to classify)."""
+    cdef list data = [], rest = []
+    cdef tuple ra, rb, pair
+    cdef Py_ssize_t i, n
+    cdef object target_a, target_b
+    cdef bint same_code = pairs is None
+    n = min(len(refs_a), len(refs_b)) if same_code else len(pairs)
+    for i in range(n):
+        if same_code:
+            ra = refs_a[i]
+            rb = refs_b[i]
+            target_a = ra[4]
+            if (begin <= target_a < end and ra[0] != JUMP_TABLE) or target_a in iat:
+                continue
+        else:
+            pair = pairs[i]
+            ra = pair[0]
+            rb = pair[1]
+            target_a = ra[4]
+        target_b = rb[4]
+        mapped = function_map.get(target_a)
+        if mapped is not None and mapped == target_b:
+            continue
+        if target_a in data_a and target_b in data_b:
+            data.append((target_a, target_b))
+        else:
+            rest.append((ra, rb))
+    return data, rest

@@ -22,6 +22,21 @@ The contract (both implementations):
 ``aligned_indices(a, b)``
     ``hotpatch.align.aligned_indices``: the patience alignment of two token
     streams as sorted ``(i, j)`` pairs.
+
+``callees(refs, ranges, starts, pointer_tables)``
+    The functions one function reaches, in instruction order: targets of its
+    direct calls and branches that are function ``starts`` outside its own
+    ``ranges``, and for a reference to a key of ``pointer_tables`` the
+    functions listed there.
+
+``triage_refs(refs_a, refs_b, pairs, begin, end, iat, function_map, data_a, data_b)``
+    The reference pairs of two matched functions: ``pairs`` as given, or when
+    it is None (equal fingerprints) the references zipped in order, less
+    those inside ``[begin, end)`` (but jump tables) and those to ``iat``
+    slots. Pairs whose baseline target maps to the patched one through
+    ``function_map`` are dropped; pairs with both targets in ``data_a`` /
+    ``data_b`` come back as ``(target_a, target_b)`` in the first list, the
+    rest as ``(ref_a, ref_b)`` in the second.
 """
 
 from __future__ import annotations
@@ -32,8 +47,9 @@ from difflib import SequenceMatcher
 from typing import Any
 
 from .align import aligned_indices
+from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 
-__all__ = ["IMPLEMENTATION", "aligned_indices", "similarity", "token_ids"]
+__all__ = ["IMPLEMENTATION", "aligned_indices", "callees", "similarity", "token_ids", "triage_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -68,3 +84,32 @@ def similarity(a: Any, b: Any, threshold: float, max_ratio_work: int) -> float:
     if matcher.real_quick_ratio() < threshold or matcher.quick_ratio() < threshold:
         return -1.0
     return matcher.ratio() if len(a) * len(b) <= max_ratio_work else matcher.quick_ratio()
+
+
+def callees(refs: list, ranges: tuple, starts: set[int], pointer_tables: dict[int, list[int]]) -> list[int]:
+    out: list[int] = []
+    for kind, _, _, _, target in refs:
+        if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
+            if target in starts and not any(begin <= target < end for begin, end in ranges):
+                out.append(target)
+        elif target in pointer_tables:
+            out.extend(pointer_tables[target])
+    return out
+
+
+def triage_refs(refs_a: list, refs_b: list, pairs: list | None, begin: int, end: int, iat: dict,
+                function_map: dict[int, int], data_a: frozenset[int],
+                data_b: frozenset[int]) -> tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]]:
+    if pairs is None:
+        pairs = [(ra, rb) for ra, rb in zip(refs_a, refs_b)
+                 if not (begin <= ra[4] < end and ra[0] != JUMP_TABLE or ra[4] in iat)]
+    data, rest = [], []
+    for ra, rb in pairs:
+        target_a, target_b = ra[4], rb[4]
+        if function_map.get(target_a) == target_b:
+            continue
+        if target_a in data_a and target_b in data_b:
+            data.append((target_a, target_b))
+        else:
+            rest.append((ra, rb))
+    return data, rest

@@ -20,7 +20,6 @@ from .dataitems import DataItems, items_equal
 from .functions import Function, FunctionTable, discover
 from .image import Image
 from .matching import Match, match_functions
-from .refkinds import JUMP_TABLE
 from .streams import InstructionStreams
 from .targets import CODE, DATA, FUNCTION, IMPORT, OTHER, TargetClassifier
 
@@ -181,23 +180,16 @@ class _Pairing:
         out.extend(FunctionDiff(ADDED, None, fb) for fb in self.b if fb.rva not in matched_b)
         return out
 
-    def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]]:
-        """Pairs of references that sit at the same place in matched instructions.
-
-        Equal fingerprints already say that branches inside the function and
-        imports are the same on both sides; those pairs are left out then.
-        """
-        refs_a = self.a.analysis_of(fa).raw_refs
-        refs_b = self.b.analysis_of(fb).raw_refs
+    def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]] | None:
+        """Pairs of references that sit at the same place in matched instructions; None when the
+        fingerprints are equal (then the references pair up in order)."""
         if fa.fingerprint == fb.fingerprint:
-            begin, end, iat = fa.rva, fa.end_rva, self.targets_a.iat
-            return [(ra, rb) for ra, rb in zip(refs_a, refs_b)
-                    if not (begin <= ra[4] < end and ra[0] != JUMP_TABLE or ra[4] in iat)]
+            return None
         by_insn_a: dict[int, list[tuple]] = defaultdict(list)
         by_insn_b: dict[int, list[tuple]] = defaultdict(list)
-        for ref in refs_a:
+        for ref in self.a.analysis_of(fa).raw_refs:
             by_insn_a[ref[1]].append(ref)
-        for ref in refs_b:
+        for ref in self.b.analysis_of(fb).raw_refs:
             by_insn_b[ref[1]].append(ref)
         rvas_a = self.a.analysis_of(fa).insn_rvas
         rvas_b = self.b.analysis_of(fb).insn_rvas
@@ -216,16 +208,20 @@ class _Pairing:
             changes.add("code")
         rodata: list[tuple[int, int]] = []
         votes = self.data_votes["unchanged" if same_code else "changed"]
-        starts_a, starts_b, function_map = self.targets_a.starts, self.targets_b.starts, self.function_map
-        for ra, rb in self.ref_pairs(fa, fb):
-            target_a, target_b = ra[4], rb[4]
-            # the common case first: calls to other functions on both sides (what classify would say)
-            if target_a in starts_a and target_b in starts_b and target_a != fa.rva and target_b != fb.rva:
-                if function_map.get(target_a) != target_b:
-                    changes.add("call_target")
-                continue
-            kind_a, value_a = self.targets_a.classify(fa, target_a)
-            kind_b, value_b = self.targets_b.classify(fb, target_b)
+        function_map = self.function_map
+        # Calls to matched functions drop out, data on both sides comes back apart; with equal fingerprints
+        # the branches inside the function and the imports are known to be the same and are left out too.
+        data, rest = self.streams.kernels.triage_refs(
+            self.a.analysis_of(fa).raw_refs, self.b.analysis_of(fb).raw_refs, self.ref_pairs(fa, fb), fa.rva,
+            fa.end_rva, self.targets_a.iat, function_map, self.targets_a.all_data_targets(),
+            self.targets_b.all_data_targets())
+        for pair in data:
+            votes[pair] += 1
+            if pair[0] not in self.jump_tables_a and not self.targets_a.is_writable_data(pair[0]):
+                rodata.append(pair)
+        for ra, rb in rest:
+            kind_a, value_a = self.targets_a.classify(fa, ra[4])
+            kind_b, value_b = self.targets_b.classify(fb, rb[4])
             if kind_a != kind_b:
                 changes.add("reference")
                 continue

@@ -229,20 +229,13 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, impl)
+    padding = _padding(image, code, [(rva, ranges[0][1]) for rva, ranges in layout])
     functions = []
-    for (rva, ranges), analysis in zip(layout, final):
+    for (rva, ranges), analysis, (before, after) in zip(layout, final, padding):
         runtime = pdata.get(rva)
-        name = names.get(rva)
-        functions.append(Function(
-            rva=rva,
-            end_rva=ranges[0][1],
-            name=name,
-            sources=tuple(s for s in SOURCES if s in sources[rva]),
-            fragments=ranges[1:],
-            unwind=runtime.unwind if runtime else None,
-            fingerprint=analysis.fingerprint,
-        ))
-    functions = _with_padding(image, code, functions)
+        functions.append(Function(rva, ranges[0][1], names.get(rva), tuple(s for s in SOURCES if s in sources[rva]),
+                                  ranges[1:], before, after, runtime.unwind if runtime else None,
+                                  analysis.fingerprint))
     return FunctionTable(image, tuple(functions), tuple(final), ctx, impl or backend())
 
 
@@ -333,22 +326,18 @@ def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],
     return rva, ((begin, max(end, begin + 1)),)
 
 
-def _with_padding(image: Image, code: _CodeSections, functions: list[Function]) -> list[Function]:
+def _padding(image: Image, code: _CodeSections, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Usable int3/nop runs between neighbours: the run ending at each entry and the one after each end."""
     memory = image.memory
     out = []
-    for index, function in enumerate(functions):
-        section = code.section_of(function.rva)
+    for index, (rva, end) in enumerate(spans):
+        section = code.section_of(rva)
         assert section is not None
-        gap_start = functions[index - 1].end_rva if index > 0 and functions[index - 1].end_rva >= section.rva \
-            else section.rva
+        gap_start = spans[index - 1][1] if index > 0 and spans[index - 1][1] >= section.rva else section.rva
         gap_start = max(gap_start, section.rva)
-        gap_end = functions[index + 1].rva if index + 1 < len(functions) else section.end_rva
+        gap_end = spans[index + 1][0] if index + 1 < len(spans) else section.end_rva
         gap_end = min(gap_end, section.end_rva)
-        before = _run_ending_at(memory, gap_start, function.rva)
-        after = _run_starting_at(memory, function.end_rva, gap_end)
-        out.append(Function(function.rva, function.end_rva, function.name, function.sources, function.fragments,
-                            before, after, function.unwind, function.fingerprint))
+        out.append((_run_ending_at(memory, gap_start, rva), _run_starting_at(memory, end, gap_end)))
     return out
 
 

@@ -460,10 +460,10 @@ def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str) -
     """.pdata entries; chained entries (UNW_FLAG_CHAININFO) become fragments of their root."""
     roots: dict[int, tuple[int, UnwindInfo]] = {}
     fragments: dict[int, list[tuple[int, int, int]]] = {}
-    executable = [s for s in sections if s.executable]
+    executable = [(s.rva, s.end_rva) for s in sections if s.executable]
     for entry in binary.exceptions:
         begin, end = entry.rva_start, entry.rva_end
-        if not (begin < end and any(s.contains_rva(begin) and end <= s.end_rva for s in executable)):
+        if not (begin < end and any(low <= begin and end <= high for low, high in executable)):
             raise CorruptImageError(f"{label}: corrupt .pdata entry {begin:#x}-{end:#x}")
         info = entry.unwind_info
         if info is None:
@@ -479,7 +479,7 @@ def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str) -
             fragments.setdefault(root.rva_start, []).append((begin, end, entry.unwind_rva))
     out = []
     for begin, (end, unwind) in sorted(roots.items()):
-        own = sorted(r for r in fragments.pop(begin, []) if r[0] != begin)
+        own = sorted([r for r in fragments.pop(begin, ()) if r[0] != begin]) if fragments else []
         out.append(RuntimeFunction(begin, end, unwind, tuple((b, e) for b, e, _ in own), tuple(u for _, _, u in own)))
     # fragments whose root has no .pdata entry of its own are kept as functions in their own right
     for ranges in fragments.values():

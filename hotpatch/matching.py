@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .align import opcodes
+from .analysis import diff_kernels
 from .functions import Function, FunctionTable
-from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32
 from .streams import InstructionStreams
 
 __all__ = ["Match", "match_functions", "SIMILARITY_THRESHOLD"]
@@ -101,17 +101,9 @@ def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, li
     callers: dict[int, list[int]] = defaultdict(list)
     starts = {f.rva for f in table}
     pointer_tables = _pointer_tables(table, starts)
-    interesting = starts | pointer_tables.keys()
+    scan = diff_kernels(table.backend).callees
     for function, analysis in zip(table.functions, table.analyses):
-        own = function.ranges
-        out = []
-        for kind, _, _, _, target in [ref for ref in analysis.raw_refs if ref[4] in interesting]:
-            if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
-                if target in starts and target != function.rva and not any(b <= target < e for b, e in own):
-                    out.append(target)
-            elif target in pointer_tables:
-                out.extend(pointer_tables[target])
-        callees[function.rva] = out
+        out = callees[function.rva] = scan(analysis.raw_refs, function.ranges, starts, pointer_tables)
         for target in dict.fromkeys(out):
             callers[target].append(function.rva)
     table.__dict__["_call_graph_cache"] = (callees, callers)

@@ -118,13 +118,16 @@ def _unsupported_references(result: DiffResult, function: Any) -> list[Reason]:
     table = result.patched
     image = table.image
     out = []
+    begin, end, fragments = function.rva, function.end_rva, function.fragments
+    too_long_for_island = function.size > _REL8_ISLAND_REACH
     for kind, insn_rva, _, _, target in table.analysis_of(function).raw_refs:
-        inside = any(b <= target < e for b, e in function.ranges)
-        if kind == BRANCH_REL8 and not inside and function.size > _REL8_ISLAND_REACH:
+        if begin <= target < end or fragments and any(b <= target < e for b, e in fragments):
+            continue  # inside the function: moves with it
+        if kind == BRANCH_REL8 and too_long_for_island:
             out.append(Reason("unsupported_reference", function.label,
                               f"{function.label}: rel8 branch at {insn_rva:#x} leaves a function too long "
                               "for a relay island"))
-        elif not inside and target != 0 and image.section_from_rva(target) is None and target not in table.context.iat:
+        elif target != 0 and image.section_from_rva(target) is None and target not in table.context.iat:
             out.append(Reason("unsupported_reference", function.label,
                               f"{function.label}: reference at {insn_rva:#x} to {target:#x}, outside the image"))
     return out

@@ -13,8 +13,8 @@ from hotpatch import _diffcore as compiled
 from hotpatch import _diffreference as reference
 from hotpatch import _reference as reference_analysis
 from hotpatch.analysis import diff_kernels
-from hotpatch.diff import diff
-from hotpatch.matching import MAX_RATIO_WORK, SIMILARITY_THRESHOLD
+from hotpatch.diff import _Pairing, diff
+from hotpatch.matching import MAX_RATIO_WORK, SIMILARITY_THRESHOLD, _pointer_tables
 from tests.realbins import real_binary
 
 
@@ -74,6 +74,30 @@ def test_kernels_agree_on_a_real_pair() -> None:
         assert compiled.similarity(*fast, 0.0, MAX_RATIO_WORK) == reference.similarity(*slow, 0.0, MAX_RATIO_WORK)
         pairs += 1
     assert pairs > 1000
+
+
+def test_reference_scans_agree_on_a_real_pair() -> None:
+    """Callees of every function and the triage of every matched pair of _rust.pyd 43.0.0 -> 43.0.1."""
+    result = diff(real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd"),
+                  real_binary("cryptography", "43.0.1", "cryptography/hazmat/bindings/_rust.pyd"))
+    table = result.baseline
+    starts = {f.rva for f in table}
+    pointer_tables = _pointer_tables(table, starts)
+    for function, analysis in zip(table.functions, table.analyses):
+        args = (analysis.raw_refs, function.ranges, starts, pointer_tables)
+        assert compiled.callees(*args) == reference.callees(*args), hex(function.rva)
+    pairing = _Pairing(result.baseline, result.patched, result.function_map, result.streams)
+    data_a, data_b = pairing.targets_a.all_data_targets(), pairing.targets_b.all_data_targets()
+    checked = 0
+    for entry in result.functions:
+        if entry.baseline is None or entry.patched is None:
+            continue
+        args = (table.analysis_of(entry.baseline).raw_refs, result.patched.analysis_of(entry.patched).raw_refs,
+                pairing.ref_pairs(entry.baseline, entry.patched), entry.baseline.rva, entry.baseline.end_rva,
+                table.context.iat, result.function_map, data_a, data_b)
+        assert compiled.triage_refs(*args) == reference.triage_refs(*args), entry.name
+        checked += 1
+    assert checked > 15000
 
 
 def _comparable(result) -> tuple:  # type: ignore[no-untyped-def]

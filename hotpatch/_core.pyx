@@ -375,6 +375,34 @@ def fast_length(const uint8_t[:] code):
     return length, bool(interesting)
 
 
+cdef csh _text_handle = 0
+cdef cs_insn *_text_insn = NULL
+
+
+def instruction_text(const uint8_t[:] memory, int64_t begin, int64_t end):
+    """(rva, mnemonic, operands) of the instructions in [begin, end), up to the first undecodable byte."""
+    global _text_handle, _text_insn
+    cdef const uint8_t *code
+    cdef size_t remaining
+    cdef uint64_t address
+    cdef list out = []
+    if _text_insn == NULL:
+        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &_text_handle) != CS_ERR_OK:
+            raise RuntimeError("cs_open failed")
+        _text_insn = p_cs_malloc(_text_handle)
+        if _text_insn == NULL:
+            raise MemoryError()
+    end = min(end, <int64_t>memory.shape[0])
+    if begin < 0 or begin >= end:
+        return out
+    code = &memory[begin]
+    remaining = <size_t>(end - begin)
+    address = <uint64_t>begin
+    while remaining and p_cs_disasm_iter(_text_handle, &code, &remaining, &address, _text_insn):
+        out.append((_text_insn.address, (<bytes>_text_insn.mnemonic).decode(), (<bytes>_text_insn.op_str).decode()))
+    return out
+
+
 def decode(ctx, items):
     decoder = _Decoder(ctx)
     return [(<_Decoder>decoder).decode_one(ranges) for _, ranges in items]

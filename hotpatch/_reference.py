@@ -1,6 +1,6 @@
 """Pure-Python reference implementation of the analysis core.
 
-``hotpatch/_core.pyx`` implements exactly the same two functions against
+``hotpatch/_core.pyx`` implements exactly the same functions against
 capstone's C API; this module is the oracle the tests compare it with, and
 the fallback only when ``HOTPATCH_PURE_PYTHON=1`` asks for it.
 
@@ -49,13 +49,27 @@ from .refkinds import (
     TABLE_SELF_REL32,
 )
 
-__all__ = ["decode", "fingerprint", "IMPLEMENTATION"]
+__all__ = ["decode", "fingerprint", "instruction_text", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "python"
 
 _GRP_JUMP = capstone.CS_GRP_JUMP
 _GRP_CALL = capstone.CS_GRP_CALL
 _GRP_BRANCH_RELATIVE = capstone.CS_GRP_BRANCH_RELATIVE
+
+
+_TEXT_DISASSEMBLER: capstone.Cs | None = None
+
+
+def instruction_text(memory: bytes, begin: int, end: int) -> list[tuple[int, str, str]]:
+    global _TEXT_DISASSEMBLER
+    if _TEXT_DISASSEMBLER is None:
+        _TEXT_DISASSEMBLER = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    end = min(end, len(memory))
+    if begin < 0 or begin >= end:
+        return []
+    return [(rva, mnemonic, operands) for rva, _, mnemonic, operands
+            in _TEXT_DISASSEMBLER.disasm_lite(memory[begin:end], begin)]
 
 
 def _disassembler() -> capstone.Cs:

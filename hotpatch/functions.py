@@ -344,6 +344,9 @@ def _padding(image: Image, code: _CodeSections, spans: list[tuple[int, int]]) ->
 def _run_ending_at(memory: bytes, gap_start: int, entry: int) -> int:
     if gap_start >= entry:
         return 0
+    # Padding ends in int3, nop, or a multi-byte nop whose 0F 1F sits in its last eight bytes.
+    if memory[entry - 1] not in (0xCC, 0x90) and memory.find(b"\x0f\x1f", max(gap_start, entry - 8), entry) < 0:
+        return 0
     best = 0
     for match in USABLE_PADDING_RE.finditer(memory, max(gap_start, entry - 4096), entry):
         if match.end() == entry:

@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import capstone
-
 from .functions import Function, FunctionTable, import_thunk_target
 from .refkinds import CALL_REL32, IAT_CALL
 
@@ -35,7 +33,7 @@ ALLOCATORS = frozenset({
 })
 _FRAME_REGISTERS = {"rsp", "rbp", "esp", "ebp", "rip"}
 _ARGUMENT_REGISTERS = {"rcx", "ecx", "rdx", "edx", "r8", "r8d"}
-# capstone's Intel syntax: "qword ptr [rcx + rax*8 + 0x10]"; the decoder runs in lite mode (text only),
+# capstone's Intel syntax: "qword ptr [rcx + rax*8 + 0x10]"; the core's instruction_text is text only,
 # about twenty times cheaper than building detail objects for every instruction of every changed function.
 _MEMORY = re.compile(r"\[(?P<base>[a-z0-9]+)(?: \+ [a-z0-9]+\*\d)?(?: (?P<sign>[+-]) (?P<disp>0x[0-9a-f]+|\d+))?\]")
 _NUMBER = re.compile(r"\b(?:0x[0-9a-f]+|\d+)\b")
@@ -52,7 +50,6 @@ class LayoutEvidence:
 
 def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
     """Evidence across all changed functions: consistent displacement shifts, changed allocation sizes."""
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     shifts: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))  # delta -> disp -> functions
     evidence: list[LayoutEvidence] = []
     for entry in result.functions:
@@ -61,7 +58,7 @@ def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
         if entry.baseline.fingerprint == entry.patched.fingerprint:
             continue  # same instructions but for references: nothing moved inside them
         name = entry.patched.label
-        moved, sizes = _compare(md, result, entry.baseline, entry.patched)
+        moved, sizes = _compare(result, entry.baseline, entry.patched)
         for delta, displacement in moved:
             shifts[delta][displacement].add(name)
         evidence.extend(LayoutEvidence(name, "allocation_size", f"{name}: allocation size changed from "
@@ -81,8 +78,7 @@ def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
 Insn = tuple[int, str, str]
 
 
-def _differing_runs(md: capstone.Cs, result: DiffResult, fa: Function,
-                    fb: Function) -> Iterator[tuple[list[Insn], list[Insn]]]:
+def _differing_runs(result: DiffResult, fa: Function, fb: Function) -> Iterator[tuple[list[Insn], list[Insn]]]:
     """Decoded runs of instructions the token alignment left unpaired, facing each other.
 
     Aligned instructions are equal but for their reference operands (RIP-relative
@@ -94,13 +90,12 @@ def _differing_runs(md: capstone.Cs, result: DiffResult, fa: Function,
     previous_i = previous_j = -1
     for i, j in [*result.streams.aligned(fa, fb), (len(rvas_a), len(rvas_b))]:
         if i - previous_i > 1 and j - previous_j > 1:
-            yield (_decoded(md, result.baseline, fa, rvas_a, previous_i + 1, i),
-                   _decoded(md, result.patched, fb, rvas_b, previous_j + 1, j))
+            yield (_decoded(result.baseline, fa, rvas_a, previous_i + 1, i),
+                   _decoded(result.patched, fb, rvas_b, previous_j + 1, j))
         previous_i, previous_j = i, j
 
 
-def _decoded(md: capstone.Cs, table: FunctionTable, function: Function, rvas: Any, first: int,
-             stop: int) -> list[Insn]:
+def _decoded(table: FunctionTable, function: Function, rvas: Any, first: int, stop: int) -> list[Insn]:
     """Instructions ``first`` to ``stop`` (exclusive) of ``function`` that lie in its primary range."""
     inside = [k for k in range(first, stop) if function.rva <= rvas[k] < function.end_rva]
     if not inside:
@@ -108,8 +103,7 @@ def _decoded(md: capstone.Cs, table: FunctionTable, function: Function, rvas: An
     begin = rvas[inside[0]]
     end = rvas[inside[-1] + 1] if inside[-1] + 1 < len(rvas) else function.end_rva
     end = min(max(end, begin + 1), function.end_rva)
-    return [(rva, mnemonic, operands) for rva, _, mnemonic, operands
-            in md.disasm_lite(table.image.read(begin, end - begin), begin)]
+    return table.backend.instruction_text(table.image.memory, begin, end)
 
 
 def _token(insn: Insn) -> tuple[str, str]:
@@ -126,14 +120,13 @@ def _displacement(operands: str) -> tuple[str, int] | None:
     return match.group("base"), -value if match.group("sign") == "-" else value
 
 
-def _compare(md: capstone.Cs, result: DiffResult, fa: Function,
-             fb: Function) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def _compare(result: DiffResult, fa: Function, fb: Function) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(delta, old displacement) of moved structure fields, and (old, new) allocation sizes."""
     moved: list[tuple[int, int]] = []
     sizes: list[tuple[int, int]] = []
     allocator_calls: tuple[set[int], set[int]] | None = None
     intern: dict[tuple[str, str], int] = {}
-    for insns_a, insns_b in _differing_runs(md, result, fa, fb):
+    for insns_a, insns_b in _differing_runs(result, fa, fb):
         tokens_a = array("I", [intern.setdefault(_token(x), len(intern)) for x in insns_a])
         tokens_b = array("I", [intern.setdefault(_token(x), len(intern)) for x in insns_b])
         for i, j in result.streams.kernels.aligned_indices(tokens_a, tokens_b):

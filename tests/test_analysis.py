@@ -9,6 +9,7 @@ import pytest
 
 import hotpatch
 from hotpatch import Image, discover
+from hotpatch import _core as core
 from hotpatch import _reference as reference
 from hotpatch.refkinds import (
     ABS64,
@@ -61,6 +62,20 @@ REAL = [
 def test_core_agrees_with_reference_on_real_binaries(dist: str, version: str, pattern: str) -> None:
     instructions = _assert_same(real_binary(dist, version, pattern))
     assert instructions > 10000
+
+
+def test_instruction_text_agrees_with_reference() -> None:
+    """The text disassembly the layout heuristic reads: every 20th function of _rust.pyd, and odd ranges."""
+    table = discover(Image.load(real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd")))
+    memory = table.image.memory
+    checked = 0
+    for function in table.functions[::20]:
+        fast = core.instruction_text(memory, function.rva, function.end_rva)
+        assert fast == reference.instruction_text(memory, function.rva, function.end_rva), hex(function.rva)
+        checked += len(fast)
+    assert checked > 20000
+    for begin, end in ((0, 0), (5, 3), (len(memory) - 3, len(memory) + 10), (-4, 8)):
+        assert core.instruction_text(memory, begin, end) == reference.instruction_text(memory, begin, end)
 
 
 def test_gcc_switch_uses_a_table_relative_jump_table(built_fixtures: Path) -> None:

@@ -58,6 +58,7 @@ cdef extern from "capstone/capstone.h" nogil:
         unsigned int id
         uint64_t address
         uint16_t size
+        char mnemonic[32]
         char op_str[160]
         cs_detail *detail
 

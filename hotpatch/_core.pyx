@@ -11,7 +11,7 @@ from array import array
 
 import capstone
 
-from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memset, strstr
@@ -153,6 +153,29 @@ cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
     return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
 
 
+cdef int _plain_branch(const uint8_t *p, size_t avail, int64_t rva, list refs) except -1:
+    """Length of a prefix-free jcc/jmp/call with an 8- or 32-bit displacement at ``p`` (its reference
+    appended, as capstone's details would give it), or 0 for anything else."""
+    cdef int length, operand_offset, operand_size, kind
+    cdef int32_t displacement32
+    cdef int64_t displacement
+    if avail >= 5 and (p[0] == 0xE8 or p[0] == 0xE9):
+        kind, length, operand_offset, operand_size = (CALL_REL32 if p[0] == 0xE8 else BRANCH_REL32), 5, 1, 4
+        memcpy(&displacement32, p + 1, 4)
+        displacement = displacement32
+    elif avail >= 2 and (p[0] == 0xEB or 0x70 <= p[0] <= 0x7F):
+        kind, length, operand_offset, operand_size = BRANCH_REL8, 2, 1, 1
+        displacement = <int8_t>p[1]
+    elif avail >= 6 and p[0] == 0x0F and 0x80 <= p[1] <= 0x8F:
+        kind, length, operand_offset, operand_size = BRANCH_REL32, 6, 2, 4
+        memcpy(&displacement32, p + 2, 4)
+        displacement = displacement32
+    else:
+        return 0
+    refs.append((kind, rva, operand_offset, operand_size, rva + length + displacement))
+    return length
+
+
 cdef class _Decoder:
     cdef csh handle
     cdef cs_insn *insn
@@ -226,6 +249,10 @@ cdef class _Decoder:
                 offset = begin
                 while offset < end:
                     length = hp_fast_length(base + offset, <size_t>(end - offset), &interesting)
+                    if length == 0 and interesting:
+                        # a relative branch: without prefixes its target is all there is to know
+                        length = _plain_branch(base + offset, <size_t>(end - offset), offset, refs)
+                        interesting = length == 0
                     if length == 0 and not interesting:
                         code = base + offset
                         remaining = <size_t>(end - offset)

@@ -450,19 +450,14 @@ cdef int _append(bytearray out, const char *text, Py_ssize_t length) except -1:
 
 
 def fingerprint(ctx, int64_t rva, tuple ranges_tuple, list refs, list tables, function_starts):
+    return fingerprint_many(ctx, [(rva, ranges_tuple, refs, tables)], function_starts)[0]
+
+
+def fingerprint_many(ctx, list items, function_starts):
+    """``fingerprint`` of each ``(rva, ranges, refs, tables)`` item, with the image set up once."""
     cdef const uint8_t[:] memory = ctx.memory
     cdef const uint32_t[:] starts = function_starts
-    cdef int64_t[:, :] ranges = _ranges_view(ranges_tuple)
-    cdef Py_ssize_t memlen = memory.shape[0]
-    cdef Py_ssize_t total = 0, piece, at, i, r
-    cdef int64_t begin, end, target
-    cdef int operand_size, kind
-    cdef size_t index
     cdef Regions regions
-    cdef char text[32]
-    cdef int length
-    cdef uint8_t *masked
-    iat = ctx.iat
     regions.count = 0
     for begin, end, code in ctx.regions:
         if regions.count < 96:
@@ -470,6 +465,21 @@ def fingerprint(ctx, int64_t rva, tuple ranges_tuple, list refs, list tables, fu
             regions.end[regions.count] = end
             regions.code[regions.count] = (<bytes>code)[0]
             regions.count += 1
+    iat = ctx.iat
+    return [_fingerprint_one(memory, starts, &regions, iat, item[0], item[1], item[2], item[3]) for item in items]
+
+
+cdef str _fingerprint_one(const uint8_t[:] memory, const uint32_t[:] starts, Regions *regions, dict iat,
+                          int64_t rva, tuple ranges_tuple, list refs, list tables):
+    cdef int64_t[:, :] ranges = _ranges_view(ranges_tuple)
+    cdef Py_ssize_t memlen = memory.shape[0]
+    cdef Py_ssize_t total = 0, piece, at, i, r
+    cdef int64_t begin, end, target
+    cdef int operand_size, kind
+    cdef size_t index
+    cdef char text[32]
+    cdef int length
+    cdef uint8_t *masked
     for r in range(ranges.shape[0]):
         end = min(ranges[r, 1], <int64_t>memlen)
         if end > ranges[r, 0]:
@@ -522,10 +532,10 @@ def fingerprint(ctx, int64_t rva, tuple ranges_tuple, list refs, list tables, fu
                 if index < <size_t>starts.shape[0] and <int64_t>starts[index] == target:
                     out += b"F"
                 else:
-                    for i in range(regions.count):
-                        if regions.begin[i] <= target < regions.end[i]:
+                    for i in range(regions[0].count):
+                        if regions[0].begin[i] <= target < regions[0].end[i]:
                             text[0] = b"D"
-                            text[1] = regions.code[i]
+                            text[1] = regions[0].code[i]
                             _append(out, text, 2)
                             break
                     else:

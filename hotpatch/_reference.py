@@ -20,7 +20,8 @@ The contract (both implementations):
     BLAKE2b-128 (hex) of the function's bytes with every reference operand
     zeroed, then ``b"|"``, then per reference ``bytes([kind]) + descriptor +
     b";"`` where the descriptor names what the target *is* (see
-    ``describe``), never where it is.
+    ``describe``), never where it is. ``fingerprint_many(ctx, items,
+    function_starts)`` gives it for each ``(rva, ranges, refs, tables)``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .refkinds import (
     TABLE_SELF_REL32,
 )
 
-__all__ = ["decode", "fingerprint", "instruction_text", "IMPLEMENTATION"]
+__all__ = ["decode", "fingerprint", "fingerprint_many", "instruction_text", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "python"
 
@@ -228,3 +229,7 @@ def fingerprint(ctx: Any, rva: int, ranges: tuple[tuple[int, int], ...], refs: l
         table = table_at.get(insn_rva) if kind == JUMP_TABLE else None
         digest.update(bytes([kind]) + describe(ctx, rva, ranges, kind, target, table, function_starts) + b";")
     return digest.hexdigest()
+
+
+def fingerprint_many(ctx: Any, items: list, function_starts: Any) -> list[str]:
+    return [fingerprint(ctx, rva, ranges, refs, tables, function_starts) for rva, ranges, refs, tables in items]

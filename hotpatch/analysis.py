@@ -186,8 +186,7 @@ def fingerprint_all(
 ) -> list[FunctionAnalysis]:
     """The same analyses with their fingerprints, given the final set of function starts."""
     impl = impl or backend()
-    out = []
-    for item in decoded:
-        digest = impl.fingerprint(ctx, item.rva, item.ranges, item.raw_refs, item.raw_tables, function_starts)
-        out.append(FunctionAnalysis(item.rva, item.ranges, item.insn_rvas, item.raw_refs, item.raw_tables, digest))
-    return out
+    digests = impl.fingerprint_many(ctx, [(a.rva, a.ranges, a.raw_refs, a.raw_tables) for a in decoded],
+                                    function_starts)
+    return [FunctionAnalysis(a.rva, a.ranges, a.insn_rvas, a.raw_refs, a.raw_tables, digest)
+            for a, digest in zip(decoded, digests)]

@@ -18,7 +18,7 @@ from typing import Any
 
 from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all, gc_paused
 from .image import Image, Section, UnwindInfo
-from .refkinds import IAT_JUMP
+from .refkinds import CALL_REL32, IAT_JUMP
 
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
 
@@ -215,7 +215,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         todo = [item for item in layout if item not in decoded]
         for item, analysis in zip(todo, decode(ctx, todo, impl)):
             decoded[item] = analysis
-        targets = {target for item in todo for target in decoded[item].call_targets()}
+        targets = {ref[4] for item in todo for ref in decoded[item].raw_refs if ref[0] == CALL_REL32}
         found = False
         for target in targets:
             found |= add(target, "call")

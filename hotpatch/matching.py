@@ -12,6 +12,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import filterfalse
 
 from .align import opcodes
 from .analysis import diff_kernels
@@ -146,7 +147,7 @@ def _by_call_graph(m: _Matcher) -> None:
 
 def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:
     """Unmatched callees facing each other between callees already matched to each other."""
-    if all(x in m.forward for x in left) or all(y in m.backward for y in right):
+    if all(map(m.forward.__contains__, left)) or all(map(m.backward.__contains__, right)):
         return []  # nothing left to pair on one side
     # Matched callees become anchors (their counterpart), unmatched ones unique placeholders.
     keys_a = [m.forward[x].patched_rva if x in m.forward else ("a", i) for i, x in enumerate(left)]
@@ -161,8 +162,8 @@ def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple
 
 
 def _lone_pair(m: _Matcher, left: Iterable[int], right: Iterable[int]) -> list[tuple[int, int]]:
-    free_left = list(dict.fromkeys(x for x in left if x not in m.forward))
-    free_right = list(dict.fromkeys(y for y in right if y not in m.backward))
+    free_left = list(filterfalse(m.forward.__contains__, dict.fromkeys(left)))
+    free_right = list(filterfalse(m.backward.__contains__, dict.fromkeys(right)))
     return [(free_left[0], free_right[0])] if len(free_left) == 1 and len(free_right) == 1 else []
 
 

@@ -151,8 +151,13 @@ def backend() -> ModuleType:
 def diff_kernels(impl: Any = None) -> ModuleType:
     """The diff kernels that go with an analysis implementation: compiled with compiled, Python with Python."""
     impl = impl or backend()
-    compiled = getattr(impl, "IMPLEMENTATION", None) == "cython"
-    return importlib.import_module("hotpatch._diffcore" if compiled else "hotpatch._diffreference")
+    if getattr(impl, "IMPLEMENTATION", None) != "cython":
+        return importlib.import_module("hotpatch._diffreference")
+    try:
+        return importlib.import_module("hotpatch._diffcore")
+    except ImportError as exc:
+        raise AnalysisError(f"the compiled diff kernels hotpatch._diffcore are not available ({exc}); "
+                            "reinstall with 'pip install .'") from None
 
 
 @contextmanager

@@ -1,6 +1,9 @@
-"""End-to-end diff of cryptography 43.0.0 -> 43.0.1 _rust.pyd: compiled core against the reference.
+"""End-to-end diff of cryptography 43.0.0 -> 43.0.1 _rust.pyd: compiled cores against the reference.
 
-Same run, same machine: load, discover and analyse both images, then diff.
+Same run, same machine: load, discover and analyse both images, then diff. The
+compiled path runs hotpatch._core and hotpatch._diffcore; the reference path
+their pure-Python twins _reference and _diffreference (the diff takes the
+kernels that go with the analysis that made its tables).
 Also the diff stage alone on 1/4, 1/2 and all of the functions, to show how
 its cost grows with the number of functions.
 """

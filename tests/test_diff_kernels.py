@@ -50,10 +50,15 @@ def test_kernels_agree_on_random_streams() -> None:
                 reference.similarity(a_ids, b_ids, threshold, work), (a, b, threshold, work)
 
 
-def test_kernels_agree_on_a_real_pair() -> None:
+@pytest.fixture(scope="module")
+def rust_diff():  # type: ignore[no-untyped-def]
+    return diff(real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd"),
+                real_binary("cryptography", "43.0.1", "cryptography/hazmat/bindings/_rust.pyd"))
+
+
+def test_kernels_agree_on_a_real_pair(rust_diff) -> None:  # type: ignore[no-untyped-def]
     """Tokens of every function, and the alignment and score of every changed pair, of _rust.pyd 43.0.0 -> 43.0.1."""
-    result = diff(real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd"),
-                  real_binary("cryptography", "43.0.1", "cryptography/hazmat/bindings/_rust.pyd"))
+    result = rust_diff
     fast_intern: dict[bytes, int] = {}
     slow_intern: dict[bytes, int] = {}
 
@@ -76,10 +81,9 @@ def test_kernels_agree_on_a_real_pair() -> None:
     assert pairs > 1000
 
 
-def test_reference_scans_agree_on_a_real_pair() -> None:
+def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignore[no-untyped-def]
     """Callees of every function and the triage of every matched pair of _rust.pyd 43.0.0 -> 43.0.1."""
-    result = diff(real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd"),
-                  real_binary("cryptography", "43.0.1", "cryptography/hazmat/bindings/_rust.pyd"))
+    result = rust_diff
     table = result.baseline
     starts = {f.rva for f in table}
     pointer_tables = _pointer_tables(table, starts)

@@ -71,6 +71,10 @@ class FunctionTable:
     #: the analysis implementation that made it (``hotpatch._core`` or ``_reference``); the diff uses its twin
     backend: Any = None
 
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            object.__setattr__(self, "backend", backend())
+
     def __len__(self) -> int:
         return len(self.functions)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .clobbers import gcc_built, new_clobbers
 from .layout import LayoutEvidence, find_layout_changes
 from .matching import call_graph
-from .redirect import possible_strategies
+from .redirect import obstacles, possible_strategies
 from .refkinds import BRANCH_REL8
 
 if TYPE_CHECKING:
@@ -91,10 +91,12 @@ def decide(result: DiffResult, allow_layout_change: bool = False) -> tuple[Verdi
     for entry in result.functions:
         if entry.status == "changed" and entry.baseline is not None:
             if not possible_strategies(result.baseline, entry.baseline):
+                why = "; ".join(f"{strategy}: {reason}"
+                                for strategy, reason in obstacles(result.baseline, entry.baseline).items())
                 reasons.append(Reason("function_too_short", entry.baseline.label,
                                       f"{entry.baseline.label} is {entry.baseline.size} bytes with "
                                       f"{entry.baseline.pad_before}/{entry.baseline.pad_after} bytes of padding "
-                                      "before/after: no redirect fits"))
+                                      f"before/after: no redirect fits ({why})"))
         if entry.status in ("changed", "added") and entry.patched is not None:
             reasons.extend(_unsupported_references(result, entry.patched))
     reasons.extend(_register_clobbers(result))

@@ -88,6 +88,19 @@ def test_inlined_change_marks_callers_changed(cases: list[Case]) -> None:
     assert all("code" in changed[name].changes for name in case.changed)
 
 
+def test_no_redirect_where_a_call_returns_inside_it(cases: list[Case]) -> None:
+    """call_at_entry: rel32 would fit in the 9 bytes of invoke(), but its first call returns to invoke+2."""
+    from hotpatch.redirect import REL32_JMP, obstacles, possible_strategies
+
+    case = next(c for c in cases if c.name == "call_at_entry")
+    result = diff(case.baseline, case.patched)
+    invoke = next(e.baseline for e in result.by_status("changed") if e.name == "invoke")
+    assert possible_strategies(result.baseline, invoke) == []
+    assert obstacles(result.baseline, invoke)[REL32_JMP] == "a call returns inside its 5 bytes"
+    [reason] = result.verdict.reasons
+    assert reason.kind == "function_too_short" and "rel32_jmp: a call returns inside" in reason.message
+
+
 def test_layout_change_can_be_overridden_and_is_recorded(cases: list[Case]) -> None:
     case = next(c for c in cases if c.name == "struct_field_insert")
     blocked = diff(case.baseline, case.patched)

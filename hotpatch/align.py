@@ -5,6 +5,9 @@ time on large functions. Changed functions usually keep a long common prefix
 and suffix, so those are peeled off first and only the middle goes to
 SequenceMatcher; a middle too large to align in reasonable time is left
 unaligned (no pairs), which only makes the diff more conservative.
+
+``aligned_indices`` is the pure-Python definition of the patience alignment;
+the diff runs its compiled twin in ``hotpatch._diffcore`` on token arrays.
 """
 
 from __future__ import annotations

@@ -153,6 +153,26 @@ cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
     return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
 
 
+cdef int _skip_table(list skips, tuple table, int64_t rva, int64_t end) except -1:
+    """A table ahead of the instruction that reads it, inside the range being swept, is not code
+    (MSVC puts switch tables right after the function's code, where a leaf without .pdata still runs)."""
+    if rva < <int64_t>table[1] < end and table[3]:
+        skips.append((table[1], table[1] + 4 * len(table[3])))
+    return 0
+
+
+cdef int64_t _past_tables(list skips, int64_t offset) except? -1:
+    """``offset``, or the end of the tables it lies in (tables can follow each other)."""
+    cdef bint moved = True
+    while moved:
+        moved = False
+        for begin, end in skips:
+            if begin <= offset < end:
+                offset = end
+                moved = True
+    return offset
+
+
 cdef int _plain_branch(const uint8_t *p, size_t avail, int64_t rva, list refs) except -1:
     """Length of a prefix-free jcc/jmp/call with an 8- or 32-bit displacement at ``p`` (its reference
     appended, as capstone's details would give it), or 0 for anything else."""
@@ -247,7 +267,12 @@ cdef class _Decoder:
                 memset(self.lea_known, 0, sizeof(self.lea_known))
                 last_cmp = -1
                 offset = begin
+                skips = []  # jump tables found ahead in this range: data, not code
                 while offset < end:
+                    if skips:
+                        offset = _past_tables(skips, offset)
+                        if offset >= end:
+                            break
                     length = hp_fast_length(base + offset, <size_t>(end - offset), &interesting)
                     if length == 0 and interesting:
                         # a relative branch: without prefixes its target is all there is to know
@@ -270,7 +295,10 @@ cdef class _Decoder:
                             offset += 1
                             continue
                         length = insn.size
+                        found = len(tables)
                         self._detailed(insn, &last_cmp, ranges, refs, tables)
+                        if len(tables) > found:
+                            _skip_table(skips, tables[len(tables) - 1], offset, end)
                     rva = offset
                     _push(&rvas, <uint32_t>rva)
                     index = _lower_bound(self.relocations, rva)

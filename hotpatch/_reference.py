@@ -96,7 +96,11 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
         lea_targets: dict[int, int] = {}
         last_cmp = -1
         offset = begin
+        skips: list[tuple[int, int]] = []  # jump tables found ahead in this range: data, not code
         while offset < end:
+            offset = _past_tables(skips, offset)
+            if offset >= end:
+                break
             for insn in md.disasm(memory[offset:end], offset):
                 rva = insn.address
                 size = insn.size
@@ -130,16 +134,41 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
                     last_cmp = ops[1].imm if len(ops) == 2 and ops[0].type == x86.X86_OP_REG \
                         and ops[1].type == x86.X86_OP_IMM else -1
                 elif insn_id == x86.X86_INS_MOVSXD or insn_id == x86.X86_INS_MOV:
+                    found = len(tables)
                     _jump_table(ctx, insn, lea_targets, last_cmp, ranges, refs, tables)
+                    if len(tables) > found:
+                        _skip_table(skips, tables[-1], rva, end)
                 index = bisect_left(relocations, rva)
                 while index < len(relocations) and relocations[index] < rva + size:
                     reloc = relocations[index]
                     value = struct.unpack_from("<Q", memory, reloc)[0] if reloc + 8 <= len(memory) else 0
                     refs.append((ABS64, rva, reloc - rva, 8, value - ctx.image_base))
                     index += 1
-            if offset < end:
-                offset += 1  # capstone stopped on a byte it cannot decode: skip it and resume
+                if _past_tables(skips, offset) != offset:
+                    break  # resume the sweep after the table
+            else:
+                if offset < end:
+                    offset += 1  # capstone stopped on a byte it cannot decode: skip it and resume
     return insn_rvas, refs, tables
+
+
+def _skip_table(skips: list[tuple[int, int]], table: tuple[int, int, int, tuple[int, ...]], rva: int,
+                end: int) -> None:
+    """A table ahead of the instruction that reads it, inside the range being swept, is not code
+    (MSVC puts switch tables right after the function's code, where a leaf without .pdata still runs)."""
+    if rva < table[1] < end and table[3]:
+        skips.append((table[1], table[1] + 4 * len(table[3])))
+
+
+def _past_tables(skips: list[tuple[int, int]], offset: int) -> int:
+    """``offset``, or the end of the tables it lies in (tables can follow each other)."""
+    moved = True
+    while moved:
+        moved = False
+        for begin, end in skips:
+            if begin <= offset < end:
+                offset, moved = end, True
+    return offset
 
 
 def _jump_table(ctx: Any, insn: Any, lea_targets: dict[int, int], last_cmp: int,

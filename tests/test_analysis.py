@@ -64,6 +64,21 @@ def test_core_agrees_with_reference_on_real_binaries(dist: str, version: str, pa
     assert instructions > 10000
 
 
+def test_tables_after_the_code_are_not_swept_as_instructions() -> None:
+    """MSVC leaves without .pdata run to the next function, over the switch table behind their code."""
+    table = discover(Image.load(real_binary("cryptography", "43.0.1", "cryptography/hazmat/bindings/_rust.pyd")))
+    inline = 0
+    for function, analysis in zip(table.functions, table.analyses):
+        for insn_rva, table_rva, _, targets in analysis.raw_tables:
+            if not (insn_rva < table_rva < function.end_rva and targets):
+                continue
+            inline += 1
+            data = range(table_rva, table_rva + 4 * len(targets))
+            assert not [rva for rva in analysis.insn_rvas if rva in data], hex(function.rva)
+            assert not [ref for ref in analysis.raw_refs if ref[1] in data], hex(function.rva)
+    assert inline >= 10
+
+
 def test_instruction_text_agrees_with_reference() -> None:
     """The text disassembly the layout heuristic reads: every 20th function of _rust.pyd, and odd ranges."""
     table = discover(Image.load(real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd")))

@@ -8,16 +8,15 @@ core is missing we fail loudly instead of silently running 20 times slower.
 
 from __future__ import annotations
 
-import gc
 import importlib
 import os
 from array import array
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from .collector import gc_paused
 from .errors import AnalysisError
 from .refkinds import KIND_NAMES, TABLE_KIND_NAMES
 
@@ -33,7 +32,6 @@ __all__ = [
     "decode",
     "diff_kernels",
     "fingerprint_all",
-    "gc_paused",
 ]
 
 
@@ -158,19 +156,6 @@ def diff_kernels(impl: Any = None) -> ModuleType:
     except ImportError as exc:
         raise AnalysisError(f"the compiled diff kernels hotpatch._diffcore are not available ({exc}); "
                             "reinstall with 'pip install .'") from None
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Discovery and diff allocate millions of tuples and no cycles worth collecting on the way; every
-    full collection walks all of them (about a third of the end-to-end diff time), so pause it."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def decode(

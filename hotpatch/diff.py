@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .analysis import gc_paused
+from .collector import gc_paused
 from .datadiff import DataChange, diff_data
 from .dataitems import DataItems, items_equal
 from .functions import Function, FunctionTable, discover

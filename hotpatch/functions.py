@@ -16,7 +16,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
-from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all, gc_paused
+from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
+from .collector import gc_paused
 from .image import Image, Section, UnwindInfo
 from .refkinds import CALL_REL32, IAT_JUMP
 

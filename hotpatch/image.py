@@ -17,6 +17,7 @@ from typing import Any
 
 import lief
 
+from .collector import gc_paused
 from .errors import (
     CorruptImageError,
     NotPE32PlusError,
@@ -207,10 +208,11 @@ class Image:
         config.parse_exceptions = True
         config.parse_rsrc = False
         config.parse_signature = False
-        binary = _lief_parse(data, config)
-        if binary is None:
-            raise CorruptImageError(f"{label}: LIEF could not parse the image")
-        return _build(binary, data, path, label, headers)
+        with gc_paused():  # tens of thousands of LIEF objects and tuples, no cycles
+            binary = _lief_parse(data, config)
+            if binary is None:
+                raise CorruptImageError(f"{label}: LIEF could not parse the image")
+            return _build(binary, data, path, label, headers)
 
     # ── addresses ───────────────────────────────────────────────────────
 

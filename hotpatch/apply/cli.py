@@ -76,9 +76,10 @@ def _agent() -> Iterator[AgentClient]:
         client.close()
 
 
-def _pids_with_module(client: AgentClient, module_name: str) -> list[int]:
-    pids = []
-    wanted = module_name.lower()
+def _processes(client: AgentClient, module_name: str | None = None) -> Iterator[tuple[Any, list[Any]]]:
+    """(process, its modules) for every process but the agent's; with ``module_name``, only the processes
+    that hold it, with just that module."""
+    wanted = module_name.lower() if module_name else None
     for entry in client.list_processes():
         if entry.pid in (0, client.hello.agent_pid):
             continue
@@ -86,9 +87,16 @@ def _pids_with_module(client: AgentClient, module_name: str) -> list[int]:
             modules = client.list_modules(entry.pid)
         except BackendError:
             continue  # gone meanwhile, or not ours to see
-        if any(m.name.lower() == wanted for m in modules):
-            pids.append(entry.pid)
-    return pids
+        if wanted is None:
+            yield entry, modules
+        else:
+            named = [m for m in modules if m.name.lower() == wanted]
+            if named:
+                yield entry, named
+
+
+def _pids_with_module(client: AgentClient, module_name: str) -> list[int]:
+    return [entry.pid for entry, _ in _processes(client, module_name)]
 
 
 # --------------------------------------------------------------------------
@@ -239,16 +247,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     processes = []
     lines = []
     with _agent() as client:
-        for entry in client.list_processes():
-            if entry.pid in (0, client.hello.agent_pid):
-                continue
-            try:
-                modules = client.list_modules(entry.pid)
-            except BackendError:
-                continue
-            if args.module and not any(m.name.lower() == args.module.lower() for m in modules):
-                continue
-            shown = [m for m in modules if not args.module or m.name.lower() == args.module.lower()]
+        for entry, shown in _processes(client, args.module):
             item: dict[str, Any] = {"pid": entry.pid, "name": entry.name, "threads": entry.threads,
                                     "modules": [], "packages": []}
             try:

@@ -161,8 +161,8 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
 
 
 def _discover(image: Image, impl: Any) -> FunctionTable:
+    core = impl or backend()
     ctx = AnalysisContext.from_image(image)
-    code = _CodeSections(image)
     pdata = {f.begin_rva: f for f in image.runtime_functions}
     # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
     owned = sorted((begin, end) for f in image.runtime_functions for begin, end in
@@ -178,7 +178,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     names: dict[int, str] = {}
 
     def acceptable(rva: int) -> bool:
-        return code.section_of(rva) is not None and not inside_pdata(rva)
+        return image.code_section(rva) is not None and not inside_pdata(rva)
 
     def add(rva: int, source: str, name: str | None = None) -> bool:
         if not acceptable(rva):
@@ -202,23 +202,23 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     memory, base = image.memory, image.image_base
     decodable: dict[int, bool] = {}
     for reloc in image.relocations:
-        if code.section_of(reloc) is not None:
+        if image.code_section(reloc) is not None:
             continue  # pointers inside code are references of that code, not function starts
         target = int.from_bytes(memory[reloc:reloc + 8], "little") - base
         if not 0 <= target < len(memory) or not acceptable(target):
             continue
         # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
         if target not in decodable:
-            decodable[target] = _starts_with_instruction(memory, target)
+            decodable[target] = bool(core.instruction_text(memory, target, target + 15))
         if decodable[target]:
             add(target, "pointer")
 
     # Follow direct calls until no new function appears; decodes are cached by range.
     decoded: dict[tuple[int, tuple[tuple[int, int], ...]], FunctionAnalysis] = {}
     while True:
-        layout = _layout(code, sources, pdata)
+        layout = _layout(image, sources, pdata)
         todo = [item for item in layout if item not in decoded]
-        for item, analysis in zip(todo, decode(ctx, todo, impl)):
+        for item, analysis in zip(todo, decode(ctx, todo, core)):
             decoded[item] = analysis
         targets = {ref[4] for item in todo for ref in decoded[item].raw_refs if ref[0] == CALL_REL32}
         found = False
@@ -229,19 +229,19 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # Functions without .pdata end after their last instruction that is not fill.
     layout = [item if item[0] in pdata else _trimmed(image, item, decoded[item]) for item in layout]
     todo = [item for item in layout if item not in decoded]
-    for item, analysis in zip(todo, decode(ctx, todo, impl)):
+    for item, analysis in zip(todo, decode(ctx, todo, core)):
         decoded[item] = analysis
 
     starts = array("I", sorted(sources))
-    final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, impl)
-    padding = _padding(image, code, [(rva, ranges[0][1]) for rva, ranges in layout])
+    final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, core)
+    padding = _padding(image, [(rva, ranges[0][1]) for rva, ranges in layout])
     functions = []
     for (rva, ranges), analysis, (before, after) in zip(layout, final, padding):
         runtime = pdata.get(rva)
         functions.append(Function(rva, ranges[0][1], names.get(rva), tuple(s for s in SOURCES if s in sources[rva]),
                                   ranges[1:], before, after, runtime.unwind if runtime else None,
                                   analysis.fingerprint))
-    return FunctionTable(image, tuple(functions), tuple(final), ctx, impl or backend())
+    return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
 
 
 _THUNK_RE = re.compile(rb"\xff\x25(....)", re.DOTALL)
@@ -268,33 +268,7 @@ def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
     return None
 
 
-_QUICK_DECODER: Any = None
-
-
-def _starts_with_instruction(memory: bytes, rva: int) -> bool:
-    global _QUICK_DECODER
-    if _QUICK_DECODER is None:
-        import capstone
-
-        _QUICK_DECODER = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    return any(True for _ in _QUICK_DECODER.disasm_lite(memory[rva:rva + 15], rva, 1))
-
-
-class _CodeSections:
-    """The executable sections of an image, found by bisection."""
-
-    def __init__(self, image: Image) -> None:
-        self.sections = sorted(image.executable_sections, key=lambda s: s.rva)
-        self.starts = [s.rva for s in self.sections]
-
-    def section_of(self, rva: int) -> Section | None:
-        index = bisect_right(self.starts, rva) - 1
-        if index >= 0 and rva < self.sections[index].end_rva:
-            return self.sections[index]
-        return None
-
-
-def _layout(code: _CodeSections, sources: dict[int, set[str]],
+def _layout(image: Image, sources: dict[int, set[str]],
             pdata: dict[int, Any]) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
     """(rva, ranges) of every known function; functions without .pdata end before the next start."""
     starts = sorted(sources)
@@ -304,7 +278,7 @@ def _layout(code: _CodeSections, sources: dict[int, set[str]],
         if runtime is not None:
             out.append((rva, ((rva, runtime.end_rva),) + runtime.fragments))
             continue
-        section = code.section_of(rva)
+        section = image.code_section(rva)
         assert section is not None
         limit = min(section.rva + section.virtual_size if section.virtual_size else section.end_rva,
                     section.end_rva)
@@ -331,12 +305,12 @@ def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],
     return rva, ((begin, max(end, begin + 1)),)
 
 
-def _padding(image: Image, code: _CodeSections, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def _padding(image: Image, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Usable int3/nop runs between neighbours: the run ending at each entry and the one after each end."""
     memory = image.memory
     out = []
     for index, (rva, end) in enumerate(spans):
-        section = code.section_of(rva)
+        section = image.code_section(rva)
         assert section is not None
         gap_start = spans[index - 1][1] if index > 0 and spans[index - 1][1] >= section.rva else section.rva
         gap_start = max(gap_start, section.rva)

@@ -231,9 +231,13 @@ class Image:
             object.__setattr__(self, "_section_index_cache", cached)
         return cached
 
-    def is_executable_rva(self, rva: int) -> bool:
+    def code_section(self, rva: int) -> Section | None:
+        """The executable section holding ``rva``, or None."""
         section = self.section_from_rva(rva)
-        return section is not None and section.executable
+        return section if section is not None and section.executable else None
+
+    def is_executable_rva(self, rva: int) -> bool:
+        return self.code_section(rva) is not None
 
     def read(self, rva: int, size: int) -> bytes:
         """Bytes of the mapped image at ``rva`` (zero-filled past raw data, as the loader does)."""

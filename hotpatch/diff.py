@@ -215,10 +215,6 @@ class _Pairing:
             self.a.analysis_of(fa).raw_refs, self.b.analysis_of(fb).raw_refs, self.ref_pairs(fa, fb), fa.rva,
             fa.end_rva, self.targets_a.iat, function_map, self.targets_a.all_data_targets(),
             self.targets_b.all_data_targets())
-        for pair in data:
-            votes[pair] += 1
-            if pair[0] not in self.jump_tables_a and not self.targets_a.is_writable_data(pair[0]):
-                rodata.append(pair)
         for ra, rb in rest:
             kind_a, value_a = self.targets_a.classify(fa, ra[4])
             kind_b, value_b = self.targets_b.classify(fb, rb[4])
@@ -235,11 +231,13 @@ class _Pairing:
                 if not self._same_code_place(value_a, value_b):  # type: ignore[arg-type]
                     changes.add("reference")
             elif kind_a == DATA:
-                votes[(value_a, value_b)] += 1  # type: ignore[index]
-                if value_a not in self.jump_tables_a and not self.targets_a.is_writable_data(value_a):  # type: ignore
-                    rodata.append((value_a, value_b))  # type: ignore[arg-type]
+                data.append((value_a, value_b))  # type: ignore[arg-type]
             elif kind_a == OTHER and value_a != value_b:
                 changes.add("reference")
+        for pair in data:
+            votes[pair] += 1
+            if pair[0] not in self.jump_tables_a and not self.targets_a.is_writable_data(pair[0]):
+                rodata.append(pair)
         return sorted(changes), rodata
 
     def _same_code_place(self, rva_a: int, rva_b: int) -> bool:

@@ -33,6 +33,8 @@ class TargetClassifier:
         self.table = table
         self.iat = table.context.iat
         self.starts = {f.rva for f in table}
+        # flags precomputed per section: this runs for every reference, where Image.section_from_rva plus
+        # the Section properties cost measurably more (about 0.1 s of a large diff)
         self._sections = sorted((s.rva, s.end_rva, (s.executable, s.writable)) for s in image.sections)
         self._section_starts = [s[0] for s in self._sections]
         self._class: dict[int, tuple[str, int | str]] = {}

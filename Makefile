@@ -6,15 +6,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
-SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 wine64
+SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 wine64 chromium chromium-driver
 
-.PHONY: demo test bench fuzz deps venv fixtures realbins lint clean
+.PHONY: demo test test-fast bench fuzz deps venv fixtures realbins lint clean
 
 demo: venv fixtures
 	$(PY) -m hotpatch.demo --fixtures $(FIXTURES) --work build/demo
 
 test: venv fixtures
 	$(PY) -m pytest tests
+
+# the fast layer: no Wine, no downloaded binaries, no browser, nothing slow
+test-fast: venv fixtures
+	$(PY) -m pytest tests -m "not wine and not realbins and not slow and not browser and not corpus and not cluster" -q
 
 bench: venv fixtures
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,mean,rounds
@@ -38,7 +42,7 @@ deps:
 	  fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py hotpatch/_core.pyx hotpatch/includes/capstone.pxd native/x86_fastlen.c $(wildcard native/agent/*.c native/agent/*.h)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard hotpatch/*.pyx hotpatch/*/*.pyx hotpatch/includes/*.pxd native/*.c native/*.h native/agent/*.c native/agent/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -53,4 +57,5 @@ realbins: venv
 	$(PY) tests/realbins.py
 
 clean:
-	rm -rf build $(VENV) hotpatch/_core.c hotpatch/*.so *.egg-info
+	rm -rf build dist $(VENV) hotpatch/bin *.egg-info
+	find hotpatch -name '*.so' -delete -o -name '_core.c' -delete -o -name '_diffcore.c' -delete

@@ -59,6 +59,22 @@ def openblas_dll() -> Path:
     return real_binary("numpy", "2.1.0", "numpy.libs/libscipy_openblas64_-*.dll")
 
 
+# Fixtures whose use puts a test in a layer (pyproject.toml lists the markers).
+_LAYER_FIXTURES = {
+    "wine": {"wine_prefix", "agent", "target", "module", "host"},
+    "realbins": {"rust_pyd", "openblas_dll", "real_pair", "real_binaries"},
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with the layers its fixtures imply, so `-m "not wine"` needs no bookkeeping."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in _LAYER_FIXTURES.items():
+            if names & fixtures:
+                item.add_marker(marker)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """A skipped test is not a passing test: the run fails if anything was skipped."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

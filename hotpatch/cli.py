@@ -8,7 +8,6 @@ errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,9 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import HotpatchError
-from .functions import discover
-from .image import Image
-from .report import function_rows, image_info
+from .jsonio import print_json, write_json
 
 __all__ = ["main"]
 
@@ -28,12 +25,14 @@ def _nullcontext() -> Iterator[None]:
     yield
 
 
-def _print_json(document: Any) -> None:
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+_print_json = print_json
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .functions import discover
+    from .image import Image
+    from .report import image_info
+
     image = Image.load(args.pe)
     table = discover(image)
     info = image_info(image, table)
@@ -65,6 +64,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_functions(args: argparse.Namespace) -> int:
+    from .functions import discover
+    from .image import Image
+    from .report import function_rows
+
     image = Image.load(args.pe)
     rows = function_rows(discover(image))
     if args.json:
@@ -91,9 +94,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change)
     document = result.to_json()
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
+        write_json(args.out, document)
     if args.json:
         _print_json(document)
         return 0

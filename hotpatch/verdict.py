@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .clobbers import gcc_built, new_clobbers
+from .clobbers import gcc_built, live_clobbers, new_clobbers
 from .layout import LayoutEvidence, find_layout_changes
-from .matching import call_graph
 from .redirect import obstacles, possible_strategies
 from .refkinds import BRANCH_REL8
 
@@ -35,8 +34,8 @@ REASON_KINDS = {
     "function_too_short": "a changed function is too short to redirect and has no usable padding",
     "unsupported_reference": "changed code makes a reference the package builder cannot relocate",
     "data_layout_change": "a structure the process keeps in memory changed its layout",
-    "register_clobber": "a changed function writes a volatile register its old version left alone, "
-                        "and its callers (GCC -fipa-ra) may keep values there across the call",
+    "register_clobber": "a changed function writes a volatile register its old version left alone, and old "
+                        "code that stays in the process (GCC -fipa-ra) reads it after a direct call",
 }
 
 _DATA_REASONS = {
@@ -136,19 +135,25 @@ def _unsupported_references(result: DiffResult, function: Any) -> list[Reason]:
 
 
 def _register_clobbers(result: DiffResult) -> list[Reason]:
+    """A reason per call site in old code that stays in the process and reads a register the new callee clobbers."""
     if not gcc_built(result.baseline):
         return []
-    _, callers = call_graph(result.baseline)
+    redirected = {entry.baseline.rva for entry in result.functions
+                  if entry.status == "changed" and entry.baseline is not None}
     out = []
     for entry in result.functions:
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
-        if not callers.get(entry.baseline.rva):
-            continue  # nothing in the image calls it directly: no caller can rely on its registers
         extra = new_clobbers(result.baseline, entry.baseline, result.patched, entry.patched)
-        if extra:
-            names = ", ".join(sorted(extra))
-            out.append(Reason("register_clobber", entry.baseline.label,
-                              f"{entry.baseline.label} now writes {names}; callers compiled with -fipa-ra may "
-                              "keep values there across the call (build with -fno-ipa-ra to hotpatch)"))
+        if not extra:
+            continue
+        callee = entry.baseline.label
+        sites: dict[tuple[str, int], list[str]] = {}
+        for live in live_clobbers(result.baseline, entry.baseline, extra, lambda f: f.rva not in redirected):
+            sites.setdefault((live.caller.label, live.site_rva), []).append(live.register)
+        for (caller, site), registers in sorted(sites.items(), key=lambda kv: kv[0][1]):
+            names = ", ".join(sorted(set(registers)))
+            out.append(Reason("register_clobber", callee,
+                              f"{caller} keeps {names} live across its call to {callee} at {site:#x}, and the new "
+                              f"{callee} writes {names} (GCC -fipa-ra; build with -fno-ipa-ra to hotpatch)"))
     return out

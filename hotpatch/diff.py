@@ -87,14 +87,17 @@ class DiffResult:
 
 
 def diff(baseline: Image | FunctionTable | str | Path, patched: Image | FunctionTable | str | Path,
-         allow_layout_change: bool = False) -> DiffResult:
-    """Diff two versions of one module; the verdict says whether a hotpatch can carry the update."""
+         allow_layout_change: bool = False, strict_exports: bool = False) -> DiffResult:
+    """Diff two versions of one module; the verdict says whether a hotpatch can carry the update.
+
+    ``strict_exports`` makes a new export a blocking reason rather than a note.
+    """
     with gc_paused():
-        return _diff(baseline, patched, allow_layout_change)
+        return _diff(baseline, patched, allow_layout_change, strict_exports)
 
 
 def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | FunctionTable | str | Path,
-          allow_layout_change: bool) -> DiffResult:
+          allow_layout_change: bool, strict_exports: bool) -> DiffResult:
     from .verdict import decide
 
     table_a = _table(baseline)
@@ -107,7 +110,7 @@ def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | Functio
     data, data_map = diff_data(table_a, table_b, functions, function_map, pairing)
     result = DiffResult(table_a, table_b, tuple(functions), tuple(data), None, function_map, data_map,
                         streams=streams)
-    verdict, evidence = decide(result, allow_layout_change=allow_layout_change)
+    verdict, evidence = decide(result, allow_layout_change=allow_layout_change, strict_exports=strict_exports)
     return DiffResult(table_a, table_b, tuple(functions), tuple(data), verdict, function_map, data_map, evidence,
                       streams)
 

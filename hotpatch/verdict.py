@@ -19,7 +19,7 @@ from .refkinds import BRANCH_REL8
 if TYPE_CHECKING:
     from .diff import DiffResult
 
-__all__ = ["HOTPATCH", "NEW_BASELINE", "REASON_KINDS", "Reason", "Verdict", "decide"]
+__all__ = ["HOTPATCH", "NEW_BASELINE", "NOTE_KINDS", "REASON_KINDS", "Reason", "Verdict", "decide"]
 
 HOTPATCH = "HOTPATCH"
 NEW_BASELINE = "NEW_BASELINE"
@@ -28,7 +28,8 @@ REASON_KINDS = {
     "changed_writable_data": "initialised writable data changed; the running process has its own state",
     "removed_data": "writable data the old code used is gone",
     "resized_data": "writable data changed size; the process holds the old size",
-    "changed_exports": "the export table changed; other modules bound to the old one",
+    "changed_exports": "an export was removed or now designates other code or data; other modules bound to "
+                       "the old one",
     "tls_change": "thread-local storage changed; existing threads have the old layout",
     "entry_point_change": "the entry point changed; it already ran in every process",
     "function_too_short": "a changed function is too short to redirect and has no usable padding",
@@ -43,10 +44,13 @@ _DATA_REASONS = {
     "removed_data": "removed_data",
     "resized_data": "resized_data",
     "removed_export": "changed_exports",
-    "added_export": "changed_exports",
     "changed_export": "changed_exports",
     "tls_change": "tls_change",
     "entry_point_change": "entry_point_change",
+}
+
+NOTE_KINDS = {
+    "added_export": "a new export: no code already loaded can have bound to it (a reason with --strict-exports)",
 }
 
 #: a rel8 branch leaving a function is routed through an island appended to the new code; it must reach it
@@ -69,6 +73,8 @@ class Verdict:
     reasons: tuple[Reason, ...]
     #: reasons the user overrode (``allow_layout_change``); recorded, not blocking
     overridden: tuple[Reason, ...] = ()
+    #: what changed without blocking (kinds in ``NOTE_KINDS``)
+    notes: tuple[Reason, ...] = ()
 
     @property
     def hotpatchable(self) -> bool:
@@ -76,12 +82,23 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "reasons": [r.to_json() for r in self.reasons],
-                "overridden": [r.to_json() for r in self.overridden]}
+                "overridden": [r.to_json() for r in self.overridden], "notes": [r.to_json() for r in self.notes]}
 
 
-def decide(result: DiffResult, allow_layout_change: bool = False) -> tuple[Verdict, list[LayoutEvidence]]:
+def decide(result: DiffResult, allow_layout_change: bool = False,
+           strict_exports: bool = False) -> tuple[Verdict, list[LayoutEvidence]]:
     reasons: list[Reason] = []
+    notes: list[Reason] = []
     for change in result.data:
+        if change.kind == "added_export":
+            if strict_exports:
+                reasons.append(Reason("changed_exports", change.detail,
+                                      f"{REASON_KINDS['changed_exports']}: added_export {change.detail} "
+                                      "(--strict-exports)"))
+            else:
+                notes.append(Reason("added_export", change.detail,
+                                    f"new export {change.detail}: {NOTE_KINDS['added_export']}"))
+            continue
         kind = _DATA_REASONS.get(change.kind)
         if kind is None:
             continue
@@ -106,7 +123,7 @@ def decide(result: DiffResult, allow_layout_change: bool = False) -> tuple[Verdi
                         f"{REASON_KINDS['data_layout_change']}: " + "; ".join(e.detail for e in evidence))
         (overridden if allow_layout_change else reasons).append(layout)
     status = NEW_BASELINE if reasons else HOTPATCH
-    return Verdict(status, tuple(reasons), tuple(overridden)), evidence
+    return Verdict(status, tuple(reasons), tuple(overridden), tuple(notes)), evidence
 
 
 def _rva_subject(change: Any) -> str:

@@ -127,3 +127,11 @@ def test_psycopg_dlls_self_diff_to_zero() -> None:
         result = diff(table, table)
         assert result.summary()["unchanged"] == len(table.functions), dll.name
         assert result.data == () and result.verdict.status == "HOTPATCH", dll.name
+
+
+def test_every_note_kind_is_documented() -> None:
+    from hotpatch.verdict import NOTE_KINDS
+
+    text = (ROOT / "docs" / "CLI.md").read_text()
+    for kind in NOTE_KINDS:
+        assert f"`{kind}`" in text, kind

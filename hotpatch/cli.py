@@ -91,7 +91,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     with console.status("diffing...", spinner="dots") if console.is_terminal else _nullcontext():
-        result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change)
+        result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change,
+                      strict_exports=args.strict_exports)
     document = result.to_json()
     if args.out:
         write_json(args.out, document)
@@ -130,6 +131,8 @@ def _print_diff(result: Any) -> None:
         console.print(f"  - {reason.kind}: {reason.message}")
     for reason in verdict.overridden:
         console.print(f"  - overridden {reason.kind}: {reason.message}")
+    for note in verdict.notes:
+        console.print(f"  - note {note.kind}: {note.message}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -140,7 +143,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .package.signing import load_private_key
 
     sign_key = load_private_key(args.sign_key) if args.sign_key else None
-    result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change)
+    result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change,
+                  strict_exports=args.strict_exports)
     try:
         package = build_package(result, sequence=args.sequence, description=args.description or "",
                                 cve_ids=args.cve or (), baseline_id=args.baseline_id)
@@ -265,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--out", help="also write the JSON document to this file")
     diff.add_argument("--allow-layout-change", action="store_true",
                       help="do not block on data-layout evidence (the override is recorded in the verdict)")
+    diff.add_argument("--strict-exports", action="store_true",
+                      help="a new export blocks too (by default it is a note: no loaded code can use it)")
     diff.set_defaults(run=cmd_diff)
 
     build = commands.add_parser("build", help="build a patch package (exit 3 when the update needs a new baseline)")
@@ -277,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--cve", action="append", metavar="ID")
     build.add_argument("--sign-key", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
     build.add_argument("--allow-layout-change", action="store_true")
+    build.add_argument("--strict-exports", action="store_true",
+                       help="a new export blocks too (by default it is a note: no loaded code can use it)")
     build.add_argument("--json", action="store_true")
     build.set_defaults(run=cmd_build)
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,9 +45,6 @@ from ..errors import (
     FixupError,
     HotpatchError,
     IdentityMismatchError,
-    PackageSignatureError,
-    PackageUnsignedError,
-    PackageUntrustedError,
     ProcessGoneError,
     RefusedError,
     SequenceError,
@@ -64,6 +61,7 @@ from ..package.model import (
     Package,
 )
 from ..package.signing import normalize_public_keys
+from ..package.trust import TrustStore, check_trust
 from .backend import (
     PAGE_EXECUTE_READ,
     PAGE_READONLY,
@@ -391,8 +389,10 @@ class RecoveryReport:
 class Engine:
     """Live patching of one process through a ``ProcessBackend``, journaled on the host.
 
-    ``allow_unsigned``/``trusted_keys`` are the signature policy (with trusted
-    keys, only packages signed by one of them). ``max_attempts`` and
+    ``allow_unsigned``/``trusted_keys`` are the signature policy
+    (``check_trust``): a signed package only if a trusted key signed it,
+    an unsigned one only with ``allow_unsigned``; ``trusted_keys=None`` reads
+    the trust store. ``max_attempts`` and
     ``retry_sleep_ms`` go to every commit. Code is freed only when no thread
     runs it or returns into it; ``release_attempts`` snapshots
     ``release_wait`` seconds apart are tried before it is retained.
@@ -407,7 +407,7 @@ class Engine:
         journal: Journal | None = None,
         *,
         allow_unsigned: bool = False,
-        trusted_keys: list[bytes] | tuple[bytes, ...] = (),
+        trusted_keys: Iterable[bytes] | None = None,
         max_attempts: int = 50,
         retry_sleep_ms: int = 2,
         release_attempts: int = 20,
@@ -420,7 +420,10 @@ class Engine:
         self.journal = journal if journal is not None else Journal()
         self.process_journal: ProcessJournal = self.journal.process(self.pid, self.start_time)
         self.allow_unsigned = allow_unsigned
-        self.trusted_keys = tuple(normalize_public_keys(list(trusted_keys))) if trusted_keys else ()
+        # None: the trust store of this machine and user (hotpatch/package/trust.py)
+        self.trusted_keys = (
+            TrustStore.default().raw_keys() if trusted_keys is None else normalize_public_keys(list(trusted_keys))
+        )
         self.max_attempts = max_attempts
         self.retry_sleep_ms = retry_sleep_ms
         self.release_attempts = release_attempts
@@ -442,20 +445,7 @@ class Engine:
     # -- shared pieces -----------------------------------------------------------
 
     def check_signature(self, package: Package) -> None:
-        state = package.signature_state
-        if state == "invalid":
-            raise PackageSignatureError(f"package {package.package_id}: the signature does not verify")
-        if self.trusted_keys:
-            if state == "unsigned":
-                raise PackageUnsignedError(f"package {package.package_id} is unsigned; only trusted keys are accepted")
-            if package.signer_public_key not in self.trusted_keys:
-                raise PackageUntrustedError(
-                    f"package {package.package_id} is signed by {package.signer_key_hex}, which is not trusted"
-                )
-        elif state == "unsigned" and not self.allow_unsigned:
-            raise PackageUnsignedError(
-                f"package {package.package_id} is unsigned (allow unsigned packages explicitly to apply it)"
-            )
+        check_trust(package, self.trusted_keys, self.allow_unsigned)
 
     def find_module(self, package: Package) -> LoadedImage:
         name = package.target.module_name.lower()

@@ -417,7 +417,8 @@ def test_rich_package_resolves_every_fixup_kind_and_registers_unwind_info(
         assert [call_function(target, code_va + made.offsets["counter"]) for _ in range(2)] == [1, 2]
 
         parts = {p["name"]: p for p in engine.process_journal.record(result.serial).allocation.parts}
-        rodata = parts["rodata"]["va"]
+        rodata = result.blob_vas[1]  # the rodata blob (index 1), after the region's marker
+        assert target.read(parts["rodata"]["va"], 16) == b"hotpatch.region\x01"
         assert struct.unpack("<Q", target.read(rodata + made.rodata["abs_scale"], 8))[0] == code_va
         assert struct.unpack("<I", target.read(rodata + made.rodata["rel_scale"], 4))[0] == code_va - module.base_va
         assert target.read(rodata + made.rodata["text"], len(PARSE_TEXT)) == PARSE_TEXT

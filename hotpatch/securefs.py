@@ -38,8 +38,9 @@ def check_private_dir(path: Path, *, shared_ok: bool = False) -> None:
     """Refuse ``path`` unless it is a real directory owned by us (or root) that others cannot write.
 
     ``shared_ok`` accepts group/world-readable directories (a system trust
-    store is meant to be read by everyone); writable by others is never
-    accepted, nor a symlink.
+    store is meant to be read by everyone); otherwise a directory of ours
+    that others may only read is tightened to 0700 (``mkdir`` made it 0755).
+    Writable by others is never accepted, nor a symlink.
     """
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
@@ -51,7 +52,9 @@ def check_private_dir(path: Path, *, shared_ok: bool = False) -> None:
     if _POSIX and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise UnsafePathError(f"{path} is writable by other users (mode {stat.S_IMODE(st.st_mode):o})")
     if _POSIX and not shared_ok and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise UnsafePathError(f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); expected 700")
+        if st.st_uid != os.getuid():
+            raise UnsafePathError(f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); expected 700")
+        os.chmod(path, 0o700)  # ours and nobody could write to it: closing it is safe
 
 
 def ensure_private_dir(path: Path, mode: int = 0o700, *, shared_ok: bool = False) -> Path:

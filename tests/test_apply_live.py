@@ -778,6 +778,99 @@ def test_recover_completes_an_apply_killed_after_its_commit(
 
 
 # --------------------------------------------------------------------------
+# The journal is never the only authority; a target that exits
+# --------------------------------------------------------------------------
+
+
+def test_rollback_and_recover_refuse_an_edited_or_forged_journal(
+    engine: Engine, host: Host, target: AgentProcessBackend, module: Module, dll: Path
+) -> None:
+    import json
+
+    result = apply(engine, simple(dll))
+    wait_values(host, {"scale": 33})
+    path = engine.process_journal.path
+    genuine = path.read_text()
+    applied = image_of(target, module)
+    add_va = module.base_va + export_rva(dll, "add")
+    add_bytes = target.read(add_va, 8)
+
+    def forge(change) -> None:  # noqa: ANN001 - edits the journal document in place
+        document = json.loads(genuine)
+        change(document["records"][-1], document)
+        path.write_text(json.dumps(document))
+
+    def int3_to_restore(record: dict, _: dict) -> None:  # rollback would write cc cc into scale's entry
+        patch = record["sites"][0]["patches"][0]
+        patch["original"] = "cc" * (len(patch["original"]) // 2)
+
+    def eight_bytes_into_add(record: dict, _: dict) -> None:  # "our redirect" is what add holds now
+        record["sites"].append({"rva": export_rva(dll, "add"), "function": "add", "strategy": "ABS_JMP",
+                                "target_va": 0, "patches": [{"va": add_va, "role": "entry",
+                                                             "original": "48c7c00d000000c3",
+                                                             "redirect": add_bytes.hex(), "atomic": False}]})
+
+    for change in (int3_to_restore, eight_bytes_into_add):
+        forge(change)
+        with pytest.raises(StepFailedError) as info:
+            rollback(engine)
+        assert info.value.step == "provenance" and "nothing was changed" in str(info.value), info.value
+        assert info.value.exit_code == 1 and image_of(target, module) == applied
+
+    # A "retained" allocation of ours that is in fact some region of the process: never freed.
+    decoy = target.allocate_near(0, result.allocation_size, PAGE_READWRITE)
+    try:
+        def retained_decoy(record: dict, document: dict) -> None:
+            fake = json.loads(json.dumps(record))
+            fake.update(serial=document["next_serial"], phase="rolled_back", function_table=None, commit=None)
+            fake["allocation"].update(va=decoy, state="retained")
+            document["records"].append(fake)
+            document["next_serial"] += 1
+
+        forge(retained_decoy)
+        report = engine.recover()
+        outcomes = {a["serial"]: (a["outcome"], a["note"]) for a in report.actions}
+        outcome, note = outcomes[max(outcomes)]
+        assert outcome == "inconsistent" and "marker" in note and not report.consistent
+        assert not target.query(decoy).is_free
+    finally:
+        target.free(decoy)
+    path.write_text(genuine)
+    rollback(engine)
+    wait_values(host, BASELINE)
+
+
+def test_a_target_that_exits_during_the_commit_is_reported_as_exited(
+    agent: AgentClient, wine_prefix: Path, dll: Path, state_dir: Path
+) -> None:
+    short = Host(wine_prefix, dll, ["scale:1"], threads=1)
+
+    def exit_now(step: str) -> None:
+        if step == "commit":
+            short.proc.kill()
+            short.proc.wait()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # until Wine has noticed
+                try:
+                    agent.process_info(short.pid)
+                except ProcessGoneError:
+                    return
+                time.sleep(0.05)
+
+    try:
+        with agent.open(short.pid) as backend:
+            engine = Engine(backend, Journal(state_dir), on_step=exit_now)
+            with pytest.raises(StepFailedError) as info:
+                apply(engine, simple(dll))
+    finally:
+        short.stop()
+    error = info.value
+    assert isinstance(error.cause, ProcessGoneError) and error.undone and error.exit_code == 1, error
+    assert f"process {short.pid} exited" in str(error) and "recover" not in str(error)
+    assert not engine.process_journal.path.exists()
+
+
+# --------------------------------------------------------------------------
 # Cycles under load
 # --------------------------------------------------------------------------
 

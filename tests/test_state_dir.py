@@ -52,7 +52,7 @@ def test_a_symlinked_journal_is_not_read(tmp_path: Path) -> None:
         journal_in(state)
 
 
-@pytest.mark.parametrize("mode", [0o777, 0o770, 0o755])
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702])
 def test_a_state_directory_others_can_use_is_refused(tmp_path: Path, mode: int) -> None:
     state = tmp_path / "state"
     saved(state)
@@ -61,6 +61,13 @@ def test_a_state_directory_others_can_use_is_refused(tmp_path: Path, mode: int) 
         journal_in(state)
     with pytest.raises(JournalError, match="state directory refused"):
         Journal(state).known()
+
+
+def test_a_state_directory_others_may_only_read_is_closed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    saved(state)
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
 
 
 def test_a_state_directory_owned_by_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

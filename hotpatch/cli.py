@@ -186,9 +186,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .package.model import Package
     from .package.report import disassemble_blob, package_json
+    from .package.trust import TrustStore, signer_json
 
     package = Package.load(args.package)
     document = package_json(package, with_fixups=args.fixups)
+    document["signature"].update(signer_json(package, TrustStore.default()))
     if args.json:
         _print_json(document)
         return 0
@@ -200,8 +202,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(f"[bold]package {document['package_id']}[/bold] for {target['module']} "
                   f"(TimeDateStamp {target['timedatestamp']:#x}, SizeOfImage {target['size_of_image']:#x}, "
                   f"CheckSum {target['checksum']:#x})")
+    signature = document["signature"]
+    signer = (f", key {signature['key_id']} ({'trusted' if signature['trusted'] else 'NOT trusted'})"
+              if signature["key_id"] else "")
     console.print(f"baseline {document['baseline_id']} sequence {document['sequence']}; "
-                  f"signature {document['signature']['state']}")
+                  f"signature {signature['state']}{signer}")
     meta = document["metadata"]
     if meta["description"] or meta["cve_ids"]:
         console.print(f"{meta['description']} {' '.join(meta['cve_ids'])}".strip())
@@ -310,8 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=cmd_verify)
 
     from .apply.cli import add_apply_commands
+    from .package.trust_cli import add_trust_commands
 
     add_apply_commands(commands)
+    add_trust_commands(commands)
     return parser
 
 

@@ -192,9 +192,14 @@ class PackageSignatureError(PackageError):
 class PackageUnsignedError(PackageSignatureError):
     """A signature is required (or keys are trusted) but the package carries none."""
 
+    #: refused by the trust policy: its own exit code, so scripts can tell it from other refusals
+    exit_code = 5
+
 
 class PackageUntrustedError(PackageSignatureError):
     """The signature verifies, but the signer's key is not one of the trusted keys."""
+
+    exit_code = 5
 
 
 class PackageKeyError(PackageError):
@@ -298,9 +303,9 @@ class StepFailedError(ApplyError):
 
     ``undone`` tells whether everything the transaction had done was undone,
     so the process is as it was: the exit code is then 1 (refused or failed
-    safely), whatever the cause (a package refused by the signature policy
-    included). Otherwise it is 4: the process may be half-changed, and
-    ``hotpatch recover`` is the next thing to run.
+    safely), or 5 when the trust policy refused the package. Otherwise it is
+    4: the process may be half-changed, and ``hotpatch recover`` is the next
+    thing to run.
     """
 
     def __init__(self, message: str, step: str, cause: BaseException, undone: bool = True) -> None:
@@ -308,7 +313,12 @@ class StepFailedError(ApplyError):
         self.step = step
         self.cause = cause
         self.undone = undone
-        self.exit_code = 1 if undone else 4
+        if not undone:
+            self.exit_code = 4
+        elif isinstance(cause, PackageUnsignedError | PackageUntrustedError):
+            self.exit_code = 5  # the trust policy refused it: nothing was touched
+        else:
+            self.exit_code = 1
 
 
 class InputsError(HotpatchError):

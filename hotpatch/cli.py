@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .apply.cli import add_apply_commands
 
     add_apply_commands(commands)
+    from .train.cli import add_train_command
+
+    add_train_command(commands)
     return parser
 
 

@@ -54,6 +54,8 @@ __all__ = [
     "FixupError",
     "JournalError",
     "StepFailedError",
+    "CacheError",
+    "ManifestError",
 ]
 
 
@@ -317,3 +319,14 @@ class InputsError(HotpatchError):
 
 class VerifyError(HotpatchError):
     """``hotpatch verify`` cannot run the comparison it was asked for (bad input: exit 2)."""
+
+
+# ---------------------------------------------------------------- servicing program
+
+
+class CacheError(HotpatchError):
+    """The analysis cache cannot be used (its directory is not the user's own, or cannot be made)."""
+
+
+class ManifestError(HotpatchError):
+    """A release-train manifest is malformed; the message names the release, module and field."""

@@ -56,6 +56,7 @@ __all__ = [
     "StepFailedError",
     "CacheError",
     "ManifestError",
+    "OtherBaselineError",
 ]
 
 
@@ -281,6 +282,10 @@ class SiteMismatchError(RefusedError):
         super().__init__(message)
         self.va = va
         self.found = found
+
+
+class OtherBaselineError(RefusedError):
+    """The process runs another baseline of the module (a package of it is applied): restart onto this one."""
 
 
 class SequenceError(RefusedError):

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
 SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 wine64 chromium chromium-driver
 
-.PHONY: demo test test-fast bench fuzz deps venv fixtures realbins lint clean
+.PHONY: demo test test-fast bench fuzz deps venv fixtures realbins train-calendars lint clean
 
 demo: venv fixtures
 	$(PY) -m hotpatch.demo --fixtures $(FIXTURES) --work build/demo
@@ -52,9 +52,14 @@ venv: deps $(VENV)/.installed
 
 fixtures: deps venv
 	$(PY) tests/fixtures/build_fixtures.py --out $(FIXTURES)
+	$(PY) tests/fixtures/build_product.py --out $(FIXTURES)
 
 realbins: venv
 	$(PY) tests/realbins.py
+
+# the numpy and cryptography release trains; their calendars are redrawn into docs/
+train-calendars: venv
+	$(PY) tests/realtrains.py --out build/trains --docs docs
 
 clean:
 	rm -rf build dist $(VENV) hotpatch/bin *.egg-info

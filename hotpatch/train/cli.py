@@ -72,7 +72,7 @@ def print_train(result: Any) -> None:
     table = Table("release", "date", "kind", "baseline", "seq", "changed", "packages", "reasons",
                   title=f"train {result.manifest.name}")
     for outcome in result.releases:
-        changed = [m for m in outcome.modules if m.status != "unchanged"]
+        changed = [m for m in outcome.modules if m.status in ("changed", "added")]
         packages = [m for m in outcome.modules if m.package]
         reasons = sorted({f"{Path(r['module']).name}: {r['kind']}" for r in outcome.reasons})
         table.add_row(outcome.name, outcome.date.isoformat(),

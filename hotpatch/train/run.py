@@ -65,7 +65,8 @@ class ModuleOutcome:
     #: "unchanged" (same bytes as the baseline), "changed", "added" (not in the baseline), or "baseline"
     #: (the first baseline and the releases before it: nothing to compare with)
     status: str
-    #: the diff's verdict ("HOTPATCH", "NEW_BASELINE"), "NO_CODE_CHANGE", or None when not diffed
+    #: the diff's verdict ("HOTPATCH", "NEW_BASELINE"), "NO_CODE_CHANGE" (no function or data differs),
+    #: "BUILD_REFUSED" (the diff allows a hotpatch, the package builder cannot make it), or None: not diffed
     verdict: str | None = None
     summary: dict[str, int] | None = None
     reasons: list[dict[str, str]] = field(default_factory=list)
@@ -229,7 +230,7 @@ def _judge(manifest: Manifest, index: int, release: Release, cycle: _Cycle, sche
                             + (f" ({release.description})" if release.description else ""),
                 cve_ids=release.cves, created=_epoch(release.date))
         except NotHotpatchableError as exc:
-            outcome.verdict = "NEW_BASELINE"
+            outcome.verdict = "BUILD_REFUSED"  # the diff says hotpatch, the builder cannot carry it
             outcome.reasons = [r.to_json() for r in exc.reasons]
     blocked = any(m.reasons for m in modules)
     kind = kind_of(release, started=True, due=due, policy=policy, blocked=blocked)

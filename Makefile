@@ -57,8 +57,10 @@ fixtures: deps venv
 realbins: venv
 	$(PY) tests/realbins.py
 
-# the numpy and cryptography release trains; their calendars are redrawn into docs/
-train-calendars: venv
+# the release trains of the fixture product, numpy and cryptography; their calendars are redrawn into docs/
+train-calendars: venv fixtures
+	$(VENV)/bin/hotpatch train $(FIXTURES)/product.toml -o build/trains/product > /dev/null
+	cp build/trains/product/calendar.svg docs/train-product.svg
 	$(PY) tests/realtrains.py --out build/trains --docs docs
 
 clean:

@@ -35,8 +35,9 @@ def _box_text(outcome: ReleaseOutcome) -> str:
     if outcome.kind == HOTPATCH:
         return f"{outcome.name}\nhotpatch {outcome.sequence}"
     if outcome.kind == UNPLANNED:
-        blocking = sorted({r["module"] for r in outcome.reasons})
-        return f"{outcome.name}\nunplanned\n" + ", ".join(Path(m).name for m in blocking[:2])
+        blocking = sorted({Path(r["module"]).name for r in outcome.reasons})
+        named = blocking[0] if len(blocking) == 1 else f"{len(blocking)} modules"
+        return f"{outcome.name}\nunplanned\n{named[:16]}"
     if outcome.kind == PLANNED:
         return f"{outcome.name}\nbaseline"
     return outcome.name
@@ -81,10 +82,13 @@ def draw_calendar(result: TrainResult, path: str | Path) -> Path:
     top.set_ylim(0, 1.35)
     top.axis("off")
     top.set_title(f"{result.manifest.name}: {figures['restarts']} restarts for {figures['releases']} releases "
-                  f"({figures['restarts_unplanned']} unplanned); fixes would have waited "
-                  f"{figures['fix_wait_days_total']} days in all without hotpatches", fontsize=9)
+                  f"({figures['restarts_unplanned']} unplanned)\nwithout hotpatches fixes would have waited "
+                  f"{figures['fix_wait_days_total']} days in all for a restart", fontsize=9)
     top.legend(handles=[Patch(facecolor=COLOURS[k], label=LABELS[k]) for k in (PLANNED, HOTPATCH, UNPLANNED)],
                loc="upper center", bbox_to_anchor=(0.5, -0.02), ncols=3, fontsize=7, frameon=False)
+    if not any(o.package_bytes for o in outcomes):
+        bottom.set_ylim(0, 1)
+        bottom.text(months / 2, 0.5, "no hotpatch packages", ha="center", va="center", fontsize=8, color="#4a5568")
     bottom.set_ylabel("package KiB", fontsize=8)
     bottom.set_xticks([])
     bottom.tick_params(labelsize=7)

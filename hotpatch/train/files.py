@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,9 @@ __all__ = ["write_bytes", "write_json"]
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a reader (or a resumed train) never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    temp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part"
+    # os.open, not mkstemp: the file gets the user's umask like any other output, not 0600
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
 SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 wine64 chromium chromium-driver
 
-.PHONY: demo test test-fast bench fuzz deps venv fixtures realbins lint clean
+.PHONY: demo test test-fast bench fuzz deps venv fixtures realbins train-calendars lint clean
 
 demo: venv fixtures
 	$(PY) -m hotpatch.demo --fixtures $(FIXTURES) --work build/demo
@@ -52,9 +52,16 @@ venv: deps $(VENV)/.installed
 
 fixtures: deps venv
 	$(PY) tests/fixtures/build_fixtures.py --out $(FIXTURES)
+	$(PY) tests/fixtures/build_product.py --out $(FIXTURES)
 
 realbins: venv
 	$(PY) tests/realbins.py
+
+# the release trains of the fixture product, numpy and cryptography; their calendars are redrawn into docs/
+train-calendars: venv fixtures
+	$(VENV)/bin/hotpatch train $(FIXTURES)/product.toml -o build/trains/product > /dev/null
+	cp build/trains/product/calendar.svg docs/train-product.svg
+	$(PY) tests/realtrains.py --out build/trains --docs docs
 
 clean:
 	rm -rf build dist $(VENV) hotpatch/bin *.egg-info

@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_apply_commands(commands)
     add_trust_commands(commands)
+    from .train.cli import add_train_command
+
+    add_train_command(commands)
     return parser
 
 

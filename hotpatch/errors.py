@@ -54,6 +54,9 @@ __all__ = [
     "FixupError",
     "JournalError",
     "StepFailedError",
+    "CacheError",
+    "ManifestError",
+    "OtherBaselineError",
 ]
 
 
@@ -286,6 +289,10 @@ class SiteMismatchError(RefusedError):
         self.found = found
 
 
+class OtherBaselineError(RefusedError):
+    """The process runs another baseline of the module (a package of it is applied): restart onto this one."""
+
+
 class SequenceError(RefusedError):
     """A package of the same baseline with an equal or higher sequence number is already applied."""
 
@@ -327,3 +334,14 @@ class InputsError(HotpatchError):
 
 class VerifyError(HotpatchError):
     """``hotpatch verify`` cannot run the comparison it was asked for (bad input: exit 2)."""
+
+
+# ---------------------------------------------------------------- servicing program
+
+
+class CacheError(HotpatchError):
+    """The analysis cache cannot be used (its directory is not the user's own, or cannot be made)."""
+
+
+class ManifestError(HotpatchError):
+    """A release-train manifest is malformed; the message names the release, module and field."""

@@ -46,6 +46,7 @@ from ..errors import (
     HotpatchError,
     IdentityMismatchError,
     JournalError,
+    OtherBaselineError,
     ProcessGoneError,
     RefusedError,
     SequenceError,
@@ -470,7 +471,8 @@ class Engine:
                 return image
             except IdentityMismatchError as exc:
                 mismatches.append(str(exc))
-        raise IdentityMismatchError("; ".join(mismatches))
+        raise IdentityMismatchError("; ".join(mismatches) + f" (the package is for baseline {package.baseline_id}: "
+                                    "a restart onto that baseline is needed)")
 
     def allocate(self, image: LoadedImage, size: int) -> int:
         """A region within rel32 reach of the whole image, above it when possible.
@@ -873,7 +875,12 @@ class Transaction:
         predecessor = None
         for record in live:
             if record.baseline_id != package.baseline_id:
-                continue
+                # a process runs one baseline of a module: packages of another need it restarted
+                raise OtherBaselineError(
+                    f"package {package.package_id} is for baseline {package.baseline_id}, but process "
+                    f"{self.engine.pid} runs baseline {record.baseline_id} of {record.module_name} (package "
+                    f"{record.package_id}): a restart onto baseline {package.baseline_id} is needed"
+                )
             if record.phase != APPLIED:
                 raise RefusedError(
                     f"package {record.package_id} is in the middle of an operation ({record.phase}); "

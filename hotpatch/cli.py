@@ -303,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .apply.cli import add_apply_commands
 
     add_apply_commands(commands)
+    from .batch.cli import add_batch_command
+
+    add_batch_command(commands)
+    from .report.cli import add_report_command
+
+    add_report_command(commands)
     return parser
 
 

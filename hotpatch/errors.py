@@ -54,6 +54,8 @@ __all__ = [
     "FixupError",
     "JournalError",
     "StepFailedError",
+    "BatchError",
+    "ReportError",
 ]
 
 
@@ -317,3 +319,11 @@ class InputsError(HotpatchError):
 
 class VerifyError(HotpatchError):
     """``hotpatch verify`` cannot run the comparison it was asked for (bad input: exit 2)."""
+
+
+class BatchError(HotpatchError):
+    """A batch manifest, release folder or results file that cannot be used."""
+
+
+class ReportError(HotpatchError):
+    """A document the HTML report cannot be made from."""

@@ -19,6 +19,7 @@ __all__ = ["WHEELS", "cache_dir", "ensure_wheel", "real_binary"]
 WHEELS: tuple[tuple[str, str], ...] = (
     ("numpy", "2.1.0"),
     ("numpy", "2.1.1"),
+    ("numpy", "2.1.2"),
     ("cryptography", "43.0.0"),
     ("cryptography", "43.0.1"),
 )

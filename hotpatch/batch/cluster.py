@@ -12,6 +12,7 @@ memory the same way (without it the summary says the bound was not applied).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +48,16 @@ def run_in_worker(job_document: dict[str, Any], settings: dict[str, Any], timeou
     return record
 
 
+def stop_children() -> int:
+    """Stop this worker's job processes (run on every worker before the client lets go)."""
+    with _children_lock:
+        children = list(_children.values())
+        _children.clear()
+    for child in children:
+        child.stop()
+    return len(children)
+
+
 def run_on_dask(jobs: Sequence[Job], settings: dict[str, Any], record: Callable[[dict[str, Any]], None], *,
                 scheduler: str | None, workers: int, timeout: float, memory_limit_mb: float | None,
                 big_image_bytes: int, threads_per_worker: int = 1) -> str:
@@ -58,7 +69,8 @@ def run_on_dask(jobs: Sequence[Job], settings: dict[str, Any], record: Callable[
     if scheduler is None:
         # never fixed ports: other clusters run on the same machine
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                               scheduler_port=0, dashboard_address=None, resources={RESOURCE: 1})
+                               scheduler_port=0, dashboard_address=None, resources={RESOURCE: 1},
+                               silence_logs=logging.ERROR)
     client = Client(cluster if cluster is not None else scheduler)
     try:
         info = client.scheduler_info()["workers"]
@@ -78,6 +90,7 @@ def run_on_dask(jobs: Sequence[Job], settings: dict[str, Any], record: Callable[
         engine = f"dask:{len(info)} workers" + ("" if bounded else f" (no {RESOURCE} resource: memory not bounded)")
         return engine if scheduler else f"dask-local:{workers} workers"
     finally:
+        client.run(stop_children)
         client.close()
         if cluster is not None:
             cluster.close()

@@ -67,7 +67,8 @@ class Job:
 
     @property
     def label(self) -> str:
-        return self.name or f"{Path(self.patched).name} ({self.kind})"
+        path = Path(self.patched)
+        return self.name or f"{path.parent.name}/{path.name} ({self.kind})"
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.job_id, "kind": self.kind, "name": self.label, "baseline": self.baseline,

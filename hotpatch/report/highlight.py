@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from pygments.formatters import HtmlFormatter
 from pygments.lexers.asm import NasmLexer
-from pygments.token import STANDARD_TYPES
+from pygments.token import STANDARD_TYPES, Error
 
 from .disasm import Segment
 
@@ -31,7 +31,8 @@ def _lex(text: str) -> tuple[tuple[str, str], ...]:
         value = value.rstrip("\n")
         while token_type not in STANDARD_TYPES:
             token_type = token_type.parent
-        css_class = STANDARD_TYPES[token_type]
+        # a reference cut out of the text leaves fragments (", rax") the lexer flags as errors: not ours to show
+        css_class = STANDARD_TYPES[token_type] if token_type is not Error else ""
         if out and out[-1][0] == css_class:
             out[-1] = (css_class, out[-1][1] + value)
         else:

@@ -41,6 +41,7 @@
     for (const text of ["", "baseline", "", "patched"]) {
       const th = document.createElement("th");
       th.textContent = text;
+      th.className = text ? "asm" : "off";
       head.appendChild(th);
     }
     for (const [state, left, right] of entry.rows) {

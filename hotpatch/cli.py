@@ -322,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_train_command
 
     add_train_command(commands)
+    from .batch.cli import add_batch_command
+
+    add_batch_command(commands)
+    from .report.cli import add_report_command
+
+    add_report_command(commands)
     return parser
 
 

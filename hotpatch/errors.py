@@ -57,6 +57,8 @@ __all__ = [
     "CacheError",
     "ManifestError",
     "OtherBaselineError",
+    "BatchError",
+    "ReportError",
 ]
 
 
@@ -345,3 +347,11 @@ class CacheError(HotpatchError):
 
 class ManifestError(HotpatchError):
     """A release-train manifest is malformed; the message names the release, module and field."""
+
+
+class BatchError(HotpatchError):
+    """A batch manifest, release folder or results file that cannot be used."""
+
+
+class ReportError(HotpatchError):
+    """A document the HTML report cannot be made from."""

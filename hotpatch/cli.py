@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .apply.cli import add_apply_commands
 
     add_apply_commands(commands)
+    from .rollout.cli import add_rollout_commands
+
+    add_rollout_commands(commands)
     return parser
 
 

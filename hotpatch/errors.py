@@ -54,6 +54,10 @@ __all__ = [
     "FixupError",
     "JournalError",
     "StepFailedError",
+    "HealthCheckError",
+    "RolloutError",
+    "PlanError",
+    "RolloutLockedError",
 ]
 
 
@@ -317,3 +321,24 @@ class InputsError(HotpatchError):
 
 class VerifyError(HotpatchError):
     """``hotpatch verify`` cannot run the comparison it was asked for (bad input: exit 2)."""
+
+
+# ---------------------------------------------------------------- health gate and rollouts
+
+
+class HealthCheckError(ApplyError):
+    """A health check failed during the soak after a commit (what was rolled back is in the message)."""
+
+
+class RolloutError(HotpatchError):
+    """A rollout cannot run as asked: unknown rollout, unreadable state database (bad input: exit 2)."""
+
+
+class PlanError(RolloutError):
+    """A rollout plan is malformed; the message names the field. Nothing was applied anywhere."""
+
+
+class RolloutLockedError(RolloutError):
+    """Another orchestrator holds the rollout (the state database says who); nothing was done."""
+
+    exit_code = 1

@@ -38,6 +38,7 @@ from ..errors import (
 from ..package import Package, load_public_key
 from .agent import AgentClient
 from .engine import Engine
+from .health_cli import add_health_arguments, health_gate
 from .journal import Journal
 from .status import read_image
 
@@ -131,6 +132,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 code = max(code, getattr(exc, "exit_code", EXIT_REFUSED))
                 results.append(_failure(pid, exc))
                 _error(f"pid {pid}: {exc}")
+        code = max(code, health_gate(args, client, package.package_id, results, lines))
     if args.all and not pids:
         lines.append(f"no process has {package.target.module_name} loaded")
     document = {
@@ -296,6 +298,7 @@ def add_apply_commands(subparsers: Any) -> None:
     apply.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
                        help="accept only packages signed by this key (64 hex digits or a key file); repeatable")
     apply.add_argument("--json", action="store_true")
+    add_health_arguments(apply)
     apply.set_defaults(run=cmd_apply)
 
     status = subparsers.add_parser("status", help="the packages in a process, read back from its memory")

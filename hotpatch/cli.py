@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .report.cli import add_report_command
 
     add_report_command(commands)
+    from .rollout.cli import add_rollout_commands
+
+    add_rollout_commands(commands)
     return parser
 
 

@@ -59,6 +59,10 @@ __all__ = [
     "OtherBaselineError",
     "BatchError",
     "ReportError",
+    "HealthCheckError",
+    "RolloutError",
+    "PlanError",
+    "RolloutLockedError",
 ]
 
 
@@ -355,3 +359,24 @@ class BatchError(HotpatchError):
 
 class ReportError(HotpatchError):
     """A document the HTML report cannot be made from."""
+
+
+# ---------------------------------------------------------------- health gate and rollouts
+
+
+class HealthCheckError(ApplyError):
+    """A health check failed during the soak after a commit (what was rolled back is in the message)."""
+
+
+class RolloutError(HotpatchError):
+    """A rollout cannot run as asked: unknown rollout, unreadable state database (bad input: exit 2)."""
+
+
+class PlanError(RolloutError):
+    """A rollout plan is malformed; the message names the field. Nothing was applied anywhere."""
+
+
+class RolloutLockedError(RolloutError):
+    """Another orchestrator holds the rollout (the state database says who); nothing was done."""
+
+    exit_code = 1

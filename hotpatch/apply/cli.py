@@ -41,6 +41,7 @@ from ..package import Package
 from ..package.trust import TrustStore, check_trust
 from .agent import AgentClient
 from .engine import Engine
+from .health_cli import add_health_arguments, health_gate
 from .journal import Journal
 from .status import read_image
 
@@ -141,6 +142,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 code = max(code, getattr(exc, "exit_code", EXIT_REFUSED))
                 results.append(_failure(pid, exc))
                 _error(f"pid {pid}: {exc}")
+        code = max(code, health_gate(args, client, package.package_id, results, lines))
     if args.all and not pids:
         lines.append(f"no process has {package.target.module_name} loaded")
     document = {
@@ -307,6 +309,7 @@ def add_apply_commands(subparsers: Any) -> None:
     apply.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
                        help="trust this key for this call too (64 hex digits or a key file); repeatable")
     apply.add_argument("--json", action="store_true")
+    add_health_arguments(apply)
     apply.set_defaults(run=cmd_apply)
 
     status = subparsers.add_parser("status", help="the packages in a process, read back from its memory")

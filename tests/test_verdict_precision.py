@@ -93,6 +93,32 @@ def test_a_pointer_to_another_function_is_a_data_change(cases: list[Case], tmp_p
     assert [r.kind for r in result.verdict.reasons] == ["changed_writable_data"]
 
 
+_GROWN = """#include <stdint.h>
+int64_t counters[COUNT];
+int64_t other;
+__declspec(dllexport) int64_t bump(int64_t x) { counters[COUNT - 1] += x; other++; return counters[COUNT - 1]; }
+"""
+
+
+def test_resize_needs_matched_code_reaching_past_the_old_extent(tmp_path: Path) -> None:
+    from tests.fixtures.build_fixtures import CC, CFLAGS, DLL_LDFLAGS
+
+    (tmp_path / "grown.c").write_text(_GROWN)
+    dlls = {}
+    for count in (2, 4):
+        for strip in ((), ("-s",)):
+            dll = tmp_path / f"{count}{''.join(strip)}.dll"
+            subprocess.run([CC, *CFLAGS, f"-DCOUNT={count}", "grown.c", "-o", dll.name, *DLL_LDFLAGS, *strip],
+                           cwd=tmp_path, check=True)
+            dlls[count, bool(strip)] = dll
+    grown = diff(dlls[2, False], dlls[4, False])
+    (change,) = grown.data
+    assert [(r.kind, r.subject) for r in grown.verdict.reasons] == [("resized_data", f"{change.baseline_rva:#x}")]
+    assert "counters+0x18, past the 16 bytes" in grown.verdict.reasons[0].message
+    # without symbols there is no object to measure from: no evidence, no resize
+    assert [d.kind for d in diff(dlls[2, True], dlls[4, True]).data] == []
+
+
 def test_new_export_is_a_note_unless_strict(cases: list[Case]) -> None:
     old, new = reversed(_pair(cases, "removed_function"))  # the other way round, legacy_sum is new
     lenient = diff(old, new)

@@ -59,6 +59,18 @@ def test_recompiled_callers_do_not_count_but_callers_left_in_place_do(cases: lis
     assert [r.message.split(" ")[:3] for r in reasons] == [["xor_kept", "keeps", "rdx"]]
 
 
+def test_only_arguments_the_next_callee_reads_are_live(cases: list[Case]) -> None:
+    from hotpatch.clobbers import live_clobbers
+
+    table = discover(Image.load(_case(cases, "clobber_dead_caller").baseline))
+    names = {s.rva: s.name for s in table.image.symbols}
+    scale = next(f for f in table if names.get(f.rva) == "scale")
+    # every caller counted as staying: scale_then_xor keeps b in rdx; twice_scaled calls twice(), which
+    # reads rcx only, so the rdx, r8 and r9 left over from scale() are passed to nobody
+    found = live_clobbers(table, scale, frozenset({"rdx", "r8", "r9"}), lambda f: True)
+    assert sorted((names[c.caller.rva], c.register) for c in found) == [("scale_then_xor", "rdx")]
+
+
 def _pair(cases: list[Case], name: str) -> tuple[Path, Path]:
     case = _case(cases, name)
     return case.baseline, case.patched

@@ -72,6 +72,10 @@ def test_pe_name_escapes_what_is_not_utf8() -> None:
     assert pe_name("déjà".encode()) == "déjà"
     assert pe_name(b"\xffcale\x80") == "\\xffcale\\x80"
     json.dumps(pe_name(b"\xed\xa0\x80"))  # an encoded surrogate is escaped too, so JSON can hold it
+    # one line whatever the bytes: controls and separators are escaped as well
+    assert pe_name(b"a\nb\r\x1c\x7f") == "a\\x0ab\\x0d\\x1c\\x7f"
+    assert pe_name("x\u2028y\x85") == "x\\u2028y\\x85"
+    assert pe_name(b"two words") == "two words"
 
 
 def test_non_utf8_symbol_name_is_shown_escaped(dll: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

@@ -80,10 +80,18 @@ static int add_span(request_t *rq, pages_t *set, uint64_t start, uint64_t size, 
     return ST_OK;
 }
 
+/* Page protections a write can go through as they are. */
+#define WRITABLE_PROTECT (PAGE_READWRITE | PAGE_WRITECOPY | PAGE_EXECUTE_READWRITE | PAGE_EXECUTE_WRITECOPY)
+#define EXECUTABLE_PROTECT (PAGE_EXECUTE | PAGE_EXECUTE_READ | PAGE_EXECUTE_READWRITE | PAGE_EXECUTE_WRITECOPY)
+
 /*
  * Contiguous pages are changed in as few calls as possible: VirtualProtectEx
- * reports the old protection of the first page only, so a run longer than a
- * page is cut where VirtualQueryEx says the protection changes.
+ * reports the old protection of the first page only, so a run is cut where
+ * VirtualQueryEx says the protection changes. Pages already writable (the
+ * engine's own allocation before it turns code RX) are left alone; read-only
+ * data becomes PAGE_READWRITE; only pages that are executable already (the
+ * image's code at a commit, whose other threads keep running on them outside
+ * the pause) become PAGE_EXECUTE_READWRITE, until pages_relock.
  */
 int pages_unlock(request_t *rq, target_t *t, pages_t *set)
 {
@@ -101,21 +109,22 @@ int pages_unlock(request_t *rq, target_t *t, pages_t *set)
             ;
         end = set->page[j] + page;
         while (at < end) {
-            uint64_t size = end - at;
-            DWORD old;
-            if (size > page) {
-                MEMORY_BASIC_INFORMATION mbi;
-                uint64_t region_end;
-                if (!VirtualQueryEx(t->process, (LPCVOID)(uintptr_t)at, &mbi, sizeof mbi)) {
-                    target_fail(rq, t, "VirtualQueryEx", "address 0x%llx", (unsigned long long)at);
-                    break;
-                }
-                region_end = (uint64_t)(uintptr_t)mbi.BaseAddress + mbi.RegionSize;
-                if (region_end > at && region_end - at < size)
-                    size = region_end - at;
+            uint64_t size = end - at, region_end;
+            MEMORY_BASIC_INFORMATION mbi;
+            DWORD old, wanted;
+            if (!VirtualQueryEx(t->process, (LPCVOID)(uintptr_t)at, &mbi, sizeof mbi)) {
+                target_fail(rq, t, "VirtualQueryEx", "address 0x%llx", (unsigned long long)at);
+                break;
             }
-            if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)at, (SIZE_T)size,
-                                  PAGE_EXECUTE_READWRITE, &old)) {
+            region_end = (uint64_t)(uintptr_t)mbi.BaseAddress + mbi.RegionSize;
+            if (region_end > at && region_end - at < size)
+                size = region_end - at;
+            if (mbi.State == MEM_COMMIT && (mbi.Protect & WRITABLE_PROTECT)) {
+                at += size; /* writable as it is: no protection change, nothing to restore */
+                continue;
+            }
+            wanted = (mbi.Protect & EXECUTABLE_PROTECT) ? PAGE_EXECUTE_READWRITE : PAGE_READWRITE;
+            if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)at, (SIZE_T)size, wanted, &old)) {
                 target_fail(rq, t, "VirtualProtectEx", "making 0x%llx bytes at 0x%llx writable",
                             (unsigned long long)size, (unsigned long long)at);
                 break;

@@ -6,9 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
-SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 wine64 chromium chromium-driver
+SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 libz-mingw-w64-dev wine64 chromium chromium-driver
 
-.PHONY: demo test test-fast bench fuzz deps venv fixtures realbins lint clean
+.PHONY: demo test test-fast bench fuzz deps venv fixtures realbins train-calendars corpus lint clean
 
 demo: venv fixtures
 	$(PY) -m hotpatch.demo --fixtures $(FIXTURES) --work build/demo
@@ -52,9 +52,20 @@ venv: deps $(VENV)/.installed
 
 fixtures: deps venv
 	$(PY) tests/fixtures/build_fixtures.py --out $(FIXTURES)
+	$(PY) tests/fixtures/build_product.py --out $(FIXTURES)
 
 realbins: venv
 	$(PY) tests/realbins.py
+
+# the release trains of the fixture product, numpy and cryptography; their calendars are redrawn into docs/
+train-calendars: venv fixtures
+	$(VENV)/bin/hotpatch train $(FIXTURES)/product.toml -o build/trains/product > /dev/null
+	cp build/trains/product/calendar.svg docs/train-product.svg
+	$(PY) tests/realtrains.py --out build/trains --docs docs
+
+# the real-fix corpus (Debian sources, needs root once to add a deb-src entry): build, run, write the table
+corpus: venv
+	$(PY) -m tests.corpus.measure --doc docs/CORPUS.md
 
 clean:
 	rm -rf build dist $(VENV) hotpatch/bin *.egg-info

@@ -8,7 +8,6 @@ errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,9 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import HotpatchError
-from .functions import discover
-from .image import Image
-from .report import function_rows, image_info
+from .jsonio import print_json, write_json
 
 __all__ = ["main"]
 
@@ -28,12 +25,14 @@ def _nullcontext() -> Iterator[None]:
     yield
 
 
-def _print_json(document: Any) -> None:
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+_print_json = print_json
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .functions import discover
+    from .image import Image
+    from .report import image_info
+
     image = Image.load(args.pe)
     table = discover(image)
     info = image_info(image, table)
@@ -65,6 +64,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_functions(args: argparse.Namespace) -> int:
+    from .functions import discover
+    from .image import Image
+    from .report import function_rows
+
     image = Image.load(args.pe)
     rows = function_rows(discover(image))
     if args.json:
@@ -88,12 +91,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     with console.status("diffing...", spinner="dots") if console.is_terminal else _nullcontext():
-        result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change)
+        result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change,
+                      strict_exports=args.strict_exports)
     document = result.to_json()
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
+        write_json(args.out, document)
     if args.json:
         _print_json(document)
         return 0
@@ -129,6 +131,8 @@ def _print_diff(result: Any) -> None:
         console.print(f"  - {reason.kind}: {reason.message}")
     for reason in verdict.overridden:
         console.print(f"  - overridden {reason.kind}: {reason.message}")
+    for note in verdict.notes:
+        console.print(f"  - note {note.kind}: {note.message}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -139,7 +143,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .package.signing import load_private_key
 
     sign_key = load_private_key(args.sign_key) if args.sign_key else None
-    result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change)
+    result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change,
+                  strict_exports=args.strict_exports)
     try:
         package = build_package(result, sequence=args.sequence, description=args.description or "",
                                 cve_ids=args.cve or (), baseline_id=args.baseline_id)
@@ -181,9 +186,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .package.model import Package
     from .package.report import disassemble_blob, package_json
+    from .package.trust import TrustStore, signer_json
 
     package = Package.load(args.package)
     document = package_json(package, with_fixups=args.fixups)
+    document["signature"].update(signer_json(package, TrustStore.default()))
     if args.json:
         _print_json(document)
         return 0
@@ -195,8 +202,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(f"[bold]package {document['package_id']}[/bold] for {target['module']} "
                   f"(TimeDateStamp {target['timedatestamp']:#x}, SizeOfImage {target['size_of_image']:#x}, "
                   f"CheckSum {target['checksum']:#x})")
+    signature = document["signature"]
+    signer = (f", key {signature['key_id']} ({'trusted' if signature['trusted'] else 'NOT trusted'})"
+              if signature["key_id"] else "")
     console.print(f"baseline {document['baseline_id']} sequence {document['sequence']}; "
-                  f"signature {document['signature']['state']}")
+                  f"signature {signature['state']}{signer}")
     meta = document["metadata"]
     if meta["description"] or meta["cve_ids"]:
         console.print(f"{meta['description']} {' '.join(meta['cve_ids'])}".strip())
@@ -264,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--out", help="also write the JSON document to this file")
     diff.add_argument("--allow-layout-change", action="store_true",
                       help="do not block on data-layout evidence (the override is recorded in the verdict)")
+    diff.add_argument("--strict-exports", action="store_true",
+                      help="a new export blocks too (by default it is a note: no loaded code can use it)")
     diff.set_defaults(run=cmd_diff)
 
     build = commands.add_parser("build", help="build a patch package (exit 3 when the update needs a new baseline)")
@@ -276,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--cve", action="append", metavar="ID")
     build.add_argument("--sign-key", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
     build.add_argument("--allow-layout-change", action="store_true")
+    build.add_argument("--strict-exports", action="store_true",
+                       help="a new export blocks too (by default it is a note: no loaded code can use it)")
     build.add_argument("--json", action="store_true")
     build.set_defaults(run=cmd_build)
 
@@ -301,14 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=cmd_verify)
 
     from .apply.cli import add_apply_commands
+    from .package.trust_cli import add_trust_commands
 
     add_apply_commands(commands)
+    add_trust_commands(commands)
+    from .train.cli import add_train_command
+
+    add_train_command(commands)
     from .batch.cli import add_batch_command
 
     add_batch_command(commands)
     from .report.cli import add_report_command
 
     add_report_command(commands)
+    from .rollout.cli import add_rollout_commands
+
+    add_rollout_commands(commands)
     return parser
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "Section",
     "Symbol",
     "UnwindInfo",
+    "check_headers",
 ]
 
 lief.logging.disable()
@@ -279,6 +280,12 @@ def _lief_parse(data: bytes, config: Any) -> Any:
         return lief.PE.parse(data, config=config)
     except Exception:  # LIEF raises assorted types on damaged input; all mean "corrupt"
         return None
+
+
+def check_headers(data: bytes, label: str) -> None:
+    """Refuse ``data`` as ``Image.load`` would for its headers (not a PE, PE32, another machine,
+    truncated or inconsistent), without parsing the rest: a cheap check of many inputs up front."""
+    _check_headers(data, label)
 
 
 def _check_headers(data: bytes, label: str) -> _Headers:

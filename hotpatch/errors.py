@@ -54,7 +54,6 @@ __all__ = [
     "FixupError",
     "JournalError",
     "StepFailedError",
-    "HealthCheckError",
     "RolloutError",
     "PlanError",
     "RolloutLockedError",
@@ -324,10 +323,6 @@ class VerifyError(HotpatchError):
 
 
 # ---------------------------------------------------------------- health gate and rollouts
-
-
-class HealthCheckError(ApplyError):
-    """A health check failed during the soak after a commit (what was rolled back is in the message)."""
 
 
 class RolloutError(HotpatchError):

@@ -18,13 +18,14 @@ from typing import Any
 
 from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
 from .collector import gc_paused
+from .flow import terminates
 from .image import Image, Section, UnwindInfo
-from .refkinds import CALL_REL32, IAT_JUMP
+from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
 
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
 
 #: discovery sources, in the order they are tried
-SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "pointer", "call")
+SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "pointer", "call", "lea")
 
 # Padding between functions: int3, nop and the multi-byte nops compilers emit
 # for alignment (0F 1F /0 with their 66/2E prefixes, and 66 90).
@@ -213,24 +214,31 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         if decodable[target]:
             add(target, "pointer")
 
-    # Follow direct calls until no new function appears; decodes are cached by range.
+    # Follow direct calls and code addresses taken with lea until no new function appears; decodes are
+    # cached by range. A function without .pdata ends where no path goes on (``_reachable``): what lies
+    # behind is data or code reached some other way, never more of it.
     decoded: dict[tuple[int, tuple[tuple[int, int], ...]], FunctionAnalysis] = {}
+    bounded: dict[tuple[int, tuple[tuple[int, int], ...]], tuple[int, tuple[tuple[int, int], ...]]] = {}
     while True:
         layout = _layout(image, sources, pdata)
-        todo = [item for item in layout if item not in decoded]
-        for item, analysis in zip(todo, decode(ctx, todo, core)):
-            decoded[item] = analysis
-        targets = {ref[4] for item in todo for ref in decoded[item].raw_refs if ref[0] == CALL_REL32}
+        _decode_missing(ctx, core, decoded, layout)
+        for item in layout:
+            if item not in bounded:
+                bounded[item] = item if item[0] in pdata else _reachable(memory, item, decoded[item])
+        layout = [bounded[item] for item in layout]
+        _decode_missing(ctx, core, decoded, layout)
         found = False
-        for target in targets:
+        for target in {ref[4] for item in layout for ref in decoded[item].raw_refs if ref[0] == CALL_REL32}:
             found |= add(target, "call")
+        candidates = [t for t in _lea_targets(memory, [decoded[item] for item in layout]) - sources.keys()
+                      if acceptable(t) and _boundary(image, layout, t, core)]
+        for target in _plausible(image, ctx, core, layout, candidates):
+            found |= add(target, "lea")
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
     layout = [item if item[0] in pdata else _trimmed(image, item, decoded[item]) for item in layout]
-    todo = [item for item in layout if item not in decoded]
-    for item, analysis in zip(todo, decode(ctx, todo, core)):
-        decoded[item] = analysis
+    _decode_missing(ctx, core, decoded, layout)
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, core)
@@ -248,14 +256,24 @@ _THUNK_RE = re.compile(rb"\xff\x25(....)", re.DOTALL)
 
 
 def _import_thunks(image: Image) -> list[int]:
-    """``jmp [rip+IAT slot]`` stubs: the linker's import thunks (mingw calls CRT functions through them)."""
-    out = []
+    """``jmp [rip+IAT slot]`` stubs: the linker's import thunks (mingw calls CRT functions through them).
+
+    ``FF 25`` right after a REX byte is the tail of MSVC's 7-byte ``48 FF 25`` tail jump to an import, not
+    a thunk: a start there would lie inside that instruction and cut its function short. A REX-valued byte
+    is still the end of a previous thunk's displacement when thunks follow each other (MSVC lays them out
+    back to back), so a thunk six bytes earlier vouches for the boundary.
+    """
+    out: list[int] = []
+    memory = image.memory
     for section in image.executable_sections:
-        for match in _THUNK_RE.finditer(image.memory, section.rva, section.end_rva):
+        for match in _THUNK_RE.finditer(memory, section.rva, section.end_rva):
             rva = match.start()
             target = rva + 6 + int.from_bytes(match.group(1), "little", signed=True)
-            if image.import_at(target) is not None:
-                out.append(rva)
+            if image.import_at(target) is None:
+                continue
+            if rva > section.rva and 0x40 <= memory[rva - 1] <= 0x4F and not (out and out[-1] == rva - 6):
+                continue
+            out.append(rva)
     return out
 
 
@@ -286,6 +304,131 @@ def _layout(image: Image, sources: dict[int, set[str]],
             limit = min(limit, starts[index + 1])
         out.append((rva, ((rva, limit),)))
     return out
+
+
+Item = tuple[int, tuple[tuple[int, int], ...]]
+
+
+def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, FunctionAnalysis],
+                    layout: list[Item]) -> None:
+    todo = list(dict.fromkeys(item for item in layout if item not in decoded))
+    for item, analysis in zip(todo, decode(ctx, todo, core)):
+        decoded[item] = analysis
+
+
+def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis) -> Item:
+    """The item cut after the first instruction that does not fall through (ret, jmp, ud2, int3) with no
+    branch or jump-table target of the function beyond it: nothing after it is reached from the entry.
+
+    Only for functions without .pdata, whose end is otherwise just the next known start: MSVC's leaves
+    and hand-written code are followed by tables, constants and code reached only through pointers, and
+    sweeping those as part of the function gives it references to nowhere (issue 15, cause 9).
+    """
+    rva, ((begin, limit),) = item
+    rvas = analysis.insn_rvas
+    refs = analysis.raw_refs
+    tables = {table[0]: max(table[3]) for table in analysis.raw_tables if table[3]}
+    reach = begin
+    ref_index, ref_count = 0, len(refs)
+    count = len(rvas)
+    for index in range(count):
+        insn = rvas[index]
+        while ref_index < ref_count and refs[ref_index][1] <= insn:
+            kind, _, _, _, target = refs[ref_index]
+            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < limit:
+                reach = target
+            ref_index += 1
+        table_reach = tables.get(insn)
+        if table_reach is not None and table_reach > reach:
+            reach = table_reach
+        end = rvas[index + 1] if index + 1 < count else limit
+        if reach < end and memory[insn] in _MAY_TERMINATE and terminates(memory, insn, end):
+            return (rva, ((begin, end),)) if end < limit else item
+    return item
+
+
+#: first bytes of an instruction that may not fall through: the opcodes themselves and prefixes
+_MAY_TERMINATE = frozenset((0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4, 0x0F, 0xFF, 0x66, 0xF2, 0xF3, 0x2E,
+                            0x3E, 0x26, 0x36, 0x64, 0x65, *range(0x40, 0x50)))
+
+
+def _lea_targets(memory: bytes, analyses: list[FunctionAnalysis]) -> set[int]:
+    """Addresses taken with ``lea r, [rip+X]``: callbacks passed by address, often leaves without .pdata."""
+    out = set()
+    for analysis in analyses:
+        for kind, insn_rva, operand_offset, _, target in analysis.raw_refs:
+            # RIP-relative addressing has no SIB byte: the opcode sits right before the ModRM byte
+            if kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
+                out.add(target)
+    return out
+
+
+def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
+    """Whether ``rva`` can start a function: outside every function's reachable code, right after fill
+    or after a function's last instruction (never inside an instruction), and decodable."""
+    section = image.code_section(rva)
+    if section is None:
+        return False
+    index = bisect_right(layout, (rva, ((1 << 62, 0),))) - 1
+    previous_end = section.rva
+    if index >= 0:
+        (begin, end) = layout[index][1][0]
+        if begin <= rva < end:
+            return False  # inside code some function reaches (or inside a .pdata function)
+        previous_end = max(previous_end, end)
+    if rva != previous_end and image.memory[rva - 1] not in _FILL_BYTES:
+        return False
+    return bool(core.instruction_text(image.memory, rva, rva + 15))
+
+
+def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item], candidates: list[int]) -> list[int]:
+    """The candidates whose code, decoded up to where no path goes on, makes only sane references.
+
+    Hand-written assembly takes the address of its constant tables in .text with lea too (OpenSSL's AES
+    tables); decoded as code those bytes branch and point outside the image or into the middle of
+    nowhere, which compiled code never does.
+    """
+    starts = sorted({item[0] for item in layout} | set(candidates))
+    items = []
+    for rva in sorted(candidates):
+        section = image.code_section(rva)
+        assert section is not None
+        following = bisect_right(starts, rva)
+        limit = starts[following] if following < len(starts) else section.end_rva
+        items.append((rva, ((rva, min(limit, section.end_rva)),)))
+    out = []
+    memory = image.memory
+    for item, analysis in zip(items, decode(ctx, items, core)):
+        reached = _reachable(memory, item, analysis)
+        if reached != item:
+            analysis = decode(ctx, [reached], core)[0]
+        if _sane(image, core, reached, analysis):
+            out.append(item[0])
+    return out
+
+
+def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis) -> bool:
+    """No undecodable byte, every branch lands on code, every memory operand in the image."""
+    (begin, end), = item[1]
+    rvas = analysis.insn_rvas
+    if not rvas or rvas[0] != begin:
+        return False
+    for kind, _, _, _, target in analysis.raw_refs:
+        if kind in (BRANCH_REL8, BRANCH_REL32, CALL_REL32):
+            if image.code_section(target) is None:
+                return False
+            if begin <= target < end and target not in rvas:
+                return False  # a branch into the middle of one of its own instructions
+        elif kind == RIP_RELATIVE and image.section_from_rva(target) is None:
+            return False
+    if analysis.raw_tables:
+        return True
+    # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
+    text = core.instruction_text(image.memory, begin, end)
+    return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
+
+
+_FILL_BYTES = frozenset((0xCC, 0x90, 0x00))
 
 
 def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],

@@ -21,6 +21,8 @@ WHEELS: tuple[tuple[str, str], ...] = (
     ("numpy", "2.1.1"),
     ("cryptography", "43.0.0"),
     ("cryptography", "43.0.1"),
+    ("pyzmq", "26.0.2"),
+    ("pyzmq", "26.0.3"),
 )
 
 

@@ -3,9 +3,11 @@
 .pdata is authoritative for the functions it lists (x64 requires it for every
 function that touches the stack), but leaf functions and hand-written kernels
 often have none. Those come from exports, COFF symbols, the entry point,
-pointers into code held in data (covered by base relocations), and direct call
-targets, followed until nothing new appears. A function without .pdata runs to
-the next known start, less the padding in front of it.
+import thunks, exception handlers named by unwind info, pointers into code held
+in data (covered by base relocations), direct call targets and code addresses
+taken with lea (validated), followed until nothing new appears. A function
+without .pdata ends where no path from its entry goes on, and never past the
+next known start.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELAT
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
 
 #: discovery sources, in the order they are tried
-SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "pointer", "call", "lea")
+SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "handler", "pointer", "call", "lea", "rva32", "gap")
 
 # Padding between functions: int3, nop and the multi-byte nops compilers emit
 # for alignment (0F 1F /0 with their 66/2E prefixes, and 66 90).
@@ -200,6 +202,11 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         add(image.entry_rva, "entry")
     for thunk in _import_thunks(image):
         add(thunk, "thunk")
+    # Exception and termination handlers named by unwind info: the OS calls them, nothing in the code does
+    # (hand-written assembly's SEH handlers have no .pdata of their own).
+    for runtime in image.runtime_functions:
+        if runtime.unwind.handler_rva is not None:
+            add(runtime.unwind.handler_rva, "handler")
     memory, base = image.memory, image.image_base
     decodable: dict[int, bool] = {}
     for reloc in image.relocations:
@@ -218,7 +225,12 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # cached by range. A function without .pdata ends where no path goes on (``_reachable``): what lies
     # behind is data or code reached some other way, never more of it.
     decoded: dict[tuple[int, tuple[tuple[int, int], ...]], FunctionAnalysis] = {}
-    bounded: dict[tuple[int, tuple[tuple[int, int], ...]], tuple[int, tuple[tuple[int, int], ...]]] = {}
+    words = _rva32_words(image)
+    bounded: dict[Item, Item] = {}
+    scanned: set[Item] = set()
+    calls: set[int] = set()
+    taken: set[int] = set()  # addresses taken with lea
+    rejected: set[int] = set()  # candidates already judged not to start a function
     while True:
         layout = _layout(image, sources, pdata)
         _decode_missing(ctx, core, decoded, layout)
@@ -227,13 +239,24 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
                 bounded[item] = item if item[0] in pdata else _reachable(memory, item, decoded[item])
         layout = [bounded[item] for item in layout]
         _decode_missing(ctx, core, decoded, layout)
+        fresh = [decoded[item] for item in layout if item not in scanned]
+        scanned.update(layout)
+        calls.update(ref[4] for analysis in fresh for ref in analysis.raw_refs if ref[0] == CALL_REL32)
+        taken |= _lea_targets(memory, fresh)
         found = False
-        for target in {ref[4] for item in layout for ref in decoded[item].raw_refs if ref[0] == CALL_REL32}:
+        for target in calls - sources.keys():
             found |= add(target, "call")
-        candidates = [t for t in _lea_targets(memory, [decoded[item] for item in layout]) - sources.keys()
-                      if acceptable(t) and _boundary(image, layout, t, core)]
-        for target in _plausible(image, ctx, core, layout, candidates):
-            found |= add(target, "lea")
+        found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
+            t for t in taken - sources.keys() - rejected if acceptable(t) and _boundary(image, layout, t, core)])
+        if not found:
+            places = _gap_starts(image, layout)
+            found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
+                t for t in _named_by_words(places, words) - sources.keys() - rejected if acceptable(t)])
+        if not found:
+            # MSVC pads between functions with int3: code right after it, outside every function, that
+            # decodes as sane code is a function nothing names (C++ exception funclets, FH4's packed maps)
+            found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
+                t for t in places - sources.keys() - rejected if memory[t - 1] == 0xCC and acceptable(t)])
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
@@ -363,6 +386,53 @@ def _lea_targets(memory: bytes, analyses: list[FunctionAnalysis]) -> set[int]:
     return out
 
 
+def _rva32_words(image: Image) -> list[array]:
+    """Every 32-bit value, at every alignment, of the sections that are neither code nor .pdata/.reloc:
+    where MSVC's C++ exception tables (packed, so unaligned, in FH4), CFG tables and other address
+    tables keep image-relative addresses of code."""
+    out = []
+    memory = image.memory
+    for section in image.sections:
+        if section.executable or section.name in (".pdata", ".reloc"):
+            continue
+        for phase in range(4):
+            begin = section.rva + phase
+            end = begin + (max(0, min(section.end_rva, len(memory)) - begin) // 4) * 4
+            words = array("I")
+            words.frombytes(memory[begin:end])
+            out.append(words)
+    return out
+
+
+def _gap_starts(image: Image, layout: list[Item]) -> set[int]:
+    """Places outside every function where code could begin: a gap's start, the end of each fill run."""
+    memory = image.memory
+    places: set[int] = set()
+    starts = [item[0] for item in layout]
+    for section in image.executable_sections:
+        first = bisect_right(starts, section.rva - 1)
+        last = bisect_right(starts, section.end_rva - 1)
+        for index in range(first, last):
+            end = layout[index][1][0][1]
+            limit = min(starts[index + 1], section.end_rva) if index + 1 < last else section.end_rva
+            if end >= limit:
+                continue
+            if memory[end] not in _FILL_BYTES:
+                places.add(end)
+            # code follows int3/nop padding; zero runs in a gap are data more often than not
+            places.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
+                          if match.end() < limit)
+    return places
+
+
+def _named_by_words(places: set[int], words: list[array]) -> set[int]:
+    """The places some 32-bit value in data names."""
+    found: set[int] = set()
+    for chunk in words:
+        found |= places.intersection(chunk)
+    return found
+
+
 def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
     """Whether ``rva`` can start a function: outside every function's reachable code, right after fill
     or after a function's last instruction (never inside an instruction), and decodable."""
@@ -381,6 +451,17 @@ def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
     return bool(core.instruction_text(image.memory, rva, rva + 15))
 
 
+def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item], add: Any, source: str,
+                   rejected: set[int], candidates: list[int]) -> bool:
+    """Add the plausible candidates as functions from ``source``; remember the others. True if any was new."""
+    accepted = set(_plausible(image, ctx, core, layout, candidates))
+    rejected.update(t for t in candidates if t not in accepted)
+    found = False
+    for target in sorted(accepted):
+        found |= add(target, source)
+    return found
+
+
 def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item], candidates: list[int]) -> list[int]:
     """The candidates whose code, decoded up to where no path goes on, makes only sane references.
 
@@ -388,22 +469,43 @@ def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item]
     tables); decoded as code those bytes branch and point outside the image or into the middle of
     nowhere, which compiled code never does.
     """
-    starts = sorted({item[0] for item in layout} | set(candidates))
-    items = []
-    for rva in sorted(candidates):
+    # Each candidate is judged up to the next known start (a rejected candidate after it bounds nothing).
+    # The sweep first stops at the next candidate: a candidate that is data shows it there already, and
+    # looking further is only needed for sane code that runs into the next candidate.
+    starts = [item[0] for item in layout]
+    ordered = sorted(candidates)
+    limits = []
+    for rva in ordered:
         section = image.code_section(rva)
         assert section is not None
         following = bisect_right(starts, rva)
-        limit = starts[following] if following < len(starts) else section.end_rva
-        items.append((rva, ((rva, min(limit, section.end_rva)),)))
-    out = []
-    memory = image.memory
-    for item, analysis in zip(items, decode(ctx, items, core)):
-        reached = _reachable(memory, item, analysis)
-        if reached != item:
-            analysis = decode(ctx, [reached], core)[0]
-        if _sane(image, core, reached, analysis):
+        limits.append(min(starts[following] if following < len(starts) else section.end_rva, section.end_rva))
+    short = [(rva, ((rva, min(limit, ordered[i + 1]) if i + 1 < len(ordered) else limit),))
+             for i, (rva, limit) in enumerate(zip(ordered, limits))]
+    out: list[int] = []
+    longer = []
+    for item, limit, verdict in zip(short, limits, _judged(image, ctx, core, short)):
+        if verdict == "runs on" and item[1][0][1] < limit:
+            longer.append((item[0], ((item[0], limit),)))
+        elif verdict:
             out.append(item[0])
+    out.extend(item[0] for item, verdict in zip(longer, _judged(image, ctx, core, longer)) if verdict)
+    return out
+
+
+def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item]) -> list[str]:
+    """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
+    "runs on" if it runs to the item's end."""
+    memory = image.memory
+    analyses = decode(ctx, items, core)
+    reached = [_reachable(memory, item, analysis) for item, analysis in zip(items, analyses)]
+    cut = [r for r, item in zip(reached, items) if r != item]
+    redecoded = dict(zip(cut, decode(ctx, cut, core)))
+    out = []
+    for item, r, analysis in zip(items, reached, analyses):
+        if r != item:
+            analysis = redecoded[r]
+        out.append("" if not _sane(image, core, r, analysis) else "ends" if r != item else "runs on")
     return out
 
 

@@ -5,17 +5,19 @@ through a pointer computed at run time, a stub only an unwind table names, or
 code behind data it could not tell from data. Such bytes are in no function, so
 the function diff never looks at them, and a fix there would go unnoticed: the
 package would leave the old code running. Here those bytes are compared
-directly. Each gap between functions (fill, known jump tables and relocated
-pointers left out) is keyed by the function in front of it; a gap whose bytes
-differ from its counterpart's in the other image is an ``uncovered_code``
+directly. Each gap between functions (fill trimmed) is keyed by the function
+in front of it and fingerprinted like a function; a gap whose fingerprint
+differs from its counterpart's in the other image is an ``uncovered_code``
 change, which the verdict turns into a reason.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections import defaultdict
+from array import array
+from collections import Counter
+from dataclasses import dataclass
 
+from .analysis import decode, fingerprint_all
 from .datadiff import DataChange
 from .functions import FILL_RE, FunctionTable
 
@@ -25,87 +27,69 @@ __all__ = ["UncoveredGap", "uncovered_changes", "uncovered_gaps"]
 _Key = tuple[str, int | None, int]
 
 
+@dataclass(frozen=True)
 class UncoveredGap:
-    """The non-fill bytes between one function and the next (or the section start and the first)."""
+    """The bytes between one function and the next (or the section start and the first), fill trimmed."""
 
-    __slots__ = ("section", "anchor", "rva", "content")
-
-    def __init__(self, section: str, anchor: int | None, rva: int, content: bytes) -> None:
-        self.section = section
-        #: RVA of the function in front of the gap, None at the start of the section
-        self.anchor = anchor
-        #: RVA of the first byte of the gap that is not fill
-        self.rva = rva
-        #: the gap's bytes with fill, jump tables and relocated pointers left out
-        self.content = content
+    section: str
+    #: RVA of the function in front of the gap, None at the start of the section
+    anchor: int | None
+    rva: int
+    size: int
+    fingerprint: str
 
 
 def uncovered_gaps(table: FunctionTable) -> dict[_Key, UncoveredGap]:
-    """Every gap holding bytes that are neither fill nor a jump table, keyed by the function before it."""
+    """Every gap holding bytes that are not fill, keyed by the function before it, with a fingerprint.
+
+    The fingerprint is the analysis core's (placement-invariant: reference operands masked, targets
+    described by what they are), over the gap swept as if it were one function, so code and data that
+    only moved with the rest of the image compare equal.
+    """
     image = table.image
     memory = image.memory
-    tables = sorted((t[1], t[1] + 4 * len(t[3])) for a in table.analyses for t in a.raw_tables if t[3])
-    relocations = image.relocations
-    out: dict[_Key, UncoveredGap] = {}
+    spans: list[tuple[_Key, int, int]] = []
     for section in image.executable_sections:
         limit = section.rva + section.virtual_size
-        spans = sorted((begin, end, f.rva, index) for f in table.functions
-                       for index, (begin, end) in enumerate(f.ranges) if begin < limit and end > section.rva)
+        ranges = sorted((begin, end, f.rva, index) for f in table.functions
+                        for index, (begin, end) in enumerate(f.ranges) if begin < limit and end > section.rva)
         cursor, anchor, part = section.rva, None, 0
-        for begin, end, owner, index in spans + [(limit, limit, None, 0)]:
+        for begin, end, owner, index in ranges + [(limit, limit, None, 0)]:
             if begin > cursor:
-                gap = _gap_content(memory, cursor, min(begin, limit), tables, relocations)
-                if gap is not None:
-                    out[(section.name, anchor, part)] = UncoveredGap(section.name, anchor, gap[0], gap[1])
+                content = _without_fill(memory, cursor, min(begin, limit))
+                if content is not None:
+                    spans.append(((section.name, anchor, part), *content))
             if end > cursor:
                 cursor, anchor, part = end, owner, index
-    return out
+    items = [(begin, ((begin, end),)) for _, begin, end in spans]
+    decoded = decode(table.context, items, table.backend)
+    starts = array("I", sorted(f.rva for f in table.functions))
+    analyses = fingerprint_all(table.context, decoded, starts, table.backend)
+    return {key: UncoveredGap(key[0], key[1], begin, end - begin, analysis.fingerprint)
+            for (key, begin, end), analysis in zip(spans, analyses)}
 
 
-def _gap_content(memory: bytes, begin: int, end: int, tables: list[tuple[int, int]],
-                 relocations: list[int]) -> tuple[int, bytes] | None:
-    kept = bytearray()
+def _without_fill(memory: bytes, begin: int, end: int) -> tuple[int, int] | None:
+    """The part of ``[begin, end)`` from its first to its last byte that is not fill, if any."""
     first = None
+    last = begin
     position = begin
     for match in list(FILL_RE.finditer(memory, begin, end)) + [None]:
         stop = match.start() if match is not None else end
         if stop > position:
-            piece = bytearray(memory[position:stop])
-            _blank(piece, position, tables, relocations)
-            if any(piece):
-                first = position if first is None else first
-                kept += piece
+            first = position if first is None else first
+            last = stop
         if match is not None:
             position = match.end()
-    return (first, bytes(kept)) if first is not None else None
-
-
-def _blank(piece: bytearray, rva: int, tables: list[tuple[int, int]], relocations: list[int]) -> None:
-    """Zero the bytes of ``piece`` (at ``rva``) that belong to a jump table or a relocated pointer: their
-    values move with the code they designate (compared through the functions' fingerprints)."""
-    end = rva + len(piece)
-    for begin, stop in tables[max(0, bisect_left(tables, (rva - 4 * 4096, 0))):]:
-        if begin >= end:
-            break
-        if stop > rva:
-            piece[max(begin, rva) - rva:min(stop, end) - rva] = bytes(min(stop, end) - max(begin, rva))
-    index = bisect_left(relocations, rva - 7)
-    while index < len(relocations) and relocations[index] < end:
-        at = relocations[index]
-        piece[max(at, rva) - rva:min(at + 8, end) - rva] = bytes(min(at + 8, end) - max(at, rva))
-        index += 1
+    return (first, last) if first is not None else None
 
 
 def uncovered_changes(a: FunctionTable, b: FunctionTable, function_map: dict[int, int]) -> list[DataChange]:
-    """Gaps whose bytes differ from their counterpart's (the gap after the matched function), and gaps
-    on one side only whose bytes appear nowhere on the other."""
+    """Gaps whose fingerprint differs from their counterpart's (the gap after the matched function), and
+    gaps on one side only whose fingerprint appears nowhere on the other."""
     gaps_a, gaps_b = uncovered_gaps(a), uncovered_gaps(b)
-    contents_a: dict[bytes, int] = defaultdict(int)
-    contents_b: dict[bytes, int] = defaultdict(int)
-    for gap in gaps_a.values():
-        contents_a[gap.content] += 1
-    for gap in gaps_b.values():
-        contents_b[gap.content] += 1
+    prints_a = Counter(gap.fingerprint for gap in gaps_a.values())
+    prints_b = Counter(gap.fingerprint for gap in gaps_b.values())
     out = []
     paired_b: set[_Key] = set()
     for key, gap in sorted(gaps_a.items(), key=lambda kv: kv[1].rva):
@@ -114,14 +98,38 @@ def uncovered_changes(a: FunctionTable, b: FunctionTable, function_map: dict[int
         other = gaps_b.get(counterpart) if anchor is None or anchor in function_map else None
         if other is not None:
             paired_b.add(counterpart)
-            if other.content != gap.content:
-                out.append(DataChange("uncovered_code", gap.rva, other.rva, len(gap.content), section,
-                                      f"{len(gap.content)} bytes of code outside every function changed"))
-        elif gap.content not in contents_b:
-            out.append(DataChange("uncovered_code", gap.rva, None, len(gap.content), section,
-                                  f"{len(gap.content)} bytes of code outside every function are gone"))
+            if other.fingerprint != gap.fingerprint and not _same_tables(a, gap, b, other):
+                out.append(DataChange("uncovered_code", gap.rva, other.rva, gap.size, section,
+                                      f"{gap.size} bytes outside every function changed"))
+        elif gap.fingerprint not in prints_b:
+            out.append(DataChange("uncovered_code", gap.rva, None, gap.size, section,
+                                  f"{gap.size} bytes outside every function are gone"))
     for key, gap in sorted(gaps_b.items(), key=lambda kv: kv[1].rva):
-        if key not in paired_b and gap.content not in contents_a:
-            out.append(DataChange("uncovered_code", None, gap.rva, len(gap.content), key[0],
-                                  f"{len(gap.content)} new bytes of code outside every function"))
+        if key not in paired_b and gap.fingerprint not in prints_a:
+            out.append(DataChange("uncovered_code", None, gap.rva, gap.size, key[0],
+                                  f"{gap.size} new bytes outside every function"))
     return out
+
+
+def _same_tables(a: FunctionTable, gap_a: UncoveredGap, b: FunctionTable, gap_b: UncoveredGap) -> bool:
+    """Whether the two gaps differ only in 32-bit image-relative addresses of code that sit at the same
+    offset in the functions before them: MSVC's switch tables of a leaf whose switch discovery did not
+    recognise, whose entries move with the code."""
+    if gap_a.size != gap_b.size or (gap_a.rva - gap_b.rva) % 4:
+        return False
+    return _normalised(a, gap_a) == _normalised(b, gap_b)
+
+
+def _normalised(table: FunctionTable, gap: UncoveredGap) -> bytes:
+    memory = table.image.memory
+    anchor = table.at(gap.anchor) if gap.anchor is not None else None
+    # whole words: zero fill trimmed from the end of the gap may be the top byte of the last entry
+    out = bytearray(memory[gap.rva:gap.rva + gap.size + 3])
+    for at in range(-gap.rva % 4, gap.size, 4):
+        value = int.from_bytes(out[at:at + 4], "little")
+        if table.image.code_section(value) is None:
+            continue
+        inside = anchor is not None and any(begin <= value < end for begin, end in anchor.ranges)
+        out[at:at + 4] = (value - anchor.rva).to_bytes(4, "little", signed=True) if inside and anchor \
+            else b"\xff\xff\xff\x7f"
+    return bytes(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from hotpatch.apply.emulator import EmulatorBackend
+from hotpatch.apply.status import code_sha256, read_image
 from hotpatch.diff import diff
+from hotpatch.image import Image
 from hotpatch.package.builder import build_package
 from hotpatch.verify import affected_exports, verify
+from tests.fixtures.build_product import IMAGE_BASES, RELEASES, build_product, release_dir
 from tests.fixtures.cases import Case, load_cases
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +49,40 @@ def test_every_hotpatch_case_verifies(cases: list[Case], name: str, tmp_path: Pa
     # the calls return what Wine measured for the patched DLL
     assert [c["patched"] for c in report["calls"]] == [call.patched for call in case.calls]
     assert [c["baseline_with_package"] for c in report["calls"]] == [call.patched for call in case.calls]
+
+
+def test_a_dll_with_a_non_default_preferred_base_verifies(built_fixtures: Path) -> None:
+    # util.dll prefers 0x181000000, no usual default: the emulator maps it elsewhere and rewrites the header's
+    # ImageBase, so the code hash check has to take the preferred base from the baseline it mapped
+    build_product(built_fixtures)
+    baseline = release_dir(built_fixtures, RELEASES[0]) / "util.dll"
+    patched = release_dir(built_fixtures, RELEASES[2]) / "util.dll"
+    image = Image.load(baseline)
+    assert image.image_base == IMAGE_BASES["util.dll"] == 0x181000000
+    package = build_package(diff(baseline, patched))
+    report = verify(package, baseline, patched)
+    assert report.agrees, report.difference
+    assert report.baseline_base != image.image_base and {c.function for c in report.calls} >= {"util_mix"}
+
+
+def test_the_code_hash_uses_the_preferred_base_the_emulator_knows(built_fixtures: Path) -> None:
+    build_product(built_fixtures)
+    baseline = release_dir(built_fixtures, RELEASES[0]) / "util.dll"
+    image = Image.load(baseline)
+    backend = EmulatorBackend.load(baseline)
+    try:
+        module = next(m for m in backend.images() if m.name == "util.dll")
+        loaded = read_image(backend, module)
+        # the header in memory names the base the image was mapped at, not the one it prefers
+        assert loaded.header_image_base == module.base_va != image.image_base
+        assert module.preferred_base == image.image_base
+        wanted = bytes.fromhex(image.identity.code_sha256)
+        assert code_sha256(backend, loaded, wanted).state == "verified"
+        # without the preferred base only the header and the usual defaults are tried: none explains the code
+        guessed = read_image(backend, dataclasses.replace(module, preferred_base=None))
+        assert code_sha256(backend, guessed, wanted).state == "mismatch"
+    finally:
+        backend.close()
 
 
 def test_default_calls_cover_exports_reaching_changed_code(cases: list[Case]) -> None:

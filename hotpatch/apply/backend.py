@@ -97,6 +97,9 @@ class Module:
     path: str
     base_va: int
     size: int
+    #: the image's preferred base when the backend knows it from the file it mapped (the emulator, which
+    #: rewrites the header's ImageBase as Windows does); None: only the header in memory tells
+    preferred_base: int | None = None
 
     def contains(self, va: int) -> bool:
         return self.base_va <= va < self.base_va + self.size

@@ -300,4 +300,5 @@ class EmulatorBackend(ProcessBackend):
 
 
 def _module(loaded: LoadedModule) -> Module:
-    return Module(loaded.name, loaded.path, loaded.base, loaded.size)
+    preferred = loaded.image.image_base if loaded.image is not None else None
+    return Module(loaded.name, loaded.path, loaded.base, loaded.size, preferred)

@@ -102,6 +102,7 @@ from .journal import (
 )
 from .provenance import MARKER_SIZE, check_allocation, check_libraries, derive_sites, region_marker
 from .redirects import SiteRedirect, fits_rel32, plan_site, relay_thunk, transition_writes
+from .region import Layout, Part
 from .status import (
     OURS,
     CodeHash,
@@ -136,32 +137,6 @@ def _align(value: int, alignment: int) -> int:
 # --------------------------------------------------------------------------
 # Layout of the one allocation
 # --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Part:
-    name: str  # code | rodata | data
-    offset: int
-    size: int
-    protect: int
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where everything of a package goes, as offsets from the allocation's base.
-
-    code blobs, relay thunks | marker, rodata blobs, RUNTIME_FUNCTION array | data blobs, bss blobs
-    Each part starts on a page, so each gets its own protection. The marker
-    (provenance.region_marker) lets recovery tell this region from any other.
-    """
-
-    size: int
-    blob_offsets: tuple[int, ...]
-    thunk_offsets: dict[str, int]  # thunk key (see _thunk_key) -> offset
-    table_offset: int
-    table_count: int
-    parts: tuple[Part, ...]
-    marker_offset: int = 0
 
 
 def plan_layout(package: Package, thunks: list[str]) -> Layout:

@@ -25,7 +25,6 @@ Anything else raises ``JournalError`` before the first write.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
 
 from ..errors import BackendError, IdentityMismatchError, JournalError, ProcessGoneError
 from ..package.model import ImportTarget, Package
@@ -33,10 +32,8 @@ from .backend import PAGE_READWRITE, ProcessBackend
 from .imports import normalise_dll
 from .journal import ALLOCATED, INTENT, LOADED, REGISTERED, RETAINED, PackageRecord
 from .redirects import SiteRedirect, plan_site
+from .region import Layout
 from .status import check_identity, read_image
-
-if TYPE_CHECKING:  # the engine imports this module; the layout is its
-    from .engine import Layout
 
 __all__ = ["MARKER_MAGIC", "MARKER_SIZE", "check_allocation", "check_libraries", "derive_sites", "region_marker"]
 

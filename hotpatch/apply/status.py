@@ -7,9 +7,12 @@ have been replaced since the process loaded it. The code SHA-256 is the one
 those bytes differ where the loader applied base relocations, so they are
 reverted first with the module's own relocation table and the delta between
 its actual base and its preferred one. Wine leaves the ImageBase field of the
-header alone; Windows may rewrite it when it relocates an image, and the
-package does not carry the preferred base, so when the header's base does not
-explain the code, the usual default bases are tried too. A module that still
+header alone; Windows may rewrite it when it relocates an image, and so does
+the emulator. A backend that mapped the file itself (the emulator) knows the
+preferred base from that file and says so in ``Module.preferred_base``; only
+that base is used then. Otherwise the package does not carry the preferred
+base, so when the header's base does not explain the code, the usual default
+bases are tried too. A module that still
 does not match is refused. Code our own journal says we patched is put back
 to its original bytes before hashing.
 
@@ -188,8 +191,12 @@ def code_sha256(
     slots = _relocations_in(backend, image, code)
     if slots is None:
         return CodeHash("skipped", note="unsupported base relocation type in code")
-    # The preferred base: the header's, unless the loader rewrote it; then a usual default.
-    bases = [image.header_image_base] + ([b for b in COMMON_BASES if b != image.header_image_base] if slots else [])
+    # The preferred base: the file's when the backend mapped the file itself and knows it; else the header's,
+    # unless the loader rewrote it; then a usual default.
+    if image.module.preferred_base is not None:
+        bases = [image.module.preferred_base]
+    else:
+        bases = [image.header_image_base] + ([b for b in COMMON_BASES if b != image.header_image_base] if slots else [])
     found = ""
     for preferred in bases:
         found = _digest(patched, code, slots, image.base_va - preferred)
@@ -200,7 +207,7 @@ def code_sha256(
     if slots:
         note += f" (with its {len(slots)} relocated slots reverted for base " + ", ".join(f"{b:#x}" for b in bases)
         note += ")"
-    first = _digest(patched, code, slots, image.base_va - image.header_image_base)
+    first = _digest(patched, code, slots, image.base_va - bases[0])
     return CodeHash("mismatch", first, note)
 
 

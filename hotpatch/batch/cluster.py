@@ -63,8 +63,6 @@ def run_on_dask(jobs: Sequence[Job], settings: dict[str, Any], record: Callable[
                 big_image_bytes: int, threads_per_worker: int = 1) -> str:
     from distributed import Client, LocalCluster, as_completed
 
-    from .runner import job_bytes
-
     cluster = None
     if scheduler is None:
         # never fixed ports: other clusters run on the same machine
@@ -77,7 +75,7 @@ def run_on_dask(jobs: Sequence[Job], settings: dict[str, Any], record: Callable[
         bounded = any(RESOURCE in (w.get("resources") or {}) for w in info.values())
         futures: dict[Any, Job] = {}
         for job in jobs:
-            resources = {RESOURCE: 1} if bounded and job_bytes(job) > big_image_bytes else None
+            resources = {RESOURCE: 1} if bounded and job.input_bytes > big_image_bytes else None
             future = client.submit(run_in_worker, job.to_json(), settings, job.timeout or timeout, memory_limit_mb,
                                    key=f"hotpatch-batch-{job.job_id}", resources=resources, pure=False)
             futures[future] = job

@@ -26,6 +26,7 @@ JSON lines: one job object per line with the keys of ``[[job]]``.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Sequence
@@ -69,6 +70,11 @@ class Job:
     def label(self) -> str:
         path = Path(self.patched)
         return self.name or f"{path.parent.name}/{path.name} ({self.kind})"
+
+    @property
+    def input_bytes(self) -> int:
+        """The size of both images on disk (0 for a missing one): big jobs go first and get fewer slots."""
+        return sum(os.path.getsize(p) if os.path.exists(p) else 0 for p in (self.baseline, self.patched))
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.job_id, "kind": self.kind, "name": self.label, "baseline": self.baseline,

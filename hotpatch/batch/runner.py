@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from .cluster import run_on_dask
 from .jobs import DISK_CACHE, CacheSpec
 from .manifest import Job
 from .process import ChildProcess
@@ -43,10 +44,6 @@ class BatchResult:
     records: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
 
-def job_bytes(job: Job) -> int:
-    return sum(os.path.getsize(p) if os.path.exists(p) else 0 for p in (job.baseline, job.patched))
-
-
 def run_batch(jobs: Sequence[Job], out_dir: str | Path, *, workers: int | None = None,
               scheduler: str | None = None, local_cluster: bool = False, timeout: float = DEFAULT_TIMEOUT,
               retry_failed: bool = False, cache: CacheSpec | None = DISK_CACHE, keep_packages: bool = False,
@@ -60,7 +57,7 @@ def run_batch(jobs: Sequence[Job], out_dir: str | Path, *, workers: int | None =
     out = Path(out_dir)
     store = ResultStore(out / "results.jsonl")
     done = store.finished(retry_failed)
-    todo = sorted((j for j in jobs if j.job_id not in done), key=job_bytes, reverse=True)
+    todo = sorted((j for j in jobs if j.job_id not in done), key=lambda job: job.input_bytes, reverse=True)
     settings = {"cache": cache.to_json() if cache else None,
                 "packages_dir": str((out / "packages").resolve()) if keep_packages else None}
     workers = workers or os.cpu_count() or 1
@@ -71,8 +68,6 @@ def run_batch(jobs: Sequence[Job], out_dir: str | Path, *, workers: int | None =
             advance(result)
 
         if scheduler or local_cluster:
-            from .cluster import run_on_dask
-
             engine = run_on_dask(todo, settings, record, scheduler=scheduler, workers=workers, timeout=timeout,
                                  memory_limit_mb=memory_limit_mb, big_image_bytes=BIG_IMAGE_BYTES)
         else:

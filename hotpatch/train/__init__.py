@@ -19,7 +19,8 @@ May import: the stages below it through their public functions
 from __future__ import annotations
 
 from .manifest import Manifest, Policy, Release, load_manifest
-from .run import ModuleOutcome, ReleaseOutcome, TrainResult, run_train
+from .outcome import ModuleOutcome, ReleaseOutcome, TrainResult
+from .run import run_train
 
 __all__ = ["Manifest", "ModuleOutcome", "Policy", "Release", "ReleaseOutcome", "TrainResult", "load_manifest",
            "run_train"]

@@ -18,7 +18,7 @@ from .files import write_bytes
 from .manifest import BEFORE, HOTPATCH, PLANNED, UNPLANNED
 
 if TYPE_CHECKING:
-    from .run import ReleaseOutcome, TrainResult
+    from .outcome import ReleaseOutcome, TrainResult
 
 __all__ = ["COLOURS", "draw_calendar"]
 

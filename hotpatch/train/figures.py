@@ -18,7 +18,7 @@ from .manifest import BEFORE, HOTPATCH, PLANNED, UNPLANNED, Manifest
 from .plan import Schedule
 
 if TYPE_CHECKING:
-    from .run import ReleaseOutcome
+    from .outcome import ReleaseOutcome
 
 __all__ = ["train_figures"]
 

@@ -30,8 +30,9 @@ from pathlib import Path
 
 from unicorn import UC_PROT_READ
 
+from ..emulation.catalog import new_machine
 from ..emulation.loader import load_image
-from ..emulation.machine import DEFAULT_INSTRUCTION_LIMIT, LoadedModule, Machine
+from ..emulation.machine import DEFAULT_INSTRUCTION_LIMIT, LoadedModule
 from ..emulation.space import (
     ERROR_INVALID_ADDRESS,
     ERROR_PARTIAL_COPY,
@@ -70,7 +71,7 @@ class EmulatorBackend(ProcessBackend):
     """An emulated process holding one or more mapped images (see the module docstring)."""
 
     def __init__(self, instruction_limit: int = DEFAULT_INSTRUCTION_LIMIT) -> None:
-        self.machine = Machine(instruction_limit)
+        self.machine = new_machine(instruction_limit)
         self.pid = self.machine.pid
         self._watches: dict[int, int] = {}  # allocation base -> write-watch handle
         self._closed = False

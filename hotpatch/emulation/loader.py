@@ -13,7 +13,9 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from ..apply.backend import (
+from ..errors import BackendError, EmulationError
+from ..image import Image, Section
+from ..win32mem import (
     MEM_IMAGE,
     MEM_PRIVATE,
     PAGE_EXECUTE,
@@ -24,8 +26,6 @@ from ..apply.backend import (
     PAGE_READWRITE,
     PAGE_WRITECOPY,
 )
-from ..errors import BackendError, EmulationError
-from ..image import Image, Section
 from .machine import PROCESS_DATA_BASE, TLS_ARRAY_OFFSET, LoadedModule, Machine
 from .space import GRANULE, PAGE, align_up
 

@@ -47,7 +47,6 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
-from ..apply.backend import MEM_IMAGE, MEM_PRIVATE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from ..errors import (
     EmulationError,
     EmulationFaultError,
@@ -56,6 +55,7 @@ from ..errors import (
     RemoteTimeoutError,
     UnmodelledImportError,
 )
+from ..win32mem import MEM_IMAGE, MEM_PRIVATE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from . import models
 from .heap import Heap
 from .modeldll import CODE_RVA, CODE_SIZE, EDATA_RVA, ModelDll
@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_INSTRUCTION_LIMIT",
     "GPR",
+    "ExceptionDispatcher",
     "LoadedModule",
     "Machine",
     "ModelCall",
@@ -190,6 +191,11 @@ class _Recording:
     before: dict[int, int] = field(default_factory=dict)
 
 
+#: hands a CPU exception (status, address, parameters, context) to the guest's handlers (``seh.dispatch_fault``):
+#: raises Resume when one takes it, GuestExceptionError when none does
+ExceptionDispatcher = Callable[["Machine", int, int, list[int], Context], None]
+
+
 class ModelCall:
     """One call of a model: its arguments by the Windows x64 convention, and the machine."""
 
@@ -234,7 +240,11 @@ class ModelCall:
 class Machine:
     """One emulated Windows x64 process with a single thread."""
 
-    def __init__(self, instruction_limit: int = DEFAULT_INSTRUCTION_LIMIT) -> None:
+    def __init__(self, registry: models.ModelRegistry, dispatch_exception: ExceptionDispatcher,
+                 instruction_limit: int = DEFAULT_INSTRUCTION_LIMIT) -> None:
+        # The models and the exception dispatcher (catalog.new_machine passes them) sit above this module.
+        self.registry = registry
+        self.dispatch_exception = dispatch_exception
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.space = AddressSpace(self.uc)
         self.instruction_limit = instruction_limit
@@ -443,7 +453,7 @@ class Machine:
         base = MODEL_DLL_BASE + len(self.model_dlls) * 0x100000
         dll = ModelDll(name, base)
         family = models.family_of(dll.name)
-        for model in models.models_for(family):
+        for model in self.registry.models_for(family):
             self._add_stub(dll, model.name, model)
         allocation = self.space.map(base, dll.size, PAGE_READONLY, MEM_IMAGE, dll.name)
         allocation.allocation_protect = 0x80  # PAGE_EXECUTE_WRITECOPY, as for every image
@@ -578,8 +588,6 @@ class Machine:
 
         Nobody handling it raises the emulator's own description of the fault.
         """
-        from .seh import dispatch, make_record
-
         # A fault inside an exception or unwind handler is not dispatched again: the emulator stops there
         # with the fault described, rather than following Windows into nested-exception recursion.
         in_handler = any(level.boundary is not None for level in self._levels)
@@ -588,7 +596,7 @@ class Machine:
         ctx = self.cpu_context()
         ctx.rip = exception.rip
         try:
-            dispatch(self, make_record(exception.status, 0, exception.rip, exception.parameters), ctx, ctx.rsp)
+            self.dispatch_exception(self, exception.status, exception.rip, exception.parameters, ctx)
         except Resume as resume:
             if resume.level == self.level:
                 self._resume = None

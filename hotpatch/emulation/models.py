@@ -11,23 +11,21 @@ A model either runs Python when the CPU reaches its stub (``run``: takes a
 ``ModelCall``, returns rax or None to leave it) or is a few instructions of
 real code (``code``) for functions that call back into the guest. The
 implementations live in ``crt``, ``stdio``, ``win32`` and ``seh``; they register
-themselves when first needed.
+themselves in ``REGISTRY`` when imported, and ``catalog`` hands the complete
+registry to each ``Machine`` (this module imports none of them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .machine import ModelCall
-
-__all__ = ["FAMILIES", "Model", "code_model", "family_of", "model", "models_for", "lookup"]
+__all__ = ["FAMILIES", "REGISTRY", "Model", "ModelRegistry", "code_model", "family_of", "model"]
 
 FAMILIES = ("crt", "kernel32", "ntdll")
-Run = Callable[["ModelCall"], "int | None"]
+#: takes a ``machine.ModelCall`` (the machine sits above this module, so it is not named here)
+Run = Callable[[Any], "int | None"]
 
 
 @dataclass(frozen=True)
@@ -35,9 +33,6 @@ class Model:
     name: str
     run: Run | None  # None: the stub's code does the work
     code: bytes = b""  # the stub's code when it is not a plain ret
-
-
-_REGISTRY: dict[str, dict[str, Model]] = {family: {} for family in FAMILIES}
 
 
 def family_of(dll: str) -> str | None:
@@ -53,13 +48,38 @@ def family_of(dll: str) -> str | None:
     return None
 
 
+class ModelRegistry:
+    """The models of each family, by export name."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, dict[str, Model]] = {family: {} for family in FAMILIES}
+
+    def add(self, family: str, model: Model) -> None:
+        self._models[family][model.name] = model
+
+    def models_for(self, family: str | None) -> list[Model]:
+        """Every model of ``family``, in a stable order."""
+        if family is None:
+            return []
+        return [self._models[family][name] for name in sorted(self._models[family])]
+
+    def lookup(self, family: str | None, name: str) -> Model | None:
+        if family is None:
+            return None
+        return self._models[family].get(name)
+
+
+#: where ``crt``, ``stdio``, ``win32`` and ``seh`` register their models (``catalog`` imports them all)
+REGISTRY = ModelRegistry()
+
+
 def model(*names: str, families: Iterable[str] = ("crt",)) -> Callable[[Run], Run]:
     """Register the decorated function as the model of ``names`` in ``families``."""
 
     def register(run: Run) -> Run:
         for family in families:
             for name in names:
-                _REGISTRY[family][name] = Model(name, run)
+                REGISTRY.add(family, Model(name, run))
         return run
 
     return register
@@ -71,24 +91,4 @@ def code_model(name: str, asm: str, families: Iterable[str] = ("crt",)) -> None:
 
     encoding, _ = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64).asm(asm, 0)
     for family in families:
-        _REGISTRY[family][name] = Model(name, None, bytes(encoding))
-
-
-@lru_cache(maxsize=1)
-def _load() -> None:
-    from . import crt, seh, stdio, win32  # noqa: F401 - they register their models on import
-
-
-def models_for(family: str | None) -> list[Model]:
-    """Every model of ``family``, in a stable order."""
-    if family is None:
-        return []
-    _load()
-    return [_REGISTRY[family][name] for name in sorted(_REGISTRY[family])]
-
-
-def lookup(family: str | None, name: str) -> Model | None:
-    if family is None:
-        return None
-    _load()
-    return _REGISTRY[family].get(name)
+        REGISTRY.add(family, Model(name, None, bytes(encoding)))

@@ -179,6 +179,11 @@ def _call_handler(machine: Machine, frame: _Frame, kind: str, args: list[int], s
 # ── dispatch ──────────────────────────────────────────────────────────────
 
 
+def dispatch_fault(machine: Machine, status: int, address: int, parameters: list[int], context: Context) -> None:
+    """Dispatch a CPU exception (``Machine.dispatch_exception``): raises Resume, or GuestExceptionError."""
+    dispatch(machine, make_record(status, 0, address, parameters), context, context.rsp)
+
+
 def dispatch(machine: Machine, record: bytes, context: Context, rsp: int) -> None:
     """Find the handler of an exception raised with ``context`` by the code at this nesting level.
 

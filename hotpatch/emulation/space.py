@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc
 
-from ..apply.backend import (
+from ..errors import BackendError, Win32Error
+from ..win32mem import (
     MEM_COMMIT,
     MEM_FREE,
     PAGE_EXECUTE,
@@ -32,7 +33,6 @@ from ..apply.backend import (
     PAGE_WRITECOPY,
     Region,
 )
-from ..errors import BackendError, Win32Error
 
 __all__ = [
     "GRANULE",

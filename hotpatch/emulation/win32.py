@@ -13,9 +13,10 @@ from __future__ import annotations
 import struct
 import zlib
 
-from ..apply.backend import MEM_PRIVATE, PAGE_READWRITE
 from ..errors import Win32Error
+from ..win32mem import MEM_PRIVATE, PAGE_READWRITE
 from .crt import allocate, reallocate, release
+from .loader import resolve_import
 from .machine import TEB_TLS_SLOTS, ModelCall
 from .models import family_of, model
 from .space import GRANULE, USER_MAX, USER_MIN, align_down
@@ -550,8 +551,6 @@ def _get_proc_address(c: ModelCall) -> int:
             if name in module.model.exports:
                 return module.base + module.model.exports[name]
     elif module.image is not None:
-        from .loader import resolve_import
-
         for export in module.image.exports:
             if (name_or_ordinal >> 16 and export.name
                     and export.name == c.machine.cstring(name_or_ordinal, c.label).decode("latin-1")) or (

@@ -11,6 +11,7 @@ same one) and run the same loop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -59,6 +60,8 @@ def connect(options: Options, host_names: list[str]) -> Iterator[Client]:
         with client:
             yield client
         return
+    # our own cluster, torn down at the end: its workers' complaints about the closing scheduler are noise
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
     with local_cluster(host_names, processes=False) as cluster, Client(cluster) as client:
         yield client
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..apply.agent import AgentClient
 from ..apply.engine import Engine
-from ..apply.health import HealthSpec, run_gate
+from ..apply.health import HealthSpec, roll_back_package, run_gate
 from ..apply.journal import Journal
 from ..errors import BackendError, HotpatchError
 from ..package import Package
@@ -129,19 +129,7 @@ def _apply(client: AgentClient, package: Package, request: HostRequest, pids: li
 
 
 def _take_out(client: AgentClient, journal: Journal, package_id: str, pids: list[int]) -> list[int]:
-    done = []
-    for pid in pids:
-        try:
-            with client.open(pid) as backend:
-                engine = Engine(backend, journal)
-                if _ours(engine, package_id) == "original":
-                    continue
-                with engine.transaction() as tx:
-                    tx.rollback(package_id)
-            done.append(pid)
-        except HotpatchError:
-            continue  # reported by the status that follows
-    return done
+    return roll_back_package(client, journal, package_id, pids)[0]  # what is left is read back afterwards
 
 
 def _status(client: AgentClient, package: Package, request: HostRequest, pids: list[int]) -> dict[str, Any]:

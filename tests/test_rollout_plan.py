@@ -300,3 +300,39 @@ def test_simulated_bad_package_halts_with_a_bounded_blast_radius() -> None:
                        max_in_flight=3)
     assert figures["status"] == "halted" and figures["blast_radius"] == 1  # the canary, rolled back
     assert figures["states"] == {"failed": 1, "pending": 599}
+
+
+# --------------------------------------------------------------------------
+# The inventory against a scheduler's workers (a LocalCluster, no processes patched)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_inventory_is_checked_against_the_workers_and_every_worker_describes_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import Client
+
+    from hotpatch.rollout.executor_dask import local_cluster
+    from hotpatch.rollout.orchestrator import Options, _inventory, start
+
+    monkeypatch.setenv("HOTPATCH_TIME_ZONE", "Asia/Kolkata")
+    monkeypatch.setenv("HOTPATCH_GROUP", "batch")
+    monkeypatch.setenv("HOTPATCH_TAGS", "eu,canary")
+    (tmp_path / "fix.hpk").write_bytes(b"")
+    with local_cluster(["a", "b"], processes=False) as cluster, Client(cluster) as client:
+        # "c" has no worker: refused before the rollout is recorded or anything is sent
+        plan = plan_file(tmp_path, GOOD)
+        with pytest.raises(PlanError, match=r"^inventory.hosts\[2\].name: unknown host 'c' \(no worker of that "
+                                            r"name on the scheduler; workers: a, b\)$"):
+            _inventory(load_plan(plan), client)
+        db = tmp_path / "db.sqlite"
+        every = plan_file(tmp_path, GOOD.split("[inventory]")[0] + "[inventory]\nevery_worker = true\n"
+                          "[defaults]\nmodule = \"app.dll\"\n[[waves]]\nname = \"all\"\nrest = true\n")
+        hosts = _inventory(load_plan(every), client)
+        assert [(h.name, h.time_zone, h.group, h.tags, h.module) for h in hosts] == [
+            ("a", "Asia/Kolkata", "batch", ("eu", "canary"), "app.dll"),
+            ("b", "Asia/Kolkata", "batch", ("eu", "canary"), "app.dll")]
+        with pytest.raises(PlanError, match="^package.path: fix.hpk: "):
+            start(plan, Options(db=db, client=client))
+        assert not RolloutStore(db).rollouts()

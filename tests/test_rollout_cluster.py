@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -288,6 +289,50 @@ def test_orchestrator_killed_mid_wave_is_refused_twice_then_resumed_without_patc
     assert "checking" in b_states and b_states[-1] == "applied"
     fleet.wait_all(PATCHED)
     assert abort("killed", Options(db=db, client=client)) == "aborted"
+
+
+# --------------------------------------------------------------------------
+# A worker that vanishes mid-wave
+# --------------------------------------------------------------------------
+
+
+def test_worker_killed_mid_apply_is_marked_unknown_and_read_back_before_any_retry(
+    tmp_path: Path, fleet: Fleet, client: Client, agent: AgentClient, signed: tuple[Path, str], clean: None
+) -> None:
+    db = tmp_path / "rollouts.sqlite"
+    plan = write_plan(tmp_path / "plan.toml", fleet, signed, "vanish", soak="4s")
+    before = {name: [len(r) for r in fleet.records(agent, name)] for name in HOSTS}
+    outcome: list[object] = []
+    runner = threading.Thread(target=lambda: outcome.append(start(plan, Options(db=db, client=client))))
+    runner.start()
+    store = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        store = store or (RolloutStore(db) if db.exists() else None)
+        if store and {t.host: t.state for t in store.targets("vanish")}.get("host-b") == "applying":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("host-b never started")
+    time.sleep(1.5)  # inside host-b's apply or soak
+    (address,) = [a for a, info in client.scheduler_info()["workers"].items() if info["name"] == "host-b"]
+    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)  # its Nanny starts a new one
+    runner.join(timeout=300)
+    assert outcome == [("vanish", "completed")]
+
+    b_states = [e["new"] for e in history(db, "vanish") if e["host"] == "host-b"]
+    assert b_states[:4] == ["pending", "applying", "unknown", "checking"]
+    assert b_states[-1] == "applied"
+    (lost,) = [e for e in history(db, "vanish") if e["host"] == "host-b" and e["new"] == "unknown"]
+    assert "host-b" in lost["detail"]["error"] or "lost" in lost["detail"]["error"]
+    package_id = RolloutStore(db).rollout("vanish").package_id
+    for name in HOSTS:
+        assert fleet.packages(agent, name) == [[package_id], [package_id]]
+        new = [records[count:] for records, count in zip(fleet.records(agent, name), before[name])]
+        # applied once per process; an apply the kill cut short before its commit was undone by recover
+        assert all(phases.count("applied") == 1 and set(phases) <= {"applied", "undone"} for phases in new), new
+    fleet.wait_all(PATCHED)
+    assert abort("vanish", Options(db=db, client=client)) == "aborted"
 
 
 # --------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
 from hotpatch.errors import RolloutLockedError
 from hotpatch.package.signing import generate_keypair, load_private_key
-from hotpatch.rollout.executor_dask import Clock, local_cluster
+from hotpatch.rollout.executor_dask import Clock, local_cluster, worker_names
 from hotpatch.rollout.orchestrator import Options, abort, resume, start
 from hotpatch.rollout.state import RolloutStore
 from tests.test_agent import Host
@@ -315,7 +315,7 @@ def test_worker_killed_mid_apply_is_marked_unknown_and_read_back_before_any_retr
     else:
         raise AssertionError("host-b never started")
     time.sleep(1.5)  # inside host-b's apply or soak
-    (address,) = [a for a, info in client.scheduler_info()["workers"].items() if info["name"] == "host-b"]
+    address = worker_names(client)["host-b"]
     os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)  # its Nanny starts a new one
     runner.join(timeout=300)
     assert outcome == [("vanish", "completed")]

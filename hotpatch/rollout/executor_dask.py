@@ -68,8 +68,12 @@ def local_cluster(hosts: list[str], env: dict[str, dict[str, str]] | None = None
 
 
 def worker_names(client: Client) -> dict[str, str]:
-    """name -> address of every worker the scheduler knows now."""
-    return {str(info.get("name")): address for address, info in client.scheduler_info()["workers"].items()}
+    """name -> address of every worker the scheduler knows now.
+
+    Asked of the scheduler directly: ``Client.scheduler_info()`` returns a cache that the client's own
+    periodic refresh (which leaves out the workers) may overwrite between the fetch and the read."""
+    identity = client.sync(client.scheduler.identity, n_workers=-1)
+    return {str(info.get("name")): address for address, info in identity["workers"].items()}
 
 
 def discover_hosts(client: Client) -> dict[str, dict[str, Any]]:

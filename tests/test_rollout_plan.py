@@ -278,6 +278,23 @@ def test_failed_canary_halts_and_wave_policy_rolls_back_only_its_wave(tmp_path: 
     assert {t.host: t.state for t in store.targets("r")} == {"a": "rolled_back", "b": "pending", "c": "pending"}
 
 
+def test_status_reports_waves_targets_and_blast_radius_from_the_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    store = _store(tmp_path, [Host(name=n, module="m") for n in "abc"])
+    assert _runner(store, Scripted({("b", "apply"): "failed"}), rollback="all").run() == "halted"
+    assert main(["rollout", "status", "r", "--db", str(tmp_path / "db.sqlite"), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["status"] == "halted" and document["reason"] == "1 failure(s), first on b"
+    assert document["waves"] == [{"wave": 0, "hosts": 1, "rolled_back": 1},
+                                 {"wave": 1, "hosts": 2, "pending": 1, "failed": 1}]
+    assert document["blast_radius"] == 2 and document["failed_hosts"] == ["b"]
+    assert main(["rollout", "status", "--db", str(tmp_path / "none.sqlite")]) == 2
+    assert capsys.readouterr().err.startswith("hotpatch: error: no rollout database at ")
+
+
 # --------------------------------------------------------------------------
 # The simulation
 # --------------------------------------------------------------------------

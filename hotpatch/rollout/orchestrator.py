@@ -146,6 +146,8 @@ def _stored_plan(store: RolloutStore, rollout_id: str) -> tuple[Plan, bytes]:
 
 
 def _continue(rollout_id: str, options: Options, abort_it: bool) -> str:
+    if not Path(options.db).is_file():
+        raise RolloutError(f"no rollout database at {options.db}")
     store = RolloutStore(options.db)
     plan, package_bytes = _stored_plan(store, rollout_id)
     store.acquire(rollout_id, _holder())
@@ -172,6 +174,8 @@ def abort(rollout_id: str, options: Options) -> str:
 def status(rollout_id: str | None, db: Path) -> dict[str, Any]:
     from .view import report
 
+    if not Path(db).is_file():
+        raise RolloutError(f"no rollout database at {db}")
     store = RolloutStore(db)
     ids = store.rollouts()
     if not ids:

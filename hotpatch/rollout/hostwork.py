@@ -98,6 +98,8 @@ def _apply(client: AgentClient, package: Package, request: HostRequest, pids: li
             with client.open(pid) as backend:
                 engine = Engine(backend, journal, allow_unsigned=request.allow_unsigned,
                                 trusted_keys=list(request.trusted_keys))
+                # a task cut short here before (its worker died, Dask re-ran it) is finished or undone first
+                engine.recover()
                 if _ours(engine, package.package_id) == "ours":
                     processes.append({"pid": pid, "status": "already applied"})
                     applied.append(pid)

@@ -318,7 +318,8 @@ def test_worker_killed_mid_apply_is_marked_unknown_and_read_back_before_any_retr
     address = worker_names(client)["host-b"]
     os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)  # its Nanny starts a new one
     runner.join(timeout=300)
-    assert outcome == [("vanish", "completed")], "\n".join(str((e["host"], e["new"], e["detail"])) for e in history(db, "vanish") if e["host"] != "host-a")
+    assert outcome == [("vanish", "completed")], "\n".join(
+        str((e["host"], e["new"], e["detail"])) for e in history(db, "vanish") if e["host"] != "host-a")
 
     b_states = [e["new"] for e in history(db, "vanish") if e["host"] == "host-b"]
     assert b_states[:4] == ["pending", "applying", "unknown", "checking"]

@@ -295,6 +295,31 @@ def test_status_reports_waves_targets_and_blast_radius_from_the_database(
     assert capsys.readouterr().err.startswith("hotpatch: error: no rollout database at ")
 
 
+def test_live_view_shows_each_wave_with_its_counts(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from hotpatch.rollout.view import LiveView
+
+    out = io.StringIO()
+    store = _store(tmp_path, [Host(name=n, module="m") for n in "abc"])
+    view = LiveView(Console(file=out, force_terminal=True, width=140))
+    seen = []
+
+    def on_change(runner: Runner) -> None:
+        seen.append(dict(runner.state))
+        view(runner)
+
+    runner = _runner(store, Scripted({("c", "apply"): "failed"}))
+    runner.on_change = on_change
+    with view:
+        assert runner.run() == "halted"
+    text = out.getvalue()
+    assert "rollout r" in text and "applying" in text and "pending" in text
+    assert {"a": "applying", "b": "pending", "c": "pending"} in seen
+
+
 # --------------------------------------------------------------------------
 # The simulation
 # --------------------------------------------------------------------------

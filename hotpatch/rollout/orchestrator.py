@@ -11,9 +11,8 @@ same one) and run the same loop.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import logging
-import os
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +66,7 @@ def connect(options: Options, host_names: list[str]) -> Iterator[Client]:
 
 
 def _holder() -> str:
-    return f"hotpatch rollout (pid {os.getpid()} on {socket.gethostname()})"
+    return f"hotpatch rollout of user {getpass.getuser()}"
 
 
 def _request_factory(plan: Plan, package_bytes: bytes) -> Callable[[Host], HostRequest]:

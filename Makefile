@@ -6,12 +6,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
-SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 wine64 chromium chromium-driver
+SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 libz-mingw-w64-dev wine64 chromium chromium-driver
 
-.PHONY: demo test test-fast bench fuzz deps venv fixtures realbins lint clean
+.PHONY: demo demo-rollout test test-fast bench fuzz fuzz-pe deps venv fixtures realbins train-calendars corpus lint clean
 
 demo: venv fixtures
 	$(PY) -m hotpatch.demo --fixtures $(FIXTURES) --work build/demo
+
+# a small fleet on a LocalCluster: a canary fails its health probe and is rolled back live
+demo-rollout: venv fixtures
+	$(PY) -m hotpatch.rollout.demo --fixtures $(FIXTURES) --work build/demo-rollout
 
 test: venv fixtures
 	$(PY) -m pytest tests
@@ -23,9 +27,15 @@ test-fast: venv fixtures
 bench: venv fixtures
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,mean,rounds
 
-# deeper mutation runs of both package readers than the test suite's (tests/fuzz_package.py)
-fuzz: venv
+# deeper mutation runs than the test suite's: both package readers (tests/fuzz_package.py),
+# the agent's request parser under ASan/UBSan (tests/fuzz_agent.py), and PE input (fuzz-pe)
+fuzz: venv fuzz-pe
 	$(PY) tests/fuzz_package.py --cases 200000
+	$(PY) tests/fuzz_agent.py --cases 1000000
+
+# PE mutants through the CLI, in-process and a sample as subprocesses, under a 4 GiB address-space limit
+fuzz-pe: venv fixtures
+	$(PY) tests/fuzz_pe.py --cases 30000 --subprocess-sample 50
 
 lint: venv
 	$(VENV)/bin/ruff check hotpatch tests benchmarks setup.py
@@ -52,9 +62,20 @@ venv: deps $(VENV)/.installed
 
 fixtures: deps venv
 	$(PY) tests/fixtures/build_fixtures.py --out $(FIXTURES)
+	$(PY) tests/fixtures/build_product.py --out $(FIXTURES)
 
 realbins: venv
 	$(PY) tests/realbins.py
+
+# the release trains of the fixture product, numpy and cryptography; their calendars are redrawn into docs/
+train-calendars: venv fixtures
+	$(VENV)/bin/hotpatch train $(FIXTURES)/product.toml -o build/trains/product > /dev/null
+	cp build/trains/product/calendar.svg docs/train-product.svg
+	$(PY) tests/realtrains.py --out build/trains --docs docs
+
+# the real-fix corpus (Debian sources, needs root once to add a deb-src entry): build, run, write the table
+corpus: venv
+	$(PY) -m tests.corpus.measure --doc docs/CORPUS.md
 
 clean:
 	rm -rf build dist $(VENV) hotpatch/bin *.egg-info

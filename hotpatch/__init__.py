@@ -10,20 +10,34 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .analysis import FunctionAnalysis, JumpTable, Reference, backend  # noqa: E402
-from .errors import (  # noqa: E402
-    AnalysisError,
-    CorruptImageError,
-    HotpatchError,
-    ImageError,
-    NotPE32PlusError,
-    NotPEError,
-    TruncatedImageError,
-    UnsupportedArchitectureError,
-)
-from .functions import Function, FunctionTable, discover  # noqa: E402
-from .image import Image  # noqa: E402
-from .package import Package  # noqa: E402
+from importlib import import_module
+from typing import Any
+
+# Loaded on first use: LIEF's native module alone takes over a second to import, and
+# `hotpatch --version` or a package inspection need none of it.
+_LAZY = {
+    "FunctionAnalysis": ".analysis", "JumpTable": ".analysis", "Reference": ".analysis", "backend": ".analysis",
+    "AnalysisError": ".errors", "CorruptImageError": ".errors", "HotpatchError": ".errors", "ImageError": ".errors",
+    "NotPE32PlusError": ".errors", "NotPEError": ".errors", "TruncatedImageError": ".errors",
+    "UnsupportedArchitectureError": ".errors",
+    "Function": ".functions", "FunctionTable": ".functions", "discover": ".functions",
+    "Image": ".image",
+    "Package": ".package",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hotpatch' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AnalysisError",

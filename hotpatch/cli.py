@@ -8,7 +8,6 @@ errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,9 +15,7 @@ from typing import Any
 
 from . import __version__
 from .errors import HotpatchError
-from .functions import discover
-from .image import Image
-from .report import function_rows, image_info
+from .jsonio import print_json, write_json
 
 __all__ = ["main"]
 
@@ -28,12 +25,14 @@ def _nullcontext() -> Iterator[None]:
     yield
 
 
-def _print_json(document: Any) -> None:
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+_print_json = print_json
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .functions import discover
+    from .image import Image
+    from .report import image_info
+
     image = Image.load(args.pe)
     table = discover(image)
     info = image_info(image, table)
@@ -41,18 +40,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         _print_json(info)
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     identity = info["identity"]
     entry = f"{image.entry_rva:#x}" if image.entry_rva is not None else "-"
-    console.print(f"[bold]{image.name}[/bold]  {identity['machine']}  image base {image.image_base:#x}  entry {entry}")
+    console.print(f"[bold]{escape(image.name)}[/bold]  {identity['machine']}  image base {image.image_base:#x}"
+                  f"  entry {entry}")
     console.print(f"TimeDateStamp {identity['timedatestamp']:#x}  SizeOfImage {identity['size_of_image']:#x}"
                   f"  CheckSum {identity['checksum']:#x}")
     console.print(f"code SHA-256 {identity['code_sha256']}")
     sections = Table("section", "rva", "virtual size", "raw size", "perm", title="sections")
     for section in info["sections"]:
-        sections.add_row(section["name"], f"{section['rva']:#x}", f"{section['virtual_size']:#x}",
+        sections.add_row(escape(section["name"]), f"{section['rva']:#x}", f"{section['virtual_size']:#x}",
                          f"{section['raw_size']:#x}", section["permissions"])
     console.print(sections)
     counts = info["counts"]
@@ -65,17 +66,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_functions(args: argparse.Namespace) -> int:
+    from .functions import discover
+    from .image import Image
+    from .report import function_rows
+
     image = Image.load(args.pe)
     rows = function_rows(discover(image))
     if args.json:
         _print_json({"schema": "hotpatch.functions/1", "path": args.pe, "functions": rows})
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    # names come from the file: shown as text (rich markup such as "[red]" in a name is not interpreted)
     table = Table("name", "rva", "size", "sources", "pad before", "pad after", "fingerprint")
     for row in rows:
-        table.add_row(row["name"] or "-", f"{row['rva']:#x}", str(row["size"]), ",".join(row["sources"]),
+        table.add_row(escape(row["name"] or "-"), f"{row['rva']:#x}", str(row["size"]), ",".join(row["sources"]),
                       str(row["pad_before"]), str(row["pad_after"]), row["fingerprint"])
     Console().print(table)
     return 0
@@ -88,12 +95,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     with console.status("diffing...", spinner="dots") if console.is_terminal else _nullcontext():
-        result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change)
+        result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change,
+                      strict_exports=args.strict_exports)
     document = result.to_json()
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
+        write_json(args.out, document)
     if args.json:
         _print_json(document)
         return 0
@@ -103,17 +109,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def _print_diff(result: Any) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     summary = result.summary()
-    console.print(f"[bold]{result.baseline.image.name}[/bold] -> [bold]{result.patched.image.name}[/bold]: "
+    names = escape(result.baseline.image.name), escape(result.patched.image.name)
+    console.print(f"[bold]{names[0]}[/bold] -> [bold]{names[1]}[/bold]: "
                   + ", ".join(f"{v} {k}" for k, v in summary.items()))
     table = Table("status", "function", "baseline rva", "patched rva", "match", "why")
     for entry in result.functions:
         if entry.status == "unchanged":
             continue
-        table.add_row(entry.status, entry.name,
+        table.add_row(entry.status, escape(entry.name),
                       f"{entry.baseline.rva:#x}" if entry.baseline else "-",
                       f"{entry.patched.rva:#x}" if entry.patched else "-",
                       (entry.match or "-") + (f" {entry.similarity:.2f}" if entry.similarity else ""),
@@ -121,14 +129,16 @@ def _print_diff(result: Any) -> None:
     if table.rows:
         console.print(table)
     for change in result.data:
-        console.print(f"data: {change.kind} {change.detail}")
+        console.print(f"data: {change.kind} {escape(str(change.detail))}")
     verdict = result.verdict
     colour = "green" if verdict.hotpatchable else "red"
     console.print(f"verdict: [bold {colour}]{verdict.status}[/bold {colour}]")
     for reason in verdict.reasons:
-        console.print(f"  - {reason.kind}: {reason.message}")
+        console.print(f"  - {reason.kind}: {escape(reason.message)}")
     for reason in verdict.overridden:
-        console.print(f"  - overridden {reason.kind}: {reason.message}")
+        console.print(f"  - overridden {reason.kind}: {escape(reason.message)}")
+    for note in verdict.notes:
+        console.print(f"  - note {note.kind}: {escape(note.message)}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -139,7 +149,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .package.signing import load_private_key
 
     sign_key = load_private_key(args.sign_key) if args.sign_key else None
-    result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change)
+    result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change,
+                  strict_exports=args.strict_exports)
     try:
         package = build_package(result, sequence=args.sequence, description=args.description or "",
                                 cve_ids=args.cve or (), baseline_id=args.baseline_id)
@@ -181,9 +192,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .package.model import Package
     from .package.report import disassemble_blob, package_json
+    from .package.trust import TrustStore, signer_json
 
     package = Package.load(args.package)
     document = package_json(package, with_fixups=args.fixups)
+    document["signature"].update(signer_json(package, TrustStore.default()))
     if args.json:
         _print_json(document)
         return 0
@@ -195,8 +208,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(f"[bold]package {document['package_id']}[/bold] for {target['module']} "
                   f"(TimeDateStamp {target['timedatestamp']:#x}, SizeOfImage {target['size_of_image']:#x}, "
                   f"CheckSum {target['checksum']:#x})")
+    signature = document["signature"]
+    signer = (f", key {signature['key_id']} ({'trusted' if signature['trusted'] else 'NOT trusted'})"
+              if signature["key_id"] else "")
     console.print(f"baseline {document['baseline_id']} sequence {document['sequence']}; "
-                  f"signature {document['signature']['state']}")
+                  f"signature {signature['state']}{signer}")
     meta = document["metadata"]
     if meta["description"] or meta["cve_ids"]:
         console.print(f"{meta['description']} {' '.join(meta['cve_ids'])}".strip())
@@ -264,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--out", help="also write the JSON document to this file")
     diff.add_argument("--allow-layout-change", action="store_true",
                       help="do not block on data-layout evidence (the override is recorded in the verdict)")
+    diff.add_argument("--strict-exports", action="store_true",
+                      help="a new export blocks too (by default it is a note: no loaded code can use it)")
     diff.set_defaults(run=cmd_diff)
 
     build = commands.add_parser("build", help="build a patch package (exit 3 when the update needs a new baseline)")
@@ -276,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--cve", action="append", metavar="ID")
     build.add_argument("--sign-key", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
     build.add_argument("--allow-layout-change", action="store_true")
+    build.add_argument("--strict-exports", action="store_true",
+                       help="a new export blocks too (by default it is a note: no loaded code can use it)")
     build.add_argument("--json", action="store_true")
     build.set_defaults(run=cmd_build)
 
@@ -301,8 +321,22 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=cmd_verify)
 
     from .apply.cli import add_apply_commands
+    from .package.trust_cli import add_trust_commands
 
     add_apply_commands(commands)
+    add_trust_commands(commands)
+    from .train.cli import add_train_command
+
+    add_train_command(commands)
+    from .batch.cli import add_batch_command
+
+    add_batch_command(commands)
+    from .report.cli import add_report_command
+
+    add_report_command(commands)
+    from .rollout.cli import add_rollout_commands
+
+    add_rollout_commands(commands)
     return parser
 
 

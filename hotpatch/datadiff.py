@@ -8,6 +8,7 @@ changed function can only map what they left unmapped.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,9 +21,6 @@ if TYPE_CHECKING:
     from .diff import FunctionDiff, _Pairing
 
 __all__ = ["DataChange", "diff_data"]
-
-_DATA_ALIGNMENT = 16
-
 
 @dataclass(frozen=True)
 class DataChange:
@@ -57,7 +55,7 @@ def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff],
         size = min(items_a.extent(rva_a), items_b.extent(rva_b))
         changes.append(DataChange(kind, rva_a, rva_b, size, section_name(items_a, rva_a),
                                   f"{size} bytes at baseline {rva_a:#x} differ from patched {rva_b:#x}"))
-    changes.extend(_resized(items_a, items_b, data_map, pairing.targets_a))
+    changes.extend(_resized(items_a, items_b, pairing))
 
     # data only the new code references
     mapped_b = set(data_map.values())
@@ -84,7 +82,7 @@ def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff],
                                   f"baseline item at {rva:#x} is no longer referenced"))
 
     changes.extend(_imports(a, b))
-    changes.extend(_exports(a, b, function_map))
+    changes.extend(_exports(a, b, function_map, data_map))
     changes.extend(_tls(a, b))
     changes.extend(_entry_point(a, b, function_map, functions))
     changes.extend(_load_config(a, b))
@@ -103,6 +101,8 @@ def _data_map(a: FunctionTable, b: FunctionTable, pairing: _Pairing, functions: 
             taken.add(rva_b)
 
     for rva_a, rva_b in _same_named_data(a, b, pairing):
+        pair(rva_a, rva_b)
+    for rva_a, rva_b in _exported_data(a, b, pairing):
         pair(rva_a, rva_b)
     for source in ("unchanged", "changed"):
         for (rva_a, rva_b), _ in sorted(pairing.data_votes[source].items(), key=lambda kv: (-kv[1], kv[0])):
@@ -151,6 +151,16 @@ def _same_named_data(a: FunctionTable, b: FunctionTable, pairing: _Pairing) -> l
     return [(left[name], right[name]) for name in sorted(left.keys() & right.keys())]
 
 
+def _exported_data(a: FunctionTable, b: FunctionTable, pairing: _Pairing) -> list[tuple[int, int]]:
+    """Data exported under the same name on both sides: the name says it is the same item."""
+    def exported(table: FunctionTable, targets: TargetClassifier) -> dict[str, int]:
+        return {export.name: export.rva for export in table.image.exports
+                if export.name and export.forwarder is None and targets.is_data(export.rva)}
+
+    left, right = exported(a, pairing.targets_a), exported(b, pairing.targets_b)
+    return [(left[name], right[name]) for name in sorted(left.keys() & right.keys())]
+
+
 def _data_of(table: FunctionTable, targets: TargetClassifier, rvas: set[int]) -> set[int]:
     out: set[int] = set()
     for rva in rvas:
@@ -160,28 +170,50 @@ def _data_of(table: FunctionTable, targets: TargetClassifier, rvas: set[int]) ->
     return out
 
 
-def _resized(items_a: DataItems, items_b: DataItems, data_map: dict[int, int],
-             targets_a: TargetClassifier) -> list[DataChange]:
-    """Writable items whose size changed.
+def _resized(items_a: DataItems, items_b: DataItems, pairing: _Pairing) -> list[DataChange]:
+    """Writable objects that matched code now reaches past their old extent.
 
-    Images carry no data sizes; the distance to the next symbol is one only
-    when symbols bound the item on both sides, in both images, and then only
-    up to alignment padding (compilers align globals to 16 bytes).
+    A PE image carries no data sizes, and a different distance to the next
+    label is no evidence (alignment and neighbours move labels). Evidence is
+    an instruction of a matched function, paired with one that read an
+    object, now reaching past the bytes the object had before, measured from
+    the object's symbol on each side (so only images with symbols give it).
+    The old extent runs to the next label, padding included, so what passes
+    it certainly grew.
     """
-    symbols_a = {s.rva for s in items_a.image.symbols}
-    symbols_b = {s.rva for s in items_b.image.symbols}
-    out = []
-    for rva_a, rva_b in sorted(data_map.items()):
-        if not targets_a.is_writable_data(rva_a) or rva_a not in symbols_a or rva_b not in symbols_b:
-            continue
-        next_a, next_b = items_a.next_start(rva_a), items_b.next_start(rva_b)
-        if next_a not in symbols_a or next_b not in symbols_b or data_map.get(next_a) != next_b:
-            continue
-        size_a, size_b = next_a - rva_a, next_b - rva_b
-        if -(-size_a // _DATA_ALIGNMENT) != -(-size_b // _DATA_ALIGNMENT):
-            out.append(DataChange("resized_data", rva_a, rva_b, size_b, None,
-                                  f"writable item at {rva_a:#x} spans {size_a} bytes, {size_b} in the patched image"))
-    return out
+    objects_a, objects_b = _data_objects(items_a), _data_objects(items_b)
+    if not objects_a or not objects_b:
+        return []
+    rvas_a = sorted(objects_a)
+    by_name_b = {name: rva for rva, name in objects_b.items()}
+    found: dict[tuple[int, int], tuple[int, int]] = {}
+    for source in ("unchanged", "changed"):
+        for rva_a, rva_b in pairing.data_votes[source]:
+            if not pairing.targets_a.is_writable_data(rva_a):
+                continue
+            index = bisect_right(rvas_a, rva_a) - 1
+            if index < 0 or index + 1 >= len(rvas_a):
+                continue
+            base_a, following = rvas_a[index], rvas_a[index + 1]
+            base_b = by_name_b.get(objects_a[base_a])
+            if base_b is None or not 0 <= rva_b - base_b:
+                continue
+            extent, reach = following - base_a, rva_b - base_b
+            if reach >= extent and reach > found.get((base_a, base_b), (0, 0))[0]:
+                found[(base_a, base_b)] = (reach, extent)
+    return [DataChange("resized_data", base_a, base_b, None, None,
+                       f"matched code now reaches {objects_a[base_a]}+{reach:#x}, past the {extent} bytes it "
+                       f"had in the baseline")
+            for (base_a, base_b), (reach, extent) in sorted(found.items())]
+
+
+def _data_objects(items: DataItems) -> dict[int, str]:
+    """RVA -> name of the data symbols with a name of their own (not section labels), unique by name."""
+    seen: dict[str, list[int]] = defaultdict(list)
+    for symbol in items.image.symbols:
+        if not symbol.is_function and not symbol.name.startswith(".") and items.classifier.is_data(symbol.rva):
+            seen[symbol.name].append(symbol.rva)
+    return {rvas[0]: name for name, rvas in seen.items() if len(rvas) == 1}
 
 
 def _imports(a: FunctionTable, b: FunctionTable) -> list[DataChange]:
@@ -193,7 +225,14 @@ def _imports(a: FunctionTable, b: FunctionTable) -> list[DataChange]:
     return out
 
 
-def _exports(a: FunctionTable, b: FunctionTable, function_map: dict[int, int]) -> list[DataChange]:
+def _exports(a: FunctionTable, b: FunctionTable, function_map: dict[int, int],
+             data_map: dict[int, int]) -> list[DataChange]:
+    """Removed and added exports, and those that now designate other code or data.
+
+    An export is unchanged when its baseline item maps to the patched one (a
+    function by the matching, data by the data map): a package keeps using the
+    baseline's items, and the export table in memory still points at them.
+    """
     def key(export: object) -> str:
         return export.name if export.name else f"#{export.ordinal}"  # type: ignore[attr-defined]
 
@@ -208,8 +247,10 @@ def _exports(a: FunctionTable, b: FunctionTable, function_map: dict[int, int]) -
         old, new = exports_a[name], exports_b[name]
         if old.forwarder or new.forwarder:
             same = old.forwarder == new.forwarder
+        elif old.rva in function_map:
+            same = function_map[old.rva] == new.rva
         else:
-            same = function_map.get(old.rva) == new.rva
+            same = data_map.get(old.rva) == new.rva
         if not same:
             out.append(DataChange("changed_export", old.rva, new.rva, None, None, name))
     return out

@@ -1,8 +1,8 @@
 """Data items of an image and their comparison across two images.
 
 Images carry no sizes for their data. An item starts at every address the
-code references, every address a base relocation points at, and every data
-symbol; it ends at the next start (or its section's end, capped). Two mapped
+code references, every address a base relocation points at, every data
+symbol and every exported datum; it ends at the next start (or its section's end, capped). Two mapped
 items are compared over the shorter extent, with relocated pointer slots
 compared by what they point at rather than by value.
 """
@@ -27,6 +27,7 @@ class DataItems:
     def __init__(self, table: FunctionTable, classifier: TargetClassifier, referenced: Iterable[int]) -> None:
         image = table.image
         self.image = image
+        self.table = table
         self.classifier = classifier
         starts = classifier.only_data(referenced)
         memory = image.memory
@@ -39,6 +40,9 @@ class DataItems:
         for symbol in image.symbols:
             if classifier.is_data(symbol.rva):
                 starts.add(symbol.rva)
+        for export in image.exports:
+            if export.forwarder is None and classifier.is_data(export.rva):
+                starts.add(export.rva)
         self.starts = sorted(starts)
         self.relocations = image.relocations
         self._relocation_set = frozenset(image.relocations)
@@ -79,7 +83,11 @@ class DataItems:
 
 
 def items_equal(a: DataItems, b: DataItems, rva_a: int, rva_b: int, function_map: dict[int, int]) -> bool:
-    """Same bytes over the shorter extent; relocated pointers must point at corresponding functions."""
+    """Same bytes over the shorter extent; relocated pointers must point at corresponding functions.
+
+    Pointer slots are compared by what they designate, never by value, so the
+    preferred image bases and code that moved do not make items differ.
+    """
     length = min(a.extent(rva_a), b.extent(rva_b))
     if length <= 0:
         return True
@@ -97,6 +105,9 @@ def items_equal(a: DataItems, b: DataItems, rva_a: int, rva_b: int, function_map
         mapped = function_map.get(target_a)
         if mapped is not None and mapped != target_b:
             return False
+        if mapped is None and (a.table.at(target_a) is not None or b.table.at(target_b) is not None):
+            return False  # a removed function, or one the old pointer did not designate
+
         bytes_a[slot:slot + 8] = bytes(8)
         bytes_b[slot:slot + 8] = bytes(8)
     return bytes_a == bytes_b

@@ -3,7 +3,8 @@
 A multi-threaded host program loads a sample DLL and calls ``scale`` and
 ``scale_then_xor`` in a loop (under Wine on Linux, natively on Windows). The
 demo diffs the baseline DLL against its fixed version, builds a package,
-applies it to the running host with ``hotpatch apply``, shows the host's
+signs it with a release key the demo's trust store holds (``hotpatch trust
+add``), applies it to the running host with ``hotpatch apply``, shows the host's
 output change without a restart, shows ``hotpatch status``, rolls back, and
 shows the original behaviour again. Every step is the real CLI a user runs.
 
@@ -109,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         env["HOTPATCH_STATE"] = str(work / "state")
         _banner("preparing a private Wine prefix (the first time takes a while)")
         ensure_prefix(prefix)
+    env["HOTPATCH_TRUST_DIR"] = str(work / "trusted-keys")  # the demo's own trust store, not this machine's
     baseline, patched = fixtures / CASE / "baseline.dll", fixtures / CASE / "patched.dll"
     package = work / "scale-fix.hpk"
+    private_key, public_key = work / "release.key", work / "release.pub"
 
     _banner("what hotpatch sees in the baseline DLL")
     _hotpatch("info", str(baseline), env=env)
@@ -124,13 +127,18 @@ def main(argv: list[str] | None = None) -> int:
 
         _banner("diff of the baseline against the fixed DLL, and the verdict")
         failures += _hotpatch("diff", str(baseline), str(patched), env=env) != 0
-        _banner("build the patch package")
+        _banner("a release key, trusted on this machine: only packages it signs go in")
+        if not private_key.exists():
+            failures += _hotpatch("keygen", str(private_key), str(public_key), env=env) != 0
+        failures += _hotpatch("trust", "add", str(public_key), "--name", "demo release key", env=env) != 0
+        _banner("build the patch package, signed")
         failures += _hotpatch("build", str(baseline), str(patched), "-o", str(package), "--sequence", "1",
-                              "--description", "scale: fix the arithmetic", env=env) != 0
+                              "--description", "scale: fix the arithmetic", "--sign-key", str(private_key),
+                              env=env) != 0
         _hotpatch("inspect", str(package), "--lines", "8", env=env)
 
         _banner("apply it to the running host: no restart")
-        failures += _hotpatch("apply", str(package), "--pid", str(host.pid), "--allow-unsigned", env=env) != 0
+        failures += _hotpatch("apply", str(package), "--pid", str(host.pid), env=env) != 0
         host.show(1.5)
         _banner("status, read from the target's memory")
         failures += _hotpatch("status", "--pid", str(host.pid), env=env) != 0

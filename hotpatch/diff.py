@@ -88,14 +88,17 @@ class DiffResult:
 
 
 def diff(baseline: Image | FunctionTable | str | Path, patched: Image | FunctionTable | str | Path,
-         allow_layout_change: bool = False) -> DiffResult:
-    """Diff two versions of one module; the verdict says whether a hotpatch can carry the update."""
+         allow_layout_change: bool = False, strict_exports: bool = False) -> DiffResult:
+    """Diff two versions of one module; the verdict says whether a hotpatch can carry the update.
+
+    ``strict_exports`` makes a new export a blocking reason rather than a note.
+    """
     with gc_paused():
-        return _diff(baseline, patched, allow_layout_change)
+        return _diff(baseline, patched, allow_layout_change, strict_exports)
 
 
 def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | FunctionTable | str | Path,
-          allow_layout_change: bool) -> DiffResult:
+          allow_layout_change: bool, strict_exports: bool) -> DiffResult:
     from .verdict import decide
 
     table_a = _table(baseline)
@@ -109,7 +112,7 @@ def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | Functio
     data += uncovered_changes(table_a, table_b, function_map)
     result = DiffResult(table_a, table_b, tuple(functions), tuple(data), None, function_map, data_map,
                         streams=streams)
-    verdict, evidence = decide(result, allow_layout_change=allow_layout_change)
+    verdict, evidence = decide(result, allow_layout_change=allow_layout_change, strict_exports=strict_exports)
     return DiffResult(table_a, table_b, tuple(functions), tuple(data), verdict, function_map, data_map, evidence,
                       streams)
 
@@ -242,10 +245,26 @@ class _Pairing:
                 rodata.append(pair)
         return sorted(changes), rodata
 
-    def _same_code_place(self, rva_a: int, rva_b: int) -> bool:
-        """Code targets correspond when they sit at the same offset in (or after) matched functions."""
+    def _same_code_place(self, rva_a: int, rva_b: int, hops: int = 2) -> bool:
+        """Code targets correspond when they sit at the same offset in (or after) matched functions.
+
+        A ``jmp rel32`` on both sides (an entry of MSVC's incremental-link
+        table, which no function need cover) corresponds when it leads to
+        corresponding code: the table's order is the linker's, not the code's.
+        """
+        if hops and self.a.image.memory[rva_a:rva_a + 1] == b"\xe9" == self.b.image.memory[rva_b:rva_b + 1]:
+            lead_a, lead_b = _jump_destination(self.a, rva_a), _jump_destination(self.b, rva_b)
+            if self.function_map.get(lead_a) == lead_b:
+                return True
+            if lead_a not in self.function_map and self._same_code_place(lead_a, lead_b, hops - 1):
+                return True
         owner_a = self.a.containing(rva_a) or self.a.preceding(rva_a)
         owner_b = self.b.containing(rva_b) or self.b.preceding(rva_b)
         if owner_a is None or owner_b is None:
             return False
         return self.function_map.get(owner_a.rva) == owner_b.rva and rva_a - owner_a.rva == rva_b - owner_b.rva
+
+
+def _jump_destination(table: FunctionTable, rva: int) -> int:
+    """Where the ``jmp rel32`` at ``rva`` goes."""
+    return rva + 5 + int.from_bytes(table.image.memory[rva + 1:rva + 5], "little", signed=True)

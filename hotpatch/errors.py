@@ -54,6 +54,14 @@ __all__ = [
     "FixupError",
     "JournalError",
     "StepFailedError",
+    "CacheError",
+    "ManifestError",
+    "OtherBaselineError",
+    "BatchError",
+    "ReportError",
+    "RolloutError",
+    "PlanError",
+    "RolloutLockedError",
 ]
 
 
@@ -192,9 +200,14 @@ class PackageSignatureError(PackageError):
 class PackageUnsignedError(PackageSignatureError):
     """A signature is required (or keys are trusted) but the package carries none."""
 
+    #: refused by the trust policy: its own exit code, so scripts can tell it from other refusals
+    exit_code = 5
+
 
 class PackageUntrustedError(PackageSignatureError):
     """The signature verifies, but the signer's key is not one of the trusted keys."""
+
+    exit_code = 5
 
 
 class PackageKeyError(PackageError):
@@ -281,6 +294,10 @@ class SiteMismatchError(RefusedError):
         self.found = found
 
 
+class OtherBaselineError(RefusedError):
+    """The process runs another baseline of the module (a package of it is applied): restart onto this one."""
+
+
 class SequenceError(RefusedError):
     """A package of the same baseline with an equal or higher sequence number is already applied."""
 
@@ -298,9 +315,9 @@ class StepFailedError(ApplyError):
 
     ``undone`` tells whether everything the transaction had done was undone,
     so the process is as it was: the exit code is then 1 (refused or failed
-    safely), whatever the cause (a package refused by the signature policy
-    included). Otherwise it is 4: the process may be half-changed, and
-    ``hotpatch recover`` is the next thing to run.
+    safely), or 5 when the trust policy refused the package. Otherwise it is
+    4: the process may be half-changed, and ``hotpatch recover`` is the next
+    thing to run.
     """
 
     def __init__(self, message: str, step: str, cause: BaseException, undone: bool = True) -> None:
@@ -308,7 +325,12 @@ class StepFailedError(ApplyError):
         self.step = step
         self.cause = cause
         self.undone = undone
-        self.exit_code = 1 if undone else 4
+        if not undone:
+            self.exit_code = 4
+        elif isinstance(cause, PackageUnsignedError | PackageUntrustedError):
+            self.exit_code = 5  # the trust policy refused it: nothing was touched
+        else:
+            self.exit_code = 1
 
 
 class InputsError(HotpatchError):
@@ -317,3 +339,39 @@ class InputsError(HotpatchError):
 
 class VerifyError(HotpatchError):
     """``hotpatch verify`` cannot run the comparison it was asked for (bad input: exit 2)."""
+
+
+# ---------------------------------------------------------------- servicing program
+
+
+class CacheError(HotpatchError):
+    """The analysis cache cannot be used (its directory is not the user's own, or cannot be made)."""
+
+
+class ManifestError(HotpatchError):
+    """A release-train manifest is malformed; the message names the release, module and field."""
+
+
+class BatchError(HotpatchError):
+    """A batch manifest, release folder or results file that cannot be used."""
+
+
+class ReportError(HotpatchError):
+    """A document the HTML report cannot be made from."""
+
+
+# ---------------------------------------------------------------- health gate and rollouts
+
+
+class RolloutError(HotpatchError):
+    """A rollout cannot run as asked: unknown rollout, unreadable state database (bad input: exit 2)."""
+
+
+class PlanError(RolloutError):
+    """A rollout plan is malformed; the message names the field. Nothing was applied anywhere."""
+
+
+class RolloutLockedError(RolloutError):
+    """Another orchestrator holds the rollout (the state database says who); nothing was done."""
+
+    exit_code = 1

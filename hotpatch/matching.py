@@ -2,8 +2,10 @@
 
 Stages, each on what is still unmatched: unique name (export or symbol),
 unique fingerprint, call-graph propagation from matched pairs (callees by
-position, lone unmatched callers and callees), then similarity of the
-instruction streams above a threshold.
+position, lone unmatched callers and callees), twins (groups of identical
+code told apart by matched neighbours and by the gap between matched
+functions they sit in), then similarity of the instruction streams above a
+threshold.
 """
 
 from __future__ import annotations
@@ -65,9 +67,11 @@ def match_functions(baseline: FunctionTable, patched: FunctionTable,
     _by_unique_key(m, lambda f: f.name, "name")
     _by_unique_key(m, lambda f: f.fingerprint, "fingerprint")
     _by_call_graph(m)
+    _by_twins(m)
     _by_fingerprint_groups(m)
     _by_similarity(m)
     _by_call_graph(m)
+    _by_twins(m)
     return m.forward
 
 
@@ -165,6 +169,87 @@ def _lone_pair(m: _Matcher, left: Iterable[int], right: Iterable[int]) -> list[t
     free_left = list(filterfalse(m.forward.__contains__, dict.fromkeys(left)))
     free_right = list(filterfalse(m.backward.__contains__, dict.fromkeys(right)))
     return [(free_left[0], free_right[0])] if len(free_left) == 1 and len(free_right) == 1 else []
+
+
+#: a fingerprint group larger than this on both sides is paired by position only (the scoring is quadratic)
+_TWIN_SCORING_LIMIT = 4096
+
+
+def _by_twins(m: _Matcher) -> None:
+    """Unmatched functions with the same fingerprint on both sides, told apart by where they sit.
+
+    Groups of identical code (generic instances, template copies) rarely
+    have the same count on both sides after a change. Within a group, a pair
+    whose matched callers and callees correspond is taken first (most shared
+    neighbours first); then a pair alone in the same gap between two matched
+    functions, or the same number of twins in that gap, in address order.
+    Each round of pairs seeds the call graph, which can settle more groups.
+    """
+    for _ in range(4):
+        before = len(m.forward)
+        groups = _twin_groups(m)
+        if not groups:
+            return
+        _twins_by_neighbours(m, groups)
+        _twins_by_gap(m, _twin_groups(m))
+        _by_call_graph(m)
+        if len(m.forward) == before:
+            return
+
+
+def _twin_groups(m: _Matcher) -> list[tuple[list[int], list[int]]]:
+    left: dict[str, list[int]] = defaultdict(list)
+    right: dict[str, list[int]] = defaultdict(list)
+    for f in m.unmatched_baseline():
+        left[f.fingerprint].append(f.rva)
+    for f in m.unmatched_patched():
+        right[f.fingerprint].append(f.rva)
+    return [(rvas, right[fingerprint]) for fingerprint, rvas in left.items() if fingerprint in right]
+
+
+def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> None:
+    callees_a, callers_a = call_graph(m.baseline)
+    callees_b, callers_b = call_graph(m.patched)
+    for left, right in groups:
+        if len(left) * len(right) > _TWIN_SCORING_LIMIT:
+            continue
+        scored = []
+        for a in left:
+            mapped = {m.forward[x].patched_rva for x in (*callers_a.get(a, ()), *callees_a.get(a, ()))
+                      if x in m.forward}
+            if not mapped:
+                continue
+            for b in right:
+                shared = len(mapped & {*callers_b.get(b, ()), *callees_b.get(b, ())})
+                if shared:
+                    scored.append((-shared, a, b))
+        # a pair counts only when each is the other's single best: a tie is no evidence either way
+        best_a: dict[int, list[int]] = defaultdict(list)
+        best_b: dict[int, list[int]] = defaultdict(list)
+        for score, a, b in scored:
+            best_a[a].append(score)
+            best_b[b].append(score)
+        for score, a, b in sorted(scored):
+            top_a, top_b = sorted(best_a[a])[:2], sorted(best_b[b])[:2]
+            if score == top_a[0] == top_b[0] and top_a[1:] != [score] and top_b[1:] != [score]:
+                m.pair(a, b, "callgraph")
+
+
+def _twins_by_gap(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> None:
+    anchors = sorted(m.forward)
+    if not anchors:
+        return
+    for left, right in groups:
+        by_gap_a: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for a in left:
+            index = bisect_left(anchors, a)
+            if 0 < index < len(anchors):
+                by_gap_a[(m.forward[anchors[index - 1]].patched_rva, m.forward[anchors[index]].patched_rva)].append(a)
+        for (low, high), twins_a in by_gap_a.items():
+            twins_b = [b for b in right if low < b < high]
+            if len(twins_a) == len(twins_b):
+                for a, b in zip(twins_a, twins_b):
+                    m.pair(a, b, "fingerprint")
 
 
 def _by_fingerprint_groups(m: _Matcher) -> None:

@@ -11,16 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .clobbers import gcc_built, new_clobbers
+from .clobbers import gcc_built, live_clobbers, new_clobbers
 from .layout import LayoutEvidence, find_layout_changes
-from .matching import call_graph
 from .redirect import obstacles, possible_strategies
 from .refkinds import BRANCH_REL8
 
 if TYPE_CHECKING:
     from .diff import DiffResult
 
-__all__ = ["HOTPATCH", "NEW_BASELINE", "REASON_KINDS", "Reason", "Verdict", "decide"]
+__all__ = ["HOTPATCH", "NEW_BASELINE", "NOTE_KINDS", "REASON_KINDS", "Reason", "Verdict", "decide"]
 
 HOTPATCH = "HOTPATCH"
 NEW_BASELINE = "NEW_BASELINE"
@@ -29,15 +28,16 @@ REASON_KINDS = {
     "changed_writable_data": "initialised writable data changed; the running process has its own state",
     "removed_data": "writable data the old code used is gone",
     "resized_data": "writable data changed size; the process holds the old size",
-    "changed_exports": "the export table changed; other modules bound to the old one",
+    "changed_exports": "an export was removed or now designates other code or data; other modules bound to "
+                       "the old one",
     "tls_change": "thread-local storage changed; existing threads have the old layout",
     "entry_point_change": "the entry point changed; it already ran in every process",
     "function_too_short": "a changed function is too short to redirect and has no usable padding",
     "unsupported_reference": "changed code makes a reference the package builder cannot relocate",
     "data_layout_change": "a structure the process keeps in memory changed its layout",
     "uncovered_code": "executable bytes no discovered function covers changed; a package cannot carry them",
-    "register_clobber": "a changed function writes a volatile register its old version left alone, "
-                        "and its callers (GCC -fipa-ra) may keep values there across the call",
+    "register_clobber": "a changed function writes a volatile register its old version left alone, and old "
+                        "code that stays in the process (GCC -fipa-ra) reads it after a direct call",
 }
 
 _DATA_REASONS = {
@@ -45,11 +45,14 @@ _DATA_REASONS = {
     "removed_data": "removed_data",
     "resized_data": "resized_data",
     "removed_export": "changed_exports",
-    "added_export": "changed_exports",
     "changed_export": "changed_exports",
     "tls_change": "tls_change",
     "entry_point_change": "entry_point_change",
     "uncovered_code": "uncovered_code",
+}
+
+NOTE_KINDS = {
+    "added_export": "a new export: no code already loaded can have bound to it (a reason with --strict-exports)",
 }
 
 #: a rel8 branch leaving a function is routed through an island appended to the new code; it must reach it
@@ -72,6 +75,8 @@ class Verdict:
     reasons: tuple[Reason, ...]
     #: reasons the user overrode (``allow_layout_change``); recorded, not blocking
     overridden: tuple[Reason, ...] = ()
+    #: what changed without blocking (kinds in ``NOTE_KINDS``)
+    notes: tuple[Reason, ...] = ()
 
     @property
     def hotpatchable(self) -> bool:
@@ -79,12 +84,23 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "reasons": [r.to_json() for r in self.reasons],
-                "overridden": [r.to_json() for r in self.overridden]}
+                "overridden": [r.to_json() for r in self.overridden], "notes": [r.to_json() for r in self.notes]}
 
 
-def decide(result: DiffResult, allow_layout_change: bool = False) -> tuple[Verdict, list[LayoutEvidence]]:
+def decide(result: DiffResult, allow_layout_change: bool = False,
+           strict_exports: bool = False) -> tuple[Verdict, list[LayoutEvidence]]:
     reasons: list[Reason] = []
+    notes: list[Reason] = []
     for change in result.data:
+        if change.kind == "added_export":
+            if strict_exports:
+                reasons.append(Reason("changed_exports", change.detail,
+                                      f"{REASON_KINDS['changed_exports']}: added_export {change.detail} "
+                                      "(--strict-exports)"))
+            else:
+                notes.append(Reason("added_export", change.detail,
+                                    f"new export {change.detail}: {NOTE_KINDS['added_export']}"))
+            continue
         kind = _DATA_REASONS.get(change.kind)
         if kind is None:
             continue
@@ -109,7 +125,7 @@ def decide(result: DiffResult, allow_layout_change: bool = False) -> tuple[Verdi
                         f"{REASON_KINDS['data_layout_change']}: " + "; ".join(e.detail for e in evidence))
         (overridden if allow_layout_change else reasons).append(layout)
     status = NEW_BASELINE if reasons else HOTPATCH
-    return Verdict(status, tuple(reasons), tuple(overridden)), evidence
+    return Verdict(status, tuple(reasons), tuple(overridden), tuple(notes)), evidence
 
 
 def _rva_subject(change: Any) -> str:
@@ -138,19 +154,25 @@ def _unsupported_references(result: DiffResult, function: Any) -> list[Reason]:
 
 
 def _register_clobbers(result: DiffResult) -> list[Reason]:
+    """A reason per call site in old code that stays in the process and reads a register the new callee clobbers."""
     if not gcc_built(result.baseline):
         return []
-    _, callers = call_graph(result.baseline)
+    redirected = {entry.baseline.rva for entry in result.functions
+                  if entry.status == "changed" and entry.baseline is not None}
     out = []
     for entry in result.functions:
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
-        if not callers.get(entry.baseline.rva):
-            continue  # nothing in the image calls it directly: no caller can rely on its registers
         extra = new_clobbers(result.baseline, entry.baseline, result.patched, entry.patched)
-        if extra:
-            names = ", ".join(sorted(extra))
-            out.append(Reason("register_clobber", entry.baseline.label,
-                              f"{entry.baseline.label} now writes {names}; callers compiled with -fipa-ra may "
-                              "keep values there across the call (build with -fno-ipa-ra to hotpatch)"))
+        if not extra:
+            continue
+        callee = entry.baseline.label
+        sites: dict[tuple[str, int], list[str]] = {}
+        for live in live_clobbers(result.baseline, entry.baseline, extra, lambda f: f.rva not in redirected):
+            sites.setdefault((live.caller.label, live.site_rva), []).append(live.register)
+        for (caller, site), registers in sorted(sites.items(), key=lambda kv: kv[0][1]):
+            names = ", ".join(sorted(set(registers)))
+            out.append(Reason("register_clobber", callee,
+                              f"{caller} keeps {names} live across its call to {callee} at {site:#x}, and the new "
+                              f"{callee} writes {names} (GCC -fipa-ra; build with -fno-ipa-ra to hotpatch)"))
     return out

@@ -96,7 +96,9 @@ def verify(package: Package, baseline: str | Path, patched: str | Path,
         live.provide_imports(sorted({(f.target.dll, f.target.name) for f in package.fixups
                                      if isinstance(f.target, ImportTarget)}))
         with tempfile.TemporaryDirectory(prefix="hotpatch-verify-") as state:
-            engine = Engine(live, Journal(Path(state)), allow_unsigned=True)
+            # verify checks behaviour in an emulator, not provenance: whoever signed it is accepted here
+            signer = [package.signer_public_key] if package.signer_public_key else []
+            engine = Engine(live, Journal(Path(state)), allow_unsigned=True, trusted_keys=signer)
             with engine.transaction() as tx:
                 applied = tx.apply(package)
         with_package = run_calls(live, calls)

@@ -49,6 +49,20 @@ def wine_prefix(built_fixtures: Path) -> Iterator[Path]:
         yield prefix
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trust_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private trust store holding the test signing key (tests/signing.py), for every test and the
+    processes they start; this machine's own trusted keys never take part."""
+    from hotpatch.package.trust import ENV_TRUST_DIR, TrustStore
+    from tests.signing import PUBLIC_KEY
+
+    path = tmp_path_factory.mktemp("trust") / "trusted-keys"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_TRUST_DIR, str(path))
+        TrustStore.default().add(PUBLIC_KEY.hex(), "hotpatch tests")
+        yield path
+
+
 @pytest.fixture(scope="session")
 def rust_pyd() -> Path:
     return real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd")

@@ -19,8 +19,12 @@ __all__ = ["WHEELS", "cache_dir", "ensure_wheel", "real_binary"]
 WHEELS: tuple[tuple[str, str], ...] = (
     ("numpy", "2.1.0"),
     ("numpy", "2.1.1"),
+    ("numpy", "2.1.2"),
+    ("numpy", "2.1.3"),
     ("cryptography", "43.0.0"),
     ("cryptography", "43.0.1"),
+    ("cryptography", "43.0.3"),
+    ("psycopg-binary", "3.2.1"),  # libssl-1_1-x64.dll: a self-diff that once was not zero
     ("pyzmq", "26.0.2"),
     ("pyzmq", "26.0.3"),
 )
@@ -39,7 +43,7 @@ def ensure_wheel(name: str, version: str) -> Path:
         return unpacked
     download = cache_dir() / "downloads"
     download.mkdir(parents=True, exist_ok=True)
-    pattern = f"{name}-{version}-*win_amd64.whl"
+    pattern = f"{name.replace('-', '_')}-{version}-*win_amd64.whl"  # wheel file names use underscores
     found = sorted(download.glob(pattern))
     if not found:
         subprocess.run(

@@ -77,7 +77,7 @@ class Host:
     """host.exe under Wine; a reader thread collects its output lines."""
 
     def __init__(self, prefix: Path, dll: Path, calls: list[str], threads: int = THREADS,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), timeout: float = HOST_TIMEOUT) -> None:
         argv = [
             *wine_command(),
             str(host_exe(dll.parent.parent)),
@@ -101,7 +101,7 @@ class Host:
         threading.Thread(target=self._read, daemon=True).start()
         self.pid = int(self.wait_line("pid")[0])
         self.base = int(self.wait_line("base")[0], 16)
-        self.wait_line("running")
+        self.wait_line("running", timeout=timeout)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -306,9 +306,11 @@ def test_write_across_pages_restores_each_page_protection(target: AgentProcessBa
         target.free(va)
 
 
-def test_read_of_unmapped_memory_names_the_call(target: AgentProcessBackend) -> None:
+def test_read_of_unmapped_memory_names_the_call(target: AgentProcessBackend, module: Module) -> None:
+    va = target.allocate_near(module.base_va, 0x1000, PAGE_READWRITE)
+    target.free(va)  # a user address with nothing mapped
     with pytest.raises(Win32Error, match="ReadProcessMemory") as info:
-        target.read(0x10, 16)
+        target.read(va, 16)
     assert info.value.call == "ReadProcessMemory" and info.value.code != 0
 
 
@@ -577,7 +579,7 @@ def test_malformed_requests_get_error_replies_and_the_agent_keeps_working(
     assert status(encode_frame(Opcode.HELLO, b"", 902, version=9), 902) == Status.BAD_VERSION
     assert status(encode_frame(Opcode.HELLO, b"x", 903), 903) == Status.BAD_PAYLOAD
     assert status(encode_frame(Opcode.OPEN, b"\x01\x00", 904), 904) == Status.BAD_PAYLOAD
-    assert status(encode_frame(Opcode.READ, struct.pack("<IIQ", 0xDEAD, 4, 0), 905), 905) == Status.BAD_HANDLE
+    assert status(encode_frame(Opcode.READ, struct.pack("<IIQ", 0xDEAD, 4, 0x10000), 905), 905) == Status.BAD_HANDLE
     read_too_much = struct.pack("<IIQ", target.handle, MAX_PAYLOAD + 1, 0x10000)
     assert status(encode_frame(Opcode.READ, read_too_much, 906), 906) == Status.BAD_PAYLOAD
     # A count the payload cannot hold, and overlapping writes.

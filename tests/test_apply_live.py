@@ -42,6 +42,7 @@ from hotpatch.errors import (
     IdentityMismatchError,
     PackageError,
     PackageUnsignedError,
+    PackageUntrustedError,
     ProcessGoneError,
     RefusedError,
     SequenceError,
@@ -66,6 +67,7 @@ from hotpatch.package.model import (
     UnwindEntry,
 )
 from tests.fixtures.cases import Call, Case, load_cases
+from tests.signing import SIGNING_KEY, signed
 from tests.test_agent import Host
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,7 +326,7 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def engine(target: AgentProcessBackend, state_dir: Path) -> Iterator[Engine]:
-    made = Engine(target, Journal(state_dir), allow_unsigned=True)
+    made = Engine(target, Journal(state_dir))
     yield made
     assert not made.status().packages, "a test left a package applied"
 
@@ -347,9 +349,10 @@ def wait_values(host: Host, values: dict[str, int], start: int | None = None) ->
         host.wait_for_only(value, mark, name)
 
 
-def apply(engine: Engine, pkg: Package, **kw: object):
+def apply(engine: Engine, pkg: Package, sign: bool = True, **kw: object):
+    """Apply as a user does: the package signed by the vendor's key, which the trust store holds."""
     with engine.transaction() as tx:
-        return tx.apply(pkg, **kw)  # type: ignore[arg-type]
+        return tx.apply(signed(pkg) if sign else pkg, **kw)  # type: ignore[arg-type]
 
 
 def rollback(engine: Engine, package_id: str | None = None):
@@ -361,7 +364,8 @@ def refused(engine: Engine, pkg: Package, cause: type[BaseException], **kw: obje
     with pytest.raises(StepFailedError) as info:
         apply(engine, pkg, **kw)
     assert isinstance(info.value.cause, cause), info.value
-    assert info.value.undone and info.value.exit_code == 1
+    trust = issubclass(cause, PackageUnsignedError | PackageUntrustedError)
+    assert info.value.undone and info.value.exit_code == (5 if trust else 1)
     return info.value
 
 
@@ -413,7 +417,8 @@ def test_rich_package_resolves_every_fixup_kind_and_registers_unwind_info(
         assert [call_function(target, code_va + made.offsets["counter"]) for _ in range(2)] == [1, 2]
 
         parts = {p["name"]: p for p in engine.process_journal.record(result.serial).allocation.parts}
-        rodata = parts["rodata"]["va"]
+        rodata = result.blob_vas[1]  # the rodata blob (index 1), after the region's marker
+        assert target.read(parts["rodata"]["va"], 16) == b"hotpatch.region\x01"
         assert struct.unpack("<Q", target.read(rodata + made.rodata["abs_scale"], 8))[0] == code_va
         assert struct.unpack("<I", target.read(rodata + made.rodata["rel_scale"], 4))[0] == code_va - module.base_va
         assert target.read(rodata + made.rodata["text"], len(PARSE_TEXT)) == PARSE_TEXT
@@ -564,14 +569,35 @@ def test_site_changed_by_someone_else_is_refused(
         target.commit([CommitWrite(va, b"\x01", original)])
 
 
-def test_unsigned_package_is_refused_without_allow_unsigned(
-    target: AgentProcessBackend, module: Module, state_dir: Path, dll: Path
+def test_trust_policy_admits_only_trusted_signers_and_unsigned_on_request(
+    target: AgentProcessBackend, module: Module, host: Host, state_dir: Path, dll: Path
 ) -> None:
-    strict = Engine(target, Journal(state_dir))
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    strict = Engine(target, Journal(state_dir))  # the trust store: only the test key
+    lenient = Engine(target, Journal(state_dir), allow_unsigned=True)
+    stranger = Ed25519PrivateKey.generate()
+    vendor = signed(simple(dll))
+    code = vendor.blobs[0]
+    tampered = replace(vendor, blobs=(replace(code, data=code.data.replace(b"\xfe", b"\xfd", 1)),),
+                       signature=None, signer_public_key=None)
+    assert tampered.content_sha256 != vendor.content_sha256
     before = image_of(target, module)
-    error = refused(strict, simple(dll), PackageUnsignedError)
-    assert error.step == "signature"
-    assert image_of(target, module) == before
+    for engine, pkg, cause in (
+        (strict, simple(dll), PackageUnsignedError),
+        (strict, signed(simple(dll), stranger), PackageUntrustedError),
+        (lenient, signed(simple(dll), stranger), PackageUntrustedError),  # never by an unknown key
+        (lenient, signed(tampered, stranger), PackageUntrustedError),  # the vendor's, altered, re-signed
+    ):
+        error = refused(engine, pkg, cause, sign=False)
+        assert error.step == "signature" and image_of(target, module) == before
+    apply(lenient, simple(dll), sign=False)  # unsigned, on request
+    wait_values(host, {"scale": 33})
+    rollback(lenient)
+    apply(strict, vendor, sign=False)  # signed by the trusted key
+    wait_values(host, {"scale": 33})
+    rollback(strict)
+    wait_values(host, BASELINE)
 
 
 def test_corrupt_package_is_refused_before_the_process_is_touched(dll: Path) -> None:
@@ -584,7 +610,7 @@ def test_corrupt_package_is_refused_before_the_process_is_touched(dll: Path) -> 
 def test_pid_that_is_gone_is_refused(agent: AgentClient, wine_prefix: Path, dll: Path, state_dir: Path) -> None:
     short = Host(wine_prefix, dll, ["scale:1"], threads=1)
     backend = agent.open(short.pid)
-    engine = Engine(backend, Journal(state_dir), allow_unsigned=True)
+    engine = Engine(backend, Journal(state_dir))
     assert short.stop()[0] == 0
     with pytest.raises(StepFailedError) as info:
         apply(engine, simple(dll))
@@ -654,7 +680,7 @@ def test_thread_parked_in_the_site_makes_commit_busy_and_nothing_changes(
             blobs=(Blob(0, BlobKind.CODE, 16, bytes(code.data), len(code.data)),), sites=(parked,),
         )
         before = image_of(target, module)
-        engine = Engine(target, Journal(state_dir), allow_unsigned=True, max_attempts=5, retry_sleep_ms=1)
+        engine = Engine(target, Journal(state_dir), max_attempts=5, retry_sleep_ms=1)
         with pytest.raises(StepFailedError, match="busy") as info:
             apply(engine, pkg)
         assert info.value.step == "commit" and isinstance(info.value.cause, BusyError)
@@ -691,7 +717,7 @@ def on_step(step):
     if step == crash_at:
         os._exit(17)  # as if killed: no undo, no journal update, no goodbye to the agent
 
-engine = Engine(backend, Journal(state), allow_unsigned=True, on_step=on_step)
+engine = Engine(backend, Journal(state), on_step=on_step)  # trust store: $HOTPATCH_TRUST_DIR
 with engine.transaction() as tx:
     tx.apply(Package.load(package))
 """
@@ -699,7 +725,7 @@ with engine.transaction() as tx:
 
 def crash_applier(tmp_path: Path, host: Host, pkg: Package, state_dir: Path, prefix: Path, crash_at: str) -> None:
     path = tmp_path / "package.hpk"
-    pkg.save(path)
+    pkg.save(path, sign_key=SIGNING_KEY)
     proc = subprocess.run(
         [sys.executable, "-c", APPLIER, str(host.pid), str(path), str(state_dir), str(prefix), crash_at],
         cwd=ROOT,
@@ -717,7 +743,7 @@ def test_recover_undoes_an_apply_killed_before_its_commit(
     pkg = rich(dll, None).package
     before = image_of(target, module)
     crash_applier(tmp_path, host, pkg, state_dir, wine_prefix, "commit")
-    engine = Engine(target, Journal(state_dir), allow_unsigned=True)
+    engine = Engine(target, Journal(state_dir))
     (record,) = engine.process_journal.live()
     assert record.phase == "applying" and record.allocation.state == "allocated"
     assert record.function_table is not None and record.function_table.state == "registered"
@@ -737,7 +763,7 @@ def test_recover_completes_an_apply_killed_after_its_commit(
 ) -> None:
     crash_applier(tmp_path, host, simple(dll), state_dir, wine_prefix, "apply:sent")
     wait_values(host, {"scale": 33})
-    engine = Engine(target, Journal(state_dir), allow_unsigned=True)
+    engine = Engine(target, Journal(state_dir))
     (record,) = engine.process_journal.live()
     assert record.phase == "applying" and record.commit is not None and record.commit.state == "pending"
 
@@ -749,6 +775,99 @@ def test_recover_completes_an_apply_killed_after_its_commit(
     assert engine.recover().actions[-1]["outcome"] == "verified"
     rollback(engine)
     wait_values(host, BASELINE)
+
+
+# --------------------------------------------------------------------------
+# The journal is never the only authority; a target that exits
+# --------------------------------------------------------------------------
+
+
+def test_rollback_and_recover_refuse_an_edited_or_forged_journal(
+    engine: Engine, host: Host, target: AgentProcessBackend, module: Module, dll: Path
+) -> None:
+    import json
+
+    result = apply(engine, simple(dll))
+    wait_values(host, {"scale": 33})
+    path = engine.process_journal.path
+    genuine = path.read_text()
+    applied = image_of(target, module)
+    add_va = module.base_va + export_rva(dll, "add")
+    add_bytes = target.read(add_va, 8)
+
+    def forge(change) -> None:  # noqa: ANN001 - edits the journal document in place
+        document = json.loads(genuine)
+        change(document["records"][-1], document)
+        path.write_text(json.dumps(document))
+
+    def int3_to_restore(record: dict, _: dict) -> None:  # rollback would write cc cc into scale's entry
+        patch = record["sites"][0]["patches"][0]
+        patch["original"] = "cc" * (len(patch["original"]) // 2)
+
+    def eight_bytes_into_add(record: dict, _: dict) -> None:  # "our redirect" is what add holds now
+        record["sites"].append({"rva": export_rva(dll, "add"), "function": "add", "strategy": "ABS_JMP",
+                                "target_va": 0, "patches": [{"va": add_va, "role": "entry",
+                                                             "original": "48c7c00d000000c3",
+                                                             "redirect": add_bytes.hex(), "atomic": False}]})
+
+    for change in (int3_to_restore, eight_bytes_into_add):
+        forge(change)
+        with pytest.raises(StepFailedError) as info:
+            rollback(engine)
+        assert info.value.step == "provenance" and "nothing was changed" in str(info.value), info.value
+        assert info.value.exit_code == 1 and image_of(target, module) == applied
+
+    # A "retained" allocation of ours that is in fact some region of the process: never freed.
+    decoy = target.allocate_near(0, result.allocation_size, PAGE_READWRITE)
+    try:
+        def retained_decoy(record: dict, document: dict) -> None:
+            fake = json.loads(json.dumps(record))
+            fake.update(serial=document["next_serial"], phase="rolled_back", function_table=None, commit=None)
+            fake["allocation"].update(va=decoy, state="retained")
+            document["records"].append(fake)
+            document["next_serial"] += 1
+
+        forge(retained_decoy)
+        report = engine.recover()
+        outcomes = {a["serial"]: (a["outcome"], a["note"]) for a in report.actions}
+        outcome, note = outcomes[max(outcomes)]
+        assert outcome == "inconsistent" and "marker" in note and not report.consistent
+        assert not target.query(decoy).is_free
+    finally:
+        target.free(decoy)
+    path.write_text(genuine)
+    rollback(engine)
+    wait_values(host, BASELINE)
+
+
+def test_a_target_that_exits_during_the_commit_is_reported_as_exited(
+    agent: AgentClient, wine_prefix: Path, dll: Path, state_dir: Path
+) -> None:
+    short = Host(wine_prefix, dll, ["scale:1"], threads=1)
+
+    def exit_now(step: str) -> None:
+        if step == "commit":
+            short.proc.kill()
+            short.proc.wait()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # until Wine has noticed
+                try:
+                    agent.process_info(short.pid)
+                except ProcessGoneError:
+                    return
+                time.sleep(0.05)
+
+    try:
+        with agent.open(short.pid) as backend:
+            engine = Engine(backend, Journal(state_dir), on_step=exit_now)
+            with pytest.raises(StepFailedError) as info:
+                apply(engine, simple(dll))
+    finally:
+        short.stop()
+    error = info.value
+    assert isinstance(error.cause, ProcessGoneError) and error.undone and error.exit_code == 1, error
+    assert f"process {short.pid} exited" in str(error) and "recover" not in str(error)
+    assert not engine.process_journal.path.exists()
 
 
 # --------------------------------------------------------------------------
@@ -830,7 +949,7 @@ def test_padding_strategy_commits_without_suspending(
             blobs=(Blob(0, BlobKind.CODE, 16, bytes(code.data), len(code.data)),), sites=tuple(sites),
         )
         with agent.open(pad.pid) as backend:
-            engine = Engine(backend, Journal(state_dir), allow_unsigned=True)
+            engine = Engine(backend, Journal(state_dir))
             mod = _module(backend, padding_dll.name)
             before = image_of(backend, mod)
             wait_values(pad, {"scale": 22, "zero_flag": 0})
@@ -880,7 +999,7 @@ def test_cli_apply_status_ps_rollback_with_exit_codes_and_json(
     before = image_of(target, module)
 
     code, doc, err = run("apply", str(unsigned), "--pid", pid, "--json")
-    assert code == 1 and "unsigned" in err and doc is not None and doc["results"] == []
+    assert code == 5 and "unsigned" in err and doc is not None and doc["results"] == []
     corrupt = tmp_path / "corrupt.hpk"
     corrupt.write_bytes(unsigned.read_bytes()[:-7])
     for bad in (corrupt, tmp_path / "missing.hpk"):
@@ -929,18 +1048,25 @@ def test_cli_apply_status_ps_rollback_with_exit_codes_and_json(
     assert cli.main(["status", "--pid", pid]) == 0
     assert capsys.readouterr().out == f"pid {pid}: 0 package(s)\n"
 
-    # Signatures: only the trusted key's packages go in.
+    # Signatures: only trusted keys' packages go in (the store's, or one --trust adds for the call).
     pem, public = generate_keypair()
     key_file = tmp_path / "release.key"
     key_file.write_bytes(pem)
-    signed = tmp_path / "signed.hpk"
-    simple(dll).save(signed, sign_key=load_private_key(key_file))
+    signed_file = tmp_path / "signed.hpk"
+    simple(dll).save(signed_file, sign_key=load_private_key(key_file))
     _, other = generate_keypair()
-    code, doc, err = run("apply", str(signed), "--pid", pid, "--trust", other, "--json")
-    assert code == 1 and "not a trusted key" in err
-    code, doc, _ = run("apply", str(signed), "--pid", pid, "--trust", public, "--json")
+    for extra in (["--trust", other], ["--allow-unsigned"]):
+        code, doc, err = run("apply", str(signed_file), "--pid", pid, *extra, "--json")
+        assert code == 5 and "not trusted" in err and image_of(target, module) == before
+    code, doc, _ = run("apply", str(signed_file), "--pid", pid, "--trust", public, "--json")
     assert code == 0 and doc is not None and doc["package"]["signature"] == "valid"
     wait_values(host, {"scale": 33})
+    assert run("rollback", "--pid", pid)[0] == 0
+    wait_values(host, BASELINE)
+    store_signed = tmp_path / "store-signed.hpk"
+    simple(dll).save(store_signed, sign_key=SIGNING_KEY)
+    code, doc, _ = run("apply", str(store_signed), "--pid", pid, "--json")
+    assert code == 0 and doc is not None
     assert run("rollback", "--pid", pid)[0] == 0
     wait_values(host, BASELINE)
     assert image_of(target, module) == before
@@ -982,7 +1108,7 @@ def test_builder_package_goes_in_and_out_of_the_running_host(
     running = Host(wine_prefix, case.baseline, [c.spec() for c in case.calls])
     try:
         with agent.open(running.pid) as backend:
-            engine = Engine(backend, Journal(state_dir), allow_unsigned=True)
+            engine = Engine(backend, Journal(state_dir))
             mod = _module(backend, case.baseline.name)
             before = readonly_of(backend, mod, case.baseline)
             wait_calls(running, case.calls, "baseline")
@@ -1016,7 +1142,7 @@ def test_package_applies_to_a_dll_loaded_away_from_its_preferred_base(
     try:
         assert running.base != preferred
         with agent.open(running.pid) as backend:
-            engine = Engine(backend, Journal(state_dir), allow_unsigned=True)
+            engine = Engine(backend, Journal(state_dir))
             wait_calls(running, case.calls, "baseline")
             result = apply(engine, pkg)
             assert result.module_base == running.base

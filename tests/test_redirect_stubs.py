@@ -35,6 +35,7 @@ from hotpatch.apply.journal import (
     LibraryRecord,
     TableRecord,
 )
+from hotpatch.apply.provenance import region_marker
 from hotpatch.apply.redirects import (
     JMP_ABS_ASM,
     JMP_REL_ASM,
@@ -234,9 +235,9 @@ def layout_package() -> Package:
 def test_layout_puts_code_rodata_and_data_on_their_own_pages() -> None:
     pkg = layout_package()
     layout = plan_layout(pkg, ["far.dll!f", "near.dll!g"])
-    assert layout.blob_offsets == (0, 0x1000, 0x2000, 0x2010)
+    assert layout.blob_offsets == (0, 0x1040, 0x2000, 0x2010)  # the region's marker first in rodata
     assert layout.thunk_offsets == {"far.dll!f": 0x40, "near.dll!g": 0x50}
-    assert (layout.table_offset, layout.table_count) == (0x1018, 2)
+    assert (layout.marker_offset, layout.table_offset, layout.table_count) == (0x1000, 0x1058, 2)
     assert [(p.name, p.offset, p.size, p.protect) for p in layout.parts] == [
         ("code", 0, 0x1000, PAGE_EXECUTE_READ),
         ("rodata", 0x1000, 0x1000, PAGE_READONLY),
@@ -254,20 +255,22 @@ def test_fixups_are_resolved_for_the_actual_bases() -> None:
         ("far.dll", "f"): ResolvedImport("far.dll", "f", far, far & ~0xFFFF),
         ("near.dll", "g"): ResolvedImport("near.dll", "g", near, near & ~0xFFFF),
     }
-    parts = build_parts(pkg, layout, alloc, BASE, imports)
+    marker = region_marker(b"\x11" * 32, alloc, 1234)
+    parts = build_parts(pkg, layout, alloc, BASE, imports, marker)
     code, rodata, data = parts["code"], parts["rodata"], parts["data"]
+    assert rodata[:64] == marker and len(marker) == 64
     assert struct.unpack_from("<i", code, 0)[0] == BASE + 0x1380 - 4 - alloc
     # far: through the relay thunk; near: directly
     assert struct.unpack_from("<i", code, 8)[0] == alloc + 0x40 - 4 - (alloc + 8)
     assert code[0x40:0x4E] == relay_thunk(far)
     assert struct.unpack_from("<i", code, 16)[0] == near - 4 - (alloc + 16)
-    assert struct.unpack_from("<Q", rodata, 8)[0] == alloc + 0x2008
-    assert struct.unpack_from("<I", rodata, 16)[0] == alloc + 0x10 - BASE
-    assert struct.unpack_from("<I", rodata, 20)[0] == 0x30  # relative to the allocation (unwind info RVAs)
+    assert struct.unpack_from("<Q", rodata, 0x48)[0] == alloc + 0x2008
+    assert struct.unpack_from("<I", rodata, 0x50)[0] == alloc + 0x10 - BASE
+    assert struct.unpack_from("<I", rodata, 0x54)[0] == 0x30  # relative to the allocation (unwind info RVAs)
     assert struct.unpack_from("<Q", data, 0)[0] == far + 1
     assert len(data) == 16  # bss is never written: fresh pages are zero
-    table = rodata[0x18:0x30]
-    assert struct.unpack("<6I", table) == (0, 0x10, 0x1000, 0x10, 0x20, 0x1000)  # sorted by begin
+    table = rodata[0x58:0x70]
+    assert struct.unpack("<6I", table) == (0, 0x10, 0x1040, 0x10, 0x20, 0x1040)  # sorted by begin
 
 
 def test_fixups_out_of_reach_are_errors() -> None:
@@ -291,7 +294,7 @@ def test_a_handler_in_the_image_is_reached_through_a_relay_thunk() -> None:
     alloc = BASE + 0x40000000
     parts = build_parts(pkg, layout, alloc, BASE, {})
     thunk = layout.thunk_offsets["rva:0x1380"]
-    assert struct.unpack_from("<I", parts["rodata"], 20)[0] == thunk
+    assert struct.unpack_from("<I", parts["rodata"], 0x54)[0] == thunk
     assert parts["code"][thunk : thunk + 14] == relay_thunk(BASE + 0x1380)
 
 

@@ -7,10 +7,12 @@ parser; each handler returns the exit code:
     1  refused, or failed safely: the process is as it was
     2  bad input: unreadable or corrupt package, missing file, bad arguments
     4  failed and could not undo everything: run ``hotpatch recover``
+    5  refused by the trust policy: nothing was touched
 
-A package whose signature does not meet the policy (unsigned without
-``--allow-unsigned``, not signed by a ``--trust`` key) is refused (1); one
-whose signature does not verify is corrupt (2). With ``--json`` the result is
+A package must be signed by a key of the trust store (``hotpatch trust``)
+or one ``--trust`` adds for the call; ``--allow-unsigned`` admits unsigned
+packages, never one signed by an untrusted key (5). One whose signature does
+not verify is corrupt (2). With ``--json`` the result is
 one JSON document on stdout; errors are one line on stderr. The agent is
 started under Wine on Linux, in ``$HOTPATCH_WINEPREFIX`` (else ``$WINEPREFIX``,
 else ``~/.wine``); journals live in ``$HOTPATCH_STATE``.
@@ -35,15 +37,17 @@ from ..errors import (
     ProcessGoneError,
     StepFailedError,
 )
-from ..package import Package, load_public_key
+from ..package import Package
+from ..package.trust import TrustStore, check_trust
 from .agent import AgentClient
 from .engine import Engine
+from .health_cli import add_health_arguments, health_gate
 from .journal import Journal
 from .status import read_image
 
 __all__ = ["add_apply_commands", "main"]
 
-EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_UNSAFE = 0, 1, 2, 4
+EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_UNSAFE, EXIT_UNTRUSTED = 0, 1, 2, 4, 5
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], lines: Sequence[str]) -> None:
@@ -104,16 +108,23 @@ def _pids_with_module(client: AgentClient, module_name: str) -> list[int]:
 # --------------------------------------------------------------------------
 
 
+def _trusted_package(args: argparse.Namespace) -> tuple[Package, frozenset[bytes]]:
+    """The package, checked against the trust store plus the keys ``--trust`` adds for this call."""
+    keys = TrustStore.default(args.trust).raw_keys()
+    package = Package.load(args.package)  # structure, hash, and a signature that verifies (else exit 2)
+    check_trust(package, keys, args.allow_unsigned)
+    return package, keys
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
-    trusted = [load_public_key(key) for key in args.trust]
     try:
-        package = Package.load(args.package, trusted_keys=trusted or None, require_signature=not args.allow_unsigned)
+        package, trusted = _trusted_package(args)
     except (PackageUnsignedError, PackageUntrustedError) as exc:
         _error(f"{args.package}: refused: {exc}")
         if args.json:
             _emit(args, {"schema": "hotpatch.apply/1", "package": None, "results": [],
                          "error": str(exc), "kind": type(exc).__name__}, [])
-        return EXIT_REFUSED
+        return exc.exit_code
     results: list[dict[str, Any]] = []
     lines = []
     code = EXIT_OK
@@ -131,6 +142,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 code = max(code, getattr(exc, "exit_code", EXIT_REFUSED))
                 results.append(_failure(pid, exc))
                 _error(f"pid {pid}: {exc}")
+        code = max(code, health_gate(args, client, package.package_id, results, lines))
     if args.all and not pids:
         lines.append(f"no process has {package.target.module_name} loaded")
     document = {
@@ -226,8 +238,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    with _agent() as client, client.open(args.pid) as backend:
-        report = Engine(backend, Journal()).recover()
+    with _agent() as client:
+        try:
+            backend = client.open(args.pid)
+        except ProcessGoneError as exc:  # it took every change with it: its journals describe nothing now
+            closed = Journal().close_exited(args.pid)
+            raise ProcessGoneError(f"{exc}; nothing to recover ({closed} journal(s) of it closed)", args.pid) from None
+        with backend:
+            report = Engine(backend, Journal()).recover()
     lines = [f"pid {args.pid}: {'consistent' if report.consistent else 'INCONSISTENT'}"]
     for action in report.actions:
         lines.append(f"  {action['package_id']}: {action['before']} -> {action['after']} ({action['outcome']}): "
@@ -292,10 +310,12 @@ def add_apply_commands(subparsers: Any) -> None:
     where.add_argument("--pid", type=int, nargs="+", action="extend", metavar="PID", help="processes to patch")
     where.add_argument("--all", action="store_true", help="every process that has the target module loaded")
     apply.add_argument("--dry-run", action="store_true", help="check everything, allocate and write nothing")
-    apply.add_argument("--allow-unsigned", action="store_true", help="accept a package without a signature")
+    apply.add_argument("--allow-unsigned", action="store_true",
+                       help="also accept a package without a signature (never one signed by an untrusted key)")
     apply.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
-                       help="accept only packages signed by this key (64 hex digits or a key file); repeatable")
+                       help="trust this key for this call too (64 hex digits or a key file); repeatable")
     apply.add_argument("--json", action="store_true")
+    add_health_arguments(apply)
     apply.set_defaults(run=cmd_apply)
 
     status = subparsers.add_parser("status", help="the packages in a process, read back from its memory")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,9 +45,8 @@ from ..errors import (
     FixupError,
     HotpatchError,
     IdentityMismatchError,
-    PackageSignatureError,
-    PackageUnsignedError,
-    PackageUntrustedError,
+    JournalError,
+    OtherBaselineError,
     ProcessGoneError,
     RefusedError,
     SequenceError,
@@ -64,6 +63,7 @@ from ..package.model import (
     Package,
 )
 from ..package.signing import normalize_public_keys
+from ..package.trust import TrustStore, check_trust
 from .backend import (
     PAGE_EXECUTE_READ,
     PAGE_READONLY,
@@ -100,6 +100,7 @@ from .journal import (
     ProcessJournal,
     TableRecord,
 )
+from .provenance import MARKER_SIZE, check_allocation, check_libraries, derive_sites, region_marker
 from .redirects import SiteRedirect, fits_rel32, plan_site, relay_thunk, transition_writes
 from .status import (
     OURS,
@@ -149,8 +150,9 @@ class Part:
 class Layout:
     """Where everything of a package goes, as offsets from the allocation's base.
 
-    code blobs, relay thunks | rodata blobs, RUNTIME_FUNCTION array | data blobs, bss blobs
-    Each part starts on a page, so each gets its own protection.
+    code blobs, relay thunks | marker, rodata blobs, RUNTIME_FUNCTION array | data blobs, bss blobs
+    Each part starts on a page, so each gets its own protection. The marker
+    (provenance.region_marker) lets recovery tell this region from any other.
     """
 
     size: int
@@ -159,6 +161,7 @@ class Layout:
     table_offset: int
     table_count: int
     parts: tuple[Part, ...]
+    marker_offset: int = 0
 
 
 def plan_layout(package: Package, thunks: list[str]) -> Layout:
@@ -188,6 +191,8 @@ def plan_layout(package: Package, thunks: list[str]) -> Layout:
         thunk_offsets[key] = offset
         offset += THUNK_SIZE
     start = close("code", 0, PAGE_EXECUTE_READ)
+    marker_offset = offset
+    offset += MARKER_SIZE
     place((BlobKind.RODATA,))
     offset = _align(offset, 4)
     table_offset = offset
@@ -196,7 +201,9 @@ def plan_layout(package: Package, thunks: list[str]) -> Layout:
     place((BlobKind.DATA,))
     place((BlobKind.BSS,))
     close("data", start, PAGE_READWRITE)
-    return Layout(max(offset, PAGE), tuple(offsets), thunk_offsets, table_offset, len(package.unwind), tuple(parts))
+    return Layout(
+        max(offset, PAGE), tuple(offsets), thunk_offsets, table_offset, len(package.unwind), tuple(parts), marker_offset
+    )
 
 
 def _import_key(target: ImportTarget) -> tuple[str, str]:
@@ -220,9 +227,11 @@ def build_parts(
     base_va: int,
     module_base: int,
     imports: dict[tuple[str, str], ResolvedImport],
+    marker: bytes = b"",
 ) -> dict[str, bytes]:
-    """The bytes of each part (bss left out: fresh pages are zero), fixups resolved."""
+    """The bytes of each part (bss left out: fresh pages are zero), fixups resolved, the region's marker."""
     memory = bytearray(layout.size)
+    memory[layout.marker_offset : layout.marker_offset + len(marker)] = marker
     for blob in package.blobs:
         if blob.kind is not BlobKind.BSS:
             memory[layout.blob_offsets[blob.index] : layout.blob_offsets[blob.index] + blob.size] = blob.data
@@ -391,8 +400,10 @@ class RecoveryReport:
 class Engine:
     """Live patching of one process through a ``ProcessBackend``, journaled on the host.
 
-    ``allow_unsigned``/``trusted_keys`` are the signature policy (with trusted
-    keys, only packages signed by one of them). ``max_attempts`` and
+    ``allow_unsigned``/``trusted_keys`` are the signature policy
+    (``check_trust``): a signed package only if a trusted key signed it,
+    an unsigned one only with ``allow_unsigned``; ``trusted_keys=None`` reads
+    the trust store. ``max_attempts`` and
     ``retry_sleep_ms`` go to every commit. Code is freed only when no thread
     runs it or returns into it; ``release_attempts`` snapshots
     ``release_wait`` seconds apart are tried before it is retained.
@@ -407,7 +418,7 @@ class Engine:
         journal: Journal | None = None,
         *,
         allow_unsigned: bool = False,
-        trusted_keys: list[bytes] | tuple[bytes, ...] = (),
+        trusted_keys: Iterable[bytes] | None = None,
         max_attempts: int = 50,
         retry_sleep_ms: int = 2,
         release_attempts: int = 20,
@@ -420,12 +431,16 @@ class Engine:
         self.journal = journal if journal is not None else Journal()
         self.process_journal: ProcessJournal = self.journal.process(self.pid, self.start_time)
         self.allow_unsigned = allow_unsigned
-        self.trusted_keys = tuple(normalize_public_keys(list(trusted_keys))) if trusted_keys else ()
+        # None: the trust store of this machine and user (hotpatch/package/trust.py)
+        self.trusted_keys = (
+            TrustStore.default().raw_keys() if trusted_keys is None else normalize_public_keys(list(trusted_keys))
+        )
         self.max_attempts = max_attempts
         self.retry_sleep_ms = retry_sleep_ms
         self.release_attempts = release_attempts
         self.release_wait = release_wait
         self.on_step = on_step
+        self._verified: list[PackageRecord] = []  # records that passed verify_record (held, so ids stay unique)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -442,20 +457,7 @@ class Engine:
     # -- shared pieces -----------------------------------------------------------
 
     def check_signature(self, package: Package) -> None:
-        state = package.signature_state
-        if state == "invalid":
-            raise PackageSignatureError(f"package {package.package_id}: the signature does not verify")
-        if self.trusted_keys:
-            if state == "unsigned":
-                raise PackageUnsignedError(f"package {package.package_id} is unsigned; only trusted keys are accepted")
-            if package.signer_public_key not in self.trusted_keys:
-                raise PackageUntrustedError(
-                    f"package {package.package_id} is signed by {package.signer_key_hex}, which is not trusted"
-                )
-        elif state == "unsigned" and not self.allow_unsigned:
-            raise PackageUnsignedError(
-                f"package {package.package_id} is unsigned (allow unsigned packages explicitly to apply it)"
-            )
+        check_trust(package, self.trusted_keys, self.allow_unsigned)
 
     def find_module(self, package: Package) -> LoadedImage:
         name = package.target.module_name.lower()
@@ -470,7 +472,8 @@ class Engine:
                 return image
             except IdentityMismatchError as exc:
                 mismatches.append(str(exc))
-        raise IdentityMismatchError("; ".join(mismatches))
+        raise IdentityMismatchError("; ".join(mismatches) + f" (the package is for baseline {package.baseline_id}: "
+                                    "a restart onto that baseline is needed)")
 
     def allocate(self, image: LoadedImage, size: int) -> int:
         """A region within rel32 reach of the whole image, above it when possible.
@@ -500,15 +503,35 @@ class Engine:
                 time.sleep(self.release_wait)
         return False
 
-    def release(self, record: PackageRecord, check_threads: bool = True) -> bool:
+    def verify_record(self, record: PackageRecord, sites: bool = True) -> list[SiteRedirect]:
+        """Check a record read from the journal against its kept package and the target's memory
+        (provenance.py); returns the sites derived again from the package. ``JournalError`` if not."""
+        package = self.process_journal.kept_package(record)
+        layout = plan_layout(package, _thunk_keys(package))
+        allocation = record.allocation
+        if allocation is not None and allocation.state in (ALLOCATED, RETAINED):
+            check_allocation(self.backend, record, package, layout, self.start_time)
+        elif record.function_table is not None and record.function_table.state in (INTENT, REGISTERED):
+            raise JournalError(f"journal record of package {record.package_id} refused: a function table "
+                               "without a live allocation; nothing was changed")
+        check_libraries(self.backend, record, package)
+        derived = derive_sites(self.backend, record, package, layout) if sites else []
+        self._verified.append(record)  # the same object, later in this engine's life: no second round of reads
+        return derived
+
+    def release(self, record: PackageRecord, check_threads: bool = True, verify: bool = True) -> bool:
         """Delete the function table, free the region and the libraries of a package no longer reachable.
 
         Returns False, with the allocation marked "retained", when a thread
         still runs the code or returns into it; a later release retries.
+        ``verify`` (a record read from the journal, not one this engine just
+        made) checks first that the region, table and libraries are ours.
         """
         journal = self.process_journal
         allocation = record.allocation
         live = allocation is not None and allocation.state in (ALLOCATED, RETAINED)
+        if verify and not any(r is record for r in self._verified):
+            self.verify_record(record, sites=False)
         if live and check_threads and not self.code_unused(allocation.va, allocation.size):
             if allocation.state != RETAINED:
                 allocation.state = RETAINED
@@ -532,6 +555,15 @@ class Engine:
                 journal.event(record, "library", "freed", dll=library.dll)
         return True
 
+    def process_exited(self) -> bool:
+        """Whether the process this engine was opened on has exited (its pid gone or reused)."""
+        try:
+            return self.backend.process_start_time() != self.start_time
+        except ProcessGoneError:
+            return True
+        except HotpatchError:
+            return False
+
     def commit_outcome(self, writes: list[CommitWrite]) -> str:
         """"new" if memory holds every write's new bytes, "expected" if none landed, else "mixed"."""
         found = [self.backend.read(w.va, len(w.new)) for w in writes]
@@ -554,7 +586,10 @@ class Engine:
         with self.process_journal.locked() as journal:
             for record in list(journal.records):
                 before = record.phase
-                outcome, note = self._recover_record(record)
+                try:
+                    outcome, note = self._recover_record(record)
+                except JournalError as exc:  # the journal does not match the package or the target's memory
+                    outcome, note = "inconsistent", str(exc)
                 if outcome:
                     report.actions.append(
                         {
@@ -669,6 +704,19 @@ class Transaction:
         self._durations[name] = round((time.perf_counter() - started) * 1000, 3)
 
     def _fail(self, step: str, what: str, cause: HotpatchError) -> None:
+        engine = self.engine
+        if isinstance(cause, ProcessGoneError) or engine.process_exited():
+            # Whatever the call that failed says (a read "failed with error 5"), the process is gone and
+            # took every change with it: nothing to undo or recover, and its journal is closed.
+            self._undo.clear()
+            self._finalize.clear()
+            engine.process_journal.close()
+            gone = cause if isinstance(cause, ProcessGoneError) else ProcessGoneError(str(cause), engine.pid)
+            self.error = StepFailedError(
+                f"{what}: step {step}: process {engine.pid} exited; nothing is left to undo, its journal is closed",
+                step, gone, undone=True,
+            )
+            raise self.error from cause
         touched = bool(self._undo)
         if self._unsafe:
             problems = ["the commit's outcome is unknown, so nothing was undone"]
@@ -715,8 +763,8 @@ class Transaction:
         """Retry freeing code retained by earlier operations (their threads have usually moved on)."""
         for record in self.engine.process_journal.records:
             if not record.live and record.allocation is not None and record.allocation.state == RETAINED:
-                with contextlib.suppress(ProcessGoneError, BackendError):
-                    self.engine.release(record)
+                with contextlib.suppress(ProcessGoneError, BackendError, JournalError):
+                    self.engine.release(record)  # a record that fails its checks is left to recover
 
     # -- apply --------------------------------------------------------------------
 
@@ -734,6 +782,8 @@ class Transaction:
         with self._step("journal", what):
             live = journal.live(image.module.name)
             predecessor = self._predecessor(package, live)
+            if predecessor is not None:  # its redirects and original bytes are what the commit restores
+                predecessor.sites = engine.verify_record(predecessor)
         with self._step("sites", what):
             self._check_sites(package, image, predecessor)
         with self._step("code hash", what):
@@ -759,6 +809,7 @@ class Transaction:
 
         self._sweep_retained()
         record = journal.new_record(
+            package_sha256=journal.keep_package(package),
             package_id=package.package_id,
             baseline_id=package.baseline_id,
             sequence=package.sequence,
@@ -785,7 +836,8 @@ class Transaction:
             ]
             journal.event(record, "allocate", DONE, va=base_va)
         with self._step("write", what):
-            parts = build_parts(package, layout, base_va, image.base_va, imports)
+            marker = region_marker(package.content_sha256, base_va, engine.start_time)
+            parts = build_parts(package, layout, base_va, image.base_va, imports, marker)
             offsets = {p.name: p.offset for p in layout.parts}
             for name, data in parts.items():
                 backend.write(base_va + offsets[name], data)
@@ -826,7 +878,12 @@ class Transaction:
         predecessor = None
         for record in live:
             if record.baseline_id != package.baseline_id:
-                continue
+                # a process runs one baseline of a module: packages of another need it restarted
+                raise OtherBaselineError(
+                    f"package {package.package_id} is for baseline {package.baseline_id}, but process "
+                    f"{self.engine.pid} runs baseline {record.baseline_id} of {record.module_name} (package "
+                    f"{record.package_id}): a restart onto baseline {package.baseline_id} is needed"
+                )
             if record.phase != APPLIED:
                 raise RefusedError(
                     f"package {record.package_id} is in the middle of an operation ({record.phase}); "
@@ -982,7 +1039,7 @@ class Transaction:
 
     def _release_now(self, record: PackageRecord) -> None:
         committed = record.commit is not None and record.commit.state == DONE
-        self.engine.release(record, check_threads=committed)
+        self.engine.release(record, check_threads=committed, verify=False)  # made by this transaction
 
     def _set_phase(self, record: PackageRecord, phase: str) -> None:
         record.phase = phase
@@ -1020,6 +1077,8 @@ class Transaction:
                 raise RefusedError(f"no package is applied to process {engine.pid}")
         results = []
         for record in reversed(applied):
+            with self._step("provenance", what):  # the journal alone never decides what is written
+                record.sites = engine.verify_record(record)
             with self._step("sites", what):
                 for site in record.sites:
                     state = site_state(engine.backend, site)

@@ -15,10 +15,18 @@ or undo it. A record's ``phase`` says where the package stands:
         v          +-> replaced (by a newer package of the same baseline)
       undone
 
-The file is replaced atomically (write aside, then rename), so a reader never
-sees half of it. It is not fsynced: a crash of the host machine ends the
-target processes too, so a journal only has to outlive the applier. A lock
-file serialises the engines working on one process.
+The file is replaced atomically (written to an exclusive temporary file that
+is never a link, then renamed), so a reader never sees half of it. It is not
+fsynced: a crash of the host machine ends the target processes too, so a
+journal only has to outlive the applier. A lock file, opened without
+following links, serialises the engines working on one process.
+
+The journal is never the only authority (docs/SECURITY.md): each applied
+package is kept beside it (``packages/<content sha256>.hpk``) and its record
+names that hash, so rollback and recovery derive the bytes to restore from
+the package again and check the allocation's marker in the target's memory
+(``provenance.py``). The state directory is created 0700 and refused when
+others can write to it or it belongs to another user.
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import JournalError
+from ..errors import JournalError, PackageError
+from ..package.model import Package
+from ..securefs import UnsafePathError, check_private_dir, ensure_private_dir, open_nofollow, write_atomic
 from .backend import CommitWrite
 from .redirects import Patch, SiteRedirect
 
@@ -49,7 +59,7 @@ __all__ = [
     "default_state_dir",
 ]
 
-SCHEMA = "hotpatch.journal/1"
+SCHEMA = "hotpatch.journal/2"
 
 # Record phases.
 APPLYING = "applying"
@@ -158,6 +168,7 @@ class PackageRecord:
     sequence: int
     module_name: str
     module_base: int
+    package_sha256: str = ""  # content SHA-256 of the package kept beside the journal
     description: str = ""
     phase: str = APPLYING
     sites: list[SiteRedirect] = field(default_factory=list)
@@ -191,6 +202,7 @@ class PackageRecord:
             "sequence": self.sequence,
             "module_name": self.module_name,
             "module_base": self.module_base,
+            "package_sha256": self.package_sha256,
             "description": self.description,
             "phase": self.phase,
             "sites": [site.to_json() for site in self.sites],
@@ -215,6 +227,7 @@ class PackageRecord:
             sequence=int(data["sequence"]),
             module_name=str(data["module_name"]),
             module_base=int(data["module_base"]),
+            package_sha256=str(data["package_sha256"]),
             description=str(data.get("description", "")),
             phase=str(data["phase"]),
             sites=[SiteRedirect.from_json(site) for site in data.get("sites", [])],
@@ -237,14 +250,17 @@ class ProcessJournal:
         self.start_time = start_time
         self.records: list[PackageRecord] = []
         self._next_serial = 1
-        self._lock_handle: Any = None
+        self.closed = False
         self.load()
 
     # -- file ------------------------------------------------------------------
 
     def load(self) -> None:
         try:
-            text = self.path.read_text()
+            _state_dir(self.path.parent, create=False)
+            fd = open_nofollow(self.path, os.O_RDONLY)
+            with os.fdopen(fd, "rb") as handle:
+                text = handle.read()
         except FileNotFoundError:
             self.records = []
             return
@@ -271,12 +287,10 @@ class ProcessJournal:
             "updated": time.time(),
             "records": [record.to_json() for record in self.records],
         }
-        aside = self.path.with_name(self.path.name + ".tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _state_dir(self.path.parent)
             # compact: json's C encoder is used only without indentation (saved once per step)
-            aside.write_text(json.dumps(document, separators=(",", ":")) + "\n")
-            os.replace(aside, self.path)
+            write_atomic(self.path, (json.dumps(document, separators=(",", ":")) + "\n").encode())
         except OSError as exc:
             raise JournalError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
 
@@ -293,8 +307,8 @@ class ProcessJournal:
         """Hold the process's lock (one engine per process at a time) and read the journal afresh."""
         lock_path = self.path.with_name(self.path.name + ".lock")
         try:
-            lock_path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(lock_path, "a+b")  # noqa: SIM115 - held for the whole block
+            _state_dir(lock_path.parent)
+            handle = os.fdopen(open_nofollow(lock_path, os.O_RDWR | os.O_CREAT), "r+b")
         except OSError as exc:
             raise JournalError(f"cannot open the journal lock {lock_path}: {exc.strerror or exc}") from None
         try:
@@ -302,8 +316,51 @@ class ProcessJournal:
             self.load()
             yield self
         finally:
+            if self.closed:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)
             _unlock_file(handle)
             handle.close()
+
+    def close(self) -> None:
+        """The process has exited: its journal describes nothing any more, so it goes (status, --all)."""
+        self.closed = True
+        self.records = []
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # -- the packages kept beside the journal ----------------------------------
+
+    def keep_package(self, package: Package) -> str:
+        """Keep a copy of the package being applied; its content SHA-256 (hex) goes into the record."""
+        digest = package.content_sha256.hex()
+        path = self._package_path(digest)
+        try:
+            _state_dir(path.parent)
+            write_atomic(path, package.dumps())
+        except OSError as exc:
+            raise JournalError(f"cannot keep the package beside the journal: {exc.strerror or exc}") from None
+        return digest
+
+    def kept_package(self, record: PackageRecord) -> Package:
+        """The package a record says was applied, read back from the copy kept at apply time."""
+        path = self._package_path(record.package_sha256)
+        try:
+            _state_dir(path.parent, create=False)
+            with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as handle:
+                package = Package.loads(handle.read())
+        except FileNotFoundError:
+            raise JournalError(f"package {record.package_id} of the journal was not kept ({path.name})") from None
+        except (OSError, PackageError) as exc:
+            raise JournalError(f"package {record.package_id} kept beside the journal is unusable: {exc}") from None
+        if package.content_sha256.hex() != record.package_sha256 or package.package_id != record.package_id:
+            raise JournalError(f"the package kept as {path.name} is not package {record.package_id}")
+        return package
+
+    def _package_path(self, digest: str) -> Path:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise JournalError(f"journal of process {self.pid}: {digest!r} is not a package hash")
+        return self.path.parent / "packages" / f"{digest}.hpk"
 
     # -- records ---------------------------------------------------------------
 
@@ -346,16 +403,42 @@ class Journal:
     def process(self, pid: int, start_time: int) -> ProcessJournal:
         return ProcessJournal(self.path_for(pid, start_time), pid, start_time)
 
+    def close_exited(self, pid: int) -> int:
+        """Close the journals of a pid whose process is known to have exited; returns how many."""
+        closed = 0
+        for known_pid, start in self.known():
+            if known_pid == pid:
+                journal = self.process(pid, start)
+                with journal.locked():
+                    journal.close()
+                closed += 1
+        return closed
+
     def known(self) -> list[tuple[int, int]]:
         """(pid, start time) of every process with a journal."""
-        found = []
+        found: list[tuple[int, int]] = []
         if not self.state_dir.is_dir():
             return found
+        try:
+            _state_dir(self.state_dir, create=False)
+        except OSError as exc:
+            raise JournalError(f"state directory refused: {exc.strerror or exc}") from None
         for path in sorted(self.state_dir.glob("*-*.json")):
             pid, _, start = path.stem.partition("-")
             if pid.isdigit() and start.isdigit():
                 found.append((int(pid), int(start)))
         return found
+
+
+def _state_dir(path: Path, create: bool = True) -> None:
+    """Create the state directory 0700, or check the one found: ours, and nobody else may write to it."""
+    try:
+        if create:
+            ensure_private_dir(path)
+        else:
+            check_private_dir(path)
+    except UnsafePathError as exc:
+        raise JournalError(f"state directory refused: {exc}") from None
 
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only

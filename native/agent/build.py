@@ -25,8 +25,8 @@ AGENT_DIR = Path(__file__).resolve().parent
 AGENT_NAME = "hotpatch-agent.exe"
 CC = "x86_64-w64-mingw32-gcc"
 PACKAGES = "gcc-mingw-w64-x86-64"
-SOURCES = ("main.c", "protocol.c", "procs.c", "memory.c", "freeze.c", "remote.c")
-HEADERS = ("agent.h",)
+SOURCES = ("main.c", "wire.c", "requests.c", "protocol.c", "procs.c", "memory.c", "freeze.c", "remote.c")
+HEADERS = ("agent.h", "wire.h")
 CFLAGS = (
     "-std=c99",
     "-O2",

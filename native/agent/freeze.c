@@ -93,7 +93,6 @@ static int fail_nt(request_t *rq, const char *call, LONG status, DWORD pid)
  * Wine every call is a wineserver round trip, so one call instead of one
  * per thread keeps the pause short, the resume above all.
  * --------------------------------------------------------------------- */
-#define FREEZE_PER_THREAD 1u /* request flag */
 #define REPORT_SUSPENDED 1u  /* reply flags */
 #define REPORT_PER_THREAD 2u
 
@@ -314,66 +313,6 @@ static int freeze(request_t *rq, target_t *t, freeze_t *f, uint32_t flags)
 /* ------------------------------------------------------------------------
  * COMMIT
  * --------------------------------------------------------------------- */
-typedef struct {
-    uint64_t address;
-    uint16_t length;
-    uint8_t no_suspend;
-    const uint8_t *expected;
-    const uint8_t *replacement;
-} cwrite_t;
-
-static int compare_writes(const void *a, const void *b)
-{
-    const cwrite_t *x = *(const cwrite_t *const *)a, *y = *(const cwrite_t *const *)b;
-    return (x->address > y->address) - (x->address < y->address);
-}
-
-static int parse_writes(request_t *rq, uint32_t count, cwrite_t *writes)
-{
-    const cwrite_t **sorted;
-    uint32_t i;
-
-    for (i = 0; i < count; i++) {
-        cwrite_t *w = &writes[i];
-        uint8_t flags, reserved;
-        if (!rd_u64(&rq->in, &w->address) || !rd_u16(&rq->in, &w->length) ||
-            !rd_u8(&rq->in, &flags) || !rd_u8(&rq->in, &reserved))
-            return bad_payload(rq, "COMMIT write header truncated");
-        if (w->length == 0 || w->length > AGENT_MAX_WRITE)
-            return fail(rq, ST_BAD_PAYLOAD, "write %lu: length %u not in 1..%u", (unsigned long)i,
-                        (unsigned)w->length, AGENT_MAX_WRITE);
-        if ((flags & ~1u) || reserved)
-            return fail(rq, ST_BAD_PAYLOAD, "write %lu: unknown flags 0x%x", (unsigned long)i,
-                        (unsigned)flags);
-        if (w->address + w->length < w->address)
-            return fail(rq, ST_BAD_PAYLOAD, "write %lu wraps around the address space",
-                        (unsigned long)i);
-        w->no_suspend = flags & 1u;
-        if (!rd_bytes(&rq->in, w->length, &w->expected) ||
-            !rd_bytes(&rq->in, w->length, &w->replacement))
-            return bad_payload(rq, "COMMIT write bytes truncated");
-    }
-    if (expect_end(rq))
-        return rq->status;
-
-    /* Overlapping writes would make "expected" and undo ill-defined. */
-    sorted = malloc(count * sizeof *sorted);
-    if (!sorted)
-        return fail(rq, ST_LIMIT, "out of memory sorting writes");
-    for (i = 0; i < count; i++)
-        sorted[i] = &writes[i];
-    qsort(sorted, count, sizeof *sorted, compare_writes);
-    for (i = 1; i < count; i++) {
-        if (sorted[i - 1]->address + sorted[i - 1]->length > sorted[i]->address) {
-            uint64_t at = sorted[i]->address;
-            free(sorted);
-            return fail(rq, ST_BAD_PAYLOAD, "writes overlap at 0x%llx", (unsigned long long)at);
-        }
-    }
-    free(sorted);
-    return ST_OK;
-}
-
 /* MISMATCH unless every write's target still holds its expected bytes. */
 static int verify(request_t *rq, target_t *t, const cwrite_t *writes, uint32_t count)
 {
@@ -469,7 +408,7 @@ static uint64_t coalescible_span(const cwrite_t *writes, uint32_t count, uint64_
         return 0;
     for (i = 0; i < count; i++)
         sorted[i] = &writes[i];
-    qsort(sorted, count, sizeof *sorted, compare_writes);
+    qsort(sorted, count, sizeof *sorted, cwrite_compare);
     lo = sorted[0]->address;
     hi = sorted[0]->address + sorted[0]->length;
     for (i = 1; i < count; i++) {
@@ -538,60 +477,33 @@ static void put_report(request_t *rq, uint64_t pause_ticks, uint64_t total_ticks
     wr_u32(&rq->out, flags);
 }
 
-int op_commit(request_t *rq)
+int op_commit(request_t *rq, const args_t *a)
 {
-    uint32_t id, flags, max_attempts, retry_ms, count, i, attempts = 0, busy_write = 0;
+    uint32_t flags = a->flags, max_attempts = a->max_attempts, retry_ms = a->retry_ms;
+    uint32_t count = a->count, i, attempts = 0, busy_write = 0;
     uint64_t started = now_ticks(), pause = 0;
     uint32_t frozen_threads = 0, report = 0;
     int suspend = 0, status = ST_OK;
-    target_t *t;
-    cwrite_t *writes;
+    target_t *t = target_get(rq, a->handle);
+    const cwrite_t *writes = a->writes;
     pages_t pages;
     freeze_t f;
 
-    if (!rd_u32(&rq->in, &id) || !rd_u32(&rq->in, &flags) || !rd_u32(&rq->in, &max_attempts) ||
-        !rd_u32(&rq->in, &retry_ms) || !rd_u32(&rq->in, &count))
-        return bad_payload(rq, "COMMIT needs handle, flags, max_attempts, retry_sleep_ms, count");
-    if (flags & ~FREEZE_PER_THREAD)
-        return fail(rq, ST_BAD_PAYLOAD, "unknown COMMIT flags 0x%lx", (unsigned long)flags);
-    if (max_attempts == 0 || max_attempts > AGENT_MAX_ATTEMPTS)
-        return fail(rq, ST_BAD_PAYLOAD, "max_attempts %lu not in 1..%u", (unsigned long)max_attempts,
-                    AGENT_MAX_ATTEMPTS);
-    if (retry_ms > AGENT_MAX_RETRY_SLEEP_MS)
-        return fail(rq, ST_BAD_PAYLOAD, "retry_sleep_ms %lu above %u", (unsigned long)retry_ms,
-                    AGENT_MAX_RETRY_SLEEP_MS);
-    if (count == 0 || count > AGENT_MAX_WRITES)
-        return fail(rq, ST_BAD_PAYLOAD, "write count %lu not in 1..%u", (unsigned long)count,
-                    AGENT_MAX_WRITES);
-    /* Each write needs at least 14 payload bytes, so this bounds the allocation. */
-    if ((size_t)count * 14u > rd_left(&rq->in))
-        return bad_payload(rq, "COMMIT write count larger than the payload");
-    t = target_get(rq, id);
     if (!t)
         return rq->status;
-    writes = calloc(count, sizeof *writes);
-    if (!writes)
-        return fail(rq, ST_LIMIT, "out of memory for %lu writes", (unsigned long)count);
-    if (parse_writes(rq, count, writes)) {
-        free(writes);
-        return rq->status;
-    }
     for (i = 0; i < count; i++)
         suspend |= !writes[i].no_suspend;
     memset(&f, 0, sizeof f);
 
     /* Outside the pause: a first check, and the pages made writable. */
     memset(&pages, 0, sizeof pages);
-    if (verify(rq, t, writes, count)) {
-        free(writes);
+    if (verify(rq, t, writes, count))
         return rq->status;
-    }
     for (i = 0; i < count; i++)
         if (pages_add(rq, &pages, writes[i].address, writes[i].length))
             break;
     if (rq->status || pages_unlock(rq, t, &pages)) {
         pages_free(&pages);
-        free(writes);
         return rq->status;
     }
 
@@ -639,7 +551,6 @@ int op_commit(request_t *rq)
     if (pages_relock(rq, t, &pages) && status == ST_OK)
         status = rq->status;
     pages_free(&pages);
-    free(writes);
     if (status != ST_OK)
         return status;
     put_report(rq, pause, now_ticks() - started, attempts, frozen_threads, report);
@@ -649,24 +560,17 @@ int op_commit(request_t *rq)
 /* ------------------------------------------------------------------------
  * FLOOR: the commit's freeze and thaw with nothing written.
  * --------------------------------------------------------------------- */
-int op_floor(request_t *rq)
+int op_floor(request_t *rq, const args_t *a)
 {
     uint64_t started = now_ticks();
-    uint32_t id, flags, threads;
+    uint32_t threads;
     int whole_process;
-    target_t *t;
+    target_t *t = target_get(rq, a->handle);
     freeze_t f;
 
-    if (!rd_u32(&rq->in, &id) || !rd_u32(&rq->in, &flags))
-        return bad_payload(rq, "FLOOR needs handle, flags");
-    if (expect_end(rq))
-        return rq->status;
-    if (flags & ~FREEZE_PER_THREAD)
-        return fail(rq, ST_BAD_PAYLOAD, "unknown FLOOR flags 0x%lx", (unsigned long)flags);
-    t = target_get(rq, id);
     if (!t)
         return rq->status;
-    if (freeze(rq, t, &f, flags))
+    if (freeze(rq, t, &f, a->flags))
         return rq->status;
     threads = (uint32_t)f.count;
     whole_process = f.whole_process;
@@ -736,25 +640,16 @@ static uint32_t stack_hits(target_t *t, uint64_t rsp, uint64_t base, uint64_t lo
     return hits;
 }
 
-int op_thread_contexts(request_t *rq)
+int op_thread_contexts(request_t *rq, const args_t *a)
 {
-    uint32_t id, flags;
-    uint64_t watch, watch_size;
-    target_t *t;
+    uint64_t watch = a->address, watch_size = a->size;
+    target_t *t = target_get(rq, a->handle);
     freeze_t f;
     size_t i;
 
-    if (!rd_u32(&rq->in, &id) || !rd_u32(&rq->in, &flags) || !rd_u64(&rq->in, &watch) ||
-        !rd_u64(&rq->in, &watch_size))
-        return bad_payload(rq, "THREAD_CONTEXTS needs handle, flags, u64 watch address, u64 watch size");
-    if (expect_end(rq))
-        return rq->status;
-    if (flags & ~FREEZE_PER_THREAD)
-        return fail(rq, ST_BAD_PAYLOAD, "unknown THREAD_CONTEXTS flags 0x%lx", (unsigned long)flags);
-    t = target_get(rq, id);
     if (!t)
         return rq->status;
-    if (freeze(rq, t, &f, flags))
+    if (freeze(rq, t, &f, a->flags))
         return rq->status;
     wr_u64(&rq->out, 0); /* pause, filled in below */
     wr_u32(&rq->out, (uint32_t)f.count);

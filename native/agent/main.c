@@ -1,15 +1,31 @@
 /*
- * main.c: start-up (error mode, SeDebugPrivilege), HELLO, and the dispatch
- * table from opcode to handler.
+ * main.c: start-up (error mode, SeDebugPrivilege), the user address space,
+ * HELLO, and the dispatch table from opcode to handler (requests arrive
+ * parsed: see requests.c).
  *
  * hotpatch-agent.exe takes no arguments; it serves requests on stdin/stdout
  * until stdin closes, then exits 0.
  */
 #include "agent.h"
 
-int dispatch(request_t *rq);
+int dispatch(request_t *rq, const args_t *args);
 
 static int g_debug_privilege;
+
+/* ------------------------------------------------------------------------
+ * The user address space every request range must lie in
+ * --------------------------------------------------------------------- */
+const user_space_t *user_space(void)
+{
+    static user_space_t space;
+    if (!space.highest) {
+        SYSTEM_INFO si;
+        GetSystemInfo(&si);
+        space.lowest = (uint64_t)(uintptr_t)si.lpMinimumApplicationAddress;
+        space.highest = (uint64_t)(uintptr_t)si.lpMaximumApplicationAddress;
+    }
+    return &space;
+}
 
 /* ------------------------------------------------------------------------
  * SeDebugPrivilege: lets OpenProcess reach processes of other users and
@@ -38,10 +54,9 @@ static int enable_debug_privilege(void)
 /* ------------------------------------------------------------------------
  * HELLO
  * --------------------------------------------------------------------- */
-int op_hello(request_t *rq)
+int op_hello(request_t *rq, const args_t *a)
 {
-    if (expect_end(rq))
-        return rq->status;
+    (void)a;
     wr_u16(&rq->out, AGENT_PROTOCOL_VERSION);
     wr_u16(&rq->out, (uint16_t)sizeof(void *));
     wr_u32(&rq->out, AGENT_MAX_FRAME);
@@ -54,7 +69,7 @@ int op_hello(request_t *rq)
 /* ------------------------------------------------------------------------
  * Dispatch
  * --------------------------------------------------------------------- */
-typedef int (*handler_t)(request_t *rq);
+typedef int (*handler_t)(request_t *rq, const args_t *args);
 
 static const struct {
     uint16_t opcode;
@@ -80,12 +95,12 @@ static const struct {
     {OP_FLOOR, op_floor},
 };
 
-int dispatch(request_t *rq)
+int dispatch(request_t *rq, const args_t *args)
 {
     size_t i;
     for (i = 0; i < sizeof g_handlers / sizeof g_handlers[0]; i++)
         if (g_handlers[i].opcode == rq->opcode)
-            return g_handlers[i].handler(rq);
+            return g_handlers[i].handler(rq, args);
     return fail(rq, ST_UNKNOWN_OPCODE, "unknown opcode 0x%04x", (unsigned)rq->opcode);
 }
 

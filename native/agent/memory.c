@@ -8,9 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DEFAULT_MAX_DISTANCE 0x7FFF0000ull /* 2 GiB minus one granule */
-#define MAX_DISTANCE 0x80000000ull
-#define MAX_REGION_SIZE (1ull << 40)
 #define MAX_QUERIES (1u << 20)
 
 static SYSTEM_INFO g_si;
@@ -25,15 +22,6 @@ static const SYSTEM_INFO *system_info(void)
 static uint64_t align_down(uint64_t v, uint64_t a) { return v & ~(a - 1); }
 static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) & ~(a - 1); }
 
-static int read_target(request_t *rq, reader_t *in, target_t **t)
-{
-    uint32_t id;
-    if (!rd_u32(in, &id))
-        return bad_payload(rq, "missing u32 handle");
-    *t = target_get(rq, id);
-    return *t ? ST_OK : rq->status;
-}
-
 /* ------------------------------------------------------------------------
  * Page sets: every page a set of writes touches, with its old protection.
  * --------------------------------------------------------------------- */
@@ -46,8 +34,15 @@ static int compare_u64(const void *a, const void *b)
 int pages_add(request_t *rq, pages_t *set, uint64_t address, size_t len)
 {
     uint64_t page = system_info()->dwPageSize;
-    uint64_t p, last = align_down(address + len - 1, page);
-    for (p = align_down(address, page); p <= last; p += page) {
+    uint64_t first = align_down(address, page), n, i;
+    /* Counted, not compared against the last page: near the top of the
+     * address space p += page wraps to 0 and would never pass it. */
+    if (len == 0 || address + len < address)
+        return fail(rq, ST_BAD_PAYLOAD, "range 0x%llx+0x%llx wraps around the address space",
+                    (unsigned long long)address, (unsigned long long)len);
+    n = (align_down(address + len - 1, page) - first) / page + 1;
+    for (i = 0; i < n; i++) {
+        uint64_t p = first + i * page;
         if (set->count == set->cap) {
             size_t cap = set->cap ? set->cap * 2 : 16;
             uint64_t *pages = realloc(set->page, cap * sizeof *pages);
@@ -85,10 +80,18 @@ static int add_span(request_t *rq, pages_t *set, uint64_t start, uint64_t size, 
     return ST_OK;
 }
 
+/* Page protections a write can go through as they are. */
+#define WRITABLE_PROTECT (PAGE_READWRITE | PAGE_WRITECOPY | PAGE_EXECUTE_READWRITE | PAGE_EXECUTE_WRITECOPY)
+#define EXECUTABLE_PROTECT (PAGE_EXECUTE | PAGE_EXECUTE_READ | PAGE_EXECUTE_READWRITE | PAGE_EXECUTE_WRITECOPY)
+
 /*
  * Contiguous pages are changed in as few calls as possible: VirtualProtectEx
- * reports the old protection of the first page only, so a run longer than a
- * page is cut where VirtualQueryEx says the protection changes.
+ * reports the old protection of the first page only, so a run is cut where
+ * VirtualQueryEx says the protection changes. Pages already writable (the
+ * engine's own allocation before it turns code RX) are left alone; read-only
+ * data becomes PAGE_READWRITE; only pages that are executable already (the
+ * image's code at a commit, whose other threads keep running on them outside
+ * the pause) become PAGE_EXECUTE_READWRITE, until pages_relock.
  */
 int pages_unlock(request_t *rq, target_t *t, pages_t *set)
 {
@@ -106,21 +109,22 @@ int pages_unlock(request_t *rq, target_t *t, pages_t *set)
             ;
         end = set->page[j] + page;
         while (at < end) {
-            uint64_t size = end - at;
-            DWORD old;
-            if (size > page) {
-                MEMORY_BASIC_INFORMATION mbi;
-                uint64_t region_end;
-                if (!VirtualQueryEx(t->process, (LPCVOID)(uintptr_t)at, &mbi, sizeof mbi)) {
-                    target_fail(rq, t, "VirtualQueryEx", "address 0x%llx", (unsigned long long)at);
-                    break;
-                }
-                region_end = (uint64_t)(uintptr_t)mbi.BaseAddress + mbi.RegionSize;
-                if (region_end > at && region_end - at < size)
-                    size = region_end - at;
+            uint64_t size = end - at, region_end;
+            MEMORY_BASIC_INFORMATION mbi;
+            DWORD old, wanted;
+            if (!VirtualQueryEx(t->process, (LPCVOID)(uintptr_t)at, &mbi, sizeof mbi)) {
+                target_fail(rq, t, "VirtualQueryEx", "address 0x%llx", (unsigned long long)at);
+                break;
             }
-            if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)at, (SIZE_T)size,
-                                  PAGE_EXECUTE_READWRITE, &old)) {
+            region_end = (uint64_t)(uintptr_t)mbi.BaseAddress + mbi.RegionSize;
+            if (region_end > at && region_end - at < size)
+                size = region_end - at;
+            if (mbi.State == MEM_COMMIT && (mbi.Protect & WRITABLE_PROTECT)) {
+                at += size; /* writable as it is: no protection change, nothing to restore */
+                continue;
+            }
+            wanted = (mbi.Protect & EXECUTABLE_PROTECT) ? PAGE_EXECUTE_READWRITE : PAGE_READWRITE;
+            if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)at, (SIZE_T)size, wanted, &old)) {
                 target_fail(rq, t, "VirtualProtectEx", "making 0x%llx bytes at 0x%llx writable",
                             (unsigned long long)size, (unsigned long long)at);
                 break;
@@ -199,43 +203,26 @@ int write_through(request_t *rq, target_t *t, uint64_t address, const uint8_t *d
 /* ------------------------------------------------------------------------
  * READ, WRITE, QUERY
  * --------------------------------------------------------------------- */
-int op_read(request_t *rq)
+int op_read(request_t *rq, const args_t *a)
 {
-    target_t *t;
-    uint32_t size;
-    uint64_t address;
+    target_t *t = target_get(rq, a->handle);
     uint8_t *dest;
 
-    if (read_target(rq, &rq->in, &t))
+    if (!t)
         return rq->status;
-    if (!rd_u32(&rq->in, &size) || !rd_u64(&rq->in, &address))
-        return bad_payload(rq, "READ needs handle, u32 size, u64 address");
-    if (expect_end(rq))
-        return rq->status;
-    if (size == 0 || size > AGENT_MAX_PAYLOAD || address + size < address)
-        return fail(rq, ST_BAD_PAYLOAD, "READ size %lu out of range", (unsigned long)size);
-    dest = wr_reserve(&rq->out, size);
+    dest = wr_reserve(&rq->out, (size_t)a->size);
     if (!dest)
-        return fail(rq, ST_LIMIT, "cannot hold %lu bytes", (unsigned long)size);
-    return read_raw(rq, t, address, dest, size);
+        return fail(rq, ST_LIMIT, "cannot hold %llu bytes", (unsigned long long)a->size);
+    return read_raw(rq, t, a->address, dest, (size_t)a->size);
 }
 
-int op_write(request_t *rq)
+int op_write(request_t *rq, const args_t *a)
 {
-    target_t *t;
-    uint64_t address;
-    size_t len;
-    const uint8_t *data;
+    target_t *t = target_get(rq, a->handle);
 
-    if (read_target(rq, &rq->in, &t))
+    if (!t)
         return rq->status;
-    if (!rd_u64(&rq->in, &address))
-        return bad_payload(rq, "WRITE needs handle, u64 address, bytes");
-    len = rd_left(&rq->in);
-    if (len == 0 || address + len < address)
-        return bad_payload(rq, "WRITE needs at least one byte inside the address space");
-    rd_bytes(&rq->in, len, &data);
-    return write_through(rq, t, address, data, len);
+    return write_through(rq, t, a->address, a->data, (size_t)a->size);
 }
 
 static void put_region(writer_t *w, const MEMORY_BASIC_INFORMATION *mbi)
@@ -249,20 +236,15 @@ static void put_region(writer_t *w, const MEMORY_BASIC_INFORMATION *mbi)
     wr_u32(w, mbi->Type);
 }
 
-int op_query(request_t *rq)
+int op_query(request_t *rq, const args_t *a)
 {
-    target_t *t;
-    uint64_t address;
+    target_t *t = target_get(rq, a->handle);
     MEMORY_BASIC_INFORMATION mbi;
 
-    if (read_target(rq, &rq->in, &t))
+    if (!t)
         return rq->status;
-    if (!rd_u64(&rq->in, &address))
-        return bad_payload(rq, "QUERY needs handle, u64 address");
-    if (expect_end(rq))
-        return rq->status;
-    if (!VirtualQueryEx(t->process, (LPCVOID)(uintptr_t)address, &mbi, sizeof mbi))
-        return target_fail(rq, t, "VirtualQueryEx", "address 0x%llx", (unsigned long long)address);
+    if (!VirtualQueryEx(t->process, (LPCVOID)(uintptr_t)a->address, &mbi, sizeof mbi))
+        return target_fail(rq, t, "VirtualQueryEx", "address 0x%llx", (unsigned long long)a->address);
     put_region(&rq->out, &mbi);
     return ST_OK;
 }
@@ -349,28 +331,17 @@ static void step_down(search_t *s, uint64_t *cursor)
     *cursor = start >= s->gran ? align_down(start - 1, s->gran) : 0;
 }
 
-int op_alloc_near(request_t *rq)
+int op_alloc_near(request_t *rq, const args_t *a)
 {
     const SYSTEM_INFO *si = system_info();
-    target_t *t;
-    uint32_t protect;
-    uint64_t anchor, size, distance, up, down, app_lo, app_hi;
+    target_t *t = target_get(rq, a->handle);
+    uint32_t protect = a->protect;
+    uint64_t anchor = a->address, size = a->size, distance = a->distance, up, down, app_lo, app_hi;
     unsigned queries = 0;
     search_t s;
 
-    if (read_target(rq, &rq->in, &t))
+    if (!t)
         return rq->status;
-    if (!rd_u32(&rq->in, &protect) || !rd_u64(&rq->in, &anchor) || !rd_u64(&rq->in, &size) ||
-        !rd_u64(&rq->in, &distance))
-        return bad_payload(rq, "ALLOC_NEAR needs handle, u32 protect, u64 anchor, u64 size, u64 max_distance");
-    if (expect_end(rq))
-        return rq->status;
-    if (size == 0 || size > MAX_REGION_SIZE)
-        return fail(rq, ST_BAD_PAYLOAD, "allocation size 0x%llx out of range", (unsigned long long)size);
-    if (distance == 0)
-        distance = DEFAULT_MAX_DISTANCE;
-    if (distance > MAX_DISTANCE)
-        return fail(rq, ST_BAD_PAYLOAD, "max_distance 0x%llx above 2 GiB", (unsigned long long)distance);
 
     if (anchor == 0) {
         LPVOID p = VirtualAllocEx(t->process, NULL, size, MEM_RESERVE | MEM_COMMIT, protect);
@@ -425,37 +396,26 @@ int op_alloc_near(request_t *rq)
 /* ------------------------------------------------------------------------
  * FREE, PROTECT, FLUSH
  * --------------------------------------------------------------------- */
-int op_free(request_t *rq)
+int op_free(request_t *rq, const args_t *a)
 {
-    target_t *t;
-    uint64_t address;
+    target_t *t = target_get(rq, a->handle);
 
-    if (read_target(rq, &rq->in, &t))
+    if (!t)
         return rq->status;
-    if (!rd_u64(&rq->in, &address))
-        return bad_payload(rq, "FREE needs handle, u64 address");
-    if (expect_end(rq))
-        return rq->status;
-    if (!VirtualFreeEx(t->process, (LPVOID)(uintptr_t)address, 0, MEM_RELEASE))
-        return target_fail(rq, t, "VirtualFreeEx", "address 0x%llx", (unsigned long long)address);
+    if (!VirtualFreeEx(t->process, (LPVOID)(uintptr_t)a->address, 0, MEM_RELEASE))
+        return target_fail(rq, t, "VirtualFreeEx", "address 0x%llx", (unsigned long long)a->address);
     return ST_OK;
 }
 
-int op_protect(request_t *rq)
+int op_protect(request_t *rq, const args_t *a)
 {
-    target_t *t;
-    uint32_t protect;
-    uint64_t address, size;
+    target_t *t = target_get(rq, a->handle);
+    uint32_t protect = a->protect;
+    uint64_t address = a->address, size = a->size;
     DWORD old = 0;
 
-    if (read_target(rq, &rq->in, &t))
+    if (!t)
         return rq->status;
-    if (!rd_u32(&rq->in, &protect) || !rd_u64(&rq->in, &address) || !rd_u64(&rq->in, &size))
-        return bad_payload(rq, "PROTECT needs handle, u32 protect, u64 address, u64 size");
-    if (expect_end(rq))
-        return rq->status;
-    if (size == 0 || size > MAX_REGION_SIZE || address + size < address)
-        return fail(rq, ST_BAD_PAYLOAD, "PROTECT size 0x%llx out of range", (unsigned long long)size);
     if (!VirtualProtectEx(t->process, (LPVOID)(uintptr_t)address, size, protect, &old))
         return target_fail(rq, t, "VirtualProtectEx", "0x%llx bytes at 0x%llx to 0x%lx",
                            (unsigned long long)size, (unsigned long long)address, (unsigned long)protect);
@@ -463,19 +423,13 @@ int op_protect(request_t *rq)
     return ST_OK;
 }
 
-int op_flush(request_t *rq)
+int op_flush(request_t *rq, const args_t *a)
 {
-    target_t *t;
-    uint64_t address, size;
+    target_t *t = target_get(rq, a->handle);
+    uint64_t address = a->address, size = a->size;
 
-    if (read_target(rq, &rq->in, &t))
+    if (!t)
         return rq->status;
-    if (!rd_u64(&rq->in, &address) || !rd_u64(&rq->in, &size))
-        return bad_payload(rq, "FLUSH needs handle, u64 address, u64 size");
-    if (expect_end(rq))
-        return rq->status;
-    if (size > MAX_REGION_SIZE || address + size < address)
-        return fail(rq, ST_BAD_PAYLOAD, "FLUSH size 0x%llx out of range", (unsigned long long)size);
     if (!FlushInstructionCache(t->process, (LPCVOID)(uintptr_t)address, size))
         return target_fail(rq, t, "FlushInstructionCache", "0x%llx bytes at 0x%llx",
                            (unsigned long long)size, (unsigned long long)address);

@@ -8,17 +8,6 @@
 #include <stdlib.h>
 #include <tlhelp32.h>
 
-/* Fill in a count reserved before the entries were written (NULL: nothing reserved). */
-static void put_u32_at(uint8_t *at, uint32_t value)
-{
-    if (!at)
-        return;
-    at[0] = (uint8_t)value;
-    at[1] = (uint8_t)(value >> 8);
-    at[2] = (uint8_t)(value >> 16);
-    at[3] = (uint8_t)(value >> 24);
-}
-
 #define OPEN_ACCESS                                                                     \
     (PROCESS_QUERY_INFORMATION | PROCESS_VM_OPERATION | PROCESS_VM_READ | PROCESS_VM_WRITE | \
      PROCESS_CREATE_THREAD | PROCESS_SUSPEND_RESUME | SYNCHRONIZE)
@@ -98,16 +87,12 @@ int target_fail(request_t *rq, target_t *t, const char *call, const char *fmt, .
     return fail_win32(rq, call, "%s", detail);
 }
 
-int op_open(request_t *rq)
+int op_open(request_t *rq, const args_t *a)
 {
-    uint32_t pid, slot;
+    uint32_t pid = a->pid, slot;
     HANDLE process;
     uint64_t started = 0;
 
-    if (!rd_u32(&rq->in, &pid))
-        return bad_payload(rq, "OPEN needs a u32 pid");
-    if (expect_end(rq))
-        return rq->status;
     for (slot = 0; slot < AGENT_MAX_HANDLES; slot++)
         if (!g_targets[slot].process)
             break;
@@ -131,16 +116,10 @@ int op_open(request_t *rq)
     return ST_OK;
 }
 
-int op_close(request_t *rq)
+int op_close(request_t *rq, const args_t *a)
 {
-    uint32_t id;
-    target_t *t;
+    target_t *t = target_get(rq, a->handle);
 
-    if (!rd_u32(&rq->in, &id))
-        return bad_payload(rq, "CLOSE needs a u32 handle");
-    if (expect_end(rq))
-        return rq->status;
-    t = target_get(rq, id);
     if (!t)
         return rq->status;
     CloseHandle(t->process);
@@ -152,19 +131,18 @@ int op_close(request_t *rq)
 /* ------------------------------------------------------------------------
  * Processes
  * --------------------------------------------------------------------- */
-int op_list_processes(request_t *rq)
+int op_list_processes(request_t *rq, const args_t *a)
 {
     HANDLE snap;
     PROCESSENTRY32W entry;
-    uint8_t *count_at;
+    size_t count_slot;
     uint32_t count = 0;
 
-    if (expect_end(rq))
-        return rq->status;
+    (void)a;
     snap = CreateToolhelp32Snapshot(TH32CS_SNAPPROCESS, 0);
     if (snap == INVALID_HANDLE_VALUE)
         return fail_win32(rq, "CreateToolhelp32Snapshot", "process snapshot");
-    count_at = wr_reserve(&rq->out, 4);
+    count_slot = wr_slot_u32(&rq->out);
     entry.dwSize = sizeof entry;
     if (Process32FirstW(snap, &entry)) {
         do {
@@ -176,22 +154,18 @@ int op_list_processes(request_t *rq)
         } while (Process32NextW(snap, &entry));
     }
     CloseHandle(snap);
-    put_u32_at(count_at, count);
+    wr_put_u32_at(&rq->out, count_slot, count);
     return ST_OK;
 }
 
-int op_process_info(request_t *rq)
+int op_process_info(request_t *rq, const args_t *a)
 {
-    uint32_t pid;
+    uint32_t pid = a->pid;
     HANDLE process;
     uint64_t started = 0;
     WCHAR path[MAX_PATH * 2];
     DWORD path_len = sizeof path / sizeof path[0];
 
-    if (!rd_u32(&rq->in, &pid))
-        return bad_payload(rq, "PROCESS_INFO needs a u32 pid");
-    if (expect_end(rq))
-        return rq->status;
     process = open_live(rq, pid, PROCESS_QUERY_LIMITED_INFORMATION);
     if (!process)
         return rq->status;
@@ -210,19 +184,15 @@ int op_process_info(request_t *rq)
 /* ------------------------------------------------------------------------
  * Modules
  * --------------------------------------------------------------------- */
-int op_list_modules(request_t *rq)
+int op_list_modules(request_t *rq, const args_t *a)
 {
-    uint32_t pid;
+    uint32_t pid = a->pid;
     HANDLE process, snap = INVALID_HANDLE_VALUE;
     MODULEENTRY32W entry;
-    uint8_t *count_at;
+    size_t count_slot;
     uint32_t count = 0;
     int tries;
 
-    if (!rd_u32(&rq->in, &pid))
-        return bad_payload(rq, "LIST_MODULES needs a u32 pid");
-    if (expect_end(rq))
-        return rq->status;
     process = open_live(rq, pid, PROCESS_QUERY_LIMITED_INFORMATION);
     if (!process)
         return rq->status;
@@ -242,7 +212,9 @@ int op_list_modules(request_t *rq)
         return fail_win32(rq, "CreateToolhelp32Snapshot", "modules of pid %lu", (unsigned long)pid);
     }
     CloseHandle(process);
-    count_at = wr_reserve(&rq->out, 4);
+    /* The count goes before the entries: keep its offset, not a pointer,
+     * since the reply buffer moves as the entries make it grow. */
+    count_slot = wr_slot_u32(&rq->out);
     entry.dwSize = sizeof entry;
     if (Module32FirstW(snap, &entry)) {
         do {
@@ -254,7 +226,7 @@ int op_list_modules(request_t *rq)
         } while (Module32NextW(snap, &entry));
     }
     CloseHandle(snap);
-    put_u32_at(count_at, count);
+    wr_put_u32_at(&rq->out, count_slot, count);
     return ST_OK;
 }
 
@@ -306,17 +278,13 @@ int thread_ids(request_t *rq, DWORD pid, DWORD **out, size_t *count)
     return 1;
 }
 
-int op_threads(request_t *rq)
+int op_threads(request_t *rq, const args_t *a)
 {
-    uint32_t pid;
+    uint32_t pid = a->pid;
     HANDLE process;
     DWORD *ids;
     size_t n, i;
 
-    if (!rd_u32(&rq->in, &pid))
-        return bad_payload(rq, "THREADS needs a u32 pid");
-    if (expect_end(rq))
-        return rq->status;
     process = open_live(rq, pid, PROCESS_QUERY_LIMITED_INFORMATION);
     if (!process)
         return rq->status;

@@ -7,33 +7,14 @@
  */
 #include "agent.h"
 
-#define DEFAULT_TIMEOUT_MS 10000u
-#define MAX_TIMEOUT_MS 600000u
-#define CALL_NO_WAIT 1u
-
-int op_remote_call(request_t *rq)
+int op_remote_call(request_t *rq, const args_t *a)
 {
-    uint32_t id, flags, timeout_ms;
-    uint64_t function, argument;
-    target_t *t;
+    uint32_t flags = a->flags, timeout_ms = a->timeout_ms;
+    uint64_t function = a->address, argument = a->argument;
+    target_t *t = target_get(rq, a->handle);
     HANDLE thread;
     DWORD tid = 0, code = 0, wait;
 
-    if (!rd_u32(&rq->in, &id) || !rd_u32(&rq->in, &flags) || !rd_u32(&rq->in, &timeout_ms) ||
-        !rd_u64(&rq->in, &function) || !rd_u64(&rq->in, &argument))
-        return bad_payload(rq, "REMOTE_CALL needs handle, u32 flags, u32 timeout_ms, u64 function, u64 argument");
-    if (expect_end(rq))
-        return rq->status;
-    if (flags & ~CALL_NO_WAIT)
-        return fail(rq, ST_BAD_PAYLOAD, "unknown REMOTE_CALL flags 0x%lx", (unsigned long)flags);
-    if (function == 0)
-        return fail(rq, ST_BAD_PAYLOAD, "REMOTE_CALL of address 0");
-    if (timeout_ms == 0)
-        timeout_ms = DEFAULT_TIMEOUT_MS;
-    if (timeout_ms > MAX_TIMEOUT_MS)
-        return fail(rq, ST_BAD_PAYLOAD, "timeout %lu ms above %u", (unsigned long)timeout_ms,
-                    MAX_TIMEOUT_MS);
-    t = target_get(rq, id);
     if (!t)
         return rq->status;
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .functions import FunctionTable
-from .image import Image
+from ..functions import FunctionTable
+from ..image import Image
 
 __all__ = ["function_rows", "image_info"]
 

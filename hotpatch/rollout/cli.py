@@ -1,0 +1,114 @@
+"""The ``hotpatch rollout`` command.
+
+    hotpatch rollout PLAN [--db DB] [--scheduler ADDR] [--json] [--report FILE] [--no-live]
+    hotpatch rollout status [ID] [--db DB] [--json]
+    hotpatch rollout resume [ID] [--db DB] [--scheduler ADDR] [--json]
+    hotpatch rollout abort [ID] [--db DB] [--scheduler ADDR] [--json]
+    hotpatch rollout simulate [--hosts N] [--groups G] [--window W] [--bad-share X] [--vanish-share Y] [--json]
+
+Exit codes: 0 completed (or aborted, or waiting for a window); 1 halted,
+completed with failures, or refused (another orchestrator holds the
+rollout); 2 bad plan or input (one line naming the field; nothing applied).
+The database defaults to ``$HOTPATCH_STATE/rollouts.sqlite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ..apply.journal import default_state_dir
+from .executor_sim import SimConfig, make_fleet, simulate
+from .orchestrator import Options, abort, resume, start, status
+from .plan import FailurePolicy, WaveSpec
+from .view import LiveView, report_table
+
+__all__ = ["add_rollout_commands"]
+
+VERBS = ("status", "resume", "abort", "simulate")
+EXIT = {"completed": 0, "aborted": 0, "waiting": 0, "running": 0}
+
+
+def _emit(args: argparse.Namespace, document: dict[str, Any]) -> None:
+    if getattr(args, "report", None):
+        Path(args.report).write_text(json.dumps(document, indent=2, default=str) + "\n")
+    if args.json:
+        json.dump(document, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        Console(width=160).print(report_table(document))
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    hosts = make_fleet(args.hosts, groups=args.groups, window=args.window)
+    waves = (WaveSpec("canary", count=1), WaveSpec("ten percent", percent=10), WaveSpec("rest", rest=True))
+    start_at = datetime(2026, 3, 2, tzinfo=UTC).timestamp()
+    figures = simulate(hosts, waves, SimConfig(bad_share=args.bad_share, vanish_share=args.vanish_share,
+                                               soak=args.soak, seed=args.seed),
+                       start=start_at, horizon=args.days * 86400, max_in_flight=args.max_in_flight,
+                       failure=FailurePolicy("host", args.max_failed))
+    if args.json:
+        json.dump(figures, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for key, value in figures.items():
+            print(f"{key:>28}: {value}")
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    if args.what == "simulate":
+        return _simulate(args)
+    db = Path(args.db) if args.db else default_state_dir() / "rollouts.sqlite"
+    if args.what == "status":
+        _emit(args, status(args.rollout_id, db))
+        return 0
+    live = not args.json and not args.no_live and sys.stderr.isatty()
+    view = LiveView() if live else None
+    options = Options(db=db, scheduler=args.scheduler, on_change=view)
+    with view if view is not None else contextlib.nullcontext():
+        if args.what in ("resume", "abort"):
+            rollout_id = args.rollout_id or _latest(db)
+            final = (resume if args.what == "resume" else abort)(rollout_id, options)
+        else:
+            rollout_id, final = start(args.what, options)
+    _emit(args, status(rollout_id, db))
+    return EXIT.get(final, 1)
+
+
+def _latest(db: Path) -> str:
+    return str(status(None, db)["id"])
+
+
+def add_rollout_commands(subparsers: Any) -> None:
+    """Register ``hotpatch rollout``."""
+    rollout = subparsers.add_parser("rollout", help="roll a package out over a fleet in waves (Dask)",
+                                    description=__doc__.split("\n\n")[1] if __doc__ else None,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    rollout.add_argument("what", metavar="PLAN|status|resume|abort|simulate",
+                         help="a plan file (TOML) to start, or one of the verbs")
+    rollout.add_argument("rollout_id", nargs="?", metavar="ID", help="the rollout (default: the latest)")
+    rollout.add_argument("--db", help="the state database (default $HOTPATCH_STATE/rollouts.sqlite)")
+    rollout.add_argument("--scheduler", help="Dask scheduler address (default: the plan's, else a local cluster)")
+    rollout.add_argument("--json", action="store_true")
+    rollout.add_argument("--report", metavar="FILE", help="also write the final report (JSON) here")
+    rollout.add_argument("--no-live", action="store_true", help="no live view")
+    sim = rollout.add_argument_group("simulate")
+    sim.add_argument("--hosts", type=int, default=10000)
+    sim.add_argument("--groups", type=int, default=50)
+    sim.add_argument("--window", default="daily 01:00-05:00")
+    sim.add_argument("--days", type=float, default=30)
+    sim.add_argument("--soak", type=float, default=900)
+    sim.add_argument("--max-in-flight", type=int, default=5)
+    sim.add_argument("--max-failed", type=int, default=0)
+    sim.add_argument("--bad-share", type=float, default=0.0)
+    sim.add_argument("--vanish-share", type=float, default=0.0)
+    sim.add_argument("--seed", type=int, default=1)
+    rollout.set_defaults(run=cmd_rollout)

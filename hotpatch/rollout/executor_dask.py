@@ -1,0 +1,144 @@
+"""The real executor: each host's task pinned to the Dask worker named after the host.
+
+``client.submit(host_task, ..., workers=[host], allow_other_workers=False)``
+runs the host task (hotpatch.rollout.hostwork) on that host's worker only.
+A host whose worker leaves the scheduler while its task runs gets a ``lost``
+completion (the runner then marks it unknown and reads it back from memory
+once a worker of that name is there again). Without a scheduler address,
+``local_cluster`` starts a LocalCluster-style ``SpecCluster`` on this
+machine, one worker per host, named after it (random ports, no dashboard
+port fixed). The clock is injectable: ``Clock(start, jump=True)`` makes the
+waits for a window jump instead of sleeping (tests, dry runs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from distributed import Client, Future, Nanny, Scheduler, SpecCluster, Worker, wait
+
+from .hostwork import HostRequest, describe_worker, host_task
+from .runner import LOST, Completion
+from .windows import Host
+
+__all__ = ["Clock", "DaskExecutor", "discover_hosts", "local_cluster", "worker_names"]
+
+#: seconds between two looks at the scheduler's workers while tasks run
+POLL = 0.5
+#: a worker gone this long has lost its task
+LOST_AFTER = 2.0
+
+
+class Clock:
+    """Wall-clock POSIX time, optionally starting elsewhere (``start``) and jumping over idle waits."""
+
+    def __init__(self, start: float | None = None, jump: bool = False) -> None:
+        self._origin = time.time() if start is None else start
+        self._t0 = time.monotonic()
+        self._skipped = 0.0
+        self.jump = jump
+
+    def now(self) -> float:
+        return self._origin + (time.monotonic() - self._t0) + self._skipped
+
+    def idle_until(self, until: float, longest: float = POLL) -> None:
+        gap = until - self.now()
+        if gap <= 0:
+            return
+        if self.jump:
+            self._skipped += gap
+        else:
+            time.sleep(min(gap, longest))
+
+
+def local_cluster(hosts: list[str], env: dict[str, dict[str, str]] | None = None, processes: bool = True,
+                  threads: int = 2) -> SpecCluster:
+    """One worker per host name on this machine; ``env`` gives each host's worker its environment
+    (HOTPATCH_STATE, TZ, ...), which needs worker processes (Nanny)."""
+    workers: dict[str, dict[str, Any]] = {}
+    for name in hosts:
+        options: dict[str, Any] = {"name": name, "nthreads": threads, "dashboard_address": None}
+        if processes:
+            options["env"] = dict((env or {}).get(name, {}))
+        workers[name] = {"cls": Nanny if processes else Worker, "options": options}
+    scheduler = {"cls": Scheduler, "options": {"port": 0, "dashboard_address": ":0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="hotpatch-rollout")
+
+
+def worker_names(client: Client) -> dict[str, str]:
+    """name -> address of every worker the scheduler knows now."""
+    return {str(info.get("name")): address for address, info in client.scheduler_info()["workers"].items()}
+
+
+def discover_hosts(client: Client) -> dict[str, dict[str, Any]]:
+    """Every worker's description of its host (inventory ``every_worker``), by worker name."""
+    names = {address: name for name, address in worker_names(client).items()}
+    return {names[address]: described for address, described in client.run(describe_worker).items()
+            if address in names}
+
+
+class DaskExecutor:
+    """Runs the runner's tasks on the workers; ``request_for(host)`` builds each host's request."""
+
+    def __init__(self, client: Client, request_for: Callable[[Host], HostRequest], clock: Clock | None = None,
+                 lost_after: float = LOST_AFTER) -> None:
+        self.client = client
+        self.request_for = request_for
+        self.clock = clock or Clock()
+        self.lost_after = lost_after
+        self.futures: dict[Future, tuple[str, str]] = {}
+        self._missing_since: dict[str, float] = {}
+        self.submitted: list[tuple[str, str, float]] = []
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def submit(self, host: Host, action: str) -> None:
+        future = self.client.submit(host_task, action, self.request_for(host), workers=[host.name],
+                                    allow_other_workers=False, pure=False, retries=0,
+                                    key=f"hotpatch-{action}-{host.name}-{time.time_ns()}")
+        self.futures[future] = (host.name, action)
+        self.submitted.append((host.name, action, self.now()))
+
+    def wait(self, until: float | None) -> list[Completion]:
+        if not self.futures:
+            if until is not None:
+                self.clock.idle_until(until)
+            return []
+        timeout = POLL if until is None else max(0.0, min(POLL, until - self.now()))
+        try:
+            done, _ = wait(list(self.futures), timeout=timeout, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            done = set()
+        out = [self._completion(f) for f in done]
+        return out + self._lost()  # with tasks running the clock never jumps: they run in real time
+
+    def _completion(self, future: Future) -> Completion:
+        host, action = self.futures.pop(future)
+        self._missing_since.pop(host, None)
+        if future.status == "finished":
+            result = future.result()
+            return Completion(host, action, result.pop("outcome"), result)
+        try:
+            error = repr(future.exception())
+        except Exception as exc:  # noqa: BLE001 - a cancelled future raises instead of returning its error
+            error = repr(exc)
+        return Completion(host, action, LOST, {"error": f"the task was lost: {error}"})
+
+    def _lost(self) -> list[Completion]:
+        present = worker_names(self.client)
+        out = []
+        now = time.monotonic()
+        for future, (host, action) in list(self.futures.items()):
+            if host in present:
+                self._missing_since.pop(host, None)
+                continue
+            since = self._missing_since.setdefault(host, now)
+            if now - since >= self.lost_after:
+                future.cancel()
+                self.futures.pop(future)
+                self._missing_since.pop(host, None)
+                out.append(Completion(host, action, LOST, {"error": f"worker {host!r} left the scheduler"}))
+        return out

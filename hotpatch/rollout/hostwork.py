@@ -1,0 +1,187 @@
+"""The task a host's Dask worker runs: the same apply / status / rollback / health gate as one host's CLI.
+
+``host_task(action, request)`` runs on the worker named after the host, with
+that host's environment: ``HOTPATCH_STATE`` (journals), the agent
+(``HOTPATCH_AGENT``, ``HOTPATCH_WINEPREFIX`` under Wine). It returns a plain
+dict (the completion's outcome and detail) and never raises for a failure
+of the target; only a worker that vanishes loses a task.
+
+- apply: selects the processes, applies the package to each (skipping a
+  process whose memory already holds it: a retried task never patches
+  twice), then runs the health gate; on any failure the host rolls its own
+  processes back when ``auto_rollback``.
+- status: finishes or undoes an operation cut short (``recover``), then reads
+  each process's sites from memory: ``ours``, ``original`` or ``mixed``.
+- rollback: takes the package out of every selected process that has it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..apply.agent import AgentClient
+from ..apply.engine import Engine
+from ..apply.health import HealthSpec, run_gate
+from ..apply.journal import Journal
+from ..errors import BackendError, HotpatchError
+from ..package import Package
+
+__all__ = ["HostRequest", "describe_worker", "host_task"]
+
+
+@dataclass(frozen=True)
+class HostRequest:
+    package: bytes
+    trusted_keys: tuple[bytes, ...]
+    allow_unsigned: bool
+    module: str | None
+    pids: tuple[int, ...]
+    health: HealthSpec
+    auto_rollback: bool
+
+
+def _select(client: AgentClient, request: HostRequest, module_name: str) -> list[int]:
+    if request.pids:
+        return list(request.pids)
+    wanted = (request.module or module_name).lower()
+    pids = []
+    for entry in client.list_processes():
+        if entry.pid in (0, client.hello.agent_pid):
+            continue
+        try:
+            if any(m.name.lower() == wanted for m in client.list_modules(entry.pid)):
+                pids.append(entry.pid)
+        except BackendError:
+            continue  # gone meanwhile, or not ours to see
+    return pids
+
+
+def _ours(engine: Engine, package_id: str) -> str:
+    """The package's state in this process's memory: ours, original (absent) or mixed/foreign."""
+    for package in engine.status().packages:
+        if package.package_id == package_id:
+            return package.state
+    return "original"
+
+
+def host_task(action: str, request: HostRequest) -> dict[str, Any]:
+    """Run ``action`` (apply, status, rollback) on this host; the outcome and what happened, as a dict."""
+    started = time.monotonic()
+    try:
+        package = Package.loads(request.package, trusted_keys=list(request.trusted_keys) or None,
+                                require_signature=not request.allow_unsigned)
+        with AgentClient.start() as client:
+            pids = _select(client, request, package.target.module_name)
+            if not pids:
+                return {"outcome": "failed" if action == "apply" else "original", "committed": False,
+                        "error": "no process matches the selector", "processes": []}
+            run = {"apply": _apply, "status": _status, "rollback": _rollback}[action]
+            result = run(client, package, request, pids)
+    except HotpatchError as exc:
+        result = {"outcome": "failed", "committed": False, "error": str(exc), "processes": []}
+    result["seconds"] = round(time.monotonic() - started, 3)
+    result["worker_host"] = socket.gethostname()
+    return result
+
+
+def _apply(client: AgentClient, package: Package, request: HostRequest, pids: list[int]) -> dict[str, Any]:
+    journal = Journal()
+    processes: list[dict[str, Any]] = []
+    applied: list[int] = []
+    error = None
+    for pid in pids:
+        try:
+            with client.open(pid) as backend:
+                engine = Engine(backend, journal, allow_unsigned=request.allow_unsigned,
+                                trusted_keys=list(request.trusted_keys))
+                if _ours(engine, package.package_id) == "ours":
+                    processes.append({"pid": pid, "status": "already applied"})
+                    applied.append(pid)
+                    continue
+                with engine.transaction() as tx:
+                    result = tx.apply(package)
+                applied.append(pid)
+                commit = result.commit
+                processes.append({"pid": pid, "status": "applied",
+                                  "pause_ms": commit.pause_us / 1000 if commit else None})
+        except HotpatchError as exc:
+            error = f"pid {pid}: {exc}"
+            processes.append({"pid": pid, "status": "refused", "error": str(exc)})
+            break
+    committed = any(p["status"] == "applied" for p in processes)
+    if error is not None:
+        rolled = _take_out(client, journal, package.package_id, applied) if request.auto_rollback else []
+        return {"outcome": "failed" if request.auto_rollback or not applied else "unhealthy",
+                "committed": committed, "error": error, "processes": processes, "rolled_back": rolled}
+    gate = run_gate(client, journal, package.package_id, applied, request.health,
+                    auto_rollback=request.auto_rollback)
+    out: dict[str, Any] = {"committed": committed, "processes": processes, "health": gate.to_json()}
+    if gate.ok:
+        out["outcome"] = "applied"
+    else:
+        out["outcome"] = "failed" if gate.rolled_back and not gate.rollback_errors else "unhealthy"
+        out["error"] = gate.summary()
+    return out
+
+
+def _take_out(client: AgentClient, journal: Journal, package_id: str, pids: list[int]) -> list[int]:
+    done = []
+    for pid in pids:
+        try:
+            with client.open(pid) as backend:
+                engine = Engine(backend, journal)
+                if _ours(engine, package_id) == "original":
+                    continue
+                with engine.transaction() as tx:
+                    tx.rollback(package_id)
+            done.append(pid)
+        except HotpatchError:
+            continue  # reported by the status that follows
+    return done
+
+
+def _status(client: AgentClient, package: Package, request: HostRequest, pids: list[int]) -> dict[str, Any]:
+    journal = Journal()
+    states = {}
+    for pid in pids:
+        try:
+            with client.open(pid) as backend:
+                engine = Engine(backend, journal)
+                engine.recover()  # an apply or rollback cut short is finished or undone from what memory says
+                states[pid] = _ours(engine, package.package_id)
+        except HotpatchError as exc:
+            states[pid] = f"error: {exc}"
+    values = set(states.values())
+    outcome = values.pop() if len(values) == 1 and values <= {"ours", "original"} else "mixed"
+    return {"outcome": outcome, "committed": False, "processes": [{"pid": p, "state": s} for p, s in states.items()]}
+
+
+def _rollback(client: AgentClient, package: Package, request: HostRequest, pids: list[int]) -> dict[str, Any]:
+    journal = Journal()
+    rolled = _take_out(client, journal, package.package_id, pids)
+    left = []
+    for pid in pids:
+        try:
+            with client.open(pid) as backend:
+                if _ours(Engine(backend, journal), package.package_id) != "original":
+                    left.append(pid)
+        except HotpatchError:
+            continue  # the process is gone: nothing of ours is left in it
+    return {"outcome": "rolled_back" if not left else "failed", "committed": False, "rolled_back": rolled,
+            "processes": [{"pid": p, "state": "original" if p not in left else "still applied"} for p in pids]}
+
+
+def describe_worker() -> dict[str, Any]:
+    """What a worker says of its host (inventory ``every_worker``): zone, group, tags, window, selector."""
+    env = os.environ
+    out: dict[str, Any] = {"time_zone": env.get("HOTPATCH_TIME_ZONE") or env.get("TZ") or "UTC"}
+    for key, name in (("group", "HOTPATCH_GROUP"), ("window", "HOTPATCH_WINDOW"), ("module", "HOTPATCH_MODULE")):
+        if env.get(name):
+            out[key] = env[name]
+    if env.get("HOTPATCH_TAGS"):
+        out["tags"] = env["HOTPATCH_TAGS"].split(",")
+    return out

@@ -1,0 +1,287 @@
+"""Run the product on every fix of the corpus: verdict, package, emulator, live apply and rollback.
+
+    python -m tests.corpus.measure [--doc docs/CORPUS.md] [--only NAME]
+
+For each fix (the step before it is the baseline, its own step the patched DLL):
+
+1. the probes' values on both DLLs, from host.exe under Wine (the probe DLL
+   imports the library, host.exe loads that step's DLL first with --load);
+2. ``hotpatch diff``'s verdict and reasons;
+3. when the verdict is HOTPATCH: ``hotpatch build``; ``hotpatch verify`` with the
+   fix's emulator calls (tests/corpus/<lib>/<fix>.toml, ``verify``); then a host
+   running the step before with threads calling every probe, ``hotpatch apply``
+   to it, the probes' values switching to the patched DLL's, ``hotpatch rollback``,
+   and the values switching back.
+
+The table goes to docs/CORPUS.md (``--doc``); tests/test_corpus.py asserts on the
+same outcomes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hotpatch.apply.emulator import EmulatorBackend
+from hotpatch.calls import parse_inputs, run_calls
+from hotpatch.diff import diff
+from hotpatch.winehost import windows_path, wine_command, wine_env, wine_session
+from tests.corpus.build import BuiltLibrary, build_corpus, default_out, host_exe
+from tests.corpus.model import Fix
+
+__all__ = ["Outcome", "Probes", "hotpatch_cli", "judge", "live_switch", "measure_fix", "probe_values"]
+
+ROOT = Path(__file__).resolve().parents[2]
+HOTPATCH = Path(sys.executable).with_name("hotpatch")
+HOST_TIMEOUT = 120  # Wine under load starts slowly; an iteration of every probe is quick
+SWITCH_TIMEOUT = 60
+Probes = dict[str, int | None]  # probe -> value (None: the threads saw more than one value)
+
+
+@dataclass
+class Outcome:
+    """What the product did with one fix."""
+
+    fix: Fix
+    verdict: str = ""
+    reasons: tuple[str, ...] = ()
+    before: Probes = field(default_factory=dict)
+    after: Probes = field(default_factory=dict)
+    build: str = "-"
+    verify: str = "-"
+    live: str = "-"
+    rollback: str = "-"
+    seconds: float = 0.0
+
+    @property
+    def changed_probes(self) -> list[str]:
+        """Probes whose stable value differs between the step before and this one."""
+        return sorted(p for p, v in self.after.items()
+                      if v is not None and self.before.get(p) is not None and self.before[p] != v)
+
+    @property
+    def unsafe(self) -> bool:
+        return self.fix.expected == "NEW_BASELINE" and self.verdict == "HOTPATCH"
+
+    def to_json(self) -> dict[str, object]:
+        return {"fix": self.fix.id, "cve": self.fix.cve, "expected": self.fix.expected, "verdict": self.verdict,
+                "reasons": list(self.reasons), "build": self.build, "verify": self.verify, "live": self.live,
+                "rollback": self.rollback, "changed_probes": self.changed_probes, "seconds": round(self.seconds, 1)}
+
+
+# ── the host ───────────────────────────────────────────────────────────────
+
+
+def _host_argv(out: Path, probe: Path, step: Path, calls: list[str], *options: str) -> list[str]:
+    return [*wine_command(), str(host_exe(out)), windows_path(probe), "--load", windows_path(step), *options, *calls]
+
+
+def probe_values(out: Path, prefix: Path, built: BuiltLibrary, step: Path) -> Probes:
+    """Every probe's value on ``step``, called once and then by 2 threads 3 times each."""
+    probes = _probe_names(built)
+    argv = _host_argv(out, built.probe, step, probes, "--threads", "2", "--iterations", "3")
+    proc = subprocess.run(argv, env=wine_env(prefix), capture_output=True, text=True, timeout=HOST_TIMEOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"host.exe on {step} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
+    values: Probes = {}
+    for line in proc.stdout.splitlines():
+        kind, *rest = line.split()
+        if kind == "result":
+            values[rest[0]] = int(rest[1])
+        elif kind == "observed" and {int(v) for v in rest[1:] if v != "..."} - {values.get(rest[0])}:
+            values[rest[0]] = None  # another value from another thread: not a stable observation
+    return values
+
+
+def _probe_names(built: BuiltLibrary) -> list[str]:
+    text = built.library.probe_source.read_text()
+    return [line.split("(")[0].split()[-1] for line in text.splitlines() if line.startswith("PROBE ")]
+
+
+# ── the product ────────────────────────────────────────────────────────────
+
+
+def judge(base: Path, patched: Path) -> tuple[str, tuple[str, ...]]:
+    """The verdict and its reasons (``kind: subject``)."""
+    verdict = diff(base, patched).verdict
+    return verdict.status, tuple(f"{r.kind}: {r.subject}" for r in verdict.reasons)
+
+
+def hotpatch_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 600) -> tuple[int, str]:
+    """Run the ``hotpatch`` command; its exit code and its output (stdout, then stderr)."""
+    proc = subprocess.run([str(HOTPATCH), *argv], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def _verify_inputs(fix: Fix, base: Path, where: Path) -> Path | None:
+    """The fix's emulator calls as a `hotpatch verify --inputs` file, each "$k" replaced by call k's value.
+
+    An API that hands out a handle (luaL_newstate's lua_State) cannot be driven by
+    calls with constant arguments; but the emulator is deterministic (docs/VERIFY.md),
+    so the value a call returns on the baseline is the one both of verify's processes
+    see when they make the same calls, as long as the calls before it are unchanged code.
+    """
+    if not fix.verify:
+        return None
+    def ref(arg: object) -> bool:
+        return isinstance(arg, str) and arg.startswith("$")
+
+    # calls up to the last one that takes a value run on the baseline, to learn the values
+    needed = max((i for i, c in enumerate(fix.verify) if any(map(ref, c.get("args", ())))), default=0)
+    calls: list[dict] = []
+    values: list[int | None] = []
+    backend = EmulatorBackend.load(base)
+    try:
+        for raw in fix.verify[:needed]:
+            calls.append({**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]})
+            (result,) = run_calls(backend, parse_inputs({"calls": [calls[-1]]}))
+            values.append(result.value)
+    finally:
+        backend.close()
+    calls += [{**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]}
+              for raw in fix.verify[needed:]]
+    inputs = where / f"{fix.name}.inputs.json"
+    inputs.write_text(json.dumps({"calls": calls}, indent=1))
+    return inputs
+
+
+def build_and_verify(fix: Fix, base: Path, patched: Path, where: Path) -> tuple[Path | None, str, str]:
+    """``hotpatch build`` then ``hotpatch verify``; the package and a word on each."""
+    where.mkdir(parents=True, exist_ok=True)
+    package = where / f"{fix.name}.hpk"
+    code, text = hotpatch_cli("build", str(base), str(patched), "-o", str(package), "--cve", fix.cve)
+    if code != 0:
+        return None, f"failed (exit {code}): {text.splitlines()[-1] if text else ''}", "-"
+    inputs = _verify_inputs(fix, base, where)
+    if inputs is None:
+        return package, "ok", f"not run: {fix.verify_note or 'no emulator calls reach the fix'}"
+    code, text = hotpatch_cli("verify", str(package), "--baseline", str(base), "--patched", str(patched),
+                              "--inputs", str(inputs), "--json")
+    if code == 0:
+        return package, "ok", f"equal ({len(fix.verify)} calls)"
+    last = text.splitlines()[-1] if text else ""
+    try:
+        last = json.loads(text).get("difference") or last
+    except ValueError:
+        pass
+    return package, "ok", f"differs (exit {code}): {last}"
+
+
+class _RunningHost:
+    """host.exe on a step with threads calling every probe until stdin closes; its lines kept."""
+
+    def __init__(self, out: Path, prefix: Path, built: BuiltLibrary, step: Path) -> None:
+        from tests.test_agent import Host  # the fixtures' reader of host.exe's output
+
+        self.calls = _probe_names(built)
+        extra = ("--load", windows_path(step))
+        self.host = Host(prefix, built.probe, self.calls, threads=4, extra=extra)
+
+    def wait_for(self, values: Probes, timeout: float = SWITCH_TIMEOUT) -> bool:
+        """Until one interval saw only ``values`` for every stable probe."""
+        wanted = {p: v for p, v in values.items() if v is not None}
+        deadline = time.monotonic() + timeout
+        mark = self.host.mark()
+        while time.monotonic() < deadline:
+            if all((v,) in self.host.observed(mark, p) for p, v in wanted.items()):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self) -> tuple[int, str]:
+        return self.host.stop()
+
+
+def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, package: Path,
+                before: Probes, after: Probes) -> tuple[str, str]:
+    """Apply ``package`` to a running multi-threaded host and roll it back; a word on each."""
+    env = {"HOTPATCH_STATE": str(package.parent / "state"), "HOTPATCH_WINEPREFIX": str(prefix)}
+    running = _RunningHost(out, prefix, built, base)
+    changed = sorted(p for p in after if after[p] is not None and before.get(p) not in (None, after[p]))
+    live, back = "-", "-"
+    try:
+        if not running.wait_for(before):
+            return "host never showed the baseline's values", "-"
+        pid = str(running.host.pid)
+        code, text = hotpatch_cli("apply", str(package), "--pid", pid, "--allow-unsigned", env=env)
+        if code != 0:
+            return f"apply failed (exit {code}): {text.splitlines()[-1] if text else ''}", "-"
+        switched = running.wait_for(after)
+        live = (f"switched ({', '.join(changed)})" if changed else "applied (no probe output changes)") \
+            if switched else "applied, but the probes never showed the patched values"
+        code, text = hotpatch_cli("rollback", "--pid", pid, env=env)
+        if code != 0:
+            return live, f"rollback failed (exit {code}): {text.splitlines()[-1] if text else ''}"
+        back = ("switched back" if changed else "rolled back") if running.wait_for(before) \
+            else "rolled back, but the probes never showed the baseline's values again"
+    finally:
+        code, stderr = running.stop()
+        if code != 0:
+            live = f"{live}; host exited with {code}: {stderr.strip()[-200:]}"
+    return live, back
+
+
+def measure_fix(out: Path, prefix: Path, built: BuiltLibrary, fix: Fix, values: dict[Path, Probes]) -> Outcome:
+    start = time.monotonic()
+    base, patched = built.pair(fix)
+    outcome = Outcome(fix, before=values[base], after=values[patched])
+    outcome.verdict, outcome.reasons = judge(base, patched)
+    if outcome.verdict == "HOTPATCH":
+        package, outcome.build, outcome.verify = build_and_verify(fix, base, patched, out / "packages" / fix.library)
+        if package is not None:
+            outcome.live, outcome.rollback = live_switch(out, prefix, built, base, package,
+                                                         outcome.before, outcome.after)
+    outcome.seconds = time.monotonic() - start
+    return outcome
+
+
+def measure_all(out: Path | None = None, only: str | None = None) -> tuple[list[Outcome], dict[str, float]]:
+    out = (out or default_out()).resolve()
+    times: dict[str, float] = {}
+    start = time.monotonic()
+    libraries = build_corpus(out)
+    times["build"] = time.monotonic() - start
+    outcomes = []
+    # the test suite's prefix (tests/conftest.py): one Wine prefix to set up, not two
+    fixtures = Path(os.environ.get("HOTPATCH_FIXTURES") or ROOT / "build" / "fixtures")
+    with wine_session(fixtures.resolve() / "wineprefix") as prefix:
+        start = time.monotonic()
+        for built in libraries:
+            fixes = [f for f in built.library.fixes if only in (None, f.name, f.library)]
+            if not fixes:
+                continue
+            values = {step: probe_values(out, prefix, built, step) for step in built.steps}
+            outcomes += [measure_fix(out, prefix, built, fix, values) for fix in fixes]
+        times["run"] = time.monotonic() - start
+    return outcomes, times
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tests.corpus.report import write_doc
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="build directory (default build/corpus)")
+    parser.add_argument("--doc", type=Path, default=None, help="write the table there (docs/CORPUS.md)")
+    parser.add_argument("--json", type=Path, default=None, help="write the outcomes as JSON there")
+    parser.add_argument("--only", help="one fix or one library")
+    args = parser.parse_args(argv)
+    outcomes, times = measure_all(args.out, args.only)
+    for o in outcomes:
+        print(json.dumps(o.to_json()))
+    if args.json:
+        args.json.write_text(json.dumps({"outcomes": [o.to_json() for o in outcomes], "times": times}, indent=1))
+    if args.doc:
+        write_doc(args.doc, outcomes, times)
+    print(f"build {times['build']:.0f} s, run {times['run']:.0f} s", file=sys.stderr)
+    return 1 if any(o.unsafe for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Verdict precision: register clobbers by liveness, exports and data by what they designate, self-diff zero."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hotpatch import Image, discover
+from hotpatch.diff import diff
+from tests.fixtures.cases import Case
+from tests.realbins import ensure_wheel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _case(cases: list[Case], name: str) -> Case:
+    return next(c for c in cases if c.name == name)
+
+
+def _rebased(dll: Path, out: Path, delta: int) -> Path:
+    """A copy of ``dll`` whose preferred image base is ``delta`` higher, every DIR64 slot moved with it."""
+    image = Image.load(dll)
+    data = bytearray(dll.read_bytes())
+    (pe_offset,) = struct.unpack_from("<I", data, 0x3C)
+    base_offset = pe_offset + 24 + 24
+    (base,) = struct.unpack_from("<Q", data, base_offset)
+    struct.pack_into("<Q", data, base_offset, base + delta)
+    for slot in image.relocations:
+        section = image.section_from_rva(slot)
+        assert section is not None and slot + 8 <= section.rva + section.raw_size
+        offset = section.raw_offset + slot - section.rva
+        (value,) = struct.unpack_from("<Q", data, offset)
+        struct.pack_into("<Q", data, offset, value + delta)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_clobber_reason_names_caller_site_and_register(cases: list[Case]) -> None:
+    case = _case(cases, "clobber_live_r8")
+    result = diff(case.baseline, case.patched)
+    (reason,) = result.verdict.reasons
+    keep_r8 = next(s.rva for s in Image.load(case.baseline).symbols if s.name == "keep_r8")
+    assert reason.kind == "register_clobber" and reason.subject == "scale"
+    assert reason.message.startswith("keep_r8 keeps r8 live across its call to scale at ")
+    site = int(reason.message.split(" at ")[1].split(",")[0], 16)
+    assert 0 < site - keep_r8 < 16  # the call instruction inside keep_r8, not api's
+
+
+def test_recompiled_callers_do_not_count_but_callers_left_in_place_do(cases: list[Case]) -> None:
+    # clobber_dead_caller: scale_then_xor kept b in rdx and is recompiled and redirected; ipa_ra_clobber has
+    # the same recompiled caller plus a hand-written one left in place, and only that one is named.
+    assert diff(*_pair(cases, "clobber_dead_caller")).verdict.reasons == ()
+    reasons = diff(*_pair(cases, "ipa_ra_clobber")).verdict.reasons
+    assert [r.message.split(" ")[:3] for r in reasons] == [["xor_kept", "keeps", "rdx"]]
+
+
+def test_only_arguments_the_next_callee_reads_are_live(cases: list[Case]) -> None:
+    from hotpatch.clobbers import live_clobbers
+
+    table = discover(Image.load(_case(cases, "clobber_dead_caller").baseline))
+    names = {s.rva: s.name for s in table.image.symbols}
+    scale = next(f for f in table if names.get(f.rva) == "scale")
+    # every caller counted as staying: scale_then_xor keeps b in rdx; twice_scaled calls twice(), which
+    # reads rcx only, so the rdx, r8 and r9 left over from scale() are passed to nobody
+    found = live_clobbers(table, scale, frozenset({"rdx", "r8", "r9"}), lambda f: True)
+    assert sorted((names[c.caller.rva], c.register) for c in found) == [("scale_then_xor", "rdx")]
+
+
+def _pair(cases: list[Case], name: str) -> tuple[Path, Path]:
+    case = _case(cases, name)
+    return case.baseline, case.patched
+
+
+def test_differing_preferred_bases_do_not_make_items_differ(cases: list[Case], tmp_path: Path) -> None:
+    case = _case(cases, "export_data_hooks")
+    moved = _rebased(case.baseline, tmp_path / "rebased.dll", 0x10000000)
+    assert Image.load(moved).image_base != Image.load(case.baseline).image_base
+    result = diff(case.baseline, moved)
+    assert result.summary()["changed"] == result.summary()["added"] == result.summary()["removed"] == 0
+    assert result.data == () and result.verdict.status == "HOTPATCH"
+    patched = diff(moved, case.patched)  # the fix itself, across two preferred bases
+    assert patched.verdict.status == "HOTPATCH", patched.verdict.reasons
+    assert [d.kind for d in patched.data] == []
+
+
+def test_a_pointer_to_another_function_is_a_data_change(cases: list[Case], tmp_path: Path) -> None:
+    case = _case(cases, "export_data_hooks")
+    image = Image.load(case.baseline)
+    hooks = {e.name: e.rva for e in image.exports}
+    data = bytearray(case.baseline.read_bytes())
+    section = image.section_from_rva(hooks["hooks_free"])
+    assert section is not None
+    # hooks_free now designates malloc's stub: same bytes but for one relocated pointer, a real change
+    malloc_value = struct.unpack_from("<Q", image.memory, hooks["hooks_malloc"])[0]
+    struct.pack_into("<Q", data, section.raw_offset + hooks["hooks_free"] - section.rva, malloc_value)
+    changed = tmp_path / "changed.dll"
+    changed.write_bytes(bytes(data))
+    result = diff(case.baseline, changed)
+    assert [(d.kind, d.baseline_rva) for d in result.data] == [("changed_writable_data", hooks["hooks_free"])]
+    assert [r.kind for r in result.verdict.reasons] == ["changed_writable_data"]
+
+
+_GROWN = """#include <stdint.h>
+int64_t counters[COUNT];
+int64_t other;
+__declspec(dllexport) int64_t bump(int64_t x) { counters[COUNT - 1] += x; other++; return counters[COUNT - 1]; }
+"""
+
+
+def test_resize_needs_matched_code_reaching_past_the_old_extent(tmp_path: Path) -> None:
+    from tests.fixtures.build_fixtures import CC, CFLAGS, DLL_LDFLAGS
+
+    (tmp_path / "grown.c").write_text(_GROWN)
+    dlls = {}
+    for count in (2, 4):
+        for strip in ((), ("-s",)):
+            dll = tmp_path / f"{count}{''.join(strip)}.dll"
+            subprocess.run([CC, *CFLAGS, f"-DCOUNT={count}", "grown.c", "-o", dll.name, *DLL_LDFLAGS, *strip],
+                           cwd=tmp_path, check=True)
+            dlls[count, bool(strip)] = dll
+    grown = diff(dlls[2, False], dlls[4, False])
+    (change,) = grown.data
+    assert [(r.kind, r.subject) for r in grown.verdict.reasons] == [("resized_data", f"{change.baseline_rva:#x}")]
+    assert "counters+0x18, past the 16 bytes" in grown.verdict.reasons[0].message
+    # without symbols there is no object to measure from: no evidence, no resize
+    assert [d.kind for d in diff(dlls[2, True], dlls[4, True]).data] == []
+
+
+def test_new_export_is_a_note_unless_strict(cases: list[Case]) -> None:
+    old, new = reversed(_pair(cases, "removed_function"))  # the other way round, legacy_sum is new
+    lenient = diff(old, new)
+    assert lenient.verdict.status == "HOTPATCH"
+    assert [(n.kind, n.subject) for n in lenient.verdict.notes] == [("added_export", "legacy_sum")]
+    strict = diff(old, new, strict_exports=True)
+    assert strict.verdict.status == "NEW_BASELINE" and strict.verdict.notes == ()
+    assert [(r.kind, r.subject) for r in strict.verdict.reasons] == [("changed_exports", "legacy_sum")]
+    removed = diff(*_pair(cases, "removed_function"))
+    assert ("changed_exports", "legacy_sum") in [(r.kind, r.subject) for r in removed.verdict.reasons]
+
+
+def test_cli_strict_exports_flag(cases: list[Case], tmp_path: Path) -> None:
+    new, old = _pair(cases, "removed_function")
+    run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "diff", str(old), str(new), "--json",
+                          "--strict-exports"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    verdict = json.loads(run.stdout)["verdict"]
+    assert verdict["status"] == "NEW_BASELINE" and verdict["notes"] == []
+    run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "build", str(old), str(new), "-o",
+                          str(tmp_path / "x.hpk"), "--strict-exports"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 3 and not (tmp_path / "x.hpk").exists()
+
+
+@pytest.mark.realbins
+def test_psycopg_dlls_self_diff_to_zero() -> None:
+    """libssl-1_1-x64.dll once reported RVA 0x46510 changed: it takes an incremental-link thunk's address."""
+    dlls = sorted((ensure_wheel("psycopg-binary", "3.2.1") / "psycopg_binary.libs").glob("*.dll"))
+    assert any(d.name.startswith("libssl-1_1-x64") for d in dlls)
+    for dll in dlls:
+        table = discover(Image.load(dll))
+        result = diff(table, table)
+        assert result.summary()["unchanged"] == len(table.functions), dll.name
+        assert result.data == () and result.verdict.status == "HOTPATCH", dll.name
+
+
+def test_every_note_kind_is_documented() -> None:
+    from hotpatch.verdict import NOTE_KINDS
+
+    text = (ROOT / "docs" / "CLI.md").read_text()
+    for kind in NOTE_KINDS:
+        assert f"`{kind}`" in text, kind

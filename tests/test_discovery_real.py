@@ -11,6 +11,7 @@ import pytest
 from hotpatch import Image, discover
 from hotpatch.diff import diff
 from hotpatch.flow import terminates
+from hotpatch.functions import FunctionTable, import_thunk_target
 from tests.realbins import SELF_DIFF_SWEEP, real_binary
 
 pytestmark = [pytest.mark.realbins, pytest.mark.slow]
@@ -25,10 +26,16 @@ def zmq_tables() -> tuple:
             discover(Image.load(real_binary("pyzmq", "26.0.3", ZMQ))))
 
 
-def test_no_thunk_starts_inside_a_rex_tail_jump(zmq_tables: tuple, rust_pyd: Path) -> None:
+@pytest.fixture(scope="module")
+def rust_table(rust_pyd: Path) -> FunctionTable:
+    return discover(Image.load(rust_pyd))
+
+
+def test_no_thunk_starts_inside_a_rex_tail_jump(zmq_tables: tuple, rust_table: FunctionTable) -> None:
     """``FF 25`` inside MSVC's ``48 FF 25`` tail jump is not an import thunk (20 such starts in _zmq,
     one at 0x58fb0c in _rust.pyd, before)."""
-    for table in (zmq_tables[0], discover(Image.load(rust_pyd))):
+    assert rust_table.at(0x58FB0C) is None
+    for table in (zmq_tables[0], rust_table):
         memory = table.image.memory
         thunks = sorted(f.rva for f in table if "thunk" in f.sources)
         assert len(thunks) > 50
@@ -48,8 +55,14 @@ def test_pyzmq_patch_release_with_identical_code_is_a_hotpatch(zmq_tables: tuple
     assert baseline.image.memory[0x1000:0x96c3e] == patched.image.memory[0x1000:0x96c3e]
     result = diff(baseline, patched)
     assert result.verdict.status == "HOTPATCH", result.verdict.reasons
-    assert not [f for f in result.functions if "code" in f.changes and "import" not in f.changes]
-    assert result.summary()["added"] == result.summary()["removed"] == 0
+    assert result.verdict.reasons == ()
+    # What still differs is real: the build path in assert strings (rodata) and the bundled msvcp140 DLL's
+    # new hashed name (imports, and the import thunks that jump through them).
+    assert {f.changes for f in result.functions if f.status == "changed"} <= {("rodata",), ("code", "import")}
+    for entry in result.by_status("removed") + result.by_status("added"):
+        side = entry.baseline or entry.patched
+        table = baseline if entry.baseline else patched
+        assert import_thunk_target(table, side) is not None, side
 
 
 def test_code_reached_only_through_addresses_is_found(zmq_tables: tuple) -> None:
@@ -84,14 +97,17 @@ def test_functions_without_pdata_end_where_no_path_goes_on(zmq_tables: tuple) ->
     assert checked > 500
 
 
-def test_unsupported_references_from_data_are_gone(rust_pyd: Path) -> None:
-    """cryptography 43.0.0 -> 43.0.1: 85 unsupported_reference reasons before, most from data decoded
-    as code (tables after MSVC leaves, OpenSSL's constants, fragments' switch tables)."""
-    baseline = discover(Image.load(rust_pyd))
-    patched = discover(Image.load(real_binary("cryptography", "43.0.1", RUST)))
-    kinds = Counter(reason.kind for reason in diff(baseline, patched).verdict.reasons)
-    assert kinds["unsupported_reference"] <= 15, kinds
-    assert kinds["uncovered_code"] <= 10, kinds
+def test_no_references_to_nowhere(rust_table: FunctionTable) -> None:
+    """Data decoded as code makes references outside the image: on cryptography 43.0.0 -> 43.0.1 they gave
+    85 unsupported_reference reasons (12 after). Of _rust.pyd's ~20,000 functions, at most a handful
+    (hand-written assembly with constants inside its .pdata ranges) still do."""
+    table = rust_table
+    image, iat = table.image, table.context.iat
+    nowhere = [f.rva for f, analysis in zip(table.functions, table.analyses)
+               if any(ref[4] != 0 and image.section_from_rva(ref[4]) is None and ref[4] not in iat
+                      for ref in analysis.raw_refs)]
+    assert len(nowhere) <= 5, [hex(rva) for rva in nowhere]
+    assert len(table) > 20000 and not table.overlaps()
 
 
 @pytest.mark.parametrize("dist,version,pattern,toolchain", SELF_DIFF_SWEEP,

@@ -125,3 +125,25 @@ def test_self_diff_is_zero(dist: str, version: str, pattern: str, toolchain: str
 def test_sweep_spans_toolchains() -> None:
     assert len(SELF_DIFF_SWEEP) >= 30
     assert set(Counter(entry[3] for entry in SELF_DIFF_SWEEP)) == {"msvc", "gcc", "llvm"}
+
+
+def test_rip_relative_displacements_are_four_bytes_after_a_66_prefix() -> None:
+    """numpy 2.1.0 -> 2.1.1 `_operand_flag_tests`: the one changed function reads changed read-only data
+    with ``movdqa xmm0, [rip+X]`` (66 0F 6F 05 disp32), for which capstone 5 reports a 2-byte
+    displacement: the builder refused the "2-byte reference" and the fingerprint masked half of it."""
+    from hotpatch.package.builder import build_package
+    from hotpatch.refkinds import RIP_RELATIVE
+
+    pattern = "numpy/_core/_operand_flag_tests.*.pyd"
+    result = diff(real_binary("numpy", "2.1.0", pattern), real_binary("numpy", "2.1.1", pattern))
+    memory = result.patched.image.memory
+    prefixed = 0
+    for analysis in result.patched.analyses:
+        for kind, insn_rva, _, size, _ in analysis.raw_refs:
+            if kind == RIP_RELATIVE:
+                assert size == 4, hex(insn_rva)
+                prefixed += memory[insn_rva] == 0x66
+    assert prefixed > 0
+    assert result.verdict.status == "HOTPATCH"
+    package = build_package(result)
+    assert package.blobs and package.sites

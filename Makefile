@@ -8,10 +8,14 @@ PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
 SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 libz-mingw-w64-dev wine64 chromium chromium-driver
 
-.PHONY: demo test test-fast bench fuzz fuzz-pe deps venv fixtures realbins train-calendars corpus lint clean
+.PHONY: demo demo-rollout test test-fast bench fuzz fuzz-pe deps venv fixtures realbins train-calendars corpus lint clean
 
 demo: venv fixtures
 	$(PY) -m hotpatch.demo --fixtures $(FIXTURES) --work build/demo
+
+# a small fleet on a LocalCluster: a canary fails its health probe and is rolled back live
+demo-rollout: venv fixtures
+	$(PY) -m hotpatch.rollout.demo --fixtures $(FIXTURES) --work build/demo-rollout
 
 test: venv fixtures
 	$(PY) -m pytest tests

@@ -16,10 +16,10 @@ class CrashingCache(MemoryCache):
         super().__init__()
         self.fatal_name = fatal_name
 
-    def load(self, path: str) -> FunctionTable:
-        if Path(path).name == self.fatal_name:
+    def table(self, source: str) -> FunctionTable:
+        if Path(source).name == self.fatal_name:
             os.abort()
-        return super().load(path)
+        return super().table(source)
 
 
 class CountingCache(MemoryCache):
@@ -29,10 +29,10 @@ class CountingCache(MemoryCache):
         super().__init__(entries=8)
         self.log = Path(directory) / f"analysed-{os.getpid()}.txt"
 
-    def load(self, path: str) -> FunctionTable:
+    def table(self, source: str) -> FunctionTable:
         hits = self.hits
-        table = super().load(path)
+        table = super().table(source)
         if self.hits == hits:
             with open(self.log, "a") as handle:
-                handle.write(path + "\n")
+                handle.write(source + "\n")
         return table

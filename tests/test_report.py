@@ -63,7 +63,7 @@ def test_side_by_side_rows_show_names_not_addresses_and_mark_what_changed(built_
     page = diff_page(result)
     anchor = next(f["anchor"] for f in page.functions if f["name"] == "account_get")
     rows = page.details[anchor]["rows"]
-    texts = [(state, _row_text(left), _row_text(right)) for state, left, right in rows]
+    texts = [(state, _row_text(left), _row_text(right)) for state, left, right in rows if isinstance(state, str)]
     # the allocation grew from 0x18 to 0x20 bytes: a changed row; the call to malloc is by name on both sides
     assert ("changed", "mov ecx, 0x18", "mov ecx, 0x20") in texts
     assert ("same", "call malloc", "call malloc") in texts
@@ -151,3 +151,32 @@ def test_report_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, 
         err = capsys.readouterr().err
         assert err.startswith("hotpatch: error: ") and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_train_report_puts_each_release_on_its_day_of_the_calendar(tmp_path: Path) -> None:
+    releases = [("1.0", "2024-01-10", "planned_baseline"), ("1.1", "2024-02-14", "hotpatch"),
+                ("1.2", "2024-03-01", "unplanned_baseline")]
+    document = {"schema": "hotpatch.train/1", "train": "demo", "figures": {"restarts": 2},
+                "releases": [{"index": i, "name": n, "date": d, "kind": k, "package_bytes": 100 * i,
+                              "reasons": [{"module": "core", "kind": "tls_change", "subject": "s", "message": "m"}]
+                              if k == "unplanned_baseline" else []}
+                             for i, (n, d, k) in enumerate(releases)]}
+    (tmp_path / "train.json").write_text(json.dumps(document))
+    (tmp_path / "calendar.svg").write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" '
+                                           'id="drawn-by-train"></svg>')
+    out = tmp_path / "train.html"
+    assert main(["report", str(tmp_path / "train.json"), "-o", str(out)]) == 0
+    page = out.read_text()
+    _assert_self_contained(page)
+    months = re.findall(r"<h3>(\w+ \d+)</h3>", page)
+    assert months == ["January 2024", "February 2024", "March 2024"]
+    # February 2024 starts on a Thursday: three blank cells, then day 14 carries the hotpatch
+    february = page.split("<h3>February 2024</h3>")[1].split("</div>\n", 1)[0] + page.split(
+        "<h3>February 2024</h3>")[1].split("<h3>")[0]
+    cells = re.findall(r'<div class="([^"]*)" title="[^"]*">([^<]*)</div>', february)
+    assert [c for c, _ in cells[:3]] == ["blank"] * 3
+    assert cells[3 + 13] == ("hotpatch", "14 1.1")
+    assert "core: tls_change" in page and 'id="drawn-by-train"' in page
+    verdict = re.search(r'id="verdict">(.*?)</div>', page, re.S)
+    assert verdict is not None and " ".join(verdict.group(1).split()) == (
+        "<strong>3 releases</strong> 1 hotpatches, 2 baselines (1 unplanned), 2 restarts")

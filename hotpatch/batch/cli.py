@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..errors import BatchError
-from .jobs import CacheSpec
+from .jobs import DISK_CACHE, CacheSpec
 from .manifest import KINDS, load_manifest, release_jobs
 from .runner import DEFAULT_TIMEOUT, run_batch
 
@@ -36,7 +36,10 @@ def add_batch_command(commands: Any) -> None:
     batch.add_argument("--keep-packages", action="store_true", help="write built packages to OUT/packages/")
     batch.add_argument("--memory-limit", type=float, metavar="MB",
                        help="replace a job process whose peak memory passed this")
-    batch.add_argument("--cache", metavar="MODULE:FACTORY[=ARG]", help="the analysis cache each worker builds")
+    caches = batch.add_mutually_exclusive_group()
+    caches.add_argument("--no-cache", action="store_true", help="no on-disk analysis cache (memory only)")
+    caches.add_argument("--cache-dir", metavar="DIR", help="the on-disk analysis cache (default as for train)")
+    caches.add_argument("--cache", metavar="MODULE:FACTORY[=ARG]", help="another analysis cache each worker builds")
     batch.add_argument("--no-progress", action="store_true")
     batch.add_argument("--json", action="store_true", help="print the summary as JSON")
     batch.set_defaults(run=cmd_batch)
@@ -55,8 +58,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         jobs = release_jobs(args.releases, args.kind or ["diff"])
         if not jobs:
             raise BatchError("no module is in two consecutive release folders")
-    cache = None
-    if args.cache:
+    cache: CacheSpec | None = DISK_CACHE
+    if args.no_cache:
+        cache = None
+    elif args.cache_dir:
+        cache = CacheSpec(DISK_CACHE.factory, args.cache_dir)
+    elif args.cache:
         factory, _, argument = args.cache.partition("=")
         if ":" not in factory:
             raise BatchError("--cache is MODULE:FACTORY[=ARGUMENT]")
@@ -85,6 +92,9 @@ def _print_summary(summary: dict[str, Any], results: Any) -> None:
                   + (f"; hotpatchable {share:.0%}" if share is not None else ""))
     for kind, counts in summary["reasons"].items():
         console.print(f"  {kind}: {counts['jobs']} jobs, {counts['reasons']} reasons")
+    cache = summary["cache"]
+    if cache["hits"] or cache["analyses"]:
+        console.print(f"analysis cache: {cache['analyses']} analyses, {cache['hits']} hits")
     for error, count in summary["failures"].items():
         console.print(f"  failed: {count} x {error}")
     if summary["jobs_per_minute"]:

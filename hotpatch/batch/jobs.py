@@ -5,11 +5,12 @@ verdict, reasons, sizes. A bad input (not a PE, a package that does not
 verify) is a failed record with its one-line error, never an exception: the
 batch goes on.
 
-Images are loaded through an analysis cache (``TableCache``): the default keeps
-the last two function tables of this process in memory, keyed by the file's
-SHA-256, so a chain of releases (2.1.0->2.1.1, 2.1.1->2.1.2) analyses the
-middle release once when both jobs land on the same worker. A persistent
-cache plugs in by naming a factory (``CacheSpec``), which each worker process
+Images are loaded through an analysis cache (``TableCache``): by default the
+on-disk ``hotpatch.cache.AnalysisCache`` shared with trains, so a chain of
+releases (2.1.0->2.1.1, 2.1.1->2.1.2) analyses the middle release once whichever
+worker meets it first, and a rerun analyses nothing. Without it (``--no-cache``)
+each job process keeps its last two tables in memory (``MemoryCache``). Any other
+cache plugs in by naming a factory (``CacheSpec``), which each job process
 imports and calls once.
 """
 
@@ -31,7 +32,8 @@ from ..functions import FunctionTable, discover
 from ..image import Image
 from .manifest import Job
 
-__all__ = ["CacheSpec", "MemoryCache", "TableCache", "failed_record", "make_cache", "run_job"]
+__all__ = ["DISK_CACHE", "MEMORY_CACHE", "CacheSpec", "MemoryCache", "TableCache", "failed_record", "make_cache",
+           "run_job"]
 
 SCHEMA = "hotpatch.batch.job/1"
 #: reasons kept per record with their subject; the counts cover all of them
@@ -41,7 +43,7 @@ MAX_REASONS = 50
 class TableCache(Protocol):
     """Where a job gets the analysed function table of an image."""
 
-    def load(self, path: str) -> FunctionTable: ...
+    def table(self, source: str) -> FunctionTable: ...
 
 
 class MemoryCache:
@@ -52,7 +54,8 @@ class MemoryCache:
         self._tables: OrderedDict[str, FunctionTable] = OrderedDict()
         self.hits = 0
 
-    def load(self, path: str) -> FunctionTable:
+    def table(self, source: str) -> FunctionTable:
+        path = source
         with open(path, "rb") as handle:
             data = handle.read()
         key = hashlib.sha256(data).hexdigest()
@@ -78,6 +81,12 @@ class CacheSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"factory": self.factory, "argument": self.argument}
+
+
+#: the default: the on-disk analysis cache in its default directory
+DISK_CACHE = CacheSpec("hotpatch.cache:AnalysisCache")
+#: no cache beyond this job process' memory
+MEMORY_CACHE = CacheSpec("hotpatch.batch.jobs:MemoryCache")
 
 
 def make_cache(spec: dict[str, Any] | None) -> TableCache:
@@ -121,6 +130,8 @@ def run_job(job: Job, cache: TableCache | None = None, packages_dir: str | None 
     """Run one job here and now; bad input becomes a failed record, not an exception."""
     cache = cache or MemoryCache()
     record = _base_record(job)
+    stats = getattr(cache, "stats", None)
+    before = (stats.hits, stats.analyses) if stats is not None else None
     timings: dict[str, float] = {}
     started = time.perf_counter()
     try:
@@ -133,6 +144,8 @@ def run_job(job: Job, cache: TableCache | None = None, packages_dir: str | None 
     timings["total"] = time.perf_counter() - started
     record["timings"] = {k: round(v, 4) for k, v in timings.items()}
     record["finished"] = _now()
+    if before is not None:
+        record["cache"] = {"hits": stats.hits - before[0], "analyses": stats.analyses - before[1]}
     record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return record
 
@@ -142,10 +155,10 @@ def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: d
     from ..diff import diff
 
     mark = time.perf_counter()
-    table_a = cache.load(job.baseline)
+    table_a = cache.table(job.baseline)
     timings["load_baseline"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    table_b = cache.load(job.patched)
+    table_b = cache.table(job.patched)
     timings["load_patched"] = time.perf_counter() - mark
     record["sizes"].update(functions_baseline=len(table_a), functions_patched=len(table_b))
     mark = time.perf_counter()

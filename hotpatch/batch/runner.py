@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from .jobs import CacheSpec
+from .jobs import DISK_CACHE, CacheSpec
 from .manifest import Job
 from .process import ChildProcess
 from .store import ResultStore
@@ -49,13 +49,13 @@ def job_bytes(job: Job) -> int:
 
 def run_batch(jobs: Sequence[Job], out_dir: str | Path, *, workers: int | None = None,
               scheduler: str | None = None, local_cluster: bool = False, timeout: float = DEFAULT_TIMEOUT,
-              retry_failed: bool = False, cache: CacheSpec | None = None, keep_packages: bool = False,
+              retry_failed: bool = False, cache: CacheSpec | None = DISK_CACHE, keep_packages: bool = False,
               memory_limit_mb: float | None = None, progress: bool | None = None) -> BatchResult:
     """Run ``jobs`` (skipping those ``out_dir/results.jsonl`` already has) and summarise all of them.
 
     ``workers`` job processes locally (default: the CPU count); ``scheduler`` a Dask scheduler address,
     or ``local_cluster`` a Dask LocalCluster with ``workers`` workers. ``cache`` names the analysis cache
-    each worker builds (default: an in-memory one per job process).
+    each job process builds: the on-disk ``AnalysisCache`` by default, None for memory only.
     """
     out = Path(out_dir)
     store = ResultStore(out / "results.jsonl")

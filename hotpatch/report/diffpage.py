@@ -18,14 +18,17 @@ from typing import Any
 
 from ..diff import DiffResult
 from ..verdict import REASON_KINDS
-from .disasm import Disassembler
+from .disasm import Disassembler, Row
 from .highlight import tokens
 
 __all__ = ["DiffPage", "diff_page", "diff_page_from_json"]
 
 #: rows shown per function, and over the whole page (the rest is counted, not drawn)
-ROWS_PER_FUNCTION = 400
-ROWS_PER_PAGE = 150_000
+ROWS_PER_FUNCTION = 300
+ROWS_PER_PAGE = 60_000
+#: rows of a function looked at (longer functions are cut there), and unchanged rows kept around each change
+SCANNED_ROWS = 1200
+CONTEXT = 3
 _ORDER = {"changed": 0, "added": 1, "removed": 2}
 
 
@@ -88,13 +91,42 @@ def diff_page(result: DiffResult, rows_per_function: int = ROWS_PER_FUNCTION,
             page.rows_left_out += 1
             row["left_out"] = True
             continue
-        rows, total = disassembler.rows(entry, min(rows_per_function, budget))
-        budget -= len(rows)
-        page.details[row["anchor"]] = {
-            "rows": [[r.state, _cell(r.left, links), _cell(r.right, links)] for r in rows], "total": total}
+        rows, total = disassembler.rows(entry, SCANNED_ROWS)
         row["changed_rows"] = sum(r.state != "same" for r in rows)
+        shown = _fold_unchanged(rows)[:min(rows_per_function, budget)]
+        budget -= len(shown)
+        page.details[row["anchor"]] = {
+            "rows": [[r, 0, 0] if isinstance(r, int) else [r.state, _cell(r.left, links), _cell(r.right, links)]
+                     for r in shown],
+            "total": total, "shown": sum(r if isinstance(r, int) else 1 for r in shown)}
     page.functions.sort(key=lambda f: f["rank"])
     return page
+
+
+def _fold_unchanged(rows: list[Row]) -> list[Row | int]:
+    """Rows with each long run of unchanged ones cut down to its context: an int stands for the rows left out."""
+    out: list[Row | int] = []
+    run: list[Row] = []
+
+    def flush(last: bool) -> None:
+        head = run[:CONTEXT] if out else []
+        tail = run[-CONTEXT:] if not last else []
+        if len(run) > len(head) + len(tail) + 1:
+            out.extend(head)
+            out.append(len(run) - len(head) - len(tail))
+            out.extend(tail)
+        else:
+            out.extend(run)
+        run.clear()
+
+    for row in rows:
+        if row.state == "same":
+            run.append(row)
+        else:
+            flush(False)
+            out.append(row)
+    flush(True)
+    return out
 
 
 def _cell(cell: Any, links: dict[str, str]) -> list[Any] | None:

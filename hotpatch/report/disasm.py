@@ -92,27 +92,47 @@ class _Side:
         section = self.image.section_from_rva(rva)
         return f"{section.name.lstrip('.') if section else 'data'}_{rva:x}"
 
-    def segments(self, function: Function, rva: int, refs: list[tuple], labels: dict[int, str]) -> list[Segment]:
-        text = self.text(rva)
+    def texts(self, function: Function) -> dict[int, str]:
+        """Instruction text by RVA, one linear sweep per range (the analysis' starts are looked up in it)."""
+        out: dict[int, str] = {}
+        base = self.image.image_base
+        for begin, end in function.ranges:
+            for address, _, mnemonic, operands in self.md.disasm_lite(self.image.memory[begin:end], base + begin):
+                out[address - base] = f"{mnemonic} {operands}".strip()
+        return out
+
+    def segments(self, function: Function, rva: int, text: str | None, refs: list[tuple],
+                 labels: dict[int, str]) -> list[Segment]:
+        if text is None:
+            text = self.text(rva)  # the sweep fell out of step (data in code): decode this one alone
+        if not refs:
+            return [(text, None)]
         names: dict[str, tuple[str, str | None]] = {}
         base = self.image.image_base
         for ref in refs:
             name = self.name(function, ref[4], labels)
-            match = _RIP.search(text)
-            if match and ref[0] in _RIP_KINDS:
+            match = _RIP.search(text) if ref[0] in _RIP_KINDS else None
+            if match:
                 names[match.group()] = (f"[{name[0]}]", name[1])
             for value in (base + ref[4], ref[4]):
                 names.setdefault(f"{value:#x}", name)
-        if not names:
-            return [(text, None)]
-        pattern = re.compile("|".join(re.escape(k) for k in sorted(names, key=len, reverse=True)))
         out: list[Segment] = []
         position = 0
-        for match in pattern.finditer(text):
-            if match.start() > position:
-                out.append((text[position:match.start()], None))
-            out.append(names[match.group()])
-            position = match.end()
+        while True:
+            # the earliest, then longest, operand text that names a target
+            found = min(((at, -len(key), key) for key in names if (at := text.find(key, position)) >= 0),
+                        default=None)
+            if found is None:
+                break
+            at, _, key = found
+            end = at + len(key)
+            if end < len(text) and text[end] in "0123456789abcdef":
+                position = end  # a longer number that merely starts with this one
+                continue
+            if at > position:
+                out.append((text[position:at], None))
+            out.append(names[key])
+            position = end
         if position < len(text):
             out.append((text[position:], None))
         return out
@@ -160,15 +180,18 @@ class Disassembler:
                 plan.append((pi, pj))
             i, j = pi + 1, pj + 1
         paired = set(pairs)
+        texts_a = self.sides[0].texts(fa) if fa else {}
+        texts_b = self.sides[1].texts(fb) if fb else {}
         rows = []
         for a, b in plan[:limit]:
             left = right = None
             if a is not None:
                 rva = insns_a[a]
-                left = (rva - fa.rva, self.sides[0].segments(fa, rva, refs_a.get(rva, []), labels_a))
+                left = (rva - fa.rva, self.sides[0].segments(fa, rva, texts_a.get(rva), refs_a.get(rva, []), labels_a))
             if b is not None:
                 rva = insns_b[b]
-                right = (rva - fb.rva, self.sides[1].segments(fb, rva, refs_b.get(rva, []), labels_b))
+                right = (rva - fb.rva, self.sides[1].segments(fb, rva, texts_b.get(rva), refs_b.get(rva, []),
+                                                              labels_b))
             rows.append(Row(_state(a, b, left, right, (a, b) in paired), left, right))
         return rows, len(plan)
 

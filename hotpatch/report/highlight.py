@@ -40,15 +40,17 @@ def _lex(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def tokens(segments: list[Segment], anchors: dict[str, str]) -> list[list[str]]:
+def tokens(segments: list[Segment], anchors: dict[str, str]) -> list[tuple[str, ...]]:
     """Highlighted tokens of one instruction; a reference links to its function when the page shows it."""
-    out: list[list[str]] = []
+    if len(segments) == 1 and segments[0][1] is None:
+        return _lex(segments[0][0])  # type: ignore[return-value]  # shared, never mutated
+    out: list[tuple[str, ...]] = []
     for text, key in segments:
         if key is None:
-            out.extend([css_class, value] for css_class, value in _lex(text))
+            out.extend(_lex(text))
         else:
             anchor = anchors.get(key)
-            out.append(["ref", text, anchor] if anchor else ["ref", text])
+            out.append(("ref", text, anchor) if anchor else ("ref", text))
     return out
 
 

@@ -61,7 +61,8 @@ def load_page(source: str | Path | None, baseline: str | None = None, patched: s
     if schema.startswith("hotpatch.train/"):
         from .trainpage import train_page
 
-        return ReportPage(document.get("name") or "release train", train=train_page(document))
+        train = train_page(document, path.parent)
+        return ReportPage(f"release train {train['name']}", train=train)
     raise ReportError(f"{path}: not a diff, build, batch or train document (schema {schema or 'missing'})")
 
 

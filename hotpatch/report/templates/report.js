@@ -46,6 +46,14 @@
     }
     for (const [state, left, right] of entry.rows) {
       const row = table.insertRow();
+      if (typeof state === "number") {
+        // a run of unchanged rows left out around the changes
+        row.className = "gap";
+        const td = row.insertCell();
+        td.colSpan = 4;
+        td.textContent = "\u22ef " + state + " unchanged rows";
+        continue;
+      }
       row.className = state;
       cell(row, "left", left);
       cell(row, "right", right);
@@ -54,10 +62,10 @@
     wrap.className = "sbs-wrap asm";
     wrap.appendChild(table);
     body.appendChild(wrap);
-    if (entry.total > entry.rows.length) {
+    if (entry.total > entry.shown) {
       const note = document.createElement("p");
       note.className = "note";
-      note.textContent = (entry.total - entry.rows.length) + " more rows not shown";
+      note.textContent = (entry.total - entry.shown) + " more rows not shown";
       body.appendChild(note);
     }
   }

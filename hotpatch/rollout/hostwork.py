@@ -29,6 +29,7 @@ from ..apply.health import HealthSpec, run_gate
 from ..apply.journal import Journal
 from ..errors import BackendError, HotpatchError
 from ..package import Package
+from ..package.trust import TrustStore
 
 __all__ = ["HostRequest", "describe_worker", "host_task"]
 
@@ -96,8 +97,9 @@ def _apply(client: AgentClient, package: Package, request: HostRequest, pids: li
     for pid in pids:
         try:
             with client.open(pid) as backend:
+                # the host's trust store, plus the plan's keys (as `hotpatch apply --trust`)
                 engine = Engine(backend, journal, allow_unsigned=request.allow_unsigned,
-                                trusted_keys=list(request.trusted_keys))
+                                trusted_keys=TrustStore.default(request.trusted_keys).raw_keys())
                 if _ours(engine, package.package_id) == "ours":
                     processes.append({"pid": pid, "status": "already applied"})
                     applied.append(pid)

@@ -29,6 +29,7 @@ from ..apply.health import HealthSpec, roll_back_package, run_gate
 from ..apply.journal import Journal
 from ..errors import BackendError, HotpatchError
 from ..package import Package
+from ..package.trust import TrustStore
 
 __all__ = ["HostRequest", "describe_worker", "host_task"]
 
@@ -96,8 +97,9 @@ def _apply(client: AgentClient, package: Package, request: HostRequest, pids: li
     for pid in pids:
         try:
             with client.open(pid) as backend:
+                # the host's trust store, plus the plan's keys (as `hotpatch apply --trust`)
                 engine = Engine(backend, journal, allow_unsigned=request.allow_unsigned,
-                                trusted_keys=list(request.trusted_keys))
+                                trusted_keys=TrustStore.default(request.trusted_keys).raw_keys())
                 # a task cut short here before (its worker died, Dask re-ran it) is finished or undone first
                 engine.recover()
                 if _ours(engine, package.package_id) == "ours":

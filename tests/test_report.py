@@ -19,12 +19,6 @@ from hotpatch.report.html import ReportPage, render
 from hotpatch.report.sources import load_page
 
 
-def _details(page_html: str) -> dict:
-    found = re.search(r'<script type="application/json" id="function-rows">(.*?)</script>', page_html, re.S)
-    assert found is not None
-    return json.loads(found.group(1))
-
-
 def _row_text(cell: list | None) -> str:
     return "" if cell is None else "".join(token[1] for token in cell[1])
 
@@ -93,7 +87,7 @@ def test_diff_json_alone_lists_functions_and_says_disassembly_needs_the_images(t
     (tmp_path / "diff.json").write_text(json.dumps(document))
     page = render(load_page(tmp_path / "diff.json"))
     assert "NEW_BASELINE" in page and "function_too_short" in page
-    assert "listed without their disassembly" in page and 'id="function-rows"' not in page
+    assert "listed without their disassembly" in page and 'id="rows-' not in page
     assert 'href="#fn-0" class="reason-link">flag</a>' in page
 
 
@@ -180,3 +174,14 @@ def test_train_report_puts_each_release_on_its_day_of_the_calendar(tmp_path: Pat
     verdict = re.search(r'id="verdict">(.*?)</div>', page, re.S)
     assert verdict is not None and " ".join(verdict.group(1).split()) == (
         "<strong>3 releases</strong> 1 hotpatches, 2 baselines (1 unplanned), 2 restarts")
+
+
+def test_inline_rows_cannot_end_their_script_early(built_fixtures: Path) -> None:
+    case = built_fixtures / "new_string"
+    page = diff_page(diff(case / "baseline.dll", case / "patched.dll"))
+    anchor = next(iter(page.details))
+    page.details[anchor]["rows"].append(["changed", ["+0", [["ref", "'</script><b id=\"x\">'"]]], None])
+    text = render(ReportPage("t", diff=page))
+    script = re.search(rf'<script type="application/json" id="rows-{anchor}">(.*?)</script>', text, re.S)
+    assert script is not None and json.loads(script.group(1))["rows"][-1][1][1][0][1] == "'</script><b id=\"x\">'"
+    assert '<b id="x">' not in text

@@ -107,6 +107,24 @@ def test_build_report_shows_sites_strategies_and_every_fixup(tmp_path: Path, bui
     assert re.search(r'<tr id="site-0"><td><a href="#fn-\d+">', page)
 
 
+def test_build_json_reports_the_package_it_wrote_or_the_reasons_it_refused(
+        tmp_path: Path, built_fixtures: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for case, code in (("new_callee", 0), ("short_function", 3)):
+        capsys.readouterr()
+        assert main(["build", str(built_fixtures / case / "baseline.dll"), str(built_fixtures / case / "patched.dll"),
+                     "-o", str(tmp_path / f"{case}.hpk"), "--json"]) == code
+        (tmp_path / f"{case}.json").write_text(capsys.readouterr().out)
+        out = tmp_path / f"{case}.html"
+        assert main(["report", str(tmp_path / f"{case}.json"), "-o", str(out)]) == 0
+        page = out.read_text()
+        verdict = re.search(r'id="verdict">\s*<strong>(\w+)</strong>', page)
+        assert verdict is not None
+        if code == 0:
+            assert verdict.group(1) == "HOTPATCH" and "Patch sites (1)" in page and "every fixup" in page
+        else:
+            assert verdict.group(1) == "NEW_BASELINE" and "function_too_short" in page and "Patch sites" not in page
+
+
 def test_batch_report_has_the_summary_and_three_inline_svg_plots(tmp_path: Path, built_fixtures: Path) -> None:
     from hotpatch.batch.store import ResultStore
 

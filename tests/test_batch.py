@@ -222,3 +222,12 @@ def test_real_numpy_release_locally_then_on_a_local_cluster_from_the_analysis_ca
     assert cluster.summary["cache"] == {"hits": 42, "analyses": 0}
     assert ({r["id"]: (r["verdict"], r["summary"]) for r in cluster.records}
             == {r["id"]: (r["verdict"], r["summary"]) for r in local.records})
+
+
+@pytest.mark.slow
+def test_progress_shows_done_total_rate_and_time_left(tmp_path: Path, built_fixtures: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run_batch(_jobs(built_fixtures, "diff", ("body_change", "new_string", "new_callee")), tmp_path, workers=1,
+              cache=None, progress=True)
+    err = capsys.readouterr().err
+    assert "batch" in err and "3/3" in err and "jobs/min" in err and "left" in err

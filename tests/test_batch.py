@@ -76,6 +76,16 @@ def test_release_folders_pair_modules_by_name_without_wheel_hash_mangling(tmp_pa
     assert all("v1->v2" in j.label for j in jobs)
 
 
+def test_largest_first_and_later_chain_steps_after_every_first_step(tmp_path: Path) -> None:
+    from hotpatch.batch.runner import _order
+
+    for name, size in (("a1", 10), ("a2", 10), ("a3", 10), ("b1", 500), ("b2", 500), ("c1", 50), ("c2", 50)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    chain = [Job.from_json({"baseline": str(tmp_path / f"{m}{i}"), "patched": str(tmp_path / f"{m}{i + 1}")})
+             for m, i in (("a", 2), ("a", 1), ("b", 1), ("c", 1))]
+    assert [Path(j.baseline).name for j in _order(chain)] == ["b1", "c1", "a1", "a2"]
+
+
 # ── running ──
 
 

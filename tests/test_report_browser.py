@@ -156,6 +156,5 @@ def test_the_largest_real_pair_loads_and_opens_in_reasonable_time(browser: Any, 
           f"{timing[1]} functions listed; browser load {loaded:.2f} s (DOMContentLoaded {timing[0]} ms), "
           f"first function opened in {opened:.2f} s")
     assert timing[1] > 5000
-    # usable: about a second each on an idle 2-core machine; bounds with headroom for a shared, loaded one
-    # (32 s to load at a load average of 55 on 2 cores)
+    # usable: bounds with headroom for a shared, loaded machine (32 s to load at a load average of 55 on 2 cores)
     assert loaded < 120 and opened < 30

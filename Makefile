@@ -8,10 +8,14 @@ PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
 SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 libz-mingw-w64-dev wine64 chromium chromium-driver
 
-.PHONY: demo test test-fast bench fuzz deps venv fixtures realbins train-calendars corpus lint clean
+.PHONY: demo demo-rollout test test-fast bench fuzz fuzz-pe deps venv fixtures realbins train-calendars corpus lint clean
 
 demo: venv fixtures
 	$(PY) -m hotpatch.demo --fixtures $(FIXTURES) --work build/demo
+
+# a small fleet on a LocalCluster: a canary fails its health probe and is rolled back live
+demo-rollout: venv fixtures
+	$(PY) -m hotpatch.rollout.demo --fixtures $(FIXTURES) --work build/demo-rollout
 
 test: venv fixtures
 	$(PY) -m pytest tests
@@ -23,9 +27,15 @@ test-fast: venv fixtures
 bench: venv fixtures
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,mean,rounds
 
-# deeper mutation runs of both package readers than the test suite's (tests/fuzz_package.py)
-fuzz: venv
+# deeper mutation runs than the test suite's: both package readers (tests/fuzz_package.py),
+# the agent's request parser under ASan/UBSan (tests/fuzz_agent.py), and PE input (fuzz-pe)
+fuzz: venv fuzz-pe
 	$(PY) tests/fuzz_package.py --cases 200000
+	$(PY) tests/fuzz_agent.py --cases 1000000
+
+# PE mutants through the CLI, in-process and a sample as subprocesses, under a 4 GiB address-space limit
+fuzz-pe: venv fixtures
+	$(PY) tests/fuzz_pe.py --cases 30000 --subprocess-sample 50
 
 lint: venv
 	$(VENV)/bin/ruff check hotpatch tests benchmarks setup.py

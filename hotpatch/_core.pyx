@@ -153,24 +153,92 @@ cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
     return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
 
 
-cdef int _skip_table(list skips, tuple table, int64_t rva, int64_t end) except -1:
-    """A table ahead of the instruction that reads it, inside the range being swept, is not code
-    (MSVC puts switch tables right after the function's code, where a leaf without .pdata still runs)."""
-    if rva < <int64_t>table[1] < end and table[3]:
-        skips.append((table[1], table[1] + 4 * len(table[3])))
+cdef int _skip_table(list skips, tuple table, int64_t rva, int64_t[:, :] ranges, Py_ssize_t range_index) except -1:
+    """A table ahead of the instruction that reads it, inside the function's ranges (this one or one swept
+    later), is not code (MSVC puts switch tables right after the function's code, in .pdata fragments too,
+    and a leaf without .pdata runs over them)."""
+    cdef Py_ssize_t index
+    cdef int64_t start = table[1]
+    if not table[3]:
+        return 0
+    for index in range(ranges.shape[0]):
+        if ranges[index, 0] <= start < ranges[index, 1] and \
+                (index > range_index or index == range_index and start > rva):
+            skips.append((start, start + 4 * len(table[3])))
+            return 0
     return 0
 
 
-cdef int64_t _past_tables(list skips, int64_t offset) except? -1:
-    """``offset``, or the end of the tables it lies in (tables can follow each other)."""
+cdef int64_t _past_data(list skips, set reads, list refs, list tables, int64_t offset, int64_t end,
+                        bint after_end) except? -1:
+    """``offset``, or past the data it lies at: jump tables ahead (they can follow each other), and a
+    place the function reads that comes right after an instruction that does not fall through (MSVC's
+    byte index tables of two-level switches), up to the next branch target ahead or the range end."""
     cdef bint moved = True
     while moved:
         moved = False
-        for begin, end in skips:
-            if begin <= offset < end:
-                offset = end
+        for begin, stop in skips:
+            if begin <= offset < stop:
+                offset = stop
                 moved = True
+        if after_end and offset < end and offset in reads:
+            offset = _next_target(refs, tables, offset, end)
+            moved = True
     return offset
+
+
+cdef int64_t _next_target(list refs, list tables, int64_t offset, int64_t end) except? -1:
+    """The first branch or jump-table target in ``(offset, end)``, else ``end``."""
+    cdef int64_t best = end, target
+    for ref in refs:
+        if ref[0] == BRANCH_REL8 or ref[0] == BRANCH_REL32:
+            target = ref[4]
+            if offset < target < best:
+                best = target
+    for table in tables:
+        for target in table[3]:
+            if offset < target < best:
+                best = target
+    return best
+
+
+cdef inline Py_ssize_t _opcode_at(const uint8_t *p, Py_ssize_t length) noexcept nogil:
+    """Offset of the opcode byte (prefixes skipped) in an instruction of ``length`` bytes, or ``length``."""
+    cdef Py_ssize_t at = 0
+    cdef uint8_t b
+    while at < length:
+        b = p[at]
+        if b == 0x66 or b == 0xF2 or b == 0xF3 or b == 0x2E or b == 0x3E or b == 0x26 or b == 0x36 \
+                or b == 0x64 or b == 0x65 or 0x40 <= b <= 0x4F:
+            at += 1
+        else:
+            break
+    return at
+
+
+cdef inline bint _terminates(const uint8_t *p, Py_ssize_t length) noexcept nogil:
+    """Same as ``hotpatch.flow.terminates``: ret, jmp, ud2, int3, hlt never fall through."""
+    cdef Py_ssize_t at = _opcode_at(p, length)
+    cdef uint8_t op
+    if at >= length:
+        return False
+    op = p[at]
+    if op == 0xC3 or op == 0xC2 or op == 0xCB or op == 0xCA or op == 0xE9 or op == 0xEB or op == 0xCC \
+            or op == 0xF4:
+        return True
+    if at + 1 >= length:
+        return False
+    if op == 0x0F:
+        return p[at + 1] == 0x0B
+    return op == 0xFF and ((p[at + 1] >> 3) & 7 == 4 or (p[at + 1] >> 3) & 7 == 5)
+
+
+cdef inline bint _is_nop(const uint8_t *p, Py_ssize_t length) noexcept nogil:
+    """Same as ``hotpatch.flow.is_nop``."""
+    cdef Py_ssize_t at = _opcode_at(p, length)
+    if at >= length:
+        return False
+    return p[at] == 0x90 or (p[at] == 0x0F and at + 1 < length and p[at + 1] == 0x1F)
 
 
 cdef int _plain_branch(const uint8_t *p, size_t avail, int64_t rva, list refs) except -1:
@@ -257,20 +325,25 @@ cdef class _Decoder:
         cdef int length, interesting
         cdef int64_t[:, :] ranges = _ranges_view(ranges_tuple)
         cdef int64_t reloc
+        cdef Py_ssize_t range_index
+        cdef bint after_end
         rvas.data = NULL
         rvas.length = 0
         rvas.capacity = 0
         try:
-            for r in ranges_tuple:
+            skips = []  # jump tables found ahead in this function: data, not code
+            reads = set()  # places inside the function its instructions read (not lea): data
+            for range_index in range(len(ranges_tuple)):
+                r = ranges_tuple[range_index]
                 begin = r[0]
                 end = min(<int64_t>r[1], <int64_t>memlen)
                 memset(self.lea_known, 0, sizeof(self.lea_known))
                 last_cmp = -1
                 offset = begin
-                skips = []  # jump tables found ahead in this range: data, not code
+                after_end = False  # the last instruction swept does not fall through
                 while offset < end:
-                    if skips:
-                        offset = _past_tables(skips, offset)
+                    if skips or after_end:
+                        offset = _past_data(skips, reads, refs, tables, offset, end, after_end)
                         if offset >= end:
                             break
                     length = hp_fast_length(base + offset, <size_t>(end - offset), &interesting)
@@ -284,6 +357,7 @@ cdef class _Decoder:
                         address = <uint64_t>offset
                         if not p_cs_disasm_iter(self.lite_handle, &code, &remaining, &address, lite):
                             offset += 1  # an undecodable byte: skip it and resume
+                            after_end = False
                             continue
                         length = lite.size
                         interesting = _needs_detail(lite)
@@ -293,14 +367,19 @@ cdef class _Decoder:
                         address = <uint64_t>offset
                         if not p_cs_disasm_iter(self.handle, &code, &remaining, &address, insn):
                             offset += 1
+                            after_end = False
                             continue
                         length = insn.size
                         found = len(tables)
-                        self._detailed(insn, &last_cmp, ranges, refs, tables)
+                        self._detailed(insn, &last_cmp, ranges, refs, tables, reads)
                         if len(tables) > found:
-                            _skip_table(skips, tables[len(tables) - 1], offset, end)
+                            _skip_table(skips, tables[len(tables) - 1], offset, ranges, range_index)
                     rva = offset
                     _push(&rvas, <uint32_t>rva)
+                    if _terminates(base + rva, length):
+                        after_end = True
+                    elif not (after_end and _is_nop(base + rva, length)):
+                        after_end = False
                     index = _lower_bound(self.relocations, rva)
                     while index < nrelocs and self.relocations[index] < rva + length:
                         reloc = self.relocations[index]
@@ -315,7 +394,7 @@ cdef class _Decoder:
             free(rvas.data)
 
     cdef int _detailed(self, cs_insn *insn, int64_t *last_cmp, int64_t[:, :] ranges, list refs,
-                       list tables) except -1:
+                       list tables, set reads) except -1:
         """References of one instruction decoded with details (branch, RIP operand, switch)."""
         cdef cs_detail *detail = insn.detail
         cdef cs_x86 *x = &detail.x86
@@ -349,12 +428,16 @@ cdef class _Decoder:
                     if insn.id == X86_INS_LEA:
                         self.lea_value[x.operands[0].reg] = target
                         self.lea_known[x.operands[0].reg] = 1
+                    elif _in_ranges(target, ranges):
+                        reads.add(target)
                     break
                 if op.type == X86_OP_MEM and x.encoding.disp_size == 4 and 0 < op.mem.base < 512 \
                         and self.lea_known[op.mem.base] and self.lea_value[op.mem.base] == 0 \
                         and self.first_section_rva <= op.mem.disp < <int64_t>self.memory.shape[0]:
                     # MSVC addresses tables as [image base register + index + RVA]
                     refs.append((IMAGE_REL32, rva, x.encoding.disp_offset, 4, op.mem.disp))
+                    if insn.id != X86_INS_LEA and _in_ranges(op.mem.disp, ranges):
+                        reads.add(op.mem.disp)
                     break
         if insn.id == X86_INS_CMP:
             if x.op_count == 2 and x.operands[0].type == X86_OP_REG \

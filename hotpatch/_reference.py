@@ -35,6 +35,7 @@ from typing import Any
 import capstone
 from capstone import x86_const as x86
 
+from .flow import is_nop, terminates
 from .refkinds import (
     ABS64,
     BRANCH_REL8,
@@ -91,14 +92,16 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
     insn_rvas = array("I")
     refs: list[tuple[int, int, int, int, int]] = []
     tables: list[tuple[int, int, int, tuple[int, ...]]] = []
-    for begin, end in ranges:
+    skips: list[tuple[int, int]] = []  # jump tables found ahead in this function: data, not code
+    reads: set[int] = set()  # places inside the function its instructions read (not lea): data
+    for range_index, (begin, end) in enumerate(ranges):
         end = min(end, len(memory))
         lea_targets: dict[int, int] = {}
         last_cmp = -1
         offset = begin
-        skips: list[tuple[int, int]] = []  # jump tables found ahead in this range: data, not code
+        after_end = False  # the last instruction swept does not fall through
         while offset < end:
-            offset = _past_tables(skips, offset)
+            offset = _past_data(skips, reads, refs, tables, offset, end, after_end)
             if offset >= end:
                 break
             for insn in md.disasm(memory[offset:end], offset):
@@ -106,6 +109,10 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
                 size = insn.size
                 offset = rva + size
                 insn_rvas.append(rva)
+                if terminates(memory, rva, offset):
+                    after_end = True
+                elif not (after_end and is_nop(memory, rva, offset)):
+                    after_end = False
                 groups = insn.groups
                 is_call = _GRP_CALL in groups
                 if _GRP_BRANCH_RELATIVE in groups and insn.imm_offset and insn.imm_size in (1, 4):
@@ -122,11 +129,15 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
                             refs.append((kind, rva, insn.disp_offset, insn.disp_size, target))
                             if insn.id == x86.X86_INS_LEA:
                                 lea_targets[insn.operands[0].reg] = target
+                            elif _in_ranges(target, ranges):
+                                reads.add(target)
                             break
                         if op.type == x86.X86_OP_MEM and insn.disp_size == 4 and lea_targets.get(op.mem.base) == 0 \
                                 and ctx.first_section_rva <= op.mem.disp < len(memory):
                             # MSVC addresses tables as [image base register + index + RVA]
                             refs.append((IMAGE_REL32, rva, insn.disp_offset, 4, op.mem.disp))
+                            if insn.id != x86.X86_INS_LEA and _in_ranges(op.mem.disp, ranges):
+                                reads.add(op.mem.disp)
                             break
                 insn_id = insn.id
                 if insn_id == x86.X86_INS_CMP:
@@ -137,38 +148,66 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
                     found = len(tables)
                     _jump_table(ctx, insn, lea_targets, last_cmp, ranges, refs, tables)
                     if len(tables) > found:
-                        _skip_table(skips, tables[-1], rva, end)
+                        _skip_table(skips, tables[-1], rva, ranges, range_index)
                 index = bisect_left(relocations, rva)
                 while index < len(relocations) and relocations[index] < rva + size:
                     reloc = relocations[index]
                     value = struct.unpack_from("<Q", memory, reloc)[0] if reloc + 8 <= len(memory) else 0
                     refs.append((ABS64, rva, reloc - rva, 8, value - ctx.image_base))
                     index += 1
-                if _past_tables(skips, offset) != offset:
-                    break  # resume the sweep after the table
+                if _past_data(skips, reads, refs, tables, offset, end, after_end) != offset:
+                    break  # resume the sweep after the data
             else:
                 if offset < end:
                     offset += 1  # capstone stopped on a byte it cannot decode: skip it and resume
+                    after_end = False
     return insn_rvas, refs, tables
 
 
 def _skip_table(skips: list[tuple[int, int]], table: tuple[int, int, int, tuple[int, ...]], rva: int,
-                end: int) -> None:
-    """A table ahead of the instruction that reads it, inside the range being swept, is not code
-    (MSVC puts switch tables right after the function's code, where a leaf without .pdata still runs)."""
-    if rva < table[1] < end and table[3]:
-        skips.append((table[1], table[1] + 4 * len(table[3])))
+                ranges: tuple[tuple[int, int], ...], range_index: int) -> None:
+    """A table ahead of the instruction that reads it, inside the function's ranges (this one or one swept
+    later), is not code (MSVC puts switch tables right after the function's code, in .pdata fragments too,
+    and a leaf without .pdata runs over them)."""
+    if not table[3]:
+        return
+    for index, (begin, end) in enumerate(ranges):
+        if begin <= table[1] < end and (index > range_index or index == range_index and table[1] > rva):
+            skips.append((table[1], table[1] + 4 * len(table[3])))
+            return
 
 
-def _past_tables(skips: list[tuple[int, int]], offset: int) -> int:
-    """``offset``, or the end of the tables it lies in (tables can follow each other)."""
+def _past_data(skips: list[tuple[int, int]], reads: set[int], refs: list, tables: list, offset: int,
+               end: int, after_end: bool) -> int:
+    """``offset``, or past the data it lies at: jump tables ahead (they can follow each other), and a
+    place the function reads that comes right after an instruction that does not fall through (MSVC's
+    byte index tables of two-level switches), up to the next branch target ahead or the range end."""
     moved = True
     while moved:
         moved = False
-        for begin, end in skips:
-            if begin <= offset < end:
-                offset, moved = end, True
+        for begin, stop in skips:
+            if begin <= offset < stop:
+                offset, moved = stop, True
+        if after_end and offset in reads and offset < end:
+            offset, moved = _next_target(refs, tables, offset, end), True
     return offset
+
+
+def _next_target(refs: list, tables: list, offset: int, end: int) -> int:
+    """The first branch or jump-table target in ``(offset, end)``, else ``end``."""
+    best = end
+    for kind, _, _, _, target in refs:
+        if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and offset < target < best:
+            best = target
+    for table in tables:
+        for target in table[3]:
+            if offset < target < best:
+                best = target
+    return best
+
+
+def _in_ranges(target: int, ranges: tuple[tuple[int, int], ...]) -> bool:
+    return any(begin <= target < end for begin, end in ranges)
 
 
 def _jump_table(ctx: Any, insn: Any, lea_targets: dict[int, int], last_cmp: int,

@@ -135,6 +135,11 @@ class AnalysisCache:
         return hashlib.sha256(b"\0".join((analysis_version().encode(), file_sha256,
                                           image.identity.code_sha256.encode()))).digest()
 
+    def check(self) -> None:
+        """Make sure the cache can be used (a private directory), before any work that depends on it."""
+        if self.enabled:
+            self._private_dir()
+
     def size(self) -> int:
         """Bytes the entries take on disk."""
         return sum(size for _, size, _ in self._entries())

@@ -40,18 +40,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         _print_json(info)
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     identity = info["identity"]
     entry = f"{image.entry_rva:#x}" if image.entry_rva is not None else "-"
-    console.print(f"[bold]{image.name}[/bold]  {identity['machine']}  image base {image.image_base:#x}  entry {entry}")
+    console.print(f"[bold]{escape(image.name)}[/bold]  {identity['machine']}  image base {image.image_base:#x}"
+                  f"  entry {entry}")
     console.print(f"TimeDateStamp {identity['timedatestamp']:#x}  SizeOfImage {identity['size_of_image']:#x}"
                   f"  CheckSum {identity['checksum']:#x}")
     console.print(f"code SHA-256 {identity['code_sha256']}")
     sections = Table("section", "rva", "virtual size", "raw size", "perm", title="sections")
     for section in info["sections"]:
-        sections.add_row(section["name"], f"{section['rva']:#x}", f"{section['virtual_size']:#x}",
+        sections.add_row(escape(section["name"]), f"{section['rva']:#x}", f"{section['virtual_size']:#x}",
                          f"{section['raw_size']:#x}", section["permissions"])
     console.print(sections)
     counts = info["counts"]
@@ -74,11 +76,13 @@ def cmd_functions(args: argparse.Namespace) -> int:
         _print_json({"schema": "hotpatch.functions/1", "path": args.pe, "functions": rows})
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    # names come from the file: shown as text (rich markup such as "[red]" in a name is not interpreted)
     table = Table("name", "rva", "size", "sources", "pad before", "pad after", "fingerprint")
     for row in rows:
-        table.add_row(row["name"] or "-", f"{row['rva']:#x}", str(row["size"]), ",".join(row["sources"]),
+        table.add_row(escape(row["name"] or "-"), f"{row['rva']:#x}", str(row["size"]), ",".join(row["sources"]),
                       str(row["pad_before"]), str(row["pad_after"]), row["fingerprint"])
     Console().print(table)
     return 0
@@ -105,17 +109,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def _print_diff(result: Any) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     summary = result.summary()
-    console.print(f"[bold]{result.baseline.image.name}[/bold] -> [bold]{result.patched.image.name}[/bold]: "
+    names = escape(result.baseline.image.name), escape(result.patched.image.name)
+    console.print(f"[bold]{names[0]}[/bold] -> [bold]{names[1]}[/bold]: "
                   + ", ".join(f"{v} {k}" for k, v in summary.items()))
     table = Table("status", "function", "baseline rva", "patched rva", "match", "why")
     for entry in result.functions:
         if entry.status == "unchanged":
             continue
-        table.add_row(entry.status, entry.name,
+        table.add_row(entry.status, escape(entry.name),
                       f"{entry.baseline.rva:#x}" if entry.baseline else "-",
                       f"{entry.patched.rva:#x}" if entry.patched else "-",
                       (entry.match or "-") + (f" {entry.similarity:.2f}" if entry.similarity else ""),
@@ -123,16 +129,16 @@ def _print_diff(result: Any) -> None:
     if table.rows:
         console.print(table)
     for change in result.data:
-        console.print(f"data: {change.kind} {change.detail}")
+        console.print(f"data: {change.kind} {escape(str(change.detail))}")
     verdict = result.verdict
     colour = "green" if verdict.hotpatchable else "red"
     console.print(f"verdict: [bold {colour}]{verdict.status}[/bold {colour}]")
     for reason in verdict.reasons:
-        console.print(f"  - {reason.kind}: {reason.message}")
+        console.print(f"  - {reason.kind}: {escape(reason.message)}")
     for reason in verdict.overridden:
-        console.print(f"  - overridden {reason.kind}: {reason.message}")
+        console.print(f"  - overridden {reason.kind}: {escape(reason.message)}")
     for note in verdict.notes:
-        console.print(f"  - note {note.kind}: {note.message}")
+        console.print(f"  - note {note.kind}: {escape(note.message)}")
 
 
 def cmd_build(args: argparse.Namespace) -> int:

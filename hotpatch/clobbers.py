@@ -42,6 +42,8 @@ ALL_VOLATILE = frozenset(_FAMILIES)
 _ARGUMENTS = frozenset({"rcx", "rdx", "r8", "r9"})
 #: instructions the liveness scan decodes per call site before it gives up and calls everything live
 _SCAN_BUDGET = 4096
+#: calls followed to see which argument registers the callee reads
+_CALL_DEPTH = 2
 #: tail jumps followed back to the callers of the function that made them
 _TAIL_DEPTH = 3
 _ZEROING = {x86.X86_INS_XOR, x86.X86_INS_SUB, x86.X86_INS_PXOR, x86.X86_INS_SBB}
@@ -146,8 +148,14 @@ def _direct_sites(table: FunctionTable, callee_rva: int) -> list[tuple[Function,
     return [site for site in sites.get(callee_rva, ()) if site[0].rva != callee_rva]
 
 
-def _live_after(table: FunctionTable, function: Function, start_rva: int, registers: frozenset[str]) -> set[str]:
-    """Which of ``registers`` some path from ``start_rva`` reads before writing them (conservative)."""
+def _live_after(table: FunctionTable, function: Function, start_rva: int, registers: frozenset[str],
+                depth: int = _CALL_DEPTH) -> set[str]:
+    """Which of ``registers`` some path from ``start_rva`` reads before writing them (conservative).
+
+    At a direct call the argument registers count as read when the callee
+    reads them before writing them (the same scan from its entry, ``depth``
+    calls deep); at any other call they count as read.
+    """
     live: set[str] = set()
     explored: dict[int, set[str]] = {}
     work: list[tuple[int, frozenset[str]]] = [(start_rva, registers)]
@@ -177,7 +185,7 @@ def _live_after(table: FunctionTable, function: Function, start_rva: int, regist
             if insn.id in _STOPS:
                 break
             if insn.id == x86.X86_INS_CALL:
-                live |= pending & _ARGUMENTS  # possibly passed on as an argument
+                live |= _arguments_read(table, _direct_target(insn), pending, depth)
                 pending = pending - _clobbered_by(table, insn)
                 rva = next_rva
                 continue
@@ -195,14 +203,27 @@ def _live_after(table: FunctionTable, function: Function, start_rva: int, regist
                 elif any(b <= target < e for b, e in inside):
                     targets = [target]
                 else:  # a tail jump: arguments and whatever the target leaves alone go back to our caller
-                    leaving = pending & (_ARGUMENTS | (ALL_VOLATILE - _clobbered_at(table, target)))
-                    live |= leaving
+                    live |= _arguments_read(table, target, pending, depth)
+                    live |= pending - _clobbered_at(table, target)
                     targets = []
                 work.extend((t, pending) for t in targets)
                 if not conditional:
                     break
             rva = next_rva
     return live & registers
+
+
+def _arguments_read(table: FunctionTable, target: int | None, pending: frozenset[str], depth: int) -> set[str]:
+    """Which pending argument registers a call to ``target`` may read as its arguments."""
+    arguments = pending & _ARGUMENTS
+    callee = table.at(target) if target is not None and arguments else None
+    if callee is None or depth == 0:
+        return set(arguments)
+    cache = table.__dict__.setdefault("_arguments_read_cache", {})
+    key = (callee.rva, arguments, depth)
+    if key not in cache:
+        cache[key] = _live_after(table, callee, callee.rva, arguments, depth - 1)
+    return set(cache[key])
 
 
 def _clobbered_by(table: FunctionTable, insn: capstone.CsInsn) -> frozenset[str]:

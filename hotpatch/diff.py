@@ -22,6 +22,7 @@ from .image import Image
 from .matching import Match, match_functions
 from .streams import InstructionStreams
 from .targets import CODE, DATA, FUNCTION, IMPORT, OTHER, TargetClassifier
+from .uncovered import uncovered_changes
 
 __all__ = ["DataChange", "DiffResult", "FunctionDiff", "diff"]
 
@@ -108,6 +109,7 @@ def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | Functio
     pairing = _Pairing(table_a, table_b, function_map, streams)
     functions = pairing.classify(matches)
     data, data_map = diff_data(table_a, table_b, functions, function_map, pairing)
+    data += uncovered_changes(table_a, table_b, function_map)
     result = DiffResult(table_a, table_b, tuple(functions), tuple(data), None, function_map, data_map,
                         streams=streams)
     verdict, evidence = decide(result, allow_layout_change=allow_layout_change, strict_exports=strict_exports)

@@ -59,7 +59,6 @@ __all__ = [
     "OtherBaselineError",
     "BatchError",
     "ReportError",
-    "HealthCheckError",
     "RolloutError",
     "PlanError",
     "RolloutLockedError",
@@ -362,10 +361,6 @@ class ReportError(HotpatchError):
 
 
 # ---------------------------------------------------------------- health gate and rollouts
-
-
-class HealthCheckError(ApplyError):
-    """A health check failed during the soak after a commit (what was rolled back is in the message)."""
 
 
 class RolloutError(HotpatchError):

@@ -3,9 +3,11 @@
 .pdata is authoritative for the functions it lists (x64 requires it for every
 function that touches the stack), but leaf functions and hand-written kernels
 often have none. Those come from exports, COFF symbols, the entry point,
-pointers into code held in data (covered by base relocations), and direct call
-targets, followed until nothing new appears. A function without .pdata runs to
-the next known start, less the padding in front of it.
+import thunks, exception handlers named by unwind info, pointers into code held
+in data (covered by base relocations), direct call targets and code addresses
+taken with lea (validated), followed until nothing new appears. A function
+without .pdata ends where no path from its entry goes on, and never past the
+next known start.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from typing import Any
 
 from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
 from .collector import gc_paused
+from .flow import terminates
 from .image import Image, Section, UnwindInfo
-from .refkinds import CALL_REL32, IAT_JUMP
+from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
 
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
 
 #: discovery sources, in the order they are tried
-SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "pointer", "call")
+SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "handler", "pointer", "call", "lea", "rva32", "gap")
 
 # Padding between functions: int3, nop and the multi-byte nops compilers emit
 # for alignment (0F 1F /0 with their 66/2E prefixes, and 66 90).
@@ -199,6 +202,11 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         add(image.entry_rva, "entry")
     for thunk in _import_thunks(image):
         add(thunk, "thunk")
+    # Exception and termination handlers named by unwind info: the OS calls them, nothing in the code does
+    # (hand-written assembly's SEH handlers have no .pdata of their own).
+    for runtime in image.runtime_functions:
+        if runtime.unwind.handler_rva is not None:
+            add(runtime.unwind.handler_rva, "handler")
     memory, base = image.memory, image.image_base
     decodable: dict[int, bool] = {}
     for reloc in image.relocations:
@@ -213,24 +221,47 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         if decodable[target]:
             add(target, "pointer")
 
-    # Follow direct calls until no new function appears; decodes are cached by range.
+    # Follow direct calls and code addresses taken with lea until no new function appears; decodes are
+    # cached by range. A function without .pdata ends where no path goes on (``_reachable``): what lies
+    # behind is data or code reached some other way, never more of it.
     decoded: dict[tuple[int, tuple[tuple[int, int], ...]], FunctionAnalysis] = {}
+    words = _rva32_words(image)
+    bounded: dict[Item, Item] = {}
+    scanned: set[Item] = set()
+    calls: set[int] = set()
+    taken: set[int] = set()  # addresses taken with lea
+    rejected: set[int] = set()  # candidates already judged not to start a function
     while True:
         layout = _layout(image, sources, pdata)
-        todo = [item for item in layout if item not in decoded]
-        for item, analysis in zip(todo, decode(ctx, todo, core)):
-            decoded[item] = analysis
-        targets = {ref[4] for item in todo for ref in decoded[item].raw_refs if ref[0] == CALL_REL32}
+        _decode_missing(ctx, core, decoded, layout)
+        for item in layout:
+            if item not in bounded:
+                bounded[item] = item if item[0] in pdata else _reachable(memory, item, decoded[item])
+        layout = [bounded[item] for item in layout]
+        _decode_missing(ctx, core, decoded, layout)
+        fresh = [decoded[item] for item in layout if item not in scanned]
+        scanned.update(layout)
+        calls.update(ref[4] for analysis in fresh for ref in analysis.raw_refs if ref[0] == CALL_REL32)
+        taken |= _lea_targets(memory, fresh)
         found = False
-        for target in targets:
+        for target in calls - sources.keys():
             found |= add(target, "call")
+        found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
+            t for t in taken - sources.keys() - rejected if acceptable(t) and _boundary(image, layout, t, core)])
+        if not found:
+            places = _gap_starts(image, layout)
+            found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
+                t for t in _named_by_words(places, words) - sources.keys() - rejected if acceptable(t)])
+        if not found:
+            # MSVC pads between functions with int3: code right after it, outside every function, that
+            # decodes as sane code is a function nothing names (C++ exception funclets, FH4's packed maps)
+            found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
+                t for t in places - sources.keys() - rejected if memory[t - 1] == 0xCC and acceptable(t)])
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
     layout = [item if item[0] in pdata else _trimmed(image, item, decoded[item]) for item in layout]
-    todo = [item for item in layout if item not in decoded]
-    for item, analysis in zip(todo, decode(ctx, todo, core)):
-        decoded[item] = analysis
+    _decode_missing(ctx, core, decoded, layout)
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, core)
@@ -248,14 +279,24 @@ _THUNK_RE = re.compile(rb"\xff\x25(....)", re.DOTALL)
 
 
 def _import_thunks(image: Image) -> list[int]:
-    """``jmp [rip+IAT slot]`` stubs: the linker's import thunks (mingw calls CRT functions through them)."""
-    out = []
+    """``jmp [rip+IAT slot]`` stubs: the linker's import thunks (mingw calls CRT functions through them).
+
+    ``FF 25`` right after a REX byte is the tail of MSVC's 7-byte ``48 FF 25`` tail jump to an import, not
+    a thunk: a start there would lie inside that instruction and cut its function short. A REX-valued byte
+    is still the end of a previous thunk's displacement when thunks follow each other (MSVC lays them out
+    back to back), so a thunk six bytes earlier vouches for the boundary.
+    """
+    out: list[int] = []
+    memory = image.memory
     for section in image.executable_sections:
-        for match in _THUNK_RE.finditer(image.memory, section.rva, section.end_rva):
+        for match in _THUNK_RE.finditer(memory, section.rva, section.end_rva):
             rva = match.start()
             target = rva + 6 + int.from_bytes(match.group(1), "little", signed=True)
-            if image.import_at(target) is not None:
-                out.append(rva)
+            if image.import_at(target) is None:
+                continue
+            if rva > section.rva and 0x40 <= memory[rva - 1] <= 0x4F and not (out and out[-1] == rva - 6):
+                continue
+            out.append(rva)
     return out
 
 
@@ -286,6 +327,210 @@ def _layout(image: Image, sources: dict[int, set[str]],
             limit = min(limit, starts[index + 1])
         out.append((rva, ((rva, limit),)))
     return out
+
+
+Item = tuple[int, tuple[tuple[int, int], ...]]
+
+
+def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, FunctionAnalysis],
+                    layout: list[Item]) -> None:
+    todo = list(dict.fromkeys(item for item in layout if item not in decoded))
+    for item, analysis in zip(todo, decode(ctx, todo, core)):
+        decoded[item] = analysis
+
+
+def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis) -> Item:
+    """The item cut after the first instruction that does not fall through (ret, jmp, ud2, int3) with no
+    branch or jump-table target of the function beyond it: nothing after it is reached from the entry.
+
+    Only for functions without .pdata, whose end is otherwise just the next known start: MSVC's leaves
+    and hand-written code are followed by tables, constants and code reached only through pointers, and
+    sweeping those as part of the function gives it references to nowhere (issue 15, cause 9).
+    """
+    rva, ((begin, limit),) = item
+    rvas = analysis.insn_rvas
+    refs = analysis.raw_refs
+    tables = {table[0]: max(table[3]) for table in analysis.raw_tables if table[3]}
+    reach = begin
+    ref_index, ref_count = 0, len(refs)
+    count = len(rvas)
+    for index in range(count):
+        insn = rvas[index]
+        while ref_index < ref_count and refs[ref_index][1] <= insn:
+            kind, _, _, _, target = refs[ref_index]
+            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < limit:
+                reach = target
+            ref_index += 1
+        table_reach = tables.get(insn)
+        if table_reach is not None and table_reach > reach:
+            reach = table_reach
+        end = rvas[index + 1] if index + 1 < count else limit
+        if reach < end and memory[insn] in _MAY_TERMINATE and terminates(memory, insn, end):
+            return (rva, ((begin, end),)) if end < limit else item
+    return item
+
+
+#: first bytes of an instruction that may not fall through: the opcodes themselves and prefixes
+_MAY_TERMINATE = frozenset((0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4, 0x0F, 0xFF, 0x66, 0xF2, 0xF3, 0x2E,
+                            0x3E, 0x26, 0x36, 0x64, 0x65, *range(0x40, 0x50)))
+
+
+def _lea_targets(memory: bytes, analyses: list[FunctionAnalysis]) -> set[int]:
+    """Addresses taken with ``lea r, [rip+X]``: callbacks passed by address, often leaves without .pdata."""
+    out = set()
+    for analysis in analyses:
+        for kind, insn_rva, operand_offset, _, target in analysis.raw_refs:
+            # RIP-relative addressing has no SIB byte: the opcode sits right before the ModRM byte
+            if kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
+                out.add(target)
+    return out
+
+
+def _rva32_words(image: Image) -> list[array]:
+    """Every 32-bit value, at every alignment, of the sections that are neither code nor .pdata/.reloc:
+    where MSVC's C++ exception tables (packed, so unaligned, in FH4), CFG tables and other address
+    tables keep image-relative addresses of code."""
+    out = []
+    memory = image.memory
+    for section in image.sections:
+        if section.executable or section.name in (".pdata", ".reloc"):
+            continue
+        for phase in range(4):
+            begin = section.rva + phase
+            end = begin + (max(0, min(section.end_rva, len(memory)) - begin) // 4) * 4
+            words = array("I")
+            words.frombytes(memory[begin:end])
+            out.append(words)
+    return out
+
+
+def _gap_starts(image: Image, layout: list[Item]) -> set[int]:
+    """Places outside every function where code could begin: a gap's start, the end of each fill run."""
+    memory = image.memory
+    places: set[int] = set()
+    starts = [item[0] for item in layout]
+    for section in image.executable_sections:
+        first = bisect_right(starts, section.rva - 1)
+        last = bisect_right(starts, section.end_rva - 1)
+        for index in range(first, last):
+            end = layout[index][1][0][1]
+            limit = min(starts[index + 1], section.end_rva) if index + 1 < last else section.end_rva
+            if end >= limit:
+                continue
+            if memory[end] not in _FILL_BYTES:
+                places.add(end)
+            # code follows int3/nop padding; zero runs in a gap are data more often than not
+            places.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
+                          if match.end() < limit)
+    return places
+
+
+def _named_by_words(places: set[int], words: list[array]) -> set[int]:
+    """The places some 32-bit value in data names."""
+    found: set[int] = set()
+    for chunk in words:
+        found |= places.intersection(chunk)
+    return found
+
+
+def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
+    """Whether ``rva`` can start a function: outside every function's reachable code, right after fill
+    or after a function's last instruction (never inside an instruction), and decodable."""
+    section = image.code_section(rva)
+    if section is None:
+        return False
+    index = bisect_right(layout, (rva, ((1 << 62, 0),))) - 1
+    previous_end = section.rva
+    if index >= 0:
+        (begin, end) = layout[index][1][0]
+        if begin <= rva < end:
+            return False  # inside code some function reaches (or inside a .pdata function)
+        previous_end = max(previous_end, end)
+    if rva != previous_end and image.memory[rva - 1] not in _FILL_BYTES:
+        return False
+    return bool(core.instruction_text(image.memory, rva, rva + 15))
+
+
+def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item], add: Any, source: str,
+                   rejected: set[int], candidates: list[int]) -> bool:
+    """Add the plausible candidates as functions from ``source``; remember the others. True if any was new."""
+    accepted = set(_plausible(image, ctx, core, layout, candidates))
+    rejected.update(t for t in candidates if t not in accepted)
+    found = False
+    for target in sorted(accepted):
+        found |= add(target, source)
+    return found
+
+
+def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item], candidates: list[int]) -> list[int]:
+    """The candidates whose code, decoded up to where no path goes on, makes only sane references.
+
+    Hand-written assembly takes the address of its constant tables in .text with lea too (OpenSSL's AES
+    tables); decoded as code those bytes branch and point outside the image or into the middle of
+    nowhere, which compiled code never does.
+    """
+    # Each candidate is judged up to the next known start (a rejected candidate after it bounds nothing).
+    # The sweep first stops at the next candidate: a candidate that is data shows it there already, and
+    # looking further is only needed for sane code that runs into the next candidate.
+    starts = [item[0] for item in layout]
+    ordered = sorted(candidates)
+    limits = []
+    for rva in ordered:
+        section = image.code_section(rva)
+        assert section is not None
+        following = bisect_right(starts, rva)
+        limits.append(min(starts[following] if following < len(starts) else section.end_rva, section.end_rva))
+    short = [(rva, ((rva, min(limit, ordered[i + 1]) if i + 1 < len(ordered) else limit),))
+             for i, (rva, limit) in enumerate(zip(ordered, limits))]
+    out: list[int] = []
+    longer = []
+    for item, limit, verdict in zip(short, limits, _judged(image, ctx, core, short)):
+        if verdict == "runs on" and item[1][0][1] < limit:
+            longer.append((item[0], ((item[0], limit),)))
+        elif verdict:
+            out.append(item[0])
+    out.extend(item[0] for item, verdict in zip(longer, _judged(image, ctx, core, longer)) if verdict)
+    return out
+
+
+def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item]) -> list[str]:
+    """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
+    "runs on" if it runs to the item's end."""
+    memory = image.memory
+    analyses = decode(ctx, items, core)
+    reached = [_reachable(memory, item, analysis) for item, analysis in zip(items, analyses)]
+    cut = [r for r, item in zip(reached, items) if r != item]
+    redecoded = dict(zip(cut, decode(ctx, cut, core)))
+    out = []
+    for item, r, analysis in zip(items, reached, analyses):
+        if r != item:
+            analysis = redecoded[r]
+        out.append("" if not _sane(image, core, r, analysis) else "ends" if r != item else "runs on")
+    return out
+
+
+def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis) -> bool:
+    """No undecodable byte, every branch lands on code, every memory operand in the image."""
+    (begin, end), = item[1]
+    rvas = analysis.insn_rvas
+    if not rvas or rvas[0] != begin:
+        return False
+    for kind, _, _, _, target in analysis.raw_refs:
+        if kind in (BRANCH_REL8, BRANCH_REL32, CALL_REL32):
+            if image.code_section(target) is None:
+                return False
+            if begin <= target < end and target not in rvas:
+                return False  # a branch into the middle of one of its own instructions
+        elif kind == RIP_RELATIVE and image.section_from_rva(target) is None:
+            return False
+    if analysis.raw_tables:
+        return True
+    # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
+    text = core.instruction_text(image.memory, begin, end)
+    return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
+
+
+_FILL_BYTES = frozenset((0xCC, 0x90, 0x00))
 
 
 def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import warnings
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from .errors import (
     TruncatedImageError,
     UnsupportedArchitectureError,
 )
+from .names import pe_name
 
 __all__ = [
     "Export",
@@ -46,6 +48,9 @@ MACHINE_NAMES = {0x14C: "i386", 0x8664: "x86-64", 0xAA64: "ARM64", 0xA641: "ARM6
 MAGIC_PE32 = 0x10B
 MAGIC_PE32_PLUS = 0x20B
 DIRECTORY_SECURITY = 4  # its "RVA" is a file offset, so it is not checked against SizeOfImage
+#: The image is mapped into memory whole (Image.memory): beyond the rel32 reach nothing could be hotpatched
+#: anyway, and it keeps a hostile header from costing gigabytes.
+MAX_SIZE_OF_IMAGE = 1 << 31
 
 SCN_MEM_EXECUTE = 0x20000000
 SCN_MEM_READ = 0x40000000
@@ -209,7 +214,10 @@ class Image:
         config.parse_exceptions = True
         config.parse_rsrc = False
         config.parse_signature = False
-        with gc_paused():  # tens of thousands of LIEF objects and tuples, no cycles
+        # LIEF's bindings warn (RuntimeWarning, with file paths) for values outside their enums, such as an
+        # unknown relocation type or storage class; those entries are simply not ones this model keeps.
+        with gc_paused(), warnings.catch_warnings():  # gc: tens of thousands of LIEF objects, no cycles
+            warnings.simplefilter("ignore")
             binary = _lief_parse(data, config)
             if binary is None:
                 raise CorruptImageError(f"{label}: LIEF could not parse the image")
@@ -314,7 +322,12 @@ def _check_headers(data: bytes, label: str) -> _Headers:
         raise UnsupportedArchitectureError(f"{label}: {arch} image; only PE32+ x86-64 is supported")
     if optional_size < 112 or optional + optional_size > size:
         raise TruncatedImageError(f"{label}: truncated optional header ({optional_size} bytes declared)")
+    section_alignment = struct.unpack_from("<I", data, optional + 32)[0]
     size_of_image, size_of_headers, checksum = struct.unpack_from("<III", data, optional + 56)
+    if section_alignment == 0 or section_alignment & (section_alignment - 1):
+        raise CorruptImageError(f"{label}: corrupt SectionAlignment {section_alignment:#x}")
+    if size_of_image > MAX_SIZE_OF_IMAGE:
+        raise CorruptImageError(f"{label}: SizeOfImage {size_of_image:#x} is above the limit of {MAX_SIZE_OF_IMAGE:#x}")
     directory_count = struct.unpack_from("<I", data, optional + 108)[0]
     if directory_count > 16 or 112 + 8 * directory_count > optional_size:
         raise CorruptImageError(f"{label}: corrupt data directory count {directory_count}")
@@ -326,7 +339,7 @@ def _check_headers(data: bytes, label: str) -> _Headers:
     sections = []
     for index in range(section_count):
         raw = struct.unpack_from("<8sIIIIIIHHI", data, table + 40 * index)
-        name = raw[0].rstrip(b"\0").decode("latin-1")
+        name = pe_name(raw[0].rstrip(b"\0"))
         virtual_size, rva, raw_size, raw_offset, characteristics = raw[1], raw[2], raw[3], raw[4], raw[9]
         if raw_size and raw_offset + raw_size > size:
             raise TruncatedImageError(
@@ -336,6 +349,11 @@ def _check_headers(data: bytes, label: str) -> _Headers:
             raise CorruptImageError(f"{label}: corrupt: section {name} ends past SizeOfImage")
         sections.append(section)
     sections.sort(key=lambda s: s.rva)
+    # What the loader maps is the sections; a larger SizeOfImage would only cost memory (Image.memory).
+    needed = _align_up(max([size_of_headers, *(s.end_rva for s in sections)]), section_alignment)
+    if size_of_image > needed:
+        raise CorruptImageError(
+            f"{label}: corrupt: SizeOfImage {size_of_image:#x} is larger than the sections need ({needed:#x})")
     for before, after in zip(sections, sections[1:]):
         if before.end_rva > after.rva:
             raise CorruptImageError(f"{label}: corrupt: sections {before.name} and {after.name} overlap")
@@ -347,6 +365,10 @@ def _check_headers(data: bytes, label: str) -> _Headers:
             raise CorruptImageError(
                 f"{label}: corrupt data directory {index}: {rva:#x}+{length:#x} is outside the image")
     return _Headers(machine, timedatestamp, checksum, size_of_image, tuple(sections))
+
+
+def _align_up(value: int, alignment: int) -> int:
+    return (value + alignment - 1) & ~(alignment - 1)
 
 
 # ── building the model from LIEF ───────────────────────────────────────────
@@ -407,20 +429,21 @@ def _exports(binary: Any) -> tuple[Export, ...]:
         forwarder = None
         if entry.is_forwarded:
             info = entry.forward_information
-            forwarder = f"{info.library}.{info.function}"
-        out.append(Export(entry.name or None, entry.ordinal, entry.address, forwarder))
+            forwarder = f"{pe_name(info.library)}.{pe_name(info.function)}"
+        out.append(Export(pe_name(entry.name) or None, entry.ordinal, entry.address, forwarder))
     return tuple(sorted(out, key=lambda e: (e.rva, e.ordinal)))
 
 
 def _imports(binary: Any, label: str) -> tuple[Import, ...]:
     out = []
     for module in binary.imports:
+        dll = pe_name(module.name)
         for entry in module.entries:
             iat_rva = entry.iat_address
             if entry.is_ordinal:
-                out.append(Import(module.name, None, entry.ordinal, iat_rva))
+                out.append(Import(dll, None, entry.ordinal, iat_rva))
             else:
-                out.append(Import(module.name, entry.name, None, iat_rva))
+                out.append(Import(dll, pe_name(entry.name), None, iat_rva))
     return tuple(out)
 
 
@@ -447,7 +470,7 @@ def _symbols(binary: Any, sections: tuple[Section, ...]) -> tuple[Symbol, ...]:
     by_index = {index + 1: section for index, section in enumerate(_file_order(binary, sections))}
     for symbol in binary.symbols:
         section = by_index.get(symbol.section_idx)
-        name = symbol.name
+        name = pe_name(symbol.name)
         if section is None or not name or name.startswith(".") or symbol.storage_class not in _DEFINED_CLASSES:
             continue
         rva = section.rva + symbol.value

@@ -35,6 +35,7 @@ REASON_KINDS = {
     "function_too_short": "a changed function is too short to redirect and has no usable padding",
     "unsupported_reference": "changed code makes a reference the package builder cannot relocate",
     "data_layout_change": "a structure the process keeps in memory changed its layout",
+    "uncovered_code": "executable bytes no discovered function covers changed; a package cannot carry them",
     "register_clobber": "a changed function writes a volatile register its old version left alone, and old "
                         "code that stays in the process (GCC -fipa-ra) reads it after a direct call",
 }
@@ -47,6 +48,7 @@ _DATA_REASONS = {
     "changed_export": "changed_exports",
     "tls_change": "tls_change",
     "entry_point_change": "entry_point_change",
+    "uncovered_code": "uncovered_code",
 }
 
 NOTE_KINDS = {

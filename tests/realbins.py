@@ -25,6 +25,8 @@ WHEELS: tuple[tuple[str, str], ...] = (
     ("cryptography", "43.0.1"),
     ("cryptography", "43.0.3"),
     ("psycopg-binary", "3.2.1"),  # libssl-1_1-x64.dll: a self-diff that once was not zero
+    ("pyzmq", "26.0.2"),
+    ("pyzmq", "26.0.3"),
 )
 
 

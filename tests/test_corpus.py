@@ -12,7 +12,6 @@ true), not the verdict itself.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,17 +33,9 @@ def corpus() -> dict[str, BuiltLibrary]:
 
 
 @pytest.fixture(scope="session")
-def corpus_prefix(corpus: dict[str, BuiltLibrary]) -> Iterator[Path]:
-    from hotpatch.winehost import wine_session
-
-    with wine_session(default_out().resolve() / "wineprefix") as prefix:
-        yield prefix
-
-
-@pytest.fixture(scope="session")
-def step_values(corpus: dict[str, BuiltLibrary], corpus_prefix: Path) -> dict[Path, Probes]:
+def step_values(corpus: dict[str, BuiltLibrary], wine_prefix: Path) -> dict[Path, Probes]:
     out = default_out().resolve()
-    return {step: probe_values(out, corpus_prefix, built, step) for built in corpus.values() for step in built.steps}
+    return {step: probe_values(out, wine_prefix, built, step) for built in corpus.values() for step in built.steps}
 
 
 @functools.cache
@@ -78,7 +69,7 @@ def test_no_unsafe_hotpatch(fix: Fix, corpus: dict[str, BuiltLibrary]) -> None:
 @pytest.mark.wine
 @pytest.mark.parametrize("fix", [f for f in FIXES if f.expected == "HOTPATCH"], ids=lambda f: f.id)
 def test_hotpatch_fix_builds_verifies_and_switches_live(
-    fix: Fix, corpus: dict[str, BuiltLibrary], corpus_prefix: Path, step_values: dict[Path, Probes],
+    fix: Fix, corpus: dict[str, BuiltLibrary], wine_prefix: Path, step_values: dict[Path, Probes],
     tmp_path: Path,
 ) -> None:
     base, patched = _pair(corpus, fix)
@@ -94,7 +85,7 @@ def test_hotpatch_fix_builds_verifies_and_switches_live(
     package, build, verify = build_and_verify(fix, base, patched, tmp_path)
     assert package is not None and build == "ok", build
     assert verify.startswith(("equal", "not run")), verify
-    live, back = live_switch(default_out().resolve(), corpus_prefix, corpus[fix.library], base, package,
+    live, back = live_switch(default_out().resolve(), wine_prefix, corpus[fix.library], base, package,
                              before, after)
     assert live.startswith(("switched", "applied (no probe")), live
     assert back in ("switched back", "rolled back"), back

@@ -107,3 +107,14 @@ def test_a_journal_moved_to_another_process_name_is_refused(tmp_path: Path) -> N
     os.rename(state / "42-1234.json", state / "42-9999.json")
     with pytest.raises(JournalError, match="another process"):
         Journal(state).process(42, 9999)
+
+
+def test_journals_of_an_exited_pid_are_closed(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    for pid, start in ((42, 1234), (42, 5678), (43, 1234)):
+        journal = Journal(state).process(pid, start)
+        journal.new_record(package_id="p", baseline_id="b", sequence=1, module_name="m.dll", module_base=0x10000)
+        journal.save()
+    assert Journal(state).close_exited(42) == 2
+    assert Journal(state).known() == [(43, 1234)]
+    assert sorted(p.name for p in state.iterdir()) == ["43-1234.json"]

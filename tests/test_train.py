@@ -128,8 +128,22 @@ def test_interrupted_train_resumes_from_the_releases_it_finished(product: Path, 
     # a half-written leftover and a truncated JSON are not outputs: the resumed run ignores them
     (out / "releases" / ".003-2026.04.json.x.part").write_text("{")
     (out / "releases" / "003-2026.04.json").write_text('{"schema": "hotpatch.train.rel')
-    resumed = run_train(load_manifest(product), out, cache=AnalysisCache(tmp_path / "cache"))
+    events: list[tuple[str, ...]] = []
+
+    class Recorder:
+        def release(self, index, release, modules, resumed) -> None:  # type: ignore[no-untyped-def]
+            events.append((release.name, str(modules), "resumed" if resumed else "run"))
+
+        def module(self, release, module) -> None:  # type: ignore[no-untyped-def]
+            events.append((release.name, module))
+
+    resumed = run_train(load_manifest(product), out, cache=AnalysisCache(tmp_path / "cache"), progress=Recorder())
     assert [r.resumed for r in resumed.releases] == [True, True, True, False, False, False, False]
+    # progress per release (with its count of changed modules) and per module diffed
+    assert events[:4] == [("2026.01", "0", "resumed"), ("2026.02", "1", "resumed"), ("2026.03", "2", "resumed"),
+                          ("2026.04", "3", "run")]
+    assert ("2026.05", "core.dll") in events and ("2026.06", "app.dll") in events
+    assert ("2026.04", "core.dll") not in events  # a planned baseline diffs nothing
     # what the interrupted run analysed is in the cache: May's core, June's util, app in both versions are not
     assert resumed.cache["analyses"] == 4
     assert [r.to_json() for r in resumed.releases] == [r.to_json() for r in straight.releases]
@@ -216,6 +230,11 @@ def test_bad_policy_and_key_are_refused_before_anything_is_written(product: Path
                  "--cache-dir", str(tmp_path / "c")])
     assert code == 2 and not (tmp_path / "out").exists()
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared").chmod(0o755)
+    code = main(["train", str(product), "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "shared")])
+    err = capsys.readouterr().err
+    assert code == 2 and "0700" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 # ── the policy ────────────────────────────────────────────────────────────────

@@ -17,6 +17,7 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 
 from hotpatch.apply.agent import AgentClient
@@ -94,9 +95,30 @@ def apply_release(engine: Engine, train: TrainResult, name: str) -> dict[str, ob
     return results
 
 
+def apply_release_cli(train: TrainResult, name: str, pid: int, public: bytes,
+                      capsys: pytest.CaptureFixture[str]) -> dict[str, dict]:
+    """The same through `hotpatch apply --pid PID --trust KEY --json`; module -> its result document."""
+    from hotpatch.cli import main
+
+    results = {}
+    for module in _outcome(train, name).modules:
+        if module.package:
+            code = main(["apply", str(train.out_dir / module.package["path"]), "--pid", str(pid),
+                         "--trust", public.hex(), "--json"])
+            out, err = capsys.readouterr()
+            assert code == 0, err
+            (results[module.module],) = orjson.loads(out)["results"]
+    return results
+
+
 def test_the_product_follows_its_train_live(train: TrainResult, agent: AgentClient, wine_prefix: Path,
-                                            built_fixtures: Path, keys: tuple[Path, bytes],
-                                            tmp_path: Path) -> None:
+                                            built_fixtures: Path, keys: tuple[Path, bytes], agent_exe: Path,
+                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # hotpatch 2 goes in through the command line, on the journal the engine of hotpatch 1 wrote
+    monkeypatch.setenv("HOTPATCH_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("HOTPATCH_WINEPREFIX", str(wine_prefix))
+    monkeypatch.setenv("HOTPATCH_AGENT", str(agent_exe))
     kinds = {r.name: r.kind for r in train.releases}
     assert [kinds[r.name] for r in RELEASES] == [r.kind for r in RELEASES]
     releases = {r.name: r for r in RELEASES}
@@ -118,7 +140,12 @@ def test_the_product_follows_its_train_live(train: TrainResult, agent: AgentClie
             mark = running.host.mark()
             with agent.open(running.host.pid) as backend:
                 engine = Engine(backend, journal, trusted_keys=[keys[1]])
-                results = apply_release(engine, train, release.name)
+                if release.name == "2026.03":
+                    documents = apply_release_cli(train, release.name, running.host.pid, keys[1], capsys)
+                else:
+                    results = apply_release(engine, train, release.name)
+                    assert results and all(r.status == "applied" and r.code_hash is not None
+                                           and r.code_hash.state == "verified" for r in results.values())
                 for name, values in mixes(previous, release).items():
                     allowed[name] |= values
                 running.wait(expected(release), mark)
@@ -129,10 +156,11 @@ def test_the_product_follows_its_train_live(train: TrainResult, agent: AgentClie
                 assert {p.state for p in live.values()} == {"ours"}
                 if release.name == "2026.03":
                     # hotpatch 2 stacked over hotpatch 1: core's package replaced the older one in one commit
-                    core = results["core.dll"]
-                    assert core.replaced == _package_id(train, "2026.02", "core.dll")
-                    assert core.commit is not None and core.commit.suspended
-                    assert results["util.dll"].replaced is None
+                    core = documents["core.dll"]
+                    assert core["status"] == "applied" and core["sequence"] == 2
+                    assert core["replaced"] == _package_id(train, "2026.02", "core.dll")
+                    assert core["commit"] is not None
+                    assert documents["util.dll"]["replaced"] is None
                 if release.name == "2026.06":
                     _refuses_other_baselines(engine, train, built_fixtures, releases, running, keys[0])
         assert running is not None

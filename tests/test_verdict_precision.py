@@ -59,6 +59,18 @@ def test_recompiled_callers_do_not_count_but_callers_left_in_place_do(cases: lis
     assert [r.message.split(" ")[:3] for r in reasons] == [["xor_kept", "keeps", "rdx"]]
 
 
+def test_only_arguments_the_next_callee_reads_are_live(cases: list[Case]) -> None:
+    from hotpatch.clobbers import live_clobbers
+
+    table = discover(Image.load(_case(cases, "clobber_dead_caller").baseline))
+    names = {s.rva: s.name for s in table.image.symbols}
+    scale = next(f for f in table if names.get(f.rva) == "scale")
+    # every caller counted as staying: scale_then_xor keeps b in rdx; twice_scaled calls twice(), which
+    # reads rcx only, so the rdx, r8 and r9 left over from scale() are passed to nobody
+    found = live_clobbers(table, scale, frozenset({"rdx", "r8", "r9"}), lambda f: True)
+    assert sorted((names[c.caller.rva], c.register) for c in found) == [("scale_then_xor", "rdx")]
+
+
 def _pair(cases: list[Case], name: str) -> tuple[Path, Path]:
     case = _case(cases, name)
     return case.baseline, case.patched
@@ -91,6 +103,32 @@ def test_a_pointer_to_another_function_is_a_data_change(cases: list[Case], tmp_p
     result = diff(case.baseline, changed)
     assert [(d.kind, d.baseline_rva) for d in result.data] == [("changed_writable_data", hooks["hooks_free"])]
     assert [r.kind for r in result.verdict.reasons] == ["changed_writable_data"]
+
+
+_GROWN = """#include <stdint.h>
+int64_t counters[COUNT];
+int64_t other;
+__declspec(dllexport) int64_t bump(int64_t x) { counters[COUNT - 1] += x; other++; return counters[COUNT - 1]; }
+"""
+
+
+def test_resize_needs_matched_code_reaching_past_the_old_extent(tmp_path: Path) -> None:
+    from tests.fixtures.build_fixtures import CC, CFLAGS, DLL_LDFLAGS
+
+    (tmp_path / "grown.c").write_text(_GROWN)
+    dlls = {}
+    for count in (2, 4):
+        for strip in ((), ("-s",)):
+            dll = tmp_path / f"{count}{''.join(strip)}.dll"
+            subprocess.run([CC, *CFLAGS, f"-DCOUNT={count}", "grown.c", "-o", dll.name, *DLL_LDFLAGS, *strip],
+                           cwd=tmp_path, check=True)
+            dlls[count, bool(strip)] = dll
+    grown = diff(dlls[2, False], dlls[4, False])
+    (change,) = grown.data
+    assert [(r.kind, r.subject) for r in grown.verdict.reasons] == [("resized_data", f"{change.baseline_rva:#x}")]
+    assert "counters+0x18, past the 16 bytes" in grown.verdict.reasons[0].message
+    # without symbols there is no object to measure from: no evidence, no resize
+    assert [d.kind for d in diff(dlls[2, True], dlls[4, True]).data] == []
 
 
 def test_new_export_is_a_note_unless_strict(cases: list[Case]) -> None:

@@ -238,8 +238,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    with _agent() as client, client.open(args.pid) as backend:
-        report = Engine(backend, Journal()).recover()
+    with _agent() as client:
+        try:
+            backend = client.open(args.pid)
+        except ProcessGoneError as exc:  # it took every change with it: its journals describe nothing now
+            closed = Journal().close_exited(args.pid)
+            raise ProcessGoneError(f"{exc}; nothing to recover ({closed} journal(s) of it closed)", args.pid) from None
+        with backend:
+            report = Engine(backend, Journal()).recover()
     lines = [f"pid {args.pid}: {'consistent' if report.consistent else 'INCONSISTENT'}"]
     for action in report.actions:
         lines.append(f"  {action['package_id']}: {action['before']} -> {action['after']} ({action['outcome']}): "

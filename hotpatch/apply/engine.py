@@ -440,6 +440,7 @@ class Engine:
         self.release_attempts = release_attempts
         self.release_wait = release_wait
         self.on_step = on_step
+        self._verified: list[PackageRecord] = []  # records that passed verify_record (held, so ids stay unique)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -514,7 +515,9 @@ class Engine:
             raise JournalError(f"journal record of package {record.package_id} refused: a function table "
                                "without a live allocation; nothing was changed")
         check_libraries(self.backend, record, package)
-        return derive_sites(self.backend, record, package, layout) if sites else []
+        derived = derive_sites(self.backend, record, package, layout) if sites else []
+        self._verified.append(record)  # the same object, later in this engine's life: no second round of reads
+        return derived
 
     def release(self, record: PackageRecord, check_threads: bool = True, verify: bool = True) -> bool:
         """Delete the function table, free the region and the libraries of a package no longer reachable.
@@ -527,7 +530,7 @@ class Engine:
         journal = self.process_journal
         allocation = record.allocation
         live = allocation is not None and allocation.state in (ALLOCATED, RETAINED)
-        if verify:
+        if verify and not any(r is record for r in self._verified):
             self.verify_record(record, sites=False)
         if live and check_threads and not self.code_unused(allocation.va, allocation.size):
             if allocation.state != RETAINED:

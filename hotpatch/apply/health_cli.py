@@ -13,7 +13,6 @@ import argparse
 import sys
 from typing import Any
 
-from ..errors import HealthCheckError
 from .agent import AgentClient
 from .health import BUILTIN_CHECKS, HealthSpec, parse_check, parse_duration, run_gate
 from .journal import Journal
@@ -39,7 +38,7 @@ def add_health_arguments(apply: argparse.ArgumentParser) -> None:
     """Register --health, --soak, --probe-interval, --probe-timeout and --no-auto-rollback on ``apply``."""
     group = apply.add_argument_group("health gate (after the commit)")
     group.add_argument("--soak", type=_duration, default=None, metavar="DURATION",
-                       help="watch the patched processes this long (30s, 5m); needed for --health")
+                       help="watch the patched processes this long (30s, 5m); --health alone: one round")
     group.add_argument("--health", type=_check, action="append", default=[], metavar="CHECK",
                        help="alive, sites, cmd:COMMAND or python:MODULE:FUNCTION; repeatable "
                             f"(default with --soak: {', '.join(BUILTIN_CHECKS)})")
@@ -54,14 +53,13 @@ def add_health_arguments(apply: argparse.ArgumentParser) -> None:
 def health_gate(args: argparse.Namespace, client: AgentClient, package_id: str, results: list[dict[str, Any]],
                 lines: list[str]) -> int:
     """Soak the processes ``results`` says were patched; returns the exit code the gate adds (0, 1 or 4)."""
-    if args.soak is None:
-        if args.health:
-            raise HealthCheckError("--health needs --soak DURATION (how long to watch)")
+    if args.soak is None and not args.health:
         return 0
     pids = [r["pid"] for r in results if r.get("status") == "applied"]
     if not pids or args.dry_run:
         return 0
-    spec = HealthSpec(tuple(args.health) or BUILTIN_CHECKS, args.soak, args.probe_interval, args.probe_timeout)
+    # --health without --soak: one round of checks right after the commit
+    spec = HealthSpec(tuple(args.health) or BUILTIN_CHECKS, args.soak or 0.0, args.probe_interval, args.probe_timeout)
     gate = run_gate(client, Journal(), package_id, pids, spec, auto_rollback=not args.no_auto_rollback)
     for result in results:
         if result.get("pid") in pids:

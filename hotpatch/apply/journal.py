@@ -403,6 +403,17 @@ class Journal:
     def process(self, pid: int, start_time: int) -> ProcessJournal:
         return ProcessJournal(self.path_for(pid, start_time), pid, start_time)
 
+    def close_exited(self, pid: int) -> int:
+        """Close the journals of a pid whose process is known to have exited; returns how many."""
+        closed = 0
+        for known_pid, start in self.known():
+            if known_pid == pid:
+                journal = self.process(pid, start)
+                with journal.locked():
+                    journal.close()
+                closed += 1
+        return closed
+
     def known(self) -> list[tuple[int, int]]:
         """(pid, start time) of every process with a journal."""
         found: list[tuple[int, int]] = []

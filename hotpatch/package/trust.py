@@ -138,10 +138,11 @@ class TrustStore:
             return cls([("env", Path(override).expanduser())], keys)
         return cls([("system", system_trust_dir()), ("user", user_trust_dir())], keys)
 
-    def writable_dir(self, scope: str) -> Path:
+    def writable_dir(self, scope: str) -> tuple[str, Path]:
+        """(scope, directory) that ``add`` writes to for ``scope``: $HOTPATCH_TRUST_DIR stands for the user's."""
         for name, path in self.dirs:
             if name == scope or (name == "env" and scope == "user"):
-                return path
+                return name, path
         raise PackageKeyError(f"trust store: no {scope} location while ${ENV_TRUST_DIR} is set")
 
     def keys(self) -> list[TrustedKey]:
@@ -177,7 +178,7 @@ class TrustStore:
         key = load_public_key(key_text)
         if "\n" in name or "\r" in name:
             raise PackageKeyError("a key's name is one line")
-        directory = self.writable_dir(scope)
+        scope, directory = self.writable_dir(scope)
         try:
             if scope == "system":
                 ensure_private_dir(directory, 0o755, shared_ok=True)

@@ -196,7 +196,7 @@ def _wave(table: dict[str, Any], path: str) -> WaveSpec:
                     _strings(table, "tags", path), count, float(percent) if percent is not None else None, rest)
     kinds = sum(bool(x) for x in (wave.hosts or wave.tags, count is not None, percent is not None, rest))
     if kinds != 1:
-        raise PlanError(f"{path}: a wave takes exactly one of hosts/tags, count, percent, rest")
+        raise PlanError(f"{path.rstrip('.')}: a wave takes exactly one of hosts/tags, count, percent, rest")
     if count is not None and count < 1:
         raise PlanError(f"{path}count: empty wave (count {count})")
     if percent is not None and not 0 < percent <= 100:

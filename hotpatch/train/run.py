@@ -149,9 +149,13 @@ def run_train(manifest: Manifest, out_dir: str | Path, *, sign_key: str | Path |
     ``calendar``: the picture's file name in ``out_dir`` (.svg or .png), or None.
     ``interrupt`` is called after each release is written (tests stop a train there).
     """
-    key = load_private_key(sign_key) if sign_key else None  # a bad key changes nothing on disk
+    # everything that can be refused is checked before the first file is written
+    if calendar is not None and Path(calendar).suffix.lower() not in (".svg", ".png"):
+        raise ValueError(f"calendar {calendar}: .svg or .png")
+    key = load_private_key(sign_key) if sign_key else None
     signer = public_key_bytes(key).hex() if key is not None else None
     cache = cache if cache is not None else AnalysisCache()
+    cache.check()
     progress = progress or _Quiet()
     out = Path(out_dir)
     (out / "releases").mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotpatch.apply.emulator import EmulatorBackend
+from hotpatch.calls import parse_inputs, run_calls
 from hotpatch.diff import diff
 from hotpatch.winehost import windows_path, wine_command, wine_env, wine_session
 from tests.corpus.build import BuiltLibrary, build_corpus, default_out, host_exe
@@ -35,6 +37,7 @@ from tests.corpus.model import Fix
 
 __all__ = ["Outcome", "Probes", "hotpatch_cli", "judge", "live_switch", "measure_fix", "probe_values"]
 
+ROOT = Path(__file__).resolve().parents[2]
 HOTPATCH = Path(sys.executable).with_name("hotpatch")
 HOST_TIMEOUT = 120  # Wine under load starts slowly; an iteration of every probe is quick
 SWITCH_TIMEOUT = 60
@@ -117,11 +120,35 @@ def hotpatch_cli(*argv: str, env: dict[str, str] | None = None, timeout: float =
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
 
-def _verify_inputs(fix: Fix, where: Path) -> Path | None:
+def _verify_inputs(fix: Fix, base: Path, where: Path) -> Path | None:
+    """The fix's emulator calls as a `hotpatch verify --inputs` file, each "$k" replaced by call k's value.
+
+    An API that hands out a handle (luaL_newstate's lua_State) cannot be driven by
+    calls with constant arguments; but the emulator is deterministic (docs/VERIFY.md),
+    so the value a call returns on the baseline is the one both of verify's processes
+    see when they make the same calls, as long as the calls before it are unchanged code.
+    """
     if not fix.verify:
         return None
+    def ref(arg: object) -> bool:
+        return isinstance(arg, str) and arg.startswith("$")
+
+    # calls up to the last one that takes a value run on the baseline, to learn the values
+    needed = max((i for i, c in enumerate(fix.verify) if any(map(ref, c.get("args", ())))), default=0)
+    calls: list[dict] = []
+    values: list[int | None] = []
+    backend = EmulatorBackend.load(base)
+    try:
+        for raw in fix.verify[:needed]:
+            calls.append({**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]})
+            (result,) = run_calls(backend, parse_inputs({"calls": [calls[-1]]}))
+            values.append(result.value)
+    finally:
+        backend.close()
+    calls += [{**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]}
+              for raw in fix.verify[needed:]]
     inputs = where / f"{fix.name}.inputs.json"
-    inputs.write_text(json.dumps({"calls": list(fix.verify)}, indent=1))
+    inputs.write_text(json.dumps({"calls": calls}, indent=1))
     return inputs
 
 
@@ -132,7 +159,7 @@ def build_and_verify(fix: Fix, base: Path, patched: Path, where: Path) -> tuple[
     code, text = hotpatch_cli("build", str(base), str(patched), "-o", str(package), "--cve", fix.cve)
     if code != 0:
         return None, f"failed (exit {code}): {text.splitlines()[-1] if text else ''}", "-"
-    inputs = _verify_inputs(fix, where)
+    inputs = _verify_inputs(fix, base, where)
     if inputs is None:
         return package, "ok", f"not run: {fix.verify_note or 'no emulator calls reach the fix'}"
     code, text = hotpatch_cli("verify", str(package), "--baseline", str(base), "--patched", str(patched),
@@ -222,7 +249,9 @@ def measure_all(out: Path | None = None, only: str | None = None) -> tuple[list[
     libraries = build_corpus(out)
     times["build"] = time.monotonic() - start
     outcomes = []
-    with wine_session(out / "wineprefix") as prefix:
+    # the test suite's prefix (tests/conftest.py): one Wine prefix to set up, not two
+    fixtures = Path(os.environ.get("HOTPATCH_FIXTURES") or ROOT / "build" / "fixtures")
+    with wine_session(fixtures.resolve() / "wineprefix") as prefix:
         start = time.monotonic()
         for built in libraries:
             fixes = [f for f in built.library.fixes if only in (None, f.name, f.library)]

@@ -49,7 +49,7 @@ PROBE lua_runerror(void)
                "return tostring(ok) .. ' ' .. err .. ' ' .. select('#', pcall(error))");
 }
 
-PROBE lua_concat(void)
+PROBE lua_concat_error(void)
 {
     return run("local parts = {} for i = 1, 50 do parts[#parts + 1] = i .. 'x' .. i * 2 end "
                "local s = table.concat(parts, ',') "

@@ -203,28 +203,41 @@ def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, packag
                 before: Probes, after: Probes) -> tuple[str, str]:
     """Apply ``package`` to a running multi-threaded host and roll it back; a word on each."""
     env = {"HOTPATCH_STATE": str(package.parent / "state"), "HOTPATCH_WINEPREFIX": str(prefix)}
-    running = _RunningHost(out, prefix, built, base)
+    # Only the probes the fix changes are waited for: the others keep their value, and a probe whose
+    # value depends on the process (a use-after-free reading a freed block) is not a stable observation.
     changed = sorted(p for p in after if after[p] is not None and before.get(p) not in (None, after[p]))
-    live, back = "-", "-"
+    before = {p: before[p] for p in changed}
+    after = {p: after[p] for p in changed}
     try:
-        if not running.wait_for(before):
-            return "host never showed the baseline's values", "-"
-        pid = str(running.host.pid)
-        code, text = hotpatch_cli("apply", str(package), "--pid", pid, "--allow-unsigned", env=env)
-        if code != 0:
-            return f"apply failed (exit {code}): {text.splitlines()[-1] if text else ''}", "-"
-        switched = running.wait_for(after)
-        live = (f"switched ({', '.join(changed)})" if changed else "applied (no probe output changes)") \
-            if switched else "applied, but the probes never showed the patched values"
-        code, text = hotpatch_cli("rollback", "--pid", pid, env=env)
-        if code != 0:
-            return live, f"rollback failed (exit {code}): {text.splitlines()[-1] if text else ''}"
-        back = ("switched back" if changed else "rolled back") if running.wait_for(before) \
-            else "rolled back, but the probes never showed the baseline's values again"
+        running = _RunningHost(out, prefix, built, base)
+    except AssertionError as exc:  # host.exe did not start (its output is in the message)
+        return f"host did not start: {str(exc)[:200]}", "-"
+    try:
+        live, back = _apply_and_rollback(running, package, env, before, after)
     finally:
         code, stderr = running.stop()
-        if code != 0:
-            live = f"{live}; host exited with {code}: {stderr.strip()[-200:]}"
+    if code != 0:
+        live = f"{live}; host exited with {code}: {stderr.strip()[-200:]}"
+    return live, back
+
+
+def _apply_and_rollback(running: _RunningHost, package: Path, env: dict[str, str],
+                        before: Probes, after: Probes) -> tuple[str, str]:
+    if not running.wait_for(before):
+        return "host never showed the baseline's values", "-"
+    pid = str(running.host.pid)
+    code, text = hotpatch_cli("apply", str(package), "--pid", pid, "--allow-unsigned", env=env)
+    if code != 0:
+        return f"apply failed (exit {code}): {text.splitlines()[-1] if text else ''}", "-"
+    switched = running.wait_for(after)
+    changed = ", ".join(after)
+    live = (f"switched ({changed})" if changed else "applied (no probe output changes)") if switched \
+        else "applied, but the probes never showed the patched values"
+    code, text = hotpatch_cli("rollback", "--pid", pid, env=env)
+    if code != 0:
+        return live, f"rollback failed (exit {code}): {text.splitlines()[-1] if text else ''}"
+    back = ("switched back" if changed else "rolled back") if running.wait_for(before) \
+        else "rolled back, but the probes never showed the baseline's values again"
     return live, back
 
 

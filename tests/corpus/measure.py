@@ -190,10 +190,20 @@ class _RunningHost:
         deadline = time.monotonic() + timeout
         mark = self.host.mark()
         while time.monotonic() < deadline:
-            if all((v,) in self.host.observed(mark, p) for p, v in wanted.items()):
+            seen = self._observed(mark)
+            if all((p, (v,)) in seen for p, v in wanted.items()):
                 return True
             time.sleep(0.1)
         return False
+
+    def _observed(self, start: int) -> set[tuple[str, tuple[int, ...] | None]]:
+        """(probe, values of one interval) since line ``start``; None for an interval with too many values."""
+        out: set[tuple[str, tuple[int, ...] | None]] = set()
+        for line in self.host.lines[start:]:
+            kind, *rest = line.split() or [""]
+            if kind == "observed":
+                out.add((rest[0], None if "..." in rest else tuple(int(v) for v in rest[1:])))
+        return out
 
     def stop(self) -> tuple[int, str]:
         return self.host.stop()
@@ -271,7 +281,9 @@ def measure_all(out: Path | None = None, only: str | None = None) -> tuple[list[
             if not fixes:
                 continue
             values = {step: probe_values(out, prefix, built, step) for step in built.steps}
-            outcomes += [measure_fix(out, prefix, built, fix, values) for fix in fixes]
+            for fix in fixes:
+                outcomes.append(measure_fix(out, prefix, built, fix, values))
+                print(json.dumps(outcomes[-1].to_json()), file=sys.stderr, flush=True)
         times["run"] = time.monotonic() - start
     return outcomes, times
 
@@ -286,8 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="one fix or one library")
     args = parser.parse_args(argv)
     outcomes, times = measure_all(args.out, args.only)
-    for o in outcomes:
-        print(json.dumps(o.to_json()))
     if args.json:
         args.json.write_text(json.dumps({"outcomes": [o.to_json() for o in outcomes], "times": times}, indent=1))
     if args.doc:

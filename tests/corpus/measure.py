@@ -288,6 +288,16 @@ def measure_all(out: Path | None = None, only: str | None = None) -> tuple[list[
     return outcomes, times
 
 
+def verdicts_only(out: Path | None = None) -> list[dict[str, object]]:
+    """Each fix's verdict and reasons, with whichever ``hotpatch`` is imported (e.g. another branch's)."""
+    rows = []
+    for built in build_corpus(out):
+        for fix in built.library.fixes:
+            verdict, reasons = judge(*built.pair(fix))
+            rows.append({"fix": fix.id, "expected": fix.expected, "verdict": verdict, "reasons": list(reasons)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from tests.corpus.report import write_doc
 
@@ -296,7 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=None, help="write the table there (docs/CORPUS.md)")
     parser.add_argument("--json", type=Path, default=None, help="write the outcomes as JSON there")
     parser.add_argument("--only", help="one fix or one library")
+    parser.add_argument("--verdicts-only", action="store_true",
+                        help="only the verdicts, as JSON (--json): see tests.corpus.report --compare")
     args = parser.parse_args(argv)
+    if args.verdicts_only:
+        rows = verdicts_only(args.out)
+        text = json.dumps({"hotpatch": str(Path(diff.__code__.co_filename).parent), "verdicts": rows}, indent=1)
+        if args.json:
+            args.json.write_text(text)
+        print(text)
+        return 0
     outcomes, times = measure_all(args.out, args.only)
     if args.json:
         args.json.write_text(json.dumps({"outcomes": [o.to_json() for o in outcomes], "times": times}, indent=1))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tests.corpus.measure import Outcome
 
-__all__ = ["render", "write_doc"]
+__all__ = ["compare_section", "render", "write_doc"]
 
 _HEAD = """# The real-fix corpus
 
@@ -85,3 +88,41 @@ def render(outcomes: list[Outcome], times: dict[str, float]) -> str:
 
 def write_doc(path: Path, outcomes: list[Outcome], times: dict[str, float]) -> None:
     path.write_text(render(outcomes, times))
+
+
+def compare_section(doc: str, outcomes: list[dict], other: list[dict], label: str) -> str:
+    """``doc`` with its comparison section (re)written: this table's verdicts against ``other``'s."""
+    title = "## Verdicts with other branches"
+    mine = {row["fix"]: row for row in outcomes}
+    lines = [title, "", f"The same pairs judged by {label} "
+             "(`python -m tests.corpus.measure --verdicts-only` with that tree first on PYTHONPATH, then "
+             "`python -m tests.corpus.report --compare`): verdicts only, no live runs.", "",
+             "| fix | expected | verdict above | verdict there | reasons there |", "|---|---|---|---|---|"]
+    for row in other:
+        here = mine.get(row["fix"], {}).get("verdict", "?")
+        reasons = "<br>".join(_cell(r) for r in row["reasons"]) or "—"
+        lines.append(f"| {row['fix']} | {row['expected']} | {here} | {row['verdict']} | {reasons} |")
+    hot = [r for r in other if r["expected"] == "HOTPATCH"]
+    got = [r for r in hot if r["verdict"] == "HOTPATCH"]
+    unsafe = [r["fix"] for r in other if r["expected"] == "NEW_BASELINE" and r["verdict"] == "HOTPATCH"]
+    lines += ["", f"Expected HOTPATCH: {len(hot)}; verdict HOTPATCH there: {len(got)} "
+              f"({100 * len(got) / max(1, len(hot)):.0f} %); unsafe HOTPATCH there: {', '.join(unsafe) or 'none'}."]
+    head, _, _ = doc.partition(title)
+    return head.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Add to docs/CORPUS.md the verdicts of another hotpatch tree.")
+    parser.add_argument("--doc", type=Path, default=Path("docs/CORPUS.md"))
+    parser.add_argument("--outcomes", type=Path, required=True, help="tests.corpus.measure --json output")
+    parser.add_argument("--compare", type=Path, required=True, help="tests.corpus.measure --verdicts-only --json")
+    parser.add_argument("--label", required=True, help="what the other tree is, e.g. 'main + verdict + discovery'")
+    args = parser.parse_args(argv)
+    outcomes = json.loads(args.outcomes.read_text())["outcomes"]
+    other = json.loads(args.compare.read_text())["verdicts"]
+    args.doc.write_text(compare_section(args.doc.read_text(), outcomes, other, args.label))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -86,7 +86,6 @@ def test_hotpatch_fix_builds_verifies_and_switches_live(
         assert verdict == "NEW_BASELINE" and reasons, f"{fix.id}: {verdict} without reasons"
         return
     before, after = step_values[base], step_values[patched]
-    assert all(v is not None for v in (*before.values(), *after.values())), "probe outputs must be stable"
     package, build, verify = build_and_verify(fix, base, patched, tmp_path)
     assert package is not None and build == "ok", build
     assert verify.startswith(("equal", "not run")), verify

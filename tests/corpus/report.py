@@ -35,6 +35,27 @@ Columns: **verify** is `hotpatch verify` with the fix's emulator calls;
 **live** is `hotpatch apply` to the running host (the probes whose value switched
 to the patched DLL's are named); **rollback** is `hotpatch rollback` and the
 values switching back. `-`: not run, because the verdict is NEW_BASELINE.
+
+Notes on the setup:
+
+- Every DLL is linked at 0x180000000 (MSVC's default, as the fixtures are). At another
+  preferred base (first tried: 0x6b000000..0x6d000000), `hotpatch verify` refused every
+  package with "code SHA-256 ... is not the baseline's": mingw-w64 keeps `__CTOR_LIST__` and
+  `__DTOR_LIST__` (absolute, relocated pointers) in .text, the emulator (like Windows)
+  rewrites the header's ImageBase when it relocates an image, and the code-hash check
+  (hotpatch/apply/status.py) then reverts relocations only for the header's base and
+  COMMON_BASES, never the baseline's real preferred base.
+- `hotpatch verify` runs where the emulator models what the fixed code calls: c-ares's
+  parsers and Lua's compiler and VM (luaL_newstate's handle passed on, see measure.py). It
+  cannot run libpng (msvcrt!_setjmp in every png_create_*_struct and png_safe_execute is not
+  modelled), c-ares's read_udp_packets (sockets), or sort-list entries without a prefix
+  (ws2_32!ntohl is not modelled).
+- CVE-2026-33416 parts 1 and 3 change who frees `png_struct.trans_alpha` and `.palette`
+  without changing any layout or datum: objects made by the old code and freed by the new one
+  are freed twice. No binary diff can see that; their files say `detectable = false`, and a
+  HOTPATCH verdict for them is listed below as unsafe.
+- CVE-2026-33636.patch (arm/ NEON code only) is applied with CVE-2026-34757 part 1: an
+  x86-64 build does not compile it.
 """
 
 

@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     outcomes = json.loads(args.outcomes.read_text())["outcomes"]
     other = json.loads(args.compare.read_text())["verdicts"]
-    args.doc.write_text(compare_section(args.doc.read_text(), outcomes, other, args.label))
+    doc = args.doc.read_text()
+    doc = _HEAD + "## Table" + doc.partition("## Table")[2]  # the notes as this version of the page has them
+    args.doc.write_text(compare_section(doc, outcomes, other, args.label))
     return 0
 
 

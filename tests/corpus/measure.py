@@ -72,7 +72,8 @@ class Outcome:
     def to_json(self) -> dict[str, object]:
         return {"fix": self.fix.id, "cve": self.fix.cve, "expected": self.fix.expected, "verdict": self.verdict,
                 "reasons": list(self.reasons), "build": self.build, "verify": self.verify, "live": self.live,
-                "rollback": self.rollback, "changed_probes": self.changed_probes, "seconds": round(self.seconds, 1)}
+                "rollback": self.rollback, "changed_probes": self.changed_probes, "seconds": round(self.seconds, 1),
+                "before": self.before, "after": self.after}
 
 
 # ── the host ───────────────────────────────────────────────────────────────

@@ -75,7 +75,8 @@ def render(outcomes: list[Outcome], times: dict[str, float]) -> str:
               "Each probe's value on the step before and after the fix (hex); only probes whose value changed, "
               "and `unstable` where threads saw different values.", ""]
     for o in outcomes:
-        changed = [f"`{p}` {o.before[p]:#x} → {o.after[p]:#x}" for p in o.changed_probes]
+        changed = [f"`{p}` {o.before[p]:#x} → {o.after[p]:#x}" if p in o.before else f"`{p}`"
+                   for p in o.changed_probes]
         unstable = sorted(p for p in o.after if o.after[p] is None or o.before.get(p) is None)
         text = "; ".join(changed) or "no probe output changes"
         if unstable:
@@ -132,15 +133,41 @@ def compare_section(doc: str, outcomes: list[dict], other: list[dict], label: st
     return head.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
 
 
+def outcomes_from_rows(rows: list[dict]) -> list[Outcome]:
+    """Outcomes read back from measure's JSON lines (probe values where the rows carry them)."""
+    from tests.corpus.measure import Outcome
+    from tests.corpus.model import load_corpus
+
+    fixes = {f.id: f for lib in load_corpus() for f in lib.fixes}
+    out = []
+    for row in rows:
+        values = "before" in row
+        out.append(Outcome(fixes[row["fix"]], row["verdict"], tuple(row["reasons"]),
+                           {k: v for k, v in row.get("before", {}).items()}, dict(row.get("after", {})),
+                           row["build"], row["verify"], row["live"], row["rollback"], row["seconds"],
+                           None if values else tuple(row["changed_probes"])))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Add to docs/CORPUS.md the verdicts of another hotpatch tree.")
     parser.add_argument("--doc", type=Path, default=Path("docs/CORPUS.md"))
     parser.add_argument("--outcomes", type=Path, required=True, help="tests.corpus.measure --json output")
+    parser.add_argument("--rows", type=Path, nargs="*", default=(),
+                        help="render the page first from measure's JSON lines (its stderr), in this order")
+    parser.add_argument("--seconds", type=float, nargs=2, default=(0.0, 0.0), help="build and run times")
     parser.add_argument("--compare", type=Path, required=True, help="tests.corpus.measure --verdicts-only --json")
     parser.add_argument("--label", required=True, help="what the other tree is, e.g. 'main + verdict + discovery'")
     args = parser.parse_args(argv)
-    outcomes = json.loads(args.outcomes.read_text())["outcomes"]
     other = json.loads(args.compare.read_text())["verdicts"]
+    if not args.rows:
+        outcomes = json.loads(args.outcomes.read_text())["outcomes"]
+    else:
+        rows = [json.loads(line) for path in args.rows for line in path.read_text().splitlines()
+                if line.startswith("{")]
+        args.outcomes.write_text(json.dumps({"outcomes": rows}, indent=1))
+        write_doc(args.doc, outcomes_from_rows(rows), dict(zip(("build", "run"), args.seconds)))
+        outcomes = rows
     doc = args.doc.read_text()
     doc = _HEAD + "## Table" + doc.partition("## Table")[2]  # the notes as this version of the page has them
     args.doc.write_text(compare_section(doc, outcomes, other, args.label))

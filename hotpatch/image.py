@@ -242,8 +242,19 @@ class Image:
 
     def code_section(self, rva: int) -> Section | None:
         """The executable section holding ``rva``, or None."""
-        section = self.section_from_rva(rva)
-        return section if section is not None and section.executable else None
+        # discovery asks this hundreds of thousands of times: bisect the executable sections only
+        starts, ends, ordered = self._code_index
+        index = bisect_right(starts, rva) - 1
+        return ordered[index] if index >= 0 and rva < ends[index] else None
+
+    @property
+    def _code_index(self) -> tuple[list[int], list[int], list[Section]]:
+        cached = self.__dict__.get("_code_index_cache")
+        if cached is None:
+            ordered = [s for s in self._section_index[2] if s.executable]
+            cached = ([s.rva for s in ordered], [s.end_rva for s in ordered], ordered)
+            object.__setattr__(self, "_code_index_cache", cached)
+        return cached
 
     def is_executable_rva(self, rva: int) -> bool:
         return self.code_section(rva) is not None

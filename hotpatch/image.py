@@ -515,10 +515,13 @@ def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str) -
         info = entry.unwind_info
         if info is None:
             raise CorruptImageError(f"{label}: .pdata entry {begin:#x} has no readable unwind info")
-        root = entry
-        depth = 0
-        while root.unwind_info is not None and root.unwind_info.chained is not None and depth < 32:
-            root = root.unwind_info.chained
+        # each LIEF attribute read builds a new Python object: read each link of the chain once
+        root, root_info, depth = entry, info, 0
+        while depth < 32:
+            chained = root_info.chained if root_info is not None else None
+            if chained is None:
+                break
+            root, root_info = chained, chained.unwind_info
             depth += 1
         if root is entry:
             roots[begin] = (end, _unwind(info, entry.unwind_rva))

@@ -47,8 +47,10 @@ def test_batch_throughput(benchmark: Any, real_jobs: list[Job], tmp_path_factory
     assert summary["verdicts"]["NEW_BASELINE"] >= 1  # cryptography's rebuilt Rust tree
     rate = len(real_jobs) / benchmark.stats.stats.max * 60
     _RATES[engine] = rate
+    cpu_rate = len(real_jobs) / summary["cpu_seconds"] * 60
     benchmark.extra_info.update(jobs=len(real_jobs), jobs_per_minute=round(rate, 1),
-                                job_seconds=summary["job_seconds"],
+                                job_seconds=summary["job_seconds"], jobs_per_cpu_minute=round(cpu_rate, 1),
                                 scaling=round(rate / _RATES["local-1"], 2) if "local-1" in _RATES else None)
     print(f"\n{engine}: {len(real_jobs)} jobs in {benchmark.stats.stats.max:.1f} s = {rate:.1f} jobs/min"
+          f" ({summary['cpu_seconds']:.1f} CPU s in jobs = {cpu_rate:.1f} jobs per CPU minute)"
           + (f", x{rate / _RATES['local-1']:.2f} of one worker" if "local-1" in _RATES else ""))

@@ -424,7 +424,9 @@ cdef class _Decoder:
                             kind = IAT_CALL
                         elif _has_group(detail, CS_GRP_JUMP):
                             kind = IAT_JUMP
-                    refs.append((kind, rva, x.encoding.disp_offset, x.encoding.disp_size, target))
+                    # a RIP-relative displacement is always 32 bits; capstone 5 says 2 after a 66 prefix
+                    # (movdqa xmm0, [rip+X] is 66 0F 6F 05 disp32), which left half of it unmasked
+                    refs.append((kind, rva, x.encoding.disp_offset, 4, target))
                     if insn.id == X86_INS_LEA:
                         self.lea_value[x.operands[0].reg] = target
                         self.lea_known[x.operands[0].reg] = 1
@@ -504,6 +506,11 @@ cdef int64_t[:, :] _ranges_view(tuple ranges_tuple):
         flat.append(r[0])
         flat.append(r[1])
     return memoryview(flat).cast("B").cast("q", (len(ranges_tuple), 2))
+
+
+def terminates(const uint8_t[:] code):
+    """Whether the instruction filling ``code`` never falls through (``hotpatch.flow.terminates``). For tests."""
+    return bool(_terminates(&code[0], code.shape[0])) if code.shape[0] else False
 
 
 def fast_length(const uint8_t[:] code):

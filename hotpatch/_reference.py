@@ -126,7 +126,9 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
                             kind = RIP_RELATIVE
                             if target in iat:
                                 kind = IAT_CALL if is_call else (IAT_JUMP if _GRP_JUMP in groups else RIP_RELATIVE)
-                            refs.append((kind, rva, insn.disp_offset, insn.disp_size, target))
+                            # a RIP-relative displacement is always 32 bits; capstone 5 says 2 after a
+                            # 66 prefix (movdqa xmm0, [rip+X] is 66 0F 6F 05 disp32)
+                            refs.append((kind, rva, insn.disp_offset, 4, target))
                             if insn.id == x86.X86_INS_LEA:
                                 lea_targets[insn.operands[0].reg] = target
                             elif _in_ranges(target, ranges):

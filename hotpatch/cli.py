@@ -258,7 +258,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.agrees else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+# commands defined in this module: running one (or --version) needs none of the command modules below
+_OWN_COMMANDS = frozenset({"info", "functions", "diff", "build", "keygen", "inspect", "verify"})
+
+
+def build_parser(*, own_only: bool = False) -> argparse.ArgumentParser:
+    """The full parser; with ``own_only``, only this module's commands (no apply, rollout, ... imports)."""
     parser = argparse.ArgumentParser(prog="hotpatch", description="Rebootless updates for x64 Windows PE images.")
     parser.add_argument("--version", action="version", version=f"hotpatch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--inputs", help="JSON file of the calls to make (docs/VERIFY.md)")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(run=cmd_verify)
+    if own_only:
+        return parser
 
     from .apply.cli import add_apply_commands
     from .package.trust_cli import add_trust_commands
@@ -341,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the other command modules import Dask, numpy and LIEF at load time: seconds of CPU that --version,
+    # info or functions never use, so they are registered only when the command (or --help) may need them
+    own_only = bool(argv) and (argv[0] in _OWN_COMMANDS or argv[0] == "--version")
+    args = build_parser(own_only=own_only).parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

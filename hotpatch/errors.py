@@ -200,14 +200,9 @@ class PackageSignatureError(PackageError):
 class PackageUnsignedError(PackageSignatureError):
     """A signature is required (or keys are trusted) but the package carries none."""
 
-    #: refused by the trust policy: its own exit code, so scripts can tell it from other refusals
-    exit_code = 5
-
 
 class PackageUntrustedError(PackageSignatureError):
     """The signature verifies, but the signer's key is not one of the trusted keys."""
-
-    exit_code = 5
 
 
 class PackageKeyError(PackageError):

@@ -228,7 +228,6 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     words = _rva32_words(image)
     bounded: dict[Item, Item] = {}
     scanned: set[Item] = set()
-    calls: set[int] = set()
     taken: set[int] = set()  # addresses taken with lea
     rejected: set[int] = set()  # candidates already judged not to start a function
     while True:
@@ -241,10 +240,9 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         _decode_missing(ctx, core, decoded, layout)
         fresh = [decoded[item] for item in layout if item not in scanned]
         scanned.update(layout)
-        calls.update(ref[4] for analysis in fresh for ref in analysis.raw_refs if ref[0] == CALL_REL32)
         taken |= _lea_targets(memory, fresh)
         found = False
-        for target in calls - sources.keys():
+        for target in {ref[4] for analysis in fresh for ref in analysis.raw_refs if ref[0] == CALL_REL32}:
             found |= add(target, "call")
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
             t for t in taken - sources.keys() - rejected if acceptable(t) and _boundary(image, layout, t, core)])
@@ -253,10 +251,11 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
                 t for t in _named_by_words(places, words) - sources.keys() - rejected if acceptable(t)])
         if not found:
-            # MSVC pads between functions with int3: code right after it, outside every function, that
-            # decodes as sane code is a function nothing names (C++ exception funclets, FH4's packed maps)
+            # Code right after a function's last instruction or its int3/nop padding, outside every
+            # function, that decodes as sane code is a function nothing names: C++ exception funclets
+            # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
             found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
-                t for t in places - sources.keys() - rejected if memory[t - 1] == 0xCC and acceptable(t)])
+                t for t in places - sources.keys() - rejected if _after_padding(memory, t) and acceptable(t)])
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
@@ -339,7 +338,7 @@ def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, Functio
         decoded[item] = analysis
 
 
-def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis) -> Item:
+def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: int = 0) -> Item:
     """The item cut after the first instruction that does not fall through (ret, jmp, ud2, int3) with no
     branch or jump-table target of the function beyond it: nothing after it is reached from the entry.
 
@@ -348,6 +347,7 @@ def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis) -> Item:
     sweeping those as part of the function gives it references to nowhere (issue 15, cause 9).
     """
     rva, ((begin, limit),) = item
+    horizon = max(horizon, limit)  # branch targets up to here count (the item may be a first look)
     rvas = analysis.insn_rvas
     refs = analysis.raw_refs
     tables = {table[0]: max(table[3]) for table in analysis.raw_tables if table[3]}
@@ -358,7 +358,7 @@ def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis) -> Item:
         insn = rvas[index]
         while ref_index < ref_count and refs[ref_index][1] <= insn:
             kind, _, _, _, target = refs[ref_index]
-            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < limit:
+            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < horizon:
                 reach = target
             ref_index += 1
         table_reach = tables.get(insn)
@@ -417,12 +417,12 @@ def _gap_starts(image: Image, layout: list[Item]) -> set[int]:
             limit = min(starts[index + 1], section.end_rva) if index + 1 < last else section.end_rva
             if end >= limit:
                 continue
-            if memory[end] not in _FILL_BYTES:
-                places.add(end)
+            places.add(end)
             # code follows int3/nop padding; zero runs in a gap are data more often than not
             places.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
                           if match.end() < limit)
-    return places
+    # code does not begin with fill (a multi-byte nop right after a function is its padding)
+    return {place for place in places if not FILL_RE.match(memory, place, place + 15)}
 
 
 def _named_by_words(places: set[int], words: list[array]) -> set[int]:
@@ -473,7 +473,7 @@ def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item]
     # The sweep first stops at the next candidate: a candidate that is data shows it there already, and
     # looking further is only needed for sane code that runs into the next candidate.
     starts = [item[0] for item in layout]
-    ordered = sorted(candidates)
+    ordered = sorted(t for t in candidates if not _near_pointer(image, t))
     limits = []
     for rva in ordered:
         section = image.code_section(rva)
@@ -484,21 +484,23 @@ def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item]
              for i, (rva, limit) in enumerate(zip(ordered, limits))]
     out: list[int] = []
     longer = []
-    for item, limit, verdict in zip(short, limits, _judged(image, ctx, core, short)):
+    for item, limit, verdict in zip(short, limits, _judged(image, ctx, core, short, limits)):
         if verdict == "runs on" and item[1][0][1] < limit:
             longer.append((item[0], ((item[0], limit),)))
         elif verdict:
             out.append(item[0])
-    out.extend(item[0] for item, verdict in zip(longer, _judged(image, ctx, core, longer)) if verdict)
+    out.extend(item[0] for item, verdict in zip(longer, _judged(image, ctx, core, longer, [0] * len(longer)))
+               if verdict)
     return out
 
 
-def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item]) -> list[str]:
+def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], horizons: list[int]) -> list[str]:
     """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
-    "runs on" if it runs to the item's end."""
+    "runs on" if it runs to the item's end (or branches beyond it, up to its horizon)."""
     memory = image.memory
     analyses = decode(ctx, items, core)
-    reached = [_reachable(memory, item, analysis) for item, analysis in zip(items, analyses)]
+    reached = [_reachable(memory, item, analysis, horizon)
+               for item, analysis, horizon in zip(items, analyses, horizons)]
     cut = [r for r, item in zip(reached, items) if r != item]
     redecoded = dict(zip(cut, decode(ctx, cut, core)))
     out = []
@@ -528,6 +530,20 @@ def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis) -> bo
     # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
     text = core.instruction_text(image.memory, begin, end)
     return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
+
+
+def _near_pointer(image: Image, rva: int) -> bool:
+    """Whether ``rva`` or the byte before it lies in a relocated 64-bit pointer (mingw keeps its
+    constructor lists in .text: a pointer's low byte can look like a nop)."""
+    relocations = image.relocations
+    index = bisect_right(relocations, rva) - 1
+    return index >= 0 and relocations[index] + 8 >= rva
+
+
+def _after_padding(memory: bytes, rva: int) -> bool:
+    """Whether int3 or nop padding ends right before ``rva`` (a multi-byte nop's last byte is 00 or 40)."""
+    return memory[rva - 1] in (0xCC, 0x90) or bool(USABLE_PADDING_RE.search(memory, max(0, rva - 9), rva)) and \
+        any(match.end() == rva for match in USABLE_PADDING_RE.finditer(memory, max(0, rva - 9), rva))
 
 
 _FILL_BYTES = frozenset((0xCC, 0x90, 0x00))

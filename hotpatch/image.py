@@ -91,6 +91,16 @@ class Section:
         return self.rva <= rva < self.end_rva
 
 
+#: section starts, ends and the sections themselves, sorted by RVA
+_SectionIndex = tuple[list[int], list[int], list[Section]]
+
+
+def _holding(index: _SectionIndex, rva: int) -> Section | None:
+    starts, ends, ordered = index
+    i = bisect_right(starts, rva) - 1
+    return ordered[i] if i >= 0 and rva < ends[i] else None
+
+
 @dataclass(frozen=True)
 class Identity:
     """What a patch package pins its target to."""
@@ -226,24 +236,27 @@ class Image:
     # ── addresses ───────────────────────────────────────────────────────
 
     def section_from_rva(self, rva: int) -> Section | None:
-        starts, ends, ordered = self._section_index
-        index = bisect_right(starts, rva) - 1
-        return ordered[index] if index >= 0 and rva < ends[index] else None
-
-    @property
-    def _section_index(self) -> tuple[list[int], list[int], list[Section]]:
-        """Sections by RVA for bisection (loading refuses overlapping sections, so at most one holds an RVA)."""
-        cached = self.__dict__.get("_section_index_cache")
-        if cached is None:
-            ordered = sorted(self.sections, key=lambda s: s.rva)
-            cached = ([s.rva for s in ordered], [s.end_rva for s in ordered], ordered)
-            object.__setattr__(self, "_section_index_cache", cached)
-        return cached
+        return _holding(self._index("all"), rva)
 
     def code_section(self, rva: int) -> Section | None:
         """The executable section holding ``rva``, or None."""
-        section = self.section_from_rva(rva)
-        return section if section is not None and section.executable else None
+        # discovery asks this hundreds of thousands of times: bisect the executable sections only
+        return _holding(self._index("code"), rva)
+
+    def _index(self, which: str) -> _SectionIndex:
+        """Sections (all, or executable only) by RVA for bisection, built once per image.
+
+        Loading refuses overlapping sections, so at most one holds an RVA.
+        """
+        key = f"_section_index_{which}"
+        cached = self.__dict__.get(key)
+        if cached is None:
+            ordered = sorted(self.sections, key=lambda s: s.rva)
+            if which == "code":
+                ordered = [s for s in ordered if s.executable]
+            cached = ([s.rva for s in ordered], [s.end_rva for s in ordered], ordered)
+            object.__setattr__(self, key, cached)
+        return cached
 
     def is_executable_rva(self, rva: int) -> bool:
         return self.code_section(rva) is not None
@@ -504,10 +517,13 @@ def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str) -
         info = entry.unwind_info
         if info is None:
             raise CorruptImageError(f"{label}: .pdata entry {begin:#x} has no readable unwind info")
-        root = entry
-        depth = 0
-        while root.unwind_info is not None and root.unwind_info.chained is not None and depth < 32:
-            root = root.unwind_info.chained
+        # each LIEF attribute read builds a new Python object: read each link of the chain once
+        root, root_info, depth = entry, info, 0
+        while depth < 32:
+            chained = root_info.chained if root_info is not None else None
+            if chained is None:
+                break
+            root, root_info = chained, chained.unwind_info
             depth += 1
         if root is entry:
             roots[begin] = (end, _unwind(info, entry.unwind_rva))

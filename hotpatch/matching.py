@@ -135,10 +135,16 @@ def _pointer_tables(table: FunctionTable, starts: set[int]) -> dict[int, list[in
     return out
 
 
-def _by_call_graph(m: _Matcher) -> None:
+def _by_call_graph(m: _Matcher, since: int = 0) -> None:
+    """Propagate from matched pairs; ``since``: only from the pairs made after the first ``since`` ones,
+    and from the matched neighbours they give new anchors to (the others were propagated from already)."""
     callees_a, callers_a = call_graph(m.baseline)
     callees_b, callers_b = call_graph(m.patched)
-    queue = list(m.forward.values())
+    queue = list(m.forward.values())[since:]
+    if since:
+        touched = {x for match in queue for x in (*callers_a.get(match.baseline_rva, ()),
+                                                  *callees_a.get(match.baseline_rva, ())) if x in m.forward}
+        queue.extend(m.forward[x] for x in sorted(touched))
     while queue:
         match = queue.pop()
         a, b = match.baseline_rva, match.patched_rva
@@ -192,7 +198,7 @@ def _by_twins(m: _Matcher) -> None:
             return
         _twins_by_neighbours(m, groups)
         _twins_by_gap(m, _twin_groups(m))
-        _by_call_graph(m)
+        _by_call_graph(m, since=before)
         if len(m.forward) == before:
             return
 
@@ -268,7 +274,13 @@ def _by_fingerprint_groups(m: _Matcher) -> None:
 
 
 def _by_similarity(m: _Matcher) -> None:
-    """Best-scoring pairs among the nearest candidates by size (bounded work per function)."""
+    """Best-scoring pairs among the nearest candidates by size and by place (bounded work per function).
+
+    By size alone, every function of a common size would see the same few
+    candidates (the first ones of that size); for those, the nearest to
+    where the function should be (after the counterpart of the matched
+    function before it) are candidates too.
+    """
     left = m.unmatched_baseline()
     right = m.unmatched_patched()
     if not left or not right:
@@ -276,6 +288,9 @@ def _by_similarity(m: _Matcher) -> None:
     count_a = {f.rva: m.baseline.analysis_of(f).instruction_count for f in left}
     right_sorted = sorted(right, key=lambda f: m.patched.analysis_of(f).instruction_count)
     counts_b = [m.patched.analysis_of(f).instruction_count for f in right_sorted]
+    by_place = sorted(right, key=lambda f: f.rva)
+    places_b = [f.rva for f in by_place]
+    anchors = sorted(m.forward)
     scored: list[tuple[float, int, int]] = []
     for fa in left:
         na = count_a[fa.rva]
@@ -283,7 +298,13 @@ def _by_similarity(m: _Matcher) -> None:
             continue
         middle = bisect_left(counts_b, na)
         candidates = right_sorted[max(0, middle - SIMILARITY_CANDIDATES):middle + SIMILARITY_CANDIDATES]
-        for fb in candidates:
+        index = bisect_left(anchors, fa.rva) - 1
+        crowded = bisect_left(counts_b, na + 1) - middle > SIMILARITY_CANDIDATES  # more of this size than seen
+        if crowded and index >= 0:
+            expected = m.forward[anchors[index]].patched_rva + fa.rva - anchors[index]
+            near = bisect_left(places_b, expected)
+            candidates = [*candidates, *by_place[max(0, near - SIMILARITY_CANDIDATES):near + SIMILARITY_CANDIDATES]]
+        for fb in dict.fromkeys(candidates):
             nb = m.patched.analysis_of(fb).instruction_count
             if not nb or max(na, nb) > 2 * min(na, nb):
                 continue

@@ -31,7 +31,7 @@ def crowded(wine_prefix: Path, built_fixtures: Path, tmp_path_factory: pytest.Te
     copies = tmp_path_factory.mktemp("copies")
     started = time.monotonic()
     host = Host(wine_prefix, dll, ["scale:7"], threads=1,
-                extra=("--copies", str(COPIES), windows_path(copies)), timeout=240)
+                extra=("--copies", str(COPIES), windows_path(copies)), timeout=900)
     print(f"{COPIES} copies loaded in {time.monotonic() - started:.1f} s")
     try:
         yield host

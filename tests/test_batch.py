@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from hotpatch.batch import CacheSpec, Job, load_manifest, read_results, release_jobs, run_batch
+from hotpatch.cli import main
 from hotpatch.errors import BatchError
 from tests.fixtures.cases import Case
 
@@ -73,6 +74,16 @@ def test_release_folders_pair_modules_by_name_without_wheel_hash_mangling(tmp_pa
     jobs = release_jobs([tmp_path / "v1", tmp_path / "v2"], ["diff"])
     assert sorted(Path(j.baseline).name for j in jobs) == ["core.pyd", f"libblas-{'0' * 32}.dll"]
     assert all("v1->v2" in j.label for j in jobs)
+
+
+def test_largest_first_and_later_chain_steps_after_every_first_step(tmp_path: Path) -> None:
+    from hotpatch.batch.runner import _order
+
+    for name, size in (("a1", 10), ("a2", 10), ("a3", 10), ("b1", 500), ("b2", 500), ("c1", 50), ("c2", 50)):
+        (tmp_path / name).write_bytes(b"x" * size)
+    chain = [Job.from_json({"baseline": str(tmp_path / f"{m}{i}"), "patched": str(tmp_path / f"{m}{i + 1}")})
+             for m, i in (("a", 2), ("a", 1), ("b", 1), ("c", 1))]
+    assert [Path(j.baseline).name for j in _order(chain)] == ["b1", "c1", "a1", "a2"]
 
 
 # ── running ──
@@ -170,14 +181,15 @@ def _hotpatch(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "hotpatch.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_batch_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
+def test_batch_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "jobs.toml"
     bad.write_text("[[job]]\nbaseline = 1\n")
     for args in ([str(bad)], [str(tmp_path / "missing.toml")], ["--releases", str(tmp_path / "nope"), str(tmp_path)],
                  [str(bad), "--workers", "0"]):
-        done = _hotpatch("batch", *args, "-o", str(tmp_path / "out"))
-        assert done.returncode == 2, done.stderr
-        assert done.stderr.count("\n") == 1 and done.stderr.startswith("hotpatch: error: ")
+        capsys.readouterr()
+        assert main(["batch", *args, "-o", str(tmp_path / "out")]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("hotpatch: error: "), err
     assert not (tmp_path / "out" / "results.jsonl").exists()
 
 
@@ -194,3 +206,38 @@ def test_batch_cli_over_release_folders_exits_0_and_prints_json(tmp_path: Path, 
     assert summary["jobs"] == 4 and summary["by_kind"] == {"diff": 2, "build": 2}
     lines = (tmp_path / "out" / "results.jsonl").read_bytes().splitlines()
     assert len(lines) == 4 and all(orjson.loads(line)["status"] == "done" for line in lines)
+
+
+# ── real pairs ──
+
+
+@pytest.mark.realbins
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_real_numpy_release_locally_then_on_a_local_cluster_from_the_analysis_cache(tmp_path: Path) -> None:
+    from hotpatch.batch.jobs import DISK_CACHE
+    from tests.realbins import ensure_wheel
+
+    jobs = release_jobs([ensure_wheel("numpy", "2.1.0"), ensure_wheel("numpy", "2.1.1")])
+    assert len(jobs) == 21
+    cache = CacheSpec(DISK_CACHE.factory, str(tmp_path / "analysis"))
+    local = run_batch(jobs, tmp_path / "local", workers=2, cache=cache, progress=False)
+    # docs/DIFF_RESULTS.md: every module of the numpy patch release is a hotpatch, most with one changed function
+    assert local.summary["verdicts"] == {"HOTPATCH": 21} and local.summary["by_status"] == {"done": 21}
+    changed = {r["name"].split()[0]: r["summary"]["changed"] for r in local.records}
+    assert changed["_multiarray_umath.cp311-win_amd64.pyd"] == 3 and changed["_simd.cp311-win_amd64.pyd"] == 0
+    # byte-identical modules (OpenBLAS) are analysed once even in a cold cache
+    assert sum(local.summary["cache"].values()) == 42 and local.summary["cache"]["analyses"] < 42
+    cluster = run_batch(jobs, tmp_path / "cluster", workers=2, local_cluster=True, cache=cache, progress=False)
+    assert cluster.summary["cache"] == {"hits": 42, "analyses": 0}
+    assert ({r["id"]: (r["verdict"], r["summary"]) for r in cluster.records}
+            == {r["id"]: (r["verdict"], r["summary"]) for r in local.records})
+
+
+@pytest.mark.slow
+def test_progress_shows_done_total_rate_and_time_left(tmp_path: Path, built_fixtures: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run_batch(_jobs(built_fixtures, "diff", ("body_change", "new_string", "new_callee")), tmp_path, workers=1,
+              cache=None, progress=True)
+    err = capsys.readouterr().err
+    assert "batch" in err and "3/3" in err and "jobs/min" in err and "left" in err

@@ -91,3 +91,51 @@ def test_coverage_on_real_binaries(which: str, request: pytest.FixtureRequest) -
         assert len(image.runtime_functions) < 1000 and len(table) > 5 * pdata
     assert pdata == len(image.runtime_functions)
     assert len(Counter(f.rva for f in table)) == len(table)
+
+
+def test_callback_reached_only_through_lea_is_a_function(built_fixtures: Path) -> None:
+    """scale_cb() has no .pdata, no export and (stripped) no symbol; only a lea takes its address."""
+    symbols = {s.name: s.rva for s in Image.load(built_fixtures / "lea_callback" / "baseline.dll").symbols}
+    table = discover(Image.load(built_fixtures / "lea_callback" / "baseline-stripped.dll"))
+    function = table.at(symbols["scale_cb"])
+    assert function is not None and function.sources == ("lea",)
+    # it ends after its ret: the alignment nops behind it and twice() are not part of it
+    assert function.end_rva == symbols["scale_cb"] + 12 and function.pad_after > 0
+    assert table.containing(symbols["twice"]).rva == symbols["twice"]
+
+
+def test_a_change_no_function_covers_is_a_reason(built_fixtures: Path) -> None:
+    """Without the lea source the changed callback lies outside every function: the diff must say so."""
+    import dataclasses
+
+    from hotpatch.diff import diff
+
+    def without_callback(name: str) -> object:
+        table = discover(Image.load(built_fixtures / "lea_callback" / f"{name}-stripped.dll"))
+        keep = [i for i, f in enumerate(table.functions) if f.sources != ("lea",)]
+        assert len(keep) == len(table.functions) - 1
+        return dataclasses.replace(table, functions=tuple(table.functions[i] for i in keep),
+                                   analyses=tuple(table.analyses[i] for i in keep))
+
+    baseline, patched = without_callback("baseline"), without_callback("patched")
+    result = diff(baseline, patched)
+    assert result.summary()["changed"] == 0
+    assert result.verdict.status == "NEW_BASELINE"
+    assert [r.kind for r in result.verdict.reasons] == ["uncovered_code"]
+    assert diff(baseline, baseline).verdict.status == "HOTPATCH"
+
+
+@pytest.mark.parametrize("code,expected", [
+    ("c3", True), ("f3c3", True), ("c20800", True), ("e900000000", True), ("eb00", True), ("ffe0", True),
+    ("41ffe3", True), ("48ff2500000000", True), ("3effe0", True), ("0f0b", True), ("cc", True),
+    ("e800000000", False), ("ffd0", False), ("ff15 00000000", False), ("7400", False), ("90", False),
+    ("4889c8", False), ("0f1f4000", False),
+])
+def test_terminating_instructions_by_their_bytes(code: str, expected: bool) -> None:
+    from hotpatch import _core
+    from hotpatch.flow import terminates
+
+    raw = bytes.fromhex(code.replace(" ", ""))
+    assert terminates(raw, 0, len(raw)) is expected
+    # the compiled core stops its sweep at the same instructions: data right after them is skipped
+    assert _core.terminates(raw) is expected

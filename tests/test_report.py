@@ -19,12 +19,6 @@ from hotpatch.report.html import ReportPage, render
 from hotpatch.report.sources import load_page
 
 
-def _details(page_html: str) -> dict:
-    found = re.search(r'<script type="application/json" id="function-rows">(.*?)</script>', page_html, re.S)
-    assert found is not None
-    return json.loads(found.group(1))
-
-
 def _row_text(cell: list | None) -> str:
     return "" if cell is None else "".join(token[1] for token in cell[1])
 
@@ -93,7 +87,7 @@ def test_diff_json_alone_lists_functions_and_says_disassembly_needs_the_images(t
     (tmp_path / "diff.json").write_text(json.dumps(document))
     page = render(load_page(tmp_path / "diff.json"))
     assert "NEW_BASELINE" in page and "function_too_short" in page
-    assert "listed without their disassembly" in page and 'id="function-rows"' not in page
+    assert "listed without their disassembly" in page and 'id="rows-' not in page
     assert 'href="#fn-0" class="reason-link">flag</a>' in page
 
 
@@ -111,6 +105,24 @@ def test_build_report_shows_sites_strategies_and_every_fixup(tmp_path: Path, bui
     assert strategies and strategies <= {s.name.lower() for s in Strategy}
     # the site of a changed function links to its side-by-side view
     assert re.search(r'<tr id="site-0"><td><a href="#fn-\d+">', page)
+
+
+def test_build_json_reports_the_package_it_wrote_or_the_reasons_it_refused(
+        tmp_path: Path, built_fixtures: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for case, code in (("new_callee", 0), ("short_function", 3)):
+        capsys.readouterr()
+        assert main(["build", str(built_fixtures / case / "baseline.dll"), str(built_fixtures / case / "patched.dll"),
+                     "-o", str(tmp_path / f"{case}.hpk"), "--json"]) == code
+        (tmp_path / f"{case}.json").write_text(capsys.readouterr().out)
+        out = tmp_path / f"{case}.html"
+        assert main(["report", str(tmp_path / f"{case}.json"), "-o", str(out)]) == 0
+        page = out.read_text()
+        verdict = re.search(r'id="verdict">\s*<strong>(\w+)</strong>', page)
+        assert verdict is not None
+        if code == 0:
+            assert verdict.group(1) == "HOTPATCH" and "Patch sites (1)" in page and "every fixup" in page
+        else:
+            assert verdict.group(1) == "NEW_BASELINE" and "function_too_short" in page and "Patch sites" not in page
 
 
 def test_batch_report_has_the_summary_and_three_inline_svg_plots(tmp_path: Path, built_fixtures: Path) -> None:
@@ -180,3 +192,14 @@ def test_train_report_puts_each_release_on_its_day_of_the_calendar(tmp_path: Pat
     verdict = re.search(r'id="verdict">(.*?)</div>', page, re.S)
     assert verdict is not None and " ".join(verdict.group(1).split()) == (
         "<strong>3 releases</strong> 1 hotpatches, 2 baselines (1 unplanned), 2 restarts")
+
+
+def test_inline_rows_cannot_end_their_script_early(built_fixtures: Path) -> None:
+    case = built_fixtures / "new_string"
+    page = diff_page(diff(case / "baseline.dll", case / "patched.dll"))
+    anchor = next(iter(page.details))
+    page.details[anchor]["rows"].append(["changed", ["+0", [["ref", "'</script><b id=\"x\">'"]]], None])
+    text = render(ReportPage("t", diff=page))
+    script = re.search(rf'<script type="application/json" id="rows-{anchor}">(.*?)</script>', text, re.S)
+    assert script is not None and json.loads(script.group(1))["rows"][-1][1][1][0][1] == "'</script><b id=\"x\">'"
+    assert '<b id="x">' not in text

@@ -14,8 +14,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
 from hotpatch.errors import RolloutLockedError
 from hotpatch.package.signing import generate_keypair, load_private_key
-from hotpatch.rollout.executor_dask import Clock, local_cluster
+from hotpatch.rollout.executor_dask import Clock, local_cluster, worker_names
 from hotpatch.rollout.orchestrator import Options, abort, resume, start
 from hotpatch.rollout.state import RolloutStore
 from tests.test_agent import Host
@@ -172,6 +173,25 @@ def history(db: Path, rollout_id: str) -> list[dict]:
     return RolloutStore(db).history(rollout_id)
 
 
+def wait_for_state(db: Path, rollout_id: str, host: str, state: str, still_running: Callable[[], None]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if db.exists() and {t.host: t.state for t in RolloutStore(db).targets(rollout_id)}.get(host) == state:
+            return
+        still_running()
+        time.sleep(0.1)
+    raise AssertionError(f"{host} never reached {state}")
+
+
+def record_counts(fleet: Fleet, agent: AgentClient) -> dict[str, list[int]]:
+    return {name: [len(r) for r in fleet.records(agent, name)] for name in HOSTS}
+
+
+def new_records(fleet: Fleet, agent: AgentClient, before: dict[str, list[int]], name: str) -> list[list[str]]:
+    """Per process of the host, the phases of the journal records added since ``before``."""
+    return [records[count:] for records, count in zip(fleet.records(agent, name), before[name])]
+
+
 def first(events: list[dict], host: str, state: str) -> float:
     return min(e["time"] for e in events if e["host"] == host and e["new"] == state)
 
@@ -251,21 +271,16 @@ def test_orchestrator_killed_mid_wave_is_refused_twice_then_resumed_without_patc
 ) -> None:
     db = tmp_path / "rollouts.sqlite"
     plan = write_plan(tmp_path / "plan.toml", fleet, signed, "killed", soak="4s")
-    before = {name: [len(r) for r in fleet.records(agent, name)] for name in HOSTS}
+    before = record_counts(fleet, agent)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "hotpatch.cli", "rollout", str(plan), "--db", str(db),
                "--scheduler", client.scheduler.address, "--json", "--no-live"]
     orchestrator = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def alive() -> None:
+        assert orchestrator.poll() is None, orchestrator.stderr.read() if orchestrator.stderr else ""
+
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            states = {t.host: t.state for t in RolloutStore(db).targets("killed")} if db.exists() else {}
-            if states.get("host-b") == "applying":
-                break
-            assert orchestrator.poll() is None, orchestrator.stderr.read() if orchestrator.stderr else ""
-            time.sleep(0.1)
-        else:
-            raise AssertionError("the second wave never started")
+        wait_for_state(db, "killed", "host-b", "applying", alive)  # the second wave started
         # a second orchestrator on the same rollout is refused; the database says who holds it
         with pytest.raises(RolloutLockedError, match=f"pid {orchestrator.pid}"):
             resume("killed", Options(db=db, client=client))
@@ -281,13 +296,49 @@ def test_orchestrator_killed_mid_wave_is_refused_twice_then_resumed_without_patc
     for name in HOSTS:
         assert fleet.packages(agent, name) == [[package_id], [package_id]]
         # one new journal record per process, applied once: nothing was patched twice
-        new = [records[count:] for records, count in zip(fleet.records(agent, name), before[name])]
-        assert new == [["applied"], ["applied"]]
+        assert new_records(fleet, agent, before, name) == [["applied"], ["applied"]]
     b_states = [e["new"] for e in history(db, "killed") if e["host"] == "host-b"]
     assert b_states[:3] == ["pending", "applying", "unknown"]
     assert "checking" in b_states and b_states[-1] == "applied"
     fleet.wait_all(PATCHED)
     assert abort("killed", Options(db=db, client=client)) == "aborted"
+
+
+# --------------------------------------------------------------------------
+# A worker that vanishes mid-wave
+# --------------------------------------------------------------------------
+
+
+def test_worker_killed_mid_apply_is_marked_unknown_and_read_back_before_any_retry(
+    tmp_path: Path, fleet: Fleet, client: Client, agent: AgentClient, signed: tuple[Path, str], clean: None
+) -> None:
+    db = tmp_path / "rollouts.sqlite"
+    plan = write_plan(tmp_path / "plan.toml", fleet, signed, "vanish", soak="4s")
+    before = record_counts(fleet, agent)
+    outcome: list[object] = []
+    runner = threading.Thread(target=lambda: outcome.append(start(plan, Options(db=db, client=client))))
+    runner.start()
+    wait_for_state(db, "vanish", "host-b", "applying", lambda: None)
+    time.sleep(1.5)  # inside host-b's apply or soak
+    address = worker_names(client)["host-b"]
+    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)  # its Nanny starts a new one
+    runner.join(timeout=300)
+    assert outcome == [("vanish", "completed")], "\n".join(
+        str((e["host"], e["new"], e["detail"])) for e in history(db, "vanish") if e["host"] != "host-a")
+
+    b_states = [e["new"] for e in history(db, "vanish") if e["host"] == "host-b"]
+    assert b_states[:4] == ["pending", "applying", "unknown", "checking"]
+    assert b_states[-1] == "applied"
+    (lost,) = [e for e in history(db, "vanish") if e["host"] == "host-b" and e["new"] == "unknown"]
+    assert "host-b" in lost["detail"]["error"] or "lost" in lost["detail"]["error"]
+    package_id = RolloutStore(db).rollout("vanish").package_id
+    for name in HOSTS:
+        assert fleet.packages(agent, name) == [[package_id], [package_id]]
+        new = new_records(fleet, agent, before, name)
+        # applied once per process; an apply the kill cut short before its commit was undone by recover
+        assert all(phases.count("applied") == 1 and set(phases) <= {"applied", "undone"} for phases in new), new
+    fleet.wait_all(PATCHED)
+    assert abort("vanish", Options(db=db, client=client)) == "aborted"
 
 
 # --------------------------------------------------------------------------

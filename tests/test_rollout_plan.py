@@ -278,6 +278,48 @@ def test_failed_canary_halts_and_wave_policy_rolls_back_only_its_wave(tmp_path: 
     assert {t.host: t.state for t in store.targets("r")} == {"a": "rolled_back", "b": "pending", "c": "pending"}
 
 
+def test_status_reports_waves_targets_and_blast_radius_from_the_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    store = _store(tmp_path, [Host(name=n, module="m") for n in "abc"])
+    assert _runner(store, Scripted({("b", "apply"): "failed"}), rollback="all").run() == "halted"
+    assert main(["rollout", "status", "r", "--db", str(tmp_path / "db.sqlite"), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["status"] == "halted" and document["reason"] == "1 failure(s), first on b"
+    assert document["waves"] == [{"wave": 0, "hosts": 1, "rolled_back": 1},
+                                 {"wave": 1, "hosts": 2, "pending": 1, "failed": 1}]
+    assert document["blast_radius"] == 2 and document["failed_hosts"] == ["b"]
+    assert main(["rollout", "status", "--db", str(tmp_path / "none.sqlite")]) == 2
+    assert capsys.readouterr().err.startswith("hotpatch: error: no rollout database at ")
+
+
+def test_live_view_shows_each_wave_with_its_counts(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from hotpatch.rollout.view import LiveView
+
+    out = io.StringIO()
+    store = _store(tmp_path, [Host(name=n, module="m") for n in "abc"])
+    view = LiveView(Console(file=out, force_terminal=True, width=140))
+    seen = []
+
+    def on_change(runner: Runner) -> None:
+        seen.append(dict(runner.state))
+        view(runner)
+
+    runner = _runner(store, Scripted({("c", "apply"): "failed"}))
+    runner.on_change = on_change
+    with view:
+        assert runner.run() == "halted"
+    text = out.getvalue()
+    assert "rollout r" in text and "applying" in text and "pending" in text
+    assert {"a": "applying", "b": "pending", "c": "pending"} in seen
+
+
 # --------------------------------------------------------------------------
 # The simulation
 # --------------------------------------------------------------------------
@@ -300,3 +342,39 @@ def test_simulated_bad_package_halts_with_a_bounded_blast_radius() -> None:
                        max_in_flight=3)
     assert figures["status"] == "halted" and figures["blast_radius"] == 1  # the canary, rolled back
     assert figures["states"] == {"failed": 1, "pending": 599}
+
+
+# --------------------------------------------------------------------------
+# The inventory against a scheduler's workers (a LocalCluster, no processes patched)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.cluster
+def test_inventory_is_checked_against_the_workers_and_every_worker_describes_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from distributed import Client
+
+    from hotpatch.rollout.executor_dask import local_cluster
+    from hotpatch.rollout.orchestrator import Options, _inventory, start
+
+    monkeypatch.setenv("HOTPATCH_TIME_ZONE", "Asia/Kolkata")
+    monkeypatch.setenv("HOTPATCH_GROUP", "batch")
+    monkeypatch.setenv("HOTPATCH_TAGS", "eu,canary")
+    (tmp_path / "fix.hpk").write_bytes(b"")
+    with local_cluster(["a", "b"], processes=False) as cluster, Client(cluster) as client:
+        # "c" has no worker: refused before the rollout is recorded or anything is sent
+        plan = plan_file(tmp_path, GOOD)
+        with pytest.raises(PlanError, match=r"^inventory.hosts\[2\].name: unknown host 'c' \(no worker of that "
+                                            r"name on the scheduler; workers: a, b\)$"):
+            _inventory(load_plan(plan), client)
+        db = tmp_path / "db.sqlite"
+        every = plan_file(tmp_path, GOOD.split("[inventory]")[0] + "[inventory]\nevery_worker = true\n"
+                          "[defaults]\nmodule = \"app.dll\"\n[[waves]]\nname = \"all\"\nrest = true\n")
+        hosts = _inventory(load_plan(every), client)
+        assert [(h.name, h.time_zone, h.group, h.tags, h.module) for h in hosts] == [
+            ("a", "Asia/Kolkata", "batch", ("eu", "canary"), "app.dll"),
+            ("b", "Asia/Kolkata", "batch", ("eu", "canary"), "app.dll")]
+        with pytest.raises(PlanError, match="^package.path: fix.hpk: "):
+            start(plan, Options(db=db, client=client))
+        assert not RolloutStore(db).rollouts()

@@ -124,7 +124,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if args.json:
             _emit(args, {"schema": "hotpatch.apply/1", "package": None, "results": [],
                          "error": str(exc), "kind": type(exc).__name__}, [])
-        return exc.exit_code
+        return EXIT_UNTRUSTED  # its own code, so scripts can tell the trust policy from other refusals
     results: list[dict[str, Any]] = []
     lines = []
     code = EXIT_OK

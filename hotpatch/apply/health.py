@@ -43,6 +43,7 @@ __all__ = [
     "HealthSpec",
     "parse_check",
     "parse_duration",
+    "roll_back_package",
     "run_gate",
 ]
 
@@ -271,18 +272,28 @@ def _gone(result: GateResult) -> int | None:
 
 
 def _roll_back(client: AgentClient, journal: Journal, result: GateResult, pids: Sequence[int]) -> None:
+    rolled, errors = roll_back_package(client, journal, result.package_id, pids)
+    result.rolled_back += rolled
+    result.rollback_errors.update(errors)
+
+
+def roll_back_package(client: AgentClient, journal: Journal, package_id: str,
+                      pids: Sequence[int]) -> tuple[list[int], dict[int, str]]:
+    """Take ``package_id`` out of each process that still has it: (pids rolled back, pid -> error)."""
+    rolled: list[int] = []
+    errors: dict[int, str] = {}
     for pid in pids:
         try:
             with client.open(pid) as backend:
                 engine = Engine(backend, journal)
-                live = {p.package_id for p in engine.status().packages}
-                if result.package_id not in live:
+                if package_id not in {p.package_id for p in engine.status().packages}:
                     continue  # nothing of ours there any more
                 with engine.transaction() as tx:
-                    tx.rollback(result.package_id)
-            result.rolled_back.append(pid)
+                    tx.rollback(package_id)
+            rolled.append(pid)
         except HotpatchError as exc:
-            result.rollback_errors[pid] = str(exc)
+            errors[pid] = str(exc)
+    return rolled, errors
 
 
 def _journal_history(client: AgentClient, journal: Journal, result: GateResult) -> None:

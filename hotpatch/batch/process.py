@@ -39,6 +39,8 @@ class ChildProcess:
         return self._process.pid if self._process else None
 
     def _start(self) -> subprocess.Popen[bytes]:
+        if self._stderr is not None:
+            self._stderr.close()
         self._stderr = tempfile.TemporaryFile()
         process = subprocess.Popen([sys.executable, "-m", "hotpatch.batch.child"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=self._stderr)

@@ -3,7 +3,8 @@
 Each record is appended to ``results.jsonl`` as its job ends, so a killed
 batch resumes where it stopped; ``summary.json`` is rewritten at the end.
 Largest images go first: the longest jobs then overlap the many short ones
-instead of running alone at the end.
+instead of running alone at the end; the later steps of a chain of releases
+wait for the first ones, so the image they share is analysed once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ class BatchResult:
     records: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
 
+def _order(jobs: list[Job]) -> list[Job]:
+    """Largest first, but a job whose baseline is another job's patched image (the next step of a chain of
+    releases) after every first step: two workers then do not analyse the shared image at the same time,
+    and the second finds it in the analysis cache."""
+    by_patched = {job.patched: job for job in jobs}
+
+    def step(job: Job) -> int:
+        count, baseline = 0, job.baseline
+        while baseline in by_patched and count < len(jobs):
+            baseline = by_patched[baseline].baseline
+            count += 1
+        return count
+
+    return sorted(jobs, key=lambda job: (step(job), -job.input_bytes))
+
+
 def run_batch(jobs: Sequence[Job], out_dir: str | Path, *, workers: int | None = None,
               scheduler: str | None = None, local_cluster: bool = False, timeout: float = DEFAULT_TIMEOUT,
               retry_failed: bool = False, cache: CacheSpec | None = DISK_CACHE, keep_packages: bool = False,
@@ -57,7 +74,7 @@ def run_batch(jobs: Sequence[Job], out_dir: str | Path, *, workers: int | None =
     out = Path(out_dir)
     store = ResultStore(out / "results.jsonl")
     done = store.finished(retry_failed)
-    todo = sorted((j for j in jobs if j.job_id not in done), key=lambda job: job.input_bytes, reverse=True)
+    todo = _order([j for j in jobs if j.job_id not in done])
     settings = {"cache": cache.to_json() if cache else None,
                 "packages_dir": str((out / "packages").resolve()) if keep_packages else None}
     workers = workers or os.cpu_count() or 1

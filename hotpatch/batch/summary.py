@@ -40,6 +40,7 @@ def summarize(records: Iterable[dict[str, Any]], slowest: int = 5, **run: Any) -
         "failures": dict(errors.most_common()),
         "cache": {key: sum((r.get("cache") or {}).get(key, 0) for r in records) for key in ("hits", "analyses")},
         "job_seconds": round(sum(r["timings"]["total"] for r in timed), 3),
+        "cpu_seconds": round(sum(r["timings"].get("cpu", 0) for r in timed), 3),
         "slowest": [{"id": r["id"], "name": r.get("name"), "kind": r.get("kind"), "seconds": r["timings"]["total"],
                      "status": r.get("status")} for r in timed[:slowest]],
         **run,

@@ -53,6 +53,7 @@ def _plots(records: list[dict[str, Any]]) -> list[dict[str, str]]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     # stable output for the same input, text kept as text (smaller, selectable)
     with matplotlib.rc_context({"svg.hashsalt": "hotpatch", "svg.fonttype": "none", "font.size": 9}):
@@ -61,6 +62,7 @@ def _plots(records: list[dict[str, Any]]) -> list[dict[str, str]]:
         figure, axes = plt.subplots(figsize=(4.2, 2.4))
         names = [k for k in ("HOTPATCH", "NEW_BASELINE", "failed") if outcome.get(k)]
         axes.barh(names, [outcome[k] for k in names], color=[_COLOURS[k] for k in names])
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("jobs")
         axes.set_title("verdicts across jobs")
         axes.invert_yaxis()
@@ -77,6 +79,7 @@ def _plots(records: list[dict[str, Any]]) -> list[dict[str, str]]:
         else:
             axes.text(0.5, 0.5, "no blocking reasons", ha="center", va="center", transform=axes.transAxes)
             axes.set_yticks([])
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("jobs with the reason")
         axes.set_title("reasons across jobs")
         plots.append({"name": "reasons", "svg": _svg(figure)})

@@ -25,7 +25,7 @@ __all__ = ["DiffPage", "diff_page", "diff_page_from_json"]
 
 #: rows shown per function, and over the whole page (the rest is counted, not drawn)
 ROWS_PER_FUNCTION = 300
-ROWS_PER_PAGE = 60_000
+ROWS_PER_PAGE = 40_000
 #: rows of a function looked at (longer functions are cut there), and unchanged rows kept around each change
 SCANNED_ROWS = 1200
 CONTEXT = 3

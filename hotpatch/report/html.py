@@ -62,7 +62,8 @@ def render(page: ReportPage) -> str:
     return _env().get_template("report.html.j2").render(
         title=page.title, version=__version__, generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         diff=page.diff, package=page.package, batch=page.batch, train=page.train,
-        details_json=_script_json(details) if details else "", asm_css=css(".asm"), reason_kinds=REASON_KINDS)
+        details_json=[(anchor, _script_json(rows)) for anchor, rows in details.items()], asm_css=css(".asm"),
+        reason_kinds=REASON_KINDS)
 
 
 def write(page: ReportPage, path: str | Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..collector import gc_paused
 from ..functions import FunctionTable
 from ..image import Image
 
@@ -39,18 +40,21 @@ def image_info(image: Image, table: FunctionTable) -> dict[str, Any]:
 
 
 def function_rows(table: FunctionTable) -> list[dict[str, Any]]:
-    return [
-        {
-            "name": f.name,
-            "rva": f.rva,
-            "size": f.size,
-            "fragments": [list(r) for r in f.fragments],
-            "sources": list(f.sources),
-            "pad_before": f.pad_before,
-            "pad_after": f.pad_after,
-            "instructions": table.analysis_of(f).instruction_count,
-            "references": len(table.analysis_of(f).raw_refs),
-            "fingerprint": f.fingerprint,
-        }
-        for f in table.functions
-    ]
+    # analyses run parallel to functions (analysis_of is a lookup by index); tens of thousands of rows
+    # are acyclic dicts, so the collector is paused rather than scanning them again and again
+    with gc_paused():
+        return [
+            {
+                "name": f.name,
+                "rva": f.rva,
+                "size": f.end_rva - f.rva,
+                "fragments": [list(r) for r in f.fragments] if f.fragments else [],
+                "sources": list(f.sources),
+                "pad_before": f.pad_before,
+                "pad_after": f.pad_after,
+                "instructions": a.instruction_count,
+                "references": len(a.raw_refs),
+                "fingerprint": f.fingerprint,
+            }
+            for f, a in zip(table.functions, table.analyses, strict=True)
+        ]

@@ -5,11 +5,12 @@ Owns: the plan (plan.py), hosts and their maintenance windows in local time
 machine and its SQLite store with the orchestrator lock (state.py), the loop
 both executors share (runner.py), the executors: Dask workers running the
 host task (executor_dask.py, hostwork.py) and a simulation without processes
-(executor_sim.py), the live view and the final report (view.py), and the
-``hotpatch rollout`` command (cli.py). See docs/ROLLOUT.md.
+(executor_sim.py), wiring a rollout together (orchestrator.py), the live view
+and the final report (view.py), the ``hotpatch rollout`` command (cli.py) and
+``make demo-rollout`` (demo.py). See docs/ROLLOUT.md.
 
 May import: hotpatch.errors, hotpatch.package (loading and checking the
-package), and hotpatch.apply (the same apply / status / rollback / health
-gate code a single host runs, only inside hostwork.py). Nothing below
-imports this package.
+package), hotpatch.apply (the health spec and its parsers in plan.py; the
+agent, engine, journal and health gate only in hostwork.py, which runs on
+the hosts), hotpatch.winehost (the demo). Nothing below imports this package.
 """

@@ -29,6 +29,8 @@ __all__ = ["Clock", "DaskExecutor", "discover_hosts", "local_cluster", "worker_n
 POLL = 0.5
 #: a worker gone this long has lost its task
 LOST_AFTER = 2.0
+#: a task sent while its host's worker is away waits this long for a worker of that name (a restart)
+RETURN_WITHIN = 180.0
 
 
 class Clock:
@@ -68,8 +70,12 @@ def local_cluster(hosts: list[str], env: dict[str, dict[str, str]] | None = None
 
 
 def worker_names(client: Client) -> dict[str, str]:
-    """name -> address of every worker the scheduler knows now."""
-    return {str(info.get("name")): address for address, info in client.scheduler_info()["workers"].items()}
+    """name -> address of every worker the scheduler knows now.
+
+    Asked of the scheduler directly: ``Client.scheduler_info()`` returns a cache that the client's own
+    periodic refresh (which leaves out the workers) may overwrite between the fetch and the read."""
+    identity = client.sync(client.scheduler.identity, n_workers=-1)
+    return {str(info.get("name")): address for address, info in identity["workers"].items()}
 
 
 def discover_hosts(client: Client) -> dict[str, dict[str, Any]]:
@@ -83,13 +89,15 @@ class DaskExecutor:
     """Runs the runner's tasks on the workers; ``request_for(host)`` builds each host's request."""
 
     def __init__(self, client: Client, request_for: Callable[[Host], HostRequest], clock: Clock | None = None,
-                 lost_after: float = LOST_AFTER) -> None:
+                 lost_after: float = LOST_AFTER, return_within: float = RETURN_WITHIN) -> None:
         self.client = client
         self.request_for = request_for
         self.clock = clock or Clock()
         self.lost_after = lost_after
+        self.return_within = return_within
         self.futures: dict[Future, tuple[str, str]] = {}
-        self._missing_since: dict[str, float] = {}
+        self._missing_since: dict[Future, float] = {}
+        self._seen: set[Future] = set()  # futures whose worker was there at some point since they were sent
         self.submitted: list[tuple[str, str, float]] = []
 
     def now(self) -> float:
@@ -100,6 +108,8 @@ class DaskExecutor:
                                     allow_other_workers=False, pure=False, retries=0,
                                     key=f"hotpatch-{action}-{host.name}-{time.time_ns()}")
         self.futures[future] = (host.name, action)
+        if host.name in worker_names(self.client):
+            self._seen.add(future)
         self.submitted.append((host.name, action, self.now()))
 
     def wait(self, until: float | None) -> list[Completion]:
@@ -117,7 +127,8 @@ class DaskExecutor:
 
     def _completion(self, future: Future) -> Completion:
         host, action = self.futures.pop(future)
-        self._missing_since.pop(host, None)
+        self._missing_since.pop(future, None)
+        self._seen.discard(future)
         if future.status == "finished":
             result = future.result()
             return Completion(host, action, result.pop("outcome"), result)
@@ -128,17 +139,23 @@ class DaskExecutor:
         return Completion(host, action, LOST, {"error": f"the task was lost: {error}"})
 
     def _lost(self) -> list[Completion]:
+        """Tasks whose worker left while they ran (after ``lost_after``), or that were sent while it was away
+        and saw no worker of that name come back within ``return_within`` (a restarting worker does)."""
         present = worker_names(self.client)
         out = []
         now = time.monotonic()
         for future, (host, action) in list(self.futures.items()):
             if host in present:
-                self._missing_since.pop(host, None)
+                self._seen.add(future)
+                self._missing_since.pop(future, None)
                 continue
-            since = self._missing_since.setdefault(host, now)
-            if now - since >= self.lost_after:
-                future.cancel()
-                self.futures.pop(future)
-                self._missing_since.pop(host, None)
-                out.append(Completion(host, action, LOST, {"error": f"worker {host!r} left the scheduler"}))
+            since = self._missing_since.setdefault(future, now)
+            if now - since < (self.lost_after if future in self._seen else self.return_within):
+                continue
+            why = "left the scheduler" if future in self._seen else f"did not come back within {self.return_within:g} s"
+            future.cancel()
+            self.futures.pop(future)
+            self._missing_since.pop(future, None)
+            self._seen.discard(future)
+            out.append(Completion(host, action, LOST, {"error": f"worker {host!r} {why}"}))
         return out

@@ -25,10 +25,11 @@ from typing import Any
 
 from ..apply.agent import AgentClient
 from ..apply.engine import Engine
-from ..apply.health import HealthSpec, run_gate
+from ..apply.health import HealthSpec, roll_back_package, run_gate
 from ..apply.journal import Journal
 from ..errors import BackendError, HotpatchError
 from ..package import Package
+from ..package.trust import TrustStore
 
 __all__ = ["HostRequest", "describe_worker", "host_task"]
 
@@ -96,8 +97,11 @@ def _apply(client: AgentClient, package: Package, request: HostRequest, pids: li
     for pid in pids:
         try:
             with client.open(pid) as backend:
+                # the host's trust store, plus the plan's keys (as `hotpatch apply --trust`)
                 engine = Engine(backend, journal, allow_unsigned=request.allow_unsigned,
-                                trusted_keys=list(request.trusted_keys))
+                                trusted_keys=TrustStore.default(request.trusted_keys).raw_keys())
+                # a task cut short here before (its worker died, Dask re-ran it) is finished or undone first
+                engine.recover()
                 if _ours(engine, package.package_id) == "ours":
                     processes.append({"pid": pid, "status": "already applied"})
                     applied.append(pid)
@@ -129,19 +133,7 @@ def _apply(client: AgentClient, package: Package, request: HostRequest, pids: li
 
 
 def _take_out(client: AgentClient, journal: Journal, package_id: str, pids: list[int]) -> list[int]:
-    done = []
-    for pid in pids:
-        try:
-            with client.open(pid) as backend:
-                engine = Engine(backend, journal)
-                if _ours(engine, package_id) == "original":
-                    continue
-                with engine.transaction() as tx:
-                    tx.rollback(package_id)
-            done.append(pid)
-        except HotpatchError:
-            continue  # reported by the status that follows
-    return done
+    return roll_back_package(client, journal, package_id, pids)[0]  # what is left is read back afterwards
 
 
 def _status(client: AgentClient, package: Package, request: HostRequest, pids: list[int]) -> dict[str, Any]:

@@ -11,8 +11,8 @@ same one) and run the same loop.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
+import getpass
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +59,14 @@ def connect(options: Options, host_names: list[str]) -> Iterator[Client]:
         with client:
             yield client
         return
+    # our own cluster, torn down at the end: its workers' complaints about the closing scheduler are noise
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
     with local_cluster(host_names, processes=False) as cluster, Client(cluster) as client:
         yield client
 
 
 def _holder() -> str:
-    return f"hotpatch rollout (pid {os.getpid()} on {socket.gethostname()})"
+    return f"hotpatch rollout of user {getpass.getuser()}"
 
 
 def _request_factory(plan: Plan, package_bytes: bytes) -> Callable[[Host], HostRequest]:
@@ -143,6 +145,8 @@ def _stored_plan(store: RolloutStore, rollout_id: str) -> tuple[Plan, bytes]:
 
 
 def _continue(rollout_id: str, options: Options, abort_it: bool) -> str:
+    if not Path(options.db).is_file():
+        raise RolloutError(f"no rollout database at {options.db}")
     store = RolloutStore(options.db)
     plan, package_bytes = _stored_plan(store, rollout_id)
     store.acquire(rollout_id, _holder())
@@ -169,6 +173,8 @@ def abort(rollout_id: str, options: Options) -> str:
 def status(rollout_id: str | None, db: Path) -> dict[str, Any]:
     from .view import report
 
+    if not Path(db).is_file():
+        raise RolloutError(f"no rollout database at {db}")
     store = RolloutStore(db)
     ids = store.rollouts()
     if not ids:

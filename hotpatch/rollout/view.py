@@ -24,6 +24,9 @@ def report(store: RolloutStore, rollout_id: str) -> dict[str, Any]:
     """The rollout's report: status, per-wave counts, every target's state and last detail, the figures."""
     row = store.rollout(rollout_id)
     targets = store.targets(rollout_id)
+    history = store.history(rollout_id)
+    got_it = {e["host"] for e in history if (e["detail"] or {}).get("committed")}
+    failed = {e["host"] for e in history if e["new"] in ("failed", "unhealthy")}
     waves: dict[int, Counter[str]] = {}
     for target in targets:
         waves.setdefault(target.wave, Counter())[target.state] += 1
@@ -38,7 +41,10 @@ def report(store: RolloutStore, rollout_id: str) -> dict[str, Any]:
                   for w, c in sorted(waves.items())],
         "targets": [{"host": t.host, "wave": t.wave, "group": t.group, "state": t.state, "attempts": t.attempts,
                      "updated": t.updated, "detail": t.detail} for t in targets],
-        "stats": (row.report or {}).get("stats"),
+        "stats": (row.report or {}).get("stats"),  # of the last run (start, resume or abort)
+        # over every run: hosts the package went into, hosts that failed
+        "blast_radius": len(got_it),
+        "failed_hosts": sorted(failed),
     }
 
 
@@ -61,12 +67,12 @@ def report_table(document: dict[str, Any]) -> Group:
         for target in trouble[:50]:
             detail = target.get("detail") or {}
             why = detail.get("error") or detail.get("note") or detail.get("outcome") or ""
-            table.add_row(target["host"], str(target["wave"]), target["state"], str(why)[:160])
+            table.add_row(target["host"], str(target["wave"]), target["state"], str(why)[:400])
         parts.append(table)
-    stats = document.get("stats")
-    if stats:
-        parts.append(Text(f"blast radius {stats['blast_radius']} host(s), failures {stats['failures']}, "
-                          f"most hosts of one group unavailable at once {stats['max_unavailable']}"))
+    stats = document.get("stats") or {}
+    parts.append(Text(f"the package went into {document['blast_radius']} host(s); "
+                      f"{len(document['failed_hosts'])} failed; most hosts of one group busy at once "
+                      f"{stats.get('max_unavailable', 0)}"))
     return Group(*parts)
 
 

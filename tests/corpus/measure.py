@@ -31,6 +31,7 @@ from pathlib import Path
 from hotpatch.apply.emulator import EmulatorBackend
 from hotpatch.calls import parse_inputs, run_calls
 from hotpatch.diff import diff
+from hotpatch.errors import HotpatchError
 from hotpatch.winehost import windows_path, wine_command, wine_env, wine_session
 from tests.corpus.build import BuiltLibrary, build_corpus, default_out, host_exe
 from tests.corpus.model import Fix
@@ -58,10 +59,13 @@ class Outcome:
     live: str = "-"
     rollback: str = "-"
     seconds: float = 0.0
+    recorded_changes: tuple[str, ...] | None = None  # changed probes, when read back without their values
 
     @property
     def changed_probes(self) -> list[str]:
         """Probes whose stable value differs between the step before and this one."""
+        if self.recorded_changes is not None:
+            return list(self.recorded_changes)
         return sorted(p for p, v in self.after.items()
                       if v is not None and self.before.get(p) is not None and self.before[p] != v)
 
@@ -72,7 +76,8 @@ class Outcome:
     def to_json(self) -> dict[str, object]:
         return {"fix": self.fix.id, "cve": self.fix.cve, "expected": self.fix.expected, "verdict": self.verdict,
                 "reasons": list(self.reasons), "build": self.build, "verify": self.verify, "live": self.live,
-                "rollback": self.rollback, "changed_probes": self.changed_probes, "seconds": round(self.seconds, 1)}
+                "rollback": self.rollback, "changed_probes": self.changed_probes, "seconds": round(self.seconds, 1),
+                "before": self.before, "after": self.after}
 
 
 # ── the host ───────────────────────────────────────────────────────────────
@@ -159,7 +164,10 @@ def build_and_verify(fix: Fix, base: Path, patched: Path, where: Path) -> tuple[
     code, text = hotpatch_cli("build", str(base), str(patched), "-o", str(package), "--cve", fix.cve)
     if code != 0:
         return None, f"failed (exit {code}): {text.splitlines()[-1] if text else ''}", "-"
-    inputs = _verify_inputs(fix, base, where)
+    try:
+        inputs = _verify_inputs(fix, base, where)
+    except HotpatchError as exc:  # a call that hands out the handle reaches something the emulator lacks
+        return package, "ok", f"cannot: {exc}"
     if inputs is None:
         return package, "ok", f"not run: {fix.verify_note or 'no emulator calls reach the fix'}"
     code, text = hotpatch_cli("verify", str(package), "--baseline", str(base), "--patched", str(patched),
@@ -190,10 +198,20 @@ class _RunningHost:
         deadline = time.monotonic() + timeout
         mark = self.host.mark()
         while time.monotonic() < deadline:
-            if all((v,) in self.host.observed(mark, p) for p, v in wanted.items()):
+            seen = self._observed(mark)
+            if all((p, (v,)) in seen for p, v in wanted.items()):
                 return True
             time.sleep(0.1)
         return False
+
+    def _observed(self, start: int) -> set[tuple[str, tuple[int, ...] | None]]:
+        """(probe, values of one interval) since line ``start``; None for an interval with too many values."""
+        out: set[tuple[str, tuple[int, ...] | None]] = set()
+        for line in self.host.lines[start:]:
+            kind, *rest = line.split() or [""]
+            if kind == "observed":
+                out.add((rest[0], None if "..." in rest else tuple(int(v) for v in rest[1:])))
+        return out
 
     def stop(self) -> tuple[int, str]:
         return self.host.stop()
@@ -203,28 +221,41 @@ def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, packag
                 before: Probes, after: Probes) -> tuple[str, str]:
     """Apply ``package`` to a running multi-threaded host and roll it back; a word on each."""
     env = {"HOTPATCH_STATE": str(package.parent / "state"), "HOTPATCH_WINEPREFIX": str(prefix)}
-    running = _RunningHost(out, prefix, built, base)
+    # Only the probes the fix changes are waited for: the others keep their value, and a probe whose
+    # value depends on the process (a use-after-free reading a freed block) is not a stable observation.
     changed = sorted(p for p in after if after[p] is not None and before.get(p) not in (None, after[p]))
-    live, back = "-", "-"
+    before = {p: before[p] for p in changed}
+    after = {p: after[p] for p in changed}
     try:
-        if not running.wait_for(before):
-            return "host never showed the baseline's values", "-"
-        pid = str(running.host.pid)
-        code, text = hotpatch_cli("apply", str(package), "--pid", pid, "--allow-unsigned", env=env)
-        if code != 0:
-            return f"apply failed (exit {code}): {text.splitlines()[-1] if text else ''}", "-"
-        switched = running.wait_for(after)
-        live = (f"switched ({', '.join(changed)})" if changed else "applied (no probe output changes)") \
-            if switched else "applied, but the probes never showed the patched values"
-        code, text = hotpatch_cli("rollback", "--pid", pid, env=env)
-        if code != 0:
-            return live, f"rollback failed (exit {code}): {text.splitlines()[-1] if text else ''}"
-        back = ("switched back" if changed else "rolled back") if running.wait_for(before) \
-            else "rolled back, but the probes never showed the baseline's values again"
+        running = _RunningHost(out, prefix, built, base)
+    except AssertionError as exc:  # host.exe did not start (its output is in the message)
+        return f"host did not start: {str(exc)[:200]}", "-"
+    try:
+        live, back = _apply_and_rollback(running, package, env, before, after)
     finally:
         code, stderr = running.stop()
-        if code != 0:
-            live = f"{live}; host exited with {code}: {stderr.strip()[-200:]}"
+    if code != 0:
+        live = f"{live}; host exited with {code}: {stderr.strip()[-200:]}"
+    return live, back
+
+
+def _apply_and_rollback(running: _RunningHost, package: Path, env: dict[str, str],
+                        before: Probes, after: Probes) -> tuple[str, str]:
+    if not running.wait_for(before):
+        return "host never showed the baseline's values", "-"
+    pid = str(running.host.pid)
+    code, text = hotpatch_cli("apply", str(package), "--pid", pid, "--allow-unsigned", env=env)
+    if code != 0:
+        return f"apply failed (exit {code}): {text.splitlines()[-1] if text else ''}", "-"
+    switched = running.wait_for(after)
+    changed = ", ".join(after)
+    live = (f"switched ({changed})" if changed else "applied (no probe output changes)") if switched \
+        else "applied, but the probes never showed the patched values"
+    code, text = hotpatch_cli("rollback", "--pid", pid, env=env)
+    if code != 0:
+        return live, f"rollback failed (exit {code}): {text.splitlines()[-1] if text else ''}"
+    back = ("switched back" if changed else "rolled back") if running.wait_for(before) \
+        else "rolled back, but the probes never showed the baseline's values again"
     return live, back
 
 
@@ -258,9 +289,21 @@ def measure_all(out: Path | None = None, only: str | None = None) -> tuple[list[
             if not fixes:
                 continue
             values = {step: probe_values(out, prefix, built, step) for step in built.steps}
-            outcomes += [measure_fix(out, prefix, built, fix, values) for fix in fixes]
+            for fix in fixes:
+                outcomes.append(measure_fix(out, prefix, built, fix, values))
+                print(json.dumps(outcomes[-1].to_json()), file=sys.stderr, flush=True)
         times["run"] = time.monotonic() - start
     return outcomes, times
+
+
+def verdicts_only(out: Path | None = None) -> list[dict[str, object]]:
+    """Each fix's verdict and reasons, with whichever ``hotpatch`` is imported (e.g. another branch's)."""
+    rows = []
+    for built in build_corpus(out):
+        for fix in built.library.fixes:
+            verdict, reasons = judge(*built.pair(fix))
+            rows.append({"fix": fix.id, "expected": fix.expected, "verdict": verdict, "reasons": list(reasons)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,10 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=None, help="write the table there (docs/CORPUS.md)")
     parser.add_argument("--json", type=Path, default=None, help="write the outcomes as JSON there")
     parser.add_argument("--only", help="one fix or one library")
+    parser.add_argument("--verdicts-only", action="store_true",
+                        help="only the verdicts, as JSON (--json): see tests.corpus.report --compare")
     args = parser.parse_args(argv)
+    if args.verdicts_only:
+        rows = verdicts_only(args.out)
+        text = json.dumps({"hotpatch": str(Path(diff.__code__.co_filename).parent), "verdicts": rows}, indent=1)
+        if args.json:
+            args.json.write_text(text)
+        print(text)
+        return 0
     outcomes, times = measure_all(args.out, args.only)
-    for o in outcomes:
-        print(json.dumps(o.to_json()))
     if args.json:
         args.json.write_text(json.dumps({"outcomes": [o.to_json() for o in outcomes], "times": times}, indent=1))
     if args.doc:

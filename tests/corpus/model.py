@@ -63,6 +63,9 @@ class Fix:
     notes: str
     verify: tuple[dict, ...]  # emulator calls for `hotpatch verify --inputs` (docs/VERIFY.md)
     verify_note: str  # why there are none, when there are none
+    # False when the reason for a new baseline leaves no trace in the binaries (an ownership rule changes,
+    # not a layout or a datum): a HOTPATCH verdict there is a known blind spot, listed in docs/CORPUS.md
+    detectable: bool
 
     @property
     def id(self) -> str:
@@ -86,6 +89,7 @@ def _fix(library: str, path: Path) -> Fix:
         notes=doc.get("notes", "").strip(),
         verify=tuple(doc.get("verify", ())),
         verify_note=doc.get("verify_note", "").strip(),
+        detectable=bool(doc.get("detectable", True)),
     )
 
 

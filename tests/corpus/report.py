@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tests.corpus.measure import Outcome
 
-__all__ = ["render", "write_doc"]
+__all__ = ["compare_section", "render", "write_doc"]
 
 _HEAD = """# The real-fix corpus
 
@@ -32,6 +35,27 @@ Columns: **verify** is `hotpatch verify` with the fix's emulator calls;
 **live** is `hotpatch apply` to the running host (the probes whose value switched
 to the patched DLL's are named); **rollback** is `hotpatch rollback` and the
 values switching back. `-`: not run, because the verdict is NEW_BASELINE.
+
+Notes on the setup:
+
+- Every DLL is linked at 0x180000000 (MSVC's default, as the fixtures are). At another
+  preferred base (first tried: 0x6b000000..0x6d000000), `hotpatch verify` refused every
+  package with "code SHA-256 ... is not the baseline's": mingw-w64 keeps `__CTOR_LIST__` and
+  `__DTOR_LIST__` (absolute, relocated pointers) in .text, the emulator (like Windows)
+  rewrites the header's ImageBase when it relocates an image, and the code-hash check
+  (hotpatch/apply/status.py) then reverts relocations only for the header's base and
+  COMMON_BASES, never the baseline's real preferred base.
+- `hotpatch verify` runs where the emulator models what the fixed code calls: c-ares's
+  parsers and Lua's compiler and VM (luaL_newstate's handle passed on, see measure.py). It
+  cannot run libpng (msvcrt!_setjmp in every png_create_*_struct and png_safe_execute is not
+  modelled), c-ares's read_udp_packets (sockets), or sort-list entries without a prefix
+  (ws2_32!ntohl is not modelled).
+- CVE-2026-33416 parts 1 and 3 change who frees `png_struct.trans_alpha` and `.palette`
+  without changing any layout or datum: objects made by the old code and freed by the new one
+  are freed twice. No binary diff can see that; their files say `detectable = false`, and a
+  HOTPATCH verdict for them is listed below as unsafe.
+- CVE-2026-33636.patch (arm/ NEON code only) is applied with CVE-2026-34757 part 1: an
+  x86-64 build does not compile it.
 """
 
 
@@ -51,7 +75,8 @@ def render(outcomes: list[Outcome], times: dict[str, float]) -> str:
               "Each probe's value on the step before and after the fix (hex); only probes whose value changed, "
               "and `unstable` where threads saw different values.", ""]
     for o in outcomes:
-        changed = [f"`{p}` {o.before[p]:#x} → {o.after[p]:#x}" for p in o.changed_probes]
+        changed = [f"`{p}` {o.before[p]:#x} → {o.after[p]:#x}" if p in o.before else f"`{p}`"
+                   for p in o.changed_probes]
         unstable = sorted(p for p in o.after if o.after[p] is None or o.before.get(p) is None)
         text = "; ".join(changed) or "no probe output changes"
         if unstable:
@@ -85,3 +110,69 @@ def render(outcomes: list[Outcome], times: dict[str, float]) -> str:
 
 def write_doc(path: Path, outcomes: list[Outcome], times: dict[str, float]) -> None:
     path.write_text(render(outcomes, times))
+
+
+def compare_section(doc: str, outcomes: list[dict], other: list[dict], label: str) -> str:
+    """``doc`` with its comparison section (re)written: this table's verdicts against ``other``'s."""
+    title = "## Verdicts with other branches"
+    mine = {row["fix"]: row for row in outcomes}
+    lines = [title, "", f"The same pairs judged by {label} "
+             "(`python -m tests.corpus.measure --verdicts-only` with that tree first on PYTHONPATH, then "
+             "`python -m tests.corpus.report --compare`): verdicts only, no live runs.", "",
+             "| fix | expected | verdict above | verdict there | reasons there |", "|---|---|---|---|---|"]
+    for row in other:
+        here = mine.get(row["fix"], {}).get("verdict", "?")
+        reasons = "<br>".join(_cell(r) for r in row["reasons"]) or "—"
+        lines.append(f"| {row['fix']} | {row['expected']} | {here} | {row['verdict']} | {reasons} |")
+    hot = [r for r in other if r["expected"] == "HOTPATCH"]
+    got = [r for r in hot if r["verdict"] == "HOTPATCH"]
+    unsafe = [r["fix"] for r in other if r["expected"] == "NEW_BASELINE" and r["verdict"] == "HOTPATCH"]
+    lines += ["", f"Expected HOTPATCH: {len(hot)}; verdict HOTPATCH there: {len(got)} "
+              f"({100 * len(got) / max(1, len(hot)):.0f} %); unsafe HOTPATCH there: {', '.join(unsafe) or 'none'}."]
+    head, _, _ = doc.partition(title)
+    return head.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+
+
+def outcomes_from_rows(rows: list[dict]) -> list[Outcome]:
+    """Outcomes read back from measure's JSON lines (probe values where the rows carry them)."""
+    from tests.corpus.measure import Outcome
+    from tests.corpus.model import load_corpus
+
+    fixes = {f.id: f for lib in load_corpus() for f in lib.fixes}
+    out = []
+    for row in rows:
+        values = "before" in row
+        out.append(Outcome(fixes[row["fix"]], row["verdict"], tuple(row["reasons"]),
+                           {k: v for k, v in row.get("before", {}).items()}, dict(row.get("after", {})),
+                           row["build"], row["verify"], row["live"], row["rollback"], row["seconds"],
+                           None if values else tuple(row["changed_probes"])))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Add to docs/CORPUS.md the verdicts of another hotpatch tree.")
+    parser.add_argument("--doc", type=Path, default=Path("docs/CORPUS.md"))
+    parser.add_argument("--outcomes", type=Path, required=True, help="tests.corpus.measure --json output")
+    parser.add_argument("--rows", type=Path, nargs="*", default=(),
+                        help="render the page first from measure's JSON lines (its stderr), in this order")
+    parser.add_argument("--seconds", type=float, nargs=2, default=(0.0, 0.0), help="build and run times")
+    parser.add_argument("--compare", type=Path, required=True, help="tests.corpus.measure --verdicts-only --json")
+    parser.add_argument("--label", required=True, help="what the other tree is, e.g. 'main + verdict + discovery'")
+    args = parser.parse_args(argv)
+    other = json.loads(args.compare.read_text())["verdicts"]
+    if not args.rows:
+        outcomes = json.loads(args.outcomes.read_text())["outcomes"]
+    else:
+        rows = [json.loads(line) for path in args.rows for line in path.read_text().splitlines()
+                if line.startswith("{")]
+        args.outcomes.write_text(json.dumps({"outcomes": rows}, indent=1))
+        write_doc(args.doc, outcomes_from_rows(rows), dict(zip(("build", "run"), args.seconds)))
+        outcomes = rows
+    doc = args.doc.read_text()
+    doc = _HEAD + "## Table" + doc.partition("## Table")[2]  # the notes as this version of the page has them
+    args.doc.write_text(compare_section(doc, outcomes, other, args.label))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,14 +1,11 @@
-// Opens a function's <details> when a link targets it, and builds its side-by-side rows from the
+// Opens a function's <details> when a link targets it, and builds its side-by-side rows from its
 // inline JSON only then: a page with thousands of changed functions loads without drawing them.
 (function () {
   "use strict";
-  let details = null;
-  function data() {
-    if (details === null) {
-      const node = document.getElementById("function-rows");
-      details = node ? JSON.parse(node.textContent) : {};
-    }
-    return details;
+  // each function's rows sit in their own JSON script element: opening one parses only its own
+  function data(id) {
+    const node = document.getElementById("rows-" + id);
+    return node ? JSON.parse(node.textContent) : null;
   }
   function cell(row, side, value) {
     const off = document.createElement("td");
@@ -33,7 +30,7 @@
     if (!element || element.dataset.rendered) return;
     element.dataset.rendered = "1";
     const body = element.querySelector(".body");
-    const entry = data()[element.id];
+    const entry = data(element.id);
     if (!body || !entry) return;
     const table = document.createElement("table");
     table.className = "sbs";

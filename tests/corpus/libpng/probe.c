@@ -222,13 +222,21 @@ static int64_t classic(const unsigned char *png, size_t size, classic_t what)
         png_read_update_info(png_ptr, info_ptr);
         h = hash_rows(png_ptr, info_ptr, h);
     } else if (what == GETSET_TEXT) {
+        /* Text chunks added again from a copy of the array png_get_text gives:
+         * png_set_text_2 (CVE-2026-34757 part 2) runs, but without the aliasing
+         * itself, whose use after free reads key pointers out of a freed block
+         * and may crash the host at any time, before or after a patch. */
         png_textp text;
+        png_text copy[8];
         int n;
         png_read_update_info(png_ptr, info_ptr);
         h = hash_rows(png_ptr, info_ptr, h);
         png_read_end(png_ptr, info_ptr);
         n = png_get_text(png_ptr, info_ptr, &text, NULL);
-        png_set_text(png_ptr, info_ptr, text, n);
+        if (n > 8)
+            n = 8;
+        memcpy(copy, text, (size_t)n * sizeof *text);
+        png_set_text(png_ptr, info_ptr, copy, n);
     } else {
         /* Gamma correction rewrites the palette in png_struct: does png_info see it? */
         png_set_gamma(png_ptr, 2.2, 1.0);

@@ -1,0 +1,94 @@
+"""Whole commands as a user runs them: separate processes, user+sys CPU, same inputs, same run.
+
+- ``hotpatch functions _rust.pyd --json`` (cryptography 43.0.0) against a naive pass of
+  capstone's Python binding over the .pdata functions (benchmarks/naive_capstone.py);
+  the issue's target is at least 20x, printed as a ratio, never asserted.
+- start-up: ``hotpatch --version`` and ``hotpatch info`` on a small fixture DLL (target < 0.3 s).
+- ``hotpatch diff`` of duckdb 1.1.0 -> 1.1.1 (31 MB a side): CPU and peak RSS; long, so it runs
+  only on request: ``pytest benchmarks/test_bench_commands.py --run-long``.
+CPU is measured from the children's rusage (``RUSAGE_CHILDREN`` deltas), so a loaded machine
+stretches wall time but not these figures much; peak RSS comes from ``wait4`` of that one child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.realbins import real_binary
+
+_HERE = Path(__file__).resolve().parent
+_HOTPATCH = [sys.executable, "-m", "hotpatch.cli"]
+
+
+@dataclass(frozen=True)
+class Run:
+    cpu: float  # user + sys seconds of the child
+    peak_rss_mb: float
+    stdout: bytes
+
+
+def run_process(argv: list[str]) -> Run:
+    """Run one command to completion; its own CPU (RUSAGE_CHILDREN delta) and peak RSS (wait4)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    stdout = process.stdout.read() if process.stdout else b""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert process.returncode == 0, f"{argv} exited {process.returncode}"
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return Run(cpu, usage.ru_maxrss / 1024, stdout)
+
+
+def _best(argv: list[str], rounds: int) -> Run:
+    runs = [run_process(argv) for _ in range(rounds)]
+    return min(runs, key=lambda r: r.cpu)
+
+
+def test_functions_json_against_naive_capstone(benchmark, rust_pyd: Path) -> None:  # type: ignore[no-untyped-def]
+    naive = _best([sys.executable, str(_HERE / "naive_capstone.py"), str(rust_pyd)], rounds=2)
+    ours = benchmark.pedantic(_best, args=(_HOTPATCH + ["functions", str(rust_pyd), "--json"], 1),
+                              rounds=2, iterations=1)
+    document = json.loads(ours.stdout)
+    pdata = json.loads(naive.stdout)["functions"]
+    # hotpatch folds chained .pdata fragments into their roots and adds functions .pdata does not list
+    assert len(document["functions"]) >= pdata * 0.9
+    ratio = naive.cpu / ours.cpu
+    benchmark.extra_info.update(hotpatch_cpu=round(ours.cpu, 2), naive_cpu=round(naive.cpu, 2),
+                                ratio=round(ratio, 2), target_ratio=20)
+    print(f"\nfunctions --json _rust.pyd: hotpatch {ours.cpu:.2f} s CPU ({len(document['functions'])} functions), "
+          f"naive capstone {naive.cpu:.2f} s ({pdata} .pdata functions): hotpatch/naive CPU "
+          f"{ours.cpu / naive.cpu:.2f}, naive/hotpatch {ratio:.2f}x (target 20x)")
+
+
+@pytest.mark.parametrize("command", ["version", "info"])
+def test_startup(benchmark, built_fixtures: Path, command: str) -> None:  # type: ignore[no-untyped-def]
+    dll = built_fixtures / "body_change" / "baseline.dll"
+    argv = _HOTPATCH + (["--version"] if command == "version" else ["info", str(dll), "--json"])
+    run = benchmark.pedantic(_best, args=(argv, 1), rounds=3, iterations=1)
+    bare = _best([sys.executable, "-c", "pass"], rounds=3)
+    assert run.stdout
+    benchmark.extra_info.update(cpu=round(run.cpu, 3), bare_python_cpu=round(bare.cpu, 3), target=0.3)
+    print(f"\nhotpatch {command}: {run.cpu:.3f} s CPU (bare python {bare.cpu:.3f} s; target < 0.3 s, "
+          f"{run.cpu / 0.3:.1f}x the target)")
+
+
+@pytest.mark.long  # deselected unless --run-long (benchmarks/conftest.py)
+@pytest.mark.realbins
+def test_diff_duckdb(benchmark) -> None:  # type: ignore[no-untyped-def]
+    pair = [real_binary("duckdb", version, "duckdb/duckdb.cp311-win_amd64.pyd") for version in ("1.1.0", "1.1.1")]
+    run = benchmark.pedantic(_best, args=(_HOTPATCH + ["diff", *map(str, pair), "--json"], 1),
+                             rounds=1, iterations=1)
+    summary = json.loads(run.stdout)
+    assert summary
+    benchmark.extra_info.update(cpu=round(run.cpu, 1), peak_rss_mb=round(run.peak_rss_mb))
+    print(f"\ndiff duckdb 1.1.0 -> 1.1.1: {run.cpu:.1f} s CPU ({run.cpu / 26:.2f} of the issue's 26 s), "
+          f"peak RSS {run.peak_rss_mb:.0f} MB (target < 600 MB)")

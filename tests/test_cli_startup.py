@@ -1,0 +1,33 @@
+"""Start-up: --version and this module's own commands load none of the other command modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from hotpatch.cli import _OWN_COMMANDS, build_parser
+
+_PROBE = """
+import contextlib, io, sys
+from hotpatch.cli import main
+with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+    main(sys.argv[1:])
+heavy = sorted(m for m in ("distributed", "numpy", "lief", "hotpatch.rollout", "hotpatch.apply") if m in sys.modules)
+print(",".join(heavy))
+"""
+
+
+def _loaded(*argv: str) -> str:
+    done = subprocess.run([sys.executable, "-c", _PROBE, *argv], capture_output=True, text=True, timeout=120)
+    return done.stdout.strip()
+
+
+def test_version_loads_no_heavy_module() -> None:
+    assert _loaded("--version") == ""
+
+
+def test_help_still_lists_every_command() -> None:
+    full = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    own = build_parser(own_only=True)._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(own) == _OWN_COMMANDS
+    assert {"apply", "rollout", "train", "batch", "report", "trust"} <= set(full)

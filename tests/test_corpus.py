@@ -73,7 +73,14 @@ def test_no_unsafe_hotpatch(fix: Fix, corpus: dict[str, BuiltLibrary]) -> None:
 
 
 @pytest.mark.wine
-@pytest.mark.parametrize("fix", [f for f in FIXES if f.expected == "HOTPATCH"], ids=lambda f: f.id)
+def _live_param(fix: Fix) -> object:
+    # libpng's unfixed steps crash their hosts at random (the CVEs' own memory errors, under the probes): those
+    # runs are `unstable`, left out of `make test` and run by `make corpus-live`; c-ares and lua run always.
+    return pytest.param(fix, marks=pytest.mark.unstable) if fix.library == "libpng" else fix
+
+
+@pytest.mark.parametrize("fix", [_live_param(f) for f in FIXES if f.expected == "HOTPATCH"],
+                         ids=lambda f: f.id)
 def test_hotpatch_fix_builds_verifies_and_switches_live(
     fix: Fix, corpus: dict[str, BuiltLibrary], wine_prefix: Path, step_values: dict[Path, Probes],
     tmp_path: Path,

@@ -310,7 +310,7 @@ def test_orchestrator_killed_mid_wave_is_refused_twice_then_resumed_without_patc
 
 
 # Unstable: in a full run on a fresh clone another host stayed `pending` (('host-b', 'pending', None)) after
-# the killed worker came back; passes alone. Left out of `make test` until that race is found.
+# the killed worker came back; it passed in earlier runs. Left out of `make test` until that race is found.
 @pytest.mark.unstable
 def test_worker_killed_mid_apply_is_marked_unknown_and_read_back_before_any_retry(
     tmp_path: Path, fleet: Fleet, client: Client, agent: AgentClient, signed: tuple[Path, str], clean: None

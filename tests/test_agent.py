@@ -20,21 +20,7 @@ import keystone
 import pytest
 
 from hotpatch.apply.agent import AgentClient, AgentProcessBackend
-from hotpatch.apply.backend import (
-    MEM_COMMIT,
-    MEM_FREE,
-    MEM_IMAGE,
-    MEM_PRIVATE,
-    PAGE_EXECUTE_READ,
-    PAGE_READONLY,
-    PAGE_READWRITE,
-    REL32_REACH,
-    CommitWrite,
-    Module,
-    call_function,
-    call_stub,
-    find_export,
-)
+from hotpatch.apply.backend import REL32_REACH, CommitWrite, Module, call_function, call_stub, find_export
 from hotpatch.apply.protocol import HEADER, MAX_PAYLOAD, Opcode, Status, encode_frame
 from hotpatch.errors import (
     AgentProtocolError,
@@ -45,6 +31,15 @@ from hotpatch.errors import (
     Win32Error,
 )
 from hotpatch.image import Image
+from hotpatch.win32mem import (
+    MEM_COMMIT,
+    MEM_FREE,
+    MEM_IMAGE,
+    MEM_PRIVATE,
+    PAGE_EXECUTE_READ,
+    PAGE_READONLY,
+    PAGE_READWRITE,
+)
 from hotpatch.winehost import windows_path, wine_command, wine_env
 from tests.fixtures.build_fixtures import host_exe
 

@@ -24,16 +24,7 @@ from pathlib import Path
 import pytest
 
 from hotpatch.apply.agent import AgentClient, AgentProcessBackend
-from hotpatch.apply.backend import (
-    MEM_FREE,
-    PAGE_EXECUTE_READ,
-    PAGE_READONLY,
-    PAGE_READWRITE,
-    CommitWrite,
-    Module,
-    call_function,
-    find_export,
-)
+from hotpatch.apply.backend import CommitWrite, Module, call_function, find_export
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
 from hotpatch.apply.redirects import assemble
@@ -66,6 +57,7 @@ from hotpatch.package.model import (
     TargetIdentity,
     UnwindEntry,
 )
+from hotpatch.win32mem import MEM_FREE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from tests.fixtures.cases import Call, Case, load_cases
 from tests.signing import SIGNING_KEY, signed
 from tests.test_agent import Host

@@ -14,22 +14,7 @@ from pathlib import Path
 import keystone
 import pytest
 
-from hotpatch.apply.backend import (
-    MEM_COMMIT,
-    MEM_FREE,
-    MEM_IMAGE,
-    MEM_PRIVATE,
-    PAGE_EXECUTE_READ,
-    PAGE_EXECUTE_READWRITE,
-    PAGE_READONLY,
-    PAGE_READWRITE,
-    PAGE_WRITECOPY,
-    REL32_REACH,
-    CommitWrite,
-    Module,
-    call_function,
-    find_export,
-)
+from hotpatch.apply.backend import REL32_REACH, CommitWrite, Module, call_function, find_export
 from hotpatch.apply.emulator import EmulatorBackend
 from hotpatch.calls import (
     Address,
@@ -55,6 +40,17 @@ from hotpatch.errors import (
     Win32Error,
 )
 from hotpatch.image import Image
+from hotpatch.win32mem import (
+    MEM_COMMIT,
+    MEM_FREE,
+    MEM_IMAGE,
+    MEM_PRIVATE,
+    PAGE_EXECUTE_READ,
+    PAGE_EXECUTE_READWRITE,
+    PAGE_READONLY,
+    PAGE_READWRITE,
+    PAGE_WRITECOPY,
+)
 from tests.fixtures.build_fixtures import ASLR_IMAGE_BASE, CASE_IMAGE_BASE
 from tests.fixtures.cases import Case, load_cases
 

@@ -15,17 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch.apply.backend import (
-    PAGE_EXECUTE_READ,
-    PAGE_READONLY,
-    PAGE_READWRITE,
-    CommitReport,
-    CommitWrite,
-    Module,
-    ProcessBackend,
-    Region,
-    ThreadSnapshot,
-)
+from hotpatch.apply.backend import CommitReport, CommitWrite, Module, ProcessBackend, ThreadSnapshot
 from hotpatch.apply.engine import build_parts, plan_layout
 from hotpatch.apply.imports import ResolvedImport
 from hotpatch.apply.journal import (
@@ -65,6 +55,7 @@ from hotpatch.package.model import (
     TargetIdentity,
     UnwindEntry,
 )
+from hotpatch.win32mem import PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE, Region
 
 BASE = 0x180000000
 

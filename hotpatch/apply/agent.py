@@ -26,16 +26,8 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import AgentProtocolError, BackendError
-from .backend import (
-    REL32_REACH,
-    CommitReport,
-    CommitWrite,
-    Module,
-    ProcessBackend,
-    Region,
-    ThreadSnapshot,
-    ThreadState,
-)
+from ..win32mem import Region
+from .backend import REL32_REACH, CommitReport, CommitWrite, Module, ProcessBackend, ThreadSnapshot, ThreadState
 from .protocol import (
     HEADER,
     MAX_PAYLOAD,

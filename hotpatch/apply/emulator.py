@@ -41,16 +41,8 @@ from ..emulation.space import (
 )
 from ..errors import BackendError, BytesMismatchError, EmulationError
 from ..image import Image
-from .backend import (
-    MEM_PRIVATE,
-    REL32_REACH,
-    CommitReport,
-    CommitWrite,
-    Module,
-    ProcessBackend,
-    Region,
-    ThreadSnapshot,
-)
+from ..win32mem import MEM_PRIVATE, Region
+from .backend import REL32_REACH, CommitReport, CommitWrite, Module, ProcessBackend, ThreadSnapshot
 
 __all__ = ["DEFAULT_INSTRUCTION_LIMIT", "EmulatorBackend", "RunResult"]
 

@@ -64,16 +64,8 @@ from ..package.model import (
 )
 from ..package.signing import normalize_public_keys
 from ..package.trust import TrustStore, check_trust
-from .backend import (
-    PAGE_EXECUTE_READ,
-    PAGE_READONLY,
-    PAGE_READWRITE,
-    REL32_REACH,
-    CommitReport,
-    CommitWrite,
-    ProcessBackend,
-    call_function,
-)
+from ..win32mem import PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
+from .backend import REL32_REACH, CommitReport, CommitWrite, ProcessBackend, call_function
 from .imports import ImportResolver, ResolvedImport, free_library, normalise_dll, system_function
 from .journal import (
     ALLOCATED,

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from ..errors import BackendError, FixupError
 from ..package.model import ImportTarget
-from .backend import PAGE_READWRITE, Module, ProcessBackend, call_function, find_export
+from ..win32mem import PAGE_READWRITE
+from .backend import Module, ProcessBackend, call_function, find_export
 
 __all__ = ["ImportResolver", "ResolvedImport", "free_library", "normalise_dll", "system_function"]
 

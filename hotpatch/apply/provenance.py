@@ -28,7 +28,8 @@ import struct
 
 from ..errors import BackendError, IdentityMismatchError, JournalError, ProcessGoneError
 from ..package.model import ImportTarget, Package
-from .backend import PAGE_READWRITE, ProcessBackend
+from ..win32mem import PAGE_READWRITE
+from .backend import ProcessBackend
 from .imports import normalise_dll
 from .journal import ALLOCATED, INTENT, LOADED, REGISTERED, RETAINED, PackageRecord
 from .redirects import SiteRedirect, plan_site

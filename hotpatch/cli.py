@@ -241,7 +241,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     package = Package.load(args.package)
     calls = load_inputs(args.inputs) if args.inputs else None
     try:
-        report = verify(package, args.baseline, args.patched, calls)
+        report = verify(package, args.baseline, args.patched, calls, companions=args.companions)
     except EmulationError as exc:
         raise VerifyError(f"the emulator could not run the calls: {exc}") from None
     if args.json:
@@ -322,6 +322,9 @@ def build_parser(*, own_only: bool = False) -> argparse.ArgumentParser:
     verify.add_argument("--baseline", required=True)
     verify.add_argument("--patched", required=True)
     verify.add_argument("--inputs", help="JSON file of the calls to make (docs/VERIFY.md)")
+    verify.add_argument("--with", dest="companions", action="append", default=[], metavar="DLL",
+                        help="another DLL of the process, in both runs (repeatable; the DLLs beside the "
+                             "baseline that it imports are always mapped)")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(run=cmd_verify)
     if own_only:

@@ -1,4 +1,4 @@
-"""The emulator's models of msvcrt's setjmp/longjmp and ws2_32's byte-order functions.
+"""The emulator's models of msvcrt's setjmp/longjmp and _time64, and ws2_32's byte-order functions.
 
 The fixture cases ``setjmp_longjmp`` and ``byte_order`` run real mingw-built
 code through these models (tests/test_emulator.py checks their values, which
@@ -150,3 +150,16 @@ def test_the_byte_order_case_imports_ws2_32(cases: list[Case]) -> None:
     case = case_named(cases, "byte_order")
     names = {(e.dll.lower(), e.name) for e in Image.load(case.baseline).imports}
     assert {("ws2_32.dll", n) for n in ("htonl", "htons", "ntohl", "ntohs")} <= names
+
+
+def test_time_reads_the_deterministic_clock(backend: EmulatorBackend) -> None:
+    """_time64 (Lua seeds its hash from it): seconds since 1970 on the machine's clock, the same in every process."""
+    backend.provide_imports([("msvcrt.dll", "_time64")])
+    time64 = _crt(backend, "_time64")
+    cell = backend.heap_allocate(8)
+    first = call_function(backend, time64, cell)
+    assert first == struct.unpack("<q", backend.read(cell, 8))[0]
+    assert 1704067200 <= first < 1704067200 + 3600  # 2024-01-01, the guest's FILETIME
+    other = EmulatorBackend.load(backend.main_module().path)
+    other.provide_imports([("msvcrt.dll", "_time64")])
+    assert call_function(other, _crt(other, "_time64"), 0) == first

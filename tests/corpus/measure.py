@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotpatch.apply.emulator import EmulatorBackend
-from hotpatch.calls import parse_inputs, run_calls
+from hotpatch.calls import load_inputs, parse_inputs, run_calls
 from hotpatch.diff import diff
 from hotpatch.errors import HotpatchError
 from hotpatch.winehost import windows_path, wine_command, wine_env, wine_session
@@ -183,12 +183,28 @@ def build_and_verify(fix: Fix, base: Path, patched: Path, where: Path) -> tuple[
     code, text = hotpatch_cli("verify", str(package), "--baseline", str(base), "--patched", str(patched),
                               "--inputs", str(inputs), "--json", *companions)
     if code == 0:
-        return package, "ok", f"equal ({len(fix.verify)} calls)"
+        return package, "ok", f"equal ({len(fix.verify)} calls; {_baseline_alone(fix, base, inputs, json.loads(text))})"
     try:  # --json: the report, whose first difference is one sentence (docs/VERIFY.md)
         difference = json.loads(text)["first_difference"]["message"]
     except (ValueError, KeyError, TypeError):  # not a report: verify stopped (an emulator error, bad input)
         return package, "ok", f"cannot (exit {code}): {text.splitlines()[-1] if text else ''}"
     return package, "ok", f"differs (exit {code}): {difference}"
+
+
+def _baseline_alone(fix: Fix, base: Path, inputs: Path, report: dict) -> str:
+    """Whether the calls reach what the fix changes: the baseline without the package, against the patched
+    return values verify saw (an unfixed step may also fault in the emulator, the CVE's own memory error)."""
+    backend = EmulatorBackend.load_process(base, _companions(fix, base))
+    try:
+        results = run_calls(backend, load_inputs(inputs))
+    except HotpatchError as exc:
+        return f"the baseline alone stops: {str(exc)[:160]}"
+    finally:
+        backend.close()
+    differing = [row["call"] for row, result in zip(report["calls"], results) if result.value != row["patched"]]
+    if not differing:
+        return "the baseline alone computes the same"
+    return f"the baseline alone differs in {len(differing)}: {', '.join(differing)}"
 
 
 class _RunningHost:

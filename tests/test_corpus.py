@@ -120,7 +120,7 @@ def test_hotpatch_fix_builds_verifies_and_switches_live(
 
 
 @pytest.mark.parametrize("fix", [f for f in FIXES if f.library == "libpng" and f.verify], ids=lambda f: f.id)
-def test_libpng_fix_verifies_in_the_emulator(fix: Fix, corpus: dict[str, BuiltLibrary], tmp_path: Path) -> None:
+def test_libpng_fix_passes_verify_in_the_emulator(fix: Fix, corpus: dict[str, BuiltLibrary], tmp_path: Path) -> None:
     """libpng's live runs are `unstable` (its unfixed steps crash their hosts by themselves); the emulator is
     deterministic, so every libpng fix with a package is verified here, in `make test`: the probes, called
     through the probe DLL mapped beside the step, compute the same with the package as on the fixed step."""

@@ -14,7 +14,10 @@ of ``__C_specific_handler`` scope tables, GCC cleanups), and the target frame is
 the one whose establisher frame is the saved frame. At the end, as ntdll's
 RtlRestoreContext does for STATUS_LONGJUMP, the registers come from the buffer,
 not from the unwound context (the function may have changed them after setjmp).
-Without a frame (NULL), longjmp restores the buffer's registers at once.
+Without a frame (NULL), longjmp restores the buffer's registers at once, in
+the nesting level of guest calls it runs in (a frameless jump out of a
+callback that a model called, such as a constructor run by ``_initterm``, is
+not modelled; with a frame the unwind crosses levels as exceptions do).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .models import model
 from .seh import make_record, unwind
 from .unwind import Context
 
-__all__ = ["JUMP_BUFFER", "STATUS_LONGJUMP"]
+__all__ = ["JUMP_BUFFER", "JUMP_BUFFER_SIZE", "STATUS_LONGJUMP"]
 
 STATUS_LONGJUMP = 0x80000026
 #: _JUMP_BUFFER: Frame, Rbx, Rsp, Rbp, Rsi, Rdi, R12-R15, Rip, then MxCsr (4), FpCsr (2), Spare (2), Xmm6-15
@@ -38,8 +41,6 @@ XMM_SAVED = range(6, 16)
 # Unwind numbering of the registers the buffer holds, in its order (after Frame).
 _SAVED_GPR = (3, 4, 5, 6, 7, 12, 13, 14, 15)  # rbx, rsp, rbp, rsi, rdi, r12-r15
 _FPCSR_DEFAULT = 0x27F  # the x87 control word Windows starts threads with
-
-
 
 
 @model("_setjmp", "_setjmpex", "setjmp", "__intrinsic_setjmp", "__intrinsic_setjmpex")

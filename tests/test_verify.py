@@ -14,7 +14,7 @@ from hotpatch.apply.emulator import EmulatorBackend
 from hotpatch.apply.status import code_sha256, read_image
 from hotpatch.calls import CallSpec
 from hotpatch.diff import diff
-from hotpatch.errors import UnmodelledImportError
+from hotpatch.errors import NotPEError, UnmodelledImportError
 from hotpatch.image import Image
 from hotpatch.package.builder import build_package
 from hotpatch.verify import affected_exports, sibling_dlls, verify
@@ -98,6 +98,8 @@ def test_a_dll_importing_other_dlls_of_its_product_verifies_with_them(built_fixt
         verify(package, alone, patched, calls)
     companions = [release_dir(built_fixtures, may) / m for m in ("util.dll", "core.dll")]
     assert verify(package, alone, patched, calls, companions=companions).agrees
+    with pytest.raises(NotPEError):  # a companion that is no PE is bad input (CLI: exit 2), as the images are
+        verify(package, alone, patched, calls, companions=[ROOT / "README.md"])
 
 
 def test_the_code_hash_uses_the_preferred_base_the_emulator_knows(built_fixtures: Path) -> None:

@@ -49,6 +49,7 @@ class VerifyReport:
     patched_results: tuple[CallResult, ...]
     expected_results: tuple[CallResult, ...]
     difference: Difference | None
+    modules: tuple[str, ...] = ()  # the images mapped in each process, in load order
 
     @property
     def agrees(self) -> bool:
@@ -61,6 +62,7 @@ class VerifyReport:
             "agrees": self.agrees,
             "baseline_base": self.baseline_base,
             "patched_base": self.patched_base,
+            "modules": list(self.modules),
             "calls": [
                 {"call": str(spec), "baseline_with_package": a.value, "patched": b.value}
                 for spec, a, b in zip(self.calls, self.patched_results, self.expected_results)
@@ -143,7 +145,8 @@ def verify(package: Package, baseline: str | Path, patched: str | Path,
         difference = compare(with_package, expected, labels=("baseline + package", "patched"),
                              translate=translate, translate_first=domain)
         return VerifyReport(package.package_id, live.main_module().base_va, reference.main_module().base_va,
-                            tuple(calls), tuple(with_package), tuple(expected), difference)
+                            tuple(calls), tuple(with_package), tuple(expected), difference,
+                            tuple(m.name for m in live.images()))
     finally:
         live.close()
         reference.close()

@@ -86,6 +86,7 @@ def test_a_dll_importing_other_dlls_of_its_product_verifies_with_them(built_fixt
     calls = [CallSpec(name, (int(args),)) for name, args in (c.split(":") for c in CALLS)]
     report = verify(package, baseline, patched, calls)
     assert report.agrees, report.difference
+    assert report.modules == ("core.dll", "util.dll", "app.dll")
     # app.dll at June's level over May's core.dll and util.dll (util changes in June too, but not here)
     mixed = Release("mixed", "", {**may.levels, "app.dll": june.levels["app.dll"]}, "")
     assert [r.value for r in report.expected_results] == list(expected(mixed).values())

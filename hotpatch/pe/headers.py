@@ -26,7 +26,7 @@ __all__ = [
     "DIRECTORY_BASERELOC", "DIRECTORY_EXCEPTION", "DIRECTORY_EXPORT", "DIRECTORY_IAT", "DIRECTORY_IMPORT",
     "DIRECTORY_LOAD_CONFIG", "DIRECTORY_SECURITY", "DIRECTORY_TLS", "MACHINE_AMD64", "MACHINE_NAMES",
     "MAGIC_PE32", "MAGIC_PE32_PLUS", "OPTIONAL_IMAGE_BASE", "PEHeaders", "Read", "SectionHeader",
-    "read_file_headers", "read_headers",
+    "first_page", "read_file_headers", "read_headers",
 ]
 
 #: ``read(offset, size)``: up to ``size`` bytes at ``offset`` (fewer past the end of what there is)
@@ -142,3 +142,15 @@ def read_headers(read: Read, label: str, size: int | None = None) -> PEHeaders:
         for raw in struct.iter_unpack("<8sIIIIIIHHI", table))
     return PEHeaders(pe, machine, timedatestamp, optional, optional_size, entry_rva, image_base, section_alignment,
                      size_of_image, size_of_headers, checksum, directory_count, directories, sections)
+
+
+def first_page(read: Read, page: int = 0x1000) -> Read:
+    """``read`` with the first page fetched once: a process's headers then cost one remote read, not five."""
+    head = read(0, page)
+
+    def cached(offset: int, size: int) -> bytes:
+        if offset + size <= len(head):
+            return head[offset:offset + size]
+        return read(offset, size)
+
+    return cached

@@ -230,6 +230,8 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     scanned: set[Item] = set()
     taken: set[int] = set()  # addresses taken with lea
     rejected: set[int] = set()  # candidates already judged not to start a function
+    gap_places: dict[tuple[int, int], list[int]] = {}
+    named: dict[int, bool] = {}
     while True:
         layout = _layout(image, sources, pdata)
         _decode_missing(ctx, core, decoded, layout)
@@ -247,9 +249,9 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
             t for t in taken - sources.keys() - rejected if acceptable(t) and _boundary(image, layout, t, core)])
         if not found:
-            places = _gap_starts(image, layout)
+            places = _gap_starts(image, layout, gap_places)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
-                t for t in _named_by_words(places, words) - sources.keys() - rejected if acceptable(t)])
+                t for t in _named_by_words(places, words, named) - sources.keys() - rejected if acceptable(t)])
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
@@ -404,8 +406,12 @@ def _rva32_words(image: Image) -> list[array]:
     return out
 
 
-def _gap_starts(image: Image, layout: list[Item]) -> set[int]:
-    """Places outside every function where code could begin: a gap's start, the end of each fill run."""
+def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], list[int]]) -> set[int]:
+    """Places outside every function where code could begin: a gap's start, the end of each fill run.
+
+    ``cache`` keeps each gap's places by its bounds: the loop asks again after every round, and most gaps
+    are the same as before (scanning them is most of what this costs on a large image).
+    """
     memory = image.memory
     places: set[int] = set()
     starts = [item[0] for item in layout]
@@ -417,20 +423,27 @@ def _gap_starts(image: Image, layout: list[Item]) -> set[int]:
             limit = min(starts[index + 1], section.end_rva) if index + 1 < last else section.end_rva
             if end >= limit:
                 continue
-            places.add(end)
-            # code follows int3/nop padding; zero runs in a gap are data more often than not
-            places.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
-                          if match.end() < limit)
-    # code does not begin with fill (a multi-byte nop right after a function is its padding)
-    return {place for place in places if not FILL_RE.match(memory, place, place + 15)}
+            known = cache.get((end, limit))
+            if known is None:
+                # code follows int3/nop padding; zero runs in a gap are data more often than not
+                found = {end}
+                found.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
+                             if match.end() < limit)
+                # code does not begin with fill (a multi-byte nop right after a function is its padding)
+                known = cache[(end, limit)] = [p for p in found if not FILL_RE.match(memory, p, p + 15)]
+            places.update(known)
+    return places
 
 
-def _named_by_words(places: set[int], words: list[array]) -> set[int]:
-    """The places some 32-bit value in data names."""
-    found: set[int] = set()
-    for chunk in words:
-        found |= places.intersection(chunk)
-    return found
+def _named_by_words(places: set[int], words: list[array], judged: dict[int, bool]) -> set[int]:
+    """The places some 32-bit value in data names; ``judged`` remembers places looked up before."""
+    fresh = places - judged.keys()
+    if fresh:
+        found: set[int] = set()
+        for chunk in words:
+            found |= fresh.intersection(chunk)
+        judged.update((place, place in found) for place in fresh)
+    return {place for place in places if judged[place]}
 
 
 def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:

@@ -16,6 +16,7 @@ import re
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
@@ -180,8 +181,11 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     sources: dict[int, set[str]] = {rva: {"pdata"} for rva in pdata}
     names: dict[int, str] = {}
 
+    # asked a few hundred thousand times for the same few tens of thousands of addresses on a large image
+    code_section = cache(image.code_section)
+
     def acceptable(rva: int) -> bool:
-        return image.code_section(rva) is not None and not inside_pdata(rva)
+        return code_section(rva) is not None and not inside_pdata(rva)
 
     def add(rva: int, source: str, name: str | None = None) -> bool:
         if not acceptable(rva):
@@ -233,7 +237,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     gap_places: dict[tuple[int, int], list[int]] = {}
     named: dict[int, bool] = {}
     while True:
-        layout = _layout(image, sources, pdata)
+        layout = _layout(code_section, sources, pdata)
         _decode_missing(ctx, core, decoded, layout)
         for item in layout:
             if item not in bounded:
@@ -310,9 +314,11 @@ def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
     return None
 
 
-def _layout(image: Image, sources: dict[int, set[str]],
+def _layout(code_section: Any, sources: dict[int, set[str]],
             pdata: dict[int, Any]) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
-    """(rva, ranges) of every known function; functions without .pdata end before the next start."""
+    """(rva, ranges) of every known function; functions without .pdata end before the next start.
+
+    ``code_section`` is ``Image.code_section`` (memoised by the caller)."""
     starts = sorted(sources)
     out = []
     for index, rva in enumerate(starts):
@@ -320,7 +326,7 @@ def _layout(image: Image, sources: dict[int, set[str]],
         if runtime is not None:
             out.append((rva, ((rva, runtime.end_rva),) + runtime.fragments))
             continue
-        section = image.code_section(rva)
+        section = code_section(rva)
         assert section is not None
         limit = min(section.rva + section.virtual_size if section.virtual_size else section.end_rva,
                     section.end_rva)

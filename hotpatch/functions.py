@@ -238,20 +238,20 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     named: dict[int, bool] = {}
     while True:
         layout = _layout(code_section, sources, pdata)
-        _decode_missing(ctx, core, decoded, layout)
-        for item in layout:
-            if item not in bounded:
-                bounded[item] = item if item[0] in pdata else _reachable(memory, item, decoded[item])
-        layout = [bounded[item] for item in layout]
+        todo = [item for item in layout if item not in bounded and item[0] not in pdata]
+        for item, reached in zip(todo, _reach(ctx, core, memory, todo, [0] * len(todo), decoded)):
+            bounded[item] = reached
+        layout = [bounded.get(item, item) for item in layout]
         _decode_missing(ctx, core, decoded, layout)
         fresh = [decoded[item] for item in layout if item not in scanned]
         scanned.update(layout)
-        taken |= _lea_targets(memory, fresh)
+        # whether an address could start a function does not change: keep only those that could
+        taken |= {t for t in _lea_targets(memory, fresh) if acceptable(t)}
         found = False
         for target in {ref[4] for analysis in fresh for ref in analysis.raw_refs if ref[0] == CALL_REL32}:
             found |= add(target, "call")
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
-            t for t in taken - sources.keys() - rejected if acceptable(t) and _boundary(image, layout, t, core)])
+            t for t in taken - sources.keys() - rejected if _boundary(image, layout, t, core)])
         if not found:
             places = _gap_starts(image, layout, gap_places)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
@@ -517,17 +517,52 @@ def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], ho
     """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
     "runs on" if it runs to the item's end (or branches beyond it, up to its horizon)."""
     memory = image.memory
-    analyses = decode(ctx, items, core)
-    reached = [_reachable(memory, item, analysis, horizon)
-               for item, analysis, horizon in zip(items, analyses, horizons)]
+    full: dict[Item, FunctionAnalysis] = {}
+    reached = _reach(ctx, core, memory, items, horizons, full)
     cut = [r for r, item in zip(reached, items) if r != item]
     redecoded = dict(zip(cut, decode(ctx, cut, core)))
     out = []
-    for item, r, analysis in zip(items, reached, analyses):
-        if r != item:
-            analysis = redecoded[r]
+    for item, r in zip(items, reached):
+        analysis = redecoded[r] if r != item else full[item]
         out.append("" if not _sane(image, core, r, analysis) else "ends" if r != item else "runs on")
     return out
+
+
+#: bytes decoded first when bounding a function without .pdata (most end well within it)
+_REACH_WINDOW = 2048
+#: a cut closer than this to the window's end may depend on an instruction the window splits
+_WINDOW_MARGIN = 16
+
+
+def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], horizons: list[int],
+           full: dict[Item, FunctionAnalysis]) -> list[Item]:
+    """``_reachable`` of each item's whole decode, decoding only its first ``_REACH_WINDOW`` bytes where
+    those decide it; the whole decodes made are added to ``full``.
+
+    The core's sweep of a shorter range is the same instructions and references up to its end (data
+    skipped ahead resumes at the same target when that lies inside), except around jump tables, whose
+    targets are checked against the range: a window with a table is decoded whole. An item of unknown
+    extent (data swept as code) would otherwise be decoded to the next known start, often far away.
+    """
+    windows = [(rva, ((begin, min(limit, begin + _REACH_WINDOW)),)) for rva, ((begin, limit),) in items]
+    out: list[Item | None] = [None] * len(items)
+    whole: list[int] = []
+    for index, (item, window, analysis) in enumerate(zip(items, windows, decode(ctx, windows, core))):
+        limit, window_end = item[1][0][1], window[1][0][1]
+        if window_end == limit:
+            full[item] = analysis
+            out[index] = _reachable(memory, item, analysis, horizons[index])
+            continue
+        if not analysis.raw_tables:
+            cut = _reachable(memory, window, analysis, max(horizons[index], limit))
+            if cut[1][0][1] <= window_end - _WINDOW_MARGIN:
+                out[index] = cut
+                continue
+        whole.append(index)
+    for index, analysis in zip(whole, decode(ctx, [items[i] for i in whole], core)):
+        full[items[index]] = analysis
+        out[index] = _reachable(memory, items[index], analysis, horizons[index])
+    return out  # type: ignore[return-value]
 
 
 def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis) -> bool:

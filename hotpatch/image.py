@@ -38,6 +38,7 @@ __all__ = [
     "Symbol",
     "UnwindInfo",
     "check_headers",
+    "fold_chains",
 ]
 
 #: The image is mapped into memory whole (Image.memory): beyond the rel32 reach nothing could be hotpatched
@@ -536,6 +537,13 @@ def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str,
             roots[begin] = (end, _unwind(info, entry.unwind_rva, memory))
         else:
             fragments.setdefault(root.rva_start, []).append((begin, end, entry.unwind_rva))
+    return fold_chains(roots, fragments)
+
+
+def fold_chains(roots: dict[int, tuple[int, UnwindInfo]],
+                fragments: dict[int, list[tuple[int, int, int]]]) -> tuple[RuntimeFunction, ...]:
+    """RuntimeFunctions from .pdata roots (begin -> end, unwind) and chained fragments by their root's begin
+    ((begin, end, unwind RVA) each), sorted by begin. ``fragments`` is emptied."""
     out = []
     for begin, (end, unwind) in sorted(roots.items()):
         own = sorted([r for r in fragments.pop(begin, ()) if r[0] != begin]) if fragments else []

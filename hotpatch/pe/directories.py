@@ -216,16 +216,7 @@ class DirectoryReader:
                 roots[begin] = (end, info)
             else:
                 fragments.setdefault(root_begin, []).append((begin, end, unwind_rva))
-        make, unwind_model = self.model.RuntimeFunction, self.model.UnwindInfo
-        out = []
-        for begin, (end, info) in sorted(roots.items()):
-            own = sorted([r for r in fragments.pop(begin, ()) if r[0] != begin]) if fragments else []
-            out.append(make(begin, end, info, tuple((b, e) for b, e, _ in own), tuple(u for _, _, u in own)))
-        for ranges in fragments.values():
-            for start, end, unwind_rva in ranges:
-                out.append(make(start, end, unwind_model(unwind_rva, 0, 0, 0, 0, 0, 0, None)))
-        out.sort(key=lambda f: f.begin_rva)
-        return tuple(out)
+        return self.model.fold_chains(roots, fragments)  # type: ignore[no-any-return]
 
     def tls(self) -> Any:
         rva, _ = self.headers.directory(DIRECTORY_TLS)

@@ -21,7 +21,9 @@ def _assert_same_image(path: Path) -> None:
 
 
 def test_fast_loader_reads_every_fixture_as_lief_does(built_fixtures: Path) -> None:
-    images = sorted(built_fixtures.glob("*/*.dll")) + sorted(built_fixtures.glob("**/*.exe"))
+    # the fixtures' own images (a Wine prefix may live under the same directory)
+    images = sorted(built_fixtures.glob("*/*.dll")) + sorted(built_fixtures.glob("*/*.exe")) \
+        + sorted(built_fixtures.glob("*.exe"))
     assert len(images) > 50
     for path in images:
         _assert_same_image(path)
@@ -75,3 +77,12 @@ def test_fast_loader_refuses_a_broken_export_directory_in_one_line(built_fixture
     with pytest.raises(CorruptImageError) as caught:
         Image.load_fast(broken)
     assert "\n" not in str(caught.value)
+
+
+def test_fast_loader_reads_wine_system_dlls_as_lief_does(wine_prefix: Path) -> None:
+    # Wine's kernel32 forwards many exports to ntdll and kernelbase: LIEF gives a forwarder RVA 0
+    system32 = wine_prefix / "drive_c" / "windows" / "system32"
+    kernel32 = Image.load_fast(system32 / "kernel32.dll")
+    assert any(export.forwarder for export in kernel32.exports)
+    for name in ("kernel32.dll", "ucrtbase.dll"):
+        _assert_same_image(system32 / name)

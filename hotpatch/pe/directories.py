@@ -96,6 +96,7 @@ class DirectoryReader:
             if rva <= address < rva + size:
                 library, _, function = self._string(address).partition(b".")
                 forwarder = f"{pe_name(library)}.{pe_name(function)}"
+                address = 0  # as LIEF gives it: a forwarder has no code in this image
             out.append(export(pe_name(name) or None if name is not None else None, base + slot, address, forwarder))
         return tuple(sorted(out, key=lambda e: (e.rva, e.ordinal)))
 

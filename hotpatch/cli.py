@@ -33,7 +33,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .image import Image
     from .report import image_info
 
-    image = Image.load(args.pe)
+    image = Image.load_fast(args.pe)  # the same model as Image.load, without LIEF's import
     table = discover(image)
     info = image_info(image, table)
     if args.json:
@@ -70,7 +70,7 @@ def cmd_functions(args: argparse.Namespace) -> int:
     from .image import Image
     from .report import function_rows
 
-    image = Image.load(args.pe)
+    image = Image.load_fast(args.pe)
     rows = function_rows(discover(image))
     if args.json:
         _print_json({"schema": "hotpatch.functions/1", "path": args.pe, "functions": rows})

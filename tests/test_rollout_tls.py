@@ -169,6 +169,8 @@ def tls_cluster(pki: dict[str, Path], tmp_path: Path, wine_prefix: Path, agent_e
         yield cluster.scheduler_address, state
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_rollout_over_a_tls_cluster_patches_and_aborts_with_the_plans_certificates(
     tmp_path: Path, pki: dict[str, Path], dll: Path, wine_prefix: Path, agent: AgentClient,
     tls_cluster: tuple[str, Path], capsys: pytest.CaptureFixture[str]

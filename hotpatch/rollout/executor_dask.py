@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed import Client, Future, Nanny, Scheduler, SpecCluster, Worker, wait
+from distributed.client import FuturesCancelledError
 from distributed.security import Security
 
 from .hostwork import HostRequest, describe_worker, host_task
@@ -126,6 +127,9 @@ class DaskExecutor:
             done, _ = wait(list(self.futures), timeout=timeout, return_when="FIRST_COMPLETED")
         except TimeoutError:
             done = set()
+        except FuturesCancelledError:
+            # the scheduler gave up a task (its worker went away): lost, so the target is read back
+            done = {f for f in self.futures if f.cancelled()}
         out = [self._completion(f) for f in done]
         return out + self._lost()  # with tasks running the clock never jumps: they run in real time
 

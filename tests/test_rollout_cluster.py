@@ -320,14 +320,6 @@ def test_orchestrator_killed_mid_wave_is_refused_twice_then_resumed_without_patc
 # --------------------------------------------------------------------------
 
 
-# Unstable. In a full run on a fresh clone another host stayed `pending` after the killed worker came back.
-# One cause is found and fixed: finished host tasks whose futures the client had not yet released were
-# re-run by the scheduler on the restarted worker (the previous rollout's apply and rollback of host-b; seen
-# in the scheduler's log as "lose already computed task(s), which will be recomputed"); the runner now
-# releases every finished task (`held_results` checks it). Looping this test at a load average of 40-57, it
-# passed, then once failed otherwise: after host-b's read-back and retry, the scheduler listed no worker
-# named host-b for 180 s and the retry was declared lost. Left out of `make test` until that one is found.
-@pytest.mark.unstable
 def test_worker_killed_mid_apply_is_marked_unknown_and_read_back_before_any_retry(
     tmp_path: Path, fleet: Fleet, client: Client, agent: AgentClient, signed: tuple[Path, str], clean: None
 ) -> None:

@@ -20,7 +20,7 @@ import pytest
 from hotpatch.apply.agent import AgentClient
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.package.builder import build_package
 from hotpatch.package.model import Package, Strategy
 from tests.test_agent import Host

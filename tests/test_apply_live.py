@@ -40,7 +40,6 @@ from hotpatch.errors import (
     SiteMismatchError,
     StepFailedError,
 )
-from hotpatch.image import Image
 from hotpatch.package.model import (
     BaselineRVA,
     Blob,
@@ -57,9 +56,10 @@ from hotpatch.package.model import (
     TargetIdentity,
     UnwindEntry,
 )
-from hotpatch.win32mem import MEM_FREE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
+from hotpatch.pe.image import Image
+from hotpatch.process.win32mem import MEM_FREE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from tests.fixtures.cases import Call, Case, load_cases
-from tests.signing import SIGNING_KEY, signed
+from tests.support.signing import SIGNING_KEY, signed
 from tests.test_agent import Host
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1092,7 +1092,7 @@ def wait_calls(host: Host, calls: tuple[Call, ...], variant: str, timeout: float
 def test_builder_package_goes_in_and_out_of_the_running_host(
     name: str, cases: list[Case], agent: AgentClient, wine_prefix: Path, state_dir: Path
 ) -> None:
-    from hotpatch.diff import diff
+    from hotpatch.diff.compare import diff
     from hotpatch.package.builder import build_package
 
     (case,) = [c for c in cases if c.name == name]
@@ -1123,7 +1123,7 @@ def test_package_applies_to_a_dll_loaded_away_from_its_preferred_base(
 ) -> None:
     """The preferred base is taken (host --reserve), so the loader relocates the DLL and every fixup
     of the package must follow the runtime base."""
-    from hotpatch.diff import diff
+    from hotpatch.diff.compare import diff
     from hotpatch.package.builder import build_package
 
     (case,) = [c for c in cases if c.name == "aslr_reloc"]

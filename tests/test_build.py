@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, Package
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.errors import NotHotpatchableError, PackageUntrustedError
 from hotpatch.package import BaselineRVA, BlobKind, BlobTarget, FixupKind, ImportTarget, Strategy
 from hotpatch.package.builder import build_package

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hotpatch.cache import AnalysisCache
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.errors import CacheError
 from hotpatch.package.builder import build_package
 from tests.fixtures.cases import Case

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch.diff import diff
-from hotpatch.verdict import REASON_KINDS
+from hotpatch.diff.compare import diff
+from hotpatch.verdict.rules import REASON_KINDS
 from tests.fixtures.cases import Case, load_cases
-from tests.realbins import real_binary
+from tests.support.realbins import real_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,7 @@ def test_inlined_change_marks_callers_changed(cases: list[Case]) -> None:
 
 def test_no_redirect_where_a_call_returns_inside_it(cases: list[Case]) -> None:
     """call_at_entry: rel32 would fit in the 9 bytes of invoke(), but its first call returns to invoke+2."""
-    from hotpatch.redirect import REL32_JMP, obstacles, possible_strategies
+    from hotpatch.verdict.redirect import REL32_JMP, obstacles, possible_strategies
 
     case = next(c for c in cases if c.name == "call_at_entry")
     result = diff(case.baseline, case.patched)

@@ -1,4 +1,4 @@
-"""The diff kernels: compiled (hotpatch._diffcore) and reference (_diffreference) agree."""
+"""The diff kernels: compiled (hotpatch.diff._diffcore) and reference (_diffreference) agree."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch import _diffcore as compiled
-from hotpatch import _diffreference as reference
-from hotpatch import _reference as reference_analysis
-from hotpatch.analysis import diff_kernels
-from hotpatch.diff import _Pairing, diff
-from hotpatch.matching import MAX_RATIO_WORK, SIMILARITY_THRESHOLD, _pointer_tables
-from tests.realbins import real_binary
+from hotpatch.analysis import _reference as reference_analysis
+from hotpatch.analysis.api import diff_kernels
+from hotpatch.diff import _diffcore as compiled
+from hotpatch.diff import _diffreference as reference
+from hotpatch.diff.compare import _Pairing, diff
+from hotpatch.diff.matching import MAX_RATIO_WORK, SIMILARITY_THRESHOLD, _pointer_tables
+from tests.support.realbins import real_binary
 
 
 def test_compiled_kernels_go_with_the_compiled_core() -> None:

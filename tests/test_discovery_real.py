@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch.diff import diff
-from hotpatch.flow import terminates
-from hotpatch.functions import FunctionTable, import_thunk_target
-from tests.realbins import SELF_DIFF_SWEEP, real_binary
+from hotpatch.analysis.flow import terminates
+from hotpatch.analysis.functions import FunctionTable, import_thunk_target
+from hotpatch.diff.compare import diff
+from tests.support.realbins import SELF_DIFF_SWEEP, real_binary
 
 pytestmark = [pytest.mark.realbins, pytest.mark.slow]
 
@@ -131,8 +131,8 @@ def test_rip_relative_displacements_are_four_bytes_after_a_66_prefix() -> None:
     """numpy 2.1.0 -> 2.1.1 `_operand_flag_tests`: the one changed function reads changed read-only data
     with ``movdqa xmm0, [rip+X]`` (66 0F 6F 05 disp32), for which capstone 5 reports a 2-byte
     displacement: the builder refused the "2-byte reference" and the fingerprint masked half of it."""
+    from hotpatch.analysis.refkinds import RIP_RELATIVE
     from hotpatch.package.builder import build_package
-    from hotpatch.refkinds import RIP_RELATIVE
 
     pattern = "numpy/_core/_operand_flag_tests.*.pyd"
     result = diff(real_binary("numpy", "2.1.0", pattern), real_binary("numpy", "2.1.1", pattern))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from hotpatch.batch import Job, run_job
-from hotpatch.cli import main
-from hotpatch.diff import diff
+from hotpatch.cli.commands import main
+from hotpatch.diff.compare import diff
 from hotpatch.package.model import Strategy
 from hotpatch.report import function_rows, image_info  # the JSON views still live here
 from hotpatch.report.diffpage import diff_page
@@ -30,8 +30,8 @@ def _assert_self_contained(page_html: str) -> None:
 
 
 def test_json_views_are_still_importable_from_hotpatch_report(built_fixtures: Path) -> None:
-    from hotpatch.functions import discover
-    from hotpatch.image import Image
+    from hotpatch.analysis.functions import discover
+    from hotpatch.pe.image import Image
 
     table = discover(Image.load(built_fixtures / "body_change" / "baseline.dll"))
     assert image_info(table.image, table)["schema"] == "hotpatch.info/1"

@@ -12,13 +12,13 @@ import orjson
 import pytest
 
 from hotpatch.cache import AnalysisCache
-from hotpatch.cli import main
+from hotpatch.cli.commands import main
 from hotpatch.package.model import Package
 from hotpatch.package.signing import write_keypair
 from hotpatch.train import load_manifest, run_train
 from hotpatch.train.manifest import Override, Policy
 from hotpatch.train.plan import Schedule, add_months, kind_of
-from hotpatch.verify import verify
+from hotpatch.verify.check import verify
 from tests.fixtures.build_product import RELEASES, build_product, release_dir
 
 

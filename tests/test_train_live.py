@@ -24,13 +24,13 @@ from hotpatch.apply.agent import AgentClient
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
 from hotpatch.cache import AnalysisCache
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.errors import IdentityMismatchError, OtherBaselineError, StepFailedError
 from hotpatch.package.builder import build_package
 from hotpatch.package.model import Package
 from hotpatch.package.signing import load_private_key, write_keypair
+from hotpatch.process.winehost import windows_path
 from hotpatch.train import TrainResult, load_manifest, run_train
-from hotpatch.winehost import windows_path
 from tests.fixtures.build_product import CALLS, MODULES, RELEASES, Release, build_product, expected, release_dir
 from tests.test_agent import Host
 
@@ -98,7 +98,7 @@ def apply_release(engine: Engine, train: TrainResult, name: str) -> dict[str, ob
 def apply_release_cli(train: TrainResult, name: str, pid: int, public: bytes,
                       capsys: pytest.CaptureFixture[str]) -> dict[str, dict]:
     """The same through `hotpatch apply --pid PID --trust KEY --json`; module -> its result document."""
-    from hotpatch.cli import main
+    from hotpatch.cli.commands import main
 
     results = {}
     for module in _outcome(train, name).modules:

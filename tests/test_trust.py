@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hotpatch.cli import main
+from hotpatch.cli.commands import main
 from hotpatch.errors import PackageKeyError, PackageSignatureError, PackageUnsignedError, PackageUntrustedError
 from hotpatch.package.model import Package
 from hotpatch.package.signing import public_key_bytes
 from hotpatch.package.trust import ENV_TRUST_DIR, TrustStore, check_trust, key_id
-from tests.signing import PUBLIC_KEY, SIGNING_KEY, signed
+from tests.support.signing import PUBLIC_KEY, SIGNING_KEY, signed
 from tests.test_package_format import rich_model
 
 

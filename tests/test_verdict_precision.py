@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from tests.fixtures.cases import Case
-from tests.realbins import ensure_wheel
+from tests.support.realbins import ensure_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_recompiled_callers_do_not_count_but_callers_left_in_place_do(cases: lis
 
 
 def test_only_arguments_the_next_callee_reads_are_live(cases: list[Case]) -> None:
-    from hotpatch.clobbers import live_clobbers
+    from hotpatch.verdict.clobbers import live_clobbers
 
     table = discover(Image.load(_case(cases, "clobber_dead_caller").baseline))
     names = {s.rva: s.name for s in table.image.symbols}
@@ -168,7 +168,7 @@ def test_psycopg_dlls_self_diff_to_zero() -> None:
 
 
 def test_every_note_kind_is_documented() -> None:
-    from hotpatch.verdict import NOTE_KINDS
+    from hotpatch.verdict.rules import NOTE_KINDS
 
     text = (ROOT / "docs" / "CLI.md").read_text()
     for kind in NOTE_KINDS:

@@ -12,10 +12,10 @@ import pytest
 
 from hotpatch.apply.emulator import EmulatorBackend
 from hotpatch.apply.status import code_sha256, read_image
-from hotpatch.diff import diff
-from hotpatch.image import Image
+from hotpatch.diff.compare import diff
 from hotpatch.package.builder import build_package
-from hotpatch.verify import affected_exports, verify
+from hotpatch.pe.image import Image
+from hotpatch.verify.check import affected_exports, verify
 from tests.fixtures.build_product import IMAGE_BASES, RELEASES, build_product, release_dir
 from tests.fixtures.cases import Case, load_cases
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..errors import BackendError, RemoteTimeoutError
-from ..win32mem import (
+from ..process.win32mem import (
     PAGE_EXECUTE_READ,
     PAGE_READWRITE,
     Region,

@@ -64,7 +64,7 @@ from ..package.model import (
 )
 from ..package.signing import normalize_public_keys
 from ..package.trust import TrustStore, check_trust
-from ..win32mem import PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
+from ..process.win32mem import PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from .backend import REL32_REACH, CommitReport, CommitWrite, ProcessBackend, call_function
 from .imports import ImportResolver, ResolvedImport, free_library, normalise_dll, system_function
 from .journal import (

@@ -28,7 +28,7 @@ import struct
 
 from ..errors import BackendError, IdentityMismatchError, JournalError, ProcessGoneError
 from ..package.model import ImportTarget, Package
-from ..win32mem import PAGE_READWRITE
+from ..process.win32mem import PAGE_READWRITE
 from .backend import ProcessBackend
 from .imports import normalise_dll
 from .journal import ALLOCATED, INTENT, LOADED, REGISTERED, RETAINED, PackageRecord

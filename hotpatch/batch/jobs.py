@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..analysis.functions import FunctionTable, discover
 from ..errors import HotpatchError
-from ..functions import FunctionTable, discover
-from ..image import Image
+from ..pe.image import Image
 from .manifest import Job
 
 __all__ = ["DISK_CACHE", "MEMORY_CACHE", "CacheSpec", "MemoryCache", "TableCache", "failed_record", "make_cache",
@@ -155,7 +155,7 @@ def run_job(job: Job, cache: TableCache | None = None, packages_dir: str | None 
 
 def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: dict[str, Any],
                 timings: dict[str, float]) -> None:
-    from ..diff import diff
+    from ..diff.compare import diff
 
     mark = time.perf_counter()
     table_a = cache.table(job.baseline)
@@ -188,8 +188,8 @@ def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: d
         record["package"]["path"] = str(path)
     if job.kind != "verify":
         return
-    from ..calls import load_inputs
-    from ..verify import verify
+    from ..verify.calls import load_inputs
+    from ..verify.check import verify
 
     mark = time.perf_counter()
     calls = load_inputs(job.inputs) if job.inputs else None

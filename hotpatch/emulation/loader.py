@@ -14,8 +14,8 @@ import struct
 from pathlib import Path
 
 from ..errors import BackendError, EmulationError
-from ..image import Image, Section
-from ..win32mem import (
+from ..pe.image import Image, Section
+from ..process.win32mem import (
     MEM_IMAGE,
     MEM_PRIVATE,
     PAGE_EXECUTE,

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..diff import DiffResult
-from ..verdict import REASON_KINDS
+from ..diff.compare import DiffResult
+from ..verdict.rules import REASON_KINDS
 from .disasm import Disassembler, Row
 from .highlight import tokens
 

@@ -2,7 +2,7 @@
 
 The JSON documents the CLI writes hold no disassembly; given the images too
 (``--baseline``/``--patched``, or the paths a diff document names when they
-still exist), the diff is computed again through ``hotpatch.diff.diff`` and
+still exist), the diff is computed again through ``hotpatch.diff.compare.diff`` and
 checked against the document's identities before anything is drawn.
 """
 
@@ -79,7 +79,7 @@ def _diff_report(baseline: str | None, patched: str | None, document: dict[str, 
         page = diff_page_from_json(document)
         title = f"{Path(page.baseline['path'] or 'baseline').name} → {Path(page.patched['path'] or 'patched').name}"
         return ReportPage(title, diff=page, package=_package_section(package, None) if package else None)
-    from ..diff import diff
+    from ..diff.compare import diff
 
     allow = bool(document and document["verdict"].get("overridden"))
     result = diff(baseline, patched, allow_layout_change=allow)

@@ -25,7 +25,7 @@ import orjson
 
 from .. import __version__
 from ..cache import AnalysisCache, analysis_version
-from ..diff import diff
+from ..diff.compare import diff
 from ..errors import NotHotpatchableError
 from ..package.builder import build_package
 from ..package.model import Package

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotpatch.apply.emulator import EmulatorBackend
-from hotpatch.calls import parse_inputs, run_calls
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.errors import HotpatchError
-from hotpatch.winehost import windows_path, wine_command, wine_env, wine_session
+from hotpatch.process.winehost import windows_path, wine_command, wine_env, wine_session
+from hotpatch.verify.calls import parse_inputs, run_calls
 from tests.corpus.build import BuiltLibrary, build_corpus, default_out, host_exe
 from tests.corpus.model import Fix
 

@@ -13,8 +13,10 @@ from hotpatch.analysis import _reference as reference_analysis
 from hotpatch.analysis.api import diff_kernels
 from hotpatch.diff import _diffcore as compiled
 from hotpatch.diff import _diffreference as reference
-from hotpatch.diff.compare import _Pairing, diff
+from hotpatch.diff.compare import diff
 from hotpatch.diff.matching import MAX_RATIO_WORK, SIMILARITY_THRESHOLD, _pointer_tables
+from hotpatch.diff.pairing import Pairing
+from hotpatch.verdict.rules import decide
 from tests.support.realbins import real_binary
 
 
@@ -90,7 +92,7 @@ def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignor
     for function, analysis in zip(table.functions, table.analyses):
         args = (analysis.raw_refs, function.ranges, starts, pointer_tables)
         assert compiled.callees(*args) == reference.callees(*args), hex(function.rva)
-    pairing = _Pairing(result.baseline, result.patched, result.function_map, result.streams)
+    pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
     data_a, data_b = pairing.targets_a.all_data_targets(), pairing.targets_b.all_data_targets()
     checked = 0
     for entry in result.functions:
@@ -107,7 +109,7 @@ def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignor
 def _comparable(result) -> tuple:  # type: ignore[no-untyped-def]
     functions = [(f.status, f.baseline and f.baseline.rva, f.patched and f.patched.rva, f.match, f.similarity,
                   f.changes) for f in result.functions]
-    return functions, [d.to_json() for d in result.data], result.verdict.to_json(), sorted(result.data_map.items())
+    return functions, [d.to_json() for d in result.data], decide(result).to_json(), sorted(result.data_map.items())
 
 
 @pytest.mark.parametrize("stripped", [False, True], ids=["symbols", "stripped"])

@@ -9,6 +9,7 @@ import pytest
 
 from hotpatch import Image, discover
 from hotpatch.analysis.functions import USABLE_PADDING_RE
+from hotpatch.verdict.rules import decide
 
 
 def test_every_symbol_function_is_found_with_symbols(built_fixtures: Path) -> None:
@@ -120,9 +121,9 @@ def test_a_change_no_function_covers_is_a_reason(built_fixtures: Path) -> None:
     baseline, patched = without_callback("baseline"), without_callback("patched")
     result = diff(baseline, patched)
     assert result.summary()["changed"] == 0
-    assert result.verdict.status == "NEW_BASELINE"
-    assert [r.kind for r in result.verdict.reasons] == ["uncovered_code"]
-    assert diff(baseline, baseline).verdict.status == "HOTPATCH"
+    assert decide(result).status == "NEW_BASELINE"
+    assert [r.kind for r in decide(result).reasons] == ["uncovered_code"]
+    assert decide(diff(baseline, baseline)).status == "HOTPATCH"
 
 
 @pytest.mark.parametrize("code,expected", [

@@ -156,6 +156,7 @@ def run_job(job: Job, cache: TableCache | None = None, packages_dir: str | None 
 def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: dict[str, Any],
                 timings: dict[str, float]) -> None:
     from ..diff.compare import diff
+    from ..verdict.rules import decide
 
     mark = time.perf_counter()
     table_a = cache.table(job.baseline)
@@ -165,9 +166,9 @@ def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: d
     timings["load_patched"] = time.perf_counter() - mark
     record["sizes"].update(functions_baseline=len(table_a), functions_patched=len(table_b))
     mark = time.perf_counter()
-    result = diff(table_a, table_b, allow_layout_change=job.allow_layout_change)
+    result = diff(table_a, table_b)
+    verdict = decide(result, allow_layout_change=job.allow_layout_change)
     timings["diff"] = time.perf_counter() - mark
-    verdict = result.verdict
     record.update(verdict=verdict.status, summary=result.summary(),
                   reasons=[{"kind": r.kind, "subject": r.subject} for r in verdict.reasons[:MAX_REASONS]],
                   reason_counts=dict(Counter(r.kind for r in verdict.reasons)))
@@ -176,7 +177,7 @@ def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: d
     from ..package.builder import build_package
 
     mark = time.perf_counter()
-    package = build_package(result)
+    package = build_package(result, verdict=verdict)
     data = package.dumps(None)
     timings["build"] = time.perf_counter() - mark
     record["sizes"]["package"] = len(data)

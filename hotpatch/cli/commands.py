@@ -11,11 +11,15 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import HotpatchError
 from ..jsonio import print_json, write_json
+
+if TYPE_CHECKING:
+    from ..diff.result import DiffResult
+    from ..verdict.rules import Verdict
 
 __all__ = ["main"]
 
@@ -92,22 +96,23 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..diff.compare import diff
+    from ..verdict.rules import decide, diff_document
 
     console = Console(stderr=True)
     with console.status("diffing...", spinner="dots") if console.is_terminal else _nullcontext():
-        result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change,
-                      strict_exports=args.strict_exports)
-    document = result.to_json()
+        result = diff(args.baseline, args.patched)
+        verdict = decide(result, allow_layout_change=args.allow_layout_change, strict_exports=args.strict_exports)
+    document = diff_document(result, verdict)
     if args.out:
         write_json(args.out, document)
     if args.json:
         _print_json(document)
         return 0
-    _print_diff(result)
+    _print_diff(result, verdict)
     return 0
 
 
-def _print_diff(result: Any) -> None:
+def _print_diff(result: DiffResult, verdict: Verdict) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -130,7 +135,6 @@ def _print_diff(result: Any) -> None:
         console.print(table)
     for change in result.data:
         console.print(f"data: {change.kind} {escape(str(change.detail))}")
-    verdict = result.verdict
     colour = "green" if verdict.hotpatchable else "red"
     console.print(f"verdict: [bold {colour}]{verdict.status}[/bold {colour}]")
     for reason in verdict.reasons:
@@ -147,16 +151,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     from ..package.builder import build_package
     from ..package.report import package_json
     from ..package.signing import load_private_key
+    from ..verdict.rules import decide
 
     sign_key = load_private_key(args.sign_key) if args.sign_key else None
-    result = diff(args.baseline, args.patched, allow_layout_change=args.allow_layout_change,
-                  strict_exports=args.strict_exports)
+    result = diff(args.baseline, args.patched)
+    verdict = decide(result, allow_layout_change=args.allow_layout_change, strict_exports=args.strict_exports)
     try:
-        package = build_package(result, sequence=args.sequence, description=args.description or "",
+        package = build_package(result, verdict=verdict, sequence=args.sequence, description=args.description or "",
                                 cve_ids=args.cve or (), baseline_id=args.baseline_id)
     except NotHotpatchableError as exc:
         if args.json:
-            _print_json({"schema": "hotpatch.build/1", "written": None, "verdict": result.verdict.to_json(),
+            _print_json({"schema": "hotpatch.build/1", "written": None, "verdict": verdict.to_json(),
                          "reasons": [r.to_json() for r in exc.reasons]})
         else:
             print(f"hotpatch: {exc}; nothing written", file=sys.stderr)
@@ -170,7 +175,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         from ..package.model import Package
 
         _print_json({"schema": "hotpatch.build/1", "written": args.output, "bytes": len(data),
-                     "verdict": result.verdict.to_json(), "package": package_json(Package.loads(data))})
+                     "verdict": verdict.to_json(), "package": package_json(Package.loads(data))})
     else:
         print(f"wrote {args.output}: {len(package.sites)} sites, {len(package.blobs)} blobs, "
               f"{len(package.fixups)} fixups, {len(data)} bytes, package {package.package_id}"

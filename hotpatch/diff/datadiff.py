@@ -10,34 +10,17 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from ..analysis.functions import FunctionTable
 from .dataitems import DataItems
+from .pairing import Pairing
+from .result import DataChange, FunctionDiff
 from .targets import TargetClassifier
 
-if TYPE_CHECKING:
-    from .compare import FunctionDiff, _Pairing
-
-__all__ = ["DataChange", "diff_data"]
-
-@dataclass(frozen=True)
-class DataChange:
-    kind: str
-    baseline_rva: int | None
-    patched_rva: int | None
-    size: int | None
-    section: str | None
-    detail: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "baseline_rva": self.baseline_rva, "patched_rva": self.patched_rva,
-                "size": self.size, "section": self.section, "detail": self.detail}
-
+__all__ = ["diff_data"]
 
 def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff], function_map: dict[int, int],
-              pairing: _Pairing) -> tuple[list[DataChange], dict[int, int]]:
+              pairing: Pairing) -> tuple[list[DataChange], dict[int, int]]:
     items_a, items_b = pairing.items()
     data_map = _data_map(a, b, pairing, functions, function_map)
     changes: list[DataChange] = []
@@ -89,7 +72,7 @@ def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff],
     return changes, data_map
 
 
-def _data_map(a: FunctionTable, b: FunctionTable, pairing: _Pairing, functions: list[FunctionDiff],
+def _data_map(a: FunctionTable, b: FunctionTable, pairing: Pairing, functions: list[FunctionDiff],
               function_map: dict[int, int]) -> dict[int, int]:
     """Baseline data RVA -> patched data RVA: by symbol name, by matched instructions, by identical content."""
     data_map: dict[int, int] = {}
@@ -137,7 +120,7 @@ def _content_key(items: DataItems, rva: int) -> bytes:
     return bytes(raw)
 
 
-def _same_named_data(a: FunctionTable, b: FunctionTable, pairing: _Pairing) -> list[tuple[int, int]]:
+def _same_named_data(a: FunctionTable, b: FunctionTable, pairing: Pairing) -> list[tuple[int, int]]:
     """Data symbols of the same name that code references on both sides."""
     def named(table: FunctionTable, targets: TargetClassifier) -> dict[str, int]:
         referenced = targets.all_data_targets()
@@ -151,7 +134,7 @@ def _same_named_data(a: FunctionTable, b: FunctionTable, pairing: _Pairing) -> l
     return [(left[name], right[name]) for name in sorted(left.keys() & right.keys())]
 
 
-def _exported_data(a: FunctionTable, b: FunctionTable, pairing: _Pairing) -> list[tuple[int, int]]:
+def _exported_data(a: FunctionTable, b: FunctionTable, pairing: Pairing) -> list[tuple[int, int]]:
     """Data exported under the same name on both sides: the name says it is the same item."""
     def exported(table: FunctionTable, targets: TargetClassifier) -> dict[str, int]:
         return {export.name: export.rva for export in table.image.exports
@@ -170,7 +153,7 @@ def _data_of(table: FunctionTable, targets: TargetClassifier, rvas: set[int]) ->
     return out
 
 
-def _resized(items_a: DataItems, items_b: DataItems, pairing: _Pairing) -> list[DataChange]:
+def _resized(items_a: DataItems, items_b: DataItems, pairing: Pairing) -> list[DataChange]:
     """Writable objects that matched code now reaches past their old extent.
 
     A PE image carries no data sizes, and a different distance to the next

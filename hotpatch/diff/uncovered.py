@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..analysis.api import decode, fingerprint_all
 from ..analysis.functions import FILL_RE, FunctionTable
-from .datadiff import DataChange
+from .result import DataChange
 
 __all__ = ["UncoveredGap", "uncovered_changes", "uncovered_gaps"]
 

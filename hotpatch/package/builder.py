@@ -33,10 +33,10 @@ from ..analysis.refkinds import (
     RIP_RELATIVE,
     TABLE_IMAGE_REL32,
 )
-from ..diff.compare import DiffResult
+from ..diff.result import DiffResult
 from ..errors import NotHotpatchableError
 from ..verdict.redirect import ABS_JMP, REL32_JMP, SHORT_JMP_PADDING, STRATEGY_LENGTHS, possible_strategies
-from ..verdict.rules import Reason
+from ..verdict.rules import Reason, Verdict, decide
 from .model import (
     PADDING_JMP_SIZE,
     UNW_FLAG_CHAININFO,
@@ -109,17 +109,21 @@ class _State:
         return len(self.blobs) - 1
 
 
-def build_package(result: DiffResult, *, sequence: int = 1, description: str = "", cve_ids: Iterable[str] = (),
-                  baseline_id: str | None = None, created: int | None = None,
+def build_package(result: DiffResult, *, verdict: Verdict | None = None, sequence: int = 1, description: str = "",
+                  cve_ids: Iterable[str] = (), baseline_id: str | None = None, created: int | None = None,
                   origins: dict[int, int] | None = None) -> Package:
     """The package that takes a process running ``result.baseline`` to ``result.patched``.
+
+    ``verdict`` is ``decide(result)`` with the caller's policy (default: decided here, no override).
 
     Raises ``NotHotpatchableError`` (exit 3) when the verdict is NEW_BASELINE
     or when something the builder meets cannot be relocated. ``origins``, if
     given, is filled with blob index -> the patched-image RVA its data came from.
     """
-    if not result.verdict.hotpatchable:
-        raise NotHotpatchableError(result.verdict.reasons)
+    if verdict is None:
+        verdict = decide(result)
+    if not verdict.hotpatchable:
+        raise NotHotpatchableError(verdict.reasons)
     builder = _Builder(result)
     try:
         blobs, fixups, sites, unwind = builder.build()

@@ -24,7 +24,7 @@ from ..diff.targets import CODE, DATA, FUNCTION, IMPORT, SELF, TargetClassifier
 
 if TYPE_CHECKING:
     from ..analysis.functions import Function, FunctionTable
-    from ..diff.compare import DiffResult, FunctionDiff
+    from ..diff.result import DiffResult, FunctionDiff
 
 __all__ = ["Disassembler", "Row", "Segment"]
 

@@ -80,14 +80,16 @@ def _diff_report(baseline: str | None, patched: str | None, document: dict[str, 
         title = f"{Path(page.baseline['path'] or 'baseline').name} → {Path(page.patched['path'] or 'patched').name}"
         return ReportPage(title, diff=page, package=_package_section(package, None) if package else None)
     from ..diff.compare import diff
+    from ..verdict.rules import decide
 
     allow = bool(document and document["verdict"].get("overridden"))
-    result = diff(baseline, patched, allow_layout_change=allow)
+    result = diff(baseline, patched)
+    verdict = decide(result, allow_layout_change=allow)
     if document is not None:
         for side, table in (("baseline", result.baseline), ("patched", result.patched)):
             if document[side]["identity"] != table.image.identity.to_json():
                 raise ReportError(f"{side} {table.image.path} is not the image the diff document was made from")
-    page = diff_page(result)
+    page = diff_page(result, verdict)
     title = f"{result.baseline.image.name} → {result.patched.image.name}"
     section = _package_section(package, None) if package else None
     if section is not None:

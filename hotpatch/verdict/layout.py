@@ -22,7 +22,7 @@ from ..analysis.functions import Function, FunctionTable, import_thunk_target
 from ..analysis.refkinds import CALL_REL32, IAT_CALL
 
 if TYPE_CHECKING:
-    from ..diff.compare import DiffResult
+    from ..diff.result import DiffResult
 
 __all__ = ["LayoutEvidence", "find_layout_changes", "ALLOCATORS"]
 

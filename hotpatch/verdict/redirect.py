@@ -1,6 +1,6 @@
 """Which redirect strategies a baseline function's entry allows.
 
-In order of preference (DESIGN.md, Redirects):
+In order of preference (docs/APPLY.md, "Redirects"):
 
 - ``short_jmp_padding``: a 2-byte ``jmp rel8`` at the entry into the padding
   before it, where a 5-byte ``jmp rel32`` waits. Writing 2 aligned bytes is

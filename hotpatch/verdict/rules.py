@@ -8,18 +8,16 @@ data-layout heuristic; the override is recorded in the verdict.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..analysis.refkinds import BRANCH_REL8
+from ..diff.result import DataChange, DiffResult
 from .clobbers import gcc_built, live_clobbers, new_clobbers
 from .layout import LayoutEvidence, find_layout_changes
 from .redirect import obstacles, possible_strategies
 
-if TYPE_CHECKING:
-    from ..diff.compare import DiffResult
-
-__all__ = ["HOTPATCH", "NEW_BASELINE", "NOTE_KINDS", "REASON_KINDS", "Reason", "Verdict", "decide"]
+__all__ = ["HOTPATCH", "NEW_BASELINE", "NOTE_KINDS", "REASON_KINDS", "Reason", "Verdict", "decide", "diff_document"]
 
 HOTPATCH = "HOTPATCH"
 NEW_BASELINE = "NEW_BASELINE"
@@ -77,6 +75,8 @@ class Verdict:
     overridden: tuple[Reason, ...] = ()
     #: what changed without blocking (kinds in ``NOTE_KINDS``)
     notes: tuple[Reason, ...] = ()
+    #: the layout traces behind a data_layout_change reason (blocking or overridden)
+    evidence: tuple[LayoutEvidence, ...] = field(default=(), repr=False)
 
     @property
     def hotpatchable(self) -> bool:
@@ -87,8 +87,14 @@ class Verdict:
                 "overridden": [r.to_json() for r in self.overridden], "notes": [r.to_json() for r in self.notes]}
 
 
-def decide(result: DiffResult, allow_layout_change: bool = False,
-           strict_exports: bool = False) -> tuple[Verdict, list[LayoutEvidence]]:
+def diff_document(result: DiffResult, verdict: Verdict) -> dict[str, Any]:
+    """The ``hotpatch.diff/1`` document: the diff, then its verdict."""
+    return {**result.to_json(), "verdict": verdict.to_json()}
+
+
+def decide(result: DiffResult, allow_layout_change: bool = False, strict_exports: bool = False) -> Verdict:
+    """HOTPATCH or NEW_BASELINE for ``result``; ``strict_exports`` makes a new export a blocking reason
+    rather than a note, ``allow_layout_change`` records layout evidence without blocking on it."""
     reasons: list[Reason] = []
     notes: list[Reason] = []
     for change in result.data:
@@ -125,10 +131,10 @@ def decide(result: DiffResult, allow_layout_change: bool = False,
                         f"{REASON_KINDS['data_layout_change']}: " + "; ".join(e.detail for e in evidence))
         (overridden if allow_layout_change else reasons).append(layout)
     status = NEW_BASELINE if reasons else HOTPATCH
-    return Verdict(status, tuple(reasons), tuple(overridden), tuple(notes)), evidence
+    return Verdict(status, tuple(reasons), tuple(overridden), tuple(notes), tuple(evidence))
 
 
-def _rva_subject(change: Any) -> str:
+def _rva_subject(change: DataChange) -> str:
     rva = change.baseline_rva if change.baseline_rva is not None else change.patched_rva
     where = f"{change.section}:" if change.section else ""
     return f"{where}{rva:#x}" if rva is not None else change.kind

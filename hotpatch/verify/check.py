@@ -21,14 +21,16 @@ from ..analysis.functions import FunctionTable
 from ..apply.emulator import EmulatorBackend
 from ..apply.engine import Engine
 from ..apply.journal import Journal
-from ..diff.compare import DiffResult, diff
+from ..diff.compare import diff
 from ..diff.dataitems import DataItems
 from ..diff.matching import call_graph
+from ..diff.result import DiffResult
 from ..diff.targets import TargetClassifier
 from ..errors import HotpatchError, VerifyError
 from ..package.builder import build_package
 from ..package.model import ImportTarget, Package
 from ..pe.image import Image
+from ..verdict.rules import decide
 from .calls import CallResult, CallSpec, Difference, compare, default_calls, run_calls
 
 __all__ = ["VerifyReport", "affected_exports", "verify"]
@@ -84,7 +86,7 @@ def affected_exports(baseline: FunctionTable, changed: set[int]) -> list[str]:
 def verify(package: Package, baseline: str | Path, patched: str | Path,
            calls: list[CallSpec] | None = None) -> VerifyReport:
     baseline_image, patched_image = Image.load(baseline), Image.load(patched)
-    result = diff(baseline_image, patched_image, allow_layout_change=True)
+    result = diff(baseline_image, patched_image)
     if calls is None:
         names = affected_exports(result.baseline, {site.rva for site in package.sites})
         if not names:
@@ -134,9 +136,10 @@ def _translator(result: DiffResult, package: Package, applied: Any, live: Emulat
             spans.append((rva_b, size, live_base + rva_a))
     origins: dict[int, int] = {}
     try:
-        rebuilt = build_package(result, sequence=package.sequence, baseline_id=package.baseline_id,
-                                description=package.metadata.description, cve_ids=package.metadata.cve_ids,
-                                created=package.metadata.created, origins=origins)
+        # the emulator checks behaviour: layout evidence does not stop the rebuild
+        rebuilt = build_package(result, verdict=decide(result, allow_layout_change=True), sequence=package.sequence,
+                                baseline_id=package.baseline_id, description=package.metadata.description,
+                                cve_ids=package.metadata.cve_ids, created=package.metadata.created, origins=origins)
         if rebuilt.content_sha256 != package.content_sha256:
             origins = {}
     except HotpatchError:

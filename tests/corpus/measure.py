@@ -32,6 +32,7 @@ from hotpatch.apply.emulator import EmulatorBackend
 from hotpatch.diff.compare import diff
 from hotpatch.errors import HotpatchError
 from hotpatch.process.winehost import windows_path, wine_command, wine_env, wine_session
+from hotpatch.verdict.rules import decide
 from hotpatch.verify.calls import parse_inputs, run_calls
 from tests.corpus.build import BuiltLibrary, build_corpus, default_out, host_exe
 from tests.corpus.model import Fix
@@ -114,7 +115,7 @@ def _probe_names(built: BuiltLibrary) -> list[str]:
 
 def judge(base: Path, patched: Path) -> tuple[str, tuple[str, ...]]:
     """The verdict and its reasons (``kind: subject``)."""
-    verdict = diff(base, patched).verdict
+    verdict = decide(diff(base, patched))
     return verdict.status, tuple(f"{r.kind}: {r.subject}" for r in verdict.reasons)
 
 

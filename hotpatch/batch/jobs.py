@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from ..analysis.functions import FunctionTable, discover
 from ..errors import HotpatchError
+from ..package.format import dumps, package_id_of
 from ..pe.image import Image
 from .manifest import Job
 
@@ -178,10 +179,10 @@ def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: d
 
     mark = time.perf_counter()
     package = build_package(result, verdict=verdict)
-    data = package.dumps(None)
+    data = dumps(package, None)
     timings["build"] = time.perf_counter() - mark
     record["sizes"]["package"] = len(data)
-    record["package"] = {"id": package.package_id, "sites": len(package.sites), "fixups": len(package.fixups)}
+    record["package"] = {"id": package_id_of(package), "sites": len(package.sites), "fixups": len(package.fixups)}
     if packages_dir:
         path = Path(packages_dir) / f"{job.job_id}.hpk"
         path.parent.mkdir(parents=True, exist_ok=True)

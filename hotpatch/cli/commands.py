@@ -149,6 +149,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     from ..diff.compare import diff
     from ..errors import NotHotpatchableError
     from ..package.builder import build_package
+    from ..package.format import dumps, loads, package_id_of
     from ..package.report import package_json
     from ..package.signing import load_private_key
     from ..verdict.rules import decide
@@ -168,17 +169,16 @@ def cmd_build(args: argparse.Namespace) -> int:
             for reason in exc.reasons:
                 print(f"  - {reason.kind}: {reason.message}", file=sys.stderr)
         return exc.exit_code
-    data = package.dumps(sign_key)
+    data = dumps(package, sign_key)
     with open(args.output, "wb") as handle:
         handle.write(data)
     if args.json:
-        from ..package.model import Package
 
         _print_json({"schema": "hotpatch.build/1", "written": args.output, "bytes": len(data),
-                     "verdict": verdict.to_json(), "package": package_json(Package.loads(data))})
+                     "verdict": verdict.to_json(), "package": package_json(loads(data))})
     else:
         print(f"wrote {args.output}: {len(package.sites)} sites, {len(package.blobs)} blobs, "
-              f"{len(package.fixups)} fixups, {len(data)} bytes, package {package.package_id}"
+              f"{len(package.fixups)} fixups, {len(data)} bytes, package {package_id_of(package)}"
               + (" (signed)" if sign_key else " (unsigned)"))
     return 0
 
@@ -195,11 +195,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from ..package.model import Package
+    from ..package.format import load
     from ..package.report import disassemble_blob, package_json
     from ..package.trust import TrustStore, signer_json
 
-    package = Package.load(args.package)
+    package = load(args.package)
     document = package_json(package, with_fixups=args.fixups)
     document["signature"].update(signer_json(package, TrustStore.default()))
     if args.json:
@@ -239,11 +239,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..errors import EmulationError, VerifyError
-    from ..package.model import Package
+    from ..package.format import load
     from ..verify.calls import load_inputs
     from ..verify.check import verify
 
-    package = Package.load(args.package)
+    package = load(args.package)
     calls = load_inputs(args.inputs) if args.inputs else None
     try:
         report = verify(package, args.baseline, args.patched, calls)

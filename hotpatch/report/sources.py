@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from ..errors import HotpatchError, ReportError
+from ..package.format import load
 from .html import ReportPage
 
 __all__ = ["load_page"]
@@ -101,7 +102,6 @@ def _diff_report(baseline: str | None, patched: str | None, document: dict[str, 
 
 def _package_section(package: str | None, build: dict[str, Any] | None) -> dict[str, Any]:
     """Sites, strategies, blobs, fixups (every one when the package file is at hand) and the new code."""
-    from ..package.model import Package
     from ..package.report import disassemble_blob, package_json
     from .disasm import Segment
     from .highlight import tokens
@@ -115,7 +115,7 @@ def _package_section(package: str | None, build: dict[str, Any] | None) -> dict[
     if package is None:
         return section
     try:
-        loaded = Package.load(package)
+        loaded = load(package)
     except HotpatchError as exc:
         raise ReportError(f"cannot report on package {package}: {exc}") from None
     section["document"] = package_json(loaded, with_fixups=True)

@@ -32,6 +32,7 @@ from typing import Any
 from ..apply.health import BUILTIN_CHECKS, HealthSpec, parse_check, parse_duration
 from ..errors import PackageError, PlanError
 from ..package import Package, load_public_key
+from ..package.format import load
 from .windows import Host, Window, parse_window, zone
 
 __all__ = ["FailurePolicy", "Plan", "WaveSpec", "hosts_from_table", "load_plan", "parse_plan"]
@@ -85,7 +86,7 @@ class Plan:
         except PackageError as exc:
             raise PlanError(f"package.trust: {exc}") from None
         try:
-            return Package.load(self.package_path, trusted_keys=keys or None, require_signature=not self.allow_unsigned)
+            return load(self.package_path, trusted_keys=keys or None, require_signature=not self.allow_unsigned)
         except PackageError as exc:
             raise PlanError(f"package.path: {self.package_path.name}: {exc}") from None
         except OSError as exc:

@@ -28,6 +28,7 @@ from ..cache import AnalysisCache, analysis_version
 from ..diff.compare import diff
 from ..errors import NotHotpatchableError
 from ..package.builder import build_package
+from ..package.format import dumps, package_id_of
 from ..package.model import Package
 from ..package.signing import load_private_key, public_key_bytes
 from ..verdict.rules import decide
@@ -231,13 +232,13 @@ def _write_packages(out: Path, release: Release, packages: dict[str, Package], k
     by_name = {m.module: m for m in modules}
     keep = set()
     for name, package in packages.items():
-        data = package.dumps(key)
+        data = dumps(package, key)
         path = _package_path(out, release.name, name)
         write_bytes(path, data)
         keep.add(path)
         by_name[name].package = {
             "path": path.relative_to(out).as_posix(), "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(), "package_id": package.package_id,
+            "sha256": hashlib.sha256(data).hexdigest(), "package_id": package_id_of(package),
             "baseline_id": package.baseline_id, "sequence": package.sequence, "signed": key is not None,
             "sites": len(package.sites),
         }

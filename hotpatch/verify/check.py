@@ -28,6 +28,7 @@ from ..diff.result import DiffResult
 from ..diff.targets import TargetClassifier
 from ..errors import HotpatchError, VerifyError
 from ..package.builder import build_package
+from ..package.format import content_sha256_of, package_id_of
 from ..package.model import ImportTarget, Package
 from ..pe.image import Image
 from ..verdict.rules import decide
@@ -108,7 +109,7 @@ def verify(package: Package, baseline: str | Path, patched: str | Path,
         translate, domain = _translator(result, package, applied, live, reference)
         difference = compare(with_package, expected, labels=("baseline + package", "patched"),
                              translate=translate, translate_first=domain)
-        return VerifyReport(package.package_id, live.main_module().base_va, reference.main_module().base_va,
+        return VerifyReport(package_id_of(package), live.main_module().base_va, reference.main_module().base_va,
                             tuple(calls), tuple(with_package), tuple(expected), difference)
     finally:
         live.close()
@@ -140,7 +141,7 @@ def _translator(result: DiffResult, package: Package, applied: Any, live: Emulat
         rebuilt = build_package(result, verdict=decide(result, allow_layout_change=True), sequence=package.sequence,
                                 baseline_id=package.baseline_id, description=package.metadata.description,
                                 cve_ids=package.metadata.cve_ids, created=package.metadata.created, origins=origins)
-        if rebuilt.content_sha256 != package.content_sha256:
+        if content_sha256_of(rebuilt) != content_sha256_of(package):
             origins = {}
     except HotpatchError:
         origins = {}

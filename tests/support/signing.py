@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from hotpatch.package.format import dumps, loads
 from hotpatch.package.model import Package
 from hotpatch.package.signing import public_key_bytes
 
@@ -18,4 +19,4 @@ PUBLIC_KEY = public_key_bytes(SIGNING_KEY)
 
 def signed(package: Package, key: Ed25519PrivateKey = SIGNING_KEY) -> Package:
     """The package as its vendor ships it: serialised, signed, and read back."""
-    return Package.loads(package.dumps(sign_key=key))
+    return loads(dumps(package, sign_key=key))

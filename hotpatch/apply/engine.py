@@ -764,7 +764,7 @@ class Transaction:
                 )
         result = ApplyResult(
             engine.pid, package_id_of(package), image.module.name, image.base_va, "dry-run", package.sequence,
-            code_hash=code_hash, replaced=package_id_of(predecessor) if predecessor else None,
+            code_hash=code_hash, replaced=predecessor.package_id if predecessor else None,
         )
         if dry_run:
             with self._step("imports", what):
@@ -899,7 +899,7 @@ class Transaction:
                 state = site_state(backend, site)
                 if state.state != OURS:
                     raise SiteMismatchError(
-                        f"foreign bytes at site {site.function} of package {package_id_of(predecessor)}: "
+                        f"foreign bytes at site {site.function} of package {predecessor.package_id}: "
                         f"found {state.found}, our redirect is {' '.join(p.redirect.hex() for p in site.patches)}",
                         site.patches[0].va,
                     )

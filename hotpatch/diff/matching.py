@@ -10,6 +10,7 @@ threshold.
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
@@ -93,13 +94,17 @@ def _by_unique_key(m: _Matcher, key: object, method: str) -> None:
             m.pair(rvas[0], other[0], method)
 
 
+# call graphs by table object (a table's functions never change); an entry goes when its table does
+_CALL_GRAPHS: dict[int, tuple[dict[int, list[int]], dict[int, list[int]]]] = {}
+
+
 def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     """Callees in instruction order and callers (cached per table).
 
     A callee is a call or tail-jump target, or a function whose address sits
     in a table of pointers the function references (dispatch tables, vtables).
     """
-    cached = table.__dict__.get("_call_graph_cache")
+    cached = _CALL_GRAPHS.get(id(table))
     if cached is not None:
         return cached
     callees: dict[int, list[int]] = {}
@@ -111,7 +116,8 @@ def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, li
         out = callees[function.rva] = scan(analysis.raw_refs, function.ranges, starts, pointer_tables)
         for target in dict.fromkeys(out):
             callers[target].append(function.rva)
-    table.__dict__["_call_graph_cache"] = (callees, callers)
+    _CALL_GRAPHS[id(table)] = (callees, callers)
+    weakref.finalize(table, _CALL_GRAPHS.pop, id(table), None)
     return callees, callers
 
 

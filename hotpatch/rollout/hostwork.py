@@ -65,7 +65,7 @@ def _select(client: AgentClient, request: HostRequest, module_name: str) -> list
 def _ours(engine: Engine, package_id: str) -> str:
     """The package's state in this process's memory: ours, original (absent) or mixed/foreign."""
     for package in engine.status().packages:
-        if package_id_of(package) == package_id:
+        if package.package_id == package_id:
             return package.state
     return "original"
 

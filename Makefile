@@ -11,7 +11,7 @@ SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 libz-mingw-w64-dev 
 .PHONY: demo demo-rollout test test-fast bench fuzz fuzz-pe deps venv fixtures realbins train-calendars corpus corpus-live lint clean
 
 demo: venv fixtures
-	$(PY) -m hotpatch.demo --fixtures $(FIXTURES) --work build/demo
+	$(PY) -m hotpatch.cli.demo --fixtures $(FIXTURES) --work build/demo
 
 # a small fleet on a LocalCluster: a canary fails its health probe and is rolled back live
 demo-rollout: venv fixtures
@@ -56,7 +56,7 @@ deps:
 	  fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard hotpatch/*.pyx hotpatch/*/*.pyx hotpatch/includes/*.pxd native/*.c native/*.h native/agent/*.c native/agent/*.h)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard hotpatch/*.pyx hotpatch/*/*.pyx hotpatch/analysis/includes/*.pxd native/*.c native/*.h native/agent/*.c native/agent/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -69,13 +69,13 @@ fixtures: deps venv
 	$(PY) tests/fixtures/build_product.py --out $(FIXTURES)
 
 realbins: venv
-	$(PY) tests/realbins.py
+	$(PY) tests/support/realbins.py
 
 # the release trains of the fixture product, numpy and cryptography; their calendars are redrawn into docs/
 train-calendars: venv fixtures
 	$(VENV)/bin/hotpatch train $(FIXTURES)/product.toml -o build/trains/product > /dev/null
 	cp build/trains/product/calendar.svg docs/train-product.svg
-	$(PY) tests/realtrains.py --out build/trains --docs docs
+	$(PY) tests/support/realtrains.py --out build/trains --docs docs
 
 # the real-fix corpus (Debian sources, needs root once to add a deb-src entry): build, run, write the table
 corpus: venv

@@ -28,12 +28,12 @@ def capstone_include() -> str:
 
 
 core = Extension(
-    "hotpatch._core",
-    ["hotpatch/_core.pyx", "native/x86_fastlen.c"],
+    "hotpatch.analysis._core",
+    ["hotpatch/analysis/_core.pyx", "native/x86_fastlen.c"],
     include_dirs=[capstone_include(), "native"],
     extra_compile_args=["-O2", "-Wno-unused-function"],
 )
-diff_core = Extension("hotpatch._diffcore", ["hotpatch/_diffcore.pyx"], extra_compile_args=["-O2"])
+diff_core = Extension("hotpatch.diff._diffcore", ["hotpatch/diff/_diffcore.pyx"], extra_compile_args=["-O2"])
 
 
 class build_py_with_agent(build_py):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch import _core as core
-from hotpatch import _reference as reference
-from hotpatch.analysis import AnalysisContext, decode, fingerprint_all
+from hotpatch.analysis import _core as core
+from hotpatch.analysis import _reference as reference
+from hotpatch.analysis.api import AnalysisContext, decode, fingerprint_all
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,9 @@ import pytest
 from hotpatch.apply.agent import AgentClient
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.package.builder import build_package
+from hotpatch.package.format import package_id_of
 from hotpatch.package.model import Package, Strategy
 from tests.test_agent import Host
 
@@ -69,7 +70,7 @@ def _pauses(live, package: Package, tmp_path: Path, rounds: int = ROUNDS) -> tup
             pauses.append(result.commit.pause_us)
             suspended.append(result.commit.suspended)
             with engine.transaction() as tx:
-                tx.rollback(package.package_id)
+                tx.rollback(package_id_of(package))
     return pauses, suspended
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from hotpatch.batch import CacheSpec, Job, release_jobs, run_batch
 from hotpatch.batch.jobs import DISK_CACHE
-from tests.realbins import ensure_wheel
+from tests.support.realbins import ensure_wheel
 
 pytestmark = [pytest.mark.realbins, pytest.mark.slow]
 

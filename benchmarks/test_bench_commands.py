@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.realbins import real_binary
+from tests.support.realbins import real_binary
 
 _HERE = Path(__file__).resolve().parent
 _HOTPATCH = [sys.executable, "-m", "hotpatch.cli"]

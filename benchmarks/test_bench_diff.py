@@ -1,7 +1,7 @@
 """End-to-end diff of cryptography 43.0.0 -> 43.0.1 _rust.pyd: compiled cores against the reference.
 
 Same run, same machine: load, discover and analyse both images, then diff. The
-compiled path runs hotpatch._core and hotpatch._diffcore; the reference path
+compiled path runs hotpatch.analysis._core and hotpatch.diff._diffcore; the reference path
 their pure-Python twins _reference and _diffreference (the diff takes the
 kernels that go with the analysis that made its tables).
 Also the diff stage alone on 1/4, 1/2 and all of the functions, to show how
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch import _core as core
-from hotpatch import _reference as reference
-from hotpatch.diff import diff
-from hotpatch.functions import FunctionTable
-from tests.realbins import real_binary
+from hotpatch.analysis import _core as core
+from hotpatch.analysis import _reference as reference
+from hotpatch.analysis.functions import FunctionTable
+from hotpatch.diff.compare import diff
+from tests.support.realbins import real_binary
 
 
 @pytest.fixture(scope="module")

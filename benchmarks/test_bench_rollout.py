@@ -26,6 +26,7 @@ from hotpatch.apply.agent import AgentClient
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.health import HealthSpec
 from hotpatch.apply.journal import Journal
+from hotpatch.package.format import save
 from hotpatch.rollout.executor_dask import local_cluster
 from hotpatch.rollout.executor_sim import SimConfig, make_fleet, simulate
 from hotpatch.rollout.hostwork import HostRequest, host_task
@@ -75,7 +76,7 @@ def test_localcluster_overhead_per_target_over_a_bare_apply(  # type: ignore[no-
     monkeypatch.setenv("HOTPATCH_AGENT", str(agent_exe))
     dll = built_fixtures.resolve() / "body_change" / "baseline.dll"
     package = tmp_path / "scale.hpk"
-    simple(dll).save(package)
+    save(simple(dll), package)
     hosts = {f"host-{i}": Host(wine_prefix, dll, CALLS, threads=2) for i in range(3)}
     try:
         bare = []

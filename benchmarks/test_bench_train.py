@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from hotpatch.cache import AnalysisCache
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.train import load_manifest, run_train
-from tests.realbins import real_binary
+from tests.support.realbins import real_binary
 
 VERSIONS = (("42.0.6", "2024-04-28"), ("42.0.7", "2024-05-06"), ("42.0.8", "2024-06-04"),
             ("43.0.0", "2024-07-20"), ("43.0.1", "2024-09-03"), ("43.0.3", "2024-10-18"))

@@ -16,12 +16,13 @@ from typing import Any
 # Loaded on first use: LIEF's native module alone takes over a second to import, and
 # `hotpatch --version` or a package inspection need none of it.
 _LAZY = {
-    "FunctionAnalysis": ".analysis", "JumpTable": ".analysis", "Reference": ".analysis", "backend": ".analysis",
+    "FunctionAnalysis": ".analysis.api", "JumpTable": ".analysis.api", "Reference": ".analysis.api",
+    "backend": ".analysis.api",
     "AnalysisError": ".errors", "CorruptImageError": ".errors", "HotpatchError": ".errors", "ImageError": ".errors",
     "NotPE32PlusError": ".errors", "NotPEError": ".errors", "TruncatedImageError": ".errors",
     "UnsupportedArchitectureError": ".errors",
-    "Function": ".functions", "FunctionTable": ".functions", "discover": ".functions",
-    "Image": ".image",
+    "Function": ".analysis.functions", "FunctionTable": ".analysis.functions", "discover": ".analysis.functions",
+    "Image": ".pe.image",
     "Package": ".package",
 }
 

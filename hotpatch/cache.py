@@ -6,7 +6,7 @@ expensive part of a diff, so its result is kept on disk::
 
     cache = AnalysisCache()                    # ~/.cache/hotpatch/analysis, 2 GiB
     table = cache.table("core.dll")            # a FunctionTable, from disk or fresh
-    result = hotpatch.diff.diff(cache.table(a), cache.table(b))
+    result = hotpatch.diff.compare.diff(cache.table(a), cache.table(b))
     cache.stats.analyses, cache.stats.hits     # what it cost
 
 Key: SHA-256 over the analysis version (``analysis_version()``: hotpatch's
@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .analysis import AnalysisContext, backend
+from .analysis.api import AnalysisContext, backend
+from .analysis.functions import FunctionTable, discover
 from .collector import gc_paused
 from .errors import CacheError
-from .functions import FunctionTable, discover
-from .image import Image
+from .pe.image import Image
 
 __all__ = ["DEFAULT_MAX_BYTES", "AnalysisCache", "CacheStats", "analysis_version", "default_cache_dir"]
 

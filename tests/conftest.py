@@ -11,10 +11,10 @@ import pytest
 
 from hotpatch.apply.agent import AgentClient, AgentProcessBackend
 from hotpatch.apply.backend import Module
-from hotpatch.winehost import WineMissing, wine_command, wine_session
+from hotpatch.process.winehost import WineMissing, wine_command, wine_session
 from tests.fixtures.build_fixtures import build_all
 from tests.fixtures.cases import Case, load_cases
-from tests.realbins import real_binary
+from tests.support.realbins import real_binary
 
 if TYPE_CHECKING:
     from tests.test_agent import Host
@@ -51,10 +51,10 @@ def wine_prefix(built_fixtures: Path) -> Iterator[Path]:
 
 @pytest.fixture(scope="session", autouse=True)
 def trust_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private trust store holding the test signing key (tests/signing.py), for every test and the
+    """A private trust store holding the test signing key (tests/support/signing.py), for every test and the
     processes they start; this machine's own trusted keys never take part."""
     from hotpatch.package.trust import ENV_TRUST_DIR, TrustStore
-    from tests.signing import PUBLIC_KEY
+    from tests.support.signing import PUBLIC_KEY
 
     path = tmp_path_factory.mktemp("trust") / "trusted-keys"
     with pytest.MonkeyPatch.context() as patch:

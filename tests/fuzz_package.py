@@ -60,6 +60,7 @@ from hotpatch.package import (
     TargetIdentity,
     UnwindEntry,
 )
+from hotpatch.package.format import content_sha256_of, dumps, loads
 from hotpatch.package.signing import sign_digest, verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,10 +198,10 @@ def sample_packages(key: Ed25519PrivateKey, seed: int = 1) -> list[tuple[str, by
     plain = rich_model(rng, unicode=False)
     minimal = minimal_model()
     return [
-        ("rich-unsigned", rich.dumps(), rich),
-        ("rich-signed", rich.dumps(key), rich),
-        ("plain-unsigned", plain.dumps(), plain),
-        ("minimal-signed", minimal.dumps(key), minimal),
+        ("rich-unsigned", dumps(rich), rich),
+        ("rich-signed", dumps(rich, key), rich),
+        ("plain-unsigned", dumps(plain), plain),
+        ("minimal-signed", dumps(minimal, key), minimal),
     ]
 
 
@@ -566,7 +567,7 @@ def render(package: Package) -> str:
 
     t, m = package.target, package.metadata
     lines = [
-        f"package {package.content_sha256.hex()}",
+        f"package {content_sha256_of(package).hex()}",
         f"target {text(t.module_name)} {t.timedatestamp} {t.size_of_image} {t.checksum} {t.code_sha256.hex()}",
         f"baseline {text(package.baseline_id)} {package.sequence}",
         f"metadata {'-' if m.created is None else m.created} {text(m.description)} {text(m.creator)}",
@@ -591,7 +592,7 @@ def render(package: Package) -> str:
     if package.signature is None or package.signer_public_key is None:
         lines.append("signature -")
     else:
-        message = b"hotpatch.hpk.v1\x00" + package.content_sha256
+        message = b"hotpatch.hpk.v1\x00" + content_sha256_of(package)
         lines.append(f"signature {package.signer_public_key.hex()} {package.signature.hex()} {message.hex()}")
     return "\n".join(lines)
 
@@ -605,7 +606,7 @@ class PythonVerdict:
 
 def python_verdict(data: bytes) -> PythonVerdict:
     try:
-        package = Package.loads(data)
+        package = loads(data)
     except errors.PackageError as exc:
         if "internal reader error" in str(exc):
             raise AssertionError(f"the Python reader hit an internal error: {exc}") from exc

@@ -15,7 +15,7 @@ changes one thing the reader must not take on faith, or a few of them:
 - truncation (inside the headers, at and inside section data), random bit
   flips anywhere, and splices of one region over another.
 
-Every mutant runs in-process through ``hotpatch.cli.main`` (stdout and stderr
+Every mutant runs in-process through ``hotpatch.cli.commands.main`` (stdout and stderr
 captured at the file descriptor level too, so LIEF's own C++ output would be
 seen); a sample also runs as a real ``python -m hotpatch.cli`` subprocess.
 The contract: exit 0 with nothing on stderr, or exit 2 with exactly one line
@@ -152,7 +152,7 @@ def describe(name: str, data: bytes) -> Seed:
 def load_seeds(fixtures: Path, real: bool = True) -> list[Seed]:
     seeds = [describe(name, (fixtures / name).read_bytes()) for name in FIXTURE_SEEDS]
     if real:
-        from tests.realbins import real_binary
+        from tests.support.realbins import real_binary
 
         seeds += [describe(f"{dist}-{version}/{Path(glob).name}", real_binary(dist, version, glob).read_bytes())
                   for dist, version, glob in REAL_SEEDS]
@@ -273,7 +273,7 @@ class InProcess:
     whose growth is checked after each case (output from C code bypasses sys.stderr)."""
 
     def __init__(self, work: Path) -> None:
-        from hotpatch import cli
+        from hotpatch.cli import commands as cli
 
         self.main = cli.main
         self.fd_out = open(work / "fd1", "w+b")  # noqa: SIM115 - closed in close()

@@ -30,8 +30,8 @@ from hotpatch.errors import (
     ProcessGoneError,
     Win32Error,
 )
-from hotpatch.image import Image
-from hotpatch.win32mem import (
+from hotpatch.pe.image import Image
+from hotpatch.process.win32mem import (
     MEM_COMMIT,
     MEM_FREE,
     MEM_IMAGE,
@@ -40,7 +40,7 @@ from hotpatch.win32mem import (
     PAGE_READONLY,
     PAGE_READWRITE,
 )
-from hotpatch.winehost import windows_path, wine_command, wine_env
+from hotpatch.process.winehost import windows_path, wine_command, wine_env
 from tests.fixtures.build_fixtures import host_exe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch import cli
 from hotpatch.apply.agent import AgentClient, AgentProcessBackend
 from hotpatch.apply.protocol import Opcode, Status, encode_frame
+from hotpatch.cli import commands as cli
 from hotpatch.errors import AgentProtocolError
-from hotpatch.winehost import windows_path
+from hotpatch.process.winehost import windows_path
 from tests.test_agent import Host
 
 COPIES = 2000

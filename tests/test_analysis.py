@@ -9,9 +9,9 @@ import pytest
 
 import hotpatch
 from hotpatch import Image, discover
-from hotpatch import _core as core
-from hotpatch import _reference as reference
-from hotpatch.refkinds import (
+from hotpatch.analysis import _core as core
+from hotpatch.analysis import _reference as reference
+from hotpatch.analysis.refkinds import (
     ABS64,
     CALL_REL32,
     IAT_CALL,
@@ -21,11 +21,11 @@ from hotpatch.refkinds import (
     TABLE_IMAGE_REL32,
     TABLE_SELF_REL32,
 )
-from tests.realbins import real_binary
+from tests.support.realbins import real_binary
 
 
 def test_compiled_core_is_the_one_loaded() -> None:
-    assert hotpatch.backend().IMPLEMENTATION == "cython", "hotpatch._core did not build or load"
+    assert hotpatch.backend().IMPLEMENTATION == "cython", "hotpatch.analysis._core did not build or load"
 
 
 def _assert_same(path: Path) -> int:

@@ -18,6 +18,7 @@ from hotpatch.apply.agent import AgentClient, AgentProcessBackend
 from hotpatch.apply.backend import Module
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
+from hotpatch.package.format import save
 from tests.test_agent import Host
 from tests.test_apply_live import BASELINE, CALLS, image_of, simple, wait_values
 
@@ -54,7 +55,7 @@ def test_failing_probe_after_commit_rolls_back_and_the_process_keeps_its_origina
     tmp_path: Path, host: Host, target: AgentProcessBackend, module: Module, dll: Path, run
 ) -> None:
     package = tmp_path / "scale.hpk"
-    simple(dll).save(package)
+    save(simple(dll), package)
     before = image_of(target, module)
     # the probe passes while the package is new, then fails: the gate must have seen the patched code
     marker = tmp_path / "probe-count"
@@ -87,7 +88,7 @@ def test_passing_gate_keeps_the_package_and_no_auto_rollback_leaves_a_failure_ap
     tmp_path: Path, host: Host, agent: AgentClient, target: AgentProcessBackend, dll: Path, run
 ) -> None:
     package = tmp_path / "scale.hpk"
-    simple(dll).save(package)
+    save(simple(dll), package)
     code, document, _ = run("apply", str(package), "--pid", str(host.pid), "--allow-unsigned", "--json",
                             "--soak", "1s", "--probe-interval", "200ms")
     assert code == 0

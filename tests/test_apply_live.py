@@ -40,7 +40,7 @@ from hotpatch.errors import (
     SiteMismatchError,
     StepFailedError,
 )
-from hotpatch.image import Image
+from hotpatch.package.format import content_sha256_of, dumps, loads, package_id_of, save
 from hotpatch.package.model import (
     BaselineRVA,
     Blob,
@@ -57,9 +57,10 @@ from hotpatch.package.model import (
     TargetIdentity,
     UnwindEntry,
 )
-from hotpatch.win32mem import MEM_FREE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
+from hotpatch.pe.image import Image
+from hotpatch.process.win32mem import MEM_FREE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from tests.fixtures.cases import Call, Case, load_cases
-from tests.signing import SIGNING_KEY, signed
+from tests.support.signing import SIGNING_KEY, signed
 from tests.test_agent import Host
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -486,7 +487,7 @@ def test_status_reports_ours_original_and_foreign(
     pkg = stack_one(dll)
     result = apply(engine, pkg)
     (status,) = engine.status().packages
-    assert status.package_id == pkg.package_id and status.state == "ours"
+    assert status.package_id == package_id_of(pkg) and status.state == "ours"
     assert [s.state for s in status.sites] == ["ours", "ours"]
 
     # Someone else redirects scale elsewhere: foreign, and rollback refuses to touch it.
@@ -573,7 +574,7 @@ def test_trust_policy_admits_only_trusted_signers_and_unsigned_on_request(
     code = vendor.blobs[0]
     tampered = replace(vendor, blobs=(replace(code, data=code.data.replace(b"\xfe", b"\xfd", 1)),),
                        signature=None, signer_public_key=None)
-    assert tampered.content_sha256 != vendor.content_sha256
+    assert content_sha256_of(tampered) != content_sha256_of(vendor)
     before = image_of(target, module)
     for engine, pkg, cause in (
         (strict, simple(dll), PackageUnsignedError),
@@ -593,10 +594,10 @@ def test_trust_policy_admits_only_trusted_signers_and_unsigned_on_request(
 
 
 def test_corrupt_package_is_refused_before_the_process_is_touched(dll: Path) -> None:
-    data = bytearray(simple(dll).dumps())
+    data = bytearray(dumps(simple(dll)))
     data[len(data) // 2] ^= 0xFF
     with pytest.raises(PackageError):
-        Package.loads(bytes(data))
+        loads(bytes(data))
 
 
 def test_pid_that_is_gone_is_refused(agent: AgentClient, wine_prefix: Path, dll: Path, state_dir: Path) -> None:
@@ -679,7 +680,7 @@ def test_thread_parked_in_the_site_makes_commit_busy_and_nothing_changes(
         assert info.value.cause.thread_id == thread_id and info.value.undone
         assert "everything done was undone" in str(info.value)
         assert image_of(target, module) == before
-        (record,) = [r for r in engine.process_journal.records if r.package_id == pkg.package_id][-1:]
+        (record,) = [r for r in engine.process_journal.records if r.package_id == package_id_of(pkg)][-1:]
         assert record.phase == "undone" and record.allocation.state == "freed"
         assert target.query(record.allocation.va).state == MEM_FREE
     finally:
@@ -699,7 +700,7 @@ import os, sys
 from hotpatch.apply.agent import AgentClient
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
-from hotpatch.package import Package
+from hotpatch.package.format import load
 
 pid, package, state, prefix, crash_at = sys.argv[1:]
 client = AgentClient.start(prefix=prefix)
@@ -711,13 +712,13 @@ def on_step(step):
 
 engine = Engine(backend, Journal(state), on_step=on_step)  # trust store: $HOTPATCH_TRUST_DIR
 with engine.transaction() as tx:
-    tx.apply(Package.load(package))
+    tx.apply(load(package))
 """
 
 
 def crash_applier(tmp_path: Path, host: Host, pkg: Package, state_dir: Path, prefix: Path, crash_at: str) -> None:
     path = tmp_path / "package.hpk"
-    pkg.save(path, sign_key=SIGNING_KEY)
+    save(pkg, path, sign_key=SIGNING_KEY)
     proc = subprocess.run(
         [sys.executable, "-c", APPLIER, str(host.pid), str(path), str(state_dir), str(prefix), crash_at],
         cwd=ROOT,
@@ -987,7 +988,7 @@ def test_cli_apply_status_ps_rollback_with_exit_codes_and_json(
 
     pid = str(host.pid)
     unsigned = tmp_path / "unsigned.hpk"
-    simple(dll).save(unsigned)
+    save(simple(dll), unsigned)
     before = image_of(target, module)
 
     code, doc, err = run("apply", str(unsigned), "--pid", pid, "--json")
@@ -1019,7 +1020,7 @@ def test_cli_apply_status_ps_rollback_with_exit_codes_and_json(
     code, doc, _ = run("status", "--pid", pid, "--json")
     assert code == 0 and doc is not None
     (package_status,) = doc["processes"][0]["packages"]
-    assert package_status["state"] == "ours" and package_status["package_id"] == simple(dll).package_id
+    assert package_status["state"] == "ours" and package_status["package_id"] == package_id_of(simple(dll))
     code, doc, _ = run("status", "--all", "--json")
     assert code == 0 and doc is not None and host.pid in {p["pid"] for p in doc["processes"]}
 
@@ -1045,7 +1046,7 @@ def test_cli_apply_status_ps_rollback_with_exit_codes_and_json(
     key_file = tmp_path / "release.key"
     key_file.write_bytes(pem)
     signed_file = tmp_path / "signed.hpk"
-    simple(dll).save(signed_file, sign_key=load_private_key(key_file))
+    save(simple(dll), signed_file, sign_key=load_private_key(key_file))
     _, other = generate_keypair()
     for extra in (["--trust", other], ["--allow-unsigned"]):
         code, doc, err = run("apply", str(signed_file), "--pid", pid, *extra, "--json")
@@ -1056,7 +1057,7 @@ def test_cli_apply_status_ps_rollback_with_exit_codes_and_json(
     assert run("rollback", "--pid", pid)[0] == 0
     wait_values(host, BASELINE)
     store_signed = tmp_path / "store-signed.hpk"
-    simple(dll).save(store_signed, sign_key=SIGNING_KEY)
+    save(simple(dll), store_signed, sign_key=SIGNING_KEY)
     code, doc, _ = run("apply", str(store_signed), "--pid", pid, "--json")
     assert code == 0 and doc is not None
     assert run("rollback", "--pid", pid)[0] == 0
@@ -1092,7 +1093,7 @@ def wait_calls(host: Host, calls: tuple[Call, ...], variant: str, timeout: float
 def test_builder_package_goes_in_and_out_of_the_running_host(
     name: str, cases: list[Case], agent: AgentClient, wine_prefix: Path, state_dir: Path
 ) -> None:
-    from hotpatch.diff import diff
+    from hotpatch.diff.compare import diff
     from hotpatch.package.builder import build_package
 
     (case,) = [c for c in cases if c.name == name]
@@ -1123,7 +1124,7 @@ def test_package_applies_to_a_dll_loaded_away_from_its_preferred_base(
 ) -> None:
     """The preferred base is taken (host --reserve), so the loader relocates the DLL and every fixup
     of the package must follow the runtime base."""
-    from hotpatch.diff import diff
+    from hotpatch.diff.compare import diff
     from hotpatch.package.builder import build_package
 
     (case,) = [c for c in cases if c.name == "aslr_reloc"]

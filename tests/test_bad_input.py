@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch import CorruptImageError, Image, cli
+from hotpatch import CorruptImageError, Image
+from hotpatch.cli import commands as cli
 from hotpatch.names import pe_name
 
 BAD = b"\xff\xfe"

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from hotpatch.batch import CacheSpec, Job, load_manifest, read_results, release_jobs, run_batch
-from hotpatch.cli import main
+from hotpatch.cli.commands import main
 from hotpatch.errors import BatchError
 from tests.fixtures.cases import Case
 
@@ -135,7 +135,7 @@ def test_a_crashing_or_hanging_job_is_recorded_failed_and_the_batch_goes_on(tmp_
             Job.from_json({"baseline": str(fifo), "patched": str(fifo), "name": "hang", "timeout": 3}),
             Job.from_json({"baseline": "/nonexistent.dll", "patched": "/nonexistent.dll", "name": "missing"}),
             *_jobs(built_fixtures, "diff", ("body_change", "new_string"))]
-    result = run_batch(jobs, tmp_path / "out", workers=1, cache=CacheSpec("tests.batch_plugins:CrashingCache",
+    result = run_batch(jobs, tmp_path / "out", workers=1, cache=CacheSpec("tests.support.batch_plugins:CrashingCache",
                                                                           "fatal.dll"), progress=False)
     records = {r["name"]: r for r in result.records}
     assert records["crash"]["status"] == "failed"
@@ -156,7 +156,7 @@ def test_a_job_process_analyses_an_image_shared_by_two_jobs_once(tmp_path: Path,
     jobs = [Job.from_json({"baseline": str(built_fixtures / "body_change" / "baseline.dll"),
                            "patched": str(middle)}),
             Job.from_json({"baseline": str(middle), "patched": str(built_fixtures / "body_change" / "baseline.dll")})]
-    run_batch(jobs, tmp_path / "out", workers=1, cache=CacheSpec("tests.batch_plugins:CountingCache",
+    run_batch(jobs, tmp_path / "out", workers=1, cache=CacheSpec("tests.support.batch_plugins:CountingCache",
                                                                   str(tmp_path)), progress=False)
     (log,) = tmp_path.glob("analysed-*.txt")
     assert sorted(log.read_text().split()) == sorted({j.baseline for j in jobs})
@@ -216,7 +216,7 @@ def test_batch_cli_over_release_folders_exits_0_and_prints_json(tmp_path: Path, 
 @pytest.mark.cluster
 def test_real_numpy_release_locally_then_on_a_local_cluster_from_the_analysis_cache(tmp_path: Path) -> None:
     from hotpatch.batch.jobs import DISK_CACHE
-    from tests.realbins import ensure_wheel
+    from tests.support.realbins import ensure_wheel
 
     jobs = release_jobs([ensure_wheel("numpy", "2.1.0"), ensure_wheel("numpy", "2.1.1")])
     assert len(jobs) == 21

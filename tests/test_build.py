@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch import Image, Package
-from hotpatch.diff import diff
+from hotpatch import Image
+from hotpatch.diff.compare import diff
 from hotpatch.errors import NotHotpatchableError, PackageUntrustedError
 from hotpatch.package import BaselineRVA, BlobKind, BlobTarget, FixupKind, ImportTarget, Strategy
 from hotpatch.package.builder import build_package
+from hotpatch.package.format import dumps, loads, save, signature_state_of
 from hotpatch.package.signing import generate_keypair, load_private_key
 from tests.fixtures.cases import Case
 
@@ -30,7 +31,7 @@ def test_every_hotpatch_case_builds_a_loadable_package(cases: list[Case]) -> Non
     for case in _hotpatch(cases):
         result = diff(case.baseline, case.patched)
         package = build_package(result)
-        again = Package.loads(package.dumps())
+        again = loads(dumps(package))
         assert again == package
         changed = {e.baseline.rva for e in result.by_status("changed")}
         assert {s.rva for s in package.sites} == changed, case.name
@@ -117,18 +118,18 @@ def test_signed_package_is_verified_and_trust_is_enforced(cases: list[Case], tmp
     private_pem, public_hex = generate_keypair()
     key_path = tmp_path / "release.key"
     key_path.write_bytes(private_pem)
-    data = package.dumps(load_private_key(key_path))
-    loaded = Package.loads(data, trusted_keys=[bytes.fromhex(public_hex)])
-    assert loaded.signature_state == "valid" and loaded.metadata.cve_ids == ("CVE-2026-1",)
+    data = dumps(package, load_private_key(key_path))
+    loaded = loads(data, trusted_keys=[bytes.fromhex(public_hex)])
+    assert signature_state_of(loaded) == "valid" and loaded.metadata.cve_ids == ("CVE-2026-1",)
     _, other = generate_keypair()
     with pytest.raises(PackageUntrustedError):
-        Package.loads(data, trusted_keys=[bytes.fromhex(other)])
+        loads(data, trusted_keys=[bytes.fromhex(other)])
 
 
 def test_inspect_json(cases: list[Case], tmp_path: Path) -> None:
     case = _case(cases, "new_callee")
     out = tmp_path / "p.hpk"
-    build_package(diff(case.baseline, case.patched), sequence=4).save(out)
+    save(build_package(diff(case.baseline, case.patched), sequence=4), out)
     run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "inspect", str(out), "--json"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -145,7 +146,7 @@ def test_inspect_lists_every_fixup_at_its_own_place(cases: list[Case], tmp_path:
     case = _case(cases, "switch_table")
     package = build_package(diff(case.baseline, case.patched))
     out = tmp_path / "p.hpk"
-    package.save(out)
+    save(package, out)
     run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "inspect", str(out), "--json", "--fixups"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -5,11 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from hotpatch.cli import _OWN_COMMANDS, build_parser
+from hotpatch.cli.commands import _OWN_COMMANDS, build_parser
 
 _PROBE = """
 import contextlib, io, sys
-from hotpatch.cli import main
+from hotpatch.cli.commands import main
 with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
     main(sys.argv[1:])
 heavy = sorted(m for m in ("distributed", "numpy", "lief", "hotpatch.rollout", "hotpatch.apply") if m in sys.modules)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch.diff import diff
-from hotpatch.verdict import REASON_KINDS
+from hotpatch.diff.compare import diff
+from hotpatch.verdict.rules import REASON_KINDS, decide
 from tests.fixtures.cases import Case, load_cases
-from tests.realbins import real_binary
+from tests.support.realbins import real_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,8 +43,8 @@ def test_fixture_ground_truth(cases: list[Case], name: str, stripped: bool) -> N
     assert _names(result, "changed", case) == sorted(case.changed)
     assert _names(result, "added", case) == sorted(case.added)
     assert _names(result, "removed", case) == sorted(case.removed)
-    assert result.verdict.status == case.verdict
-    assert sorted({r.kind for r in result.verdict.reasons}) == sorted(set(case.reasons))
+    assert decide(result).status == case.verdict
+    assert sorted({r.kind for r in decide(result).reasons}) == sorted(set(case.reasons))
 
 
 def test_every_reason_kind_is_documented() -> None:
@@ -59,7 +59,7 @@ def test_self_diff_is_zero_changes(built_fixtures: Path) -> None:
         result = diff(table, table)
         summary = result.summary()
         assert summary["changed"] == summary["added"] == summary["removed"] == 0, dll
-        assert result.verdict.status == "HOTPATCH"
+        assert decide(result).status == "HOTPATCH"
         assert not [d for d in result.data if d.kind != "load_config_change"]
 
 
@@ -77,7 +77,7 @@ def test_reordered_build_is_zero_changes(built_fixtures: Path, tmp_path: Path) -
         summary = result.summary()
         assert summary["changed"] == summary["added"] == summary["removed"] == 0, [
             (f.status, f.name, f.changes) for f in result.functions if f.status != "unchanged"]
-        assert result.verdict.status == "HOTPATCH", result.verdict
+        assert decide(result).status == "HOTPATCH", decide(result)
 
 
 def test_inlined_change_marks_callers_changed(cases: list[Case]) -> None:
@@ -90,25 +90,25 @@ def test_inlined_change_marks_callers_changed(cases: list[Case]) -> None:
 
 def test_no_redirect_where_a_call_returns_inside_it(cases: list[Case]) -> None:
     """call_at_entry: rel32 would fit in the 9 bytes of invoke(), but its first call returns to invoke+2."""
-    from hotpatch.redirect import REL32_JMP, obstacles, possible_strategies
+    from hotpatch.verdict.redirect import REL32_JMP, obstacles, possible_strategies
 
     case = next(c for c in cases if c.name == "call_at_entry")
     result = diff(case.baseline, case.patched)
     invoke = next(e.baseline for e in result.by_status("changed") if e.name == "invoke")
     assert possible_strategies(result.baseline, invoke) == []
     assert obstacles(result.baseline, invoke)[REL32_JMP] == "a call returns inside its 5 bytes"
-    [reason] = result.verdict.reasons
+    [reason] = decide(result).reasons
     assert reason.kind == "function_too_short" and "rel32_jmp: a call returns inside" in reason.message
 
 
 def test_layout_change_can_be_overridden_and_is_recorded(cases: list[Case]) -> None:
     case = next(c for c in cases if c.name == "struct_field_insert")
     blocked = diff(case.baseline, case.patched)
-    assert [r.kind for r in blocked.verdict.reasons] == ["data_layout_change"]
-    assert "allocation size" in blocked.verdict.reasons[0].message
-    allowed = diff(case.baseline, case.patched, allow_layout_change=True)
-    assert allowed.verdict.status == "HOTPATCH"
-    assert [r.kind for r in allowed.verdict.overridden] == ["data_layout_change"]
+    assert [r.kind for r in decide(blocked).reasons] == ["data_layout_change"]
+    assert "allocation size" in decide(blocked).reasons[0].message
+    allowed = decide(diff(case.baseline, case.patched), allow_layout_change=True)
+    assert allowed.status == "HOTPATCH"
+    assert [r.kind for r in allowed.overridden] == ["data_layout_change"]
 
 
 def test_cli_json_contract(cases: list[Case], tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The diff kernels: compiled (hotpatch._diffcore) and reference (_diffreference) agree."""
+"""The diff kernels: compiled (hotpatch.diff._diffcore) and reference (_diffreference) agree."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch import _diffcore as compiled
-from hotpatch import _diffreference as reference
-from hotpatch import _reference as reference_analysis
-from hotpatch.analysis import diff_kernels
-from hotpatch.diff import _Pairing, diff
-from hotpatch.matching import MAX_RATIO_WORK, SIMILARITY_THRESHOLD, _pointer_tables
-from tests.realbins import real_binary
+from hotpatch.analysis import _reference as reference_analysis
+from hotpatch.analysis.api import diff_kernels
+from hotpatch.diff import _diffcore as compiled
+from hotpatch.diff import _diffreference as reference
+from hotpatch.diff.compare import diff
+from hotpatch.diff.matching import MAX_RATIO_WORK, SIMILARITY_THRESHOLD, _pointer_tables
+from hotpatch.diff.pairing import Pairing
+from hotpatch.verdict.rules import decide
+from tests.support.realbins import real_binary
 
 
 def test_compiled_kernels_go_with_the_compiled_core() -> None:
@@ -90,7 +92,7 @@ def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignor
     for function, analysis in zip(table.functions, table.analyses):
         args = (analysis.raw_refs, function.ranges, starts, pointer_tables)
         assert compiled.callees(*args) == reference.callees(*args), hex(function.rva)
-    pairing = _Pairing(result.baseline, result.patched, result.function_map, result.streams)
+    pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
     data_a, data_b = pairing.targets_a.all_data_targets(), pairing.targets_b.all_data_targets()
     checked = 0
     for entry in result.functions:
@@ -107,7 +109,7 @@ def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignor
 def _comparable(result) -> tuple:  # type: ignore[no-untyped-def]
     functions = [(f.status, f.baseline and f.baseline.rva, f.patched and f.patched.rva, f.match, f.similarity,
                   f.changes) for f in result.functions]
-    return functions, [d.to_json() for d in result.data], result.verdict.to_json(), sorted(result.data_map.items())
+    return functions, [d.to_json() for d in result.data], decide(result).to_json(), sorted(result.data_map.items())
 
 
 @pytest.mark.parametrize("stripped", [False, True], ids=["symbols", "stripped"])

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch.diff import diff
-from hotpatch.flow import terminates
-from hotpatch.functions import FunctionTable, import_thunk_target
-from tests.realbins import SELF_DIFF_SWEEP, real_binary
+from hotpatch.analysis.flow import terminates
+from hotpatch.analysis.functions import FunctionTable, import_thunk_target
+from hotpatch.diff.compare import diff
+from hotpatch.verdict.rules import decide
+from tests.support.realbins import SELF_DIFF_SWEEP, real_binary
 
 pytestmark = [pytest.mark.realbins, pytest.mark.slow]
 
@@ -54,8 +55,8 @@ def test_pyzmq_patch_release_with_identical_code_is_a_hotpatch(zmq_tables: tuple
     baseline, patched = zmq_tables
     assert baseline.image.memory[0x1000:0x96c3e] == patched.image.memory[0x1000:0x96c3e]
     result = diff(baseline, patched)
-    assert result.verdict.status == "HOTPATCH", result.verdict.reasons
-    assert result.verdict.reasons == ()
+    assert decide(result).status == "HOTPATCH", decide(result).reasons
+    assert decide(result).reasons == ()
     # What still differs is real: the build path in assert strings (rodata) and the bundled msvcp140 DLL's
     # new hashed name (imports, and the import thunks that jump through them).
     assert {f.changes for f in result.functions if f.status == "changed"} <= {("rodata",), ("code", "import")}
@@ -118,7 +119,7 @@ def test_self_diff_is_zero(dist: str, version: str, pattern: str, toolchain: str
     summary = result.summary()
     assert summary["changed"] == summary["added"] == summary["removed"] == 0, [
         (f.status, f.name, f.changes) for f in result.functions if f.status != "unchanged"][:10]
-    assert result.verdict.status == "HOTPATCH", result.verdict.reasons
+    assert decide(result).status == "HOTPATCH", decide(result).reasons
     assert summary["unchanged"] > 0
 
 
@@ -131,8 +132,8 @@ def test_rip_relative_displacements_are_four_bytes_after_a_66_prefix() -> None:
     """numpy 2.1.0 -> 2.1.1 `_operand_flag_tests`: the one changed function reads changed read-only data
     with ``movdqa xmm0, [rip+X]`` (66 0F 6F 05 disp32), for which capstone 5 reports a 2-byte
     displacement: the builder refused the "2-byte reference" and the fingerprint masked half of it."""
+    from hotpatch.analysis.refkinds import RIP_RELATIVE
     from hotpatch.package.builder import build_package
-    from hotpatch.refkinds import RIP_RELATIVE
 
     pattern = "numpy/_core/_operand_flag_tests.*.pyd"
     result = diff(real_binary("numpy", "2.1.0", pattern), real_binary("numpy", "2.1.1", pattern))
@@ -144,6 +145,6 @@ def test_rip_relative_displacements_are_four_bytes_after_a_66_prefix() -> None:
                 assert size == 4, hex(insn_rva)
                 prefixed += memory[insn_rva] == 0x66
     assert prefixed > 0
-    assert result.verdict.status == "HOTPATCH"
+    assert decide(result).status == "HOTPATCH"
     package = build_package(result)
     assert package.blobs and package.sites

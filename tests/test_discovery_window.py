@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch import functions
-from hotpatch.analysis import AnalysisContext, backend, decode
-from hotpatch.image import Image
-from tests.realbins import real_binary
+from hotpatch.analysis import functions
+from hotpatch.analysis.api import AnalysisContext, backend, decode
+from hotpatch.pe.image import Image
+from tests.support.realbins import real_binary
 
 
 def _items(image: Image) -> list[functions.Item]:

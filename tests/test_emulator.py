@@ -16,7 +16,29 @@ import pytest
 
 from hotpatch.apply.backend import REL32_REACH, CommitWrite, Module, call_function, find_export
 from hotpatch.apply.emulator import EmulatorBackend
-from hotpatch.calls import (
+from hotpatch.errors import (
+    BackendError,
+    BytesMismatchError,
+    EmulationFaultError,
+    GuestExceptionError,
+    InputsError,
+    InstructionLimitError,
+    UnmodelledImportError,
+    Win32Error,
+)
+from hotpatch.pe.image import Image
+from hotpatch.process.win32mem import (
+    MEM_COMMIT,
+    MEM_FREE,
+    MEM_IMAGE,
+    MEM_PRIVATE,
+    PAGE_EXECUTE_READ,
+    PAGE_EXECUTE_READWRITE,
+    PAGE_READONLY,
+    PAGE_READWRITE,
+    PAGE_WRITECOPY,
+)
+from hotpatch.verify.calls import (
     Address,
     Buffer,
     CallResult,
@@ -28,28 +50,6 @@ from hotpatch.calls import (
     load_inputs,
     parse_inputs,
     run_calls,
-)
-from hotpatch.errors import (
-    BackendError,
-    BytesMismatchError,
-    EmulationFaultError,
-    GuestExceptionError,
-    InputsError,
-    InstructionLimitError,
-    UnmodelledImportError,
-    Win32Error,
-)
-from hotpatch.image import Image
-from hotpatch.win32mem import (
-    MEM_COMMIT,
-    MEM_FREE,
-    MEM_IMAGE,
-    MEM_PRIVATE,
-    PAGE_EXECUTE_READ,
-    PAGE_EXECUTE_READWRITE,
-    PAGE_READONLY,
-    PAGE_READWRITE,
-    PAGE_WRITECOPY,
 )
 from tests.fixtures.build_fixtures import ASLR_IMAGE_BASE, CASE_IMAGE_BASE
 from tests.fixtures.cases import Case, load_cases

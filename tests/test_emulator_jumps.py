@@ -15,10 +15,10 @@ import pytest
 
 from hotpatch.apply.backend import call_function, find_export
 from hotpatch.apply.emulator import EmulatorBackend
-from hotpatch.calls import Address, call
 from hotpatch.emulation.jumps import JUMP_BUFFER_SIZE
 from hotpatch.errors import GuestExceptionError
-from hotpatch.image import Image
+from hotpatch.pe.image import Image
+from hotpatch.verify.calls import Address, call
 from tests.fixtures.cases import Case
 from tests.test_emulator import case_named, model_module, place_code
 

@@ -7,7 +7,7 @@ import random
 import capstone
 from capstone import x86_const as x86
 
-from hotpatch import _core
+from hotpatch.analysis import _core
 
 PREFIXES = [0x48, 0x4C, 0x41, 0x66, 0x0F, 0x40]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch.winehost import WineMissing, windows_path, wine_command, wine_env, wine_session
+from hotpatch.process.winehost import WineMissing, windows_path, wine_command, wine_env, wine_session
 from tests.fixtures.build_fixtures import ASLR_IMAGE_BASE, CASE_IMAGE_BASE, build_all, host_exe
 from tests.fixtures.cases import CASES_DIR, Case, load_cases
 

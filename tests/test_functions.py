@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch.functions import USABLE_PADDING_RE
+from hotpatch.analysis.functions import USABLE_PADDING_RE
+from hotpatch.verdict.rules import decide
 
 
 def test_every_symbol_function_is_found_with_symbols(built_fixtures: Path) -> None:
@@ -108,7 +109,7 @@ def test_a_change_no_function_covers_is_a_reason(built_fixtures: Path) -> None:
     """Without the lea source the changed callback lies outside every function: the diff must say so."""
     import dataclasses
 
-    from hotpatch.diff import diff
+    from hotpatch.diff.compare import diff
 
     def without_callback(name: str) -> object:
         table = discover(Image.load(built_fixtures / "lea_callback" / f"{name}-stripped.dll"))
@@ -120,9 +121,9 @@ def test_a_change_no_function_covers_is_a_reason(built_fixtures: Path) -> None:
     baseline, patched = without_callback("baseline"), without_callback("patched")
     result = diff(baseline, patched)
     assert result.summary()["changed"] == 0
-    assert result.verdict.status == "NEW_BASELINE"
-    assert [r.kind for r in result.verdict.reasons] == ["uncovered_code"]
-    assert diff(baseline, baseline).verdict.status == "HOTPATCH"
+    assert decide(result).status == "NEW_BASELINE"
+    assert [r.kind for r in decide(result).reasons] == ["uncovered_code"]
+    assert decide(diff(baseline, baseline)).status == "HOTPATCH"
 
 
 @pytest.mark.parametrize("code,expected", [
@@ -132,8 +133,8 @@ def test_a_change_no_function_covers_is_a_reason(built_fixtures: Path) -> None:
     ("4889c8", False), ("0f1f4000", False),
 ])
 def test_terminating_instructions_by_their_bytes(code: str, expected: bool) -> None:
-    from hotpatch import _core
-    from hotpatch.flow import terminates
+    from hotpatch.analysis import _core
+    from hotpatch.analysis.flow import terminates
 
     raw = bytes.fromhex(code.replace(" ", ""))
     assert terminates(raw, 0, len(raw)) is expected

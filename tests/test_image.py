@@ -17,7 +17,7 @@ from hotpatch import (
     TruncatedImageError,
     UnsupportedArchitectureError,
 )
-from hotpatch.image import SCN_MEM_EXECUTE
+from hotpatch.pe.image import SCN_MEM_EXECUTE
 
 
 @pytest.fixture(scope="module")

@@ -29,3 +29,15 @@ def test_a_broken_contract_fails_the_check(tmp_path: Path) -> None:
     run = _lint("--config", str(config))
     assert run.returncode == 1, run.stdout + run.stderr
     assert "BROKEN" in run.stdout and "hotpatch.apply.emulator -> hotpatch.emulation" in run.stdout
+
+
+def test_no_import_cycle_among_the_package_modules() -> None:
+    # the layers contract holds the stages apart; this holds every module, inside a stage too
+    # (type-checking imports count: a cycle hidden behind TYPE_CHECKING is still one)
+    import grimp
+
+    graph = grimp.build_graph("hotpatch", cache_dir=None)
+    cycles = sorted((importer, imported) for importer in graph.modules
+                    for imported in graph.find_modules_directly_imported_by(importer)
+                    if graph.find_shortest_chain(importer=imported, imported=importer))
+    assert cycles == []

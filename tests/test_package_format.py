@@ -37,7 +37,15 @@ from hotpatch.package import (
     load_public_key,
     write_keypair,
 )
-from hotpatch.package.format import encode_content
+from hotpatch.package.format import (
+    content_sha256_of,
+    dumps,
+    encode_content,
+    load,
+    loads,
+    package_id_of,
+    signature_state_of,
+)
 from tests import fuzz_package
 from tests.fuzz_package import (
     SOURCES,
@@ -104,9 +112,9 @@ def c_parse(library: ctypes.CDLL, data: bytes) -> tuple[int, str]:
 
 
 def test_round_trip_gives_an_equal_model(rich: Package) -> None:
-    assert Package.loads(rich.dumps()) == rich
+    assert loads(dumps(rich)) == rich
     minimal = minimal_model()
-    assert Package.loads(minimal.dumps()) == minimal
+    assert loads(dumps(minimal)) == minimal
 
 
 def test_same_model_gives_identical_bytes(rich: Package) -> None:
@@ -114,29 +122,29 @@ def test_same_model_gives_identical_bytes(rich: Package) -> None:
         rich, fixups=tuple(reversed(rich.fixups)), sites=tuple(reversed(rich.sites)), unwind=rich.unwind[::-1]
     )
     assert shuffled == rich  # records are kept in file order whatever order they come in
-    assert shuffled.dumps() == rich.dumps()
-    assert rich.dumps(KEY) == rich.dumps(KEY)  # Ed25519 is deterministic too
-    assert Package.loads(rich.dumps(KEY)).dumps() == rich.dumps(KEY)
+    assert dumps(shuffled) == dumps(rich)
+    assert dumps(rich, KEY) == dumps(rich, KEY)  # Ed25519 is deterministic too
+    assert dumps(loads(dumps(rich, KEY))) == dumps(rich, KEY)
 
 
 def test_header_and_layout_are_as_documented(rich: Package) -> None:
-    data = rich.dumps()
+    data = dumps(rich)
     magic, version, header_size, flags, count, reserved, content_size = struct.unpack_from("<8sHHIIIQ", data)
     assert (magic, version, header_size, flags, count, reserved) == (MAGIC, 1, 32, 0, 9, 0)
     assert len(data) == content_size + 32
-    assert data[content_size:] == hashlib.sha256(data[:content_size]).digest() == rich.content_sha256
+    assert data[content_size:] == hashlib.sha256(data[:content_size]).digest() == content_sha256_of(rich)
     sections = [struct.unpack_from("<IIII", data, 32 + 16 * i) for i in range(9)]
     assert [kind for kind, *_ in sections] == list(range(1, 10))
     assert all(offset % 8 == 0 for _, _, offset, _ in sections)
-    assert rich.package_id == rich.content_sha256[:8].hex()
-    assert len(rich.dumps(KEY)) == content_size + 32 + 96
+    assert package_id_of(rich) == content_sha256_of(rich)[:8].hex()
+    assert len(dumps(rich, KEY)) == content_size + 32 + 96
 
 
 def test_package_id_does_not_change_when_signed(rich: Package) -> None:
-    signed = Package.loads(rich.dumps(KEY))
-    assert signed.package_id == rich.package_id
-    assert signed.signature_state == "valid"
-    assert rich.signature_state == "unsigned"
+    signed = loads(dumps(rich, KEY))
+    assert package_id_of(signed) == package_id_of(rich)
+    assert signature_state_of(signed) == "valid"
+    assert signature_state_of(rich) == "unsigned"
 
 
 def test_limits_are_the_same_in_python_and_c() -> None:
@@ -213,56 +221,56 @@ def test_records_refuse_invalid_values(build, error) -> None:
 
 def test_signed_package_verifies_and_names_its_signer(rich: Package) -> None:
     public_key = KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    package = Package.loads(rich.dumps(KEY), trusted_keys=[public_key], require_signature=True)
+    package = loads(dumps(rich, KEY), trusted_keys=[public_key], require_signature=True)
     assert package.signer_public_key == public_key
-    assert package.signature_state == "valid"
-    assert Package.loads(rich.dumps(KEY), trusted_keys=[public_key.hex()]).signer_key_hex == public_key.hex()
+    assert signature_state_of(package) == "valid"
+    assert loads(dumps(rich, KEY), trusted_keys=[public_key.hex()]).signer_key_hex == public_key.hex()
 
 
 def test_altered_signature_is_refused(rich: Package) -> None:
-    data = bytearray(rich.dumps(KEY))
+    data = bytearray(dumps(rich, KEY))
     data[-1] ^= 1
     with pytest.raises(errors.PackageSignatureError):
-        Package.loads(bytes(data))
+        loads(bytes(data))
 
 
 def test_content_changed_and_rehashed_breaks_the_signature(rich: Package) -> None:
-    data = bytearray(rich.dumps(KEY))
+    data = bytearray(dumps(rich, KEY))
     offset = struct.unpack_from("<I", data, 32 + 16 * 4 + 8)[0]  # the blob data section
     data[offset] ^= 0xFF
     rehash(data)
     with pytest.raises(errors.PackageSignatureError, match="does not verify"):
-        Package.loads(bytes(data))
+        loads(bytes(data))
 
 
 def test_untrusted_signer_is_refused(rich: Package) -> None:
     other = OTHER_KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     with pytest.raises(errors.PackageUntrustedError):
-        Package.loads(rich.dumps(KEY), trusted_keys=[other])
+        loads(dumps(rich, KEY), trusted_keys=[other])
 
 
 def test_missing_signature_is_refused_when_required(rich: Package) -> None:
     with pytest.raises(errors.PackageUnsignedError):
-        Package.loads(rich.dumps(), require_signature=True)
+        loads(dumps(rich), require_signature=True)
     with pytest.raises(errors.PackageUnsignedError):  # trusting keys means wanting a signature by one
-        Package.loads(rich.dumps(), trusted_keys=[bytes(32)])
-    assert Package.loads(rich.dumps()).signature_state == "unsigned"
+        loads(dumps(rich), trusted_keys=[bytes(32)])
+    assert signature_state_of(loads(dumps(rich))) == "unsigned"
 
 
 def test_stripping_the_signature_changes_nothing_but_the_state(rich: Package) -> None:
-    signed = rich.dumps(KEY)
-    assert Package.loads(signed[:-96]) == rich
+    signed = dumps(rich, KEY)
+    assert loads(signed[:-96]) == rich
     with pytest.raises(errors.PackageUnsignedError):
-        Package.loads(signed[:-96], require_signature=True)
+        loads(signed[:-96], require_signature=True)
 
 
 def test_a_model_carrying_a_stale_signature_is_not_written(rich: Package) -> None:
-    signed = Package.loads(rich.dumps(KEY))
+    signed = loads(dumps(rich, KEY))
     changed = dataclasses.replace(signed, sequence=signed.sequence + 1)
-    assert changed.signature_state == "invalid"
+    assert signature_state_of(changed) == "invalid"
     with pytest.raises(errors.PackageSignatureError):
-        changed.dumps()
-    assert Package.loads(changed.dumps(KEY)).sequence == signed.sequence + 1
+        dumps(changed)
+    assert loads(dumps(changed, KEY)).sequence == signed.sequence + 1
 
 
 def test_keygen_helpers_round_trip(tmp_path: Path, rich: Package) -> None:
@@ -276,7 +284,7 @@ def test_keygen_helpers_round_trip(tmp_path: Path, rich: Package) -> None:
     pub_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (tmp_path / "k.pub.pem").write_bytes(pub_pem)
     assert load_public_key(tmp_path / "k.pub.pem") == bytes.fromhex(public_hex)
-    package = Package.loads(rich.dumps(key), trusted_keys=[load_public_key(public_hex)])
+    package = loads(dumps(rich, key), trusted_keys=[load_public_key(public_hex)])
     assert package.signer_key_hex == public_hex
 
     written = write_keypair(tmp_path / "w.key", tmp_path / "w.pub")
@@ -326,7 +334,7 @@ def _edit(data: bytes, offset: int, value: bytes) -> bytes:
 
 
 def _targeted_cases(rich: Package) -> list[tuple[str, bytes, type[errors.PackageError]]]:
-    good = rich.dumps()
+    good = dumps(rich)
     strings, _ = _section(good, 8)
     string_data = strings + 8 + 8 * struct.unpack_from("<I", good, strings)[0]
     fixups, _ = _section(good, 5)
@@ -341,7 +349,7 @@ def _targeted_cases(rich: Package) -> list[tuple[str, bytes, type[errors.Package
         ("header cut", good[:20], errors.PackageTruncatedError),
         ("hash cut", good[:-5], errors.PackageTruncatedError),
         ("trailing bytes", good + bytes(200), errors.PackageLayoutError),
-        ("signature cut", rich.dumps(KEY)[:-1], errors.PackageTruncatedError),
+        ("signature cut", dumps(rich, KEY)[:-1], errors.PackageTruncatedError),
         ("version 2", _edit(good, 8, b"\x02\x00"), errors.PackageVersionError),
         ("bad hash", bytes(corrupt), errors.PackageHashError),
         ("flags", _edit(good, 12, b"\x01"), errors.PackageFieldError),
@@ -382,7 +390,7 @@ def _with_payload(data: bytes, index: int, payload: bytes) -> bytes:
 def _bss_total_above_limit() -> bytes:
     blobs = tuple(Blob(i, BlobKind.BSS, 8, b"", 1) for i in range(5))
     package = dataclasses.replace(minimal_model(), blobs=(minimal_model().blobs[0], *blobs[1:]))
-    data = package.dumps()
+    data = dumps(package)
     table, _ = _section(data, 3)
     for index in range(1, 5):
         data = _edit(data, table + 16 * index + 4, struct.pack("<I", LIMITS.blob_size))
@@ -394,16 +402,16 @@ def test_chosen_corruptions_get_the_same_error_from_both_readers(rich: Package, 
     verdicts = c_verdicts(hpk_check_asan, [data for _, data, _ in cases])
     for (name, data, error), c in zip(cases, verdicts):
         with pytest.raises(error):
-            Package.loads(data)
+            loads(data)
         assert c.code == fuzz_package.FAMILY[error], name
         assert python_verdict(data).family == c.code, name
 
 
 def test_wrong_hash_is_refused_by_both_readers(rich: Package, hpk_check: Path, tmp_path: Path) -> None:
-    data = bytearray(rich.dumps(KEY))
+    data = bytearray(dumps(rich, KEY))
     data[-97] ^= 0x40  # the last byte of the content hash
     with pytest.raises(errors.PackageHashError):
-        Package.loads(bytes(data))
+        loads(bytes(data))
     result = c_check(hpk_check, bytes(data), tmp_path)
     assert result.returncode == 4
     assert "E_HASH (4)" in result.stdout
@@ -412,31 +420,31 @@ def test_wrong_hash_is_refused_by_both_readers(rich: Package, hpk_check: Path, t
 def test_bad_signature_is_refused_by_python_and_by_a_caller_of_the_c_reader(
     rich: Package, hpk_check_asan: Path
 ) -> None:
-    data = bytearray(rich.dumps(KEY))
+    data = bytearray(dumps(rich, KEY))
     data[-10] ^= 1
     [c] = c_verdicts(hpk_check_asan, [bytes(data)])
     assert c.code == 0 and c.signed  # the C reader exposes the signature block; it does not verify it
     assert not fuzz_package.caller_verifies(c.dump)
-    [good] = c_verdicts(hpk_check_asan, [rich.dumps(KEY)])
+    [good] = c_verdicts(hpk_check_asan, [dumps(rich, KEY)])
     assert fuzz_package.caller_verifies(good.dump)
     with pytest.raises(errors.PackageSignatureError):
-        Package.loads(bytes(data))
+        loads(bytes(data))
 
 
 def test_c_reader_reads_what_python_wrote(rich: Package, hpk_check_asan: Path) -> None:
     packages = [rich, minimal_model(), dataclasses.replace(rich, metadata=Metadata())]
-    blobs = [p.dumps() for p in packages] + [p.dumps(KEY) for p in packages]
+    blobs = [dumps(p) for p in packages] + [dumps(p, KEY) for p in packages]
     verdicts = c_verdicts(hpk_check_asan, blobs)
     for data, c in zip(blobs, verdicts):
         assert c.code == 0
-        assert c.dump == render(Package.loads(data))
+        assert c.dump == render(loads(data))
 
 
 def test_hpk_check_cli_reports_signer(rich: Package, hpk_check: Path, tmp_path: Path) -> None:
     public_hex = KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-    assert c_check(hpk_check, rich.dumps(KEY), tmp_path, "--pubkey", public_hex).returncode == 0
-    assert c_check(hpk_check, rich.dumps(), tmp_path, "--pubkey", public_hex).returncode == 10
-    assert c_check(hpk_check, rich.dumps(OTHER_KEY), tmp_path, "--pubkey", public_hex).returncode == 11
+    assert c_check(hpk_check, dumps(rich, KEY), tmp_path, "--pubkey", public_hex).returncode == 0
+    assert c_check(hpk_check, dumps(rich), tmp_path, "--pubkey", public_hex).returncode == 10
+    assert c_check(hpk_check, dumps(rich, OTHER_KEY), tmp_path, "--pubkey", public_hex).returncode == 11
     result = c_check(hpk_check, b"\x89HPK", tmp_path)
     assert result.returncode == 1 and "E_TRUNCATED (1)" in result.stdout
 
@@ -452,7 +460,7 @@ def test_c_sha256_matches_hashlib(libhpk: ctypes.CDLL) -> None:
 
 
 def test_c_reader_refuses_a_file_above_the_size_limit_from_its_header(libhpk: ctypes.CDLL, rich: Package) -> None:
-    header = rich.dumps()[:64]
+    header = dumps(rich)[:64]
     out = ctypes.create_string_buffer(4096)
     # The reader stops at the size check, before reading past the header: a short buffer is enough here.
     assert libhpk.hpk_parse(header, LIMITS.file_size + 1, out, None, 0) == 5
@@ -464,7 +472,7 @@ def test_strings_get_one_utf8_verdict_from_both_readers(hpk_check_asan: Path) ->
     leads = [0x00, 0x41, 0x7F, 0x80, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE1, 0xEC, 0xED, 0xEE, 0xEF, 0xF0,
              0xF1, 0xF3, 0xF4, 0xF5, 0xF8, 0xFF]
     tails = [0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0]
-    good = minimal_model().dumps()
+    good = dumps(minimal_model())
     cases = []
     for _ in range(3000):
         text = bytearray(b"m")
@@ -493,8 +501,8 @@ def test_strings_get_one_utf8_verdict_from_both_readers(hpk_check_asan: Path) ->
 
 
 def test_c_library_parses_and_names_errors(libhpk: ctypes.CDLL, rich: Package) -> None:
-    assert c_parse(libhpk, rich.dumps()) == (0, "")
-    code, message = c_parse(libhpk, rich.dumps()[:-1])
+    assert c_parse(libhpk, dumps(rich)) == (0, "")
+    code, message = c_parse(libhpk, dumps(rich)[:-1])
     assert code == 1 and "bytes" in message
     assert libhpk.hpk_strerror(4) == b"content hash mismatch"
     assert libhpk.hpk_strerror(99) == b"unknown error"
@@ -513,7 +521,7 @@ def test_reader_compiles_for_windows_with_mingw(tmp_path: Path) -> None:
 
 
 def test_inflated_counts_are_refused_without_work_or_memory(rich: Package) -> None:
-    good = rich.dumps()
+    good = dumps(rich)
     strings, _ = _section(good, 8)
     blobs, _ = _section(good, 3)
     hostile = [
@@ -524,7 +532,7 @@ def test_inflated_counts_are_refused_without_work_or_memory(rich: Package) -> No
     for data in hostile:
         started = time.perf_counter()
         with pytest.raises(errors.PackageError):
-            Package.loads(data)
+            loads(data)
         assert time.perf_counter() - started < 0.5  # generous: a shared machine is noisy
 
 
@@ -534,21 +542,21 @@ def test_file_larger_than_the_limit_is_not_read_whole(tmp_path: Path) -> None:
         handle.write(MAGIC + b"\x01\x00")
         handle.truncate(LIMITS.file_size + 4096)  # sparse
     with pytest.raises(errors.PackageLimitError):
-        Package.load(path)
+        load(path)
 
 
 def test_loads_refuses_non_bytes() -> None:
     with pytest.raises(errors.PackageFieldError):
-        Package.loads(5)  # type: ignore[arg-type]
+        loads(5)  # type: ignore[arg-type]
 
 def test_unreadable_file_is_a_package_error(tmp_path: Path) -> None:
     with pytest.raises(errors.PackageError, match="cannot read"):
-        Package.load(tmp_path / "missing.hpk")
+        load(tmp_path / "missing.hpk")
 
 
 def test_encode_content_is_what_the_hash_covers(rich: Package) -> None:
     content = encode_content(rich)
-    assert rich.dumps().startswith(content)
+    assert dumps(rich).startswith(content)
 
 
 # ---------------------------------------------------------------- mutations
@@ -566,12 +574,12 @@ def test_mutated_packages_get_one_verdict_from_both_readers(hpk_check_asan: Path
 
 
 def test_resign_after_mutation_makes_a_valid_signature(rich: Package) -> None:
-    data = bytearray(rich.dumps(KEY))
+    data = bytearray(dumps(rich, KEY))
     offset, _ = _section(bytes(data), 4)
     data[offset] ^= 1
     rehash(data)
     resign(data, KEY)
-    assert Package.loads(bytes(data)).signature_state == "valid"
+    assert signature_state_of(loads(bytes(data))) == "valid"
 
 
 def test_fuzz_script_runs_standalone(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from hotpatch.errors import CorruptImageError, NotPEError, TruncatedImageError
-from hotpatch.image import Image
 from hotpatch.pe.headers import DIRECTORY_EXPORT, read_file_headers, read_headers
-from tests.realbins import SELF_DIFF_SWEEP, real_binary
+from hotpatch.pe.image import Image
+from tests.support.realbins import SELF_DIFF_SWEEP, real_binary
 
 
 def _assert_same_image(path: Path) -> None:

@@ -40,7 +40,6 @@ from hotpatch.apply.redirects import (
 )
 from hotpatch.apply.status import code_sha256, read_image
 from hotpatch.errors import FixupError
-from hotpatch.image import Image
 from hotpatch.package.model import (
     BaselineRVA,
     Blob,
@@ -55,7 +54,8 @@ from hotpatch.package.model import (
     TargetIdentity,
     UnwindEntry,
 )
-from hotpatch.win32mem import PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE, Region
+from hotpatch.pe.image import Image
+from hotpatch.process.win32mem import PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE, Region
 
 BASE = 0x180000000
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from hotpatch.batch import Job, run_job
-from hotpatch.cli import main
-from hotpatch.diff import diff
+from hotpatch.cli.commands import main
+from hotpatch.diff.compare import diff
 from hotpatch.package.model import Strategy
 from hotpatch.report import function_rows, image_info  # the JSON views still live here
 from hotpatch.report.diffpage import diff_page
 from hotpatch.report.html import ReportPage, render
 from hotpatch.report.sources import load_page
+from hotpatch.verdict.rules import decide, diff_document
 
 
 def _row_text(cell: list | None) -> str:
@@ -30,8 +31,8 @@ def _assert_self_contained(page_html: str) -> None:
 
 
 def test_json_views_are_still_importable_from_hotpatch_report(built_fixtures: Path) -> None:
-    from hotpatch.functions import discover
-    from hotpatch.image import Image
+    from hotpatch.analysis.functions import discover
+    from hotpatch.pe.image import Image
 
     table = discover(Image.load(built_fixtures / "body_change" / "baseline.dll"))
     assert image_info(table.image, table)["schema"] == "hotpatch.info/1"
@@ -41,11 +42,11 @@ def test_json_views_are_still_importable_from_hotpatch_report(built_fixtures: Pa
 def test_diff_report_puts_the_verdict_first_and_links_each_reason_to_its_function(built_fixtures: Path) -> None:
     case = built_fixtures / "struct_field_insert"
     result = diff(case / "baseline.dll", case / "patched.dll")
-    page = render(ReportPage("t", diff=diff_page(result)))
+    page = render(ReportPage("t", diff=diff_page(result, decide(result))))
     _assert_self_contained(page)
     body = page[page.index("<body>"):]
     assert body.index("NEW_BASELINE") < body.index("Data changes") < body.index("Functions (")
-    (reason,) = result.verdict.reasons
+    (reason,) = decide(result).reasons
     link = re.search(r'<a href="#(fn-\d+)" class="reason-link">([^<]*)</a>', page)
     assert link is not None and link.group(2) == reason.subject
     assert re.search(rf'<details class="fn blocking" id="{link.group(1)}">\s*<summary>.*{reason.subject}', page)
@@ -54,7 +55,7 @@ def test_diff_report_puts_the_verdict_first_and_links_each_reason_to_its_functio
 def test_side_by_side_rows_show_names_not_addresses_and_mark_what_changed(built_fixtures: Path) -> None:
     case = built_fixtures / "struct_field_insert"
     result = diff(case / "baseline.dll", case / "patched.dll")
-    page = diff_page(result)
+    page = diff_page(result, decide(result))
     anchor = next(f["anchor"] for f in page.functions if f["name"] == "account_get")
     rows = page.details[anchor]["rows"]
     texts = [(state, _row_text(left), _row_text(right)) for state, left, right in rows if isinstance(state, str)]
@@ -72,7 +73,8 @@ def test_side_by_side_rows_show_names_not_addresses_and_mark_what_changed(built_
 
 def test_a_call_to_another_listed_function_links_to_it(built_fixtures: Path) -> None:
     case = built_fixtures / "new_callee"
-    page = diff_page(diff(case / "baseline.dll", case / "patched.dll"))
+    result = diff(case / "baseline.dll", case / "patched.dll")
+    page = diff_page(result, decide(result))
     anchors = {f["anchor"] for f in page.functions}
     links = [token[2] for entry in page.details.values() for _, left, right in entry["rows"]
              for cell in (left, right) if cell for token in cell[1] if token[0] == "ref" and len(token) == 3]
@@ -82,7 +84,8 @@ def test_a_call_to_another_listed_function_links_to_it(built_fixtures: Path) -> 
 def test_diff_json_alone_lists_functions_and_says_disassembly_needs_the_images(tmp_path: Path,
                                                                               built_fixtures: Path) -> None:
     case = built_fixtures / "short_function"
-    document = diff(case / "baseline.dll", case / "patched.dll").to_json()
+    result = diff(case / "baseline.dll", case / "patched.dll")
+    document = diff_document(result, decide(result))
     document["baseline"]["path"] = document["patched"]["path"] = str(tmp_path / "gone.dll")
     (tmp_path / "diff.json").write_text(json.dumps(document))
     page = render(load_page(tmp_path / "diff.json"))
@@ -152,7 +155,8 @@ def test_report_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, 
     case = built_fixtures / "body_change"
     (tmp_path / "text.json").write_text("not json")
     (tmp_path / "other.json").write_text('{"schema": "hotpatch.info/1"}')
-    document = diff(case / "baseline.dll", case / "patched.dll").to_json()
+    result = diff(case / "baseline.dll", case / "patched.dll")
+    document = diff_document(result, decide(result))
     (tmp_path / "diff.json").write_text(json.dumps(document))
     out = tmp_path / "out.html"
     for args in ([str(tmp_path / "text.json")], [str(tmp_path / "other.json")], [str(tmp_path / "missing.json")],
@@ -196,7 +200,8 @@ def test_train_report_puts_each_release_on_its_day_of_the_calendar(tmp_path: Pat
 
 def test_inline_rows_cannot_end_their_script_early(built_fixtures: Path) -> None:
     case = built_fixtures / "new_string"
-    page = diff_page(diff(case / "baseline.dll", case / "patched.dll"))
+    result = diff(case / "baseline.dll", case / "patched.dll")
+    page = diff_page(result, decide(result))
     anchor = next(iter(page.details))
     page.details[anchor]["rows"].append(["changed", ["+0", [["ref", "'</script><b id=\"x\">'"]]], None])
     text = render(ReportPage("t", diff=page))

@@ -17,7 +17,7 @@ from hotpatch.batch import Job, run_job
 from hotpatch.batch.store import ResultStore
 from hotpatch.report.html import write
 from hotpatch.report.sources import load_page
-from tests.realbins import real_binary
+from tests.support.realbins import real_binary
 
 pytestmark = pytest.mark.browser
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch.cli import main
+from hotpatch.cli.commands import main
 from hotpatch.errors import PlanError, RolloutError, RolloutLockedError
 from hotpatch.rollout.executor_sim import SimConfig, make_fleet, simulate
 from hotpatch.rollout.plan import FailurePolicy, WaveSpec, load_plan

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hotpatch.cli import main
+from hotpatch.cli.commands import main
 from hotpatch.rollout.executor_sim import SimConfig, make_fleet, simulate, simulate_plan
 from hotpatch.rollout.plan import WaveSpec, load_plan
 from hotpatch.rollout.planner import assign_waves

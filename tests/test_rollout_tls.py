@@ -23,8 +23,9 @@ from distributed.security import Security
 from hotpatch.apply.agent import AgentClient
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
-from hotpatch.cli import main
+from hotpatch.cli.commands import main
 from hotpatch.errors import PlanError
+from hotpatch.package.format import save
 from hotpatch.rollout.executor_dask import local_cluster
 from hotpatch.rollout.plan import load_plan
 from hotpatch.rollout.state import RolloutStore
@@ -180,7 +181,7 @@ def test_rollout_over_a_tls_cluster_patches_and_aborts_with_the_plans_certificat
     # a client without certificates cannot even talk to this scheduler
     with pytest.raises(TypeError, match="TLS expects a `ssl_context` argument"):
         Client(address, timeout="5s")
-    simple(dll).save(tmp_path / "fix.hpk")
+    save(simple(dll), tmp_path / "fix.hpk")
     hosts = {name: Host(wine_prefix, dll, CALLS, threads=2) for name in "ab"}
     try:
         inventory = ", ".join(f'{{name = "{n}", pids = [{h.pid}]}}' for n, h in hosts.items())

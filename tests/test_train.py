@@ -12,13 +12,13 @@ import orjson
 import pytest
 
 from hotpatch.cache import AnalysisCache
-from hotpatch.cli import main
-from hotpatch.package.model import Package
+from hotpatch.cli.commands import main
+from hotpatch.package.format import load, loads, package_id_of, signature_state_of
 from hotpatch.package.signing import write_keypair
 from hotpatch.train import load_manifest, run_train
 from hotpatch.train.manifest import Override, Policy
 from hotpatch.train.plan import Schedule, add_months, kind_of
-from hotpatch.verify import verify
+from hotpatch.verify.check import verify
 from tests.fixtures.build_product import MODULES, RELEASES, build_product, release_dir
 
 
@@ -68,7 +68,7 @@ def test_product_train_gives_each_release_its_kind_and_cumulative_packages(train
             if module.package:
                 data = (out / module.package["path"]).read_bytes()
                 assert hashlib.sha256(data).hexdigest() == module.package["sha256"]
-                assert Package.loads(data).package_id == module.package["package_id"]
+                assert package_id_of(loads(data)) == module.package["package_id"]
 
 
 @pytest.mark.slow
@@ -83,7 +83,7 @@ def test_cumulative_package_on_the_baseline_computes_what_the_release_computes(t
         for module in release.modules:
             if not module.package:
                 continue
-            package = Package.load(out / module.package["path"])
+            package = load(out / module.package["path"])
             baseline = releases[module.package["baseline_id"].split("/")[1]]
             report = verify(package, release_dir(built_fixtures, baseline) / module.module,
                             release_dir(built_fixtures, releases[release.name]) / module.module)
@@ -180,8 +180,8 @@ def test_signed_train_and_no_cache_from_the_command_line(product: Path, tmp_path
     packages = sorted((tmp_path / "out" / "packages").rglob("*.hpk"))
     assert len(packages) == 5
     for path in packages:
-        package = Package.load(path, trusted_keys=[public], require_signature=True)
-        assert package.signature_state == "valid"
+        package = load(path, trusted_keys=[public], require_signature=True)
+        assert signature_state_of(package) == "valid"
     assert (tmp_path / "out" / "cal.png").read_bytes()[:4] == b"\x89PNG"
 
 

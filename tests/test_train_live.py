@@ -24,13 +24,13 @@ from hotpatch.apply.agent import AgentClient
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
 from hotpatch.cache import AnalysisCache
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.errors import IdentityMismatchError, OtherBaselineError, StepFailedError
 from hotpatch.package.builder import build_package
-from hotpatch.package.model import Package
+from hotpatch.package.format import dumps, load, loads
 from hotpatch.package.signing import load_private_key, write_keypair
+from hotpatch.process.winehost import windows_path
 from hotpatch.train import TrainResult, load_manifest, run_train
-from hotpatch.winehost import windows_path
 from tests.fixtures.build_product import CALLS, MODULES, RELEASES, Release, build_product, expected, release_dir
 from tests.test_agent import Host
 
@@ -89,7 +89,7 @@ def apply_release(engine: Engine, train: TrainResult, name: str) -> dict[str, ob
     results = {}
     for module in outcome.modules:
         if module.package:
-            package = Package.load(train.out_dir / module.package["path"])
+            package = load(train.out_dir / module.package["path"])
             with engine.transaction() as tx:
                 results[module.module] = tx.apply(package)
     return results
@@ -98,7 +98,7 @@ def apply_release(engine: Engine, train: TrainResult, name: str) -> dict[str, ob
 def apply_release_cli(train: TrainResult, name: str, pid: int, public: bytes,
                       capsys: pytest.CaptureFixture[str]) -> dict[str, dict]:
     """The same through `hotpatch apply --pid PID --trust KEY --json`; module -> its result document."""
-    from hotpatch.cli import main
+    from hotpatch.cli.commands import main
 
     results = {}
     for module in _outcome(train, name).modules:
@@ -167,7 +167,7 @@ def test_the_product_follows_its_train_live(train: TrainResult, agent: AgentClie
         # a process on the July baseline takes no package of an older cycle
         with agent.open(running.host.pid) as backend:
             engine = Engine(backend, journal, trusted_keys=[keys[1]])
-            package = Package.load(train.out_dir / _outcome(train, "2026.06").modules[0].package["path"])
+            package = load(train.out_dir / _outcome(train, "2026.06").modules[0].package["path"])
             with pytest.raises(StepFailedError) as info, engine.transaction() as tx:
                 tx.apply(package)
             assert isinstance(info.value.cause, IdentityMismatchError)
@@ -186,7 +186,7 @@ def _refuses_other_baselines(engine: Engine, train: TrainResult, fixtures: Path,
     april, june = releases["2026.04"], releases["2026.06"]
     stale = build_package(diff(release_dir(fixtures, april) / "util.dll", release_dir(fixtures, june) / "util.dll"),
                           sequence=2, baseline_id="product/2026.04")
-    stale = Package.loads(stale.dumps(load_private_key(key_path)))
+    stale = loads(dumps(stale, load_private_key(key_path)))
     mark = running.host.mark()
     with pytest.raises(StepFailedError) as info, engine.transaction() as tx:
         tx.apply(stale)

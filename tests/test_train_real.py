@@ -8,7 +8,7 @@ import pytest
 
 from hotpatch.cache import AnalysisCache
 from hotpatch.train import load_manifest, run_train
-from tests.realtrains import SERIES, write_manifest
+from tests.support.realtrains import SERIES, write_manifest
 
 pytestmark = [pytest.mark.realbins, pytest.mark.slow]
 

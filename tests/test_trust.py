@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hotpatch.cli import main
+from hotpatch.cli.commands import main
 from hotpatch.errors import PackageKeyError, PackageSignatureError, PackageUnsignedError, PackageUntrustedError
-from hotpatch.package.model import Package
+from hotpatch.package.format import dumps, loads, save
 from hotpatch.package.signing import public_key_bytes
 from hotpatch.package.trust import ENV_TRUST_DIR, TrustStore, check_trust, key_id
-from tests.signing import PUBLIC_KEY, SIGNING_KEY, signed
+from tests.support.signing import PUBLIC_KEY, SIGNING_KEY, signed
 from tests.test_package_format import rich_model
 
 
@@ -80,7 +80,7 @@ def test_inspect_names_the_signer_and_whether_it_is_trusted(
     store: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     path = tmp_path / "p.hpk"
-    rich_model(random.Random(3)).save(path, sign_key=SIGNING_KEY)
+    save(rich_model(random.Random(3)), path, sign_key=SIGNING_KEY)
     code, out, _ = run(capsys, "inspect", str(path), "--json")
     signature = json.loads(out)["signature"]
     assert code == 0 and signature["key_id"] == key_id(PUBLIC_KEY) and signature["trusted"] is False
@@ -102,7 +102,7 @@ def test_policy_trusted_unsigned_and_unknown_signers() -> None:
     with pytest.raises(PackageUntrustedError) as untrusted:
         check_trust(signed(package, stranger), {PUBLIC_KEY}, allow_unsigned=True)
     assert isinstance(unsigned.value, PackageSignatureError) and isinstance(untrusted.value, PackageSignatureError)
-    forged = Package.loads(signed(package).dumps())
+    forged = loads(dumps(signed(package)))
     object.__setattr__(forged, "signature", bytes(64))
     with pytest.raises(PackageSignatureError) as invalid:
         check_trust(forged, {PUBLIC_KEY})

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
+from hotpatch.verdict.rules import decide
 from tests.fixtures.cases import Case
-from tests.realbins import ensure_wheel
+from tests.support.realbins import ensure_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +44,7 @@ def _rebased(dll: Path, out: Path, delta: int) -> Path:
 def test_clobber_reason_names_caller_site_and_register(cases: list[Case]) -> None:
     case = _case(cases, "clobber_live_r8")
     result = diff(case.baseline, case.patched)
-    (reason,) = result.verdict.reasons
+    (reason,) = decide(result).reasons
     keep_r8 = next(s.rva for s in Image.load(case.baseline).symbols if s.name == "keep_r8")
     assert reason.kind == "register_clobber" and reason.subject == "scale"
     assert reason.message.startswith("keep_r8 keeps r8 live across its call to scale at ")
@@ -54,13 +55,13 @@ def test_clobber_reason_names_caller_site_and_register(cases: list[Case]) -> Non
 def test_recompiled_callers_do_not_count_but_callers_left_in_place_do(cases: list[Case]) -> None:
     # clobber_dead_caller: scale_then_xor kept b in rdx and is recompiled and redirected; ipa_ra_clobber has
     # the same recompiled caller plus a hand-written one left in place, and only that one is named.
-    assert diff(*_pair(cases, "clobber_dead_caller")).verdict.reasons == ()
-    reasons = diff(*_pair(cases, "ipa_ra_clobber")).verdict.reasons
+    assert decide(diff(*_pair(cases, "clobber_dead_caller"))).reasons == ()
+    reasons = decide(diff(*_pair(cases, "ipa_ra_clobber"))).reasons
     assert [r.message.split(" ")[:3] for r in reasons] == [["xor_kept", "keeps", "rdx"]]
 
 
 def test_only_arguments_the_next_callee_reads_are_live(cases: list[Case]) -> None:
-    from hotpatch.clobbers import live_clobbers
+    from hotpatch.verdict.clobbers import live_clobbers
 
     table = discover(Image.load(_case(cases, "clobber_dead_caller").baseline))
     names = {s.rva: s.name for s in table.image.symbols}
@@ -82,9 +83,9 @@ def test_differing_preferred_bases_do_not_make_items_differ(cases: list[Case], t
     assert Image.load(moved).image_base != Image.load(case.baseline).image_base
     result = diff(case.baseline, moved)
     assert result.summary()["changed"] == result.summary()["added"] == result.summary()["removed"] == 0
-    assert result.data == () and result.verdict.status == "HOTPATCH"
+    assert result.data == () and decide(result).status == "HOTPATCH"
     patched = diff(moved, case.patched)  # the fix itself, across two preferred bases
-    assert patched.verdict.status == "HOTPATCH", patched.verdict.reasons
+    assert decide(patched).status == "HOTPATCH", decide(patched).reasons
     assert [d.kind for d in patched.data] == []
 
 
@@ -102,7 +103,7 @@ def test_a_pointer_to_another_function_is_a_data_change(cases: list[Case], tmp_p
     changed.write_bytes(bytes(data))
     result = diff(case.baseline, changed)
     assert [(d.kind, d.baseline_rva) for d in result.data] == [("changed_writable_data", hooks["hooks_free"])]
-    assert [r.kind for r in result.verdict.reasons] == ["changed_writable_data"]
+    assert [r.kind for r in decide(result).reasons] == ["changed_writable_data"]
 
 
 _GROWN = """#include <stdint.h>
@@ -125,8 +126,8 @@ def test_resize_needs_matched_code_reaching_past_the_old_extent(tmp_path: Path) 
             dlls[count, bool(strip)] = dll
     grown = diff(dlls[2, False], dlls[4, False])
     (change,) = grown.data
-    assert [(r.kind, r.subject) for r in grown.verdict.reasons] == [("resized_data", f"{change.baseline_rva:#x}")]
-    assert "counters+0x18, past the 16 bytes" in grown.verdict.reasons[0].message
+    assert [(r.kind, r.subject) for r in decide(grown).reasons] == [("resized_data", f"{change.baseline_rva:#x}")]
+    assert "counters+0x18, past the 16 bytes" in decide(grown).reasons[0].message
     # without symbols there is no object to measure from: no evidence, no resize
     assert [d.kind for d in diff(dlls[2, True], dlls[4, True]).data] == []
 
@@ -134,13 +135,13 @@ def test_resize_needs_matched_code_reaching_past_the_old_extent(tmp_path: Path) 
 def test_new_export_is_a_note_unless_strict(cases: list[Case]) -> None:
     old, new = reversed(_pair(cases, "removed_function"))  # the other way round, legacy_sum is new
     lenient = diff(old, new)
-    assert lenient.verdict.status == "HOTPATCH"
-    assert [(n.kind, n.subject) for n in lenient.verdict.notes] == [("added_export", "legacy_sum")]
-    strict = diff(old, new, strict_exports=True)
-    assert strict.verdict.status == "NEW_BASELINE" and strict.verdict.notes == ()
-    assert [(r.kind, r.subject) for r in strict.verdict.reasons] == [("changed_exports", "legacy_sum")]
+    assert decide(lenient).status == "HOTPATCH"
+    assert [(n.kind, n.subject) for n in decide(lenient).notes] == [("added_export", "legacy_sum")]
+    strict = decide(diff(old, new), strict_exports=True)
+    assert strict.status == "NEW_BASELINE" and strict.notes == ()
+    assert [(r.kind, r.subject) for r in strict.reasons] == [("changed_exports", "legacy_sum")]
     removed = diff(*_pair(cases, "removed_function"))
-    assert ("changed_exports", "legacy_sum") in [(r.kind, r.subject) for r in removed.verdict.reasons]
+    assert ("changed_exports", "legacy_sum") in [(r.kind, r.subject) for r in decide(removed).reasons]
 
 
 def test_cli_strict_exports_flag(cases: list[Case], tmp_path: Path) -> None:
@@ -164,11 +165,11 @@ def test_psycopg_dlls_self_diff_to_zero() -> None:
         table = discover(Image.load(dll))
         result = diff(table, table)
         assert result.summary()["unchanged"] == len(table.functions), dll.name
-        assert result.data == () and result.verdict.status == "HOTPATCH", dll.name
+        assert result.data == () and decide(result).status == "HOTPATCH", dll.name
 
 
 def test_every_note_kind_is_documented() -> None:
-    from hotpatch.verdict import NOTE_KINDS
+    from hotpatch.verdict.rules import NOTE_KINDS
 
     text = (ROOT / "docs" / "CLI.md").read_text()
     for kind in NOTE_KINDS:

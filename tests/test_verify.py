@@ -12,12 +12,13 @@ import pytest
 
 from hotpatch.apply.emulator import EmulatorBackend
 from hotpatch.apply.status import code_sha256, read_image
-from hotpatch.calls import CallSpec
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.errors import NotPEError, UnmodelledImportError
-from hotpatch.image import Image
 from hotpatch.package.builder import build_package
-from hotpatch.verify import affected_exports, sibling_dlls, verify
+from hotpatch.package.format import save
+from hotpatch.pe.image import Image
+from hotpatch.verify.calls import CallSpec
+from hotpatch.verify.check import affected_exports, sibling_dlls, verify
 from tests.fixtures.build_product import (
     CALLS,
     IMAGE_BASES,
@@ -46,7 +47,7 @@ def _inputs(case: Case, path: Path) -> Path:
 def test_every_hotpatch_case_verifies(cases: list[Case], name: str, tmp_path: Path) -> None:
     case = next(c for c in cases if c.name == name)
     package_path = tmp_path / "fix.hpk"
-    build_package(diff(case.baseline, case.patched)).save(package_path)
+    save(build_package(diff(case.baseline, case.patched)), package_path)
     run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "verify", str(package_path),
                           "--baseline", str(case.baseline), "--patched", str(case.patched),
                           "--inputs", str(_inputs(case, tmp_path / "inputs.json")), "--json"],
@@ -137,7 +138,7 @@ def test_a_wrong_package_is_caught(cases: list[Case], tmp_path: Path) -> None:
     # the package for body_change, checked against a patched image it was not built from
     case = next(c for c in cases if c.name == "body_change")
     package_path = tmp_path / "fix.hpk"
-    build_package(diff(case.baseline, case.patched)).save(package_path)
+    save(build_package(diff(case.baseline, case.patched)), package_path)
     run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "verify", str(package_path),
                           "--baseline", str(case.baseline), "--patched", str(case.baseline)],
                          capture_output=True, text=True)
@@ -148,7 +149,7 @@ def test_a_wrong_package_is_caught(cases: list[Case], tmp_path: Path) -> None:
 def test_bad_inputs_exit_2(cases: list[Case], tmp_path: Path) -> None:
     case = next(c for c in cases if c.name == "body_change")
     package_path = tmp_path / "fix.hpk"
-    build_package(diff(case.baseline, case.patched)).save(package_path)
+    save(build_package(diff(case.baseline, case.patched)), package_path)
     inputs = tmp_path / "inputs.json"
     inputs.write_text('{"calls": [{"function": "no_such_export", "args": [1]}]}')
     run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "verify", str(package_path),

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.realbins import real_binary  # noqa: E402
+from tests.support.realbins import real_binary  # noqa: E402
 
 SMDA_VERSION = "5.0.1"
 VENV = ROOT / "build" / "peers" / "smda-venv"

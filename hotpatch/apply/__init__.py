@@ -1,3 +1,3 @@
-"""Live patching of running processes: backends (the native agent, later the emulator)."""
+"""Live patching of running processes: the transaction engine and its backends (the native agent, the emulator)."""
 
 from __future__ import annotations

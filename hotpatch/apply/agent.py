@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import AgentProtocolError, BackendError
-from ..win32mem import Region
+from ..process.win32mem import Region
 from .backend import REL32_REACH, CommitReport, CommitWrite, Module, ProcessBackend, ThreadSnapshot, ThreadState
 from .protocol import (
     HEADER,
@@ -137,11 +137,11 @@ class AgentClient:
     def start(
         cls, agent: Path | None = None, *, prefix: Path | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> AgentClient:
-        """Start the agent: natively on Windows, else under Wine with ``prefix`` (see hotpatch.winehost)."""
+        """Start the agent: natively on Windows, else under Wine with ``prefix`` (see hotpatch.process.winehost)."""
         agent = Path(agent) if agent is not None else agent_path()
         if sys.platform == "win32":
             return cls([str(agent)], timeout=timeout)
-        from .. import winehost
+        from ..process import winehost
 
         return cls([*winehost.wine_command(), str(agent)], env=winehost.wine_env(prefix), timeout=timeout)
 

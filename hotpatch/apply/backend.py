@@ -23,7 +23,7 @@ from functools import lru_cache
 
 from ..errors import BackendError, ImageError, RemoteTimeoutError
 from ..pe.headers import DIRECTORY_EXPORT, first_page, read_headers
-from ..win32mem import (
+from ..process.win32mem import (
     PAGE_EXECUTE_READ,
     PAGE_READWRITE,
     Region,

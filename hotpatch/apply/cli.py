@@ -38,6 +38,7 @@ from ..errors import (
     StepFailedError,
 )
 from ..package import Package
+from ..package.format import load, package_id_of, signature_state_of
 from ..package.trust import TrustStore, check_trust
 from .agent import AgentClient
 from .engine import Engine
@@ -111,7 +112,7 @@ def _pids_with_module(client: AgentClient, module_name: str) -> list[int]:
 def _trusted_package(args: argparse.Namespace) -> tuple[Package, frozenset[bytes]]:
     """The package, checked against the trust store plus the keys ``--trust`` adds for this call."""
     keys = TrustStore.default(args.trust).raw_keys()
-    package = Package.load(args.package)  # structure, hash, and a signature that verifies (else exit 2)
+    package = load(args.package)  # structure, hash, and a signature that verifies (else exit 2)
     check_trust(package, keys, args.allow_unsigned)
     return package, keys
 
@@ -142,17 +143,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 code = max(code, getattr(exc, "exit_code", EXIT_REFUSED))
                 results.append(_failure(pid, exc))
                 _error(f"pid {pid}: {exc}")
-        code = max(code, health_gate(args, client, package.package_id, results, lines))
+        code = max(code, health_gate(args, client, package_id_of(package), results, lines))
     if args.all and not pids:
         lines.append(f"no process has {package.target.module_name} loaded")
     document = {
         "schema": "hotpatch.apply/1",
         "package": {
-            "id": package.package_id,
+            "id": package_id_of(package),
             "module": package.target.module_name,
             "baseline_id": package.baseline_id,
             "sequence": package.sequence,
-            "signature": package.signature_state,
+            "signature": signature_state_of(package),
         },
         "dry_run": args.dry_run,
         "results": results,

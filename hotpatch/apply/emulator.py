@@ -17,7 +17,7 @@ failing where the agent would fail and with the same error types:
   calls of RtlAddFunctionTable, LoadLibraryA and GetProcAddress reach the
   models in ``hotpatch.emulation``.
 
-Beyond the interface, the backend calls functions for ``hotpatch.calls``
+Beyond the interface, the backend calls functions for ``hotpatch.verify.calls``
 (``run``) and allocates on the emulated C heap (``heap_allocate``).
 ``load_process`` maps an image with other DLLs of its program: those it
 imports before it, the ones that import it (a driver, a probe) after it.
@@ -42,8 +42,8 @@ from ..emulation.space import (
     win32_error,
 )
 from ..errors import BackendError, BytesMismatchError, EmulationError
-from ..image import Image
-from ..win32mem import MEM_PRIVATE, Region
+from ..pe.image import Image
+from ..process.win32mem import MEM_PRIVATE, Region
 from .backend import REL32_REACH, CommitReport, CommitWrite, Module, ProcessBackend, ThreadSnapshot
 
 __all__ = ["DEFAULT_INSTRUCTION_LIMIT", "EmulatorBackend", "RunResult"]

@@ -53,6 +53,7 @@ from ..errors import (
     SiteMismatchError,
     StepFailedError,
 )
+from ..package.format import content_sha256_of, package_id_of
 from ..package.model import (
     BaselineRVA,
     BlobKind,
@@ -64,7 +65,7 @@ from ..package.model import (
 )
 from ..package.signing import normalize_public_keys
 from ..package.trust import TrustStore, check_trust
-from ..win32mem import PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
+from ..process.win32mem import PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from .backend import REL32_REACH, CommitReport, CommitWrite, ProcessBackend, call_function
 from .imports import ImportResolver, ResolvedImport, free_library, normalise_dll, system_function
 from .journal import (
@@ -740,7 +741,7 @@ class Transaction:
         engine = self.engine
         backend = engine.backend
         journal = engine.process_journal
-        what = f"apply {package.package_id} to process {engine.pid}"
+        what = f"apply {package_id_of(package)} to process {engine.pid}"
         self._durations = {}
         with self._step("signature", what):
             engine.check_signature(package)
@@ -762,7 +763,7 @@ class Transaction:
                     f"{package.target.code_sha256.hex()} ({code_hash.note})"
                 )
         result = ApplyResult(
-            engine.pid, package.package_id, image.module.name, image.base_va, "dry-run", package.sequence,
+            engine.pid, package_id_of(package), image.module.name, image.base_va, "dry-run", package.sequence,
             code_hash=code_hash, replaced=predecessor.package_id if predecessor else None,
         )
         if dry_run:
@@ -777,7 +778,7 @@ class Transaction:
         self._sweep_retained()
         record = journal.new_record(
             package_sha256=journal.keep_package(package),
-            package_id=package.package_id,
+            package_id=package_id_of(package),
             baseline_id=package.baseline_id,
             sequence=package.sequence,
             module_name=image.module.name,
@@ -803,7 +804,7 @@ class Transaction:
             ]
             journal.event(record, "allocate", DONE, va=base_va)
         with self._step("write", what):
-            marker = region_marker(package.content_sha256, base_va, engine.start_time)
+            marker = region_marker(content_sha256_of(package), base_va, engine.start_time)
             parts = build_parts(package, layout, base_va, image.base_va, imports, marker)
             offsets = {p.name: p.offset for p in layout.parts}
             for name, data in parts.items():
@@ -847,7 +848,7 @@ class Transaction:
             if record.baseline_id != package.baseline_id:
                 # a process runs one baseline of a module: packages of another need it restarted
                 raise OtherBaselineError(
-                    f"package {package.package_id} is for baseline {package.baseline_id}, but process "
+                    f"package {package_id_of(package)} is for baseline {package.baseline_id}, but process "
                     f"{self.engine.pid} runs baseline {record.baseline_id} of {record.module_name} (package "
                     f"{record.package_id}): a restart onto baseline {package.baseline_id} is needed"
                 )
@@ -856,11 +857,11 @@ class Transaction:
                     f"package {record.package_id} is in the middle of an operation ({record.phase}); "
                     f"run `hotpatch recover --pid {self.engine.pid}` first"
                 )
-            if record.package_id == package.package_id:
-                raise SequenceError(f"package {package.package_id} is already applied")
+            if record.package_id == package_id_of(package):
+                raise SequenceError(f"package {package_id_of(package)} is already applied")
             if package.sequence <= record.sequence:
                 raise SequenceError(
-                    f"package {package.package_id} has sequence {package.sequence}, but {record.package_id} "
+                    f"package {package_id_of(package)} has sequence {package.sequence}, but {record.package_id} "
                     f"with sequence {record.sequence} of baseline {record.baseline_id} is already applied"
                 )
             predecessor = record

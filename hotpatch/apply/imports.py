@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import BackendError, FixupError
 from ..package.model import ImportTarget
-from ..win32mem import PAGE_READWRITE
+from ..process.win32mem import PAGE_READWRITE
 from .backend import Module, ProcessBackend, call_function, find_export
 
 __all__ = ["ImportResolver", "ResolvedImport", "free_library", "normalise_dll", "system_function"]

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JournalError, PackageError
+from ..package.format import content_sha256_of, dumps, loads, package_id_of
 from ..package.model import Package
 from ..securefs import UnsafePathError, check_private_dir, ensure_private_dir, open_nofollow, write_atomic
 from .backend import CommitWrite
@@ -333,11 +334,11 @@ class ProcessJournal:
 
     def keep_package(self, package: Package) -> str:
         """Keep a copy of the package being applied; its content SHA-256 (hex) goes into the record."""
-        digest = package.content_sha256.hex()
+        digest = content_sha256_of(package).hex()
         path = self._package_path(digest)
         try:
             _state_dir(path.parent)
-            write_atomic(path, package.dumps())
+            write_atomic(path, dumps(package))
         except OSError as exc:
             raise JournalError(f"cannot keep the package beside the journal: {exc.strerror or exc}") from None
         return digest
@@ -348,12 +349,12 @@ class ProcessJournal:
         try:
             _state_dir(path.parent, create=False)
             with os.fdopen(open_nofollow(path, os.O_RDONLY), "rb") as handle:
-                package = Package.loads(handle.read())
+                package = loads(handle.read())
         except FileNotFoundError:
             raise JournalError(f"package {record.package_id} of the journal was not kept ({path.name})") from None
         except (OSError, PackageError) as exc:
             raise JournalError(f"package {record.package_id} kept beside the journal is unusable: {exc}") from None
-        if package.content_sha256.hex() != record.package_sha256 or package.package_id != record.package_id:
+        if content_sha256_of(package).hex() != record.package_sha256 or package_id_of(package) != record.package_id:
             raise JournalError(f"the package kept as {path.name} is not package {record.package_id}")
         return package
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import struct
 
 from ..errors import BackendError, IdentityMismatchError, JournalError, ProcessGoneError
+from ..package.format import content_sha256_of
 from ..package.model import ImportTarget, Package
-from ..win32mem import PAGE_READWRITE
+from ..process.win32mem import PAGE_READWRITE
 from .backend import ProcessBackend
 from .imports import normalise_dll
 from .journal import ALLOCATED, INTENT, LOADED, REGISTERED, RETAINED, PackageRecord
@@ -76,7 +77,7 @@ def check_allocation(backend: ProcessBackend, record: PackageRecord, package: Pa
         raise
     except BackendError as exc:
         raise _refuse(record, f"the allocation at {va:#x} cannot be read back ({exc})") from None
-    if marker != region_marker(package.content_sha256, va, start_time):
+    if marker != region_marker(content_sha256_of(package), va, start_time):
         raise _refuse(record, f"the region at {va:#x} does not hold our marker for this package and process")
     table = record.function_table
     if table is not None and table.state in (INTENT, REGISTERED):

@@ -72,7 +72,7 @@ class LoadedSection:
     characteristics: int
 
     @property
-    def end_rva(self) -> int:  # as hotpatch.image.Section.end_rva
+    def end_rva(self) -> int:  # as hotpatch.pe.image.Section.end_rva
         return self.rva + max(self.virtual_size, self.raw_size if self.virtual_size == 0 else 0)
 
     @property

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..analysis.functions import FunctionTable, discover
 from ..errors import HotpatchError
-from ..functions import FunctionTable, discover
-from ..image import Image
+from ..package.format import dumps, package_id_of
+from ..pe.image import Image
 from .manifest import Job
 
 __all__ = ["DISK_CACHE", "MEMORY_CACHE", "CacheSpec", "MemoryCache", "TableCache", "failed_record", "make_cache",
@@ -155,7 +156,8 @@ def run_job(job: Job, cache: TableCache | None = None, packages_dir: str | None 
 
 def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: dict[str, Any],
                 timings: dict[str, float]) -> None:
-    from ..diff import diff
+    from ..diff.compare import diff
+    from ..verdict.rules import decide
 
     mark = time.perf_counter()
     table_a = cache.table(job.baseline)
@@ -165,9 +167,9 @@ def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: d
     timings["load_patched"] = time.perf_counter() - mark
     record["sizes"].update(functions_baseline=len(table_a), functions_patched=len(table_b))
     mark = time.perf_counter()
-    result = diff(table_a, table_b, allow_layout_change=job.allow_layout_change)
+    result = diff(table_a, table_b)
+    verdict = decide(result, allow_layout_change=job.allow_layout_change)
     timings["diff"] = time.perf_counter() - mark
-    verdict = result.verdict
     record.update(verdict=verdict.status, summary=result.summary(),
                   reasons=[{"kind": r.kind, "subject": r.subject} for r in verdict.reasons[:MAX_REASONS]],
                   reason_counts=dict(Counter(r.kind for r in verdict.reasons)))
@@ -176,11 +178,11 @@ def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: d
     from ..package.builder import build_package
 
     mark = time.perf_counter()
-    package = build_package(result)
-    data = package.dumps(None)
+    package = build_package(result, verdict=verdict)
+    data = dumps(package, None)
     timings["build"] = time.perf_counter() - mark
     record["sizes"]["package"] = len(data)
-    record["package"] = {"id": package.package_id, "sites": len(package.sites), "fixups": len(package.fixups)}
+    record["package"] = {"id": package_id_of(package), "sites": len(package.sites), "fixups": len(package.fixups)}
     if packages_dir:
         path = Path(packages_dir) / f"{job.job_id}.hpk"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,8 +190,8 @@ def _run_stages(job: Job, cache: TableCache, packages_dir: str | None, record: d
         record["package"]["path"] = str(path)
     if job.kind != "verify":
         return
-    from ..calls import load_inputs
-    from ..verify import verify
+    from ..verify.calls import load_inputs
+    from ..verify.check import verify
 
     mark = time.perf_counter()
     calls = load_inputs(job.inputs) if job.inputs else None

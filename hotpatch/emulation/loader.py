@@ -14,9 +14,9 @@ import struct
 from pathlib import Path
 
 from ..errors import BackendError, EmulationError
-from ..image import Image, Section
 from ..pe.headers import DIRECTORY_TLS, OPTIONAL_IMAGE_BASE, PEHeaders, read_headers
-from ..win32mem import (
+from ..pe.image import Image, Section
+from ..process.win32mem import (
     MEM_IMAGE,
     MEM_PRIVATE,
     PAGE_EXECUTE,

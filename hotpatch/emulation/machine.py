@@ -55,7 +55,7 @@ from ..errors import (
     RemoteTimeoutError,
     UnmodelledImportError,
 )
-from ..win32mem import MEM_IMAGE, MEM_PRIVATE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
+from ..process.win32mem import MEM_IMAGE, MEM_PRIVATE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from . import models
 from .heap import Heap
 from .modeldll import CODE_RVA, CODE_SIZE, EDATA_RVA, ModelDll
@@ -63,7 +63,7 @@ from .space import GRANULE, PAGE, AddressSpace
 from .unwind import MASK64, Context
 
 if TYPE_CHECKING:
-    from ..image import Image
+    from ..pe.image import Image
 
 __all__ = [
     "DEFAULT_INSTRUCTION_LIMIT",

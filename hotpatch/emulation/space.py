@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from unicorn import UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_NONE, UC_PROT_READ, UC_PROT_WRITE, Uc
 
 from ..errors import BackendError, Win32Error
-from ..win32mem import (
+from ..process.win32mem import (
     MEM_COMMIT,
     MEM_FREE,
     PAGE_EXECUTE,

@@ -14,7 +14,7 @@ import struct
 import zlib
 
 from ..errors import Win32Error
-from ..win32mem import MEM_PRIVATE, PAGE_READWRITE
+from ..process.win32mem import MEM_PRIVATE, PAGE_READWRITE
 from .crt import allocate, reallocate, release
 from .loader import resolve_import
 from .machine import TEB_TLS_SLOTS, ModelCall

@@ -1,7 +1,7 @@
-"""Patch packages (.hpk): the model, the byte format and its signatures.
+"""Patch packages (.hpk): the model (plain data), the byte format (reading, writing, identity) and signatures.
 
-    package = Package.load("fix.hpk", trusted_keys=[load_public_key("release.pub")])
-    data = package.dumps(sign_key=load_private_key("release.key"))
+    package = load("fix.hpk", trusted_keys=[load_public_key("release.pub")])   # hotpatch.package.format
+    data = dumps(package, sign_key=load_private_key("release.key"))
 
 The format is specified in docs/FORMAT.md; native/hpk/ holds its C reader.
 """

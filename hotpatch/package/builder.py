@@ -24,11 +24,8 @@ from dataclasses import dataclass, field
 import capstone
 
 from .. import __version__
-from ..diff import DiffResult
-from ..errors import NotHotpatchableError
-from ..functions import Function, FunctionTable
-from ..redirect import ABS_JMP, REL32_JMP, SHORT_JMP_PADDING, STRATEGY_LENGTHS, possible_strategies
-from ..refkinds import (
+from ..analysis.functions import Function, FunctionTable
+from ..analysis.refkinds import (
     ABS64,
     BRANCH_REL8,
     IMAGE_REL32,
@@ -36,7 +33,10 @@ from ..refkinds import (
     RIP_RELATIVE,
     TABLE_IMAGE_REL32,
 )
-from ..verdict import Reason
+from ..diff.result import DiffResult
+from ..errors import NotHotpatchableError
+from ..verdict.redirect import ABS_JMP, REL32_JMP, SHORT_JMP_PADDING, STRATEGY_LENGTHS, possible_strategies
+from ..verdict.rules import Reason, Verdict, decide
 from .model import (
     PADDING_JMP_SIZE,
     UNW_FLAG_CHAININFO,
@@ -109,17 +109,21 @@ class _State:
         return len(self.blobs) - 1
 
 
-def build_package(result: DiffResult, *, sequence: int = 1, description: str = "", cve_ids: Iterable[str] = (),
-                  baseline_id: str | None = None, created: int | None = None,
+def build_package(result: DiffResult, *, verdict: Verdict | None = None, sequence: int = 1, description: str = "",
+                  cve_ids: Iterable[str] = (), baseline_id: str | None = None, created: int | None = None,
                   origins: dict[int, int] | None = None) -> Package:
     """The package that takes a process running ``result.baseline`` to ``result.patched``.
+
+    ``verdict`` is ``decide(result)`` with the caller's policy (default: decided here, no override).
 
     Raises ``NotHotpatchableError`` (exit 3) when the verdict is NEW_BASELINE
     or when something the builder meets cannot be relocated. ``origins``, if
     given, is filled with blob index -> the patched-image RVA its data came from.
     """
-    if not result.verdict.hotpatchable:
-        raise NotHotpatchableError(result.verdict.reasons)
+    if verdict is None:
+        verdict = decide(result)
+    if not verdict.hotpatchable:
+        raise NotHotpatchableError(verdict.reasons)
     builder = _Builder(result)
     try:
         blobs, fixups, sites, unwind = builder.build()
@@ -160,8 +164,8 @@ class _Builder:
         self.origins: dict[int, int] = {}
 
     def _items_b(self) -> object:
-        from ..dataitems import DataItems
-        from ..targets import TargetClassifier
+        from ..diff.dataitems import DataItems
+        from ..diff.targets import TargetClassifier
 
         targets = TargetClassifier(self.b)
         referenced = {ref[4] for a in self.b.analyses for ref in a.raw_refs if targets.is_data(ref[4])}
@@ -460,7 +464,7 @@ class _Builder:
             return None
         if function.name:
             return function.name
-        from ..functions import import_thunk_target
+        from ..analysis.functions import import_thunk_target
 
         label = import_thunk_target(self.b, function)
         return label.split("!", 1)[1] if label else None

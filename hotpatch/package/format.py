@@ -15,6 +15,7 @@ import enum
 import hashlib
 import os
 import struct
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,10 +61,14 @@ __all__ = [
     "MAGIC",
     "SIGNATURE_BLOCK_SIZE",
     "Section",
+    "content_sha256_of",
     "dumps",
     "encode_content",
     "load",
     "loads",
+    "package_id_of",
+    "save",
+    "signature_state_of",
     "signed_message",
 ]
 
@@ -225,6 +230,37 @@ def encode_content(package: Package) -> bytes:
     return header + b"".join(table) + bytes(body)
 
 
+# ---------------------------------------------------------------- identity
+
+# content digests by package object: a Package is frozen, so its content (and digest) never changes;
+# an entry goes when its package does
+_DIGESTS: dict[int, bytes] = {}
+
+
+def _remember(package: Package, digest: bytes) -> bytes:
+    _DIGESTS[id(package)] = digest
+    weakref.finalize(package, _DIGESTS.pop, id(package), None)
+    return digest
+
+
+def content_sha256_of(package: Package) -> bytes:
+    """SHA-256 of the content (everything before the hash); the signature signs it."""
+    digest = _DIGESTS.get(id(package))
+    return digest if digest is not None else _remember(package, hashlib.sha256(encode_content(package)).digest())
+
+
+def package_id_of(package: Package) -> str:
+    """A stable short id: the first 8 bytes of the content SHA-256, in hex."""
+    return content_sha256_of(package)[:8].hex()
+
+
+def signature_state_of(package: Package) -> str:
+    """"unsigned", "valid" (verifies against the content) or "invalid"."""
+    if package.signature is None or package.signer_public_key is None:
+        return "unsigned"
+    return "valid" if verify(package.signer_public_key, package.signature, content_sha256_of(package)) else "invalid"
+
+
 def dumps(package: Package, sign_key: Ed25519PrivateKey | None = None) -> bytes:
     """The .hpk bytes: content, content SHA-256, and the signature block when signed."""
     content = encode_content(package)
@@ -237,6 +273,11 @@ def dumps(package: Package, sign_key: Ed25519PrivateKey | None = None) -> bytes:
     if not verify(package.signer_public_key, package.signature, digest):
         raise PackageSignatureError("the signature the package carries does not match its content; sign it again")
     return content + digest + package.signer_public_key + package.signature
+
+
+def save(package: Package, path: str | Path, sign_key: Ed25519PrivateKey | None = None) -> None:
+    """``dumps`` into a file."""
+    Path(path).write_bytes(dumps(package, sign_key))
 
 
 # ---------------------------------------------------------------- reader
@@ -592,7 +633,7 @@ def loads(
     except (struct.error, ValueError, IndexError, OverflowError) as exc:
         # A reader bug must still reach the caller as a PackageError; the mutation tests fail on this message.
         raise PackageLayoutError(f"internal reader error ({type(exc).__name__}: {exc})") from None
-    package.__dict__["content_sha256"] = digest  # fills the cached property: no second serialisation
+    _remember(package, digest)  # its digest is known: no second serialisation
     if package.signature is None or package.signer_public_key is None:
         if require_signature or trusted is not None:
             raise PackageUnsignedError("the package is not signed, and a signature is required")

@@ -14,10 +14,7 @@ Addresses are named by kind: ``rva`` is relative to the target module's base,
 from __future__ import annotations
 
 import enum
-import functools
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import (
@@ -29,7 +26,7 @@ from ..errors import (
 )
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    pass
 
 __all__ = [
     "FORMAT_VERSION",
@@ -538,63 +535,12 @@ class Package:
         if self.signer_public_key is not None and len(_check_bytes("public key", self.signer_public_key)) != 32:
             raise PackageFieldError("signer public key: must be 32 bytes")
 
-    # -- identity and serialisation
-
-    @functools.cached_property
-    def content_sha256(self) -> bytes:
-        """SHA-256 of the content (everything before the hash); the signature signs it."""
-        from .format import encode_content
-
-        return hashlib.sha256(encode_content(self)).digest()
-
-    @property
-    def package_id(self) -> str:
-        """A stable short id: the first 8 bytes of the content SHA-256, in hex."""
-        return self.content_sha256[:8].hex()
-
-    @property
-    def signature_state(self) -> str:
-        """"unsigned", "valid" (verifies against the content) or "invalid"."""
-        if self.signature is None or self.signer_public_key is None:
-            return "unsigned"
-        from .signing import verify
-
-        return "valid" if verify(self.signer_public_key, self.signature, self.content_sha256) else "invalid"
+    # -- identity (the content digest, the id and the signature state are functions of the format:
+    #    hotpatch.package.format.content_sha256_of, package_id_of, signature_state_of)
 
     @property
     def signer_key_hex(self) -> str | None:
         return None if self.signer_public_key is None else self.signer_public_key.hex()
-
-    def dumps(self, sign_key: Ed25519PrivateKey | None = None) -> bytes:
-        """The .hpk bytes; signed with ``sign_key`` if given, else with the signature the model carries."""
-        from .format import dumps
-
-        return dumps(self, sign_key)
-
-    def save(self, path: str | Path, sign_key: Ed25519PrivateKey | None = None) -> None:
-        Path(path).write_bytes(self.dumps(sign_key))
-
-    @classmethod
-    def loads(
-        cls, data: bytes, trusted_keys: list[bytes] | None = None, require_signature: bool = False
-    ) -> Package:
-        """Parse and check a package; any problem raises a ``PackageError`` subclass.
-
-        With ``trusted_keys`` the package must be signed by one of them (raw
-        32-byte Ed25519 public keys); ``require_signature`` asks for a valid
-        signature by any key.
-        """
-        from .format import loads
-
-        return loads(data, trusted_keys=trusted_keys, require_signature=require_signature)
-
-    @classmethod
-    def load(
-        cls, path: str | Path, trusted_keys: list[bytes] | None = None, require_signature: bool = False
-    ) -> Package:
-        from .format import load
-
-        return load(path, trusted_keys=trusted_keys, require_signature=require_signature)
 
 
 UNW_FLAG_EHANDLER = 1

@@ -7,6 +7,7 @@ from typing import Any
 
 import capstone
 
+from .format import content_sha256_of, package_id_of, signature_state_of
 from .model import BaselineRVA, BlobKind, BlobTarget, ImportTarget, Package
 
 __all__ = ["package_json", "disassemble_blob"]
@@ -27,7 +28,7 @@ def package_json(package: Package, with_fixups: bool = False) -> dict[str, Any]:
     meta = package.metadata
     document: dict[str, Any] = {
         "schema": "hotpatch.package/1",
-        "package_id": package.package_id,
+        "package_id": package_id_of(package),
         "format_version": package.format_version,
         "target": {
             "module": package.target.module_name,
@@ -40,8 +41,8 @@ def package_json(package: Package, with_fixups: bool = False) -> dict[str, Any]:
         "sequence": package.sequence,
         "metadata": {"description": meta.description, "cve_ids": list(meta.cve_ids), "creator": meta.creator,
                      "created": meta.created},
-        "signature": {"state": package.signature_state, "public_key": package.signer_key_hex},
-        "content_sha256": package.content_sha256.hex(),
+        "signature": {"state": signature_state_of(package), "public_key": package.signer_key_hex},
+        "content_sha256": content_sha256_of(package).hex(),
         "sites": [
             {"function": s.function, "rva": s.rva, "strategy": s.strategy.name.lower(),
              "fallbacks": [f.name.lower() for f in s.fallbacks], "target_blob": s.target_blob,

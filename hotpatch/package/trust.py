@@ -35,6 +35,7 @@ from ..errors import (
     PackageUntrustedError,
 )
 from ..securefs import UnsafePathError, check_private_dir, ensure_private_dir, write_atomic
+from .format import package_id_of, signature_state_of
 from .model import Package
 from .signing import load_public_key
 
@@ -212,19 +213,19 @@ class TrustStore:
 
 def check_trust(package: Package, trusted: Iterable[bytes], allow_unsigned: bool = False) -> None:
     """Raise unless the package may be applied: signed by a trusted key, or unsigned and allowed."""
-    state = package.signature_state
+    state = signature_state_of(package)
     if state == "invalid":
-        raise PackageSignatureError(f"package {package.package_id}: the signature does not verify")
+        raise PackageSignatureError(f"package {package_id_of(package)}: the signature does not verify")
     if state == "unsigned":
         if not allow_unsigned:
             raise PackageUnsignedError(
-                f"package {package.package_id} is unsigned (--allow-unsigned admits unsigned packages)"
+                f"package {package_id_of(package)} is unsigned (--allow-unsigned admits unsigned packages)"
             )
         return
     assert package.signer_public_key is not None
     if package.signer_public_key not in frozenset(trusted):
         raise PackageUntrustedError(
-            f"package {package.package_id} is signed by key {key_id(package.signer_public_key)}, which is not "
+            f"package {package_id_of(package)} is signed by key {key_id(package.signer_public_key)}, which is not "
             f"trusted (`hotpatch trust add`, or --trust for one call)"
         )
 

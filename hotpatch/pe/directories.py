@@ -1,6 +1,6 @@
 """The data directories discovery and ``info`` need, read from a mapped image without LIEF.
 
-Reads what ``hotpatch.image`` reads through LIEF (exports, imports with their IAT slots, DIR64 base
+Reads what ``hotpatch.pe.image`` reads through LIEF (exports, imports with their IAT slots, DIR64 base
 relocations, COFF symbols, .pdata with unwind info and chains, TLS, load config) into the same model,
 straight from the image as the loader maps it (``Image.memory``); tests/test_pe_directories.py holds
 the two readers equal on every fixture and on real binaries. LIEF's native module costs about half a
@@ -49,7 +49,7 @@ class DirectoryReader:
     def __init__(self, memory: bytes, data: bytes, headers: PEHeaders, sections: tuple[Any, ...], label: str,
                  model: Any) -> None:
         self.memory, self.data, self.headers, self.sections, self.label = memory, data, headers, sections, label
-        self.model = model  # hotpatch.image: the dataclasses to build (pe sits below image in the layers)
+        self.model = model  # hotpatch.pe.image: the dataclasses to build (pe sits below image in the layers)
 
     # ── raw access ──────────────────────────────────────────────────────
 

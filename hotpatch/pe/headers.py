@@ -4,7 +4,7 @@ One reader for every place that needs them: an image file (``read_file_headers``
 a process's memory (``read_headers`` over any ``read(offset, size)`` callable that returns up to
 ``size`` bytes, fewer past the end). It checks the structure (signatures, magic, machine, that each
 part is there) and raises the ``ImageError`` subclass that names what is wrong; the policy checks of a
-whole file (sizes, overlaps, directories inside the image) are ``hotpatch.image``'s.
+whole file (sizes, overlaps, directories inside the image) are ``hotpatch.pe.image``'s.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..diff import DiffResult
-from ..verdict import REASON_KINDS
+from ..diff.result import DiffResult
+from ..verdict.rules import REASON_KINDS, Verdict, diff_document
 from .disasm import Disassembler, Row
 from .highlight import tokens
 
@@ -69,9 +69,9 @@ def _data_rows(data: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[s
     return rows, anchors
 
 
-def diff_page(result: DiffResult, rows_per_function: int = ROWS_PER_FUNCTION,
+def diff_page(result: DiffResult, verdict: Verdict, rows_per_function: int = ROWS_PER_FUNCTION,
               rows_per_page: int = ROWS_PER_PAGE) -> DiffPage:
-    document = result.to_json()
+    document = diff_document(result, verdict)
     entries = [e for e in result.functions if e.status != "unchanged"]
     page = _page(document, entries_json=[_entry_json(e) for e in entries])
     disassembler = Disassembler(result)

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import capstone
 
-from ..refkinds import IAT_CALL, IAT_JUMP, RIP_RELATIVE
-from ..targets import CODE, DATA, FUNCTION, IMPORT, SELF, TargetClassifier
+from ..analysis.refkinds import IAT_CALL, IAT_JUMP, RIP_RELATIVE
+from ..diff.targets import CODE, DATA, FUNCTION, IMPORT, SELF, TargetClassifier
 
 if TYPE_CHECKING:
-    from ..diff import DiffResult, FunctionDiff
-    from ..functions import Function, FunctionTable
+    from ..analysis.functions import Function, FunctionTable
+    from ..diff.result import DiffResult, FunctionDiff
 
 __all__ = ["Disassembler", "Row", "Segment"]
 

@@ -17,7 +17,7 @@ import orjson
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from .. import __version__
-from ..verdict import REASON_KINDS
+from ..verdict.rules import REASON_KINDS
 from .batchpage import BatchPage
 from .diffpage import DiffPage
 from .highlight import css

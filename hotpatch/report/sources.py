@@ -2,7 +2,7 @@
 
 The JSON documents the CLI writes hold no disassembly; given the images too
 (``--baseline``/``--patched``, or the paths a diff document names when they
-still exist), the diff is computed again through ``hotpatch.diff.diff`` and
+still exist), the diff is computed again through ``hotpatch.diff.compare.diff`` and
 checked against the document's identities before anything is drawn.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from ..errors import HotpatchError, ReportError
+from ..package.format import load
 from .html import ReportPage
 
 __all__ = ["load_page"]
@@ -79,15 +80,17 @@ def _diff_report(baseline: str | None, patched: str | None, document: dict[str, 
         page = diff_page_from_json(document)
         title = f"{Path(page.baseline['path'] or 'baseline').name} → {Path(page.patched['path'] or 'patched').name}"
         return ReportPage(title, diff=page, package=_package_section(package, None) if package else None)
-    from ..diff import diff
+    from ..diff.compare import diff
+    from ..verdict.rules import decide
 
     allow = bool(document and document["verdict"].get("overridden"))
-    result = diff(baseline, patched, allow_layout_change=allow)
+    result = diff(baseline, patched)
+    verdict = decide(result, allow_layout_change=allow)
     if document is not None:
         for side, table in (("baseline", result.baseline), ("patched", result.patched)):
             if document[side]["identity"] != table.image.identity.to_json():
                 raise ReportError(f"{side} {table.image.path} is not the image the diff document was made from")
-    page = diff_page(result)
+    page = diff_page(result, verdict)
     title = f"{result.baseline.image.name} → {result.patched.image.name}"
     section = _package_section(package, None) if package else None
     if section is not None:
@@ -99,7 +102,6 @@ def _diff_report(baseline: str | None, patched: str | None, document: dict[str, 
 
 def _package_section(package: str | None, build: dict[str, Any] | None) -> dict[str, Any]:
     """Sites, strategies, blobs, fixups (every one when the package file is at hand) and the new code."""
-    from ..package.model import Package
     from ..package.report import disassemble_blob, package_json
     from .disasm import Segment
     from .highlight import tokens
@@ -113,7 +115,7 @@ def _package_section(package: str | None, build: dict[str, Any] | None) -> dict[
     if package is None:
         return section
     try:
-        loaded = Package.load(package)
+        loaded = load(package)
     except HotpatchError as exc:
         raise ReportError(f"cannot report on package {package}: {exc}") from None
     section["document"] = package_json(loaded, with_fixups=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..analysis.functions import FunctionTable
 from ..collector import gc_paused
-from ..functions import FunctionTable
-from ..image import Image
+from ..pe.image import Image
 
 __all__ = ["function_rows", "image_info"]
 

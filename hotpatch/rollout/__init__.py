@@ -12,5 +12,5 @@ and the final report (view.py), the ``hotpatch rollout`` command (cli.py) and
 May import: hotpatch.errors, hotpatch.package (loading and checking the
 package), hotpatch.apply (the health spec and its parsers in plan.py; the
 agent, engine, journal and health gate only in hostwork.py, which runs on
-the hosts), hotpatch.winehost (the demo). Nothing below imports this package.
+the hosts), hotpatch.process.winehost (the demo). Nothing below imports this package.
 """

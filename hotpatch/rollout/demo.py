@@ -49,7 +49,7 @@ class Service:
     """host.exe with the baseline DLL; its output goes to LOGS/<pid>.log, where the probe reads it."""
 
     def __init__(self, fixtures: Path, logs: Path, env: dict[str, str]) -> None:
-        from ..winehost import wine_command
+        from ..process.winehost import wine_command
 
         argv = [str(fixtures / "host.exe"), str(fixtures / CASE / "baseline.dll"), "--threads", "3",
                 "--seconds", "0", "--until-stdin-closes", "--interval-ms", "200", *CALLS]
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     db.unlink(missing_ok=True)
     env = dict(os.environ, HOTPATCH_STATE=str(work / "state"))
     if sys.platform != "win32":
-        from ..winehost import ensure_prefix, wine_env
+        from ..process.winehost import ensure_prefix, wine_env
 
         env = {**wine_env(work / "wineprefix"), "HOTPATCH_STATE": str(work / "state"),
                "HOTPATCH_WINEPREFIX": str(work / "wineprefix")}

@@ -32,6 +32,7 @@ from ..apply.health import HealthSpec, roll_back_package, run_gate
 from ..apply.journal import Journal
 from ..errors import BackendError, HotpatchError
 from ..package import Package
+from ..package.format import loads, package_id_of
 from ..package.trust import TrustStore
 
 __all__ = ["HostRequest", "describe_worker", "host_task"]
@@ -76,7 +77,7 @@ def host_task(action: str, request: HostRequest) -> dict[str, Any]:
     """Run ``action`` (apply, status, rollback) on this host; the outcome and what happened, as a dict."""
     started = time.monotonic()
     try:
-        package = Package.loads(request.package, trusted_keys=list(request.trusted_keys) or None,
+        package = loads(request.package, trusted_keys=list(request.trusted_keys) or None,
                                 require_signature=not request.allow_unsigned)
         with AgentClient.start() as client:
             pids = _select(client, request, package.target.module_name)
@@ -105,7 +106,7 @@ def _apply(client: AgentClient, package: Package, request: HostRequest, pids: li
                                 trusted_keys=TrustStore.default(request.trusted_keys).raw_keys())
                 # a task cut short here before (its worker died, Dask re-ran it) is finished or undone first
                 engine.recover()
-                if _ours(engine, package.package_id) == "ours":
+                if _ours(engine, package_id_of(package)) == "ours":
                     processes.append({"pid": pid, "status": "already applied"})
                     applied.append(pid)
                     continue
@@ -121,10 +122,10 @@ def _apply(client: AgentClient, package: Package, request: HostRequest, pids: li
             break
     committed = any(p["status"] == "applied" for p in processes)
     if error is not None:
-        rolled = _take_out(client, journal, package.package_id, applied) if request.auto_rollback else []
+        rolled = _take_out(client, journal, package_id_of(package), applied) if request.auto_rollback else []
         return {"outcome": "failed" if request.auto_rollback or not applied else "unhealthy",
                 "committed": committed, "error": error, "processes": processes, "rolled_back": rolled}
-    gate = run_gate(client, journal, package.package_id, applied, request.health,
+    gate = run_gate(client, journal, package_id_of(package), applied, request.health,
                     auto_rollback=request.auto_rollback)
     out: dict[str, Any] = {"committed": committed, "processes": processes, "health": gate.to_json()}
     if gate.ok:
@@ -147,7 +148,7 @@ def _status(client: AgentClient, package: Package, request: HostRequest, pids: l
             with client.open(pid) as backend:
                 engine = Engine(backend, journal)
                 engine.recover()  # an apply or rollback cut short is finished or undone from what memory says
-                states[pid] = _ours(engine, package.package_id)
+                states[pid] = _ours(engine, package_id_of(package))
         except HotpatchError as exc:
             states[pid] = f"error: {exc}"
     values = set(states.values())
@@ -162,14 +163,14 @@ def _status(client: AgentClient, package: Package, request: HostRequest, pids: l
 
 def _rollback(client: AgentClient, package: Package, request: HostRequest, pids: list[int]) -> dict[str, Any]:
     journal = Journal()
-    rolled = _take_out(client, journal, package.package_id, pids)
+    rolled = _take_out(client, journal, package_id_of(package), pids)
     left = []
     for pid in pids:
         try:
             with client.open(pid) as backend:
                 engine = Engine(backend, journal)
                 engine.recover()  # a rollback cut short (an agent that timed out mid-commit) is settled first
-                if _ours(engine, package.package_id) != "original":
+                if _ours(engine, package_id_of(package)) != "original":
                     left.append(pid)
         except HotpatchError:
             continue  # the process is gone: nothing of ours is left in it

@@ -22,6 +22,7 @@ from distributed import Client
 
 from ..errors import PlanError, RolloutError
 from ..package import load_public_key
+from ..package.format import package_id_of
 from .executor_dask import Clock, DaskExecutor, discover_hosts, local_cluster, worker_names
 from .hostwork import HostRequest
 from .plan import Plan, check_windows, hosts_from_table, load_plan, parse_plan
@@ -126,7 +127,7 @@ def start(plan_path: str | Path, options: Options) -> tuple[str, str]:
         waves = assign_waves(plan.waves, hosts)
         stored = {"source": plan.source, "plan_dir": _plan_dir(plan_path)}
         clock = options.clock or Clock()
-        store.create(plan.name, stored, plan.fingerprint(), package.package_id,
+        store.create(plan.name, stored, plan.fingerprint(), package_id_of(package),
                      [(h.name, w, h.group, h.to_json()) for w, members in enumerate(waves) for h in members],
                      clock.now())
         store.acquire(plan.name, _holder())
@@ -146,9 +147,9 @@ def _stored_plan(store: RolloutStore, rollout_id: str) -> tuple[Plan, bytes]:
     row = store.rollout(rollout_id)
     plan = parse_plan(row.plan["source"], Path(row.plan["plan_dir"]), name=rollout_id)
     package = plan.load_package()
-    if package.package_id != row.package_id:
+    if package_id_of(package) != row.package_id:
         raise PlanError(f"package.path: {plan.package_path} is no longer the package the rollout started with "
-                        f"({package.package_id} != {row.package_id})")
+                        f"({package_id_of(package)} != {row.package_id})")
     return plan, plan.package_path.read_bytes()
 
 

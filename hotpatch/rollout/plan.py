@@ -33,6 +33,7 @@ from typing import Any
 from ..apply.health import BUILTIN_CHECKS, HealthSpec, parse_check, parse_duration
 from ..errors import PackageError, PlanError
 from ..package import Package, load_public_key
+from ..package.format import load
 from .tls import TlsSettings, parse_tls
 from .windows import Host, Window, parse_window, zone
 
@@ -89,7 +90,7 @@ class Plan:
         except PackageError as exc:
             raise PlanError(f"package.trust: {exc}") from None
         try:
-            return Package.load(self.package_path, trusted_keys=keys or None, require_signature=not self.allow_unsigned)
+            return load(self.package_path, trusted_keys=keys or None, require_signature=not self.allow_unsigned)
         except PackageError as exc:
             raise PlanError(f"package.path: {self.package_path.name}: {exc}") from None
         except OSError as exc:

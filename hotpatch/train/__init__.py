@@ -7,7 +7,7 @@ baselines (``plan``), running a train with resume (``run``), its figures
 it runs on is ``hotpatch.cache`` (shared with batch runs).
 
 May import: the stages below it through their public functions
-(``hotpatch.image``, ``hotpatch.functions``, ``hotpatch.diff``,
+(``hotpatch.pe.image``, ``hotpatch.analysis.functions``, ``hotpatch.diff.compare``,
 ``hotpatch.package``), ``hotpatch.cache`` and ``hotpatch.errors``; never
 ``hotpatch.apply`` (a train builds packages, it does not touch processes).
 

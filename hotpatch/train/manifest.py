@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ImageError, ManifestError
-from ..image import check_headers
+from ..pe.image import check_headers
 
 __all__ = ["KINDS", "Manifest", "Module", "Override", "Policy", "Release", "load_manifest"]
 

@@ -25,11 +25,13 @@ import orjson
 
 from .. import __version__
 from ..cache import AnalysisCache, analysis_version
-from ..diff import diff
+from ..diff.compare import diff
 from ..errors import NotHotpatchableError
 from ..package.builder import build_package
+from ..package.format import dumps, package_id_of
 from ..package.model import Package
 from ..package.signing import load_private_key, public_key_bytes
+from ..verdict.rules import decide
 from .calendar import draw_calendar
 from .figures import train_figures
 from .files import write_bytes, write_json
@@ -144,19 +146,19 @@ def _judge(manifest: Manifest, index: int, release: Release, cycle: _Cycle, sche
                                     "message": f"{name} is not in baseline {cycle.baseline.name}: "
                                                "running processes do not have it loaded"})
             continue
-        result = diff(cache.table(cycle.baseline.modules[name].path), cache.table(release.modules[name].path),
-                      allow_layout_change=policy.allow_layout_change)
-        outcome.verdict = result.verdict.status
+        result = diff(cache.table(cycle.baseline.modules[name].path), cache.table(release.modules[name].path))
+        verdict = decide(result, allow_layout_change=policy.allow_layout_change)
+        outcome.verdict = verdict.status
         outcome.summary = result.summary()
-        outcome.reasons = [r.to_json() for r in result.verdict.reasons]
-        if not result.verdict.hotpatchable:
+        outcome.reasons = [r.to_json() for r in verdict.reasons]
+        if not verdict.hotpatchable:
             continue
         if not any(outcome.summary[s] for s in ("changed", "added", "removed")) and not result.data:
             outcome.verdict = "NO_CODE_CHANGE"  # other bytes only (a version resource, say): nothing to patch
             continue
         try:
             packages[name] = build_package(
-                result, sequence=sequence, baseline_id=cycle.baseline_id,
+                result, verdict=verdict, sequence=sequence, baseline_id=cycle.baseline_id,
                 description=f"{manifest.name} {release.name}: {name}"
                             + (f" ({release.description})" if release.description else ""),
                 cve_ids=release.cves, created=_epoch(release.date))
@@ -230,13 +232,13 @@ def _write_packages(out: Path, release: Release, packages: dict[str, Package], k
     by_name = {m.module: m for m in modules}
     keep = set()
     for name, package in packages.items():
-        data = package.dumps(key)
+        data = dumps(package, key)
         path = _package_path(out, release.name, name)
         write_bytes(path, data)
         keep.add(path)
         by_name[name].package = {
             "path": path.relative_to(out).as_posix(), "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(), "package_id": package.package_id,
+            "sha256": hashlib.sha256(data).hexdigest(), "package_id": package_id_of(package),
             "baseline_id": package.baseline_id, "sequence": package.sequence, "signed": key is not None,
             "sites": len(package.sites),
         }

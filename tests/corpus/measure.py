@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotpatch.apply.emulator import EmulatorBackend
-from hotpatch.calls import load_inputs, parse_inputs, run_calls
-from hotpatch.diff import diff
+from hotpatch.diff.compare import diff
 from hotpatch.errors import HotpatchError
-from hotpatch.winehost import windows_path, wine_command, wine_env, wine_session
+from hotpatch.process.winehost import windows_path, wine_command, wine_env, wine_session
+from hotpatch.verdict.rules import decide
+from hotpatch.verify.calls import load_inputs, parse_inputs, run_calls
 from tests.corpus.build import BuiltLibrary, build_corpus, default_out, host_exe
 from tests.corpus.model import Fix
 
@@ -115,7 +116,7 @@ def _probe_names(built: BuiltLibrary) -> list[str]:
 
 def judge(base: Path, patched: Path) -> tuple[str, tuple[str, ...]]:
     """The verdict and its reasons (``kind: subject``)."""
-    verdict = diff(base, patched).verdict
+    verdict = decide(diff(base, patched))
     return verdict.status, tuple(f"{r.kind}: {r.subject}" for r in verdict.reasons)
 
 

@@ -1,0 +1,182 @@
+"""Instructions, references and fingerprints of every function.
+
+The work is done by the compiled core (``hotpatch.analysis._core``, Cython over
+capstone's C API). ``hotpatch.analysis._reference`` is its pure-Python twin, used when
+``HOTPATCH_PURE_PYTHON=1`` and by the tests as the oracle. If the compiled
+core is missing we fail loudly instead of silently running 20 times slower.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from ..collector import gc_paused
+from ..errors import AnalysisError
+from .refkinds import KIND_NAMES, TABLE_KIND_NAMES
+
+if TYPE_CHECKING:
+    from ..pe.image import Image
+
+__all__ = [
+    "AnalysisContext",
+    "FunctionAnalysis",
+    "JumpTable",
+    "Reference",
+    "backend",
+    "decode",
+    "diff_kernels",
+    "fingerprint_all",
+]
+
+
+@dataclass(frozen=True)
+class Reference:
+    kind: int
+    insn_rva: int
+    operand_offset: int
+    operand_size: int
+    target_rva: int
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES[self.kind]
+
+
+@dataclass(frozen=True)
+class JumpTable:
+    insn_rva: int
+    table_rva: int
+    entry_kind: int
+    targets: tuple[int, ...]
+
+    @property
+    def entry_kind_name(self) -> str:
+        return TABLE_KIND_NAMES[self.entry_kind]
+
+
+@dataclass(frozen=True)
+class FunctionAnalysis:
+    """Decoded view of one function: where its instructions start, what they reference."""
+
+    rva: int
+    ranges: tuple[tuple[int, int], ...]
+    insn_rvas: array = field(repr=False)
+    raw_refs: list[tuple[int, int, int, int, int]] = field(repr=False)
+    raw_tables: list[tuple[int, int, int, tuple[int, ...]]] = field(repr=False)
+    fingerprint: str = ""
+
+    @property
+    def instruction_count(self) -> int:
+        return len(self.insn_rvas)
+
+    @property
+    def references(self) -> list[Reference]:
+        return [Reference(*ref) for ref in self.raw_refs]
+
+    @property
+    def jump_tables(self) -> list[JumpTable]:
+        return [JumpTable(*table) for table in self.raw_tables]
+
+    def call_targets(self) -> Iterable[int]:
+        from .refkinds import CALL_REL32
+
+        return (ref[4] for ref in self.raw_refs if ref[0] == CALL_REL32)
+
+
+@dataclass(frozen=True, eq=False)
+class AnalysisContext:
+    """What the core needs from an image, in flat form."""
+
+    memory: bytes
+    image_base: int
+    relocations: array
+    #: IAT slot RVA -> b"dll!name"
+    iat: dict[int, bytes]
+    #: (begin, end, b"X" | b"W" | b"R") for each section
+    regions: tuple[tuple[int, int, bytes], ...]
+    #: lowest section RVA: image-relative displacements below it are not addresses
+    first_section_rva: int
+
+    @classmethod
+    def from_image(cls, image: Image) -> AnalysisContext:
+        regions = tuple(
+            (s.rva, s.end_rva, b"X" if s.executable else b"W" if s.writable else b"R") for s in image.sections
+        )
+        return cls(
+            memory=image.memory,
+            image_base=image.image_base,
+            relocations=array("I", image.relocations),
+            iat={imp.iat_rva: imp.label.encode() for imp in image.imports},
+            regions=regions,
+            first_section_rva=min(s.rva for s in image.sections),
+        )
+
+
+# ── backend selection (msgpack style, but never silent) ─────────────────────
+
+
+def _load_backend() -> ModuleType:
+    if os.environ.get("HOTPATCH_PURE_PYTHON") == "1":
+        return importlib.import_module("hotpatch.analysis._reference")
+    try:
+        import capstone  # noqa: F401  (loads libcapstone before the core resolves its symbols)
+
+        return importlib.import_module("hotpatch.analysis._core")
+    except ImportError as exc:
+        raise AnalysisError(
+            f"the compiled analysis core hotpatch.analysis._core is not available ({exc}); reinstall with "
+            "'pip install .' or set HOTPATCH_PURE_PYTHON=1 to use the slow reference"
+        ) from None
+
+
+_backend: ModuleType | None = None
+
+
+def backend() -> ModuleType:
+    """The analysis implementation in use (``.IMPLEMENTATION`` is "cython" or "python")."""
+    global _backend
+    if _backend is None:
+        _backend = _load_backend()
+    return _backend
+
+
+def diff_kernels(impl: Any = None) -> ModuleType:
+    """The diff kernels that go with an analysis implementation: compiled with compiled, Python with Python."""
+    impl = impl or backend()
+    if getattr(impl, "IMPLEMENTATION", None) != "cython":
+        return importlib.import_module("hotpatch.diff._diffreference")
+    try:
+        return importlib.import_module("hotpatch.diff._diffcore")
+    except ImportError as exc:
+        raise AnalysisError(f"the compiled diff kernels hotpatch.diff._diffcore are not available ({exc}); "
+                            "reinstall with 'pip install .'") from None
+
+
+def decode(
+    ctx: AnalysisContext, items: list[tuple[int, tuple[tuple[int, int], ...]]], impl: Any = None
+) -> list[FunctionAnalysis]:
+    """Decode each ``(rva, ranges)`` item (no fingerprints yet)."""
+    impl = impl or backend()
+    with gc_paused():
+        results = impl.decode(ctx, items)
+    return [
+        FunctionAnalysis(rva, ranges, insn_rvas, refs, tables)
+        for (rva, ranges), (insn_rvas, refs, tables) in zip(items, results)
+    ]
+
+
+def fingerprint_all(
+    ctx: AnalysisContext, decoded: list[FunctionAnalysis], function_starts: array, impl: Any = None
+) -> list[FunctionAnalysis]:
+    """The same analyses with their fingerprints, given the final set of function starts."""
+    impl = impl or backend()
+    digests = impl.fingerprint_many(ctx, [(a.rva, a.ranges, a.raw_refs, a.raw_tables) for a in decoded],
+                                    function_starts)
+    return [FunctionAnalysis(a.rva, a.ranges, a.insn_rvas, a.raw_refs, a.raw_tables, digest)
+            for a, digest in zip(decoded, digests)]

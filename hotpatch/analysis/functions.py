@@ -1,0 +1,681 @@
+"""Function discovery: where every function of an image starts and ends.
+
+.pdata is authoritative for the functions it lists (x64 requires it for every
+function that touches the stack), but leaf functions and hand-written kernels
+often have none. Those come from exports, COFF symbols, the entry point,
+import thunks, exception handlers named by unwind info, pointers into code held
+in data (covered by base relocations), direct call targets and code addresses
+taken with lea (validated), followed until nothing new appears. A function
+without .pdata ends where no path from its entry goes on, and never past the
+next known start.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from ..collector import gc_paused
+from ..pe.image import Image, Section, UnwindInfo
+from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
+from .flow import terminates
+from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
+
+__all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
+
+#: discovery sources, in the order they are tried
+SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "handler", "pointer", "call", "lea", "rva32", "gap")
+
+# Padding between functions: int3, nop and the multi-byte nops compilers emit
+# for alignment (0F 1F /0 with their 66/2E prefixes, and 66 90).
+_NOP = rb"(?:\xcc|\x90|\x66+\x90|\x66*\x2e?\x0f\x1f(?:\x00|\x40.|\x44\x00\x00|\x80....|\x84\x00....))"
+USABLE_PADDING_RE = re.compile(_NOP + b"+", re.DOTALL)
+#: for coverage, zero fill (section tails, alignment in data-in-code) is not code either
+FILL_RE = re.compile(b"(?:" + _NOP + rb"|\x00)+", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Function:
+    rva: int
+    end_rva: int
+    name: str | None
+    sources: tuple[str, ...]
+    #: chained .pdata fragments (begin, end) folded into this function
+    fragments: tuple[tuple[int, int], ...] = ()
+    #: usable int3/nop bytes right before the entry and right after the end
+    pad_before: int = 0
+    pad_after: int = 0
+    unwind: UnwindInfo | None = None
+    fingerprint: str = ""
+
+    @property
+    def size(self) -> int:
+        return self.end_rva - self.rva
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return ((self.rva, self.end_rva),) + self.fragments
+
+    @property
+    def label(self) -> str:
+        return self.name or f"sub_{self.rva:x}"
+
+
+@dataclass(frozen=True, eq=False)
+class FunctionTable:
+    """All functions of one image with their analyses, sorted by RVA."""
+
+    image: Image
+    functions: tuple[Function, ...]
+    analyses: tuple[FunctionAnalysis, ...]
+    context: AnalysisContext
+    #: the analysis implementation that made it (``hotpatch.analysis._core`` or ``_reference``); the diff uses its twin
+    backend: Any = None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            object.__setattr__(self, "backend", backend())
+
+    def __len__(self) -> int:
+        return len(self.functions)
+
+    def __iter__(self) -> Any:
+        return iter(self.functions)
+
+    def at(self, rva: int) -> Function | None:
+        """The function that starts at ``rva``."""
+        index = self._index.get(rva)
+        return None if index is None else self.functions[index]
+
+    def analysis_of(self, function: Function) -> FunctionAnalysis:
+        return self.analyses[self._index[function.rva]]
+
+    def containing(self, rva: int) -> Function | None:
+        """The function whose primary range or fragments contain ``rva``."""
+        spans = self._spans
+        index = bisect_right(spans[0], rva) - 1
+        if index >= 0 and rva < spans[1][index]:
+            return spans[2][index]
+        return None
+
+    def preceding(self, rva: int) -> Function | None:
+        """The last function that starts at or before ``rva`` (for addresses in gaps between functions)."""
+        index = bisect_right(self._starts, rva) - 1
+        return self.functions[index] if index >= 0 else None
+
+    def counts_by_source(self) -> dict[str, int]:
+        counts = dict.fromkeys(SOURCES, 0)
+        for function in self.functions:
+            for source in function.sources:
+                counts[source] += 1
+        return counts
+
+    def coverage(self) -> dict[str, float]:
+        """Per executable section: share of its non-fill bytes inside a discovered function."""
+        out = {}
+        for section in self.image.executable_sections:
+            covered = _covered_bytes(self.functions, section)
+            gaps = _gap_fill_bytes(self.image, self.functions, section)
+            total = section.virtual_size - gaps
+            out[section.name] = covered / total if total > 0 else 1.0
+        return out
+
+    def overlaps(self) -> list[tuple[Function, Function]]:
+        """Pairs of functions whose ranges overlap (discovery promises there are none)."""
+        spans = sorted((begin, end, f) for f in self.functions for begin, end in f.ranges)
+        return [(a[2], b[2]) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
+
+    @property
+    def _index(self) -> dict[int, int]:
+        cached = self.__dict__.get("_index_cache")
+        if cached is None:
+            cached = {f.rva: i for i, f in enumerate(self.functions)}
+            object.__setattr__(self, "_index_cache", cached)
+        return cached
+
+    @property
+    def _starts(self) -> list[int]:
+        cached = self.__dict__.get("_starts_cache")
+        if cached is None:
+            cached = [f.rva for f in self.functions]
+            object.__setattr__(self, "_starts_cache", cached)
+        return cached
+
+    @property
+    def _spans(self) -> tuple[list[int], list[int], list[Function]]:
+        cached = self.__dict__.get("_spans_cache")
+        if cached is None:
+            spans = sorted((begin, end, i) for i, f in enumerate(self.functions) for begin, end in f.ranges)
+            cached = ([s[0] for s in spans], [s[1] for s in spans], [self.functions[s[2]] for s in spans])
+            object.__setattr__(self, "_spans_cache", cached)
+        return cached
+
+
+# ── discovery ──────────────────────────────────────────────────────────────
+
+
+def discover(image: Image, impl: Any = None) -> FunctionTable:
+    """Find, bound and analyse every function of ``image``."""
+    with gc_paused():
+        return _discover(image, impl)
+
+
+def _discover(image: Image, impl: Any) -> FunctionTable:
+    core = impl or backend()
+    ctx = AnalysisContext.from_image(image)
+    pdata = {f.begin_rva: f for f in image.runtime_functions}
+    # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
+    owned = sorted((begin, end) for f in image.runtime_functions for begin, end in
+                   ((f.begin_rva, f.end_rva),) + f.fragments)
+    owned_starts = [begin for begin, _ in owned]
+
+    def inside_pdata(rva: int) -> bool:
+        index = bisect_right(owned_starts, rva) - 1
+        return index >= 0 and owned[index][0] < rva < owned[index][1] or (
+            index >= 0 and owned[index][0] == rva and rva not in pdata)
+
+    sources: dict[int, set[str]] = {rva: {"pdata"} for rva in pdata}
+    names: dict[int, str] = {}
+
+    # asked a few hundred thousand times for the same few tens of thousands of addresses on a large image
+    code_section = cache(image.code_section)
+
+    def acceptable(rva: int) -> bool:
+        return code_section(rva) is not None and not inside_pdata(rva)
+
+    def add(rva: int, source: str, name: str | None = None) -> bool:
+        if not acceptable(rva):
+            return False
+        new = rva not in sources
+        sources.setdefault(rva, set()).add(source)
+        if name and rva not in names:
+            names[rva] = name
+        return new
+
+    for export in image.exports:
+        if export.forwarder is None:
+            add(export.rva, "export", export.name)
+    for symbol in image.symbols:
+        if symbol.is_function:
+            add(symbol.rva, "symbol", symbol.name)
+    if image.entry_rva is not None:
+        add(image.entry_rva, "entry")
+    for thunk in _import_thunks(image):
+        add(thunk, "thunk")
+    # Exception and termination handlers named by unwind info: the OS calls them, nothing in the code does
+    # (hand-written assembly's SEH handlers have no .pdata of their own).
+    for runtime in image.runtime_functions:
+        if runtime.unwind.handler_rva is not None:
+            add(runtime.unwind.handler_rva, "handler")
+    memory, base = image.memory, image.image_base
+    decodable: dict[int, bool] = {}
+    for reloc in image.relocations:
+        if image.code_section(reloc) is not None:
+            continue  # pointers inside code are references of that code, not function starts
+        target = int.from_bytes(memory[reloc:reloc + 8], "little") - base
+        if not 0 <= target < len(memory) or not acceptable(target):
+            continue
+        # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
+        if target not in decodable:
+            decodable[target] = bool(core.instruction_text(memory, target, target + 15))
+        if decodable[target]:
+            add(target, "pointer")
+
+    # Follow direct calls and code addresses taken with lea until no new function appears; decodes are
+    # cached by range. A function without .pdata ends where no path goes on (``_reachable``): what lies
+    # behind is data or code reached some other way, never more of it.
+    decoded: dict[tuple[int, tuple[tuple[int, int], ...]], FunctionAnalysis] = {}
+    words = _rva32_words(image)
+    bounded: dict[Item, Item] = {}
+    scanned: set[Item] = set()
+    taken: set[int] = set()  # addresses taken with lea
+    rejected: set[int] = set()  # candidates already judged not to start a function
+    gap_places: dict[tuple[int, int], list[int]] = {}
+    named: dict[int, bool] = {}
+    while True:
+        layout = _layout(code_section, sources, pdata)
+        todo = [item for item in layout if item not in bounded and item[0] not in pdata]
+        for item, reached in zip(todo, _reach(ctx, core, memory, todo, [0] * len(todo), decoded)):
+            bounded[item] = reached
+        layout = [bounded.get(item, item) for item in layout]
+        _decode_missing(ctx, core, decoded, layout)
+        fresh = [decoded[item] for item in layout if item not in scanned]
+        scanned.update(layout)
+        # whether an address could start a function does not change: keep only those that could
+        taken |= {t for t in _lea_targets(memory, fresh) if acceptable(t)}
+        found = False
+        for target in {ref[4] for analysis in fresh for ref in analysis.raw_refs if ref[0] == CALL_REL32}:
+            found |= add(target, "call")
+        found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
+            t for t in taken - sources.keys() - rejected if _boundary(image, layout, t, core)])
+        if not found:
+            places = _gap_starts(image, layout, gap_places)
+            found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
+                t for t in _named_by_words(places, words, named) - sources.keys() - rejected if acceptable(t)])
+        if not found:
+            # Code right after a function's last instruction or its int3/nop padding, outside every
+            # function, that decodes as sane code is a function nothing names: C++ exception funclets
+            # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
+            found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
+                t for t in places - sources.keys() - rejected if _after_padding(memory, t) and acceptable(t)])
+        if not found:
+            break
+    # Functions without .pdata end after their last instruction that is not fill.
+    layout = [item if item[0] in pdata else _trimmed(image, item, decoded[item]) for item in layout]
+    _decode_missing(ctx, core, decoded, layout)
+
+    starts = array("I", sorted(sources))
+    final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, core)
+    padding = _padding(image, [(rva, ranges[0][1]) for rva, ranges in layout])
+    functions = []
+    for (rva, ranges), analysis, (before, after) in zip(layout, final, padding):
+        runtime = pdata.get(rva)
+        functions.append(Function(rva, ranges[0][1], names.get(rva), tuple(s for s in SOURCES if s in sources[rva]),
+                                  ranges[1:], before, after, runtime.unwind if runtime else None,
+                                  analysis.fingerprint))
+    return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
+
+
+_THUNK_RE = re.compile(rb"\xff\x25(....)", re.DOTALL)
+
+
+def _import_thunks(image: Image) -> list[int]:
+    """``jmp [rip+IAT slot]`` stubs: the linker's import thunks (mingw calls CRT functions through them).
+
+    ``FF 25`` right after a REX byte is the tail of MSVC's 7-byte ``48 FF 25`` tail jump to an import, not
+    a thunk: a start there would lie inside that instruction and cut its function short. A REX-valued byte
+    is still the end of a previous thunk's displacement when thunks follow each other (MSVC lays them out
+    back to back), so a thunk six bytes earlier vouches for the boundary.
+    """
+    out: list[int] = []
+    memory = image.memory
+    for section in image.executable_sections:
+        for match in _THUNK_RE.finditer(memory, section.rva, section.end_rva):
+            rva = match.start()
+            target = rva + 6 + int.from_bytes(match.group(1), "little", signed=True)
+            if image.import_at(target) is None:
+                continue
+            if rva > section.rva and 0x40 <= memory[rva - 1] <= 0x4F and not (out and out[-1] == rva - 6):
+                continue
+            out.append(rva)
+    return out
+
+
+def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
+    """The import a function only forwards to (``jmp [rip+IAT]``), or None."""
+    refs = table.analysis_of(function).raw_refs
+    if len(refs) == 1 and refs[0][1] == function.rva and refs[0][0] == IAT_JUMP:
+        imported = table.image.import_at(refs[0][4])
+        return imported.label if imported else None
+    return None
+
+
+def _layout(code_section: Any, sources: dict[int, set[str]],
+            pdata: dict[int, Any]) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
+    """(rva, ranges) of every known function; functions without .pdata end before the next start.
+
+    ``code_section`` is ``Image.code_section`` (memoised by the caller)."""
+    starts = sorted(sources)
+    out = []
+    for index, rva in enumerate(starts):
+        runtime = pdata.get(rva)
+        if runtime is not None:
+            out.append((rva, ((rva, runtime.end_rva),) + runtime.fragments))
+            continue
+        section = code_section(rva)
+        assert section is not None
+        limit = min(section.rva + section.virtual_size if section.virtual_size else section.end_rva,
+                    section.end_rva)
+        if index + 1 < len(starts):
+            limit = min(limit, starts[index + 1])
+        out.append((rva, ((rva, limit),)))
+    return out
+
+
+Item = tuple[int, tuple[tuple[int, int], ...]]
+
+
+def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, FunctionAnalysis],
+                    layout: list[Item]) -> None:
+    todo = list(dict.fromkeys(item for item in layout if item not in decoded))
+    for item, analysis in zip(todo, decode(ctx, todo, core)):
+        decoded[item] = analysis
+
+
+def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: int = 0) -> Item:
+    """The item cut after the first instruction that does not fall through (ret, jmp, ud2, int3) with no
+    branch or jump-table target of the function beyond it: nothing after it is reached from the entry.
+
+    Only for functions without .pdata, whose end is otherwise just the next known start: MSVC's leaves
+    and hand-written code are followed by tables, constants and code reached only through pointers, and
+    sweeping those as part of the function gives it references to nowhere (issue 15, cause 9).
+    """
+    rva, ((begin, limit),) = item
+    horizon = max(horizon, limit)  # branch targets up to here count (the item may be a first look)
+    rvas = analysis.insn_rvas
+    refs = analysis.raw_refs
+    tables = {table[0]: max(table[3]) for table in analysis.raw_tables if table[3]}
+    reach = begin
+    ref_index, ref_count = 0, len(refs)
+    count = len(rvas)
+    for index in range(count):
+        insn = rvas[index]
+        while ref_index < ref_count and refs[ref_index][1] <= insn:
+            kind, _, _, _, target = refs[ref_index]
+            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < horizon:
+                reach = target
+            ref_index += 1
+        table_reach = tables.get(insn)
+        if table_reach is not None and table_reach > reach:
+            reach = table_reach
+        end = rvas[index + 1] if index + 1 < count else limit
+        if reach < end and memory[insn] in _MAY_TERMINATE and terminates(memory, insn, end):
+            return (rva, ((begin, end),)) if end < limit else item
+    return item
+
+
+#: first bytes of an instruction that may not fall through: the opcodes themselves and prefixes
+_MAY_TERMINATE = frozenset((0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4, 0x0F, 0xFF, 0x66, 0xF2, 0xF3, 0x2E,
+                            0x3E, 0x26, 0x36, 0x64, 0x65, *range(0x40, 0x50)))
+
+
+def _lea_targets(memory: bytes, analyses: list[FunctionAnalysis]) -> set[int]:
+    """Addresses taken with ``lea r, [rip+X]``: callbacks passed by address, often leaves without .pdata."""
+    out = set()
+    for analysis in analyses:
+        for kind, insn_rva, operand_offset, _, target in analysis.raw_refs:
+            # RIP-relative addressing has no SIB byte: the opcode sits right before the ModRM byte
+            if kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
+                out.add(target)
+    return out
+
+
+def _rva32_words(image: Image) -> list[array]:
+    """Every 32-bit value, at every alignment, of the sections that are neither code nor .pdata/.reloc:
+    where MSVC's C++ exception tables (packed, so unaligned, in FH4), CFG tables and other address
+    tables keep image-relative addresses of code."""
+    out = []
+    memory = image.memory
+    for section in image.sections:
+        if section.executable or section.name in (".pdata", ".reloc"):
+            continue
+        for phase in range(4):
+            begin = section.rva + phase
+            end = begin + (max(0, min(section.end_rva, len(memory)) - begin) // 4) * 4
+            words = array("I")
+            words.frombytes(memory[begin:end])
+            out.append(words)
+    return out
+
+
+def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], list[int]]) -> set[int]:
+    """Places outside every function where code could begin: a gap's start, the end of each fill run.
+
+    ``cache`` keeps each gap's places by its bounds: the loop asks again after every round, and most gaps
+    are the same as before (scanning them is most of what this costs on a large image).
+    """
+    memory = image.memory
+    places: set[int] = set()
+    starts = [item[0] for item in layout]
+    for section in image.executable_sections:
+        first = bisect_right(starts, section.rva - 1)
+        last = bisect_right(starts, section.end_rva - 1)
+        for index in range(first, last):
+            end = layout[index][1][0][1]
+            limit = min(starts[index + 1], section.end_rva) if index + 1 < last else section.end_rva
+            if end >= limit:
+                continue
+            known = cache.get((end, limit))
+            if known is None:
+                # code follows int3/nop padding; zero runs in a gap are data more often than not
+                found = {end}
+                found.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
+                             if match.end() < limit)
+                # code does not begin with fill (a multi-byte nop right after a function is its padding)
+                known = cache[(end, limit)] = [p for p in found if not FILL_RE.match(memory, p, p + 15)]
+            places.update(known)
+    return places
+
+
+def _named_by_words(places: set[int], words: list[array], judged: dict[int, bool]) -> set[int]:
+    """The places some 32-bit value in data names; ``judged`` remembers places looked up before."""
+    fresh = places - judged.keys()
+    if fresh:
+        found: set[int] = set()
+        for chunk in words:
+            found |= fresh.intersection(chunk)
+        judged.update((place, place in found) for place in fresh)
+    return {place for place in places if judged[place]}
+
+
+def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
+    """Whether ``rva`` can start a function: outside every function's reachable code, right after fill
+    or after a function's last instruction (never inside an instruction), and decodable."""
+    section = image.code_section(rva)
+    if section is None:
+        return False
+    index = bisect_right(layout, (rva, ((1 << 62, 0),))) - 1
+    previous_end = section.rva
+    if index >= 0:
+        (begin, end) = layout[index][1][0]
+        if begin <= rva < end:
+            return False  # inside code some function reaches (or inside a .pdata function)
+        previous_end = max(previous_end, end)
+    if rva != previous_end and image.memory[rva - 1] not in _FILL_BYTES:
+        return False
+    return bool(core.instruction_text(image.memory, rva, rva + 15))
+
+
+def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item], add: Any, source: str,
+                   rejected: set[int], candidates: list[int]) -> bool:
+    """Add the plausible candidates as functions from ``source``; remember the others. True if any was new."""
+    accepted = set(_plausible(image, ctx, core, layout, candidates))
+    rejected.update(t for t in candidates if t not in accepted)
+    found = False
+    for target in sorted(accepted):
+        found |= add(target, source)
+    return found
+
+
+def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item], candidates: list[int]) -> list[int]:
+    """The candidates whose code, decoded up to where no path goes on, makes only sane references.
+
+    Hand-written assembly takes the address of its constant tables in .text with lea too (OpenSSL's AES
+    tables); decoded as code those bytes branch and point outside the image or into the middle of
+    nowhere, which compiled code never does.
+    """
+    # Each candidate is judged up to the next known start (a rejected candidate after it bounds nothing).
+    # The sweep first stops at the next candidate: a candidate that is data shows it there already, and
+    # looking further is only needed for sane code that runs into the next candidate.
+    starts = [item[0] for item in layout]
+    ordered = sorted(t for t in candidates if not _near_pointer(image, t))
+    limits = []
+    for rva in ordered:
+        section = image.code_section(rva)
+        assert section is not None
+        following = bisect_right(starts, rva)
+        limits.append(min(starts[following] if following < len(starts) else section.end_rva, section.end_rva))
+    short = [(rva, ((rva, min(limit, ordered[i + 1]) if i + 1 < len(ordered) else limit),))
+             for i, (rva, limit) in enumerate(zip(ordered, limits))]
+    out: list[int] = []
+    longer = []
+    for item, limit, verdict in zip(short, limits, _judged(image, ctx, core, short, limits)):
+        if verdict == "runs on" and item[1][0][1] < limit:
+            longer.append((item[0], ((item[0], limit),)))
+        elif verdict:
+            out.append(item[0])
+    out.extend(item[0] for item, verdict in zip(longer, _judged(image, ctx, core, longer, [0] * len(longer)))
+               if verdict)
+    return out
+
+
+def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], horizons: list[int]) -> list[str]:
+    """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
+    "runs on" if it runs to the item's end (or branches beyond it, up to its horizon)."""
+    memory = image.memory
+    full: dict[Item, FunctionAnalysis] = {}
+    reached = _reach(ctx, core, memory, items, horizons, full)
+    cut = [r for r, item in zip(reached, items) if r != item]
+    redecoded = dict(zip(cut, decode(ctx, cut, core)))
+    out = []
+    for item, r in zip(items, reached):
+        analysis = redecoded[r] if r != item else full[item]
+        out.append("" if not _sane(image, core, r, analysis) else "ends" if r != item else "runs on")
+    return out
+
+
+#: bytes decoded first when bounding a function without .pdata (most end well within it)
+_REACH_WINDOW = 2048
+#: a cut closer than this to the window's end may depend on an instruction the window splits
+_WINDOW_MARGIN = 16
+
+
+def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], horizons: list[int],
+           full: dict[Item, FunctionAnalysis]) -> list[Item]:
+    """``_reachable`` of each item's whole decode, decoding only its first ``_REACH_WINDOW`` bytes where
+    those decide it; the whole decodes made are added to ``full``.
+
+    The core's sweep of a shorter range is the same instructions and references up to its end (data
+    skipped ahead resumes at the same target when that lies inside), except around jump tables, whose
+    targets are checked against the range: a window with a table is decoded whole. An item of unknown
+    extent (data swept as code) would otherwise be decoded to the next known start, often far away.
+    """
+    windows = [(rva, ((begin, min(limit, begin + _REACH_WINDOW)),)) for rva, ((begin, limit),) in items]
+    out: list[Item | None] = [None] * len(items)
+    whole: list[int] = []
+    for index, (item, window, analysis) in enumerate(zip(items, windows, decode(ctx, windows, core))):
+        limit, window_end = item[1][0][1], window[1][0][1]
+        if window_end == limit:
+            full[item] = analysis
+            out[index] = _reachable(memory, item, analysis, horizons[index])
+            continue
+        if not analysis.raw_tables:
+            cut = _reachable(memory, window, analysis, max(horizons[index], limit))
+            if cut[1][0][1] <= window_end - _WINDOW_MARGIN:
+                out[index] = cut
+                continue
+        whole.append(index)
+    for index, analysis in zip(whole, decode(ctx, [items[i] for i in whole], core)):
+        full[items[index]] = analysis
+        out[index] = _reachable(memory, items[index], analysis, horizons[index])
+    return out  # type: ignore[return-value]
+
+
+def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis) -> bool:
+    """No undecodable byte, every branch lands on code, every memory operand in the image."""
+    (begin, end), = item[1]
+    rvas = analysis.insn_rvas
+    if not rvas or rvas[0] != begin:
+        return False
+    for kind, _, _, _, target in analysis.raw_refs:
+        if kind in (BRANCH_REL8, BRANCH_REL32, CALL_REL32):
+            if image.code_section(target) is None:
+                return False
+            if begin <= target < end and target not in rvas:
+                return False  # a branch into the middle of one of its own instructions
+        elif kind == RIP_RELATIVE and image.section_from_rva(target) is None:
+            return False
+    if analysis.raw_tables:
+        return True
+    # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
+    text = core.instruction_text(image.memory, begin, end)
+    return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
+
+
+def _near_pointer(image: Image, rva: int) -> bool:
+    """Whether ``rva`` or the byte before it lies in a relocated 64-bit pointer (mingw keeps its
+    constructor lists in .text: a pointer's low byte can look like a nop)."""
+    relocations = image.relocations
+    index = bisect_right(relocations, rva) - 1
+    return index >= 0 and relocations[index] + 8 >= rva
+
+
+def _after_padding(memory: bytes, rva: int) -> bool:
+    """Whether int3 or nop padding ends right before ``rva`` (a multi-byte nop's last byte is 00 or 40)."""
+    return memory[rva - 1] in (0xCC, 0x90) or bool(USABLE_PADDING_RE.search(memory, max(0, rva - 9), rva)) and \
+        any(match.end() == rva for match in USABLE_PADDING_RE.finditer(memory, max(0, rva - 9), rva))
+
+
+_FILL_BYTES = frozenset((0xCC, 0x90, 0x00))
+
+
+def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],
+             analysis: FunctionAnalysis) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """The item's range cut after its last instruction that is not fill (int3, nops, zeros)."""
+    rva, ((begin, limit),) = item
+    rvas = analysis.insn_rvas
+    memory = image.memory
+    end = limit
+    for index in range(len(rvas) - 1, -1, -1):
+        insn_end = rvas[index + 1] if index + 1 < len(rvas) else end
+        if not FILL_RE.fullmatch(memory, rvas[index], insn_end):
+            end = insn_end
+            break
+    else:
+        end = begin + 1
+    return rva, ((begin, max(end, begin + 1)),)
+
+
+def _padding(image: Image, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Usable int3/nop runs between neighbours: the run ending at each entry and the one after each end."""
+    memory = image.memory
+    out = []
+    for index, (rva, end) in enumerate(spans):
+        section = image.code_section(rva)
+        assert section is not None
+        gap_start = spans[index - 1][1] if index > 0 and spans[index - 1][1] >= section.rva else section.rva
+        gap_start = max(gap_start, section.rva)
+        gap_end = spans[index + 1][0] if index + 1 < len(spans) else section.end_rva
+        gap_end = min(gap_end, section.end_rva)
+        out.append((_run_ending_at(memory, gap_start, rva), _run_starting_at(memory, end, gap_end)))
+    return out
+
+
+def _run_ending_at(memory: bytes, gap_start: int, entry: int) -> int:
+    if gap_start >= entry:
+        return 0
+    # Padding ends in int3, nop, or a multi-byte nop whose 0F 1F sits in its last eight bytes.
+    if memory[entry - 1] not in (0xCC, 0x90) and memory.find(b"\x0f\x1f", max(gap_start, entry - 8), entry) < 0:
+        return 0
+    best = 0
+    for match in USABLE_PADDING_RE.finditer(memory, max(gap_start, entry - 4096), entry):
+        if match.end() == entry:
+            best = entry - match.start()
+    return best
+
+
+def _run_starting_at(memory: bytes, end: int, gap_end: int) -> int:
+    if end >= gap_end:
+        return 0
+    match = USABLE_PADDING_RE.match(memory, end, gap_end)
+    return match.end() - end if match else 0
+
+
+def _covered_bytes(functions: tuple[Function, ...], section: Section) -> int:
+    total = 0
+    limit = section.rva + section.virtual_size
+    for function in functions:
+        for begin, end in function.ranges:
+            if begin < limit and end > section.rva:
+                total += min(end, limit) - max(begin, section.rva)
+    return total
+
+
+def _gap_fill_bytes(image: Image, functions: tuple[Function, ...], section: Section) -> int:
+    """Fill bytes (padding, zeros) lying outside every function in ``section``."""
+    spans = sorted((b, e) for f in functions for b, e in f.ranges)
+    limit = section.rva + section.virtual_size
+    fill = 0
+    cursor = section.rva
+    for begin, end in spans + [(limit, limit)]:
+        if end <= section.rva or begin > limit:
+            continue
+        if begin > cursor:
+            for match in FILL_RE.finditer(image.memory, cursor, min(begin, limit)):
+                fill += match.end() - match.start()
+        cursor = max(cursor, end)
+    return fill

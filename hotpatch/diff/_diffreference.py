@@ -1,0 +1,115 @@
+"""Pure-Python reference implementation of the diff kernels.
+
+``hotpatch/diff/_diffcore.pyx`` implements exactly the same three functions; this
+module is the oracle the tests compare it with, and what the diff runs on
+when the pure-Python analysis core is in use.
+
+The contract (both implementations):
+
+``token_ids(memory, insn_rvas, end_rva, refs, intern)``
+    One token per instruction: its bytes (up to the next instruction, or to
+    ``end_rva`` for the last one; one byte when that is not 1..15 bytes) with
+    every reference operand zeroed, replaced by its id in ``intern`` (a dict
+    shared by both images of a diff; a new token gets ``len(intern)``).
+    Returns an ``array('I')``.
+
+``similarity(a, b, threshold, max_ratio_work)``
+    ``difflib.SequenceMatcher(None, a, b, autojunk=False)``: -1.0 when
+    ``real_quick_ratio()`` or ``quick_ratio()`` is below ``threshold``, else
+    ``ratio()``, or ``quick_ratio()`` when ``len(a) * len(b)`` exceeds
+    ``max_ratio_work``.
+
+``aligned_indices(a, b)``
+    ``hotpatch.diff.align.aligned_indices``: the patience alignment of two token
+    streams as sorted ``(i, j)`` pairs.
+
+``callees(refs, ranges, starts, pointer_tables)``
+    The functions one function reaches, in instruction order: targets of its
+    direct calls and branches that are function ``starts`` outside its own
+    ``ranges``, and for a reference to a key of ``pointer_tables`` the
+    functions listed there.
+
+``triage_refs(refs_a, refs_b, pairs, begin, end, iat, function_map, data_a, data_b)``
+    The reference pairs of two matched functions: ``pairs`` as given, or when
+    it is None (equal fingerprints) the references zipped in order, less
+    those inside ``[begin, end)`` (but jump tables) and those to ``iat``
+    slots. Pairs whose baseline target maps to the patched one through
+    ``function_map`` are dropped; pairs with both targets in ``data_a`` /
+    ``data_b`` come back as ``(target_a, target_b)`` in the first list, the
+    rest as ``(ref_a, ref_b)`` in the second.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import defaultdict
+from difflib import SequenceMatcher
+from typing import Any
+
+from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
+from .align import aligned_indices
+
+__all__ = ["IMPLEMENTATION", "aligned_indices", "callees", "similarity", "token_ids", "triage_refs"]
+
+IMPLEMENTATION = "python"
+
+
+def token_ids(memory: bytes, insn_rvas: Any, end_rva: int, refs: list, intern: dict[bytes, int]) -> array:
+    masks: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for _, insn_rva, offset, size, _ in refs:
+        if size:
+            masks[insn_rva].append((offset, size))
+    rvas = list(insn_rvas)
+    ends = rvas[1:] + [end_rva]
+    out = array("I")
+    for rva, end in zip(rvas, ends):
+        if not rva < end <= rva + 15:
+            end = rva + 1  # the last instruction of a fragment, or undecodable bytes
+        token = memory[rva:end]
+        masked = masks.get(rva)
+        if masked is not None:
+            raw = bytearray(token)
+            for offset, size in masked:
+                raw[offset:offset + size] = bytes(min(size, max(0, len(raw) - offset)))
+            token = bytes(raw)
+        found = intern.get(token)
+        if found is None:
+            found = intern[token] = len(intern)
+        out.append(found)
+    return out
+
+
+def similarity(a: Any, b: Any, threshold: float, max_ratio_work: int) -> float:
+    matcher = SequenceMatcher(None, a, b, autojunk=False)
+    if matcher.real_quick_ratio() < threshold or matcher.quick_ratio() < threshold:
+        return -1.0
+    return matcher.ratio() if len(a) * len(b) <= max_ratio_work else matcher.quick_ratio()
+
+
+def callees(refs: list, ranges: tuple, starts: set[int], pointer_tables: dict[int, list[int]]) -> list[int]:
+    out: list[int] = []
+    for kind, _, _, _, target in refs:
+        if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
+            if target in starts and not any(begin <= target < end for begin, end in ranges):
+                out.append(target)
+        elif target in pointer_tables:
+            out.extend(pointer_tables[target])
+    return out
+
+
+def triage_refs(refs_a: list, refs_b: list, pairs: list | None, begin: int, end: int, iat: dict,
+                function_map: dict[int, int], data_a: frozenset[int],
+                data_b: frozenset[int]) -> tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]]:
+    if pairs is None:
+        pairs = [(ra, rb) for ra, rb in zip(refs_a, refs_b)
+                 if not (begin <= ra[4] < end and ra[0] != JUMP_TABLE or ra[4] in iat)]
+    data, rest = [], []
+    for ra, rb in pairs:
+        target_a, target_b = ra[4], rb[4]
+        if function_map.get(target_a) == target_b:
+            continue
+        if target_a in data_a and target_b in data_b:
+            data.append((target_a, target_b))
+        else:
+            rest.append((ra, rb))
+    return data, rest

@@ -1,0 +1,321 @@
+"""Matching the functions of a baseline image with those of a patched image.
+
+Stages, each on what is still unmatched: unique name (export or symbol),
+unique fingerprint, call-graph propagation from matched pairs (callees by
+position, lone unmatched callers and callees), twins (groups of identical
+code told apart by matched neighbours and by the gap between matched
+functions they sit in), then similarity of the instruction streams above a
+threshold.
+"""
+
+from __future__ import annotations
+
+import weakref
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import filterfalse
+
+from ..analysis.api import diff_kernels
+from ..analysis.functions import Function, FunctionTable
+from .align import opcodes
+from .streams import InstructionStreams
+
+__all__ = ["Match", "match_functions", "SIMILARITY_THRESHOLD"]
+
+SIMILARITY_THRESHOLD = 0.6
+#: candidates per function on each side of its size (keeps the stage linear in the number of functions)
+SIMILARITY_CANDIDATES = 5
+#: past this many token comparisons a pair is scored by its multiset overlap instead of an alignment
+MAX_RATIO_WORK = 1_000_000
+
+
+@dataclass(frozen=True)
+class Match:
+    baseline_rva: int
+    patched_rva: int
+    method: str  # name | fingerprint | callgraph | similarity
+    similarity: float | None = None
+
+
+class _Matcher:
+    def __init__(self, baseline: FunctionTable, patched: FunctionTable, streams: InstructionStreams) -> None:
+        self.baseline = baseline
+        self.patched = patched
+        self.streams = streams
+        self.forward: dict[int, Match] = {}
+        self.backward: dict[int, int] = {}
+
+    def pair(self, a: int, b: int, method: str, similarity: float | None = None) -> bool:
+        if a in self.forward or b in self.backward:
+            return False
+        self.forward[a] = Match(a, b, method, similarity)
+        self.backward[b] = a
+        return True
+
+    def unmatched_baseline(self) -> list[Function]:
+        return [f for f in self.baseline if f.rva not in self.forward]
+
+    def unmatched_patched(self) -> list[Function]:
+        return [f for f in self.patched if f.rva not in self.backward]
+
+
+def match_functions(baseline: FunctionTable, patched: FunctionTable,
+                    streams: InstructionStreams | None = None) -> dict[int, Match]:
+    """Baseline RVA -> Match for every function that has a counterpart."""
+    m = _Matcher(baseline, patched, streams or InstructionStreams(baseline, patched))
+    _by_unique_key(m, lambda f: f.name, "name")
+    _by_unique_key(m, lambda f: f.fingerprint, "fingerprint")
+    _by_call_graph(m)
+    _by_twins(m)
+    _by_fingerprint_groups(m)
+    _by_similarity(m)
+    _by_call_graph(m)
+    _by_twins(m)
+    return m.forward
+
+
+def _by_unique_key(m: _Matcher, key: object, method: str) -> None:
+    get = key  # type: ignore[assignment]
+    left: dict[object, list[int]] = defaultdict(list)
+    right: dict[object, list[int]] = defaultdict(list)
+    for f in m.unmatched_baseline():
+        k = get(f)  # type: ignore[operator]
+        if k:
+            left[k].append(f.rva)
+    for f in m.unmatched_patched():
+        k = get(f)  # type: ignore[operator]
+        if k:
+            right[k].append(f.rva)
+    for k, rvas in left.items():
+        other = right.get(k)
+        if len(rvas) == 1 and other is not None and len(other) == 1:
+            m.pair(rvas[0], other[0], method)
+
+
+# call graphs by table object (a table's functions never change); an entry goes when its table does
+_CALL_GRAPHS: dict[int, tuple[dict[int, list[int]], dict[int, list[int]]]] = {}
+
+
+def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Callees in instruction order and callers (cached per table).
+
+    A callee is a call or tail-jump target, or a function whose address sits
+    in a table of pointers the function references (dispatch tables, vtables).
+    """
+    cached = _CALL_GRAPHS.get(id(table))
+    if cached is not None:
+        return cached
+    callees: dict[int, list[int]] = {}
+    callers: dict[int, list[int]] = defaultdict(list)
+    starts = {f.rva for f in table}
+    pointer_tables = _pointer_tables(table, starts)
+    scan = diff_kernels(table.backend).callees
+    for function, analysis in zip(table.functions, table.analyses):
+        out = callees[function.rva] = scan(analysis.raw_refs, function.ranges, starts, pointer_tables)
+        for target in dict.fromkeys(out):
+            callers[target].append(function.rva)
+    _CALL_GRAPHS[id(table)] = (callees, callers)
+    weakref.finalize(table, _CALL_GRAPHS.pop, id(table), None)
+    return callees, callers
+
+
+def _pointer_tables(table: FunctionTable, starts: set[int]) -> dict[int, list[int]]:
+    """Data address -> the functions pointed at by the relocated slots that run from it."""
+    image = table.image
+    relocations = set(image.relocations)
+    out: dict[int, list[int]] = {}
+    for slot in image.relocations:
+        if slot - 8 in relocations or image.is_executable_rva(slot):
+            continue  # not the first slot of a run
+        run = []
+        at = slot
+        while at in relocations:
+            target = int.from_bytes(image.memory[at:at + 8], "little") - image.image_base
+            if target in starts:
+                run.append(target)
+            at += 8
+        if run:
+            out[slot] = run
+    return out
+
+
+def _by_call_graph(m: _Matcher, since: int = 0) -> None:
+    """Propagate from matched pairs; ``since``: only from the pairs made after the first ``since`` ones,
+    and from the matched neighbours they give new anchors to (the others were propagated from already)."""
+    callees_a, callers_a = call_graph(m.baseline)
+    callees_b, callers_b = call_graph(m.patched)
+    queue = list(m.forward.values())[since:]
+    if since:
+        touched = {x for match in queue for x in (*callers_a.get(match.baseline_rva, ()),
+                                                  *callees_a.get(match.baseline_rva, ())) if x in m.forward}
+        queue.extend(m.forward[x] for x in sorted(touched))
+    while queue:
+        match = queue.pop()
+        a, b = match.baseline_rva, match.patched_rva
+        new = _aligned_pairs(m, callees_a.get(a, []), callees_b.get(b, []))
+        new.extend(_lone_pair(m, callers_a.get(a, []), callers_b.get(b, [])))
+        for x, y in new:
+            if x not in m.forward and y not in m.backward and m.pair(x, y, "callgraph"):
+                queue.append(m.forward[x])
+
+
+def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:
+    """Unmatched callees facing each other between callees already matched to each other."""
+    if all(map(m.forward.__contains__, left)) or all(map(m.backward.__contains__, right)):
+        return []  # nothing left to pair on one side
+    # Matched callees become anchors (their counterpart), unmatched ones unique placeholders.
+    keys_a = [m.forward[x].patched_rva if x in m.forward else ("a", i) for i, x in enumerate(left)]
+    keys_b = [y if y in m.backward else ("b", i) for i, y in enumerate(right)]
+    pairs = []
+    for tag, a0, a1, b0, b1 in opcodes(keys_a, keys_b):
+        if tag == "replace" and a1 - a0 == b1 - b0:
+            pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
+                         if left[i] not in m.forward and right[j] not in m.backward)
+    pairs.extend(_lone_pair(m, left, right))
+    return pairs
+
+
+def _lone_pair(m: _Matcher, left: Iterable[int], right: Iterable[int]) -> list[tuple[int, int]]:
+    free_left = list(filterfalse(m.forward.__contains__, dict.fromkeys(left)))
+    free_right = list(filterfalse(m.backward.__contains__, dict.fromkeys(right)))
+    return [(free_left[0], free_right[0])] if len(free_left) == 1 and len(free_right) == 1 else []
+
+
+#: a fingerprint group larger than this on both sides is paired by position only (the scoring is quadratic)
+_TWIN_SCORING_LIMIT = 4096
+
+
+def _by_twins(m: _Matcher) -> None:
+    """Unmatched functions with the same fingerprint on both sides, told apart by where they sit.
+
+    Groups of identical code (generic instances, template copies) rarely
+    have the same count on both sides after a change. Within a group, a pair
+    whose matched callers and callees correspond is taken first (most shared
+    neighbours first); then a pair alone in the same gap between two matched
+    functions, or the same number of twins in that gap, in address order.
+    Each round of pairs seeds the call graph, which can settle more groups.
+    """
+    for _ in range(4):
+        before = len(m.forward)
+        groups = _twin_groups(m)
+        if not groups:
+            return
+        _twins_by_neighbours(m, groups)
+        _twins_by_gap(m, _twin_groups(m))
+        _by_call_graph(m, since=before)
+        if len(m.forward) == before:
+            return
+
+
+def _twin_groups(m: _Matcher) -> list[tuple[list[int], list[int]]]:
+    left: dict[str, list[int]] = defaultdict(list)
+    right: dict[str, list[int]] = defaultdict(list)
+    for f in m.unmatched_baseline():
+        left[f.fingerprint].append(f.rva)
+    for f in m.unmatched_patched():
+        right[f.fingerprint].append(f.rva)
+    return [(rvas, right[fingerprint]) for fingerprint, rvas in left.items() if fingerprint in right]
+
+
+def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> None:
+    callees_a, callers_a = call_graph(m.baseline)
+    callees_b, callers_b = call_graph(m.patched)
+    for left, right in groups:
+        if len(left) * len(right) > _TWIN_SCORING_LIMIT:
+            continue
+        scored = []
+        for a in left:
+            mapped = {m.forward[x].patched_rva for x in (*callers_a.get(a, ()), *callees_a.get(a, ()))
+                      if x in m.forward}
+            if not mapped:
+                continue
+            for b in right:
+                shared = len(mapped & {*callers_b.get(b, ()), *callees_b.get(b, ())})
+                if shared:
+                    scored.append((-shared, a, b))
+        # a pair counts only when each is the other's single best: a tie is no evidence either way
+        best_a: dict[int, list[int]] = defaultdict(list)
+        best_b: dict[int, list[int]] = defaultdict(list)
+        for score, a, b in scored:
+            best_a[a].append(score)
+            best_b[b].append(score)
+        for score, a, b in sorted(scored):
+            top_a, top_b = sorted(best_a[a])[:2], sorted(best_b[b])[:2]
+            if score == top_a[0] == top_b[0] and top_a[1:] != [score] and top_b[1:] != [score]:
+                m.pair(a, b, "callgraph")
+
+
+def _twins_by_gap(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> None:
+    anchors = sorted(m.forward)
+    if not anchors:
+        return
+    for left, right in groups:
+        by_gap_a: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for a in left:
+            index = bisect_left(anchors, a)
+            if 0 < index < len(anchors):
+                by_gap_a[(m.forward[anchors[index - 1]].patched_rva, m.forward[anchors[index]].patched_rva)].append(a)
+        for (low, high), twins_a in by_gap_a.items():
+            twins_b = [b for b in right if low < b < high]
+            if len(twins_a) == len(twins_b):
+                for a, b in zip(twins_a, twins_b):
+                    m.pair(a, b, "fingerprint")
+
+
+def _by_fingerprint_groups(m: _Matcher) -> None:
+    """Identical functions present as often on both sides (template copies): paired in address order."""
+    left: dict[str, list[int]] = defaultdict(list)
+    right: dict[str, list[int]] = defaultdict(list)
+    for f in m.unmatched_baseline():
+        left[f.fingerprint].append(f.rva)
+    for f in m.unmatched_patched():
+        right[f.fingerprint].append(f.rva)
+    for fingerprint, rvas in left.items():
+        other = right.get(fingerprint, [])
+        if len(rvas) == len(other):
+            for a, b in zip(rvas, other):
+                m.pair(a, b, "fingerprint")
+
+
+def _by_similarity(m: _Matcher) -> None:
+    """Best-scoring pairs among the nearest candidates by size and by place (bounded work per function).
+
+    By size alone, every function of a common size would see the same few
+    candidates (the first ones of that size); for those, the nearest to
+    where the function should be (after the counterpart of the matched
+    function before it) are candidates too.
+    """
+    left = m.unmatched_baseline()
+    right = m.unmatched_patched()
+    if not left or not right:
+        return
+    count_a = {f.rva: m.baseline.analysis_of(f).instruction_count for f in left}
+    right_sorted = sorted(right, key=lambda f: m.patched.analysis_of(f).instruction_count)
+    counts_b = [m.patched.analysis_of(f).instruction_count for f in right_sorted]
+    by_place = sorted(right, key=lambda f: f.rva)
+    places_b = [f.rva for f in by_place]
+    anchors = sorted(m.forward)
+    scored: list[tuple[float, int, int]] = []
+    for fa in left:
+        na = count_a[fa.rva]
+        if not na:
+            continue
+        middle = bisect_left(counts_b, na)
+        candidates = right_sorted[max(0, middle - SIMILARITY_CANDIDATES):middle + SIMILARITY_CANDIDATES]
+        index = bisect_left(anchors, fa.rva) - 1
+        crowded = bisect_left(counts_b, na + 1) - middle > SIMILARITY_CANDIDATES  # more of this size than seen
+        if crowded and index >= 0:
+            expected = m.forward[anchors[index]].patched_rva + fa.rva - anchors[index]
+            near = bisect_left(places_b, expected)
+            candidates = [*candidates, *by_place[max(0, near - SIMILARITY_CANDIDATES):near + SIMILARITY_CANDIDATES]]
+        for fb in dict.fromkeys(candidates):
+            nb = m.patched.analysis_of(fb).instruction_count
+            if not nb or max(na, nb) > 2 * min(na, nb):
+                continue
+            score = m.streams.similarity(fa, fb, SIMILARITY_THRESHOLD, MAX_RATIO_WORK)
+            if score >= SIMILARITY_THRESHOLD:
+                scored.append((score, fa.rva, fb.rva))
+    for score, a, b in sorted(scored, key=lambda s: (-s[0], s[1], s[2])):
+        m.pair(a, b, "similarity", round(score, 4))

@@ -1,0 +1,162 @@
+"""Pairing the references of matched functions, and judging whether a matched pair really changed.
+
+A matched pair is changed when its code differs, or when what its calls,
+imports, code references and read-only data reach no longer correspond.
+``datadiff`` reads the data votes and the data items gathered here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from ..analysis.functions import Function, FunctionTable
+from .dataitems import DataItems, items_equal
+from .matching import Match
+from .result import ADDED, CHANGED, REMOVED, UNCHANGED, FunctionDiff
+from .streams import InstructionStreams
+from .targets import CODE, DATA, FUNCTION, IMPORT, OTHER, TargetClassifier
+
+__all__ = ["Pairing"]
+
+
+class Pairing:
+    """Pairs the references of matched functions and judges whether they still mean the same."""
+
+    def __init__(self, a: FunctionTable, b: FunctionTable, function_map: dict[int, int],
+                 streams: InstructionStreams) -> None:
+        self.a, self.b = a, b
+        self.streams = streams
+        self.function_map = function_map
+        self.targets_a = TargetClassifier(a)
+        self.targets_b = TargetClassifier(b)
+        #: (baseline data rva, patched data rva) -> number of instruction pairs that say so; per source
+        self.data_votes: dict[str, Counter[tuple[int, int]]] = {"unchanged": Counter(), "changed": Counter()}
+        self._items: tuple[DataItems, DataItems] | None = None
+        self._items_equal: dict[tuple[int, int], bool] = {}
+        #: jump tables are compared through the fingerprint (targets relative to the function), not as bytes
+        self.jump_tables_a = {t[1] for analysis in a.analyses for t in analysis.raw_tables}
+
+    def items(self) -> tuple[DataItems, DataItems]:
+        if self._items is None:
+            self._items = (DataItems(self.a, self.targets_a, self.targets_a.all_data_targets()),
+                           DataItems(self.b, self.targets_b, self.targets_b.all_data_targets()))
+        return self._items
+
+    def items_equal(self, rva_a: int, rva_b: int) -> bool:
+        """``dataitems.items_equal`` of the two images' items (remembered: many functions read the same data)."""
+        key = (rva_a, rva_b)
+        found = self._items_equal.get(key)
+        if found is None:
+            items_a, items_b = self.items()
+            found = self._items_equal[key] = items_equal(items_a, items_b, rva_a, rva_b, self.function_map)
+        return found
+
+    def classify(self, matches: dict[int, Match]) -> list[FunctionDiff]:
+        out: list[FunctionDiff] = []
+        rodata_checks: list[tuple[int, int, int]] = []  # (index in out, rva_a, rva_b)
+        for fa in self.a:
+            match = matches.get(fa.rva)
+            if match is None:
+                out.append(FunctionDiff(REMOVED, fa, None))
+                continue
+            fb = self.b.at(match.patched_rva)
+            assert fb is not None
+            changes, rodata = self._compare(fa, fb)
+            for rva_a, rva_b in rodata:
+                rodata_checks.append((len(out), rva_a, rva_b))
+            status = CHANGED if changes else UNCHANGED
+            out.append(FunctionDiff(status, fa, fb, match.method, match.similarity, tuple(changes)))
+        if rodata_checks:
+            for index, rva_a, rva_b in rodata_checks:
+                entry = out[index]
+                if "rodata" in entry.changes or self.items_equal(rva_a, rva_b):
+                    continue
+                out[index] = FunctionDiff(CHANGED, entry.baseline, entry.patched, entry.match, entry.similarity,
+                                          tuple(sorted(set(entry.changes) | {"rodata"})))
+        matched_b = set(self.function_map.values())
+        out.extend(FunctionDiff(ADDED, None, fb) for fb in self.b if fb.rva not in matched_b)
+        return out
+
+    def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]] | None:
+        """Pairs of references that sit at the same place in matched instructions; None when the
+        fingerprints are equal (then the references pair up in order)."""
+        if fa.fingerprint == fb.fingerprint:
+            return None
+        by_insn_a: dict[int, list[tuple]] = defaultdict(list)
+        by_insn_b: dict[int, list[tuple]] = defaultdict(list)
+        for ref in self.a.analysis_of(fa).raw_refs:
+            by_insn_a[ref[1]].append(ref)
+        for ref in self.b.analysis_of(fb).raw_refs:
+            by_insn_b[ref[1]].append(ref)
+        rvas_a = self.a.analysis_of(fa).insn_rvas
+        rvas_b = self.b.analysis_of(fb).insn_rvas
+        pairs = []
+        for i, j in self.streams.aligned(fa, fb):
+            left = by_insn_a.get(rvas_a[i])
+            right = by_insn_b.get(rvas_b[j])
+            if left is not None and right is not None and len(left) == len(right):
+                pairs.extend(zip(left, right))
+        return pairs
+
+    def _compare(self, fa: Function, fb: Function) -> tuple[list[str], list[tuple[int, int]]]:
+        changes: set[str] = set()
+        same_code = fa.fingerprint == fb.fingerprint
+        if not same_code:
+            changes.add("code")
+        rodata: list[tuple[int, int]] = []
+        votes = self.data_votes["unchanged" if same_code else "changed"]
+        function_map = self.function_map
+        # Calls to matched functions drop out, data on both sides comes back apart; with equal fingerprints
+        # the branches inside the function and the imports are known to be the same and are left out too.
+        data, rest = self.streams.kernels.triage_refs(
+            self.a.analysis_of(fa).raw_refs, self.b.analysis_of(fb).raw_refs, self.ref_pairs(fa, fb), fa.rva,
+            fa.end_rva, self.targets_a.iat, function_map, self.targets_a.all_data_targets(),
+            self.targets_b.all_data_targets())
+        for ra, rb in rest:
+            kind_a, value_a = self.targets_a.classify(fa, ra[4])
+            kind_b, value_b = self.targets_b.classify(fb, rb[4])
+            if kind_a != kind_b:
+                changes.add("reference")
+                continue
+            if kind_a == FUNCTION:
+                if function_map.get(value_a) != value_b:  # type: ignore[arg-type]
+                    changes.add("call_target")
+            elif kind_a == IMPORT:
+                if value_a != value_b:
+                    changes.add("import")
+            elif kind_a == CODE:
+                if not self._same_code_place(value_a, value_b):  # type: ignore[arg-type]
+                    changes.add("reference")
+            elif kind_a == DATA:
+                data.append((value_a, value_b))  # type: ignore[arg-type]
+            elif kind_a == OTHER and value_a != value_b:
+                changes.add("reference")
+        for pair in data:
+            votes[pair] += 1
+            if pair[0] not in self.jump_tables_a and not self.targets_a.is_writable_data(pair[0]):
+                rodata.append(pair)
+        return sorted(changes), rodata
+
+    def _same_code_place(self, rva_a: int, rva_b: int, hops: int = 2) -> bool:
+        """Code targets correspond when they sit at the same offset in (or after) matched functions.
+
+        A ``jmp rel32`` on both sides (an entry of MSVC's incremental-link
+        table, which no function need cover) corresponds when it leads to
+        corresponding code: the table's order is the linker's, not the code's.
+        """
+        if hops and self.a.image.memory[rva_a:rva_a + 1] == b"\xe9" == self.b.image.memory[rva_b:rva_b + 1]:
+            lead_a, lead_b = _jump_destination(self.a, rva_a), _jump_destination(self.b, rva_b)
+            if self.function_map.get(lead_a) == lead_b:
+                return True
+            if lead_a not in self.function_map and self._same_code_place(lead_a, lead_b, hops - 1):
+                return True
+        owner_a = self.a.containing(rva_a) or self.a.preceding(rva_a)
+        owner_b = self.b.containing(rva_b) or self.b.preceding(rva_b)
+        if owner_a is None or owner_b is None:
+            return False
+        return self.function_map.get(owner_a.rva) == owner_b.rva and rva_a - owner_a.rva == rva_b - owner_b.rva
+
+
+def _jump_destination(table: FunctionTable, rva: int) -> int:
+    """Where the ``jmp rel32`` at ``rva`` goes."""
+    return rva + 5 + int.from_bytes(table.image.memory[rva + 1:rva + 5], "little", signed=True)

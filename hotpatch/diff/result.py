@@ -1,0 +1,88 @@
+"""What a diff found: each function's status and the data changes; plain data, no verdict.
+
+``hotpatch.verdict`` reads a ``DiffResult`` and decides; nothing here knows of it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..analysis.functions import Function, FunctionTable
+from .streams import InstructionStreams
+
+__all__ = ["ADDED", "CHANGED", "REMOVED", "UNCHANGED", "DataChange", "DiffResult", "FunctionDiff"]
+
+@dataclass(frozen=True)
+class DataChange:
+    kind: str
+    baseline_rva: int | None
+    patched_rva: int | None
+    size: int | None
+    section: str | None
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "baseline_rva": self.baseline_rva, "patched_rva": self.patched_rva,
+                "size": self.size, "section": self.section, "detail": self.detail}
+
+
+UNCHANGED, CHANGED, ADDED, REMOVED = "unchanged", "changed", "added", "removed"
+
+
+@dataclass(frozen=True)
+class FunctionDiff:
+    status: str
+    baseline: Function | None
+    patched: Function | None
+    match: str | None = None
+    similarity: float | None = None
+    #: why a matched function counts as changed: "code", "call_target", "rodata", "import", "reference"
+    changes: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        side = self.patched or self.baseline
+        assert side is not None
+        return side.label
+
+
+@dataclass(frozen=True, eq=False)
+class DiffResult:
+    baseline: FunctionTable
+    patched: FunctionTable
+    functions: tuple[FunctionDiff, ...]
+    data: tuple[DataChange, ...]
+    #: baseline function RVA -> patched function RVA
+    function_map: dict[int, int] = field(repr=False)
+    #: baseline data RVA -> patched data RVA (through matched instructions and identical content)
+    data_map: dict[int, int] = field(repr=False)
+    #: the token streams and alignments the diff computed
+    streams: InstructionStreams | None = field(repr=False, default=None)
+
+    def summary(self) -> dict[str, int]:
+        counts = Counter(f.status for f in self.functions)
+        return {s: counts.get(s, 0) for s in (UNCHANGED, CHANGED, ADDED, REMOVED)}
+
+    def by_status(self, status: str) -> list[FunctionDiff]:
+        return [f for f in self.functions if f.status == status]
+
+    def to_json(self) -> dict[str, Any]:
+        """The diff without its verdict (``hotpatch.verdict.rules.diff_document`` adds it)."""
+
+        def side(f: Function | None) -> dict[str, Any] | None:
+            return None if f is None else {"name": f.name, "rva": f.rva, "size": f.size}
+
+        return {
+            "schema": "hotpatch.diff/1",
+            "baseline": {"path": self.baseline.image.path, "identity": self.baseline.image.identity.to_json()},
+            "patched": {"path": self.patched.image.path, "identity": self.patched.image.identity.to_json()},
+            "summary": self.summary(),
+            "functions": [
+                {"status": f.status, "baseline": side(f.baseline), "patched": side(f.patched),
+                 "match": f.match, "similarity": f.similarity, "changes": list(f.changes)}
+                for f in self.functions
+            ],
+            "data": [d.to_json() for d in self.data],
+        }

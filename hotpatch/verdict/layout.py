@@ -1,0 +1,175 @@
+"""Traces of a changed in-memory data layout in matched code.
+
+A binary diff cannot see a structure definition, but it sees its shadow: when
+a field is inserted, matched instructions that reach the fields behind it
+through the same base register move their displacements by the same amount,
+and the size passed to the allocator that creates the object changes. The
+running process holds objects of the old layout; new code would read and
+write past them. Stack frames (rsp/rbp) and RIP-relative operands are not
+structures the process keeps, so they are left out.
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..analysis.functions import Function, FunctionTable, import_thunk_target
+from ..analysis.refkinds import CALL_REL32, IAT_CALL
+
+if TYPE_CHECKING:
+    from ..diff.result import DiffResult
+
+__all__ = ["LayoutEvidence", "find_layout_changes", "ALLOCATORS"]
+
+ALLOCATORS = frozenset({
+    "malloc", "calloc", "realloc", "_aligned_malloc", "_malloc_base", "_calloc_base", "_realloc_base",
+    "heapalloc", "heaprealloc", "rtlallocateheap", "localalloc", "globalalloc", "virtualalloc",
+    "??2@yapeax_k@z", "??_u@yapeax_k@z", "_znwm", "_znam", "_znwy", "_znay",
+})
+_FRAME_REGISTERS = {"rsp", "rbp", "esp", "ebp", "rip"}
+_ARGUMENT_REGISTERS = {"rcx", "ecx", "rdx", "edx", "r8", "r8d"}
+# capstone's Intel syntax: "qword ptr [rcx + rax*8 + 0x10]"; the core's instruction_text is text only,
+# about twenty times cheaper than building detail objects for every instruction of every changed function.
+_MEMORY = re.compile(r"\[(?P<base>[a-z0-9]+)(?: \+ [a-z0-9]+\*\d)?(?: (?P<sign>[+-]) (?P<disp>0x[0-9a-f]+|\d+))?\]")
+_NUMBER = re.compile(r"\b(?:0x[0-9a-f]+|\d+)\b")
+#: how many instructions before an allocator call may set its size argument
+_ALLOCATOR_WINDOW = 6
+
+
+@dataclass(frozen=True)
+class LayoutEvidence:
+    function: str
+    kind: str  # "displacement_shift" | "allocation_size"
+    detail: str
+
+
+def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
+    """Evidence across all changed functions: consistent displacement shifts, changed allocation sizes."""
+    shifts: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))  # delta -> disp -> functions
+    evidence: list[LayoutEvidence] = []
+    for entry in result.functions:
+        if entry.status != "changed" or entry.baseline is None or entry.patched is None:
+            continue
+        if entry.baseline.fingerprint == entry.patched.fingerprint:
+            continue  # same instructions but for references: nothing moved inside them
+        name = entry.patched.label
+        moved, sizes = _compare(result, entry.baseline, entry.patched)
+        for delta, displacement in moved:
+            shifts[delta][displacement].add(name)
+        evidence.extend(LayoutEvidence(name, "allocation_size", f"{name}: allocation size changed from "
+                                       f"{old} to {new} bytes") for old, new in sizes)
+    # Two fields moving together is a layout change; one is, when an allocation size changed too.
+    needed = 1 if evidence else 2
+    for delta, places in sorted(shifts.items()):
+        if len(places) >= needed:
+            names = sorted({n for functions in places.values() for n in functions})
+            offsets = ", ".join(f"{d:#x}" for d in sorted(places))
+            evidence.append(LayoutEvidence(", ".join(names), "displacement_shift",
+                                           f"field offsets {offsets} moved by {delta:+d} in {', '.join(names)}"))
+    return evidence
+
+
+#: one decoded instruction: (rva, mnemonic, operand text)
+Insn = tuple[int, str, str]
+
+
+def _differing_runs(result: DiffResult, fa: Function, fb: Function) -> Iterator[tuple[list[Insn], list[Insn]]]:
+    """Decoded runs of instructions the token alignment left unpaired, facing each other.
+
+    Aligned instructions are equal but for their reference operands (RIP-relative
+    addresses, branch targets), so they cannot show a moved field or a changed
+    allocation size; only what lies between them is worth decoding.
+    """
+    rvas_a = result.baseline.analysis_of(fa).insn_rvas
+    rvas_b = result.patched.analysis_of(fb).insn_rvas
+    previous_i = previous_j = -1
+    for i, j in [*result.streams.aligned(fa, fb), (len(rvas_a), len(rvas_b))]:
+        if i - previous_i > 1 and j - previous_j > 1:
+            yield (_decoded(result.baseline, fa, rvas_a, previous_i + 1, i),
+                   _decoded(result.patched, fb, rvas_b, previous_j + 1, j))
+        previous_i, previous_j = i, j
+
+
+def _decoded(table: FunctionTable, function: Function, rvas: Any, first: int, stop: int) -> list[Insn]:
+    """Instructions ``first`` to ``stop`` (exclusive) of ``function`` that lie in its primary range."""
+    inside = [k for k in range(first, stop) if function.rva <= rvas[k] < function.end_rva]
+    if not inside:
+        return []
+    begin = rvas[inside[0]]
+    end = rvas[inside[-1] + 1] if inside[-1] + 1 < len(rvas) else function.end_rva
+    end = min(max(end, begin + 1), function.end_rva)
+    return table.backend.instruction_text(table.image.memory, begin, end)
+
+
+def _token(insn: Insn) -> tuple[str, str]:
+    """The instruction with displacements and immediates abstracted away."""
+    return insn[1], _NUMBER.sub("#", insn[2])
+
+
+def _displacement(operands: str) -> tuple[str, int] | None:
+    match = _MEMORY.search(operands)
+    if match is None or match.group("base") in _FRAME_REGISTERS:
+        return None
+    text = match.group("disp")
+    value = int(text, 0) if text else 0
+    return match.group("base"), -value if match.group("sign") == "-" else value
+
+
+def _compare(result: DiffResult, fa: Function, fb: Function) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(delta, old displacement) of moved structure fields, and (old, new) allocation sizes."""
+    moved: list[tuple[int, int]] = []
+    sizes: list[tuple[int, int]] = []
+    allocator_calls: tuple[set[int], set[int]] | None = None
+    intern: dict[tuple[str, str], int] = {}
+    for insns_a, insns_b in _differing_runs(result, fa, fb):
+        tokens_a = array("I", [intern.setdefault(_token(x), len(intern)) for x in insns_a])
+        tokens_b = array("I", [intern.setdefault(_token(x), len(intern)) for x in insns_b])
+        for i, j in result.streams.kernels.aligned_indices(tokens_a, tokens_b):
+            ia, ib = insns_a[i], insns_b[j]
+            if ia[2] == ib[2]:
+                continue
+            # lea computes with its "displacement" (x * 3 + 2); only real memory accesses reach fields
+            old, new = (None, None) if ia[1] == "lea" else (_displacement(ia[2]), _displacement(ib[2]))
+            if old is not None and new is not None and old[0] == new[0] and old[1] != new[1]:
+                moved.append((new[1] - old[1], old[1]))
+            if ia[1] != "mov" or ib[1] != "mov":
+                continue
+            if allocator_calls is None:
+                allocator_calls = _allocator_calls(result.baseline, fa), _allocator_calls(result.patched, fb)
+            size_a, size_b = _allocator_size(ia, allocator_calls[0]), _allocator_size(ib, allocator_calls[1])
+            if size_a is not None and size_b is not None and size_a != size_b:
+                sizes.append((size_a, size_b))
+    return moved, sizes
+
+
+def _allocator_calls(table: FunctionTable, function: Function) -> set[int]:
+    """RVAs of the calls in ``function`` that reach an allocator (directly or through an import thunk)."""
+    image = table.image
+    out = set()
+    for kind, insn_rva, _, _, target in table.analysis_of(function).raw_refs:
+        name = None
+        if kind == IAT_CALL:
+            imported = image.import_at(target)
+            name = imported.name if imported else None
+        elif kind == CALL_REL32 and table.at(target) is not None:
+            label = import_thunk_target(table, table.at(target))  # type: ignore[arg-type]
+            name = label.split("!", 1)[1] if label else None
+        if name and name.lower() in ALLOCATORS:
+            out.add(insn_rva)
+    return out
+
+
+def _allocator_size(insn: Insn, allocator_calls: set[int]) -> int | None:
+    """The immediate of ``mov <first or second argument register>, imm`` shortly before an allocator call."""
+    rva, mnemonic, operands = insn
+    if mnemonic != "mov" or not any(0 < call - rva <= _ALLOCATOR_WINDOW * 15 for call in allocator_calls):
+        return None
+    dest, _, source = operands.partition(", ")
+    if dest not in _ARGUMENT_REGISTERS or not _NUMBER.fullmatch(source):
+        return None
+    return int(source, 0)

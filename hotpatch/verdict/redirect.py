@@ -1,0 +1,82 @@
+"""Which redirect strategies a baseline function's entry allows.
+
+In order of preference (docs/APPLY.md, "Redirects"):
+
+- ``short_jmp_padding``: a 2-byte ``jmp rel8`` at the entry into the padding
+  before it, where a 5-byte ``jmp rel32`` waits. Writing 2 aligned bytes is
+  atomic, so no thread check is needed.
+- ``rel32_jmp``: a 5-byte ``jmp rel32`` to code allocated within ±2 GB.
+- ``abs_jmp``: a 14-byte ``jmp [rip+0]`` with the address after it.
+
+A strategy is possible when the function and its trailing padding hold the
+bytes it writes, no branch inside the function lands inside those bytes (a
+thread still running old code could jump into the middle of the redirect), and
+no call among them returns inside them (a thread waiting in the callee would
+return into the middle of the redirect: ``call rax`` is 2 bytes).
+"""
+
+from __future__ import annotations
+
+from ..analysis.functions import Function, FunctionTable
+from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32
+
+__all__ = ["SHORT_JMP_PADDING", "REL32_JMP", "ABS_JMP", "STRATEGY_LENGTHS", "obstacles", "possible_strategies"]
+
+SHORT_JMP_PADDING = "short_jmp_padding"
+REL32_JMP = "rel32_jmp"
+ABS_JMP = "abs_jmp"
+
+#: bytes each strategy overwrites at the entry
+STRATEGY_LENGTHS = {SHORT_JMP_PADDING: 2, REL32_JMP: 5, ABS_JMP: 14}
+#: the short jump lands on a 5-byte jump placed right before the entry
+PADDING_JUMP_LENGTH = 5
+_LONGEST = max(STRATEGY_LENGTHS.values())
+
+
+def possible_strategies(table: FunctionTable, function: Function) -> list[str]:
+    """The strategies usable at ``function``'s entry, best first (empty: it cannot be redirected)."""
+    blocked = obstacles(table, function)
+    return [strategy for strategy in STRATEGY_LENGTHS if strategy not in blocked]
+
+
+def obstacles(table: FunctionTable, function: Function) -> dict[str, str]:
+    """Why each strategy that cannot be used at ``function``'s entry cannot (usable ones are absent)."""
+    entry = function.rva
+    inner_targets = _inner_branch_targets(table, function)
+    return_addresses = _entry_return_addresses(table, function)
+    room = function.size + function.pad_after
+    out = {}
+    for strategy, length in STRATEGY_LENGTHS.items():
+        overwritten = range(entry + 1, entry + length)
+        if length > room:
+            out[strategy] = f"needs {length} bytes, {room} there"
+        elif any(t in overwritten for t in inner_targets):
+            out[strategy] = f"a branch lands inside its {length} bytes"
+        elif any(r in overwritten for r in return_addresses):
+            out[strategy] = f"a call returns inside its {length} bytes"
+        elif strategy == SHORT_JMP_PADDING and (function.pad_before < PADDING_JUMP_LENGTH or function.size < 2):
+            out[strategy] = f"{function.pad_before} bytes of padding before the entry, {PADDING_JUMP_LENGTH} needed"
+    return out
+
+
+def _inner_branch_targets(table: FunctionTable, function: Function) -> set[int]:
+    targets = set()
+    for kind, _, _, _, target in table.analysis_of(function).raw_refs:
+        if kind in (BRANCH_REL8, BRANCH_REL32) and function.rva < target < function.end_rva:
+            targets.add(target)
+    for jump_table in table.analysis_of(function).raw_tables:
+        targets.update(jump_table[3])
+    return targets
+
+
+def _entry_return_addresses(table: FunctionTable, function: Function) -> set[int]:
+    """Where the calls that start in the first bytes a redirect may overwrite return to."""
+    end = min(function.end_rva, function.rva + _LONGEST + 15)
+    instructions = table.backend.instruction_text(table.image.memory, function.rva, end)
+    out = set()
+    for (rva, mnemonic, _), following in zip(instructions, instructions[1:] + [(end, "", "")]):
+        if rva >= function.rva + _LONGEST:
+            break
+        if mnemonic.startswith("call") or mnemonic == "lcall":
+            out.add(following[0])
+    return out

@@ -227,7 +227,7 @@ class Image:
         """The same image as ``load`` gives, read without LIEF (``hotpatch.pe.directories``)."""
         import sys
 
-        from .pe.directories import DirectoryReader
+        from .directories import DirectoryReader
 
         data, path, label = _read_source(source)
         headers = _check_headers(data, label)

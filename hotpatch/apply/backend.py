@@ -27,6 +27,7 @@ from ..win32mem import (
     PAGE_READWRITE,
     Region,
 )
+from ..x86 import assemble
 
 __all__ = [
     "CALL_STUB_ASM",
@@ -259,10 +260,7 @@ _PAGE = 0x1000
 @lru_cache(maxsize=1)
 def call_stub() -> bytes:
     """CALL_STUB_ASM assembled with keystone."""
-    import keystone
-
-    encoding, _ = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64).asm(CALL_STUB_ASM, 0)
-    return bytes(encoding)
+    return assemble(CALL_STUB_ASM)
 
 
 def call_function(backend: ProcessBackend, function_va: int, *args: int, timeout: float = 10.0) -> int:

@@ -11,13 +11,13 @@ import struct
 from collections.abc import Callable
 
 from ..errors import EmulationError
+from ..x86 import MASK64
 from .machine import ModelCall
 from .models import code_model, model
 
 __all__: list[str] = []
 
 BOTH = ("crt", "ntdll")
-MASK64 = (1 << 64) - 1
 ENOMEM = 12
 EINVAL = 22
 

@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import capstone
 from unicorn import (
     UC_ARCH_X86,
     UC_ERR_INSN_INVALID,
@@ -56,11 +55,12 @@ from ..errors import (
     UnmodelledImportError,
 )
 from ..win32mem import MEM_IMAGE, MEM_PRIVATE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
+from ..x86 import MASK64, disassembler
 from . import models
 from .heap import Heap
 from .modeldll import CODE_RVA, CODE_SIZE, EDATA_RVA, ModelDll
 from .space import GRANULE, PAGE, AddressSpace
-from .unwind import MASK64, Context
+from .unwind import Context
 
 if TYPE_CHECKING:
     from ..image import Image
@@ -272,7 +272,7 @@ class Machine:
         self.dispatch_cpu_exceptions = True
         self._recording: _Recording | None = None
         self._watches: dict[int, tuple[int, int]] = {}  # hook handle -> [begin, end)
-        self._disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self._disassembler = disassembler()
         self._layout()
         self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_invalid_memory)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)

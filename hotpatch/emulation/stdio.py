@@ -10,7 +10,8 @@ import struct
 from collections.abc import Callable
 
 from ..errors import EmulationError
-from .crt import FILE_SIZE, IOB, MASK64
+from ..x86 import MASK64
+from .crt import FILE_SIZE, IOB
 from .machine import ModelCall
 from .models import model
 

@@ -15,6 +15,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..x86 import MASK64
+
 __all__ = [
     "CONTEXT_SIZE",
     "UNW_FLAG_CHAININFO",
@@ -46,7 +48,6 @@ UWOP_SAVE_XMM128_FAR = 9
 UWOP_PUSH_MACHFRAME = 10
 
 RSP = 4
-MASK64 = (1 << 64) - 1
 
 # CONTEXT (winnt.h, AMD64): offsets of the fields the emulator fills.
 CONTEXT_SIZE = 0x4D0

@@ -15,6 +15,7 @@ import zlib
 
 from ..errors import Win32Error
 from ..win32mem import MEM_PRIVATE, PAGE_READWRITE
+from ..x86 import MASK64
 from .crt import allocate, reallocate, release
 from .loader import resolve_import
 from .machine import TEB_TLS_SLOTS, ModelCall
@@ -26,7 +27,6 @@ __all__: list[str] = []
 
 K32 = ("kernel32",)
 BOTH = ("kernel32", "ntdll")
-MASK64 = (1 << 64) - 1
 
 ERROR_INVALID_HANDLE = 6
 ERROR_NOT_ENOUGH_MEMORY = 8

@@ -21,8 +21,6 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import capstone
-
 from .. import __version__
 from ..diff import DiffResult
 from ..errors import NotHotpatchableError
@@ -37,6 +35,7 @@ from ..refkinds import (
     TABLE_IMAGE_REL32,
 )
 from ..verdict import Reason
+from ..x86 import disassembler
 from .model import (
     PADDING_JMP_SIZE,
     UNW_FLAG_CHAININFO,
@@ -154,7 +153,7 @@ class _Builder:
         self.status = {f.patched.rva: f.status for f in result.functions if f.patched is not None}
         self.changed_rodata = {d.patched_rva for d in result.data if d.kind == "changed_rodata"}
         self.items_b = self._items_b()
-        self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self.md = disassembler()
         self.labels_a = {imp.label: imp.iat_rva for imp in self.a.image.imports}
         #: data blob index -> the patched-image RVA its bytes come from
         self.origins: dict[int, int] = {}

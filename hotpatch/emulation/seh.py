@@ -26,9 +26,10 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import EmulationError, EmulationFaultError, GuestExceptionError
+from ..unwindinfo import UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER
 from .machine import Machine, ModelCall, Resume
 from .models import model
-from .unwind import CONTEXT_SIZE, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, Context, virtual_unwind
+from .unwind import CONTEXT_SIZE, Context, virtual_unwind
 
 __all__ = ["dispatch", "lookup_function", "make_record", "unwind"]
 

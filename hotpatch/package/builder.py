@@ -34,13 +34,11 @@ from ..refkinds import (
     RIP_RELATIVE,
     TABLE_IMAGE_REL32,
 )
+from ..unwindinfo import UNW_FLAG_CHAININFO, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, tail_offset
 from ..verdict import Reason
 from ..x86 import disassembler
 from .model import (
     PADDING_JMP_SIZE,
-    UNW_FLAG_CHAININFO,
-    UNW_FLAG_EHANDLER,
-    UNW_FLAG_UHANDLER,
     BaselineRVA,
     Blob,
     BlobKind,
@@ -413,8 +411,7 @@ class _Builder:
             size = unwind_info_size(memory, unwind_rva)
             infos.extend(memory[unwind_rva:unwind_rva + size])
             flags = memory[unwind_rva] >> 3
-            count = memory[unwind_rva + 2]
-            tail = offset + 4 + 2 * (count + (count & 1))
+            tail = offset + tail_offset(memory[unwind_rva + 2])
             if flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER):
                 handler_rva = struct.unpack_from("<I", memory, unwind_rva + tail - offset)[0]
                 info_fixups.append((tail, FixupKind.ALLOC_REL32, self._resolve_pointer(blob, handler_rva)))
@@ -497,14 +494,11 @@ class _Builder:
         out = set()
         memory = self.b.image.memory
         for root in pdata.values():
-            rva = root.unwind.rva
-            if not rva or memory[rva] >> 3 & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER) == 0:
+            info = root.unwind  # as LIEF read it from the patched file
+            if not info.rva or info.flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER) == 0 or info.handler_rva is None:
                 continue
-            count = memory[rva + 2]
-            tail = rva + 4 + 2 * (count + (count & 1))
-            handler = struct.unpack_from("<I", memory, tail)[0]
-            if self._handler_name(handler) in _GCC_PERSONALITIES:
-                out.add(struct.unpack_from("<I", memory, tail + 4)[0])
+            if self._handler_name(info.handler_rva) in _GCC_PERSONALITIES:
+                out.add(struct.unpack_from("<I", memory, info.rva + tail_offset(info.code_count) + 4)[0])
         return out
 
     def _copy_lsda(self, lsda: int, lsda_starts: list[int]) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from ..errors import (
     PackageLimitError,
     PackageVersionError,
 )
+from ..unwindinfo import UNW_FLAG_CHAININFO, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, fixed_size
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -597,9 +598,6 @@ class Package:
         return load(path, trusted_keys=trusted_keys, require_signature=require_signature)
 
 
-UNW_FLAG_EHANDLER = 1
-UNW_FLAG_UHANDLER = 2
-UNW_FLAG_CHAININFO = 4
 
 
 def unwind_info_size(data: bytes, offset: int) -> int:
@@ -610,13 +608,7 @@ def unwind_info_size(data: bytes, offset: int) -> int:
         raise PackageFieldError(f"unwind info at {offset:#x}: version {version}")
     if flags & ~7 or (flags & UNW_FLAG_CHAININFO and flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER)):
         raise PackageFieldError(f"unwind info at {offset:#x}: flags {flags:#x}")
-    count = data[offset + 2]
-    size = 4 + 2 * (count + (count & 1))
-    if flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER):
-        size += 4
-    elif flags & UNW_FLAG_CHAININFO:
-        size += 12
-    return size
+    return fixed_size(flags, data[offset + 2])
 
 
 def _check_unwind_info(what: str, data: bytes, offset: int) -> None:

@@ -25,7 +25,7 @@ from .. import __version__
 from ..diff import DiffResult
 from ..errors import NotHotpatchableError
 from ..functions import Function, FunctionTable
-from ..redirect import ABS_JMP, REL32_JMP, SHORT_JMP_PADDING, STRATEGY_LENGTHS, possible_strategies
+from ..redirect import possible_strategies
 from ..refkinds import (
     ABS64,
     BRANCH_REL8,
@@ -34,6 +34,7 @@ from ..refkinds import (
     RIP_RELATIVE,
     TABLE_IMAGE_REL32,
 )
+from ..strategy import Strategy
 from ..unwindinfo import UNW_FLAG_CHAININFO, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, tail_offset
 from ..verdict import Reason
 from ..x86 import disassembler
@@ -50,7 +51,6 @@ from .model import (
     Metadata,
     Package,
     PatchSite,
-    Strategy,
     TargetIdentity,
     UnwindEntry,
     unwind_info_size,
@@ -58,7 +58,6 @@ from .model import (
 
 __all__ = ["build_package"]
 
-_STRATEGIES = {SHORT_JMP_PADDING: Strategy.SHORT_JMP_PADDING, REL32_JMP: Strategy.REL32_JMP, ABS_JMP: Strategy.ABS_JMP}
 #: personality routines whose language-specific data is one RVA of a GCC LSDA
 _GCC_PERSONALITIES = {"__gxx_personality_seh0", "__gcc_personality_seh0", "_GCC_specific_handler"}
 _C_SPECIFIC_HANDLER = "__C_specific_handler"
@@ -532,24 +531,23 @@ class _Builder:
         for position in range(len(changed) - 1, -1, -1):
             function = changed[position][0]
             if limit is not None:
-                fits = [s for s in options[position] if function.rva + STRATEGY_LENGTHS[s] <= limit]
+                fits = [s for s in options[position] if function.rva + s.width <= limit]
                 if not fits:
                     raise _Unsupported(f"{function.label} is too close to the next changed function to redirect")
                 options[position] = fits
             first = options[position][0]
-            limit = function.rva - PADDING_JMP_SIZE if first == SHORT_JMP_PADDING else function.rva
-            options[position] = [s for s in options[position] if s != SHORT_JMP_PADDING or s == first]
+            limit = function.rva - PADDING_JMP_SIZE if first is Strategy.SHORT_JMP_PADDING else function.rva
+            options[position] = [s for s in options[position] if s is not Strategy.SHORT_JMP_PADDING or s is first]
         return [self._site(function, blob, options[position]) for position, (function, blob) in enumerate(changed)]
 
-    def _site(self, function: Function, blob: int, strategies: list[str]) -> PatchSite:
+    def _site(self, function: Function, blob: int, strategies: list[Strategy]) -> PatchSite:
         strategies = strategies[:3]
-        width = max(STRATEGY_LENGTHS[s] for s in strategies)
+        width = max(s.width for s in strategies)
         expected = self.a.image.read(function.rva, width)
         padding_rva = None
         padding = b""
-        if SHORT_JMP_PADDING in strategies:
+        if Strategy.SHORT_JMP_PADDING in strategies:
             padding_rva = function.rva - PADDING_JMP_SIZE
             padding = self.a.image.read(padding_rva, PADDING_JMP_SIZE)
-        chosen = [_STRATEGIES[s] for s in strategies]
-        return PatchSite(function.rva, function.label, expected, blob, 0, chosen[0], tuple(chosen[1:]),
+        return PatchSite(function.rva, function.label, expected, blob, 0, strategies[0], tuple(strategies[1:]),
                          padding_rva, padding)

@@ -96,7 +96,7 @@ class TargetKind(enum.IntEnum):
 _BLOB_KINDS = frozenset(int(kind) for kind in BlobKind)
 _FIXUP_KINDS = frozenset(int(kind) for kind in FixupKind)
 _TARGET_KINDS = frozenset(int(kind) for kind in TargetKind)
-_STRATEGIES = frozenset(int(strategy) for strategy in Strategy)
+_STRATEGIES = frozenset(strategy.code for strategy in Strategy)
 
 SECTION_COUNT = len(Section)
 SECTIONS_START = HEADER_SIZE + 16 * SECTION_COUNT
@@ -188,11 +188,11 @@ def _encode_fixup(fixup: Fixup, strings: _StringTable) -> bytes:
 
 
 def _encode_site(site: PatchSite, strings: _StringTable) -> bytes:
-    fallbacks = bytes(site.fallbacks).ljust(2, b"\x00")
+    fallbacks = bytes(f.code for f in site.fallbacks).ljust(2, b"\x00")
     flags = 0 if site.padding_rva is None else SITE_HAS_PADDING
     return _SITE.pack(
         site.rva, strings.add(site.function), site.target_blob, site.target_offset,
-        site.strategy, len(site.fallbacks), fallbacks, len(site.expected), len(site.padding_expected),
+        site.strategy.code, len(site.fallbacks), fallbacks, len(site.expected), len(site.padding_expected),
         flags, site.padding_rva or 0, 0, site.expected, site.padding_expected,
     )
 
@@ -522,7 +522,8 @@ class _Reader:
                 raise PackageFieldError(f"{what}: bytes after the expected or padding bytes are not 0")
             site = PatchSite(
                 rva, self._nonempty(f"{what} function", name), expected[:expected_size], target_blob,
-                target_offset, Strategy(strategy), tuple(Strategy(f) for f in fallback_bytes[:fallback_count]),
+                target_offset, Strategy.from_code(strategy),
+                tuple(Strategy.from_code(f) for f in fallback_bytes[:fallback_count]),
                 padding_rva if flags & SITE_HAS_PADDING else None, padding[:padding_size],
             )
             if rva <= previous:

@@ -27,6 +27,7 @@ from ..errors import (
     PackageLimitError,
     PackageVersionError,
 )
+from ..strategy import PADDING_JMP_SIZE, Strategy
 from ..unwindinfo import UNW_FLAG_CHAININFO, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, fixed_size
 
 if TYPE_CHECKING:
@@ -105,24 +106,6 @@ class FixupKind(enum.IntEnum):
         return 8 if self is FixupKind.ABS64 else 4
 
 
-class Strategy(enum.IntEnum):
-    """How a patch site is redirected to its new code (docs/FORMAT.md, "Patch sites")."""
-
-    SHORT_JMP_PADDING = 1  # 2-byte jmp rel8 into padding, where a 5-byte jmp rel32 waits
-    REL32_JMP = 2  # 5-byte jmp rel32 to code within +-2 GiB
-    ABS_JMP = 3  # 14 bytes: jmp [rip+0] followed by the 8-byte address
-
-    @property
-    def width(self) -> int:
-        """Bytes the strategy overwrites at the site itself."""
-        return _STRATEGY_WIDTH[self]
-
-
-_STRATEGY_WIDTH = {Strategy.SHORT_JMP_PADDING: 2, Strategy.REL32_JMP: 5, Strategy.ABS_JMP: 14}
-
-#: the jmp rel32 written into the padding by SHORT_JMP_PADDING
-PADDING_JMP_SIZE = 5
-
 
 def check_text(what: str, text: str, *, empty_ok: bool = True) -> bytes:
     """The UTF-8 bytes of a string field, after the rules every string of the format obeys."""
@@ -148,7 +131,7 @@ def check_uint(what: str, value: int, maximum: int) -> None:
         raise PackageFieldError(f"{what}: {value} is outside 0..{maximum:#x}")
 
 
-def _check_enum(what: str, value: object, enum_type: type[enum.IntEnum]) -> None:
+def _check_enum(what: str, value: object, enum_type: type[enum.Enum]) -> None:
     if not isinstance(value, enum_type):
         raise PackageFieldError(f"{what}: {value!r} is not a {enum_type.__name__}")
 

@@ -8,7 +8,8 @@ completes the registry before any machine uses it.
 from __future__ import annotations
 
 from . import crt, stdio, win32  # noqa: F401 - they register their models on import
-from .machine import DEFAULT_INSTRUCTION_LIMIT, Machine
+from .addresses import DEFAULT_INSTRUCTION_LIMIT
+from .machine import Machine
 from .models import REGISTRY
 from .seh import dispatch_fault
 

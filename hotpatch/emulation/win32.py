@@ -16,9 +16,10 @@ import zlib
 from ..errors import Win32Error
 from ..win32mem import MEM_PRIVATE, PAGE_READWRITE
 from ..x86 import MASK64
+from .addresses import TEB_TLS_SLOTS
 from .crt import allocate, reallocate, release
 from .loader import resolve_import
-from .machine import TEB_TLS_SLOTS, ModelCall
+from .modelcall import ModelCall
 from .models import family_of, model
 from .space import GRANULE, USER_MAX, USER_MIN, align_down
 from .stdio import emit

@@ -7,7 +7,7 @@ completes the registry before any machine uses it.
 
 from __future__ import annotations
 
-from . import crt, stdio, win32  # noqa: F401 - they register their models on import
+from . import crt, stdio, win32, win32memory  # noqa: F401 - they register their models on import
 from .addresses import DEFAULT_INSTRUCTION_LIMIT
 from .machine import Machine
 from .models import REGISTRY

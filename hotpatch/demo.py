@@ -13,14 +13,13 @@ shows the original behaviour again. Every step is the real CLI a user runs.
 
 from __future__ import annotations
 
-import argparse
 import queue
 import sys
 import threading
 import time
 from pathlib import Path
 
-from .demohost import CASE, HostProcess, banner, demo_env, run_hotpatch
+from .demohost import CASE, HostProcess, banner, demo_arguments, demo_env, run_hotpatch
 
 __all__ = ["main"]
 
@@ -53,11 +52,8 @@ class Host(HostProcess):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hotpatch.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--fixtures", default="build/fixtures", help="built fixtures (make fixtures)")
-    parser.add_argument("--work", default="build/demo", help="where the package and the Wine prefix go")
-    args = parser.parse_args(argv)
-    fixtures, work = Path(args.fixtures).resolve(), Path(args.work).resolve()
+    fixtures, work = demo_arguments(argv, "python -m hotpatch.demo", __doc__, "build/demo",
+                                    "where the package and the Wine prefix go")
     work.mkdir(parents=True, exist_ok=True)
     env = demo_env(work)
     env["HOTPATCH_TRUST_DIR"] = str(work / "trusted-keys")  # the demo's own trust store, not this machine's

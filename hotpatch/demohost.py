@@ -3,12 +3,13 @@ they print their steps and run the real CLI (``hotpatch.demo``, ``hotpatch.rollo
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["CALLS", "CASE", "HostProcess", "banner", "demo_env", "run_hotpatch"]
+__all__ = ["CALLS", "CASE", "HostProcess", "banner", "demo_arguments", "demo_env", "run_hotpatch"]
 
 CASE = "body_change"
 CALLS = ("scale:10", "scale_then_xor:10,1")
@@ -52,6 +53,15 @@ class HostProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return -1
+
+
+def demo_arguments(argv: list[str] | None, prog: str, doc: str, work: str, work_help: str) -> tuple[Path, Path]:
+    """A demo's command line: the built fixtures and its work directory, both absolute."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    parser.add_argument("--fixtures", default="build/fixtures", help="built fixtures (make fixtures)")
+    parser.add_argument("--work", default=work, help=work_help)
+    args = parser.parse_args(argv)
+    return Path(args.fixtures).resolve(), Path(args.work).resolve()
 
 
 def demo_env(work: Path) -> dict[str, str]:

@@ -15,12 +15,11 @@ takes it out again. Every step is the real CLI.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 from pathlib import Path
 
-from ..demohost import CASE, HostProcess, banner, demo_env, run_hotpatch
+from ..demohost import CASE, HostProcess, banner, demo_arguments, demo_env, run_hotpatch
 
 __all__ = ["main"]
 
@@ -90,11 +89,8 @@ def _show(services: dict[str, Service]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hotpatch.rollout.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--fixtures", default="build/fixtures", help="built fixtures (make fixtures)")
-    parser.add_argument("--work", default="build/demo-rollout", help="package, plans, state, Wine prefix")
-    args = parser.parse_args(argv)
-    fixtures, work = Path(args.fixtures).resolve(), Path(args.work).resolve()
+    fixtures, work = demo_arguments(argv, "python -m hotpatch.rollout.demo", __doc__, "build/demo-rollout",
+                                    "package, plans, state, Wine prefix")
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (work / "probe.py").write_text(PROBE)

@@ -437,8 +437,9 @@ def _onexit(c: ModelCall) -> int:
     return c.arg(0)  # success is the function itself
 
 
-# _initterm(begin, end): call every non-null function pointer in [begin, end).
-code_model("_initterm", """
+# _initterm(begin, end): call every non-null function pointer in [begin, end). _initterm_e: the same for
+# int (*)(void), stopping at the first non-zero result, which it returns.
+_INITTERM = """
     push rsi
     push rdi
     sub rsp, 0x28
@@ -451,40 +452,15 @@ again:
     test rax, rax
     je skip
     call rax
-skip:
+{after_call}skip:
     add rsi, 8
     jmp again
 finish:
-    add rsp, 0x28
+{at_finish}    add rsp, 0x28
     pop rdi
     pop rsi
     ret
-""")
-
-# _initterm_e: the same for int (*)(void), stopping at the first non-zero result, which it returns.
-code_model("_initterm_e", """
-    push rsi
-    push rdi
-    sub rsp, 0x28
-    mov rsi, rcx
-    mov rdi, rdx
-again:
-    cmp rsi, rdi
-    jae finish
-    mov rax, qword ptr [rsi]
-    test rax, rax
-    je skip
-    call rax
-    test eax, eax
-    jne done
-skip:
-    add rsi, 8
-    jmp again
-finish:
-    xor eax, eax
-done:
-    add rsp, 0x28
-    pop rdi
-    pop rsi
-    ret
-""")
+"""
+code_model("_initterm", _INITTERM.format(after_call="", at_finish=""))
+code_model("_initterm_e", _INITTERM.format(after_call="    test eax, eax\n    jne done\n",
+                                            at_finish="    xor eax, eax\ndone:\n"))

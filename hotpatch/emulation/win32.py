@@ -208,23 +208,30 @@ def _tls_free(c: ModelCall) -> int:
     return 1
 
 
-@model("TlsGetValue", families=K32)
-def _tls_get(c: ModelCall) -> int:
+def _tls_slot_va(c: ModelCall) -> int | None:
+    """Where the TEB keeps the slot the first argument names; None (last error set) for a bad index."""
     index = c.arg32(0)
     if index >= TLS_SLOTS:
         c.machine.set_last_error(ERROR_INVALID_PARAMETER)
+        return None
+    return c.machine.teb + TEB_TLS_SLOTS + 8 * index
+
+
+@model("TlsGetValue", families=K32)
+def _tls_get(c: ModelCall) -> int:
+    va = _tls_slot_va(c)
+    if va is None:
         return 0
     c.machine.set_last_error(0)
-    return c.machine.u64(c.machine.teb + TEB_TLS_SLOTS + 8 * index)
+    return c.machine.u64(va)
 
 
 @model("TlsSetValue", families=K32)
 def _tls_set(c: ModelCall) -> int:
-    index = c.arg32(0)
-    if index >= TLS_SLOTS:
-        c.machine.set_last_error(ERROR_INVALID_PARAMETER)
+    va = _tls_slot_va(c)
+    if va is None:
         return 0
-    c.machine.poke(c.machine.teb + TEB_TLS_SLOTS + 8 * index, c.arg(1).to_bytes(8, "little"))
+    c.machine.poke(va, c.arg(1).to_bytes(8, "little"))
     return 1
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ..errors import PackageEncodingError, PackageFieldError, PackageLayoutError, PackageLimitError
 from ..strategy import PADDING_JMP_SIZE, Strategy
 
+# the helpers (check_*, U32_MAX) are for model.py; __all__ is what the package model re-exports
 __all__ = [
     "FORMAT_VERSION",
     "LIMITS",
@@ -31,11 +32,7 @@ __all__ = [
     "Strategy",
     "TargetIdentity",
     "UnwindEntry",
-    "check_text",
-    "check_uint",
     "check_enum",
-    "U32_MAX",
-    "check_bytes",
 ]
 
 FORMAT_VERSION = 1

@@ -179,19 +179,12 @@ def _strcat(c: ModelCall) -> int:
     return dst
 
 
-@model("strchr", families=BOTH)
+@model("strchr", "strrchr", families=BOTH)
 def _strchr(c: ModelCall) -> int:
-    start, value = c.arg(0), c.arg(1) & 0xFF
+    """The first (strchr) or last (strrchr) place of a byte in a string, its terminator included."""
+    start, value = c.arg(0), bytes([c.arg(1) & 0xFF])
     text = c.machine.cstring(start, c.label) + b"\0"
-    index = text.find(bytes([value]))
-    return start + index if index >= 0 else 0
-
-
-@model("strrchr", families=BOTH)
-def _strrchr(c: ModelCall) -> int:
-    start, value = c.arg(0), c.arg(1) & 0xFF
-    text = c.machine.cstring(start, c.label) + b"\0"
-    index = text.rfind(bytes([value]))
+    index = text.rfind(value) if c.stub.name == "strrchr" else text.find(value)
     return start + index if index >= 0 else 0
 
 

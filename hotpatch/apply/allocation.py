@@ -11,7 +11,9 @@ import struct
 
 from ..errors import FixupError
 from ..package.model import BaselineRVA, BlobKind, BlobTarget, Fixup, FixupKind, ImportTarget, Package
+from ..unwindinfo import RUNTIME_FUNCTION_SIZE
 from ..win32mem import PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
+from ..win32mem import PAGE_SIZE as PAGE
 from .imports import ResolvedImport, normalise_dll
 from .provenance import MARKER_SIZE
 from .redirects import fits_rel32, relay_thunk
@@ -19,9 +21,7 @@ from .region import Layout, Part
 
 __all__ = ["build_parts", "import_key", "package_imports", "plan_layout", "thunk_keys"]
 
-PAGE = 0x1000
 THUNK_SIZE = 16
-RUNTIME_FUNCTION_SIZE = 12
 
 
 def _align(value: int, alignment: int) -> int:

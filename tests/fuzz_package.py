@@ -584,9 +584,9 @@ def render(package: Package) -> str:
             kind, a, b = 3, text(target.dll), text(target.name)
         lines.append(f"fixup {f.blob} {f.offset} {f.kind.value} {kind} {a} {b} {f.addend}")
     for s in package.sites:
-        fallbacks = ",".join(str(f.value) for f in s.fallbacks) or "-"
+        fallbacks = ",".join(str(f.code) for f in s.fallbacks) or "-"
         padding = "-" if s.padding_rva is None else str(s.padding_rva)
-        lines.append(f"site {s.rva} {text(s.function)} {s.target_blob} {s.target_offset} {s.strategy.value} "
+        lines.append(f"site {s.rva} {text(s.function)} {s.target_blob} {s.target_offset} {s.strategy.code} "
                      f"{fallbacks} {raw(s.expected)} {padding} {raw(s.padding_expected)}")
     lines += [f"unwind {u.code_blob} {u.begin} {u.end} {u.unwind_blob} {u.unwind_offset}" for u in package.unwind]
     if package.signature is None or package.signer_public_key is None:

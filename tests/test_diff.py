@@ -90,13 +90,14 @@ def test_inlined_change_marks_callers_changed(cases: list[Case]) -> None:
 
 def test_no_redirect_where_a_call_returns_inside_it(cases: list[Case]) -> None:
     """call_at_entry: rel32 would fit in the 9 bytes of invoke(), but its first call returns to invoke+2."""
-    from hotpatch.verdict.redirect import REL32_JMP, obstacles, possible_strategies
+    from hotpatch.verdict.redirect import obstacles, possible_strategies
+    from hotpatch.verdict.strategy import Strategy
 
     case = next(c for c in cases if c.name == "call_at_entry")
     result = diff(case.baseline, case.patched)
     invoke = next(e.baseline for e in result.by_status("changed") if e.name == "invoke")
     assert possible_strategies(result.baseline, invoke) == []
-    assert obstacles(result.baseline, invoke)[REL32_JMP] == "a call returns inside its 5 bytes"
+    assert obstacles(result.baseline, invoke)[Strategy.REL32_JMP] == "a call returns inside its 5 bytes"
     [reason] = decide(result).reasons
     assert reason.kind == "function_too_short" and "rel32_jmp: a call returns inside" in reason.message
 

@@ -612,3 +612,23 @@ def test_printf_output_is_collected_and_sprintf_formats_into_a_buffer(body_chang
     # more arguments than registers: the fifth and sixth come from the stack
     result = call(body_change, Address(sprintf), [Buffer(bytes(32)), b"%s-%03d-%lld-%c\0", b"ab\0", 7, -5, 0x41])
     assert result.value == 11 and result.buffers[0][:12] == b"ab-007--5-A\0"
+
+
+def test_string_search_and_tls_models_answer_like_the_crt(body_change: EmulatorBackend) -> None:
+    """strchr/strrchr (one model) find the first/last byte, the terminator included; TlsGetValue/TlsSetValue
+    (one slot helper) keep a value per index and refuse an index past the slots."""
+    msvcrt = model_module(body_change, "msvcrt.dll")
+    kernel32 = model_module(body_change, "kernel32.dll")
+    text = body_change.allocate_near(0, 0x1000, PAGE_READWRITE)
+    body_change.write(text, b"a/b/c\0")
+    strchr, strrchr = find_export(body_change, msvcrt, "strchr"), find_export(body_change, msvcrt, "strrchr")
+    assert call_function(body_change, strchr, text, ord("/")) == text + 1
+    assert call_function(body_change, strrchr, text, ord("/")) == text + 3
+    assert call_function(body_change, strchr, text, 0) == call_function(body_change, strrchr, text, 0) == text + 5
+    assert call_function(body_change, strrchr, text, ord("z")) == 0
+    tls_alloc, tls_get, tls_set = (find_export(body_change, kernel32, name)
+                                   for name in ("TlsAlloc", "TlsGetValue", "TlsSetValue"))
+    index = call_function(body_change, tls_alloc) & 0xFFFFFFFF
+    assert call_function(body_change, tls_set, index, 0x1234_5678_9ABC) == 1
+    assert call_function(body_change, tls_get, index) == 0x1234_5678_9ABC
+    assert call_function(body_change, tls_set, 4096, 1) == 0 and call_function(body_change, tls_get, 4096) == 0

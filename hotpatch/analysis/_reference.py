@@ -35,6 +35,7 @@ from typing import Any
 import capstone
 from capstone import x86_const as x86
 
+from ..x86 import disassembler
 from .flow import is_nop, terminates
 from .refkinds import (
     ABS64,
@@ -60,28 +61,16 @@ _GRP_CALL = capstone.CS_GRP_CALL
 _GRP_BRANCH_RELATIVE = capstone.CS_GRP_BRANCH_RELATIVE
 
 
-_TEXT_DISASSEMBLER: capstone.Cs | None = None
-
-
 def instruction_text(memory: bytes, begin: int, end: int) -> list[tuple[int, str, str]]:
-    global _TEXT_DISASSEMBLER
-    if _TEXT_DISASSEMBLER is None:
-        _TEXT_DISASSEMBLER = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     end = min(end, len(memory))
     if begin < 0 or begin >= end:
         return []
     return [(rva, mnemonic, operands) for rva, _, mnemonic, operands
-            in _TEXT_DISASSEMBLER.disasm_lite(memory[begin:end], begin)]
-
-
-def _disassembler() -> capstone.Cs:
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    return md
+            in disassembler().disasm_lite(memory[begin:end], begin)]
 
 
 def decode(ctx: Any, items: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[tuple[Any, list, list]]:
-    md = _disassembler()
+    md = disassembler(detail=True)
     return [_decode_one(md, ctx, ranges) for _, ranges in items]
 
 

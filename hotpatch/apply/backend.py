@@ -26,8 +26,10 @@ from ..pe.headers import DIRECTORY_EXPORT, first_page, read_headers
 from ..process.win32mem import (
     PAGE_EXECUTE_READ,
     PAGE_READWRITE,
+    PAGE_SIZE,
     Region,
 )
+from ..x86 import assemble
 
 __all__ = [
     "CALL_STUB_ASM",
@@ -253,16 +255,12 @@ CALL_STUB_ASM = """
     ret
 """
 
-_PAGE = 0x1000
 
 
 @lru_cache(maxsize=1)
 def call_stub() -> bytes:
     """CALL_STUB_ASM assembled with keystone."""
-    import keystone
-
-    encoding, _ = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64).asm(CALL_STUB_ASM, 0)
-    return bytes(encoding)
+    return assemble(CALL_STUB_ASM)
 
 
 def call_function(backend: ProcessBackend, function_va: int, *args: int, timeout: float = 10.0) -> int:
@@ -276,11 +274,11 @@ def call_function(backend: ProcessBackend, function_va: int, *args: int, timeout
         raise ValueError("call_function takes at most four arguments")
     words = [function_va, *(a & 0xFFFFFFFFFFFFFFFF for a in args)]
     words += [0] * (6 - len(words))
-    base = backend.allocate_near(0, 2 * _PAGE, PAGE_READWRITE)
-    block = base + _PAGE
+    base = backend.allocate_near(0, 2 * PAGE_SIZE, PAGE_READWRITE)
+    block = base + PAGE_SIZE
     try:
         backend.write(base, call_stub())
-        backend.protect(base, _PAGE, PAGE_EXECUTE_READ)
+        backend.protect(base, PAGE_SIZE, PAGE_EXECUTE_READ)
         backend.write(block, struct.pack("<6Q", *words))
         backend.remote_call(base, block, timeout=timeout)
     except RemoteTimeoutError:

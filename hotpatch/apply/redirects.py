@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .. import x86
 from ..errors import FixupError
 from ..package.model import PADDING_JMP_SIZE, PatchSite, Strategy
 from .backend import CommitWrite
@@ -51,18 +52,10 @@ ROLE_ENTRY = "entry"
 ROLE_PADDING = "padding"
 
 
-@lru_cache(maxsize=1)
-def _keystone():  # noqa: ANN202 - keystone has no type stubs
-    import keystone
-
-    return keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
-
-
 @lru_cache(maxsize=4096)
 def assemble(text: str, va: int = 0) -> bytes:
-    """Assemble ``text`` as code placed at ``va``."""
-    encoding, _ = _keystone().asm(text, va)
-    return bytes(encoding or b"")
+    """Assemble ``text`` as code placed at ``va`` (cached: sites repeat the same few stubs)."""
+    return x86.assemble(text, va)
 
 
 def fits_rel32(value: int) -> bool:

@@ -7,8 +7,9 @@ completes the registry before any machine uses it.
 
 from __future__ import annotations
 
-from . import crt, jumps, stdio, win32, winsock  # noqa: F401 - they register their models on import
-from .machine import DEFAULT_INSTRUCTION_LIMIT, Machine
+from . import crt, jumps, stdio, win32, win32memory, winsock  # noqa: F401 - they register their models on import
+from .addresses import DEFAULT_INSTRUCTION_LIMIT
+from .machine import Machine
 from .models import REGISTRY
 from .seh import dispatch_fault
 

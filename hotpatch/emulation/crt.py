@@ -11,13 +11,13 @@ import struct
 from collections.abc import Callable
 
 from ..errors import EmulationError
-from .machine import ModelCall
+from ..x86 import MASK64
+from .modelcall import ModelCall
 from .models import code_model, model
 
 __all__: list[str] = []
 
 BOTH = ("crt", "ntdll")
-MASK64 = (1 << 64) - 1
 ENOMEM = 12
 EINVAL = 22
 
@@ -179,19 +179,12 @@ def _strcat(c: ModelCall) -> int:
     return dst
 
 
-@model("strchr", families=BOTH)
+@model("strchr", "strrchr", families=BOTH)
 def _strchr(c: ModelCall) -> int:
-    start, value = c.arg(0), c.arg(1) & 0xFF
+    """The first (strchr) or last (strrchr) place of a byte in a string, its terminator included."""
+    start, value = c.arg(0), bytes([c.arg(1) & 0xFF])
     text = c.machine.cstring(start, c.label) + b"\0"
-    index = text.find(bytes([value]))
-    return start + index if index >= 0 else 0
-
-
-@model("strrchr", families=BOTH)
-def _strrchr(c: ModelCall) -> int:
-    start, value = c.arg(0), c.arg(1) & 0xFF
-    text = c.machine.cstring(start, c.label) + b"\0"
-    index = text.rfind(bytes([value]))
+    index = text.rfind(value) if c.stub.name == "strrchr" else text.find(value)
     return start + index if index >= 0 else 0
 
 
@@ -450,8 +443,9 @@ def _onexit(c: ModelCall) -> int:
     return c.arg(0)  # success is the function itself
 
 
-# _initterm(begin, end): call every non-null function pointer in [begin, end).
-code_model("_initterm", """
+# _initterm(begin, end): call every non-null function pointer in [begin, end). _initterm_e: the same for
+# int (*)(void), stopping at the first non-zero result, which it returns.
+_INITTERM = """
     push rsi
     push rdi
     sub rsp, 0x28
@@ -464,40 +458,15 @@ again:
     test rax, rax
     je skip
     call rax
-skip:
+{after_call}skip:
     add rsi, 8
     jmp again
 finish:
-    add rsp, 0x28
+{at_finish}    add rsp, 0x28
     pop rdi
     pop rsi
     ret
-""")
-
-# _initterm_e: the same for int (*)(void), stopping at the first non-zero result, which it returns.
-code_model("_initterm_e", """
-    push rsi
-    push rdi
-    sub rsp, 0x28
-    mov rsi, rcx
-    mov rdi, rdx
-again:
-    cmp rsi, rdi
-    jae finish
-    mov rax, qword ptr [rsi]
-    test rax, rax
-    je skip
-    call rax
-    test eax, eax
-    jne done
-skip:
-    add rsi, 8
-    jmp again
-finish:
-    xor eax, eax
-done:
-    add rsp, 0x28
-    pop rdi
-    pop rsi
-    ret
-""")
+"""
+code_model("_initterm", _INITTERM.format(after_call="", at_finish=""))
+code_model("_initterm_e", _INITTERM.format(after_call="    test eax, eax\n    jne done\n",
+                                            at_finish="    xor eax, eax\ndone:\n"))

@@ -27,7 +27,8 @@ from ..process.win32mem import (
     PAGE_READWRITE,
     PAGE_WRITECOPY,
 )
-from .machine import PROCESS_DATA_BASE, TLS_ARRAY_OFFSET, LoadedModule, Machine
+from .addresses import PROCESS_DATA_BASE, TLS_ARRAY_OFFSET
+from .machine import LoadedModule, Machine
 from .space import GRANULE, PAGE, align_up
 
 __all__ = ["DEFAULT_BASE_SHIFT", "load_image", "section_protection"]

@@ -19,26 +19,16 @@ passes it down until the level that owns the frame installs the context.
 from __future__ import annotations
 
 import itertools
-import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import capstone
 from unicorn import (
     UC_ARCH_X86,
-    UC_ERR_INSN_INVALID,
     UC_HOOK_CODE,
     UC_HOOK_INTR,
     UC_HOOK_MEM_INVALID,
-    UC_HOOK_MEM_WRITE,
-    UC_MEM_FETCH_PROT,
-    UC_MEM_FETCH_UNMAPPED,
-    UC_MEM_READ_PROT,
-    UC_MEM_READ_UNMAPPED,
-    UC_MEM_WRITE_PROT,
-    UC_MEM_WRITE_UNMAPPED,
     UC_MODE_64,
     UC_PROT_READ,
     UC_PROT_WRITE,
@@ -55,12 +45,29 @@ from ..errors import (
     RemoteTimeoutError,
     UnmodelledImportError,
 )
-from ..process.win32mem import MEM_IMAGE, MEM_PRIVATE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
+from ..process.win32mem import MEM_IMAGE, PAGE_EXECUTE_READ, PAGE_READONLY
+from ..x86 import MASK64, disassembler
 from . import models
-from .heap import Heap
+from .addresses import (
+    ARGUMENT_REGISTERS,
+    DEFAULT_INSTRUCTION_LIMIT,
+    GPR,
+    GUEST_FILETIME,
+    GUEST_PROCESS_ID,
+    GUEST_THREAD_ID,
+    MAX_NESTING,
+    MODEL_DLL_BASE,
+    SENTINEL_BASE,
+    TEB_LAST_ERROR,
+    XMM,
+    lay_out,
+)
+from .faults import CpuException, cpu_exception, interrupt_exception
+from .modelcall import ModelCall
 from .modeldll import CODE_RVA, CODE_SIZE, EDATA_RVA, ModelDll
-from .space import GRANULE, PAGE, AddressSpace
-from .unwind import MASK64, Context
+from .recording import WriteRecorder
+from .space import PAGE, AddressSpace
+from .unwind import Context
 
 if TYPE_CHECKING:
     from ..pe.image import Image
@@ -76,70 +83,7 @@ __all__ = [
     "Stub",
 ]
 
-DEFAULT_INSTRUCTION_LIMIT = 50_000_000
-STACK_SIZE = 0x100000
-HEAP_SIZE = 0x4000000
-MAX_NESTING = 64
-
-# Fixed places, chosen like a Windows process lays itself out: stack and heap low, system DLLs high.
-STACK_BASE = 0x100000
-HEAP_BASE = 0x10000000
-PROCESS_DATA_BASE = 0x7FFD00000000
-SENTINEL_BASE = 0x7FFD00100000
-MODEL_DLL_BASE = 0x7FFB00000000
-KUSER_SHARED_DATA = 0x7FFE0000
-
-# Inside the process-data allocation.
-TEB_OFFSET = 0x0000
-PEB_OFFSET = 0x2000
-LDR_OFFSET = 0x2800
-TLS_ARRAY_OFFSET = 0x3000
-CRT_DATA_OFFSET = 0x4000  # errno, FILE objects, ... (see models.crt)
-PROCESS_DATA_SIZE = 0x10000
-TEB_TLS_SLOTS = 0x1480
-TEB_LAST_ERROR = 0x68
-
-#: Unicorn register ids in unwind numbering (RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8-R15).
-GPR = (
-    x86.UC_X86_REG_RAX, x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX, x86.UC_X86_REG_RBX,
-    x86.UC_X86_REG_RSP, x86.UC_X86_REG_RBP, x86.UC_X86_REG_RSI, x86.UC_X86_REG_RDI,
-    x86.UC_X86_REG_R8, x86.UC_X86_REG_R9, x86.UC_X86_REG_R10, x86.UC_X86_REG_R11,
-    x86.UC_X86_REG_R12, x86.UC_X86_REG_R13, x86.UC_X86_REG_R14, x86.UC_X86_REG_R15,
-)  # fmt: skip
-XMM = tuple(getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16))
-ARGUMENT_REGISTERS = (x86.UC_X86_REG_RCX, x86.UC_X86_REG_RDX, x86.UC_X86_REG_R8, x86.UC_X86_REG_R9)
-
 _pids = itertools.count(0x1F00, 8)
-GUEST_PROCESS_ID = 0x1F00
-GUEST_THREAD_ID = 0x1F04
-GUEST_FILETIME = 133485408000000000  # 2024-01-01 00:00 UTC
-
-_ACCESS = {
-    UC_MEM_READ_UNMAPPED: ("read", "unmapped"),
-    UC_MEM_WRITE_UNMAPPED: ("write", "unmapped"),
-    UC_MEM_FETCH_UNMAPPED: ("execution", "unmapped"),
-    UC_MEM_READ_PROT: ("read", "protected"),
-    UC_MEM_WRITE_PROT: ("write", "protected"),
-    UC_MEM_FETCH_PROT: ("execution", "protected"),
-}
-_INTERRUPTS = {0: "integer division by zero (#DE)", 1: "debug trap (#DB)", 3: "breakpoint (int3)",
-               4: "overflow (#OF)", 5: "bound range exceeded (#BR)", 6: "invalid opcode (#UD)",
-               13: "general protection fault (#GP)", 14: "page fault (#PF)", 0x29: "__fastfail (int 0x29)"}
-
-
-STATUS_ACCESS_VIOLATION = 0xC0000005
-STATUS_ILLEGAL_INSTRUCTION = 0xC000001D
-_INTERRUPT_STATUS = {0: 0xC0000094, 3: 0x80000003, 4: 0xC0000095, 6: STATUS_ILLEGAL_INSTRUCTION,
-                     13: 0xC0000096}  # #DE, int3, #OF, #UD, #GP (privileged instruction)
-
-
-@dataclass(frozen=True)
-class _CpuException:
-    status: int | None  # the NTSTATUS it raises in the guest; None: not an exception Windows would dispatch
-    parameters: list[int]
-    rip: int
-    error: EmulationError  # raised when no handler takes it
-
 
 def _raise(error: BaseException) -> None:
     raise error
@@ -186,55 +130,9 @@ class Resume(Exception):  # noqa: N818 - a control transfer, not an error
         self.context = context
 
 
-@dataclass
-class _Recording:
-    before: dict[int, int] = field(default_factory=dict)
-
-
 #: hands a CPU exception (status, address, parameters, context) to the guest's handlers (``seh.dispatch_fault``):
 #: raises Resume when one takes it, GuestExceptionError when none does
 ExceptionDispatcher = Callable[["Machine", int, int, list[int], Context], None]
-
-
-class ModelCall:
-    """One call of a model: its arguments by the Windows x64 convention, and the machine."""
-
-    def __init__(self, machine: Machine, stub: Stub) -> None:
-        self.machine = machine
-        self.stub = stub
-        self.rsp = machine.reg(x86.UC_X86_REG_RSP)
-
-    def arg(self, index: int) -> int:
-        """Argument ``index`` as an unsigned 64-bit value (rcx, rdx, r8, r9, then the stack)."""
-        if index < 4:
-            return self.machine.reg(ARGUMENT_REGISTERS[index])
-        return self.machine.u64(self.rsp + 8 + 8 * index)
-
-    def sarg(self, index: int) -> int:
-        value = self.arg(index)
-        return value - (1 << 64) if value >> 63 else value
-
-    def arg32(self, index: int) -> int:
-        return self.arg(index) & 0xFFFFFFFF
-
-    def sarg32(self, index: int) -> int:
-        value = self.arg32(index)
-        return value - (1 << 32) if value >> 31 else value
-
-    @property
-    def return_address(self) -> int:
-        return self.machine.u64(self.rsp)
-
-    def caller_context(self) -> Context:
-        """The registers as the caller will see them when this function returns (before rax is set)."""
-        ctx = self.machine.cpu_context()
-        ctx.rip = self.return_address
-        ctx.rsp = self.rsp + 8
-        return ctx
-
-    @property
-    def label(self) -> str:
-        return f"{self.stub.dll}!{self.stub.name}"
 
 
 class Machine:
@@ -267,49 +165,16 @@ class Machine:
         self._error: BaseException | None = None
         self._resume: Resume | None = None
         self._fault: tuple[int, int, int, int] | None = None
-        self._cpu_exception: _CpuException | None = None
+        self._cpu_exception: CpuException | None = None
         #: hand access violations, division by zero, int3... to the guest's exception handlers, as Windows does
         self.dispatch_cpu_exceptions = True
-        self._recording: _Recording | None = None
-        self._watches: dict[int, tuple[int, int]] = {}  # hook handle -> [begin, end)
-        self._disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-        self._layout()
+        self.recorder = WriteRecorder(self.uc)
+        self._disassembler = disassembler()
+        lay_out(self)
         self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_invalid_memory)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         for name in ("ntdll.dll", "kernel32.dll"):
             self.model_dll(name)
-
-    # ── layout ──────────────────────────────────────────────────────────
-
-    def _layout(self) -> None:
-        space = self.space
-        space.map(KUSER_SHARED_DATA, PAGE, PAGE_READONLY, MEM_PRIVATE, "KUSER_SHARED_DATA")
-        space.map(STACK_BASE, STACK_SIZE, PAGE_READWRITE, MEM_PRIVATE, "stack")
-        self.stack_limit, self.stack_base = STACK_BASE, STACK_BASE + STACK_SIZE
-        space.map(HEAP_BASE, HEAP_SIZE, PAGE_READWRITE, MEM_PRIVATE, "heap")
-        self.heap = Heap(HEAP_BASE, HEAP_SIZE)
-        space.map(PROCESS_DATA_BASE, PROCESS_DATA_SIZE, PAGE_READWRITE, MEM_PRIVATE, "TEB/PEB")
-        self.teb = PROCESS_DATA_BASE + TEB_OFFSET
-        self.peb = PROCESS_DATA_BASE + PEB_OFFSET
-        self.crt_data = PROCESS_DATA_BASE + CRT_DATA_OFFSET
-        ldr = PROCESS_DATA_BASE + LDR_OFFSET
-        tls_array = PROCESS_DATA_BASE + TLS_ARRAY_OFFSET
-        teb = bytearray(0x2000)
-        struct.pack_into("<QQQ", teb, 0x00, 0, self.stack_base, self.stack_limit)
-        struct.pack_into("<Q", teb, 0x30, self.teb)
-        struct.pack_into("<QQ", teb, 0x40, self.guest_pid, self.thread_id)
-        struct.pack_into("<QQ", teb, 0x58, tls_array, self.peb)
-        self.uc.mem_write(self.teb, bytes(teb))
-        peb = bytearray(0x800)
-        struct.pack_into("<QQ", peb, 0x10, 0, ldr)
-        struct.pack_into("<Q", peb, 0x30, HEAP_BASE)  # ProcessHeap
-        self.uc.mem_write(self.peb, bytes(peb))
-        # PEB_LDR_DATA with its three module lists empty (each head points at itself)
-        lists = b"".join(struct.pack("<QQ", ldr + off, ldr + off) for off in (0x10, 0x20, 0x30))
-        self.uc.mem_write(ldr, struct.pack("<IB3xQ", 0x58, 1, 0) + lists)
-        space.map(SENTINEL_BASE, GRANULE, PAGE_EXECUTE_READ, MEM_PRIVATE, "emulator return addresses")
-        self.uc.mem_write(SENTINEL_BASE, b"\xf4" * GRANULE)  # hlt: never executed, emulation stops first
-        self.uc.reg_write(x86.UC_X86_REG_GS_BASE, self.teb)
 
     # ── registers and memory ────────────────────────────────────────────
 
@@ -349,7 +214,7 @@ class Machine:
         if not self.space.pages_allow(va, len(data), UC_PROT_WRITE):
             raise EmulationFaultError(f"{what or 'emulator'}: writing {len(data)} bytes at {va:#x}: "
                                       f"{self._page_state(va, len(data), UC_PROT_WRITE)}", va=va)
-        self._record(va, len(data))
+        self.recorder.record(va, len(data))
         self.uc.mem_write(va, bytes(data))
 
     def poke(self, va: int, data: bytes) -> None:
@@ -535,18 +400,11 @@ class Machine:
         return False
 
     def _on_interrupt(self, uc: Uc, number: int, data: object) -> None:
-        rip = uc.reg_read(x86.UC_X86_REG_RIP)
-        if number == 3:
-            rip -= 1  # the CPU reports int3 after the instruction; Windows reports the instruction
-        what = _INTERRUPTS.get(number, f"CPU exception {number}")
-        instruction = self.instruction_at(rip)
-        error = EmulationFaultError(f"{what} at {self.describe(rip)}: {instruction}", rip=rip,
-                                    instruction=instruction)
-        status = _INTERRUPT_STATUS.get(number)
-        if status is None:
-            self._guarded(lambda: _raise(error))
+        exception = interrupt_exception(number, uc.reg_read(x86.UC_X86_REG_RIP), self.describe, self.instruction_at)
+        if exception.status is None:
+            self._guarded(lambda: _raise(exception.error))
             return
-        self._cpu_exception = _CpuException(status, [], rip, error)
+        self._cpu_exception = exception
         uc.emu_stop()
 
     def instruction_at(self, va: int) -> str:
@@ -558,32 +416,12 @@ class Machine:
             return f"{insn.mnemonic} {insn.op_str}".strip()
         return f"undecodable bytes {code[:8].hex(' ')}"
 
-    def _cpu_exception_of(self, exc: UcError) -> _CpuException:
+    def _cpu_exception_of(self, exc: UcError) -> CpuException:
         """The Windows exception a failed emu_start stands for, with the error to raise if nobody handles it."""
-        rip = self.uc.reg_read(x86.UC_X86_REG_RIP)
-        if self._fault is not None:
-            access, address, size, rip = self._fault
-            self._fault = None
-            kind, state = _ACCESS.get(access, ("access", "invalid"))
-            parameters = [{"read": 0, "write": 1, "execution": 8}.get(kind, 0), address]
-            if kind == "execution":
-                error = EmulationFaultError(f"execution of {state} memory at {address:#x}", rip=rip, va=address)
-            else:
-                instruction = self.instruction_at(rip)
-                error = EmulationFaultError(
-                    f"{kind} of {size} bytes at {address:#x} ({state}) by the instruction at "
-                    f"{self.describe(rip)}: {instruction}", rip=rip, va=address, instruction=instruction)
-            return _CpuException(STATUS_ACCESS_VIOLATION, parameters, rip, error)
-        instruction = self.instruction_at(rip)
-        if exc.errno == UC_ERR_INSN_INVALID:
-            error = EmulationFaultError(f"invalid instruction at {self.describe(rip)}: {instruction}", rip=rip,
-                                        instruction=instruction)
-            return _CpuException(STATUS_ILLEGAL_INSTRUCTION, [], rip, error)
-        error = EmulationFaultError(f"CPU stopped at {self.describe(rip)} ({exc}): {instruction}", rip=rip,
-                                    instruction=instruction)
-        return _CpuException(None, [], rip, error)
+        fault, self._fault = self._fault, None
+        return cpu_exception(exc, fault, self.uc.reg_read(x86.UC_X86_REG_RIP), self.describe, self.instruction_at)
 
-    def _dispatch_cpu_exception(self, exception: _CpuException) -> Context | None:
+    def _dispatch_cpu_exception(self, exception: CpuException) -> Context | None:
         """Hand a CPU exception to the guest's SEH handlers: the context to go on with, None for an outer level.
 
         Nobody handling it raises the emulator's own description of the fault.
@@ -608,50 +446,21 @@ class Machine:
             raise exception.error from None
         raise AssertionError("dispatch returned")  # pragma: no cover - dispatch always raises
 
-    # ── written-memory recording ────────────────────────────────────────
+    # ── written-memory recording (recording.py) ─────────────────────────
 
     def watch(self, begin: int, end: int) -> int:
         """Record guest writes to [begin, end) while a recording runs; a handle for ``unwatch``."""
-        handle = self.uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write, begin=begin, end=end - 1)
-        self._watches[handle] = (begin, end)
-        return handle
+        return self.recorder.watch(begin, end)
 
     def unwatch(self, handle: int) -> None:
-        self.uc.hook_del(handle)
-        self._watches.pop(handle, None)
-
-    def _on_write(self, uc: Uc, access: int, address: int, size: int, value: int, data: object) -> None:
-        self._record(address, size)
-
-    def _record(self, va: int, size: int) -> None:
-        recording = self._recording
-        if recording is None:
-            return
-        for begin, end in self._watches.values():
-            lo, hi = max(va, begin), min(va + size, end)
-            if lo < hi:
-                old = self.uc.mem_read(lo, hi - lo)
-                for offset in range(hi - lo):
-                    recording.before.setdefault(lo + offset, old[offset])
+        self.recorder.unwatch(handle)
 
     def start_recording(self) -> None:
-        self._recording = _Recording()
+        self.recorder.start()
 
     def stop_recording(self) -> list[tuple[int, bytes, bytes]]:
         """The runs of bytes written since ``start_recording``: (VA, bytes before, bytes now)."""
-        recording, self._recording = self._recording, None
-        if recording is None:
-            return []
-        runs: list[tuple[int, bytes, bytes]] = []
-        addresses = sorted(recording.before)
-        start = 0
-        for index in range(1, len(addresses) + 1):
-            if index == len(addresses) or addresses[index] != addresses[index - 1] + 1:
-                first = addresses[start]
-                before = bytes(recording.before[a] for a in addresses[start:index])
-                runs.append((first, before, bytes(self.uc.mem_read(first, index - start))))
-                start = index
-        return runs
+        return self.recorder.stop()
 
     # ── calls into guest code ───────────────────────────────────────────
 

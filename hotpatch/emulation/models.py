@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..x86 import assemble
+
 __all__ = ["FAMILIES", "REGISTRY", "Model", "ModelRegistry", "code_model", "family_of", "model"]
 
 FAMILIES = ("crt", "kernel32", "ntdll", "ws2_32")
@@ -90,8 +92,6 @@ def model(*names: str, families: Iterable[str] = ("crt",)) -> Callable[[Run], Ru
 
 def code_model(name: str, asm: str, families: Iterable[str] = ("crt",)) -> None:
     """Register a model implemented by x86-64 code (position independent), assembled with keystone."""
-    import keystone
-
-    encoding, _ = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64).asm(asm, 0)
+    code = assemble(asm)
     for family in families:
-        REGISTRY.add(family, Model(name, None, bytes(encoding)))
+        REGISTRY.add(family, Model(name, None, code))

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 from ..errors import EmulationError, EmulationFaultError, GuestExceptionError
 from ..pe.headers import DIRECTORY_EXCEPTION, read_headers
+from ..pe.unwindinfo import UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER
 from .machine import Machine, ModelCall, Resume
 from .models import model
-from .unwind import CONTEXT_SIZE, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, Context, virtual_unwind
+from .unwind import CONTEXT_SIZE, Context, virtual_unwind
 
 __all__ = ["dispatch", "lookup_function", "make_record", "unwind"]
 

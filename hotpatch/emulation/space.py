@@ -30,6 +30,7 @@ from ..process.win32mem import (
     PAGE_NOACCESS,
     PAGE_READONLY,
     PAGE_READWRITE,
+    PAGE_SIZE,
     PAGE_WRITECOPY,
     Region,
 )
@@ -47,7 +48,7 @@ __all__ = [
     "win32_error",
 ]
 
-PAGE = 0x1000
+PAGE = PAGE_SIZE
 GRANULE = 0x10000
 USER_MIN = 0x10000  # lpMinimumApplicationAddress
 USER_MAX = 0x7FFFFFFEFFFF  # lpMaximumApplicationAddress: the last usable byte

@@ -10,8 +10,9 @@ import struct
 from collections.abc import Callable
 
 from ..errors import EmulationError
-from .crt import FILE_SIZE, IOB, MASK64
-from .machine import ModelCall
+from ..x86 import MASK64
+from .crt import FILE_SIZE, IOB
+from .modelcall import ModelCall
 from .models import model
 
 __all__ = ["emit", "format_printf"]
@@ -168,34 +169,33 @@ def _va_list(c: ModelCall, va_list: int) -> Callable[[], int]:
     return next_arg
 
 
-@model("printf")
-def _printf(c: ModelCall) -> int:
-    text = format_printf(c, c.machine.cstring(c.arg(0), c.label), _varargs(c, 1))
+def _print(c: ModelCall, format_index: int, args: Callable[[], int]) -> int:
+    """printf and its kin: format argument ``format_index`` with ``args``, write it out, return its length."""
+    text = format_printf(c, c.machine.cstring(c.arg(format_index), c.label), args)
     emit(c, text)
     return len(text)
+
+
+@model("printf")
+def _printf(c: ModelCall) -> int:
+    return _print(c, 0, _varargs(c, 1))
 
 
 @model("fprintf")
 def _fprintf(c: ModelCall) -> int:
     _stream(c, c.arg(0))
-    text = format_printf(c, c.machine.cstring(c.arg(1), c.label), _varargs(c, 2))
-    emit(c, text)
-    return len(text)
+    return _print(c, 1, _varargs(c, 2))
 
 
 @model("vfprintf")
 def _vfprintf(c: ModelCall) -> int:
     _stream(c, c.arg(0))
-    text = format_printf(c, c.machine.cstring(c.arg(1), c.label), _va_list(c, c.arg(2)))
-    emit(c, text)
-    return len(text)
+    return _print(c, 1, _va_list(c, c.arg(2)))
 
 
 @model("vprintf")
 def _vprintf(c: ModelCall) -> int:
-    text = format_printf(c, c.machine.cstring(c.arg(0), c.label), _va_list(c, c.arg(1)))
-    emit(c, text)
-    return len(text)
+    return _print(c, 0, _va_list(c, c.arg(1)))
 
 
 @model("sprintf")

@@ -15,6 +15,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..pe.unwindinfo import UNW_FLAG_CHAININFO, UNW_FLAG_EHANDLER, UNW_FLAG_NHANDLER, UNW_FLAG_UHANDLER, tail_offset
+from ..x86 import MASK64
+
 __all__ = [
     "CONTEXT_SIZE",
     "UNW_FLAG_CHAININFO",
@@ -29,10 +32,6 @@ __all__ = [
 
 Reader = Callable[[int, int], bytes]
 
-UNW_FLAG_NHANDLER = 0
-UNW_FLAG_EHANDLER = 1
-UNW_FLAG_UHANDLER = 2
-UNW_FLAG_CHAININFO = 4
 
 UWOP_PUSH_NONVOL = 0
 UWOP_ALLOC_LARGE = 1
@@ -46,7 +45,6 @@ UWOP_SAVE_XMM128_FAR = 9
 UWOP_PUSH_MACHFRAME = 10
 
 RSP = 4
-MASK64 = (1 << 64) - 1
 
 # CONTEXT (winnt.h, AMD64): offsets of the fields the emulator fills.
 CONTEXT_SIZE = 0x4D0
@@ -135,7 +133,7 @@ def _read_info(read: Reader, va: int) -> _UnwindInfo:
         raise UnwindError(f"unwind info at {va:#x} has unknown version {version}")
     count = head[2]
     codes = struct.unpack(f"<{count}H", read(va + 4, 2 * count)) if count else ()
-    tail = va + 4 + 2 * ((count + 1) & ~1)
+    tail = va + tail_offset(count)
     return _UnwindInfo(version, flags, head[1], head[3] & 15, head[3] >> 4, codes, tail)
 
 

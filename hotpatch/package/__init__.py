@@ -8,48 +8,15 @@ The format is specified in docs/FORMAT.md; native/hpk/ holds its C reader.
 
 from __future__ import annotations
 
+from . import model
 from .format import MAGIC, Section, signed_message
-from .model import (
-    FORMAT_VERSION,
-    LIMITS,
-    BaselineRVA,
-    Blob,
-    BlobKind,
-    BlobTarget,
-    Fixup,
-    FixupKind,
-    FixupTarget,
-    ImportTarget,
-    Limits,
-    Metadata,
-    Package,
-    PatchSite,
-    Strategy,
-    TargetIdentity,
-    UnwindEntry,
-)
+from .model import *  # noqa: F403 - the model's names are the package's
 from .signing import generate_keypair, load_private_key, load_public_key, write_keypair
 
 __all__ = [
-    "FORMAT_VERSION",
-    "LIMITS",
+    *model.__all__,
     "MAGIC",
-    "BaselineRVA",
-    "Blob",
-    "BlobKind",
-    "BlobTarget",
-    "Fixup",
-    "FixupKind",
-    "FixupTarget",
-    "ImportTarget",
-    "Limits",
-    "Metadata",
-    "Package",
-    "PatchSite",
     "Section",
-    "Strategy",
-    "TargetIdentity",
-    "UnwindEntry",
     "generate_keypair",
     "load_private_key",
     "load_public_key",

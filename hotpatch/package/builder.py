@@ -21,8 +21,6 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import capstone
-
 from .. import __version__
 from ..analysis.functions import Function, FunctionTable
 from ..analysis.refkinds import (
@@ -35,13 +33,13 @@ from ..analysis.refkinds import (
 )
 from ..diff.result import DiffResult
 from ..errors import NotHotpatchableError
-from ..verdict.redirect import ABS_JMP, REL32_JMP, SHORT_JMP_PADDING, STRATEGY_LENGTHS, possible_strategies
+from ..pe.unwindinfo import UNW_FLAG_CHAININFO, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, tail_offset
+from ..verdict.redirect import possible_strategies
 from ..verdict.rules import Reason, Verdict, decide
+from ..verdict.strategy import Strategy
+from ..x86 import disassembler
 from .model import (
     PADDING_JMP_SIZE,
-    UNW_FLAG_CHAININFO,
-    UNW_FLAG_EHANDLER,
-    UNW_FLAG_UHANDLER,
     BaselineRVA,
     Blob,
     BlobKind,
@@ -53,7 +51,6 @@ from .model import (
     Metadata,
     Package,
     PatchSite,
-    Strategy,
     TargetIdentity,
     UnwindEntry,
     unwind_info_size,
@@ -61,7 +58,6 @@ from .model import (
 
 __all__ = ["build_package"]
 
-_STRATEGIES = {SHORT_JMP_PADDING: Strategy.SHORT_JMP_PADDING, REL32_JMP: Strategy.REL32_JMP, ABS_JMP: Strategy.ABS_JMP}
 #: personality routines whose language-specific data is one RVA of a GCC LSDA
 _GCC_PERSONALITIES = {"__gxx_personality_seh0", "__gcc_personality_seh0", "_GCC_specific_handler"}
 _C_SPECIFIC_HANDLER = "__C_specific_handler"
@@ -158,7 +154,7 @@ class _Builder:
         self.status = {f.patched.rva: f.status for f in result.functions if f.patched is not None}
         self.changed_rodata = {d.patched_rva for d in result.data if d.kind == "changed_rodata"}
         self.items_b = self._items_b()
-        self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self.md = disassembler()
         self.labels_a = {imp.label: imp.iat_rva for imp in self.a.image.imports}
         #: data blob index -> the patched-image RVA its bytes come from
         self.origins: dict[int, int] = {}
@@ -418,8 +414,7 @@ class _Builder:
             size = unwind_info_size(memory, unwind_rva)
             infos.extend(memory[unwind_rva:unwind_rva + size])
             flags = memory[unwind_rva] >> 3
-            count = memory[unwind_rva + 2]
-            tail = offset + 4 + 2 * (count + (count & 1))
+            tail = offset + tail_offset(memory[unwind_rva + 2])
             if flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER):
                 handler_rva = struct.unpack_from("<I", memory, unwind_rva + tail - offset)[0]
                 info_fixups.append((tail, FixupKind.ALLOC_REL32, self._resolve_pointer(blob, handler_rva)))
@@ -502,14 +497,11 @@ class _Builder:
         out = set()
         memory = self.b.image.memory
         for root in pdata.values():
-            rva = root.unwind.rva
-            if not rva or memory[rva] >> 3 & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER) == 0:
+            info = root.unwind  # as LIEF read it from the patched file
+            if not info.rva or info.flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER) == 0 or info.handler_rva is None:
                 continue
-            count = memory[rva + 2]
-            tail = rva + 4 + 2 * (count + (count & 1))
-            handler = struct.unpack_from("<I", memory, tail)[0]
-            if self._handler_name(handler) in _GCC_PERSONALITIES:
-                out.add(struct.unpack_from("<I", memory, tail + 4)[0])
+            if self._handler_name(info.handler_rva) in _GCC_PERSONALITIES:
+                out.add(struct.unpack_from("<I", memory, info.rva + tail_offset(info.code_count) + 4)[0])
         return out
 
     def _copy_lsda(self, lsda: int, lsda_starts: list[int]) -> tuple[int, int]:
@@ -543,24 +535,23 @@ class _Builder:
         for position in range(len(changed) - 1, -1, -1):
             function = changed[position][0]
             if limit is not None:
-                fits = [s for s in options[position] if function.rva + STRATEGY_LENGTHS[s] <= limit]
+                fits = [s for s in options[position] if function.rva + s.width <= limit]
                 if not fits:
                     raise _Unsupported(f"{function.label} is too close to the next changed function to redirect")
                 options[position] = fits
             first = options[position][0]
-            limit = function.rva - PADDING_JMP_SIZE if first == SHORT_JMP_PADDING else function.rva
-            options[position] = [s for s in options[position] if s != SHORT_JMP_PADDING or s == first]
+            limit = function.rva - PADDING_JMP_SIZE if first is Strategy.SHORT_JMP_PADDING else function.rva
+            options[position] = [s for s in options[position] if s is not Strategy.SHORT_JMP_PADDING or s is first]
         return [self._site(function, blob, options[position]) for position, (function, blob) in enumerate(changed)]
 
-    def _site(self, function: Function, blob: int, strategies: list[str]) -> PatchSite:
+    def _site(self, function: Function, blob: int, strategies: list[Strategy]) -> PatchSite:
         strategies = strategies[:3]
-        width = max(STRATEGY_LENGTHS[s] for s in strategies)
+        width = max(s.width for s in strategies)
         expected = self.a.image.read(function.rva, width)
         padding_rva = None
         padding = b""
-        if SHORT_JMP_PADDING in strategies:
+        if Strategy.SHORT_JMP_PADDING in strategies:
             padding_rva = function.rva - PADDING_JMP_SIZE
             padding = self.a.image.read(padding_rva, PADDING_JMP_SIZE)
-        chosen = [_STRATEGIES[s] for s in strategies]
-        return PatchSite(function.rva, function.label, expected, blob, 0, chosen[0], tuple(chosen[1:]),
+        return PatchSite(function.rva, function.label, expected, blob, 0, strategies[0], tuple(strategies[1:]),
                          padding_rva, padding)

@@ -1,57 +1,52 @@
-"""The .hpk byte format: the writer and the checking reader (specified in docs/FORMAT.md).
+"""The .hpk byte format: the writer (specified in docs/FORMAT.md), reading, and a package's identity.
+
+``load``/``loads`` check through reader.py and remember the content digest they computed; a
+package's digest, id and signature state are functions of the format (``content_sha256_of``,
+``package_id_of``, ``signature_state_of``), so the model stays plain data.
 
 The writer emits the one canonical layout of a model (sections in a fixed
 order, 8-byte aligned, zero padding, strings in order of first use), so the
-same model always gives the same bytes. The reader accepts exactly that
-layout: every field and bound is checked before it is used, in the order
-docs/FORMAT.md gives, and every problem is a ``PackageError`` subclass. The
-C reader in native/hpk/ follows the same order, and the tests hold the two to
-the same verdict on mutated packages.
+same model always gives the same bytes. The reader (reader.py) accepts
+exactly that layout; the record structures are wire.py's.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
-import os
-import struct
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import (
-    PackageEncodingError,
-    PackageError,
-    PackageFieldError,
-    PackageHashError,
-    PackageLayoutError,
-    PackageLimitError,
-    PackageMagicError,
-    PackageSignatureError,
-    PackageTruncatedError,
-    PackageUnsignedError,
-    PackageUntrustedError,
-    PackageVersionError,
+from ..errors import PackageLimitError, PackageSignatureError
+from .model import FORMAT_VERSION, LIMITS, BaselineRVA, Blob, BlobKind, BlobTarget, Fixup, Metadata, Package, PatchSite
+from .reader import read, read_file
+from .signing import sign_digest, verify
+from .wire import (
+    BASELINE,
+    BLOB,
+    FIXUP,
+    HASH_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    METADATA,
+    METADATA_CREATED,
+    SECTION_COUNT,
+    SECTION_ENTRY,
+    SECTIONS_START,
+    SIGNATURE_BLOCK_SIZE,
+    SITE,
+    SITE_HAS_PADDING,
+    STRINGS,
+    TARGET,
+    U16,
+    UNWIND,
+    Section,
+    TargetKind,
+    align8,
+    signed_message,
 )
-from .model import (
-    FORMAT_VERSION,
-    LIMITS,
-    BaselineRVA,
-    Blob,
-    BlobKind,
-    BlobTarget,
-    Fixup,
-    FixupKind,
-    ImportTarget,
-    Metadata,
-    Package,
-    PatchSite,
-    Strategy,
-    TargetIdentity,
-    UnwindEntry,
-)
-from .signing import SIGNATURE_CONTEXT, normalize_public_keys, sign_digest, verify
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -72,66 +67,6 @@ __all__ = [
     "signed_message",
 ]
 
-MAGIC = b"\x89HPK\r\n\x1a\n"
-HEADER_SIZE = 32
-HASH_SIZE = 32
-SIGNATURE_BLOCK_SIZE = 32 + 64  # Ed25519 public key, then signature
-
-
-class Section(enum.IntEnum):
-    """Section kinds; a version 1 file has each exactly once, in this order."""
-
-    TARGET = 1
-    BASELINE = 2
-    METADATA = 3
-    BLOBS = 4
-    BLOB_DATA = 5
-    FIXUPS = 6
-    SITES = 7
-    UNWIND = 8
-    STRINGS = 9
-
-
-class TargetKind(enum.IntEnum):
-    BASELINE_RVA = 1
-    BLOB = 2
-    IMPORT = 3
-
-
-_BLOB_KINDS = frozenset(int(kind) for kind in BlobKind)
-_FIXUP_KINDS = frozenset(int(kind) for kind in FixupKind)
-_TARGET_KINDS = frozenset(int(kind) for kind in TargetKind)
-_STRATEGIES = frozenset(int(strategy) for strategy in Strategy)
-
-SECTION_COUNT = len(Section)
-SECTIONS_START = HEADER_SIZE + 16 * SECTION_COUNT
-
-_HEADER = struct.Struct("<8sHHIIIQ")
-_SECTION = struct.Struct("<IIII")  # kind, reserved, offset, size
-_TARGET = struct.Struct("<IIII32s")  # module name, TimeDateStamp, SizeOfImage, CheckSum, code SHA-256
-_BASELINE = struct.Struct("<II")  # baseline id, sequence
-_METADATA = struct.Struct("<QII")  # created, flags, CVE count
-_BLOB = struct.Struct("<BBHIII")  # kind, log2 alignment, reserved, size, data offset, data size
-_FIXUP = struct.Struct("<IIBBHIIIq")  # blob, offset, kind, target kind, reserved, a, b, reserved, addend
-_SITE = struct.Struct("<IIIIBB2sBBHII32s32s")
-_UNWIND = struct.Struct("<IIIIII")  # code blob, begin, end, info blob, info offset, reserved
-_STRINGS = struct.Struct("<II")  # count, reserved; then count x (offset, length)
-_U16 = struct.Struct("<H")
-
-METADATA_CREATED = 1
-SITE_HAS_PADDING = 1
-
-
-def _align8(value: int) -> int:
-    return (value + 7) & ~7
-
-
-def signed_message(content_sha256: bytes) -> bytes:
-    """The bytes the Ed25519 signature signs: a fixed 16-byte context, then the content SHA-256."""
-    return SIGNATURE_CONTEXT + content_sha256
-
-
-# ---------------------------------------------------------------- writer
 
 
 class _StringTable:
@@ -151,20 +86,20 @@ class _StringTable:
         entries, data = [], bytearray()
         for text in self.index:
             raw = text.encode("utf-8")
-            entries.append(_STRINGS.pack(len(data), len(raw)))
+            entries.append(STRINGS.pack(len(data), len(raw)))
             data += raw + b"\x00"
-        return _STRINGS.pack(len(self.index), 0) + b"".join(entries) + bytes(data)
+        return STRINGS.pack(len(self.index), 0) + b"".join(entries) + bytes(data)
 
 
 def _str(text: str) -> bytes:
     raw = text.encode("utf-8")
-    return _U16.pack(len(raw)) + raw + b"\x00"
+    return U16.pack(len(raw)) + raw + b"\x00"
 
 
 def _encode_metadata(metadata: Metadata) -> bytes:
     created = 0 if metadata.created is None else metadata.created
     flags = 0 if metadata.created is None else METADATA_CREATED
-    parts = [_METADATA.pack(created, flags, len(metadata.cve_ids)), _str(metadata.description), _str(metadata.creator)]
+    parts = [METADATA.pack(created, flags, len(metadata.cve_ids)), _str(metadata.description), _str(metadata.creator)]
     parts += [_str(cve) for cve in metadata.cve_ids]
     return b"".join(parts)
 
@@ -173,10 +108,10 @@ def _encode_blobs(blobs: tuple[Blob, ...]) -> tuple[bytes, bytes]:
     table, data = [], bytearray()
     for blob in blobs:
         if blob.kind is BlobKind.BSS:
-            table.append(_BLOB.pack(blob.kind, blob.alignment_log2, 0, blob.size, 0, 0))
+            table.append(BLOB.pack(blob.kind, blob.alignment_log2, 0, blob.size, 0, 0))
             continue
-        data += bytes(_align8(len(data)) - len(data))
-        table.append(_BLOB.pack(blob.kind, blob.alignment_log2, 0, blob.size, len(data), len(blob.data)))
+        data += bytes(align8(len(data)) - len(data))
+        table.append(BLOB.pack(blob.kind, blob.alignment_log2, 0, blob.size, len(data), len(blob.data)))
         data += blob.data
     return b"".join(table), bytes(data)
 
@@ -189,15 +124,15 @@ def _encode_fixup(fixup: Fixup, strings: _StringTable) -> bytes:
         kind, a, b = TargetKind.BLOB, target.blob, target.offset
     else:
         kind, a, b = TargetKind.IMPORT, strings.add(target.dll), strings.add(target.name)
-    return _FIXUP.pack(fixup.blob, fixup.offset, fixup.kind, kind, 0, a, b, 0, fixup.addend)
+    return FIXUP.pack(fixup.blob, fixup.offset, fixup.kind, kind, 0, a, b, 0, fixup.addend)
 
 
 def _encode_site(site: PatchSite, strings: _StringTable) -> bytes:
-    fallbacks = bytes(site.fallbacks).ljust(2, b"\x00")
+    fallbacks = bytes(f.code for f in site.fallbacks).ljust(2, b"\x00")
     flags = 0 if site.padding_rva is None else SITE_HAS_PADDING
-    return _SITE.pack(
+    return SITE.pack(
         site.rva, strings.add(site.function), site.target_blob, site.target_offset,
-        site.strategy, len(site.fallbacks), fallbacks, len(site.expected), len(site.padding_expected),
+        site.strategy.code, len(site.fallbacks), fallbacks, len(site.expected), len(site.padding_expected),
         flags, site.padding_rva or 0, 0, site.expected, site.padding_expected,
     )
 
@@ -208,57 +143,26 @@ def encode_content(package: Package) -> bytes:
     target = package.target
     blob_table, blob_data = _encode_blobs(package.blobs)
     payloads = [
-        _TARGET.pack(strings.add(target.module_name), target.timedatestamp, target.size_of_image,
+        TARGET.pack(strings.add(target.module_name), target.timedatestamp, target.size_of_image,
                      target.checksum, target.code_sha256),
-        _BASELINE.pack(strings.add(package.baseline_id), package.sequence),
+        BASELINE.pack(strings.add(package.baseline_id), package.sequence),
         _encode_metadata(package.metadata),
         blob_table,
         blob_data,
         b"".join(_encode_fixup(fixup, strings) for fixup in package.fixups),
         b"".join(_encode_site(site, strings) for site in package.sites),
-        b"".join(_UNWIND.pack(u.code_blob, u.begin, u.end, u.unwind_blob, u.unwind_offset, 0) for u in package.unwind),
+        b"".join(UNWIND.pack(u.code_blob, u.begin, u.end, u.unwind_blob, u.unwind_offset, 0) for u in package.unwind),
     ]
     payloads.append(strings.encode())
     table, body, offset = [], bytearray(), SECTIONS_START
     for kind, payload in zip(Section, payloads):
-        table.append(_SECTION.pack(kind, 0, offset, len(payload)))
-        body += payload + bytes(_align8(len(payload)) - len(payload))
-        offset = _align8(offset + len(payload))
+        table.append(SECTION_ENTRY.pack(kind, 0, offset, len(payload)))
+        body += payload + bytes(align8(len(payload)) - len(payload))
+        offset = align8(offset + len(payload))
     if offset + HASH_SIZE + SIGNATURE_BLOCK_SIZE > LIMITS.file_size:
         raise PackageLimitError(f"the package would take {offset} bytes, the limit is {LIMITS.file_size}")
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, SECTION_COUNT, 0, offset)
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, SECTION_COUNT, 0, offset)
     return header + b"".join(table) + bytes(body)
-
-
-# ---------------------------------------------------------------- identity
-
-# content digests by package object: a Package is frozen, so its content (and digest) never changes;
-# an entry goes when its package does
-_DIGESTS: dict[int, bytes] = {}
-
-
-def _remember(package: Package, digest: bytes) -> bytes:
-    _DIGESTS[id(package)] = digest
-    weakref.finalize(package, _DIGESTS.pop, id(package), None)
-    return digest
-
-
-def content_sha256_of(package: Package) -> bytes:
-    """SHA-256 of the content (everything before the hash); the signature signs it."""
-    digest = _DIGESTS.get(id(package))
-    return digest if digest is not None else _remember(package, hashlib.sha256(encode_content(package)).digest())
-
-
-def package_id_of(package: Package) -> str:
-    """A stable short id: the first 8 bytes of the content SHA-256, in hex."""
-    return content_sha256_of(package)[:8].hex()
-
-
-def signature_state_of(package: Package) -> str:
-    """"unsigned", "valid" (verifies against the content) or "invalid"."""
-    if package.signature is None or package.signer_public_key is None:
-        return "unsigned"
-    return "valid" if verify(package.signer_public_key, package.signature, content_sha256_of(package)) else "invalid"
 
 
 def dumps(package: Package, sign_key: Ed25519PrivateKey | None = None) -> bytes:
@@ -280,337 +184,6 @@ def save(package: Package, path: str | Path, sign_key: Ed25519PrivateKey | None 
     Path(path).write_bytes(dumps(package, sign_key))
 
 
-# ---------------------------------------------------------------- reader
-
-
-def _decode_text(what: str, raw: bytes) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise PackageEncodingError(f"{what}: invalid UTF-8 at byte {exc.start}") from None
-    if "\x00" in text:
-        raise PackageEncodingError(f"{what}: contains a NUL byte")
-    return text
-
-
-class _Reader:
-    """One pass over one file, in the validation order of docs/FORMAT.md."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.sections: dict[Section, tuple[int, int]] = {}
-        self.strings: list[str] = []
-
-    # -- header, hash, section table
-
-    def read_header(self) -> tuple[int, bool]:
-        data = self.data
-        if data[:8] != MAGIC[: len(data[:8])]:
-            raise PackageMagicError("not a hotpatch package (bad magic)")
-        if len(data) < HEADER_SIZE:
-            raise PackageTruncatedError(f"{len(data)} bytes: shorter than the {HEADER_SIZE}-byte header")
-        _, version, header_size, flags, section_count, reserved, content_size = _HEADER.unpack_from(data)
-        if version != FORMAT_VERSION:
-            raise PackageVersionError(f"format version {version} is not supported (only {FORMAT_VERSION})")
-        if len(data) > LIMITS.file_size:
-            raise PackageLimitError(f"{len(data)} bytes: larger than the {LIMITS.file_size}-byte limit")
-        if header_size != HEADER_SIZE:
-            raise PackageLayoutError(f"header size {header_size}, expected {HEADER_SIZE}")
-        if flags:
-            raise PackageFieldError(f"header flags {flags:#x}: no flag is defined")
-        if section_count != SECTION_COUNT:
-            raise PackageLayoutError(f"{section_count} sections, expected {SECTION_COUNT}")
-        if reserved:
-            raise PackageFieldError("header: reserved field is not 0")
-        if content_size < SECTIONS_START or content_size % 8:
-            raise PackageLayoutError(f"content size {content_size} is not a valid content size")
-        if content_size > len(data) - HASH_SIZE:
-            raise PackageTruncatedError(f"{len(data)} bytes: content and hash need {content_size + HASH_SIZE}")
-        trailer = len(data) - content_size - HASH_SIZE
-        if 0 < trailer < SIGNATURE_BLOCK_SIZE:
-            raise PackageTruncatedError(f"signature block of {trailer} bytes, expected {SIGNATURE_BLOCK_SIZE}")
-        if trailer > SIGNATURE_BLOCK_SIZE:
-            raise PackageLayoutError(f"{trailer - SIGNATURE_BLOCK_SIZE} bytes after the signature block")
-        return content_size, trailer == SIGNATURE_BLOCK_SIZE
-
-    def check_hash(self, content_size: int) -> bytes:
-        digest = hashlib.sha256(memoryview(self.data)[:content_size]).digest()
-        if digest != self.data[content_size : content_size + HASH_SIZE]:
-            raise PackageHashError("content SHA-256 mismatch: the package is corrupt or was altered")
-        return digest
-
-    def _check_zero(self, begin: int, end: int, what: str) -> None:
-        if any(self.data[begin:end]):
-            raise PackageLayoutError(f"{what}: padding is not zero")
-
-    def read_section_table(self, content_size: int) -> None:
-        expected, previous_end = SECTIONS_START, SECTIONS_START
-        for position, kind in enumerate(Section):
-            raw_kind, reserved, offset, size = _SECTION.unpack_from(self.data, HEADER_SIZE + 16 * position)
-            if raw_kind != kind:
-                raise PackageLayoutError(f"section {position} has kind {raw_kind}, expected {kind.name}")
-            if reserved:
-                raise PackageFieldError(f"section {kind.name}: reserved field is not 0")
-            if offset != expected:
-                raise PackageLayoutError(f"section {kind.name} at {offset:#x}, expected {expected:#x}")
-            if size > content_size - offset:
-                raise PackageLayoutError(f"section {kind.name} ({size} bytes at {offset:#x}) is past the content")
-            self._check_zero(previous_end, offset, f"before section {kind.name}")
-            self.sections[kind] = (offset, size)
-            previous_end = offset + size
-            expected = _align8(previous_end)
-        if expected != content_size:
-            raise PackageLayoutError(f"content size {content_size}, the sections end at {expected}")
-        self._check_zero(previous_end, content_size, "after the last section")
-
-    def section(self, kind: Section) -> bytes:
-        offset, size = self.sections[kind]
-        return self.data[offset : offset + size]
-
-    # -- strings
-
-    def read_strings(self) -> None:
-        table = self.section(Section.STRINGS)
-        if len(table) < _STRINGS.size:
-            raise PackageLayoutError("string table: shorter than its header")
-        count, reserved = _STRINGS.unpack_from(table)
-        if reserved:
-            raise PackageFieldError("string table: reserved field is not 0")
-        if count > LIMITS.strings:
-            raise PackageLimitError(f"{count} strings, the limit is {LIMITS.strings}")
-        data_start = _STRINGS.size + 8 * count
-        if data_start > len(table):
-            raise PackageLayoutError(f"string table: {count} entries do not fit")
-        expected = 0
-        for index in range(count):
-            offset, length = _STRINGS.unpack_from(table, _STRINGS.size + 8 * index)
-            if offset != expected:
-                raise PackageLayoutError(f"string {index} at {offset}, expected {expected}")
-            if length > LIMITS.string_bytes:
-                raise PackageLimitError(f"string {index}: {length} bytes, the limit is {LIMITS.string_bytes}")
-            begin = data_start + offset
-            if begin + length + 1 > len(table):
-                raise PackageLayoutError(f"string {index} runs past the string table")
-            if table[begin + length] != 0:
-                raise PackageEncodingError(f"string {index}: no NUL terminator")
-            self.strings.append(_decode_text(f"string {index}", table[begin : begin + length]))
-            expected = offset + length + 1
-        if data_start + expected != len(table):
-            raise PackageLayoutError("string table: bytes after the last string")
-
-    def string(self, what: str, index: int) -> str:
-        if index >= len(self.strings):
-            raise PackageLayoutError(f"{what}: string {index} does not exist ({len(self.strings)} strings)")
-        return self.strings[index]
-
-    @staticmethod
-    def _nonempty(what: str, text: str) -> str:
-        if not text:
-            raise PackageFieldError(f"{what}: must not be empty")
-        return text
-
-    # -- singleton sections
-
-    def read_target(self) -> TargetIdentity:
-        raw = self.section(Section.TARGET)
-        if len(raw) != _TARGET.size:
-            raise PackageLayoutError(f"target section: {len(raw)} bytes, expected {_TARGET.size}")
-        name, timedatestamp, size_of_image, checksum, code_sha256 = _TARGET.unpack(raw)
-        module_name = self.string("module name", name)
-        return TargetIdentity(module_name, timedatestamp, size_of_image, checksum, code_sha256)
-
-    def read_baseline(self) -> tuple[str, int]:
-        raw = self.section(Section.BASELINE)
-        if len(raw) != _BASELINE.size:
-            raise PackageLayoutError(f"baseline section: {len(raw)} bytes, expected {_BASELINE.size}")
-        name, sequence = _BASELINE.unpack(raw)
-        return self._nonempty("baseline id", self.string("baseline id", name)), sequence
-
-    def read_metadata(self) -> Metadata:
-        raw = self.section(Section.METADATA)
-        if len(raw) < _METADATA.size:
-            raise PackageLayoutError("metadata section: shorter than its header")
-        created, flags, cve_count = _METADATA.unpack_from(raw)
-        if flags & ~METADATA_CREATED:
-            raise PackageFieldError(f"metadata flags {flags:#x}")
-        if not flags & METADATA_CREATED and created:
-            raise PackageFieldError("metadata: a creation time without its flag")
-        if cve_count > LIMITS.cve_ids:
-            raise PackageLimitError(f"{cve_count} CVE ids, the limit is {LIMITS.cve_ids}")
-        position = _METADATA.size
-
-        def text(what: str) -> str:
-            nonlocal position
-            if position + 2 > len(raw):
-                raise PackageLayoutError(f"metadata: {what} runs past the section")
-            (length,) = _U16.unpack_from(raw, position)
-            if length > LIMITS.string_bytes:
-                raise PackageLimitError(f"metadata: {what} of {length} bytes, the limit is {LIMITS.string_bytes}")
-            begin = position + 2
-            if begin + length + 1 > len(raw):
-                raise PackageLayoutError(f"metadata: {what} runs past the section")
-            if raw[begin + length] != 0:
-                raise PackageEncodingError(f"metadata: {what} has no NUL terminator")
-            position = begin + length + 1
-            return _decode_text(f"metadata: {what}", raw[begin : begin + length])
-
-        description, creator = text("description"), text("creator")
-        cve_ids = tuple(self._nonempty(f"CVE id {i}", text(f"CVE id {i}")) for i in range(cve_count))
-        if position != len(raw):
-            raise PackageLayoutError("metadata: bytes after the last CVE id")
-        return Metadata(description, cve_ids, creator, created if flags & METADATA_CREATED else None)
-
-    # -- record sections
-
-    def _records(self, kind: Section, record: struct.Struct, limit: int) -> Iterable[tuple]:
-        raw = self.section(kind)
-        if len(raw) % record.size:
-            raise PackageLayoutError(f"{kind.name} section: {len(raw)} bytes is not a whole number of records")
-        if len(raw) // record.size > limit:
-            raise PackageLimitError(f"{len(raw) // record.size} {kind.name.lower()} records, the limit is {limit}")
-        return record.iter_unpack(raw)
-
-    def read_blobs(self) -> tuple[Blob, ...]:
-        data = self.section(Section.BLOB_DATA)
-        blobs: list[Blob] = []
-        data_end, total = 0, 0
-        for index, fields in enumerate(self._records(Section.BLOBS, _BLOB, LIMITS.blobs)):
-            kind, log2, reserved, size, data_offset, data_size = fields
-            what = f"blob {index}"
-            if kind not in _BLOB_KINDS:
-                raise PackageFieldError(f"{what}: unknown kind {kind}")
-            if log2 > 12:
-                raise PackageFieldError(f"{what}: alignment 2**{log2} is above 4096")
-            if reserved:
-                raise PackageFieldError(f"{what}: reserved field is not 0")
-            if size == 0:
-                raise PackageFieldError(f"{what}: size must not be 0")
-            if size > LIMITS.blob_size:
-                raise PackageLimitError(f"{what}: size {size} exceeds the limit {LIMITS.blob_size}")
-            if kind == BlobKind.BSS:
-                if data_offset or data_size:
-                    raise PackageLayoutError(f"{what}: a BSS blob carries no bytes")
-                content = b""
-            else:
-                if data_size != size:
-                    raise PackageLayoutError(f"{what}: {data_size} bytes of data for size {size}")
-                if data_offset != _align8(data_end):
-                    raise PackageLayoutError(f"{what}: data at {data_offset:#x}, expected {_align8(data_end):#x}")
-                if data_offset + data_size > len(data):
-                    raise PackageLayoutError(f"{what}: data runs past the blob data section")
-                if any(data[data_end:data_offset]):
-                    raise PackageLayoutError(f"{what}: padding before its data is not zero")
-                content = data[data_offset : data_offset + data_size]
-                data_end = data_offset + data_size
-            total += size
-            if total > LIMITS.total_blob_size:
-                raise PackageLimitError(f"blobs take more than {LIMITS.total_blob_size} bytes in memory")
-            blobs.append(Blob(index, BlobKind(kind), 1 << log2, content, size))
-        if data_end != len(data):
-            raise PackageLayoutError("blob data section: bytes after the last blob's data")
-        return tuple(blobs)
-
-    def read_fixups(self) -> tuple[Fixup, ...]:
-        fixups: list[Fixup] = []
-        previous = (-1, -1)
-        for index, fields in enumerate(self._records(Section.FIXUPS, _FIXUP, LIMITS.fixups)):
-            blob, offset, kind, target_kind, reserved, a, b, reserved2, addend = fields
-            what = f"fixup {index}"
-            if kind not in _FIXUP_KINDS:
-                raise PackageFieldError(f"{what}: unknown kind {kind}")
-            if target_kind not in _TARGET_KINDS:
-                raise PackageFieldError(f"{what}: unknown target kind {target_kind}")
-            if reserved or reserved2:
-                raise PackageFieldError(f"{what}: reserved field is not 0")
-            target: BaselineRVA | BlobTarget | ImportTarget
-            if target_kind == TargetKind.BASELINE_RVA:
-                if b:
-                    raise PackageFieldError(f"{what}: second target field of an RVA target is not 0")
-                target = BaselineRVA(a)
-            elif target_kind == TargetKind.BLOB:
-                target = BlobTarget(a, b)
-            else:
-                dll, name = self.string(f"{what} DLL", a), self.string(f"{what} symbol", b)
-                target = ImportTarget(self._nonempty(f"{what} DLL", dll), self._nonempty(f"{what} symbol", name))
-            if (blob, offset) <= previous:
-                raise PackageLayoutError(f"{what}: not in (blob, offset) order")
-            previous = (blob, offset)
-            fixups.append(Fixup(blob, offset, FixupKind(kind), target, addend))
-        return tuple(fixups)
-
-    def read_sites(self) -> tuple[PatchSite, ...]:
-        sites: list[PatchSite] = []
-        previous = -1
-        for index, fields in enumerate(self._records(Section.SITES, _SITE, LIMITS.sites)):
-            (rva, function, target_blob, target_offset, strategy, fallback_count, fallback_bytes,
-             expected_size, padding_size, flags, padding_rva, reserved, expected, padding) = fields
-            what = f"site {index}"
-            name = self.string(f"{what} function", function)
-            if strategy not in _STRATEGIES:
-                raise PackageFieldError(f"{what}: unknown strategy {strategy}")
-            if fallback_count > 2:
-                raise PackageFieldError(f"{what}: {fallback_count} fallbacks, at most 2")
-            used, unused = fallback_bytes[:fallback_count], fallback_bytes[fallback_count:]
-            if any(f not in _STRATEGIES for f in used) or any(unused):
-                raise PackageFieldError(f"{what}: bad fallback strategies {fallback_bytes.hex()}")
-            if not 1 <= expected_size <= LIMITS.expected_bytes or padding_size > LIMITS.expected_bytes:
-                raise PackageFieldError(f"{what}: expected/padding sizes {expected_size}/{padding_size}")
-            if flags & ~SITE_HAS_PADDING or reserved:
-                raise PackageFieldError(f"{what}: unknown flags or reserved field set")
-            if not flags & SITE_HAS_PADDING and (padding_rva or padding_size):
-                raise PackageFieldError(f"{what}: padding fields without the padding flag")
-            if any(expected[expected_size:]) or any(padding[padding_size:]):
-                raise PackageFieldError(f"{what}: bytes after the expected or padding bytes are not 0")
-            site = PatchSite(
-                rva, self._nonempty(f"{what} function", name), expected[:expected_size], target_blob,
-                target_offset, Strategy(strategy), tuple(Strategy(f) for f in fallback_bytes[:fallback_count]),
-                padding_rva if flags & SITE_HAS_PADDING else None, padding[:padding_size],
-            )
-            if rva <= previous:
-                raise PackageLayoutError(f"{what}: not in RVA order")
-            previous = rva
-            sites.append(site)
-        return tuple(sites)
-
-    def read_unwind(self) -> tuple[UnwindEntry, ...]:
-        entries: list[UnwindEntry] = []
-        previous = (-1, -1)
-        for index, fields in enumerate(self._records(Section.UNWIND, _UNWIND, LIMITS.unwind_entries)):
-            code_blob, begin, end, unwind_blob, unwind_offset, reserved = fields
-            if reserved:
-                raise PackageFieldError(f"unwind entry {index}: reserved field is not 0")
-            entry = UnwindEntry(code_blob, begin, end, unwind_blob, unwind_offset)
-            if (code_blob, begin) <= previous:
-                raise PackageLayoutError(f"unwind entry {index}: not in (blob, begin) order")
-            previous = (code_blob, begin)
-            entries.append(entry)
-        return tuple(entries)
-
-
-def _parse(data: bytes) -> tuple[Package, bytes]:
-    reader = _Reader(data)
-    content_size, signed = reader.read_header()
-    digest = reader.check_hash(content_size)
-    reader.read_section_table(content_size)
-    reader.read_strings()
-    target = reader.read_target()
-    baseline_id, sequence = reader.read_baseline()
-    metadata = reader.read_metadata()
-    blobs = reader.read_blobs()
-    fixups = reader.read_fixups()
-    sites = reader.read_sites()
-    unwind = reader.read_unwind()
-    public_key = signature = None
-    if signed:
-        block = content_size + HASH_SIZE
-        public_key, signature = data[block : block + 32], data[block + 32 : block + SIGNATURE_BLOCK_SIZE]
-    package = Package(
-        target=target, baseline_id=baseline_id, sequence=sequence, metadata=metadata, blobs=blobs,
-        fixups=fixups, sites=sites, unwind=unwind, signature=signature, signer_public_key=public_key,
-    )
-    return package, digest
-
-
 def loads(
     data: bytes | bytearray | memoryview,
     trusted_keys: Iterable[bytes | str] | None = None,
@@ -618,43 +191,48 @@ def loads(
 ) -> Package:
     """Parse and check .hpk bytes; every problem raises a ``PackageError`` subclass.
 
-    The structure is checked first, then the signature: a signed package must
-    verify; ``trusted_keys`` (raw 32-byte or hex Ed25519 public keys) demands a
-    signature by one of them; ``require_signature`` demands a valid signature.
+    A signed package must verify; ``trusted_keys`` (raw 32-byte or hex Ed25519 public keys)
+    demands a signature by one of them; ``require_signature`` demands a valid signature.
     """
-    trusted = None if trusted_keys is None else normalize_public_keys(trusted_keys)
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise PackageFieldError(f"expected bytes, got {type(data).__name__}")
-    raw = bytes(data)
-    try:
-        package, digest = _parse(raw)
-    except PackageError:
-        raise
-    except (struct.error, ValueError, IndexError, OverflowError) as exc:
-        # A reader bug must still reach the caller as a PackageError; the mutation tests fail on this message.
-        raise PackageLayoutError(f"internal reader error ({type(exc).__name__}: {exc})") from None
-    _remember(package, digest)  # its digest is known: no second serialisation
-    if package.signature is None or package.signer_public_key is None:
-        if require_signature or trusted is not None:
-            raise PackageUnsignedError("the package is not signed, and a signature is required")
-        return package
-    if not verify(package.signer_public_key, package.signature, digest):
-        raise PackageSignatureError("the Ed25519 signature does not verify: the package was altered or mis-signed")
-    if trusted is not None and package.signer_public_key not in trusted:
-        raise PackageUntrustedError(f"signed by {package.signer_public_key.hex()}, which is not a trusted key")
-    return package
+    return _remember(*read(data, trusted_keys=trusted_keys, require_signature=require_signature))
 
 
 def load(
     path: str | Path, trusted_keys: Iterable[bytes | str] | None = None, require_signature: bool = False
 ) -> Package:
     """``loads`` on a file; a file beyond the size limit is refused before it is read."""
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            if os.fstat(handle.fileno()).st_size > LIMITS.file_size:
-                raise PackageLimitError(f"{path}: larger than the {LIMITS.file_size}-byte limit")
-            data = handle.read(LIMITS.file_size + 1)  # a pipe has no size: read one byte past the limit
-    except OSError as exc:
-        raise PackageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return loads(data, trusted_keys=trusted_keys, require_signature=require_signature)
+    return _remember(*read_file(path, trusted_keys=trusted_keys, require_signature=require_signature))
+
+
+# ---------------------------------------------------------------- identity
+
+# content digests by package object: a Package is frozen, so its content (and digest) never changes;
+# an entry goes when its package does
+_DIGESTS: dict[int, bytes] = {}
+
+
+def _remember(package: Package, digest: bytes) -> Package:
+    _DIGESTS[id(package)] = digest
+    weakref.finalize(package, _DIGESTS.pop, id(package), None)
+    return package
+
+
+def content_sha256_of(package: Package) -> bytes:
+    """SHA-256 of the content (everything before the hash); the signature signs it."""
+    digest = _DIGESTS.get(id(package))
+    if digest is None:
+        digest = hashlib.sha256(encode_content(package)).digest()
+        _remember(package, digest)
+    return digest
+
+
+def package_id_of(package: Package) -> str:
+    """A stable short id: the first 8 bytes of the content SHA-256, in hex."""
+    return content_sha256_of(package)[:8].hex()
+
+
+def signature_state_of(package: Package) -> str:
+    """"unsigned", "valid" (verifies against the content) or "invalid"."""
+    if package.signature is None or package.signer_public_key is None:
+        return "unsigned"
+    return "valid" if verify(package.signer_public_key, package.signature, content_sha256_of(package)) else "invalid"

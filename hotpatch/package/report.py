@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import capstone
-
+from ..x86 import disassembler
 from .format import content_sha256_of, package_id_of, signature_state_of
 from .model import BaselineRVA, BlobKind, BlobTarget, ImportTarget, Package
 
@@ -68,7 +67,7 @@ def disassemble_blob(package: Package, index: int, limit: int = 64) -> list[str]
     blob = package.blobs[index]
     if blob.kind is not BlobKind.CODE:
         return []
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md = disassembler()
     lines = []
     for address, _, mnemonic, operands in md.disasm_lite(blob.data, 0):
         lines.append(f"{address:#06x}  {mnemonic} {operands}".rstrip())

@@ -21,6 +21,7 @@ __all__ = [
     "PAGE_EXECUTE_WRITECOPY",
     "PAGE_GUARD",
     "PAGE_NOACCESS",
+    "PAGE_SIZE",
     "PAGE_READONLY",
     "PAGE_READWRITE",
     "PAGE_WRITECOPY",
@@ -30,6 +31,9 @@ __all__ = [
 ]
 
 # Page protections (winnt.h).
+#: the x64 page: protection and commit granularity (allocations are 64 KiB apart: GRANULE in emulation)
+PAGE_SIZE = 0x1000
+
 PAGE_NOACCESS = 0x01
 PAGE_READONLY = 0x02
 PAGE_READWRITE = 0x04

@@ -17,10 +17,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import capstone
-
 from ..analysis.refkinds import IAT_CALL, IAT_JUMP, RIP_RELATIVE
 from ..diff.targets import CODE, DATA, FUNCTION, IMPORT, SELF, TargetClassifier
+from ..x86 import disassembler
 
 if TYPE_CHECKING:
     from ..analysis.functions import Function, FunctionTable
@@ -53,7 +52,7 @@ class _Side:
         self.targets = TargetClassifier(table)
         self.function_names = function_names
         self.data_names = data_names
-        self.md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+        self.md = disassembler()
         self.symbols = {s.rva: s.name for s in self.image.symbols if not s.is_function}
 
     def text(self, rva: int) -> str:

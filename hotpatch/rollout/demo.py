@@ -15,17 +15,14 @@ takes it out again. Every step is the real CLI.
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from ..process.demohost import CASE, HostProcess, banner, demo_arguments, demo_env, run_hotpatch
+
 __all__ = ["main"]
 
-CASE = "body_change"
-CALLS = ("scale:10", "scale_then_xor:10,1")
 HOSTS = {"web-1": ("Europe/Paris", "web"), "web-2": ("America/New_York", "web"), "db-1": ("Asia/Tokyo", "db")}
 PROBE = """import os, pathlib, sys
 for pid in os.environ["HOTPATCH_PIDS"].split():
@@ -36,34 +33,11 @@ for pid in os.environ["HOTPATCH_PIDS"].split():
 """
 
 
-def _banner(text: str) -> None:
-    print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
-
-
-def _hotpatch(*args: str, env: dict[str, str]) -> int:
-    print("$ hotpatch " + " ".join(args), flush=True)
-    return subprocess.run([sys.executable, "-m", "hotpatch.cli", *args], env=env).returncode
-
-
-class Service:
-    """host.exe with the baseline DLL; its output goes to LOGS/<pid>.log, where the probe reads it."""
+class Service(HostProcess):
+    """The host program; its output goes to LOGS/<pid>.log, where the probe reads it."""
 
     def __init__(self, fixtures: Path, logs: Path, env: dict[str, str]) -> None:
-        from ..process.winehost import wine_command
-
-        argv = [str(fixtures / "host.exe"), str(fixtures / CASE / "baseline.dll"), "--threads", "3",
-                "--seconds", "0", "--until-stdin-closes", "--interval-ms", "200", *CALLS]
-        if sys.platform != "win32":
-            argv = [*wine_command(), *argv]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=env, text=True)
-        assert self.proc.stdout is not None
-        line = ""
-        while not line.startswith("pid "):
-            line = self.proc.stdout.readline()
-            if not line:
-                raise SystemExit("demo: the host program ended before printing its pid")
-        self.pid = int(line.split()[1])
+        super().__init__(fixtures, env, threads=3, interval_ms=200)
         self.log = logs / f"{self.pid}.log"
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -77,15 +51,6 @@ class Service:
     def last(self) -> str:
         lines = [line for line in self.log.read_text().splitlines() if line.startswith("observed scale_then_xor")]
         return lines[-1].split(maxsplit=2)[2] if lines else "?"
-
-    def stop(self) -> int:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return -1
 
 
 def _plan(path: Path, name: str, package: Path, services: dict[str, Service], probe: str | None) -> Path:
@@ -124,50 +89,40 @@ def _show(services: dict[str, Service]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hotpatch.rollout.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--fixtures", default="build/fixtures", help="built fixtures (make fixtures)")
-    parser.add_argument("--work", default="build/demo-rollout", help="package, plans, state, Wine prefix")
-    args = parser.parse_args(argv)
-    fixtures, work = Path(args.fixtures).resolve(), Path(args.work).resolve()
+    fixtures, work = demo_arguments(argv, "python -m hotpatch.rollout.demo", __doc__, "build/demo-rollout",
+                                    "package, plans, state, Wine prefix")
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (work / "probe.py").write_text(PROBE)
     db = work / "rollouts.sqlite"
     db.unlink(missing_ok=True)
-    env = dict(os.environ, HOTPATCH_STATE=str(work / "state"))
-    if sys.platform != "win32":
-        from ..process.winehost import ensure_prefix, wine_env
-
-        env = {**wine_env(work / "wineprefix"), "HOTPATCH_STATE": str(work / "state"),
-               "HOTPATCH_WINEPREFIX": str(work / "wineprefix")}
-        _banner("preparing a private Wine prefix (the first time takes a while)")
-        ensure_prefix(work / "wineprefix")
+    env = demo_env(work)
     package = work / "scale-fix.hpk"
-    _banner("build the package: scale() changes, and scale_then_xor(10, 1) with it (30 -> 49)")
-    if _hotpatch("build", str(fixtures / CASE / "baseline.dll"), str(fixtures / CASE / "patched.dll"),
+    banner("build the package: scale() changes, and scale_then_xor(10, 1) with it (30 -> 49)")
+    if run_hotpatch("build", str(fixtures / CASE / "baseline.dll"), str(fixtures / CASE / "patched.dll"),
                  "-o", str(package), "--sequence", "1", env=env) != 0:
         return 1
     services = {name: Service(fixtures, logs, env) for name in HOSTS}
     problems = 0
     try:
-        _banner("three hosts, each running the service")
+        banner("three hosts, each running the service")
         _show(services)
         probe = f"cmd:{sys.executable} {work / 'probe.py'} {logs}"
-        _banner("rollout with a probe that checks what clients rely on: the canary fails it")
+        banner("rollout with a probe that checks what clients rely on: the canary fails it")
         bad = _plan(work / "with-probe.toml", "scale-fix", package, services, probe)
-        problems += _hotpatch("rollout", str(bad), "--db", str(db), env=env) != 1  # halted
+        problems += run_hotpatch("rollout", str(bad), "--db", str(db), env=env) != 1  # halted
         _show(services)
 
-        _banner("the same package without that probe: waves, canary first")
+        banner("the same package without that probe: waves, canary first")
         good = _plan(work / "plain.toml", "scale-fix-2", package, services, None)
-        problems += _hotpatch("rollout", str(good), "--db", str(db), env=env) != 0
+        problems += run_hotpatch("rollout", str(good), "--db", str(db), env=env) != 0
         _show(services)
-        _banner("abort: roll the whole rollout back, live")
-        problems += _hotpatch("rollout", "abort", "scale-fix-2", "--db", str(db), env=env) != 0
+        banner("abort: roll the whole rollout back, live")
+        problems += run_hotpatch("rollout", "abort", "scale-fix-2", "--db", str(db), env=env) != 0
         _show(services)
     finally:
         codes = [service.stop() for service in services.values()]
-    _banner(f"the services exited with {codes} after running the whole time")
+    banner(f"the services exited with {codes} after running the whole time")
     return 1 if problems or any(codes) else 0
 
 

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import capstone
 from capstone import x86_const as x86
 
 from ..analysis.functions import Function, FunctionTable
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP
+from ..x86 import disassembler
 
 __all__ = ["ALL_VOLATILE", "LiveClobber", "gcc_built", "live_clobbers", "new_clobbers", "volatile_writes"]
 
@@ -81,7 +81,7 @@ def _volatile_writes(table: FunctionTable, function: Function) -> frozenset[str]
         leaves = kind in (BRANCH_REL8, BRANCH_REL32) and not any(b <= target < e for b, e in function.ranges)
         if kind in (CALL_REL32, IAT_CALL, IAT_JUMP) or leaves:
             return ALL_VOLATILE
-    md = _disassembler()
+    md = disassembler(detail=True)
     written: set[str] = set()
     for begin, end in function.ranges:
         for insn in md.disasm(table.image.read(begin, end - begin), begin):
@@ -267,12 +267,7 @@ def _families(insn: capstone.CsInsn, ids: Iterable[int]) -> set[str]:
 def _decode(table: FunctionTable, rva: int) -> capstone.CsInsn | None:
     cache = table.__dict__.setdefault("_liveness_decode_cache", {})
     if rva not in cache:
-        cache[rva] = next(_disassembler().disasm(table.image.memory[rva:rva + 16], rva, 1), None)
+        cache[rva] = next(disassembler(detail=True).disasm(table.image.memory[rva:rva + 16], rva, 1), None)
     return cache[rva]
 
 
-@lru_cache(maxsize=1)
-def _disassembler() -> capstone.Cs:
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    return md

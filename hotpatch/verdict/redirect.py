@@ -19,34 +19,28 @@ from __future__ import annotations
 
 from ..analysis.functions import Function, FunctionTable
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32
+from .strategy import PADDING_JMP_SIZE, Strategy
 
-__all__ = ["SHORT_JMP_PADDING", "REL32_JMP", "ABS_JMP", "STRATEGY_LENGTHS", "obstacles", "possible_strategies"]
+__all__ = ["obstacles", "possible_strategies"]
 
-SHORT_JMP_PADDING = "short_jmp_padding"
-REL32_JMP = "rel32_jmp"
-ABS_JMP = "abs_jmp"
-
-#: bytes each strategy overwrites at the entry
-STRATEGY_LENGTHS = {SHORT_JMP_PADDING: 2, REL32_JMP: 5, ABS_JMP: 14}
-#: the short jump lands on a 5-byte jump placed right before the entry
-PADDING_JUMP_LENGTH = 5
-_LONGEST = max(STRATEGY_LENGTHS.values())
+_LONGEST = max(strategy.width for strategy in Strategy)
 
 
-def possible_strategies(table: FunctionTable, function: Function) -> list[str]:
+def possible_strategies(table: FunctionTable, function: Function) -> list[Strategy]:
     """The strategies usable at ``function``'s entry, best first (empty: it cannot be redirected)."""
     blocked = obstacles(table, function)
-    return [strategy for strategy in STRATEGY_LENGTHS if strategy not in blocked]
+    return [strategy for strategy in Strategy if strategy not in blocked]
 
 
-def obstacles(table: FunctionTable, function: Function) -> dict[str, str]:
+def obstacles(table: FunctionTable, function: Function) -> dict[Strategy, str]:
     """Why each strategy that cannot be used at ``function``'s entry cannot (usable ones are absent)."""
     entry = function.rva
     inner_targets = _inner_branch_targets(table, function)
     return_addresses = _entry_return_addresses(table, function)
     room = function.size + function.pad_after
     out = {}
-    for strategy, length in STRATEGY_LENGTHS.items():
+    for strategy in Strategy:
+        length = strategy.width
         overwritten = range(entry + 1, entry + length)
         if length > room:
             out[strategy] = f"needs {length} bytes, {room} there"
@@ -54,8 +48,8 @@ def obstacles(table: FunctionTable, function: Function) -> dict[str, str]:
             out[strategy] = f"a branch lands inside its {length} bytes"
         elif any(r in overwritten for r in return_addresses):
             out[strategy] = f"a call returns inside its {length} bytes"
-        elif strategy == SHORT_JMP_PADDING and (function.pad_before < PADDING_JUMP_LENGTH or function.size < 2):
-            out[strategy] = f"{function.pad_before} bytes of padding before the entry, {PADDING_JUMP_LENGTH} needed"
+        elif strategy is Strategy.SHORT_JMP_PADDING and (function.pad_before < PADDING_JMP_SIZE or function.size < 2):
+            out[strategy] = f"{function.pad_before} bytes of padding before the entry, {PADDING_JMP_SIZE} needed"
     return out
 
 

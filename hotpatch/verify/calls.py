@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputsError
+from ..x86 import MASK64
 
 if TYPE_CHECKING:
     from ..apply.backend import Module
@@ -50,7 +51,6 @@ __all__ = [
     "run_calls",
 ]
 
-MASK64 = (1 << 64) - 1
 MAX_BUFFER = 16 * 1024 * 1024
 MAX_CALLS = 10_000
 MAX_ARGS = 16

@@ -10,6 +10,7 @@ gives the verdict (``verdict``).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,8 +102,7 @@ def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | Functio
           allow_layout_change: bool, strict_exports: bool) -> DiffResult:
     from .verdict import decide
 
-    table_a = _table(baseline)
-    table_b = _table(patched)
+    table_a, table_b = _tables(baseline, patched)
     streams = InstructionStreams(table_a, table_b)
     matches = match_functions(table_a, table_b, streams)
     function_map = {a: m.patched_rva for a, m in matches.items()}
@@ -115,6 +115,18 @@ def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | Functio
     verdict, evidence = decide(result, allow_layout_change=allow_layout_change, strict_exports=strict_exports)
     return DiffResult(table_a, table_b, tuple(functions), tuple(data), verdict, function_map, data_map, evidence,
                       streams)
+
+
+def _tables(baseline: Image | FunctionTable | str | Path,
+            patched: Image | FunctionTable | str | Path) -> tuple[FunctionTable, FunctionTable]:
+    """Both sides loaded and analysed at once: the compiled core decodes without the GIL, so the patched
+    image's analysis runs in a second thread while this one analyses the baseline."""
+    if isinstance(baseline, FunctionTable) or isinstance(patched, FunctionTable):
+        return _table(baseline), _table(patched)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotpatch-patched") as pool:
+        other = pool.submit(_table, patched)
+        table_a = _table(baseline)  # if this fails, its error is raised once the other thread is done
+        return table_a, other.result()
 
 
 def _table(source: Image | FunctionTable | str | Path) -> FunctionTable:

@@ -160,17 +160,6 @@ cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
     return False
 
 
-cdef inline size_t _lower_bound(const uint32_t[:] values, int64_t key) noexcept nogil:
-    cdef size_t lo = 0, hi = values.shape[0], mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if <int64_t>values[mid] < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 cdef inline bint _in_ranges(int64_t target, int64_t[:, :] ranges) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(ranges.shape[0]):
@@ -458,7 +447,7 @@ cdef int _plain_branch(Decoded *out, const uint8_t *p, size_t avail, int64_t rva
     return length
 
 
-cdef inline size_t _lower_bound_ptr(const uint32_t *values, size_t count, int64_t key) noexcept nogil:
+cdef inline size_t _lower_bound(const uint32_t *values, size_t count, int64_t key) noexcept nogil:
     cdef size_t lo = 0, hi = count, mid
     while lo < hi:
         mid = (lo + hi) >> 1
@@ -527,7 +516,7 @@ cdef class _Decoder:
         cdef size_t index
         if self.niat == 0 or target < <int64_t>self.iat[0] or target > <int64_t>self.iat[self.niat - 1]:
             return False
-        index = _lower_bound_ptr(self.iat, self.niat, target)
+        index = _lower_bound(self.iat, self.niat, target)
         return index < self.niat and <int64_t>self.iat[index] == target
 
     cdef int decode_one(self, Decoded *out, Function *f) noexcept nogil:
@@ -595,7 +584,7 @@ cdef class _Decoder:
                     after_end = True
                 elif not (after_end and _is_nop(base + rva, length)):
                     after_end = False
-                index = _lower_bound_ptr(self.relocations, self.nrelocs, rva)
+                index = _lower_bound(self.relocations, self.nrelocs, rva)
                 while index < self.nrelocs and self.relocations[index] < rva + length:
                     reloc = self.relocations[index]
                     value = 0
@@ -939,7 +928,7 @@ cdef str _fingerprint_one(const uint8_t[:] memory, const uint32_t[:] starts, Reg
                 length = snprintf(text, 32, "S%lld", <long long>(target - rva))
                 _append(out, text, length)
             else:
-                index = _lower_bound(starts, target)
+                index = _lower_bound(&starts[0], starts.shape[0], target) if starts.shape[0] else 0
                 if index < <size_t>starts.shape[0] and <int64_t>starts[index] == target:
                     out += b"F"
                 else:

@@ -33,7 +33,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .image import Image
     from .report import image_info
 
-    image = Image.load(args.pe)
+    image = Image.load_fast(args.pe)  # the same model as Image.load, without LIEF's import
     table = discover(image)
     info = image_info(image, table)
     if args.json:
@@ -70,7 +70,7 @@ def cmd_functions(args: argparse.Namespace) -> int:
     from .image import Image
     from .report import function_rows
 
-    image = Image.load(args.pe)
+    image = Image.load_fast(args.pe)
     rows = function_rows(discover(image))
     if args.json:
         _print_json({"schema": "hotpatch.functions/1", "path": args.pe, "functions": rows})
@@ -241,7 +241,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     package = Package.load(args.package)
     calls = load_inputs(args.inputs) if args.inputs else None
     try:
-        report = verify(package, args.baseline, args.patched, calls)
+        report = verify(package, args.baseline, args.patched, calls, companions=args.companions)
     except EmulationError as exc:
         raise VerifyError(f"the emulator could not run the calls: {exc}") from None
     if args.json:
@@ -322,6 +322,9 @@ def build_parser(*, own_only: bool = False) -> argparse.ArgumentParser:
     verify.add_argument("--baseline", required=True)
     verify.add_argument("--patched", required=True)
     verify.add_argument("--inputs", help="JSON file of the calls to make (docs/VERIFY.md)")
+    verify.add_argument("--with", dest="companions", action="append", default=[], metavar="DLL",
+                        help="another DLL of the process, in both runs (repeatable; the DLLs beside the "
+                             "baseline that it imports are always mapped)")
     verify.add_argument("--json", action="store_true")
     verify.set_defaults(run=cmd_verify)
     if own_only:

@@ -16,6 +16,7 @@ import re
 from array import array
 from bisect import bisect_right
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from .analysis import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
@@ -180,8 +181,11 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     sources: dict[int, set[str]] = {rva: {"pdata"} for rva in pdata}
     names: dict[int, str] = {}
 
+    # asked a few hundred thousand times for the same few tens of thousands of addresses on a large image
+    code_section = cache(image.code_section)
+
     def acceptable(rva: int) -> bool:
-        return image.code_section(rva) is not None and not inside_pdata(rva)
+        return code_section(rva) is not None and not inside_pdata(rva)
 
     def add(rva: int, source: str, name: str | None = None) -> bool:
         if not acceptable(rva):
@@ -230,26 +234,28 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     scanned: set[Item] = set()
     taken: set[int] = set()  # addresses taken with lea
     rejected: set[int] = set()  # candidates already judged not to start a function
+    gap_places: dict[tuple[int, int], list[int]] = {}
+    named: dict[int, bool] = {}
     while True:
-        layout = _layout(image, sources, pdata)
-        _decode_missing(ctx, core, decoded, layout)
-        for item in layout:
-            if item not in bounded:
-                bounded[item] = item if item[0] in pdata else _reachable(memory, item, decoded[item])
-        layout = [bounded[item] for item in layout]
+        layout = _layout(code_section, sources, pdata)
+        todo = [item for item in layout if item not in bounded and item[0] not in pdata]
+        for item, reached in zip(todo, _reach(ctx, core, memory, todo, [0] * len(todo), decoded)):
+            bounded[item] = reached
+        layout = [bounded.get(item, item) for item in layout]
         _decode_missing(ctx, core, decoded, layout)
         fresh = [decoded[item] for item in layout if item not in scanned]
         scanned.update(layout)
-        taken |= _lea_targets(memory, fresh)
+        # whether an address could start a function does not change: keep only those that could
+        taken |= {t for t in _lea_targets(memory, fresh) if acceptable(t)}
         found = False
         for target in {ref[4] for analysis in fresh for ref in analysis.raw_refs if ref[0] == CALL_REL32}:
             found |= add(target, "call")
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
-            t for t in taken - sources.keys() - rejected if acceptable(t) and _boundary(image, layout, t, core)])
+            t for t in taken - sources.keys() - rejected if _boundary(image, layout, t, core)])
         if not found:
-            places = _gap_starts(image, layout)
+            places = _gap_starts(image, layout, gap_places)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
-                t for t in _named_by_words(places, words) - sources.keys() - rejected if acceptable(t)])
+                t for t in _named_by_words(places, words, named) - sources.keys() - rejected if acceptable(t)])
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
@@ -308,9 +314,11 @@ def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
     return None
 
 
-def _layout(image: Image, sources: dict[int, set[str]],
+def _layout(code_section: Any, sources: dict[int, set[str]],
             pdata: dict[int, Any]) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
-    """(rva, ranges) of every known function; functions without .pdata end before the next start."""
+    """(rva, ranges) of every known function; functions without .pdata end before the next start.
+
+    ``code_section`` is ``Image.code_section`` (memoised by the caller)."""
     starts = sorted(sources)
     out = []
     for index, rva in enumerate(starts):
@@ -318,7 +326,7 @@ def _layout(image: Image, sources: dict[int, set[str]],
         if runtime is not None:
             out.append((rva, ((rva, runtime.end_rva),) + runtime.fragments))
             continue
-        section = image.code_section(rva)
+        section = code_section(rva)
         assert section is not None
         limit = min(section.rva + section.virtual_size if section.virtual_size else section.end_rva,
                     section.end_rva)
@@ -404,8 +412,12 @@ def _rva32_words(image: Image) -> list[array]:
     return out
 
 
-def _gap_starts(image: Image, layout: list[Item]) -> set[int]:
-    """Places outside every function where code could begin: a gap's start, the end of each fill run."""
+def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], list[int]]) -> set[int]:
+    """Places outside every function where code could begin: a gap's start, the end of each fill run.
+
+    ``cache`` keeps each gap's places by its bounds: the loop asks again after every round, and most gaps
+    are the same as before (scanning them is most of what this costs on a large image).
+    """
     memory = image.memory
     places: set[int] = set()
     starts = [item[0] for item in layout]
@@ -417,20 +429,27 @@ def _gap_starts(image: Image, layout: list[Item]) -> set[int]:
             limit = min(starts[index + 1], section.end_rva) if index + 1 < last else section.end_rva
             if end >= limit:
                 continue
-            places.add(end)
-            # code follows int3/nop padding; zero runs in a gap are data more often than not
-            places.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
-                          if match.end() < limit)
-    # code does not begin with fill (a multi-byte nop right after a function is its padding)
-    return {place for place in places if not FILL_RE.match(memory, place, place + 15)}
+            known = cache.get((end, limit))
+            if known is None:
+                # code follows int3/nop padding; zero runs in a gap are data more often than not
+                found = {end}
+                found.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
+                             if match.end() < limit)
+                # code does not begin with fill (a multi-byte nop right after a function is its padding)
+                known = cache[(end, limit)] = [p for p in found if not FILL_RE.match(memory, p, p + 15)]
+            places.update(known)
+    return places
 
 
-def _named_by_words(places: set[int], words: list[array]) -> set[int]:
-    """The places some 32-bit value in data names."""
-    found: set[int] = set()
-    for chunk in words:
-        found |= places.intersection(chunk)
-    return found
+def _named_by_words(places: set[int], words: list[array], judged: dict[int, bool]) -> set[int]:
+    """The places some 32-bit value in data names; ``judged`` remembers places looked up before."""
+    fresh = places - judged.keys()
+    if fresh:
+        found: set[int] = set()
+        for chunk in words:
+            found |= fresh.intersection(chunk)
+        judged.update((place, place in found) for place in fresh)
+    return {place for place in places if judged[place]}
 
 
 def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
@@ -498,17 +517,52 @@ def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], ho
     """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
     "runs on" if it runs to the item's end (or branches beyond it, up to its horizon)."""
     memory = image.memory
-    analyses = decode(ctx, items, core)
-    reached = [_reachable(memory, item, analysis, horizon)
-               for item, analysis, horizon in zip(items, analyses, horizons)]
+    full: dict[Item, FunctionAnalysis] = {}
+    reached = _reach(ctx, core, memory, items, horizons, full)
     cut = [r for r, item in zip(reached, items) if r != item]
     redecoded = dict(zip(cut, decode(ctx, cut, core)))
     out = []
-    for item, r, analysis in zip(items, reached, analyses):
-        if r != item:
-            analysis = redecoded[r]
+    for item, r in zip(items, reached):
+        analysis = redecoded[r] if r != item else full[item]
         out.append("" if not _sane(image, core, r, analysis) else "ends" if r != item else "runs on")
     return out
+
+
+#: bytes decoded first when bounding a function without .pdata (most end well within it)
+_REACH_WINDOW = 2048
+#: a cut closer than this to the window's end may depend on an instruction the window splits
+_WINDOW_MARGIN = 16
+
+
+def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], horizons: list[int],
+           full: dict[Item, FunctionAnalysis]) -> list[Item]:
+    """``_reachable`` of each item's whole decode, decoding only its first ``_REACH_WINDOW`` bytes where
+    those decide it; the whole decodes made are added to ``full``.
+
+    The core's sweep of a shorter range is the same instructions and references up to its end (data
+    skipped ahead resumes at the same target when that lies inside), except around jump tables, whose
+    targets are checked against the range: a window with a table is decoded whole. An item of unknown
+    extent (data swept as code) would otherwise be decoded to the next known start, often far away.
+    """
+    windows = [(rva, ((begin, min(limit, begin + _REACH_WINDOW)),)) for rva, ((begin, limit),) in items]
+    out: list[Item | None] = [None] * len(items)
+    whole: list[int] = []
+    for index, (item, window, analysis) in enumerate(zip(items, windows, decode(ctx, windows, core))):
+        limit, window_end = item[1][0][1], window[1][0][1]
+        if window_end == limit:
+            full[item] = analysis
+            out[index] = _reachable(memory, item, analysis, horizons[index])
+            continue
+        if not analysis.raw_tables:
+            cut = _reachable(memory, window, analysis, max(horizons[index], limit))
+            if cut[1][0][1] <= window_end - _WINDOW_MARGIN:
+                out[index] = cut
+                continue
+        whole.append(index)
+    for index, analysis in zip(whole, decode(ctx, [items[i] for i in whole], core)):
+        full[items[index]] = analysis
+        out[index] = _reachable(memory, items[index], analysis, horizons[index])
+    return out  # type: ignore[return-value]
 
 
 def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis) -> bool:

@@ -1,32 +1,31 @@
-"""The PE32+ x86-64 image model, read with LIEF.
+"""The PE32+ x86-64 image model, read with LIEF or with hotpatch's own directory reader.
 
-``Image.load`` checks the headers itself first (so every kind of bad input
-gets its own error and a one-line message), then lets LIEF parse the
-directories. The model is immutable: plain frozen dataclasses and a mapped
+``Image.load`` checks the headers itself first (``hotpatch.pe.headers``, so
+every kind of bad input gets its own error and a one-line message), then lets
+LIEF parse the directories. ``Image.load_fast`` builds the same model with
+``hotpatch.pe.directories`` instead, for commands whose whole cost would
+otherwise be LIEF's import (``info``, ``functions``). The model is immutable: plain frozen dataclasses and a mapped
 copy of the image (sections laid out at their RVAs) for reading code and data.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
 import warnings
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lief
-
 from .collector import gc_paused
 from .errors import (
     CorruptImageError,
-    NotPE32PlusError,
     NotPEError,
     TruncatedImageError,
     UnsupportedArchitectureError,
 )
 from .names import pe_name
+from .pe.headers import DIRECTORY_SECURITY, MACHINE_NAMES, PEHeaders, read_file_headers
 
 __all__ = [
     "Export",
@@ -39,15 +38,9 @@ __all__ = [
     "Symbol",
     "UnwindInfo",
     "check_headers",
+    "fold_chains",
 ]
 
-lief.logging.disable()
-
-MACHINE_AMD64 = 0x8664
-MACHINE_NAMES = {0x14C: "i386", 0x8664: "x86-64", 0xAA64: "ARM64", 0xA641: "ARM64EC", 0x1C4: "ARMNT"}
-MAGIC_PE32 = 0x10B
-MAGIC_PE32_PLUS = 0x20B
-DIRECTORY_SECURITY = 4  # its "RVA" is a file offset, so it is not checked against SizeOfImage
 #: The image is mapped into memory whole (Image.memory): beyond the rel32 reach nothing could be hotpatched
 #: anyway, and it keeps a hostile header from costing gigabytes.
 MAX_SIZE_OF_IMAGE = 1 << 31
@@ -210,16 +203,11 @@ class Image:
     @classmethod
     def load(cls, source: str | Path | bytes) -> Image:
         """Parse a PE32+ x86-64 image from a path or from its bytes."""
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            data, path = bytes(source), None
-        else:
-            path = str(source)
-            try:
-                data = Path(source).read_bytes()
-            except OSError as exc:
-                raise NotPEError(f"{path}: cannot read: {exc.strerror}") from None
-        label = path or "<bytes>"
+        import lief  # its native module takes half a second to import: only here, never for load_fast
+
+        data, path, label = _read_source(source)
         headers = _check_headers(data, label)
+        lief.logging.disable()
         config = lief.PE.ParserConfig()
         config.parse_exceptions = True
         config.parse_rsrc = False
@@ -228,10 +216,25 @@ class Image:
         # unknown relocation type or storage class; those entries are simply not ones this model keeps.
         with gc_paused(), warnings.catch_warnings():  # gc: tens of thousands of LIEF objects, no cycles
             warnings.simplefilter("ignore")
-            binary = _lief_parse(data, config)
+            binary = _lief_parse(lief, data, config)
             if binary is None:
                 raise CorruptImageError(f"{label}: LIEF could not parse the image")
-            return _build(binary, data, path, label, headers)
+            memory = _mapped(data, headers)
+            return _build(_LiefDirectories(lief, binary, headers, label, memory), data, path, label, headers, memory)
+
+    @classmethod
+    def load_fast(cls, source: str | Path | bytes) -> Image:
+        """The same image as ``load`` gives, read without LIEF (``hotpatch.pe.directories``)."""
+        import sys
+
+        from .pe.directories import DirectoryReader
+
+        data, path, label = _read_source(source)
+        headers = _check_headers(data, label)
+        memory = _mapped(data, headers)
+        with gc_paused():
+            reader = DirectoryReader(memory, data, headers.pe, headers.sections, label, sys.modules[__name__])
+            return _build(reader, data, path, label, headers, memory)
 
     # ── addresses ───────────────────────────────────────────────────────
 
@@ -294,9 +297,20 @@ class _Headers:
     checksum: int
     size_of_image: int
     sections: tuple[Section, ...]
+    pe: PEHeaders
 
 
-def _lief_parse(data: bytes, config: Any) -> Any:
+def _read_source(source: str | Path | bytes) -> tuple[bytes, str | None, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), None, "<bytes>"
+    path = str(source)
+    try:
+        return Path(source).read_bytes(), path, path
+    except OSError as exc:
+        raise NotPEError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _lief_parse(lief: Any, data: bytes, config: Any) -> Any:
     try:
         return lief.PE.parse(data, config=config)
     except Exception:  # LIEF raises assorted types on damaged input; all mean "corrupt"
@@ -311,73 +325,38 @@ def check_headers(data: bytes, label: str) -> None:
 
 def _check_headers(data: bytes, label: str) -> _Headers:
     size = len(data)
-    if size < 2 or data[:2] != b"MZ":
-        raise NotPEError(f"{label}: not a PE file (no MZ signature)")
-    if size < 0x40:
-        raise TruncatedImageError(f"{label}: truncated DOS header ({size} bytes)")
-    pe = struct.unpack_from("<I", data, 0x3C)[0]
-    if pe + 24 > size:
-        raise TruncatedImageError(f"{label}: truncated: PE header at {pe:#x} is past the end ({size} bytes)")
-    if data[pe:pe + 4] != b"PE\0\0":
-        raise NotPEError(f"{label}: not a PE file (no PE signature at {pe:#x})")
-    machine, section_count, timedatestamp, _, _, optional_size, _ = struct.unpack_from("<HHIIIHH", data, pe + 4)
-    optional = pe + 24
-    if optional + 2 > size:
-        raise TruncatedImageError(f"{label}: truncated optional header")
-    magic = struct.unpack_from("<H", data, optional)[0]
-    if magic == MAGIC_PE32:
-        arch = MACHINE_NAMES.get(machine, hex(machine))
-        raise NotPE32PlusError(f"{label}: PE32 ({arch}) image; only PE32+ x86-64 is supported")
-    if magic != MAGIC_PE32_PLUS:
-        raise CorruptImageError(f"{label}: unknown optional header magic {magic:#x}")
-    if machine != MACHINE_AMD64:
-        arch = MACHINE_NAMES.get(machine, hex(machine))
-        raise UnsupportedArchitectureError(f"{label}: {arch} image; only PE32+ x86-64 is supported")
-    if optional_size < 112 or optional + optional_size > size:
-        raise TruncatedImageError(f"{label}: truncated optional header ({optional_size} bytes declared)")
-    section_alignment = struct.unpack_from("<I", data, optional + 32)[0]
-    size_of_image, size_of_headers, checksum = struct.unpack_from("<III", data, optional + 56)
+    headers = read_file_headers(data, label)
+    section_alignment, size_of_image = headers.section_alignment, headers.size_of_image
     if section_alignment == 0 or section_alignment & (section_alignment - 1):
         raise CorruptImageError(f"{label}: corrupt SectionAlignment {section_alignment:#x}")
     if size_of_image > MAX_SIZE_OF_IMAGE:
         raise CorruptImageError(f"{label}: SizeOfImage {size_of_image:#x} is above the limit of {MAX_SIZE_OF_IMAGE:#x}")
-    directory_count = struct.unpack_from("<I", data, optional + 108)[0]
-    if directory_count > 16 or 112 + 8 * directory_count > optional_size:
-        raise CorruptImageError(f"{label}: corrupt data directory count {directory_count}")
-    table = optional + optional_size
-    if section_count == 0 or section_count > 96:
-        raise CorruptImageError(f"{label}: corrupt section count {section_count}")
-    if table + 40 * section_count > size:
-        raise TruncatedImageError(f"{label}: truncated section table")
     sections = []
-    for index in range(section_count):
-        raw = struct.unpack_from("<8sIIIIIIHHI", data, table + 40 * index)
-        name = pe_name(raw[0].rstrip(b"\0"))
-        virtual_size, rva, raw_size, raw_offset, characteristics = raw[1], raw[2], raw[3], raw[4], raw[9]
+    for entry in headers.sections:
+        name, raw_size, raw_offset = entry.name, entry.raw_size, entry.raw_offset
         if raw_size and raw_offset + raw_size > size:
             raise TruncatedImageError(
                 f"{label}: truncated: section {name} data ends at {raw_offset + raw_size:#x}, file has {size:#x} bytes")
-        section = Section(name, rva, virtual_size, raw_offset, raw_size, characteristics)
+        section = Section(name, entry.rva, entry.virtual_size, raw_offset, raw_size, entry.characteristics)
         if section.end_rva > size_of_image:
             raise CorruptImageError(f"{label}: corrupt: section {name} ends past SizeOfImage")
         sections.append(section)
     sections.sort(key=lambda s: s.rva)
     # What the loader maps is the sections; a larger SizeOfImage would only cost memory (Image.memory).
-    needed = _align_up(max([size_of_headers, *(s.end_rva for s in sections)]), section_alignment)
+    needed = _align_up(max([headers.size_of_headers, *(s.end_rva for s in sections)]), section_alignment)
     if size_of_image > needed:
         raise CorruptImageError(
             f"{label}: corrupt: SizeOfImage {size_of_image:#x} is larger than the sections need ({needed:#x})")
     for before, after in zip(sections, sections[1:]):
         if before.end_rva > after.rva:
             raise CorruptImageError(f"{label}: corrupt: sections {before.name} and {after.name} overlap")
-    for index in range(directory_count):
-        rva, length = struct.unpack_from("<II", data, optional + 112 + 8 * index)
+    for index, (rva, length) in enumerate(headers.directories):
         if index == DIRECTORY_SECURITY or (rva == 0 and length == 0):
             continue
         if rva + length > size_of_image or length > size_of_image:
             raise CorruptImageError(
                 f"{label}: corrupt data directory {index}: {rva:#x}+{length:#x} is outside the image")
-    return _Headers(machine, timedatestamp, checksum, size_of_image, tuple(sections))
+    return _Headers(headers.machine, headers.timedatestamp, headers.checksum, size_of_image, tuple(sections), headers)
 
 
 def _align_up(value: int, alignment: int) -> int:
@@ -387,15 +366,49 @@ def _align_up(value: int, alignment: int) -> int:
 # ── building the model from LIEF ───────────────────────────────────────────
 
 
-def _build(binary: Any, data: bytes, path: str | None, label: str, headers: _Headers) -> Image:
+def _mapped(data: bytes, headers: _Headers) -> bytes:
+    """The image as the loader maps it: headers, then each section's raw data at its RVA, zeros elsewhere."""
     memory = bytearray(headers.size_of_image)
-    head = min(len(data), headers.size_of_image, binary.optional_header.sizeof_headers)
+    head = min(len(data), headers.size_of_image, headers.pe.size_of_headers)
     memory[:head] = data[:head]
     for section in headers.sections:
         length = min(section.raw_size, section.virtual_size or section.raw_size, headers.size_of_image - section.rva)
         memory[section.rva:section.rva + length] = data[section.raw_offset:section.raw_offset + length]
+    return bytes(memory)
 
-    load_config = _load_config(binary)
+
+class _LiefDirectories:
+    """The directories as LIEF parsed them."""
+
+    def __init__(self, lief: Any, binary: Any, headers: _Headers, label: str, memory: bytes) -> None:
+        self.lief, self.binary, self.headers, self.label, self.memory = lief, binary, headers, label, memory
+
+    def load_config(self) -> dict[str, int]:
+        return _load_config(self.binary)
+
+    def imports(self) -> tuple[Import, ...]:
+        return _imports(self.binary, self.label)
+
+    def exports(self) -> tuple[Export, ...]:
+        return _exports(self.binary)
+
+    def relocations(self) -> tuple[int, ...]:
+        dir64 = self.lief.PE.RelocationEntry.BASE_TYPES.DIR64
+        return _relocations(self.binary, dir64, self.headers.size_of_image, self.label)
+
+    def symbols(self) -> tuple[Symbol, ...]:
+        storage = self.lief.COFF.Symbol.STORAGE_CLASS
+        return _symbols(self.binary, self.headers.sections, {storage.EXTERNAL, storage.STATIC})
+
+    def runtime_functions(self) -> tuple[RuntimeFunction, ...]:
+        return _runtime_functions(self.binary, self.headers.sections, self.label, self.memory)
+
+    def tls(self) -> Tls | None:
+        return _tls(self.binary, self.headers.pe.image_base)
+
+
+def _build(directories: Any, data: bytes, path: str | None, label: str, headers: _Headers, memory: bytes) -> Image:
+    load_config = directories.load_config()
     if load_config.get("chpe_metadata_pointer"):
         raise UnsupportedArchitectureError(f"{label}: ARM64EC/ARM64X hybrid image; only PE32+ x86-64 is supported")
 
@@ -405,23 +418,22 @@ def _build(binary: Any, data: bytes, path: str | None, label: str, headers: _Hea
             code.update(memory[section.rva:section.end_rva])
     identity = Identity(headers.machine, headers.timedatestamp, headers.size_of_image, headers.checksum,
                         code.hexdigest())
-    entry = binary.optional_header.addressof_entrypoint
-    imports = _imports(binary, label)
-    image_base = binary.optional_header.imagebase
+    entry = headers.pe.entry_rva
+    imports = directories.imports()
     return Image(
         path=path,
-        image_base=image_base,
+        image_base=headers.pe.image_base,
         entry_rva=entry or None,
         identity=identity,
         sections=headers.sections,
-        exports=_exports(binary),
+        exports=directories.exports(),
         imports=imports,
-        relocations=_relocations(binary, headers.size_of_image, label),
-        symbols=_symbols(binary, headers.sections),
-        runtime_functions=_runtime_functions(binary, headers.sections, label),
+        relocations=directories.relocations(),
+        symbols=directories.symbols(),
+        runtime_functions=directories.runtime_functions(),
         load_config=load_config,
-        tls=_tls(binary, image_base),
-        memory=bytes(memory),
+        tls=directories.tls(),
+        memory=memory,
         _iat={imp.iat_rva: imp for imp in imports},
     )
 
@@ -460,15 +472,12 @@ def _imports(binary: Any, label: str) -> tuple[Import, ...]:
     return tuple(out)
 
 
-_DIR64 = lief.PE.RelocationEntry.BASE_TYPES.DIR64
-
-
-def _relocations(binary: Any, size_of_image: int, label: str) -> tuple[int, ...]:
+def _relocations(binary: Any, dir64: Any, size_of_image: int, label: str) -> tuple[int, ...]:
     """RVAs of the 64-bit absolute addresses the loader rebases (IMAGE_REL_BASED_DIR64)."""
     out = []
     for block in binary.relocations:
         for entry in block.entries:
-            if entry.type == _DIR64:
+            if entry.type == dir64:
                 rva = entry.address
                 if rva + 8 > size_of_image:
                     raise CorruptImageError(f"{label}: corrupt base relocation at {rva:#x}")
@@ -477,21 +486,18 @@ def _relocations(binary: Any, size_of_image: int, label: str) -> tuple[int, ...]
     return tuple(out)
 
 
-def _symbols(binary: Any, sections: tuple[Section, ...]) -> tuple[Symbol, ...]:
+def _symbols(binary: Any, sections: tuple[Section, ...], defined_classes: set[Any]) -> tuple[Symbol, ...]:
     out: dict[tuple[str, int], Symbol] = {}
     # LIEF numbers sections from 1 in file order; our tuple is sorted by RVA.
     by_index = {index + 1: section for index, section in enumerate(_file_order(binary, sections))}
     for symbol in binary.symbols:
         section = by_index.get(symbol.section_idx)
         name = pe_name(symbol.name)
-        if section is None or not name or name.startswith(".") or symbol.storage_class not in _DEFINED_CLASSES:
+        if section is None or not name or name.startswith(".") or symbol.storage_class not in defined_classes:
             continue
         rva = section.rva + symbol.value
         out[(name, rva)] = Symbol(name, rva, bool(symbol.is_function))
     return tuple(sorted(out.values(), key=lambda s: (s.rva, s.name)))
-
-
-_DEFINED_CLASSES = {lief.COFF.Symbol.STORAGE_CLASS.EXTERNAL, lief.COFF.Symbol.STORAGE_CLASS.STATIC}
 
 
 def _file_order(binary: Any, sections: tuple[Section, ...]) -> list[Section]:
@@ -499,13 +505,15 @@ def _file_order(binary: Any, sections: tuple[Section, ...]) -> list[Section]:
     return [by_rva[s.virtual_address] for s in binary.sections]
 
 
-def _unwind(info: Any, rva: int) -> UnwindInfo:
+def _unwind(info: Any, rva: int, memory: bytes) -> UnwindInfo:
     handler = info.handler if info.handler is not None else None
+    # LIEF 0.17's frame_reg_offset is the high nibble of the version/flags byte, not of the frame byte
     return UnwindInfo(rva, info.version, int(info.flags), info.sizeof_prologue, info.count_opcodes,
-                      int(info.frame_reg), info.frame_reg_offset, handler)
+                      int(info.frame_reg), memory[rva + 3] >> 4, handler)
 
 
-def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str) -> tuple[RuntimeFunction, ...]:
+def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str,
+                       memory: bytes) -> tuple[RuntimeFunction, ...]:
     """.pdata entries; chained entries (UNW_FLAG_CHAININFO) become fragments of their root."""
     roots: dict[int, tuple[int, UnwindInfo]] = {}
     fragments: dict[int, list[tuple[int, int, int]]] = {}
@@ -526,9 +534,16 @@ def _runtime_functions(binary: Any, sections: tuple[Section, ...], label: str) -
             root, root_info = chained, chained.unwind_info
             depth += 1
         if root is entry:
-            roots[begin] = (end, _unwind(info, entry.unwind_rva))
+            roots[begin] = (end, _unwind(info, entry.unwind_rva, memory))
         else:
             fragments.setdefault(root.rva_start, []).append((begin, end, entry.unwind_rva))
+    return fold_chains(roots, fragments)
+
+
+def fold_chains(roots: dict[int, tuple[int, UnwindInfo]],
+                fragments: dict[int, list[tuple[int, int, int]]]) -> tuple[RuntimeFunction, ...]:
+    """RuntimeFunctions from .pdata roots (begin -> end, unwind) and chained fragments by their root's begin
+    ((begin, end, unwind RVA) each), sorted by begin. ``fragments`` is emptied."""
     out = []
     for begin, (end, unwind) in sorted(roots.items()):
         own = sorted([r for r in fragments.pop(begin, ()) if r[0] != begin]) if fragments else []

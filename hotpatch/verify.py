@@ -6,6 +6,11 @@ then the same calls run on it and on the patched image (mapped the same way),
 and their results, buffer arguments and the data they changed are compared.
 Without an inputs file, every export whose code the package changes (itself
 or through what it calls) is called with a default set of integer arguments.
+
+A DLL rarely runs alone: the DLLs of the same program it imports (found
+beside the baseline, ``sibling_dlls``) and any named as companions (a DLL
+that drives it, say) are mapped in both processes, the baseline's own copies
+in both, so that only the package makes the two differ.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import tempfile
 from bisect import bisect_right
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,7 @@ from .package.builder import build_package
 from .package.model import ImportTarget, Package
 from .targets import TargetClassifier
 
-__all__ = ["VerifyReport", "affected_exports", "verify"]
+__all__ = ["VerifyReport", "affected_exports", "sibling_dlls", "verify"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class VerifyReport:
     patched_results: tuple[CallResult, ...]
     expected_results: tuple[CallResult, ...]
     difference: Difference | None
+    modules: tuple[str, ...] = ()  # the images mapped in each process, in load order
 
     @property
     def agrees(self) -> bool:
@@ -55,6 +62,7 @@ class VerifyReport:
             "agrees": self.agrees,
             "baseline_base": self.baseline_base,
             "patched_base": self.patched_base,
+            "modules": list(self.modules),
             "calls": [
                 {"call": str(spec), "baseline_with_package": a.value, "patched": b.value}
                 for spec, a, b in zip(self.calls, self.patched_results, self.expected_results)
@@ -81,8 +89,32 @@ def affected_exports(baseline: FunctionTable, changed: set[int]) -> list[str]:
     return sorted({e.name for e in baseline.image.exports if e.name and e.rva in reached})
 
 
+def sibling_dlls(image: Image) -> list[Path]:
+    """The DLLs beside ``image`` on disk that it imports, directly or through each other (file names, case aside)."""
+    if not image.path:
+        return []
+    directory = Path(image.path).parent
+    on_disk = {p.name.lower(): p for p in directory.iterdir() if p.suffix.lower() == ".dll" and p.is_file()}
+    found: dict[str, Path] = {}
+    pending = [image]
+    own = Path(image.path).name.lower()
+    while pending:
+        for entry in pending.pop().imports:
+            key = entry.dll.lower()
+            if key in on_disk and key != own and key not in found:
+                found[key] = on_disk[key]
+                pending.append(Image.load(on_disk[key]))
+    return sorted(found.values())
+
+
 def verify(package: Package, baseline: str | Path, patched: str | Path,
-           calls: list[CallSpec] | None = None) -> VerifyReport:
+           calls: list[CallSpec] | None = None, companions: Sequence[str | Path] = ()) -> VerifyReport:
+    """Apply ``package`` to ``baseline`` in the emulator and make ``calls`` there and on ``patched``.
+
+    Both processes also map ``companions`` and the baseline's ``sibling_dlls``
+    (see the module docstring); the patched image then takes the baseline's
+    file name, so DLLs that import the baseline bind to it.
+    """
     baseline_image, patched_image = Image.load(baseline), Image.load(patched)
     result = diff(baseline_image, patched_image, allow_layout_change=True)
     if calls is None:
@@ -90,8 +122,14 @@ def verify(package: Package, baseline: str | Path, patched: str | Path,
         if not names:
             raise VerifyError("the package changes no exported code; give the calls to make with --inputs")
         calls = default_calls(names)
-    live = EmulatorBackend.load(baseline_image)
-    reference = EmulatorBackend.load(patched_image)
+    others = [*companions, *sibling_dlls(baseline_image)]
+    if others:
+        name = Path(baseline).name
+        live = EmulatorBackend.load_process(baseline_image, others, name=name)
+        reference = EmulatorBackend.load_process(patched_image, others, name=name)
+    else:
+        live = EmulatorBackend.load(baseline_image)
+        reference = EmulatorBackend.load(patched_image)
     try:
         live.provide_imports(sorted({(f.target.dll, f.target.name) for f in package.fixups
                                      if isinstance(f.target, ImportTarget)}))
@@ -107,7 +145,8 @@ def verify(package: Package, baseline: str | Path, patched: str | Path,
         difference = compare(with_package, expected, labels=("baseline + package", "patched"),
                              translate=translate, translate_first=domain)
         return VerifyReport(package.package_id, live.main_module().base_va, reference.main_module().base_va,
-                            tuple(calls), tuple(with_package), tuple(expected), difference)
+                            tuple(calls), tuple(with_package), tuple(expected), difference,
+                            tuple(m.name for m in live.images()))
     finally:
         live.close()
         reference.close()

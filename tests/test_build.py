@@ -138,3 +138,18 @@ def test_inspect_json(cases: list[Case], tmp_path: Path) -> None:
     assert document["fixups_by_kind"]
     human = subprocess.run([sys.executable, "-m", "hotpatch.cli", "inspect", str(out)], capture_output=True, text=True)
     assert human.returncode == 0 and "checksum" in human.stdout and "jmp" in human.stdout
+
+
+def test_inspect_lists_every_fixup_at_its_own_place(cases: list[Case], tmp_path: Path) -> None:
+    # switch_table's dispatch entries point into another blob: the target must not hide where the fixup sits
+    case = _case(cases, "switch_table")
+    package = build_package(diff(case.baseline, case.patched))
+    out = tmp_path / "p.hpk"
+    package.save(out)
+    run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "inspect", str(out), "--json", "--fixups"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    listed = [(f["blob"], f["offset"], f["addend"]) for f in json.loads(run.stdout)["fixups"]]
+    assert listed == [(f.blob, f.offset, f.addend) for f in package.fixups]
+    blob_targets = [f["target"] for f in json.loads(run.stdout)["fixups"] if "offset" in f["target"]]
+    assert blob_targets and all(set(t) == {"blob", "offset"} for t in blob_targets)

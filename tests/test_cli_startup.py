@@ -31,3 +31,10 @@ def test_help_still_lists_every_command() -> None:
     own = build_parser(own_only=True)._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     assert set(own) == _OWN_COMMANDS
     assert {"apply", "rollout", "train", "batch", "report", "trust"} <= set(full)
+
+
+def test_info_and_functions_load_no_lief(built_fixtures) -> None:  # type: ignore[no-untyped-def]
+    dll = str(built_fixtures / "body_change" / "baseline.dll")
+    # both read the image with hotpatch.pe (Image.load_fast): LIEF's import alone would be most of their cost
+    assert _loaded("info", dll, "--json") == ""
+    assert _loaded("functions", dll, "--json") == ""

@@ -85,6 +85,9 @@ def test_good_plan_parses_with_defaults_applied(tmp_path: Path) -> None:
         (('path = "fix.hpk"', 'path = ""'), "package.path: missing"),
         (('pids = [42]', 'pids = [-1]'), "inventory.hosts[2].pids: expected a list of positive"),
         (('pids = [42]', 'colour = "red"'), "inventory.hosts[2].colour: unknown field"),
+        (('soak = "5m"', 'soak = "5h"'), "inventory.hosts[0].window: 'daily 01:00-05:00' of host 'a' is shorter"),
+        (("[failure]", '[limits]\napply_time = "soon"\n[failure]'), "limits.apply_time: apply_time: not a duration"),
+        (("[failure]", '[tls]\ncert = "none.pem"\n[failure]'), "tls.ca_file: missing"),
     ],
 )
 def test_bad_field_is_named(tmp_path: Path, change: tuple[str, str], field: str) -> None:
@@ -180,6 +183,21 @@ def test_planner_waits_for_the_window_and_wakes_when_it_opens() -> None:
     assert [h.name for h in planner.ready(midnight + 2 * 3600)] == ["t"]
 
 
+def test_planner_starts_a_host_only_with_enough_window_left_for_apply_and_soak() -> None:
+    tokyo = Host(name="t", time_zone="Asia/Tokyo", window=parse_window("daily 02:00-03:00"), module="m")
+    planner = Planner([[tokyo]], max_in_flight=1, task_time=20 * 60)
+    late = ts(2026, 6, 1, 17, 45)  # 02:45 in Tokyo: the window is open, 15 minutes of it are left
+    planner.add_pending(["t"], late)
+    assert planner.ready(late) == []
+    tomorrow = ts(2026, 6, 2, 17, 0)  # 02:00 the next night
+    assert planner.next_wake() == tomorrow
+    assert [h.name for h in planner.ready(tomorrow)] == ["t"]
+    # 20 minutes left is enough
+    early = Planner([[tokyo]], max_in_flight=1, task_time=20 * 60)
+    early.add_pending(["t"], ts(2026, 6, 1, 17, 40))
+    assert [h.name for h in early.ready(ts(2026, 6, 1, 17, 40))] == ["t"]
+
+
 # --------------------------------------------------------------------------
 # State, lock, and a killed orchestrator (with the simulated executor)
 # --------------------------------------------------------------------------
@@ -268,6 +286,29 @@ def test_lost_worker_marks_unknown_and_reads_back_from_memory(tmp_path: Path) ->
     assert _runner(store, executor).run() == "completed"
     assert [e["new"] for e in store.history("r", "a")] == [
         "pending", "applying", "unknown", "checking", "pending", "applying", "applied"]
+
+
+def test_apply_cut_short_between_processes_is_read_back_partial_and_finished_not_failed(tmp_path: Path) -> None:
+    store = _store(tmp_path, [Host(name=n, module="m") for n in "ab"])
+    # a's worker died after the first of its processes was patched: the read-back finds the package in some
+    # processes only; the host task finishes the apply there (it skips the processes that hold it)
+    executor = Scripted({("a", "apply"): ["lost", "applied"], ("a", "status"): "partial"})
+    runner = _runner(store, executor)
+    assert runner.run() == "completed"
+    assert executor.sent == [("a", "apply"), ("a", "status"), ("a", "apply"), ("b", "apply")]
+    assert [e["new"] for e in store.history("r", "a")] == [
+        "pending", "applying", "unknown", "checking", "applying", "applied"]
+    assert runner.stats.failures == 0 and runner.stats.blast_radius == 2
+
+
+def test_apply_cut_short_between_processes_while_halting_is_rolled_back(tmp_path: Path) -> None:
+    store = _store(tmp_path, [Host(name=n, module="m") for n in "ab"])
+    store.transition("r", "a", "applying", 1)  # a killed orchestrator left a's apply in flight
+    store.set_status("r", "halting", 1)
+    executor = Scripted({("a", "status"): "partial"})
+    assert _runner(store, executor, rollback="none").run() == "halted"
+    assert executor.sent == [("a", "status"), ("a", "rollback")]
+    assert {t.host: t.state for t in store.targets("r")} == {"a": "rolled_back", "b": "pending"}
 
 
 def test_failed_canary_halts_and_wave_policy_rolls_back_only_its_wave(tmp_path: Path) -> None:

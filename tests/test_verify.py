@@ -12,11 +12,21 @@ import pytest
 
 from hotpatch.apply.emulator import EmulatorBackend
 from hotpatch.apply.status import code_sha256, read_image
+from hotpatch.calls import CallSpec
 from hotpatch.diff import diff
+from hotpatch.errors import NotPEError, UnmodelledImportError
 from hotpatch.image import Image
 from hotpatch.package.builder import build_package
-from hotpatch.verify import affected_exports, verify
-from tests.fixtures.build_product import IMAGE_BASES, RELEASES, build_product, release_dir
+from hotpatch.verify import affected_exports, sibling_dlls, verify
+from tests.fixtures.build_product import (
+    CALLS,
+    IMAGE_BASES,
+    RELEASES,
+    Release,
+    build_product,
+    expected,
+    release_dir,
+)
 from tests.fixtures.cases import Case, load_cases
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +73,34 @@ def test_a_dll_with_a_non_default_preferred_base_verifies(built_fixtures: Path) 
     report = verify(package, baseline, patched)
     assert report.agrees, report.difference
     assert report.baseline_base != image.image_base and {c.function for c in report.calls} >= {"util_mix"}
+
+
+def test_a_dll_importing_other_dlls_of_its_product_verifies_with_them(built_fixtures: Path, tmp_path: Path) -> None:
+    """app.dll imports core.dll and util.dll: verify maps the ones beside the baseline, or those named with
+    companions, in both processes (the baseline's copies, so only the package makes them differ)."""
+    build_product(built_fixtures)
+    may, june = (next(r for r in RELEASES if r.name == name) for name in ("2026.05", "2026.06"))
+    baseline, patched = release_dir(built_fixtures, may) / "app.dll", release_dir(built_fixtures, june) / "app.dll"
+    assert [p.name for p in sibling_dlls(Image.load(baseline))] == ["core.dll", "util.dll"]
+    package = build_package(diff(baseline, patched))
+    calls = [CallSpec(name, (int(args),)) for name, args in (c.split(":") for c in CALLS)]
+    report = verify(package, baseline, patched, calls)
+    assert report.agrees, report.difference
+    assert report.modules == ("core.dll", "util.dll", "app.dll")
+    # app.dll at June's level over May's core.dll and util.dll (util changes in June too, but not here)
+    mixed = Release("mixed", "", {**may.levels, "app.dll": june.levels["app.dll"]}, "")
+    assert [r.value for r in report.expected_results] == list(expected(mixed).values())
+    assert [r.value for r in report.patched_results] == list(expected(mixed).values())
+    assert expected(mixed)["app_price"] != expected(may)["app_price"], "the calls must reach the fix"
+    # alone, app.dll's imports bind to stubs that stop the call; named companions take the siblings' place
+    alone = tmp_path / "app.dll"
+    alone.write_bytes(baseline.read_bytes())
+    with pytest.raises(UnmodelledImportError, match="core.dll!core_rate"):
+        verify(package, alone, patched, calls)
+    companions = [release_dir(built_fixtures, may) / m for m in ("util.dll", "core.dll")]
+    assert verify(package, alone, patched, calls, companions=companions).agrees
+    with pytest.raises(NotPEError):  # a companion that is no PE is bad input (CLI: exit 2), as the images are
+        verify(package, alone, patched, calls, companions=[ROOT / "README.md"])
 
 
 def test_the_code_hash_uses_the_preferred_base_the_emulator_knows(built_fixtures: Path) -> None:

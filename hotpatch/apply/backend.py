@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..errors import BackendError, RemoteTimeoutError
+from ..errors import BackendError, ImageError, RemoteTimeoutError
+from ..pe.headers import DIRECTORY_EXPORT, first_page, read_headers
 from ..win32mem import (
     PAGE_EXECUTE_READ,
     PAGE_READWRITE,
@@ -188,13 +189,12 @@ def find_export(backend: ProcessBackend, module: Module, name: str, _depth: int 
 
     Forwarded exports ("OTHER.Name") are followed into the module they name.
     """
-    header = backend.read(module.base_va, 0x400)
-    if header[:2] != b"MZ":
-        raise BackendError(f"{module.name}: no MZ header at {module.base_va:#x}")
-    (pe_offset,) = struct.unpack_from("<I", header, 0x3C)
-    if pe_offset + 24 + 0x70 + 8 > len(header) or header[pe_offset : pe_offset + 4] != b"PE\0\0":
-        raise BackendError(f"{module.name}: no PE header in the first page at {module.base_va:#x}")
-    export_rva, export_size = struct.unpack_from("<II", header, pe_offset + 24 + 0x70)
+    try:
+        headers = read_headers(first_page(lambda offset, size: backend.read(module.base_va + offset, size)),
+                               f"{module.name} at {module.base_va:#x}")
+    except ImageError as exc:
+        raise BackendError(f"{module.name}: no PE header in memory ({exc})") from None
+    export_rva, export_size = headers.directory(DIRECTORY_EXPORT)
     if not export_rva or export_rva + 40 > module.size:
         raise BackendError(f"{module.name} has no export directory")
     directory = backend.read(module.base_va + export_rva, 40)

@@ -19,6 +19,8 @@ failing where the agent would fail and with the same error types:
 
 Beyond the interface, the backend calls functions for ``hotpatch.calls``
 (``run``) and allocates on the emulated C heap (``heap_allocate``).
+``load_process`` maps an image with other DLLs of its program: those it
+imports before it, the ones that import it (a driver, a probe) after it.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class EmulatorBackend(ProcessBackend):
         self.machine = new_machine(instruction_limit)
         self.pid = self.machine.pid
         self._watches: dict[int, int] = {}  # allocation base -> write-watch handle
+        self._main: str | None = None  # the image under test, when it is not the first one loaded
         self._closed = False
 
     @classmethod
@@ -85,6 +88,45 @@ class EmulatorBackend(ProcessBackend):
         backend.load_module(image_or_path, base, run_dllmain=run_dllmain)
         return backend
 
+    @classmethod
+    def load_process(
+        cls,
+        image_or_path: Image | str | Path,
+        companions: Sequence[Image | str | Path] = (),
+        *,
+        name: str | None = None,
+        instruction_limit: int = DEFAULT_INSTRUCTION_LIMIT,
+    ) -> EmulatorBackend:
+        """A process holding ``image_or_path`` (its ``main_module``, mapped as ``name``) and other DLLs.
+
+        Each image is mapped after the companions it imports, directly or
+        through each other (matched by file name, case aside), so its imports
+        bind to them rather than to model DLLs; a companion that imports the
+        image comes after it. Companions are mapped by their file names.
+        """
+        image = _image(image_or_path)
+        main = (name or Path(image.path or "image.dll").name).lower()
+        images = {main: image}
+        for companion in map(_image, companions):
+            images.setdefault(Path(companion.path or "").name.lower(), companion)
+        order: list[str] = []
+
+        def visit(key: str, path: tuple[str, ...]) -> None:
+            if key in order or key in path:  # mapped already, or an import cycle (Windows breaks it the same way)
+                return
+            for entry in images[key].imports:
+                if entry.dll.lower() in images:
+                    visit(entry.dll.lower(), (*path, key))
+            order.append(key)
+
+        for key in images:
+            visit(key, ())
+        backend = cls(instruction_limit)
+        for key in order:
+            backend.load_module(images[key], name=name if key == main and name else None)
+        backend._main = main
+        return backend
+
     # ── modules ─────────────────────────────────────────────────────────
 
     def load_module(
@@ -97,8 +139,7 @@ class EmulatorBackend(ProcessBackend):
     ) -> Module:
         """Map another image; its imports bind to images loaded before it, else to model DLLs."""
         self._check_open()
-        image = image_or_path if isinstance(image_or_path, Image) else Image.load(image_or_path)
-        loaded = load_image(self.machine, image, base, name, run_dllmain)
+        loaded = load_image(self.machine, _image(image_or_path), base, name, run_dllmain)
         return _module(loaded)
 
     def provide_imports(self, imports: Iterable[tuple[str, str]]) -> None:
@@ -116,10 +157,11 @@ class EmulatorBackend(ProcessBackend):
                 self.machine.model_export(dll, name)
 
     def main_module(self) -> Module:
-        """The first image loaded."""
+        """The image under test: the first image loaded, or the one ``load_process`` was given."""
         if not self.machine.images:
             raise BackendError("no image is loaded in the emulator")
-        return _module(self.machine.images[0])
+        main = self.machine.module_named(self._main) if self._main else None
+        return _module(main if main is not None else self.machine.images[0])
 
     def image_of(self, module: Module | str) -> Image:
         """The parsed image behind a mapped module (not a model DLL)."""
@@ -290,6 +332,10 @@ class EmulatorBackend(ProcessBackend):
     def _check_open(self) -> None:
         if self._closed:
             raise BackendError(f"emulated process {self.pid}: backend already closed")
+
+
+def _image(image_or_path: Image | str | Path) -> Image:
+    return image_or_path if isinstance(image_or_path, Image) else Image.load(image_or_path)
 
 
 def _module(loaded: LoadedModule) -> Module:

@@ -29,8 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BackendError, IdentityMismatchError, ProcessGoneError
+from ..errors import BackendError, IdentityMismatchError, ImageError, ProcessGoneError
 from ..package.model import TargetIdentity
+from ..pe.headers import DIRECTORY_BASERELOC, DIRECTORY_IAT, first_page, read_headers
 from .backend import Module, ProcessBackend
 from .journal import RETAINED, ProcessJournal
 from .redirects import Patch, SiteRedirect
@@ -57,8 +58,6 @@ COMMON_BASES = (0x180000000, 0x140000000, 0x10000000, 0x400000)
 
 _SCN_CNT_CODE = 0x20
 _SCN_MEM_EXECUTE = 0x20000000
-_DIR_BASERELOC = 5
-_DIR_IAT = 12
 _REL_ABSOLUTE, _REL_HIGHLOW, _REL_DIR64 = 0, 3, 10
 
 ORIGINAL, OURS, FOREIGN = "original", "ours", "foreign"
@@ -113,38 +112,14 @@ class LoadedImage:
 def read_image(backend: ProcessBackend, module: Module) -> LoadedImage:
     """Parse ``module``'s headers from the target's memory."""
     what = f"{module.name} at {module.base_va:#x}"
-    head = backend.read(module.base_va, 0x1000)
-    if head[:2] != b"MZ":
-        raise BackendError(f"{what}: no MZ header in memory")
-    (pe,) = struct.unpack_from("<I", head, 0x3C)
-    if pe > 0x1000 - 24 - 0xF0 or head[pe : pe + 4] != b"PE\0\0":
-        raise BackendError(f"{what}: no PE header in the first page")
-    machine, section_count, timedatestamp = struct.unpack_from("<HHI", head, pe + 4)
-    (optional_size,) = struct.unpack_from("<H", head, pe + 20)
-    optional = pe + 24
-    magic, = struct.unpack_from("<H", head, optional)
-    if machine != 0x8664 or magic != 0x20B:
-        raise BackendError(f"{what}: not a PE32+ x86-64 image (machine {machine:#x}, magic {magic:#x})")
-    (image_base,) = struct.unpack_from("<Q", head, optional + 24)
-    size_of_image, size_of_headers, checksum = struct.unpack_from("<III", head, optional + 56)
-    (directory_count,) = struct.unpack_from("<I", head, optional + 108)
-
-    def directory(index: int) -> tuple[int, int]:
-        if index >= directory_count:
-            return 0, 0
-        return struct.unpack_from("<II", head, optional + 112 + 8 * index)
-
-    table = optional + optional_size
-    if table + 40 * section_count > len(head):
-        head += backend.read(module.base_va + len(head), min(size_of_headers, 0x10000))
-    sections = []
-    for index in range(section_count):
-        raw = struct.unpack_from("<8sIIII12xI", head, table + 40 * index)
-        name = raw[0].rstrip(b"\0").decode("latin-1")
-        sections.append(LoadedSection(name, raw[2], raw[1], raw[3], raw[5]))
+    try:
+        headers = read_headers(first_page(lambda offset, size: backend.read(module.base_va + offset, size)), what)
+    except ImageError as exc:
+        raise BackendError(f"{what}: no PE32+ x86-64 header in memory ({exc})") from None
+    sections = [LoadedSection(s.name, s.rva, s.virtual_size, s.raw_size, s.characteristics) for s in headers.sections]
     return LoadedImage(
-        module, timedatestamp, size_of_image, checksum, image_base, tuple(sections), *directory(_DIR_BASERELOC),
-        *directory(_DIR_IAT),
+        module, headers.timedatestamp, headers.size_of_image, headers.checksum, headers.image_base, tuple(sections),
+        *headers.directory(DIRECTORY_BASERELOC), *headers.directory(DIRECTORY_IAT),
     )
 
 

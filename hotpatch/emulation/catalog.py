@@ -1,13 +1,13 @@
 """A machine with everything the emulator models: the import models and SEH dispatch.
 
-``crt``, ``stdio``, ``win32`` and ``seh`` register their models in
+``crt``, ``jumps``, ``stdio``, ``win32``, ``winsock`` and ``seh`` register their models in
 ``models.REGISTRY`` when imported; importing them here, above ``machine``,
 completes the registry before any machine uses it.
 """
 
 from __future__ import annotations
 
-from . import crt, stdio, win32  # noqa: F401 - they register their models on import
+from . import crt, jumps, stdio, win32, winsock  # noqa: F401 - they register their models on import
 from .machine import DEFAULT_INSTRUCTION_LIMIT, Machine
 from .models import REGISTRY
 from .seh import dispatch_fault

@@ -383,6 +383,19 @@ def _localeconv(c: ModelCall) -> int:
     return data + LCONV
 
 
+FILETIME_UNIX_EPOCH = 116444736000000000  # 1970-01-01 in 100 ns units since 1601
+
+
+@model("_time64", "_time32", "time")
+def _time(c: ModelCall) -> int:
+    # the machine's deterministic clock (GetSystemTimeAsFileTime's), so both of verify's processes agree
+    c.machine.clock_ms += 1
+    seconds = (c.machine.guest_time + c.machine.clock_ms * 10_000 - FILETIME_UNIX_EPOCH) // 10_000_000
+    if c.arg(0):
+        c.machine.write(c.arg(0), seconds.to_bytes(4 if c.stub.name == "_time32" else 8, "little"), c.label)
+    return seconds
+
+
 @model("getenv")
 def _getenv(c: ModelCall) -> int:
     return 0  # the emulated process has no environment

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import BackendError, EmulationError
 from ..image import Image, Section
+from ..pe.headers import DIRECTORY_TLS, OPTIONAL_IMAGE_BASE, PEHeaders, read_headers
 from ..win32mem import (
     MEM_IMAGE,
     MEM_PRIVATE,
@@ -35,7 +36,6 @@ __all__ = ["DEFAULT_BASE_SHIFT", "load_image", "section_protection"]
 DEFAULT_BASE_SHIFT = 0x10000000
 DLL_PROCESS_ATTACH = 1
 MAX_TLS_INDEX = 512
-DIRECTORY_TLS = 9
 TLS_FLOOR = 0x7FFC00000000  # TLS blocks go up here, away from what the program allocates
 
 
@@ -81,8 +81,8 @@ def load_image(
         for rva in image.relocations:
             (value,) = struct.unpack_from("<Q", memory, rva)
             struct.pack_into("<Q", memory, rva, (value + delta) & 0xFFFFFFFFFFFFFFFF)
-    (pe_offset,) = struct.unpack_from("<I", memory, 0x3C)
-    struct.pack_into("<Q", memory, pe_offset + 24 + 24, base)  # OptionalHeader.ImageBase
+    headers = read_headers(lambda offset, size: bytes(memory[offset:offset + size]), name)
+    struct.pack_into("<Q", memory, headers.optional_offset + OPTIONAL_IMAGE_BASE, base)  # the loader's rebase
 
     module = LoadedModule(name, image.path or name, base, size, image=image)
     for entry in image.imports:
@@ -101,7 +101,7 @@ def load_image(
     machine.images.append(module)
     if len(machine.images) == 1:
         machine.poke(machine.peb + 0x10, base.to_bytes(8, "little"))  # PEB.ImageBaseAddress
-    callbacks = _setup_tls(machine, module, memory, pe_offset)
+    callbacks = _setup_tls(machine, module, memory, headers)
     if run_dllmain:
         _process_attach(machine, module, callbacks)
     return module
@@ -125,10 +125,9 @@ def resolve_import(machine: Machine, importer: str, dll: str, name: str | None, 
     return machine.model_export(dll, name if name is not None else f"#{ordinal}")
 
 
-def _setup_tls(machine: Machine, module: LoadedModule, memory: bytearray, pe_offset: int) -> list[int]:
+def _setup_tls(machine: Machine, module: LoadedModule, memory: bytearray, headers: PEHeaders) -> list[int]:
     """Give the image its TLS index and this thread its TLS block; the callback VAs."""
-    directory = pe_offset + 24 + 112 + 8 * DIRECTORY_TLS
-    tls_rva, tls_size = struct.unpack_from("<II", memory, directory)
+    tls_rva, tls_size = headers.directory(DIRECTORY_TLS)
     if not tls_rva or tls_size < 40:
         return []
     start, end, index_va, callbacks_va, zero_fill = struct.unpack_from("<QQQQI", memory, tls_rva)

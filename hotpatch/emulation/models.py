@@ -5,12 +5,13 @@ A model is registered for one or more DLL families:
 - ``crt``: msvcrt.dll, ucrtbase.dll, vcruntime140*.dll, msvcr*.dll and the
   api-ms-win-crt-* API sets;
 - ``kernel32``: kernel32.dll, kernelbase.dll and the api-ms-win-core-* API sets;
-- ``ntdll``: ntdll.dll.
+- ``ntdll``: ntdll.dll;
+- ``ws2_32``: ws2_32.dll and wsock32.dll.
 
 A model either runs Python when the CPU reaches its stub (``run``: takes a
 ``ModelCall``, returns rax or None to leave it) or is a few instructions of
 real code (``code``) for functions that call back into the guest. The
-implementations live in ``crt``, ``stdio``, ``win32`` and ``seh``; they register
+implementations live in ``crt``, ``jumps``, ``stdio``, ``win32``, ``winsock`` and ``seh``; they register
 themselves in ``REGISTRY`` when imported, and ``catalog`` hands the complete
 registry to each ``Machine`` (this module imports none of them).
 """
@@ -23,7 +24,7 @@ from typing import Any
 
 __all__ = ["FAMILIES", "REGISTRY", "Model", "ModelRegistry", "code_model", "family_of", "model"]
 
-FAMILIES = ("crt", "kernel32", "ntdll")
+FAMILIES = ("crt", "kernel32", "ntdll", "ws2_32")
 #: takes a ``machine.ModelCall`` (the machine sits above this module, so it is not named here)
 Run = Callable[[Any], "int | None"]
 
@@ -45,6 +46,8 @@ def family_of(dll: str) -> str | None:
     if (name in ("msvcrt.dll", "ucrtbase.dll", "ucrtbased.dll") or name.startswith(("vcruntime", "msvcr"))
             or name.startswith("api-ms-win-crt-")):
         return "crt"
+    if name in ("ws2_32.dll", "wsock32.dll"):
+        return "ws2_32"
     return None
 
 
@@ -69,7 +72,7 @@ class ModelRegistry:
         return self._models[family].get(name)
 
 
-#: where ``crt``, ``stdio``, ``win32`` and ``seh`` register their models (``catalog`` imports them all)
+#: where the model modules (crt, jumps, stdio, win32, winsock, seh) register; ``catalog`` imports them all
 REGISTRY = ModelRegistry()
 
 

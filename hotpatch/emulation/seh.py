@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import EmulationError, EmulationFaultError, GuestExceptionError
+from ..pe.headers import DIRECTORY_EXCEPTION, read_headers
 from .machine import Machine, ModelCall, Resume
 from .models import model
 from .unwind import CONTEXT_SIZE, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, Context, virtual_unwind
@@ -72,9 +73,9 @@ def lookup_function(machine: Machine, pc: int) -> tuple[int, int] | None:
     if module is not None:
         if module.image is None:
             return None  # a model DLL stub: a leaf
-        header = bytes(machine.uc.mem_read(module.base, 0x400))
-        (pe_offset,) = struct.unpack_from("<I", header, 0x3C)
-        directory_rva, directory_size = struct.unpack_from("<II", header, pe_offset + 24 + 112 + 8 * 3)
+        header = bytes(machine.uc.mem_read(module.base, 0x1000))
+        headers = read_headers(lambda offset, size: header[offset:offset + size], module.name)
+        directory_rva, directory_size = headers.directory(DIRECTORY_EXCEPTION)
         count = directory_size // 12
         rva = pc - module.base
         lo, hi = 0, count - 1

@@ -13,6 +13,7 @@ __all__ = ["package_json", "disassemble_blob"]
 
 
 def _target(target: object) -> dict[str, Any]:
+    """Where a fixup points, nested under ``target`` so a blob target never hides the fixup's own place."""
     if isinstance(target, BaselineRVA):
         return {"baseline_rva": target.rva}
     if isinstance(target, BlobTarget):
@@ -57,7 +58,7 @@ def package_json(package: Package, with_fixups: bool = False) -> dict[str, Any]:
     }
     if with_fixups:
         document["fixups"] = [{"blob": f.blob, "offset": f.offset, "kind": f.kind.name.lower(),
-                               "addend": f.addend, **_target(f.target)} for f in package.fixups]
+                               "addend": f.addend, "target": _target(f.target)} for f in package.fixups]
     return document
 
 

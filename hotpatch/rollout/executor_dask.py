@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed import Client, Future, Nanny, Scheduler, SpecCluster, Worker, wait
+from distributed.client import FuturesCancelledError
+from distributed.security import Security
 
 from .hostwork import HostRequest, describe_worker, host_task
 from .runner import LOST, Completion
@@ -56,17 +58,20 @@ class Clock:
 
 
 def local_cluster(hosts: list[str], env: dict[str, dict[str, str]] | None = None, processes: bool = True,
-                  threads: int = 2) -> SpecCluster:
+                  threads: int = 2, security: Security | None = None) -> SpecCluster:
     """One worker per host name on this machine; ``env`` gives each host's worker its environment
-    (HOTPATCH_STATE, TZ, ...), which needs worker processes (Nanny)."""
+    (HOTPATCH_STATE, TZ, ...), which needs worker processes (Nanny). With ``security`` every connection is
+    TLS (its scheduler, worker and client certificates)."""
+    tls: dict[str, Any] = {"security": security} if security is not None else {}
     workers: dict[str, dict[str, Any]] = {}
     for name in hosts:
-        options: dict[str, Any] = {"name": name, "nthreads": threads, "dashboard_address": None}
+        options: dict[str, Any] = {"name": name, "nthreads": threads, "dashboard_address": None, **tls}
         if processes:
             options["env"] = dict((env or {}).get(name, {}))
         workers[name] = {"cls": Nanny if processes else Worker, "options": options}
-    scheduler = {"cls": Scheduler, "options": {"port": 0, "dashboard_address": ":0"}}
-    return SpecCluster(workers=workers, scheduler=scheduler, name="hotpatch-rollout")
+    protocol = {"protocol": "tls://"} if security is not None else {}
+    scheduler = {"cls": Scheduler, "options": {"port": 0, "dashboard_address": ":0", **protocol, **tls}}
+    return SpecCluster(workers=workers, scheduler=scheduler, name="hotpatch-rollout", **tls)
 
 
 def worker_names(client: Client) -> dict[str, str]:
@@ -122,6 +127,9 @@ class DaskExecutor:
             done, _ = wait(list(self.futures), timeout=timeout, return_when="FIRST_COMPLETED")
         except TimeoutError:
             done = set()
+        except FuturesCancelledError:
+            # the scheduler gave up a task (its worker went away): lost, so the target is read back
+            done = {f for f in self.futures if f.cancelled()}
         out = [self._completion(f) for f in done]
         return out + self._lost()  # with tasks running the clock never jumps: they run in real time
 
@@ -129,14 +137,17 @@ class DaskExecutor:
         host, action = self.futures.pop(future)
         self._missing_since.pop(future, None)
         self._seen.discard(future)
-        if future.status == "finished":
-            result = future.result()
-            return Completion(host, action, result.pop("outcome"), result)
         try:
-            error = repr(future.exception())
-        except Exception as exc:  # noqa: BLE001 - a cancelled future raises instead of returning its error
-            error = repr(exc)
-        return Completion(host, action, LOST, {"error": f"the task was lost: {error}"})
+            if future.status == "finished":
+                result = future.result()
+                return Completion(host, action, result.pop("outcome"), result)
+            try:
+                error = repr(future.exception())
+            except Exception as exc:  # noqa: BLE001 - a cancelled future raises instead of returning its error
+                error = repr(exc)
+            return Completion(host, action, LOST, {"error": f"the task was lost: {error}"})
+        finally:
+            _forget(future)
 
     def _lost(self) -> list[Completion]:
         """Tasks whose worker left while they ran (after ``lost_after``), or that were sent while it was away
@@ -154,8 +165,19 @@ class DaskExecutor:
                 continue
             why = "left the scheduler" if future in self._seen else f"did not come back within {self.return_within:g} s"
             future.cancel()
+            _forget(future)
             self.futures.pop(future)
             self._missing_since.pop(future, None)
             self._seen.discard(future)
             out.append(Completion(host, action, LOST, {"error": f"worker {host!r} {why}"}))
         return out
+
+
+def _forget(future: Future) -> None:
+    """Have the scheduler forget a task the runner has its answer for.
+
+    While a client holds a finished task's future, the scheduler keeps its result on the worker and, should
+    that worker die, runs the task again on the worker that takes its name: an old rollback or apply of that
+    host, run behind the runner's back. A future dropped without release lingers until the garbage collector
+    finds it (the polling ``wait`` leaves it in reference cycles), so it is released here, at once."""
+    future.release()

@@ -11,7 +11,10 @@ of the target; only a worker that vanishes loses a task.
   twice), then runs the health gate; on any failure the host rolls its own
   processes back when ``auto_rollback``.
 - status: finishes or undoes an operation cut short (``recover``), then reads
-  each process's sites from memory: ``ours``, ``original`` or ``mixed``.
+  each process's sites from memory: ``ours`` (every process holds the
+  package), ``original`` (none does), ``partial`` (some do, the others are
+  untouched: an apply cut short between two processes) or ``mixed`` (a
+  process whose sites disagree, or that cannot be read).
 - rollback: takes the package out of every selected process that has it.
 """
 
@@ -148,7 +151,12 @@ def _status(client: AgentClient, package: Package, request: HostRequest, pids: l
         except HotpatchError as exc:
             states[pid] = f"error: {exc}"
     values = set(states.values())
-    outcome = values.pop() if len(values) == 1 and values <= {"ours", "original"} else "mixed"
+    if not values <= {"ours", "original"}:
+        outcome = "mixed"
+    elif len(values) == 1:
+        outcome = values.pop()
+    else:
+        outcome = "partial"  # an apply stopped between two processes; each one is whole
     return {"outcome": outcome, "committed": False, "processes": [{"pid": p, "state": s} for p, s in states.items()]}
 
 
@@ -159,7 +167,9 @@ def _rollback(client: AgentClient, package: Package, request: HostRequest, pids:
     for pid in pids:
         try:
             with client.open(pid) as backend:
-                if _ours(Engine(backend, journal), package.package_id) != "original":
+                engine = Engine(backend, journal)
+                engine.recover()  # a rollback cut short (an agent that timed out mid-commit) is settled first
+                if _ours(engine, package.package_id) != "original":
                     left.append(pid)
         except HotpatchError:
             continue  # the process is gone: nothing of ours is left in it

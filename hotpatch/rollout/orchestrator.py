@@ -24,10 +24,11 @@ from ..errors import PlanError, RolloutError
 from ..package import load_public_key
 from .executor_dask import Clock, DaskExecutor, discover_hosts, local_cluster, worker_names
 from .hostwork import HostRequest
-from .plan import Plan, hosts_from_table, load_plan, parse_plan
+from .plan import Plan, check_windows, hosts_from_table, load_plan, parse_plan
 from .planner import assign_waves
 from .runner import Runner
 from .state import RolloutStore
+from .tls import TlsSettings
 from .windows import Host
 
 __all__ = ["Options", "abort", "connect", "resume", "start", "status"]
@@ -43,6 +44,7 @@ class Options:
     until: float | None = None
     on_change: Callable[[Runner], None] | None = None
     client: Client | None = None  # an existing client (tests, embedding)
+    tls: TlsSettings | None = None  # the CLI's TLS files (else the plan's, else distributed's configuration)
 
 
 @contextlib.contextmanager
@@ -52,16 +54,20 @@ def connect(options: Options, host_names: list[str]) -> Iterator[Client]:
         yield options.client
         return
     if options.scheduler:
+        # without TLS files of our own, distributed's configuration decides (DASK_DISTRIBUTED__COMM__TLS__...)
+        security = options.tls.security() if options.tls else None
         try:
-            client = Client(options.scheduler, timeout="20s")
-        except OSError as exc:
+            client = Client(options.scheduler, timeout="20s", security=security)
+        except (OSError, TypeError, ValueError) as exc:  # TypeError: a tls:// address without TLS settings
             raise RolloutError(f"cannot reach the scheduler {options.scheduler}: {exc}") from None
         with client:
             yield client
         return
     # our own cluster, torn down at the end: its workers' complaints about the closing scheduler are noise
     logging.getLogger("distributed").setLevel(logging.CRITICAL)
-    with local_cluster(host_names, processes=False) as cluster, Client(cluster) as client:
+    security = options.tls.cluster_security() if options.tls else None
+    with local_cluster(host_names, processes=False, security=security) as cluster, \
+            Client(cluster, security=security) as client:
         yield client
 
 
@@ -87,6 +93,7 @@ def _inventory(plan: Plan, client: Client) -> tuple[Host, ...]:
         listed = {h.name: h for h in plan.hosts}
         items = [{**described[name], "name": name} for name in sorted(described) if name not in listed]
         hosts = plan.hosts + hosts_from_table(items, plan.defaults, "worker")
+        check_windows(hosts, plan.task_time, "worker")
         if not hosts:
             raise PlanError("inventory.every_worker: the scheduler has no workers")
         return hosts
@@ -100,7 +107,7 @@ def _inventory(plan: Plan, client: Client) -> tuple[Host, ...]:
 def _runner(store: RolloutStore, rollout_id: str, plan: Plan, executor: DaskExecutor, options: Options) -> Runner:
     return Runner(store, rollout_id, executor, max_in_flight=plan.max_in_flight,
                   rollback_policy=plan.failure.rollback, max_failed=plan.failure.max_failed, until=options.until,
-                  on_change=options.on_change)
+                  on_change=options.on_change, task_time=plan.task_time)
 
 
 def start(plan_path: str | Path, options: Options) -> tuple[str, str]:
@@ -113,6 +120,7 @@ def start(plan_path: str | Path, options: Options) -> tuple[str, str]:
         raise RolloutError(f"rollout {plan.name!r} already exists in {options.db}: use `hotpatch rollout resume "
                            f"{plan.name}` (or give the plan another name)")
     options.scheduler = options.scheduler or plan.scheduler
+    options.tls = options.tls or plan.tls
     with connect(options, [h.name for h in plan.hosts]) as client:
         hosts = _inventory(plan, client)
         waves = assign_waves(plan.waves, hosts)
@@ -153,6 +161,7 @@ def _continue(rollout_id: str, options: Options, abort_it: bool) -> str:
     try:
         hosts = [t.host for t in store.targets(rollout_id)]
         options.scheduler = options.scheduler or plan.scheduler
+        options.tls = options.tls or plan.tls
         with connect(options, hosts) as client:
             executor = DaskExecutor(client, _request_factory(plan, package_bytes), options.clock or Clock())
             return _runner(store, rollout_id, plan, executor, options).run(abort=abort_it)

@@ -14,9 +14,10 @@ Plans are TOML (docs/ROLLOUT.md has the full reference)::
     [[waves]]  name = "canary"; count = 1
     [[waves]]  name = "ten percent"; percent = 10
     [[waves]]  name = "rest"; rest = true
-    [limits]   max_in_flight_per_group = 2
+    [limits]   max_in_flight_per_group = 2; apply_time = "1m"   # a host starts with apply_time + soak of window left
     [health]   checks = ["alive", "sites", "cmd:probe.sh"]; soak = "5m"; interval = "10s"
     [failure]  rollback = "host"      # none | host | wave | all; the rollout halts after max_failed failures
+    [tls]      ca_file = "ca.pem"; cert = "orchestrator.pem"; key = "orchestrator.key"   # Dask TLS
 
 Every problem is a ``PlanError`` whose message starts with the field's path.
 """
@@ -32,9 +33,10 @@ from typing import Any
 from ..apply.health import BUILTIN_CHECKS, HealthSpec, parse_check, parse_duration
 from ..errors import PackageError, PlanError
 from ..package import Package, load_public_key
+from .tls import TlsSettings, parse_tls
 from .windows import Host, Window, parse_window, zone
 
-__all__ = ["FailurePolicy", "Plan", "WaveSpec", "hosts_from_table", "load_plan", "parse_plan"]
+__all__ = ["FailurePolicy", "Plan", "WaveSpec", "check_windows", "hosts_from_table", "load_plan", "parse_plan"]
 
 ROLLBACK_POLICIES = ("none", "host", "wave", "all")
 
@@ -76,6 +78,8 @@ class Plan:
     health: HealthSpec
     failure: FailurePolicy
     scheduler: str | None = None
+    apply_time: float = 60.0  # what one host's apply is expected to take, before its soak
+    tls: TlsSettings | None = None  # the orchestrator's Dask TLS files
     source: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def load_package(self) -> Package:
@@ -90,6 +94,11 @@ class Plan:
             raise PlanError(f"package.path: {self.package_path.name}: {exc}") from None
         except OSError as exc:
             raise PlanError(f"package.path: cannot read {self.package_path}: {exc.strerror or exc}") from None
+
+    @property
+    def task_time(self) -> float:
+        """The window a host needs left to start: its apply and the soak after it."""
+        return self.apply_time + self.health.soak
 
     def fingerprint(self) -> str:
         """A digest of the plan's content: a resumed rollout must run the plan it started with."""
@@ -206,7 +215,7 @@ def _wave(table: dict[str, Any], path: str) -> WaveSpec:
 
 def parse_plan(data: dict[str, Any], base_dir: Path, name: str = "rollout") -> Plan:
     """Check a parsed TOML document; PlanError naming the first bad field."""
-    _unknown(data, {"name", "package", "inventory", "defaults", "waves", "limits", "health", "failure"}, "")
+    _unknown(data, {"name", "package", "inventory", "defaults", "waves", "limits", "health", "failure", "tls"}, "")
     package = _table(data, "package")
     _unknown(package, {"path", "trust", "allow_unsigned"}, "package.")
     package_path = _get(package, "path", "package.", str, None)
@@ -225,11 +234,16 @@ def parse_plan(data: dict[str, Any], base_dir: Path, name: str = "rollout") -> P
     waves = tuple(_wave(w if isinstance(w, dict) else {}, f"waves[{i}].") for i, w in enumerate(waves_data))
     _check_wave_names(waves, {h.name for h in hosts}, every_worker)
     limits = _table(data, "limits")
-    _unknown(limits, {"max_in_flight_per_group"}, "limits.")
+    _unknown(limits, {"max_in_flight_per_group", "apply_time"}, "limits.")
     in_flight = _get(limits, "max_in_flight_per_group", "limits.", int, 1)
     if in_flight < 1:
         raise PlanError(f"limits.max_in_flight_per_group: must be at least 1, got {in_flight}")
+    try:
+        apply_time = parse_duration(limits.get("apply_time", 60.0), "apply_time")
+    except ValueError as exc:
+        raise PlanError(f"limits.apply_time: {exc}") from None
     health = _health(_table(data, "health"))
+    check_windows(hosts, apply_time + health.soak)
     failure = _table(data, "failure")
     _unknown(failure, {"rollback", "max_failed"}, "failure.")
     rollback = _get(failure, "rollback", "failure.", str, "host")
@@ -246,8 +260,20 @@ def parse_plan(data: dict[str, Any], base_dir: Path, name: str = "rollout") -> P
         allow_unsigned=_get(package, "allow_unsigned", "package.", bool, False),
         hosts=hosts, every_worker=every_worker, defaults=defaults, waves=waves, max_in_flight=in_flight,
         health=health, failure=FailurePolicy(rollback, max_failed),
-        scheduler=_get(inventory, "scheduler", "inventory.", str, None), source=data,
+        scheduler=_get(inventory, "scheduler", "inventory.", str, None), apply_time=apply_time,
+        tls=parse_tls(_table(data, "tls"), base_dir), source=data,
     )
+
+
+def check_windows(hosts: tuple[Host, ...], task_time: float, path: str = "inventory.hosts") -> None:
+    """PlanError for a host none of whose window spans is long enough for its apply and soak (it would never
+    start)."""
+    for index, host in enumerate(hosts):
+        spans = host.window.spans
+        if spans and max(span.minutes for span in spans) * 60 < task_time:
+            raise PlanError(f"{path}[{index}].window: {host.window.text!r} of host {host.name!r} is shorter than "
+                            f"the {task_time / 60:g} min an apply and its soak need (limits.apply_time + "
+                            "health.soak)")
 
 
 def _check_wave_names(waves: tuple[WaveSpec, ...], known: set[str], every_worker: bool) -> None:

@@ -3,8 +3,10 @@
 ``assign_waves`` resolves the plan's waves over the inventory once (stored
 with the rollout, so a resumed rollout keeps them). ``Planner`` decides, at
 an instant, which pending hosts of the current wave may start: their
-window is open in their own time zone and their availability group has
-fewer than ``max_in_flight`` hosts in flight. A wave starts only when the
+window is open in their own time zone with enough of it left for the
+apply and its soak (``task_time``: a host whose window closes sooner waits
+for its next window), and their availability group has fewer than
+``max_in_flight`` hosts in flight. A wave starts only when the
 one before it has no target left pending or in flight. Both executors
 (Dask, simulation) drive the same planner through hotpatch.rollout.runner.
 
@@ -89,9 +91,10 @@ def assign_waves(waves: Sequence[WaveSpec], hosts: Sequence[Host]) -> list[list[
 class Planner:
     """The scheduling decisions of one rollout; the runner tells it what started and what finished."""
 
-    def __init__(self, waves: Sequence[Sequence[Host]], max_in_flight: int) -> None:
+    def __init__(self, waves: Sequence[Sequence[Host]], max_in_flight: int, task_time: float = 0.0) -> None:
         self.waves = [list(w) for w in waves]
         self.max_in_flight = max_in_flight
+        self.task_time = task_time  # seconds of window a host needs left to start (apply + soak)
         self.wave_of = {h.name: i for i, wave in enumerate(self.waves) for h in wave}
         self.hosts = {h.name: h for wave in self.waves for h in wave}
         self.current = 0
@@ -159,9 +162,12 @@ class Planner:
 
     def _try(self, name: str, now: float, started: list[Host]) -> None:
         host = self.hosts[name]
-        opens, _ = host.next_open(now)
+        opens, closes = host.next_open(now)
         if opens > now:
             self._push(name, opens)
+        elif closes - now < self.task_time:
+            # not enough window left: its next window (or, with overlapping spans, the one open then)
+            self._push(name, host.next_open(closes)[0])
         elif self.in_flight[host.group] >= self.max_in_flight:
             self._blocked[host.group].append(name)
         else:

@@ -50,7 +50,7 @@ LOST = "lost"
 @dataclass(frozen=True)
 class Completion:
     """A finished task. outcome: apply -> applied|failed|unhealthy|lost, rollback -> rolled_back|failed|lost,
-    status -> ours|original|mixed|lost. ``detail['committed']`` says whether the package went in."""
+    status -> ours|partial|original|mixed|lost. ``detail['committed']`` says whether the package went in."""
 
     host: str
     action: str
@@ -88,7 +88,8 @@ class Runner:
 
     def __init__(self, store: RolloutStore, rollout_id: str, executor: Executor, *, max_in_flight: int,
                  rollback_policy: str, max_failed: int, until: float | None = None,
-                 on_change: Callable[[Runner], None] | None = None, heartbeat_every: float = 5.0) -> None:
+                 on_change: Callable[[Runner], None] | None = None, heartbeat_every: float = 5.0,
+                 task_time: float = 0.0) -> None:
         self.store = store
         self.id = rollout_id
         self.executor = executor
@@ -104,12 +105,13 @@ class Runner:
         waves: list[list[Host]] = [[] for _ in range(max((r.wave for r in rows), default=-1) + 1)]
         for row in rows:
             waves[row.wave].append(self.hosts[row.host])
-        self.planner = Planner(waves, max_in_flight)
+        self.planner = Planner(waves, max_in_flight, task_time)  # task_time: the window a start needs left
         self.running: dict[str, str] = {}  # host -> action in flight
         self.halting = False
         self.aborting = False
         self.stats = RunStats(executor.now())
         self.failed_waves: set[int] = set()
+        self.reached: set[str] = set()  # hosts the package went into during this run
         self._beat = time.monotonic()
         failed = {h["host"] for h in store.history(rollout_id) if h["new"] in (FAILED, UNHEALTHY)}
         self.stats.failures = len(failed)
@@ -175,8 +177,11 @@ class Runner:
         self.running.pop(done.host, None)
         action, outcome, host = done.action, done.outcome, done.host
         detail = {"action": action, "outcome": outcome, **done.detail}
-        if done.detail.get("committed") and action == "apply":
-            self.stats.blast_radius += 1
+        # a lost apply may have committed too: its read-back says so; each host counts once
+        if ((action == "apply" and done.detail.get("committed"))
+                or (action == "status" and outcome in ("ours", "partial"))):
+            self.reached.add(host)
+            self.stats.blast_radius = len(self.reached)
         if outcome == LOST:
             self._move(host, UNKNOWN, detail)
             if action != "status":
@@ -207,7 +212,14 @@ class Runner:
         self.planner.finished(host)
 
     def _after_status(self, host: str, outcome: str, detail: dict[str, Any]) -> None:
-        if outcome == "ours":
+        if outcome == "partial":
+            # an apply stopped between two processes (its worker died): each process is whole, so the host
+            # task finishes the apply where it stopped, or, when nothing new may start, the host is undone
+            if self.aborting or self.halting:
+                self._send(host, "rollback", ROLLING_BACK, detail)
+            else:
+                self._send(host, "apply", APPLYING, detail)
+        elif outcome == "ours":
             if self.aborting or (self.halting and self._should_roll_back(host)):
                 self._send(host, "rollback", ROLLING_BACK, detail)
             elif self.halting:

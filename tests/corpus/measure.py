@@ -8,7 +8,8 @@ For each fix (the step before it is the baseline, its own step the patched DLL):
    imports the library, host.exe loads that step's DLL first with --load);
 2. ``hotpatch diff``'s verdict and reasons;
 3. when the verdict is HOTPATCH: ``hotpatch build``; ``hotpatch verify`` with the
-   fix's emulator calls (tests/corpus/<lib>/<fix>.toml, ``verify``); then a host
+   fix's emulator calls (tests/corpus/<lib>/<fix>.toml, ``verify``; calls naming a
+   module go to the probe DLL, mapped beside the step with ``--with``); then a host
    running the step before with threads calling every probe, ``hotpatch apply``
    to it, the probes' values switching to the patched DLL's, ``hotpatch rollback``,
    and the values switching back.
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotpatch.apply.emulator import EmulatorBackend
-from hotpatch.calls import parse_inputs, run_calls
+from hotpatch.calls import load_inputs, parse_inputs, run_calls
 from hotpatch.diff import diff
 from hotpatch.errors import HotpatchError
 from hotpatch.winehost import windows_path, wine_command, wine_env, wine_session
@@ -142,7 +143,7 @@ def _verify_inputs(fix: Fix, base: Path, where: Path) -> Path | None:
     needed = max((i for i, c in enumerate(fix.verify) if any(map(ref, c.get("args", ())))), default=0)
     calls: list[dict] = []
     values: list[int | None] = []
-    backend = EmulatorBackend.load(base)
+    backend = EmulatorBackend.load_process(base, _companions(fix, base))
     try:
         for raw in fix.verify[:needed]:
             calls.append({**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]})
@@ -155,6 +156,14 @@ def _verify_inputs(fix: Fix, base: Path, where: Path) -> Path | None:
     inputs = where / f"{fix.name}.inputs.json"
     inputs.write_text(json.dumps({"calls": calls}, indent=1))
     return inputs
+
+
+def _companions(fix: Fix, base: Path) -> list[Path]:
+    """The probe DLL when one of the fix's calls names a module (a probe): build.py puts the steps at
+    <out>/<library>/<step>/<dll> and the probe DLL, which imports the step, at <out>/probes/<library>.dll."""
+    if not any("module" in call for call in fix.verify):
+        return []
+    return [base.parents[2] / "probes" / f"{fix.library}.dll"]
 
 
 def build_and_verify(fix: Fix, base: Path, patched: Path, where: Path) -> tuple[Path | None, str, str]:
@@ -170,16 +179,32 @@ def build_and_verify(fix: Fix, base: Path, patched: Path, where: Path) -> tuple[
         return package, "ok", f"cannot: {exc}"
     if inputs is None:
         return package, "ok", f"not run: {fix.verify_note or 'no emulator calls reach the fix'}"
+    companions = [arg for probe in _companions(fix, base) for arg in ("--with", str(probe))]
     code, text = hotpatch_cli("verify", str(package), "--baseline", str(base), "--patched", str(patched),
-                              "--inputs", str(inputs), "--json")
+                              "--inputs", str(inputs), "--json", *companions)
     if code == 0:
-        return package, "ok", f"equal ({len(fix.verify)} calls)"
-    last = text.splitlines()[-1] if text else ""
+        return package, "ok", f"equal ({len(fix.verify)} calls; {_baseline_alone(fix, base, inputs, json.loads(text))})"
+    try:  # --json: the report, whose first difference is one sentence (docs/VERIFY.md)
+        difference = json.loads(text)["first_difference"]["message"]
+    except (ValueError, KeyError, TypeError):  # not a report: verify stopped (an emulator error, bad input)
+        return package, "ok", f"cannot (exit {code}): {text.splitlines()[-1] if text else ''}"
+    return package, "ok", f"differs (exit {code}): {difference}"
+
+
+def _baseline_alone(fix: Fix, base: Path, inputs: Path, report: dict) -> str:
+    """Whether the calls reach what the fix changes: the baseline without the package, against the patched
+    return values verify saw (an unfixed step may also fault in the emulator, the CVE's own memory error)."""
+    backend = EmulatorBackend.load_process(base, _companions(fix, base))
     try:
-        last = json.loads(text).get("difference") or last
-    except ValueError:
-        pass
-    return package, "ok", f"differs (exit {code}): {last}"
+        results = run_calls(backend, load_inputs(inputs))
+    except HotpatchError as exc:
+        return f"the baseline alone stops: {str(exc)[:160]}"
+    finally:
+        backend.close()
+    differing = [row["call"] for row, result in zip(report["calls"], results) if result.value != row["patched"]]
+    if not differing:
+        return "the baseline alone computes the same"
+    return f"the baseline alone differs in {len(differing)}: {', '.join(differing)}"
 
 
 class _RunningHost:

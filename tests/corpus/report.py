@@ -46,10 +46,13 @@ Notes on the setup:
   (hotpatch/apply/status.py) then reverts relocations only for the header's base and
   COMMON_BASES, never the baseline's real preferred base.
 - `hotpatch verify` runs where the emulator models what the fixed code calls: c-ares's
-  parsers and Lua's compiler and VM (luaL_newstate's handle passed on, see measure.py). It
-  cannot run libpng (msvcrt!_setjmp in every png_create_*_struct and png_safe_execute is not
-  modelled), c-ares's read_udp_packets (sockets), or sort-list entries without a prefix
-  (ws2_32!ntohl is not modelled).
+  parsers (sort-list entries with and without a prefix: ws2_32's byte-order functions are
+  modelled), Lua's compiler and VM (luaL_newstate's handle passed on, see measure.py; the seed
+  comes from the emulator's deterministic _time64), and libpng, whose probes the calls make
+  through the probe DLL that `verify --with` maps beside the step (msvcrt's setjmp/longjmp are
+  modelled, with the unwind through the frames between). The cell also says whether the
+  baseline alone computes the same: where it does not, the calls reach what the fix changes. It
+  cannot run c-ares's read_udp_packets (sockets).
 - CVE-2026-33416 parts 1 and 3 change who frees `png_struct.trans_alpha` and `.palette`
   without changing any layout or datum: objects made by the old code and freed by the new one
   are freed twice. No binary diff can see that; their files say `detectable = false`, and a

@@ -1,0 +1,88 @@
+"""hotpatch.pe: one header reader over files and memory, and a directory reader equal to LIEF's."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from pathlib import Path
+
+import pytest
+
+from hotpatch.errors import CorruptImageError, NotPEError, TruncatedImageError
+from hotpatch.image import Image
+from hotpatch.pe.headers import DIRECTORY_EXPORT, read_file_headers, read_headers
+from tests.realbins import SELF_DIFF_SWEEP, real_binary
+
+
+def _assert_same_image(path: Path) -> None:
+    lief_image, fast = Image.load(path), Image.load_fast(path)
+    for field in dataclasses.fields(Image):
+        assert getattr(fast, field.name) == getattr(lief_image, field.name), f"{path.name}: {field.name} differs"
+
+
+def test_fast_loader_reads_every_fixture_as_lief_does(built_fixtures: Path) -> None:
+    # the fixtures' own images (a Wine prefix may live under the same directory)
+    images = sorted(built_fixtures.glob("*/*.dll")) + sorted(built_fixtures.glob("*/*.exe")) \
+        + sorted(built_fixtures.glob("*.exe"))
+    assert len(images) > 50
+    for path in images:
+        _assert_same_image(path)
+
+
+@pytest.mark.realbins
+@pytest.mark.parametrize("toolchain", ["gcc", "msvc", "llvm"])
+def test_fast_loader_reads_real_binaries_as_lief_does(toolchain: str) -> None:
+    # a few of each toolchain's sweep binaries: MSVC's chained unwind info and load config, mingw's COFF symbols
+    picked = [entry for entry in SELF_DIFF_SWEEP if entry[3] == toolchain][-4:]
+    for name, version, pattern, _ in picked:
+        _assert_same_image(real_binary(name, version, pattern))
+
+
+def test_fast_loader_reads_rust_pyd_as_lief_does(rust_pyd: Path) -> None:
+    _assert_same_image(rust_pyd)  # 21,000 .pdata entries with chains, 140 imports
+
+
+def test_headers_read_from_memory_match_the_file(built_fixtures: Path) -> None:
+    path = built_fixtures / "body_change" / "baseline.dll"
+    data = path.read_bytes()
+    image = Image.load_fast(path)
+    from_file = read_file_headers(data, path.name)
+    # a process's memory: the image as mapped, read through a callable in small pieces
+    from_memory = read_headers(lambda offset, size: image.memory[offset:offset + size], "mapped")
+    assert from_memory == from_file
+    assert from_file.image_base == image.image_base and from_file.entry_rva == image.entry_rva
+    assert [(s.name, s.rva) for s in from_file.sections] == [(s.name, s.rva) for s in image.sections]
+
+
+def test_header_reader_names_what_is_wrong() -> None:
+    with pytest.raises(NotPEError):
+        read_file_headers(b"ZM" + bytes(200), "x")
+    with pytest.raises(TruncatedImageError):
+        read_file_headers(b"MZ" + bytes(20), "x")
+    with pytest.raises(TruncatedImageError, match="past the end"):
+        read_file_headers(b"MZ" + bytes(0x3A) + struct.pack("<I", 0x1000), "x")
+
+
+def test_fast_loader_refuses_a_broken_export_directory_in_one_line(built_fixtures: Path, tmp_path: Path) -> None:
+    path = built_fixtures / "body_change" / "baseline.dll"
+    data = bytearray(path.read_bytes())
+    headers = read_file_headers(bytes(data), path.name)
+    export_rva, _ = headers.directory(DIRECTORY_EXPORT)
+    assert export_rva
+    section = next(s for s in headers.sections if s.rva <= export_rva < s.rva + s.virtual_size)
+    at = section.raw_offset + export_rva - section.rva
+    struct.pack_into("<I", data, at + 28, 0x7FFFFFF0)  # AddressOfFunctions far outside the image
+    broken = tmp_path / "broken.dll"
+    broken.write_bytes(bytes(data))
+    with pytest.raises(CorruptImageError) as caught:
+        Image.load_fast(broken)
+    assert "\n" not in str(caught.value)
+
+
+def test_fast_loader_reads_wine_system_dlls_as_lief_does(wine_prefix: Path) -> None:
+    # Wine's kernel32 forwards many exports to ntdll and kernelbase: LIEF gives a forwarder RVA 0
+    system32 = wine_prefix / "drive_c" / "windows" / "system32"
+    kernel32 = Image.load_fast(system32 / "kernel32.dll")
+    assert any(export.forwarder for export in kernel32.exports)
+    for name in ("kernel32.dll", "ucrtbase.dll"):
+        _assert_same_image(system32 / name)

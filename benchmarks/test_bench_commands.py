@@ -100,3 +100,25 @@ def test_diff_duckdb(benchmark) -> None:  # type: ignore[no-untyped-def]
     benchmark.extra_info.update(cpu=round(run.cpu, 1), peak_rss_mb=round(run.peak_rss_mb))
     print(f"\ndiff duckdb 1.1.0 -> 1.1.1: {run.cpu:.1f} s CPU ({run.cpu / 26:.2f} of the issue's 26 s), "
           f"peak RSS {run.peak_rss_mb:.0f} MB (target < 600 MB)")
+
+
+SCALING_PAIRS = [
+    ("pyzmq", "26.0.2", "26.0.3", "zmq/backend/cython/_zmq.*.pyd"),
+    ("cryptography", "43.0.0", "43.0.1", "cryptography/hazmat/bindings/_rust.pyd"),
+    ("duckdb", "1.1.0", "1.1.1", "duckdb/duckdb.cp311-win_amd64.pyd"),
+]
+
+
+@pytest.mark.long
+@pytest.mark.realbins
+def test_diff_cost_per_function() -> None:
+    """``diff`` CPU per function on three real pairs of different size: linear cost keeps it flat."""
+    lines = []
+    for dist, old, new, pattern in SCALING_PAIRS:
+        pair = [str(real_binary(dist, version, pattern)) for version in (old, new)]
+        run = _best(_HOTPATCH + ["diff", *pair, "--json"], 1)
+        functions = len(json.loads(run.stdout)["functions"])
+        assert functions
+        lines.append(f"{Path(pair[0]).name}: {functions} diff entries, {run.cpu:.1f} s CPU, "
+                     f"{1000 * run.cpu / functions:.2f} ms per entry, peak RSS {run.peak_rss_mb:.0f} MB")
+    print("\n" + "\n".join(lines))

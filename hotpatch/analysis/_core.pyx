@@ -74,31 +74,82 @@ if capstone.cs_version()[:2] != (5, 0):
     raise ImportError(f"hotpatch.analysis._core was built for capstone 5.0, found {capstone.__version__}")
 
 
-# ── a growable uint32 buffer for instruction RVAs ──────────────────────────
+# ── growable C buffers (the decode loop runs without the GIL) ──────────────
 
-cdef struct U32Buffer:
-    uint32_t *data
-    size_t length
-    size_t capacity
+cdef struct Ref:
+    int64_t insn_rva
+    int64_t target          # ABS64: the raw 64-bit value read (the image base is taken off with the GIL)
+    int32_t kind
+    int32_t operand_offset
+    int32_t operand_size
 
 
-cdef int _push(U32Buffer *buf, uint32_t value) except -1:
-    cdef uint32_t *grown
-    if buf.length == buf.capacity:
-        buf.capacity = buf.capacity * 2 if buf.capacity else 256
-        grown = <uint32_t *>realloc(buf.data, buf.capacity * sizeof(uint32_t))
-        if grown == NULL:
-            raise MemoryError()
-        buf.data = grown
-    buf.data[buf.length] = value
-    buf.length += 1
+cdef struct Table:
+    int64_t insn_rva
+    int64_t table_rva
+    int32_t entry_kind
+    size_t first            # its targets: Decoded.targets[first:first + count]
+    size_t count
+
+
+cdef struct Span:
+    int64_t begin
+    int64_t end
+
+
+cdef struct Decoded:
+    uint32_t *rvas
+    Ref *refs
+    Table *tables
+    int64_t *targets
+    Span *skips             # per function: jump tables found ahead (data, not code)
+    int64_t *reads          # per function: places inside it its instructions read (data)
+    size_t n_rvas, n_refs, n_tables, n_targets, n_skips, n_reads
+    size_t c_rvas, c_refs, c_tables, c_targets, c_skips, c_reads
+
+
+cdef int _grow(void **data, size_t *capacity, size_t wanted, size_t item) noexcept nogil:
+    """Make room for ``wanted`` items; -1 when out of memory (the caller raises with the GIL)."""
+    cdef size_t grown = capacity[0] * 2 if capacity[0] else 256
+    cdef void *moved
+    if wanted <= capacity[0]:
+        return 0
+    while grown < wanted:
+        grown *= 2
+    moved = realloc(data[0], grown * item)
+    if moved == NULL:
+        return -1
+    data[0] = moved
+    capacity[0] = grown
     return 0
 
 
-cdef object _to_array(U32Buffer *buf):
-    out = array("I")
-    out.frombytes(PyBytes_FromStringAndSize(<char *>buf.data, buf.length * sizeof(uint32_t)))
-    return out
+cdef inline int _push_rva(Decoded *out, uint32_t value) noexcept nogil:
+    if out.n_rvas == out.c_rvas and _grow(<void **>&out.rvas, &out.c_rvas, out.n_rvas + 1, sizeof(uint32_t)):
+        return -1
+    out.rvas[out.n_rvas] = value
+    out.n_rvas += 1
+    return 0
+
+
+cdef inline int _push_ref(Decoded *out, int kind, int64_t rva, int offset, int size, int64_t target) noexcept nogil:
+    cdef Ref *ref
+    if out.n_refs == out.c_refs and _grow(<void **>&out.refs, &out.c_refs, out.n_refs + 1, sizeof(Ref)):
+        return -1
+    ref = &out.refs[out.n_refs]
+    ref.kind, ref.insn_rva, ref.operand_offset, ref.operand_size, ref.target = kind, rva, offset, size, target
+    out.n_refs += 1
+    return 0
+
+
+cdef void _free_decoded(Decoded *out) noexcept nogil:
+    free(out.rvas)
+    free(out.refs)
+    free(out.tables)
+    free(out.targets)
+    free(out.skips)
+    free(out.reads)
+    memset(out, 0, sizeof(Decoded))
 
 
 cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
@@ -109,23 +160,112 @@ cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
     return False
 
 
-cdef inline size_t _lower_bound(const uint32_t[:] values, int64_t key) noexcept nogil:
-    cdef size_t lo = 0, hi = values.shape[0], mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if <int64_t>values[mid] < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
-
-
 cdef inline bint _in_ranges(int64_t target, int64_t[:, :] ranges) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(ranges.shape[0]):
         if ranges[i, 0] <= target < ranges[i, 1]:
             return True
     return False
+
+
+# ── a function's references, packed ─────────────────────────────────────────
+
+cdef packed struct PackedRef:
+    int64_t target
+    uint32_t insn_rva
+    uint8_t kind
+    uint8_t operand_offset
+    uint8_t operand_size
+
+
+cdef class RefList:
+    """A function's references as packed records; reads as the list of ``(kind, insn_rva,
+    operand_offset, operand_size, target)`` tuples the pure-Python twin returns (equal to it, item by
+    item), at a tenth of the memory: a large image has millions of references, kept for the whole diff."""
+    cdef bytes packed       # PackedRef records
+    cdef Py_ssize_t count
+    cdef dict wide          # index -> target for the rare targets outside int64 (an ABS64 of garbage)
+
+    @staticmethod
+    cdef RefList _of(bytes packed, dict wide):
+        cdef RefList out = RefList.__new__(RefList)
+        out.packed = packed
+        out.count = len(packed) // sizeof(PackedRef)
+        out.wide = wide
+        return out
+
+    cdef inline object _tuple(self, Py_ssize_t index):
+        cdef const PackedRef *ref = (<const PackedRef *><const char *>self.packed) + index
+        target = ref.target if self.wide is None or index not in self.wide else self.wide[index]
+        return (ref.kind, ref.insn_rva, ref.operand_offset, ref.operand_size, target)
+
+    cpdef list tolist(self):
+        cdef Py_ssize_t index
+        return [self._tuple(index) for index in range(self.count)]
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t at
+        if isinstance(index, slice):
+            return self.tolist()[index]
+        at = index
+        if at < 0:
+            at += self.count
+        if not 0 <= at < self.count:
+            raise IndexError("reference index out of range")
+        return self._tuple(at)
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def __eq__(self, other):
+        if isinstance(other, RefList):
+            return self.packed == (<RefList>other).packed and self.wide == (<RefList>other).wide
+        if isinstance(other, (list, tuple)):
+            return self.tolist() == list(other)
+        return NotImplemented
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = None
+
+    def __repr__(self):
+        return repr(self.tolist())
+
+    def __reduce__(self):
+        return _reflist, (self.packed, self.wide)
+
+
+def _reflist(bytes packed, dict wide):
+    return RefList._of(packed, wide)
+
+
+cdef object _pack_refs(const Ref *refs, Py_ssize_t count, object image_base):
+    """The RefList of ``count`` decoded references (ABS64 values made image-relative here, with the GIL)."""
+    cdef bytes packed = PyBytes_FromStringAndSize(NULL, count * sizeof(PackedRef))
+    cdef PackedRef *out = <PackedRef *><char *>packed
+    cdef Py_ssize_t index
+    cdef dict wide = None
+    for index in range(count):
+        out[index].insn_rva = <uint32_t>refs[index].insn_rva
+        out[index].kind = <uint8_t>refs[index].kind
+        out[index].operand_offset = <uint8_t>refs[index].operand_offset
+        out[index].operand_size = <uint8_t>refs[index].operand_size
+        out[index].target = refs[index].target
+        if refs[index].kind == ABS64:
+            target = (<uint64_t>refs[index].target) - image_base
+            if -(1 << 63) <= target < (1 << 63):
+                out[index].target = target
+            else:
+                out[index].target = 0
+                if wide is None:
+                    wide = {}
+                wide[index] = target
+    return RefList._of(packed, wide)
 
 
 # ── decode ─────────────────────────────────────────────────────────────────
@@ -153,50 +293,92 @@ cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
     return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
 
 
-cdef int _skip_table(list skips, tuple table, int64_t rva, int64_t[:, :] ranges, Py_ssize_t range_index) except -1:
+cdef struct Function:
+    const int64_t *ranges   # (begin, end) pairs
+    size_t n_ranges
+    size_t refs_begin       # its references and tables start here in the Decoded buffers
+    size_t tables_begin
+
+
+cdef inline bint _in_function(const Function *f, int64_t target) noexcept nogil:
+    cdef size_t i
+    for i in range(f.n_ranges):
+        if f.ranges[2 * i] <= target < f.ranges[2 * i + 1]:
+            return True
+    return False
+
+
+cdef int _skip_table(Decoded *out, const Function *f, const Table *table, int64_t rva,
+                     size_t range_index) noexcept nogil:
     """A table ahead of the instruction that reads it, inside the function's ranges (this one or one swept
     later), is not code (MSVC puts switch tables right after the function's code, in .pdata fragments too,
     and a leaf without .pdata runs over them)."""
-    cdef Py_ssize_t index
-    cdef int64_t start = table[1]
-    if not table[3]:
+    cdef size_t index
+    cdef int64_t start = table.table_rva
+    if not table.count:
         return 0
-    for index in range(ranges.shape[0]):
-        if ranges[index, 0] <= start < ranges[index, 1] and \
+    for index in range(f.n_ranges):
+        if f.ranges[2 * index] <= start < f.ranges[2 * index + 1] and \
                 (index > range_index or index == range_index and start > rva):
-            skips.append((start, start + 4 * len(table[3])))
+            if out.n_skips == out.c_skips and _grow(<void **>&out.skips, &out.c_skips, out.n_skips + 1,
+                                                     sizeof(Span)):
+                return -1
+            out.skips[out.n_skips].begin = start
+            out.skips[out.n_skips].end = start + 4 * <int64_t>table.count
+            out.n_skips += 1
             return 0
     return 0
 
 
-cdef int64_t _past_data(list skips, set reads, list refs, list tables, int64_t offset, int64_t end,
-                        bint after_end) except? -1:
+cdef inline bint _is_read(const Decoded *out, int64_t offset) noexcept nogil:
+    cdef size_t i
+    for i in range(out.n_reads):
+        if out.reads[i] == offset:
+            return True
+    return False
+
+
+cdef int _add_read(Decoded *out, int64_t target) noexcept nogil:
+    if _is_read(out, target):
+        return 0
+    if out.n_reads == out.c_reads and _grow(<void **>&out.reads, &out.c_reads, out.n_reads + 1, sizeof(int64_t)):
+        return -1
+    out.reads[out.n_reads] = target
+    out.n_reads += 1
+    return 0
+
+
+cdef int64_t _past_data(const Decoded *out, const Function *f, int64_t offset, int64_t end,
+                        bint after_end) noexcept nogil:
     """``offset``, or past the data it lies at: jump tables ahead (they can follow each other), and a
     place the function reads that comes right after an instruction that does not fall through (MSVC's
     byte index tables of two-level switches), up to the next branch target ahead or the range end."""
     cdef bint moved = True
+    cdef size_t i
     while moved:
         moved = False
-        for begin, stop in skips:
-            if begin <= offset < stop:
-                offset = stop
+        for i in range(out.n_skips):
+            if out.skips[i].begin <= offset < out.skips[i].end:
+                offset = out.skips[i].end
                 moved = True
-        if after_end and offset < end and offset in reads:
-            offset = _next_target(refs, tables, offset, end)
+        if after_end and offset < end and _is_read(out, offset):
+            offset = _next_target(out, f, offset, end)
             moved = True
     return offset
 
 
-cdef int64_t _next_target(list refs, list tables, int64_t offset, int64_t end) except? -1:
+cdef int64_t _next_target(const Decoded *out, const Function *f, int64_t offset, int64_t end) noexcept nogil:
     """The first branch or jump-table target in ``(offset, end)``, else ``end``."""
     cdef int64_t best = end, target
-    for ref in refs:
-        if ref[0] == BRANCH_REL8 or ref[0] == BRANCH_REL32:
-            target = ref[4]
+    cdef size_t i, k
+    for i in range(f.refs_begin, out.n_refs):
+        if out.refs[i].kind == BRANCH_REL8 or out.refs[i].kind == BRANCH_REL32:
+            target = out.refs[i].target
             if offset < target < best:
                 best = target
-    for table in tables:
-        for target in table[3]:
+    for i in range(f.tables_begin, out.n_tables):
+        for k in range(out.tables[i].first, out.tables[i].first + out.tables[i].count):
+            target = out.targets[k]
             if offset < target < best:
                 best = target
     return best
@@ -241,9 +423,9 @@ cdef inline bint _is_nop(const uint8_t *p, Py_ssize_t length) noexcept nogil:
     return p[at] == 0x90 or (p[at] == 0x0F and at + 1 < length and p[at + 1] == 0x1F)
 
 
-cdef int _plain_branch(const uint8_t *p, size_t avail, int64_t rva, list refs) except -1:
+cdef int _plain_branch(Decoded *out, const uint8_t *p, size_t avail, int64_t rva) noexcept nogil:
     """Length of a prefix-free jcc/jmp/call with an 8- or 32-bit displacement at ``p`` (its reference
-    appended, as capstone's details would give it), or 0 for anything else."""
+    appended, as capstone's details would give it), 0 for anything else, -1 when out of memory."""
     cdef int length, operand_offset, operand_size, kind
     cdef int32_t displacement32
     cdef int64_t displacement
@@ -260,24 +442,43 @@ cdef int _plain_branch(const uint8_t *p, size_t avail, int64_t rva, list refs) e
         displacement = displacement32
     else:
         return 0
-    refs.append((kind, rva, operand_offset, operand_size, rva + length + displacement))
+    if _push_ref(out, kind, rva, operand_offset, operand_size, rva + length + displacement):
+        return -1
     return length
 
 
+cdef inline size_t _lower_bound(const uint32_t *values, size_t count, int64_t key) noexcept nogil:
+    cdef size_t lo = 0, hi = count, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if <int64_t>values[mid] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 cdef class _Decoder:
+    """One thread's decoder: its own capstone handles and scratch state over one image's flat context."""
     cdef csh handle
     cdef cs_insn *insn
     cdef csh lite_handle
     cdef cs_insn *lite
-    cdef const uint8_t[:] memory
-    cdef const uint32_t[:] relocations
-    cdef object iat
-    cdef object image_base
-    cdef int64_t iat_low, iat_high, first_section_rva
+    cdef object keep  # the Python objects the pointers below point into
+    cdef const uint8_t *base
+    cdef size_t memlen
+    cdef const uint32_t *relocations
+    cdef size_t nrelocs
+    cdef const uint32_t *iat  # sorted IAT slot RVAs
+    cdef size_t niat
+    cdef int64_t first_section_rva
     cdef int64_t lea_value[512]
     cdef uint8_t lea_known[512]
 
     def __cinit__(self, ctx):
+        cdef const uint8_t[:] memory = ctx.memory
+        cdef const uint32_t[:] relocations = ctx.relocations
+        cdef const uint32_t[:] iat
         if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
         p_cs_option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
@@ -287,15 +488,19 @@ cdef class _Decoder:
         self.lite = p_cs_malloc(self.lite_handle)
         if self.insn == NULL or self.lite == NULL:
             raise MemoryError()
-        self.memory = ctx.memory
-        self.relocations = ctx.relocations
-        self.iat = ctx.iat
-        self.image_base = ctx.image_base
-        self.first_section_rva = ctx.first_section_rva
-        self.iat_low = min(self.iat) if self.iat else 1
-        self.iat_high = max(self.iat) if self.iat else 0
         if X86_REG_ENDING > 512:
             raise ImportError("capstone register numbering changed; rebuild hotpatch.analysis._core")
+        iat_slots = array("I", sorted(ctx.iat))
+        iat_slots.append(0)  # never empty, so a pointer to its first item always exists
+        iat = iat_slots
+        self.keep = (memory, relocations, iat)
+        self.memlen = memory.shape[0]
+        self.base = &memory[0] if self.memlen else NULL
+        self.nrelocs = relocations.shape[0]
+        self.relocations = &relocations[0] if self.nrelocs else NULL
+        self.niat = iat.shape[0] - 1
+        self.iat = &iat[0]
+        self.first_section_rva = ctx.first_section_rva
 
     def __dealloc__(self):
         if self.insn != NULL:
@@ -307,94 +512,91 @@ cdef class _Decoder:
         if self.lite_handle:
             p_cs_close(&self.lite_handle)
 
-    cdef inline bint _is_iat(self, int64_t target):
-        return self.iat_low <= target <= self.iat_high and target in self.iat
+    cdef inline bint _is_iat(self, int64_t target) noexcept nogil:
+        cdef size_t index
+        if self.niat == 0 or target < <int64_t>self.iat[0] or target > <int64_t>self.iat[self.niat - 1]:
+            return False
+        index = _lower_bound(self.iat, self.niat, target)
+        return index < self.niat and <int64_t>self.iat[index] == target
 
-    cdef tuple decode_one(self, tuple ranges_tuple):
-        cdef U32Buffer rvas
-        cdef list refs = []
-        cdef list tables = []
-        cdef const uint8_t *base = &self.memory[0]
-        cdef size_t memlen = self.memory.shape[0]
-        cdef int64_t begin, end, offset, rva, last_cmp
+    cdef int decode_one(self, Decoded *out, Function *f) noexcept nogil:
+        """Instructions, references and jump tables of one function into ``out``; -1 when out of memory."""
+        cdef const uint8_t *base = self.base
+        cdef size_t memlen = self.memlen
+        cdef int64_t begin, end, offset, rva, last_cmp, reloc
         cdef const uint8_t *code
-        cdef size_t remaining, index, nrelocs = self.relocations.shape[0]
+        cdef size_t remaining, index, range_index, found
         cdef uint64_t address, value
-        cdef cs_insn *insn = self.insn
-        cdef cs_insn *lite = self.lite
         cdef int length, interesting
-        cdef int64_t[:, :] ranges = _ranges_view(ranges_tuple)
-        cdef int64_t reloc
-        cdef Py_ssize_t range_index
         cdef bint after_end
-        rvas.data = NULL
-        rvas.length = 0
-        rvas.capacity = 0
-        try:
-            skips = []  # jump tables found ahead in this function: data, not code
-            reads = set()  # places inside the function its instructions read (not lea): data
-            for range_index in range(len(ranges_tuple)):
-                r = ranges_tuple[range_index]
-                begin = r[0]
-                end = min(<int64_t>r[1], <int64_t>memlen)
-                memset(self.lea_known, 0, sizeof(self.lea_known))
-                last_cmp = -1
-                offset = begin
-                after_end = False  # the last instruction swept does not fall through
-                while offset < end:
-                    if skips or after_end:
-                        offset = _past_data(skips, reads, refs, tables, offset, end, after_end)
-                        if offset >= end:
-                            break
-                    length = hp_fast_length(base + offset, <size_t>(end - offset), &interesting)
-                    if length == 0 and interesting:
-                        # a relative branch: without prefixes its target is all there is to know
-                        length = _plain_branch(base + offset, <size_t>(end - offset), offset, refs)
-                        interesting = length == 0
-                    if length == 0 and not interesting:
-                        code = base + offset
-                        remaining = <size_t>(end - offset)
-                        address = <uint64_t>offset
-                        if not p_cs_disasm_iter(self.lite_handle, &code, &remaining, &address, lite):
-                            offset += 1  # an undecodable byte: skip it and resume
-                            after_end = False
-                            continue
-                        length = lite.size
-                        interesting = _needs_detail(lite)
-                    if interesting:
-                        code = base + offset
-                        remaining = <size_t>(end - offset)
-                        address = <uint64_t>offset
-                        if not p_cs_disasm_iter(self.handle, &code, &remaining, &address, insn):
-                            offset += 1
-                            after_end = False
-                            continue
-                        length = insn.size
-                        found = len(tables)
-                        self._detailed(insn, &last_cmp, ranges, refs, tables, reads)
-                        if len(tables) > found:
-                            _skip_table(skips, tables[len(tables) - 1], offset, ranges, range_index)
-                    rva = offset
-                    _push(&rvas, <uint32_t>rva)
-                    if _terminates(base + rva, length):
-                        after_end = True
-                    elif not (after_end and _is_nop(base + rva, length)):
+        out.n_skips = 0
+        out.n_reads = 0
+        if base == NULL:
+            return 0
+        for range_index in range(f.n_ranges):
+            begin = f.ranges[2 * range_index]
+            end = min(f.ranges[2 * range_index + 1], <int64_t>memlen)
+            memset(self.lea_known, 0, sizeof(self.lea_known))
+            last_cmp = -1
+            offset = begin
+            after_end = False  # the last instruction swept does not fall through
+            while offset < end:
+                if out.n_skips or after_end:
+                    offset = _past_data(out, f, offset, end, after_end)
+                    if offset >= end:
+                        break
+                length = hp_fast_length(base + offset, <size_t>(end - offset), &interesting)
+                if length == 0 and interesting:
+                    # a relative branch: without prefixes its target is all there is to know
+                    length = _plain_branch(out, base + offset, <size_t>(end - offset), offset)
+                    if length < 0:
+                        return -1
+                    interesting = length == 0
+                if length == 0 and not interesting:
+                    code = base + offset
+                    remaining = <size_t>(end - offset)
+                    address = <uint64_t>offset
+                    if not p_cs_disasm_iter(self.lite_handle, &code, &remaining, &address, self.lite):
+                        offset += 1  # an undecodable byte: skip it and resume
                         after_end = False
-                    index = _lower_bound(self.relocations, rva)
-                    while index < nrelocs and self.relocations[index] < rva + length:
-                        reloc = self.relocations[index]
-                        value = 0
-                        if reloc + 8 <= memlen:
-                            memcpy(&value, base + reloc, 8)
-                        refs.append((ABS64, rva, reloc - rva, 8, value - self.image_base))
-                        index += 1
-                    offset += length
-            return (_to_array(&rvas), refs, tables)
-        finally:
-            free(rvas.data)
+                        continue
+                    length = self.lite.size
+                    interesting = _needs_detail(self.lite)
+                if interesting:
+                    code = base + offset
+                    remaining = <size_t>(end - offset)
+                    address = <uint64_t>offset
+                    if not p_cs_disasm_iter(self.handle, &code, &remaining, &address, self.insn):
+                        offset += 1
+                        after_end = False
+                        continue
+                    length = self.insn.size
+                    found = out.n_tables
+                    if self._detailed(out, f, self.insn, &last_cmp):
+                        return -1
+                    if out.n_tables > found and _skip_table(out, f, &out.tables[out.n_tables - 1], offset,
+                                                            range_index):
+                        return -1
+                rva = offset
+                if _push_rva(out, <uint32_t>rva):
+                    return -1
+                if _terminates(base + rva, length):
+                    after_end = True
+                elif not (after_end and _is_nop(base + rva, length)):
+                    after_end = False
+                index = _lower_bound(self.relocations, self.nrelocs, rva)
+                while index < self.nrelocs and self.relocations[index] < rva + length:
+                    reloc = self.relocations[index]
+                    value = 0
+                    if reloc + 8 <= <int64_t>memlen:
+                        memcpy(&value, base + reloc, 8)
+                    if _push_ref(out, ABS64, rva, <int>(reloc - rva), 8, <int64_t>value):
+                        return -1
+                    index += 1
+                offset += length
+        return 0
 
-    cdef int _detailed(self, cs_insn *insn, int64_t *last_cmp, int64_t[:, :] ranges, list refs,
-                       list tables, set reads) except -1:
+    cdef int _detailed(self, Decoded *out, const Function *f, cs_insn *insn, int64_t *last_cmp) noexcept nogil:
         """References of one instruction decoded with details (branch, RIP operand, switch)."""
         cdef cs_detail *detail = insn.detail
         cdef cs_x86 *x = &detail.x86
@@ -412,7 +614,8 @@ cdef class _Decoder:
                 kind = CALL_REL32
             else:
                 kind = BRANCH_REL32
-            refs.append((kind, rva, x.encoding.imm_offset, x.encoding.imm_size, target))
+            if _push_ref(out, kind, rva, x.encoding.imm_offset, x.encoding.imm_size, target):
+                return -1
         elif x.encoding.disp_offset:
             for i in range(x.op_count):
                 op = &x.operands[i]
@@ -426,20 +629,22 @@ cdef class _Decoder:
                             kind = IAT_JUMP
                     # a RIP-relative displacement is always 32 bits; capstone 5 says 2 after a 66 prefix
                     # (movdqa xmm0, [rip+X] is 66 0F 6F 05 disp32), which left half of it unmasked
-                    refs.append((kind, rva, x.encoding.disp_offset, 4, target))
+                    if _push_ref(out, kind, rva, x.encoding.disp_offset, 4, target):
+                        return -1
                     if insn.id == X86_INS_LEA:
                         self.lea_value[x.operands[0].reg] = target
                         self.lea_known[x.operands[0].reg] = 1
-                    elif _in_ranges(target, ranges):
-                        reads.add(target)
+                    elif _in_function(f, target) and _add_read(out, target):
+                        return -1
                     break
                 if op.type == X86_OP_MEM and x.encoding.disp_size == 4 and 0 < op.mem.base < 512 \
                         and self.lea_known[op.mem.base] and self.lea_value[op.mem.base] == 0 \
-                        and self.first_section_rva <= op.mem.disp < <int64_t>self.memory.shape[0]:
+                        and self.first_section_rva <= op.mem.disp < <int64_t>self.memlen:
                     # MSVC addresses tables as [image base register + index + RVA]
-                    refs.append((IMAGE_REL32, rva, x.encoding.disp_offset, 4, op.mem.disp))
-                    if insn.id != X86_INS_LEA and _in_ranges(op.mem.disp, ranges):
-                        reads.add(op.mem.disp)
+                    if _push_ref(out, IMAGE_REL32, rva, x.encoding.disp_offset, 4, op.mem.disp):
+                        return -1
+                    if insn.id != X86_INS_LEA and _in_function(f, op.mem.disp) and _add_read(out, op.mem.disp):
+                        return -1
                     break
         if insn.id == X86_INS_CMP:
             if x.op_count == 2 and x.operands[0].type == X86_OP_REG \
@@ -448,15 +653,15 @@ cdef class _Decoder:
             else:
                 last_cmp[0] = -1
         elif insn.id == X86_INS_MOVSXD or insn.id == X86_INS_MOV:
-            self._jump_table(insn, last_cmp[0], ranges, refs, tables)
+            return self._jump_table(out, f, insn, last_cmp[0])
         return 0
 
-    cdef int _jump_table(self, cs_insn *insn, int64_t last_cmp, int64_t[:, :] ranges,
-                         list refs, list tables) except -1:
+    cdef int _jump_table(self, Decoded *out, const Function *f, cs_insn *insn, int64_t last_cmp) noexcept nogil:
         cdef cs_x86 *x = &insn.detail.x86
         cdef x86_op_mem *mem
         cdef int64_t table, base_target
         cdef int entry_kind
+        cdef Table *entry
         if x.op_count != 2 or x.operands[1].type != X86_OP_MEM:
             return 0
         mem = &x.operands[1].mem
@@ -471,17 +676,25 @@ cdef class _Decoder:
             entry_kind = TABLE_IMAGE_REL32
         else:
             return 0
-        targets = self._table_targets(table, entry_kind, last_cmp, ranges)
-        refs.append((JUMP_TABLE, insn.address, 0, 0, table))
-        tables.append((insn.address, table, entry_kind, targets))
-        return 0
+        if out.n_tables == out.c_tables and _grow(<void **>&out.tables, &out.c_tables, out.n_tables + 1,
+                                                   sizeof(Table)):
+            return -1
+        entry = &out.tables[out.n_tables]
+        entry.insn_rva, entry.table_rva, entry.entry_kind = <int64_t>insn.address, table, entry_kind
+        entry.first = out.n_targets
+        if self._table_targets(out, f, table, entry_kind, last_cmp):
+            return -1
+        entry = &out.tables[out.n_tables]
+        entry.count = out.n_targets - entry.first
+        out.n_tables += 1
+        return _push_ref(out, JUMP_TABLE, <int64_t>insn.address, 0, 0, table)
 
-    cdef tuple _table_targets(self, int64_t table, int entry_kind, int64_t last_cmp, int64_t[:, :] ranges):
-        cdef const uint8_t *base = &self.memory[0]
-        cdef int64_t memlen = self.memory.shape[0]
+    cdef int _table_targets(self, Decoded *out, const Function *f, int64_t table, int entry_kind,
+                            int64_t last_cmp) noexcept nogil:
+        cdef const uint8_t *base = self.base
+        cdef int64_t memlen = <int64_t>self.memlen
         cdef int64_t count = last_cmp + 1 if 0 <= last_cmp < MAX_TABLE_ENTRIES else MAX_TABLE_ENTRIES
         cdef int64_t index, at, target
-        cdef list out = []
         cdef int signed_entry
         cdef unsigned int unsigned_entry
         for index in range(count):
@@ -494,10 +707,14 @@ cdef class _Decoder:
             else:
                 memcpy(&unsigned_entry, base + at, 4)
                 target = unsigned_entry
-            if not _in_ranges(target, ranges):
+            if not _in_function(f, target):
                 break
-            out.append(target)
-        return tuple(out)
+            if out.n_targets == out.c_targets and _grow(<void **>&out.targets, &out.c_targets, out.n_targets + 1,
+                                                         sizeof(int64_t)):
+                return -1
+            out.targets[out.n_targets] = target
+            out.n_targets += 1
+        return 0
 
 
 cdef int64_t[:, :] _ranges_view(tuple ranges_tuple):
@@ -548,9 +765,74 @@ def instruction_text(const uint8_t[:] memory, int64_t begin, int64_t end):
     return out
 
 
+#: functions decoded per pass without the GIL (bounds the C buffers; Python objects are built between passes)
+cdef Py_ssize_t BATCH = 2048
+
+
 def decode(ctx, items):
-    decoder = _Decoder(ctx)
-    return [(<_Decoder>decoder).decode_one(ranges) for _, ranges in items]
+    """(insn_rvas, refs, tables) of each ``(rva, ranges)`` item. The decode loop holds no GIL, so the
+    two images of a diff decode in parallel threads."""
+    cdef _Decoder decoder = _Decoder(ctx)
+    cdef Decoded out
+    cdef Function f
+    cdef Py_ssize_t n = len(items), start, stop, i, k
+    cdef size_t *ends
+    cdef const int64_t[:] flat_view
+    cdef const int64_t *flat
+    cdef const Table *table
+    cdef size_t r0, f0, t0
+    cdef int failed = 0
+    cdef object image_base = ctx.image_base
+    flat_ranges = array("q")
+    firsts = array("Q", bytes(8 * (n + 1)))  # item i's ranges: flat[2 * firsts[i]:2 * firsts[i + 1]]
+    cdef uint64_t[:] first = firsts
+    for i in range(n):
+        for begin, stop_rva in items[i][1]:
+            flat_ranges.append(begin)
+            flat_ranges.append(stop_rva)
+        first[i + 1] = len(flat_ranges) // 2
+    flat_ranges.append(0)  # never empty
+    flat_view = flat_ranges
+    flat = &flat_view[0]
+    results = []
+    memset(&out, 0, sizeof(Decoded))
+    ends = <size_t *>malloc(3 * (BATCH + 1) * sizeof(size_t))
+    if ends == NULL:
+        raise MemoryError()
+    try:
+        for start in range(0, n, BATCH):
+            stop = min(start + BATCH, n)
+            out.n_rvas = out.n_refs = out.n_tables = out.n_targets = 0
+            ends[0] = ends[1] = ends[2] = 0
+            with nogil:
+                for i in range(start, stop):
+                    f.ranges = flat + 2 * first[i]
+                    f.n_ranges = first[i + 1] - first[i]
+                    f.refs_begin = out.n_refs
+                    f.tables_begin = out.n_tables
+                    if decoder.decode_one(&out, &f):
+                        failed = 1
+                        break
+                    k = 3 * (i - start + 1)
+                    ends[k], ends[k + 1], ends[k + 2] = out.n_rvas, out.n_refs, out.n_tables
+            if failed:
+                raise MemoryError()
+            for i in range(stop - start):
+                k = 3 * i
+                rvas = array("I")
+                rvas.frombytes(PyBytes_FromStringAndSize(<char *>(out.rvas + ends[k]),
+                                                         (ends[k + 3] - ends[k]) * sizeof(uint32_t)))
+                refs = _pack_refs(out.refs + ends[k + 1], ends[k + 4] - ends[k + 1], image_base)
+                tables = []
+                for t0 in range(ends[k + 2], ends[k + 5]):
+                    table = &out.tables[t0]
+                    tables.append((table.insn_rva, table.table_rva, table.entry_kind,
+                                   tuple([out.targets[f0] for f0 in range(table.first, table.first + table.count)])))
+                results.append((rvas, refs, tables))
+    finally:
+        _free_decoded(&out)
+        free(ends)
+    return results
 
 
 # ── fingerprint ────────────────────────────────────────────────────────────
@@ -567,7 +849,7 @@ cdef int _append(bytearray out, const char *text, Py_ssize_t length) except -1:
     return 0
 
 
-def fingerprint(ctx, int64_t rva, tuple ranges_tuple, list refs, list tables, function_starts):
+def fingerprint(ctx, int64_t rva, tuple ranges_tuple, refs, list tables, function_starts):
     return fingerprint_many(ctx, [(rva, ranges_tuple, refs, tables)], function_starts)[0]
 
 
@@ -588,7 +870,7 @@ def fingerprint_many(ctx, list items, function_starts):
 
 
 cdef str _fingerprint_one(const uint8_t[:] memory, const uint32_t[:] starts, Regions *regions, dict iat,
-                          int64_t rva, tuple ranges_tuple, list refs, list tables):
+                          int64_t rva, tuple ranges_tuple, refs, list tables):
     cdef int64_t[:, :] ranges = _ranges_view(ranges_tuple)
     cdef Py_ssize_t memlen = memory.shape[0]
     cdef Py_ssize_t total = 0, piece, at, i, r
@@ -646,7 +928,7 @@ cdef str _fingerprint_one(const uint8_t[:] memory, const uint32_t[:] starts, Reg
                 length = snprintf(text, 32, "S%lld", <long long>(target - rva))
                 _append(out, text, length)
             else:
-                index = _lower_bound(starts, target)
+                index = _lower_bound(&starts[0], starts.shape[0], target) if starts.shape[0] else 0
                 if index < <size_t>starts.shape[0] and <int64_t>starts[index] == target:
                     out += b"F"
                 else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -67,7 +67,9 @@ class FunctionAnalysis:
     rva: int
     ranges: tuple[tuple[int, int], ...]
     insn_rvas: array = field(repr=False)
-    raw_refs: list[tuple[int, int, int, int, int]] = field(repr=False)
+    #: (kind, insn_rva, operand_offset, operand_size, target) in instruction order: a list from the Python
+    #: reference, a packed ``_core.RefList`` (same items, a tenth of the memory) from the compiled core
+    raw_refs: Sequence[tuple[int, int, int, int, int]] = field(repr=False)
     raw_tables: list[tuple[int, int, int, tuple[int, ...]]] = field(repr=False)
     fingerprint: str = ""
 

@@ -44,7 +44,7 @@ cdef int _by_insn(const void *x, const void *y) noexcept nogil:
     return (a.insn_rva > b.insn_rva) - (a.insn_rva < b.insn_rva)
 
 
-def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_rva, list refs, dict intern):
+def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_rva, refs, dict intern):
     """Each instruction's bytes with its reference operands zeroed, as ids interned in ``intern``."""
     cdef Py_ssize_t count = insn_rvas.shape[0], n_masks = 0, m = 0, i, k
     cdef Py_ssize_t size_of_memory = memory.shape[0]
@@ -406,7 +406,7 @@ def aligned_indices(const uint32_t[:] a, const uint32_t[:] b):
 
 # ── reference scans ─────────────────────────────────────────────────────────
 
-def callees(list refs, tuple ranges, set starts, dict pointer_tables):
+def callees(refs, tuple ranges, set starts, dict pointer_tables):
     """Functions a function reaches, in instruction order: direct call and branch targets outside
     its ``ranges`` that are function ``starts``, and the functions of ``pointer_tables`` it references."""
     cdef list out = []
@@ -433,7 +433,7 @@ def callees(list refs, tuple ranges, set starts, dict pointer_tables):
     return out
 
 
-def triage_refs(list refs_a, list refs_b, list pairs, int64_t begin, int64_t end, dict iat, dict function_map,
+def triage_refs(refs_a, refs_b, list pairs, int64_t begin, int64_t end, dict iat, dict function_map,
                 frozenset data_a, frozenset data_b):
     """Sort the reference pairs of two matched functions into (data pairs, pairs left to classify)."""
     cdef list data = [], rest = []

@@ -10,6 +10,7 @@ reference, and diffs data, imports, exports, TLS and the entry point
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..analysis.functions import FunctionTable, discover
@@ -33,8 +34,7 @@ def diff(baseline: Image | FunctionTable | str | Path, patched: Image | Function
 
 
 def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | FunctionTable | str | Path) -> DiffResult:
-    table_a = _table(baseline)
-    table_b = _table(patched)
+    table_a, table_b = _tables(baseline, patched)
     streams = InstructionStreams(table_a, table_b)
     matches = match_functions(table_a, table_b, streams)
     function_map = {a: m.patched_rva for a, m in matches.items()}
@@ -43,6 +43,18 @@ def _diff(baseline: Image | FunctionTable | str | Path, patched: Image | Functio
     data, data_map = diff_data(table_a, table_b, functions, function_map, pairing)
     data += uncovered_changes(table_a, table_b, function_map)
     return DiffResult(table_a, table_b, tuple(functions), tuple(data), function_map, data_map, streams)
+
+
+def _tables(baseline: Image | FunctionTable | str | Path,
+            patched: Image | FunctionTable | str | Path) -> tuple[FunctionTable, FunctionTable]:
+    """Both sides loaded and analysed at once: the compiled core decodes without the GIL, so the patched
+    image's analysis runs in a second thread while this one analyses the baseline."""
+    if isinstance(baseline, FunctionTable) or isinstance(patched, FunctionTable):
+        return _table(baseline), _table(patched)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotpatch-patched") as pool:
+        other = pool.submit(_table, patched)
+        table_a = _table(baseline)  # if this fails, its error is raised once the other thread is done
+        return table_a, other.result()
 
 
 def _table(source: Image | FunctionTable | str | Path) -> FunctionTable:

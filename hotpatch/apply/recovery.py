@@ -8,9 +8,8 @@ part of it or the journal does not match the package.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..errors import BackendError, JournalError, ProcessGoneError
+from .enginetypes import EngineView
 from .journal import (
     ALLOCATED,
     APPLIED,
@@ -26,13 +25,10 @@ from .journal import (
 from .results import RecoveryReport
 from .status import OURS, site_state
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
 __all__ = ["recover"]
 
 
-def recover(engine: Engine) -> RecoveryReport:
+def recover(engine: EngineView) -> RecoveryReport:
     """Bring every journaled operation that was cut short to an end, as memory says it stands."""
     report = RecoveryReport(engine.pid)
     with engine.process_journal.locked() as journal:
@@ -57,7 +53,7 @@ def recover(engine: Engine) -> RecoveryReport:
         journal.save()
     return report
 
-def _recover_record(engine: Engine, record: PackageRecord) -> tuple[str, str]:
+def _recover_record(engine: EngineView, record: PackageRecord) -> tuple[str, str]:
     journal = engine.process_journal
     commit = record.commit
     if record.phase in (APPLYING, ROLLING_BACK):

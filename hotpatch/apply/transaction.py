@@ -35,7 +35,6 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from ..errors import (
     BackendError,
@@ -56,6 +55,7 @@ from ..package.model import Package
 from ..process.win32mem import PAGE_READWRITE
 from .allocation import build_parts, import_key, package_imports, plan_layout, thunk_keys
 from .backend import CommitReport, CommitWrite, call_function
+from .enginetypes import EngineView
 from .imports import ImportResolver, system_function
 from .journal import (
     ALLOCATED,
@@ -80,16 +80,13 @@ from .redirects import plan_site, transition_writes
 from .results import ApplyResult, RollbackResult
 from .status import OURS, LoadedImage, code_sha256, site_state
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
 __all__ = ["Transaction"]
 
 
 class Transaction:
     """Operations on one process; the first failure undoes all of them (see the module docstring)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineView) -> None:
         self.engine = engine
         self.results: list[ApplyResult | RollbackResult] = []
         self.error: StepFailedError | None = None

@@ -7,22 +7,21 @@ Chosen like a Windows process lays itself out: stack and heap low, system DLLs h
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+from unicorn import Uc
 from unicorn import x86_const as x86
 
 from ..process.win32mem import MEM_PRIVATE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from .heap import Heap
-from .space import GRANULE, PAGE
-
-if TYPE_CHECKING:
-    from .machine import Machine
+from .space import GRANULE, PAGE, AddressSpace
 
 __all__ = [
     "ARGUMENT_REGISTERS", "CRT_DATA_OFFSET", "DEFAULT_INSTRUCTION_LIMIT", "GPR", "GUEST_FILETIME",
     "GUEST_PROCESS_ID", "GUEST_THREAD_ID", "HEAP_BASE", "HEAP_SIZE", "KUSER_SHARED_DATA", "LDR_OFFSET",
     "MAX_NESTING", "MODEL_DLL_BASE", "PEB_OFFSET", "PROCESS_DATA_BASE", "PROCESS_DATA_SIZE", "SENTINEL_BASE",
-    "STACK_BASE", "STACK_SIZE", "TEB_LAST_ERROR", "TEB_OFFSET", "TEB_TLS_SLOTS", "TLS_ARRAY_OFFSET", "XMM", "lay_out",
+    "STACK_BASE", "STACK_SIZE", "TEB_LAST_ERROR", "TEB_OFFSET", "TEB_TLS_SLOTS", "TLS_ARRAY_OFFSET", "XMM",
+    "ProcessLayout", "lay_out",
 ]
 
 DEFAULT_INSTRUCTION_LIMIT = 50_000_000
@@ -63,33 +62,44 @@ GUEST_THREAD_ID = 0x1F04
 GUEST_FILETIME = 133485408000000000  # 2024-01-01 00:00 UTC
 
 
-def lay_out(machine: Machine) -> None:
-    """Map the stack, the heap, TEB/PEB/loader data and the sentinel page of a new machine; GS points at the TEB."""
-    space = machine.space
+@dataclass(frozen=True)
+class ProcessLayout:
+    """Where lay_out put the stack, the heap, the TEB, the PEB and the CRT's data of a new process."""
+
+    stack_limit: int
+    stack_base: int
+    heap: Heap
+    teb: int
+    peb: int
+    crt_data: int
+
+
+def lay_out(uc: Uc, space: AddressSpace, guest_pid: int, thread_id: int) -> ProcessLayout:
+    """Map the stack, the heap, TEB/PEB/loader data and the sentinel page of a new process; GS points at the TEB."""
     space.map(KUSER_SHARED_DATA, PAGE, PAGE_READONLY, MEM_PRIVATE, "KUSER_SHARED_DATA")
     space.map(STACK_BASE, STACK_SIZE, PAGE_READWRITE, MEM_PRIVATE, "stack")
-    machine.stack_limit, machine.stack_base = STACK_BASE, STACK_BASE + STACK_SIZE
+    stack_limit, stack_base = STACK_BASE, STACK_BASE + STACK_SIZE
     space.map(HEAP_BASE, HEAP_SIZE, PAGE_READWRITE, MEM_PRIVATE, "heap")
-    machine.heap = Heap(HEAP_BASE, HEAP_SIZE)
     space.map(PROCESS_DATA_BASE, PROCESS_DATA_SIZE, PAGE_READWRITE, MEM_PRIVATE, "TEB/PEB")
-    machine.teb = PROCESS_DATA_BASE + TEB_OFFSET
-    machine.peb = PROCESS_DATA_BASE + PEB_OFFSET
-    machine.crt_data = PROCESS_DATA_BASE + CRT_DATA_OFFSET
+    teb_va = PROCESS_DATA_BASE + TEB_OFFSET
+    peb_va = PROCESS_DATA_BASE + PEB_OFFSET
     ldr = PROCESS_DATA_BASE + LDR_OFFSET
     tls_array = PROCESS_DATA_BASE + TLS_ARRAY_OFFSET
     teb = bytearray(0x2000)
-    struct.pack_into("<QQQ", teb, 0x00, 0, machine.stack_base, machine.stack_limit)
-    struct.pack_into("<Q", teb, 0x30, machine.teb)
-    struct.pack_into("<QQ", teb, 0x40, machine.guest_pid, machine.thread_id)
-    struct.pack_into("<QQ", teb, 0x58, tls_array, machine.peb)
-    machine.uc.mem_write(machine.teb, bytes(teb))
+    struct.pack_into("<QQQ", teb, 0x00, 0, stack_base, stack_limit)
+    struct.pack_into("<Q", teb, 0x30, teb_va)
+    struct.pack_into("<QQ", teb, 0x40, guest_pid, thread_id)
+    struct.pack_into("<QQ", teb, 0x58, tls_array, peb_va)
+    uc.mem_write(teb_va, bytes(teb))
     peb = bytearray(0x800)
     struct.pack_into("<QQ", peb, 0x10, 0, ldr)
     struct.pack_into("<Q", peb, 0x30, HEAP_BASE)  # ProcessHeap
-    machine.uc.mem_write(machine.peb, bytes(peb))
+    uc.mem_write(peb_va, bytes(peb))
     # PEB_LDR_DATA with its three module lists empty (each head points at itself)
     lists = b"".join(struct.pack("<QQ", ldr + off, ldr + off) for off in (0x10, 0x20, 0x30))
-    machine.uc.mem_write(ldr, struct.pack("<IB3xQ", 0x58, 1, 0) + lists)
+    uc.mem_write(ldr, struct.pack("<IB3xQ", 0x58, 1, 0) + lists)
     space.map(SENTINEL_BASE, GRANULE, PAGE_EXECUTE_READ, MEM_PRIVATE, "emulator return addresses")
-    machine.uc.mem_write(SENTINEL_BASE, b"\xf4" * GRANULE)  # hlt: never executed, emulation stops first
-    machine.uc.reg_write(x86.UC_X86_REG_GS_BASE, machine.teb)
+    uc.mem_write(SENTINEL_BASE, b"\xf4" * GRANULE)  # hlt: never executed, emulation stops first
+    uc.reg_write(x86.UC_X86_REG_GS_BASE, teb_va)
+    return ProcessLayout(stack_limit, stack_base, Heap(HEAP_BASE, HEAP_SIZE), teb_va, peb_va,
+                         PROCESS_DATA_BASE + CRT_DATA_OFFSET)

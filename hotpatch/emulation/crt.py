@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ..errors import EmulationError
 from ..x86 import MASK64
-from .modelcall import ModelCall
+from .machine import ModelCall
 from .models import code_model, model
 
 __all__: list[str] = []

@@ -63,14 +63,14 @@ from .addresses import (
     lay_out,
 )
 from .faults import CpuException, cpu_exception, interrupt_exception
-from .modelcall import ModelCall
 from .modeldll import CODE_RVA, CODE_SIZE, EDATA_RVA, ModelDll
+from .modules import LoadedModule, Stub
 from .recording import WriteRecorder
 from .space import PAGE, AddressSpace
 from .unwind import Context
 
 if TYPE_CHECKING:
-    from ..pe.image import Image
+    pass
 
 __all__ = [
     "DEFAULT_INSTRUCTION_LIMIT",
@@ -87,31 +87,6 @@ _pids = itertools.count(0x1F00, 8)
 
 def _raise(error: BaseException) -> None:
     raise error
-
-
-@dataclass
-class LoadedModule:
-    """A module of the emulated process: a mapped image or a model DLL."""
-
-    name: str
-    path: str
-    base: int
-    size: int
-    image: Image | None = None
-    model: ModelDll | None = None
-    tls_index: int | None = None
-
-    def contains(self, va: int) -> bool:
-        return self.base <= va < self.base + self.size
-
-
-@dataclass(frozen=True)
-class Stub:
-    """The export of a model DLL at one address, and the model that runs there (None: unmodelled)."""
-
-    dll: str
-    name: str
-    model: models.Model | None
 
 
 @dataclass
@@ -170,7 +145,9 @@ class Machine:
         self.dispatch_cpu_exceptions = True
         self.recorder = WriteRecorder(self.uc)
         self._disassembler = disassembler()
-        lay_out(self)
+        layout = lay_out(self.uc, self.space, self.guest_pid, self.thread_id)
+        self.stack_limit, self.stack_base, self.heap = layout.stack_limit, layout.stack_base, layout.heap
+        self.teb, self.peb, self.crt_data = layout.teb, layout.peb, layout.crt_data
         self.uc.hook_add(UC_HOOK_MEM_INVALID, self._on_invalid_memory)
         self.uc.hook_add(UC_HOOK_INTR, self._on_interrupt)
         for name in ("ntdll.dll", "kernel32.dll"):
@@ -571,3 +548,44 @@ class Machine:
         if 0 <= offset < 16 * MAX_NESTING and offset % 16 == 0:
             return offset // 16
         return None
+
+
+class ModelCall:
+    """One call of a model: its arguments by the Windows x64 convention, and the machine."""
+
+    def __init__(self, machine: Machine, stub: Stub) -> None:
+        self.machine = machine
+        self.stub = stub
+        self.rsp = machine.reg(x86.UC_X86_REG_RSP)
+
+    def arg(self, index: int) -> int:
+        """Argument ``index`` as an unsigned 64-bit value (rcx, rdx, r8, r9, then the stack)."""
+        if index < 4:
+            return self.machine.reg(ARGUMENT_REGISTERS[index])
+        return self.machine.u64(self.rsp + 8 + 8 * index)
+
+    def sarg(self, index: int) -> int:
+        value = self.arg(index)
+        return value - (1 << 64) if value >> 63 else value
+
+    def arg32(self, index: int) -> int:
+        return self.arg(index) & 0xFFFFFFFF
+
+    def sarg32(self, index: int) -> int:
+        value = self.arg32(index)
+        return value - (1 << 32) if value >> 31 else value
+
+    @property
+    def return_address(self) -> int:
+        return self.machine.u64(self.rsp)
+
+    def caller_context(self) -> Context:
+        """The registers as the caller will see them when this function returns (before rax is set)."""
+        ctx = self.machine.cpu_context()
+        ctx.rip = self.return_address
+        ctx.rsp = self.rsp + 8
+        return ctx
+
+    @property
+    def label(self) -> str:
+        return f"{self.stub.dll}!{self.stub.name}"

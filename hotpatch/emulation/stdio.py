@@ -12,7 +12,7 @@ from collections.abc import Callable
 from ..errors import EmulationError
 from ..x86 import MASK64
 from .crt import FILE_SIZE, IOB
-from .modelcall import ModelCall
+from .machine import ModelCall
 from .models import model
 
 __all__ = ["emit", "format_printf"]

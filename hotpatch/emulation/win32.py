@@ -16,7 +16,7 @@ import zlib
 from ..x86 import MASK64
 from .addresses import TEB_TLS_SLOTS
 from .loader import resolve_import
-from .modelcall import ModelCall
+from .machine import ModelCall
 from .models import family_of, model
 from .space import GRANULE, USER_MAX, USER_MIN
 from .stdio import emit

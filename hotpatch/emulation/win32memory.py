@@ -13,7 +13,7 @@ from ..errors import Win32Error
 from ..process.win32mem import MEM_PRIVATE, PAGE_READWRITE
 from ..x86 import MASK64
 from .crt import allocate, reallocate, release
-from .modelcall import ModelCall
+from .machine import ModelCall
 from .models import model
 from .space import GRANULE, align_down
 from .win32 import ERROR_INVALID_PARAMETER, K32

@@ -105,6 +105,35 @@ def test_a_pointer_to_another_function_is_a_data_change(cases: list[Case], tmp_p
     assert [r.kind for r in result.verdict.reasons] == ["changed_writable_data"]
 
 
+@pytest.mark.parametrize("stripped", [False, True], ids=["symbols", "stripped"])
+def test_constructor_list_in_text_is_data_modulo_relocation(cases: list[Case], tmp_path: Path,
+                                                            stripped: bool) -> None:
+    """mingw-w64's __CTOR_LIST__ sits in .text outside every function: a moved constructor changes its
+    pointer bytes, not what it designates (HOTPATCH); a list designating another function is a reason."""
+    from hotpatch.uncovered import pointer_lists, uncovered_gaps
+
+    case = _case(cases, "ctor_list")
+    baseline, patched = case.dll("baseline", stripped), case.dll("patched", stripped)
+    assert diff(baseline, patched).verdict.status == "HOTPATCH"
+    table = discover(Image.load(patched))
+    (gap,) = [g for g in uncovered_gaps(table).values() if any(g.lists)]
+    (ctor_list,) = [found for found in pointer_lists(table, frozenset(table.image.relocations), gap.rva,
+                                                     gap.rva + gap.size) if found[2]]
+    twice = next(e.rva for e in table.image.exports if e.name == "twice")
+    assert twice not in ctor_list[2]
+    # the list's last constructor pointer now designates twice(): same shape, a different function
+    data = bytearray(patched.read_bytes())
+    section = table.image.section_from_rva(ctor_list[1] - 16)
+    assert section is not None
+    struct.pack_into("<Q", data, section.raw_offset + ctor_list[1] - 16 - section.rva,
+                     table.image.image_base + twice)
+    changed = tmp_path / "changed.dll"
+    changed.write_bytes(bytes(data))
+    result = diff(baseline, changed)
+    assert [r.kind for r in result.verdict.reasons] == ["uncovered_code"]
+    assert "constructor or destructor list" in result.verdict.reasons[0].message
+
+
 _GROWN = """#include <stdint.h>
 int64_t counters[COUNT];
 int64_t other;

@@ -134,6 +134,40 @@ def test_constructor_list_in_text_is_data_modulo_relocation(cases: list[Case], t
     assert "constructor or destructor list" in result.verdict.reasons[0].message
 
 
+@pytest.mark.parametrize("stripped", [False, True], ids=["symbols", "stripped"])
+def test_ownership_change_names_function_field_and_call(cases: list[Case], stripped: bool) -> None:
+    """A field that stops sharing another's buffer and gets freed on its own: NEW_BASELINE, naming the
+    function, the field's offset and the call; the same fields allocated and freed differently: HOTPATCH."""
+    split = _case(cases, "ownership_split")
+    result = diff(split.dll("baseline", stripped), split.dll("patched", stripped))
+    assert result.verdict.status == "NEW_BASELINE"
+    assert {r.kind for r in result.verdict.reasons} == {"ownership_change"}
+    messages = [r.message for r in result.verdict.reasons]
+    assert any("now frees the pointer in field +0x8 (call at patched 0x" in m for m in messages), messages
+    assert any("stores one allocation" in m and "into field(s) +0x8;" in m for m in messages), messages
+    if not stripped:
+        assert {r.subject for r in result.verdict.reasons} == {"entry_set", "entry_free"}
+    kept = _case(cases, "ownership_kept")
+    assert diff(kept.dll("baseline", stripped), kept.dll("patched", stripped)).verdict.status == "HOTPATCH"
+
+
+def test_ownership_wrappers_pass_on_the_right_argument(cases: list[Case]) -> None:
+    """free() takes the pointer in rcx; release(owner, pointer) is a wrapper known by the argument it hands
+    on (rdx), so the owner passed next to it (png_free(png_ptr, p)) is not taken for the freed pointer."""
+    from capstone import x86_const as x86
+
+    from hotpatch.ownership import _heap_functions
+
+    case = _case(cases, "ownership_split")
+    table = discover(Image.load(case.baseline))
+    allocators, deallocators = _heap_functions(table)
+    imported = {i.name: -i.iat_rva for i in table.image.imports}
+    assert imported["malloc"] in allocators and imported["calloc"] in allocators
+    assert deallocators[imported["free"]] == x86.X86_REG_RCX
+    release = next(s.rva for s in table.image.symbols if s.name == "release")
+    assert deallocators[release] == x86.X86_REG_RDX
+
+
 _GROWN = """#include <stdint.h>
 int64_t counters[COUNT];
 int64_t other;

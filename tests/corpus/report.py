@@ -52,8 +52,20 @@ Notes on the setup:
   (ws2_32!ntohl is not modelled).
 - CVE-2026-33416 parts 1 and 3 change who frees `png_struct.trans_alpha` and `.palette`
   without changing any layout or datum: objects made by the old code and freed by the new one
-  are freed twice. No binary diff can see that; their files say `detectable = false`, and a
-  HOTPATCH verdict for them is listed below as unsafe.
+  are freed twice. The verdict reads that from the code (`ownership_change`,
+  hotpatch/ownership.py): a field a changed function frees in one version and not the other,
+  or an allocation stored into fields no allocation of the other version fills. It fires on
+  those two fixes and on none of the others.
+- mingw-w64 keeps `__CTOR_LIST__`/`__DTOR_LIST__` in .text outside every function; they are
+  recognised by their shape (-1, base-relocated pointers to functions, 0) and compared by the
+  functions they designate (hotpatch/uncovered.py), so c-ares CVE-2023-31130, whose fix moves
+  the constructor, is no longer refused as `uncovered_code`.
+- The unfixed libpng steps read out of bounds or freed memory under some probes
+  (`png_quantize_oob`, `png_getset_plte`): their values vary from call to call. Each step's
+  values come from 4 threads x 12 calls so that such a probe shows as unstable; a probe
+  unstable before the fix and stable after it counts as switched when the host shows only
+  the fixed value, and as switched back when it shows any other. Each live run gets its own
+  journal directory (Wine reuses small pids).
 - CVE-2026-33636.patch (arm/ NEON code only) is applied with CVE-2026-34757 part 1: an
   x86-64 build does not compile it.
 """

@@ -26,7 +26,8 @@ from capstone import x86_const as x86
 from .functions import Function, FunctionTable
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP
 
-__all__ = ["ALL_VOLATILE", "LiveClobber", "gcc_built", "live_clobbers", "new_clobbers", "volatile_writes"]
+__all__ = ["ALL_VOLATILE", "LiveClobber", "decode_at", "disassembler", "gcc_built", "live_clobbers",
+           "new_clobbers", "volatile_writes"]
 
 _FAMILIES = {
     "rax": ("rax", "eax", "ax", "al", "ah"), "rcx": ("rcx", "ecx", "cx", "cl", "ch"),
@@ -81,7 +82,7 @@ def _volatile_writes(table: FunctionTable, function: Function) -> frozenset[str]
         leaves = kind in (BRANCH_REL8, BRANCH_REL32) and not any(b <= target < e for b, e in function.ranges)
         if kind in (CALL_REL32, IAT_CALL, IAT_JUMP) or leaves:
             return ALL_VOLATILE
-    md = _disassembler()
+    md = disassembler()
     written: set[str] = set()
     for begin, end in function.ranges:
         for insn in md.disasm(table.image.read(begin, end - begin), begin):
@@ -171,7 +172,7 @@ def _live_after(table: FunctionTable, function: Function, start_rva: int, regist
                 break
             done |= pending
             budget -= 1
-            insn = _decode(table, rva) if any(b <= rva < e for b, e in inside) else None
+            insn = decode_at(table, rva) if any(b <= rva < e for b, e in inside) else None
             if insn is None or budget < 0:
                 live |= pending  # left the function, undecodable, or too long to follow: assume the worst
                 break
@@ -264,15 +265,16 @@ def _families(insn: capstone.CsInsn, ids: Iterable[int]) -> set[str]:
     return {_FAMILY_OF[name] for name in (insn.reg_name(r) for r in ids) if name in _FAMILY_OF}
 
 
-def _decode(table: FunctionTable, rva: int) -> capstone.CsInsn | None:
+def decode_at(table: FunctionTable, rva: int) -> capstone.CsInsn | None:
+    """The instruction at ``rva`` (with detail), decoded once per table."""
     cache = table.__dict__.setdefault("_liveness_decode_cache", {})
     if rva not in cache:
-        cache[rva] = next(_disassembler().disasm(table.image.memory[rva:rva + 16], rva, 1), None)
+        cache[rva] = next(disassembler().disasm(table.image.memory[rva:rva + 16], rva, 1), None)
     return cache[rva]
 
 
 @lru_cache(maxsize=1)
-def _disassembler() -> capstone.Cs:
+def disassembler() -> capstone.Cs:
     md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
     md.detail = True
     return md

@@ -26,11 +26,11 @@ emits for ``free(obj->field)`` and ``obj->field = malloc(n)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import capstone
 from capstone import x86_const as x86
 
+from .clobbers import decode_at
 from .functions import Function, FunctionTable
 from .refkinds import BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP
 
@@ -145,7 +145,7 @@ def _scan(table: FunctionTable, function: Function, allocators: frozenset[int], 
             tags = {}
             for loc, tag in known:
                 tags[loc] = tags.get(loc, frozenset()) | {tag}
-            insn = _decode(table, rva) if any(b <= rva < e for b, e in inside) else None
+            insn = decode_at(table, rva) if any(b <= rva < e for b, e in inside) else None
             if insn is None:
                 break
             kind, target = _call_kind(insn, allocators, deallocators)
@@ -285,20 +285,6 @@ def _heap_functions(table: FunctionTable) -> tuple[frozenset[int], dict[int, int
     found = (frozenset(allocators), deallocators)
     table.__dict__["_heap_functions_cache"] = found
     return found
-
-
-def _decode(table: FunctionTable, rva: int) -> capstone.CsInsn | None:
-    cache = table.__dict__.setdefault("_ownership_decode_cache", {})
-    if rva not in cache:
-        cache[rva] = next(_disassembler().disasm(table.image.memory[rva:rva + 16], rva, 1), None)
-    return cache[rva]
-
-
-@lru_cache(maxsize=1)
-def _disassembler() -> capstone.Cs:
-    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-    md.detail = True
-    return md
 
 
 _TO_64 = {

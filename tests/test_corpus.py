@@ -74,8 +74,12 @@ def test_no_unsafe_hotpatch(fix: Fix, corpus: dict[str, BuiltLibrary]) -> None:
 
 @pytest.mark.wine
 def _live_param(fix: Fix) -> object:
-    # libpng's unfixed steps crash their hosts at random (the CVEs' own memory errors, under the probes): those
-    # runs are `unstable`, left out of `make test` and run by `make corpus-live`; c-ares and lua run always.
+    # libpng's live runs are `unstable`, left out of `make test` and run by `make corpus-live`; c-ares and lua run
+    # always. What is known: unfixed steps run by hand under 4 threads (about 65,000 probe calls each) did not
+    # crash, but png_quantize_oob and png_getset_plte change value from call to call (the CVEs' out-of-bounds
+    # and freed reads), which live runs waited for in vain; a rollback met a journal of an earlier host with
+    # the same (reused) Wine pid. Both are handled in measure.py now; "no process with pid" after an apply
+    # was not reproduced, and three passes in a row of every run are not yet shown.
     return pytest.param(fix, marks=pytest.mark.unstable) if fix.library == "libpng" else fix
 
 

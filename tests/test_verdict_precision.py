@@ -106,6 +106,69 @@ def test_a_pointer_to_another_function_is_a_data_change(cases: list[Case], tmp_p
     assert [r.kind for r in decide(result).reasons] == ["changed_writable_data"]
 
 
+@pytest.mark.parametrize("stripped", [False, True], ids=["symbols", "stripped"])
+def test_constructor_list_in_text_is_data_modulo_relocation(cases: list[Case], tmp_path: Path,
+                                                            stripped: bool) -> None:
+    """mingw-w64's __CTOR_LIST__ sits in .text outside every function: a moved constructor changes its
+    pointer bytes, not what it designates (HOTPATCH); a list designating another function is a reason."""
+    from hotpatch.diff.uncovered import pointer_lists, uncovered_gaps
+
+    case = _case(cases, "ctor_list")
+    baseline, patched = case.dll("baseline", stripped), case.dll("patched", stripped)
+    assert diff(baseline, patched).verdict.status == "HOTPATCH"
+    table = discover(Image.load(patched))
+    (gap,) = [g for g in uncovered_gaps(table).values() if any(g.lists)]
+    (ctor_list,) = [found for found in pointer_lists(table, frozenset(table.image.relocations), gap.rva,
+                                                     gap.rva + gap.size) if found[2]]
+    twice = next(e.rva for e in table.image.exports if e.name == "twice")
+    assert twice not in ctor_list[2]
+    # the list's last constructor pointer now designates twice(): same shape, a different function
+    data = bytearray(patched.read_bytes())
+    section = table.image.section_from_rva(ctor_list[1] - 16)
+    assert section is not None
+    struct.pack_into("<Q", data, section.raw_offset + ctor_list[1] - 16 - section.rva,
+                     table.image.image_base + twice)
+    changed = tmp_path / "changed.dll"
+    changed.write_bytes(bytes(data))
+    result = diff(baseline, changed)
+    assert [r.kind for r in result.verdict.reasons] == ["uncovered_code"]
+    assert "constructor or destructor list" in result.verdict.reasons[0].message
+
+
+@pytest.mark.parametrize("stripped", [False, True], ids=["symbols", "stripped"])
+def test_ownership_change_names_function_field_and_call(cases: list[Case], stripped: bool) -> None:
+    """A field that stops sharing another's buffer and gets freed on its own: NEW_BASELINE, naming the
+    function, the field's offset and the call; the same fields allocated and freed differently: HOTPATCH."""
+    split = _case(cases, "ownership_split")
+    result = diff(split.dll("baseline", stripped), split.dll("patched", stripped))
+    assert result.verdict.status == "NEW_BASELINE"
+    assert {r.kind for r in result.verdict.reasons} == {"ownership_change"}
+    messages = [r.message for r in result.verdict.reasons]
+    assert any("now frees the pointer in field +0x8 (call at patched 0x" in m for m in messages), messages
+    assert any("stores one allocation" in m and "into field(s) +0x8;" in m for m in messages), messages
+    if not stripped:
+        assert {r.subject for r in result.verdict.reasons} == {"entry_set", "entry_free"}
+    kept = _case(cases, "ownership_kept")
+    assert diff(kept.dll("baseline", stripped), kept.dll("patched", stripped)).verdict.status == "HOTPATCH"
+
+
+def test_ownership_wrappers_pass_on_the_right_argument(cases: list[Case]) -> None:
+    """free() takes the pointer in rcx; release(owner, pointer) is a wrapper known by the argument it hands
+    on (rdx), so the owner passed next to it (png_free(png_ptr, p)) is not taken for the freed pointer."""
+    from capstone import x86_const as x86
+
+    from hotpatch.verdict.ownership import _heap_functions
+
+    case = _case(cases, "ownership_split")
+    table = discover(Image.load(case.baseline))
+    allocators, deallocators = _heap_functions(table)
+    imported = {i.name: -i.iat_rva for i in table.image.imports}
+    assert imported["malloc"] in allocators and imported["calloc"] in allocators
+    assert deallocators[imported["free"]] == x86.X86_REG_RCX
+    release = next(s.rva for s in table.image.symbols if s.name == "release")
+    assert deallocators[release] == x86.X86_REG_RDX
+
+
 _GROWN = """#include <stdint.h>
 int64_t counters[COUNT];
 int64_t other;

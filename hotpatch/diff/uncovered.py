@@ -9,6 +9,13 @@ directly. Each gap between functions (fill trimmed) is keyed by the function
 in front of it and fingerprinted like a function; a gap whose fingerprint
 differs from its counterpart's in the other image is an ``uncovered_code``
 change, which the verdict turns into a reason.
+
+Not every such byte is code: mingw-w64's linker script keeps ``__CTOR_LIST__``
+and ``__DTOR_LIST__`` in .text, each an all-ones quadword, absolute pointers to
+the constructors (each covered by a base relocation), and a zero quadword.
+Those lists are recognised by that shape alone (no symbols needed, so the
+stripped build is read the same way) and compared as data: the functions their
+pointers designate, through the function map, not the pointers' bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from ..analysis.api import decode, fingerprint_all
 from ..analysis.functions import FILL_RE, FunctionTable
 from .result import DataChange
 
-__all__ = ["UncoveredGap", "uncovered_changes", "uncovered_gaps"]
+__all__ = ["UncoveredGap", "pointer_lists", "uncovered_changes", "uncovered_gaps"]
 
 # (section name, RVA of the function in front of the gap or None at the section start, which of its ranges)
 _Key = tuple[str, int | None, int]
@@ -37,6 +44,8 @@ class UncoveredGap:
     rva: int
     size: int
     fingerprint: str
+    #: the functions (RVAs) each pointer list in the gap designates, in order (``pointer_lists``)
+    lists: tuple[tuple[int, ...], ...] = ()
 
 
 def uncovered_gaps(table: FunctionTable) -> dict[_Key, UncoveredGap]:
@@ -61,12 +70,63 @@ def uncovered_gaps(table: FunctionTable) -> dict[_Key, UncoveredGap]:
                     spans.append(((section.name, anchor, part), *content))
             if end > cursor:
                 cursor, anchor, part = end, owner, index
-    items = [(begin, ((begin, end),)) for _, begin, end in spans]
-    decoded = decode(table.context, items, table.backend)
+    relocated = frozenset(image.relocations)
+    lists = [pointer_lists(table, relocated, begin, end) for _, begin, end in spans]
+    items = [(begin, _outside(begin, end, found)) for (_, begin, end), found in zip(spans, lists)]
+    code = [i for i, (_, ranges) in enumerate(items) if ranges]
+    decoded = decode(table.context, [items[i] for i in code], table.backend)
     starts = array("I", sorted(f.rva for f in table.functions))
-    analyses = fingerprint_all(table.context, decoded, starts, table.backend)
-    return {key: UncoveredGap(key[0], key[1], begin, end - begin, analysis.fingerprint)
-            for (key, begin, end), analysis in zip(spans, analyses)}
+    prints = [""] * len(items)  # a gap that is all pointer lists has no code to fingerprint
+    for i, analysis in zip(code, fingerprint_all(table.context, decoded, starts, table.backend)):
+        prints[i] = analysis.fingerprint
+    return {key: UncoveredGap(key[0], key[1], begin, end - begin, fingerprint,
+                              tuple(targets for _, _, targets in found))
+            for (key, begin, end), fingerprint, found in zip(spans, prints, lists)}
+
+
+#: mingw-w64's constructor and destructor lists open with -1 and close with 0
+_LIST_HEAD = b"\xff" * 8
+_LIST_END = 0
+
+
+def pointer_lists(table: FunctionTable, relocated: frozenset[int], begin: int,
+                  end: int) -> list[tuple[int, int, tuple[int, ...]]]:
+    """The ``__CTOR_LIST__``/``__DTOR_LIST__``-shaped lists starting in ``[begin, end)``: (start, end, the
+    function RVAs designated), each an aligned all-ones quadword, quadwords that are base-relocated
+    pointers to discovered functions, and a zero quadword (which may lie past ``end``: zero is fill)."""
+    image = table.image
+    memory, base = image.memory, image.image_base
+    out = []
+    at = begin + (-begin % 8)
+    while at + 16 <= min(end + 8, len(memory)):
+        if memory[at:at + 8] != _LIST_HEAD:
+            at += 8
+            continue
+        cursor, targets = at + 8, []
+        while cursor + 8 <= len(memory):
+            value = int.from_bytes(memory[cursor:cursor + 8], "little")
+            if value == _LIST_END or cursor not in relocated or table.at(value - base) is None:
+                break
+            targets.append(value - base)
+            cursor += 8
+        if cursor + 8 <= len(memory) and int.from_bytes(memory[cursor:cursor + 8], "little") == _LIST_END:
+            out.append((at, cursor + 8, tuple(targets)))
+            at = cursor + 8
+        else:
+            at += 8
+    return out
+
+
+def _outside(begin: int, end: int, lists: list[tuple[int, int, tuple[int, ...]]]) -> tuple[tuple[int, int], ...]:
+    """The parts of ``[begin, end)`` no pointer list covers."""
+    ranges, cursor = [], begin
+    for start, stop, _ in lists:
+        if start > cursor:
+            ranges.append((cursor, start))
+        cursor = max(cursor, stop)
+    if cursor < end:
+        ranges.append((cursor, end))
+    return tuple(ranges)
 
 
 def _without_fill(memory: bytes, begin: int, end: int) -> tuple[int, int] | None:
@@ -101,6 +161,9 @@ def uncovered_changes(a: FunctionTable, b: FunctionTable, function_map: dict[int
             if other.fingerprint != gap.fingerprint and not _same_tables(a, gap, b, other):
                 out.append(DataChange("uncovered_code", gap.rva, other.rva, gap.size, section,
                                       f"{gap.size} bytes outside every function changed"))
+            elif _mapped_lists(gap, function_map) != other.lists:
+                out.append(DataChange("uncovered_code", gap.rva, other.rva, gap.size, section,
+                                      "a constructor or destructor list designates other functions"))
         elif gap.fingerprint not in prints_b:
             out.append(DataChange("uncovered_code", gap.rva, None, gap.size, section,
                                   f"{gap.size} bytes outside every function are gone"))
@@ -109,6 +172,11 @@ def uncovered_changes(a: FunctionTable, b: FunctionTable, function_map: dict[int
             out.append(DataChange("uncovered_code", None, gap.rva, gap.size, key[0],
                                   f"{gap.size} new bytes outside every function"))
     return out
+
+
+def _mapped_lists(gap: UncoveredGap, function_map: dict[int, int]) -> tuple[tuple[int, ...], ...]:
+    """The gap's pointer lists with each designated function replaced by its match (-1: none)."""
+    return tuple(tuple(function_map.get(rva, -1) for rva in targets) for targets in gap.lists)
 
 
 def _same_tables(a: FunctionTable, gap_a: UncoveredGap, b: FunctionTable, gap_b: UncoveredGap) -> bool:

@@ -24,9 +24,11 @@ from capstone import x86_const as x86
 
 from ..analysis.functions import Function, FunctionTable
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP
+from ..memo import cache_of
 from ..x86 import disassembler
 
-__all__ = ["ALL_VOLATILE", "LiveClobber", "gcc_built", "live_clobbers", "new_clobbers", "volatile_writes"]
+__all__ = ["ALL_VOLATILE", "LiveClobber", "decode_at", "gcc_built", "live_clobbers",
+           "new_clobbers", "volatile_writes"]
 
 _FAMILIES = {
     "rax": ("rax", "eax", "ax", "al", "ah"), "rcx": ("rcx", "ecx", "cx", "cl", "ch"),
@@ -68,7 +70,7 @@ def gcc_built(table: FunctionTable) -> bool:
 
 def volatile_writes(table: FunctionTable, function: Function) -> frozenset[str]:
     """Volatile general registers the function may change before it returns (calls count as all)."""
-    cache = table.__dict__.setdefault("_volatile_writes_cache", {})
+    cache = cache_of(table, "volatile_writes")
     found = cache.get(function.rva)
     if found is None:
         found = cache[function.rva] = _volatile_writes(table, function)
@@ -134,9 +136,10 @@ def _scan_callers(table: FunctionTable, callee: Function, registers: frozenset[s
 
 def _direct_sites(table: FunctionTable, callee_rva: int) -> list[tuple[Function, int, int | None]]:
     """(caller, instruction RVA, return RVA or None for a tail jump) of every direct call or jump to callee."""
-    sites = table.__dict__.get("_direct_sites_cache")
+    memo = cache_of(table, "direct_sites")
+    sites = memo.get("all")
     if sites is None:
-        sites = {}
+        sites = memo["all"] = {}
         for function, analysis in zip(table.functions, table.analyses):
             for kind, insn_rva, operand_offset, operand_size, target in analysis.raw_refs:
                 if kind == CALL_REL32:
@@ -144,7 +147,6 @@ def _direct_sites(table: FunctionTable, callee_rva: int) -> list[tuple[Function,
                 elif kind in (BRANCH_REL8, BRANCH_REL32) and target != function.rva \
                         and not any(b <= target < e for b, e in function.ranges):
                     sites.setdefault(target, []).append((function, insn_rva, None))
-        table.__dict__["_direct_sites_cache"] = sites
     return [site for site in sites.get(callee_rva, ()) if site[0].rva != callee_rva]
 
 
@@ -171,7 +173,7 @@ def _live_after(table: FunctionTable, function: Function, start_rva: int, regist
                 break
             done |= pending
             budget -= 1
-            insn = _decode(table, rva) if any(b <= rva < e for b, e in inside) else None
+            insn = decode_at(table, rva) if any(b <= rva < e for b, e in inside) else None
             if insn is None or budget < 0:
                 live |= pending  # left the function, undecodable, or too long to follow: assume the worst
                 break
@@ -219,7 +221,7 @@ def _arguments_read(table: FunctionTable, target: int | None, pending: frozenset
     callee = table.at(target) if target is not None and arguments else None
     if callee is None or depth == 0:
         return set(arguments)
-    cache = table.__dict__.setdefault("_arguments_read_cache", {})
+    cache = cache_of(table, "arguments_read")
     key = (callee.rva, arguments, depth)
     if key not in cache:
         cache[key] = _live_after(table, callee, callee.rva, arguments, depth - 1)
@@ -264,8 +266,9 @@ def _families(insn: capstone.CsInsn, ids: Iterable[int]) -> set[str]:
     return {_FAMILY_OF[name] for name in (insn.reg_name(r) for r in ids) if name in _FAMILY_OF}
 
 
-def _decode(table: FunctionTable, rva: int) -> capstone.CsInsn | None:
-    cache = table.__dict__.setdefault("_liveness_decode_cache", {})
+def decode_at(table: FunctionTable, rva: int) -> capstone.CsInsn | None:
+    """The instruction at ``rva`` (with detail), decoded once per table."""
+    cache = cache_of(table, "liveness_decode")
     if rva not in cache:
         cache[rva] = next(disassembler(detail=True).disasm(table.image.memory[rva:rva + 16], rva, 1), None)
     return cache[rva]

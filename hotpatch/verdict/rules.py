@@ -15,6 +15,7 @@ from ..analysis.refkinds import BRANCH_REL8
 from ..diff.result import DataChange, DiffResult
 from .clobbers import gcc_built, live_clobbers, new_clobbers
 from .layout import LayoutEvidence, find_layout_changes
+from .ownership import ownership_changes
 from .redirect import obstacles, possible_strategies
 
 __all__ = ["HOTPATCH", "NEW_BASELINE", "NOTE_KINDS", "REASON_KINDS", "Reason", "Verdict", "decide", "diff_document"]
@@ -36,6 +37,8 @@ REASON_KINDS = {
     "uncovered_code": "executable bytes no discovered function covers changed; a package cannot carry them",
     "register_clobber": "a changed function writes a volatile register its old version left alone, and old "
                         "code that stays in the process (GCC -fipa-ra) reads it after a direct call",
+    "ownership_change": "a changed function frees, or allocates into, a field of an object its old version "
+                        "handled otherwise; objects made by the old code would be freed twice or leak",
 }
 
 _DATA_REASONS = {
@@ -124,6 +127,7 @@ def decide(result: DiffResult, allow_layout_change: bool = False, strict_exports
         if entry.status in ("changed", "added") and entry.patched is not None:
             reasons.extend(_unsupported_references(result, entry.patched))
     reasons.extend(_register_clobbers(result))
+    reasons.extend(_ownership_changes(result))
     evidence = find_layout_changes(result)
     overridden: list[Reason] = []
     if evidence:
@@ -181,4 +185,16 @@ def _register_clobbers(result: DiffResult) -> list[Reason]:
             out.append(Reason("register_clobber", callee,
                               f"{caller} keeps {names} live across its call to {callee} at {site:#x}, and the new "
                               f"{callee} writes {names} (GCC -fipa-ra; build with -fno-ipa-ra to hotpatch)"))
+    return out
+
+
+def _ownership_changes(result: DiffResult) -> list[Reason]:
+    """A reason per field whose heap ownership a changed function's new version handles differently."""
+    out = []
+    for entry in result.functions:
+        if entry.status != "changed" or entry.baseline is None or entry.patched is None:
+            continue
+        for change in ownership_changes(result.baseline, entry.baseline, result.patched, entry.patched):
+            out.append(Reason("ownership_change", change.function,
+                              f"{REASON_KINDS['ownership_change']}: {change.detail}"))
     return out

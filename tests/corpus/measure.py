@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,10 +90,18 @@ def _host_argv(out: Path, probe: Path, step: Path, calls: list[str], *options: s
     return [*wine_command(), str(host_exe(out)), windows_path(probe), "--load", windows_path(step), *options, *calls]
 
 
+#: threads and iterations of the run that decides each probe's value on a step: enough calls that a probe
+#: whose value depends on the process (an unfixed libpng step reading out of bounds or freed memory) shows
+#: more than one value here, rather than one by chance, then waited for in vain in the live run
+PROBE_THREADS, PROBE_ITERATIONS = 4, 12
+
+
 def probe_values(out: Path, prefix: Path, built: BuiltLibrary, step: Path) -> Probes:
-    """Every probe's value on ``step``, called once and then by 2 threads 3 times each."""
+    """Every probe's value on ``step``, called once and then by ``PROBE_THREADS`` threads
+    ``PROBE_ITERATIONS`` times each; None for a probe the calls saw more than one value of."""
     probes = _probe_names(built)
-    argv = _host_argv(out, built.probe, step, probes, "--threads", "2", "--iterations", "3")
+    argv = _host_argv(out, built.probe, step, probes, "--threads", str(PROBE_THREADS),
+                      "--iterations", str(PROBE_ITERATIONS))
     proc = subprocess.run(argv, env=wine_env(prefix), capture_output=True, text=True, timeout=HOST_TIMEOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"host.exe on {step} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
@@ -218,14 +227,17 @@ class _RunningHost:
         extra = ("--load", windows_path(step))
         self.host = Host(prefix, built.probe, self.calls, threads=4, extra=extra)
 
-    def wait_for(self, values: Probes, timeout: float = SWITCH_TIMEOUT) -> bool:
-        """Until one interval saw only ``values`` for every stable probe."""
+    def wait_for(self, values: Probes, timeout: float = SWITCH_TIMEOUT, unlike: Probes | None = None) -> bool:
+        """Until one interval saw only ``values`` for every stable probe, and, for each probe of ``unlike``
+        whose value here is None (the step's output varies), an interval with anything but that value."""
         wanted = {p: v for p, v in values.items() if v is not None}
+        varying = {p: v for p, v in (unlike or {}).items() if v is not None and values.get(p) is None}
         deadline = time.monotonic() + timeout
         mark = self.host.mark()
         while time.monotonic() < deadline:
             seen = self._observed(mark)
-            if all((p, (v,)) in seen for p, v in wanted.items()):
+            if all((p, (v,)) in seen for p, v in wanted.items()) and \
+                    all(any(q == p and got != (v,) for q, got in seen) for p, v in varying.items()):
                 return True
             time.sleep(0.1)
         return False
@@ -246,10 +258,14 @@ class _RunningHost:
 def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, package: Path,
                 before: Probes, after: Probes) -> tuple[str, str]:
     """Apply ``package`` to a running multi-threaded host and roll it back; a word on each."""
-    env = {"HOTPATCH_STATE": str(package.parent / "state"), "HOTPATCH_WINEPREFIX": str(prefix)}
-    # Only the probes the fix changes are waited for: the others keep their value, and a probe whose
-    # value depends on the process (a use-after-free reading a freed block) is not a stable observation.
-    changed = sorted(p for p in after if after[p] is not None and before.get(p) not in (None, after[p]))
+    # a state directory of its own: Wine reuses small pids, and a journal left by an earlier host must not
+    # meet this one
+    state = tempfile.mkdtemp(prefix="state-", dir=package.parent)
+    env = {"HOTPATCH_STATE": state, "HOTPATCH_WINEPREFIX": str(prefix)}
+    # Only the probes the fix changes are waited for: the others keep their value. A probe whose value on
+    # the step before depends on the process (the unfixed code reads out of bounds or freed memory) and is
+    # stable after the fix switches too: to the fixed value, then back to anything else.
+    changed = sorted(p for p in after if after[p] is not None and before.get(p, 0) != after[p] and p in before)
     before = {p: before[p] for p in changed}
     after = {p: after[p] for p in changed}
     try:
@@ -267,7 +283,7 @@ def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, packag
 
 def _apply_and_rollback(running: _RunningHost, package: Path, env: dict[str, str],
                         before: Probes, after: Probes) -> tuple[str, str]:
-    if not running.wait_for(before):
+    if not running.wait_for(before, unlike=after):
         return "host never showed the baseline's values", "-"
     pid = str(running.host.pid)
     code, text = hotpatch_cli("apply", str(package), "--pid", pid, "--allow-unsigned", env=env)
@@ -280,7 +296,7 @@ def _apply_and_rollback(running: _RunningHost, package: Path, env: dict[str, str
     code, text = hotpatch_cli("rollback", "--pid", pid, env=env)
     if code != 0:
         return live, f"rollback failed (exit {code}): {text.splitlines()[-1] if text else ''}"
-    back = ("switched back" if changed else "rolled back") if running.wait_for(before) \
+    back = ("switched back" if changed else "rolled back") if running.wait_for(before, unlike=after) \
         else "rolled back, but the probes never showed the baseline's values again"
     return live, back
 

@@ -115,7 +115,7 @@ def test_constructor_list_in_text_is_data_modulo_relocation(cases: list[Case], t
 
     case = _case(cases, "ctor_list")
     baseline, patched = case.dll("baseline", stripped), case.dll("patched", stripped)
-    assert diff(baseline, patched).verdict.status == "HOTPATCH"
+    assert decide(diff(baseline, patched)).status == "HOTPATCH"
     table = discover(Image.load(patched))
     (gap,) = [g for g in uncovered_gaps(table).values() if any(g.lists)]
     (ctor_list,) = [found for found in pointer_lists(table, frozenset(table.image.relocations), gap.rva,
@@ -130,9 +130,9 @@ def test_constructor_list_in_text_is_data_modulo_relocation(cases: list[Case], t
                      table.image.image_base + twice)
     changed = tmp_path / "changed.dll"
     changed.write_bytes(bytes(data))
-    result = diff(baseline, changed)
-    assert [r.kind for r in result.verdict.reasons] == ["uncovered_code"]
-    assert "constructor or destructor list" in result.verdict.reasons[0].message
+    verdict = decide(diff(baseline, changed))
+    assert [r.kind for r in verdict.reasons] == ["uncovered_code"]
+    assert "constructor or destructor list" in verdict.reasons[0].message
 
 
 @pytest.mark.parametrize("stripped", [False, True], ids=["symbols", "stripped"])
@@ -140,16 +140,16 @@ def test_ownership_change_names_function_field_and_call(cases: list[Case], strip
     """A field that stops sharing another's buffer and gets freed on its own: NEW_BASELINE, naming the
     function, the field's offset and the call; the same fields allocated and freed differently: HOTPATCH."""
     split = _case(cases, "ownership_split")
-    result = diff(split.dll("baseline", stripped), split.dll("patched", stripped))
-    assert result.verdict.status == "NEW_BASELINE"
-    assert {r.kind for r in result.verdict.reasons} == {"ownership_change"}
-    messages = [r.message for r in result.verdict.reasons]
+    verdict = decide(diff(split.dll("baseline", stripped), split.dll("patched", stripped)))
+    assert verdict.status == "NEW_BASELINE"
+    assert {r.kind for r in verdict.reasons} == {"ownership_change"}
+    messages = [r.message for r in verdict.reasons]
     assert any("now frees the pointer in field +0x8 (call at patched 0x" in m for m in messages), messages
     assert any("stores one allocation" in m and "into field(s) +0x8;" in m for m in messages), messages
     if not stripped:
-        assert {r.subject for r in result.verdict.reasons} == {"entry_set", "entry_free"}
+        assert {r.subject for r in verdict.reasons} == {"entry_set", "entry_free"}
     kept = _case(cases, "ownership_kept")
-    assert diff(kept.dll("baseline", stripped), kept.dll("patched", stripped)).verdict.status == "HOTPATCH"
+    assert decide(diff(kept.dll("baseline", stripped), kept.dll("patched", stripped))).status == "HOTPATCH"
 
 
 def test_ownership_wrappers_pass_on_the_right_argument(cases: list[Case]) -> None:

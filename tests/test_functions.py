@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch.analysis.functions import USABLE_PADDING_RE
+from hotpatch.analysis.padding import USABLE_PADDING_RE
 from hotpatch.verdict.rules import decide
 
 

@@ -20,9 +20,18 @@ from functools import cache
 from typing import Any
 
 from ..collector import gc_paused
-from ..pe.image import Image, Section, UnwindInfo
+from ..pe.image import Image, UnwindInfo
 from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
 from .flow import terminates
+from .padding import (
+    FILL_BYTES,
+    FILL_RE,
+    USABLE_PADDING_RE,
+    after_padding,
+    covered_bytes,
+    gap_fill_bytes,
+    padding_runs,
+)
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
 
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
@@ -30,12 +39,6 @@ __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOUR
 #: discovery sources, in the order they are tried
 SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "handler", "pointer", "call", "lea", "rva32", "gap")
 
-# Padding between functions: int3, nop and the multi-byte nops compilers emit
-# for alignment (0F 1F /0 with their 66/2E prefixes, and 66 90).
-_NOP = rb"(?:\xcc|\x90|\x66+\x90|\x66*\x2e?\x0f\x1f(?:\x00|\x40.|\x44\x00\x00|\x80....|\x84\x00....))"
-USABLE_PADDING_RE = re.compile(_NOP + b"+", re.DOTALL)
-#: for coverage, zero fill (section tails, alignment in data-in-code) is not code either
-FILL_RE = re.compile(b"(?:" + _NOP + rb"|\x00)+", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,8 @@ class FunctionTable:
         """Per executable section: share of its non-fill bytes inside a discovered function."""
         out = {}
         for section in self.image.executable_sections:
-            covered = _covered_bytes(self.functions, section)
-            gaps = _gap_fill_bytes(self.image, self.functions, section)
+            covered = covered_bytes([r for f in self.functions for r in f.ranges], section)
+            gaps = gap_fill_bytes(self.image, [r for f in self.functions for r in f.ranges], section)
             total = section.virtual_size - gaps
             out[section.name] = covered / total if total > 0 else 1.0
         return out
@@ -261,7 +264,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
             found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
-                t for t in places - sources.keys() - rejected if _after_padding(memory, t) and acceptable(t)])
+                t for t in places - sources.keys() - rejected if after_padding(memory, t) and acceptable(t)])
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
@@ -270,7 +273,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, core)
-    padding = _padding(image, [(rva, ranges[0][1]) for rva, ranges in layout])
+    padding = padding_runs(image, [(rva, ranges[0][1]) for rva, ranges in layout])
     functions = []
     for (rva, ranges), analysis, (before, after) in zip(layout, final, padding):
         runtime = pdata.get(rva)
@@ -465,7 +468,7 @@ def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
         if begin <= rva < end:
             return False  # inside code some function reaches (or inside a .pdata function)
         previous_end = max(previous_end, end)
-    if rva != previous_end and image.memory[rva - 1] not in _FILL_BYTES:
+    if rva != previous_end and image.memory[rva - 1] not in FILL_BYTES:
         return False
     return bool(core.instruction_text(image.memory, rva, rva + 15))
 
@@ -594,15 +597,6 @@ def _near_pointer(image: Image, rva: int) -> bool:
     return index >= 0 and relocations[index] + 8 >= rva
 
 
-def _after_padding(memory: bytes, rva: int) -> bool:
-    """Whether int3 or nop padding ends right before ``rva`` (a multi-byte nop's last byte is 00 or 40)."""
-    return memory[rva - 1] in (0xCC, 0x90) or bool(USABLE_PADDING_RE.search(memory, max(0, rva - 9), rva)) and \
-        any(match.end() == rva for match in USABLE_PADDING_RE.finditer(memory, max(0, rva - 9), rva))
-
-
-_FILL_BYTES = frozenset((0xCC, 0x90, 0x00))
-
-
 def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],
              analysis: FunctionAnalysis) -> tuple[int, tuple[tuple[int, int], ...]]:
     """The item's range cut after its last instruction that is not fill (int3, nops, zeros)."""
@@ -618,64 +612,3 @@ def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],
     else:
         end = begin + 1
     return rva, ((begin, max(end, begin + 1)),)
-
-
-def _padding(image: Image, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Usable int3/nop runs between neighbours: the run ending at each entry and the one after each end."""
-    memory = image.memory
-    out = []
-    for index, (rva, end) in enumerate(spans):
-        section = image.code_section(rva)
-        assert section is not None
-        gap_start = spans[index - 1][1] if index > 0 and spans[index - 1][1] >= section.rva else section.rva
-        gap_start = max(gap_start, section.rva)
-        gap_end = spans[index + 1][0] if index + 1 < len(spans) else section.end_rva
-        gap_end = min(gap_end, section.end_rva)
-        out.append((_run_ending_at(memory, gap_start, rva), _run_starting_at(memory, end, gap_end)))
-    return out
-
-
-def _run_ending_at(memory: bytes, gap_start: int, entry: int) -> int:
-    if gap_start >= entry:
-        return 0
-    # Padding ends in int3, nop, or a multi-byte nop whose 0F 1F sits in its last eight bytes.
-    if memory[entry - 1] not in (0xCC, 0x90) and memory.find(b"\x0f\x1f", max(gap_start, entry - 8), entry) < 0:
-        return 0
-    best = 0
-    for match in USABLE_PADDING_RE.finditer(memory, max(gap_start, entry - 4096), entry):
-        if match.end() == entry:
-            best = entry - match.start()
-    return best
-
-
-def _run_starting_at(memory: bytes, end: int, gap_end: int) -> int:
-    if end >= gap_end:
-        return 0
-    match = USABLE_PADDING_RE.match(memory, end, gap_end)
-    return match.end() - end if match else 0
-
-
-def _covered_bytes(functions: tuple[Function, ...], section: Section) -> int:
-    total = 0
-    limit = section.rva + section.virtual_size
-    for function in functions:
-        for begin, end in function.ranges:
-            if begin < limit and end > section.rva:
-                total += min(end, limit) - max(begin, section.rva)
-    return total
-
-
-def _gap_fill_bytes(image: Image, functions: tuple[Function, ...], section: Section) -> int:
-    """Fill bytes (padding, zeros) lying outside every function in ``section``."""
-    spans = sorted((b, e) for f in functions for b, e in f.ranges)
-    limit = section.rva + section.virtual_size
-    fill = 0
-    cursor = section.rva
-    for begin, end in spans + [(limit, limit)]:
-        if end <= section.rva or begin > limit:
-            continue
-        if begin > cursor:
-            for match in FILL_RE.finditer(image.memory, cursor, min(begin, limit)):
-                fill += match.end() - match.start()
-        cursor = max(cursor, end)
-    return fill

@@ -25,7 +25,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..analysis.api import decode, fingerprint_all
-from ..analysis.functions import FILL_RE, FunctionTable
+from ..analysis.functions import FunctionTable
+from ..analysis.padding import FILL_RE
 from .result import DataChange
 
 __all__ = ["UncoveredGap", "pointer_lists", "uncovered_changes", "uncovered_gaps"]

@@ -1,0 +1,90 @@
+"""Padding and fill between functions: the byte patterns, usable padding runs next to each function (room
+for a short-jump redirect), whether code follows padding, and how much of a section functions cover."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from ..pe.image import Image, Section
+
+__all__ = ["FILL_BYTES", "FILL_RE", "USABLE_PADDING_RE", "after_padding", "covered_bytes", "gap_fill_bytes",
+           "padding_runs"]
+
+# Padding between functions: int3, nop and the multi-byte nops compilers emit
+# for alignment (0F 1F /0 with their 66/2E prefixes, and 66 90).
+_NOP = rb"(?:\xcc|\x90|\x66+\x90|\x66*\x2e?\x0f\x1f(?:\x00|\x40.|\x44\x00\x00|\x80....|\x84\x00....))"
+USABLE_PADDING_RE = re.compile(_NOP + b"+", re.DOTALL)
+#: for coverage, zero fill (section tails, alignment in data-in-code) is not code either
+FILL_RE = re.compile(b"(?:" + _NOP + rb"|\x00)+", re.DOTALL)
+
+
+def after_padding(memory: bytes, rva: int) -> bool:
+    """Whether int3 or nop padding ends right before ``rva`` (a multi-byte nop's last byte is 00 or 40)."""
+    return memory[rva - 1] in (0xCC, 0x90) or bool(USABLE_PADDING_RE.search(memory, max(0, rva - 9), rva)) and \
+        any(match.end() == rva for match in USABLE_PADDING_RE.finditer(memory, max(0, rva - 9), rva))
+
+
+#: single bytes that fill between functions: int3, nop, zero
+FILL_BYTES = frozenset((0xCC, 0x90, 0x00))
+
+
+def padding_runs(image: Image, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Usable int3/nop runs between neighbours: the run ending at each entry and the one after each end."""
+    memory = image.memory
+    out = []
+    for index, (rva, end) in enumerate(spans):
+        section = image.code_section(rva)
+        assert section is not None
+        gap_start = spans[index - 1][1] if index > 0 and spans[index - 1][1] >= section.rva else section.rva
+        gap_start = max(gap_start, section.rva)
+        gap_end = spans[index + 1][0] if index + 1 < len(spans) else section.end_rva
+        gap_end = min(gap_end, section.end_rva)
+        out.append((_run_ending_at(memory, gap_start, rva), _run_starting_at(memory, end, gap_end)))
+    return out
+
+
+def _run_ending_at(memory: bytes, gap_start: int, entry: int) -> int:
+    if gap_start >= entry:
+        return 0
+    # Padding ends in int3, nop, or a multi-byte nop whose 0F 1F sits in its last eight bytes.
+    if memory[entry - 1] not in (0xCC, 0x90) and memory.find(b"\x0f\x1f", max(gap_start, entry - 8), entry) < 0:
+        return 0
+    best = 0
+    for match in USABLE_PADDING_RE.finditer(memory, max(gap_start, entry - 4096), entry):
+        if match.end() == entry:
+            best = entry - match.start()
+    return best
+
+
+def _run_starting_at(memory: bytes, end: int, gap_end: int) -> int:
+    if end >= gap_end:
+        return 0
+    match = USABLE_PADDING_RE.match(memory, end, gap_end)
+    return match.end() - end if match else 0
+
+
+def covered_bytes(ranges: Iterable[tuple[int, int]], section: Section) -> int:
+    """Bytes of ``section`` inside the given function ranges."""
+    total = 0
+    limit = section.rva + section.virtual_size
+    for begin, end in ranges:
+        if begin < limit and end > section.rva:
+            total += min(end, limit) - max(begin, section.rva)
+    return total
+
+
+def gap_fill_bytes(image: Image, ranges: Iterable[tuple[int, int]], section: Section) -> int:
+    """Fill bytes (padding, zeros) lying outside every function range in ``section``."""
+    spans = sorted(ranges)
+    limit = section.rva + section.virtual_size
+    fill = 0
+    cursor = section.rva
+    for begin, end in spans + [(limit, limit)]:
+        if end <= section.rva or begin > limit:
+            continue
+        if begin > cursor:
+            for match in FILL_RE.finditer(image.memory, cursor, min(begin, limit)):
+                fill += match.end() - match.start()
+        cursor = max(cursor, end)
+    return fill

@@ -27,7 +27,7 @@ from hotpatch.apply.agent import AgentClient
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
 from hotpatch.errors import RolloutLockedError
-from hotpatch.package.format import package_id_of, save
+from hotpatch.package.format import save
 from hotpatch.package.signing import generate_keypair, load_private_key
 from hotpatch.rollout.executor_dask import Clock, local_cluster, worker_names
 from hotpatch.rollout.orchestrator import Options, abort, resume, start
@@ -220,7 +220,7 @@ def test_clean_rollout_goes_wave_by_wave_and_abort_rolls_everything_back(
     plan = write_plan(tmp_path / "plan.toml", fleet, signed, "clean")
     rollout_id, status = start(plan, Options(db=db, client=client))
     assert (rollout_id, status) == ("clean", "completed")
-    package_id = package_id_of(RolloutStore(db).rollout("clean"))
+    package_id = RolloutStore(db).rollout("clean").package_id
     for name in HOSTS:
         assert fleet.packages(agent, name) == [[package_id], [package_id]]
     fleet.wait_all(PATCHED)
@@ -304,7 +304,7 @@ def test_orchestrator_killed_mid_wave_is_refused_twice_then_resumed_without_patc
         "host-a": "applied", "host-b": "applying", "host-c": "pending"}
 
     assert resume("killed", Options(db=db, client=client)) == "completed"
-    package_id = package_id_of(RolloutStore(db).rollout("killed"))
+    package_id = RolloutStore(db).rollout("killed").package_id
     for name in HOSTS:
         assert fleet.packages(agent, name) == [[package_id], [package_id]]
         # one new journal record per process, applied once: nothing was patched twice
@@ -344,7 +344,7 @@ def test_worker_killed_mid_apply_is_marked_unknown_and_read_back_before_any_retr
     assert b_states[-1] == "applied"
     (lost,) = [e for e in history(db, "vanish") if e["host"] == "host-b" and e["new"] == "unknown"]
     assert "host-b" in lost["detail"]["error"] or "lost" in lost["detail"]["error"]
-    package_id = package_id_of(RolloutStore(db).rollout("vanish"))
+    package_id = RolloutStore(db).rollout("vanish").package_id
     for name in HOSTS:
         assert fleet.packages(agent, name) == [[package_id], [package_id]]
         new = new_records(fleet, agent, before, name)

@@ -103,6 +103,9 @@ class DaskExecutor:
         self.futures: dict[Future, tuple[str, str]] = {}
         self._missing_since: dict[Future, float] = {}
         self._seen: set[Future] = set()  # futures whose worker was there at some point since they were sent
+        #: the address of the worker each future was sent to (or first seen at): a worker of the same name at
+        #: another address is a restarted one, and the task it held is lost even if the name never left
+        self._address: dict[Future, str] = {}
         self.submitted: list[tuple[str, str, float]] = []
 
     def now(self) -> float:
@@ -113,8 +116,10 @@ class DaskExecutor:
                                     allow_other_workers=False, pure=False, retries=0,
                                     key=f"hotpatch-{action}-{host.name}-{time.time_ns()}")
         self.futures[future] = (host.name, action)
-        if host.name in worker_names(self.client):
+        address = worker_names(self.client).get(host.name)
+        if address is not None:
             self._seen.add(future)
+            self._address[future] = address
         self.submitted.append((host.name, action, self.now()))
 
     def wait(self, until: float | None) -> list[Completion]:
@@ -137,6 +142,7 @@ class DaskExecutor:
         host, action = self.futures.pop(future)
         self._missing_since.pop(future, None)
         self._seen.discard(future)
+        self._address.pop(future, None)
         try:
             if future.status == "finished":
                 result = future.result()
@@ -156,19 +162,23 @@ class DaskExecutor:
         out = []
         now = time.monotonic()
         for future, (host, action) in list(self.futures.items()):
-            if host in present:
+            restarted = host in present and self._address.setdefault(future, present[host]) != present[host]
+            if host in present and not restarted:
                 self._seen.add(future)
                 self._missing_since.pop(future, None)
                 continue
-            since = self._missing_since.setdefault(future, now)
-            if now - since < (self.lost_after if future in self._seen else self.return_within):
-                continue
-            why = "left the scheduler" if future in self._seen else f"did not come back within {self.return_within:g} s"
+            if not restarted:
+                since = self._missing_since.setdefault(future, now)
+                if now - since < (self.lost_after if future in self._seen else self.return_within):
+                    continue
+            why = ("restarted at another address" if restarted else "left the scheduler" if future in self._seen
+                   else f"did not come back within {self.return_within:g} s")
             future.cancel()
             _forget(future)
             self.futures.pop(future)
             self._missing_since.pop(future, None)
             self._seen.discard(future)
+            self._address.pop(future, None)
             out.append(Completion(host, action, LOST, {"error": f"worker {host!r} {why}"}))
         return out
 

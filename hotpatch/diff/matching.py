@@ -266,14 +266,7 @@ def _twins_by_gap(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> Non
 
 def _by_fingerprint_groups(m: _Matcher) -> None:
     """Identical functions present as often on both sides (template copies): paired in address order."""
-    left: dict[str, list[int]] = defaultdict(list)
-    right: dict[str, list[int]] = defaultdict(list)
-    for f in m.unmatched_baseline():
-        left[f.fingerprint].append(f.rva)
-    for f in m.unmatched_patched():
-        right[f.fingerprint].append(f.rva)
-    for fingerprint, rvas in left.items():
-        other = right.get(fingerprint, [])
+    for rvas, other in _twin_groups(m):
         if len(rvas) == len(other):
             for a, b in zip(rvas, other):
                 m.pair(a, b, "fingerprint")

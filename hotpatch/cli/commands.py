@@ -267,6 +267,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 _OWN_COMMANDS = frozenset({"info", "functions", "diff", "build", "keygen", "inspect", "verify"})
 
 
+def _add_verdict_policy(parser: argparse.ArgumentParser) -> None:
+    """The options that change what decide() blocks on (diff and build take the same)."""
+    parser.add_argument("--allow-layout-change", action="store_true",
+                        help="do not block on data-layout evidence (the override is recorded in the verdict)")
+    parser.add_argument("--strict-exports", action="store_true",
+                        help="a new export blocks too (by default it is a note: no loaded code can use it)")
+
+
 def build_parser(*, own_only: bool = False) -> argparse.ArgumentParser:
     """The full parser; with ``own_only``, only this module's commands (no apply, rollout, ... imports)."""
     parser = argparse.ArgumentParser(prog="hotpatch", description="Rebootless updates for x64 Windows PE images.")
@@ -288,10 +296,7 @@ def build_parser(*, own_only: bool = False) -> argparse.ArgumentParser:
     diff.add_argument("patched")
     diff.add_argument("--json", action="store_true")
     diff.add_argument("--out", help="also write the JSON document to this file")
-    diff.add_argument("--allow-layout-change", action="store_true",
-                      help="do not block on data-layout evidence (the override is recorded in the verdict)")
-    diff.add_argument("--strict-exports", action="store_true",
-                      help="a new export blocks too (by default it is a note: no loaded code can use it)")
+    _add_verdict_policy(diff)
     diff.set_defaults(run=cmd_diff)
 
     build = commands.add_parser("build", help="build a patch package (exit 3 when the update needs a new baseline)")
@@ -303,9 +308,7 @@ def build_parser(*, own_only: bool = False) -> argparse.ArgumentParser:
     build.add_argument("--description")
     build.add_argument("--cve", action="append", metavar="ID")
     build.add_argument("--sign-key", metavar="KEY", help="Ed25519 private key (PEM) to sign with")
-    build.add_argument("--allow-layout-change", action="store_true")
-    build.add_argument("--strict-exports", action="store_true",
-                       help="a new export blocks too (by default it is a note: no loaded code can use it)")
+    _add_verdict_policy(build)
     build.add_argument("--json", action="store_true")
     build.set_defaults(run=cmd_build)
 

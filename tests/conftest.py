@@ -106,11 +106,50 @@ def agent_exe() -> Path:
     return _agent_build().build_agent(ROOT / "build" / "agent")
 
 
+class LiveAgent:
+    """One test module's agent, started again when a test left it dead.
+
+    A request that times out stops the agent (AgentClient kills it): without a
+    restart every later test of the module would fail on the same dead pipe, so
+    one slow test would read as dozens of failures.
+    """
+
+    def __init__(self, exe: Path, prefix: Path) -> None:
+        self.exe, self.prefix = exe, prefix
+        self.client = AgentClient.start(exe, prefix=prefix, timeout=60)
+        self.backends: dict[int, AgentProcessBackend] = {}
+        self.restarts = 0
+
+    def healthy(self) -> AgentClient:
+        if not self.client.running:
+            self.client.close()
+            self.client = AgentClient.start(self.exe, prefix=self.prefix, timeout=60)
+            self.backends.clear()
+            self.restarts += 1
+        return self.client
+
+    def backend(self, pid: int) -> AgentProcessBackend:
+        client = self.healthy()
+        if pid not in self.backends:
+            self.backends[pid] = client.open(pid)
+        return self.backends[pid]
+
+    def close(self) -> None:
+        for backend in self.backends.values():
+            backend.close()
+        self.client.close()
+
+
 @pytest.fixture(scope="module")
-def agent(agent_exe: Path, wine_prefix: Path) -> Iterator[AgentClient]:
-    client = AgentClient.start(agent_exe, prefix=wine_prefix, timeout=60)
-    yield client
-    client.close()
+def live_agent(agent_exe: Path, wine_prefix: Path) -> Iterator[LiveAgent]:
+    running = LiveAgent(agent_exe, wine_prefix)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def agent(live_agent: LiveAgent) -> AgentClient:
+    return live_agent.healthy()
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +158,12 @@ def dll(built_fixtures: Path) -> Path:
     return built_fixtures.resolve() / "body_change" / "baseline.dll"
 
 
-@pytest.fixture(scope="module")
-def target(agent: AgentClient, host: Host) -> Iterator[AgentProcessBackend]:
-    with agent.open(host.pid) as backend:
-        yield backend
+@pytest.fixture
+def target(live_agent: LiveAgent, host: Host) -> AgentProcessBackend:
+    return live_agent.backend(host.pid)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def module(target: AgentProcessBackend, dll: Path) -> Module:
     (found,) = [m for m in target.modules() if m.name.lower() == dll.name]
     return found

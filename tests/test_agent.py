@@ -167,7 +167,7 @@ def host(wine_prefix: Path, dll: Path) -> Iterator[Host]:
     assert all(values == (BASELINE,) or set(values) <= {BASELINE, STUB_VALUE} for values in running.observed(0))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def scale_va(target: AgentProcessBackend, module: Module) -> int:
     return find_export(target, module, "scale")
 
@@ -606,3 +606,19 @@ def test_agent_that_exits_is_reported(agent_exe: Path, wine_prefix: Path) -> Non
     client.close()
     with pytest.raises(AgentProtocolError, match="agent exited"):
         client.request(Opcode.HELLO)
+
+
+def test_live_agent_fixture_restarts_a_dead_agent(agent_exe: Path, wine_prefix: Path, host: Host) -> None:
+    """One request that times out (and so stops the agent) must not fail the rest of the module."""
+    from tests.conftest import LiveAgent
+
+    live = LiveAgent(agent_exe, wine_prefix)
+    try:
+        first = live.backend(host.pid)
+        live.client._proc.kill()
+        live.client._proc.wait()
+        second = live.backend(host.pid)
+        assert live.restarts == 1 and second is not first
+        assert second.modules(), "the restarted agent reads the host again"
+    finally:
+        live.close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -288,3 +290,11 @@ def test_releases_before_the_first_baseline_are_not_serviced(product: Path, tmp_
     assert kinds[:3] == ["before_program", "planned_baseline", "hotpatch"]
     assert result.figures["releases"] == 6 and not (tmp_path / "out" / "calendar.svg").exists()
     shutil.rmtree(tmp_path / "out")
+
+
+def test_real_trains_script_runs_as_a_script_from_anywhere(tmp_path: Path) -> None:
+    """`make train-calendars` runs tests/support/realtrains.py as a script: its imports must resolve."""
+    script = Path(__file__).resolve().parent / "support" / "realtrains.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--series" in done.stdout

@@ -20,8 +20,8 @@ from pathlib import Path
 
 if __package__:
     from .realbins import ensure_wheel
-else:  # run as a script: tests/ is sys.path[0]
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+else:  # run as a script: tests/support/ is sys.path[0], the project root is two folders up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tests.support.realbins import ensure_wheel
 
 __all__ = ["SERIES", "main", "write_manifest"]

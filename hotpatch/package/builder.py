@@ -38,6 +38,13 @@ from ..verdict.redirect import possible_strategies
 from ..verdict.rules import Reason, Verdict, decide
 from ..verdict.strategy import Strategy
 from ..x86 import disassembler
+from .handlers import (
+    C_SPECIFIC_HANDLER,
+    GCC_PERSONALITIES,
+    GS_HANDLER_CHECK,
+    gs_handler_data_size,
+    is_gs_handler_check,
+)
 from .model import (
     PADDING_JMP_SIZE,
     BaselineRVA,
@@ -58,9 +65,6 @@ from .model import (
 
 __all__ = ["build_package"]
 
-#: personality routines whose language-specific data is one RVA of a GCC LSDA
-_GCC_PERSONALITIES = {"__gxx_personality_seh0", "__gcc_personality_seh0", "_GCC_specific_handler"}
-_C_SPECIFIC_HANDLER = "__C_specific_handler"
 #: how many bytes of an LSDA are copied when nothing bounds it sooner
 _MAX_LSDA = 1024
 _CODE_ALIGNMENT = 16
@@ -462,20 +466,22 @@ class _Builder:
         from ..analysis.functions import import_thunk_target
 
         label = import_thunk_target(self.b, function)
-        return label.split("!", 1)[1] if label else None
+        if label:
+            return label.split("!", 1)[1]
+        return GS_HANDLER_CHECK if is_gs_handler_check(self.b.image.memory, handler_rva) else None
 
     def _handler_data(self, blob: _CodeBlob, handler_rva: int, data_rva: int, infos: bytearray,
                       info_fixups: list[tuple[int, FixupKind, FixupTarget]], lsda_starts: list[int]) -> None:
         """Copy the handler's language-specific data after the handler RVA, rebased."""
         memory = self.b.image.memory
         name = self._handler_name(handler_rva)
-        if name in _GCC_PERSONALITIES:
+        if name in GCC_PERSONALITIES:
             lsda = struct.unpack_from("<I", memory, data_rva)[0]
             position = len(infos)
             infos.extend(bytes(4))
             index, offset = self._copy_lsda(lsda, lsda_starts)
             info_fixups.append((position, FixupKind.ALLOC_REL32, BlobTarget(index, offset)))
-        elif name == _C_SPECIFIC_HANDLER:
+        elif name == C_SPECIFIC_HANDLER:
             count = struct.unpack_from("<I", memory, data_rva)[0]
             if count > 256:
                 raise _Unsupported(f"{blob.function.label}: scope table of {count} entries")
@@ -489,6 +495,8 @@ class _Builder:
                         infos[at:at + 4] = struct.pack("<I", value)
                         continue
                     info_fixups.append((at, FixupKind.ALLOC_REL32, self._resolve_pointer(blob, value)))
+        elif name == GS_HANDLER_CHECK:  # a stack-cookie offset: no RVA to rebase
+            infos.extend(memory[data_rva:data_rva + gs_handler_data_size(memory, data_rva)])
         else:
             raise _Unsupported(f"{blob.function.label}: exception handler {name or hex(handler_rva)} "
                                "has language-specific data the builder cannot relocate")
@@ -500,7 +508,7 @@ class _Builder:
             info = root.unwind  # as LIEF read it from the patched file
             if not info.rva or info.flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER) == 0 or info.handler_rva is None:
                 continue
-            if self._handler_name(info.handler_rva) in _GCC_PERSONALITIES:
+            if self._handler_name(info.handler_rva) in GCC_PERSONALITIES:
                 out.add(struct.unpack_from("<I", memory, info.rva + tail_offset(info.code_count) + 4)[0])
         return out
 

@@ -231,6 +231,23 @@ def test_psycopg_dlls_self_diff_to_zero() -> None:
         assert result.data == () and decide(result).status == "HOTPATCH", dll.name
 
 
+@pytest.mark.realbins
+@pytest.mark.slow
+def test_msvc_switch_table_after_its_function_is_that_functions_data() -> None:
+    """numpy 2.1.2 -> 2.1.3 `_multiarray_umath`: a leaf gains a switch whose table MSVC puts in .text right
+    after it. The analysis knows the table (the builder copies it), so it is not code no function covers.
+    (The package is still refused today, for another function: a rel8 branch out of a large function.)"""
+    name = "numpy/_core/_multiarray_umath.cp311-win_amd64.pyd"
+    result = diff(*(ensure_wheel("numpy", v) / name for v in ("2.1.2", "2.1.3")))
+    verdict = decide(result)
+    assert verdict.status == "HOTPATCH", verdict.reasons
+    leaf = result.patched.at(0xA19C0)
+    assert leaf is not None
+    (table,) = result.patched.analysis_of(leaf).jump_tables
+    assert table.table_rva == leaf.end_rva + 2 and len(table.targets) == 16
+    assert not [c for c in result.data if c.kind == "uncovered_code"]
+
+
 def test_every_note_kind_is_documented() -> None:
     from hotpatch.verdict.rules import NOTE_KINDS
 

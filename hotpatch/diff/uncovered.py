@@ -63,6 +63,8 @@ def uncovered_gaps(table: FunctionTable) -> dict[_Key, UncoveredGap]:
         limit = section.rva + section.virtual_size
         ranges = sorted((begin, end, f.rva, index) for f in table.functions
                         for index, (begin, end) in enumerate(f.ranges) if begin < limit and end > section.rva)
+        ranges = sorted(ranges + [(begin, end, None, _TABLE) for begin, end in _jump_tables(table)
+                                  if begin < limit and end > section.rva], key=lambda r: (r[0], r[1]))
         cursor, anchor, part = section.rva, None, 0
         for begin, end, owner, index in ranges + [(limit, limit, None, 0)]:
             if begin > cursor:
@@ -70,7 +72,9 @@ def uncovered_gaps(table: FunctionTable) -> dict[_Key, UncoveredGap]:
                 if content is not None:
                     spans.append(((section.name, anchor, part), *content))
             if end > cursor:
-                cursor, anchor, part = end, owner, index
+                cursor = end
+                if index != _TABLE:  # a table is its function's data: the gap after it keeps its key
+                    anchor, part = owner, index
     relocated = frozenset(image.relocations)
     lists = [pointer_lists(table, relocated, begin, end) for _, begin, end in spans]
     items = [(begin, _outside(begin, end, found)) for (_, begin, end), found in zip(spans, lists)]
@@ -83,6 +87,16 @@ def uncovered_gaps(table: FunctionTable) -> dict[_Key, UncoveredGap]:
     return {key: UncoveredGap(key[0], key[1], begin, end - begin, fingerprint,
                               tuple(targets for _, _, targets in found))
             for (key, begin, end), fingerprint, found in zip(spans, prints, lists)}
+
+
+_TABLE = -1  # the "range index" of a jump table in uncovered_gaps' sweep
+
+
+def _jump_tables(table: FunctionTable) -> list[tuple[int, int]]:
+    """The bytes of every switch table the analysis recognised: its function's data (compared with the
+    function through its targets, and copied with it by the builder), not code no function covers.
+    MSVC places them in .text right after the function."""
+    return [(rva, rva + 4 * len(targets)) for analysis in table.analyses for _, rva, _, targets in analysis.raw_tables]
 
 
 #: mingw-w64's constructor and destructor lists open with -1 and close with 0

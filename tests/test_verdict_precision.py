@@ -236,7 +236,11 @@ def test_psycopg_dlls_self_diff_to_zero() -> None:
 def test_msvc_switch_table_after_its_function_is_that_functions_data() -> None:
     """numpy 2.1.2 -> 2.1.3 `_multiarray_umath`: a leaf gains a switch whose table MSVC puts in .text right
     after it. The analysis knows the table (the builder copies it), so it is not code no function covers.
-    (The package is still refused today, for another function: a rel8 branch out of a large function.)"""
+    Another changed function is MSVC-chained fragments back to back, joined by short branches: copied as
+    one range, so the branches keep their displacements (it was refused: no relay island in rel8 reach)."""
+    from hotpatch.package.builder import build_package
+    from hotpatch.package.model import BlobKind
+
     name = "numpy/_core/_multiarray_umath.cp311-win_amd64.pyd"
     result = diff(*(ensure_wheel("numpy", v) / name for v in ("2.1.2", "2.1.3")))
     verdict = decide(result)
@@ -246,6 +250,14 @@ def test_msvc_switch_table_after_its_function_is_that_functions_data() -> None:
     (table,) = result.patched.analysis_of(leaf).jump_tables
     assert table.table_rva == leaf.end_rva + 2 and len(table.targets) == 16
     assert not [c for c in result.data if c.kind == "uncovered_code"]
+    package = build_package(result, verdict=verdict)
+    assert any(b.kind == BlobKind.RODATA and b.size == 4 * len(table.targets) for b in package.blobs)
+    chained = result.patched.at(0x7B4E0)
+    assert chained is not None and len(chained.ranges) == 4
+    assert all(end == begin for (_, end), (begin, _) in zip(chained.ranges, chained.ranges[1:]))
+    (site,) = [s for s in package.sites if s.function == chained.label]
+    code = package.blobs[site.target_blob]
+    assert code.size == chained.ranges[-1][1] - chained.rva  # no fill between the fragments, no island
 
 
 def test_every_note_kind_is_documented() -> None:

@@ -198,6 +198,12 @@ class _Builder:
         data = bytearray()
         ranges = []
         for begin, end in function.ranges:
+            if ranges and ranges[-1][1] == begin:
+                # a chained fragment right after the previous range: one copy, so the short branches
+                # between them keep their displacements (MSVC chains fragments of one function this way)
+                ranges[-1] = (ranges[-1][0], end, ranges[-1][2])
+                data += memory[begin:end]
+                continue
             while len(data) % _CODE_ALIGNMENT and ranges:
                 data.append(0xCC)
             ranges.append((begin, end, len(data)))

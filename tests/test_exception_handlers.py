@@ -8,8 +8,15 @@ import pytest
 
 from hotpatch.diff.compare import diff
 from hotpatch.package.builder import build_package
-from hotpatch.package.handlers import gs_handler_data_size, is_gs_handler_check
-from hotpatch.package.model import BaselineRVA, FixupKind
+from hotpatch.package.handlers import (
+    CXX_FRAME_HANDLER4,
+    Fh4Block,
+    _Reader,
+    fh4_blocks,
+    gs_handler_data_size,
+    is_gs_handler_check,
+)
+from hotpatch.package.model import BaselineRVA, BlobKind, BlobTarget, FixupKind
 from hotpatch.pe.image import Image
 from hotpatch.pe.unwindinfo import tail_offset
 from tests.support.realbins import ensure_wheel
@@ -68,3 +75,85 @@ def test_numpy_fix_under_a_gs_handler_check_frame_is_packaged_with_its_cookie_of
         assert info[tail + 4:tail + 4 + size] == memory[data_rva:data_rva + size]
         carried += 1
     assert carried >= 1
+
+
+def test_fh4_compressed_unsigned_reads_as_vcruntime_does() -> None:
+    # the low bits of the first byte give the length: 0 -> 1 byte, 01 -> 2, 011 -> 3, 0111 -> 4, 1111 -> 5
+    cases = ((b"\x0a", 5), (b"\x05\x02", 0x0205 >> 2), (b"\x03\x00\x01", 0x010003 >> 3),
+             (b"\x07\x00\x00\x80", 0x80000007 >> 4), (b"\x0f\x78\x56\x34\x12", 0x12345678))
+    for raw, value in cases:
+        reader = _Reader(raw + bytes(8), Fh4Block(0))
+        assert (reader.unsigned(), reader.at) == (value, len(raw))
+
+
+def fh4_functions(image: Image) -> dict[int, int]:
+    """pdata begin -> FuncInfo4 RVA, for every function whose handler is the __CxxFrameHandler4 import."""
+    memory = image.memory
+    iat = {imp.iat_rva for imp in image.imports if imp.label.endswith("!" + CXX_FRAME_HANDLER4)}
+    out = {}
+    for function in image.runtime_functions:
+        info = function.unwind
+        handler = info.handler_rva if info.rva and info.flags & 3 else None
+        if handler is None or memory[handler:handler + 2] != b"\xff\x25":  # jmp [rip+iat]
+            continue
+        if handler + 6 + struct.unpack_from("<i", memory, handler + 2)[0] in iat:
+            out[function.begin_rva] = struct.unpack_from("<I", memory, info.rva + tail_offset(info.code_count) + 4)[0]
+    return out
+
+
+@pytest.mark.realbins
+def test_fh4_metadata_of_a_real_cpp_module_reads_whole() -> None:
+    """Read wrongly, the RVAs inside FH4 maps would land anywhere; read right, each lands on what it names."""
+    image = Image.load(ensure_wheel("numpy", "2.1.3") / "numpy/fft/_pocketfft_umath.cp311-win_amd64.pyd")
+    memory = image.memory
+    functions = fh4_functions(image)
+    assert len(functions) >= 30
+    seen = {"block": 0, "code": 0, "data": 0}
+    for func_info in functions.values():
+        for block in fh4_blocks(memory, func_info).values():
+            section = image.section_from_rva(block.rva)
+            assert section is not None and not section.writable and not section.executable
+            for _, value, what in block.rvas:
+                seen[what] += 1
+                section = image.section_from_rva(value)
+                assert section is not None
+                if what == "code":
+                    assert section.executable
+                elif what == "data":  # a TypeDescriptor: two pointers, then the decorated name
+                    assert section.writable and memory[value + 16:value + 17] == b"."
+    assert all(seen.values()), seen
+
+
+@pytest.mark.realbins
+@pytest.mark.slow
+def test_numpy_cpp_fix_is_packaged_with_its_fh4_metadata_rebased() -> None:
+    """numpy 2.1.2 -> 2.1.3 `_pocketfft_umath`: changed C++ functions under __CxxFrameHandler4 (refused before)."""
+    name = "numpy/fft/_pocketfft_umath.cp311-win_amd64.pyd"
+    result = diff(*(ensure_wheel("numpy", v) / name for v in ("2.1.2", "2.1.3")))
+    package = build_package(result)
+    memory = result.patched.image.memory
+    fixups = {(f.blob, f.offset): f for f in package.fixups}
+    copied = 0
+    for func_info in set(fh4_functions(result.patched.image).values()):
+        for block in fh4_blocks(memory, func_info).values():
+            owners = [b for b in package.blobs if b.kind == BlobKind.RODATA and b.size == block.end - block.rva]
+            here = [b for b in owners if all(fixups.get((b.index, offset)) is not None for offset, _, _ in block.rvas)
+                    and _same_but_rvas(b.data, memory[block.rva:block.end], block)]
+            if not here:
+                continue
+            copied += 1
+            for offset, _, what in block.rvas:
+                fixup = fixups[(here[0].index, offset)]
+                assert fixup.kind == FixupKind.ALLOC_REL32
+                if what in ("block", "data"):
+                    assert isinstance(fixup.target, BlobTarget)
+                if what == "data":
+                    assert package.blobs[fixup.target.blob].data[16:17] == b"."
+    assert copied >= 3
+
+
+def _same_but_rvas(copy: bytes, original: bytes, block: Fh4Block) -> bool:
+    masked = bytearray(original)
+    for offset, _, _ in block.rvas:
+        masked[offset:offset + 4] = bytes(4)
+    return bytes(masked) == copy

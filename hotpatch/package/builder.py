@@ -40,8 +40,11 @@ from ..verdict.strategy import Strategy
 from ..x86 import disassembler
 from .handlers import (
     C_SPECIFIC_HANDLER,
+    CXX_FRAME_HANDLER4,
     GCC_PERSONALITIES,
     GS_HANDLER_CHECK,
+    Fh4Error,
+    fh4_blocks,
     gs_handler_data_size,
     is_gs_handler_check,
 )
@@ -503,9 +506,54 @@ class _Builder:
                     info_fixups.append((at, FixupKind.ALLOC_REL32, self._resolve_pointer(blob, value)))
         elif name == GS_HANDLER_CHECK:  # a stack-cookie offset: no RVA to rebase
             infos.extend(memory[data_rva:data_rva + gs_handler_data_size(memory, data_rva)])
+        elif name == CXX_FRAME_HANDLER4:
+            info_fixups.append((len(infos), FixupKind.ALLOC_REL32, self._copy_fh4(blob, memory, data_rva)))
+            infos.extend(bytes(4))
         else:
             raise _Unsupported(f"{blob.function.label}: exception handler {name or hex(handler_rva)} "
                                "has language-specific data the builder cannot relocate")
+
+    def _copy_fh4(self, blob: _CodeBlob, memory: bytes, data_rva: int) -> FixupTarget:
+        """Copy a FuncInfo4 and every map it reaches; their RVAs become ALLOC_REL32 fixups (the handler reads
+        them against the base the function table is registered with). C++ type descriptors are copied too:
+        the runtime matches a catch clause by the type's name when the addresses differ."""
+        func_info = struct.unpack_from("<I", memory, data_rva)[0]
+        try:
+            blocks = fh4_blocks(memory, func_info)
+        except Fh4Error as exc:
+            raise _Unsupported(f"{blob.function.label}: {exc}") from None
+        fresh = [block for block in blocks.values() if block.rva not in self.state.data_blob_at]
+        for block in fresh:
+            index = self.state.reserve()
+            data = bytearray(memory[block.rva:block.end])
+            for offset, _, _ in block.rvas:
+                data[offset:offset + 4] = bytes(4)
+            self.state.blobs[index] = Blob(index, BlobKind.RODATA, 4, bytes(data), len(data))
+            self.state.data_blob_at[block.rva] = (index, 0)
+        for block in fresh:
+            index = self.state.data_blob_at[block.rva][0]
+            for offset, value, what in block.rvas:
+                if what == "block":
+                    target: FixupTarget = BlobTarget(*self.state.data_blob_at[value])
+                elif what == "data":
+                    target = self._copy_type_descriptor(value)
+                else:
+                    target = self._resolve_pointer(blob, value)
+                self._fixup(index, offset, FixupKind.ALLOC_REL32, target)
+        return BlobTarget(*self.state.data_blob_at[func_info])
+
+    def _copy_type_descriptor(self, rva: int) -> BlobTarget:
+        """A TypeDescriptor (type_info vftable pointer, spare pointer, decorated name) as a new data blob."""
+        if rva not in self.state.data_blob_at:
+            image = self.b.image
+            end = image.memory.find(b"\0", rva + 16)
+            if end < 0 or end - rva > 4096:
+                raise _Unsupported(f"type descriptor at {rva:#x} has no name")
+            index = self.state.reserve()
+            self.state.blobs[index] = Blob(index, BlobKind.DATA, 8, image.read(rva, end + 1 - rva), end + 1 - rva)
+            self.state.data_blob_at[rva] = (index, 0)
+            self._relocate_pointers(index, rva, end + 1)
+        return BlobTarget(*self.state.data_blob_at[rva])
 
     def _lsda_rvas(self, pdata: dict) -> set[int]:
         out = set()

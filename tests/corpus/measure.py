@@ -234,7 +234,7 @@ class _RunningHost:
         varying = {p: v for p, v in (unlike or {}).items() if v is not None and values.get(p) is None}
         deadline = time.monotonic() + timeout
         mark = self.host.mark()
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.ended:
             seen = self._observed(mark)
             if all((p, (v,)) in seen for p, v in wanted.items()) and \
                     all(any(q == p and got != (v,) for q, got in seen) for p, v in varying.items()):
@@ -251,8 +251,16 @@ class _RunningHost:
                 out.add((rest[0], None if "..." in rest else tuple(int(v) for v in rest[1:])))
         return out
 
+    @property
+    def ended(self) -> bool:
+        """The host's output has ended: it exited (or died) by itself."""
+        return self.host.proc.poll() is not None or self.host.lines[-1:] == ["<eof>"]
+
     def stop(self) -> tuple[int, str]:
-        return self.host.stop()
+        """Its exit code and the end of what it wrote (stdout's last lines, then stderr's)."""
+        code, stderr = self.host.stop()
+        tail = [line for line in self.host.lines[-4:] if line != "<eof>"]
+        return code, " | ".join([*tail, *stderr.strip().splitlines()[-3:]])[-400:]
 
 
 def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, package: Path,
@@ -275,9 +283,13 @@ def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, packag
     try:
         live, back = _apply_and_rollback(running, package, env, before, after)
     finally:
-        code, stderr = running.stop()
-    if code != 0:
-        live = f"{live}; host exited with {code}: {stderr.strip()[-200:]}"
+        code, output = running.stop()
+    if code != 0:  # a host that died is the run's failure, whatever the commands said: never retried
+        note = f"host exited with {code}: {output}"
+        if back == "-":
+            live = f"{live}; {note}"
+        else:
+            back = f"{back}; {note}"
     return live, back
 
 

@@ -153,14 +153,15 @@ def _verify_inputs(fix: Fix, base: Path, where: Path) -> Path | None:
     needed = max((i for i, c in enumerate(fix.verify) if any(map(ref, c.get("args", ())))), default=0)
     calls: list[dict] = []
     values: list[int | None] = []
-    backend = EmulatorBackend.load_process(base, _companions(fix, base))
-    try:
-        for raw in fix.verify[:needed]:
-            calls.append({**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]})
-            (result,) = run_calls(backend, parse_inputs({"calls": [calls[-1]]}))
-            values.append(result.value)
-    finally:
-        backend.close()
+    if needed:  # an emulated process only when a call takes an earlier one's value
+        backend = EmulatorBackend.load_process(base, _companions(fix, base))
+        try:
+            for raw in fix.verify[:needed]:
+                calls.append({**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]})
+                (result,) = run_calls(backend, parse_inputs({"calls": [calls[-1]]}))
+                values.append(result.value)
+        finally:
+            backend.close()
     calls += [{**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]}
               for raw in fix.verify[needed:]]
     inputs = where / f"{fix.name}.inputs.json"

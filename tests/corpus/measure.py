@@ -289,9 +289,12 @@ def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, packag
     try:
         live, back = _apply_and_rollback(running, package, env, before, after)
     finally:
+        # The host ends only when its stdin closes: one that ended before has died, whatever its exit code (a
+        # Wine process whose wineserver went away, e.g. `wineserver -k` of another session, exits with 0).
+        died = running.ended
         code, output = running.stop()
-    if code != 0:  # a host that died is the run's failure, whatever the commands said: never retried
-        note = f"host exited with {code}: {output}"
+    if code != 0 or died:  # a host that died is the run's failure, whatever the commands said: never retried
+        note = f"host {'died' if died else 'exited'} with {code}: {output}"
         if back == "-":
             live = f"{live}; {note}"
         else:

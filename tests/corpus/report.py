@@ -74,6 +74,12 @@ Notes on the setup:
   gives one value on every step (tests/test_corpus.py asserts it, 4 threads x 12 calls per
   step) and a host never dies of the unfixed code. A host that dies anyway fails its run with
   its exit code and last output (no retries), and each live run has its own journal directory.
+  One such death was seen while making this page, and it was ours: a test session on the same
+  Wine prefix ended meanwhile, and its `wineserver -k` took the host with it (a Wine process
+  whose server goes away exits with 0); the next server gave out pids from the start again.
+  That is also how a rollback once met another process at the patched pid. A host ending
+  before its stdin closes now counts as dead whatever its exit code; run `make corpus` and the
+  test suite one at a time.
 - A rollback at a pid whose patched process has exited and whose pid Wine gave to another
   process is refused with `PidReusedError` (exit 6) and changes nothing (tests/test_pid_reuse.py).
 - CVE-2026-33636.patch (arm/ NEON code only) is applied with CVE-2026-34757 part 1: an

@@ -76,8 +76,8 @@ Notes on the setup:
   its exit code and last output (no retries), and each live run has its own journal directory.
   One such death was seen while making this page, and it was ours: a test session on the same
   Wine prefix ended meanwhile, and its `wineserver -k` took the host with it (a Wine process
-  whose server goes away exits with 0); the next server gave out pids from the start again.
-  That is also how a rollback once met another process at the patched pid. A host ending
+  whose server goes away exits with 0); the next server gave out pids from the start again,
+  which may also be how an earlier rollback met another process at pid 32 (not shown). A host ending
   before its stdin closes now counts as dead whatever its exit code; run `make corpus` and the
   test suite one at a time.
 - A rollback at a pid whose patched process has exited and whose pid Wine gave to another

@@ -51,6 +51,7 @@ __all__ = [
     "IdentityMismatchError",
     "SiteMismatchError",
     "SequenceError",
+    "PidReusedError",
     "FixupError",
     "JournalError",
     "StepFailedError",
@@ -293,6 +294,13 @@ class OtherBaselineError(RefusedError):
     """The process runs another baseline of the module (a package of it is applied): restart onto this one."""
 
 
+class PidReusedError(RefusedError):
+    """The pid now names another process than the one the journal patched: that one exited and Windows (or
+    Wine) gave its pid to a new process. Nothing was changed; exit code 6, so scripts can tell it apart."""
+
+    exit_code = 6
+
+
 class SequenceError(RefusedError):
     """A package of the same baseline with an equal or higher sequence number is already applied."""
 
@@ -324,6 +332,8 @@ class StepFailedError(ApplyError):
             self.exit_code = 4
         elif isinstance(cause, PackageUnsignedError | PackageUntrustedError):
             self.exit_code = 5  # the trust policy refused it: nothing was touched
+        elif isinstance(cause, PidReusedError):
+            self.exit_code = cause.exit_code  # nothing was touched, and the process asked for is not there
         else:
             self.exit_code = 1
 

@@ -8,6 +8,7 @@ parser; each handler returns the exit code:
     2  bad input: unreadable or corrupt package, missing file, bad arguments
     4  failed and could not undo everything: run ``hotpatch recover``
     5  refused by the trust policy: nothing was touched
+    6  the pid names another process than the one patched (it exited, its pid was reused): nothing was touched
 
 A package must be signed by a key of the trust store (``hotpatch trust``)
 or one ``--trust`` adds for the call; ``--allow-unsigned`` admits unsigned

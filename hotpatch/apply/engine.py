@@ -10,10 +10,19 @@ allocation.py's, the result records results.py's, recovery recovery.py's.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from ..errors import BackendError, HotpatchError, IdentityMismatchError, JournalError, ProcessGoneError, RefusedError
+from ..errors import (
+    BackendError,
+    HotpatchError,
+    IdentityMismatchError,
+    JournalError,
+    PidReusedError,
+    ProcessGoneError,
+    RefusedError,
+)
 from ..package.model import Package
 from ..package.signing import normalize_public_keys
 from ..package.trust import TrustStore, check_trust
@@ -224,6 +233,21 @@ class Engine:
         except HotpatchError:
             return False
 
+    def refuse_reused_pid(self, package_id: str | None = None) -> None:
+        """Raise ``PidReusedError`` when the journal holds ``package_id`` (or any package) as live in an earlier
+        process at this pid: Windows and Wine reuse pids, and a journal of this pid with another start time
+        belongs to a process that has exited, never to this one, whatever modules it has loaded."""
+        for pid, start in self.journal.known():
+            if pid != self.pid or start == self.start_time:
+                continue
+            with contextlib.suppress(JournalError):  # an unreadable journal names nothing here
+                live = [r.package_id for r in self.journal.process(pid, start).live()]
+                if live and (package_id is None or package_id in live):
+                    raise PidReusedError(
+                        f"process {pid} started {_filetime_text(self.start_time)} is not the process "
+                        f"{package_id or ', '.join(live)} went into (pid {pid}, started {_filetime_text(start)}): "
+                        "that one has exited and its pid was reused")
+
     def commit_outcome(self, writes: list[CommitWrite]) -> str:
         """"new" if memory holds every write's new bytes, "expected" if none landed, else "mixed"."""
         found = [self.backend.read(w.va, len(w.new)) for w in writes]
@@ -260,3 +284,9 @@ class Engine:
         if record.commit is not None:
             record.commit.state = DONE
         self.process_journal.event(record, "commit", "done")
+
+
+def _filetime_text(filetime: int) -> str:
+    """A process start time (FILETIME: 100 ns units since 1601) as UTC, to the second."""
+    moment = datetime.datetime(1601, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(microseconds=filetime // 10)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -478,10 +478,10 @@ class Transaction:
                 )
             if package_id is not None:
                 applied = [r for r in applied if r.package_id == package_id]
-                if not applied:
-                    raise RefusedError(f"package {package_id} is not applied to process {engine.pid}")
             if not applied:
-                raise RefusedError(f"no package is applied to process {engine.pid}")
+                engine.refuse_reused_pid(package_id)  # the package went into an earlier process at this pid
+                raise RefusedError(f"package {package_id} is not applied to process {engine.pid}" if package_id
+                                   else f"no package is applied to process {engine.pid}")
         results = []
         for record in reversed(applied):
             with self._step("provenance", what):  # the journal alone never decides what is written

@@ -130,8 +130,13 @@ def judge(base: Path, patched: Path) -> tuple[str, tuple[str, ...]]:
 
 
 def hotpatch_cli(*argv: str, env: dict[str, str] | None = None, timeout: float = 600) -> tuple[int, str]:
-    """Run the ``hotpatch`` command; its exit code and its output (stdout, then stderr)."""
-    proc = subprocess.run([str(HOTPATCH), *argv], capture_output=True, text=True, timeout=timeout,
+    """Run the ``hotpatch`` command; its exit code and its output (stdout, then stderr).
+
+    apply and rollback go through ``python -m hotpatch.apply.cli``, the same handlers on their own: the
+    ``hotpatch`` command registers every group for them, and the rollout group's Dask import costs about
+    10 s of CPU per call on this machine, twice per live run."""
+    command = [sys.executable, "-m", "hotpatch.apply.cli"] if argv[0] in ("apply", "rollback") else [str(HOTPATCH)]
+    proc = subprocess.run([*command, *argv], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
@@ -153,14 +158,15 @@ def _verify_inputs(fix: Fix, base: Path, where: Path) -> Path | None:
     needed = max((i for i, c in enumerate(fix.verify) if any(map(ref, c.get("args", ())))), default=0)
     calls: list[dict] = []
     values: list[int | None] = []
-    backend = EmulatorBackend.load_process(base, _companions(fix, base))
-    try:
-        for raw in fix.verify[:needed]:
-            calls.append({**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]})
-            (result,) = run_calls(backend, parse_inputs({"calls": [calls[-1]]}))
-            values.append(result.value)
-    finally:
-        backend.close()
+    if needed:  # an emulated process only when a call takes an earlier one's value
+        backend = EmulatorBackend.load_process(base, _companions(fix, base))
+        try:
+            for raw in fix.verify[:needed]:
+                calls.append({**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]})
+                (result,) = run_calls(backend, parse_inputs({"calls": [calls[-1]]}))
+                values.append(result.value)
+        finally:
+            backend.close()
     calls += [{**raw, "args": [values[int(a[1:])] if ref(a) else a for a in raw.get("args", ())]}
               for raw in fix.verify[needed:]]
     inputs = where / f"{fix.name}.inputs.json"
@@ -234,7 +240,7 @@ class _RunningHost:
         varying = {p: v for p, v in (unlike or {}).items() if v is not None and values.get(p) is None}
         deadline = time.monotonic() + timeout
         mark = self.host.mark()
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.ended:
             seen = self._observed(mark)
             if all((p, (v,)) in seen for p, v in wanted.items()) and \
                     all(any(q == p and got != (v,) for q, got in seen) for p, v in varying.items()):
@@ -251,8 +257,16 @@ class _RunningHost:
                 out.add((rest[0], None if "..." in rest else tuple(int(v) for v in rest[1:])))
         return out
 
+    @property
+    def ended(self) -> bool:
+        """The host's output has ended: it exited (or died) by itself."""
+        return self.host.proc.poll() is not None or self.host.lines[-1:] == ["<eof>"]
+
     def stop(self) -> tuple[int, str]:
-        return self.host.stop()
+        """Its exit code and the end of what it wrote (stdout's last lines, then stderr's)."""
+        code, stderr = self.host.stop()
+        tail = [line for line in self.host.lines[-4:] if line != "<eof>"]
+        return code, " | ".join([*tail, *stderr.strip().splitlines()[-3:]])[-400:]
 
 
 def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, package: Path,
@@ -275,9 +289,16 @@ def live_switch(out: Path, prefix: Path, built: BuiltLibrary, base: Path, packag
     try:
         live, back = _apply_and_rollback(running, package, env, before, after)
     finally:
-        code, stderr = running.stop()
-    if code != 0:
-        live = f"{live}; host exited with {code}: {stderr.strip()[-200:]}"
+        # The host ends only when its stdin closes: one that ended before has died, whatever its exit code (a
+        # Wine process whose wineserver went away, e.g. `wineserver -k` of another session, exits with 0).
+        died = running.ended
+        code, output = running.stop()
+    if code != 0 or died:  # a host that died is the run's failure, whatever the commands said: never retried
+        note = f"host {'died' if died else 'exited'} with {code}: {output}"
+        if back == "-":
+            live = f"{live}; {note}"
+        else:
+            back = f"{back}; {note}"
     return live, back
 
 

@@ -34,7 +34,8 @@ effect shows in the output switches the value the threads observe.
 Columns: **verify** is `hotpatch verify` with the fix's emulator calls;
 **live** is `hotpatch apply` to the running host (the probes whose value switched
 to the patched DLL's are named); **rollback** is `hotpatch rollback` and the
-values switching back. `-`: not run, because the verdict is NEW_BASELINE.
+values switching back; **observed outputs** are the probes whose value differs between
+the step before and the fix's step (hex). `-`: not run, because the verdict is NEW_BASELINE.
 
 Notes on the setup:
 
@@ -63,20 +64,24 @@ Notes on the setup:
   recognised by their shape (-1, base-relocated pointers to functions, 0) and compared by the
   functions they designate (hotpatch/diff/uncovered.py), so c-ares CVE-2023-31130, whose fix moves
   the constructor, is no longer refused as `uncovered_code`.
-- The unfixed libpng steps read out of bounds or freed memory under some probes
-  (`png_quantize_oob`, `png_getset_plte`): their values vary from call to call. Each step's
-  values come from 4 threads x 12 calls so that such a probe shows as unstable; a probe
-  unstable before the fix and stable after it counts as switched when the host shows only
-  the fixed value, and as switched back when it shows any other. Each live run gets its own
-  journal directory (Wine reuses small pids).
-- libpng live runs still fail now and then (one attempt each below; tests/test_corpus.py
-  retries up to three times and keeps them `unstable`, out of `make test`). Two kinds seen:
-  a host that faults by itself before any apply ("Unhandled page fault on read access to" a
-  heap address, in a relocated DLL: the probes' use-after-free reads of the unfixed steps,
-  e.g. png_getset_plte), and "no package is applied to process 32" at rollback: the journal
-  names pid 32 with a creation time about 60 s older than the process now at pid 32, so the
-  host ended between apply and rollback and Wine gave its pid to another process; whether the
-  unfixed code or the apply ended it is not known yet.
+- The unfixed libpng steps read freed memory and past the end of blocks under some probes
+  (`png_quantize_oob`, `png_getset_plte`: the CVEs' own bugs). Over the process heap those
+  reads returned whatever another thread had left there, so the values varied from call to
+  call, and now and then faulted on a page the heap had given back, killing the host before or
+  after an apply. The classic-API probes now give libpng an allocator of their own
+  (`png_create_read_struct_2`, an arena per call in tests/corpus/libpng/probe.c): blocks are
+  never reused, a freed one is filled with 0xDD, a double free is harmless, so every probe
+  gives one value on every step (tests/test_corpus.py asserts it, 4 threads x 12 calls per
+  step) and a host never dies of the unfixed code. A host that dies anyway fails its run with
+  its exit code and last output (no retries), and each live run has its own journal directory.
+  One such death was seen while making this page, and it was ours: a test session on the same
+  Wine prefix ended meanwhile, and its `wineserver -k` took the host with it (a Wine process
+  whose server goes away exits with 0); the next server gave out pids from the start again,
+  which may also be how an earlier rollback met another process at pid 32 (not shown). A host ending
+  before its stdin closes now counts as dead whatever its exit code; run `make corpus` and the
+  test suite one at a time.
+- A rollback at a pid whose patched process has exited and whose pid Wine gave to another
+  process is refused with `PidReusedError` (exit 6) and changes nothing (tests/test_pid_reuse.py).
 - CVE-2026-33636.patch (arm/ NEON code only) is applied with CVE-2026-34757 part 1: an
   x86-64 build does not compile it.
 """
@@ -86,25 +91,24 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _observed(o: Outcome) -> str:
+    """The probes whose value changed with the fix, before -> after; `unstable` where threads disagreed."""
+    changed = [f"`{p}` {o.before[p]:#x} → {o.after[p]:#x}" if p in o.before else f"`{p}`" for p in o.changed_probes]
+    unstable = sorted(p for p in o.after if o.after[p] is None or o.before.get(p) is None)
+    text = "<br>".join(changed) or "no probe output changes"
+    return text + (f" (unstable: {', '.join(unstable)})" if unstable else "")
+
+
 def render(outcomes: list[Outcome], times: dict[str, float]) -> str:
     lines = [_HEAD, "## Table", "",
-             "| fix | source | expected | verdict | reasons | build | verify | live apply | rollback |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| fix | source | expected | verdict | reasons | build | verify | live apply | rollback "
+             "| observed outputs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         reasons = "<br>".join(_cell(r) for r in o.reasons) or "—"
         lines.append(f"| {o.fix.id} | {o.fix.cve}: {', '.join(o.fix.patches)} | {o.fix.expected} | {o.verdict} "
-                     f"| {reasons} | {_cell(o.build)} | {_cell(o.verify)} | {_cell(o.live)} | {_cell(o.rollback)} |")
-    lines += ["", "## Observed outputs", "",
-              "Each probe's value on the step before and after the fix (hex); only probes whose value changed, "
-              "and `unstable` where threads saw different values.", ""]
-    for o in outcomes:
-        changed = [f"`{p}` {o.before[p]:#x} → {o.after[p]:#x}" if p in o.before else f"`{p}`"
-                   for p in o.changed_probes]
-        unstable = sorted(p for p in o.after if o.after[p] is None or o.before.get(p) is None)
-        text = "; ".join(changed) or "no probe output changes"
-        if unstable:
-            text += f" (unstable: {', '.join(unstable)})"
-        lines.append(f"- **{o.fix.id}**: {text}")
+                     f"| {reasons} | {_cell(o.build)} | {_cell(o.verify)} | {_cell(o.live)} | {_cell(o.rollback)} "
+                     f"| {_observed(o)} |")
     lines += ["", "## Counts", ""]
     expected_hot = [o for o in outcomes if o.fix.expected == "HOTPATCH"]
     got = [o for o in expected_hot if o.verdict == "HOTPATCH"]

@@ -3,6 +3,13 @@
  * simplified API (png_image_*) and the classic one, each reaching code that
  * one of Debian's CVE patches changes. Every call owns its png_struct, so the
  * probes run from many threads at once.
+ *
+ * The classic-API probes give libpng an allocator of their own (an arena per
+ * call): the unfixed steps read freed memory and past the end of blocks (the
+ * CVEs' own bugs), and over the process heap such reads return whatever another
+ * thread left there, or fault when the heap has given the page back, killing
+ * the host. Over the arena they read the same bytes on every call and never
+ * leave it, so the unfixed value is one stable value and the host lives.
  */
 #include <png.h>
 #include <setjmp.h>
@@ -142,6 +149,53 @@ static void quiet(png_structp png_ptr, png_const_charp message)
     (void)message;
 }
 
+/* ── the arena behind the classic API's allocations ─────────────────────── */
+
+/* Blocks are never reused and a freed one is filled with ARENA_FREED, as a
+ * checking allocator would: a use after free reads that pattern, a read past a
+ * block reads the next block or the untouched fill, and a double free is
+ * harmless. The arena is big enough for every probe's decode; running out is
+ * reported as status 8 rather than passed off as libpng's own out-of-memory. */
+enum { ARENA_SIZE = 1 << 20, ARENA_HEADER = 16, ARENA_FILL = 0xA5, ARENA_FREED = 0xDD };
+
+typedef struct {
+    unsigned char *base;
+    size_t used;
+    int exhausted;
+} arena_t;
+
+static png_voidp arena_malloc(png_structp png_ptr, png_alloc_size_t size)
+{
+    arena_t *arena = (arena_t *)png_get_mem_ptr(png_ptr);
+    size_t need = ARENA_HEADER + ((size + 15) & ~(size_t)15);
+    unsigned char *block;
+
+    if (size > ARENA_SIZE || need > ARENA_SIZE - arena->used) {
+        arena->exhausted = 1;
+        return NULL;
+    }
+    block = arena->base + arena->used;
+    arena->used += need;
+    memcpy(block, &size, sizeof size);
+    return block + ARENA_HEADER;
+}
+
+static void arena_free(png_structp png_ptr, png_voidp ptr)
+{
+    arena_t *arena = (arena_t *)png_get_mem_ptr(png_ptr);
+    unsigned char *block = (unsigned char *)ptr;
+    size_t size;
+
+    /* only blocks of this arena, and never past what it handed out (a header overwritten by the
+     * unfixed code must not turn the fill into a wild write) */
+    if (!block || block < arena->base + ARENA_HEADER || block >= arena->base + arena->used)
+        return;
+    memcpy(&size, block - ARENA_HEADER, sizeof size);
+    if (size > (size_t)(arena->base + arena->used - block))
+        size = (size_t)(arena->base + arena->used - block);
+    memset(block, ARENA_FREED, size);
+}
+
 typedef enum { QUANTIZE, GETSET_PLTE, GETSET_TEXT, PALETTE_SYNC } classic_t;
 
 static uint32_t hash_rows(png_structp png_ptr, png_infop info_ptr, uint32_t h)
@@ -183,10 +237,11 @@ static uint32_t hash_info(png_structp png_ptr, png_infop info_ptr, uint32_t h)
     return h;
 }
 
-static int64_t classic(const unsigned char *png, size_t size, classic_t what)
+static int64_t classic_in(arena_t *arena, const unsigned char *png, size_t size, classic_t what)
 {
     reader_t reader = {png, size, 0};
-    png_structp png_ptr = png_create_read_struct(PNG_LIBPNG_VER_STRING, NULL, quiet, quiet);
+    png_structp png_ptr = png_create_read_struct_2(PNG_LIBPNG_VER_STRING, NULL, quiet, quiet, arena,
+                                                   arena_malloc, arena_free);
     png_infop info_ptr;
     volatile uint32_t h = FNV_START;
 
@@ -214,8 +269,13 @@ static int64_t classic(const unsigned char *png, size_t size, classic_t what)
         int n, t;
         png_get_PLTE(png_ptr, info_ptr, &palette, &n);
         png_set_PLTE(png_ptr, info_ptr, palette, n);
-        if (png_get_tRNS(png_ptr, info_ptr, &trans, &t, NULL))
+        if (png_get_tRNS(png_ptr, info_ptr, &trans, &t, NULL)) {
             png_set_tRNS(png_ptr, info_ptr, trans, t, NULL);
+            /* png_set_tRNS allocates all 256 entries; those past num_trans were left uninitialised
+             * before CVE-2026-33416 part 2 (the arena's fill), 0xff (opaque) after it */
+            if (png_get_tRNS(png_ptr, info_ptr, &trans, &t, NULL))
+                h = fnv(h, trans, PNG_MAX_PALETTE_LENGTH);
+        }
         if (png_get_hIST(png_ptr, info_ptr, &hist))
             png_set_hIST(png_ptr, info_ptr, hist);
         png_set_expand(png_ptr);
@@ -246,6 +306,19 @@ static int64_t classic(const unsigned char *png, size_t size, classic_t what)
     h = hash_info(png_ptr, info_ptr, h);
     png_destroy_read_struct(&png_ptr, &info_ptr, NULL);
     return pack(0, h);
+}
+
+static int64_t classic(const unsigned char *png, size_t size, classic_t what)
+{
+    arena_t arena = {malloc(ARENA_SIZE), 0, 0};
+    int64_t result;
+
+    if (!arena.base)
+        return pack(9, 0);
+    memset(arena.base, ARENA_FILL, ARENA_SIZE);
+    result = classic_in(&arena, png, size, what);
+    free(arena.base);
+    return arena.exhausted ? pack(8, 0) : result;
 }
 
 PROBE png_quantize(void)

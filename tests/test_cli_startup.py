@@ -38,3 +38,9 @@ def test_info_and_functions_load_no_lief(built_fixtures) -> None:  # type: ignor
     # both read the image with hotpatch.pe (Image.load_fast): LIEF's import alone would be most of their cost
     assert _loaded("info", dll, "--json") == ""
     assert _loaded("functions", dll, "--json") == ""
+
+
+def test_commands_outside_rollout_do_not_import_dask() -> None:
+    # every command's parser is built from every module; only `rollout` (and batch's cluster) may load Dask
+    for argv in (("apply", "--help"), ("status", "--help"), ("rollback", "--help"), ("build", "--help")):
+        assert "distributed" not in _loaded(*argv).split(","), argv

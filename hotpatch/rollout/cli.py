@@ -30,7 +30,6 @@ from rich.console import Console
 from ..apply.journal import default_state_dir
 from ..errors import PlanError
 from .executor_sim import SimConfig, make_fleet, simulate, simulate_plan
-from .orchestrator import Options, abort, resume, start, status
 from .plan import FailurePolicy, WaveSpec, load_plan
 from .tls import TLS_FIELDS, parse_tls
 from .view import LiveView, report_table
@@ -86,6 +85,9 @@ def _simulate(args: argparse.Namespace) -> int:
 def cmd_rollout(args: argparse.Namespace) -> int:
     if args.what == "simulate":
         return _simulate(args)
+    # here, not at the top: Dask's import costs ~1 s and every other command's parser imports this module
+    from .orchestrator import Options, abort, resume, start, status
+
     db = Path(args.db) if args.db else default_state_dir() / "rollouts.sqlite"
     if args.what == "status":
         _emit(args, status(args.rollout_id, db))
@@ -105,6 +107,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def _latest(db: Path) -> str:
+    from .orchestrator import status
+
     return str(status(None, db)["id"])
 
 

@@ -1,4 +1,5 @@
-"""Benchmarks share the tests' fixtures (built DLLs, real binaries, the Wine prefix, the agent).
+"""Benchmarks share the tests' session fixtures (tests/support/session.py: built DLLs, real binaries,
+the Wine prefix, the agent), loaded as a plugin.
 
 Benchmarks marked ``long`` (minutes each, such as the duckdb diff) are deselected, not skipped,
 unless ``--run-long`` asks for them.
@@ -6,7 +7,7 @@ unless ``--run-long`` asks for them.
 
 import pytest
 
-from tests.conftest import agent_exe, built_fixtures, openblas_dll, rust_pyd, wine_prefix  # noqa: F401
+pytest_plugins = ["tests.support.session"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -24,7 +24,7 @@ from hotpatch.diff.compare import diff
 from hotpatch.package.builder import build_package
 from hotpatch.package.format import package_id_of
 from hotpatch.package.model import Package, Strategy
-from tests.test_agent import Host
+from tests.support.hosts import Host
 
 THREADS = 16
 ROUNDS = 9

@@ -32,8 +32,9 @@ from hotpatch.rollout.executor_sim import SimConfig, make_fleet, simulate
 from hotpatch.rollout.hostwork import HostRequest, host_task
 from hotpatch.rollout.orchestrator import Options, start
 from hotpatch.rollout.plan import FailurePolicy, WaveSpec
-from tests.test_agent import Host
-from tests.test_apply_live import CALLS, simple
+from tests.support.hosts import Host
+from tests.support.live import CALLS
+from tests.support.packages import simple
 
 pytestmark = [pytest.mark.slow]
 

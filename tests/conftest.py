@@ -1,52 +1,26 @@
-"""Shared test setup: built fixtures, real binaries, and no silent skips."""
+"""Shared test setup: the session fixtures (tests/support/session.py), the live agent and its target,
+test layers by fixture, and no silent skips."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from hotpatch.apply.agent import AgentClient, AgentProcessBackend
 from hotpatch.apply.backend import Module
-from hotpatch.process.winehost import WineMissing, wine_command, wine_session
-from tests.fixtures.build_fixtures import build_all
 from tests.fixtures.cases import Case, load_cases
-from tests.support.realbins import real_binary
+from tests.support.agents import LiveAgent
+from tests.support.hosts import Host
 
-if TYPE_CHECKING:
-    from tests.test_agent import Host
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def fixtures_dir() -> Path:
-    return Path(os.environ.get("HOTPATCH_FIXTURES") or ROOT / "build" / "fixtures")
-
-
-@pytest.fixture(scope="session")
-def built_fixtures() -> Path:
-    out = fixtures_dir()
-    build_all(out)
-    return out
+# built_fixtures, wine_prefix, agent_exe, rust_pyd, openblas_dll: shared with benchmarks/conftest.py
+pytest_plugins = ["tests.support.session"]
 
 
 @pytest.fixture(scope="session")
 def cases(built_fixtures: Path) -> list[Case]:
     return load_cases(built_fixtures)
-
-
-@pytest.fixture(scope="session")
-def wine_prefix(built_fixtures: Path) -> Iterator[Path]:
-    """The private Wine prefix of the test run (build/fixtures/wineprefix), its wineserver kept up."""
-    try:
-        wine_command()
-    except WineMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    with wine_session(built_fixtures.resolve() / "wineprefix") as prefix:
-        yield prefix
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -61,16 +35,6 @@ def trust_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         patch.setenv(ENV_TRUST_DIR, str(path))
         TrustStore.default().add(PUBLIC_KEY.hex(), "hotpatch tests")
         yield path
-
-
-@pytest.fixture(scope="session")
-def rust_pyd() -> Path:
-    return real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd")
-
-
-@pytest.fixture(scope="session")
-def openblas_dll() -> Path:
-    return real_binary("numpy", "2.1.0", "numpy.libs/libscipy_openblas64_-*.dll")
 
 
 # Fixtures whose use puts a test in a layer (pyproject.toml lists the markers).
@@ -97,47 +61,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 # ── the native agent and a target process (tests/test_agent.py, tests/test_apply_live.py) ──
-
-
-@pytest.fixture(scope="session")
-def agent_exe() -> Path:
-    from tests.test_agent import _agent_build
-
-    return _agent_build().build_agent(ROOT / "build" / "agent")
-
-
-class LiveAgent:
-    """One test module's agent, started again when a test left it dead.
-
-    A request that times out stops the agent (AgentClient kills it): without a
-    restart every later test of the module would fail on the same dead pipe, so
-    one slow test would read as dozens of failures.
-    """
-
-    def __init__(self, exe: Path, prefix: Path) -> None:
-        self.exe, self.prefix = exe, prefix
-        self.client = AgentClient.start(exe, prefix=prefix, timeout=60)
-        self.backends: dict[int, AgentProcessBackend] = {}
-        self.restarts = 0
-
-    def healthy(self) -> AgentClient:
-        if not self.client.running:
-            self.client.close()
-            self.client = AgentClient.start(self.exe, prefix=self.prefix, timeout=60)
-            self.backends.clear()
-            self.restarts += 1
-        return self.client
-
-    def backend(self, pid: int) -> AgentProcessBackend:
-        client = self.healthy()
-        if pid not in self.backends:
-            self.backends[pid] = client.open(pid)
-        return self.backends[pid]
-
-    def close(self) -> None:
-        for backend in self.backends.values():
-            backend.close()
-        self.client.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,11 @@ run, and check that the host saw only the two values and never crashed.
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import keystone
 import pytest
 
 from hotpatch.apply.agent import AgentClient, AgentProcessBackend
@@ -40,116 +36,12 @@ from hotpatch.process.win32mem import (
     PAGE_READONLY,
     PAGE_READWRITE,
 )
-from hotpatch.process.winehost import windows_path, wine_command, wine_env
-from tests.fixtures.build_fixtures import host_exe
+from hotpatch.x86 import assemble
+from tests.support.agents import LiveAgent, agent_build
+from tests.support.hosts import THREADS, Host
 
-ROOT = Path(__file__).resolve().parent.parent
-THREADS = 8
 BASELINE = 22  # scale(7) = 7 * 3 + 1
 STUB_VALUE = 4242
-HOST_TIMEOUT = 30
-
-
-def _agent_build():
-    spec = importlib.util.spec_from_file_location("agent_build", ROOT / "native" / "agent" / "build.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def assemble(text: str, va: int = 0) -> bytes:
-    encoding, _ = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64).asm(text, va)
-    return bytes(encoding)
-
-
-# --------------------------------------------------------------------------
-# The running host
-# --------------------------------------------------------------------------
-
-
-class Host:
-    """host.exe under Wine; a reader thread collects its output lines."""
-
-    def __init__(self, prefix: Path, dll: Path, calls: list[str], threads: int = THREADS,
-                 extra: tuple[str, ...] = (), timeout: float = HOST_TIMEOUT) -> None:
-        argv = [
-            *wine_command(),
-            str(host_exe(dll.parent.parent)),
-            windows_path(dll),
-            "--threads",
-            str(threads),
-            "--seconds",
-            "0",
-            "--until-stdin-closes",
-            "--print-base",
-            "--interval-ms",
-            "30",
-            *extra,
-            *calls,
-        ]
-        self.proc = subprocess.Popen(
-            argv, env=wine_env(prefix), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.pid = int(self.wait_line("pid")[0])
-        self.base = int(self.wait_line("base")[0], 16)
-        self.wait_line("running", timeout=timeout)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.strip())
-                self._changed.notify_all()
-        with self._changed:
-            self.lines.append("<eof>")
-            self._changed.notify_all()
-
-    def wait_line(self, kind: str, start: int = 0, timeout: float = HOST_TIMEOUT) -> list[str]:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for line in self.lines[start:]:
-                    if line.split()[:1] == [kind]:
-                        return line.split()[1:]
-                    if line == "<eof>":
-                        raise AssertionError(f"host ended before '{kind}': {self.lines}")
-                if not self._changed.wait(timeout=max(0.0, deadline - time.monotonic())):
-                    raise AssertionError(f"no '{kind}' line within {timeout} s: {self.lines[-5:]}")
-
-    def mark(self) -> int:
-        with self._changed:
-            return len(self.lines)
-
-    def observed(self, start: int, name: str = "scale") -> list[tuple[int, ...]]:
-        with self._changed:
-            lines = self.lines[start:]
-        return [tuple(int(v) for v in line.split()[2:]) for line in lines if line.split()[:2] == ["observed", name]]
-
-    def wait_for_only(self, value: int, start: int, name: str = "scale", timeout: float = HOST_TIMEOUT) -> None:
-        """Until an observation interval saw ``value`` and nothing else."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (value,) in self.observed(start, name):
-                return
-            with self._changed:
-                self._changed.wait(timeout=0.1)
-        raise AssertionError(f"host never saw only {value}: {self.observed(start, name)[-5:]}")
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=HOST_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        assert self.proc.stderr is not None
-        return self.proc.returncode, self.proc.stderr.read()
 
 
 # --------------------------------------------------------------------------
@@ -178,7 +70,7 @@ def scale_va(target: AgentProcessBackend, module: Module) -> int:
 
 
 def test_agent_builds_with_tracing_compiled_in(tmp_path: Path) -> None:
-    exe = _agent_build().build_agent(tmp_path, trace=True)
+    exe = agent_build().build_agent(tmp_path, trace=True)
     assert exe.read_bytes()[:2] == b"MZ"
 
 
@@ -610,8 +502,6 @@ def test_agent_that_exits_is_reported(agent_exe: Path, wine_prefix: Path) -> Non
 
 def test_live_agent_fixture_restarts_a_dead_agent(agent_exe: Path, wine_prefix: Path, host: Host) -> None:
     """One request that times out (and so stops the agent) must not fail the rest of the module."""
-    from tests.conftest import LiveAgent
-
     live = LiveAgent(agent_exe, wine_prefix)
     try:
         first = live.backend(host.pid)

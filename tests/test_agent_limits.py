@@ -18,7 +18,7 @@ from hotpatch.apply.protocol import Opcode, Status, encode_frame
 from hotpatch.cli import commands as cli
 from hotpatch.errors import AgentProtocolError
 from hotpatch.process.winehost import windows_path
-from tests.test_agent import Host
+from tests.support.hosts import Host
 
 COPIES = 2000
 TOP = 0xFFFF_FFFF_FFFF_FFF0

@@ -1,27 +1,29 @@
-"""The agent's request parser built natively (gcc, ASan+UBSan) and fuzzed: see tests/fuzz_agent.py."""
+"""The agent's request parser built natively (gcc, ASan+UBSan) and fuzzed: see tests/support/wire_fuzz.py."""
 
 from __future__ import annotations
 
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from hotpatch.apply.protocol import Opcode, Status, encode_frame
-from tests import fuzz_agent
-from tests.fuzz_agent import HIGHEST, LOWEST, Case
+from tests.support import wire_fuzz
+from tests.support.native import SANITIZER_ENV, build_wire_check
+from tests.support.wire_fuzz import HIGHEST, LOWEST, Case
 
 FUZZ_CASES = 30000
 
 
 @pytest.fixture(scope="module")
 def wire_check() -> Path:
-    return fuzz_agent.build_wire_check()
+    return build_wire_check()
 
 
 def answers(binary: Path, frames: list[bytes]) -> list[tuple[int, str]]:
-    result = fuzz_agent.run([Case(frame, None) for frame in frames], binary)
+    result = wire_fuzz.run([Case(frame, None) for frame in frames], binary)
     assert not result.failures, result.failures[:5]
     stream = b"".join(struct.pack("<I", len(f)) + f for f in frames)
     out = subprocess.run([str(binary)], input=stream, capture_output=True, check=True).stdout.decode()
@@ -53,13 +55,13 @@ def test_count_slot_survives_the_reply_buffer_moving(wire_check: Path) -> None:
     # LIST_MODULES/LIST_PROCESSES fill in their count after the entries have
     # made the reply grow; a kept pointer read freed memory (ASan would abort).
     out = subprocess.run([str(wire_check), "--selftest"], capture_output=True, text=True,
-                         env=fuzz_agent.SANITIZER_ENV, timeout=120)
+                         env=SANITIZER_ENV, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "buffer moved" in out.stdout and "selftest: ok" in out.stdout
 
 
 def test_mutated_frames_keep_every_handler_precondition(wire_check: Path) -> None:
-    result = fuzz_agent.run(fuzz_agent.make_cases(FUZZ_CASES, seed=20261202), wire_check)
+    result = wire_fuzz.run(wire_fuzz.make_cases(FUZZ_CASES, seed=20261202), wire_check)
     assert not result.failures, result.failures[:5]
     assert result.cases == FUZZ_CASES
     # the run reaches the handlers' side as well as every kind of refusal
@@ -68,7 +70,8 @@ def test_mutated_frames_keep_every_handler_precondition(wire_check: Path) -> Non
 
 
 def test_agent_fuzz_script_runs_standalone() -> None:
-    out = subprocess.run([fuzz_agent.sys.executable, str(Path(fuzz_agent.__file__)), "--cases", "2000", "--seed", "7"],
+    script = Path(__file__).parent / "fuzz_agent.py"
+    out = subprocess.run([sys.executable, str(script), "--cases", "2000", "--seed", "7"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "seed 7: 2000 cases" in out.stdout

@@ -1,7 +1,7 @@
 """The health gate of ``hotpatch apply --soak/--health`` against a running multi-threaded host under Wine.
 
 host.exe runs body_change/baseline.dll with 4 threads calling scale(7), add(2, 3) and
-scale_then_xor(10, 1); the package (tests/test_apply_live.simple) makes scale(7) 33.
+scale_then_xor(10, 1); the package (tests/support/packages.simple) makes scale(7) 33.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from hotpatch.apply.backend import Module
 from hotpatch.apply.engine import Engine
 from hotpatch.apply.journal import Journal
 from hotpatch.package.format import save
-from tests.test_agent import Host
-from tests.test_apply_live import BASELINE, CALLS, image_of, simple, wait_values
+from tests.support.hosts import Host
+from tests.support.live import BASELINE, CALLS, image_of, wait_values
+from tests.support.packages import simple
 
 PATCHED = {"scale": 33, "scale_then_xor": 49, "add": 5}
 

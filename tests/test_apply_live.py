@@ -11,14 +11,13 @@ the packages.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -48,7 +47,6 @@ from hotpatch.package.model import (
     BlobTarget,
     Fixup,
     FixupKind,
-    FixupTarget,
     ImportTarget,
     Metadata,
     Package,
@@ -60,12 +58,12 @@ from hotpatch.package.model import (
 from hotpatch.pe.image import Image
 from hotpatch.process.win32mem import MEM_FREE, PAGE_EXECUTE_READ, PAGE_READONLY, PAGE_READWRITE
 from tests.fixtures.cases import Call, Case, load_cases
+from tests.support.hosts import Host
+from tests.support.live import BASELINE, CALLS, image_of, wait_values
+from tests.support.packages import Code, export_rva, identity_of, package, simple, site
 from tests.support.signing import SIGNING_KEY, signed
-from tests.test_agent import Host
 
 ROOT = Path(__file__).resolve().parent.parent
-CALLS = ["scale:7", "add:2,3", "scale_then_xor:10,1"]
-BASELINE = {"scale": 22, "add": 5, "scale_then_xor": 30}
 #: every value a call may return while the packages of this module come and go. 32 is a call
 #: of stack_two's scale_then_xor that was already running when the rollback committed: it
 #: calls scale after the commit and gets the baseline's (31 + 1). The commit guarantees that
@@ -78,86 +76,6 @@ HOTPATCH_CASES = [case.name for case in load_cases(Path("unbuilt")) if case.verd
 # --------------------------------------------------------------------------
 # Building packages with the model
 # --------------------------------------------------------------------------
-
-
-@dataclass
-class Code:
-    """A blob assembled line by line; a line may carry a rel32 fixup on its last four bytes."""
-
-    blob: int
-    data: bytearray = field(default_factory=bytearray)
-    fixups: list[Fixup] = field(default_factory=list)
-    labels: dict[str, int] = field(default_factory=dict)
-
-    def label(self, name: str, align: int = 16) -> None:
-        while len(self.data) % align:
-            self.data += b"\xcc"
-        self.labels[name] = len(self.data)
-
-    def asm(self, text: str, target: FixupTarget | None = None) -> None:
-        # Far placeholders make keystone pick the rel32/disp32 forms; the fixup overwrites them.
-        encoding = assemble(text.replace("FAR", "0x10000000"), 0)
-        self.data += encoding
-        if target is not None:
-            self.fixups.append(Fixup(self.blob, len(self.data) - 4, FixupKind.REL32, target, -4))
-
-
-def identity_of(dll: Path, changed: dict[int, bytes] | None = None) -> TargetIdentity:
-    """The DLL's identity; with ``changed`` (rva -> bytes), that of its code so modified."""
-    image = Image.load(dll)
-    ident = image.identity
-    code_sha256 = bytes.fromhex(ident.code_sha256)
-    if changed:
-        memory = bytearray(image.memory)
-        for rva, data in changed.items():
-            memory[rva : rva + len(data)] = data
-        code_sha256 = hashlib.sha256(
-            b"".join(memory[s.rva : s.end_rva] for s in image.sections if s.executable)
-        ).digest()
-    return TargetIdentity(dll.name, ident.timedatestamp, ident.size_of_image, ident.checksum, code_sha256)
-
-
-def export_rva(dll: Path, name: str) -> int:
-    (rva,) = [e.rva for e in Image.load(dll).exports if e.name == name]
-    return rva
-
-
-def site(dll: Path, name: str, offset: int = 0, strategy: Strategy = Strategy.REL32_JMP, **kw: object) -> PatchSite:
-    rva = export_rva(dll, name)
-    kw.setdefault("fallbacks", (Strategy.ABS_JMP,))
-    size = 16 if Strategy.ABS_JMP in (strategy, *kw["fallbacks"]) else 5  # type: ignore[operator]
-    return PatchSite(rva, name, Image.load(dll).read(rva, size), 0, offset, strategy, **kw)  # type: ignore[arg-type]
-
-
-def package(dll: Path, functions: dict[str, str], baseline_id: str = "body", sequence: int = 1, **kw: object):
-    """A package redirecting each named export to the assembly given (BASELINE:name is a rel32 to it)."""
-    code = Code(0)
-    sites = []
-    for name, text in functions.items():
-        code.label(name)
-        for line in text.strip().splitlines():
-            target = None
-            if "BASELINE:" in line:
-                line, _, callee = line.partition("BASELINE:")
-                line += "FAR"
-                target = BaselineRVA(export_rva(dll, callee.strip()))
-            code.asm(line.strip(), target)
-        sites.append(site(dll, name, code.labels[name]))
-    blob = Blob(0, BlobKind.CODE, 16, bytes(code.data), len(code.data))
-    return Package(
-        target=identity_of(dll),
-        baseline_id=baseline_id,
-        sequence=sequence,
-        blobs=(blob,),
-        fixups=tuple(code.fixups),
-        sites=tuple(sites),
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-def simple(dll: Path) -> Package:
-    """scale(x) = 5x - 2 (33 for 7)."""
-    return package(dll, {"scale": "lea rax, [rcx + rcx*4 - 2]\nret"}, baseline_id="simple")
 
 
 def stack_one(dll: Path) -> Package:
@@ -324,22 +242,12 @@ def engine(target: AgentProcessBackend, state_dir: Path) -> Iterator[Engine]:
     assert not made.status().packages, "a test left a package applied"
 
 
-def image_of(target: AgentProcessBackend, module: Module) -> bytes:
-    return target.read(module.base_va, module.size)
-
-
 def readonly_of(target: AgentProcessBackend, module: Module, dll: Path) -> list[bytes]:
     """The module's headers and non-writable sections (its own code may write its data meanwhile)."""
     sections = [s for s in Image.load(dll).sections if not s.writable and s.end_rva > s.rva]
     return [target.read(module.base_va, 0x1000)] + [
         target.read(module.base_va + s.rva, s.end_rva - s.rva) for s in sections
     ]
-
-
-def wait_values(host: Host, values: dict[str, int], start: int | None = None) -> None:
-    mark = host.mark() if start is None else start
-    for name, value in values.items():
-        host.wait_for_only(value, mark, name)
 
 
 def apply(engine: Engine, pkg: Package, sign: bool = True, **kw: object):

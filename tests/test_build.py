@@ -16,11 +16,7 @@ from hotpatch.package import BaselineRVA, BlobKind, BlobTarget, FixupKind, Impor
 from hotpatch.package.builder import build_package
 from hotpatch.package.format import dumps, loads, save, signature_state_of
 from hotpatch.package.signing import generate_keypair, load_private_key
-from tests.fixtures.cases import Case
-
-
-def _case(cases: list[Case], name: str) -> Case:
-    return next(c for c in cases if c.name == name)
+from tests.fixtures.cases import Case, case_named
 
 
 def _hotpatch(cases: list[Case]) -> list[Case]:
@@ -45,14 +41,14 @@ def test_every_hotpatch_case_builds_a_loadable_package(cases: list[Case]) -> Non
 
 @pytest.mark.parametrize("name", ["changed_init_global", "short_function", "struct_field_insert", "removed_function"])
 def test_new_baseline_cases_are_refused(cases: list[Case], name: str) -> None:
-    case = _case(cases, name)
+    case = case_named(cases, name)
     with pytest.raises(NotHotpatchableError) as caught:
         build_package(diff(case.baseline, case.patched))
     assert {r.kind for r in caught.value.reasons} == set(case.reasons)
 
 
 def test_cli_new_baseline_exits_3_and_writes_nothing(cases: list[Case], tmp_path: Path) -> None:
-    case = _case(cases, "struct_field_insert")
+    case = case_named(cases, "struct_field_insert")
     out = tmp_path / "fix.hpk"
     run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "build", str(case.baseline), str(case.patched),
                           "-o", str(out), "--json"], capture_output=True, text=True)
@@ -63,7 +59,7 @@ def test_cli_new_baseline_exits_3_and_writes_nothing(cases: list[Case], tmp_path
 
 
 def test_build_is_deterministic(cases: list[Case], tmp_path: Path) -> None:
-    case = _case(cases, "switch_table")
+    case = case_named(cases, "switch_table")
     outputs = []
     for name in ("a.hpk", "b.hpk"):
         out = tmp_path / name
@@ -75,7 +71,7 @@ def test_build_is_deterministic(cases: list[Case], tmp_path: Path) -> None:
 
 
 def test_jump_table_travels_with_its_function(cases: list[Case]) -> None:
-    case = _case(cases, "switch_table")
+    case = case_named(cases, "switch_table")
     package = build_package(diff(case.baseline, case.patched))
     tables = [b for b in package.blobs if b.kind is BlobKind.RODATA and b.size >= 32]
     assert tables, "the dispatch table must be copied"
@@ -86,14 +82,14 @@ def test_jump_table_travels_with_its_function(cases: list[Case]) -> None:
 
 
 def test_new_import_resolves_by_name(cases: list[Case]) -> None:
-    case = _case(cases, "new_import_dll")
+    case = case_named(cases, "new_import_dll")
     package = build_package(diff(case.baseline, case.patched))
     imports = {(f.target.dll.lower(), f.target.name) for f in package.fixups if isinstance(f.target, ImportTarget)}
     assert ("ntdll.dll", "RtlComputeCrc32") in imports
 
 
 def test_existing_state_stays_in_the_baseline(cases: list[Case]) -> None:
-    case = _case(cases, "new_global")
+    case = case_named(cases, "new_global")
     result = diff(case.baseline, case.patched)
     package = build_package(result)
     baseline = Image.load(case.baseline)
@@ -106,14 +102,14 @@ def test_existing_state_stays_in_the_baseline(cases: list[Case]) -> None:
 
 
 def test_padding_case_prefers_the_short_jump(cases: list[Case]) -> None:
-    case = _case(cases, "padding_entry")
+    case = case_named(cases, "padding_entry")
     package = build_package(diff(case.baseline, case.patched))
     assert all(s.strategy is Strategy.SHORT_JMP_PADDING for s in package.sites)
     assert all(s.padding_rva == s.rva - 5 for s in package.sites)
 
 
 def test_signed_package_is_verified_and_trust_is_enforced(cases: list[Case], tmp_path: Path) -> None:
-    case = _case(cases, "body_change")
+    case = case_named(cases, "body_change")
     package = build_package(diff(case.baseline, case.patched), description="scale fix", cve_ids=["CVE-2026-1"])
     private_pem, public_hex = generate_keypair()
     key_path = tmp_path / "release.key"
@@ -127,7 +123,7 @@ def test_signed_package_is_verified_and_trust_is_enforced(cases: list[Case], tmp
 
 
 def test_inspect_json(cases: list[Case], tmp_path: Path) -> None:
-    case = _case(cases, "new_callee")
+    case = case_named(cases, "new_callee")
     out = tmp_path / "p.hpk"
     save(build_package(diff(case.baseline, case.patched), sequence=4), out)
     run = subprocess.run([sys.executable, "-m", "hotpatch.cli", "inspect", str(out), "--json"],
@@ -143,7 +139,7 @@ def test_inspect_json(cases: list[Case], tmp_path: Path) -> None:
 
 def test_inspect_lists_every_fixup_at_its_own_place(cases: list[Case], tmp_path: Path) -> None:
     # switch_table's dispatch entries point into another blob: the target must not hide where the fixup sits
-    case = _case(cases, "switch_table")
+    case = case_named(cases, "switch_table")
     package = build_package(diff(case.baseline, case.patched))
     out = tmp_path / "p.hpk"
     save(package, out)

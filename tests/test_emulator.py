@@ -11,10 +11,9 @@ import json
 import struct
 from pathlib import Path
 
-import keystone
 import pytest
 
-from hotpatch.apply.backend import REL32_REACH, CommitWrite, Module, call_function, find_export
+from hotpatch.apply.backend import REL32_REACH, CommitWrite, call_function, find_export
 from hotpatch.apply.emulator import EmulatorBackend
 from hotpatch.errors import (
     BackendError,
@@ -51,39 +50,17 @@ from hotpatch.verify.calls import (
     parse_inputs,
     run_calls,
 )
+from hotpatch.x86 import assemble
 from tests.fixtures.build_fixtures import ASLR_IMAGE_BASE, CASE_IMAGE_BASE
-from tests.fixtures.cases import Case, load_cases
+from tests.fixtures.cases import Case, case_named, load_cases
+from tests.support.emulation import model_module, place_code
 
 CASE_NAMES = [case.name for case in load_cases(Path("unbuilt"))]
 #: Cases whose calls the emulator cannot run, with the reason. Empty: every case runs, SEH and C++ included.
 NOT_EMULATED: dict[str, str] = {}
-KS = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
-
-
-def asm(code: str, address: int = 0) -> bytes:
-    encoding, _ = KS.asm(code, address)
-    return bytes(encoding)
-
-
-def case_named(cases: list[Case], name: str) -> Case:
-    return next(c for c in cases if c.name == name)
-
-
-def model_module(backend: EmulatorBackend, name: str) -> Module:
-    return next(m for m in backend.modules() if m.name == name)
-
-
 @pytest.fixture
 def body_change(cases: list[Case]) -> EmulatorBackend:
     return EmulatorBackend.load(case_named(cases, "body_change").baseline)
-
-
-def place_code(backend: EmulatorBackend, code: str, near: int = 0) -> int:
-    """Assemble ``code`` into a new executable allocation; its VA."""
-    va = backend.allocate_near(near, 0x1000, PAGE_READWRITE)
-    backend.write(va, asm(code, va))
-    backend.protect(va, 0x1000, PAGE_EXECUTE_READ)
-    return va
 
 
 # ── the fixture cases, against the values measured under Wine ─────────────
@@ -391,7 +368,7 @@ def guarded_probe(backend: EmulatorBackend, handler: int) -> tuple[int, int, int
     """
     code_va = backend.allocate_near(handler, 0x2000, PAGE_READWRITE)
     base = min(code_va, handler)
-    body = asm("sub rsp, 0x28; mov rax, qword ptr [rcx]; nop; add rsp, 0x28; ret; add rsp, 0x28; ret")
+    body = assemble("sub rsp, 0x28; mov rax, qword ptr [rcx]; nop; add rsp, 0x28; ret; add rsp, 0x28; ret")
     begin, end, target = 4, 8, 13  # the guarded load, and the __except block
     rva = code_va - base
     unwind = bytes([0x09, 4, 1, 0]) + struct.pack("<HH", 4 | 2 << 8 | 4 << 12, 0)  # EHANDLER; sub rsp, 0x28

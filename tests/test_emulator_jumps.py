@@ -19,8 +19,8 @@ from hotpatch.emulation.jumps import JUMP_BUFFER_SIZE
 from hotpatch.errors import GuestExceptionError
 from hotpatch.pe.image import Image
 from hotpatch.verify.calls import Address, call
-from tests.fixtures.cases import Case
-from tests.test_emulator import case_named, model_module, place_code
+from tests.fixtures.cases import Case, case_named
+from tests.support.emulation import model_module, place_code
 
 # The values the code below puts in the non-volatile registers before setjmp, and then clobbers.
 SAVED = {"rbx": 0x1111, "rbp": 0x2222, "rsi": 0x3333, "rdi": 0x4444, "r12": 0x5555, "r13": 0x6666,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import struct
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from hotpatch.process.winehost import WineMissing, windows_path, wine_command, wine_env, wine_session
+from hotpatch.process.winehost import windows_path, wine_command, wine_env
 from tests.fixtures.build_fixtures import ASLR_IMAGE_BASE, CASE_IMAGE_BASE, build_all, host_exe
 from tests.fixtures.cases import CASES_DIR, Case, load_cases
 
@@ -89,16 +89,6 @@ def fixtures_dir(built_fixtures: Path) -> Path:
 @pytest.fixture(scope="session")
 def case_by_name(cases: list[Case]) -> dict[str, Case]:
     return {case.name: case for case in cases}
-
-
-@pytest.fixture(scope="session")
-def wine_prefix(fixtures_dir: Path) -> Iterator[Path]:
-    try:
-        wine_command()
-    except WineMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-    with wine_session(fixtures_dir / "wineprefix") as prefix:
-        yield prefix
 
 
 @pytest.fixture(scope="session")

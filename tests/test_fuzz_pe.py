@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import fuzz_pe
+from tests.support import pe_fuzz
 
 CASES = 3000
 SUBPROCESS_SAMPLE = 12
@@ -17,9 +17,9 @@ MEMORY_LIMIT_MB = 4096
 
 
 def test_mutants_cover_every_header_field_and_directory(built_fixtures: Path) -> None:
-    seeds = fuzz_pe.load_seeds(built_fixtures, real=False)
+    seeds = pe_fuzz.load_seeds(built_fixtures, real=False)
     names = {f.name for s in seeds for f in s.fields} | {r.name for s in seeds for r in s.regions}
-    for directory in fuzz_pe.DIRECTORIES:
+    for directory in pe_fuzz.DIRECTORIES:
         assert f"Directory.{directory}.RVA" in names and f"Directory.{directory}.Size" in names
     for field in ("Optional.SizeOfImage", "Optional.SectionAlignment", "COFF.NumberOfSections", "Section0.VirtualSize",
                   "e_lfanew"):
@@ -28,14 +28,15 @@ def test_mutants_cover_every_header_field_and_directory(built_fixtures: Path) ->
                    "COFF_STRINGS"):
         assert region in names
     planned = sum(len(s.fields) + len(s.regions) for s in seeds)
-    kinds = {what for m in fuzz_pe.make_mutants(seeds, planned, 1) for what in m.what}
+    kinds = {what for m in pe_fuzz.make_mutants(seeds, planned, 1) for what in m.what}
     assert {f.name for s in seeds for f in s.fields} <= kinds  # each field mutated once before anything random
 
 
 @pytest.mark.realbins
 @pytest.mark.slow
 def test_pe_mutants_end_in_exit_0_or_one_line_exit_2(built_fixtures: Path, tmp_path: Path) -> None:
-    argv = [sys.executable, str(Path(fuzz_pe.__file__)), "--cases", str(CASES), "--seed", "20261202", "--json",
+    script = Path(__file__).parent / "fuzz_pe.py"
+    argv = [sys.executable, str(script), "--cases", str(CASES), "--seed", "20261202", "--json",
             "--fixtures", str(built_fixtures), "--subprocess-sample", str(SUBPROCESS_SAMPLE),
             "--memory-limit-mb", str(MEMORY_LIMIT_MB), "--work", str(tmp_path)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=1200)

@@ -46,19 +46,10 @@ from hotpatch.package.format import (
     package_id_of,
     signature_state_of,
 )
-from tests import fuzz_package
-from tests.fuzz_package import (
-    SOURCES,
-    build_check,
-    build_library,
-    c_verdicts,
-    minimal_model,
-    python_verdict,
-    rehash,
-    render,
-    resign,
-    rich_model,
-)
+from tests.support import hpk_fuzz
+from tests.support.hpk_fuzz import c_verdicts, python_verdict, rehash, render, resign
+from tests.support.native import CFLAGS, HPK_SOURCES, build_check, build_library
+from tests.support.packages import minimal_model, rich_model
 
 MUTATION_CASES = 30_000
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
@@ -148,7 +139,7 @@ def test_package_id_does_not_change_when_signed(rich: Package) -> None:
 
 
 def test_limits_are_the_same_in_python_and_c() -> None:
-    header = (SOURCES / "hpk_reader.h").read_text()
+    header = (HPK_SOURCES / "hpk_reader.h").read_text()
     defines = {}
     for name, value, shift in re.findall(r"#define HPK_MAX_(\w+) \(?(\d+)u(?: << (\d+))?\)?", header):
         defines[name] = int(value) << int(shift or 0)
@@ -380,9 +371,9 @@ def _targeted_cases(rich: Package) -> list[tuple[str, bytes, type[errors.Package
 
 
 def _with_payload(data: bytes, index: int, payload: bytes) -> bytes:
-    payloads, trailer = fuzz_package.split(data)
+    payloads, trailer = hpk_fuzz.split(data)
     payloads[index] = payload
-    out = fuzz_package.assemble(data[:32], payloads, trailer)
+    out = hpk_fuzz.assemble(data[:32], payloads, trailer)
     rehash(out)
     return bytes(out)
 
@@ -403,7 +394,7 @@ def test_chosen_corruptions_get_the_same_error_from_both_readers(rich: Package, 
     for (name, data, error), c in zip(cases, verdicts):
         with pytest.raises(error):
             loads(data)
-        assert c.code == fuzz_package.FAMILY[error], name
+        assert c.code == hpk_fuzz.FAMILY[error], name
         assert python_verdict(data).family == c.code, name
 
 
@@ -424,9 +415,9 @@ def test_bad_signature_is_refused_by_python_and_by_a_caller_of_the_c_reader(
     data[-10] ^= 1
     [c] = c_verdicts(hpk_check_asan, [bytes(data)])
     assert c.code == 0 and c.signed  # the C reader exposes the signature block; it does not verify it
-    assert not fuzz_package.caller_verifies(c.dump)
+    assert not hpk_fuzz.caller_verifies(c.dump)
     [good] = c_verdicts(hpk_check_asan, [dumps(rich, KEY)])
-    assert fuzz_package.caller_verifies(good.dump)
+    assert hpk_fuzz.caller_verifies(good.dump)
     with pytest.raises(errors.PackageSignatureError):
         loads(bytes(data))
 
@@ -479,7 +470,7 @@ def test_strings_get_one_utf8_verdict_from_both_readers(hpk_check_asan: Path) ->
         for _ in range(rng.randint(1, 4)):
             text.append(rng.choice(leads))
             text += bytes(rng.choice(tails) for _ in range(rng.randint(0, 3)))
-        payloads, trailer = fuzz_package.split(good)
+        payloads, trailer = hpk_fuzz.split(good)
         count = struct.unpack_from("<I", payloads[8])[0]
         strings = [b"x"] * count
         strings[0] = bytes(text)
@@ -488,14 +479,14 @@ def test_strings_get_one_utf8_verdict_from_both_readers(hpk_check_asan: Path) ->
             entries += struct.pack("<II", len(blob), len(item))
             blob += item + b"\x00"
         payloads[8] = struct.pack("<II", count, 0) + entries + blob
-        out = fuzz_package.assemble(good[:32], payloads, trailer)
+        out = hpk_fuzz.assemble(good[:32], payloads, trailer)
         rehash(out)
         cases.append(bytes(out))
     verdicts = c_verdicts(hpk_check_asan, cases)
     outcomes = set()
     for data, c in zip(cases, verdicts):
         py = python_verdict(data)
-        assert fuzz_package.compare("utf8", data, py, c) is None, data.hex()
+        assert hpk_fuzz.compare("utf8", data, py, c) is None, data.hex()
         outcomes.add(py.family)
     assert outcomes == {0, 8}  # both valid and invalid strings were met
 
@@ -510,7 +501,7 @@ def test_c_library_parses_and_names_errors(libhpk: ctypes.CDLL, rich: Package) -
 
 def test_reader_compiles_for_windows_with_mingw(tmp_path: Path) -> None:
     result = subprocess.run(
-        ["x86_64-w64-mingw32-gcc", *fuzz_package.CFLAGS, "-pedantic", "-O2", "-c", str(SOURCES / "hpk_reader.c"),
+        ["x86_64-w64-mingw32-gcc", *CFLAGS, "-pedantic", "-O2", "-c", str(HPK_SOURCES / "hpk_reader.c"),
          "-o", str(tmp_path / "hpk_reader.o")],
         capture_output=True, text=True,
     )
@@ -564,7 +555,7 @@ def test_encode_content_is_what_the_hash_covers(rich: Package) -> None:
 
 def test_mutated_packages_get_one_verdict_from_both_readers(hpk_check_asan: Path) -> None:
     """At least 10,000 mutations through each reader; the C one built with ASan and UBSan."""
-    report = fuzz_package.run(MUTATION_CASES, seed=20240601, binary=hpk_check_asan)
+    report = hpk_fuzz.run(MUTATION_CASES, seed=20240601, binary=hpk_check_asan)
     assert report.cases >= 10_000
     # The mutations reach past the hash check into every family of checks, and some stay valid.
     for family in (0, 1, 2, 3, 4, 5, 6, 7, 8, "signature"):
@@ -583,7 +574,7 @@ def test_resign_after_mutation_makes_a_valid_signature(rich: Package) -> None:
 
 
 def test_fuzz_script_runs_standalone(tmp_path: Path) -> None:
-    script = Path(fuzz_package.__file__)
+    script = Path(__file__).parent / "fuzz_package.py"
     result = subprocess.run(
         [sys.executable, str(script), "--cases", "300",
          "--build-dir", str(tmp_path)],

@@ -32,15 +32,15 @@ from hotpatch.package.signing import generate_keypair, load_private_key
 from hotpatch.rollout.executor_dask import Clock, local_cluster, worker_names
 from hotpatch.rollout.orchestrator import Options, abort, resume, start
 from hotpatch.rollout.state import RolloutStore
-from tests.test_agent import Host
-from tests.test_apply_live import CALLS, simple, wait_values
+from tests.support.hosts import Host
+from tests.support.live import BASELINE, CALLS, wait_values
+from tests.support.packages import simple
 
 pytestmark = [pytest.mark.cluster, pytest.mark.wine, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = {"host-a": ("Europe/Paris", "g1"), "host-b": ("America/New_York", "g1"), "host-c": ("Asia/Tokyo", "g2")}
 PATCHED = {"scale": 33, "scale_then_xor": 49, "add": 5}
-BASELINE = {"scale": 22, "scale_then_xor": 30, "add": 5}
 FAILING_PROBE = f"cmd:{sys.executable} -c 'import sys; sys.exit(3)'"
 
 

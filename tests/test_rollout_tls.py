@@ -29,8 +29,9 @@ from hotpatch.package.format import save
 from hotpatch.rollout.executor_dask import local_cluster
 from hotpatch.rollout.plan import load_plan
 from hotpatch.rollout.state import RolloutStore
-from tests.test_agent import Host
-from tests.test_apply_live import CALLS, simple, wait_values
+from tests.support.hosts import Host
+from tests.support.live import CALLS, wait_values
+from tests.support.packages import simple
 
 PARTIES = ("scheduler", "worker", "orchestrator")
 

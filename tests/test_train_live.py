@@ -32,7 +32,7 @@ from hotpatch.package.signing import load_private_key, write_keypair
 from hotpatch.process.winehost import windows_path
 from hotpatch.train import TrainResult, load_manifest, run_train
 from tests.fixtures.build_product import CALLS, MODULES, RELEASES, Release, build_product, expected, release_dir
-from tests.test_agent import Host
+from tests.support.hosts import Host
 
 pytestmark = pytest.mark.slow
 THREADS = 4

@@ -15,8 +15,8 @@ from hotpatch.errors import PackageKeyError, PackageSignatureError, PackageUnsig
 from hotpatch.package.format import dumps, loads, save
 from hotpatch.package.signing import public_key_bytes
 from hotpatch.package.trust import ENV_TRUST_DIR, TrustStore, check_trust, key_id
+from tests.support.packages import rich_model
 from tests.support.signing import PUBLIC_KEY, SIGNING_KEY, signed
-from tests.test_package_format import rich_model
 
 
 @pytest.fixture

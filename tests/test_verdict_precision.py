@@ -13,14 +13,10 @@ import pytest
 from hotpatch import Image, discover
 from hotpatch.diff.compare import diff
 from hotpatch.verdict.rules import decide
-from tests.fixtures.cases import Case
+from tests.fixtures.cases import Case, case_named
 from tests.support.realbins import ensure_wheel
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _case(cases: list[Case], name: str) -> Case:
-    return next(c for c in cases if c.name == name)
 
 
 def _rebased(dll: Path, out: Path, delta: int) -> Path:
@@ -42,7 +38,7 @@ def _rebased(dll: Path, out: Path, delta: int) -> Path:
 
 
 def test_clobber_reason_names_caller_site_and_register(cases: list[Case]) -> None:
-    case = _case(cases, "clobber_live_r8")
+    case = case_named(cases, "clobber_live_r8")
     result = diff(case.baseline, case.patched)
     (reason,) = decide(result).reasons
     keep_r8 = next(s.rva for s in Image.load(case.baseline).symbols if s.name == "keep_r8")
@@ -63,7 +59,7 @@ def test_recompiled_callers_do_not_count_but_callers_left_in_place_do(cases: lis
 def test_only_arguments_the_next_callee_reads_are_live(cases: list[Case]) -> None:
     from hotpatch.verdict.clobbers import live_clobbers
 
-    table = discover(Image.load(_case(cases, "clobber_dead_caller").baseline))
+    table = discover(Image.load(case_named(cases, "clobber_dead_caller").baseline))
     names = {s.rva: s.name for s in table.image.symbols}
     scale = next(f for f in table if names.get(f.rva) == "scale")
     # every caller counted as staying: scale_then_xor keeps b in rdx; twice_scaled calls twice(), which
@@ -73,12 +69,12 @@ def test_only_arguments_the_next_callee_reads_are_live(cases: list[Case]) -> Non
 
 
 def _pair(cases: list[Case], name: str) -> tuple[Path, Path]:
-    case = _case(cases, name)
+    case = case_named(cases, name)
     return case.baseline, case.patched
 
 
 def test_differing_preferred_bases_do_not_make_items_differ(cases: list[Case], tmp_path: Path) -> None:
-    case = _case(cases, "export_data_hooks")
+    case = case_named(cases, "export_data_hooks")
     moved = _rebased(case.baseline, tmp_path / "rebased.dll", 0x10000000)
     assert Image.load(moved).image_base != Image.load(case.baseline).image_base
     result = diff(case.baseline, moved)
@@ -90,7 +86,7 @@ def test_differing_preferred_bases_do_not_make_items_differ(cases: list[Case], t
 
 
 def test_a_pointer_to_another_function_is_a_data_change(cases: list[Case], tmp_path: Path) -> None:
-    case = _case(cases, "export_data_hooks")
+    case = case_named(cases, "export_data_hooks")
     image = Image.load(case.baseline)
     hooks = {e.name: e.rva for e in image.exports}
     data = bytearray(case.baseline.read_bytes())
@@ -113,7 +109,7 @@ def test_constructor_list_in_text_is_data_modulo_relocation(cases: list[Case], t
     pointer bytes, not what it designates (HOTPATCH); a list designating another function is a reason."""
     from hotpatch.diff.uncovered import pointer_lists, uncovered_gaps
 
-    case = _case(cases, "ctor_list")
+    case = case_named(cases, "ctor_list")
     baseline, patched = case.dll("baseline", stripped), case.dll("patched", stripped)
     assert decide(diff(baseline, patched)).status == "HOTPATCH"
     table = discover(Image.load(patched))
@@ -139,7 +135,7 @@ def test_constructor_list_in_text_is_data_modulo_relocation(cases: list[Case], t
 def test_ownership_change_names_function_field_and_call(cases: list[Case], stripped: bool) -> None:
     """A field that stops sharing another's buffer and gets freed on its own: NEW_BASELINE, naming the
     function, the field's offset and the call; the same fields allocated and freed differently: HOTPATCH."""
-    split = _case(cases, "ownership_split")
+    split = case_named(cases, "ownership_split")
     verdict = decide(diff(split.dll("baseline", stripped), split.dll("patched", stripped)))
     assert verdict.status == "NEW_BASELINE"
     assert {r.kind for r in verdict.reasons} == {"ownership_change"}
@@ -148,7 +144,7 @@ def test_ownership_change_names_function_field_and_call(cases: list[Case], strip
     assert any("stores one allocation" in m and "into field(s) +0x8;" in m for m in messages), messages
     if not stripped:
         assert {r.subject for r in verdict.reasons} == {"entry_set", "entry_free"}
-    kept = _case(cases, "ownership_kept")
+    kept = case_named(cases, "ownership_kept")
     assert decide(diff(kept.dll("baseline", stripped), kept.dll("patched", stripped))).status == "HOTPATCH"
 
 
@@ -159,7 +155,7 @@ def test_ownership_wrappers_pass_on_the_right_argument(cases: list[Case]) -> Non
 
     from hotpatch.verdict.ownership import _heap_functions
 
-    case = _case(cases, "ownership_split")
+    case = case_named(cases, "ownership_split")
     table = discover(Image.load(case.baseline))
     allocators, deallocators = _heap_functions(table)
     imported = {i.name: -i.iat_rva for i in table.image.imports}

@@ -14,7 +14,6 @@ Addresses are named by kind: ``rva`` is relative to the target module's base,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..errors import PackageFieldError, PackageLayoutError, PackageLimitError, PackageVersionError
 from ..pe.unwindinfo import UNW_FLAG_CHAININFO, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, fixed_size
@@ -41,9 +40,6 @@ from .records import (
     check_text,
     check_uint,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "FORMAT_VERSION",

@@ -8,7 +8,6 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..errors import (
     PackageEncodingError,
@@ -42,10 +41,6 @@ from .model import (
     UnwindEntry,
 )
 from .signing import normalize_public_keys, verify
-
-if TYPE_CHECKING:
-    pass
-
 from .wire import (
     BASELINE,
     BLOB,
@@ -88,6 +83,12 @@ def _decode_text(what: str, raw: bytes) -> str:
     return text
 
 
+def _reserved_zero(what: str, *fields: int) -> None:
+    """Reserved fields are 0 (docs/FORMAT.md), so that a later format version can give them a meaning."""
+    if any(fields):
+        raise PackageFieldError(f"{what}: reserved field is not 0")
+
+
 class _Reader:
     """One pass over one file, in the validation order of docs/FORMAT.md."""
 
@@ -115,8 +116,7 @@ class _Reader:
             raise PackageFieldError(f"header flags {flags:#x}: no flag is defined")
         if section_count != SECTION_COUNT:
             raise PackageLayoutError(f"{section_count} sections, expected {SECTION_COUNT}")
-        if reserved:
-            raise PackageFieldError("header: reserved field is not 0")
+        _reserved_zero("header", reserved)
         if content_size < SECTIONS_START or content_size % 8:
             raise PackageLayoutError(f"content size {content_size} is not a valid content size")
         if content_size > len(data) - HASH_SIZE:
@@ -144,8 +144,7 @@ class _Reader:
             raw_kind, reserved, offset, size = SECTION_ENTRY.unpack_from(self.data, HEADER_SIZE + 16 * position)
             if raw_kind != kind:
                 raise PackageLayoutError(f"section {position} has kind {raw_kind}, expected {kind.name}")
-            if reserved:
-                raise PackageFieldError(f"section {kind.name}: reserved field is not 0")
+            _reserved_zero(f"section {kind.name}", reserved)
             if offset != expected:
                 raise PackageLayoutError(f"section {kind.name} at {offset:#x}, expected {expected:#x}")
             if size > content_size - offset:
@@ -169,8 +168,7 @@ class _Reader:
         if len(table) < STRINGS.size:
             raise PackageLayoutError("string table: shorter than its header")
         count, reserved = STRINGS.unpack_from(table)
-        if reserved:
-            raise PackageFieldError("string table: reserved field is not 0")
+        _reserved_zero("string table", reserved)
         if count > LIMITS.strings:
             raise PackageLimitError(f"{count} strings, the limit is {LIMITS.strings}")
         data_start = STRINGS.size + 8 * count
@@ -276,8 +274,7 @@ class _Reader:
                 raise PackageFieldError(f"{what}: unknown kind {kind}")
             if log2 > 12:
                 raise PackageFieldError(f"{what}: alignment 2**{log2} is above 4096")
-            if reserved:
-                raise PackageFieldError(f"{what}: reserved field is not 0")
+            _reserved_zero(what, reserved)
             if size == 0:
                 raise PackageFieldError(f"{what}: size must not be 0")
             if size > LIMITS.blob_size:
@@ -315,8 +312,7 @@ class _Reader:
                 raise PackageFieldError(f"{what}: unknown kind {kind}")
             if target_kind not in TARGET_KINDS:
                 raise PackageFieldError(f"{what}: unknown target kind {target_kind}")
-            if reserved or reserved2:
-                raise PackageFieldError(f"{what}: reserved field is not 0")
+            _reserved_zero(what, reserved, reserved2)
             target: BaselineRVA | BlobTarget | ImportTarget
             if target_kind == TargetKind.BASELINE_RVA:
                 if b:
@@ -373,8 +369,7 @@ class _Reader:
         previous = (-1, -1)
         for index, fields in enumerate(self._records(Section.UNWIND, UNWIND, LIMITS.unwind_entries)):
             code_blob, begin, end, unwind_blob, unwind_offset, reserved = fields
-            if reserved:
-                raise PackageFieldError(f"unwind entry {index}: reserved field is not 0")
+            _reserved_zero(f"unwind entry {index}", reserved)
             entry = UnwindEntry(code_blob, begin, end, unwind_blob, unwind_offset)
             if (code_blob, begin) <= previous:
                 raise PackageLayoutError(f"unwind entry {index}: not in (blob, begin) order")

@@ -227,7 +227,7 @@ class _RunningHost:
     """host.exe on a step with threads calling every probe until stdin closes; its lines kept."""
 
     def __init__(self, out: Path, prefix: Path, built: BuiltLibrary, step: Path) -> None:
-        from tests.test_agent import Host  # the fixtures' reader of host.exe's output
+        from tests.support.hosts import Host  # the fixtures' reader of host.exe's output
 
         self.calls = _probe_names(built)
         extra = ("--load", windows_path(step))

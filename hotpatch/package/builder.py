@@ -19,7 +19,6 @@ from __future__ import annotations
 import struct
 from bisect import bisect_right
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from .. import __version__
 from ..analysis.functions import Function, FunctionTable
@@ -33,21 +32,11 @@ from ..analysis.refkinds import (
 )
 from ..diff.result import DiffResult
 from ..errors import NotHotpatchableError
-from ..pe.unwindinfo import UNW_FLAG_CHAININFO, UNW_FLAG_EHANDLER, UNW_FLAG_UHANDLER, tail_offset
 from ..verdict.redirect import possible_strategies
 from ..verdict.rules import Reason, Verdict, decide
 from ..verdict.strategy import Strategy
 from ..x86 import disassembler
-from .handlers import (
-    C_SPECIFIC_HANDLER,
-    CXX_FRAME_HANDLER4,
-    GCC_PERSONALITIES,
-    GS_HANDLER_CHECK,
-    Fh4Error,
-    fh4_blocks,
-    gs_handler_data_size,
-    is_gs_handler_check,
-)
+from .buildstate import BuildState, CodeBlob, Unsupported
 from .model import (
     PADDING_JMP_SIZE,
     BaselineRVA,
@@ -63,53 +52,12 @@ from .model import (
     PatchSite,
     TargetIdentity,
     UnwindEntry,
-    unwind_info_size,
 )
+from .unwindcopy import UnwindCopying
 
 __all__ = ["build_package"]
 
-#: how many bytes of an LSDA are copied when nothing bounds it sooner
-_MAX_LSDA = 1024
 _CODE_ALIGNMENT = 16
-
-
-class _Unsupported(Exception):
-    """Something the builder cannot relocate; becomes an ``unsupported_reference`` reason."""
-
-
-@dataclass
-class _CodeBlob:
-    function: Function
-    index: int
-    #: (patched begin RVA, end RVA, offset in the blob) per copied range
-    ranges: list[tuple[int, int, int]]
-    data: bytearray
-
-    def offset_of(self, rva: int) -> int | None:
-        for begin, end, offset in self.ranges:
-            if begin <= rva < end or rva == end:
-                return offset + rva - begin
-        return None
-
-    def range_of(self, rva: int) -> int | None:
-        for position, (begin, end, _) in enumerate(self.ranges):
-            if begin <= rva < end:
-                return position
-        return None
-
-
-@dataclass
-class _State:
-    result: DiffResult
-    blobs: list[Blob | _CodeBlob | None] = field(default_factory=list)
-    fixups: list[Fixup] = field(default_factory=list)
-    code_of: dict[int, _CodeBlob] = field(default_factory=dict)  # patched function RVA -> blob
-    data_blob_at: dict[int, tuple[int, int]] = field(default_factory=dict)  # patched data RVA -> (blob, offset)
-    import_slots: dict[str, int] = field(default_factory=dict)  # "dll!name" -> DATA blob holding its address
-
-    def reserve(self) -> int:
-        self.blobs.append(None)
-        return len(self.blobs) - 1
 
 
 def build_package(result: DiffResult, *, verdict: Verdict | None = None, sequence: int = 1, description: str = "",
@@ -130,7 +78,7 @@ def build_package(result: DiffResult, *, verdict: Verdict | None = None, sequenc
     builder = _Builder(result)
     try:
         blobs, fixups, sites, unwind = builder.build()
-    except _Unsupported as exc:
+    except Unsupported as exc:
         raise NotHotpatchableError((Reason("unsupported_reference", "package", str(exc)),)) from None
     if origins is not None:
         origins.update(builder.origins)
@@ -150,12 +98,12 @@ def build_package(result: DiffResult, *, verdict: Verdict | None = None, sequenc
     )
 
 
-class _Builder:
+class _Builder(UnwindCopying):
     def __init__(self, result: DiffResult) -> None:
         self.result = result
         self.a: FunctionTable = result.baseline
         self.b: FunctionTable = result.patched
-        self.state = _State(result)
+        self.state = BuildState(result)
         self.inverse_functions = {b: a for a, b in result.function_map.items()}
         self.inverse_data = {b: a for a, b in result.data_map.items()}
         self.status = {f.patched.rva: f.status for f in result.functions if f.patched is not None}
@@ -186,7 +134,7 @@ class _Builder:
         sites = self._sites()
         blobs = []
         for index, blob in enumerate(self.state.blobs):
-            if isinstance(blob, _CodeBlob):
+            if isinstance(blob, CodeBlob):
                 data = bytes(blob.data)
                 blobs.append(Blob(index, BlobKind.CODE, _CODE_ALIGNMENT, data, len(data)))
             else:
@@ -212,16 +160,16 @@ class _Builder:
             ranges.append((begin, end, len(data)))
             data += memory[begin:end]
         index = self.state.reserve()
-        blob = _CodeBlob(function, index, ranges, data)
+        blob = CodeBlob(function, index, ranges, data)
         self.state.blobs[index] = blob
         self.state.code_of[function.rva] = blob
 
     def _insn_length(self, rva: int) -> int:
         for _, size, _, _ in self.md.disasm_lite(self.b.image.memory[rva:rva + 15], rva, 1):
             return size
-        raise _Unsupported(f"cannot decode the instruction at {rva:#x}")
+        raise Unsupported(f"cannot decode the instruction at {rva:#x}")
 
-    def _relocate(self, blob: _CodeBlob) -> None:
+    def _relocate(self, blob: CodeBlob) -> None:
         analysis = self.b.analysis_of(blob.function)
         tables = {t[0]: t for t in analysis.raw_tables}
         for _, table_rva, entry_kind, targets in analysis.raw_tables:
@@ -233,7 +181,7 @@ class _Builder:
             field_rva = insn_rva + operand_offset
             position = blob.offset_of(field_rva)
             if position is None:
-                raise _Unsupported(f"{blob.function.label}: reference at {insn_rva:#x} outside the copied ranges")
+                raise Unsupported(f"{blob.function.label}: reference at {insn_rva:#x} outside the copied ranges")
             insn_end = insn_rva + self._insn_length(insn_rva)
             own_range = blob.range_of(insn_rva)
             target_range = blob.range_of(target)
@@ -253,9 +201,9 @@ class _Builder:
             elif operand_size == 4:
                 self._fixup(blob.index, position, FixupKind.REL32, resolved, -(insn_end - field_rva))
             else:
-                raise _Unsupported(f"{blob.function.label}: {operand_size}-byte reference at {insn_rva:#x}")
+                raise Unsupported(f"{blob.function.label}: {operand_size}-byte reference at {insn_rva:#x}")
 
-    def _island(self, blob: _CodeBlob, position: int, insn_end: int, target: FixupTarget) -> None:
+    def _island(self, blob: CodeBlob, position: int, insn_end: int, target: FixupTarget) -> None:
         """Route a rel8 branch leaving its range through ``jmp rel32`` appended to the blob."""
         island = len(blob.data)
         blob.data += b"\xe9\x00\x00\x00\x00"
@@ -263,7 +211,7 @@ class _Builder:
         assert end_offset is not None
         displacement = island - end_offset
         if not -128 <= displacement <= 127:
-            raise _Unsupported(f"{blob.function.label}: a rel8 branch cannot reach a relay island")
+            raise Unsupported(f"{blob.function.label}: a rel8 branch cannot reach a relay island")
         blob.data[position] = displacement & 0xFF
         self._fixup(blob.index, island + 1, FixupKind.REL32, target, -4)
 
@@ -272,7 +220,7 @@ class _Builder:
 
     # ── where a patched-image address goes in the target process ─────────
 
-    def _resolve(self, blob: _CodeBlob | None, target: int, call: bool) -> FixupTarget:
+    def _resolve(self, blob: CodeBlob | None, target: int, call: bool) -> FixupTarget:
         """``target`` (a patched-image RVA) as the package reaches it; ``call``: a call or jump, not an address."""
         state = self.state
         if target in state.data_blob_at:
@@ -295,7 +243,7 @@ class _Builder:
         if section is None:
             if 0 <= target < min(s.rva for s in self.b.image.sections):
                 return BaselineRVA(target)  # the headers: __ImageBase and friends
-            raise _Unsupported(f"reference to {target:#x}, outside the image")
+            raise Unsupported(f"reference to {target:#x}, outside the image")
         if section.executable:
             return self._code_place(target)
         return self._data_place(target)
@@ -303,12 +251,12 @@ class _Builder:
     def _code_place(self, target: int) -> FixupTarget:
         owner = self.b.containing(target) or self.b.preceding(target)
         if owner is None:
-            raise _Unsupported(f"reference into code at {target:#x} outside every function")
+            raise Unsupported(f"reference into code at {target:#x} outside every function")
         if owner.rva in self.state.code_of:
             moved = self.state.code_of[owner.rva]
             offset = moved.offset_of(target)
             if offset is None:
-                raise _Unsupported(f"reference to {target:#x} between the copied ranges of {owner.label}")
+                raise Unsupported(f"reference to {target:#x} between the copied ranges of {owner.label}")
             return BlobTarget(moved.index, offset)
         return BaselineRVA(self.inverse_functions[owner.rva] + target - owner.rva)
 
@@ -335,7 +283,7 @@ class _Builder:
             self.state.blobs[index] = Blob(index, BlobKind.DATA, 8, bytes(8), 8)
             dll, _, name = label.partition("!")
             if name.startswith("#"):
-                raise _Unsupported(f"import {label} by ordinal")
+                raise Unsupported(f"import {label} by ordinal")
             self._fixup(index, 0, FixupKind.ABS64, ImportTarget(dll, name))
             self.state.import_slots[label] = index
         return BlobTarget(self.state.import_slots[label], 0)
@@ -376,13 +324,13 @@ class _Builder:
         data = bytearray(blob.data)
         for slot in [s for s in image.relocations if begin <= s < end]:
             if slot + 8 > end:
-                raise _Unsupported(f"a pointer at {slot:#x} straddles the end of a copied data item")
+                raise Unsupported(f"a pointer at {slot:#x} straddles the end of a copied data item")
             pointer = struct.unpack_from("<Q", image.memory, slot)[0] - image.image_base
             data[slot - begin:slot - begin + 8] = bytes(8)
             self._fixup(index, slot - begin, FixupKind.ABS64, self._resolve_pointer(None, pointer))
         self.state.blobs[index] = Blob(index, blob.kind, blob.alignment, bytes(data), blob.size)
 
-    def _resolve_pointer(self, blob: _CodeBlob | None, pointer: int) -> FixupTarget:
+    def _resolve_pointer(self, blob: CodeBlob | None, pointer: int) -> FixupTarget:
         """A stored address: existing functions keep their baseline address, new ones get their blob."""
         function = self.b.at(pointer)
         if function is not None:
@@ -391,7 +339,7 @@ class _Builder:
             return BaselineRVA(self.inverse_functions[function.rva])
         return self._resolve(blob, pointer, call=False)
 
-    def _copy_jump_table(self, blob: _CodeBlob, table: int, entry_kind: int, targets: tuple[int, ...]) -> None:
+    def _copy_jump_table(self, blob: CodeBlob, table: int, entry_kind: int, targets: tuple[int, ...]) -> None:
         index = self.state.reserve()
         size = 4 * max(1, len(targets))
         self.state.blobs[index] = Blob(index, BlobKind.RODATA, 4, bytes(size), size)
@@ -399,186 +347,11 @@ class _Builder:
         for position, target in enumerate(targets):
             offset = blob.offset_of(target)
             if offset is None:
-                raise _Unsupported(f"{blob.function.label}: jump-table entry {target:#x} outside the function")
+                raise Unsupported(f"{blob.function.label}: jump-table entry {target:#x} outside the function")
             if entry_kind == TABLE_IMAGE_REL32:
                 self._fixup(index, 4 * position, FixupKind.IMAGE_REL32, BlobTarget(blob.index, offset))
             else:  # entries relative to the table start: S - table = S + 4i - P
                 self._fixup(index, 4 * position, FixupKind.REL32, BlobTarget(blob.index, offset), 4 * position)
-
-    # ── unwind info ───────────────────────────────────────────────────────
-
-    def _unwind(self, moved: list[Function]) -> list[UnwindEntry]:
-        pdata = {f.begin_rva: f for f in self.b.image.runtime_functions}
-        infos = bytearray()
-        pending: list[tuple[int, int, int, int, int]] = []  # code blob, begin, end, info offset, info rva
-        info_fixups: list[tuple[int, FixupKind, FixupTarget]] = []
-        placed: dict[int, int] = {}  # unwind RVA in the patched image -> offset in the info blob
-        memory = self.b.image.memory
-        info_index = self.state.reserve() if any(f.rva in pdata for f in moved) else None
-        lsda_starts = sorted(self._lsda_rvas(pdata))
-
-        def place(unwind_rva: int, blob: _CodeBlob) -> int:
-            if unwind_rva in placed:
-                return placed[unwind_rva]
-            while len(infos) % 4:
-                infos.append(0)
-            offset = len(infos)
-            placed[unwind_rva] = offset
-            size = unwind_info_size(memory, unwind_rva)
-            infos.extend(memory[unwind_rva:unwind_rva + size])
-            flags = memory[unwind_rva] >> 3
-            tail = offset + tail_offset(memory[unwind_rva + 2])
-            if flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER):
-                handler_rva = struct.unpack_from("<I", memory, unwind_rva + tail - offset)[0]
-                info_fixups.append((tail, FixupKind.ALLOC_REL32, self._resolve_pointer(blob, handler_rva)))
-                self._handler_data(blob, handler_rva, unwind_rva + tail - offset + 4, infos, info_fixups,
-                                   lsda_starts)
-            elif flags & UNW_FLAG_CHAININFO:
-                begin, end, parent_unwind = struct.unpack_from("<III", memory, unwind_rva + tail - offset)
-                start, stop = blob.offset_of(begin), blob.offset_of(end)
-                if start is None or stop is None:
-                    raise _Unsupported(f"{blob.function.label}: chained unwind info outside the function")
-                parent_offset = place(parent_unwind, blob)
-                for position, value in ((0, start), (4, stop)):
-                    info_fixups.append((tail + position, FixupKind.ALLOC_REL32, BlobTarget(blob.index, value)))
-                assert info_index is not None
-                info_fixups.append((tail + 8, FixupKind.ALLOC_REL32, BlobTarget(info_index, parent_offset)))
-            return offset
-
-        for function in moved:
-            root = pdata.get(function.rva)
-            if root is None:
-                continue
-            blob = self.state.code_of[function.rva]
-            ranges = [(root.begin_rva, root.end_rva, root.unwind.rva)]
-            ranges += [(b, e, u) for (b, e), u in zip(root.fragments, root.fragment_unwind_rvas)]
-            for begin, end, unwind_rva in ranges:
-                offset = place(unwind_rva, blob)
-                start, stop = blob.offset_of(begin), blob.offset_of(end)
-                assert start is not None and stop is not None
-                pending.append((blob.index, start, stop, offset, unwind_rva))
-        if info_index is None:
-            return []
-        data = bytearray(infos)
-        for offset, kind, target in info_fixups:
-            data[offset:offset + 4] = bytes(4)
-            self._fixup(info_index, offset, kind, target)
-        self.state.blobs[info_index] = Blob(info_index, BlobKind.RODATA, 4, bytes(data), len(data))
-        return [UnwindEntry(code, begin, end, info_index, offset) for code, begin, end, offset, _ in pending]
-
-    def _handler_name(self, handler_rva: int) -> str | None:
-        function = self.b.at(handler_rva)
-        if function is None:
-            return None
-        if function.name:
-            return function.name
-        from ..analysis.functions import import_thunk_target
-
-        label = import_thunk_target(self.b, function)
-        if label:
-            return label.split("!", 1)[1]
-        return GS_HANDLER_CHECK if is_gs_handler_check(self.b.image.memory, handler_rva) else None
-
-    def _handler_data(self, blob: _CodeBlob, handler_rva: int, data_rva: int, infos: bytearray,
-                      info_fixups: list[tuple[int, FixupKind, FixupTarget]], lsda_starts: list[int]) -> None:
-        """Copy the handler's language-specific data after the handler RVA, rebased."""
-        memory = self.b.image.memory
-        name = self._handler_name(handler_rva)
-        if name in GCC_PERSONALITIES:
-            lsda = struct.unpack_from("<I", memory, data_rva)[0]
-            position = len(infos)
-            infos.extend(bytes(4))
-            index, offset = self._copy_lsda(lsda, lsda_starts)
-            info_fixups.append((position, FixupKind.ALLOC_REL32, BlobTarget(index, offset)))
-        elif name == C_SPECIFIC_HANDLER:
-            count = struct.unpack_from("<I", memory, data_rva)[0]
-            if count > 256:
-                raise _Unsupported(f"{blob.function.label}: scope table of {count} entries")
-            infos.extend(struct.pack("<I", count))
-            for entry in range(count):
-                fields = struct.unpack_from("<IIII", memory, data_rva + 4 + 16 * entry)
-                for position, value in enumerate(fields):
-                    at = len(infos)
-                    infos.extend(bytes(4))
-                    if position in (2, 3) and value <= 1:  # EXCEPTION_EXECUTE_HANDLER / no target
-                        infos[at:at + 4] = struct.pack("<I", value)
-                        continue
-                    info_fixups.append((at, FixupKind.ALLOC_REL32, self._resolve_pointer(blob, value)))
-        elif name == GS_HANDLER_CHECK:  # a stack-cookie offset: no RVA to rebase
-            infos.extend(memory[data_rva:data_rva + gs_handler_data_size(memory, data_rva)])
-        elif name == CXX_FRAME_HANDLER4:
-            info_fixups.append((len(infos), FixupKind.ALLOC_REL32, self._copy_fh4(blob, memory, data_rva)))
-            infos.extend(bytes(4))
-        else:
-            raise _Unsupported(f"{blob.function.label}: exception handler {name or hex(handler_rva)} "
-                               "has language-specific data the builder cannot relocate")
-
-    def _copy_fh4(self, blob: _CodeBlob, memory: bytes, data_rva: int) -> FixupTarget:
-        """Copy a FuncInfo4 and every map it reaches; their RVAs become ALLOC_REL32 fixups (the handler reads
-        them against the base the function table is registered with). C++ type descriptors are copied too:
-        the runtime matches a catch clause by the type's name when the addresses differ."""
-        func_info = struct.unpack_from("<I", memory, data_rva)[0]
-        try:
-            blocks = fh4_blocks(memory, func_info)
-        except Fh4Error as exc:
-            raise _Unsupported(f"{blob.function.label}: {exc}") from None
-        fresh = [block for block in blocks.values() if block.rva not in self.state.data_blob_at]
-        for block in fresh:
-            index = self.state.reserve()
-            data = bytearray(memory[block.rva:block.end])
-            for offset, _, _ in block.rvas:
-                data[offset:offset + 4] = bytes(4)
-            self.state.blobs[index] = Blob(index, BlobKind.RODATA, 4, bytes(data), len(data))
-            self.state.data_blob_at[block.rva] = (index, 0)
-        for block in fresh:
-            index = self.state.data_blob_at[block.rva][0]
-            for offset, value, what in block.rvas:
-                if what == "block":
-                    target: FixupTarget = BlobTarget(*self.state.data_blob_at[value])
-                elif what == "data":
-                    target = self._copy_type_descriptor(value)
-                else:
-                    target = self._resolve_pointer(blob, value)
-                self._fixup(index, offset, FixupKind.ALLOC_REL32, target)
-        return BlobTarget(*self.state.data_blob_at[func_info])
-
-    def _copy_type_descriptor(self, rva: int) -> BlobTarget:
-        """A TypeDescriptor (type_info vftable pointer, spare pointer, decorated name) as a new data blob."""
-        if rva not in self.state.data_blob_at:
-            image = self.b.image
-            end = image.memory.find(b"\0", rva + 16)
-            if end < 0 or end - rva > 4096:
-                raise _Unsupported(f"type descriptor at {rva:#x} has no name")
-            index = self.state.reserve()
-            self.state.blobs[index] = Blob(index, BlobKind.DATA, 8, image.read(rva, end + 1 - rva), end + 1 - rva)
-            self.state.data_blob_at[rva] = (index, 0)
-            self._relocate_pointers(index, rva, end + 1)
-        return BlobTarget(*self.state.data_blob_at[rva])
-
-    def _lsda_rvas(self, pdata: dict) -> set[int]:
-        out = set()
-        memory = self.b.image.memory
-        for root in pdata.values():
-            info = root.unwind  # as LIEF read it from the patched file
-            if not info.rva or info.flags & (UNW_FLAG_EHANDLER | UNW_FLAG_UHANDLER) == 0 or info.handler_rva is None:
-                continue
-            if self._handler_name(info.handler_rva) in GCC_PERSONALITIES:
-                out.add(struct.unpack_from("<I", memory, info.rva + tail_offset(info.code_count) + 4)[0])
-        return out
-
-    def _copy_lsda(self, lsda: int, lsda_starts: list[int]) -> tuple[int, int]:
-        if lsda in self.state.data_blob_at:
-            return self.state.data_blob_at[lsda]
-        section = self.b.image.section_from_rva(lsda)
-        if section is None:
-            raise _Unsupported(f"LSDA at {lsda:#x} outside the image")
-        following = [s for s in lsda_starts if s > lsda]
-        end = min([section.end_rva, lsda + _MAX_LSDA] + following[:1])
-        index = self.state.reserve()
-        self.state.blobs[index] = Blob(index, BlobKind.RODATA, 8, self.b.image.read(lsda, end - lsda), end - lsda)
-        self.state.data_blob_at[lsda] = (index, 0)
-        self._relocate_pointers(index, lsda, end)
-        return index, 0
 
     # ── patch sites ───────────────────────────────────────────────────────
 
@@ -591,7 +364,7 @@ class _Builder:
         options = [possible_strategies(self.a, function) for function, _ in changed]
         for position, (function, _) in enumerate(changed):
             if not options[position]:
-                raise _Unsupported(f"{function.label} cannot be redirected")
+                raise Unsupported(f"{function.label} cannot be redirected")
         # Walk backwards: each site keeps the strategies that stay clear of the next site's footprint.
         limit = None
         for position in range(len(changed) - 1, -1, -1):
@@ -599,7 +372,7 @@ class _Builder:
             if limit is not None:
                 fits = [s for s in options[position] if function.rva + s.width <= limit]
                 if not fits:
-                    raise _Unsupported(f"{function.label} is too close to the next changed function to redirect")
+                    raise Unsupported(f"{function.label} is too close to the next changed function to redirect")
                 options[position] = fits
             first = options[position][0]
             limit = function.rva - PADDING_JMP_SIZE if first is Strategy.SHORT_JMP_PADDING else function.rva

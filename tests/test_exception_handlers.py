@@ -6,6 +6,7 @@ import struct
 
 import pytest
 
+from hotpatch.analysis.functions import import_thunk_target
 from hotpatch.diff.compare import diff
 from hotpatch.package.builder import build_package
 from hotpatch.package.handlers import (
@@ -15,6 +16,7 @@ from hotpatch.package.handlers import (
     fh4_blocks,
     gs_handler_data_size,
     is_gs_handler_check,
+    is_gs_handler_check_eh4,
 )
 from hotpatch.package.model import BaselineRVA, BlobKind, BlobTarget, FixupKind
 from hotpatch.pe.image import Image
@@ -157,3 +159,20 @@ def _same_but_rvas(copy: bytes, original: bytes, block: Fh4Block) -> bool:
     for offset, _, _ in block.rvas:
         masked[offset:offset + 4] = bytes(4)
     return bytes(masked) == copy
+
+
+@pytest.mark.realbins
+@pytest.mark.slow
+def test_pyzmq_release_with_gs_checked_cpp_frames_is_packaged() -> None:
+    """pyzmq 26.0.2 -> 26.0.3 `_zmq`: changed C++ functions whose handler is the nameless
+    __GSHandlerCheck_EH4 (a FuncInfo4 RVA, then a stack-cookie offset); refused before."""
+    name = "zmq/backend/cython/_zmq.cp311-win_amd64.pyd"
+    result = diff(*(ensure_wheel("pyzmq", v) / name for v in ("26.0.2", "26.0.3")))
+    package = build_package(result)
+    memory = result.baseline.image.memory
+    fh4_thunks = {t for t in (f.rva for f in result.baseline.functions)
+                  if (import_thunk_target(result.baseline, result.baseline.at(t)) or "").endswith(CXX_FRAME_HANDLER4)}
+    handlers = {f.target.rva for f in package.fixups if f.kind == FixupKind.ALLOC_REL32
+                and isinstance(f.target, BaselineRVA) and package.blobs[f.blob].kind == BlobKind.RODATA}
+    assert any(is_gs_handler_check_eh4(memory, rva, fh4_thunks.__contains__) for rva in handlers)
+    assert not is_gs_handler_check_eh4(memory, min(handlers), lambda _: False)

@@ -14,9 +14,12 @@ rebased, so it carries a handler's data only when it knows the layout:
 
 - MSVC's ``__CxxFrameHandler4`` (C++ exceptions): the RVA of a compressed
   FuncInfo4, whose maps hold more RVAs (``fh4_blocks`` walks them as
-  vcruntime's ehdata4 reads them).
+  vcruntime's ehdata4 reads them);
+- ``__GSHandlerCheck_EH4``: that RVA, then a GS_HANDLER_DATA. Nameless like
+  ``__GSHandlerCheck``, it is known by its body: the GS check on the data after
+  the RVA, then a call to the ``__CxxFrameHandler4`` import.
 
-Every other handler (``__CxxFrameHandler3``, ``__GSHandlerCheck_EH4``...)
+Every other handler (``__CxxFrameHandler3``, ``__GSHandlerCheck_SEH``...)
 keeps the function out of a package.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -31,11 +35,13 @@ __all__ = [
     "C_SPECIFIC_HANDLER",
     "GCC_PERSONALITIES",
     "GS_HANDLER_CHECK",
+    "GS_HANDLER_CHECK_EH4",
     "Fh4Block",
     "Fh4Error",
     "fh4_blocks",
     "gs_handler_data_size",
     "is_gs_handler_check",
+    "is_gs_handler_check_eh4",
 ]
 
 #: personality routines whose language-specific data is one RVA of a GCC LSDA
@@ -43,6 +49,7 @@ GCC_PERSONALITIES = frozenset({"__gxx_personality_seh0", "__gcc_personality_seh0
 C_SPECIFIC_HANDLER = "__C_specific_handler"
 GS_HANDLER_CHECK = "__GSHandlerCheck"
 CXX_FRAME_HANDLER4 = "__CxxFrameHandler4"
+GS_HANDLER_CHECK_EH4 = "__GSHandlerCheck_EH4"
 
 # sub rsp,28h; mov r8,[r9+38h]; mov rcx,rdx; mov rdx,r9; call common; mov eax,1; add rsp,28h; ret
 _GS_HANDLER_CHECK_BODY = re.compile(
@@ -62,6 +69,27 @@ def is_gs_handler_check(memory: bytes, rva: int) -> bool:
         return False
     common = rva + _CALL_END + struct.unpack("<i", match[1])[0]
     return 0 <= common < len(memory) and _TESTS_ALIGNMENT_BIT in memory[common:common + 24]
+
+
+# mov rbx,[r9+38h]; mov rsi,rdx; mov r14,r8; mov rbp,rcx; mov rdx,r9; mov rcx,rsi; mov rdi,r9;
+# lea r8,[rbx+4]; call __GSHandlerCheckCommon ... mov r9,rdi; mov r8,r14; mov rdx,rsi; mov rcx,rbp; call FH4
+_GS_EH4_CHECK = re.compile(rb"\x49\x8b\x59\x38\x48\x8b\xf2\x4d\x8b\xf0\x48\x8b\xe9\x49\x8b\xd1\x48\x8b\xce"
+                           rb"\x49\x8b\xf9\x4c\x8d\x43\x04\xe8(.{4})", re.DOTALL)
+_GS_EH4_CALL = re.compile(rb"\x4c\x8b\xcf\x4d\x8b\xc6\x48\x8b\xd6\x48\x8b\xcd\xe8(.{4})", re.DOTALL)
+_GS_EH4_REACH = 0x80
+
+
+def is_gs_handler_check_eh4(memory: bytes, rva: int, calls_fh4: Callable[[int], bool]) -> bool:
+    """Whether the code at ``rva`` is MSVC's __GSHandlerCheck_EH4: the GS check on ``HandlerData + 4`` (a
+    callee that reads GS data), then ``calls_fh4(target)`` holds for what it hands the exception to."""
+    check = _GS_EH4_CHECK.search(memory, rva, rva + _GS_EH4_REACH)
+    if check is None:
+        return False
+    common = check.end() + struct.unpack("<i", check[1])[0]
+    if not (0 <= common < len(memory) and _TESTS_ALIGNMENT_BIT in memory[common:common + 24]):
+        return False
+    call = _GS_EH4_CALL.search(memory, check.end(), rva + _GS_EH4_REACH)
+    return call is not None and calls_fh4(call.end() + struct.unpack("<i", call[1])[0])
 
 
 def gs_handler_data_size(memory: bytes, rva: int) -> int:

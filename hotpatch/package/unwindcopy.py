@@ -19,10 +19,12 @@ from .handlers import (
     CXX_FRAME_HANDLER4,
     GCC_PERSONALITIES,
     GS_HANDLER_CHECK,
+    GS_HANDLER_CHECK_EH4,
     Fh4Error,
     fh4_blocks,
     gs_handler_data_size,
     is_gs_handler_check,
+    is_gs_handler_check_eh4,
 )
 from .model import Blob, BlobKind, BlobTarget, FixupKind, FixupTarget, UnwindEntry, unwind_info_size
 
@@ -113,7 +115,12 @@ class UnwindCopying:
         label = import_thunk_target(self.b, function)
         if label:
             return label.split("!", 1)[1]
-        return GS_HANDLER_CHECK if is_gs_handler_check(self.b.image.memory, handler_rva) else None
+        memory = self.b.image.memory
+        if is_gs_handler_check(memory, handler_rva):
+            return GS_HANDLER_CHECK
+        if is_gs_handler_check_eh4(memory, handler_rva, lambda rva: self._handler_name(rva) == CXX_FRAME_HANDLER4):
+            return GS_HANDLER_CHECK_EH4
+        return None
 
     def _handler_data(self, blob: CodeBlob, handler_rva: int, data_rva: int, infos: bytearray,
                       info_fixups: list[tuple[int, FixupKind, FixupTarget]], lsda_starts: list[int]) -> None:
@@ -142,9 +149,11 @@ class UnwindCopying:
                     info_fixups.append((at, FixupKind.ALLOC_REL32, self._resolve_pointer(blob, value)))
         elif name == GS_HANDLER_CHECK:  # a stack-cookie offset: no RVA to rebase
             infos.extend(memory[data_rva:data_rva + gs_handler_data_size(memory, data_rva)])
-        elif name == CXX_FRAME_HANDLER4:
+        elif name in (CXX_FRAME_HANDLER4, GS_HANDLER_CHECK_EH4):
             info_fixups.append((len(infos), FixupKind.ALLOC_REL32, self._copy_fh4(blob, memory, data_rva)))
             infos.extend(bytes(4))
+            if name == GS_HANDLER_CHECK_EH4:  # the FuncInfo4 RVA, then the stack-cookie offset
+                infos.extend(memory[data_rva + 4:data_rva + 4 + gs_handler_data_size(memory, data_rva + 4)])
         else:
             raise Unsupported(f"{blob.function.label}: exception handler {name or hex(handler_rva)} "
                                "has language-specific data the builder cannot relocate")

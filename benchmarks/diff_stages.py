@@ -1,6 +1,6 @@
 """CPU and memory of ``hotpatch diff`` stage by stage, in one process.
 
-    python benchmarks/diff_stages.py BASELINE PATCHED [--profile OUT.prof]
+    python benchmarks/diff_stages.py BASELINE PATCHED [--profile OUT.prof] [--tracemalloc]
 
 Stages run in the order ``hotpatch.diff.compare.diff`` runs them: load (``Image.load``
 of both), discovery (``discover``: the Python around the core), analysis (the
@@ -10,7 +10,9 @@ matched pairs), data diff (``diff_data`` and uncovered bytes), verdict and
 JSON (``to_json`` and the encoder). For each: CPU seconds (user + sys of the
 process, so threads count), wall seconds, the process's peak RSS during the
 stage (Linux's ``VmHWM``, reset before each stage through ``clear_refs``) and
-its RSS after. ``--profile`` also writes a cProfile of the whole run.
+its RSS after. ``--profile`` also writes a cProfile of the whole run; ``--tracemalloc`` adds
+what Python allocated (traced MB after the stage and the stage's traced peak; much slower).
+JSON is encoded as ``hotpatch diff --json`` does it (the function entries streamed in chunks).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import cProfile
 import os
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +39,7 @@ from hotpatch.diff.pairing import Pairing  # noqa: E402
 from hotpatch.diff.result import DiffResult  # noqa: E402
 from hotpatch.diff.streams import InstructionStreams  # noqa: E402
 from hotpatch.diff.uncovered import uncovered_changes  # noqa: E402
-from hotpatch.jsonio import dumps  # noqa: E402
+from hotpatch.jsonio import dumps_streamed  # noqa: E402
 from hotpatch.pe.image import Image  # noqa: E402
 from hotpatch.verdict.rules import decide, diff_document  # noqa: E402
 
@@ -68,6 +71,10 @@ class Stages:
         cpu, wall, core_cpu, core_wall = time.process_time(), time.perf_counter(), self.core_cpu, self.core_wall
         yield
         row = [time.process_time() - cpu, time.perf_counter() - wall, _status("VmHWM"), _status("VmRSS")]
+        if tracemalloc.is_tracing():
+            traced, peak = tracemalloc.get_traced_memory()
+            row += [traced / 1e6, peak / 1e6]
+            tracemalloc.reset_peak()
         if name == "discovery":  # the core's share is its own row
             inner_cpu, inner_wall = self.core_cpu - core_cpu, self.core_wall - core_wall
             self.rows["analysis (core)"] = [inner_cpu, inner_wall, row[2], row[3]]
@@ -113,7 +120,8 @@ def run(baseline: str, patched: str) -> tuple[Stages, int]:
             result = DiffResult(table_a, table_b, tuple(found), tuple(data), function_map, data_map, streams)
             verdict = decide(result)
         with stages.stage("JSON"):
-            size = len(dumps(diff_document(result, verdict)))
+            document = diff_document(result, verdict, functions=False)
+            size = sum(map(len, dumps_streamed(document, "functions", result.function_entries())))
     return stages, size
 
 
@@ -122,7 +130,10 @@ def main() -> None:
     parser.add_argument("baseline")
     parser.add_argument("patched")
     parser.add_argument("--profile", help="write a cProfile of the run here")
+    parser.add_argument("--tracemalloc", action="store_true", help="also trace Python's allocations per stage")
     args = parser.parse_args()
+    if args.tracemalloc:
+        tracemalloc.start()
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
@@ -131,12 +142,14 @@ def main() -> None:
         profiler.disable()
         profiler.dump_stats(args.profile)
     total_cpu = sum(row[0] for row in stages.rows.values())
-    print("| stage | CPU s | wall s | peak RSS MB | RSS after MB |")
-    print("|---|---|---|---|---|")
+    traced = " traced MB after | traced peak MB |" if args.tracemalloc else ""
+    print("| stage | CPU s | wall s | peak RSS MB | RSS after MB |" + traced)
+    print("|---|---|---|---|---|" + ("---|---|" if traced else ""))
     order = ("load", "analysis (core)", "discovery", "matching", "compare", "data diff", "verdict", "JSON")
     for name in order:
-        cpu, wall, peak, rss = stages.rows[name]
-        print(f"| {name} | {cpu:.2f} | {wall:.2f} | {peak:.0f} | {rss:.0f} |")
+        cpu, wall, peak, rss, *python = stages.rows[name]
+        extra = "".join(f" {value:.0f} |" for value in python)
+        print(f"| {name} | {cpu:.2f} | {wall:.2f} | {peak:.0f} | {rss:.0f} |" + extra)
     print(f"| total | {total_cpu:.2f} | | {_status('VmHWM'):.0f} (last stage) | |")
     print(f"JSON document: {size / 1e6:.1f} MB; load average {os.getloadavg()[0]:.1f}")
 

@@ -133,6 +133,40 @@ def test_cli_json_contract(cases: list[Case], tmp_path: Path) -> None:
     assert reason["kind"] == "changed_writable_data" and reason["message"] and reason["subject"]
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 2048])
+def test_streamed_json_is_the_whole_documents_bytes(cases: list[Case], chunk: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``diff --json`` encodes the function entries a chunk at a time: the bytes are those of the whole document,
+    whatever the chunk size (one entry, several, all), and with no entries at all."""
+    from hotpatch import jsonio
+    from hotpatch.verdict.rules import diff_document
+
+    monkeypatch.setattr(jsonio, "_CHUNK", chunk)
+    case = next(c for c in cases if c.name == "many_functions")
+    result = diff(case.baseline, case.patched)
+    verdict = decide(result)
+    document = diff_document(result, verdict, functions=False)
+    assert document["functions"] == [] and len(result.functions) > 3 * chunk or chunk == 2048
+    whole = jsonio.dumps(diff_document(result, verdict))
+    assert b"".join(jsonio.dumps_streamed(document, "functions", result.function_entries())) == whole
+    empty = {**document, "functions": []}
+    assert b"".join(jsonio.dumps_streamed(document, "functions", iter(()))) == jsonio.dumps(empty)
+
+
+def test_alignments_are_kept_packed_and_read_back_the_same(cases: list[Case]) -> None:
+    case = next(c for c in cases if c.name == "body_change")
+    result = diff(case.baseline, case.patched)
+    streams = result.streams
+    assert streams is not None
+    changed = [f for f in result.functions if f.baseline is not None and f.patched is not None]
+    assert changed
+    for entry in changed:
+        fresh = streams.kernels.aligned_indices(streams.tokens(streams.baseline, entry.baseline),
+                                                streams.tokens(streams.patched, entry.patched))
+        assert streams.aligned(entry.baseline, entry.patched) == [tuple(pair) for pair in fresh]
+        assert streams.aligned(entry.baseline, entry.patched) == [tuple(pair) for pair in fresh]  # from the cache
+
+
 def test_cli_bad_input_exits_2(tmp_path: Path, cases: list[Case]) -> None:
     bogus = tmp_path / "bogus.dll"
     bogus.write_bytes(b"not a PE at all")

@@ -60,9 +60,10 @@ class JumpTable:
         return TABLE_KIND_NAMES[self.entry_kind]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FunctionAnalysis:
-    """Decoded view of one function: where its instructions start, what they reference."""
+    """Decoded view of one function: where its instructions start, what they reference (slots: a large image
+    has tens of thousands, and discovery keeps every range it decoded until it is done)."""
 
     rva: int
     ranges: tuple[tuple[int, int], ...]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..errors import HotpatchError
-from ..jsonio import print_json, write_json
+from ..jsonio import dumps_streamed, print_json, write_json
 
 if TYPE_CHECKING:
     from ..diff.result import DiffResult
@@ -102,11 +102,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
     with console.status("diffing...", spinner="dots") if console.is_terminal else _nullcontext():
         result = diff(args.baseline, args.patched)
         verdict = decide(result, allow_layout_change=args.allow_layout_change, strict_exports=args.strict_exports)
-    document = diff_document(result, verdict)
+    # the functions' entries are encoded a chunk at a time: the whole list (tens of thousands of dicts) and
+    # its text are never in memory at once
+    document = diff_document(result, verdict, functions=False)
     if args.out:
-        write_json(args.out, document)
+        write_json(args.out, document, dumps_streamed(document, "functions", result.function_entries()))
     if args.json:
-        _print_json(document)
+        _print_json(document, pieces=dumps_streamed(document, "functions", result.function_entries()))
         return 0
     _print_diff(result, verdict)
     return 0

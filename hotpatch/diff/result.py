@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,21 +69,24 @@ class DiffResult:
     def by_status(self, status: str) -> list[FunctionDiff]:
         return [f for f in self.functions if f.status == status]
 
-    def to_json(self) -> dict[str, Any]:
-        """The diff without its verdict (``hotpatch.verdict.rules.diff_document`` adds it)."""
-
-        def side(f: Function | None) -> dict[str, Any] | None:
-            return None if f is None else {"name": f.name, "rva": f.rva, "size": f.size}
-
+    def to_json(self, functions: bool = True) -> dict[str, Any]:
+        """The diff without its verdict (``hotpatch.verdict.rules.diff_document`` adds it); ``functions=False``
+        leaves the list of functions empty, for ``function_entries`` streamed in its place."""
         return {
             "schema": "hotpatch.diff/1",
             "baseline": {"path": self.baseline.image.path, "identity": self.baseline.image.identity.to_json()},
             "patched": {"path": self.patched.image.path, "identity": self.patched.image.identity.to_json()},
             "summary": self.summary(),
-            "functions": [
-                {"status": f.status, "baseline": side(f.baseline), "patched": side(f.patched),
-                 "match": f.match, "similarity": f.similarity, "changes": list(f.changes)}
-                for f in self.functions
-            ],
+            "functions": list(self.function_entries()) if functions else [],
             "data": [d.to_json() for d in self.data],
         }
+
+    def function_entries(self) -> Iterator[dict[str, Any]]:
+        """The ``functions`` entries of ``to_json``, one at a time (a large diff has tens of thousands)."""
+
+        def side(f: Function | None) -> dict[str, Any] | None:
+            return None if f is None else {"name": f.name, "rva": f.rva, "size": f.size}
+
+        for f in self.functions:
+            yield {"status": f.status, "baseline": side(f.baseline), "patched": side(f.patched),
+                   "match": f.match, "similarity": f.similarity, "changes": list(f.changes)}

@@ -28,7 +28,9 @@ class InstructionStreams:
         self.kernels: Any = diff_kernels(baseline.backend)
         self._intern: dict[bytes, int] = {}
         self._tokens: tuple[dict[int, array], dict[int, array]] = ({}, {})
-        self._aligned: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        #: (fa.rva, fb.rva) -> the alignment's i and j packed in one array (i0, j0, i1, j1, ...): a list of
+        #: tuples costs about 60 bytes a pair, and a large diff aligns millions of instructions
+        self._aligned: dict[tuple[int, int], array] = {}
 
     def tokens(self, table: FunctionTable, function: Function) -> array:
         cache = self._tokens[0 if table is self.baseline else 1]
@@ -42,11 +44,12 @@ class InstructionStreams:
     def aligned(self, fa: Function, fb: Function) -> list[tuple[int, int]]:
         """(i, j): baseline instruction i corresponds to patched instruction j (equal tokens, patience order)."""
         key = (fa.rva, fb.rva)
-        found = self._aligned.get(key)
-        if found is None:
-            found = self._aligned[key] = self.kernels.aligned_indices(
-                self.tokens(self.baseline, fa), self.tokens(self.patched, fb))
-        return found
+        packed = self._aligned.get(key)
+        if packed is None:
+            pairs = self.kernels.aligned_indices(self.tokens(self.baseline, fa), self.tokens(self.patched, fb))
+            self._aligned[key] = array("I", [index for pair in pairs for index in pair])
+            return pairs
+        return list(zip(packed[::2], packed[1::2]))
 
     def similarity(self, fa: Function, fb: Function, threshold: float, max_ratio_work: int) -> float:
         """difflib's ratio of the two token streams, or -1.0 when it is surely below ``threshold``."""

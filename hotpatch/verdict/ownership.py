@@ -33,7 +33,7 @@ from capstone import x86_const as x86
 from ..analysis.functions import Function, FunctionTable
 from ..analysis.refkinds import BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP
 from ..memo import cache_of
-from .clobbers import decode_at
+from ..x86 import disassembler
 
 __all__ = ["OwnershipChange", "ownership_changes", "ownership_evidence"]
 
@@ -107,12 +107,25 @@ def ownership_changes(baseline: FunctionTable, old: Function, patched: FunctionT
 
 def ownership_evidence(table: FunctionTable, function: Function) -> OwnershipEvidence:
     allocators, deallocators = _heap_functions(table)
+    if not _reaches_heap(table, function, allocators, deallocators):
+        return OwnershipEvidence({}, {})  # no call or jump to an allocator or deallocator: nothing to find
     frees: dict[int, int] = {}
     allocations: dict[int, set[int]] = {}
     for tag, site in _scan(table, function, allocators, deallocators, {}, allocations):
         if tag[0] == "field":
             frees.setdefault(tag[1], site)
     return OwnershipEvidence(frees, {frozenset(fields): site for site, fields in allocations.items() if fields})
+
+
+def _reaches_heap(table: FunctionTable, function: Function, allocators: frozenset[int],
+                  deallocators: dict[int, int]) -> bool:
+    """Whether a reference of the function's code designates an allocator or a deallocator (a function RVA,
+    or an IAT slot, negated): ``_scan`` reports calls to nothing else, so without one it finds nothing."""
+    for ref in table.analysis_of(function).raw_refs:
+        target = ref[4]
+        if target in allocators or target in deallocators or -target in allocators or -target in deallocators:
+            return True
+    return False
 
 
 _Tag = tuple[str, int]  # ("field", displacement) | ("alloc", call RVA) | ("arg", register)
@@ -133,6 +146,11 @@ def _scan(table: FunctionTable, function: Function, allocators: frozenset[int], 
     switch_targets = [t for jump_table in table.analysis_of(function).raw_tables for t in jump_table[3]]
     seen: dict[int, set[tuple[object, _Tag]]] = {}
     work: list[tuple[int, _Tags]] = [(function.rva, dict(entry))]
+    # Instructions decoded for this scan only (loops revisit them): a cache kept for the whole table holds a
+    # capstone object with its detail (about 2 KB) for every instruction of every changed function.
+    decoded: dict[int, capstone.CsInsn | None] = {}
+    md = disassembler(detail=True)
+    memory = table.image.memory
     budget = _SCAN_BUDGET
     while work and budget > 0:
         rva, tags = work.pop()
@@ -146,7 +164,12 @@ def _scan(table: FunctionTable, function: Function, allocators: frozenset[int], 
             tags = {}
             for loc, tag in known:
                 tags[loc] = tags.get(loc, frozenset()) | {tag}
-            insn = decode_at(table, rva) if any(b <= rva < e for b, e in inside) else None
+            if not any(b <= rva < e for b, e in inside):
+                break
+            if rva in decoded:
+                insn = decoded[rva]
+            else:
+                insn = decoded[rva] = next(md.disasm(memory[rva:rva + 16], rva, 1), None)
             if insn is None:
                 break
             kind, target = _call_kind(insn, allocators, deallocators)

@@ -90,9 +90,10 @@ class Verdict:
                 "overridden": [r.to_json() for r in self.overridden], "notes": [r.to_json() for r in self.notes]}
 
 
-def diff_document(result: DiffResult, verdict: Verdict) -> dict[str, Any]:
-    """The ``hotpatch.diff/1`` document: the diff, then its verdict."""
-    return {**result.to_json(), "verdict": verdict.to_json()}
+def diff_document(result: DiffResult, verdict: Verdict, functions: bool = True) -> dict[str, Any]:
+    """The ``hotpatch.diff/1`` document: the diff, then its verdict (``functions=False``: see
+    ``DiffResult.to_json``)."""
+    return {**result.to_json(functions), "verdict": verdict.to_json()}
 
 
 def decide(result: DiffResult, allow_layout_change: bool = False, strict_exports: bool = False) -> Verdict:

@@ -33,6 +33,8 @@ core = Extension(
     include_dirs=[capstone_include(), "native"],
     extra_compile_args=["-O2", "-Wno-unused-function"],
 )
+discovery = Extension("hotpatch.analysis._discovery", ["hotpatch/analysis/_discovery.pyx"],
+                      extra_compile_args=["-O2"])
 diff_core = Extension("hotpatch.diff._diffcore", ["hotpatch/diff/_diffcore.pyx"], extra_compile_args=["-O2"])
 
 
@@ -55,6 +57,6 @@ class build_py_with_agent(build_py):
 
 
 setup(
-    ext_modules=cythonize([core, diff_core], compiler_directives={"language_level": 3}, quiet=True),
+    ext_modules=cythonize([core, discovery, diff_core], compiler_directives={"language_level": 3}, quiet=True),
     cmdclass={"build_py": build_py_with_agent},
 )

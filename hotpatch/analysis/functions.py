@@ -12,6 +12,7 @@ next known start.
 
 from __future__ import annotations
 
+import importlib
 import re
 from array import array
 from bisect import bisect_right
@@ -21,17 +22,10 @@ from typing import Any
 
 from ..collector import gc_paused
 from ..pe.image import Image, UnwindInfo
+from . import _discovery_reference
 from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
 from .flow import terminates
-from .padding import (
-    FILL_BYTES,
-    FILL_RE,
-    USABLE_PADDING_RE,
-    after_padding,
-    covered_bytes,
-    gap_fill_bytes,
-    padding_runs,
-)
+from .padding import FILL_BYTES, FILL_RE, after_padding, covered_bytes, gap_fill_bytes
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
 
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
@@ -167,8 +161,16 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
         return _discover(image, impl)
 
 
+def _kernels(core: Any) -> Any:
+    """Discovery's round kernels that go with an analysis implementation: compiled with compiled."""
+    if getattr(core, "IMPLEMENTATION", None) == "cython":
+        return importlib.import_module("hotpatch.analysis._discovery")
+    return _discovery_reference
+
+
 def _discover(image: Image, impl: Any) -> FunctionTable:
     core = impl or backend()
+    kernels = _kernels(core)
     ctx = AnalysisContext.from_image(image)
     pdata = {f.begin_rva: f for f in image.runtime_functions}
     # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
@@ -256,9 +258,10 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
             t for t in taken - sources.keys() - rejected if _boundary(image, layout, t, core)])
         if not found:
-            places = _gap_starts(image, layout, gap_places)
+            places = _gap_starts(image, layout, gap_places, kernels)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
-                t for t in _named_by_words(places, words, named) - sources.keys() - rejected if acceptable(t)])
+                t for t in _named_by_words(places, words, named, kernels) - sources.keys() - rejected
+                if acceptable(t)])
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
@@ -273,9 +276,12 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, core)
-    padding = padding_runs(image, [(rva, ranges[0][1]) for rva, ranges in layout])
+    sections = sorted(image.executable_sections, key=lambda s: s.rva)
+    padding = kernels.padding_runs(image.memory, array("I", (rva for rva, _ in layout)),
+                                   array("I", (ranges[0][1] for _, ranges in layout)),
+                                   array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections)))
     functions = []
-    for (rva, ranges), analysis, (before, after) in zip(layout, final, padding):
+    for (rva, ranges), analysis, before, after in zip(layout, final, *padding):
         runtime = pdata.get(rva)
         functions.append(Function(rva, ranges[0][1], names.get(rva), tuple(s for s in SOURCES if s in sources[rva]),
                                   ranges[1:], before, after, runtime.unwind if runtime else None,
@@ -415,7 +421,7 @@ def _rva32_words(image: Image) -> list[array]:
     return out
 
 
-def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], list[int]]) -> set[int]:
+def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], list[int]], kernels: Any) -> set[int]:
     """Places outside every function where code could begin: a gap's start, the end of each fill run.
 
     ``cache`` keeps each gap's places by its bounds: the loop asks again after every round, and most gaps
@@ -434,23 +440,16 @@ def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], l
                 continue
             known = cache.get((end, limit))
             if known is None:
-                # code follows int3/nop padding; zero runs in a gap are data more often than not
-                found = {end}
-                found.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
-                             if match.end() < limit)
-                # code does not begin with fill (a multi-byte nop right after a function is its padding)
-                known = cache[(end, limit)] = [p for p in found if not FILL_RE.match(memory, p, p + 15)]
+                known = cache[(end, limit)] = kernels.gap_places(memory, end, limit)
             places.update(known)
     return places
 
 
-def _named_by_words(places: set[int], words: list[array], judged: dict[int, bool]) -> set[int]:
+def _named_by_words(places: set[int], words: list[array], judged: dict[int, bool], kernels: Any) -> set[int]:
     """The places some 32-bit value in data names; ``judged`` remembers places looked up before."""
     fresh = places - judged.keys()
     if fresh:
-        found: set[int] = set()
-        for chunk in words:
-            found |= fresh.intersection(chunk)
+        found = kernels.named(fresh, words)
         judged.update((place, place in found) for place in fresh)
     return {place for place in places if judged[place]}
 

@@ -31,6 +31,7 @@ def _agree_on(memory: bytes, spans: list[tuple[int, int]], sections: list[tuple[
     args = (memory, array("I", (s[0] for s in spans)), array("I", (s[1] for s in spans)),
             array("I", (s[0] for s in sections)), array("I", (s[1] for s in sections)))
     assert compiled.padding_runs(*args) == reference.padding_runs(*args)
+    assert compiled.gap_starts(*args) == reference.gap_starts(*args)
 
 
 def test_kernels_agree_on_random_padding_soup() -> None:
@@ -57,8 +58,45 @@ def test_named_agrees_with_set_intersection() -> None:
     assert compiled.named(set(), words) == set()
 
 
+_OPCODES = bytes((0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4, 0x0F, 0x0B, 0xFF, 0x25, 0x66, 0xF2, 0x2E,
+                  0x48, 0x41, 0x90, 0x74))
+
+
+def test_reachable_end_agrees_on_random_code() -> None:
+    """Random instruction starts over bytes rich in prefixes and terminators (long prefix runs, an opcode
+    split from its second byte by the end), random branches and jump tables, both reference forms."""
+    rng = random.Random(15)
+    for _ in range(400):
+        size = rng.randrange(8, 200)
+        memory = bytes(rng.choice(_OPCODES) if rng.random() < 0.85 else rng.randrange(256) for _ in range(size))
+        begin = rng.randrange(0, size // 2)
+        rvas = array("I", sorted(rng.sample(range(begin, size), rng.randrange(1, min(30, size - begin) + 1))))
+        limit = rng.randrange(rvas[-1] + 1, size + 1)  # within the memory, as a section end is
+        refs = sorted(((rng.choice((0, 1, 2, 3, 5)), rng.choice(rvas), 1, 4, rng.randrange(-5, size + 30))
+                       for _ in range(rng.randrange(0, 12))), key=lambda r: r[1])
+        tables = [(rng.choice(rvas), 0, 0, tuple(rng.randrange(0, size + 10) for _ in range(rng.randrange(0, 4))))
+                  for _ in range(rng.randrange(0, 2))]
+        horizon = rng.choice((0, limit + rng.randrange(0, 40)))
+        args = (begin, limit, horizon)
+        expected = reference.reachable_end(memory, rvas, refs, tables, *args)
+        assert compiled.reachable_end(memory, rvas, refs, tables, *args) == expected, (memory, rvas, refs, args)
+
+
 def _image_agreement(image: Image) -> None:
     table = discover(image)
+    memory = image.memory
+    refs_lists = []
+    for function, analysis in zip(table.functions, table.analyses):
+        refs_lists.append(analysis.raw_refs)
+        for horizon in (0, function.end_rva + 64):
+            args = (memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, function.rva,
+                    function.end_rva, horizon)
+            expected = reference.reachable_end(*args)
+            assert compiled.reachable_end(*args) == expected
+            assert compiled.reachable_end(*args[:2], list(analysis.raw_refs), *args[3:]) == expected
+    assert compiled.call_and_lea_targets(memory, refs_lists) == reference.call_and_lea_targets(memory, refs_lists)
+    assert compiled.call_and_lea_targets(memory, [list(r) for r in refs_lists]) == \
+        reference.call_and_lea_targets(memory, refs_lists)
     sections = sorted((s.rva, s.end_rva) for s in image.executable_sections)
     spans = [(f.rva, f.end_rva) for f in table.functions]
     _agree_on(image.memory, spans, sections)

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Compiled kernels of discovery's rounds: fill and padding runs between functions, the places in gaps
-where code could begin, and which of them a 32-bit word in data names.
+where code could begin, which of them a 32-bit word in data names, where a function's reachable code
+ends, and the call and lea targets of freshly decoded functions.
 
 Line for line the same contract as ``hotpatch.analysis._discovery_reference`` (the regular expressions
 of ``padding.py`` read byte by byte); the tests check that both give identical results.
@@ -11,7 +12,18 @@ from array import array
 from libc.stdint cimport uint8_t, uint32_t, int64_t
 from libc.stdlib cimport calloc, free
 
+from hotpatch.analysis._reflist cimport PackedRef, RefList
+from hotpatch.analysis._shared cimport _lower_bound, _terminates_within
+
+from .refkinds import BRANCH_REL8 as _BRANCH_REL8, BRANCH_REL32 as _BRANCH_REL32, CALL_REL32 as _CALL_REL32
+from .refkinds import RIP_RELATIVE as _RIP_RELATIVE
+
 IMPLEMENTATION = "cython"
+
+cdef int BRANCH_REL8 = _BRANCH_REL8
+cdef int BRANCH_REL32 = _BRANCH_REL32
+cdef int CALL_REL32 = _CALL_REL32
+cdef int RIP_RELATIVE = _RIP_RELATIVE
 
 #: how far back from an entry the padding that ends there is looked for (``padding.py``'s regex window)
 cdef Py_ssize_t RUN_WINDOW = 4096
@@ -73,21 +85,49 @@ cdef inline Py_ssize_t _clip(Py_ssize_t value, Py_ssize_t length) noexcept nogil
     return value if value < length else length
 
 
-def gap_places(const uint8_t[:] memory, Py_ssize_t end, Py_ssize_t limit):
-    """Places in the gap ``[end, limit)`` where code could begin, in order: the gap's start and the end
-    of each usable padding run before ``limit``, leaving out those where fill begins."""
-    cdef Py_ssize_t length = memory.shape[0], stop = _clip(limit, length), pos = end, n
-    cdef const uint8_t *m = &memory[0] if length else NULL
-    found = [end]
+cdef int _places(const uint8_t *m, Py_ssize_t length, Py_ssize_t end, Py_ssize_t limit, list out) except -1:
+    """Append the places of the gap ``[end, limit)`` to ``out`` in order (``gap_places``)."""
+    cdef Py_ssize_t stop = _clip(limit, length), pos = end, n
+    if _run(m, end, _clip(end + 15, length), True) == 0:
+        out.append(end)
     while pos < stop:
         n = _run(m, pos, stop, False)
         if n:
             pos += n
-            if pos < limit:
-                found.append(pos)
+            if pos < limit and _run(m, pos, _clip(pos + 15, length), True) == 0:
+                out.append(pos)
         else:
             pos += 1
-    return [p for p in found if _run(m, p, _clip(p + 15, length), True) == 0]
+    return 0
+
+
+def gap_places(const uint8_t[:] memory, Py_ssize_t end, Py_ssize_t limit):
+    """Places in the gap ``[end, limit)`` where code could begin, in order: the gap's start and the end
+    of each usable padding run before ``limit``, leaving out those where fill begins."""
+    cdef Py_ssize_t length = memory.shape[0]
+    out = []
+    _places(&memory[0] if length else NULL, length, end, limit, out)
+    return out
+
+
+def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
+               const uint32_t[:] section_rvas, const uint32_t[:] section_ends, cache=None):
+    """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each
+    executable section, and after the last one: ``gap_places`` of each. (``cache`` is the twin's.)"""
+    cdef Py_ssize_t length = memory.shape[0], count = starts.shape[0], s, index, first, last
+    cdef Py_ssize_t low, high, end, limit
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    out = []
+    for s in range(section_rvas.shape[0]):
+        low, high = section_rvas[s], section_ends[s]
+        first = _lower_bound(&starts[0], count, low) if count else 0
+        last = _lower_bound(&starts[0], count, high) if count else 0
+        for index in range(first, last):
+            end = ends[index]
+            limit = starts[index + 1] if index + 1 < last and starts[index + 1] < high else high
+            if end < limit:
+                _places(m, length, end, limit, out)
+    return set(out)
 
 
 def padding_runs(const uint8_t[:] memory, const uint32_t[:] rvas, const uint32_t[:] ends,
@@ -179,3 +219,73 @@ def named(places, words):
         return {place for place in ordered if wanted[<Py_ssize_t>place] == 2}
     finally:
         free(wanted)
+
+
+def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list tables, int64_t begin,
+                  int64_t limit, int64_t horizon):
+    """Where the code reachable from ``begin`` ends: after the first instruction that does not fall
+    through with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none."""
+    cdef Py_ssize_t count = rvas.shape[0], memlen = memory.shape[0], index, ref_index = 0, ref_count
+    cdef const uint8_t *m = &memory[0] if memlen else NULL
+    cdef const PackedRef *packed = NULL
+    cdef int64_t reach = begin, insn, end, target
+    cdef int kind
+    cdef list listed = None
+    if horizon < limit:
+        horizon = limit  # branch targets up to here count (the item may be a first look)
+    if isinstance(refs, RefList):
+        packed = <const PackedRef *><const char *>(<RefList>refs).packed
+        ref_count = (<RefList>refs).count
+    else:
+        listed = list(refs)
+        ref_count = len(listed)
+    reaches = {table[0]: max(table[3]) for table in tables if table[3]} if tables else None
+    for index in range(count):
+        insn = rvas[index]
+        while ref_index < ref_count:
+            if packed != NULL:
+                if packed[ref_index].insn_rva > insn:
+                    break
+                kind, target = packed[ref_index].kind, packed[ref_index].target
+            else:
+                ref = listed[ref_index]
+                if ref[1] > insn:
+                    break
+                kind, target = ref[0], ref[4]
+            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < horizon:
+                reach = target
+            ref_index += 1
+        if reaches is not None:
+            table_reach = reaches.get(insn)
+            if table_reach is not None and table_reach > reach:
+                reach = table_reach
+        end = rvas[index + 1] if index + 1 < count else limit
+        if reach < end and _terminates_within(m, memlen, insn, end):
+            return end
+    return limit
+
+
+def call_and_lea_targets(const uint8_t[:] memory, refs_lists):
+    """Targets of direct calls, and addresses taken with ``lea r, [rip+X]``, in the given reference lists."""
+    cdef Py_ssize_t memlen = memory.shape[0], i, count, at
+    cdef const PackedRef *packed
+    cdef set calls = set(), leas = set()
+    for refs in refs_lists:
+        if isinstance(refs, RefList):
+            packed = <const PackedRef *><const char *>(<RefList>refs).packed
+            count = (<RefList>refs).count
+            for i in range(count):
+                if packed[i].kind == CALL_REL32:
+                    calls.add(packed[i].target)
+                elif packed[i].kind == RIP_RELATIVE and packed[i].operand_offset >= 2:
+                    # RIP-relative addressing has no SIB byte: the opcode sits right before the ModRM byte
+                    at = <Py_ssize_t>packed[i].insn_rva + packed[i].operand_offset - 2
+                    if at < memlen and memory[at] == 0x8D:
+                        leas.add(packed[i].target)
+        else:
+            for kind, insn_rva, operand_offset, _, target in refs:
+                if kind == CALL_REL32:
+                    calls.add(target)
+                elif kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
+                    leas.add(target)
+    return calls, leas

@@ -1,6 +1,6 @@
-"""Pure-Python twin of ``hotpatch.analysis._discovery``: the kernels of discovery's rounds written with the
-regular expressions of ``padding.py``. The compiled kernels must give exactly these results (the tests
-compare both on fixtures, real binaries and random bytes)."""
+"""Pure-Python twin of ``hotpatch.analysis._discovery``: the kernels of discovery's rounds, the padding
+ones written with the regular expressions of ``padding.py``. The compiled kernels must give exactly these
+results (the tests compare both on fixtures, real binaries and random bytes)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 
+from .flow import terminates
 from .padding import FILL_RE, USABLE_PADDING_RE
+from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "gap_places", "named", "padding_runs"]
+__all__ = ["IMPLEMENTATION", "call_and_lea_targets", "gap_places", "gap_starts", "named", "padding_runs",
+           "reachable_end"]
 
 IMPLEMENTATION = "python"
 
@@ -26,6 +29,30 @@ def gap_places(memory: bytes, end: int, limit: int) -> list[int]:
     found.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit) if match.end() < limit)
     # code does not begin with fill (a multi-byte nop right after a function is its padding)
     return sorted(p for p in found if not FILL_RE.match(memory, p, p + 15))
+
+
+def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
+               section_ends: Sequence[int], cache: dict[tuple[int, int], list[int]] | None = None) -> set[int]:
+    """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each
+    executable section, and after the last one: ``gap_places`` of each.
+
+    ``cache`` keeps each gap's places by its bounds: discovery asks again after every round, and most gaps
+    are the same as before."""
+    cache = {} if cache is None else cache
+    places: set[int] = set()
+    for low, high in zip(section_rvas, section_ends):
+        first = bisect_right(starts, low - 1)
+        last = bisect_right(starts, high - 1)
+        for index in range(first, last):
+            end = ends[index]
+            limit = min(starts[index + 1], high) if index + 1 < last else high
+            if end >= limit:
+                continue
+            known = cache.get((end, limit))
+            if known is None:
+                known = cache[(end, limit)] = gap_places(memory, end, limit)
+            places.update(known)
+    return places
 
 
 def padding_runs(memory: bytes, rvas: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
@@ -73,3 +100,49 @@ def named(places: Iterable[int], words: Iterable[array]) -> set[int]:
     for chunk in words:
         found |= wanted.intersection(chunk)
     return found
+
+
+#: first bytes of an instruction that may not fall through: the opcodes themselves and prefixes
+_MAY_TERMINATE = frozenset((0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4, 0x0F, 0xFF, 0x66, 0xF2, 0xF3, 0x2E,
+                            0x3E, 0x26, 0x36, 0x64, 0x65, *range(0x40, 0x50)))
+
+
+def reachable_end(memory: bytes, rvas: Sequence[int], refs: Iterable[tuple[int, int, int, int, int]],
+                  tables: list[tuple[int, int, int, tuple[int, ...]]], begin: int, limit: int, horizon: int) -> int:
+    """Where the code reachable from ``begin`` ends: after the first instruction that does not fall through
+    with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none."""
+    horizon = max(horizon, limit)  # branch targets up to here count (the item may be a first look)
+    refs = list(refs)
+    reaches = {table[0]: max(table[3]) for table in tables if table[3]}
+    reach = begin
+    ref_index, ref_count = 0, len(refs)
+    count = len(rvas)
+    for index in range(count):
+        insn = rvas[index]
+        while ref_index < ref_count and refs[ref_index][1] <= insn:
+            kind, _, _, _, target = refs[ref_index]
+            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < horizon:
+                reach = target
+            ref_index += 1
+        table_reach = reaches.get(insn)
+        if table_reach is not None and table_reach > reach:
+            reach = table_reach
+        end = rvas[index + 1] if index + 1 < count else limit
+        if reach < end and memory[insn] in _MAY_TERMINATE and terminates(memory, insn, end):
+            return end
+    return limit
+
+
+def call_and_lea_targets(memory: bytes, refs_lists: Iterable[Iterable[tuple[int, int, int, int, int]]]
+                         ) -> tuple[set[int], set[int]]:
+    """Targets of direct calls, and addresses taken with ``lea r, [rip+X]``, in the given reference lists."""
+    calls: set[int] = set()
+    leas: set[int] = set()
+    for refs in refs_lists:
+        for kind, insn_rva, operand_offset, _, target in refs:
+            if kind == CALL_REL32:
+                calls.add(target)
+            # RIP-relative addressing has no SIB byte: the opcode sits right before the ModRM byte
+            elif kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
+                leas.add(target)
+    return calls, leas

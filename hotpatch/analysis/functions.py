@@ -239,7 +239,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     taken: set[int] = set()  # addresses taken with lea
     rejected: set[int] = set()  # candidates already judged not to start a function
     gap_places: dict[tuple[int, int], list[int]] = {}
-    named: dict[int, bool] = {}
+    named: tuple[set[int], set[int]] = (set(), set())  # places looked up, and those some word names
     while True:
         layout = _layout(code_section, sources, pdata)
         todo = [item for item in layout if item not in bounded and item[0] not in pdata]
@@ -399,13 +399,16 @@ def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], l
                               array("I", (s.end_rva for s in sections)), cache)
 
 
-def _named_by_words(places: set[int], words: list[array], judged: dict[int, bool], kernels: Any) -> set[int]:
-    """The places some 32-bit value in data names; ``judged`` remembers places looked up before."""
-    fresh = places - judged.keys()
+def _named_by_words(places: set[int], words: list[array], judged: tuple[set[int], set[int]],
+                    kernels: Any) -> set[int]:
+    """The places some 32-bit value in data names; ``judged`` remembers the places looked up before and
+    which of them were named (set operations: a large image has tens of thousands of places a round)."""
+    looked_up, named = judged
+    fresh = places - looked_up
     if fresh:
-        found = kernels.named(fresh, words)
-        judged.update((place, place in found) for place in fresh)
-    return {place for place in places if judged[place]}
+        named |= kernels.named(fresh, words)
+        looked_up |= fresh
+    return places & named
 
 
 def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:

@@ -56,7 +56,7 @@ deps:
 	  fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py $(wildcard hotpatch/*.pyx hotpatch/*/*.pyx hotpatch/analysis/includes/*.pxd native/*.c native/*.h native/agent/*.c native/agent/*.h)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard hotpatch/*.pyx hotpatch/*/*.pyx hotpatch/*/*.pxd hotpatch/analysis/includes/*.pxd native/*.c native/*.h native/agent/*.c native/agent/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -83,4 +83,6 @@ corpus: venv
 
 clean:
 	rm -rf build dist $(VENV) hotpatch/bin *.egg-info
-	find hotpatch -name '*.so' -delete -o -name '_core.c' -delete -o -name '_diffcore.c' -delete
+	find hotpatch -name '*.so' -delete
+	# the C that Cython generates next to each .pyx
+	for pyx in $(wildcard hotpatch/*/*.pyx); do rm -f "$${pyx%.pyx}.c"; done

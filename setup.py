@@ -1,4 +1,4 @@
-"""Build of the compiled parts: the Cython analysis core (against capstone's headers) and diff kernels.
+"""Build of the compiled parts: the Cython analysis modules (the decoder against capstone's headers) and diff kernels.
 
 The core calls capstone through function pointers taken from the library the
 ``capstone`` Python package loads, so only its headers are needed here; the
@@ -27,12 +27,18 @@ def capstone_include() -> str:
     return path
 
 
-core = Extension(
-    "hotpatch.analysis._core",
-    ["hotpatch/analysis/_core.pyx", "native/x86_fastlen.c"],
+# the analysis core (fingerprints, and the backend the rest imports), the x86-64 decoder over capstone,
+# packed references, discovery's round kernels; each .pyx cimports the .pxd files next to it
+ANALYSIS = "hotpatch/analysis"
+core = Extension("hotpatch.analysis._core", [f"{ANALYSIS}/_core.pyx"], extra_compile_args=["-O2"])
+decoder = Extension(
+    "hotpatch.analysis._decode",
+    [f"{ANALYSIS}/_decode.pyx", "native/x86_fastlen.c"],
     include_dirs=[capstone_include(), "native"],
     extra_compile_args=["-O2", "-Wno-unused-function"],
 )
+reflist = Extension("hotpatch.analysis._reflist", [f"{ANALYSIS}/_reflist.pyx"], extra_compile_args=["-O2"])
+discovery = Extension("hotpatch.analysis._discovery", [f"{ANALYSIS}/_discovery.pyx"], extra_compile_args=["-O2"])
 diff_core = Extension("hotpatch.diff._diffcore", ["hotpatch/diff/_diffcore.pyx"], extra_compile_args=["-O2"])
 
 
@@ -55,6 +61,7 @@ class build_py_with_agent(build_py):
 
 
 setup(
-    ext_modules=cythonize([core, diff_core], compiler_directives={"language_level": 3}, quiet=True),
+    ext_modules=cythonize([core, decoder, reflist, discovery, diff_core], compiler_directives={"language_level": 3},
+                          quiet=True),
     cmdclass={"build_py": build_py_with_agent},
 )

@@ -1,6 +1,6 @@
 """Pure-Python reference implementation of the analysis core.
 
-``hotpatch/analysis/_core.pyx`` implements exactly the same functions against
+``hotpatch/analysis/_core.pyx`` (with ``_decode.pyx``) implements exactly the same functions against
 capstone's C API; this module is the oracle the tests compare it with, and
 the fallback only when ``HOTPATCH_PURE_PYTHON=1`` asks for it.
 

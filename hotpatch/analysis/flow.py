@@ -3,7 +3,7 @@
 Discovery bounds functions without .pdata by reachability and the analysis
 core stops sweeping at data that follows the last instruction of a path; both
 need to know where a path ends. That is decided from the opcode bytes alone
-(prefixes skipped), so the compiled core (``_core.pyx``, ``_terminates``) and
+(prefixes skipped), so the compiled modules (``_shared.pxd``: ``_terminates``) and
 this module answer identically without asking capstone.
 """
 

@@ -12,6 +12,7 @@ next known start.
 
 from __future__ import annotations
 
+import importlib
 import re
 from array import array
 from bisect import bisect_right
@@ -21,17 +22,9 @@ from typing import Any
 
 from ..collector import gc_paused
 from ..pe.image import Image, UnwindInfo
+from . import _discovery_reference
 from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
-from .flow import terminates
-from .padding import (
-    FILL_BYTES,
-    FILL_RE,
-    USABLE_PADDING_RE,
-    after_padding,
-    covered_bytes,
-    gap_fill_bytes,
-    padding_runs,
-)
+from .padding import FILL_BYTES, FILL_RE, after_padding, covered_bytes, gap_fill_bytes
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
 
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
@@ -167,8 +160,16 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
         return _discover(image, impl)
 
 
+def _kernels(core: Any) -> Any:
+    """Discovery's round kernels that go with an analysis implementation: compiled with compiled."""
+    if getattr(core, "IMPLEMENTATION", None) == "cython":
+        return importlib.import_module("hotpatch.analysis._discovery")
+    return _discovery_reference
+
+
 def _discover(image: Image, impl: Any) -> FunctionTable:
     core = impl or backend()
+    kernels = _kernels(core)
     ctx = AnalysisContext.from_image(image)
     pdata = {f.begin_rva: f for f in image.runtime_functions}
     # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
@@ -238,7 +239,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     taken: set[int] = set()  # addresses taken with lea
     rejected: set[int] = set()  # candidates already judged not to start a function
     gap_places: dict[tuple[int, int], list[int]] = {}
-    named: dict[int, bool] = {}
+    named: tuple[set[int], set[int]] = (set(), set())  # places looked up, and those some word names
     while True:
         layout = _layout(code_section, sources, pdata)
         todo = [item for item in layout if item not in bounded and item[0] not in pdata]
@@ -246,19 +247,21 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
             bounded[item] = reached
         layout = [bounded.get(item, item) for item in layout]
         _decode_missing(ctx, core, decoded, layout)
-        fresh = [decoded[item] for item in layout if item not in scanned]
+        fresh = [decoded[item].raw_refs for item in layout if item not in scanned]
         scanned.update(layout)
+        calls, leas = kernels.call_and_lea_targets(memory, fresh)
         # whether an address could start a function does not change: keep only those that could
-        taken |= {t for t in _lea_targets(memory, fresh) if acceptable(t)}
+        taken |= {t for t in leas if acceptable(t)}
         found = False
-        for target in {ref[4] for analysis in fresh for ref in analysis.raw_refs if ref[0] == CALL_REL32}:
+        for target in calls:
             found |= add(target, "call")
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
             t for t in taken - sources.keys() - rejected if _boundary(image, layout, t, core)])
         if not found:
-            places = _gap_starts(image, layout, gap_places)
+            places = _gap_starts(image, layout, gap_places, kernels)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
-                t for t in _named_by_words(places, words, named) - sources.keys() - rejected if acceptable(t)])
+                t for t in _named_by_words(places, words, named, kernels) - sources.keys() - rejected
+                if acceptable(t)])
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
@@ -273,9 +276,12 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, core)
-    padding = padding_runs(image, [(rva, ranges[0][1]) for rva, ranges in layout])
+    sections = sorted(image.executable_sections, key=lambda s: s.rva)
+    padding = kernels.padding_runs(image.memory, array("I", (rva for rva, _ in layout)),
+                                   array("I", (ranges[0][1] for _, ranges in layout)),
+                                   array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections)))
     functions = []
-    for (rva, ranges), analysis, (before, after) in zip(layout, final, padding):
+    for (rva, ranges), analysis, before, after in zip(layout, final, *padding):
         runtime = pdata.get(rva)
         functions.append(Function(rva, ranges[0][1], names.get(rva), tuple(s for s in SOURCES if s in sources[rva]),
                                   ranges[1:], before, after, runtime.unwind if runtime else None,
@@ -349,7 +355,8 @@ def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, Functio
         decoded[item] = analysis
 
 
-def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: int = 0) -> Item:
+def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: int = 0,
+               kernels: Any = _discovery_reference) -> Item:
     """The item cut after the first instruction that does not fall through (ret, jmp, ud2, int3) with no
     branch or jump-table target of the function beyond it: nothing after it is reached from the entry.
 
@@ -358,43 +365,9 @@ def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: i
     sweeping those as part of the function gives it references to nowhere (issue 15, cause 9).
     """
     rva, ((begin, limit),) = item
-    horizon = max(horizon, limit)  # branch targets up to here count (the item may be a first look)
-    rvas = analysis.insn_rvas
-    refs = analysis.raw_refs
-    tables = {table[0]: max(table[3]) for table in analysis.raw_tables if table[3]}
-    reach = begin
-    ref_index, ref_count = 0, len(refs)
-    count = len(rvas)
-    for index in range(count):
-        insn = rvas[index]
-        while ref_index < ref_count and refs[ref_index][1] <= insn:
-            kind, _, _, _, target = refs[ref_index]
-            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < horizon:
-                reach = target
-            ref_index += 1
-        table_reach = tables.get(insn)
-        if table_reach is not None and table_reach > reach:
-            reach = table_reach
-        end = rvas[index + 1] if index + 1 < count else limit
-        if reach < end and memory[insn] in _MAY_TERMINATE and terminates(memory, insn, end):
-            return (rva, ((begin, end),)) if end < limit else item
-    return item
-
-
-#: first bytes of an instruction that may not fall through: the opcodes themselves and prefixes
-_MAY_TERMINATE = frozenset((0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4, 0x0F, 0xFF, 0x66, 0xF2, 0xF3, 0x2E,
-                            0x3E, 0x26, 0x36, 0x64, 0x65, *range(0x40, 0x50)))
-
-
-def _lea_targets(memory: bytes, analyses: list[FunctionAnalysis]) -> set[int]:
-    """Addresses taken with ``lea r, [rip+X]``: callbacks passed by address, often leaves without .pdata."""
-    out = set()
-    for analysis in analyses:
-        for kind, insn_rva, operand_offset, _, target in analysis.raw_refs:
-            # RIP-relative addressing has no SIB byte: the opcode sits right before the ModRM byte
-            if kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
-                out.add(target)
-    return out
+    end = kernels.reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, begin, limit,
+                                horizon)
+    return (rva, ((begin, end),)) if end < limit else item
 
 
 def _rva32_words(image: Image) -> list[array]:
@@ -415,44 +388,27 @@ def _rva32_words(image: Image) -> list[array]:
     return out
 
 
-def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], list[int]]) -> set[int]:
+def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], list[int]], kernels: Any) -> set[int]:
     """Places outside every function where code could begin: a gap's start, the end of each fill run.
 
-    ``cache`` keeps each gap's places by its bounds: the loop asks again after every round, and most gaps
-    are the same as before (scanning them is most of what this costs on a large image).
-    """
-    memory = image.memory
-    places: set[int] = set()
-    starts = [item[0] for item in layout]
-    for section in image.executable_sections:
-        first = bisect_right(starts, section.rva - 1)
-        last = bisect_right(starts, section.end_rva - 1)
-        for index in range(first, last):
-            end = layout[index][1][0][1]
-            limit = min(starts[index + 1], section.end_rva) if index + 1 < last else section.end_rva
-            if end >= limit:
-                continue
-            known = cache.get((end, limit))
-            if known is None:
-                # code follows int3/nop padding; zero runs in a gap are data more often than not
-                found = {end}
-                found.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit)
-                             if match.end() < limit)
-                # code does not begin with fill (a multi-byte nop right after a function is its padding)
-                known = cache[(end, limit)] = [p for p in found if not FILL_RE.match(memory, p, p + 15)]
-            places.update(known)
-    return places
+    ``cache`` keeps each gap's places by its bounds for the pure-Python kernels (the loop asks again after
+    every round, and most gaps are the same as before); the compiled ones scan the gaps afresh."""
+    sections = image.executable_sections
+    return kernels.gap_starts(image.memory, array("I", (item[0] for item in layout)),
+                              array("I", (item[1][0][1] for item in layout)), array("I", (s.rva for s in sections)),
+                              array("I", (s.end_rva for s in sections)), cache)
 
 
-def _named_by_words(places: set[int], words: list[array], judged: dict[int, bool]) -> set[int]:
-    """The places some 32-bit value in data names; ``judged`` remembers places looked up before."""
-    fresh = places - judged.keys()
+def _named_by_words(places: set[int], words: list[array], judged: tuple[set[int], set[int]],
+                    kernels: Any) -> set[int]:
+    """The places some 32-bit value in data names; ``judged`` remembers the places looked up before and
+    which of them were named (set operations: a large image has tens of thousands of places a round)."""
+    looked_up, named = judged
+    fresh = places - looked_up
     if fresh:
-        found: set[int] = set()
-        for chunk in words:
-            found |= fresh.intersection(chunk)
-        judged.update((place, place in found) for place in fresh)
-    return {place for place in places if judged[place]}
+        named |= kernels.named(fresh, words)
+        looked_up |= fresh
+    return places & named
 
 
 def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
@@ -547,6 +503,7 @@ def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], ho
     targets are checked against the range: a window with a table is decoded whole. An item of unknown
     extent (data swept as code) would otherwise be decoded to the next known start, often far away.
     """
+    kernels = _kernels(core)
     windows = [(rva, ((begin, min(limit, begin + _REACH_WINDOW)),)) for rva, ((begin, limit),) in items]
     out: list[Item | None] = [None] * len(items)
     whole: list[int] = []
@@ -554,17 +511,17 @@ def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], ho
         limit, window_end = item[1][0][1], window[1][0][1]
         if window_end == limit:
             full[item] = analysis
-            out[index] = _reachable(memory, item, analysis, horizons[index])
+            out[index] = _reachable(memory, item, analysis, horizons[index], kernels)
             continue
         if not analysis.raw_tables:
-            cut = _reachable(memory, window, analysis, max(horizons[index], limit))
+            cut = _reachable(memory, window, analysis, max(horizons[index], limit), kernels)
             if cut[1][0][1] <= window_end - _WINDOW_MARGIN:
                 out[index] = cut
                 continue
         whole.append(index)
     for index, analysis in zip(whole, decode(ctx, [items[i] for i in whole], core)):
         full[items[index]] = analysis
-        out[index] = _reachable(memory, items[index], analysis, horizons[index])
+        out[index] = _reachable(memory, items[index], analysis, horizons[index], kernels)
     return out  # type: ignore[return-value]
 
 

@@ -1,5 +1,6 @@
-"""Padding and fill between functions: the byte patterns, usable padding runs next to each function (room
-for a short-jump redirect), whether code follows padding, and how much of a section functions cover."""
+"""Padding and fill between functions: the byte patterns, whether code follows padding, and how much of a
+section functions cover. The usable padding runs next to each function (room for a short-jump redirect)
+are measured by discovery's kernels (``_discovery.pyx`` and its twin ``_discovery_reference.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from collections.abc import Iterable
 
 from ..pe.image import Image, Section
 
-__all__ = ["FILL_BYTES", "FILL_RE", "USABLE_PADDING_RE", "after_padding", "covered_bytes", "gap_fill_bytes",
-           "padding_runs"]
+__all__ = ["FILL_BYTES", "FILL_RE", "USABLE_PADDING_RE", "after_padding", "covered_bytes", "gap_fill_bytes"]
 
 # Padding between functions: int3, nop and the multi-byte nops compilers emit
 # for alignment (0F 1F /0 with their 66/2E prefixes, and 66 90).
@@ -27,41 +27,6 @@ def after_padding(memory: bytes, rva: int) -> bool:
 
 #: single bytes that fill between functions: int3, nop, zero
 FILL_BYTES = frozenset((0xCC, 0x90, 0x00))
-
-
-def padding_runs(image: Image, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Usable int3/nop runs between neighbours: the run ending at each entry and the one after each end."""
-    memory = image.memory
-    out = []
-    for index, (rva, end) in enumerate(spans):
-        section = image.code_section(rva)
-        assert section is not None
-        gap_start = spans[index - 1][1] if index > 0 and spans[index - 1][1] >= section.rva else section.rva
-        gap_start = max(gap_start, section.rva)
-        gap_end = spans[index + 1][0] if index + 1 < len(spans) else section.end_rva
-        gap_end = min(gap_end, section.end_rva)
-        out.append((_run_ending_at(memory, gap_start, rva), _run_starting_at(memory, end, gap_end)))
-    return out
-
-
-def _run_ending_at(memory: bytes, gap_start: int, entry: int) -> int:
-    if gap_start >= entry:
-        return 0
-    # Padding ends in int3, nop, or a multi-byte nop whose 0F 1F sits in its last eight bytes.
-    if memory[entry - 1] not in (0xCC, 0x90) and memory.find(b"\x0f\x1f", max(gap_start, entry - 8), entry) < 0:
-        return 0
-    best = 0
-    for match in USABLE_PADDING_RE.finditer(memory, max(gap_start, entry - 4096), entry):
-        if match.end() == entry:
-            best = entry - match.start()
-    return best
-
-
-def _run_starting_at(memory: bytes, end: int, gap_end: int) -> int:
-    if end >= gap_end:
-        return 0
-    match = USABLE_PADDING_RE.match(memory, end, gap_end)
-    return match.end() - end if match else 0
 
 
 def covered_bytes(ranges: Iterable[tuple[int, int]], section: Section) -> int:

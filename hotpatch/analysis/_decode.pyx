@@ -1,0 +1,590 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled x86-64 decoder: ``decode`` (instructions, references, jump tables of each function) and
+``instruction_text`` over capstone's C API; ``_core`` gives them with the fingerprints.
+
+Line for line the same contract as ``hotpatch.analysis._reference`` (read its
+docstring); the tests check that both give identical results.
+"""
+
+import ctypes
+from array import array
+
+import capstone
+
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memset, strstr
+from cpython.bytes cimport PyBytes_FromStringAndSize
+
+from hotpatch.analysis.includes.capstone cimport *
+from hotpatch.analysis._buffers cimport Decoded, Ref, Span, Table, _free_decoded, _grow, _push_ref, _push_rva
+from hotpatch.analysis._reflist cimport pack_refs
+from hotpatch.analysis._shared cimport _is_nop, _lower_bound, _terminates
+
+
+cdef extern from "x86_fastlen.h" nogil:
+    int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
+
+from .refkinds import (
+    ABS64 as _ABS64, BRANCH_REL8 as _BRANCH_REL8, BRANCH_REL32 as _BRANCH_REL32, CALL_REL32 as _CALL_REL32,
+    IAT_CALL as _IAT_CALL, IAT_JUMP as _IAT_JUMP, IMAGE_REL32 as _IMAGE_REL32, JUMP_TABLE as _JUMP_TABLE,
+    MAX_TABLE_ENTRIES as _MAX_TABLE_ENTRIES, RIP_RELATIVE as _RIP_RELATIVE,
+    TABLE_IMAGE_REL32 as _TABLE_IMAGE_REL32, TABLE_SELF_REL32 as _TABLE_SELF_REL32,
+)
+
+cdef int ABS64 = _ABS64
+cdef int BRANCH_REL8 = _BRANCH_REL8
+cdef int BRANCH_REL32 = _BRANCH_REL32
+cdef int CALL_REL32 = _CALL_REL32
+cdef int IAT_CALL = _IAT_CALL
+cdef int IAT_JUMP = _IAT_JUMP
+cdef int IMAGE_REL32 = _IMAGE_REL32
+cdef int JUMP_TABLE = _JUMP_TABLE
+cdef int RIP_RELATIVE = _RIP_RELATIVE
+cdef int TABLE_SELF_REL32 = _TABLE_SELF_REL32
+cdef int TABLE_IMAGE_REL32 = _TABLE_IMAGE_REL32
+cdef int64_t MAX_TABLE_ENTRIES = _MAX_TABLE_ENTRIES
+
+# ── capstone entry points, taken from the library the Python binding loaded ──
+
+cdef cs_open_fn p_cs_open
+cdef cs_option_fn p_cs_option
+cdef cs_malloc_fn p_cs_malloc
+cdef cs_disasm_iter_fn p_cs_disasm_iter
+cdef cs_free_fn p_cs_free
+cdef cs_close_fn p_cs_close
+
+
+cdef size_t _symbol(str name) except 0:
+    address = ctypes.cast(getattr(capstone._cs, name), ctypes.c_void_p).value
+    if not address:
+        raise ImportError(f"libcapstone has no {name}")
+    return <size_t>address
+
+
+p_cs_open = <cs_open_fn>_symbol("cs_open")
+p_cs_option = <cs_option_fn>_symbol("cs_option")
+p_cs_malloc = <cs_malloc_fn>_symbol("cs_malloc")
+p_cs_disasm_iter = <cs_disasm_iter_fn>_symbol("cs_disasm_iter")
+p_cs_free = <cs_free_fn>_symbol("cs_free")
+p_cs_close = <cs_close_fn>_symbol("cs_close")
+
+if capstone.cs_version()[:2] != (5, 0):
+    raise ImportError(f"hotpatch.analysis._decode was built for capstone 5.0, found {capstone.__version__}")
+
+
+cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
+    cdef int i
+    for i in range(detail.groups_count):
+        if detail.groups[i] == group:
+            return True
+    return False
+
+
+# ── decode ─────────────────────────────────────────────────────────────────
+
+# Instructions whose references need capstone's details: relative branches and
+# the bounds check of a switch. Everything else is decoded without details
+# (about three times faster) and re-decoded only if its text shows a RIP-relative
+# operand or a scaled-by-4 index; the result is identical to decoding all with details.
+cdef uint8_t WANTS_DETAIL[4096]
+memset(WANTS_DETAIL, 0, sizeof(WANTS_DETAIL))
+for _id in (X86_INS_CALL, X86_INS_JMP, X86_INS_JAE, X86_INS_JA, X86_INS_JBE, X86_INS_JB, X86_INS_JCXZ,
+            X86_INS_JECXZ, X86_INS_JE, X86_INS_JGE, X86_INS_JG, X86_INS_JLE, X86_INS_JL, X86_INS_JNE,
+            X86_INS_JNO, X86_INS_JNP, X86_INS_JNS, X86_INS_JO, X86_INS_JP, X86_INS_JRCXZ, X86_INS_JS,
+            X86_INS_LOOP, X86_INS_LOOPE, X86_INS_LOOPNE, X86_INS_XBEGIN, X86_INS_CMP):
+    WANTS_DETAIL[_id] = 1
+if X86_INS_ENDING > 4096:
+    raise ImportError("capstone instruction numbering changed; rebuild hotpatch.analysis._decode")
+
+
+cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
+    if WANTS_DETAIL[insn.id]:
+        return True
+    if strstr(insn.op_str, "rip") != NULL or strstr(insn.op_str, " + 0x") != NULL:
+        return True
+    return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
+
+
+cdef struct Function:
+    const int64_t *ranges   # (begin, end) pairs
+    size_t n_ranges
+    size_t refs_begin       # its references and tables start here in the Decoded buffers
+    size_t tables_begin
+
+
+cdef inline bint _in_function(const Function *f, int64_t target) noexcept nogil:
+    cdef size_t i
+    for i in range(f.n_ranges):
+        if f.ranges[2 * i] <= target < f.ranges[2 * i + 1]:
+            return True
+    return False
+
+
+cdef int _skip_table(Decoded *out, const Function *f, const Table *table, int64_t rva,
+                     size_t range_index) noexcept nogil:
+    """A table ahead of the instruction that reads it, inside the function's ranges (this one or one swept
+    later), is not code (MSVC puts switch tables right after the function's code, in .pdata fragments too,
+    and a leaf without .pdata runs over them)."""
+    cdef size_t index
+    cdef int64_t start = table.table_rva
+    if not table.count:
+        return 0
+    for index in range(f.n_ranges):
+        if f.ranges[2 * index] <= start < f.ranges[2 * index + 1] and \
+                (index > range_index or index == range_index and start > rva):
+            if out.n_skips == out.c_skips and _grow(<void **>&out.skips, &out.c_skips, out.n_skips + 1,
+                                                     sizeof(Span)):
+                return -1
+            out.skips[out.n_skips].begin = start
+            out.skips[out.n_skips].end = start + 4 * <int64_t>table.count
+            out.n_skips += 1
+            return 0
+    return 0
+
+
+cdef inline bint _is_read(const Decoded *out, int64_t offset) noexcept nogil:
+    cdef size_t i
+    for i in range(out.n_reads):
+        if out.reads[i] == offset:
+            return True
+    return False
+
+
+cdef int _add_read(Decoded *out, int64_t target) noexcept nogil:
+    if _is_read(out, target):
+        return 0
+    if out.n_reads == out.c_reads and _grow(<void **>&out.reads, &out.c_reads, out.n_reads + 1, sizeof(int64_t)):
+        return -1
+    out.reads[out.n_reads] = target
+    out.n_reads += 1
+    return 0
+
+
+cdef int64_t _past_data(const Decoded *out, const Function *f, int64_t offset, int64_t end,
+                        bint after_end) noexcept nogil:
+    """``offset``, or past the data it lies at: jump tables ahead (they can follow each other), and a
+    place the function reads that comes right after an instruction that does not fall through (MSVC's
+    byte index tables of two-level switches), up to the next branch target ahead or the range end."""
+    cdef bint moved = True
+    cdef size_t i
+    while moved:
+        moved = False
+        for i in range(out.n_skips):
+            if out.skips[i].begin <= offset < out.skips[i].end:
+                offset = out.skips[i].end
+                moved = True
+        if after_end and offset < end and _is_read(out, offset):
+            offset = _next_target(out, f, offset, end)
+            moved = True
+    return offset
+
+
+cdef int64_t _next_target(const Decoded *out, const Function *f, int64_t offset, int64_t end) noexcept nogil:
+    """The first branch or jump-table target in ``(offset, end)``, else ``end``."""
+    cdef int64_t best = end, target
+    cdef size_t i, k
+    for i in range(f.refs_begin, out.n_refs):
+        if out.refs[i].kind == BRANCH_REL8 or out.refs[i].kind == BRANCH_REL32:
+            target = out.refs[i].target
+            if offset < target < best:
+                best = target
+    for i in range(f.tables_begin, out.n_tables):
+        for k in range(out.tables[i].first, out.tables[i].first + out.tables[i].count):
+            target = out.targets[k]
+            if offset < target < best:
+                best = target
+    return best
+
+
+cdef int _plain_branch(Decoded *out, const uint8_t *p, size_t avail, int64_t rva) noexcept nogil:
+    """Length of a prefix-free jcc/jmp/call with an 8- or 32-bit displacement at ``p`` (its reference
+    appended, as capstone's details would give it), 0 for anything else, -1 when out of memory."""
+    cdef int length, operand_offset, operand_size, kind
+    cdef int32_t displacement32
+    cdef int64_t displacement
+    if avail >= 5 and (p[0] == 0xE8 or p[0] == 0xE9):
+        kind, length, operand_offset, operand_size = (CALL_REL32 if p[0] == 0xE8 else BRANCH_REL32), 5, 1, 4
+        memcpy(&displacement32, p + 1, 4)
+        displacement = displacement32
+    elif avail >= 2 and (p[0] == 0xEB or 0x70 <= p[0] <= 0x7F):
+        kind, length, operand_offset, operand_size = BRANCH_REL8, 2, 1, 1
+        displacement = <int8_t>p[1]
+    elif avail >= 6 and p[0] == 0x0F and 0x80 <= p[1] <= 0x8F:
+        kind, length, operand_offset, operand_size = BRANCH_REL32, 6, 2, 4
+        memcpy(&displacement32, p + 2, 4)
+        displacement = displacement32
+    else:
+        return 0
+    if _push_ref(out, kind, rva, operand_offset, operand_size, rva + length + displacement):
+        return -1
+    return length
+
+
+cdef class _Decoder:
+    """One thread's decoder: its own capstone handles and scratch state over one image's flat context."""
+    cdef csh handle
+    cdef cs_insn *insn
+    cdef csh lite_handle
+    cdef cs_insn *lite
+    cdef object keep  # the Python objects the pointers below point into
+    cdef const uint8_t *base
+    cdef size_t memlen
+    cdef const uint32_t *relocations
+    cdef size_t nrelocs
+    cdef const uint32_t *iat  # sorted IAT slot RVAs
+    cdef size_t niat
+    cdef int64_t first_section_rva
+    cdef int64_t lea_value[512]
+    cdef uint8_t lea_known[512]
+
+    def __cinit__(self, ctx):
+        cdef const uint8_t[:] memory = ctx.memory
+        cdef const uint32_t[:] relocations = ctx.relocations
+        cdef const uint32_t[:] iat
+        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
+            raise RuntimeError("cs_open failed")
+        p_cs_option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
+        self.insn = p_cs_malloc(self.handle)
+        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.lite_handle) != CS_ERR_OK:
+            raise RuntimeError("cs_open failed")
+        self.lite = p_cs_malloc(self.lite_handle)
+        if self.insn == NULL or self.lite == NULL:
+            raise MemoryError()
+        if X86_REG_ENDING > 512:
+            raise ImportError("capstone register numbering changed; rebuild hotpatch.analysis._decode")
+        iat_slots = array("I", sorted(ctx.iat))
+        iat_slots.append(0)  # never empty, so a pointer to its first item always exists
+        iat = iat_slots
+        self.keep = (memory, relocations, iat)
+        self.memlen = memory.shape[0]
+        self.base = &memory[0] if self.memlen else NULL
+        self.nrelocs = relocations.shape[0]
+        self.relocations = &relocations[0] if self.nrelocs else NULL
+        self.niat = iat.shape[0] - 1
+        self.iat = &iat[0]
+        self.first_section_rva = ctx.first_section_rva
+
+    def __dealloc__(self):
+        if self.insn != NULL:
+            p_cs_free(self.insn, 1)
+        if self.lite != NULL:
+            p_cs_free(self.lite, 1)
+        if self.handle:
+            p_cs_close(&self.handle)
+        if self.lite_handle:
+            p_cs_close(&self.lite_handle)
+
+    cdef inline bint _is_iat(self, int64_t target) noexcept nogil:
+        cdef size_t index
+        if self.niat == 0 or target < <int64_t>self.iat[0] or target > <int64_t>self.iat[self.niat - 1]:
+            return False
+        index = _lower_bound(self.iat, self.niat, target)
+        return index < self.niat and <int64_t>self.iat[index] == target
+
+    cdef int decode_one(self, Decoded *out, Function *f) noexcept nogil:
+        """Instructions, references and jump tables of one function into ``out``; -1 when out of memory."""
+        cdef const uint8_t *base = self.base
+        cdef size_t memlen = self.memlen
+        cdef int64_t begin, end, offset, rva, last_cmp, reloc
+        cdef const uint8_t *code
+        cdef size_t remaining, index, range_index, found
+        cdef uint64_t address, value
+        cdef int length, interesting
+        cdef bint after_end
+        out.n_skips = 0
+        out.n_reads = 0
+        if base == NULL:
+            return 0
+        for range_index in range(f.n_ranges):
+            begin = f.ranges[2 * range_index]
+            end = min(f.ranges[2 * range_index + 1], <int64_t>memlen)
+            memset(self.lea_known, 0, sizeof(self.lea_known))
+            last_cmp = -1
+            offset = begin
+            after_end = False  # the last instruction swept does not fall through
+            while offset < end:
+                if out.n_skips or after_end:
+                    offset = _past_data(out, f, offset, end, after_end)
+                    if offset >= end:
+                        break
+                length = hp_fast_length(base + offset, <size_t>(end - offset), &interesting)
+                if length == 0 and interesting:
+                    # a relative branch: without prefixes its target is all there is to know
+                    length = _plain_branch(out, base + offset, <size_t>(end - offset), offset)
+                    if length < 0:
+                        return -1
+                    interesting = length == 0
+                if length == 0 and not interesting:
+                    code = base + offset
+                    remaining = <size_t>(end - offset)
+                    address = <uint64_t>offset
+                    if not p_cs_disasm_iter(self.lite_handle, &code, &remaining, &address, self.lite):
+                        offset += 1  # an undecodable byte: skip it and resume
+                        after_end = False
+                        continue
+                    length = self.lite.size
+                    interesting = _needs_detail(self.lite)
+                if interesting:
+                    code = base + offset
+                    remaining = <size_t>(end - offset)
+                    address = <uint64_t>offset
+                    if not p_cs_disasm_iter(self.handle, &code, &remaining, &address, self.insn):
+                        offset += 1
+                        after_end = False
+                        continue
+                    length = self.insn.size
+                    found = out.n_tables
+                    if self._detailed(out, f, self.insn, &last_cmp):
+                        return -1
+                    if out.n_tables > found and _skip_table(out, f, &out.tables[out.n_tables - 1], offset,
+                                                            range_index):
+                        return -1
+                rva = offset
+                if _push_rva(out, <uint32_t>rva):
+                    return -1
+                if _terminates(base + rva, length):
+                    after_end = True
+                elif not (after_end and _is_nop(base + rva, length)):
+                    after_end = False
+                index = _lower_bound(self.relocations, self.nrelocs, rva)
+                while index < self.nrelocs and self.relocations[index] < rva + length:
+                    reloc = self.relocations[index]
+                    value = 0
+                    if reloc + 8 <= <int64_t>memlen:
+                        memcpy(&value, base + reloc, 8)
+                    if _push_ref(out, ABS64, rva, <int>(reloc - rva), 8, <int64_t>value):
+                        return -1
+                    index += 1
+                offset += length
+        return 0
+
+    cdef int _detailed(self, Decoded *out, const Function *f, cs_insn *insn, int64_t *last_cmp) noexcept nogil:
+        """References of one instruction decoded with details (branch, RIP operand, switch)."""
+        cdef cs_detail *detail = insn.detail
+        cdef cs_x86 *x = &detail.x86
+        cdef cs_x86_op *op
+        cdef int64_t rva = <int64_t>insn.address, target
+        cdef int size = insn.size, kind, i
+        cdef bint is_call
+        is_call = _has_group(detail, CS_GRP_CALL)
+        if _has_group(detail, CS_GRP_BRANCH_RELATIVE) and x.encoding.imm_offset \
+                and (x.encoding.imm_size == 1 or x.encoding.imm_size == 4):
+            target = x.operands[0].imm
+            if x.encoding.imm_size == 1:
+                kind = BRANCH_REL8
+            elif is_call:
+                kind = CALL_REL32
+            else:
+                kind = BRANCH_REL32
+            if _push_ref(out, kind, rva, x.encoding.imm_offset, x.encoding.imm_size, target):
+                return -1
+        elif x.encoding.disp_offset:
+            for i in range(x.op_count):
+                op = &x.operands[i]
+                if op.type == X86_OP_MEM and op.mem.base == X86_REG_RIP:
+                    target = rva + size + op.mem.disp
+                    kind = RIP_RELATIVE
+                    if self._is_iat(target):
+                        if is_call:
+                            kind = IAT_CALL
+                        elif _has_group(detail, CS_GRP_JUMP):
+                            kind = IAT_JUMP
+                    # a RIP-relative displacement is always 32 bits; capstone 5 says 2 after a 66 prefix
+                    # (movdqa xmm0, [rip+X] is 66 0F 6F 05 disp32), which left half of it unmasked
+                    if _push_ref(out, kind, rva, x.encoding.disp_offset, 4, target):
+                        return -1
+                    if insn.id == X86_INS_LEA:
+                        self.lea_value[x.operands[0].reg] = target
+                        self.lea_known[x.operands[0].reg] = 1
+                    elif _in_function(f, target) and _add_read(out, target):
+                        return -1
+                    break
+                if op.type == X86_OP_MEM and x.encoding.disp_size == 4 and 0 < op.mem.base < 512 \
+                        and self.lea_known[op.mem.base] and self.lea_value[op.mem.base] == 0 \
+                        and self.first_section_rva <= op.mem.disp < <int64_t>self.memlen:
+                    # MSVC addresses tables as [image base register + index + RVA]
+                    if _push_ref(out, IMAGE_REL32, rva, x.encoding.disp_offset, 4, op.mem.disp):
+                        return -1
+                    if insn.id != X86_INS_LEA and _in_function(f, op.mem.disp) and _add_read(out, op.mem.disp):
+                        return -1
+                    break
+        if insn.id == X86_INS_CMP:
+            if x.op_count == 2 and x.operands[0].type == X86_OP_REG \
+                    and x.operands[1].type == X86_OP_IMM:
+                last_cmp[0] = x.operands[1].imm
+            else:
+                last_cmp[0] = -1
+        elif insn.id == X86_INS_MOVSXD or insn.id == X86_INS_MOV:
+            return self._jump_table(out, f, insn, last_cmp[0])
+        return 0
+
+    cdef int _jump_table(self, Decoded *out, const Function *f, cs_insn *insn, int64_t last_cmp) noexcept nogil:
+        cdef cs_x86 *x = &insn.detail.x86
+        cdef x86_op_mem *mem
+        cdef int64_t table, base_target
+        cdef int entry_kind
+        cdef Table *entry
+        if x.op_count != 2 or x.operands[1].type != X86_OP_MEM:
+            return 0
+        mem = &x.operands[1].mem
+        if mem.index == 0 or mem.scale != 4 or mem.base < 0 or mem.base >= 512 or not self.lea_known[mem.base]:
+            return 0
+        base_target = self.lea_value[mem.base]
+        if insn.id == X86_INS_MOVSXD and mem.disp == 0:
+            table = base_target
+            entry_kind = TABLE_SELF_REL32
+        elif insn.id == X86_INS_MOV and base_target == 0 and mem.disp > 0 and x.operands[0].size == 4:
+            table = mem.disp
+            entry_kind = TABLE_IMAGE_REL32
+        else:
+            return 0
+        if out.n_tables == out.c_tables and _grow(<void **>&out.tables, &out.c_tables, out.n_tables + 1,
+                                                   sizeof(Table)):
+            return -1
+        entry = &out.tables[out.n_tables]
+        entry.insn_rva, entry.table_rva, entry.entry_kind = <int64_t>insn.address, table, entry_kind
+        entry.first = out.n_targets
+        if self._table_targets(out, f, table, entry_kind, last_cmp):
+            return -1
+        entry = &out.tables[out.n_tables]
+        entry.count = out.n_targets - entry.first
+        out.n_tables += 1
+        return _push_ref(out, JUMP_TABLE, <int64_t>insn.address, 0, 0, table)
+
+    cdef int _table_targets(self, Decoded *out, const Function *f, int64_t table, int entry_kind,
+                            int64_t last_cmp) noexcept nogil:
+        cdef const uint8_t *base = self.base
+        cdef int64_t memlen = <int64_t>self.memlen
+        cdef int64_t count = last_cmp + 1 if 0 <= last_cmp < MAX_TABLE_ENTRIES else MAX_TABLE_ENTRIES
+        cdef int64_t index, at, target
+        cdef int signed_entry
+        cdef unsigned int unsigned_entry
+        for index in range(count):
+            at = table + 4 * index
+            if at < 0 or at + 4 > memlen:
+                break
+            if entry_kind == TABLE_SELF_REL32:
+                memcpy(&signed_entry, base + at, 4)
+                target = table + signed_entry
+            else:
+                memcpy(&unsigned_entry, base + at, 4)
+                target = unsigned_entry
+            if not _in_function(f, target):
+                break
+            if out.n_targets == out.c_targets and _grow(<void **>&out.targets, &out.c_targets, out.n_targets + 1,
+                                                         sizeof(int64_t)):
+                return -1
+            out.targets[out.n_targets] = target
+            out.n_targets += 1
+        return 0
+
+
+def terminates(const uint8_t[:] code):
+    """Whether the instruction filling ``code`` never falls through (``hotpatch.analysis.flow.terminates``). For tests."""
+    return bool(_terminates(&code[0], code.shape[0])) if code.shape[0] else False
+
+
+def fast_length(const uint8_t[:] code):
+    """(length, interesting) from the native fast decoder; length 0 means "ask capstone". For tests."""
+    cdef int interesting = 0
+    cdef int length = hp_fast_length(&code[0], code.shape[0], &interesting) if code.shape[0] else 0
+    return length, bool(interesting)
+
+
+cdef csh _text_handle = 0
+cdef cs_insn *_text_insn = NULL
+
+
+def instruction_text(const uint8_t[:] memory, int64_t begin, int64_t end):
+    """(rva, mnemonic, operands) of the instructions in [begin, end), up to the first undecodable byte."""
+    global _text_handle, _text_insn
+    cdef const uint8_t *code
+    cdef size_t remaining
+    cdef uint64_t address
+    cdef list out = []
+    if _text_insn == NULL:
+        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &_text_handle) != CS_ERR_OK:
+            raise RuntimeError("cs_open failed")
+        _text_insn = p_cs_malloc(_text_handle)
+        if _text_insn == NULL:
+            raise MemoryError()
+    end = min(end, <int64_t>memory.shape[0])
+    if begin < 0 or begin >= end:
+        return out
+    code = &memory[begin]
+    remaining = <size_t>(end - begin)
+    address = <uint64_t>begin
+    while remaining and p_cs_disasm_iter(_text_handle, &code, &remaining, &address, _text_insn):
+        out.append((_text_insn.address, (<bytes>_text_insn.mnemonic).decode(), (<bytes>_text_insn.op_str).decode()))
+    return out
+
+
+#: functions decoded per pass without the GIL (bounds the C buffers; Python objects are built between passes)
+cdef Py_ssize_t BATCH = 2048
+
+
+def decode(ctx, items):
+    """(insn_rvas, refs, tables) of each ``(rva, ranges)`` item. The decode loop holds no GIL, so the
+    two images of a diff decode in parallel threads."""
+    cdef _Decoder decoder = _Decoder(ctx)
+    cdef Decoded out
+    cdef Function f
+    cdef Py_ssize_t n = len(items), start, stop, i, k
+    cdef size_t *ends
+    cdef const int64_t[:] flat_view
+    cdef const int64_t *flat
+    cdef const Table *table
+    cdef size_t r0, f0, t0
+    cdef int failed = 0
+    cdef object image_base = ctx.image_base
+    flat_ranges = array("q")
+    firsts = array("Q", bytes(8 * (n + 1)))  # item i's ranges: flat[2 * firsts[i]:2 * firsts[i + 1]]
+    cdef uint64_t[:] first = firsts
+    for i in range(n):
+        for begin, stop_rva in items[i][1]:
+            flat_ranges.append(begin)
+            flat_ranges.append(stop_rva)
+        first[i + 1] = len(flat_ranges) // 2
+    flat_ranges.append(0)  # never empty
+    flat_view = flat_ranges
+    flat = &flat_view[0]
+    results = []
+    memset(&out, 0, sizeof(Decoded))
+    ends = <size_t *>malloc(3 * (BATCH + 1) * sizeof(size_t))
+    if ends == NULL:
+        raise MemoryError()
+    try:
+        for start in range(0, n, BATCH):
+            stop = min(start + BATCH, n)
+            out.n_rvas = out.n_refs = out.n_tables = out.n_targets = 0
+            ends[0] = ends[1] = ends[2] = 0
+            with nogil:
+                for i in range(start, stop):
+                    f.ranges = flat + 2 * first[i]
+                    f.n_ranges = first[i + 1] - first[i]
+                    f.refs_begin = out.n_refs
+                    f.tables_begin = out.n_tables
+                    if decoder.decode_one(&out, &f):
+                        failed = 1
+                        break
+                    k = 3 * (i - start + 1)
+                    ends[k], ends[k + 1], ends[k + 2] = out.n_rvas, out.n_refs, out.n_tables
+            if failed:
+                raise MemoryError()
+            for i in range(stop - start):
+                k = 3 * i
+                rvas = array("I")
+                rvas.frombytes(PyBytes_FromStringAndSize(<char *>(out.rvas + ends[k]),
+                                                         (ends[k + 3] - ends[k]) * sizeof(uint32_t)))
+                refs = pack_refs(out.refs + ends[k + 1], ends[k + 4] - ends[k + 1], image_base)
+                tables = []
+                for t0 in range(ends[k + 2], ends[k + 5]):
+                    table = &out.tables[t0]
+                    tables.append((table.insn_rva, table.table_rva, table.entry_kind,
+                                   tuple([out.targets[f0] for f0 in range(table.first, table.first + table.count)])))
+                results.append((rvas, refs, tables))
+    finally:
+        _free_decoded(&out)
+        free(ends)
+    return results

@@ -1,0 +1,291 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled kernels of discovery's rounds: fill and padding runs between functions, the places in gaps
+where code could begin, which of them a 32-bit word in data names, where a function's reachable code
+ends, and the call and lea targets of freshly decoded functions.
+
+Line for line the same contract as ``hotpatch.analysis._discovery_reference`` (the regular expressions
+of ``padding.py`` read byte by byte); the tests check that both give identical results.
+"""
+
+from array import array
+
+from libc.stdint cimport uint8_t, uint32_t, int64_t
+from libc.stdlib cimport calloc, free
+
+from hotpatch.analysis._reflist cimport PackedRef, RefList
+from hotpatch.analysis._shared cimport _lower_bound, _terminates_within
+
+from .refkinds import BRANCH_REL8 as _BRANCH_REL8, BRANCH_REL32 as _BRANCH_REL32, CALL_REL32 as _CALL_REL32
+from .refkinds import RIP_RELATIVE as _RIP_RELATIVE
+
+IMPLEMENTATION = "cython"
+
+cdef int BRANCH_REL8 = _BRANCH_REL8
+cdef int BRANCH_REL32 = _BRANCH_REL32
+cdef int CALL_REL32 = _CALL_REL32
+cdef int RIP_RELATIVE = _RIP_RELATIVE
+
+#: how far back from an entry the padding that ends there is looked for (``padding.py``'s regex window)
+cdef Py_ssize_t RUN_WINDOW = 4096
+
+
+cdef inline Py_ssize_t _nop(const uint8_t *m, Py_ssize_t pos, Py_ssize_t end) noexcept nogil:
+    """Length of the int3/nop token at ``pos`` (``padding._NOP``, wholly before ``end``), 0 if none.
+
+    The regex's alternatives are told apart by the byte after the 66 prefixes, so the first one that
+    matches is the only one, and the greedy repetition never has to give a token back."""
+    cdef Py_ssize_t q = pos
+    cdef uint8_t modrm
+    if pos >= end:
+        return 0
+    if m[pos] == 0xCC or m[pos] == 0x90:
+        return 1
+    while q < end and m[q] == 0x66:
+        q += 1
+    if q >= end:
+        return 0
+    if m[q] == 0x90:
+        return q + 1 - pos if q > pos else 0
+    if m[q] == 0x2E:
+        q += 1
+    if q + 1 >= end or m[q] != 0x0F or m[q + 1] != 0x1F:
+        return 0
+    q += 2
+    if q >= end:
+        return 0
+    modrm = m[q]
+    if modrm == 0x00:
+        return q + 1 - pos
+    if modrm == 0x40:
+        return q + 2 - pos if q + 2 <= end else 0
+    if modrm == 0x44:
+        return q + 3 - pos if q + 3 <= end and m[q + 1] == 0 and m[q + 2] == 0 else 0
+    if modrm == 0x80:
+        return q + 5 - pos if q + 5 <= end else 0
+    if modrm == 0x84:
+        return q + 6 - pos if q + 6 <= end and m[q + 1] == 0 else 0
+    return 0
+
+
+cdef inline Py_ssize_t _run(const uint8_t *m, Py_ssize_t pos, Py_ssize_t end, bint zeros) noexcept nogil:
+    """Length of the run of tokens at ``pos`` (``USABLE_PADDING_RE``, or ``FILL_RE`` with ``zeros``)."""
+    cdef Py_ssize_t at = pos, n
+    while at < end:
+        n = _nop(m, at, end)
+        if n == 0:
+            if zeros and m[at] == 0:
+                n = 1
+            else:
+                break
+        at += n
+    return at - pos
+
+
+cdef inline Py_ssize_t _clip(Py_ssize_t value, Py_ssize_t length) noexcept nogil:
+    return value if value < length else length
+
+
+cdef int _places(const uint8_t *m, Py_ssize_t length, Py_ssize_t end, Py_ssize_t limit, list out) except -1:
+    """Append the places of the gap ``[end, limit)`` to ``out`` in order (``gap_places``)."""
+    cdef Py_ssize_t stop = _clip(limit, length), pos = end, n
+    if _run(m, end, _clip(end + 15, length), True) == 0:
+        out.append(end)
+    while pos < stop:
+        n = _run(m, pos, stop, False)
+        if n:
+            pos += n
+            if pos < limit and _run(m, pos, _clip(pos + 15, length), True) == 0:
+                out.append(pos)
+        else:
+            pos += 1
+    return 0
+
+
+def gap_places(const uint8_t[:] memory, Py_ssize_t end, Py_ssize_t limit):
+    """Places in the gap ``[end, limit)`` where code could begin, in order: the gap's start and the end
+    of each usable padding run before ``limit``, leaving out those where fill begins."""
+    cdef Py_ssize_t length = memory.shape[0]
+    out = []
+    _places(&memory[0] if length else NULL, length, end, limit, out)
+    return out
+
+
+def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
+               const uint32_t[:] section_rvas, const uint32_t[:] section_ends, cache=None):
+    """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each
+    executable section, and after the last one: ``gap_places`` of each. (``cache`` is the twin's.)"""
+    cdef Py_ssize_t length = memory.shape[0], count = starts.shape[0], s, index, first, last
+    cdef Py_ssize_t low, high, end, limit
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    out = []
+    for s in range(section_rvas.shape[0]):
+        low, high = section_rvas[s], section_ends[s]
+        first = _lower_bound(&starts[0], count, low) if count else 0
+        last = _lower_bound(&starts[0], count, high) if count else 0
+        for index in range(first, last):
+            end = ends[index]
+            limit = starts[index + 1] if index + 1 < last and starts[index + 1] < high else high
+            if end < limit:
+                _places(m, length, end, limit, out)
+    return set(out)
+
+
+def padding_runs(const uint8_t[:] memory, const uint32_t[:] rvas, const uint32_t[:] ends,
+                 const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
+    """For each span ``(rvas[i], ends[i])`` (sorted, each in one of the executable sections given sorted
+    by RVA): the usable padding run ending at its entry and the one starting at its end, each within
+    the gap to its neighbour in the same section."""
+    cdef Py_ssize_t count = rvas.shape[0], length = memory.shape[0], i, s, n_sections = section_rvas.shape[0]
+    cdef Py_ssize_t rva, end, sec_lo, sec_hi, gap_start, gap_end
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    before = array("I", bytes(4 * count))
+    after = array("I", bytes(4 * count))
+    cdef uint32_t[:] before_view = before
+    cdef uint32_t[:] after_view = after
+    s = 0
+    for i in range(count):
+        rva, end = rvas[i], ends[i]
+        while s + 1 < n_sections and section_rvas[s + 1] <= rva:
+            s += 1
+        if n_sections == 0 or not section_rvas[s] <= rva < section_ends[s]:
+            raise ValueError(f"span at {rva:#x} outside every executable section")
+        sec_lo, sec_hi = section_rvas[s], section_ends[s]
+        gap_start = ends[i - 1] if i > 0 and ends[i - 1] >= sec_lo else sec_lo
+        gap_end = rvas[i + 1] if i + 1 < count else sec_hi
+        if gap_end > sec_hi:
+            gap_end = sec_hi
+        before_view[i] = _run_ending_at(m, length, gap_start, rva)
+        after_view[i] = _run(m, end, _clip(gap_end, length), False) if end < gap_end else 0
+    return before, after
+
+
+cdef Py_ssize_t _run_ending_at(const uint8_t *m, Py_ssize_t length, Py_ssize_t gap_start,
+                               Py_ssize_t entry) noexcept nogil:
+    """Length of the usable padding run that ends right at ``entry`` (searched as ``finditer`` does:
+    leftmost runs from the window's start, one after the other), 0 if none."""
+    cdef Py_ssize_t q, pos, n, best = 0, stop = _clip(entry, length)
+    cdef bint tail = False
+    if gap_start >= entry:
+        return 0
+    if m[entry - 1] == 0xCC or m[entry - 1] == 0x90:
+        tail = True
+    else:
+        # a multi-byte nop ends padding only with its 0F 1F in the last eight bytes
+        q = gap_start if gap_start > entry - 8 else entry - 8
+        while q + 1 < stop:
+            if m[q] == 0x0F and m[q + 1] == 0x1F:
+                tail = True
+                break
+            q += 1
+    if not tail:
+        return 0
+    pos = gap_start if gap_start > entry - RUN_WINDOW else entry - RUN_WINDOW
+    while pos < stop:
+        n = _run(m, pos, stop, False)
+        if n:
+            if pos + n == entry:
+                best = n
+            pos += n
+        else:
+            pos += 1
+    return best
+
+
+def named(places, words):
+    """The places (non-negative, below 2**32) equal to some value in the ``array("I")`` chunks ``words``."""
+    cdef list ordered = sorted(places)
+    cdef Py_ssize_t top, i
+    cdef uint32_t w
+    cdef const uint32_t[:] chunk
+    cdef uint8_t *wanted
+    if not ordered:
+        return set()
+    top = ordered[len(ordered) - 1]  # (no wraparound: [-1] would read before the list)
+    wanted = <uint8_t *>calloc(top + 1, 1)
+    if wanted == NULL:
+        raise MemoryError()
+    try:
+        for place in ordered:
+            wanted[<Py_ssize_t>place] = 1
+        for values in words:
+            if not len(values):
+                continue
+            chunk = values
+            with nogil:
+                for i in range(chunk.shape[0]):
+                    w = chunk[i]
+                    if w <= top and wanted[w]:
+                        wanted[w] = 2
+        return {place for place in ordered if wanted[<Py_ssize_t>place] == 2}
+    finally:
+        free(wanted)
+
+
+def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list tables, int64_t begin,
+                  int64_t limit, int64_t horizon):
+    """Where the code reachable from ``begin`` ends: after the first instruction that does not fall
+    through with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none."""
+    cdef Py_ssize_t count = rvas.shape[0], memlen = memory.shape[0], index, ref_index = 0, ref_count
+    cdef const uint8_t *m = &memory[0] if memlen else NULL
+    cdef const PackedRef *packed = NULL
+    cdef int64_t reach = begin, insn, end, target
+    cdef int kind
+    cdef list listed = None
+    if horizon < limit:
+        horizon = limit  # branch targets up to here count (the item may be a first look)
+    if isinstance(refs, RefList):
+        packed = <const PackedRef *><const char *>(<RefList>refs).packed
+        ref_count = (<RefList>refs).count
+    else:
+        listed = list(refs)
+        ref_count = len(listed)
+    reaches = {table[0]: max(table[3]) for table in tables if table[3]} if tables else None
+    for index in range(count):
+        insn = rvas[index]
+        while ref_index < ref_count:
+            if packed != NULL:
+                if packed[ref_index].insn_rva > insn:
+                    break
+                kind, target = packed[ref_index].kind, packed[ref_index].target
+            else:
+                ref = listed[ref_index]
+                if ref[1] > insn:
+                    break
+                kind, target = ref[0], ref[4]
+            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < horizon:
+                reach = target
+            ref_index += 1
+        if reaches is not None:
+            table_reach = reaches.get(insn)
+            if table_reach is not None and table_reach > reach:
+                reach = table_reach
+        end = rvas[index + 1] if index + 1 < count else limit
+        if reach < end and _terminates_within(m, memlen, insn, end):
+            return end
+    return limit
+
+
+def call_and_lea_targets(const uint8_t[:] memory, refs_lists):
+    """Targets of direct calls, and addresses taken with ``lea r, [rip+X]``, in the given reference lists."""
+    cdef Py_ssize_t memlen = memory.shape[0], i, count, at
+    cdef const PackedRef *packed
+    cdef set calls = set(), leas = set()
+    for refs in refs_lists:
+        if isinstance(refs, RefList):
+            packed = <const PackedRef *><const char *>(<RefList>refs).packed
+            count = (<RefList>refs).count
+            for i in range(count):
+                if packed[i].kind == CALL_REL32:
+                    calls.add(packed[i].target)
+                elif packed[i].kind == RIP_RELATIVE and packed[i].operand_offset >= 2:
+                    # RIP-relative addressing has no SIB byte: the opcode sits right before the ModRM byte
+                    at = <Py_ssize_t>packed[i].insn_rva + packed[i].operand_offset - 2
+                    if at < memlen and memory[at] == 0x8D:
+                        leas.add(packed[i].target)
+        else:
+            for kind, insn_rva, operand_offset, _, target in refs:
+                if kind == CALL_REL32:
+                    calls.add(target)
+                elif kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
+                    leas.add(target)
+    return calls, leas

@@ -1,0 +1,148 @@
+"""Pure-Python twin of ``hotpatch.analysis._discovery``: the kernels of discovery's rounds, the padding
+ones written with the regular expressions of ``padding.py``. The compiled kernels must give exactly these
+results (the tests compare both on fixtures, real binaries and random bytes)."""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+
+from .flow import terminates
+from .padding import FILL_RE, USABLE_PADDING_RE
+from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
+
+__all__ = ["IMPLEMENTATION", "call_and_lea_targets", "gap_places", "gap_starts", "named", "padding_runs",
+           "reachable_end"]
+
+IMPLEMENTATION = "python"
+
+#: how far back from an entry the padding that ends there is looked for
+RUN_WINDOW = 4096
+
+
+def gap_places(memory: bytes, end: int, limit: int) -> list[int]:
+    """Places in the gap ``[end, limit)`` where code could begin, in order: the gap's start and the end of
+    each usable padding run before ``limit``, leaving out those where fill begins."""
+    # code follows int3/nop padding; zero runs in a gap are data more often than not
+    found = {end}
+    found.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit) if match.end() < limit)
+    # code does not begin with fill (a multi-byte nop right after a function is its padding)
+    return sorted(p for p in found if not FILL_RE.match(memory, p, p + 15))
+
+
+def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
+               section_ends: Sequence[int], cache: dict[tuple[int, int], list[int]] | None = None) -> set[int]:
+    """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each
+    executable section, and after the last one: ``gap_places`` of each.
+
+    ``cache`` keeps each gap's places by its bounds: discovery asks again after every round, and most gaps
+    are the same as before."""
+    cache = {} if cache is None else cache
+    places: set[int] = set()
+    for low, high in zip(section_rvas, section_ends):
+        first = bisect_right(starts, low - 1)
+        last = bisect_right(starts, high - 1)
+        for index in range(first, last):
+            end = ends[index]
+            limit = min(starts[index + 1], high) if index + 1 < last else high
+            if end >= limit:
+                continue
+            known = cache.get((end, limit))
+            if known is None:
+                known = cache[(end, limit)] = gap_places(memory, end, limit)
+            places.update(known)
+    return places
+
+
+def padding_runs(memory: bytes, rvas: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
+                 section_ends: Sequence[int]) -> tuple[array, array]:
+    """For each span ``(rvas[i], ends[i])`` (sorted, each in one of the executable sections given sorted by
+    RVA): the usable padding run ending at its entry and the one starting at its end, each within the gap
+    to its neighbour in the same section."""
+    before, after = array("I"), array("I")
+    for index, (rva, end) in enumerate(zip(rvas, ends)):
+        s = bisect_right(section_rvas, rva) - 1
+        if s < 0 or not rva < section_ends[s]:
+            raise ValueError(f"span at {rva:#x} outside every executable section")
+        low, high = section_rvas[s], section_ends[s]
+        gap_start = ends[index - 1] if index > 0 and ends[index - 1] >= low else low
+        gap_end = min(rvas[index + 1] if index + 1 < len(rvas) else high, high)
+        before.append(_run_ending_at(memory, gap_start, rva))
+        after.append(_run_starting_at(memory, end, gap_end))
+    return before, after
+
+
+def _run_ending_at(memory: bytes, gap_start: int, entry: int) -> int:
+    if gap_start >= entry:
+        return 0
+    # Padding ends in int3, nop, or a multi-byte nop whose 0F 1F sits in its last eight bytes.
+    if memory[entry - 1] not in (0xCC, 0x90) and memory.find(b"\x0f\x1f", max(gap_start, entry - 8), entry) < 0:
+        return 0
+    best = 0
+    for match in USABLE_PADDING_RE.finditer(memory, max(gap_start, entry - RUN_WINDOW), entry):
+        if match.end() == entry:
+            best = entry - match.start()
+    return best
+
+
+def _run_starting_at(memory: bytes, end: int, gap_end: int) -> int:
+    if end >= gap_end:
+        return 0
+    match = USABLE_PADDING_RE.match(memory, end, gap_end)
+    return match.end() - end if match else 0
+
+
+def named(places: Iterable[int], words: Iterable[array]) -> set[int]:
+    """The places equal to some value in the ``array("I")`` chunks ``words``."""
+    wanted = set(places)
+    found: set[int] = set()
+    for chunk in words:
+        found |= wanted.intersection(chunk)
+    return found
+
+
+#: first bytes of an instruction that may not fall through: the opcodes themselves and prefixes
+_MAY_TERMINATE = frozenset((0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4, 0x0F, 0xFF, 0x66, 0xF2, 0xF3, 0x2E,
+                            0x3E, 0x26, 0x36, 0x64, 0x65, *range(0x40, 0x50)))
+
+
+def reachable_end(memory: bytes, rvas: Sequence[int], refs: Iterable[tuple[int, int, int, int, int]],
+                  tables: list[tuple[int, int, int, tuple[int, ...]]], begin: int, limit: int, horizon: int) -> int:
+    """Where the code reachable from ``begin`` ends: after the first instruction that does not fall through
+    with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none."""
+    horizon = max(horizon, limit)  # branch targets up to here count (the item may be a first look)
+    refs = list(refs)
+    reaches = {table[0]: max(table[3]) for table in tables if table[3]}
+    reach = begin
+    ref_index, ref_count = 0, len(refs)
+    count = len(rvas)
+    for index in range(count):
+        insn = rvas[index]
+        while ref_index < ref_count and refs[ref_index][1] <= insn:
+            kind, _, _, _, target = refs[ref_index]
+            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < horizon:
+                reach = target
+            ref_index += 1
+        table_reach = reaches.get(insn)
+        if table_reach is not None and table_reach > reach:
+            reach = table_reach
+        end = rvas[index + 1] if index + 1 < count else limit
+        if reach < end and memory[insn] in _MAY_TERMINATE and terminates(memory, insn, end):
+            return end
+    return limit
+
+
+def call_and_lea_targets(memory: bytes, refs_lists: Iterable[Iterable[tuple[int, int, int, int, int]]]
+                         ) -> tuple[set[int], set[int]]:
+    """Targets of direct calls, and addresses taken with ``lea r, [rip+X]``, in the given reference lists."""
+    calls: set[int] = set()
+    leas: set[int] = set()
+    for refs in refs_lists:
+        for kind, insn_rva, operand_offset, _, target in refs:
+            if kind == CALL_REL32:
+                calls.add(target)
+            # RIP-relative addressing has no SIB byte: the opcode sits right before the ModRM byte
+            elif kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
+                leas.add(target)
+    return calls, leas

@@ -1,0 +1,117 @@
+"""Discovery's round kernels: the compiled ``_discovery`` and its pure-Python twin agree exactly, on
+random byte soup rich in padding tokens, on every fixture's code sections and on a real binary's."""
+
+from __future__ import annotations
+
+import random
+from array import array
+from pathlib import Path
+
+import pytest
+
+from hotpatch.analysis import _discovery as compiled
+from hotpatch.analysis import _discovery_reference as reference
+from hotpatch.analysis.functions import _rva32_words, discover
+from hotpatch.pe.image import Image
+
+from .support.realbins import real_binary
+
+FIXTURES = Path(__file__).resolve().parents[1] / "build" / "fixtures"
+#: bytes that make up int3/nop padding and fill, so random soup is full of runs, partial nops and near misses
+_ALPHABET = bytes((0xCC, 0x90, 0x66, 0x2E, 0x0F, 0x1F, 0x00, 0x40, 0x44, 0x80, 0x84, 0xC3, 0x48, 0xE9))
+
+
+def _soup(rng: random.Random, size: int) -> bytes:
+    return bytes(rng.choice(_ALPHABET) if rng.random() < 0.9 else rng.randrange(256) for _ in range(size))
+
+
+def _agree_on(memory: bytes, spans: list[tuple[int, int]], sections: list[tuple[int, int]]) -> None:
+    for end, limit in zip([s[1] for s in spans], [s[0] for s in spans[1:]] + [sections[-1][1]]):
+        assert compiled.gap_places(memory, end, limit) == reference.gap_places(memory, end, limit), (end, limit)
+    args = (memory, array("I", (s[0] for s in spans)), array("I", (s[1] for s in spans)),
+            array("I", (s[0] for s in sections)), array("I", (s[1] for s in sections)))
+    assert compiled.padding_runs(*args) == reference.padding_runs(*args)
+    assert compiled.gap_starts(*args) == reference.gap_starts(*args)
+
+
+def test_kernels_agree_on_random_padding_soup() -> None:
+    rng = random.Random(12)
+    for _ in range(60):
+        size = rng.randrange(64, 3000)
+        memory = _soup(rng, size)
+        cuts = sorted(rng.sample(range(1, size - 1), rng.randrange(2, 24)))
+        spans = [(a, min(b, a + rng.randrange(1, 40))) for a, b in zip(cuts, cuts[1:] + [size])]
+        _agree_on(memory, spans, [(0, size)])
+        # gaps cut anywhere, ends of memory included
+        for _ in range(20):
+            end = rng.randrange(0, size + 8)
+            limit = rng.randrange(end, size + 16)
+            assert compiled.gap_places(memory, end, limit) == reference.gap_places(memory, end, limit)
+
+
+def test_named_agrees_with_set_intersection() -> None:
+    rng = random.Random(9)
+    words = [array("I", (rng.randrange(5000) for _ in range(rng.randrange(0, 400)))) for _ in range(6)]
+    for _ in range(30):
+        places = {rng.randrange(6000) for _ in range(rng.randrange(0, 300))}
+        assert compiled.named(places, words) == reference.named(places, words)
+    assert compiled.named(set(), words) == set()
+
+
+_OPCODES = bytes((0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4, 0x0F, 0x0B, 0xFF, 0x25, 0x66, 0xF2, 0x2E,
+                  0x48, 0x41, 0x90, 0x74))
+
+
+def test_reachable_end_agrees_on_random_code() -> None:
+    """Random instruction starts over bytes rich in prefixes and terminators (long prefix runs, an opcode
+    split from its second byte by the end), random branches and jump tables, both reference forms."""
+    rng = random.Random(15)
+    for _ in range(400):
+        size = rng.randrange(8, 200)
+        memory = bytes(rng.choice(_OPCODES) if rng.random() < 0.85 else rng.randrange(256) for _ in range(size))
+        begin = rng.randrange(0, size // 2)
+        rvas = array("I", sorted(rng.sample(range(begin, size), rng.randrange(1, min(30, size - begin) + 1))))
+        limit = rng.randrange(rvas[-1] + 1, size + 1)  # within the memory, as a section end is
+        refs = sorted(((rng.choice((0, 1, 2, 3, 5)), rng.choice(rvas), 1, 4, rng.randrange(-5, size + 30))
+                       for _ in range(rng.randrange(0, 12))), key=lambda r: r[1])
+        tables = [(rng.choice(rvas), 0, 0, tuple(rng.randrange(0, size + 10) for _ in range(rng.randrange(0, 4))))
+                  for _ in range(rng.randrange(0, 2))]
+        horizon = rng.choice((0, limit + rng.randrange(0, 40)))
+        args = (begin, limit, horizon)
+        expected = reference.reachable_end(memory, rvas, refs, tables, *args)
+        assert compiled.reachable_end(memory, rvas, refs, tables, *args) == expected, (memory, rvas, refs, args)
+
+
+def _image_agreement(image: Image) -> None:
+    table = discover(image)
+    memory = image.memory
+    refs_lists = []
+    for function, analysis in zip(table.functions, table.analyses):
+        refs_lists.append(analysis.raw_refs)
+        for horizon in (0, function.end_rva + 64):
+            args = (memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, function.rva,
+                    function.end_rva, horizon)
+            expected = reference.reachable_end(*args)
+            assert compiled.reachable_end(*args) == expected
+            assert compiled.reachable_end(*args[:2], list(analysis.raw_refs), *args[3:]) == expected
+    assert compiled.call_and_lea_targets(memory, refs_lists) == reference.call_and_lea_targets(memory, refs_lists)
+    assert compiled.call_and_lea_targets(memory, [list(r) for r in refs_lists]) == \
+        reference.call_and_lea_targets(memory, refs_lists)
+    sections = sorted((s.rva, s.end_rva) for s in image.executable_sections)
+    spans = [(f.rva, f.end_rva) for f in table.functions]
+    _agree_on(image.memory, spans, sections)
+    words = _rva32_words(image)
+    places = {rva for rva, _ in spans} | {end for _, end in spans}
+    assert compiled.named(places, words) == reference.named(places, words)
+
+
+def test_kernels_agree_on_every_fixture() -> None:
+    images = sorted(FIXTURES.glob("*/*.dll"))
+    assert len(images) > 40
+    for path in images:
+        _image_agreement(Image.load(str(path)))
+
+
+@pytest.mark.realbins
+def test_kernels_agree_on_a_real_binary() -> None:
+    _image_agreement(Image.load(str(real_binary("orjson", "3.10.7", "orjson/orjson.cp311-win_amd64.pyd"))))

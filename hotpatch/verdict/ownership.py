@@ -146,9 +146,9 @@ def _scan(table: FunctionTable, function: Function, allocators: frozenset[int], 
     switch_targets = [t for jump_table in table.analysis_of(function).raw_tables for t in jump_table[3]]
     seen: dict[int, set[tuple[object, _Tag]]] = {}
     work: list[tuple[int, _Tags]] = [(function.rva, dict(entry))]
-    # Instructions decoded for this scan only (loops revisit them): a cache kept for the whole table holds a
-    # capstone object with its detail (about 2 KB) for every instruction of every changed function.
-    decoded: dict[int, capstone.CsInsn | None] = {}
+    # Instructions summarised for this scan only (loops revisit them): capstone's objects with their detail
+    # (about 2 KB each) are dropped as soon as their summary is made.
+    steps: dict[int, _Step | None] = {}
     md = disassembler(detail=True)
     memory = table.image.memory
     budget = _SCAN_BUDGET
@@ -160,89 +160,129 @@ def _scan(table: FunctionTable, function: Function, allocators: frozenset[int], 
             pairs = {(loc, tag) for loc, held in tags.items() for tag in held}
             if known and pairs <= known:
                 break
-            known |= pairs
-            tags = {}
-            for loc, tag in known:
-                tags[loc] = tags.get(loc, frozenset()) | {tag}
+            if known - pairs:  # what other paths brought here joins this one
+                known |= pairs
+                tags = {}
+                for loc, tag in known:
+                    tags[loc] = tags.get(loc, frozenset()) | {tag}
+            else:
+                known |= pairs
             if not any(b <= rva < e for b, e in inside):
                 break
-            if rva in decoded:
-                insn = decoded[rva]
+            if rva in steps:
+                step = steps[rva]
             else:
-                insn = decoded[rva] = next(md.disasm(memory[rva:rva + 16], rva, 1), None)
-            if insn is None:
+                insn = next(md.disasm(memory[rva:rva + 16], rva, 1), None)
+                step = steps[rva] = _summarise(insn, allocators, deallocators) if insn is not None else None
+            if step is None:
                 break
-            kind, target = _call_kind(insn, allocators, deallocators)
-            if kind is not None:
+            if step.call is not None:
+                kind, target, is_call = step.call
                 if kind == "free" and target is not None:
-                    frees.update((tag, insn.address) for tag in tags.get(deallocators[target], ()))
+                    frees.update((tag, rva) for tag in tags.get(deallocators[target], ()))
                 for register in _VOLATILE:
                     tags.pop(register, None)
-                if kind == "alloc" and insn.id == x86.X86_INS_CALL:
-                    tags[x86.X86_REG_RAX] = frozenset({("alloc", insn.address)})
-                    allocations.setdefault(insn.address, set())
-                if insn.id != x86.X86_INS_CALL:
+                if kind == "alloc" and is_call:
+                    tags[x86.X86_REG_RAX] = frozenset({("alloc", rva)})
+                    allocations.setdefault(rva, set())
+                if not is_call:
                     break  # a tail jump
-                rva += insn.size
-                continue
-            if insn.id in _ENDS:
+            elif step.ends:
                 break
-            if insn.group(capstone.CS_GRP_JUMP):
-                operands = insn.operands
-                direct = len(operands) == 1 and operands[0].type == x86.X86_OP_IMM
-                targets = [int(operands[0].imm)] if direct else switch_targets
-                work.extend((t, tags) for t in targets if any(b <= t < e for b, e in inside))
-                if insn.id == x86.X86_INS_JMP:
+            elif step.jump is not None:
+                targets = [step.jump] if step.jump >= 0 else switch_targets
+                work.extend((t, dict(tags)) for t in targets if any(b <= t < e for b, e in inside))
+                if step.unconditional:
                     break
-                rva += insn.size
-                continue
-            _track(insn, tags, allocations)
-            rva += insn.size
+            else:
+                _track(step, tags, allocations)
+            rva += step.size
     return sorted(frees, key=lambda item: item[1])
 
 
-def _track(insn: capstone.CsInsn, tags: _Tags, allocations: dict[int, set[int]]) -> None:
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """What the scan needs of one instruction, read once from capstone's detail."""
+
+    size: int
+    #: (kind, target, is a call) for a call or jump to a known or unknown function
+    call: tuple[str, int | None, bool] | None = None
+    ends: bool = False
+    #: a jump's target (-1: through a table), and whether it never falls through
+    jump: int | None = None
+    unconditional: bool = False
+    #: the 64-bit move's shape: "spill" (slot <- reg), "store" (field <- reg), "load" (reg <- slot or field),
+    #: "move" (reg <- reg), or None for any other instruction
+    move: str | None = None
+    register: int = 0  # the move's register operand (source of spill/store/move, target of load)
+    source: int = 0  # move: the source register
+    slot: tuple[str, int] | None = None  # a stack slot read or written
+    field: int | None = None  # a field displacement read or written
+    writes: tuple[int, ...] = ()  # 64-bit registers the instruction writes
+
+
+def _summarise(insn: capstone.CsInsn, allocators: frozenset[int], deallocators: dict[int, int]) -> _Step:
+    kind, target = _call_kind(insn, allocators, deallocators)
+    if kind is not None:
+        return _Step(insn.size, call=(kind, target, insn.id == x86.X86_INS_CALL))
+    if insn.id in _ENDS:
+        return _Step(insn.size, ends=True)
     operands = insn.operands
+    if insn.group(capstone.CS_GRP_JUMP):
+        direct = len(operands) == 1 and operands[0].type == x86.X86_OP_IMM
+        return _Step(insn.size, jump=int(operands[0].imm) if direct else -1,
+                     unconditional=insn.id == x86.X86_INS_JMP)
+    writes = tuple(_TO_64.get(r, r) for r in insn.regs_access()[1])
     if insn.id == x86.X86_INS_MOV and len(operands) == 2 and operands[0].size == 8:
-        target, source = operands
-        if target.type == x86.X86_OP_MEM and source.type == x86.X86_OP_REG:
-            held, slot, field_ = tags.get(source.reg, frozenset()), _slot(target), _field(target)
-            if slot is not None:  # a spill: the value comes back with its tags
-                tags.pop(slot, None)
-                if held:
-                    tags[slot] = held
-            elif field_ is not None:
-                for kind, site in held:
-                    if kind == "alloc":
-                        allocations[site].add(field_)
-            return
-        if target.type == x86.X86_OP_REG and source.type == x86.X86_OP_MEM:
-            displacement, slot = _field(source), _slot(source)
-            _written(insn, tags)
-            if slot is not None and slot in tags:
-                tags[target.reg] = tags[slot]
-            elif displacement is not None:
-                tags[target.reg] = frozenset({("field", displacement)})
-            return
-        if target.type == x86.X86_OP_REG and source.type == x86.X86_OP_REG:
-            held = tags.get(source.reg)
-            _written(insn, tags)
-            if held:
-                tags[target.reg] = held
-            return
-    if len(operands) >= 1 and operands[0].type == x86.X86_OP_MEM:
-        slot = _slot(operands[0])
-        if slot is not None:
-            tags.pop(slot, None)
-    _written(insn, tags)
+        target_op, source = operands
+        if target_op.type == x86.X86_OP_MEM and source.type == x86.X86_OP_REG:
+            slot = _slot(target_op)
+            if slot is not None:
+                return _Step(insn.size, move="spill", register=source.reg, slot=slot, writes=writes)
+            return _Step(insn.size, move="store", register=source.reg, field=_field(target_op), writes=writes)
+        if target_op.type == x86.X86_OP_REG and source.type == x86.X86_OP_MEM:
+            return _Step(insn.size, move="load", register=target_op.reg, slot=_slot(source), field=_field(source),
+                         writes=writes)
+        if target_op.type == x86.X86_OP_REG and source.type == x86.X86_OP_REG:
+            return _Step(insn.size, move="move", register=target_op.reg, source=source.reg, writes=writes)
+    slot = _slot(operands[0]) if len(operands) >= 1 and operands[0].type == x86.X86_OP_MEM else None
+    return _Step(insn.size, slot=slot, writes=writes)
 
 
-def _written(insn: capstone.CsInsn, tags: _Tags) -> None:
-    if not tags:
+def _track(step: _Step, tags: _Tags, allocations: dict[int, set[int]]) -> None:
+    if step.move == "spill":  # the value comes back with its tags
+        held = tags.get(step.register, frozenset())
+        tags.pop(step.slot, None)
+        if held:
+            tags[step.slot] = held
         return
-    _, writes = insn.regs_access()
-    for register in writes:
-        tags.pop(_TO_64.get(register, register), None)  # a write to a part of a register ends its tag
+    if step.move == "store":
+        if step.field is not None:
+            for kind, site in tags.get(step.register, frozenset()):
+                if kind == "alloc":
+                    allocations[site].add(step.field)
+        return
+    if step.move == "load":
+        _written(step, tags)
+        if step.slot is not None and step.slot in tags:
+            tags[step.register] = tags[step.slot]
+        elif step.field is not None:
+            tags[step.register] = frozenset({("field", step.field)})
+        return
+    if step.move == "move":
+        held = tags.get(step.source)
+        _written(step, tags)
+        if held:
+            tags[step.register] = held
+        return
+    if step.slot is not None:
+        tags.pop(step.slot, None)
+    _written(step, tags)
+
+
+def _written(step: _Step, tags: _Tags) -> None:
+    for register in step.writes:  # a write to a part of a register ends its tag
+        tags.pop(register, None)
 
 
 def _slot(operand: capstone.x86.X86Op) -> tuple[str, int] | None:

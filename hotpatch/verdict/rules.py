@@ -195,6 +195,8 @@ def _ownership_changes(result: DiffResult) -> list[Reason]:
     for entry in result.functions:
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
+        if set(entry.changes) <= {"rodata"}:
+            continue  # the same instructions calling the same functions: the same evidence, as if unchanged
         for change in ownership_changes(result.baseline, entry.baseline, result.patched, entry.patched):
             out.append(Reason("ownership_change", change.function,
                               f"{REASON_KINDS['ownership_change']}: {change.detail}"))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import struct
 from array import array
 from pathlib import Path
 
 import pytest
+from hotpatch.analysis._reflist import _reflist
 
 from hotpatch import Image, discover
 from hotpatch.analysis import _reference as reference_analysis
@@ -90,18 +92,23 @@ def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignor
     starts = {f.rva for f in table}
     pointer_tables = _pointer_tables(table, starts)
     for function, analysis in zip(table.functions, table.analyses):
-        args = (analysis.raw_refs, function.ranges, starts, pointer_tables)
-        assert compiled.callees(*args) == reference.callees(*args), hex(function.rva)
+        args = (function.ranges, starts, pointer_tables)
+        expected = reference.callees(analysis.raw_refs.tolist(), *args)
+        assert compiled.callees(analysis.raw_refs, *args) == expected, hex(function.rva)
+        assert compiled.callees(analysis.raw_refs.tolist(), *args) == expected, hex(function.rva)
     pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
     data_a, data_b = pairing.targets_a.all_data_targets(), pairing.targets_b.all_data_targets()
     checked = 0
     for entry in result.functions:
         if entry.baseline is None or entry.patched is None:
             continue
-        args = (table.analysis_of(entry.baseline).raw_refs, result.patched.analysis_of(entry.patched).raw_refs,
-                pairing.ref_pairs(entry.baseline, entry.patched), entry.baseline.rva, entry.baseline.end_rva,
-                table.context.iat, result.function_map, data_a, data_b)
-        assert compiled.triage_refs(*args) == reference.triage_refs(*args), entry.name
+        refs_a = table.analysis_of(entry.baseline).raw_refs
+        refs_b = result.patched.analysis_of(entry.patched).raw_refs
+        args = (pairing.ref_pairs(entry.baseline, entry.patched), entry.baseline.ranges, entry.patched.ranges,
+                table.context.iat, result.patched.context.iat, result.function_map, data_a, data_b)
+        expected = reference.triage_refs(refs_a.tolist(), refs_b.tolist(), *args)
+        assert compiled.triage_refs(refs_a, refs_b, *args) == expected, entry.name  # records read in place
+        assert compiled.triage_refs(refs_a.tolist(), refs_b.tolist(), *args) == expected, entry.name
         checked += 1
     assert checked > 15000
 
@@ -123,3 +130,61 @@ def test_reference_diff_equals_compiled_diff_on_every_case(built_fixtures: Path,
         slow = diff(discover(images[0], impl=reference_analysis), discover(images[1], impl=reference_analysis))
         assert fast.streams.kernels is compiled and slow.streams.kernels is reference
         assert _comparable(fast) == _comparable(slow), case.name
+
+
+def _random_refs(rng: random.Random, count: int, targets: list[int]) -> list[tuple[int, int, int, int, int]]:
+    """References in instruction order, as the decoder gives them: (kind, insn_rva, offset, size, target)."""
+    refs, insn = [], 0x1000
+    for _ in range(count):
+        insn += rng.choice([0, 2, 5, 7])
+        size = rng.choice([0, 1, 4, 8])
+        refs.append((rng.randint(1, 9), insn, rng.randint(0, 6), size, rng.choice(targets)))
+    return refs
+
+
+def _packed(refs: list[tuple[int, int, int, int, int]]):  # type: ignore[no-untyped-def]
+    """The RefList of ``refs``, as the compiled decoder packs them (targets outside int64 kept apart)."""
+    wide = {i: ref[4] for i, ref in enumerate(refs) if not -2**63 <= ref[4] < 2**63}
+    packed = b"".join(struct.pack("<qIBBB", 0 if i in wide else ref[4], ref[1], ref[0], ref[2], ref[3])
+                      for i, ref in enumerate(refs))
+    return _reflist(packed, wide or None)
+
+
+def test_reference_scans_agree_on_random_records() -> None:
+    """callees, ref_targets, triage_refs and lone_pair: the compiled kernels on packed records and on
+    tuples give the twin's answer, equal and changed code, inner targets, import slots, wide targets."""
+    rng = random.Random(20261202)
+    for _ in range(1500):
+        targets = [rng.randrange(0x1000, 0x1400) for _ in range(rng.randint(1, 30))] + [-5, 2**64 - 3]
+        refs_a = _random_refs(rng, rng.randint(0, 40), targets)
+        refs_b = [(k, i, o, s, rng.choice(targets) if rng.random() < 0.3 else t) for k, i, o, s, t in refs_a]
+        if rng.random() < 0.2:
+            refs_b = refs_b[:rng.randint(0, len(refs_b))]
+        if rng.random() < 0.5:  # the usual case: no target outside int64
+            refs_a = [r for r in refs_a if r[4] < 2**63]
+            refs_b = [r for r in refs_b if r[4] < 2**63]
+        ranges_a = ((0x1000, 0x1100),) + (((0x1300, 0x1340),) if rng.random() < 0.5 else ())
+        ranges_b = ((0x1010, 0x1120),) + (((0x1300, 0x1350),) if rng.random() < 0.5 else ())
+        starts = set(rng.sample(targets, min(len(targets), 8)))
+        pointer_tables = {t: [rng.randrange(0x1000, 0x1400)] for t in rng.sample(targets, 2)}
+        iat_a = {t: b"k!f" for t in rng.sample(targets, 2)}
+        iat_b = {t: b"k!f" for t in rng.sample(targets, 2)}
+        function_map = {t: rng.choice(targets) for t in rng.sample(targets, min(len(targets), 6))}
+        data_a, data_b = frozenset(rng.sample(targets, 3)), frozenset(rng.sample(targets, 3))
+        pairs = None if rng.random() < 0.5 else list(zip(refs_a, refs_b))
+        for refs in (refs_a, refs_b):
+            for form in (refs, _packed(refs)):
+                assert compiled.callees(form, ranges_a, starts, pointer_tables) == \
+                    reference.callees(refs, ranges_a, starts, pointer_tables)
+                assert compiled.token_ids(bytes(range(256)) * 32, array("I", sorted({r[1] for r in refs})), 0x1500,
+                                          form, {}) == reference.token_ids(
+                    bytes(range(256)) * 32, array("I", sorted({r[1] for r in refs})), 0x1500, refs, {})
+        assert compiled.ref_targets([_packed(refs_a), refs_b]) == reference.ref_targets([refs_a, refs_b])
+        args = (pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
+        expected = reference.triage_refs(refs_a, refs_b, *args)
+        assert compiled.triage_refs(refs_a, refs_b, *args) == expected
+        assert compiled.triage_refs(_packed(refs_a), _packed(refs_b), *args) == expected
+        left, right = rng.choices(targets, k=rng.randint(0, 5)), rng.choices(targets, k=rng.randint(0, 5))
+        taken_left, taken_right = dict.fromkeys(rng.sample(targets, 3)), dict.fromkeys(rng.sample(targets, 3))
+        assert compiled.lone_pair(taken_left, taken_right, left, right) == \
+            reference.lone_pair(taken_left, taken_right, left, right)

@@ -14,6 +14,8 @@ from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
+from hotpatch.analysis._reflist cimport PackedRef, RefList
+
 from ..analysis.refkinds import (
     BRANCH_REL8 as _BRANCH_REL8, BRANCH_REL32 as _BRANCH_REL32, CALL_REL32 as _CALL_REL32,
     JUMP_TABLE as _JUMP_TABLE,
@@ -28,6 +30,17 @@ cdef int JUMP_TABLE = _JUMP_TABLE
 
 #: gaps without unique anchors up to this many comparisons are aligned by longest matching blocks
 cdef int64_t SMALL_GAP = 20000
+
+
+# ── packed references ───────────────────────────────────────────────────────
+
+cdef const PackedRef *_packed(object refs, Py_ssize_t *count):
+    """The records of a ``RefList`` read in place (no tuple per reference), or NULL for anything else
+    (a list of tuples, or a RefList with targets outside int64 kept apart): then the kernels read tuples."""
+    if type(refs) is RefList and (<RefList>refs).wide is None:
+        count[0] = (<RefList>refs).count
+        return <const PackedRef *><const char *>(<RefList>refs).packed
+    return NULL
 
 
 # ── tokens ──────────────────────────────────────────────────────────────────
@@ -48,6 +61,8 @@ def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_
     """Each instruction's bytes with its reference operands zeroed, as ids interned in ``intern``."""
     cdef Py_ssize_t count = insn_rvas.shape[0], n_masks = 0, m = 0, i, k
     cdef Py_ssize_t size_of_memory = memory.shape[0]
+    cdef Py_ssize_t n_refs = 0
+    cdef const PackedRef *packed = _packed(refs, &n_refs)
     cdef Mask *masks = <Mask *>malloc((len(refs) + 1) * sizeof(Mask))
     cdef uint8_t raw[16]
     cdef int64_t rva, end, length, begin_zero, end_zero
@@ -56,12 +71,20 @@ def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_
     if masks == NULL:
         raise MemoryError()
     try:
-        for ref in refs:
-            if ref[3]:
-                masks[n_masks].insn_rva = ref[1]
-                masks[n_masks].offset = ref[2]
-                masks[n_masks].size = ref[3]
-                n_masks += 1
+        if packed != NULL:
+            for i in range(n_refs):
+                if packed[i].operand_size:
+                    masks[n_masks].insn_rva = packed[i].insn_rva
+                    masks[n_masks].offset = packed[i].operand_offset
+                    masks[n_masks].size = packed[i].operand_size
+                    n_masks += 1
+        else:
+            for ref in refs:
+                if ref[3]:
+                    masks[n_masks].insn_rva = ref[1]
+                    masks[n_masks].offset = ref[2]
+                    masks[n_masks].size = ref[3]
+                    n_masks += 1
         qsort(masks, n_masks, sizeof(Mask), _by_insn)
         for i in range(count):
             rva = insn_rvas[i]
@@ -406,26 +429,43 @@ def aligned_indices(const uint32_t[:] a, const uint32_t[:] b):
 
 # ── reference scans ─────────────────────────────────────────────────────────
 
+cdef inline bint _inside(tuple ranges, int64_t target):
+    cdef tuple span
+    for span in ranges:
+        if span[0] <= target < span[1]:
+            return True
+    return False
+
+
 def callees(refs, tuple ranges, set starts, dict pointer_tables):
     """Functions a function reaches, in instruction order: direct call and branch targets outside
     its ``ranges`` that are function ``starts``, and the functions of ``pointer_tables`` it references."""
     cdef list out = []
-    cdef tuple ref, span
+    cdef tuple ref
     cdef int kind
-    cdef bint inside
     cdef object target
+    cdef Py_ssize_t i, count = 0
+    cdef const PackedRef *packed = _packed(refs, &count)
+    if packed != NULL:
+        for i in range(count):
+            kind = packed[i].kind
+            if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
+                # most branches stay inside the function: told apart in C before any Python int is made
+                if not _inside(ranges, packed[i].target):
+                    target = packed[i].target
+                    if target in starts:
+                        out.append(target)
+            elif pointer_tables:
+                found = pointer_tables.get(packed[i].target)
+                if found is not None:
+                    out.extend(found)
+        return out
     for ref in refs:
         target = ref[4]
         kind = ref[0]
         if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
-            if target in starts:
-                inside = False
-                for span in ranges:
-                    if span[0] <= target < span[1]:
-                        inside = True
-                        break
-                if not inside:
-                    out.append(target)
+            if target in starts and not _inside_any(ranges, target):
+                out.append(target)
         else:
             found = pointer_tables.get(target)
             if found is not None:
@@ -433,21 +473,75 @@ def callees(refs, tuple ranges, set starts, dict pointer_tables):
     return out
 
 
-def triage_refs(refs_a, refs_b, list pairs, int64_t begin, int64_t end, dict iat, dict function_map,
-                frozenset data_a, frozenset data_b):
+def ref_targets(refs_lists):
+    """The set of every target of the given reference lists."""
+    cdef set out = set()
+    cdef Py_ssize_t i, count = 0
+    cdef const PackedRef *packed
+    for refs in refs_lists:
+        packed = _packed(refs, &count)
+        if packed != NULL:
+            for i in range(count):
+                out.add(packed[i].target)
+        else:
+            for ref in refs:
+                out.add(ref[4])
+    return out
+
+
+cdef inline bint _inside_any(tuple ranges, object target):
+    """``_inside`` for a target of any size (a RefList keeps targets outside int64 apart)."""
+    cdef tuple span
+    for span in ranges:
+        if span[0] <= target < span[1]:
+            return True
+    return False
+
+
+cdef inline bint _both_self(object target_a, object target_b, tuple ranges_a, tuple ranges_b, dict iat_a,
+                            dict iat_b):
+    """Both targets inside their own function (and no import slot): ``TargetClassifier.classify`` says
+    ``self`` on both sides, which no pair is judged on."""
+    return (_inside_any(ranges_a, target_a) and _inside_any(ranges_b, target_b)
+            and target_a not in iat_a and target_b not in iat_b)
+
+
+def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict iat_a, dict iat_b,
+                dict function_map, frozenset data_a, frozenset data_b):
     """Sort the reference pairs of two matched functions into (data pairs, pairs left to classify)."""
     cdef list data = [], rest = []
-    cdef tuple ra, rb, pair
-    cdef Py_ssize_t i, n
-    cdef object target_a, target_b
+    cdef tuple pair
+    cdef Py_ssize_t i, n, count_a = 0, count_b = 0
+    cdef object target_a, target_b, ra, rb
+    cdef int64_t begin = ranges_a[0][0], end = ranges_a[0][1], raw_a
     cdef bint same_code = pairs is None
+    cdef const PackedRef *packed_a = _packed(refs_a, &count_a) if same_code else NULL
+    cdef const PackedRef *packed_b = _packed(refs_b, &count_b) if same_code else NULL
+    if packed_a != NULL and packed_b != NULL:
+        # equal fingerprints: the records zipped in order, read in place; a tuple only for what is kept
+        for i in range(min(count_a, count_b)):
+            raw_a = packed_a[i].target
+            if begin <= raw_a < end and packed_a[i].kind != JUMP_TABLE:
+                continue
+            target_a = raw_a
+            if target_a in iat_a:
+                continue
+            target_b = packed_b[i].target
+            mapped = function_map.get(target_a)
+            if mapped is not None and mapped == target_b:
+                continue
+            if target_a in data_a and target_b in data_b:
+                data.append((target_a, target_b))
+            elif not _both_self(target_a, target_b, ranges_a, ranges_b, iat_a, iat_b):
+                rest.append(((<RefList>refs_a)._tuple(i), (<RefList>refs_b)._tuple(i)))
+        return data, rest
     n = min(len(refs_a), len(refs_b)) if same_code else len(pairs)
     for i in range(n):
         if same_code:
             ra = refs_a[i]
             rb = refs_b[i]
             target_a = ra[4]
-            if (begin <= target_a < end and ra[0] != JUMP_TABLE) or target_a in iat:
+            if (begin <= target_a < end and ra[0] != JUMP_TABLE) or target_a in iat_a:
                 continue
         else:
             pair = pairs[i]
@@ -460,6 +554,28 @@ def triage_refs(refs_a, refs_b, list pairs, int64_t begin, int64_t end, dict iat
             continue
         if target_a in data_a and target_b in data_b:
             data.append((target_a, target_b))
-        else:
+        elif not _both_self(target_a, target_b, ranges_a, ranges_b, iat_a, iat_b):
             rest.append((ra, rb))
     return data, rest
+
+
+def lone_pair(dict taken_left, dict taken_right, left, right):
+    """``[(x, y)]`` when exactly one distinct element of ``left`` is not a key of ``taken_left`` and
+    exactly one of ``right`` not of ``taken_right``; else ``[]``."""
+    cdef object x = _lone(taken_left, left), y
+    if x is None:
+        return []
+    y = _lone(taken_right, right)
+    return [] if y is None else [(x, y)]
+
+
+cdef object _lone(dict taken, seq):
+    cdef object first = None, item
+    for item in seq:
+        if item in taken:
+            continue
+        if first is None:
+            first = item
+        elif item != first:
+            return None
+    return first

@@ -29,14 +29,25 @@ The contract (both implementations):
     ``ranges``, and for a reference to a key of ``pointer_tables`` the
     functions listed there.
 
-``triage_refs(refs_a, refs_b, pairs, begin, end, iat, function_map, data_a, data_b)``
-    The reference pairs of two matched functions: ``pairs`` as given, or when
-    it is None (equal fingerprints) the references zipped in order, less
-    those inside ``[begin, end)`` (but jump tables) and those to ``iat``
+``ref_targets(refs_lists)``
+    The set of every target of the given reference lists.
+
+``triage_refs(refs_a, refs_b, pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)``
+    The reference pairs of two matched functions (``ranges_a``/``ranges_b``:
+    each one's ranges, its own range first): ``pairs`` as given, or when it
+    is None (equal fingerprints) the references zipped in order, less those
+    inside the baseline's own range (but jump tables) and those to ``iat_a``
     slots. Pairs whose baseline target maps to the patched one through
     ``function_map`` are dropped; pairs with both targets in ``data_a`` /
-    ``data_b`` come back as ``(target_a, target_b)`` in the first list, the
-    rest as ``(ref_a, ref_b)`` in the second.
+    ``data_b`` come back as ``(target_a, target_b)`` in the first list; pairs
+    whose targets both lie in their own function's ranges (and in no import
+    slot: what ``TargetClassifier`` calls ``self`` on both sides) are
+    dropped; the rest come back as ``(ref_a, ref_b)`` in the second.
+
+``lone_pair(taken_left, taken_right, left, right)``
+    ``[(x, y)]`` when exactly one distinct element of ``left`` is not a key of
+    ``taken_left`` (``x``) and exactly one of ``right`` not of ``taken_right``
+    (``y``), else ``[]``.
 """
 
 from __future__ import annotations
@@ -44,12 +55,14 @@ from __future__ import annotations
 from array import array
 from collections import defaultdict
 from difflib import SequenceMatcher
+from itertools import filterfalse
 from typing import Any
 
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from .align import aligned_indices
 
-__all__ = ["IMPLEMENTATION", "aligned_indices", "callees", "similarity", "token_ids", "triage_refs"]
+__all__ = ["IMPLEMENTATION", "aligned_indices", "callees", "lone_pair", "ref_targets", "similarity", "token_ids",
+           "triage_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -97,12 +110,21 @@ def callees(refs: list, ranges: tuple, starts: set[int], pointer_tables: dict[in
     return out
 
 
-def triage_refs(refs_a: list, refs_b: list, pairs: list | None, begin: int, end: int, iat: dict,
-                function_map: dict[int, int], data_a: frozenset[int],
+def ref_targets(refs_lists: Any) -> set[int]:
+    return {ref[4] for refs in refs_lists for ref in refs}
+
+
+def _inside(ranges: tuple, target: int) -> bool:
+    return any(begin <= target < end for begin, end in ranges)
+
+
+def triage_refs(refs_a: list, refs_b: list, pairs: list | None, ranges_a: tuple, ranges_b: tuple, iat_a: dict,
+                iat_b: dict, function_map: dict[int, int], data_a: frozenset[int],
                 data_b: frozenset[int]) -> tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]]:
+    begin, end = ranges_a[0]
     if pairs is None:
         pairs = [(ra, rb) for ra, rb in zip(refs_a, refs_b)
-                 if not (begin <= ra[4] < end and ra[0] != JUMP_TABLE or ra[4] in iat)]
+                 if not (begin <= ra[4] < end and ra[0] != JUMP_TABLE or ra[4] in iat_a)]
     data, rest = [], []
     for ra, rb in pairs:
         target_a, target_b = ra[4], rb[4]
@@ -110,6 +132,13 @@ def triage_refs(refs_a: list, refs_b: list, pairs: list | None, begin: int, end:
             continue
         if target_a in data_a and target_b in data_b:
             data.append((target_a, target_b))
-        else:
+        elif not (_inside(ranges_a, target_a) and _inside(ranges_b, target_b)
+                  and target_a not in iat_a and target_b not in iat_b):
             rest.append((ra, rb))
     return data, rest
+
+
+def lone_pair(taken_left: dict, taken_right: dict, left: Any, right: Any) -> list[tuple[int, int]]:
+    free_left = list(filterfalse(taken_left.__contains__, dict.fromkeys(left)))
+    free_right = list(filterfalse(taken_right.__contains__, dict.fromkeys(right)))
+    return [(free_left[0], free_right[0])] if len(free_left) == 1 and len(free_right) == 1 else []

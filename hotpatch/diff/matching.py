@@ -15,7 +15,6 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from itertools import filterfalse
 
 from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
@@ -46,6 +45,7 @@ class _Matcher:
         self.streams = streams
         self.forward: dict[int, Match] = {}
         self.backward: dict[int, int] = {}
+        self.lone_pair = diff_kernels(baseline.backend).lone_pair
 
     def pair(self, a: int, b: int, method: str, similarity: float | None = None) -> bool:
         if a in self.forward or b in self.backward:
@@ -178,9 +178,8 @@ def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple
 
 
 def _lone_pair(m: _Matcher, left: Iterable[int], right: Iterable[int]) -> list[tuple[int, int]]:
-    free_left = list(filterfalse(m.forward.__contains__, dict.fromkeys(left)))
-    free_right = list(filterfalse(m.backward.__contains__, dict.fromkeys(right)))
-    return [(free_left[0], free_right[0])] if len(free_left) == 1 and len(free_right) == 1 else []
+    """The one unmatched element of ``left`` with the one of ``right``, when each side has exactly one."""
+    return m.lone_pair(m.forward, m.backward, left, right)
 
 
 #: a fingerprint group larger than this on both sides is paired by position only (the scoring is quadratic)

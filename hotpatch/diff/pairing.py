@@ -108,9 +108,10 @@ class Pairing:
         function_map = self.function_map
         # Calls to matched functions drop out, data on both sides comes back apart; with equal fingerprints
         # the branches inside the function and the imports are known to be the same and are left out too.
+        # Pairs whose targets lie inside their own function on both sides drop out as well (``self`` both ways).
         data, rest = self.streams.kernels.triage_refs(
-            self.a.analysis_of(fa).raw_refs, self.b.analysis_of(fb).raw_refs, self.ref_pairs(fa, fb), fa.rva,
-            fa.end_rva, self.targets_a.iat, function_map, self.targets_a.all_data_targets(),
+            self.a.analysis_of(fa).raw_refs, self.b.analysis_of(fb).raw_refs, self.ref_pairs(fa, fb), fa.ranges,
+            fb.ranges, self.targets_a.iat, self.targets_b.iat, function_map, self.targets_a.all_data_targets(),
             self.targets_b.all_data_targets())
         for ra, rb in rest:
             kind_a, value_a = self.targets_a.classify(fa, ra[4])

@@ -11,6 +11,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
 
 __all__ = ["TargetClassifier", "IMPORT", "SELF", "FUNCTION", "CODE", "DATA", "OTHER"]
@@ -33,6 +34,7 @@ class TargetClassifier:
         self.table = table
         self.iat = table.context.iat
         self.starts = {f.rva for f in table}
+        self._ref_targets = diff_kernels(table.backend).ref_targets
         # flags precomputed per section: this runs for every reference, where Image.section_from_rva plus
         # the Section properties cost measurably more (about 0.1 s of a large diff)
         self._sections = sorted((s.rva, s.end_rva, (s.executable, s.writable)) for s in image.sections)
@@ -95,13 +97,13 @@ class TargetClassifier:
         """The data (not import slots) that ``function``'s references point at."""
         found = self._data_targets.get(function.rva)
         if found is None:
-            targets = frozenset(ref[4] for ref in self.table.analysis_of(function).raw_refs)
-            found = self._data_targets[function.rva] = targets & self.all_data_targets()
+            targets = self._ref_targets((self.table.analysis_of(function).raw_refs,))
+            found = self._data_targets[function.rva] = self.all_data_targets().intersection(targets)
         return found
 
     def all_data_targets(self) -> frozenset[int]:
         """The data every function of the image references."""
         if self._all_data_targets is None:
-            targets = {ref[4] for analysis in self.table.analyses for ref in analysis.raw_refs}
+            targets = self._ref_targets([analysis.raw_refs for analysis in self.table.analyses])
             self._all_data_targets = frozenset(self.only_data(targets) - self.iat.keys())
         return self._all_data_targets

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+from ..analysis.api import FunctionAnalysis
 from ..analysis.functions import Function, FunctionTable
 from .dataitems import DataItems, items_equal
 from .matching import Match
@@ -35,6 +36,10 @@ class Pairing:
         self._items_equal: dict[tuple[int, int], bool] = {}
         #: jump tables are compared through the fingerprint (targets relative to the function), not as bytes
         self.jump_tables_a = {t[1] for analysis in a.analyses for t in analysis.raw_tables}
+        # what every pair's triage reads, looked up once
+        self._triage = streams.kernels.triage_refs
+        self._iat_a, self._iat_b = self.targets_a.iat, self.targets_b.iat
+        self._data_a, self._data_b = self.targets_a.all_data_targets(), self.targets_b.all_data_targets()
 
     def items(self) -> tuple[DataItems, DataItems]:
         if self._items is None:
@@ -54,14 +59,15 @@ class Pairing:
     def classify(self, matches: dict[int, Match]) -> list[FunctionDiff]:
         out: list[FunctionDiff] = []
         rodata_checks: list[tuple[int, int, int]] = []  # (index in out, rva_a, rva_b)
-        for fa in self.a:
+        functions_b, analyses_b, index_b = self.b.functions, self.b.analyses, self.b._index
+        for fa, analysis_a in zip(self.a.functions, self.a.analyses):
             match = matches.get(fa.rva)
             if match is None:
                 out.append(FunctionDiff(REMOVED, fa, None))
                 continue
-            fb = self.b.at(match.patched_rva)
-            assert fb is not None
-            changes, rodata = self._compare(fa, fb)
+            at_b = index_b[match.patched_rva]
+            fb = functions_b[at_b]
+            changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at_b])
             for rva_a, rva_b in rodata:
                 rodata_checks.append((len(out), rva_a, rva_b))
             status = CHANGED if changes else UNCHANGED
@@ -98,21 +104,23 @@ class Pairing:
                 pairs.extend(zip(left, right))
         return pairs
 
-    def _compare(self, fa: Function, fb: Function) -> tuple[list[str], list[tuple[int, int]]]:
-        changes: set[str] = set()
+    def _compare(self, fa: Function, fb: Function, analysis_a: FunctionAnalysis,
+                 analysis_b: FunctionAnalysis) -> tuple[list[str], list[tuple[int, int]]]:
         same_code = fa.fingerprint == fb.fingerprint
+        # Calls to matched functions drop out, data on both sides comes back apart; with equal fingerprints
+        # the branches inside the function and the imports are known to be the same and are left out too.
+        # Pairs whose targets lie inside their own function on both sides drop out as well (``self`` both ways).
+        data, rest = self._triage(analysis_a.raw_refs, analysis_b.raw_refs,
+                                  None if same_code else self.ref_pairs(fa, fb), fa.ranges, fb.ranges,
+                                  self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b)
+        if same_code and not data and not rest:
+            return [], []  # most unchanged functions: nothing left to judge
+        changes: set[str] = set()
         if not same_code:
             changes.add("code")
         rodata: list[tuple[int, int]] = []
         votes = self.data_votes["unchanged" if same_code else "changed"]
         function_map = self.function_map
-        # Calls to matched functions drop out, data on both sides comes back apart; with equal fingerprints
-        # the branches inside the function and the imports are known to be the same and are left out too.
-        # Pairs whose targets lie inside their own function on both sides drop out as well (``self`` both ways).
-        data, rest = self.streams.kernels.triage_refs(
-            self.a.analysis_of(fa).raw_refs, self.b.analysis_of(fb).raw_refs, self.ref_pairs(fa, fb), fa.ranges,
-            fb.ranges, self.targets_a.iat, self.targets_b.iat, function_map, self.targets_a.all_data_targets(),
-            self.targets_b.all_data_targets())
         for ra, rb in rest:
             kind_a, value_a = self.targets_a.classify(fa, ra[4])
             kind_b, value_b = self.targets_b.classify(fb, rb[4])

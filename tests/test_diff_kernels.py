@@ -49,6 +49,7 @@ def test_kernels_agree_on_random_streams() -> None:
                                                                    for _ in range(rng.randint(0, 80))]
         a_ids, b_ids = array("I", a), array("I", b)
         assert compiled.aligned_indices(a_ids, b_ids) == reference.aligned_indices(a_ids, b_ids), (a, b)
+        assert compiled.aligned_packed(a_ids, b_ids) == reference.aligned_packed(a_ids, b_ids), (a, b)
         for threshold, work in ((0.0, 10**6), (SIMILARITY_THRESHOLD, 10**6), (0.0, 100)):
             assert compiled.similarity(a_ids, b_ids, threshold, work) == \
                 reference.similarity(a_ids, b_ids, threshold, work), (a, b, threshold, work)
@@ -80,6 +81,11 @@ def test_kernels_agree_on_a_real_pair(rust_diff) -> None:  # type: ignore[no-unt
                                                                   (result.patched, entry.patched))]
         assert fast == slow
         assert compiled.aligned_indices(*fast) == reference.aligned_indices(*slow)
+        aligned = compiled.aligned_packed(*fast)
+        refs = [t.analysis_of(f) for t, f in ((result.baseline, entry.baseline), (result.patched, entry.patched))]
+        assert compiled.ref_pairs(refs[0].raw_refs, refs[1].raw_refs, refs[0].insn_rvas, refs[1].insn_rvas,
+                                  aligned) == reference.ref_pairs(refs[0].raw_refs.tolist(), refs[1].raw_refs.tolist(),
+                                                                  refs[0].insn_rvas, refs[1].insn_rvas, aligned)
         assert compiled.similarity(*fast, 0.0, MAX_RATIO_WORK) == reference.similarity(*slow, 0.0, MAX_RATIO_WORK)
         pairs += 1
     assert pairs > 1000
@@ -151,8 +157,9 @@ def _packed(refs: list[tuple[int, int, int, int, int]]):  # type: ignore[no-unty
 
 
 def test_reference_scans_agree_on_random_records() -> None:
-    """callees, ref_targets, triage_refs and lone_pair: the compiled kernels on packed records and on
-    tuples give the twin's answer, equal and changed code, inner targets, import slots, wide targets."""
+    """callees, token_ids, ref_targets, triage_refs, ref_pairs and lone_pair: the compiled kernels on packed
+    records and on tuples give the twin's answer (equal and changed code, inner targets, import slots, wide
+    targets, references of one instruction apart)."""
     rng = random.Random(20261202)
     for _ in range(1500):
         targets = [rng.randrange(0x1000, 0x1400) for _ in range(rng.randint(1, 30))] + [-5, 2**64 - 3]
@@ -184,6 +191,16 @@ def test_reference_scans_agree_on_random_records() -> None:
         expected = reference.triage_refs(refs_a, refs_b, *args)
         assert compiled.triage_refs(refs_a, refs_b, *args) == expected
         assert compiled.triage_refs(_packed(refs_a), _packed(refs_b), *args) == expected
+        insns_a = array("I", sorted({r[1] for r in refs_a} | {rng.randrange(0x1000, 0x1200) for _ in range(5)}))
+        insns_b = array("I", sorted({r[1] for r in refs_b} | {rng.randrange(0x1000, 0x1200) for _ in range(5)}))
+        aligned = array("I", [x for i in range(min(len(insns_a), len(insns_b))) if rng.random() < 0.7
+                              for x in (i, min(len(insns_b) - 1, i + rng.randint(0, 2)))])
+        shuffled_a = refs_a[:]  # references of one instruction need not be adjacent for the kernels
+        rng.shuffle(shuffled_a)
+        for left_refs in (refs_a, shuffled_a):
+            expected = reference.ref_pairs(left_refs, refs_b, insns_a, insns_b, aligned)
+            assert compiled.ref_pairs(left_refs, refs_b, insns_a, insns_b, aligned) == expected
+            assert compiled.ref_pairs(_packed(left_refs), _packed(refs_b), insns_a, insns_b, aligned) == expected
         left, right = rng.choices(targets, k=rng.randint(0, 5)), rng.choices(targets, k=rng.randint(0, 5))
         taken_left, taken_right = dict.fromkeys(rng.sample(targets, 3)), dict.fromkeys(rng.sample(targets, 3))
         assert compiled.lone_pair(taken_left, taken_right, left, right) == \

@@ -410,21 +410,132 @@ cdef int _by_first(const void *x, const void *y) noexcept nogil:
     return (a[0] > b[0]) - (a[0] < b[0])
 
 
+cdef int _aligned(const uint32_t[:] a, const uint32_t[:] b, PairBuffer *pairs) except -1:
+    """The sorted pairs of the patience alignment into ``pairs`` (the caller frees its data)."""
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return 0
+    _reserve(a, b)
+    _patience(&a[0], &b[0], 0, a.shape[0], 0, b.shape[0], pairs)
+    qsort(pairs.data, pairs.count, 2 * sizeof(int32_t), _by_first)
+    return 0
+
+
 def aligned_indices(const uint32_t[:] a, const uint32_t[:] b):
     """(i, j) for tokens of ``a`` aligned with equal tokens of ``b`` (patience diff), sorted."""
     cdef PairBuffer pairs
     cdef Py_ssize_t index
     pairs.data = NULL
     pairs.count = pairs.capacity = 0
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        return []
-    _reserve(a, b)
     try:
-        _patience(&a[0], &b[0], 0, a.shape[0], 0, b.shape[0], &pairs)
-        qsort(pairs.data, pairs.count, 2 * sizeof(int32_t), _by_first)
+        _aligned(a, b, &pairs)
         return [(pairs.data[2 * index], pairs.data[2 * index + 1]) for index in range(pairs.count)]
     finally:
         free(pairs.data)
+
+
+def aligned_packed(const uint32_t[:] a, const uint32_t[:] b):
+    """``aligned_indices`` flattened into one ``array('I')``: i0, j0, i1, j1, ..."""
+    cdef PairBuffer pairs
+    cdef uint32_t[:] view
+    pairs.data = NULL
+    pairs.count = pairs.capacity = 0
+    try:
+        _aligned(a, b, &pairs)
+        out = array("I", bytes(8 * pairs.count))
+        if pairs.count:
+            view = out
+            memcpy(&view[0], pairs.data, 8 * pairs.count)  # indices are never negative: int32 reads as uint32
+        return out
+    finally:
+        free(pairs.data)
+
+
+# ── reference pairs of aligned instructions ─────────────────────────────────
+
+cdef struct Slot:
+    uint32_t insn_rva
+    int32_t index
+
+
+cdef int _by_slot(const void *x, const void *y) noexcept nogil:
+    cdef const Slot *a = <const Slot *>x
+    cdef const Slot *b = <const Slot *>y
+    if a.insn_rva != b.insn_rva:
+        return (a.insn_rva > b.insn_rva) - (a.insn_rva < b.insn_rva)
+    return (a.index > b.index) - (a.index < b.index)
+
+
+cdef Slot *_slots(object refs, list listed, Py_ssize_t count) except NULL:
+    """Each reference's instruction and index, sorted by both (a reference list is grouped by instruction
+    with the references of one instruction in their order)."""
+    cdef Slot *slots = <Slot *>malloc((count + 1) * sizeof(Slot))
+    cdef const PackedRef *packed = NULL
+    cdef Py_ssize_t i
+    if slots == NULL:
+        raise MemoryError()
+    if listed is None:
+        packed = <const PackedRef *><const char *>(<RefList>refs).packed
+    for i in range(count):
+        slots[i].insn_rva = packed[i].insn_rva if packed != NULL else <uint32_t>listed[i][1]
+        slots[i].index = <int32_t>i
+    qsort(slots, count, sizeof(Slot), _by_slot)
+    return slots
+
+
+cdef Py_ssize_t _first_at(const Slot *slots, Py_ssize_t count, uint32_t insn_rva) noexcept nogil:
+    cdef Py_ssize_t low = 0, high = count, middle
+    while low < high:
+        middle = (low + high) // 2
+        if slots[middle].insn_rva < insn_rva:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def ref_pairs(refs_a, refs_b, const uint32_t[:] insn_rvas_a, const uint32_t[:] insn_rvas_b,
+              const uint32_t[:] aligned):
+    """The references of aligned instructions paired up: for each aligned (i, j) of ``aligned`` (flat),
+    the references of instruction i zipped with those of instruction j when both have the same number."""
+    cdef list out = []
+    cdef list listed_a = None if type(refs_a) is RefList else list(refs_a)
+    cdef list listed_b = None if type(refs_b) is RefList else list(refs_b)
+    cdef Py_ssize_t count_a = len(refs_a), count_b = len(refs_b), k, at_a, at_b, end_a, end_b, m
+    cdef uint32_t rva_a, rva_b
+    cdef Slot *slots_a = NULL
+    cdef Slot *slots_b = NULL
+    if count_a == 0 or count_b == 0:
+        return out
+    try:
+        slots_a = _slots(refs_a, listed_a, count_a)
+        slots_b = _slots(refs_b, listed_b, count_b)
+        for k in range(0, aligned.shape[0] - 1, 2):
+            rva_a = insn_rvas_a[aligned[k]]
+            at_a = _first_at(slots_a, count_a, rva_a)
+            if at_a == count_a or slots_a[at_a].insn_rva != rva_a:
+                continue
+            rva_b = insn_rvas_b[aligned[k + 1]]
+            at_b = _first_at(slots_b, count_b, rva_b)
+            if at_b == count_b or slots_b[at_b].insn_rva != rva_b:
+                continue
+            end_a, end_b = at_a, at_b
+            while end_a < count_a and slots_a[end_a].insn_rva == rva_a:
+                end_a += 1
+            while end_b < count_b and slots_b[end_b].insn_rva == rva_b:
+                end_b += 1
+            if end_a - at_a != end_b - at_b:
+                continue
+            for m in range(end_a - at_a):
+                out.append((_ref(refs_a, listed_a, slots_a[at_a + m].index),
+                            _ref(refs_b, listed_b, slots_b[at_b + m].index)))
+    finally:
+        free(slots_a)
+        free(slots_b)
+    return out
+
+
+cdef inline object _ref(object refs, list listed, Py_ssize_t index):
+    return listed[index] if listed is not None else (<RefList>refs)._tuple(index)
 
 
 # ── reference scans ─────────────────────────────────────────────────────────

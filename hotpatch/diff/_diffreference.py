@@ -23,6 +23,15 @@ The contract (both implementations):
     ``hotpatch.diff.align.aligned_indices``: the patience alignment of two token
     streams as sorted ``(i, j)`` pairs.
 
+``aligned_packed(a, b)``
+    ``aligned_indices(a, b)`` flattened into one ``array('I')``: i0, j0, i1, j1, ...
+
+``ref_pairs(refs_a, refs_b, insn_rvas_a, insn_rvas_b, aligned)``
+    The references of aligned instructions paired up: for each (i, j) of
+    ``aligned`` (flat, as ``aligned_packed`` gives it), the references of
+    instruction ``insn_rvas_a[i]`` (in their order) zipped with those of
+    ``insn_rvas_b[j]`` when both have references, as many on each side.
+
 ``callees(refs, ranges, starts, pointer_tables)``
     The functions one function reaches, in instruction order: targets of its
     direct calls and branches that are function ``starts`` outside its own
@@ -61,8 +70,8 @@ from typing import Any
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from .align import aligned_indices
 
-__all__ = ["IMPLEMENTATION", "aligned_indices", "callees", "lone_pair", "ref_targets", "similarity", "token_ids",
-           "triage_refs"]
+__all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "callees", "lone_pair", "ref_pairs", "ref_targets",
+           "similarity", "token_ids", "triage_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -97,6 +106,26 @@ def similarity(a: Any, b: Any, threshold: float, max_ratio_work: int) -> float:
     if matcher.real_quick_ratio() < threshold or matcher.quick_ratio() < threshold:
         return -1.0
     return matcher.ratio() if len(a) * len(b) <= max_ratio_work else matcher.quick_ratio()
+
+
+def aligned_packed(a: Any, b: Any) -> array:
+    return array("I", [index for pair in aligned_indices(a, b) for index in pair])
+
+
+def ref_pairs(refs_a: Any, refs_b: Any, insn_rvas_a: Any, insn_rvas_b: Any, aligned: Any) -> list[tuple[tuple, tuple]]:
+    by_insn_a: dict[int, list[tuple]] = defaultdict(list)
+    by_insn_b: dict[int, list[tuple]] = defaultdict(list)
+    for ref in refs_a:
+        by_insn_a[ref[1]].append(ref)
+    for ref in refs_b:
+        by_insn_b[ref[1]].append(ref)
+    pairs = []
+    for i, j in zip(aligned[::2], aligned[1::2]):
+        left = by_insn_a.get(insn_rvas_a[i])
+        right = by_insn_b.get(insn_rvas_b[j])
+        if left is not None and right is not None and len(left) == len(right):
+            pairs.extend(zip(left, right))
+    return pairs
 
 
 def callees(refs: list, ranges: tuple, starts: set[int], pointer_tables: dict[int, list[int]]) -> list[int]:

@@ -7,7 +7,7 @@ imports, code references and read-only data reach no longer correspond.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 
 from ..analysis.api import FunctionAnalysis
 from ..analysis.functions import Function, FunctionTable
@@ -88,21 +88,9 @@ class Pairing:
         fingerprints are equal (then the references pair up in order)."""
         if fa.fingerprint == fb.fingerprint:
             return None
-        by_insn_a: dict[int, list[tuple]] = defaultdict(list)
-        by_insn_b: dict[int, list[tuple]] = defaultdict(list)
-        for ref in self.a.analysis_of(fa).raw_refs:
-            by_insn_a[ref[1]].append(ref)
-        for ref in self.b.analysis_of(fb).raw_refs:
-            by_insn_b[ref[1]].append(ref)
-        rvas_a = self.a.analysis_of(fa).insn_rvas
-        rvas_b = self.b.analysis_of(fb).insn_rvas
-        pairs = []
-        for i, j in self.streams.aligned(fa, fb):
-            left = by_insn_a.get(rvas_a[i])
-            right = by_insn_b.get(rvas_b[j])
-            if left is not None and right is not None and len(left) == len(right):
-                pairs.extend(zip(left, right))
-        return pairs
+        analysis_a, analysis_b = self.a.analysis_of(fa), self.b.analysis_of(fb)
+        return self.streams.kernels.ref_pairs(analysis_a.raw_refs, analysis_b.raw_refs, analysis_a.insn_rvas,
+                                              analysis_b.insn_rvas, self.streams.aligned_packed(fa, fb))
 
     def _compare(self, fa: Function, fb: Function, analysis_a: FunctionAnalysis,
                  analysis_b: FunctionAnalysis) -> tuple[list[str], list[tuple[int, int]]]:

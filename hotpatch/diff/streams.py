@@ -43,13 +43,17 @@ class InstructionStreams:
 
     def aligned(self, fa: Function, fb: Function) -> list[tuple[int, int]]:
         """(i, j): baseline instruction i corresponds to patched instruction j (equal tokens, patience order)."""
+        packed = self.aligned_packed(fa, fb)
+        return list(zip(packed[::2], packed[1::2]))
+
+    def aligned_packed(self, fa: Function, fb: Function) -> array:
+        """``aligned`` flat, as it is kept: i0, j0, i1, j1, ..."""
         key = (fa.rva, fb.rva)
         packed = self._aligned.get(key)
         if packed is None:
-            pairs = self.kernels.aligned_indices(self.tokens(self.baseline, fa), self.tokens(self.patched, fb))
-            self._aligned[key] = array("I", [index for pair in pairs for index in pair])
-            return pairs
-        return list(zip(packed[::2], packed[1::2]))
+            packed = self._aligned[key] = self.kernels.aligned_packed(self.tokens(self.baseline, fa),
+                                                                      self.tokens(self.patched, fb))
+        return packed
 
     def similarity(self, fa: Function, fb: Function, threshold: float, max_ratio_work: int) -> float:
         """difflib's ratio of the two token streams, or -1.0 when it is surely below ``threshold``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import struct
 from array import array
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,15 @@ def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignor
         expected = reference.callees(analysis.raw_refs.tolist(), *args)
         assert compiled.callees(analysis.raw_refs, *args) == expected, hex(function.rva)
         assert compiled.callees(analysis.raw_refs.tolist(), *args) == expected, hex(function.rva)
+    graphs = []
+    for kernels, refs_lists in ((compiled, [a.raw_refs for a in table.analyses]),
+                                (reference, [a.raw_refs.tolist() for a in table.analyses])):
+        callees_out: dict[int, list[int]] = {}
+        callers_out: defaultdict[int, list[int]] = defaultdict(list)
+        kernels.call_graph(refs_lists, [f.ranges for f in table.functions], [f.rva for f in table], starts,
+                           pointer_tables, callees_out, callers_out)
+        graphs.append((callees_out, dict(callers_out)))
+    assert graphs[0] == graphs[1] and sum(map(len, graphs[0][1].values())) > 10000
     pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
     data_a, data_b = pairing.targets_a.all_data_targets(), pairing.targets_b.all_data_targets()
     checked = 0

@@ -584,6 +584,25 @@ def callees(refs, tuple ranges, set starts, dict pointer_tables):
     return out
 
 
+def call_graph(list refs_lists, list ranges_list, list rvas, set starts, dict pointer_tables, dict callees_out,
+               callers_out):
+    """``callees`` of every function (``refs_lists``, ``ranges_list`` and ``rvas`` side by side) into
+    ``callees_out`` (rva -> callees), and each function's rva appended once to the list of every function
+    it reaches in ``callers_out`` (in function order)."""
+    cdef Py_ssize_t index
+    cdef list out, found
+    for index in range(len(rvas)):
+        rva = rvas[index]
+        out = callees(refs_lists[index], <tuple>ranges_list[index], starts, pointer_tables)
+        callees_out[rva] = out
+        for target in (dict.fromkeys(out) if len(out) > 1 else out):
+            found = callers_out.get(target)
+            if found is None:
+                callers_out[target] = [rva]
+            else:
+                found.append(rva)
+
+
 def ref_targets(refs_lists):
     """The set of every target of the given reference lists."""
     cdef set out = set()

@@ -41,6 +41,12 @@ The contract (both implementations):
 ``ref_targets(refs_lists)``
     The set of every target of the given reference lists.
 
+``call_graph(refs_lists, ranges_list, rvas, starts, pointer_tables, callees_out, callers_out)``
+    ``callees`` of every function (the three lists side by side) into
+    ``callees_out`` (rva -> callees), and each function's rva appended once
+    to ``callers_out[target]`` for every function it reaches, in function
+    order (a list made for a target first seen).
+
 ``triage_refs(refs_a, refs_b, pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)``
     The reference pairs of two matched functions (``ranges_a``/``ranges_b``:
     each one's ranges, its own range first): ``pairs`` as given, or when it
@@ -70,8 +76,8 @@ from typing import Any
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from .align import aligned_indices
 
-__all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "callees", "lone_pair", "ref_pairs", "ref_targets",
-           "similarity", "token_ids", "triage_refs"]
+__all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "call_graph", "callees", "lone_pair", "ref_pairs",
+           "ref_targets", "similarity", "token_ids", "triage_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -137,6 +143,14 @@ def callees(refs: list, ranges: tuple, starts: set[int], pointer_tables: dict[in
         elif target in pointer_tables:
             out.extend(pointer_tables[target])
     return out
+
+
+def call_graph(refs_lists: list, ranges_list: list, rvas: list, starts: set[int], pointer_tables: dict[int, list[int]],
+               callees_out: dict[int, list[int]], callers_out: dict[int, list[int]]) -> None:
+    for refs, ranges, rva in zip(refs_lists, ranges_list, rvas):
+        out = callees_out[rva] = callees(refs, ranges, starts, pointer_tables)
+        for target in dict.fromkeys(out):
+            callers_out.setdefault(target, []).append(rva)
 
 
 def ref_targets(refs_lists: Any) -> set[int]:

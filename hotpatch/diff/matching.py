@@ -46,6 +46,9 @@ class _Matcher:
         self.forward: dict[int, Match] = {}
         self.backward: dict[int, int] = {}
         self.lone_pair = diff_kernels(baseline.backend).lone_pair
+        # the unmatched lists are taken a dozen times over every function: the RVAs read once
+        self._rvas_a = [f.rva for f in baseline.functions]
+        self._rvas_b = [f.rva for f in patched.functions]
 
     def pair(self, a: int, b: int, method: str, similarity: float | None = None) -> bool:
         if a in self.forward or b in self.backward:
@@ -55,10 +58,12 @@ class _Matcher:
         return True
 
     def unmatched_baseline(self) -> list[Function]:
-        return [f for f in self.baseline if f.rva not in self.forward]
+        forward = self.forward
+        return [f for f, rva in zip(self.baseline.functions, self._rvas_a) if rva not in forward]
 
     def unmatched_patched(self) -> list[Function]:
-        return [f for f in self.patched if f.rva not in self.backward]
+        backward = self.backward
+        return [f for f, rva in zip(self.patched.functions, self._rvas_b) if rva not in backward]
 
 
 def match_functions(baseline: FunctionTable, patched: FunctionTable,
@@ -111,11 +116,10 @@ def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, li
     callers: dict[int, list[int]] = defaultdict(list)
     starts = {f.rva for f in table}
     pointer_tables = _pointer_tables(table, starts)
-    scan = diff_kernels(table.backend).callees
-    for function, analysis in zip(table.functions, table.analyses):
-        out = callees[function.rva] = scan(analysis.raw_refs, function.ranges, starts, pointer_tables)
-        for target in dict.fromkeys(out):
-            callers[target].append(function.rva)
+    diff_kernels(table.backend).call_graph([analysis.raw_refs for analysis in table.analyses],
+                                           [function.ranges for function in table.functions],
+                                           [function.rva for function in table.functions], starts, pointer_tables,
+                                           callees, callers)
     _CALL_GRAPHS[id(table)] = (callees, callers)
     weakref.finalize(table, _CALL_GRAPHS.pop, id(table), None)
     return callees, callers
@@ -151,11 +155,14 @@ def _by_call_graph(m: _Matcher, since: int = 0) -> None:
         touched = {x for match in queue for x in (*callers_a.get(match.baseline_rva, ()),
                                                   *callees_a.get(match.baseline_rva, ())) if x in m.forward}
         queue.extend(m.forward[x] for x in sorted(touched))
+    forward_has, backward_has = m.forward.__contains__, m.backward.__contains__
     while queue:
         match = queue.pop()
         a, b = match.baseline_rva, match.patched_rva
-        new = _aligned_pairs(m, callees_a.get(a, []), callees_b.get(b, []))
-        new.extend(_lone_pair(m, callers_a.get(a, []), callers_b.get(b, [])))
+        left, right = callees_a.get(a, []), callees_b.get(b, [])
+        # most pairs have every callee matched on one side already: no call to _aligned_pairs for those
+        new = [] if all(map(forward_has, left)) or all(map(backward_has, right)) else _aligned_pairs(m, left, right)
+        new.extend(m.lone_pair(m.forward, m.backward, callers_a.get(a, ()), callers_b.get(b, ())))
         for x, y in new:
             if x not in m.forward and y not in m.backward and m.pair(x, y, "callgraph"):
                 queue.append(m.forward[x])

@@ -98,7 +98,8 @@ class TargetClassifier:
         found = self._data_targets.get(function.rva)
         if found is None:
             targets = self._ref_targets((self.table.analysis_of(function).raw_refs,))
-            found = self._data_targets[function.rva] = self.all_data_targets().intersection(targets)
+            every = self._all_data_targets if self._all_data_targets is not None else self.all_data_targets()
+            found = self._data_targets[function.rva] = every.intersection(targets)
         return found
 
     def all_data_targets(self) -> frozenset[int]:

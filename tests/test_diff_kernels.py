@@ -167,9 +167,9 @@ def _packed(refs: list[tuple[int, int, int, int, int]]):  # type: ignore[no-unty
 
 
 def test_reference_scans_agree_on_random_records() -> None:
-    """callees, token_ids, ref_targets, triage_refs, ref_pairs and lone_pair: the compiled kernels on packed
-    records and on tuples give the twin's answer (equal and changed code, inner targets, import slots, wide
-    targets, references of one instruction apart)."""
+    """callees, token_ids, ref_targets, targets_within, triage_refs, ref_pairs and lone_pair: the compiled
+    kernels on packed records and on tuples give the twin's answer (equal and changed code, inner targets,
+    import slots, wide targets, references of one instruction apart)."""
     rng = random.Random(20261202)
     for _ in range(1500):
         targets = [rng.randrange(0x1000, 0x1400) for _ in range(rng.randint(1, 30))] + [-5, 2**64 - 3]
@@ -197,6 +197,9 @@ def test_reference_scans_agree_on_random_records() -> None:
                                           form, {}) == reference.token_ids(
                     bytes(range(256)) * 32, array("I", sorted({r[1] for r in refs})), 0x1500, refs, {})
         assert compiled.ref_targets([_packed(refs_a), refs_b]) == reference.ref_targets([refs_a, refs_b])
+        spans = ((0x1000, 0x1080), (0x1200, 0x1201), (0x1380, 2**40))[:rng.randint(0, 3)]
+        assert compiled.targets_within([_packed(refs_a), refs_b, _packed(refs_b)], spans) == \
+            reference.targets_within([refs_a, refs_b, refs_b], spans)
         args = (pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
         expected = reference.triage_refs(refs_a, refs_b, *args)
         assert compiled.triage_refs(refs_a, refs_b, *args) == expected

@@ -584,6 +584,36 @@ def callees(refs, tuple ranges, set starts, dict pointer_tables):
     return out
 
 
+def targets_within(refs_lists, tuple spans):
+    """The set of the targets of the given reference lists that lie in one of ``spans`` ((begin, end), ...)."""
+    cdef set out = set()
+    cdef Py_ssize_t i, k, count = 0, n_spans = len(spans)
+    cdef const PackedRef *packed
+    cdef int64_t target
+    cdef int64_t *bounds = <int64_t *>malloc((2 * n_spans + 1) * sizeof(int64_t))
+    if bounds == NULL:
+        raise MemoryError()
+    try:
+        for k in range(n_spans):
+            bounds[2 * k], bounds[2 * k + 1] = spans[k][0], spans[k][1]
+        for refs in refs_lists:
+            packed = _packed(refs, &count)
+            if packed != NULL:
+                for i in range(count):
+                    target = packed[i].target
+                    for k in range(n_spans):
+                        if bounds[2 * k] <= target < bounds[2 * k + 1]:
+                            out.add(target)
+                            break
+            else:
+                for ref in refs:
+                    if _inside_any(spans, ref[4]):
+                        out.add(ref[4])
+    finally:
+        free(bounds)
+    return out
+
+
 def call_graph(list refs_lists, list ranges_list, list rvas, set starts, dict pointer_tables, dict callees_out,
                callers_out):
     """``callees`` of every function (``refs_lists``, ``ranges_list`` and ``rvas`` side by side) into

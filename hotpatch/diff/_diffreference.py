@@ -47,6 +47,10 @@ The contract (both implementations):
     to ``callers_out[target]`` for every function it reaches, in function
     order (a list made for a target first seen).
 
+``targets_within(refs_lists, spans)``
+    The set of the targets of the given reference lists that lie in one of
+    ``spans`` (``(begin, end)`` pairs, end excluded).
+
 ``triage_refs(refs_a, refs_b, pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)``
     The reference pairs of two matched functions (``ranges_a``/``ranges_b``:
     each one's ranges, its own range first): ``pairs`` as given, or when it
@@ -77,7 +81,7 @@ from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABL
 from .align import aligned_indices
 
 __all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "call_graph", "callees", "lone_pair", "ref_pairs",
-           "ref_targets", "similarity", "token_ids", "triage_refs"]
+           "ref_targets", "similarity", "targets_within", "token_ids", "triage_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -155,6 +159,10 @@ def call_graph(refs_lists: list, ranges_list: list, rvas: list, starts: set[int]
 
 def ref_targets(refs_lists: Any) -> set[int]:
     return {ref[4] for refs in refs_lists for ref in refs}
+
+
+def targets_within(refs_lists: Any, spans: tuple) -> set[int]:
+    return {ref[4] for refs in refs_lists for ref in refs if _inside(spans, ref[4])}
 
 
 def _inside(ranges: tuple, target: int) -> bool:

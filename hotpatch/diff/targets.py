@@ -34,7 +34,8 @@ class TargetClassifier:
         self.table = table
         self.iat = table.context.iat
         self.starts = {f.rva for f in table}
-        self._ref_targets = diff_kernels(table.backend).ref_targets
+        kernels = diff_kernels(table.backend)
+        self._ref_targets, self._targets_within = kernels.ref_targets, kernels.targets_within
         # flags precomputed per section: this runs for every reference, where Image.section_from_rva plus
         # the Section properties cost measurably more (about 0.1 s of a large diff)
         self._sections = sorted((s.rva, s.end_rva, (s.executable, s.writable)) for s in image.sections)
@@ -86,6 +87,8 @@ class TargetClassifier:
 
     def only_data(self, rvas: Iterable[int]) -> set[int]:
         """The RVAs of ``rvas`` that lie in data (non-executable) sections; one bisection per section."""
+        if rvas is self._all_data_targets:
+            return set(rvas)  # data alone already
         ordered = sorted(set(rvas))
         out: set[int] = set()
         for begin, end, (executable, _) in self._sections:
@@ -105,6 +108,7 @@ class TargetClassifier:
     def all_data_targets(self) -> frozenset[int]:
         """The data every function of the image references."""
         if self._all_data_targets is None:
-            targets = self._ref_targets([analysis.raw_refs for analysis in self.table.analyses])
-            self._all_data_targets = frozenset(self.only_data(targets) - self.iat.keys())
+            data_sections = tuple((begin, end) for begin, end, (executable, _) in self._sections if not executable)
+            targets = self._targets_within([analysis.raw_refs for analysis in self.table.analyses], data_sections)
+            self._all_data_targets = frozenset(targets - self.iat.keys())
         return self._all_data_targets

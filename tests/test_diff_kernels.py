@@ -218,3 +218,51 @@ def test_reference_scans_agree_on_random_records() -> None:
         taken_left, taken_right = dict.fromkeys(rng.sample(targets, 3)), dict.fromkeys(rng.sample(targets, 3))
         assert compiled.lone_pair(taken_left, taken_right, left, right) == \
             reference.lone_pair(taken_left, taken_right, left, right)
+
+
+def _random_graph(rng: random.Random, size: int, side: int) -> tuple[dict[int, list[int]], defaultdict[int, list[int]]]:
+    """Callees and callers of ``size`` functions numbered from ``side``, as ``matching.call_graph`` keeps them."""
+    callees = {side + f: [side + rng.randrange(size) for _ in range(rng.randint(0, 4))]
+               for f in range(size) if rng.random() < 0.8}
+    callers: defaultdict[int, list[int]] = defaultdict(list)
+    for caller, out in callees.items():
+        for target in dict.fromkeys(out):
+            callers[target].append(caller)
+    return callees, callers
+
+
+def _propagated(kernels, seeds: list[tuple[int, int]], graphs: tuple, seed: int) -> tuple:  # type: ignore[no-untyped-def]
+    """The pairs ``propagate`` offers, in order, and the matches it ends with (a tenth of the offers refused)."""
+    forward: dict[int, int] = dict(seeds)
+    backward = {b: a for a, b in seeds}
+    offers: list[tuple[int, int]] = []
+    refusals = random.Random(seed)
+
+    def aligned(left: list[int], right: list[int]) -> list[tuple[int, int]]:
+        return [(x, y) for x, y in zip(left, right) if x not in forward and y not in backward]
+
+    def pair(x: int, y: int) -> bool:
+        offers.append((x, y))
+        if x in forward or y in backward or refusals.random() < 0.1:
+            return False
+        forward[x], backward[y] = y, x
+        return True
+
+    (callees_a, callers_a), (callees_b, callers_b) = graphs
+    kernels.propagate(list(seeds), forward, backward, callees_a, callees_b, callers_a, callers_b, aligned, pair)
+    return offers, forward
+
+
+def test_propagation_agrees_on_random_call_graphs() -> None:
+    """propagate: the compiled kernel and the twin make the same pairs in the same order from random call
+    graphs, through the same callbacks (the aligned callees and the pairing stay the matcher's)."""
+    rng = random.Random(20261203)
+    paired = 0
+    for round_ in range(300):
+        size = rng.randint(1, 40)
+        graphs = (_random_graph(rng, size, 0), _random_graph(rng, size, 1000))
+        seeds = [(f, 1000 + f) for f in rng.sample(range(size), rng.randint(1, min(size, 3)))]
+        fast = _propagated(compiled, seeds, graphs, round_)
+        assert fast == _propagated(reference, seeds, graphs, round_)
+        paired += len(fast[1]) - len(seeds)
+    assert paired > 500

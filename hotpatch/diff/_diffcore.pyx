@@ -719,6 +719,30 @@ def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict
     return data, rest
 
 
+cdef bint _all_in(dict taken, list items):
+    cdef object item
+    for item in items:
+        if item not in taken:
+            return False
+    return True
+
+
+def propagate(list queue, dict forward, dict backward, dict callees_a, dict callees_b, callers_a, callers_b,
+              aligned_pairs, pair):
+    """Call-graph propagation from the matched ``(a, b)`` of ``queue`` (taken from its end)."""
+    cdef list empty = [], left, right, new
+    cdef object a, b, x, y
+    while queue:
+        a, b = queue.pop()
+        left = callees_a.get(a, empty)
+        right = callees_b.get(b, empty)
+        new = [] if _all_in(forward, left) or _all_in(backward, right) else aligned_pairs(left, right)
+        new.extend(lone_pair(forward, backward, callers_a.get(a, ()), callers_b.get(b, ())))
+        for x, y in new:
+            if x not in forward and y not in backward and pair(x, y):
+                queue.append((x, y))
+
+
 def lone_pair(dict taken_left, dict taken_right, left, right):
     """``[(x, y)]`` when exactly one distinct element of ``left`` is not a key of ``taken_left`` and
     exactly one of ``right`` not of ``taken_right``; else ``[]``."""

@@ -51,6 +51,14 @@ The contract (both implementations):
     The set of the targets of the given reference lists that lie in one of
     ``spans`` (``(begin, end)`` pairs, end excluded).
 
+``propagate(queue, forward, backward, callees_a, callees_b, callers_a, callers_b, aligned_pairs, pair)``
+    Call-graph propagation: while ``queue`` (matched ``(a, b)``, taken from
+    its end) is not empty, the callees of ``a`` and ``b`` go to
+    ``aligned_pairs(left, right)`` unless every one on one side is matched
+    already (a key of ``forward``, resp. ``backward``), the ``lone_pair`` of
+    their callers joins them, and each ``(x, y)`` both still unmatched for
+    which ``pair(x, y)`` is true goes on the queue.
+
 ``triage_refs(refs_a, refs_b, pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)``
     The reference pairs of two matched functions (``ranges_a``/``ranges_b``:
     each one's ranges, its own range first): ``pairs`` as given, or when it
@@ -80,8 +88,8 @@ from typing import Any
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from .align import aligned_indices
 
-__all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "call_graph", "callees", "lone_pair", "ref_pairs",
-           "ref_targets", "similarity", "targets_within", "token_ids", "triage_refs"]
+__all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "call_graph", "callees", "lone_pair", "propagate",
+           "ref_pairs", "ref_targets", "similarity", "targets_within", "token_ids", "triage_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -187,6 +195,19 @@ def triage_refs(refs_a: list, refs_b: list, pairs: list | None, ranges_a: tuple,
                   and target_a not in iat_a and target_b not in iat_b):
             rest.append((ra, rb))
     return data, rest
+
+
+def propagate(queue: list, forward: dict, backward: dict, callees_a: dict, callees_b: dict, callers_a: Any,
+              callers_b: Any, aligned_pairs: Any, pair: Any) -> None:
+    while queue:
+        a, b = queue.pop()
+        left, right = callees_a.get(a, []), callees_b.get(b, [])
+        trivial = all(map(forward.__contains__, left)) or all(map(backward.__contains__, right))
+        new = [] if trivial else aligned_pairs(left, right)
+        new.extend(lone_pair(forward, backward, callers_a.get(a, ()), callers_b.get(b, ())))
+        for x, y in new:
+            if x not in forward and y not in backward and pair(x, y):
+                queue.append((x, y))
 
 
 def lone_pair(taken_left: dict, taken_right: dict, left: Any, right: Any) -> list[tuple[int, int]]:

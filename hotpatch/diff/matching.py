@@ -45,7 +45,8 @@ class _Matcher:
         self.streams = streams
         self.forward: dict[int, Match] = {}
         self.backward: dict[int, int] = {}
-        self.lone_pair = diff_kernels(baseline.backend).lone_pair
+        kernels = diff_kernels(baseline.backend)
+        self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
         # the unmatched lists are taken a dozen times over every function: the RVAs read once
         self._rvas_a = [f.rva for f in baseline.functions]
         self._rvas_b = [f.rva for f in patched.functions]
@@ -155,17 +156,9 @@ def _by_call_graph(m: _Matcher, since: int = 0) -> None:
         touched = {x for match in queue for x in (*callers_a.get(match.baseline_rva, ()),
                                                   *callees_a.get(match.baseline_rva, ())) if x in m.forward}
         queue.extend(m.forward[x] for x in sorted(touched))
-    forward_has, backward_has = m.forward.__contains__, m.backward.__contains__
-    while queue:
-        match = queue.pop()
-        a, b = match.baseline_rva, match.patched_rva
-        left, right = callees_a.get(a, []), callees_b.get(b, [])
-        # most pairs have every callee matched on one side already: no call to _aligned_pairs for those
-        new = [] if all(map(forward_has, left)) or all(map(backward_has, right)) else _aligned_pairs(m, left, right)
-        new.extend(m.lone_pair(m.forward, m.backward, callers_a.get(a, ()), callers_b.get(b, ())))
-        for x, y in new:
-            if x not in m.forward and y not in m.backward and m.pair(x, y, "callgraph"):
-                queue.append(m.forward[x])
+    m.propagate([(match.baseline_rva, match.patched_rva) for match in queue], m.forward, m.backward, callees_a,
+                callees_b, callers_a, callers_b, lambda left, right: _aligned_pairs(m, left, right),
+                lambda x, y: m.pair(x, y, "callgraph"))
 
 
 def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:

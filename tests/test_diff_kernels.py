@@ -113,6 +113,10 @@ def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignor
         graphs.append((callees_out, dict(callers_out)))
     assert graphs[0] == graphs[1] and sum(map(len, graphs[0][1].values())) > 10000
     pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
+    image = table.image
+    relocated = compiled.relocated_data(image.memory, image.relocations, image.image_base, pairing.targets_a.sections)
+    assert len(relocated) > 1000 and relocated == reference.relocated_data(
+        image.memory, image.relocations, image.image_base, pairing.targets_a.sections)
     data_a, data_b = pairing.targets_a.all_data_targets(), pairing.targets_b.all_data_targets()
     checked = 0
     for entry in result.functions:
@@ -266,3 +270,22 @@ def test_propagation_agrees_on_random_call_graphs() -> None:
         assert fast == _propagated(reference, seeds, graphs, round_)
         paired += len(fast[1]) - len(seeds)
     assert paired > 500
+
+
+def test_relocated_data_agrees_on_random_images() -> None:
+    """relocated_data: pointers below the image base, past every section, in code, in data, cut short by the
+    end of the image, slots in code and in data, gaps between sections."""
+    rng = random.Random(20261204)
+    base = 0x180000000
+    found = 0
+    for _ in range(400):
+        size = rng.randint(16, 400)
+        sections = ((0x10, 0x60, True), (0x60, 0x100, False), (0x140, size + 40, rng.random() < 0.3))
+        words = [rng.choice([base + rng.randrange(0, 0x200), rng.randrange(0, 2**64), base - 8, 0])
+                 for _ in range(size // 8 + 1)]
+        memory = b"".join(w.to_bytes(8, "little") for w in words)[:size]
+        relocations = tuple(sorted(rng.sample(range(0, size + 16), rng.randint(0, 12))))
+        fast = compiled.relocated_data(memory, relocations, base, sections)
+        assert fast == reference.relocated_data(memory, relocations, base, sections)
+        found += len(fast)
+    assert found > 300

@@ -614,6 +614,57 @@ def targets_within(refs_lists, tuple spans):
     return out
 
 
+cdef int _section_of(const int64_t *sections, Py_ssize_t n_sections, int64_t rva) noexcept nogil:
+    """``TargetClassifier.section_flags``: the index of the last section starting at or before ``rva`` when
+    ``rva`` lies before its end, else -1 (``sections``: begin, end, executable; sorted by begin)."""
+    cdef Py_ssize_t low = 0, high = n_sections, middle
+    while low < high:  # bisect_right on the begins
+        middle = (low + high) // 2
+        if rva < sections[3 * middle]:
+            high = middle
+        else:
+            low = middle + 1
+    if low == 0 or rva >= sections[3 * (low - 1) + 1]:
+        return -1
+    return <int>(low - 1)
+
+
+def relocated_data(const uint8_t[:] memory, relocations, uint64_t image_base, tuple sections):
+    """For each relocated slot in order: the pointer's target (its value less ``image_base``) when it lies
+    in data, then the slot itself when it lies in data (``sections``: (begin, end, executable) sorted by
+    begin; a pointer cut short by the end of ``memory`` reads as the bytes there are)."""
+    cdef Py_ssize_t n_sections = len(sections), k, size = memory.shape[0], available
+    cdef int64_t *bounds = <int64_t *>malloc((3 * n_sections + 1) * sizeof(int64_t))
+    cdef list out = []
+    cdef int64_t slot
+    cdef uint64_t value
+    cdef int found
+    if bounds == NULL:
+        raise MemoryError()
+    try:
+        for k in range(n_sections):
+            bounds[3 * k], bounds[3 * k + 1], bounds[3 * k + 2] = sections[k][0], sections[k][1], sections[k][2]
+        for item in relocations:
+            slot = item
+            value = 0
+            available = size - slot if 0 <= slot < size else 0
+            if available > 8:
+                available = 8
+            for k in range(available):
+                value |= (<uint64_t>memory[slot + k]) << (8 * k)
+            # below the image base the target is negative, far above it beyond every section: never data
+            if value >= image_base and value - image_base < (<uint64_t>1 << 62):
+                found = _section_of(bounds, n_sections, <int64_t>(value - image_base))
+                if found >= 0 and not bounds[3 * found + 2]:
+                    out.append(<int64_t>(value - image_base))
+            found = _section_of(bounds, n_sections, slot)
+            if found >= 0 and not bounds[3 * found + 2]:
+                out.append(slot)
+    finally:
+        free(bounds)
+    return out
+
+
 def call_graph(list refs_lists, list ranges_list, list rvas, set starts, dict pointer_tables, dict callees_out,
                callers_out):
     """``callees`` of every function (``refs_lists``, ``ranges_list`` and ``rvas`` side by side) into

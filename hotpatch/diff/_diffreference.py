@@ -59,6 +59,13 @@ The contract (both implementations):
     their callers joins them, and each ``(x, y)`` both still unmatched for
     which ``pair(x, y)`` is true goes on the queue.
 
+``relocated_data(memory, relocations, image_base, sections)``
+    For each relocated slot in order: the pointer there (8 bytes, or those
+    left before the end of ``memory``) less ``image_base`` when that lies in
+    data, then the slot itself when it lies in data. An RVA lies in data when
+    the last of ``sections`` ((begin, end, executable), sorted by begin)
+    starting at or before it is not executable and ends after it.
+
 ``triage_refs(refs_a, refs_b, pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)``
     The reference pairs of two matched functions (``ranges_a``/``ranges_b``:
     each one's ranges, its own range first): ``pairs`` as given, or when it
@@ -80,6 +87,7 @@ The contract (both implementations):
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_right
 from collections import defaultdict
 from difflib import SequenceMatcher
 from itertools import filterfalse
@@ -89,7 +97,7 @@ from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABL
 from .align import aligned_indices
 
 __all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "call_graph", "callees", "lone_pair", "propagate",
-           "ref_pairs", "ref_targets", "similarity", "targets_within", "token_ids", "triage_refs"]
+           "ref_pairs", "ref_targets", "relocated_data", "similarity", "targets_within", "token_ids", "triage_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -154,6 +162,23 @@ def callees(refs: list, ranges: tuple, starts: set[int], pointer_tables: dict[in
                 out.append(target)
         elif target in pointer_tables:
             out.extend(pointer_tables[target])
+    return out
+
+
+def relocated_data(memory: bytes, relocations: Any, image_base: int, sections: tuple) -> list[int]:
+    begins = [section[0] for section in sections]
+
+    def in_data(rva: int) -> bool:
+        index = bisect_right(begins, rva) - 1
+        return index >= 0 and rva < sections[index][1] and not sections[index][2]
+
+    out = []
+    for slot in relocations:
+        target = int.from_bytes(memory[slot:slot + 8], "little") - image_base
+        if in_data(target):
+            out.append(target)
+        if in_data(slot):
+            out.append(slot)
     return out
 
 

@@ -13,6 +13,7 @@ import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
+from ..analysis.api import diff_kernels
 from ..analysis.functions import FunctionTable
 from ..pe.image import Section
 from .targets import TargetClassifier
@@ -30,13 +31,10 @@ class DataItems:
         self.table = table
         self.classifier = classifier
         starts = classifier.only_data(referenced)
-        memory = image.memory
-        for slot in image.relocations:
-            target = int.from_bytes(memory[slot:slot + 8], "little") - image.image_base
-            if classifier.is_data(target):
-                starts.add(target)
-            if classifier.is_data(slot):
-                starts.add(slot)  # a pointer in data is an item boundary too (tables of pointers)
+        # what relocated pointers in the image point at in data, and the slots in data themselves (a pointer in
+        # data is an item boundary too: tables of pointers)
+        starts.update(diff_kernels(table.backend).relocated_data(image.memory, image.relocations, image.image_base,
+                                                                 classifier.sections))
         for symbol in image.symbols:
             if classifier.is_data(symbol.rva):
                 starts.add(symbol.rva)

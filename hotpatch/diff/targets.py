@@ -40,6 +40,8 @@ class TargetClassifier:
         # the Section properties cost measurably more (about 0.1 s of a large diff)
         self._sections = sorted((s.rva, s.end_rva, (s.executable, s.writable)) for s in image.sections)
         self._section_starts = [s[0] for s in self._sections]
+        #: (begin, end, executable) sorted by begin, for the kernels that look sections up themselves
+        self.sections = tuple((begin, end, executable) for begin, end, (executable, _) in self._sections)
         self._class: dict[int, tuple[str, int | str]] = {}
         self._data_targets: dict[int, frozenset[int]] = {}
         self._all_data_targets: frozenset[int] | None = None

@@ -541,9 +541,12 @@ cdef inline object _ref(object refs, list listed, Py_ssize_t index):
 # ── reference scans ─────────────────────────────────────────────────────────
 
 cdef inline bint _inside(tuple ranges, int64_t target):
+    """Whether ``target`` lies in one of ``ranges`` (RVAs: compared as C integers, no Python int made)."""
     cdef tuple span
+    cdef int64_t begin, end
     for span in ranges:
-        if span[0] <= target < span[1]:
+        begin, end = span[0], span[1]
+        if begin <= target < end:
             return True
     return False
 
@@ -717,6 +720,19 @@ cdef inline bint _both_self(object target_a, object target_b, tuple ranges_a, tu
             and target_a not in iat_a and target_b not in iat_b)
 
 
+cdef inline bint _to_classify(object target_a, object target_b, tuple ranges_a, tuple ranges_b, dict iat_a,
+                              dict iat_b, dict function_map, frozenset data_a, frozenset data_b, list data):
+    """Whether a pair of targets is left to classify: not when the baseline's maps to the patched one, nor
+    when both are data (then the pair goes into ``data``), nor when both stay inside their function."""
+    mapped = function_map.get(target_a)
+    if mapped is not None and mapped == target_b:
+        return False
+    if target_a in data_a and target_b in data_b:
+        data.append((target_a, target_b))
+        return False
+    return not _both_self(target_a, target_b, ranges_a, ranges_b, iat_a, iat_b)
+
+
 def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict iat_a, dict iat_b,
                 dict function_map, frozenset data_a, frozenset data_b):
     """Sort the reference pairs of two matched functions into (data pairs, pairs left to classify)."""
@@ -738,12 +754,8 @@ def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict
             if target_a in iat_a:
                 continue
             target_b = packed_b[i].target
-            mapped = function_map.get(target_a)
-            if mapped is not None and mapped == target_b:
-                continue
-            if target_a in data_a and target_b in data_b:
-                data.append((target_a, target_b))
-            elif not _both_self(target_a, target_b, ranges_a, ranges_b, iat_a, iat_b):
+            if _to_classify(target_a, target_b, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b,
+                            data):
                 rest.append(((<RefList>refs_a)._tuple(i), (<RefList>refs_b)._tuple(i)))
         return data, rest
     n = min(len(refs_a), len(refs_b)) if same_code else len(pairs)
@@ -759,13 +771,7 @@ def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict
             ra = pair[0]
             rb = pair[1]
             target_a = ra[4]
-        target_b = rb[4]
-        mapped = function_map.get(target_a)
-        if mapped is not None and mapped == target_b:
-            continue
-        if target_a in data_a and target_b in data_b:
-            data.append((target_a, target_b))
-        elif not _both_self(target_a, target_b, ranges_a, ranges_b, iat_a, iat_b):
+        if _to_classify(target_a, rb[4], ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b, data):
             rest.append((ra, rb))
     return data, rest
 

@@ -221,6 +221,39 @@ def named(places, words):
         free(wanted)
 
 
+def word_index(words, Py_ssize_t top):
+    """Which values below ``top`` some value in the ``array("I")`` chunks ``words`` equals, for ``named_in``:
+    a bitmap (an eighth of a byte per address), built once where the loop looks places up every round."""
+    cdef bytearray bits = bytearray((top + 7) // 8)
+    cdef uint8_t *b = bits
+    cdef const uint32_t[:] chunk
+    cdef Py_ssize_t i
+    cdef uint32_t w
+    for values in words:
+        if not len(values):
+            continue
+        chunk = values
+        with nogil:
+            for i in range(chunk.shape[0]):
+                w = chunk[i]
+                if w < top:
+                    b[w >> 3] |= 1 << (w & 7)
+    return bits
+
+
+def named_in(places, index):
+    """The places (non-negative) some word of ``word_index``'s ``index`` names: ``named`` of the places below
+    its ``top``."""
+    cdef const uint8_t[:] bits = index
+    cdef Py_ssize_t top = bits.shape[0] * 8, place
+    cdef set out = set()
+    for value in places:
+        place = value
+        if place < top and bits[place >> 3] >> (place & 7) & 1:
+            out.add(value)
+    return out
+
+
 def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list tables, int64_t begin,
                   int64_t limit, int64_t horizon):
     """Where the code reachable from ``begin`` ends: after the first instruction that does not fall

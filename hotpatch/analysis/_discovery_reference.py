@@ -12,8 +12,8 @@ from .flow import terminates
 from .padding import FILL_RE, USABLE_PADDING_RE
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "call_and_lea_targets", "gap_places", "gap_starts", "named", "padding_runs",
-           "reachable_end"]
+__all__ = ["IMPLEMENTATION", "call_and_lea_targets", "gap_places", "gap_starts", "named", "named_in",
+           "padding_runs", "reachable_end", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -100,6 +100,19 @@ def named(places: Iterable[int], words: Iterable[array]) -> set[int]:
     for chunk in words:
         found |= wanted.intersection(chunk)
     return found
+
+
+def word_index(words: Iterable[array], top: int) -> frozenset[int]:
+    """Which values below ``top`` some value in the ``array("I")`` chunks ``words`` equals, for ``named_in``."""
+    values: set[int] = set()
+    for chunk in words:
+        values.update(chunk)
+    return frozenset(v for v in values if v < top)
+
+
+def named_in(places: Iterable[int], index: frozenset[int]) -> set[int]:
+    """The places some word of ``word_index``'s ``index`` names: ``named`` of the places below its ``top``."""
+    return set(places) & index
 
 
 #: first bytes of an instruction that may not fall through: the opcodes themselves and prefixes

@@ -32,7 +32,13 @@ __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOUR
 
 #: discovery sources, in the order they are tried
 SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "handler", "pointer", "call", "lea", "rva32", "gap")
+_SOURCE_BIT = {source: 1 << index for index, source in enumerate(SOURCES)}
 
+
+@cache
+def _sources_of(mask: int) -> tuple[str, ...]:
+    """The sources a mask of ``_SOURCE_BIT`` names, in SOURCES' order."""
+    return tuple(source for source in SOURCES if mask & _SOURCE_BIT[source])
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,8 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         return index >= 0 and owned[index][0] < rva < owned[index][1] or (
             index >= 0 and owned[index][0] == rva and rva not in pdata)
 
-    sources: dict[int, set[str]] = {rva: {"pdata"} for rva in pdata}
+    # each start's sources as a mask of bits in SOURCES' order (a set each would be tens of thousands)
+    sources: dict[int, int] = dict.fromkeys(pdata, _SOURCE_BIT["pdata"])
     names: dict[int, str] = {}
     pending = list(pdata)  # starts not in the layout yet
 
@@ -197,8 +204,9 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     def add(rva: int, source: str, name: str | None = None) -> bool:
         if not acceptable(rva):
             return False
-        new = rva not in sources
-        sources.setdefault(rva, set()).add(source)
+        mask = sources.get(rva)
+        new = mask is None
+        sources[rva] = (mask or 0) | _SOURCE_BIT[source]
         if new:
             pending.append(rva)
         if name and rva not in names:
@@ -302,7 +310,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     functions = []
     for (rva, ranges), analysis, before, after in zip(final_layout, final, *padding):
         runtime = pdata.get(rva)
-        functions.append(Function(rva, ranges[0][1], names.get(rva), tuple(s for s in SOURCES if s in sources[rva]),
+        functions.append(Function(rva, ranges[0][1], names.get(rva), _sources_of(sources[rva]),
                                   ranges[1:], before, after, runtime.unwind if runtime else None,
                                   analysis.fingerprint))
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)

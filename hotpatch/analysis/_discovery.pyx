@@ -10,7 +10,6 @@ of ``padding.py`` read byte by byte); the tests check that both give identical r
 from array import array
 
 from libc.stdint cimport uint8_t, uint32_t, int64_t
-from libc.stdlib cimport calloc, free
 
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.analysis._shared cimport _lower_bound, _terminates_within
@@ -194,31 +193,9 @@ cdef Py_ssize_t _run_ending_at(const uint8_t *m, Py_ssize_t length, Py_ssize_t g
 def named(places, words):
     """The places (non-negative, below 2**32) equal to some value in the ``array("I")`` chunks ``words``."""
     cdef list ordered = sorted(places)
-    cdef Py_ssize_t top, i
-    cdef uint32_t w
-    cdef const uint32_t[:] chunk
-    cdef uint8_t *wanted
     if not ordered:
         return set()
-    top = ordered[len(ordered) - 1]  # (no wraparound: [-1] would read before the list)
-    wanted = <uint8_t *>calloc(top + 1, 1)
-    if wanted == NULL:
-        raise MemoryError()
-    try:
-        for place in ordered:
-            wanted[<Py_ssize_t>place] = 1
-        for values in words:
-            if not len(values):
-                continue
-            chunk = values
-            with nogil:
-                for i in range(chunk.shape[0]):
-                    w = chunk[i]
-                    if w <= top and wanted[w]:
-                        wanted[w] = 2
-        return {place for place in ordered if wanted[<Py_ssize_t>place] == 2}
-    finally:
-        free(wanted)
+    return named_in(ordered, word_index(words, ordered[len(ordered) - 1] + 1))
 
 
 def word_index(words, Py_ssize_t top):

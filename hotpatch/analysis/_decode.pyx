@@ -328,7 +328,7 @@ cdef class _Decoder:
                 rva = offset
                 if _push_rva(out, <uint32_t>rva):
                     return -1
-                if _terminates(base + rva, length):
+                if _terminates(base + rva, length, length):
                     after_end = True
                 elif not (after_end and _is_nop(base + rva, length)):
                     after_end = False
@@ -467,7 +467,7 @@ cdef class _Decoder:
 
 def terminates(const uint8_t[:] code):
     """Whether the instruction filling ``code`` never falls through (``hotpatch.analysis.flow.terminates``). For tests."""
-    return bool(_terminates(&code[0], code.shape[0])) if code.shape[0] else False
+    return bool(_terminates(&code[0], code.shape[0], code.shape[0])) if code.shape[0] else False
 
 
 def fast_length(const uint8_t[:] code):

@@ -24,7 +24,6 @@ else ``~/.wine``); journals live in ``$HOTPATCH_STATE``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from ..errors import (
     ProcessGoneError,
     StepFailedError,
 )
+from ..jsonio import print_answer
 from ..package import Package
 from ..package.format import load, package_id_of, signature_state_of
 from ..package.trust import TrustStore, check_trust
@@ -53,12 +53,7 @@ EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_UNSAFE, EXIT_UNTRUSTED = 0, 1, 2, 4,
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], lines: Sequence[str]) -> None:
-    if args.json:
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        for line in lines:
-            print(line)
+    print_answer(document, lines, args.json)
 
 
 def _error(exc: BaseException) -> None:

@@ -56,7 +56,7 @@ _ANALYSIS_SOURCES = ("pe/image.py", "analysis/functions.py", "analysis/api.py", 
                      "analysis/padding.py", "analysis/flow.py", "analysis/_reference.py",
                      "analysis/_discovery_reference.py", "analysis/_core.pyx", "analysis/_decode.pyx",
                      "analysis/_reflist.pyx", "analysis/_discovery.pyx", "analysis/_shared.pxd",
-                     "analysis/_buffers.pxd")
+                     "analysis/_buffers.pxd", "analysis/_refkinds.pxd")
 
 
 @dataclass

@@ -12,17 +12,10 @@ from array import array
 from libc.stdint cimport uint8_t, uint32_t, int64_t
 
 from hotpatch.analysis._reflist cimport PackedRef, RefList
+from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 from hotpatch.analysis._shared cimport _lower_bound, _terminates_within
 
-from .refkinds import BRANCH_REL8 as _BRANCH_REL8, BRANCH_REL32 as _BRANCH_REL32, CALL_REL32 as _CALL_REL32
-from .refkinds import RIP_RELATIVE as _RIP_RELATIVE
-
 IMPLEMENTATION = "cython"
-
-cdef int BRANCH_REL8 = _BRANCH_REL8
-cdef int BRANCH_REL32 = _BRANCH_REL32
-cdef int CALL_REL32 = _CALL_REL32
-cdef int RIP_RELATIVE = _RIP_RELATIVE
 
 #: how far back from an entry the padding that ends there is looked for (``padding.py``'s regex window)
 cdef Py_ssize_t RUN_WINDOW = 4096

@@ -102,17 +102,16 @@ def named(places: Iterable[int], words: Iterable[array]) -> set[int]:
     return found
 
 
-def word_index(words: Iterable[array], top: int) -> frozenset[int]:
-    """Which values below ``top`` some value in the ``array("I")`` chunks ``words`` equals, for ``named_in``."""
-    values: set[int] = set()
-    for chunk in words:
-        values.update(chunk)
-    return frozenset(v for v in values if v < top)
+def word_index(words: Iterable[array], top: int) -> tuple[list[array], int]:
+    """What ``named_in`` looks places up in: the chunks themselves and ``top`` (a set of every word would
+    take far more memory than the bitmap of the compiled kernel)."""
+    return list(words), top
 
 
-def named_in(places: Iterable[int], index: frozenset[int]) -> set[int]:
+def named_in(places: Iterable[int], index: tuple[list[array], int]) -> set[int]:
     """The places some word of ``word_index``'s ``index`` names: ``named`` of the places below its ``top``."""
-    return set(places) & index
+    words, top = index
+    return named((p for p in places if p < top), words)
 
 
 #: first bytes of an instruction that may not fall through: the opcodes themselves and prefixes

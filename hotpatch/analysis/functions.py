@@ -247,6 +247,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # some other way, never more of it. Each round touches only the functions whose next start changed
     # (``Layout``), and ``decoded`` holds only the decodes of the current items.
     decoded: dict[Item, FunctionAnalysis] = {}
+    padded = cache(lambda rva: after_padding(memory, rva))  # most places are candidates round after round
     # what the 32-bit words of data name, looked up place by place each round (the words themselves go)
     index = kernels.word_index(_rva32_words(image), max((s.end_rva for s in image.executable_sections), default=0))
     layout = Layout(code_section, pdata)
@@ -286,7 +287,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
             found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
-                t for t in places - sources.keys() - rejected if after_padding(memory, t) and acceptable(t)])
+                t for t in places - sources.keys() - rejected if padded(t) and acceptable(t)])
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.

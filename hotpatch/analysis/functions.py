@@ -351,8 +351,6 @@ def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
     return None
 
 
-
-
 def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, FunctionAnalysis],
                     layout: list[Item]) -> None:
     todo = list(dict.fromkeys(item for item in layout if item not in decoded))

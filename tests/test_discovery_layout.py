@@ -11,7 +11,7 @@ from hotpatch.analysis import _discovery as compiled
 from hotpatch.analysis import _discovery_reference as reference
 from hotpatch.analysis.layout import Item, Layout
 
-from .test_discovery_kernels import _soup
+from .support.discovery import padding_soup
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def test_incremental_layout_equals_a_layout_from_scratch_after_random_insertions
     rng = random.Random(12)
     for trial in range(40):
         size = rng.randrange(600, 4000)
-        memory = _soup(rng, size)
+        memory = padding_soup(rng, size)
         cut = rng.randrange(200, size - 200)
         # two code sections with a hole between them; the second's virtual size may end before its raw end
         sections = [_Section(16, cut, 0), _Section(cut + 32, size, rng.choice((0, size - cut - 40)))]

@@ -64,7 +64,7 @@ class build_py_with_agent(build_py):
 
 
 setup(
-    ext_modules=cythonize([core, decoder, reflist, discovery, diff_core, ownership], compiler_directives={"language_level": 3},
-                          quiet=True),
+    ext_modules=cythonize([core, decoder, reflist, discovery, diff_core, ownership],
+                          compiler_directives={"language_level": 3}, quiet=True),
     cmdclass={"build_py": build_py_with_agent},
 )

@@ -20,7 +20,9 @@ function of at most ``_WRAPPER_BYTES`` bytes that calls or jumps to one. The
 scan is linear and per register (a value loaded from a field, or an
 allocation's result, followed through register moves until the register is
 written or a call clobbers it), which is enough for the pattern the compiler
-emits for ``free(obj->field)`` and ``obj->field = malloc(n)``.
+emits for ``free(obj->field)`` and ``obj->field = malloc(n)``. The scan itself
+is ``_ownership.pyx`` (compiled, over capstone's C API) or its pure-Python twin
+``_ownership_reference.py``, the one that goes with the table's analysis core.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ from ..memo import cache_of
 from . import _ownership_reference
 
 __all__ = ["OwnershipChange", "ownership_changes", "ownership_evidence"]
+
+_Tag = tuple[str, int]  # ("field", displacement) | ("alloc", call RVA) | ("arg", register)
+#: the scan of one function (``_ownership_reference.scan`` or its compiled twin ``_ownership.scan``)
+_Scan = Callable[..., list[tuple[_Tag, int]]]
 
 _ALLOCATORS = frozenset({
     "malloc", "calloc", "realloc", "_strdup", "strdup", "_wcsdup", "_aligned_malloc", "_aligned_realloc",
@@ -103,12 +109,16 @@ def ownership_changes(baseline: FunctionTable, old: Function, patched: FunctionT
 
 
 def ownership_evidence(table: FunctionTable, function: Function) -> OwnershipEvidence:
-    allocators, deallocators = _heap_functions(table)
+    return _evidence(table, function, _scan_kernel(table), *_heap_functions(table))
+
+
+def _evidence(table: FunctionTable, function: Function, scan: _Scan, allocators: frozenset[int],
+              deallocators: dict[int, int]) -> OwnershipEvidence:
     if not _reaches_heap(table, function, allocators, deallocators):
         return OwnershipEvidence({}, {})  # no call or jump to an allocator or deallocator: nothing to find
     frees: dict[int, int] = {}
     allocations: dict[int, set[int]] = {}
-    for tag, site in _scan_kernel(table)(table, function, allocators, deallocators, {}, allocations):
+    for tag, site in scan(table, function, allocators, deallocators, {}, allocations):
         if tag[0] == "field":
             frees.setdefault(tag[1], site)
     return OwnershipEvidence(frees, {frozenset(fields): site for site, fields in allocations.items() if fields})
@@ -117,7 +127,7 @@ def ownership_evidence(table: FunctionTable, function: Function) -> OwnershipEvi
 def _reaches_heap(table: FunctionTable, function: Function, allocators: frozenset[int],
                   deallocators: dict[int, int]) -> bool:
     """Whether a reference of the function's code designates an allocator or a deallocator (a function RVA,
-    or an IAT slot, negated): ``_scan`` reports calls to nothing else, so without one it finds nothing."""
+    or an IAT slot, negated): the scan reports calls to nothing else, so without one it finds nothing."""
     for ref in table.analysis_of(function).raw_refs:
         target = ref[4]
         if target in allocators or target in deallocators or -target in allocators or -target in deallocators:
@@ -125,10 +135,7 @@ def _reaches_heap(table: FunctionTable, function: Function, allocators: frozense
     return False
 
 
-_Tag = tuple[str, int]  # ("field", displacement) | ("alloc", call RVA) | ("arg", register)
-
-
-def _scan_kernel(table: FunctionTable) -> Callable[..., list[tuple[_Tag, int]]]:
+def _scan_kernel(table: FunctionTable) -> _Scan:
     """The scan that goes with the table's analysis implementation: compiled with compiled (the twins agree)."""
     if getattr(table.backend, "IMPLEMENTATION", None) != "cython":
         return _ownership_reference.scan
@@ -143,13 +150,17 @@ def _heap_functions(table: FunctionTable) -> tuple[frozenset[int], dict[int, int
     """Allocators, and deallocators with the register their pointer is passed in: function RVAs, and IAT
     slots negated (``-rva``)."""
     memo = cache_of(table, "heap_functions")
-    if "found" in memo:
-        return memo["found"]
+    if "found" not in memo:
+        memo["found"] = _find_heap_functions(table, _scan_kernel(table))
+    return memo["found"]
+
+
+def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[int], dict[int, int]]:
+    """``_heap_functions`` found afresh with ``scan`` (the tests run both twins)."""
     image = table.image
     allocators = {-i.iat_rva for i in image.imports if i.name in _ALLOCATORS}
     deallocators = {-i.iat_rva: _DEALLOCATORS[i.name] for i in image.imports if i.name in _DEALLOCATORS}
     small = [(f, a) for f, a in zip(table.functions, table.analyses) if f.size <= _WRAPPER_BYTES]
-    scan = _scan_kernel(table)
     for _ in range(_WRAPPER_ROUNDS):
         grown = False
         for function, analysis in small:
@@ -170,7 +181,5 @@ def _heap_functions(table: FunctionTable) -> tuple[frozenset[int], dict[int, int
                     grown = True
         if not grown:
             break
-    found = (frozenset(allocators), deallocators)
-    memo["found"] = found
-    return found
+    return frozenset(allocators), deallocators
 

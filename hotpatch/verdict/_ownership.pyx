@@ -15,6 +15,7 @@ without the GIL.
 """
 
 import ctypes
+import threading
 
 import capstone
 from capstone import x86_const as _x86
@@ -240,6 +241,8 @@ cdef class _Scan:
     cdef int64_t budget
     cdef vector[int64_t] ranges  # begin, end, begin, end, ...
     cdef vector[int64_t] switch_targets
+    cdef object allocators_of  # the heap functions the three below were made from
+    cdef dict deallocators_of
     cdef vector[int64_t] allocators  # sorted
     cdef vector[int64_t] deallocators  # sorted
     cdef unordered_map[int64_t, int] freed_in  # deallocator -> the register its pointer is passed in
@@ -261,6 +264,10 @@ cdef class _Scan:
     def __cinit__(self):
         self.handle = 0
         self.insn = NULL
+        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
+            raise RuntimeError("cs_open failed")
+        p_cs_option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
+        self.insn = p_cs_malloc(self.handle)
 
     def __dealloc__(self):
         if self.insn != NULL:
@@ -270,26 +277,49 @@ cdef class _Scan:
 
     cdef int open(self, object memory, object ranges, object switch_targets, object allocators,
                   object deallocators, int64_t budget) except -1:
+        """Ready for a new function: what the last scan left is dropped, the heap functions kept when they
+        are the same (a table's verdict scans every changed function with one set)."""
         cdef const uint8_t[::1] view = memory
-        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
-            raise RuntimeError("cs_open failed")
-        p_cs_option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
-        self.insn = p_cs_malloc(self.handle)
         self.owner = memory
         self.memory_size = view.shape[0]
         self.memory = &view[0] if self.memory_size else NULL
         self.budget = budget
+        self.ranges.clear()
+        self.switch_targets.clear()
+        self.steps.clear()
+        self.writes.clear()
+        self.slot_numbers.clear()
+        self.field_tags.clear()
+        self.alloc_tags.clear()
+        self.arg_tags.clear()
+        self.tag_kind.clear()
+        self.tag_value.clear()
+        self.seen.clear()
+        self.work_rva.clear()
+        self.work_tags.clear()
+        self.frees.clear()
+        self.alloc_order.clear()
+        self.alloc_fields.clear()
         for begin, end in ranges:
             self.ranges.push_back(begin)
             self.ranges.push_back(end)
         for target in switch_targets:
             self.switch_targets.push_back(target)
-        for target in sorted(allocators):
-            self.allocators.push_back(target)
-        for target in sorted(deallocators):
-            self.deallocators.push_back(target)
-            self.freed_in[target] = deallocators[target]
+        if not (isinstance(allocators, frozenset) and allocators is self.allocators_of) \
+                or deallocators != self.deallocators_of:
+            self.allocators.clear()
+            self.deallocators.clear()
+            self.freed_in.clear()
+            for target in sorted(allocators):
+                self.allocators.push_back(target)
+            for target in sorted(deallocators):
+                self.deallocators.push_back(target)
+                self.freed_in[target] = deallocators[target]
+            self.allocators_of, self.deallocators_of = allocators, dict(deallocators)
         return 0
+
+    cdef void close(self):
+        self.owner = None  # the image's memory is not kept alive by this thread's scanner
 
     cdef uint32_t tag(self, int kind, int64_t value) noexcept nogil:
         """The number of the tag (kind, value), given when first asked for."""
@@ -534,14 +564,24 @@ cdef class _Scan:
         return out
 
 
+_local = threading.local()
+
+
 def scan(table, function, allocators, deallocators, dict entry, dict allocations):
     """The tags of the pointers passed to deallocators, with the call's RVA, ordered by RVA; ``allocations``
     gets, per allocation call, the fields its result is stored into (the twin's ``scan``)."""
     analysis = table.analysis_of(function)
-    cdef _Scan state = _Scan()
+    # one scanner per thread: a capstone handle must not be shared between threads, and making one per
+    # function (with the heap functions sorted again) costs more than a small function's scan
+    cdef _Scan state = getattr(_local, "scan", None)
+    if state is None:
+        state = _local.scan = _Scan()
     state.open(table.image.memory, function.ranges, [t for jump_table in analysis.raw_tables for t in jump_table[3]],
                allocators, deallocators, _twin.SCAN_BUDGET)
-    state.start(function.rva, entry)
-    with nogil:
-        state.run()
-    return state.results(allocations)
+    try:
+        state.start(function.rva, entry)
+        with nogil:
+            state.run()
+        return state.results(allocations)
+    finally:
+        state.close()

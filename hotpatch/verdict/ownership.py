@@ -160,14 +160,15 @@ def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[i
     image = table.image
     allocators = {-i.iat_rva for i in image.imports if i.name in _ALLOCATORS}
     deallocators = {-i.iat_rva: _DEALLOCATORS[i.name] for i in image.imports if i.name in _DEALLOCATORS}
-    small = [(f, a) for f, a in zip(table.functions, table.analyses) if f.size <= _WRAPPER_BYTES]
+    # the small functions with what they call or jump to, read once for all rounds
+    small = [(f, targets) for f, a in zip(table.functions, table.analyses) if f.size <= _WRAPPER_BYTES
+             if (targets := {-t if kind in (IAT_CALL, IAT_JUMP) else t for kind, _, _, _, t in a.raw_refs
+                             if kind in _CALLS})]
     for _ in range(_WRAPPER_ROUNDS):
         grown = False
-        for function, analysis in small:
+        for function, targets in small:
             if function.rva in allocators or function.rva in deallocators:
                 continue
-            targets = {-t if kind in (IAT_CALL, IAT_JUMP) else t
-                       for kind, _, _, _, t in analysis.raw_refs if kind in _CALLS}
             if targets & allocators:
                 allocators.add(function.rva)
                 grown = True

@@ -246,7 +246,11 @@ cdef class _Scan:
     cdef vector[int64_t] allocators  # sorted
     cdef vector[int64_t] deallocators  # sorted
     cdef unordered_map[int64_t, int] freed_in  # deallocator -> the register its pointer is passed in
-    cdef unordered_map[int64_t, Step] steps
+    # per byte of the function's ranges (``place``): 1 + the index of its summary in ``steps``, and
+    # 1 + the index of what reached it in ``seen`` (0: nothing yet)
+    cdef vector[uint32_t] step_at
+    cdef vector[uint32_t] seen_at
+    cdef vector[Step] steps
     cdef vector[uint16_t] writes
     cdef unordered_map[int64_t, uint32_t] slot_numbers
     cdef unordered_map[int64_t, uint32_t] field_tags
@@ -254,7 +258,7 @@ cdef class _Scan:
     cdef unordered_map[int64_t, uint32_t] arg_tags
     cdef vector[uint8_t] tag_kind
     cdef vector[int64_t] tag_value
-    cdef unordered_map[int64_t, vector[uint64_t]] seen
+    cdef vector[vector[uint64_t]] seen
     cdef vector[int64_t] work_rva
     cdef vector[vector[uint64_t]] work_tags
     cdef vector[uint64_t] frees  # rva << 32 | tag
@@ -284,25 +288,33 @@ cdef class _Scan:
         self.memory_size = view.shape[0]
         self.memory = &view[0] if self.memory_size else NULL
         self.budget = budget
+        # fresh maps rather than clear(), which zeroes every bucket a large function left behind
+        cdef unordered_map[int64_t, uint32_t] no_slots, no_fields, no_allocs, no_args
+        cdef unordered_map[int64_t, vector[int64_t]] no_alloc_fields
+        cdef size_t places = 0
+        self.steps.clear()
+        self.seen.clear()
+        self.slot_numbers.swap(no_slots)
+        self.field_tags.swap(no_fields)
+        self.alloc_tags.swap(no_allocs)
+        self.arg_tags.swap(no_args)
+        self.alloc_fields.swap(no_alloc_fields)
         self.ranges.clear()
         self.switch_targets.clear()
-        self.steps.clear()
         self.writes.clear()
-        self.slot_numbers.clear()
-        self.field_tags.clear()
-        self.alloc_tags.clear()
-        self.arg_tags.clear()
         self.tag_kind.clear()
         self.tag_value.clear()
-        self.seen.clear()
         self.work_rva.clear()
         self.work_tags.clear()
         self.frees.clear()
         self.alloc_order.clear()
-        self.alloc_fields.clear()
         for begin, end in ranges:
             self.ranges.push_back(begin)
             self.ranges.push_back(end)
+            if end > begin:
+                places += end - begin
+        self.step_at.assign(places, 0)
+        self.seen_at.assign(places, 0)
         for target in switch_targets:
             self.switch_targets.push_back(target)
         if not (isinstance(allocators, frozenset) and allocators is self.allocators_of) \
@@ -342,13 +354,17 @@ cdef class _Scan:
         self.slot_numbers[disp] = number
         return SLOTS + number
 
-    cdef bint inside(self, int64_t rva) noexcept nogil:
+    cdef int64_t place(self, int64_t rva) noexcept nogil:
+        """Where ``rva`` is in the function's ranges laid end to end; -1 outside them."""
         cdef size_t i = 0
+        cdef int64_t before = 0
         while i < self.ranges.size():
             if self.ranges[i] <= rva < self.ranges[i + 1]:
-                return True
+                return before + rva - self.ranges[i]
+            if self.ranges[i + 1] > self.ranges[i]:
+                before += self.ranges[i + 1] - self.ranges[i]
             i += 2
-        return False
+        return -1
 
     cdef int start(self, int64_t rva, object entry) except -1:
         cdef vector[uint64_t] tags
@@ -365,13 +381,16 @@ cdef class _Scan:
         self.work_tags.push_back(tags)
         return 0
 
-    cdef Step *step(self, int64_t rva) noexcept nogil:
-        """The summary of the instruction at ``rva``, decoded on first use (``size`` 0: none decodes)."""
-        cdef unordered_map[int64_t, Step].iterator it = self.steps.find(rva)
-        if it != self.steps.end():
-            return &deref(it).second
-        cdef Step *st = &self.steps[rva]
-        memset(st, 0, sizeof(Step))
+    cdef Step *step(self, int64_t rva, int64_t place) noexcept nogil:
+        """The summary of the instruction at ``rva`` (at ``place``), decoded on first use (``size`` 0: none
+        decodes); valid until the next call."""
+        cdef Step blank
+        if self.step_at[place]:
+            return &self.steps[self.step_at[place] - 1]
+        memset(&blank, 0, sizeof(Step))
+        self.steps.push_back(blank)
+        self.step_at[place] = self.steps.size()
+        cdef Step *st = &self.steps.back()
         if rva < 0 or <uint64_t>rva >= self.memory_size:
             return st
         cdef const uint8_t *code = self.memory + rva
@@ -491,6 +510,7 @@ cdef class _Scan:
         cdef vector[uint32_t] held
         cdef vector[uint64_t] *known
         cdef const Step *st
+        cdef int64_t place
         cdef size_t i
         cdef int r
         while not self.work_rva.empty() and budget > 0:
@@ -500,18 +520,23 @@ cdef class _Scan:
             self.work_tags.pop_back()
             while budget > 0:
                 budget -= 1
-                known = &self.seen[rva]
-                if not known.empty() and _subset(tags, known[0]):
-                    break
-                if not known.empty():  # what other paths brought here joins this one
-                    _union(known[0], tags, merged)
-                    known[0] = merged
-                    tags.swap(merged)
+                place = self.place(rva)
+                if place < 0:
+                    break  # (the twin records what reached a place outside first: nothing reads it)
+                if not self.seen_at[place]:
+                    self.seen.push_back(tags)
+                    self.seen_at[place] = self.seen.size()
                 else:
-                    known[0] = tags
-                if not self.inside(rva):
-                    break
-                st = self.step(rva)
+                    known = &self.seen[self.seen_at[place] - 1]
+                    if not known.empty() and _subset(tags, known[0]):
+                        break
+                    if not known.empty():  # what other paths brought here joins this one
+                        _union(known[0], tags, merged)
+                        known[0] = merged
+                        tags.swap(merged)
+                    else:
+                        known[0] = tags
+                st = self.step(rva, place)
                 if st.size == 0:
                     break
                 if st.call != C_NONE:
@@ -545,7 +570,7 @@ cdef class _Scan:
                 rva += st.size
 
     cdef void push(self, int64_t target, const vector[uint64_t] &tags) noexcept nogil:
-        if self.inside(target):
+        if self.place(target) >= 0:
             self.work_rva.push_back(target)
             self.work_tags.push_back(tags)
 

@@ -317,8 +317,8 @@ cdef class _Scan:
         self.seen_at.assign(places, 0)
         for target in switch_targets:
             self.switch_targets.push_back(target)
-        if not (isinstance(allocators, frozenset) and allocators is self.allocators_of) \
-                or deallocators != self.deallocators_of:
+        if not (allocators is self.allocators_of or allocators == self.allocators_of) \
+                or deallocators != self.deallocators_of:  # (the wrapper search passes a new, equal set each time)
             self.allocators.clear()
             self.deallocators.clear()
             self.freed_in.clear()
@@ -327,7 +327,7 @@ cdef class _Scan:
             for target in sorted(deallocators):
                 self.deallocators.push_back(target)
                 self.freed_in[target] = deallocators[target]
-            self.allocators_of, self.deallocators_of = allocators, dict(deallocators)
+            self.allocators_of, self.deallocators_of = frozenset(allocators), dict(deallocators)
         return 0
 
     cdef void close(self):

@@ -1,6 +1,6 @@
 """The compiled ownership scan (hotpatch/verdict/_ownership.pyx) against its pure-Python twin: same evidence.
 
-Compared: the wrappers each finds (``_find_heap_functions``), and the scan of
+Compared: the call targets each reads, the wrappers each finds (``_find_heap_functions``), and the scan of
 every function that reaches an allocator or deallocator, on every fixture image,
 on random instruction sequences built from the patterns the scan follows, on the
 libpng corpus steps, and on cryptography's ``_rust.pyd``. Equal means the same
@@ -44,6 +44,9 @@ def _agree(table: Any, function: Any, allocators: frozenset[int], deallocators: 
 
 def _agree_on_table(table: FunctionTable) -> int:
     """Both twins on every function of ``table`` that reaches the heap, with the wrappers each finds; the scans."""
+    for analysis in table.analyses:  # the compiled reader of packed references, and the twin's over tuples
+        assert (_ownership.call_targets(analysis.raw_refs, ownership._CALLS, ownership._THROUGH_IAT)
+                == _ownership_reference.call_targets(list(analysis.raw_refs), ownership._CALLS, ownership._THROUGH_IAT))
     heap = ownership._find_heap_functions(table, _ownership_reference.scan)
     assert ownership._find_heap_functions(table, _ownership.scan) == heap
     scans = 0

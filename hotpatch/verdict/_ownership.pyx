@@ -27,6 +27,7 @@ from libcpp.unordered_map cimport unordered_map
 from libcpp.vector cimport vector
 
 from hotpatch.analysis.includes.capstone cimport *
+from hotpatch.analysis._reflist cimport PackedRef, RefList
 
 from . import _ownership_reference as _twin
 
@@ -610,3 +611,25 @@ def scan(table, function, allocators, deallocators, dict entry, dict allocations
         return state.results(allocations)
     finally:
         state.close()
+
+
+def call_targets(refs, calls, through_iat):
+    """The targets of the references of kind ``calls``; those of kind ``through_iat`` are IAT slots, negated
+    (the twin's ``call_targets``, read from a ``RefList``'s packed records)."""
+    cdef RefList packed
+    cdef const PackedRef *ref
+    cdef Py_ssize_t index
+    cdef uint8_t wanted[256]
+    cdef set out = set()
+    if type(refs) is not RefList:
+        return _twin.call_targets(refs, calls, through_iat)
+    packed = <RefList>refs
+    memset(wanted, 0, sizeof(wanted))
+    for kind in calls:
+        wanted[<uint8_t>kind] = 2 if kind in through_iat else 1
+    for index in range(packed.count):
+        ref = (<const PackedRef *><const char *>packed.packed) + index
+        if wanted[ref.kind]:
+            target = ref.target if packed.wide is None or index not in packed.wide else packed.wide[index]
+            out.add(-target if wanted[ref.kind] == 2 else target)
+    return out

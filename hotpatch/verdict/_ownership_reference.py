@@ -11,6 +11,7 @@ hold merged where paths meet.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import capstone
@@ -19,13 +20,19 @@ from capstone import x86_const as x86
 from ..analysis.functions import Function, FunctionTable
 from ..x86 import disassembler
 
-__all__ = ["SCAN_BUDGET", "ENDS", "TO_64", "VOLATILE", "scan"]
+__all__ = ["ENDS", "SCAN_BUDGET", "TO_64", "VOLATILE", "call_targets", "scan"]
 
 VOLATILE = (x86.X86_REG_RAX, x86.X86_REG_RCX, x86.X86_REG_RDX, x86.X86_REG_R8, x86.X86_REG_R9,
             x86.X86_REG_R10, x86.X86_REG_R11)
 #: instructions decoded per function before the scan stops (what it found so far stands)
 SCAN_BUDGET = 20000
 ENDS = frozenset({x86.X86_INS_RET, x86.X86_INS_RETF, x86.X86_INS_INT3, x86.X86_INS_UD2, x86.X86_INS_HLT})
+
+def call_targets(refs: Iterable[tuple[int, int, int, int, int]], calls: frozenset[int],
+                 through_iat: frozenset[int]) -> set[int]:
+    """The targets of the references of kind ``calls``; those of kind ``through_iat`` are IAT slots, negated."""
+    return {-t if kind in through_iat else t for kind, _, _, _, t in refs if kind in calls}
+
 
 _Tag = tuple[str, int]  # ("field", displacement) | ("alloc", call RVA) | ("arg", register)
 _Tags = dict[object, frozenset[_Tag]]  # register id or ("rsp", displacement) -> what it may hold

@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 from capstone import x86_const as x86
 
@@ -56,7 +57,8 @@ _DEALLOCATORS = {
                      "??_V@YAXPEAX@Z", "??3@YAXPEAX_K@Z", "??_V@YAXPEAX_K@Z"), x86.X86_REG_RCX),
     "HeapFree": x86.X86_REG_R8,
 }
-_CALLS = (CALL_REL32, BRANCH_REL32, IAT_CALL, IAT_JUMP)
+_CALLS = frozenset({CALL_REL32, BRANCH_REL32, IAT_CALL, IAT_JUMP})
+_THROUGH_IAT = frozenset({IAT_CALL, IAT_JUMP})
 #: a function this small that calls an allocator (deallocator) is taken for a wrapper around it
 _WRAPPER_BYTES = 160
 _WRAPPER_ROUNDS = 3
@@ -136,11 +138,16 @@ def _reaches_heap(table: FunctionTable, function: Function, allocators: frozense
 
 
 def _scan_kernel(table: FunctionTable) -> _Scan:
-    """The scan that goes with the table's analysis implementation: compiled with compiled (the twins agree)."""
+    return _kernels(table).scan
+
+
+def _kernels(table: FunctionTable) -> ModuleType:
+    """The scan and call-target reader that go with the table's analysis implementation: compiled with
+    compiled (the twins agree)."""
     if getattr(table.backend, "IMPLEMENTATION", None) != "cython":
-        return _ownership_reference.scan
+        return _ownership_reference
     try:
-        return importlib.import_module("hotpatch.verdict._ownership").scan
+        return importlib.import_module("hotpatch.verdict._ownership")
     except ImportError as exc:
         raise AnalysisError(f"the compiled ownership scan hotpatch.verdict._ownership is not available ({exc}); "
                             "reinstall with 'pip install .'") from None
@@ -161,9 +168,9 @@ def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[i
     allocators = {-i.iat_rva for i in image.imports if i.name in _ALLOCATORS}
     deallocators = {-i.iat_rva: _DEALLOCATORS[i.name] for i in image.imports if i.name in _DEALLOCATORS}
     # the small functions with what they call or jump to, read once for all rounds
+    call_targets = _kernels(table).call_targets
     small = [(f, targets) for f, a in zip(table.functions, table.analyses) if f.size <= _WRAPPER_BYTES
-             if (targets := {-t if kind in (IAT_CALL, IAT_JUMP) else t for kind, _, _, _, t in a.raw_refs
-                             if kind in _CALLS})]
+             if (targets := call_targets(a.raw_refs, _CALLS, _THROUGH_IAT))]
     for _ in range(_WRAPPER_ROUNDS):
         grown = False
         for function, targets in small:

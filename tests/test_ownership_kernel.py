@@ -11,6 +11,7 @@ the same order (the evidence's dict is built in that order).
 from __future__ import annotations
 
 import functools
+import importlib
 import random
 import struct
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ def test_compiled_scan_goes_with_the_compiled_core(cases: list[Case]) -> None:
     table = discover(Image.load(cases[0].baseline))
     assert table.backend.IMPLEMENTATION == "cython"
     assert ownership._scan_kernel(table) is _ownership.scan
+    pure = discover(Image.load(cases[0].baseline), importlib.import_module("hotpatch.analysis._reference"))
+    assert ownership._kernels(pure) is _ownership_reference
 
 
 def test_twins_agree_on_every_fixture_image(cases: list[Case]) -> None:

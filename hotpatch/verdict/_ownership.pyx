@@ -123,15 +123,14 @@ cdef struct Step:
 
 # ── sorted arrays of location << 32 | tag ─────────────────────────────────────
 
+cdef extern from "<algorithm>" namespace "std" nogil:
+    const uint64_t *lower_bound(const uint64_t *first, const uint64_t *last, const uint64_t &value)
+    bint binary_search(const int64_t *first, const int64_t *last, const int64_t &value)
+
+
 cdef inline size_t _lower(const vector[uint64_t] &codes, uint64_t key) noexcept nogil:
-    cdef size_t lo = 0, hi = codes.size(), mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if codes[mid] < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    cdef const uint64_t *first = codes.const_data()
+    return lower_bound(first, first + codes.size(), key) - first
 
 
 cdef inline void _held(const vector[uint64_t] &tags, uint64_t loc, vector[uint32_t] &out) noexcept nogil:
@@ -194,14 +193,8 @@ cdef inline void _union(const vector[uint64_t] &a, const vector[uint64_t] &b, ve
 
 
 cdef inline bint _sorted_has(const vector[int64_t] &values, int64_t value) noexcept nogil:
-    cdef size_t lo = 0, hi = values.size(), mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if values[mid] < value:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo < values.size() and values[lo] == value
+    cdef const int64_t *first = values.const_data()
+    return binary_search(first, first + values.size(), value)
 
 
 cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:

@@ -28,6 +28,7 @@ VOLATILE = (x86.X86_REG_RAX, x86.X86_REG_RCX, x86.X86_REG_RDX, x86.X86_REG_R8, x
 SCAN_BUDGET = 20000
 ENDS = frozenset({x86.X86_INS_RET, x86.X86_INS_RETF, x86.X86_INS_INT3, x86.X86_INS_UD2, x86.X86_INS_HLT})
 
+
 def call_targets(refs: Iterable[tuple[int, int, int, int, int]], calls: frozenset[int],
                  through_iat: frozenset[int]) -> set[int]:
     """The targets of the references of kind ``calls``; those of kind ``through_iat`` are IAT slots, negated."""

@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
-SYSTEM_PACKAGES := gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 libz-mingw-w64-dev wine64 chromium chromium-driver
+SYSTEM_PACKAGES := g++ gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 libz-mingw-w64-dev wine64 chromium chromium-driver
 
 .PHONY: demo demo-rollout test test-fast bench fuzz fuzz-pe deps venv fixtures realbins train-calendars corpus corpus-live lint clean
 
@@ -84,5 +84,5 @@ corpus: venv
 clean:
 	rm -rf build dist $(VENV) hotpatch/bin *.egg-info
 	find hotpatch -name '*.so' -delete
-	# the C that Cython generates next to each .pyx
-	for pyx in $(wildcard hotpatch/*/*.pyx); do rm -f "$${pyx%.pyx}.c"; done
+	# the C (C++ for the ownership scan) that Cython generates next to each .pyx
+	for pyx in $(wildcard hotpatch/*/*.pyx); do rm -f "$${pyx%.pyx}.c" "$${pyx%.pyx}.cpp"; done

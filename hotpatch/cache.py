@@ -52,11 +52,11 @@ DEFAULT_MAX_BYTES = 2 << 30
 _MAGIC = b"hotpatch.analysis/1\n"
 _HEADER = struct.Struct("<32s32sQ")  # key, payload SHA-256, payload length
 #: the sources whose text decides what an analysis holds (with the compiled core's own file)
-_ANALYSIS_SOURCES = ("pe/image.py", "analysis/functions.py", "analysis/api.py", "analysis/refkinds.py",
-                     "analysis/padding.py", "analysis/flow.py", "analysis/_reference.py",
+_ANALYSIS_SOURCES = ("pe/image.py", "analysis/functions.py", "analysis/layout.py", "analysis/api.py",
+                     "analysis/refkinds.py", "analysis/padding.py", "analysis/flow.py", "analysis/_reference.py",
                      "analysis/_discovery_reference.py", "analysis/_core.pyx", "analysis/_decode.pyx",
                      "analysis/_reflist.pyx", "analysis/_discovery.pyx", "analysis/_shared.pxd",
-                     "analysis/_buffers.pxd")
+                     "analysis/_buffers.pxd", "analysis/_refkinds.pxd")
 
 
 @dataclass

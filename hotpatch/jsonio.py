@@ -6,15 +6,16 @@ library's ``indent=2``; a document parses to the same value either way (docs/CLI
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-__all__ = ["dumps", "dumps_streamed", "print_json", "write_json"]
+__all__ = ["dumps", "dumps_streamed", "print_answer", "print_json", "write_json"]
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 
@@ -54,6 +55,18 @@ def dumps_streamed(document: dict[str, Any], key: str, items: Iterable[Any]) -> 
                 yield b",\n"
         yield b"\n  ]"
     yield tail
+
+
+def print_answer(document: Any, lines: Iterable[str], as_json: bool,
+                 default: Callable[[Any], Any] | None = None) -> None:
+    """A small command's answer on standard output: ``document`` as the standard library's indented JSON
+    (``default`` for what JSON cannot hold), else ``lines``, one a line."""
+    if as_json:
+        json.dump(document, sys.stdout, indent=2, default=default)
+        sys.stdout.write("\n")
+    else:
+        for line in lines:
+            print(line)
 
 
 def print_json(document: Any, stream: IO[str] | None = None, pieces: Iterable[bytes] | None = None) -> None:

@@ -11,6 +11,7 @@ import hotpatch
 from hotpatch import Image, discover
 from hotpatch.analysis import _core as core
 from hotpatch.analysis import _reference as reference
+from hotpatch.analysis import refkinds
 from hotpatch.analysis.refkinds import (
     ABS64,
     CALL_REL32,
@@ -26,6 +27,12 @@ from tests.support.realbins import real_binary
 
 def test_compiled_core_is_the_one_loaded() -> None:
     assert hotpatch.backend().IMPLEMENTATION == "cython", "hotpatch.analysis._core did not build or load"
+
+
+def test_compiled_reference_kinds_equal_the_python_ones() -> None:
+    # _refkinds.pxd restates refkinds.py's numbers for the C side; every compiled module cimports it
+    python_side = {name: value for name, value in vars(refkinds).items() if name.isupper() and isinstance(value, int)}
+    assert core.KINDS == python_side
 
 
 def _assert_same(path: Path) -> int:

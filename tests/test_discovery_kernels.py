@@ -14,16 +14,10 @@ from hotpatch.analysis import _discovery_reference as reference
 from hotpatch.analysis.functions import _rva32_words, discover
 from hotpatch.pe.image import Image
 
+from .support.discovery import padding_soup
 from .support.realbins import real_binary
 
 FIXTURES = Path(__file__).resolve().parents[1] / "build" / "fixtures"
-#: bytes that make up int3/nop padding and fill, so random soup is full of runs, partial nops and near misses
-_ALPHABET = bytes((0xCC, 0x90, 0x66, 0x2E, 0x0F, 0x1F, 0x00, 0x40, 0x44, 0x80, 0x84, 0xC3, 0x48, 0xE9))
-
-
-def _soup(rng: random.Random, size: int) -> bytes:
-    return bytes(rng.choice(_ALPHABET) if rng.random() < 0.9 else rng.randrange(256) for _ in range(size))
-
 
 def _agree_on(memory: bytes, spans: list[tuple[int, int]], sections: list[tuple[int, int]]) -> None:
     for end, limit in zip([s[1] for s in spans], [s[0] for s in spans[1:]] + [sections[-1][1]]):
@@ -38,7 +32,7 @@ def test_kernels_agree_on_random_padding_soup() -> None:
     rng = random.Random(12)
     for _ in range(60):
         size = rng.randrange(64, 3000)
-        memory = _soup(rng, size)
+        memory = padding_soup(rng, size)
         cuts = sorted(rng.sample(range(1, size - 1), rng.randrange(2, 24)))
         spans = [(a, min(b, a + rng.randrange(1, 40))) for a, b in zip(cuts, cuts[1:] + [size])]
         _agree_on(memory, spans, [(0, size)])

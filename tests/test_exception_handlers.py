@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections import Counter
 
 import pytest
 
@@ -176,3 +177,33 @@ def test_pyzmq_release_with_gs_checked_cpp_frames_is_packaged() -> None:
                 and isinstance(f.target, BaselineRVA) and package.blobs[f.blob].kind == BlobKind.RODATA}
     assert any(is_gs_handler_check_eh4(memory, rva, fh4_thunks.__contains__) for rva in handlers)
     assert not is_gs_handler_check_eh4(memory, min(handlers), lambda _: False)
+
+
+@pytest.mark.realbins
+@pytest.mark.slow
+def test_each_nameless_handler_body_is_checked_once_per_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyzmq 26.0.2 -> 26.0.3 `_zmq`: many unwind entries name the same nameless handlers (__GSHandlerCheck,
+    __GSHandlerCheck_EH4); the body checks run once per handler, not once per entry."""
+    from hotpatch.package import unwindcopy
+
+    calls: Counter[tuple[str, int]] = Counter()
+
+    def counting(name: str):
+        check = getattr(unwindcopy, name)
+
+        def counted(memory: bytes, rva: int, *rest: object) -> bool:
+            calls[name, rva] += 1
+            return check(memory, rva, *rest)
+        return counted
+
+    for name in ("is_gs_handler_check", "is_gs_handler_check_eh4"):
+        monkeypatch.setattr(unwindcopy, name, counting(name))
+    name = "zmq/backend/cython/_zmq.cp311-win_amd64.pyd"
+    result = diff(*(ensure_wheel("pyzmq", v) / name for v in ("26.0.2", "26.0.3")))
+    package = build_package(result)
+    assert package.unwind
+    checked = {rva for _, rva in calls}
+    entries = [f for f in result.patched.image.runtime_functions
+               if f.unwind.rva and f.unwind.handler_rva in checked]
+    assert len(entries) > len(checked) >= 2  # entries share handlers: a check per entry would repeat
+    assert max(calls.values()) == 1, calls.most_common(3)

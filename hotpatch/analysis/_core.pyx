@@ -15,18 +15,28 @@ from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
+from hotpatch.analysis._refkinds cimport (
+    ABS64, BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP, IMAGE_REL32, JUMP_TABLE, MAX_TABLE_ENTRIES,
+    RIP_RELATIVE, TABLE_IMAGE_REL32, TABLE_SELF_REL32,
+)
 from hotpatch.analysis._shared cimport _lower_bound
 
 from ._decode import decode, fast_length, instruction_text, terminates
 from ._reflist import RefList
-from .refkinds import JUMP_TABLE as _JUMP_TABLE
 
 __all__ = ["IMPLEMENTATION", "RefList", "decode", "fast_length", "fingerprint", "fingerprint_many",
            "instruction_text", "terminates"]
 
 IMPLEMENTATION = "cython"
 
-cdef int JUMP_TABLE = _JUMP_TABLE
+#: the constants every compiled module cimports from ``_refkinds.pxd``, as compiled (a test holds them
+#: equal to ``refkinds.py``'s)
+KINDS = {
+    "BRANCH_REL8": BRANCH_REL8, "BRANCH_REL32": BRANCH_REL32, "CALL_REL32": CALL_REL32,
+    "RIP_RELATIVE": RIP_RELATIVE, "ABS64": ABS64, "IAT_CALL": IAT_CALL, "IAT_JUMP": IAT_JUMP,
+    "IMAGE_REL32": IMAGE_REL32, "JUMP_TABLE": JUMP_TABLE, "TABLE_SELF_REL32": TABLE_SELF_REL32,
+    "TABLE_IMAGE_REL32": TABLE_IMAGE_REL32, "MAX_TABLE_ENTRIES": MAX_TABLE_ENTRIES,
+}
 
 
 cdef inline bint _in_ranges(int64_t target, int64_t[:, :] ranges) noexcept nogil:

@@ -25,25 +25,10 @@ from hotpatch.analysis._shared cimport _is_nop, _lower_bound, _terminates
 cdef extern from "x86_fastlen.h" nogil:
     int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
 
-from .refkinds import (
-    ABS64 as _ABS64, BRANCH_REL8 as _BRANCH_REL8, BRANCH_REL32 as _BRANCH_REL32, CALL_REL32 as _CALL_REL32,
-    IAT_CALL as _IAT_CALL, IAT_JUMP as _IAT_JUMP, IMAGE_REL32 as _IMAGE_REL32, JUMP_TABLE as _JUMP_TABLE,
-    MAX_TABLE_ENTRIES as _MAX_TABLE_ENTRIES, RIP_RELATIVE as _RIP_RELATIVE,
-    TABLE_IMAGE_REL32 as _TABLE_IMAGE_REL32, TABLE_SELF_REL32 as _TABLE_SELF_REL32,
+from hotpatch.analysis._refkinds cimport (
+    ABS64, BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP, IMAGE_REL32, JUMP_TABLE, MAX_TABLE_ENTRIES,
+    RIP_RELATIVE, TABLE_IMAGE_REL32, TABLE_SELF_REL32,
 )
-
-cdef int ABS64 = _ABS64
-cdef int BRANCH_REL8 = _BRANCH_REL8
-cdef int BRANCH_REL32 = _BRANCH_REL32
-cdef int CALL_REL32 = _CALL_REL32
-cdef int IAT_CALL = _IAT_CALL
-cdef int IAT_JUMP = _IAT_JUMP
-cdef int IMAGE_REL32 = _IMAGE_REL32
-cdef int JUMP_TABLE = _JUMP_TABLE
-cdef int RIP_RELATIVE = _RIP_RELATIVE
-cdef int TABLE_SELF_REL32 = _TABLE_SELF_REL32
-cdef int TABLE_IMAGE_REL32 = _TABLE_IMAGE_REL32
-cdef int64_t MAX_TABLE_ENTRIES = _MAX_TABLE_ENTRIES
 
 # ── capstone entry points, taken from the library the Python binding loaded ──
 
@@ -343,7 +328,7 @@ cdef class _Decoder:
                 rva = offset
                 if _push_rva(out, <uint32_t>rva):
                     return -1
-                if _terminates(base + rva, length):
+                if _terminates(base + rva, length, length):
                     after_end = True
                 elif not (after_end and _is_nop(base + rva, length)):
                     after_end = False
@@ -482,7 +467,7 @@ cdef class _Decoder:
 
 def terminates(const uint8_t[:] code):
     """Whether the instruction filling ``code`` never falls through (``hotpatch.analysis.flow.terminates``). For tests."""
-    return bool(_terminates(&code[0], code.shape[0])) if code.shape[0] else False
+    return bool(_terminates(&code[0], code.shape[0], code.shape[0])) if code.shape[0] else False
 
 
 def fast_length(const uint8_t[:] code):

@@ -12,8 +12,8 @@ from .flow import terminates
 from .padding import FILL_RE, USABLE_PADDING_RE
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "call_and_lea_targets", "gap_places", "gap_starts", "named", "padding_runs",
-           "reachable_end"]
+__all__ = ["IMPLEMENTATION", "call_and_lea_targets", "gap_places", "gap_starts", "named", "named_in",
+           "padding_runs", "reachable_end", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -100,6 +100,18 @@ def named(places: Iterable[int], words: Iterable[array]) -> set[int]:
     for chunk in words:
         found |= wanted.intersection(chunk)
     return found
+
+
+def word_index(words: Iterable[array], top: int) -> tuple[list[array], int]:
+    """What ``named_in`` looks places up in: the chunks themselves and ``top`` (a set of every word would
+    take far more memory than the bitmap of the compiled kernel)."""
+    return list(words), top
+
+
+def named_in(places: Iterable[int], index: tuple[list[array], int]) -> set[int]:
+    """The places some word of ``word_index``'s ``index`` names: ``named`` of the places below its ``top``."""
+    words, top = index
+    return named((p for p in places if p < top), words)
 
 
 #: first bytes of an instruction that may not fall through: the opcodes themselves and prefixes

@@ -6,10 +6,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 
 from hotpatch.analysis._buffers cimport Ref
-
-from .refkinds import ABS64 as _ABS64
-
-cdef int ABS64 = _ABS64
+from hotpatch.analysis._refkinds cimport ABS64
 
 
 cdef class RefList:

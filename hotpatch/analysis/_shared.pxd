@@ -17,8 +17,10 @@ cdef inline Py_ssize_t _opcode_at(const uint8_t *p, Py_ssize_t length) noexcept 
     return at
 
 
-cdef inline bint _terminates(const uint8_t *p, Py_ssize_t length) noexcept nogil:
-    """Same as ``hotpatch.analysis.flow.terminates``: ret, jmp, ud2, int3, hlt never fall through."""
+cdef inline bint _terminates(const uint8_t *p, Py_ssize_t length, Py_ssize_t readable) noexcept nogil:
+    """Same as ``hotpatch.analysis.flow.terminates``: ret, jmp, ud2, int3, hlt never fall through. Prefixes
+    and the opcode are looked for within ``length`` bytes, the opcode's second byte within ``readable``
+    (discovery bounds the prefixes tighter than the code it may read: ``_terminates_within``)."""
     cdef Py_ssize_t at = _opcode_at(p, length)
     cdef uint8_t op
     if at >= length:
@@ -27,7 +29,7 @@ cdef inline bint _terminates(const uint8_t *p, Py_ssize_t length) noexcept nogil
     if op == 0xC3 or op == 0xC2 or op == 0xCB or op == 0xCA or op == 0xE9 or op == 0xEB or op == 0xCC \
             or op == 0xF4:
         return True
-    if at + 1 >= length:
+    if at + 1 >= readable:
         return False
     if op == 0x0F:
         return p[at + 1] == 0x0B
@@ -57,23 +59,5 @@ cdef inline bint _terminates_within(const uint8_t *m, Py_ssize_t memlen, Py_ssiz
                                     Py_ssize_t end) noexcept nogil:
     """``hotpatch.analysis.flow.terminates(memory, rva, end)``: prefixes are skipped within 15 bytes (and
     ``end`` and the memory), the opcode's second byte is read up to ``end``."""
-    cdef Py_ssize_t limit = end, at = rva
-    cdef uint8_t op
-    if rva + 15 < limit:
-        limit = rva + 15
-    if memlen < limit:
-        limit = memlen
-    if at >= limit:
-        return False
-    at += _opcode_at(m + rva, limit - rva)
-    if at >= limit:
-        return False
-    op = m[at]
-    if op == 0xC3 or op == 0xC2 or op == 0xCB or op == 0xCA or op == 0xE9 or op == 0xEB or op == 0xCC \
-            or op == 0xF4:
-        return True
-    if at + 1 >= end or at + 1 >= memlen:
-        return False
-    if op == 0x0F:
-        return m[at + 1] == 0x0B
-    return op == 0xFF and ((m[at + 1] >> 3) & 7 == 4 or (m[at + 1] >> 3) & 7 == 5)
+    cdef Py_ssize_t readable = end if end < memlen else memlen
+    return _terminates(m + rva, (readable if readable < rva + 15 else rva + 15) - rva, readable - rva)

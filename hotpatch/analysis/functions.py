@@ -24,6 +24,7 @@ from ..collector import gc_paused
 from ..pe.image import Image, UnwindInfo
 from . import _discovery_reference
 from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
+from .layout import Item, Layout
 from .padding import FILL_BYTES, FILL_RE, after_padding, covered_bytes, gap_fill_bytes
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
 
@@ -31,7 +32,13 @@ __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOUR
 
 #: discovery sources, in the order they are tried
 SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "handler", "pointer", "call", "lea", "rva32", "gap")
+_SOURCE_BIT = {source: 1 << index for index, source in enumerate(SOURCES)}
 
+
+@cache
+def _sources_of(mask: int) -> tuple[str, ...]:
+    """The sources a mask of ``_SOURCE_BIT`` names, in SOURCES' order."""
+    return tuple(source for source in SOURCES if mask & _SOURCE_BIT[source])
 
 
 @dataclass(frozen=True)
@@ -182,20 +189,26 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         return index >= 0 and owned[index][0] < rva < owned[index][1] or (
             index >= 0 and owned[index][0] == rva and rva not in pdata)
 
-    sources: dict[int, set[str]] = {rva: {"pdata"} for rva in pdata}
+    # each start's sources as a mask of bits in SOURCES' order (a set each would be tens of thousands)
+    sources: dict[int, int] = dict.fromkeys(pdata, _SOURCE_BIT["pdata"])
     names: dict[int, str] = {}
+    pending = list(pdata)  # starts not in the layout yet
 
     # asked a few hundred thousand times for the same few tens of thousands of addresses on a large image
     code_section = cache(image.code_section)
 
+    @cache  # asked again for the same targets round after round
     def acceptable(rva: int) -> bool:
         return code_section(rva) is not None and not inside_pdata(rva)
 
     def add(rva: int, source: str, name: str | None = None) -> bool:
         if not acceptable(rva):
             return False
-        new = rva not in sources
-        sources.setdefault(rva, set()).add(source)
+        mask = sources.get(rva)
+        new = mask is None
+        sources[rva] = (mask or 0) | _SOURCE_BIT[source]
+        if new:
+            pending.append(rva)
         if name and rva not in names:
             names[rva] = name
         return new
@@ -229,26 +242,33 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         if decodable[target]:
             add(target, "pointer")
 
-    # Follow direct calls and code addresses taken with lea until no new function appears; decodes are
-    # cached by range. A function without .pdata ends where no path goes on (``_reachable``): what lies
-    # behind is data or code reached some other way, never more of it.
-    decoded: dict[tuple[int, tuple[tuple[int, int], ...]], FunctionAnalysis] = {}
-    words = _rva32_words(image)
-    bounded: dict[Item, Item] = {}
+    # Follow direct calls and code addresses taken with lea until no new function appears. A function
+    # without .pdata ends where no path goes on (``_reachable``): what lies behind is data or code reached
+    # some other way, never more of it. Each round touches only the functions whose next start changed
+    # (``Layout``), and ``decoded`` holds only the decodes of the current items.
+    decoded: dict[Item, FunctionAnalysis] = {}
+    padded = cache(lambda rva: after_padding(memory, rva))  # most places are candidates round after round
+    # what the 32-bit words of data name, looked up place by place each round (the words themselves go)
+    index = kernels.word_index(_rva32_words(image), max((s.end_rva for s in image.executable_sections), default=0))
+    layout = Layout(code_section, pdata)
     scanned: set[Item] = set()
     taken: set[int] = set()  # addresses taken with lea
     rejected: set[int] = set()  # candidates already judged not to start a function
-    gap_places: dict[tuple[int, int], list[int]] = {}
-    named: tuple[set[int], set[int]] = (set(), set())  # places looked up, and those some word names
     while True:
-        layout = _layout(code_section, sources, pdata)
-        todo = [item for item in layout if item not in bounded and item[0] not in pdata]
+        changed = layout.insert(pending)
+        pending.clear()
+        todo = [layout.raw[rva] for rva, _ in changed if rva not in pdata]
         for item, reached in zip(todo, _reach(ctx, core, memory, todo, [0] * len(todo), decoded)):
-            bounded[item] = reached
-        layout = [bounded.get(item, item) for item in layout]
-        _decode_missing(ctx, core, decoded, layout)
-        fresh = [decoded[item].raw_refs for item in layout if item not in scanned]
-        scanned.update(layout)
+            layout.bound(item[0], reached)
+            if reached != item:
+                decoded.pop(item, None)  # the whole decode up to the next start: its cut is decoded below
+        current = [layout.items[rva] for rva, _ in changed]
+        for (_, before), item in zip(changed, current):
+            if before is not None and before != item:
+                decoded.pop(before, None)
+        _decode_missing(ctx, core, decoded, current)
+        fresh = [decoded[item].raw_refs for item in current if item not in scanned]
+        scanned.update(current)
         calls, leas = kernels.call_and_lea_targets(memory, fresh)
         # whether an address could start a function does not change: keep only those that could
         taken |= {t for t in leas if acceptable(t)}
@@ -258,32 +278,40 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
             t for t in taken - sources.keys() - rejected if _boundary(image, layout, t, core)])
         if not found:
-            places = _gap_starts(image, layout, gap_places, kernels)
+            places = layout.places(memory, kernels)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
-                t for t in _named_by_words(places, words, named, kernels) - sources.keys() - rejected
+                t for t in kernels.named_in(places, index) - sources.keys() - rejected
                 if acceptable(t)])
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
             found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
-                t for t in places - sources.keys() - rejected if after_padding(memory, t) and acceptable(t)])
+                t for t in places - sources.keys() - rejected if padded(t) and acceptable(t)])
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
-    layout = [item if item[0] in pdata else _trimmed(image, item, decoded[item]) for item in layout]
-    _decode_missing(ctx, core, decoded, layout)
+    final_layout = []
+    for item in layout.ordered():
+        if item[0] not in pdata:
+            trimmed = _trimmed(image, item, decoded[item])
+            if trimmed != item:
+                del decoded[item]
+            item = trimmed
+        final_layout.append(item)
+    del layout, scanned
+    _decode_missing(ctx, core, decoded, final_layout)
 
     starts = array("I", sorted(sources))
-    final = fingerprint_all(ctx, [decoded[item] for item in layout], starts, core)
+    final = fingerprint_all(ctx, [decoded.pop(item) for item in final_layout], starts, core)
     sections = sorted(image.executable_sections, key=lambda s: s.rva)
-    padding = kernels.padding_runs(image.memory, array("I", (rva for rva, _ in layout)),
-                                   array("I", (ranges[0][1] for _, ranges in layout)),
+    padding = kernels.padding_runs(image.memory, array("I", (rva for rva, _ in final_layout)),
+                                   array("I", (ranges[0][1] for _, ranges in final_layout)),
                                    array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections)))
     functions = []
-    for (rva, ranges), analysis, before, after in zip(layout, final, *padding):
+    for (rva, ranges), analysis, before, after in zip(final_layout, final, *padding):
         runtime = pdata.get(rva)
-        functions.append(Function(rva, ranges[0][1], names.get(rva), tuple(s for s in SOURCES if s in sources[rva]),
+        functions.append(Function(rva, ranges[0][1], names.get(rva), _sources_of(sources[rva]),
                                   ranges[1:], before, after, runtime.unwind if runtime else None,
                                   analysis.fingerprint))
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
@@ -321,31 +349,6 @@ def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
         imported = table.image.import_at(refs[0][4])
         return imported.label if imported else None
     return None
-
-
-def _layout(code_section: Any, sources: dict[int, set[str]],
-            pdata: dict[int, Any]) -> list[tuple[int, tuple[tuple[int, int], ...]]]:
-    """(rva, ranges) of every known function; functions without .pdata end before the next start.
-
-    ``code_section`` is ``Image.code_section`` (memoised by the caller)."""
-    starts = sorted(sources)
-    out = []
-    for index, rva in enumerate(starts):
-        runtime = pdata.get(rva)
-        if runtime is not None:
-            out.append((rva, ((rva, runtime.end_rva),) + runtime.fragments))
-            continue
-        section = code_section(rva)
-        assert section is not None
-        limit = min(section.rva + section.virtual_size if section.virtual_size else section.end_rva,
-                    section.end_rva)
-        if index + 1 < len(starts):
-            limit = min(limit, starts[index + 1])
-        out.append((rva, ((rva, limit),)))
-    return out
-
-
-Item = tuple[int, tuple[tuple[int, int], ...]]
 
 
 def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, FunctionAnalysis],
@@ -388,39 +391,16 @@ def _rva32_words(image: Image) -> list[array]:
     return out
 
 
-def _gap_starts(image: Image, layout: list[Item], cache: dict[tuple[int, int], list[int]], kernels: Any) -> set[int]:
-    """Places outside every function where code could begin: a gap's start, the end of each fill run.
-
-    ``cache`` keeps each gap's places by its bounds for the pure-Python kernels (the loop asks again after
-    every round, and most gaps are the same as before); the compiled ones scan the gaps afresh."""
-    sections = image.executable_sections
-    return kernels.gap_starts(image.memory, array("I", (item[0] for item in layout)),
-                              array("I", (item[1][0][1] for item in layout)), array("I", (s.rva for s in sections)),
-                              array("I", (s.end_rva for s in sections)), cache)
-
-
-def _named_by_words(places: set[int], words: list[array], judged: tuple[set[int], set[int]],
-                    kernels: Any) -> set[int]:
-    """The places some 32-bit value in data names; ``judged`` remembers the places looked up before and
-    which of them were named (set operations: a large image has tens of thousands of places a round)."""
-    looked_up, named = judged
-    fresh = places - looked_up
-    if fresh:
-        named |= kernels.named(fresh, words)
-        looked_up |= fresh
-    return places & named
-
-
-def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
+def _boundary(image: Image, layout: Layout, rva: int, core: Any) -> bool:
     """Whether ``rva`` can start a function: outside every function's reachable code, right after fill
     or after a function's last instruction (never inside an instruction), and decodable."""
     section = image.code_section(rva)
     if section is None:
         return False
-    index = bisect_right(layout, (rva, ((1 << 62, 0),))) - 1
+    previous = layout.at_or_before(rva)
     previous_end = section.rva
-    if index >= 0:
-        (begin, end) = layout[index][1][0]
+    if previous is not None:
+        (begin, end) = previous[1][0]
         if begin <= rva < end:
             return False  # inside code some function reaches (or inside a .pdata function)
         previous_end = max(previous_end, end)
@@ -429,7 +409,7 @@ def _boundary(image: Image, layout: list[Item], rva: int, core: Any) -> bool:
     return bool(core.instruction_text(image.memory, rva, rva + 15))
 
 
-def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item], add: Any, source: str,
+def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, add: Any, source: str,
                    rejected: set[int], candidates: list[int]) -> bool:
     """Add the plausible candidates as functions from ``source``; remember the others. True if any was new."""
     accepted = set(_plausible(image, ctx, core, layout, candidates))
@@ -440,7 +420,7 @@ def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[I
     return found
 
 
-def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item], candidates: list[int]) -> list[int]:
+def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, candidates: list[int]) -> list[int]:
     """The candidates whose code, decoded up to where no path goes on, makes only sane references.
 
     Hand-written assembly takes the address of its constant tables in .text with lea too (OpenSSL's AES
@@ -450,14 +430,13 @@ def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: list[Item]
     # Each candidate is judged up to the next known start (a rejected candidate after it bounds nothing).
     # The sweep first stops at the next candidate: a candidate that is data shows it there already, and
     # looking further is only needed for sane code that runs into the next candidate.
-    starts = [item[0] for item in layout]
     ordered = sorted(t for t in candidates if not _near_pointer(image, t))
     limits = []
     for rva in ordered:
         section = image.code_section(rva)
         assert section is not None
-        following = bisect_right(starts, rva)
-        limits.append(min(starts[following] if following < len(starts) else section.end_rva, section.end_rva))
+        following = layout.following(rva)
+        limits.append(min(following if following is not None else section.end_rva, section.end_rva))
     short = [(rva, ((rva, min(limit, ordered[i + 1]) if i + 1 < len(ordered) else limit),))
              for i, (rva, limit) in enumerate(zip(ordered, limits))]
     out: list[int] = []

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -283,6 +283,28 @@ class AgentClient:
             modules.append(Module(name, path, base_va, size))
         r.end()
         return modules
+
+    def processes(self, module_name: str | None = None) -> Iterator[tuple[ProcessEntry, list[Module]]]:
+        """(process, its modules) for every process but the agent's; with ``module_name``, only the processes
+        that hold it, with just that module."""
+        wanted = module_name.lower() if module_name else None
+        for entry in self.list_processes():
+            if entry.pid in (0, self.hello.agent_pid):
+                continue
+            try:
+                modules = self.list_modules(entry.pid)
+            except BackendError:
+                continue  # gone meanwhile, or not ours to see
+            if wanted is None:
+                yield entry, modules
+            else:
+                named = [m for m in modules if m.name.lower() == wanted]
+                if named:
+                    yield entry, named
+
+    def pids_with_module(self, module_name: str) -> list[int]:
+        """The processes (but the agent) that have loaded ``module_name`` (any case)."""
+        return [entry.pid for entry, _ in self.processes(module_name)]
 
     def process_info(self, pid: int) -> ProcessInfo:
         r = PayloadReader(self.request(Opcode.PROCESS_INFO, struct.pack("<I", pid), pid=pid))

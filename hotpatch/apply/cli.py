@@ -24,7 +24,6 @@ else ``~/.wine``); journals live in ``$HOTPATCH_STATE``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from ..errors import (
     ProcessGoneError,
     StepFailedError,
 )
+from ..jsonio import print_answer
 from ..package import Package
 from ..package.format import load, package_id_of, signature_state_of
 from ..package.trust import TrustStore, check_trust
@@ -53,12 +53,7 @@ EXIT_OK, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_UNSAFE, EXIT_UNTRUSTED = 0, 1, 2, 4,
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], lines: Sequence[str]) -> None:
-    if args.json:
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        for line in lines:
-            print(line)
+    print_answer(document, lines, args.json)
 
 
 def _error(exc: BaseException) -> None:
@@ -80,29 +75,6 @@ def _agent() -> Iterator[AgentClient]:
         yield client
     finally:
         client.close()
-
-
-def _processes(client: AgentClient, module_name: str | None = None) -> Iterator[tuple[Any, list[Any]]]:
-    """(process, its modules) for every process but the agent's; with ``module_name``, only the processes
-    that hold it, with just that module."""
-    wanted = module_name.lower() if module_name else None
-    for entry in client.list_processes():
-        if entry.pid in (0, client.hello.agent_pid):
-            continue
-        try:
-            modules = client.list_modules(entry.pid)
-        except BackendError:
-            continue  # gone meanwhile, or not ours to see
-        if wanted is None:
-            yield entry, modules
-        else:
-            named = [m for m in modules if m.name.lower() == wanted]
-            if named:
-                yield entry, named
-
-
-def _pids_with_module(client: AgentClient, module_name: str) -> list[int]:
-    return [entry.pid for entry, _ in _processes(client, module_name)]
 
 
 # --------------------------------------------------------------------------
@@ -131,7 +103,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     lines = []
     code = EXIT_OK
     with _agent() as client:
-        pids = _pids_with_module(client, package.target.module_name) if args.all else args.pid
+        pids = client.pids_with_module(package.target.module_name) if args.all else args.pid
         for pid in pids:
             try:
                 with client.open(pid) as backend:
@@ -267,7 +239,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     processes = []
     lines = []
     with _agent() as client:
-        for entry, shown in _processes(client, args.module):
+        for entry, shown in client.processes(args.module):
             item: dict[str, Any] = {"pid": entry.pid, "name": entry.name, "threads": entry.threads,
                                     "modules": [], "packages": []}
             try:

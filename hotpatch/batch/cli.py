@@ -7,11 +7,10 @@ Exit codes: 0 every job finished (whatever its verdict), 1 some jobs failed
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from ..errors import BatchError
+from ..jsonio import print_answer
 from .jobs import DISK_CACHE, CacheSpec
 from .manifest import KINDS, load_manifest, release_jobs
 from .runner import DEFAULT_TIMEOUT, run_batch
@@ -74,8 +73,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                        progress=False if args.no_progress else None)
     summary = result.summary
     if args.json:
-        json.dump(summary, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        print_answer(summary, (), True)
     else:
         _print_summary(summary, result.results_path)
     return 1 if summary["by_status"].get("failed") else 0

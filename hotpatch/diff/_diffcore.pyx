@@ -14,19 +14,10 @@ from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
+from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 
-from ..analysis.refkinds import (
-    BRANCH_REL8 as _BRANCH_REL8, BRANCH_REL32 as _BRANCH_REL32, CALL_REL32 as _CALL_REL32,
-    JUMP_TABLE as _JUMP_TABLE,
-)
-
 IMPLEMENTATION = "cython"
-
-cdef int BRANCH_REL8 = _BRANCH_REL8
-cdef int BRANCH_REL32 = _BRANCH_REL32
-cdef int CALL_REL32 = _CALL_REL32
-cdef int JUMP_TABLE = _JUMP_TABLE
 
 #: gaps without unique anchors up to this many comparisons are aligned by longest matching blocks
 cdef int64_t SMALL_GAP = 20000

@@ -11,21 +11,16 @@ exit 2 with one line on stderr.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
+from ..jsonio import print_answer
 from .trust import TrustStore
 
 __all__ = ["add_trust_commands"]
 
 
 def _print(args: argparse.Namespace, document: dict[str, Any], lines: list[str]) -> None:
-    if args.json:
-        json.dump(document, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print("\n".join(lines))
+    print_answer(document, lines, args.json)
 
 
 def cmd_trust_add(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ data can travel, and how it is laid out, is package/handlers.py's.
 from __future__ import annotations
 
 import struct
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from ..analysis.functions import Function, FunctionTable
@@ -104,7 +105,19 @@ class UnwindCopying:
         self.state.blobs[info_index] = Blob(info_index, BlobKind.RODATA, 4, bytes(data), len(data))
         return [UnwindEntry(code, begin, end, info_index, offset) for code, begin, end, offset, _ in pending]
 
+    @cached_property
+    def _handler_names(self) -> dict[int, str | None]:
+        """Handler RVA -> ``_handler_name``'s answer: every unwind entry names its handler again, and a nameless
+        one is told by its body (regular expressions over up to 0x80 bytes, and its callee's name)."""
+        return {}
+
     def _handler_name(self, handler_rva: int) -> str | None:
+        names = self._handler_names
+        if handler_rva not in names:
+            names[handler_rva] = self._find_handler_name(handler_rva)
+        return names[handler_rva]
+
+    def _find_handler_name(self, handler_rva: int) -> str | None:
         function = self.b.at(handler_rva)
         if function is None:
             return None

@@ -29,6 +29,7 @@ from rich.console import Console
 
 from ..apply.journal import default_state_dir
 from ..errors import PlanError
+from ..jsonio import print_answer
 from .executor_sim import SimConfig, make_fleet, simulate, simulate_plan
 from .plan import FailurePolicy, WaveSpec, load_plan
 from .tls import TLS_FIELDS, parse_tls
@@ -44,8 +45,7 @@ def _emit(args: argparse.Namespace, document: dict[str, Any]) -> None:
     if getattr(args, "report", None):
         Path(args.report).write_text(json.dumps(document, indent=2, default=str) + "\n")
     if args.json:
-        json.dump(document, sys.stdout, indent=2, default=str)
-        sys.stdout.write("\n")
+        print_answer(document, (), True, default=str)
     else:
         Console(width=160).print(report_table(document))
 
@@ -73,12 +73,7 @@ def _simulate(args: argparse.Namespace) -> int:
         figures = simulate(hosts, waves, replace(config, soak=settings["soak"]), start=start_at, horizon=horizon,
                            max_in_flight=settings["max_in_flight"],
                            failure=FailurePolicy("host", settings["max_failed"]))
-    if args.json:
-        json.dump(figures, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        for key, value in figures.items():
-            print(f"{key:>28}: {value}")
+    print_answer(figures, (f"{key:>28}: {value}" for key, value in figures.items()), args.json)
     return 0
 
 

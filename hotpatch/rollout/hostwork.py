@@ -30,7 +30,7 @@ from ..apply.agent import AgentClient
 from ..apply.engine import Engine
 from ..apply.health import HealthSpec, roll_back_package, run_gate
 from ..apply.journal import Journal
-from ..errors import BackendError, HotpatchError
+from ..errors import HotpatchError
 from ..package import Package
 from ..package.format import loads, package_id_of
 from ..package.trust import TrustStore
@@ -52,17 +52,7 @@ class HostRequest:
 def _select(client: AgentClient, request: HostRequest, module_name: str) -> list[int]:
     if request.pids:
         return list(request.pids)
-    wanted = (request.module or module_name).lower()
-    pids = []
-    for entry in client.list_processes():
-        if entry.pid in (0, client.hello.agent_pid):
-            continue
-        try:
-            if any(m.name.lower() == wanted for m in client.list_modules(entry.pid)):
-                pids.append(entry.pid)
-        except BackendError:
-            continue  # gone meanwhile, or not ours to see
-    return pids
+    return client.pids_with_module(request.module or module_name)
 
 
 def _ours(engine: Engine, package_id: str) -> str:

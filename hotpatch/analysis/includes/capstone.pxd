@@ -108,3 +108,6 @@ ctypedef bint (*cs_disasm_iter_fn)(csh handle, const uint8_t **code, size_t *siz
                                    cs_insn *insn) noexcept nogil
 ctypedef void (*cs_free_fn)(cs_insn *insn, size_t count) noexcept nogil
 ctypedef cs_err (*cs_close_fn)(csh *handle) noexcept nogil
+# the registers an instruction reads and writes, explicit and implicit (cs_regs is uint16_t[64])
+ctypedef cs_err (*cs_regs_access_fn)(csh handle, const cs_insn *insn, uint16_t *regs_read, uint8_t *read_count,
+                                     uint16_t *regs_write, uint8_t *write_count) noexcept nogil

@@ -1,0 +1,628 @@
+# distutils: language = c++
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Compiled ownership scan: ``scan`` follows one function's control flow over capstone's C API.
+
+Line for line the same contract as ``hotpatch.verdict._ownership_reference``
+(read its docstring); the tests check that both give identical evidence. Its
+constants (the budget, the volatile registers, the instructions that end a
+path, the sub-register map) are read from there, so the twins cannot drift.
+
+What each location may hold is a sorted array of ``location << 32 | tag``
+codes (tags and stack slots are numbered as the scan meets them), so the
+join of paths is a merge of two sorted arrays instead of sets of tuples; each
+instruction is decoded and summarised once per scan, and the whole walk runs
+without the GIL.
+"""
+
+import ctypes
+import threading
+
+import capstone
+from capstone import x86_const as _x86
+
+from cython.operator cimport dereference as deref
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memset
+from libcpp.unordered_map cimport unordered_map
+from libcpp.vector cimport vector
+
+from hotpatch.analysis.includes.capstone cimport *
+from hotpatch.analysis._reflist cimport PackedRef, RefList
+
+from . import _ownership_reference as _twin
+
+# ── capstone entry points, taken from the library the Python binding loaded ──
+
+cdef cs_open_fn p_cs_open
+cdef cs_option_fn p_cs_option
+cdef cs_malloc_fn p_cs_malloc
+cdef cs_disasm_iter_fn p_cs_disasm_iter
+cdef cs_regs_access_fn p_cs_regs_access
+cdef cs_free_fn p_cs_free
+cdef cs_close_fn p_cs_close
+
+
+cdef size_t _symbol(str name) except 0:
+    address = ctypes.cast(getattr(capstone._cs, name), ctypes.c_void_p).value
+    if not address:
+        raise ImportError(f"libcapstone has no {name}")
+    return <size_t>address
+
+
+p_cs_open = <cs_open_fn>_symbol("cs_open")
+p_cs_option = <cs_option_fn>_symbol("cs_option")
+p_cs_malloc = <cs_malloc_fn>_symbol("cs_malloc")
+p_cs_disasm_iter = <cs_disasm_iter_fn>_symbol("cs_disasm_iter")
+p_cs_regs_access = <cs_regs_access_fn>_symbol("cs_regs_access")
+p_cs_free = <cs_free_fn>_symbol("cs_free")
+p_cs_close = <cs_close_fn>_symbol("cs_close")
+
+if capstone.cs_version()[:2] != (5, 0):
+    raise ImportError(f"hotpatch.verdict._ownership was built for capstone 5.0, found {capstone.__version__}")
+
+# ── the twin's constants, as tables ───────────────────────────────────────────
+
+cdef int REG_RAX = _x86.X86_REG_RAX
+cdef int REG_RSP = _x86.X86_REG_RSP
+cdef uint16_t TO_64[1024]
+cdef uint8_t ENDS[4096]
+cdef int VOLATILE[16]
+cdef int VOLATILE_COUNT = len(_twin.VOLATILE)
+if _x86.X86_REG_ENDING > 1024 or _x86.X86_INS_ENDING > 4096 or VOLATILE_COUNT > 16:
+    raise ImportError("capstone's numbering changed; rebuild hotpatch.verdict._ownership")
+for _reg in range(_x86.X86_REG_ENDING):
+    TO_64[_reg] = _twin.TO_64.get(_reg, _reg)
+memset(ENDS, 0, sizeof(ENDS))
+for _id in _twin.ENDS:
+    ENDS[_id] = 1
+for _i, _reg in enumerate(_twin.VOLATILE):
+    VOLATILE[_i] = _reg
+
+# a location: a register id, or SLOTS + the number of a stack slot ([rsp+disp])
+cdef uint64_t SLOTS = 1 << 16
+# tag kinds, numbered as in KIND_NAMES
+cdef enum:
+    FIELD = 0
+    ALLOC = 1
+    ARG = 2
+KIND_NAMES = ("field", "alloc", "arg")
+_KIND_NUMBERS = {name: number for number, name in enumerate(KIND_NAMES)}
+# what a call or jump does, and the shape of a 64-bit move (the twin's _Step.call and _Step.move)
+cdef enum:
+    C_NONE = 0
+    C_ALLOC
+    C_FREE
+    C_CALL
+cdef enum:
+    M_NONE = 0
+    M_SPILL
+    M_STORE
+    M_LOAD
+    M_MOVE
+
+
+cdef struct Step:
+    int size  # 0: nothing decodes here
+    int call
+    int64_t target
+    bint is_call
+    bint ends
+    bint is_jump
+    int64_t jump  # -1: through a table
+    bint unconditional
+    int move
+    int reg
+    int source
+    bint has_slot
+    int64_t slot
+    bint has_field
+    int64_t field
+    uint32_t writes_at  # into _Scan.writes
+    uint32_t writes_count
+
+
+# ── sorted arrays of location << 32 | tag ─────────────────────────────────────
+
+cdef extern from "<algorithm>" namespace "std" nogil:
+    const uint64_t *lower_bound(const uint64_t *first, const uint64_t *last, const uint64_t &value)
+    bint binary_search(const int64_t *first, const int64_t *last, const int64_t &value)
+
+
+cdef inline size_t _lower(const vector[uint64_t] &codes, uint64_t key) noexcept nogil:
+    cdef const uint64_t *first = codes.const_data()
+    return lower_bound(first, first + codes.size(), key) - first
+
+
+cdef inline void _held(const vector[uint64_t] &tags, uint64_t loc, vector[uint32_t] &out) noexcept nogil:
+    """The tags ``loc`` holds, in order."""
+    cdef size_t i = _lower(tags, loc << 32), end = _lower(tags, (loc + 1) << 32)
+    out.clear()
+    while i < end:
+        out.push_back(<uint32_t>(tags[i] & 0xffffffffu))
+        i += 1
+
+
+cdef inline void _set(vector[uint64_t] &tags, uint64_t loc, const vector[uint32_t] &held,
+                      vector[uint64_t] &scratch) noexcept nogil:
+    """``loc`` holds ``held`` (sorted) and nothing else; an empty ``held`` drops it."""
+    cdef size_t lo = _lower(tags, loc << 32), hi = _lower(tags, (loc + 1) << 32), i
+    if lo == hi and held.empty():
+        return
+    scratch.clear()
+    for i in range(lo):
+        scratch.push_back(tags[i])
+    for i in range(held.size()):
+        scratch.push_back((loc << 32) | held[i])
+    for i in range(hi, tags.size()):
+        scratch.push_back(tags[i])
+    tags.swap(scratch)
+
+
+cdef inline void _drop(vector[uint64_t] &tags, uint64_t loc) noexcept nogil:
+    cdef size_t lo = _lower(tags, loc << 32), hi = _lower(tags, (loc + 1) << 32)
+    if lo < hi:
+        tags.erase(tags.begin() + lo, tags.begin() + hi)
+
+
+cdef inline bint _subset(const vector[uint64_t] &a, const vector[uint64_t] &b) noexcept nogil:
+    cdef size_t i = 0, j = 0
+    while i < a.size():
+        while j < b.size() and b[j] < a[i]:
+            j += 1
+        if j == b.size() or b[j] != a[i]:
+            return False
+        i += 1
+        j += 1
+    return True
+
+
+cdef inline void _union(const vector[uint64_t] &a, const vector[uint64_t] &b, vector[uint64_t] &out) noexcept nogil:
+    cdef size_t i = 0, j = 0
+    out.clear()
+    while i < a.size() or j < b.size():
+        if j == b.size() or (i < a.size() and a[i] < b[j]):
+            out.push_back(a[i])
+            i += 1
+        elif i == a.size() or b[j] < a[i]:
+            out.push_back(b[j])
+            j += 1
+        else:
+            out.push_back(a[i])
+            i += 1
+            j += 1
+
+
+cdef inline bint _sorted_has(const vector[int64_t] &values, int64_t value) noexcept nogil:
+    cdef const int64_t *first = values.const_data()
+    return binary_search(first, first + values.size(), value)
+
+
+cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
+    cdef int i
+    for i in range(detail.groups_count):
+        if detail.groups[i] == group:
+            return True
+    return False
+
+
+cdef inline bint _is_slot(const cs_x86_op *op) noexcept nogil:
+    return op.mem.base == REG_RSP and op.mem.index == 0
+
+
+cdef inline bint _is_field(const cs_x86_op *op) noexcept nogil:
+    """``[base+disp]`` addresses a field of an object (not the stack or the image)."""
+    return op.mem.base != 0 and op.mem.base != REG_RSP and op.mem.base != X86_REG_RIP and op.mem.index == 0
+
+
+cdef inline bint _has(const vector[int64_t] &values, int64_t value) noexcept nogil:
+    cdef size_t i
+    for i in range(values.size()):
+        if values[i] == value:
+            return True
+    return False
+
+
+# ── the scan ───────────────────────────────────────────────────────────────────
+
+cdef class _Scan:
+    """One function's scan: its inputs, the instructions it summarised, and what it found."""
+
+    cdef csh handle
+    cdef cs_insn *insn
+    cdef object owner  # keeps the image's memory alive while the scan reads it without the GIL
+    cdef const uint8_t *memory
+    cdef size_t memory_size
+    cdef int64_t budget
+    cdef vector[int64_t] ranges  # begin, end, begin, end, ...
+    cdef vector[int64_t] switch_targets
+    cdef object allocators_of  # the heap functions the three below were made from
+    cdef dict deallocators_of
+    cdef vector[int64_t] allocators  # sorted
+    cdef vector[int64_t] deallocators  # sorted
+    cdef unordered_map[int64_t, int] freed_in  # deallocator -> the register its pointer is passed in
+    # per byte of the function's ranges (``place``): 1 + the index of its summary in ``steps``, and
+    # 1 + the index of what reached it in ``seen`` (0: nothing yet)
+    cdef vector[uint32_t] step_at
+    cdef vector[uint32_t] seen_at
+    cdef vector[Step] steps
+    cdef vector[uint16_t] writes
+    cdef unordered_map[int64_t, uint32_t] slot_numbers
+    cdef unordered_map[int64_t, uint32_t] field_tags
+    cdef unordered_map[int64_t, uint32_t] alloc_tags
+    cdef unordered_map[int64_t, uint32_t] arg_tags
+    cdef vector[uint8_t] tag_kind
+    cdef vector[int64_t] tag_value
+    cdef vector[vector[uint64_t]] seen
+    cdef vector[int64_t] work_rva
+    cdef vector[vector[uint64_t]] work_tags
+    cdef vector[uint64_t] frees  # rva << 32 | tag
+    cdef vector[int64_t] alloc_order  # allocation calls in the order the scan met them
+    cdef unordered_map[int64_t, vector[int64_t]] alloc_fields
+
+    def __cinit__(self):
+        self.handle = 0
+        self.insn = NULL
+        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
+            raise RuntimeError("cs_open failed")
+        p_cs_option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
+        self.insn = p_cs_malloc(self.handle)
+
+    def __dealloc__(self):
+        if self.insn != NULL:
+            p_cs_free(self.insn, 1)
+        if self.handle:
+            p_cs_close(&self.handle)
+
+    cdef int open(self, object memory, object ranges, object switch_targets, object allocators,
+                  object deallocators, int64_t budget) except -1:
+        """Ready for a new function: what the last scan left is dropped, the heap functions kept when they
+        are the same (a table's verdict scans every changed function with one set)."""
+        cdef const uint8_t[::1] view = memory
+        self.owner = memory
+        self.memory_size = view.shape[0]
+        self.memory = &view[0] if self.memory_size else NULL
+        self.budget = budget
+        # fresh maps rather than clear(), which zeroes every bucket a large function left behind
+        cdef unordered_map[int64_t, uint32_t] no_slots, no_fields, no_allocs, no_args
+        cdef unordered_map[int64_t, vector[int64_t]] no_alloc_fields
+        cdef size_t places = 0
+        self.steps.clear()
+        self.seen.clear()
+        self.slot_numbers.swap(no_slots)
+        self.field_tags.swap(no_fields)
+        self.alloc_tags.swap(no_allocs)
+        self.arg_tags.swap(no_args)
+        self.alloc_fields.swap(no_alloc_fields)
+        self.ranges.clear()
+        self.switch_targets.clear()
+        self.writes.clear()
+        self.tag_kind.clear()
+        self.tag_value.clear()
+        self.work_rva.clear()
+        self.work_tags.clear()
+        self.frees.clear()
+        self.alloc_order.clear()
+        for begin, end in ranges:
+            self.ranges.push_back(begin)
+            self.ranges.push_back(end)
+            if end > begin:
+                places += end - begin
+        self.step_at.assign(places, 0)
+        self.seen_at.assign(places, 0)
+        for target in switch_targets:
+            self.switch_targets.push_back(target)
+        if not (allocators is self.allocators_of or allocators == self.allocators_of) \
+                or deallocators != self.deallocators_of:  # (the wrapper search passes a new, equal set each time)
+            self.allocators.clear()
+            self.deallocators.clear()
+            self.freed_in.clear()
+            for target in sorted(allocators):
+                self.allocators.push_back(target)
+            for target in sorted(deallocators):
+                self.deallocators.push_back(target)
+                self.freed_in[target] = deallocators[target]
+            self.allocators_of, self.deallocators_of = frozenset(allocators), dict(deallocators)
+        return 0
+
+    cdef void close(self):
+        self.owner = None  # the image's memory is not kept alive by this thread's scanner
+
+    cdef uint32_t tag(self, int kind, int64_t value) noexcept nogil:
+        """The number of the tag (kind, value), given when first asked for."""
+        cdef unordered_map[int64_t, uint32_t] *numbers = (
+            &self.field_tags if kind == FIELD else &self.alloc_tags if kind == ALLOC else &self.arg_tags)
+        cdef unordered_map[int64_t, uint32_t].iterator it = numbers.find(value)
+        if it != numbers.end():
+            return deref(it).second
+        cdef uint32_t number = self.tag_kind.size()
+        numbers[0][value] = number
+        self.tag_kind.push_back(kind)
+        self.tag_value.push_back(value)
+        return number
+
+    cdef uint64_t slot(self, int64_t disp) noexcept nogil:
+        cdef unordered_map[int64_t, uint32_t].iterator it = self.slot_numbers.find(disp)
+        if it != self.slot_numbers.end():
+            return SLOTS + deref(it).second
+        cdef uint32_t number = self.slot_numbers.size()
+        self.slot_numbers[disp] = number
+        return SLOTS + number
+
+    cdef int64_t place(self, int64_t rva) noexcept nogil:
+        """Where ``rva`` is in the function's ranges laid end to end; -1 outside them."""
+        cdef size_t i = 0
+        cdef int64_t before = 0
+        while i < self.ranges.size():
+            if self.ranges[i] <= rva < self.ranges[i + 1]:
+                return before + rva - self.ranges[i]
+            if self.ranges[i + 1] > self.ranges[i]:
+                before += self.ranges[i + 1] - self.ranges[i]
+            i += 2
+        return -1
+
+    cdef int start(self, int64_t rva, object entry) except -1:
+        cdef vector[uint64_t] tags
+        cdef uint64_t loc
+        for where, held in entry.items():
+            loc = self.slot(where[1]) if isinstance(where, tuple) else <uint64_t>where
+            for kind, value in held:
+                tags.push_back((loc << 32) | self.tag(_KIND_NUMBERS[kind], value))
+        tags_sorted = sorted(set(tags))
+        tags.clear()
+        for code in tags_sorted:
+            tags.push_back(code)
+        self.work_rva.push_back(rva)
+        self.work_tags.push_back(tags)
+        return 0
+
+    cdef Step *step(self, int64_t rva, int64_t place) noexcept nogil:
+        """The summary of the instruction at ``rva`` (at ``place``), decoded on first use (``size`` 0: none
+        decodes); valid until the next call."""
+        cdef Step blank
+        if self.step_at[place]:
+            return &self.steps[self.step_at[place] - 1]
+        memset(&blank, 0, sizeof(Step))
+        self.steps.push_back(blank)
+        self.step_at[place] = self.steps.size()
+        cdef Step *st = &self.steps.back()
+        if rva < 0 or <uint64_t>rva >= self.memory_size:
+            return st
+        cdef const uint8_t *code = self.memory + rva
+        cdef size_t size = self.memory_size - <size_t>rva
+        cdef uint64_t address = <uint64_t>rva
+        if size > 16:
+            size = 16
+        if p_cs_disasm_iter(self.handle, &code, &size, &address, self.insn):
+            self.summarise(st)
+        return st
+
+    cdef void summarise(self, Step *st) noexcept nogil:
+        cdef cs_insn *insn = self.insn
+        cdef cs_x86 *x = &insn.detail.x86
+        cdef cs_x86_op *op0 = &x.operands[0]
+        cdef cs_x86_op *op1 = &x.operands[1]
+        cdef bint known = False
+        cdef int64_t target = 0
+        cdef uint16_t regs_read[64]
+        cdef uint16_t regs_write[64]
+        cdef uint8_t read_count = 0, write_count = 0, i
+        st.size = insn.size
+        if insn.id == X86_INS_CALL or insn.id == X86_INS_JMP:  # the twin's _call_kind
+            if x.op_count == 1 and op0.type == X86_OP_IMM:
+                target, known = op0.imm, True
+            elif x.op_count == 1 and op0.type == X86_OP_MEM and op0.mem.base == X86_REG_RIP:
+                target, known = -(<int64_t>insn.address + insn.size + op0.mem.disp), True  # an IAT slot, negated
+            if known and _sorted_has(self.allocators, target):
+                st.call = C_ALLOC
+            elif known and _sorted_has(self.deallocators, target):
+                st.call = C_FREE
+            elif insn.id == X86_INS_CALL:
+                st.call = C_CALL
+            if st.call != C_NONE:
+                st.target = target
+                st.is_call = insn.id == X86_INS_CALL
+                return
+        if ENDS[insn.id]:
+            st.ends = True
+            return
+        if _has_group(insn.detail, CS_GRP_JUMP):
+            st.is_jump = True
+            st.jump = op0.imm if x.op_count == 1 and op0.type == X86_OP_IMM else -1
+            st.unconditional = insn.id == X86_INS_JMP
+            return
+        if p_cs_regs_access(self.handle, insn, regs_read, &read_count, regs_write, &write_count) != CS_ERR_OK:
+            write_count = 0
+        st.writes_at = self.writes.size()
+        st.writes_count = write_count
+        for i in range(write_count):
+            self.writes.push_back(TO_64[regs_write[i]])
+        if insn.id == X86_INS_MOV and x.op_count == 2 and op0.size == 8:
+            if op0.type == X86_OP_MEM and op1.type == X86_OP_REG:
+                st.reg = op1.reg
+                if _is_slot(op0):
+                    st.move, st.has_slot, st.slot = M_SPILL, True, op0.mem.disp
+                else:
+                    st.move, st.has_field, st.field = M_STORE, _is_field(op0), op0.mem.disp
+                return
+            if op0.type == X86_OP_REG and op1.type == X86_OP_MEM:
+                st.move, st.reg = M_LOAD, op0.reg
+                st.has_slot, st.has_field, st.slot, st.field = _is_slot(op1), _is_field(op1), op1.mem.disp, op1.mem.disp
+                return
+            if op0.type == X86_OP_REG and op1.type == X86_OP_REG:
+                st.move, st.reg, st.source = M_MOVE, op0.reg, op1.reg
+                return
+        if x.op_count >= 1 and op0.type == X86_OP_MEM and _is_slot(op0):
+            st.has_slot, st.slot = True, op0.mem.disp
+
+    cdef void written(self, const Step *st, vector[uint64_t] &tags) noexcept nogil:
+        cdef uint32_t i
+        for i in range(st.writes_count):  # a write to a part of a register ends its tag
+            _drop(tags, self.writes[st.writes_at + i])
+
+    cdef void track(self, const Step *st, vector[uint64_t] &tags, vector[uint32_t] &held,
+                    vector[uint64_t] &scratch) noexcept nogil:
+        """The twin's ``_track``: what a non-branching instruction does to the tags."""
+        cdef size_t i
+        cdef uint64_t loc
+        cdef vector[int64_t] *fields
+        cdef int64_t site
+        if st.move == M_SPILL:  # the value comes back with its tags
+            _held(tags, st.reg, held)
+            _set(tags, self.slot(st.slot), held, scratch)
+        elif st.move == M_STORE:
+            if st.has_field:
+                _held(tags, st.reg, held)
+                for i in range(held.size()):
+                    if self.tag_kind[held[i]] == ALLOC:
+                        site = self.tag_value[held[i]]
+                        fields = &self.alloc_fields[site]
+                        if not _has(fields[0], st.field):
+                            fields.push_back(st.field)
+        elif st.move == M_LOAD:
+            self.written(st, tags)
+            loc = self.slot(st.slot) if st.has_slot else 0
+            if st.has_slot and _lower(tags, loc << 32) != _lower(tags, (loc + 1) << 32):
+                _held(tags, loc, held)
+                _set(tags, st.reg, held, scratch)
+            elif st.has_field:
+                held.clear()
+                held.push_back(self.tag(FIELD, st.field))
+                _set(tags, st.reg, held, scratch)
+        elif st.move == M_MOVE:
+            _held(tags, st.source, held)
+            self.written(st, tags)
+            if not held.empty():
+                _set(tags, st.reg, held, scratch)
+        else:
+            if st.has_slot:
+                _drop(tags, self.slot(st.slot))
+            self.written(st, tags)
+
+    cdef void run(self) noexcept nogil:
+        cdef int64_t budget = self.budget, rva, target
+        cdef vector[uint64_t] tags, merged, scratch
+        cdef vector[uint32_t] held
+        cdef vector[uint64_t] *known
+        cdef const Step *st
+        cdef int64_t place
+        cdef size_t i
+        cdef int r
+        while not self.work_rva.empty() and budget > 0:
+            rva = self.work_rva.back()
+            self.work_rva.pop_back()
+            tags.swap(self.work_tags.back())
+            self.work_tags.pop_back()
+            while budget > 0:
+                budget -= 1
+                place = self.place(rva)
+                if place < 0:
+                    break  # (the twin records what reached a place outside first: nothing reads it)
+                if not self.seen_at[place]:
+                    self.seen.push_back(tags)
+                    self.seen_at[place] = self.seen.size()
+                else:
+                    known = &self.seen[self.seen_at[place] - 1]
+                    if not known.empty() and _subset(tags, known[0]):
+                        break
+                    if not known.empty():  # what other paths brought here joins this one
+                        _union(known[0], tags, merged)
+                        known[0] = merged
+                        tags.swap(merged)
+                    else:
+                        known[0] = tags
+                st = self.step(rva, place)
+                if st.size == 0:
+                    break
+                if st.call != C_NONE:
+                    if st.call == C_FREE:
+                        _held(tags, self.freed_in[st.target], held)
+                        for i in range(held.size()):
+                            self.frees.push_back((<uint64_t>rva << 32) | held[i])
+                    for r in range(VOLATILE_COUNT):
+                        _drop(tags, VOLATILE[r])
+                    if st.call == C_ALLOC and st.is_call:
+                        held.clear()
+                        held.push_back(self.tag(ALLOC, rva))
+                        _set(tags, REG_RAX, held, scratch)
+                        if self.alloc_fields.find(rva) == self.alloc_fields.end():
+                            self.alloc_order.push_back(rva)
+                            self.alloc_fields[rva].clear()
+                    if not st.is_call:
+                        break  # a tail jump
+                elif st.ends:
+                    break
+                elif st.is_jump:
+                    if st.jump >= 0:
+                        self.push(st.jump, tags)
+                    else:
+                        for i in range(self.switch_targets.size()):
+                            self.push(self.switch_targets[i], tags)
+                    if st.unconditional:
+                        break
+                else:
+                    self.track(st, tags, held, scratch)
+                rva += st.size
+
+    cdef void push(self, int64_t target, const vector[uint64_t] &tags) noexcept nogil:
+        if self.place(target) >= 0:
+            self.work_rva.push_back(target)
+            self.work_tags.push_back(tags)
+
+    cdef list results(self, dict allocations):
+        cdef size_t i
+        cdef uint64_t code
+        cdef uint32_t number
+        found = sorted(set(self.frees))
+        out = []
+        for code in found:
+            number = <uint32_t>(code & 0xffffffffu)
+            out.append(((KIND_NAMES[self.tag_kind[number]], self.tag_value[number]), <int64_t>(code >> 32)))
+        for i in range(self.alloc_order.size()):
+            fields = allocations.setdefault(self.alloc_order[i], set())
+            fields.update(self.alloc_fields[self.alloc_order[i]])
+        return out
+
+
+_local = threading.local()
+
+
+def scan(table, function, allocators, deallocators, dict entry, dict allocations):
+    """The tags of the pointers passed to deallocators, with the call's RVA, ordered by RVA; ``allocations``
+    gets, per allocation call, the fields its result is stored into (the twin's ``scan``)."""
+    analysis = table.analysis_of(function)
+    # one scanner per thread: a capstone handle must not be shared between threads, and making one per
+    # function (with the heap functions sorted again) costs more than a small function's scan
+    cdef _Scan state = getattr(_local, "scan", None)
+    if state is None:
+        state = _local.scan = _Scan()
+    state.open(table.image.memory, function.ranges, [t for jump_table in analysis.raw_tables for t in jump_table[3]],
+               allocators, deallocators, _twin.SCAN_BUDGET)
+    try:
+        state.start(function.rva, entry)
+        with nogil:
+            state.run()
+        return state.results(allocations)
+    finally:
+        state.close()
+
+
+def call_targets(refs, calls, through_iat):
+    """The targets of the references of kind ``calls``; those of kind ``through_iat`` are IAT slots, negated
+    (the twin's ``call_targets``, read from a ``RefList``'s packed records)."""
+    cdef RefList packed
+    cdef const PackedRef *ref
+    cdef Py_ssize_t index
+    cdef uint8_t wanted[256]
+    cdef set out = set()
+    if type(refs) is not RefList:
+        return _twin.call_targets(refs, calls, through_iat)
+    packed = <RefList>refs
+    memset(wanted, 0, sizeof(wanted))
+    for kind in calls:
+        wanted[<uint8_t>kind] = 2 if kind in through_iat else 1
+    for index in range(packed.count):
+        ref = (<const PackedRef *><const char *>packed.packed) + index
+        if wanted[ref.kind]:
+            target = ref.target if packed.wide is None or index not in packed.wide else packed.wide[index]
+            out.add(-target if wanted[ref.kind] == 2 else target)
+    return out

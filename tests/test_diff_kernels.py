@@ -294,19 +294,7 @@ def test_relocated_data_agrees_on_random_images() -> None:
 def test_gaps_of_single_byte_fill_need_no_regex_sweep() -> None:
     """uncovered._without_fill's shortcut for gaps of int3/nop/zero bytes gives what the FILL_RE sweep gives,
     on random gaps of fill, multi-byte nops and code bytes, some running past the end of the image."""
-    from hotpatch.analysis.padding import FILL_RE
-    from hotpatch.diff.uncovered import _without_fill
-
-    def swept(memory: bytes, begin: int, end: int) -> tuple[int, int] | None:
-        first, last, position = None, begin, begin
-        for match in [*FILL_RE.finditer(memory, begin, end), None]:
-            stop = match.start() if match is not None else end
-            if stop > position:
-                first = position if first is None else first
-                last = stop
-            if match is not None:
-                position = match.end()
-        return (first, last) if first is not None else None
+    from hotpatch.diff.uncovered import _swept, _without_fill
 
     rng = random.Random(20261205)
     pieces = [b"\xcc", b"\x90", b"\x00", b"\x66\x90", b"\x0f\x1f\x00", b"\x66\x0f\x1f\x44\x00\x00", b"\xc3",
@@ -317,6 +305,6 @@ def test_gaps_of_single_byte_fill_need_no_regex_sweep() -> None:
         begin = rng.randint(0, len(memory))
         end = rng.randint(begin, len(memory) + 3)
         found = _without_fill(memory, begin, end)
-        assert found == swept(memory, begin, end), (memory, begin, end)
+        assert found == _swept(memory, begin, end), (memory, begin, end)
         kinds.add(found is None)
     assert kinds == {True, False}

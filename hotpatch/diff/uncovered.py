@@ -152,6 +152,11 @@ def _without_fill(memory: bytes, begin: int, end: int) -> tuple[int, int] | None
     """The part of ``[begin, end)`` from its first to its last byte that is not fill, if any."""
     if end <= len(memory) and not memory[begin:end].translate(None, _ONE_BYTE_FILL):
         return None  # most gaps are int3/nop/zero bytes alone, which FILL_RE takes one by one: no regex sweep
+    return _swept(memory, begin, end)
+
+
+def _swept(memory: bytes, begin: int, end: int) -> tuple[int, int] | None:
+    """``_without_fill`` by sweeping FILL_RE over the gap."""
     first = None
     last = begin
     position = begin

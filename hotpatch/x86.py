@@ -10,17 +10,29 @@ jobs on threads), and making one per call costs more than the call.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from typing import Any
 
 import capstone
 
-__all__ = ["MASK64", "assemble", "assembler", "disassembler"]
+__all__ = ["MASK64", "assemble", "assembler", "capstone_symbol", "disassembler"]
 
 #: An unsigned 64-bit register or memory word.
 MASK64 = (1 << 64) - 1
 
 _local = threading.local()
+
+
+def capstone_symbol(name: str, module: str) -> int:
+    """The address of libcapstone's C function ``name`` in the library capstone's Python binding loaded, for
+    the compiled modules (``module``) that call the C API directly; they are built for capstone 5.0."""
+    if capstone.cs_version()[:2] != (5, 0):
+        raise ImportError(f"{module} was built for capstone 5.0, found {capstone.__version__}")
+    address = ctypes.cast(getattr(capstone._cs, name), ctypes.c_void_p).value
+    if not address:
+        raise ImportError(f"libcapstone has no {name}")
+    return int(address)
 
 
 def disassembler(detail: bool = False) -> capstone.Cs:

@@ -6,10 +6,9 @@ Line for line the same contract as ``hotpatch.analysis._reference`` (read its
 docstring); the tests check that both give identical results.
 """
 
-import ctypes
 from array import array
 
-import capstone
+from hotpatch.x86 import capstone_symbol
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -32,6 +31,8 @@ from hotpatch.analysis._refkinds cimport (
 
 # ── capstone entry points, taken from the library the Python binding loaded ──
 
+_MODULE = "hotpatch.analysis._decode"
+
 cdef cs_open_fn p_cs_open
 cdef cs_option_fn p_cs_option
 cdef cs_malloc_fn p_cs_malloc
@@ -39,23 +40,13 @@ cdef cs_disasm_iter_fn p_cs_disasm_iter
 cdef cs_free_fn p_cs_free
 cdef cs_close_fn p_cs_close
 
+p_cs_open = <cs_open_fn><size_t>capstone_symbol("cs_open", _MODULE)
+p_cs_option = <cs_option_fn><size_t>capstone_symbol("cs_option", _MODULE)
+p_cs_malloc = <cs_malloc_fn><size_t>capstone_symbol("cs_malloc", _MODULE)
+p_cs_disasm_iter = <cs_disasm_iter_fn><size_t>capstone_symbol("cs_disasm_iter", _MODULE)
+p_cs_free = <cs_free_fn><size_t>capstone_symbol("cs_free", _MODULE)
+p_cs_close = <cs_close_fn><size_t>capstone_symbol("cs_close", _MODULE)
 
-cdef size_t _symbol(str name) except 0:
-    address = ctypes.cast(getattr(capstone._cs, name), ctypes.c_void_p).value
-    if not address:
-        raise ImportError(f"libcapstone has no {name}")
-    return <size_t>address
-
-
-p_cs_open = <cs_open_fn>_symbol("cs_open")
-p_cs_option = <cs_option_fn>_symbol("cs_option")
-p_cs_malloc = <cs_malloc_fn>_symbol("cs_malloc")
-p_cs_disasm_iter = <cs_disasm_iter_fn>_symbol("cs_disasm_iter")
-p_cs_free = <cs_free_fn>_symbol("cs_free")
-p_cs_close = <cs_close_fn>_symbol("cs_close")
-
-if capstone.cs_version()[:2] != (5, 0):
-    raise ImportError(f"hotpatch.analysis._decode was built for capstone 5.0, found {capstone.__version__}")
 
 
 cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:

@@ -14,10 +14,9 @@ instruction is decoded and summarised once per scan, and the whole walk runs
 without the GIL.
 """
 
-import ctypes
 import threading
 
-import capstone
+from hotpatch.x86 import capstone_symbol
 from capstone import x86_const as _x86
 
 from cython.operator cimport dereference as deref
@@ -33,6 +32,8 @@ from . import _ownership_reference as _twin
 
 # ── capstone entry points, taken from the library the Python binding loaded ──
 
+_MODULE = "hotpatch.verdict._ownership"
+
 cdef cs_open_fn p_cs_open
 cdef cs_option_fn p_cs_option
 cdef cs_malloc_fn p_cs_malloc
@@ -41,24 +42,14 @@ cdef cs_regs_access_fn p_cs_regs_access
 cdef cs_free_fn p_cs_free
 cdef cs_close_fn p_cs_close
 
+p_cs_open = <cs_open_fn><size_t>capstone_symbol("cs_open", _MODULE)
+p_cs_option = <cs_option_fn><size_t>capstone_symbol("cs_option", _MODULE)
+p_cs_malloc = <cs_malloc_fn><size_t>capstone_symbol("cs_malloc", _MODULE)
+p_cs_disasm_iter = <cs_disasm_iter_fn><size_t>capstone_symbol("cs_disasm_iter", _MODULE)
+p_cs_regs_access = <cs_regs_access_fn><size_t>capstone_symbol("cs_regs_access", _MODULE)
+p_cs_free = <cs_free_fn><size_t>capstone_symbol("cs_free", _MODULE)
+p_cs_close = <cs_close_fn><size_t>capstone_symbol("cs_close", _MODULE)
 
-cdef size_t _symbol(str name) except 0:
-    address = ctypes.cast(getattr(capstone._cs, name), ctypes.c_void_p).value
-    if not address:
-        raise ImportError(f"libcapstone has no {name}")
-    return <size_t>address
-
-
-p_cs_open = <cs_open_fn>_symbol("cs_open")
-p_cs_option = <cs_option_fn>_symbol("cs_option")
-p_cs_malloc = <cs_malloc_fn>_symbol("cs_malloc")
-p_cs_disasm_iter = <cs_disasm_iter_fn>_symbol("cs_disasm_iter")
-p_cs_regs_access = <cs_regs_access_fn>_symbol("cs_regs_access")
-p_cs_free = <cs_free_fn>_symbol("cs_free")
-p_cs_close = <cs_close_fn>_symbol("cs_close")
-
-if capstone.cs_version()[:2] != (5, 0):
-    raise ImportError(f"hotpatch.verdict._ownership was built for capstone 5.0, found {capstone.__version__}")
 
 # ── the twin's constants, as tables ───────────────────────────────────────────
 

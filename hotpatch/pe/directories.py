@@ -192,31 +192,50 @@ class DirectoryReader:
 
     def runtime_functions(self) -> tuple[Any, ...]:
         """.pdata entries; chained entries (UNW_FLAG_CHAININFO) become fragments of their root."""
-        sections = self.sections
         rva, size = self.headers.directory(DIRECTORY_EXCEPTION)
         if not rva:
             return ()
-        executable = [(s.rva, s.end_rva) for s in sections if s.executable]
+        executable = [(s.rva, s.end_rva) for s in self.sections if s.executable]
+        memory, label, make = self.memory, self.label, self.model.UnwindInfo
+        limit = len(memory)
+        unpack_from, read = struct.unpack_from, self._unpack
         roots: dict[int, tuple[int, Any]] = {}
         fragments: dict[int, list[tuple[int, int, int]]] = {}
-        label = self.label
-        for begin, end, unwind_rva in struct.iter_unpack("<III", self.memory[rva:rva + size - size % 12]):
+        links: dict[int, tuple[int, int, int] | None] = {}  # unwind RVA -> what it chains to, read once each
+        low = high = 0  # the executable section the last entry lay in: .pdata runs in address order
+        # tens of thousands of entries on a large image: one struct call for each head, an UnwindInfo for
+        # roots only, and the rare tails through the checked reader (it names a place outside the image)
+        for begin, end, unwind_rva in struct.iter_unpack("<III", memory[rva:rva + size - size % 12]):
             if not begin and not end and not unwind_rva:
                 continue
-            if not (begin < end and any(low <= begin and end <= high for low, high in executable)):
-                raise CorruptImageError(f"{label}: corrupt .pdata entry {begin:#x}-{end:#x}")
-            if unwind_rva + 4 > len(self.memory):
+            if not low <= begin < end <= high:
+                for low, high in executable:
+                    if low <= begin < end <= high:
+                        break
+                else:
+                    raise CorruptImageError(f"{label}: corrupt .pdata entry {begin:#x}-{end:#x}")
+            if unwind_rva + 4 > limit:
                 raise CorruptImageError(f"{label}: .pdata entry {begin:#x} has no readable unwind info")
-            info, chained = self.unwind(unwind_rva)
+            head, prolog, codes, frame = unpack_from("<4B", memory, unwind_rva)
+            flags = head >> 3
+            tail = unwind_rva + 4 + 2 * (codes + (codes & 1))
+            if not flags & _UNW_FLAG_CHAININFO:
+                handler = read("<I", tail)[0] if flags & (_UNW_FLAG_EHANDLER | _UNW_FLAG_UHANDLER) else None
+                roots[begin] = (end, make(unwind_rva, head & 7, flags, prolog, codes, frame & 0xF, frame >> 4,
+                                          handler))
+                continue
+            chained: tuple[int, int, int] | None = read("<III", tail)
             root_begin, depth = begin, 0
             while chained is not None and depth < _MAX_CHAIN:
-                root_begin = chained[0]
-                chained = self.unwind(chained[2])[1] if chained[2] + 4 <= len(self.memory) else None
+                root_begin, parent = chained[0], chained[2]
+                if parent + 4 > limit:
+                    chained = None
+                elif parent in links:
+                    chained = links[parent]
+                else:
+                    chained = links[parent] = self.unwind(parent)[1]
                 depth += 1
-            if root_begin == begin and not info.flags & _UNW_FLAG_CHAININFO:
-                roots[begin] = (end, info)
-            else:
-                fragments.setdefault(root_begin, []).append((begin, end, unwind_rva))
+            fragments.setdefault(root_begin, []).append((begin, end, unwind_rva))
         return self.model.fold_chains(roots, fragments)  # type: ignore[no-any-return]
 
     def tls(self) -> Any:

@@ -243,8 +243,10 @@ class Image:
 
     def code_section(self, rva: int) -> Section | None:
         """The executable section holding ``rva``, or None."""
-        # discovery asks this hundreds of thousands of times: bisect the executable sections only
-        return _holding(self._index("code"), rva)
+        # discovery asks this a hundred thousand times: bisect the executable sections only, inline
+        starts, ends, ordered = self.__dict__.get("_section_index_code") or self._index("code")
+        i = bisect_right(starts, rva) - 1
+        return ordered[i] if i >= 0 and rva < ends[i] else None
 
     def _index(self, which: str) -> _SectionIndex:
         """Sections (all, or executable only) by RVA for bisection, built once per image.
@@ -545,14 +547,20 @@ def fold_chains(roots: dict[int, tuple[int, UnwindInfo]],
     """RuntimeFunctions from .pdata roots (begin -> end, unwind) and chained fragments by their root's begin
     ((begin, end, unwind RVA) each), sorted by begin. ``fragments`` is emptied."""
     out = []
+    pop = fragments.pop
     for begin, (end, unwind) in sorted(roots.items()):
-        own = sorted([r for r in fragments.pop(begin, ()) if r[0] != begin]) if fragments else []
+        chain = pop(begin, None)  # most functions have no fragments: skip building empty tuples for them
+        if chain is None:
+            out.append(RuntimeFunction(begin, end, unwind))
+            continue
+        own = sorted([r for r in chain if r[0] != begin])
         out.append(RuntimeFunction(begin, end, unwind, tuple((b, e) for b, e, _ in own), tuple(u for _, _, u in own)))
     # fragments whose root has no .pdata entry of its own are kept as functions in their own right
     for ranges in fragments.values():
         for start, end, unwind_rva in ranges:
             out.append(RuntimeFunction(start, end, UnwindInfo(unwind_rva, 0, 0, 0, 0, 0, 0, None)))
-    out.sort(key=lambda f: f.begin_rva)
+    if fragments:  # the roots came in order; only orphaned fragments need placing
+        out.sort(key=lambda f: f.begin_rva)
     return tuple(out)
 
 

@@ -79,16 +79,11 @@ def cmd_functions(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"schema": "hotpatch.functions/1", "path": args.pe, "functions": rows})
         return 0
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    from .columns import write_columns
 
-    # names come from the file: shown as text (rich markup such as "[red]" in a name is not interpreted)
-    table = Table("name", "rva", "size", "sources", "pad before", "pad after", "fingerprint")
-    for row in rows:
-        table.add_row(escape(row["name"] or "-"), f"{row['rva']:#x}", str(row["size"]), ",".join(row["sources"]),
-                      str(row["pad_before"]), str(row["pad_after"]), row["fingerprint"])
-    Console().print(table)
+    write_columns(("name", "rva", "size", "sources", "pad before", "pad after", "fingerprint"),
+                  [(row["name"] or "-", f"{row['rva']:#x}", str(row["size"]), ",".join(row["sources"]),
+                    str(row["pad_before"]), str(row["pad_after"]), row["fingerprint"]) for row in rows])
     return 0
 
 
@@ -117,24 +112,21 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def _print_diff(result: DiffResult, verdict: Verdict) -> None:
     from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
+
+    from .columns import write_columns
 
     console = Console()
     summary = result.summary()
     names = escape(result.baseline.image.name), escape(result.patched.image.name)
     console.print(f"[bold]{names[0]}[/bold] -> [bold]{names[1]}[/bold]: "
                   + ", ".join(f"{v} {k}" for k, v in summary.items()))
-    table = Table("status", "function", "baseline rva", "patched rva", "match", "why")
-    for entry in result.functions:
-        if entry.status == "unchanged":
-            continue
-        table.add_row(entry.status, escape(entry.name),
-                      f"{entry.baseline.rva:#x}" if entry.baseline else "-",
-                      f"{entry.patched.rva:#x}" if entry.patched else "-",
-                      (entry.match or "-") + (f" {entry.similarity:.2f}" if entry.similarity else ""),
-                      ",".join(entry.changes))
-    if table.rows:
-        console.print(table)
+    rows = [(entry.status, entry.name, f"{entry.baseline.rva:#x}" if entry.baseline else "-",
+             f"{entry.patched.rva:#x}" if entry.patched else "-",
+             (entry.match or "-") + (f" {entry.similarity:.2f}" if entry.similarity else ""), ",".join(entry.changes))
+            for entry in result.functions if entry.status != "unchanged"]
+    if rows:
+        console.file.flush()
+        write_columns(("status", "function", "baseline rva", "patched rva", "match", "why"), rows)
     for change in result.data:
         console.print(f"data: {change.kind} {escape(str(change.detail))}")
     colour = "green" if verdict.hotpatchable else "red"

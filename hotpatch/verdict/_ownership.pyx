@@ -27,6 +27,7 @@ from libcpp.vector cimport vector
 
 from hotpatch.analysis.includes.capstone cimport *
 from hotpatch.analysis._reflist cimport PackedRef, RefList
+from hotpatch.verdict._tagsets cimport _drop, _has, _held, _lower, _set, _sorted_has, _subset, _union
 
 from . import _ownership_reference as _twin
 
@@ -112,82 +113,6 @@ cdef struct Step:
     uint32_t writes_count
 
 
-# ── sorted arrays of location << 32 | tag ─────────────────────────────────────
-
-cdef extern from "<algorithm>" namespace "std" nogil:
-    const uint64_t *lower_bound(const uint64_t *first, const uint64_t *last, const uint64_t &value)
-    bint binary_search(const int64_t *first, const int64_t *last, const int64_t &value)
-
-
-cdef inline size_t _lower(const vector[uint64_t] &codes, uint64_t key) noexcept nogil:
-    cdef const uint64_t *first = codes.const_data()
-    return lower_bound(first, first + codes.size(), key) - first
-
-
-cdef inline void _held(const vector[uint64_t] &tags, uint64_t loc, vector[uint32_t] &out) noexcept nogil:
-    """The tags ``loc`` holds, in order."""
-    cdef size_t i = _lower(tags, loc << 32), end = _lower(tags, (loc + 1) << 32)
-    out.clear()
-    while i < end:
-        out.push_back(<uint32_t>(tags[i] & 0xffffffffu))
-        i += 1
-
-
-cdef inline void _set(vector[uint64_t] &tags, uint64_t loc, const vector[uint32_t] &held,
-                      vector[uint64_t] &scratch) noexcept nogil:
-    """``loc`` holds ``held`` (sorted) and nothing else; an empty ``held`` drops it."""
-    cdef size_t lo = _lower(tags, loc << 32), hi = _lower(tags, (loc + 1) << 32), i
-    if lo == hi and held.empty():
-        return
-    scratch.clear()
-    for i in range(lo):
-        scratch.push_back(tags[i])
-    for i in range(held.size()):
-        scratch.push_back((loc << 32) | held[i])
-    for i in range(hi, tags.size()):
-        scratch.push_back(tags[i])
-    tags.swap(scratch)
-
-
-cdef inline void _drop(vector[uint64_t] &tags, uint64_t loc) noexcept nogil:
-    cdef size_t lo = _lower(tags, loc << 32), hi = _lower(tags, (loc + 1) << 32)
-    if lo < hi:
-        tags.erase(tags.begin() + lo, tags.begin() + hi)
-
-
-cdef inline bint _subset(const vector[uint64_t] &a, const vector[uint64_t] &b) noexcept nogil:
-    cdef size_t i = 0, j = 0
-    while i < a.size():
-        while j < b.size() and b[j] < a[i]:
-            j += 1
-        if j == b.size() or b[j] != a[i]:
-            return False
-        i += 1
-        j += 1
-    return True
-
-
-cdef inline void _union(const vector[uint64_t] &a, const vector[uint64_t] &b, vector[uint64_t] &out) noexcept nogil:
-    cdef size_t i = 0, j = 0
-    out.clear()
-    while i < a.size() or j < b.size():
-        if j == b.size() or (i < a.size() and a[i] < b[j]):
-            out.push_back(a[i])
-            i += 1
-        elif i == a.size() or b[j] < a[i]:
-            out.push_back(b[j])
-            j += 1
-        else:
-            out.push_back(a[i])
-            i += 1
-            j += 1
-
-
-cdef inline bint _sorted_has(const vector[int64_t] &values, int64_t value) noexcept nogil:
-    cdef const int64_t *first = values.const_data()
-    return binary_search(first, first + values.size(), value)
-
-
 cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
     cdef int i
     for i in range(detail.groups_count):
@@ -203,14 +128,6 @@ cdef inline bint _is_slot(const cs_x86_op *op) noexcept nogil:
 cdef inline bint _is_field(const cs_x86_op *op) noexcept nogil:
     """``[base+disp]`` addresses a field of an object (not the stack or the image)."""
     return op.mem.base != 0 and op.mem.base != REG_RSP and op.mem.base != X86_REG_RIP and op.mem.index == 0
-
-
-cdef inline bint _has(const vector[int64_t] &values, int64_t value) noexcept nogil:
-    cdef size_t i
-    for i in range(values.size()):
-        if values[i] == value:
-            return True
-    return False
 
 
 # ── the scan ───────────────────────────────────────────────────────────────────

@@ -103,9 +103,9 @@ def gap_places(const uint8_t[:] memory, Py_ssize_t end, Py_ssize_t limit):
 
 
 def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
-               const uint32_t[:] section_rvas, const uint32_t[:] section_ends, cache=None):
+               const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
     """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each
-    executable section, and after the last one: ``gap_places`` of each. (``cache`` is the twin's.)"""
+    executable section, and after the last one: ``gap_places`` of each."""
     cdef Py_ssize_t length = memory.shape[0], count = starts.shape[0], s, index, first, last
     cdef Py_ssize_t low, high, end, limit
     cdef const uint8_t *m = &memory[0] if length else NULL

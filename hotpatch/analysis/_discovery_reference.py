@@ -32,13 +32,9 @@ def gap_places(memory: bytes, end: int, limit: int) -> list[int]:
 
 
 def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
-               section_ends: Sequence[int], cache: dict[tuple[int, int], list[int]] | None = None) -> set[int]:
+               section_ends: Sequence[int]) -> set[int]:
     """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each
-    executable section, and after the last one: ``gap_places`` of each.
-
-    ``cache`` keeps each gap's places by its bounds: discovery asks again after every round, and most gaps
-    are the same as before."""
-    cache = {} if cache is None else cache
+    executable section, and after the last one: ``gap_places`` of each."""
     places: set[int] = set()
     for low, high in zip(section_rvas, section_ends):
         first = bisect_right(starts, low - 1)
@@ -46,12 +42,8 @@ def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], sectio
         for index in range(first, last):
             end = ends[index]
             limit = min(starts[index + 1], high) if index + 1 < last else high
-            if end >= limit:
-                continue
-            known = cache.get((end, limit))
-            if known is None:
-                known = cache[(end, limit)] = gap_places(memory, end, limit)
-            places.update(known)
+            if end < limit:
+                places.update(gap_places(memory, end, limit))
     return places
 
 

@@ -225,15 +225,20 @@ def named_in(places, index):
 
 
 def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list tables, int64_t begin,
-                  int64_t limit, int64_t horizon):
+                  int64_t limit, int64_t horizon, bint tail_gaps=True):
     """Where the code reachable from ``begin`` ends: after the first instruction that does not fall
-    through with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none."""
+    through with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none. With
+    ``tail_gaps``, a jump past fill, data and fill to code that never comes back (into them or before
+    them) is a tail jump: the code ends where the fill begins (the reference twin says when exactly)."""
     cdef Py_ssize_t count = rvas.shape[0], memlen = memory.shape[0], index, ref_index = 0, ref_count
     cdef const uint8_t *m = &memory[0] if memlen else NULL
     cdef const PackedRef *packed = NULL
-    cdef int64_t reach = begin, insn, end, target
+    cdef int64_t reach = begin, insn, end, target, kept = begin, gap_begin = -1, gap_end = -1, nearest
+    cdef Py_ssize_t fill
     cdef int kind
+    cdef bint outside
     cdef list listed = None
+    cdef list seen_cases = []
     if horizon < limit:
         horizon = limit  # branch targets up to here count (the item may be a first look)
     if isinstance(refs, RefList):
@@ -243,8 +248,10 @@ def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list ta
         listed = list(refs)
         ref_count = len(listed)
     reaches = {table[0]: max(table[3]) for table in tables if table[3]} if tables else None
+    cases = {table[0]: table[3] for table in tables if table[3]} if tables else None
     for index in range(count):
         insn = rvas[index]
+        outside = insn >= gap_end
         while ref_index < ref_count:
             if packed != NULL:
                 if packed[ref_index].insn_rva > insn:
@@ -255,17 +262,65 @@ def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list ta
                 if ref[1] > insn:
                     break
                 kind, target = ref[0], ref[4]
-            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < horizon:
-                reach = target
+            if kind == BRANCH_REL8 or kind == BRANCH_REL32:
+                if reach < target < horizon:
+                    reach = target
+                if tail_gaps and target < horizon and outside:
+                    if gap_end >= 0 and begin <= target < gap_end:
+                        gap_begin = gap_end = -1  # code that comes back: all one function
+                    elif kept < target:
+                        kept = target
             ref_index += 1
         if reaches is not None:
             table_reach = reaches.get(insn)
-            if table_reach is not None and table_reach > reach:
-                reach = table_reach
+            if table_reach is not None:
+                if table_reach > reach:
+                    reach = table_reach
+                if tail_gaps:
+                    seen_cases.append(cases[insn])
+                    if outside:
+                        if gap_end >= 0 and any(begin <= case < gap_end for case in cases[insn]):
+                            gap_begin = gap_end = -1
+                        elif table_reach > kept:
+                            kept = table_reach
         end = rvas[index + 1] if index + 1 < count else limit
-        if reach < end and _terminates_within(m, memlen, insn, end):
-            return end
-    return limit
+        if not _terminates_within(m, memlen, insn, end):
+            continue
+        if gap_end < 0:
+            if reach < end:
+                return end
+            if tail_gaps:
+                nearest = _nearest_target(packed, listed, ref_index, seen_cases, end, horizon, limit)
+                if end < nearest < limit and nearest <= memlen:
+                    fill = _run(m, end, nearest, True)
+                    if 0 < fill < nearest - end and (m[nearest - 1] == 0xCC or m[nearest - 1] == 0x90
+                                                     or m[nearest - 1] == 0):
+                        gap_begin, gap_end, kept = end, nearest, reach
+        elif kept < end:
+            return gap_begin
+    # code that runs into the next start without branching back into the gap or beyond that start
+    return gap_begin if gap_end >= 0 and kept < limit else limit
+
+
+cdef int64_t _nearest_target(const PackedRef *packed, list listed, Py_ssize_t ref_count, list seen_cases,
+                             int64_t end, int64_t horizon, int64_t limit) except? -1:
+    """The nearest branch target at or after ``end`` (below ``horizon``) of the first ``ref_count``
+    references, or jump-table target of ``seen_cases``; ``limit`` if none is nearer."""
+    cdef int64_t nearest = limit, target
+    cdef Py_ssize_t i
+    cdef int kind
+    for i in range(ref_count):
+        if packed != NULL:
+            kind, target = packed[i].kind, packed[i].target
+        else:
+            kind, target = listed[i][0], listed[i][4]
+        if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and end <= target < nearest and target < horizon:
+            nearest = target
+    for targets in seen_cases:
+        for case in targets:
+            if end <= case < nearest:
+                nearest = case
+    return nearest
 
 
 def call_and_lea_targets(const uint8_t[:] memory, refs_lists):

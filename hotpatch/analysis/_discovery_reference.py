@@ -7,9 +7,10 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from heapq import heappop, heappush
 
 from .flow import terminates
-from .padding import FILL_RE, USABLE_PADDING_RE
+from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
 __all__ = ["IMPLEMENTATION", "call_and_lea_targets", "gap_places", "gap_starts", "named", "named_in",
@@ -112,29 +113,79 @@ _MAY_TERMINATE = frozenset((0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4, 0x0F
 
 
 def reachable_end(memory: bytes, rvas: Sequence[int], refs: Iterable[tuple[int, int, int, int, int]],
-                  tables: list[tuple[int, int, int, tuple[int, ...]]], begin: int, limit: int, horizon: int) -> int:
+                  tables: list[tuple[int, int, int, tuple[int, ...]]], begin: int, limit: int, horizon: int,
+                  tail_gaps: bool = True) -> int:
     """Where the code reachable from ``begin`` ends: after the first instruction that does not fall through
-    with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none."""
+    with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none.
+
+    With ``tail_gaps``, an instruction that does not fall through, followed by fill (the padding that ends
+    a function), then by bytes that are not fill, then by fill again right before the nearest branch or
+    table target after it (below ``limit``), opens a gap no path has reached yet. If the code from that
+    target on ends, or runs into ``limit`` without branching beyond it, and never branches back into the
+    gap or the code before it, the branch over the gap was a tail jump into the next function (OpenSSL's
+    dispatchers jump past a table and a banner string to a sibling's entry): the code ends where the gap
+    begins. Code after a gap that comes back is the same function: a loop body jumped over into its
+    condition after alignment padding (its back edge), switch cases behind an indirect jump the analysis
+    has no table for (they return to the code before), anything a jump table names. The gap's own
+    branches count for nothing.
+    """
     horizon = max(horizon, limit)  # branch targets up to here count (the item may be a first look)
     refs = list(refs)
     reaches = {table[0]: max(table[3]) for table in tables if table[3]}
+    cases = {table[0]: table[3] for table in tables if table[3]}
     reach = begin
+    ahead: list[int] = []  # a heap of the targets seen, for the nearest one past a gap's start
+    gap_begin = gap_end = -1  # the pending gap, if any
+    kept = begin  # ``reach`` without the instructions inside the pending gap
     ref_index, ref_count = 0, len(refs)
     count = len(rvas)
     for index in range(count):
         insn = rvas[index]
+        outside = insn >= gap_end
         while ref_index < ref_count and refs[ref_index][1] <= insn:
             kind, _, _, _, target = refs[ref_index]
-            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and reach < target < horizon:
-                reach = target
+            if kind == BRANCH_REL8 or kind == BRANCH_REL32:
+                if reach < target < horizon:
+                    reach = target
+                if tail_gaps and target < horizon:
+                    heappush(ahead, target)
+                    if outside:
+                        if gap_end >= 0 and begin <= target < gap_end:
+                            gap_begin = gap_end = -1  # code that comes back: all one function
+                        elif kept < target:
+                            kept = target
             ref_index += 1
         table_reach = reaches.get(insn)
-        if table_reach is not None and table_reach > reach:
-            reach = table_reach
+        if table_reach is not None:
+            if table_reach > reach:
+                reach = table_reach
+            if tail_gaps:
+                for target in cases[insn]:
+                    heappush(ahead, target)
+                if outside:
+                    if gap_end >= 0 and any(begin <= target < gap_end for target in cases[insn]):
+                        gap_begin = gap_end = -1
+                    elif table_reach > kept:
+                        kept = table_reach
         end = rvas[index + 1] if index + 1 < count else limit
-        if reach < end and memory[insn] in _MAY_TERMINATE and terminates(memory, insn, end):
-            return end
-    return limit
+        if memory[insn] not in _MAY_TERMINATE or not terminates(memory, insn, end):
+            continue
+        if gap_end < 0:
+            if reach < end:
+                return end
+            if tail_gaps:
+                while ahead and ahead[0] < end:
+                    heappop(ahead)
+                nearest = ahead[0] if ahead else limit
+                # fill after the instruction, something else, and fill again right before the target: the
+                # shape of a function's end, data, and the next function's entry
+                fill = FILL_RE.match(memory, end, nearest) if end < nearest < limit and nearest <= len(memory) else None
+                if fill and fill.end() < nearest and memory[nearest - 1] in FILL_BYTES:
+                    gap_begin, gap_end, kept = end, nearest, reach
+        elif kept < end:
+            return gap_begin
+    # code that runs into the next start without branching back into the gap or beyond that start
+    return gap_begin if gap_end >= 0 and kept < limit else limit
 
 
 def call_and_lea_targets(memory: bytes, refs_lists: Iterable[Iterable[tuple[int, int, int, int, int]]]

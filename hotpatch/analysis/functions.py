@@ -359,9 +359,11 @@ def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, Functio
 
 
 def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: int = 0,
-               kernels: Any = _discovery_reference) -> Item:
+               kernels: Any = _discovery_reference, tail_gaps: bool = True) -> Item:
     """The item cut after the first instruction that does not fall through (ret, jmp, ud2, int3) with no
     branch or jump-table target of the function beyond it: nothing after it is reached from the entry.
+    A jump over data that no other path reaches is a tail jump into the next function, not more of this
+    one (``tail_gaps``; ``reachable_end`` says when).
 
     Only for functions without .pdata, whose end is otherwise just the next known start: MSVC's leaves
     and hand-written code are followed by tables, constants and code reached only through pointers, and
@@ -369,7 +371,7 @@ def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: i
     """
     rva, ((begin, limit),) = item
     end = kernels.reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, begin, limit,
-                                horizon)
+                                horizon, tail_gaps)
     return (rva, ((begin, end),)) if end < limit else item
 
 
@@ -493,9 +495,12 @@ def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], ho
             out[index] = _reachable(memory, item, analysis, horizons[index], kernels)
             continue
         if not analysis.raw_tables:
-            cut = _reachable(memory, window, analysis, max(horizons[index], limit), kernels)
+            horizon = max(horizons[index], limit)
+            # A tail gap's cut comes before the instruction that confirms it: the window decides only where
+            # the code ends well inside it even without tail gaps (those only ever cut earlier).
+            cut = _reachable(memory, window, analysis, horizon, kernels, tail_gaps=False)
             if cut[1][0][1] <= window_end - _WINDOW_MARGIN:
-                out[index] = cut
+                out[index] = _reachable(memory, window, analysis, horizon, kernels)
                 continue
         whole.append(index)
     for index, analysis in zip(whole, decode(ctx, [items[i] for i in whole], core)):

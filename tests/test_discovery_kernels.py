@@ -76,6 +76,60 @@ def test_reachable_end_agrees_on_random_code() -> None:
         assert compiled.reachable_end(memory, rvas, refs, tables, *args) == expected, (memory, rvas, refs, args)
 
 
+_FILL = (b"\x90", b"\xcc", b"\x00", b"\x0f\x1f\x00", b"\x0f\x1f\x40\x00", b"\x66\x90")
+
+
+def _tail_gap_layout(rng: random.Random) -> tuple[bytes, array, list, list, int, int]:
+    """Code ending in ret or jmp, fill, data, fill, then more code: the shape of a tail jump past a banner,
+    with branches over the gap, back into it or before it, beyond the limit, and now and then a table."""
+    def fill() -> bytes:
+        return b"".join(rng.choice(_FILL) for _ in range(rng.randrange(1, 5)))
+
+    head = bytes(rng.choice(_OPCODES) for _ in range(rng.randrange(2, 40)))
+    stop = rng.choice((b"\xc3", b"\xf3\xc3", b"\xeb\x00", b"\x0f\x0b"))
+    data = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 30)))
+    tail = bytes(rng.choice(_OPCODES) for _ in range(rng.randrange(1, 40)))
+    gap_begin = len(head) + len(stop)
+    memory = head + stop + (fill() if rng.random() < 0.9 else b"") + data + (fill() if rng.random() < 0.9 else b"")
+    target = len(memory)
+    memory += tail + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 8)))
+    limit = rng.randrange(target + 1, len(memory) + 1)
+    inner = [rva for rva in range(1, len(memory)) if rng.random() < 0.3 and rva not in (gap_begin, target)]
+    rvas = array("I", sorted({0, len(head), gap_begin, target, *[r for r in inner if r < limit]}))
+    sources = [r for r in rvas if r < len(head)] or [0]
+    refs = [(rng.choice((1, 2)), rng.choice(sources), 1, 4, target)]  # the jump over the gap
+    for _ in range(rng.randrange(0, 6)):
+        kind = rng.choice((0, 1, 2, 2, 3))
+        where = rng.choice(list(rvas))
+        to = rng.choice((rng.randrange(0, gap_begin), rng.randrange(gap_begin, target + 1),
+                         rng.randrange(target, len(memory) + 20)))
+        refs.append((kind, where, 1, 4, to))
+    refs.sort(key=lambda r: r[1])
+    cases = tuple(rng.randrange(0, len(memory) + 4) for _ in range(rng.randrange(1, 4)))
+    tables = [(rng.choice(list(rvas)), 0, 0, cases)] if rng.random() < 0.2 else []
+    horizon = rng.choice((0, limit + rng.randrange(0, 40)))
+    return memory, rvas, refs, tables, limit, horizon
+
+
+def test_reachable_end_agrees_on_tail_gaps() -> None:
+    """Both twins agree with and without the tail-gap rule on layouts built to open gaps, and the rule
+    both cuts (a jump over data to code that never comes back) and keeps (code that branches back)."""
+    rng = random.Random(12)
+    cut = kept = 0
+    for _ in range(3000):
+        memory, rvas, refs, tables, limit, horizon = _tail_gap_layout(rng)
+        for tail_gaps in (True, False):
+            args = (memory, rvas, refs, tables, 0, limit, horizon, tail_gaps)
+            expected = reference.reachable_end(*args)
+            assert compiled.reachable_end(*args) == expected, args
+        with_rule = reference.reachable_end(memory, rvas, refs, tables, 0, limit, horizon)
+        without = reference.reachable_end(memory, rvas, refs, tables, 0, limit, horizon, False)
+        assert with_rule <= without  # the rule only ever ends code earlier
+        cut += with_rule < without
+        kept += with_rule == without
+    assert cut > 100 and kept > 100, (cut, kept)
+
+
 def _image_agreement(image: Image) -> None:
     table = discover(image)
     memory = image.memory

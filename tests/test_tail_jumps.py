@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from hotpatch import Image, discover
-from hotpatch.analysis import _discovery
+from hotpatch.analysis import _discovery, functions
+from hotpatch.analysis.api import AnalysisContext, backend, decode
 from hotpatch.analysis.functions import Function, FunctionTable
 from hotpatch.diff.compare import diff
 from hotpatch.verdict.rules import decide
@@ -141,6 +142,30 @@ def test_code_past_padding_and_data_that_branches_back_stays_in(dispatcher_dll: 
 def test_self_diff_is_zero(dispatcher_dll: Path) -> None:
     result = diff(dispatcher_dll, dispatcher_dll)
     assert result.summary()["changed"] == 0 and decide(result).status == "HOTPATCH"
+
+
+@pytest.mark.parametrize("window", [16, 36, 48, 2048])
+def test_a_first_window_bounds_as_the_whole_decode_does(dispatcher_dll: Path, window: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tail gap is confirmed only after it: a window that ends before the confirmation decides nothing
+    (36 bytes of loop_back end between its block past the data and the jmp back that keeps that block)."""
+    image = Image.load(dispatcher_dll)
+    # the starts known when the dispatcher is first bounded: the sibling's entry is found later, in a gap
+    starts = sorted(f.rva for f in discover(image) if f.sources != ("gap",))
+    items = []
+    for rva, following in zip(starts, starts[1:] + [0]):
+        section = image.code_section(rva)
+        assert section is not None
+        limit = following if rva < following <= section.end_rva else section.end_rva
+        items.append((rva, ((rva, limit),)))
+    monkeypatch.setattr(functions, "_REACH_WINDOW", window)
+    ctx, core = AnalysisContext.from_image(image), backend()
+    analyses = decode(ctx, items, core)
+    whole = [functions._reachable(image.memory, item, analysis) for item, analysis in zip(items, analyses)]
+    assert functions._reach(ctx, core, image.memory, items, [0] * len(items), {}) == whole
+    # the comparison met the dispatcher, cut at its rep ret by the rule
+    assert sum(functions._reachable(image.memory, item, analysis, tail_gaps=False) != cut
+               for item, analysis, cut in zip(items, analyses, whole)) == 1
 
 
 # ── the real case ─────────────────────────────────────────────────────────────────────────────────────

@@ -1,0 +1,88 @@
+"""Starting host.exe under Wine (tests/support/hosts.py): a start that Wine ends before the program wrote
+anything is tried once more; a host that wrote anything and ended is never started again, and the error
+names its exit code and the end of its stderr.
+
+A wrapper script stands in front of the command: on its first run it does what a given failure does, on
+later runs it runs the real command (with Wine) or the same failure again. Each run appends a line to a
+count file, so the test sees how many starts were made.
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from hotpatch.process.winehost import wine_command
+from tests.support.hosts import Host, HostEndedSilently
+
+CALLS = ["add:2,3"]
+
+# $1: the count file; $2: what the first run does; $3: what later runs do ("run" or the same failure)
+WRAPPER = """#!/bin/sh
+count="$1" first="$2" later="$3"
+shift 3
+echo start >> "$count"
+what="$later"
+[ "$(wc -l < "$count")" -eq 1 ] && what="$first"
+case "$what" in
+  silent) exit 1 ;;
+  silent0) exit 0 ;;
+  stdout) echo "hello from a host that dies"; exit 7 ;;
+  stderr) echo "wine: something went wrong" >&2; exit 5 ;;
+  run) exec "$@" ;;
+esac
+"""
+
+
+def _wrapper(tmp_path: Path, first: str, later: str) -> list[str]:
+    """The command prefix that plays ``first`` on its first run and ``later`` after it, counting runs."""
+    script = tmp_path / "wrapper.sh"
+    script.write_text(WRAPPER)
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return [str(script), str(tmp_path / "starts"), first, later]
+
+
+def _starts(tmp_path: Path) -> int:
+    path = tmp_path / "starts"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_a_host_that_wine_ends_silently_is_started_once_more(
+    built_fixtures: Path, wine_prefix: Path, tmp_path: Path
+) -> None:
+    command = _wrapper(tmp_path, "silent", "run") + wine_command()
+    dll = built_fixtures.resolve() / "body_change" / "baseline.dll"
+    host = Host(wine_prefix, dll, CALLS, threads=2, command=command)
+    try:
+        assert host.restarts == 1
+        assert _starts(tmp_path) == 2
+        host.wait_for_only(5, host.mark(), "add")
+    finally:
+        code, _ = host.stop()
+    assert code == 0
+
+
+@pytest.mark.parametrize("first", ["silent", "silent0"])
+def test_a_host_ending_silently_twice_fails_with_its_exit_code(first: str, tmp_path: Path) -> None:
+    command = _wrapper(tmp_path, first, first)
+    with pytest.raises(HostEndedSilently) as info:
+        Host(tmp_path / "prefix", tmp_path / "case" / "baseline.dll", CALLS, command=command)
+    assert _starts(tmp_path) == 2
+    message = str(info.value)
+    assert f"exit code {1 if first == 'silent' else 0}" in message and "its stderr: (nothing)" in message, message
+
+
+@pytest.mark.parametrize(("first", "code", "shown"), [
+    ("stdout", 7, "hello from a host that dies"),
+    ("stderr", 5, "wine: something went wrong"),
+])
+def test_a_host_that_printed_anything_is_not_started_again(first: str, code: int, shown: str, tmp_path: Path) -> None:
+    command = _wrapper(tmp_path, first, "silent")
+    with pytest.raises(AssertionError) as info:
+        Host(tmp_path / "prefix", tmp_path / "case" / "baseline.dll", CALLS, command=command)
+    assert not isinstance(info.value, HostEndedSilently)
+    assert _starts(tmp_path) == 1
+    message = str(info.value)
+    assert f"host ended before 'pid' (exit code {code})" in message and shown in message, message

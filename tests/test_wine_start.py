@@ -1,6 +1,6 @@
-"""Starting host.exe under Wine (tests/support/hosts.py): a start that Wine ends before the program wrote
-anything is tried once more; a host that wrote anything and ended is never started again, and the error
-names its exit code and the end of its stderr.
+"""Starting Wine programs: host.exe (tests/support/hosts.py) and the agent (AgentClient.start). A start that
+Wine ends before the program wrote anything is tried once more; a program that wrote anything and ended is
+never started again, and the error names its exit code and the end of its stderr.
 
 A wrapper script stands in front of the command: on its first run it does what a given failure does, on
 later runs it runs the real command (with Wine) or the same failure again. Each run appends a line to a
@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from hotpatch.apply.agent import AgentClient
+from hotpatch.errors import AgentProtocolError
+from hotpatch.process import winehost
 from hotpatch.process.winehost import wine_command
 from tests.support.hosts import Host, HostEndedSilently
 
@@ -86,3 +89,35 @@ def test_a_host_that_printed_anything_is_not_started_again(first: str, code: int
     assert _starts(tmp_path) == 1
     message = str(info.value)
     assert f"host ended before 'pid' (exit code {code})" in message and shown in message, message
+
+
+# ── the agent ────────────────────────────────────────────────────────────
+
+
+def test_an_agent_that_wine_ends_silently_is_started_once_more(
+    agent_exe: Path, wine_prefix: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    command = _wrapper(tmp_path, "silent", "run") + wine_command()
+    monkeypatch.setattr(winehost, "wine_command", lambda: command)
+    with AgentClient.start(agent_exe, prefix=wine_prefix, timeout=60) as client:
+        assert _starts(tmp_path) == 2
+        assert client.hello.agent_pid in {entry.pid for entry in client.list_processes()}
+
+
+@pytest.mark.parametrize(("first", "starts", "shown"), [
+    ("silent", 2, ["exited with code 1"]),
+    # the hello is sent before or after the script has printed and exited: a garbled reply, or a dead pipe
+    ("stdout", 1, ["above the frame limit", "exited with code 7"]),
+    ("stderr", 1, ["exited with code 5", "wine: something went wrong"]),
+])
+def test_an_agent_is_started_again_only_after_a_silent_end(
+    first: str, starts: int, shown: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    command = _wrapper(tmp_path, first, first)
+    monkeypatch.setattr(winehost, "wine_command", lambda: command)
+    with pytest.raises(AgentProtocolError) as info:
+        AgentClient.start(tmp_path / "hotpatch-agent.exe", prefix=tmp_path / "prefix", timeout=30)
+    assert _starts(tmp_path) == starts
+    message = str(info.value)
+    found = [text in message for text in shown]
+    assert all(found) if first != "stdout" else any(found), message

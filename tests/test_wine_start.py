@@ -9,6 +9,7 @@ count file, so the test sees how many starts were made.
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from hotpatch.apply.agent import AgentClient
 from hotpatch.errors import AgentProtocolError
 from hotpatch.process import winehost
 from hotpatch.process.winehost import wine_command
-from tests.support.hosts import Host, HostEndedSilently
+from tests.support.hosts import Host, HostEndedSilently, run_to_end
 
 CALLS = ["add:2,3"]
 
@@ -121,3 +122,20 @@ def test_an_agent_is_started_again_only_after_a_silent_end(
     message = str(info.value)
     found = [text in message for text in shown]
     assert all(found) if first != "stdout" else any(found), message
+
+
+# ── a program run to its end (tests/support/hosts.run_to_end) ──────────────
+
+
+@pytest.mark.parametrize(("first", "later", "starts", "stdout"), [
+    ("silent", "stdout", 2, "hello from a host that dies\n"),
+    ("silent", "silent", 2, ""),
+    ("stderr", "stdout", 1, ""),
+    ("stdout", "silent", 1, "hello from a host that dies\n"),
+])
+def test_a_run_is_repeated_only_after_a_silent_end(
+    first: str, later: str, starts: int, stdout: str, tmp_path: Path
+) -> None:
+    proc = run_to_end([*_wrapper(tmp_path, first, later), "unused"], env=dict(os.environ))
+    assert _starts(tmp_path) == starts
+    assert proc.stdout == stdout

@@ -28,6 +28,15 @@ class HostEndedSilently(AssertionError):
     """host.exe ended before its first line without writing anything: Wine did not start it."""
 
 
+def run_to_end(argv: list[str], env: dict[str, str], timeout: float = HOST_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run a Wine program to its end, once more if Wine ended the first start without any output."""
+    for _ in range(START_ATTEMPTS):
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+        if not ended_silently(proc.stdout, proc.stderr):
+            break
+    return proc
+
+
 class Host:
     """host.exe under Wine; reader threads collect its output lines and its stderr.
 

@@ -139,3 +139,34 @@ def test_a_run_is_repeated_only_after_a_silent_end(
     proc = run_to_end([*_wrapper(tmp_path, first, later), "unused"], env=dict(os.environ))
     assert _starts(tmp_path) == starts
     assert proc.stdout == stdout
+
+
+# ── the wineserver of a session (winehost.wine_session) ─────────────────────
+
+# $1: the log of calls; a `-p` fails (exit 2, a server is up) until `-w` has run, as with a server already up
+FAKE_SERVER = """#!/bin/sh
+log="$1"
+shift
+echo "$*" >> "$log"
+if [ "$1" = "-p" ] && ! grep -qx -- "-w" "$log"; then exit 2; fi
+exit 0
+"""
+
+
+@pytest.mark.parametrize("already_up", [False, True])
+def test_a_session_waits_out_a_server_already_up_before_starting_its_persistent_one(
+    already_up: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = tmp_path / "wineserver.sh"
+    script.write_text(FAKE_SERVER if already_up else FAKE_SERVER.replace("exit 2", "exit 0"))
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    log = tmp_path / "calls"
+    monkeypatch.setattr(winehost, "wineserver_command", lambda: [str(script), str(log)])
+    monkeypatch.setattr(winehost, "wine_command", lambda: ["true"])
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    (prefix / "system.reg").write_text("")  # a prefix booted before
+    with winehost.wine_session(prefix):
+        calls = log.read_text().splitlines()
+    assert calls == (["-p", "-w", "-p"] if already_up else ["-p"])
+    assert log.read_text().splitlines()[-1] == "-k"

@@ -7,6 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FIXTURES := build/fixtures
 SYSTEM_PACKAGES := g++ gcc-mingw-w64-x86-64 g++-mingw-w64-x86-64 libz-mingw-w64-dev wine64 chromium chromium-driver
+# Debian's own python3 (or none yet) needs these to make the venv and compile the core against Python.h;
+# a Python of its own (pyenv, a build in /usr/local) brings both
+ifeq ($(filter-out /usr,$(shell $(PYTHON) -c 'import sys; print(sys.base_prefix)' 2>/dev/null)),)
+SYSTEM_PACKAGES += python3 python3-dev python3-venv
+endif
 
 .PHONY: demo demo-rollout test test-fast bench fuzz fuzz-pe deps venv fixtures realbins train-calendars corpus corpus-live lint clean
 

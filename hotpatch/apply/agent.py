@@ -12,6 +12,7 @@ code, a pid that is gone raises ``ProcessGoneError``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import queue
@@ -55,6 +56,8 @@ _REMOTE_CALL_NO_WAIT = 1
 _FREEZE_PER_THREAD = 1
 # A read larger than this is split, so one reply never nears the frame limit.
 _READ_CHUNK = 16 * 1024 * 1024
+#: seconds to wait for the exit code and the last stderr of an agent that went away
+_ENDED_WAIT = 2.0
 
 
 def agent_path() -> Path:
@@ -102,6 +105,10 @@ class ProcessInfo:
     image_path: str
 
 
+class _EndedSilently(AgentProtocolError):
+    """The agent ended before its hello reply without writing anything: Wine did not start it."""
+
+
 def _commit_report(payload: bytes) -> CommitReport:
     r = PayloadReader(payload)
     pause_ns, total_ns, attempts, threads, flags = r.u64(), r.u64(), r.u32(), r.u32(), r.u32()
@@ -129,9 +136,18 @@ class AgentClient:
         except OSError as exc:
             raise BackendError(f"cannot start the agent ({argv[0]}): {exc}") from exc
         assert self._proc.stdout is not None and self._proc.stderr is not None
+        self._stdout_seen = False
+        self._killed = False
         threading.Thread(target=self._read_replies, args=(self._proc.stdout,), daemon=True).start()
-        threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True).start()
-        self.hello = self._hello()
+        self._stderr_reader = threading.Thread(target=self._read_stderr, args=(self._proc.stderr,), daemon=True)
+        self._stderr_reader.start()
+        try:
+            self.hello = self._hello()
+        except AgentProtocolError as exc:
+            if self._ended_silently():
+                self.close()
+                raise _EndedSilently(str(exc)) from exc
+            raise
 
     @classmethod
     def start(
@@ -143,7 +159,16 @@ class AgentClient:
             return cls([str(agent)], timeout=timeout)
         from ..process import winehost
 
-        return cls([*winehost.wine_command(), str(agent)], env=winehost.wine_env(prefix), timeout=timeout)
+        argv, env = [*winehost.wine_command(), str(agent)], winehost.wine_env(prefix)
+        for attempt in range(1, winehost.START_ATTEMPTS + 1):
+            try:
+                return cls(argv, env=env, timeout=timeout)
+            except _EndedSilently:
+                # Wine ended it before it ran (winehost.ended_silently): start it once more. Never an agent
+                # that wrote anything: its failure is its own.
+                if attempt == winehost.START_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     # -- plumbing ------------------------------------------------------------
 
@@ -151,6 +176,7 @@ class AgentClient:
         try:
             while True:
                 header = stream.read(HEADER.size)
+                self._stdout_seen = self._stdout_seen or bool(header)
                 if len(header) < HEADER.size:
                     break
                 length, opcode, status, request_id = HEADER.unpack(header)
@@ -168,7 +194,20 @@ class AgentClient:
         for line in stream:
             self._stderr.append(line.decode("utf-8", "replace").rstrip())
 
+    def _ended_silently(self) -> bool:
+        """The agent exited (not stopped by us) without writing a byte to stdout or stderr."""
+        try:
+            self._proc.wait(timeout=_ENDED_WAIT)
+        except subprocess.TimeoutExpired:
+            return False
+        self._stderr_reader.join(timeout=_ENDED_WAIT)
+        return not self._killed and not self._stdout_seen and not self._stderr
+
     def _died(self, what: str) -> AgentProtocolError:
+        # the exit code and the last of stderr belong in the message: give them a moment to arrive
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=_ENDED_WAIT)
+        self._stderr_reader.join(timeout=_ENDED_WAIT)
         code = self._proc.poll()
         tail = "\n".join(self._stderr)
         state = f"exited with code {code}" if code is not None else "closed its output"
@@ -179,6 +218,7 @@ class AgentClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                self._killed = True
                 self._proc.kill()
                 raise AgentProtocolError(f"agent did not answer request {request_id} within {timeout:g} s; stopped it")
             try:

@@ -265,8 +265,12 @@ class Engine:
         return process_status(self.backend, self.process_journal)
 
     def recover(self) -> RecoveryReport:
-        """Bring every journaled operation that was cut short to an end, as memory says it stands."""
-        return recover(self)
+        """Bring every journaled operation that was cut short to an end, as memory says it stands; then remove
+        the kept packages no record needs (a crash may have left some)."""
+        report = recover(self)
+        with contextlib.suppress(JournalError, OSError):  # a package left over harms nothing
+            self.journal.prune_packages()
+        return report
 
     def mark_applied(self, record: PackageRecord) -> None:
         journal = self.process_journal

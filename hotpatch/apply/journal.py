@@ -25,8 +25,17 @@ The journal is never the only authority (docs/SECURITY.md): each applied
 package is kept beside it (``packages/<content sha256>.hpk``) and its record
 names that hash, so rollback and recovery derive the bytes to restore from
 the package again and check the allocation's marker in the target's memory
-(``provenance.py``). The state directory is created 0700 and refused when
-others can write to it or it belongs to another user.
+(``provenance.py``). A kept package goes once no record needs it any more
+(``prune_packages``): only records not yet finished do (rollback, release
+and recovery read the package again), so it goes when its records are
+rolled back or replaced and their code freed, or dropped with the journal
+of an exited process. The file is removed only after the journal write
+that stops naming it, so a crash leaves at most a file nobody needs, which
+the next prune removes. Keeping a package and journaling the record that
+names it happen under a shared lock (``packages.lock``); a prune takes it
+exclusively without waiting, and leaves the work to the next prune when it
+is busy. The state directory is created 0700 and refused when others can
+write to it or it belongs to another user.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ __all__ = [
     "ProcessJournal",
     "TableRecord",
     "default_state_dir",
+    "prune_packages",
 ]
 
 SCHEMA = "hotpatch.journal/2"
@@ -195,6 +205,11 @@ class PackageRecord:
         allocation_gone = self.allocation is None or self.allocation.state in (FREED, INTENT)
         return self.phase in (ROLLED_BACK, REPLACED, UNDONE) and allocation_gone
 
+    @property
+    def needs_package(self) -> bool:
+        """Whether its kept package may still be read: every step on a record reads it, until it is finished."""
+        return bool(self.package_sha256) and not self.finished
+
     def to_json(self) -> dict[str, Any]:
         return {
             "serial": self.serial,
@@ -252,6 +267,7 @@ class ProcessJournal:
         self.records: list[PackageRecord] = []
         self._next_serial = 1
         self.closed = False
+        self._packages_hold: _PackagesLock | None = None  # from keeping a package to the end of locked()
         self.load()
 
     # -- file ------------------------------------------------------------------
@@ -312,9 +328,11 @@ class ProcessJournal:
             handle = os.fdopen(open_nofollow(lock_path, os.O_RDWR | os.O_CREAT), "r+b")
         except OSError as exc:
             raise JournalError(f"cannot open the journal lock {lock_path}: {exc.strerror or exc}") from None
+        needed: set[str] = set()
         try:
             _lock_file(handle)
             self.load()
+            needed = self.needed_packages()
             yield self
         finally:
             if self.closed:
@@ -322,6 +340,13 @@ class ProcessJournal:
                     os.unlink(lock_path)
             _unlock_file(handle)
             handle.close()
+            if self._packages_hold is not None:
+                self._packages_hold.release()
+                self._packages_hold = None
+            if needed - self.needed_packages():
+                # a record stopped needing its package, or the journal closed: after the write that says so
+                with contextlib.suppress(OSError, JournalError):
+                    prune_packages(self.path.parent)
 
     def close(self) -> None:
         """The process has exited: its journal describes nothing any more, so it goes (status, --all)."""
@@ -333,11 +358,18 @@ class ProcessJournal:
     # -- the packages kept beside the journal ----------------------------------
 
     def keep_package(self, package: Package) -> str:
-        """Keep a copy of the package being applied; its content SHA-256 (hex) goes into the record."""
+        """Keep a copy of the package being applied; its content SHA-256 (hex) goes into the record.
+
+        Called within ``locked()``: until it ends no prune runs, so the copy
+        outlives the window before the record naming it is saved.
+        """
         digest = content_sha256_of(package).hex()
         path = self._package_path(digest)
         try:
             _state_dir(path.parent)
+            if self._packages_hold is None:
+                self._packages_hold = _PackagesLock(self.path.parent)
+                self._packages_hold.acquire_shared()
             write_atomic(path, dumps(package))
         except OSError as exc:
             raise JournalError(f"cannot keep the package beside the journal: {exc.strerror or exc}") from None
@@ -357,6 +389,10 @@ class ProcessJournal:
         if content_sha256_of(package).hex() != record.package_sha256 or package_id_of(package) != record.package_id:
             raise JournalError(f"the package kept as {path.name} is not package {record.package_id}")
         return package
+
+    def needed_packages(self) -> set[str]:
+        """The content hashes of the kept packages this journal's records still need."""
+        return {r.package_sha256 for r in self.records if r.needs_package}
 
     def _package_path(self, digest: str) -> Path:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -415,6 +451,10 @@ class Journal:
                 closed += 1
         return closed
 
+    def prune_packages(self) -> list[str]:
+        """Remove the kept packages no record needs any more (``prune_packages``); their hashes."""
+        return prune_packages(self.state_dir)
+
     def known(self) -> list[tuple[int, int]]:
         """(pid, start time) of every process with a journal."""
         found: list[tuple[int, int]] = []
@@ -431,6 +471,46 @@ class Journal:
         return found
 
 
+def prune_packages(state_dir: Path) -> list[str]:
+    """Remove the packages kept in ``state_dir`` that no journal record needs any more; their hashes.
+
+    Does nothing when an engine holds the packages lock (it may be between
+    keeping a package and journaling the record that names it: the next
+    prune does the work) or when a journal cannot be read (it could name
+    any package). Temporary files a crash left beside the packages go too.
+    """
+    state_dir = Path(state_dir)
+    packages = state_dir / "packages"
+    if not packages.is_dir():
+        return []
+    _state_dir(state_dir, create=False)
+    _state_dir(packages, create=False)
+    lock = _PackagesLock(state_dir)
+    if not lock.try_exclusive():
+        return []
+    try:
+        needed: set[str] = set()
+        for path in state_dir.glob("*-*.json"):
+            pid, _, start = path.stem.partition("-")
+            if not (pid.isdigit() and start.isdigit()):
+                continue
+            try:
+                needed |= ProcessJournal(path, int(pid), int(start)).needed_packages()
+            except JournalError:
+                return []
+        removed = []
+        for path in packages.iterdir():
+            digest = path.name.removesuffix(".tmp").removesuffix(".hpk")
+            if path.name.endswith((".hpk", ".hpk.tmp")) and digest not in needed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # never follows a link
+                    if not path.name.endswith(".tmp"):
+                        removed.append(digest)
+        return sorted(removed)
+    finally:
+        lock.release()
+
+
 def _state_dir(path: Path, create: bool = True) -> None:
     """Create the state directory 0700, or check the one found: ours, and nobody else may write to it."""
     try:
@@ -442,8 +522,40 @@ def _state_dir(path: Path, create: bool = True) -> None:
         raise JournalError(f"state directory refused: {exc}") from None
 
 
+class _PackagesLock:
+    """The lock between keeping packages (shared, held until the record is journaled) and pruning them
+    (exclusive, never waited for). ``packages.lock`` in the state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        path = state_dir / "packages.lock"
+        try:
+            self._handle = os.fdopen(open_nofollow(path, os.O_RDWR | os.O_CREAT), "r+b")
+        except OSError as exc:
+            raise JournalError(f"cannot open the packages lock {path}: {exc.strerror or exc}") from None
+        self._region: tuple[int, int] | None = None
+
+    def acquire_shared(self) -> None:
+        self._region = _lock_shared(self._handle)
+
+    def try_exclusive(self) -> bool:
+        self._region = _try_lock_exclusive(self._handle)
+        if self._region is None:
+            self._handle.close()
+        return self._region is not None
+
+    def release(self) -> None:
+        if self._region is not None:
+            _unlock_region(self._handle, self._region)
+            self._region = None
+        self._handle.close()
+
+
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
+    import random
+
+    # Windows has no shared file locks: a shared holder locks one byte of SLOTS, an exclusive one all of them.
+    _SLOTS = 1 << 16
 
     def _lock_file(handle: Any) -> None:
         handle.seek(0)
@@ -458,6 +570,29 @@ if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
         handle.seek(0)
         msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 
+    def _lock_region(handle: Any, region: tuple[int, int]) -> bool:
+        handle.seek(region[0])
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, region[1])
+        except OSError:
+            return False
+        return True
+
+    def _lock_shared(handle: Any) -> tuple[int, int]:
+        while True:
+            region = (1 + random.randrange(_SLOTS), 1)
+            if _lock_region(handle, region):
+                return region
+            time.sleep(0.01)
+
+    def _try_lock_exclusive(handle: Any) -> tuple[int, int] | None:
+        region = (1, _SLOTS)
+        return region if _lock_region(handle, region) else None
+
+    def _unlock_region(handle: Any, region: tuple[int, int]) -> None:
+        handle.seek(region[0])
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, region[1])
+
 else:
     import fcntl
 
@@ -465,4 +600,18 @@ else:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
 
     def _unlock_file(handle: Any) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _lock_shared(handle: Any) -> tuple[int, int]:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        return (0, 0)
+
+    def _try_lock_exclusive(handle: Any) -> tuple[int, int] | None:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        return (0, 0)
+
+    def _unlock_region(handle: Any, region: tuple[int, int]) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -7,6 +7,7 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["CALLS", "CASE", "HostProcess", "banner", "demo_arguments", "demo_env", "run_hotpatch"]
@@ -26,24 +27,50 @@ def run_hotpatch(*args: str, env: dict[str, str]) -> int:
 
 
 class HostProcess:
-    """host.exe with the baseline DLL, calling CALLS on worker threads until its stdin closes (Wine off Windows)."""
+    """host.exe with the baseline DLL, calling CALLS on worker threads until its stdin closes (Wine off Windows).
+
+    Under Wine a start that ends before the pid line with no output at all is
+    Wine's failure (winehost.ended_silently): it is tried once more.
+    """
 
     def __init__(self, fixtures: Path, env: dict[str, str], threads: int, interval_ms: int) -> None:
-        from .winehost import wine_command
-
         argv = [str(fixtures / "host.exe"), str(fixtures / CASE / "baseline.dll"), "--threads", str(threads),
                 "--seconds", "0", "--until-stdin-closes", "--interval-ms", str(interval_ms), *CALLS]
+        attempts = 1
         if sys.platform != "win32":
-            argv = [*wine_command(), *argv]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            from .winehost import START_ATTEMPTS, wine_command
+
+            argv, attempts = [*wine_command(), *argv], START_ATTEMPTS
+        for attempt in range(1, attempts + 1):
+            pid = self._start(argv, env, last=attempt == attempts)
+            if pid is not None:
+                self.pid = pid
+                return
+
+    def _start(self, argv: list[str], env: dict[str, str], last: bool) -> int | None:
+        """The host's pid; None when Wine ended it silently and another try is left."""
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      env=env, text=True)
-        assert self.proc.stdout is not None
-        line = ""
-        while not line.startswith("pid "):
-            line = self.proc.stdout.readline()
-            if not line:
-                raise SystemExit("demo: the host program ended before printing its pid")
-        self.pid = int(line.split()[1])
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        stderr: list[str] = []
+        # read all along (a full pipe would block the host), kept for the message if it ends early
+        reader = threading.Thread(target=lambda s=self.proc.stderr: stderr.extend(s), daemon=True)
+        reader.start()
+        printed = []
+        for line in self.proc.stdout:
+            if line.startswith("pid "):
+                return int(line.split()[1])
+            printed.append(line)
+        code = self.proc.wait()
+        reader.join(timeout=5)
+        if not last and sys.platform != "win32":
+            from .winehost import ended_silently
+
+            if ended_silently("".join(printed), "".join(stderr)):
+                return None
+        tail = "".join((printed + stderr)[-10:]).strip()
+        raise SystemExit(f"demo: the host program ended before printing its pid (exit code {code})"
+                         + (f":\n{tail}" if tail else ", printing nothing"))
 
     def stop(self) -> int:
         assert self.proc.stdin is not None

@@ -25,6 +25,7 @@ __all__ = [
     "WineMissing",
     "default_prefix",
     "ensure_prefix",
+    "ended_silently",
     "wine_command",
     "wine_env",
     "wine_session",
@@ -35,9 +36,26 @@ __all__ = [
 # Debian's wine64 package installs the loader here without putting it on PATH.
 DEBIAN_WINE64 = Path("/usr/lib/wine/wine64")
 PACKAGES = "wine64 gcc-mingw-w64-x86-64"
+#: seconds wine_session waits for a wineserver already up (not started persistent by it) to end
+SERVER_WAIT = 30
 
 #: Older name of ``WineError`` kept for callers that catch "Wine is missing".
 WineMissing = WineError
+
+#: How many times a program is started when its starts end silently (``ended_silently``).
+START_ATTEMPTS = 2
+
+
+def ended_silently(stdout: str | bytes, stderr: str | bytes) -> bool:
+    """Whether a Wine program that has ended did so without writing a byte to stdout or stderr.
+
+    That is Wine's failure to start it, not the program's: a Wine process
+    whose wineserver goes away while it starts (e.g. a server with
+    persistence 0, Debian's default, shutting down as the last program ends)
+    exits with 0 or -3 having printed nothing. Callers start such a program
+    once more (``START_ATTEMPTS``), and never one that printed anything.
+    """
+    return not stdout and not stderr
 
 
 def default_prefix() -> Path:
@@ -119,8 +137,7 @@ def wine_session(prefix: Path | None = None, timeout: float = 300) -> Iterator[P
     prefix = ensure_prefix(prefix, timeout)
     env = wine_env(prefix)
     server = wineserver_command()
-    # -p: persistent; it daemonizes, and fails harmlessly if a server is up.
-    subprocess.run([*server, "-p"], env=env, stdin=subprocess.DEVNULL, timeout=timeout)
+    _persistent_server(server, env, timeout)
     try:
         subprocess.run(
             [*wine_command(), "wineboot"],
@@ -135,6 +152,30 @@ def wine_session(prefix: Path | None = None, timeout: float = 300) -> Iterator[P
     finally:
         # Ends the server and every Wine process of this prefix, and only those.
         subprocess.run([*server, "-k"], env=env, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def _persistent_server(server: list[str], env: dict[str, str], timeout: float) -> None:
+    """Start the prefix's wineserver with infinite persistence (-p), waiting out one already up.
+
+    -p fails (exit 2) when a server is up, and leaves that server as it is.
+    One that a Wine program started by itself has Debian's persistence 0
+    (its wrapper script passes -p0): it exits the moment the last program
+    ends, and a program starting in that moment ends silently. So such a
+    server (typically one shutting down) is waited for, then ours started.
+    """
+    if _start_persistent(server, env, timeout):
+        return
+    try:
+        subprocess.run([*server, "-w"], env=env, stdin=subprocess.DEVNULL, timeout=SERVER_WAIT)
+    except subprocess.TimeoutExpired:
+        return  # another session's server: keep using it, as before
+    _start_persistent(server, env, timeout)
+
+
+def _start_persistent(server: list[str], env: dict[str, str], timeout: float) -> bool:
+    # it daemonizes once its socket is ready, so the programs started next find it up
+    started = subprocess.run([*server, "-p"], env=env, stdin=subprocess.DEVNULL, timeout=timeout)
+    return started.returncode == 0
 
 
 def windows_path(path: Path) -> str:

@@ -102,7 +102,9 @@ def probe_values(out: Path, prefix: Path, built: BuiltLibrary, step: Path) -> Pr
     probes = _probe_names(built)
     argv = _host_argv(out, built.probe, step, probes, "--threads", str(PROBE_THREADS),
                       "--iterations", str(PROBE_ITERATIONS))
-    proc = subprocess.run(argv, env=wine_env(prefix), capture_output=True, text=True, timeout=HOST_TIMEOUT)
+    from tests.support.hosts import run_to_end  # once more if Wine ended the start without any output
+
+    proc = run_to_end(argv, wine_env(prefix), timeout=HOST_TIMEOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"host.exe on {step} exited with {proc.returncode}: {proc.stderr.strip()[-500:]}")
     values: Probes = {}

@@ -8,7 +8,6 @@ docstring); the tests check that both give identical results.
 
 from array import array
 
-from hotpatch.x86 import capstone_symbol
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -16,6 +15,7 @@ from libc.string cimport memcpy, memset, strstr
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from hotpatch.analysis.includes.capstone cimport *
+from hotpatch.analysis._capstone_api cimport load_entry_points
 from hotpatch.analysis._buffers cimport Decoded, Ref, Span, Table, _free_decoded, _grow, _push_ref, _push_rva
 from hotpatch.analysis._reflist cimport pack_refs
 from hotpatch.analysis._shared cimport _is_nop, _lower_bound, _terminates
@@ -31,22 +31,8 @@ from hotpatch.analysis._refkinds cimport (
 
 # ── capstone entry points, taken from the library the Python binding loaded ──
 
-_MODULE = "hotpatch.analysis._decode"
-
-cdef cs_open_fn p_cs_open
-cdef cs_option_fn p_cs_option
-cdef cs_malloc_fn p_cs_malloc
-cdef cs_disasm_iter_fn p_cs_disasm_iter
-cdef cs_free_fn p_cs_free
-cdef cs_close_fn p_cs_close
-
-p_cs_open = <cs_open_fn><size_t>capstone_symbol("cs_open", _MODULE)
-p_cs_option = <cs_option_fn><size_t>capstone_symbol("cs_option", _MODULE)
-p_cs_malloc = <cs_malloc_fn><size_t>capstone_symbol("cs_malloc", _MODULE)
-p_cs_disasm_iter = <cs_disasm_iter_fn><size_t>capstone_symbol("cs_disasm_iter", _MODULE)
-p_cs_free = <cs_free_fn><size_t>capstone_symbol("cs_free", _MODULE)
-p_cs_close = <cs_close_fn><size_t>capstone_symbol("cs_close", _MODULE)
-
+cdef CapstoneAPI cs
+load_entry_points(&cs, "hotpatch.analysis._decode")
 
 
 cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
@@ -218,13 +204,13 @@ cdef class _Decoder:
         cdef const uint8_t[:] memory = ctx.memory
         cdef const uint32_t[:] relocations = ctx.relocations
         cdef const uint32_t[:] iat
-        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
+        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
-        p_cs_option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
-        self.insn = p_cs_malloc(self.handle)
-        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.lite_handle) != CS_ERR_OK:
+        cs.option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
+        self.insn = cs.malloc(self.handle)
+        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.lite_handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
-        self.lite = p_cs_malloc(self.lite_handle)
+        self.lite = cs.malloc(self.lite_handle)
         if self.insn == NULL or self.lite == NULL:
             raise MemoryError()
         if X86_REG_ENDING > 512:
@@ -243,13 +229,13 @@ cdef class _Decoder:
 
     def __dealloc__(self):
         if self.insn != NULL:
-            p_cs_free(self.insn, 1)
+            cs.free(self.insn, 1)
         if self.lite != NULL:
-            p_cs_free(self.lite, 1)
+            cs.free(self.lite, 1)
         if self.handle:
-            p_cs_close(&self.handle)
+            cs.close(&self.handle)
         if self.lite_handle:
-            p_cs_close(&self.lite_handle)
+            cs.close(&self.lite_handle)
 
     cdef inline bint _is_iat(self, int64_t target) noexcept nogil:
         cdef size_t index
@@ -295,7 +281,7 @@ cdef class _Decoder:
                     code = base + offset
                     remaining = <size_t>(end - offset)
                     address = <uint64_t>offset
-                    if not p_cs_disasm_iter(self.lite_handle, &code, &remaining, &address, self.lite):
+                    if not cs.disasm_iter(self.lite_handle, &code, &remaining, &address, self.lite):
                         offset += 1  # an undecodable byte: skip it and resume
                         after_end = False
                         continue
@@ -305,7 +291,7 @@ cdef class _Decoder:
                     code = base + offset
                     remaining = <size_t>(end - offset)
                     address = <uint64_t>offset
-                    if not p_cs_disasm_iter(self.handle, &code, &remaining, &address, self.insn):
+                    if not cs.disasm_iter(self.handle, &code, &remaining, &address, self.insn):
                         offset += 1
                         after_end = False
                         continue
@@ -480,9 +466,9 @@ def instruction_text(const uint8_t[:] memory, int64_t begin, int64_t end):
     cdef uint64_t address
     cdef list out = []
     if _text_insn == NULL:
-        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &_text_handle) != CS_ERR_OK:
+        if cs.open(CS_ARCH_X86, CS_MODE_64, &_text_handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
-        _text_insn = p_cs_malloc(_text_handle)
+        _text_insn = cs.malloc(_text_handle)
         if _text_insn == NULL:
             raise MemoryError()
     end = min(end, <int64_t>memory.shape[0])
@@ -491,7 +477,7 @@ def instruction_text(const uint8_t[:] memory, int64_t begin, int64_t end):
     code = &memory[begin]
     remaining = <size_t>(end - begin)
     address = <uint64_t>begin
-    while remaining and p_cs_disasm_iter(_text_handle, &code, &remaining, &address, _text_insn):
+    while remaining and cs.disasm_iter(_text_handle, &code, &remaining, &address, _text_insn):
         out.append((_text_insn.address, (<bytes>_text_insn.mnemonic).decode(), (<bytes>_text_insn.op_str).decode()))
     return out
 

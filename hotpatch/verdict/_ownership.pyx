@@ -16,7 +16,6 @@ without the GIL.
 
 import threading
 
-from hotpatch.x86 import capstone_symbol
 from capstone import x86_const as _x86
 
 from cython.operator cimport dereference as deref
@@ -26,6 +25,7 @@ from libcpp.unordered_map cimport unordered_map
 from libcpp.vector cimport vector
 
 from hotpatch.analysis.includes.capstone cimport *
+from hotpatch.analysis._capstone_api cimport load_entry_points
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.verdict._tagsets cimport _drop, _has, _held, _lower, _set, _sorted_has, _subset, _union
 
@@ -33,23 +33,8 @@ from . import _ownership_reference as _twin
 
 # ── capstone entry points, taken from the library the Python binding loaded ──
 
-_MODULE = "hotpatch.verdict._ownership"
-
-cdef cs_open_fn p_cs_open
-cdef cs_option_fn p_cs_option
-cdef cs_malloc_fn p_cs_malloc
-cdef cs_disasm_iter_fn p_cs_disasm_iter
-cdef cs_regs_access_fn p_cs_regs_access
-cdef cs_free_fn p_cs_free
-cdef cs_close_fn p_cs_close
-
-p_cs_open = <cs_open_fn><size_t>capstone_symbol("cs_open", _MODULE)
-p_cs_option = <cs_option_fn><size_t>capstone_symbol("cs_option", _MODULE)
-p_cs_malloc = <cs_malloc_fn><size_t>capstone_symbol("cs_malloc", _MODULE)
-p_cs_disasm_iter = <cs_disasm_iter_fn><size_t>capstone_symbol("cs_disasm_iter", _MODULE)
-p_cs_regs_access = <cs_regs_access_fn><size_t>capstone_symbol("cs_regs_access", _MODULE)
-p_cs_free = <cs_free_fn><size_t>capstone_symbol("cs_free", _MODULE)
-p_cs_close = <cs_close_fn><size_t>capstone_symbol("cs_close", _MODULE)
+cdef CapstoneAPI cs
+load_entry_points(&cs, "hotpatch.verdict._ownership")
 
 
 # ── the twin's constants, as tables ───────────────────────────────────────────
@@ -170,16 +155,16 @@ cdef class _Scan:
     def __cinit__(self):
         self.handle = 0
         self.insn = NULL
-        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
+        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
-        p_cs_option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
-        self.insn = p_cs_malloc(self.handle)
+        cs.option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
+        self.insn = cs.malloc(self.handle)
 
     def __dealloc__(self):
         if self.insn != NULL:
-            p_cs_free(self.insn, 1)
+            cs.free(self.insn, 1)
         if self.handle:
-            p_cs_close(&self.handle)
+            cs.close(&self.handle)
 
     cdef int open(self, object memory, object ranges, object switch_targets, object allocators,
                   object deallocators, int64_t budget) except -1:
@@ -300,7 +285,7 @@ cdef class _Scan:
         cdef uint64_t address = <uint64_t>rva
         if size > 16:
             size = 16
-        if p_cs_disasm_iter(self.handle, &code, &size, &address, self.insn):
+        if cs.disasm_iter(self.handle, &code, &size, &address, self.insn):
             self.summarise(st)
         return st
 
@@ -338,7 +323,7 @@ cdef class _Scan:
             st.jump = op0.imm if x.op_count == 1 and op0.type == X86_OP_IMM else -1
             st.unconditional = insn.id == X86_INS_JMP
             return
-        if p_cs_regs_access(self.handle, insn, regs_read, &read_count, regs_write, &write_count) != CS_ERR_OK:
+        if cs.regs_access(self.handle, insn, regs_read, &read_count, regs_write, &write_count) != CS_ERR_OK:
             write_count = 0
         st.writes_at = self.writes.size()
         st.writes_count = write_count

@@ -19,8 +19,31 @@
 /*
  * Length (1..15) of the instruction at code[0..avail), or 0 when the encoding
  * is outside the known set. When the length is non-zero, *interesting is set
- * to 1 if the instruction may carry a reference that needs a full decode.
+ * to the HP_* reasons (non-zero) if the instruction may carry a reference that needs a full decode.
  */
 int hp_fast_length(const uint8_t *code, size_t avail, int *interesting);
+
+/*
+ * Why an instruction is interesting (the bits of *interesting): the analysis
+ * skips capstone's details where its own state shows a reason cannot matter
+ * (a [reg + disp32] operand when no register holds the image base).
+ */
+enum {
+    HP_BRANCH = 1,    /* relative branch (length 0: capstone sizes it) */
+    HP_RIP = 2,       /* [rip + disp32] operand */
+    HP_DISP32 = 4,    /* [base register (+ index) + disp32] operand */
+    HP_ABSOLUTE = 8,  /* [index * scale + disp32] or [disp32]: no base register */
+    HP_SCALE4 = 16,   /* SIB index scaled by 4 */
+    HP_COMPARE = 32,  /* cmp: sets a switch's bound */
+    HP_BOUND = 64     /* with HP_COMPARE: *bound is what the analysis takes from it (capstone's
+                         immediate of cmp reg, imm; -1 for every other form) */
+};
+
+/*
+ * hp_fast_length with the compare's bound: *bound is set when the HP_BOUND
+ * bit is (an immediate negative at its encoded width is left to capstone,
+ * whose value for it depends on the operand size).
+ */
+int hp_fast_decode(const uint8_t *code, size_t avail, int *interesting, int64_t *bound);
 
 #endif

@@ -23,6 +23,15 @@ from hotpatch.analysis._shared cimport _is_nop, _lower_bound, _terminates
 
 cdef extern from "x86_fastlen.h" nogil:
     int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
+    int hp_fast_decode(const uint8_t *code, size_t avail, int *interesting, int64_t *bound)
+    enum:
+        HP_BRANCH
+        HP_RIP
+        HP_DISP32
+        HP_ABSOLUTE
+        HP_SCALE4
+        HP_COMPARE
+        HP_BOUND
 
 from hotpatch.analysis._refkinds cimport (
     ABS64, BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP, IMAGE_REL32, JUMP_TABLE, MAX_TABLE_ENTRIES,
@@ -199,6 +208,10 @@ cdef class _Decoder:
     cdef int64_t first_section_rva
     cdef int64_t lea_value[512]
     cdef uint8_t lea_known[512]
+    # in the range being swept: whether any register holds an address taken with lea, and how many
+    # hold the image base (only then can a [reg + disp32] or a scaled index carry a reference)
+    cdef bint lea_any
+    cdef int image_base_regs
 
     def __cinit__(self, ctx):
         cdef const uint8_t[:] memory = ctx.memory
@@ -253,6 +266,7 @@ cdef class _Decoder:
         cdef size_t remaining, index, range_index, found
         cdef uint64_t address, value
         cdef int length, interesting
+        cdef int64_t bound
         cdef bint after_end
         out.n_skips = 0
         out.n_reads = 0
@@ -262,6 +276,7 @@ cdef class _Decoder:
             begin = f.ranges[2 * range_index]
             end = min(f.ranges[2 * range_index + 1], <int64_t>memlen)
             memset(self.lea_known, 0, sizeof(self.lea_known))
+            self.lea_any, self.image_base_regs = False, 0
             last_cmp = -1
             offset = begin
             after_end = False  # the last instruction swept does not fall through
@@ -270,7 +285,11 @@ cdef class _Decoder:
                     offset = _past_data(out, f, offset, end, after_end)
                     if offset >= end:
                         break
-                length = hp_fast_length(base + offset, <size_t>(end - offset), &interesting)
+                length = hp_fast_decode(base + offset, <size_t>(end - offset), &interesting, &bound)
+                if length and interesting and not self._needs_capstone(interesting):
+                    if interesting & HP_COMPARE:
+                        last_cmp = bound  # what capstone's details would give: the bytes tell it
+                    interesting = 0
                 if length == 0 and interesting:
                     # a relative branch: without prefixes its target is all there is to know
                     length = _plain_branch(out, base + offset, <size_t>(end - offset), offset)
@@ -321,6 +340,22 @@ cdef class _Decoder:
                 offset += length
         return 0
 
+    cdef inline bint _needs_capstone(self, int reasons) noexcept nogil:
+        """Whether a fast-decoded instruction flagged for ``reasons`` (``HP_*``) can give a reference or a
+        switch bound the bytes alone do not tell: without details it would give none (the twin decodes
+        all with details; the tests hold both equal)."""
+        return bool(reasons & HP_RIP) or (reasons & HP_COMPARE and not reasons & HP_BOUND) \
+            or (reasons & HP_DISP32 and self.image_base_regs > 0) or (reasons & HP_SCALE4 and self.lea_any)
+
+    cdef inline void _lea(self, int reg, int64_t target) noexcept nogil:
+        if self.lea_known[reg] and self.lea_value[reg] == 0:
+            self.image_base_regs -= 1
+        if target == 0:
+            self.image_base_regs += 1
+        self.lea_value[reg] = target
+        self.lea_known[reg] = 1
+        self.lea_any = True
+
     cdef int _detailed(self, Decoded *out, const Function *f, cs_insn *insn, int64_t *last_cmp) noexcept nogil:
         """References of one instruction decoded with details (branch, RIP operand, switch)."""
         cdef cs_detail *detail = insn.detail
@@ -357,8 +392,7 @@ cdef class _Decoder:
                     if _push_ref(out, kind, rva, x.encoding.disp_offset, 4, target):
                         return -1
                     if insn.id == X86_INS_LEA:
-                        self.lea_value[x.operands[0].reg] = target
-                        self.lea_known[x.operands[0].reg] = 1
+                        self._lea(x.operands[0].reg, target)
                     elif _in_function(f, target) and _add_read(out, target):
                         return -1
                     break
@@ -452,6 +486,21 @@ def fast_length(const uint8_t[:] code):
     cdef int interesting = 0
     cdef int length = hp_fast_length(&code[0], code.shape[0], &interesting) if code.shape[0] else 0
     return length, bool(interesting)
+
+
+def fast_decode(const uint8_t[:] code):
+    """(length, reasons, bound) from the native fast decoder: ``reasons`` the names of its ``HP_*`` bits
+    (``FAST_REASONS``), ``bound`` the compare's bound when "bound" is among them, else None. For tests."""
+    cdef int interesting = 0
+    cdef int64_t bound = 0
+    cdef int length = hp_fast_decode(&code[0], code.shape[0], &interesting, &bound) if code.shape[0] else 0
+    reasons = {name for name, bit in FAST_REASONS.items() if interesting & bit}
+    return length, reasons, bound if interesting & HP_BOUND else None
+
+
+#: the fast decoder's reasons for a full decode (``x86_fastlen.h``)
+FAST_REASONS = {"branch": HP_BRANCH, "rip": HP_RIP, "disp32": HP_DISP32, "absolute": HP_ABSOLUTE,
+                "scale4": HP_SCALE4, "compare": HP_COMPARE, "bound": HP_BOUND}
 
 
 cdef csh _text_handle = 0

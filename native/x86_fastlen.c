@@ -146,17 +146,23 @@ static void compare_bound(const uint8_t *end, size_t imm_size, int register_oper
 
 int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
 {
-    int64_t bound;
-    return hp_fast_decode(code, avail, interesting, &bound);
+    hp_fast_insn insn;
+    int length = hp_fast_decode(code, avail, &insn);
+    *interesting = insn.reasons;
+    return length;
 }
 
-int hp_fast_decode(const uint8_t *code, size_t avail, int *interesting, int64_t *bound)
+int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
 {
     size_t at = 0, length, immediate = 0;
     int opsize16 = 0, rex_w = 0, two_byte = 0;
     uint8_t op, shape, reg = 0;
+    int *interesting = &insn->reasons;
 
-    *interesting = 0;
+    insn->reasons = 0;
+    insn->bound = 0;
+    insn->modrm_offset = -1;
+    insn->rex = insn->opsize16 = insn->two_byte = insn->opcode = 0;
     if (avail == 0) return 0;
     if (code[at] == 0x66) {      /* one operand-size prefix; other prefixes go to capstone */
         opsize16 = 1;
@@ -164,6 +170,7 @@ int hp_fast_decode(const uint8_t *code, size_t avail, int *interesting, int64_t 
     }
     if (at < avail && (code[at] & 0xF0) == 0x40) {
         rex_w = (code[at] & 0x08) != 0;
+        insn->rex = code[at];
         at++;
     }
     if (at >= avail) return 0;
@@ -177,6 +184,9 @@ int hp_fast_decode(const uint8_t *code, size_t avail, int *interesting, int64_t 
         shape = one_byte_map(op);
     }
     if (shape == UNKNOWN) return 0;
+    insn->opsize16 = (uint8_t)opsize16;
+    insn->two_byte = (uint8_t)two_byte;
+    insn->opcode = op;
     if (shape == BRANCH) {
         *interesting = HP_BRANCH;
         return 0;                /* the caller decodes it with details directly */
@@ -220,6 +230,7 @@ int hp_fast_decode(const uint8_t *code, size_t avail, int *interesting, int64_t 
     case MODRM: case MODRM_I8: case MODRM_IZ: {
         size_t modrm = modrm_length(code + at, avail - at, interesting);
         if (modrm == 0) return 0;
+        insn->modrm_offset = (int)at;
         if (shape == MODRM_I8) immediate = 1;
         else if (shape == MODRM_IZ) immediate = opsize16 && !rex_w ? 2 : 4;
         length = at + modrm + immediate;
@@ -230,6 +241,6 @@ int hp_fast_decode(const uint8_t *code, size_t avail, int *interesting, int64_t 
     if (length > avail || length > 15) return 0;
     if (*interesting & HP_COMPARE)  /* (38-3B have a ModRM and no immediate; 3C/3D none and al/eax) */
         compare_bound(code + length, immediate, shape == I8 || shape == IZ || (code[at] >> 6) == 3, interesting,
-                      bound);
+                      &insn->bound);
     return (int)length;
 }

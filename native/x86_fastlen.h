@@ -39,11 +39,23 @@ enum {
                          immediate of cmp reg, imm; -1 for every other form) */
 };
 
+/* What hp_fast_decode tells about an instruction beyond its length. */
+typedef struct {
+    int reasons;          /* HP_* bits */
+    int64_t bound;        /* with HP_BOUND */
+    int modrm_offset;     /* offset of the ModRM byte, -1 without one */
+    uint8_t rex;          /* the REX prefix, 0 without one */
+    uint8_t opsize16;     /* a 66 prefix */
+    uint8_t two_byte;     /* 0F opcode map */
+    uint8_t opcode;       /* the opcode byte (after 0F in that map) */
+} hp_fast_insn;
+
 /*
- * hp_fast_length with the compare's bound: *bound is set when the HP_BOUND
- * bit is (an immediate negative at its encoded width is left to capstone,
- * whose value for it depends on the operand size).
+ * hp_fast_length with what the analysis can take from the bytes: the
+ * compare's bound (an immediate negative at its encoded width is left to
+ * capstone, whose value for it depends on the operand size), and where the
+ * ModRM byte is, for RIP-relative operands.
  */
-int hp_fast_decode(const uint8_t *code, size_t avail, int *interesting, int64_t *bound);
+int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn);
 
 #endif

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import struct
+from array import array
+from types import SimpleNamespace
 
 import capstone
 from capstone import x86_const as x86
 
-from hotpatch.analysis import _core, _decode
+from hotpatch.analysis import _core, _decode, refkinds
 
 PREFIXES = [0x48, 0x4C, 0x41, 0x66, 0x0F, 0x40]
 
@@ -104,3 +107,51 @@ def test_fast_reasons_and_compare_bounds_match_capstone() -> None:
             else:  # left to capstone only for a negative immediate, whose value depends on the operand size
                 assert expected_bound is not None and expected_bound != -1, text
     assert compares > 2000 and bounds > compares // 2
+
+
+def test_rip_operands_read_from_the_bytes_match_capstones_details() -> None:
+    # instructions the decoder reads without capstone's details: what _detailed would make of them
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    rng = random.Random(3)
+    rva, iat_slot = 0x2000, 0x2100
+    ctx = SimpleNamespace(memory=bytes(0x3000), relocations=array("I"), iat={iat_slot: b"k32!Sleep"},
+                          first_section_rva=0x1000, image_base=0x180000000)
+    ranges = ((0x1F00, 0x2080),)
+    opcodes = [b"\x8b", b"\x89", b"\x8d", b"\xff", b"\x3b", b"\x39", b"\x80", b"\x83", b"\xc7", b"\x0f\x10",
+               b"\x0f\xb6", b"\x63", b"\x85", b"\x0f\x28"]
+    decoded = kinds = leas = 0
+    for _ in range(20000):
+        prefix = rng.choice([b"", b"\x48", b"\x4c", b"\x44", b"\x41", b"\x66", b"\x66\x48", b"\x49", b"\x40"])
+        modrm = (rng.randrange(8) << 3) | 0x05
+        head = prefix + rng.choice(opcodes) + bytes([modrm])
+        tail = bytes(rng.randrange(256) for _ in range(6))
+        length = _decode.fast_decode(head + bytes(4) + tail)[0]
+        if not length:
+            continue
+        # the IAT slot, the function itself, the image base, anywhere near
+        wanted = rng.choice([iat_slot, 0x1F80, 0, rva + rng.randrange(-0x400, 0x400)])
+        code = head + struct.pack("<i", wanted - rva - length) + tail
+        found = _decode.rip_operand(ctx, code, rva, ranges)
+        if found is None:
+            continue
+        insn = next(md.disasm(code, rva, 1))
+        refs, lea, reads = found
+        decoded += 1
+        text = f"{code[:insn.size].hex()}: {insn.mnemonic} {insn.op_str}"
+        memory_ops = [op for op in insn.operands if op.type == x86.X86_OP_MEM and op.mem.base == x86.X86_REG_RIP]
+        assert len(memory_ops) == 1 and len(refs) == 1, text
+        target = rva + insn.size + memory_ops[0].mem.disp
+        kind = refkinds.RIP_RELATIVE
+        if target == iat_slot and capstone.CS_GRP_CALL in insn.groups:
+            kind = refkinds.IAT_CALL
+        elif target == iat_slot and capstone.CS_GRP_JUMP in insn.groups:
+            kind = refkinds.IAT_JUMP
+        kinds += kind != refkinds.RIP_RELATIVE
+        assert refs == [(kind, rva, insn.disp_offset, 4, target)], text
+        if insn.id == x86.X86_INS_LEA:
+            leas += 1
+            assert lea == insn.operands[0].reg and reads == [], text
+        else:
+            assert lea is None and reads == ([target] if ranges[0][0] <= target < ranges[0][1] else []), text
+    assert decoded > 5000 and kinds > 30 and leas > 500

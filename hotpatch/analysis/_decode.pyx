@@ -16,6 +16,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from hotpatch.analysis.includes.capstone cimport *
 from hotpatch.analysis._capstone_api cimport load_entry_points
+from capstone import x86_const as _x86
+
 from hotpatch.analysis._buffers cimport Decoded, Ref, Span, Table, _free_decoded, _grow, _push_ref, _push_rva
 from hotpatch.analysis._reflist cimport pack_refs
 from hotpatch.analysis._shared cimport _is_nop, _lower_bound, _terminates
@@ -23,7 +25,15 @@ from hotpatch.analysis._shared cimport _is_nop, _lower_bound, _terminates
 
 cdef extern from "x86_fastlen.h" nogil:
     int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
-    int hp_fast_decode(const uint8_t *code, size_t avail, int *interesting, int64_t *bound)
+    ctypedef struct hp_fast_insn:
+        int reasons
+        int64_t bound
+        int modrm_offset
+        uint8_t rex
+        uint8_t opsize16
+        uint8_t two_byte
+        uint8_t opcode
+    int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
     enum:
         HP_BRANCH
         HP_RIP
@@ -53,6 +63,15 @@ cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
 
 
 # ── decode ─────────────────────────────────────────────────────────────────
+
+# capstone's numbers of the registers lea writes, by operand size (16, 32, 64 bits) and ModRM.reg + 8 * REX.R
+cdef int LEA_REGISTER[3][16]
+for _size, _names in enumerate((
+        ("AX", "CX", "DX", "BX", "SP", "BP", "SI", "DI") + tuple(f"R{n}W" for n in range(8, 16)),
+        ("EAX", "ECX", "EDX", "EBX", "ESP", "EBP", "ESI", "EDI") + tuple(f"R{n}D" for n in range(8, 16)),
+        ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI") + tuple(f"R{n}" for n in range(8, 16)))):
+    for _number, _name in enumerate(_names):
+        LEA_REGISTER[_size][_number] = getattr(_x86, "X86_REG_" + _name)
 
 # Instructions whose references need capstone's details: relative branches and
 # the bounds check of a switch. Everything else is decoded without details
@@ -266,7 +285,7 @@ cdef class _Decoder:
         cdef size_t remaining, index, range_index, found
         cdef uint64_t address, value
         cdef int length, interesting
-        cdef int64_t bound
+        cdef hp_fast_insn fast
         cdef bint after_end
         out.n_skips = 0
         out.n_reads = 0
@@ -285,10 +304,14 @@ cdef class _Decoder:
                     offset = _past_data(out, f, offset, end, after_end)
                     if offset >= end:
                         break
-                length = hp_fast_decode(base + offset, <size_t>(end - offset), &interesting, &bound)
-                if length and interesting and not self._needs_capstone(interesting):
+                length = hp_fast_decode(base + offset, <size_t>(end - offset), &fast)
+                interesting = fast.reasons
+                if length and interesting and not self._needs_capstone(interesting & ~HP_RIP):
+                    # what capstone's details would give, the bytes tell
+                    if interesting & HP_RIP and self._rip_operand(out, f, base + offset, offset, length, &fast):
+                        return -1
                     if interesting & HP_COMPARE:
-                        last_cmp = bound  # what capstone's details would give: the bytes tell it
+                        last_cmp = fast.bound
                     interesting = 0
                 if length == 0 and interesting:
                     # a relative branch: without prefixes its target is all there is to know
@@ -346,6 +369,27 @@ cdef class _Decoder:
         all with details; the tests hold both equal)."""
         return bool(reasons & HP_RIP) or (reasons & HP_COMPARE and not reasons & HP_BOUND) \
             or (reasons & HP_DISP32 and self.image_base_regs > 0) or (reasons & HP_SCALE4 and self.lea_any)
+
+    cdef int _rip_operand(self, Decoded *out, const Function *f, const uint8_t *p, int64_t rva, int length,
+                          const hp_fast_insn *fast) noexcept nogil:
+        """``_detailed``'s RIP-relative branch for an instruction the fast decoder sized: its ``[rip + disp32]``
+        follows the ModRM byte, ``call``/``jmp [rip + X]`` are FF /2 and /4, ``lea``'s register is ModRM.reg
+        (REX.R extends it) at the operand size; -1 when out of memory."""
+        cdef int disp_offset = fast.modrm_offset + 1, kind = RIP_RELATIVE, reg = (p[fast.modrm_offset] >> 3) & 7
+        cdef int32_t displacement
+        cdef int64_t target
+        memcpy(&displacement, p + disp_offset, 4)
+        target = rva + length + displacement
+        if self._is_iat(target) and not fast.two_byte and fast.opcode == 0xFF:
+            kind = IAT_CALL if reg == 2 else IAT_JUMP if reg == 4 else RIP_RELATIVE
+        if _push_ref(out, kind, rva, disp_offset, 4, target):
+            return -1
+        if not fast.two_byte and fast.opcode == 0x8D:
+            reg |= (fast.rex & 4) << 1
+            self._lea(LEA_REGISTER[2 if fast.rex & 8 else 0 if fast.opsize16 else 1][reg], target)
+        elif _in_function(f, target) and _add_read(out, target):
+            return -1
+        return 0
 
     cdef inline void _lea(self, int reg, int64_t target) noexcept nogil:
         if self.lea_known[reg] and self.lea_value[reg] == 0:
@@ -489,13 +533,42 @@ def fast_length(const uint8_t[:] code):
 
 
 def fast_decode(const uint8_t[:] code):
-    """(length, reasons, bound) from the native fast decoder: ``reasons`` the names of its ``HP_*`` bits
-    (``FAST_REASONS``), ``bound`` the compare's bound when "bound" is among them, else None. For tests."""
-    cdef int interesting = 0
-    cdef int64_t bound = 0
-    cdef int length = hp_fast_decode(&code[0], code.shape[0], &interesting, &bound) if code.shape[0] else 0
-    reasons = {name for name, bit in FAST_REASONS.items() if interesting & bit}
-    return length, reasons, bound if interesting & HP_BOUND else None
+    """(length, reasons, bound, modrm_offset) from the native fast decoder: ``reasons`` the names of its
+    ``HP_*`` bits (``FAST_REASONS``), ``bound`` the compare's bound when "bound" is among them, else None.
+    For tests."""
+    cdef hp_fast_insn fast
+    cdef int length = hp_fast_decode(&code[0], code.shape[0], &fast) if code.shape[0] else 0
+    reasons = {name for name, bit in FAST_REASONS.items() if fast.reasons & bit} if code.shape[0] else set()
+    return length, reasons, fast.bound if reasons and fast.reasons & HP_BOUND else None
+
+
+def rip_operand(ctx, const uint8_t[:] code, int64_t rva, ranges):
+    """(refs, lea register or None, reads) of the fast decoder's reading of one RIP-relative instruction at
+    ``rva`` (``_rip_operand``), inside a function of ``ranges``; None if it does not decode it so. For tests."""
+    cdef _Decoder decoder = _Decoder(ctx)
+    cdef hp_fast_insn fast
+    cdef Decoded out
+    cdef Function f
+    cdef int length
+    flat = array("q", [bound for span in ranges for bound in span] or [0])
+    cdef const int64_t[:] flat_view = flat
+    if not code.shape[0]:
+        return None
+    length = hp_fast_decode(&code[0], code.shape[0], &fast)
+    if not length or not fast.reasons & HP_RIP:
+        return None
+    f.ranges, f.n_ranges, f.refs_begin, f.tables_begin = &flat_view[0], len(ranges), 0, 0
+    memset(&out, 0, sizeof(Decoded))
+    memset(decoder.lea_known, 0, sizeof(decoder.lea_known))
+    try:
+        if decoder._rip_operand(&out, &f, &code[0], rva, length, &fast):
+            raise MemoryError()
+        refs = [(out.refs[i].kind, out.refs[i].insn_rva, out.refs[i].operand_offset, out.refs[i].operand_size,
+                 out.refs[i].target) for i in range(out.n_refs)]
+        lea = [reg for reg in range(512) if decoder.lea_known[reg]]
+        return refs, (lea[0] if lea else None), [out.reads[i] for i in range(out.n_reads)]
+    finally:
+        _free_decoded(&out)
 
 
 #: the fast decoder's reasons for a full decode (``x86_fastlen.h``)

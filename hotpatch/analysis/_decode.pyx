@@ -298,6 +298,9 @@ cdef class _Decoder:
             self.lea_any, self.image_base_regs = False, 0
             last_cmp = -1
             offset = begin
+            # the sweep only moves forward: the first relocation at or after each instruction is found by
+            # moving this cursor, not by a search per instruction
+            index = _lower_bound(self.relocations, self.nrelocs, begin)
             after_end = False  # the last instruction swept does not fall through
             while offset < end:
                 if out.n_skips or after_end:
@@ -351,7 +354,8 @@ cdef class _Decoder:
                     after_end = True
                 elif not (after_end and _is_nop(base + rva, length)):
                     after_end = False
-                index = _lower_bound(self.relocations, self.nrelocs, rva)
+                while index < self.nrelocs and self.relocations[index] < rva:
+                    index += 1
                 while index < self.nrelocs and self.relocations[index] < rva + length:
                     reloc = self.relocations[index]
                     value = 0

@@ -155,3 +155,33 @@ def test_rip_operands_read_from_the_bytes_match_capstones_details() -> None:
         else:
             assert lea is None and reads == ([target] if ranges[0][0] <= target < ranges[0][1] else []), text
     assert decoded > 5000 and kinds > 30 and leas > 500
+
+
+def test_lite_decodes_remembered_by_their_bytes_decode_as_the_twin() -> None:
+    # the decoder remembers what capstone's lite decode said of an encoding: encodings that share their
+    # first bytes (one slot) but differ after, RIP-relative or not, must still decode as the twin decodes
+    from hotpatch.analysis import _reference
+
+    pool = [bytes.fromhex(h) for h in (
+        "c5f96f05", "c5f96f0424", "c5f96f4424", "62f17d486f05", "62f17d486f4424", "62f17d486fc1",
+        "c4e37944c100", "c4e2795c0d", "c5f9efc1", "c4e27900c1", "660f6f05", "660fefc1", "f30f6f0424")]
+    rng = random.Random(5)
+    references = instructions = 0
+    for _ in range(40):
+        code = b""
+        for _ in range(rng.randrange(20, 120)):
+            head = rng.choice(pool)
+            if head.endswith((b"\x05", b"\x0d")):  # [rip + disp32]
+                head += struct.pack("<i", rng.randrange(-0x800, 0x800))
+            elif head.endswith(b"\x44\x24"):
+                head += bytes([rng.randrange(256)])
+            code += head + (bytes([rng.randrange(256)]) if head.startswith(b"\xc4\xe3") else b"")
+        memory = bytes(0x1000) + code + bytes(64)
+        ctx = SimpleNamespace(memory=memory, relocations=array("I"), iat={}, first_section_rva=0x1000,
+                              image_base=0x180000000)
+        items = [(0x1000, ((0x1000, 0x1000 + len(code)),)), (0x1000 + 7, ((0x1000 + 7, 0x1000 + len(code)),))]
+        for fast, slow in zip(_core.decode(ctx, items), _reference.decode(ctx, items)):
+            assert fast[0] == slow[0] and fast[1] == slow[1] and fast[2] == slow[2]
+            references += len(slow[1])
+            instructions += len(slow[0])
+    assert references > 500 and instructions > 4000

@@ -11,7 +11,7 @@ from array import array
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memset, strstr
+from libc.string cimport memcmp, memcpy, memset, strstr
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from hotpatch.analysis.includes.capstone cimport *
@@ -94,6 +94,24 @@ cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
     if strstr(insn.op_str, "rip") != NULL or strstr(insn.op_str, " + 0x") != NULL:
         return True
     return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
+
+
+# what the lite decode of an instruction's bytes gave (its length and whether it needs details): neither
+# depends on where it lies, and the same encodings come back thousands of times in vector code
+cdef struct LiteEntry:
+    uint8_t code[16]
+    uint8_t length          # 0: empty slot
+    uint8_t needs_detail
+
+
+cdef enum:
+    LITE_SLOTS = 4096
+
+
+cdef inline size_t _lite_slot(const uint8_t *p) noexcept nogil:
+    cdef uint32_t word
+    memcpy(&word, p, 4)
+    return ((word * <uint32_t>2654435761u) >> 20) & (LITE_SLOTS - 1)
 
 
 cdef struct Function:
@@ -231,6 +249,7 @@ cdef class _Decoder:
     # hold the image base (only then can a [reg + disp32] or a scaled index carry a reference)
     cdef bint lea_any
     cdef int image_base_regs
+    cdef LiteEntry lite_seen[LITE_SLOTS]
 
     def __cinit__(self, ctx):
         cdef const uint8_t[:] memory = ctx.memory
@@ -286,6 +305,7 @@ cdef class _Decoder:
         cdef uint64_t address, value
         cdef int length, interesting
         cdef hp_fast_insn fast
+        cdef LiteEntry *seen
         cdef bint after_end
         out.n_skips = 0
         out.n_reads = 0
@@ -323,15 +343,25 @@ cdef class _Decoder:
                         return -1
                     interesting = length == 0
                 if length == 0 and not interesting:
-                    code = base + offset
                     remaining = <size_t>(end - offset)
-                    address = <uint64_t>offset
-                    if not cs.disasm_iter(self.lite_handle, &code, &remaining, &address, self.lite):
-                        offset += 1  # an undecodable byte: skip it and resume
-                        after_end = False
-                        continue
-                    length = self.lite.size
-                    interesting = _needs_detail(self.lite)
+                    seen = NULL
+                    if remaining >= 4:
+                        seen = &self.lite_seen[_lite_slot(base + offset)]
+                        if seen.length and seen.length <= remaining \
+                                and memcmp(seen.code, base + offset, seen.length) == 0:
+                            length, interesting = seen.length, seen.needs_detail
+                    if length == 0:
+                        code = base + offset
+                        address = <uint64_t>offset
+                        if not cs.disasm_iter(self.lite_handle, &code, &remaining, &address, self.lite):
+                            offset += 1  # an undecodable byte: skip it and resume
+                            after_end = False
+                            continue
+                        length = self.lite.size
+                        interesting = _needs_detail(self.lite)
+                        if seen != NULL and length <= 16:
+                            memcpy(seen.code, base + offset, length)
+                            seen.length, seen.needs_detail = length, interesting
                 if interesting:
                     code = base + offset
                     remaining = <size_t>(end - offset)

@@ -100,32 +100,69 @@ static size_t modrm_length(const uint8_t *p, size_t avail, int *interesting)
         if (avail < 2) return 0;
         sib = p[1];
         length = 2;
-        if ((sib >> 6) == 2) *interesting = 1;
+        if ((sib >> 6) == 2) *interesting |= HP_SCALE4;
         if (mod == 0 && (sib & 7) == 5) {
             length += 4;         /* [index*scale + disp32]: an absolute address */
-            *interesting = 1;
+            *interesting |= HP_ABSOLUTE;
         }
     } else if (mod == 0 && rm == 5) {
-        *interesting = 1;        /* [rip + disp32] */
+        *interesting |= HP_RIP;  /* [rip + disp32] */
         length += 4;
     }
     if (mod == 1) length += 1;
     else if (mod == 2) {
         length += 4;
-        *interesting = 1;        /* [reg + disp32]: an image-relative address in MSVC code */
+        *interesting |= HP_DISP32; /* [reg + disp32]: an image-relative address in MSVC code */
     }
     return length <= avail ? length : 0;
 }
 
 /* ── the decoder ─────────────────────────────────────────────────────── */
 
+/*
+ * The bound a compare gives a switch: the immediate (imm_size bytes at the
+ * instruction's end) of cmp reg, imm; -1 for the forms without one or with a
+ * memory operand. A negative immediate stays unknown: capstone gives it
+ * sign-extended or not depending on the operand size.
+ */
+static void compare_bound(const uint8_t *end, size_t imm_size, int register_operand, int *interesting,
+                          int64_t *bound)
+{
+    const uint8_t *imm = end - imm_size;
+    int64_t value = 0;
+    size_t i;
+    if (imm_size == 0 || !register_operand) {
+        *bound = -1;
+        *interesting |= HP_BOUND;
+        return;
+    }
+    for (i = 0; i < imm_size; i++)
+        value |= (int64_t)imm[i] << (8 * i);
+    if (value >> (8 * imm_size - 1))
+        return;
+    *bound = value;
+    *interesting |= HP_BOUND;
+}
+
 int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
+{
+    hp_fast_insn insn;
+    int length = hp_fast_decode(code, avail, &insn);
+    *interesting = insn.reasons;
+    return length;
+}
+
+int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
 {
     size_t at = 0, length, immediate = 0;
     int opsize16 = 0, rex_w = 0, two_byte = 0;
     uint8_t op, shape, reg = 0;
+    int *interesting = &insn->reasons;
 
-    *interesting = 0;
+    insn->reasons = 0;
+    insn->bound = 0;
+    insn->modrm_offset = -1;
+    insn->rex = insn->opsize16 = insn->two_byte = insn->opcode = 0;
     if (avail == 0) return 0;
     if (code[at] == 0x66) {      /* one operand-size prefix; other prefixes go to capstone */
         opsize16 = 1;
@@ -133,6 +170,7 @@ int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
     }
     if (at < avail && (code[at] & 0xF0) == 0x40) {
         rex_w = (code[at] & 0x08) != 0;
+        insn->rex = code[at];
         at++;
     }
     if (at >= avail) return 0;
@@ -146,8 +184,11 @@ int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
         shape = one_byte_map(op);
     }
     if (shape == UNKNOWN) return 0;
+    insn->opsize16 = (uint8_t)opsize16;
+    insn->two_byte = (uint8_t)two_byte;
+    insn->opcode = op;
     if (shape == BRANCH) {
-        *interesting = 1;
+        *interesting = HP_BRANCH;
         return 0;                /* the caller decodes it with details directly */
     }
     /* 66 only where it simply selects 16-bit operands (or the SSE pd forms) */
@@ -179,16 +220,17 @@ int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
     }
     /* compares set the bounds of a switch: the analysis wants them decoded */
     if (!two_byte && ((op >= 0x38 && op <= 0x3D) || ((op == 0x80 || op == 0x81 || op == 0x83) && reg == 7)))
-        *interesting = 1;
+        *interesting = HP_COMPARE;
 
     switch (shape) {
     case PLAIN: length = at; break;
-    case I8: length = at + 1; break;
-    case IZ: length = at + (opsize16 && !rex_w ? 2 : 4); break;
+    case I8: immediate = 1; length = at + 1; break;
+    case IZ: immediate = opsize16 && !rex_w ? 2 : 4; length = at + immediate; break;
     case IV: length = at + (rex_w ? 8 : (opsize16 ? 2 : 4)); break;
     case MODRM: case MODRM_I8: case MODRM_IZ: {
         size_t modrm = modrm_length(code + at, avail - at, interesting);
         if (modrm == 0) return 0;
+        insn->modrm_offset = (int)at;
         if (shape == MODRM_I8) immediate = 1;
         else if (shape == MODRM_IZ) immediate = opsize16 && !rex_w ? 2 : 4;
         length = at + modrm + immediate;
@@ -197,5 +239,8 @@ int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
     default: return 0;
     }
     if (length > avail || length > 15) return 0;
+    if (*interesting & HP_COMPARE)  /* (38-3B have a ModRM and no immediate; 3C/3D none and al/eax) */
+        compare_bound(code + length, immediate, shape == I8 || shape == IZ || (code[at] >> 6) == 3, interesting,
+                      &insn->bound);
     return (int)length;
 }

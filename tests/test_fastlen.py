@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import struct
+from array import array
+from types import SimpleNamespace
 
 import capstone
 from capstone import x86_const as x86
 
-from hotpatch.analysis import _core
+from hotpatch.analysis import _core, _decode, refkinds
 
 PREFIXES = [0x48, 0x4C, 0x41, 0x66, 0x0F, 0x40]
 
@@ -52,3 +55,133 @@ def test_fast_decoder_leaves_truncated_instructions_to_capstone() -> None:
     assert _core.fast_length(bytes.fromhex("48 8b 05 00 00 00 00")) == (7, True)
     assert _core.fast_length(bytes.fromhex("48 89 c8")) == (3, False)    # mov rax, rcx
     assert _core.fast_length(bytes.fromhex("e8 00 00 00 00")) == (0, True)  # call: always full decode
+
+
+def _capstone_reasons(insn: capstone.CsInsn) -> tuple[set[str], int | None]:
+    """The fast decoder's reasons as capstone's details show them, and the switch bound the analysis takes
+    from a compare (the immediate of cmp reg, imm; -1 otherwise)."""
+    reasons = set()
+    for op in insn.operands:
+        if op.type != x86.X86_OP_MEM:
+            continue
+        if op.mem.base == x86.X86_REG_RIP:
+            reasons.add("rip")
+        elif insn.disp_size == 4:
+            reasons.add("disp32" if op.mem.base else "absolute")
+        if op.mem.scale == 4:
+            reasons.add("scale4")
+    bound = None
+    if insn.id == x86.X86_INS_CMP:
+        reasons.add("compare")
+        ops = insn.operands
+        bound = ops[1].imm if len(ops) == 2 and ops[0].type == x86.X86_OP_REG and ops[1].type == x86.X86_OP_IMM else -1
+    return reasons, bound
+
+
+def test_fast_reasons_and_compare_bounds_match_capstone() -> None:
+    # the decoder skips capstone's details where no reason it gives can matter: none may be missing
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    rng = random.Random(20261202)
+    compares = bounds = 0
+    for _ in range(60000):
+        code = bytes(rng.randrange(256) for _ in range(15))
+        if rng.random() < 0.5:
+            code = bytes([rng.choice(PREFIXES)]) + code[:14]
+        if rng.random() < 0.25:  # compares are rare in random bytes: make more of them
+            code = code[:1] + bytes([rng.choice([0x38, 0x39, 0x3A, 0x3B, 0x3C, 0x3D, 0x80, 0x81, 0x83])]) \
+                + bytes([rng.randrange(256) | (0x38 if rng.random() < 0.5 else 0)]) + code[3:]
+        length, reasons, bound = _decode.fast_decode(code)
+        if not length:
+            continue
+        insn = next(md.disasm(code, 0x1000, 1))
+        expected, expected_bound = _capstone_reasons(insn)
+        text = f"{code[:length].hex()}: {insn.mnemonic} {insn.op_str}"
+        # never a reason hidden (one more costs only a full decode: capstone 5 gives disp_size 2 after 66)
+        assert expected <= reasons, text
+        if "compare" in reasons:
+            compares += 1
+            if "bound" in reasons:
+                bounds += 1
+                assert bound == expected_bound, text
+            else:  # left to capstone only for a negative immediate, whose value depends on the operand size
+                assert expected_bound is not None and expected_bound != -1, text
+    assert compares > 2000 and bounds > compares // 2
+
+
+def test_rip_operands_read_from_the_bytes_match_capstones_details() -> None:
+    # instructions the decoder reads without capstone's details: what _detailed would make of them
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    rng = random.Random(3)
+    rva, iat_slot = 0x2000, 0x2100
+    ctx = SimpleNamespace(memory=bytes(0x3000), relocations=array("I"), iat={iat_slot: b"k32!Sleep"},
+                          first_section_rva=0x1000, image_base=0x180000000)
+    ranges = ((0x1F00, 0x2080),)
+    opcodes = [b"\x8b", b"\x89", b"\x8d", b"\xff", b"\x3b", b"\x39", b"\x80", b"\x83", b"\xc7", b"\x0f\x10",
+               b"\x0f\xb6", b"\x63", b"\x85", b"\x0f\x28"]
+    decoded = kinds = leas = 0
+    for _ in range(20000):
+        prefix = rng.choice([b"", b"\x48", b"\x4c", b"\x44", b"\x41", b"\x66", b"\x66\x48", b"\x49", b"\x40"])
+        modrm = (rng.randrange(8) << 3) | 0x05
+        head = prefix + rng.choice(opcodes) + bytes([modrm])
+        tail = bytes(rng.randrange(256) for _ in range(6))
+        length = _decode.fast_decode(head + bytes(4) + tail)[0]
+        if not length:
+            continue
+        # the IAT slot, the function itself, the image base, anywhere near
+        wanted = rng.choice([iat_slot, 0x1F80, 0, rva + rng.randrange(-0x400, 0x400)])
+        code = head + struct.pack("<i", wanted - rva - length) + tail
+        found = _decode.rip_operand(ctx, code, rva, ranges)
+        if found is None:
+            continue
+        insn = next(md.disasm(code, rva, 1))
+        refs, lea, reads = found
+        decoded += 1
+        text = f"{code[:insn.size].hex()}: {insn.mnemonic} {insn.op_str}"
+        memory_ops = [op for op in insn.operands if op.type == x86.X86_OP_MEM and op.mem.base == x86.X86_REG_RIP]
+        assert len(memory_ops) == 1 and len(refs) == 1, text
+        target = rva + insn.size + memory_ops[0].mem.disp
+        kind = refkinds.RIP_RELATIVE
+        if target == iat_slot and capstone.CS_GRP_CALL in insn.groups:
+            kind = refkinds.IAT_CALL
+        elif target == iat_slot and capstone.CS_GRP_JUMP in insn.groups:
+            kind = refkinds.IAT_JUMP
+        kinds += kind != refkinds.RIP_RELATIVE
+        assert refs == [(kind, rva, insn.disp_offset, 4, target)], text
+        if insn.id == x86.X86_INS_LEA:
+            leas += 1
+            assert lea == insn.operands[0].reg and reads == [], text
+        else:
+            assert lea is None and reads == ([target] if ranges[0][0] <= target < ranges[0][1] else []), text
+    assert decoded > 5000 and kinds > 30 and leas > 500
+
+
+def test_lite_decodes_remembered_by_their_bytes_decode_as_the_twin() -> None:
+    # the decoder remembers what capstone's lite decode said of an encoding: encodings that share their
+    # first bytes (one slot) but differ after, RIP-relative or not, must still decode as the twin decodes
+    from hotpatch.analysis import _reference
+
+    pool = [bytes.fromhex(h) for h in (
+        "c5f96f05", "c5f96f0424", "c5f96f4424", "62f17d486f05", "62f17d486f4424", "62f17d486fc1",
+        "c4e37944c100", "c4e2795c0d", "c5f9efc1", "c4e27900c1", "660f6f05", "660fefc1", "f30f6f0424")]
+    rng = random.Random(5)
+    references = instructions = 0
+    for _ in range(40):
+        code = b""
+        for _ in range(rng.randrange(20, 120)):
+            head = rng.choice(pool)
+            if head.endswith((b"\x05", b"\x0d")):  # [rip + disp32]
+                head += struct.pack("<i", rng.randrange(-0x800, 0x800))
+            elif head.endswith(b"\x44\x24"):
+                head += bytes([rng.randrange(256)])
+            code += head + (bytes([rng.randrange(256)]) if head.startswith(b"\xc4\xe3") else b"")
+        memory = bytes(0x1000) + code + bytes(64)
+        ctx = SimpleNamespace(memory=memory, relocations=array("I"), iat={}, first_section_rva=0x1000,
+                              image_base=0x180000000)
+        items = [(0x1000, ((0x1000, 0x1000 + len(code)),)), (0x1000 + 7, ((0x1000 + 7, 0x1000 + len(code)),))]
+        for fast, slow in zip(_core.decode(ctx, items), _reference.decode(ctx, items)):
+            assert fast[0] == slow[0] and fast[1] == slow[1] and fast[2] == slow[2]
+            references += len(slow[1])
+            instructions += len(slow[0])
+    assert references > 500 and instructions > 4000

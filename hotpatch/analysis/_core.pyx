@@ -10,7 +10,7 @@ import hashlib
 from array import array
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -19,6 +19,7 @@ from hotpatch.analysis._refkinds cimport (
     ABS64, BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP, IMAGE_REL32, JUMP_TABLE, MAX_TABLE_ENTRIES,
     RIP_RELATIVE, TABLE_IMAGE_REL32, TABLE_SELF_REL32,
 )
+from hotpatch.analysis._reflist cimport PackedRef, RefList as PackedRefList
 from hotpatch.analysis._shared cimport _lower_bound
 
 from ._decode import decode, fast_length, instruction_text, terminates
@@ -75,20 +76,189 @@ def fingerprint(ctx, int64_t rva, tuple ranges_tuple, refs, list tables, functio
     return fingerprint_many(ctx, [(rva, ranges_tuple, refs, tables)], function_starts)[0]
 
 
+cdef struct Buffer:
+    uint8_t *data
+    size_t size
+    size_t capacity
+
+
+cdef int _reserve(Buffer *buffer, size_t more) except -1:
+    cdef size_t wanted = buffer.size + more, capacity = buffer.capacity
+    cdef uint8_t *grown
+    if wanted <= capacity:
+        return 0
+    capacity = max(2 * capacity, wanted, <size_t>4096)
+    grown = <uint8_t *>realloc(buffer.data, capacity)
+    if grown == NULL:
+        raise MemoryError()
+    buffer.data, buffer.capacity = grown, capacity
+    return 0
+
+
+cdef inline int _put(Buffer *buffer, const char *text, size_t length) except -1:
+    _reserve(buffer, length)
+    memcpy(buffer.data + buffer.size, text, length)
+    buffer.size += length
+    return 0
+
+
+# what every packed fingerprint reads, set up once: the memory, the final starts, the regions, the IAT
+# slots (sorted; ``labels`` holds their names in the same order)
+cdef struct Image:
+    const uint8_t *memory
+    Py_ssize_t memlen
+    const uint32_t *starts
+    size_t n_starts
+    Regions regions
+    const int64_t *iat
+    size_t n_iat
+
+
 def fingerprint_many(ctx, list items, function_starts):
-    """``fingerprint`` of each ``(rva, ranges, refs, tables)`` item, with the image set up once."""
+    """``fingerprint`` of each ``(rva, ranges, refs, tables)`` item, with the image set up once. Items whose
+    references are a ``RefList`` (the decoder's) are hashed from its packed records in one C buffer."""
     cdef const uint8_t[:] memory = ctx.memory
     cdef const uint32_t[:] starts = function_starts
-    cdef Regions regions
-    regions.count = 0
+    cdef Image image
+    cdef Buffer buffer
+    cdef Buffer spans
+    image.regions.count = 0
     for begin, end, code in ctx.regions:
-        if regions.count < 96:
-            regions.begin[regions.count] = begin
-            regions.end[regions.count] = end
-            regions.code[regions.count] = (<bytes>code)[0]
-            regions.count += 1
+        if image.regions.count < 96:
+            image.regions.begin[image.regions.count] = begin
+            image.regions.end[image.regions.count] = end
+            image.regions.code[image.regions.count] = (<bytes>code)[0]
+            image.regions.count += 1
     iat = ctx.iat
-    return [_fingerprint_one(memory, starts, &regions, iat, item[0], item[1], item[2], item[3]) for item in items]
+    # the IAT by slot, for bisection; a key no int64 target can equal is left to the dict
+    slots = sorted(slot for slot in iat if -(1 << 63) <= slot < (1 << 63)) if iat else []
+    iat_slots = array("q", slots)
+    iat_slots.append(0)  # never empty
+    cdef const int64_t[:] iat_view = iat_slots
+    labels = [iat[slot] for slot in slots]
+    image.memory = &memory[0] if memory.shape[0] else NULL
+    image.memlen = memory.shape[0]
+    image.starts = &starts[0] if starts.shape[0] else NULL
+    image.n_starts = starts.shape[0]
+    image.iat = &iat_view[0]
+    image.n_iat = len(slots)
+    blake2b = hashlib.blake2b
+    memset(&buffer, 0, sizeof(Buffer))
+    memset(&spans, 0, sizeof(Buffer))
+    out = []
+    try:
+        for item in items:
+            refs = item[2]
+            if type(refs) is PackedRefList and image.memory != NULL:
+                out.append(_fingerprint_packed(&image, labels, iat, item[0], item[1], <PackedRefList>refs, item[3],
+                                               &buffer, &spans, blake2b))
+            else:
+                out.append(_fingerprint_one(memory, starts, &image.regions, iat, item[0], item[1], refs, item[3]))
+    finally:
+        free(buffer.data)
+        free(spans.data)
+    return out
+
+
+cdef inline bint _in_spans(int64_t target, const int64_t *ranges, Py_ssize_t count) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(count):
+        if ranges[2 * i] <= target < ranges[2 * i + 1]:
+            return True
+    return False
+
+
+cdef str _fingerprint_packed(const Image *image, list labels, dict iat, int64_t rva, tuple ranges_tuple,
+                             PackedRefList refs, list tables, Buffer *buffer, Buffer *spans, object blake2b):
+    """``_fingerprint_one`` of a packed reference list: the masked bytes and the descriptors written to one
+    buffer and hashed once (BLAKE2b of the two parts in a row is that of their concatenation)."""
+    cdef const PackedRef *packed = <const PackedRef *><const char *>refs.packed
+    cdef Py_ssize_t count = refs.count, n_ranges = len(ranges_tuple), r, i, at, length
+    cdef const uint8_t *memory = image.memory
+    cdef int64_t begin, end, target
+    cdef int64_t *ranges
+    cdef size_t index
+    cdef uint8_t *piece
+    cdef char text[32]
+    spans.size = 0
+    _reserve(spans, 2 * n_ranges * sizeof(int64_t))
+    ranges = <int64_t *>spans.data
+    for r in range(n_ranges):
+        ranges[2 * r], ranges[2 * r + 1] = ranges_tuple[r][0], ranges_tuple[r][1]
+    buffer.size = 0
+    for r in range(n_ranges):
+        begin = ranges[2 * r]
+        end = min(ranges[2 * r + 1], <int64_t>image.memlen)
+        if end <= begin:
+            continue
+        length = end - begin
+        _reserve(buffer, length)
+        piece = buffer.data + buffer.size
+        memcpy(piece, memory + begin, length)
+        for i in range(count):
+            at = <int64_t>packed[i].insn_rva + packed[i].operand_offset - begin
+            if packed[i].operand_size and 0 <= at < length:
+                memset(piece + at, 0, min(<Py_ssize_t>packed[i].operand_size, length - at))
+        buffer.size += length
+    _put(buffer, "|", 1)
+    table_at = None
+    for i in range(count):
+        text[0] = <char>packed[i].kind
+        _put(buffer, text, 1)
+        if refs.wide is not None and i in refs.wide:
+            # a target beyond 64 bits (an ABS64 of garbage): only an IAT slot could name it
+            label = iat.get(refs.wide[i])
+            if label is not None:
+                _put(buffer, "I", 1)
+                _put(buffer, <bytes>label, len(<bytes>label))
+            else:
+                _put(buffer, "O", 1)
+            _put(buffer, ";", 1)
+            continue
+        target = packed[i].target
+        index = _lower_bound_64(image.iat, image.n_iat, target)
+        if index < image.n_iat and image.iat[index] == target:
+            label = labels[index]
+            _put(buffer, "I", 1)
+            _put(buffer, <bytes>label, len(<bytes>label))
+        else:
+            table = None
+            if packed[i].kind == JUMP_TABLE:
+                if table_at is None:
+                    table_at = {t[0]: t for t in tables}
+                table = table_at.get(packed[i].insn_rva)
+            if table is not None:
+                described = b"J" + bytes([table[2]]) + ",".join([str(t - rva) for t in table[3]]).encode()
+                _put(buffer, <bytes>described, len(<bytes>described))
+            elif _in_spans(target, ranges, n_ranges):
+                length = snprintf(text, 32, "S%lld", <long long>(target - rva))
+                _put(buffer, text, length)
+            else:
+                index = _lower_bound(image.starts, image.n_starts, target) if image.n_starts else 0
+                if index < image.n_starts and <int64_t>image.starts[index] == target:
+                    _put(buffer, "F", 1)
+                else:
+                    for r in range(image.regions.count):
+                        if image.regions.begin[r] <= target < image.regions.end[r]:
+                            text[0] = b"D"
+                            text[1] = image.regions.code[r]
+                            _put(buffer, text, 2)
+                            break
+                    else:
+                        _put(buffer, "O", 1)
+        _put(buffer, ";", 1)
+    return blake2b(PyBytes_FromStringAndSize(<char *>buffer.data, buffer.size), digest_size=16).hexdigest()
+
+
+cdef inline size_t _lower_bound_64(const int64_t *values, size_t count, int64_t key) noexcept nogil:
+    cdef size_t lo = 0, hi = count, mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if values[mid] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 cdef str _fingerprint_one(const uint8_t[:] memory, const uint32_t[:] starts, Regions *regions, dict iat,

@@ -8,14 +8,16 @@ docstring); the tests check that both give identical results.
 
 from array import array
 
-from hotpatch.x86 import capstone_symbol
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy, memset, strstr
+from libc.string cimport memcmp, memcpy, memset, strstr
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from hotpatch.analysis.includes.capstone cimport *
+from hotpatch.analysis._capstone_api cimport load_entry_points
+from capstone import x86_const as _x86
+
 from hotpatch.analysis._buffers cimport Decoded, Ref, Span, Table, _free_decoded, _grow, _push_ref, _push_rva
 from hotpatch.analysis._reflist cimport pack_refs
 from hotpatch.analysis._shared cimport _is_nop, _lower_bound, _terminates
@@ -23,6 +25,23 @@ from hotpatch.analysis._shared cimport _is_nop, _lower_bound, _terminates
 
 cdef extern from "x86_fastlen.h" nogil:
     int hp_fast_length(const uint8_t *code, size_t avail, int *interesting)
+    ctypedef struct hp_fast_insn:
+        int reasons
+        int64_t bound
+        int modrm_offset
+        uint8_t rex
+        uint8_t opsize16
+        uint8_t two_byte
+        uint8_t opcode
+    int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
+    enum:
+        HP_BRANCH
+        HP_RIP
+        HP_DISP32
+        HP_ABSOLUTE
+        HP_SCALE4
+        HP_COMPARE
+        HP_BOUND
 
 from hotpatch.analysis._refkinds cimport (
     ABS64, BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP, IMAGE_REL32, JUMP_TABLE, MAX_TABLE_ENTRIES,
@@ -31,22 +50,8 @@ from hotpatch.analysis._refkinds cimport (
 
 # ── capstone entry points, taken from the library the Python binding loaded ──
 
-_MODULE = "hotpatch.analysis._decode"
-
-cdef cs_open_fn p_cs_open
-cdef cs_option_fn p_cs_option
-cdef cs_malloc_fn p_cs_malloc
-cdef cs_disasm_iter_fn p_cs_disasm_iter
-cdef cs_free_fn p_cs_free
-cdef cs_close_fn p_cs_close
-
-p_cs_open = <cs_open_fn><size_t>capstone_symbol("cs_open", _MODULE)
-p_cs_option = <cs_option_fn><size_t>capstone_symbol("cs_option", _MODULE)
-p_cs_malloc = <cs_malloc_fn><size_t>capstone_symbol("cs_malloc", _MODULE)
-p_cs_disasm_iter = <cs_disasm_iter_fn><size_t>capstone_symbol("cs_disasm_iter", _MODULE)
-p_cs_free = <cs_free_fn><size_t>capstone_symbol("cs_free", _MODULE)
-p_cs_close = <cs_close_fn><size_t>capstone_symbol("cs_close", _MODULE)
-
+cdef CapstoneAPI cs
+load_entry_points(&cs, "hotpatch.analysis._decode")
 
 
 cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
@@ -58,6 +63,15 @@ cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
 
 
 # ── decode ─────────────────────────────────────────────────────────────────
+
+# capstone's numbers of the registers lea writes, by operand size (16, 32, 64 bits) and ModRM.reg + 8 * REX.R
+cdef int LEA_REGISTER[3][16]
+for _size, _names in enumerate((
+        ("AX", "CX", "DX", "BX", "SP", "BP", "SI", "DI") + tuple(f"R{n}W" for n in range(8, 16)),
+        ("EAX", "ECX", "EDX", "EBX", "ESP", "EBP", "ESI", "EDI") + tuple(f"R{n}D" for n in range(8, 16)),
+        ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI") + tuple(f"R{n}" for n in range(8, 16)))):
+    for _number, _name in enumerate(_names):
+        LEA_REGISTER[_size][_number] = getattr(_x86, "X86_REG_" + _name)
 
 # Instructions whose references need capstone's details: relative branches and
 # the bounds check of a switch. Everything else is decoded without details
@@ -80,6 +94,24 @@ cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
     if strstr(insn.op_str, "rip") != NULL or strstr(insn.op_str, " + 0x") != NULL:
         return True
     return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
+
+
+# what the lite decode of an instruction's bytes gave (its length and whether it needs details): neither
+# depends on where it lies, and the same encodings come back thousands of times in vector code
+cdef struct LiteEntry:
+    uint8_t code[16]
+    uint8_t length          # 0: empty slot
+    uint8_t needs_detail
+
+
+cdef enum:
+    LITE_SLOTS = 4096
+
+
+cdef inline size_t _lite_slot(const uint8_t *p) noexcept nogil:
+    cdef uint32_t word
+    memcpy(&word, p, 4)
+    return ((word * <uint32_t>2654435761u) >> 20) & (LITE_SLOTS - 1)
 
 
 cdef struct Function:
@@ -213,18 +245,23 @@ cdef class _Decoder:
     cdef int64_t first_section_rva
     cdef int64_t lea_value[512]
     cdef uint8_t lea_known[512]
+    # in the range being swept: whether any register holds an address taken with lea, and how many
+    # hold the image base (only then can a [reg + disp32] or a scaled index carry a reference)
+    cdef bint lea_any
+    cdef int image_base_regs
+    cdef LiteEntry lite_seen[LITE_SLOTS]
 
     def __cinit__(self, ctx):
         cdef const uint8_t[:] memory = ctx.memory
         cdef const uint32_t[:] relocations = ctx.relocations
         cdef const uint32_t[:] iat
-        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
+        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
-        p_cs_option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
-        self.insn = p_cs_malloc(self.handle)
-        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.lite_handle) != CS_ERR_OK:
+        cs.option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
+        self.insn = cs.malloc(self.handle)
+        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.lite_handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
-        self.lite = p_cs_malloc(self.lite_handle)
+        self.lite = cs.malloc(self.lite_handle)
         if self.insn == NULL or self.lite == NULL:
             raise MemoryError()
         if X86_REG_ENDING > 512:
@@ -243,13 +280,13 @@ cdef class _Decoder:
 
     def __dealloc__(self):
         if self.insn != NULL:
-            p_cs_free(self.insn, 1)
+            cs.free(self.insn, 1)
         if self.lite != NULL:
-            p_cs_free(self.lite, 1)
+            cs.free(self.lite, 1)
         if self.handle:
-            p_cs_close(&self.handle)
+            cs.close(&self.handle)
         if self.lite_handle:
-            p_cs_close(&self.lite_handle)
+            cs.close(&self.lite_handle)
 
     cdef inline bint _is_iat(self, int64_t target) noexcept nogil:
         cdef size_t index
@@ -267,6 +304,8 @@ cdef class _Decoder:
         cdef size_t remaining, index, range_index, found
         cdef uint64_t address, value
         cdef int length, interesting
+        cdef hp_fast_insn fast
+        cdef LiteEntry *seen
         cdef bint after_end
         out.n_skips = 0
         out.n_reads = 0
@@ -276,15 +315,27 @@ cdef class _Decoder:
             begin = f.ranges[2 * range_index]
             end = min(f.ranges[2 * range_index + 1], <int64_t>memlen)
             memset(self.lea_known, 0, sizeof(self.lea_known))
+            self.lea_any, self.image_base_regs = False, 0
             last_cmp = -1
             offset = begin
+            # the sweep only moves forward: the first relocation at or after each instruction is found by
+            # moving this cursor, not by a search per instruction
+            index = _lower_bound(self.relocations, self.nrelocs, begin)
             after_end = False  # the last instruction swept does not fall through
             while offset < end:
                 if out.n_skips or after_end:
                     offset = _past_data(out, f, offset, end, after_end)
                     if offset >= end:
                         break
-                length = hp_fast_length(base + offset, <size_t>(end - offset), &interesting)
+                length = hp_fast_decode(base + offset, <size_t>(end - offset), &fast)
+                interesting = fast.reasons
+                if length and interesting and not self._needs_capstone(interesting & ~HP_RIP):
+                    # what capstone's details would give, the bytes tell
+                    if interesting & HP_RIP and self._rip_operand(out, f, base + offset, offset, length, &fast):
+                        return -1
+                    if interesting & HP_COMPARE:
+                        last_cmp = fast.bound
+                    interesting = 0
                 if length == 0 and interesting:
                     # a relative branch: without prefixes its target is all there is to know
                     length = _plain_branch(out, base + offset, <size_t>(end - offset), offset)
@@ -292,20 +343,30 @@ cdef class _Decoder:
                         return -1
                     interesting = length == 0
                 if length == 0 and not interesting:
-                    code = base + offset
                     remaining = <size_t>(end - offset)
-                    address = <uint64_t>offset
-                    if not p_cs_disasm_iter(self.lite_handle, &code, &remaining, &address, self.lite):
-                        offset += 1  # an undecodable byte: skip it and resume
-                        after_end = False
-                        continue
-                    length = self.lite.size
-                    interesting = _needs_detail(self.lite)
+                    seen = NULL
+                    if remaining >= 4:
+                        seen = &self.lite_seen[_lite_slot(base + offset)]
+                        if seen.length and seen.length <= remaining \
+                                and memcmp(seen.code, base + offset, seen.length) == 0:
+                            length, interesting = seen.length, seen.needs_detail
+                    if length == 0:
+                        code = base + offset
+                        address = <uint64_t>offset
+                        if not cs.disasm_iter(self.lite_handle, &code, &remaining, &address, self.lite):
+                            offset += 1  # an undecodable byte: skip it and resume
+                            after_end = False
+                            continue
+                        length = self.lite.size
+                        interesting = _needs_detail(self.lite)
+                        if seen != NULL and length <= 16:
+                            memcpy(seen.code, base + offset, length)
+                            seen.length, seen.needs_detail = length, interesting
                 if interesting:
                     code = base + offset
                     remaining = <size_t>(end - offset)
                     address = <uint64_t>offset
-                    if not p_cs_disasm_iter(self.handle, &code, &remaining, &address, self.insn):
+                    if not cs.disasm_iter(self.handle, &code, &remaining, &address, self.insn):
                         offset += 1
                         after_end = False
                         continue
@@ -323,7 +384,8 @@ cdef class _Decoder:
                     after_end = True
                 elif not (after_end and _is_nop(base + rva, length)):
                     after_end = False
-                index = _lower_bound(self.relocations, self.nrelocs, rva)
+                while index < self.nrelocs and self.relocations[index] < rva:
+                    index += 1
                 while index < self.nrelocs and self.relocations[index] < rva + length:
                     reloc = self.relocations[index]
                     value = 0
@@ -334,6 +396,43 @@ cdef class _Decoder:
                     index += 1
                 offset += length
         return 0
+
+    cdef inline bint _needs_capstone(self, int reasons) noexcept nogil:
+        """Whether a fast-decoded instruction flagged for ``reasons`` (``HP_*``) can give a reference or a
+        switch bound the bytes alone do not tell: without details it would give none (the twin decodes
+        all with details; the tests hold both equal)."""
+        return bool(reasons & HP_RIP) or (reasons & HP_COMPARE and not reasons & HP_BOUND) \
+            or (reasons & HP_DISP32 and self.image_base_regs > 0) or (reasons & HP_SCALE4 and self.lea_any)
+
+    cdef int _rip_operand(self, Decoded *out, const Function *f, const uint8_t *p, int64_t rva, int length,
+                          const hp_fast_insn *fast) noexcept nogil:
+        """``_detailed``'s RIP-relative branch for an instruction the fast decoder sized: its ``[rip + disp32]``
+        follows the ModRM byte, ``call``/``jmp [rip + X]`` are FF /2 and /4, ``lea``'s register is ModRM.reg
+        (REX.R extends it) at the operand size; -1 when out of memory."""
+        cdef int disp_offset = fast.modrm_offset + 1, kind = RIP_RELATIVE, reg = (p[fast.modrm_offset] >> 3) & 7
+        cdef int32_t displacement
+        cdef int64_t target
+        memcpy(&displacement, p + disp_offset, 4)
+        target = rva + length + displacement
+        if self._is_iat(target) and not fast.two_byte and fast.opcode == 0xFF:
+            kind = IAT_CALL if reg == 2 else IAT_JUMP if reg == 4 else RIP_RELATIVE
+        if _push_ref(out, kind, rva, disp_offset, 4, target):
+            return -1
+        if not fast.two_byte and fast.opcode == 0x8D:
+            reg |= (fast.rex & 4) << 1
+            self._lea(LEA_REGISTER[2 if fast.rex & 8 else 0 if fast.opsize16 else 1][reg], target)
+        elif _in_function(f, target) and _add_read(out, target):
+            return -1
+        return 0
+
+    cdef inline void _lea(self, int reg, int64_t target) noexcept nogil:
+        if self.lea_known[reg] and self.lea_value[reg] == 0:
+            self.image_base_regs -= 1
+        if target == 0:
+            self.image_base_regs += 1
+        self.lea_value[reg] = target
+        self.lea_known[reg] = 1
+        self.lea_any = True
 
     cdef int _detailed(self, Decoded *out, const Function *f, cs_insn *insn, int64_t *last_cmp) noexcept nogil:
         """References of one instruction decoded with details (branch, RIP operand, switch)."""
@@ -371,8 +470,7 @@ cdef class _Decoder:
                     if _push_ref(out, kind, rva, x.encoding.disp_offset, 4, target):
                         return -1
                     if insn.id == X86_INS_LEA:
-                        self.lea_value[x.operands[0].reg] = target
-                        self.lea_known[x.operands[0].reg] = 1
+                        self._lea(x.operands[0].reg, target)
                     elif _in_function(f, target) and _add_read(out, target):
                         return -1
                     break
@@ -468,6 +566,50 @@ def fast_length(const uint8_t[:] code):
     return length, bool(interesting)
 
 
+def fast_decode(const uint8_t[:] code):
+    """(length, reasons, bound, modrm_offset) from the native fast decoder: ``reasons`` the names of its
+    ``HP_*`` bits (``FAST_REASONS``), ``bound`` the compare's bound when "bound" is among them, else None.
+    For tests."""
+    cdef hp_fast_insn fast
+    cdef int length = hp_fast_decode(&code[0], code.shape[0], &fast) if code.shape[0] else 0
+    reasons = {name for name, bit in FAST_REASONS.items() if fast.reasons & bit} if code.shape[0] else set()
+    return length, reasons, fast.bound if reasons and fast.reasons & HP_BOUND else None
+
+
+def rip_operand(ctx, const uint8_t[:] code, int64_t rva, ranges):
+    """(refs, lea register or None, reads) of the fast decoder's reading of one RIP-relative instruction at
+    ``rva`` (``_rip_operand``), inside a function of ``ranges``; None if it does not decode it so. For tests."""
+    cdef _Decoder decoder = _Decoder(ctx)
+    cdef hp_fast_insn fast
+    cdef Decoded out
+    cdef Function f
+    cdef int length
+    flat = array("q", [bound for span in ranges for bound in span] or [0])
+    cdef const int64_t[:] flat_view = flat
+    if not code.shape[0]:
+        return None
+    length = hp_fast_decode(&code[0], code.shape[0], &fast)
+    if not length or not fast.reasons & HP_RIP:
+        return None
+    f.ranges, f.n_ranges, f.refs_begin, f.tables_begin = &flat_view[0], len(ranges), 0, 0
+    memset(&out, 0, sizeof(Decoded))
+    memset(decoder.lea_known, 0, sizeof(decoder.lea_known))
+    try:
+        if decoder._rip_operand(&out, &f, &code[0], rva, length, &fast):
+            raise MemoryError()
+        refs = [(out.refs[i].kind, out.refs[i].insn_rva, out.refs[i].operand_offset, out.refs[i].operand_size,
+                 out.refs[i].target) for i in range(out.n_refs)]
+        lea = [reg for reg in range(512) if decoder.lea_known[reg]]
+        return refs, (lea[0] if lea else None), [out.reads[i] for i in range(out.n_reads)]
+    finally:
+        _free_decoded(&out)
+
+
+#: the fast decoder's reasons for a full decode (``x86_fastlen.h``)
+FAST_REASONS = {"branch": HP_BRANCH, "rip": HP_RIP, "disp32": HP_DISP32, "absolute": HP_ABSOLUTE,
+                "scale4": HP_SCALE4, "compare": HP_COMPARE, "bound": HP_BOUND}
+
+
 cdef csh _text_handle = 0
 cdef cs_insn *_text_insn = NULL
 
@@ -480,9 +622,9 @@ def instruction_text(const uint8_t[:] memory, int64_t begin, int64_t end):
     cdef uint64_t address
     cdef list out = []
     if _text_insn == NULL:
-        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &_text_handle) != CS_ERR_OK:
+        if cs.open(CS_ARCH_X86, CS_MODE_64, &_text_handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
-        _text_insn = p_cs_malloc(_text_handle)
+        _text_insn = cs.malloc(_text_handle)
         if _text_insn == NULL:
             raise MemoryError()
     end = min(end, <int64_t>memory.shape[0])
@@ -491,7 +633,7 @@ def instruction_text(const uint8_t[:] memory, int64_t begin, int64_t end):
     code = &memory[begin]
     remaining = <size_t>(end - begin)
     address = <uint64_t>begin
-    while remaining and p_cs_disasm_iter(_text_handle, &code, &remaining, &address, _text_insn):
+    while remaining and cs.disasm_iter(_text_handle, &code, &remaining, &address, _text_insn):
         out.append((_text_insn.address, (<bytes>_text_insn.mnemonic).decode(), (<bytes>_text_insn.op_str).decode()))
     return out
 

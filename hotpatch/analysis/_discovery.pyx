@@ -13,7 +13,7 @@ from libc.stdint cimport uint8_t, uint32_t, int64_t
 
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
-from hotpatch.analysis._shared cimport _lower_bound, _terminates_within
+from hotpatch.analysis._shared cimport _lower_bound, _terminates
 
 IMPLEMENTATION = "cython"
 
@@ -233,7 +233,7 @@ def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list ta
     cdef Py_ssize_t count = rvas.shape[0], memlen = memory.shape[0], index, ref_index = 0, ref_count
     cdef const uint8_t *m = &memory[0] if memlen else NULL
     cdef const PackedRef *packed = NULL
-    cdef int64_t reach = begin, insn, end, target, kept = begin, gap_begin = -1, gap_end = -1, nearest
+    cdef int64_t reach = begin, insn, end, target, readable, kept = begin, gap_begin = -1, gap_end = -1, nearest
     cdef Py_ssize_t fill
     cdef int kind
     cdef bint outside
@@ -284,7 +284,9 @@ def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list ta
                         elif table_reach > kept:
                             kept = table_reach
         end = rvas[index + 1] if index + 1 < count else limit
-        if not _terminates_within(m, memlen, insn, end):
+        # ``flow.terminates(memory, insn, end)``: prefixes within 15 bytes, the second opcode byte up to ``end``
+        readable = end if end < memlen else memlen
+        if not _terminates(m + insn, min(readable, insn + 15) - insn, readable - insn):
             continue
         if gap_end < 0:
             if reach < end:

@@ -20,7 +20,7 @@ cdef inline Py_ssize_t _opcode_at(const uint8_t *p, Py_ssize_t length) noexcept 
 cdef inline bint _terminates(const uint8_t *p, Py_ssize_t length, Py_ssize_t readable) noexcept nogil:
     """Same as ``hotpatch.analysis.flow.terminates``: ret, jmp, ud2, int3, hlt never fall through. Prefixes
     and the opcode are looked for within ``length`` bytes, the opcode's second byte within ``readable``
-    (discovery bounds the prefixes tighter than the code it may read: ``_terminates_within``)."""
+    (discovery bounds the prefixes tighter than the code it may read: 15 bytes, as ``flow.terminates`` does)."""
     cdef Py_ssize_t at = _opcode_at(p, length)
     cdef uint8_t op
     if at >= length:
@@ -54,10 +54,3 @@ cdef inline size_t _lower_bound(const uint32_t *values, size_t count, int64_t ke
             hi = mid
     return lo
 
-
-cdef inline bint _terminates_within(const uint8_t *m, Py_ssize_t memlen, Py_ssize_t rva,
-                                    Py_ssize_t end) noexcept nogil:
-    """``hotpatch.analysis.flow.terminates(memory, rva, end)``: prefixes are skipped within 15 bytes (and
-    ``end`` and the memory), the opcode's second byte is read up to ``end``."""
-    cdef Py_ssize_t readable = end if end < memlen else memlen
-    return _terminates(m + rva, (readable if readable < rva + 15 else rva + 15) - rva, readable - rva)

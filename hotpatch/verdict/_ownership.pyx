@@ -16,7 +16,6 @@ without the GIL.
 
 import threading
 
-from hotpatch.x86 import capstone_symbol
 from capstone import x86_const as _x86
 
 from cython.operator cimport dereference as deref
@@ -26,6 +25,7 @@ from libcpp.unordered_map cimport unordered_map
 from libcpp.vector cimport vector
 
 from hotpatch.analysis.includes.capstone cimport *
+from hotpatch.analysis._capstone_api cimport load_entry_points
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.verdict._tagsets cimport _drop, _has, _held, _lower, _set, _sorted_has, _subset, _union
 
@@ -33,23 +33,8 @@ from . import _ownership_reference as _twin
 
 # ── capstone entry points, taken from the library the Python binding loaded ──
 
-_MODULE = "hotpatch.verdict._ownership"
-
-cdef cs_open_fn p_cs_open
-cdef cs_option_fn p_cs_option
-cdef cs_malloc_fn p_cs_malloc
-cdef cs_disasm_iter_fn p_cs_disasm_iter
-cdef cs_regs_access_fn p_cs_regs_access
-cdef cs_free_fn p_cs_free
-cdef cs_close_fn p_cs_close
-
-p_cs_open = <cs_open_fn><size_t>capstone_symbol("cs_open", _MODULE)
-p_cs_option = <cs_option_fn><size_t>capstone_symbol("cs_option", _MODULE)
-p_cs_malloc = <cs_malloc_fn><size_t>capstone_symbol("cs_malloc", _MODULE)
-p_cs_disasm_iter = <cs_disasm_iter_fn><size_t>capstone_symbol("cs_disasm_iter", _MODULE)
-p_cs_regs_access = <cs_regs_access_fn><size_t>capstone_symbol("cs_regs_access", _MODULE)
-p_cs_free = <cs_free_fn><size_t>capstone_symbol("cs_free", _MODULE)
-p_cs_close = <cs_close_fn><size_t>capstone_symbol("cs_close", _MODULE)
+cdef CapstoneAPI cs
+load_entry_points(&cs, "hotpatch.verdict._ownership")
 
 
 # ── the twin's constants, as tables ───────────────────────────────────────────
@@ -170,16 +155,16 @@ cdef class _Scan:
     def __cinit__(self):
         self.handle = 0
         self.insn = NULL
-        if p_cs_open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
+        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
-        p_cs_option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
-        self.insn = p_cs_malloc(self.handle)
+        cs.option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
+        self.insn = cs.malloc(self.handle)
 
     def __dealloc__(self):
         if self.insn != NULL:
-            p_cs_free(self.insn, 1)
+            cs.free(self.insn, 1)
         if self.handle:
-            p_cs_close(&self.handle)
+            cs.close(&self.handle)
 
     cdef int open(self, object memory, object ranges, object switch_targets, object allocators,
                   object deallocators, int64_t budget) except -1:
@@ -235,7 +220,7 @@ cdef class _Scan:
     cdef void close(self):
         self.owner = None  # the image's memory is not kept alive by this thread's scanner
 
-    cdef uint32_t tag(self, int kind, int64_t value) noexcept nogil:
+    cdef int64_t tag(self, int kind, int64_t value) except -1 nogil:
         """The number of the tag (kind, value), given when first asked for."""
         cdef unordered_map[int64_t, uint32_t] *numbers = (
             &self.field_tags if kind == FIELD else &self.alloc_tags if kind == ALLOC else &self.arg_tags)
@@ -248,7 +233,7 @@ cdef class _Scan:
         self.tag_value.push_back(value)
         return number
 
-    cdef uint64_t slot(self, int64_t disp) noexcept nogil:
+    cdef int64_t slot(self, int64_t disp) except -1 nogil:
         cdef unordered_map[int64_t, uint32_t].iterator it = self.slot_numbers.find(disp)
         if it != self.slot_numbers.end():
             return SLOTS + deref(it).second
@@ -272,7 +257,7 @@ cdef class _Scan:
         cdef vector[uint64_t] tags
         cdef uint64_t loc
         for where, held in entry.items():
-            loc = self.slot(where[1]) if isinstance(where, tuple) else <uint64_t>where
+            loc = <uint64_t>self.slot(where[1]) if isinstance(where, tuple) else <uint64_t>where
             for kind, value in held:
                 tags.push_back((loc << 32) | self.tag(_KIND_NUMBERS[kind], value))
         tags_sorted = sorted(set(tags))
@@ -283,7 +268,7 @@ cdef class _Scan:
         self.work_tags.push_back(tags)
         return 0
 
-    cdef Step *step(self, int64_t rva, int64_t place) noexcept nogil:
+    cdef Step *step(self, int64_t rva, int64_t place) except NULL nogil:
         """The summary of the instruction at ``rva`` (at ``place``), decoded on first use (``size`` 0: none
         decodes); valid until the next call."""
         cdef Step blank
@@ -300,11 +285,11 @@ cdef class _Scan:
         cdef uint64_t address = <uint64_t>rva
         if size > 16:
             size = 16
-        if p_cs_disasm_iter(self.handle, &code, &size, &address, self.insn):
+        if cs.disasm_iter(self.handle, &code, &size, &address, self.insn):
             self.summarise(st)
         return st
 
-    cdef void summarise(self, Step *st) noexcept nogil:
+    cdef int summarise(self, Step *st) except -1 nogil:
         cdef cs_insn *insn = self.insn
         cdef cs_x86 *x = &insn.detail.x86
         cdef cs_x86_op *op0 = &x.operands[0]
@@ -329,16 +314,16 @@ cdef class _Scan:
             if st.call != C_NONE:
                 st.target = target
                 st.is_call = insn.id == X86_INS_CALL
-                return
+                return 0
         if ENDS[insn.id]:
             st.ends = True
-            return
+            return 0
         if _has_group(insn.detail, CS_GRP_JUMP):
             st.is_jump = True
             st.jump = op0.imm if x.op_count == 1 and op0.type == X86_OP_IMM else -1
             st.unconditional = insn.id == X86_INS_JMP
-            return
-        if p_cs_regs_access(self.handle, insn, regs_read, &read_count, regs_write, &write_count) != CS_ERR_OK:
+            return 0
+        if cs.regs_access(self.handle, insn, regs_read, &read_count, regs_write, &write_count) != CS_ERR_OK:
             write_count = 0
         st.writes_at = self.writes.size()
         st.writes_count = write_count
@@ -351,24 +336,25 @@ cdef class _Scan:
                     st.move, st.has_slot, st.slot = M_SPILL, True, op0.mem.disp
                 else:
                     st.move, st.has_field, st.field = M_STORE, _is_field(op0), op0.mem.disp
-                return
+                return 0
             if op0.type == X86_OP_REG and op1.type == X86_OP_MEM:
                 st.move, st.reg = M_LOAD, op0.reg
                 st.has_slot, st.has_field, st.slot, st.field = _is_slot(op1), _is_field(op1), op1.mem.disp, op1.mem.disp
-                return
+                return 0
             if op0.type == X86_OP_REG and op1.type == X86_OP_REG:
                 st.move, st.reg, st.source = M_MOVE, op0.reg, op1.reg
-                return
+                return 0
         if x.op_count >= 1 and op0.type == X86_OP_MEM and _is_slot(op0):
             st.has_slot, st.slot = True, op0.mem.disp
+        return 0
 
     cdef void written(self, const Step *st, vector[uint64_t] &tags) noexcept nogil:
         cdef uint32_t i
         for i in range(st.writes_count):  # a write to a part of a register ends its tag
             _drop(tags, self.writes[st.writes_at + i])
 
-    cdef void track(self, const Step *st, vector[uint64_t] &tags, vector[uint32_t] &held,
-                    vector[uint64_t] &scratch) noexcept nogil:
+    cdef int track(self, const Step *st, vector[uint64_t] &tags, vector[uint32_t] &held,
+                   vector[uint64_t] &scratch) except -1 nogil:
         """The twin's ``_track``: what a non-branching instruction does to the tags."""
         cdef size_t i
         cdef uint64_t loc
@@ -388,7 +374,7 @@ cdef class _Scan:
                             fields.push_back(st.field)
         elif st.move == M_LOAD:
             self.written(st, tags)
-            loc = self.slot(st.slot) if st.has_slot else 0
+            loc = <uint64_t>self.slot(st.slot) if st.has_slot else 0
             if st.has_slot and _lower(tags, loc << 32) != _lower(tags, (loc + 1) << 32):
                 _held(tags, loc, held)
                 _set(tags, st.reg, held, scratch)
@@ -405,8 +391,9 @@ cdef class _Scan:
             if st.has_slot:
                 _drop(tags, self.slot(st.slot))
             self.written(st, tags)
+        return 0
 
-    cdef void run(self) noexcept nogil:
+    cdef int run(self) except -1 nogil:
         cdef int64_t budget = self.budget, rva, target
         cdef vector[uint64_t] tags, merged, scratch
         cdef vector[uint32_t] held
@@ -470,11 +457,13 @@ cdef class _Scan:
                 else:
                     self.track(st, tags, held, scratch)
                 rva += st.size
+        return 0
 
-    cdef void push(self, int64_t target, const vector[uint64_t] &tags) noexcept nogil:
+    cdef int push(self, int64_t target, const vector[uint64_t] &tags) except -1 nogil:
         if self.place(target) >= 0:
             self.work_rva.push_back(target)
             self.work_tags.push_back(tags)
+        return 0
 
     cdef list results(self, dict allocations):
         cdef size_t i
@@ -489,6 +478,29 @@ cdef class _Scan:
             fields = allocations.setdefault(self.alloc_order[i], set())
             fields.update(self.alloc_fields[self.alloc_order[i]])
         return out
+
+
+# Allocations the scan's C++ containers make without Cython's checks (a map's operator[], a vector's copy)
+# throw std::bad_alloc past its functions: caught here, it becomes MemoryError instead of an abort.
+cdef extern from *:
+    """
+    #include <new>
+    static int hp_no_bad_alloc(int (*body)(void *), void *state) {
+        try {
+            return body(state);
+        } catch (const std::bad_alloc &) {
+            PyGILState_STATE gil = PyGILState_Ensure();
+            PyErr_NoMemory();
+            PyGILState_Release(gil);
+            return -1;
+        }
+    }
+    """
+    int _no_bad_alloc "hp_no_bad_alloc"(int (*body)(void *) except -1 nogil, void *state) except -1 nogil
+
+
+cdef int _run(void *state) except -1 nogil:
+    return (<_Scan>state).run()
 
 
 _local = threading.local()
@@ -508,7 +520,7 @@ def scan(table, function, allocators, deallocators, dict entry, dict allocations
     try:
         state.start(function.rva, entry)
         with nogil:
-            state.run()
+            _no_bad_alloc(_run, <void *>state)
         return state.results(allocations)
     finally:
         state.close()

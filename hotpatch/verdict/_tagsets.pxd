@@ -1,5 +1,6 @@
 """The ownership scan's sets: what each place may hold, as one sorted vector of ``location << 32 | tag``
-codes (``_ownership.pyx``), and small searches over sorted and unsorted vectors."""
+codes (``_ownership.pyx``), and small searches over sorted and unsorted vectors. The ones that allocate
+return -1 with MemoryError set when the vector cannot grow."""
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libcpp.vector cimport vector
@@ -15,21 +16,22 @@ cdef inline size_t _lower(const vector[uint64_t] &codes, uint64_t key) noexcept 
     return lower_bound(first, first + codes.size(), key) - first
 
 
-cdef inline void _held(const vector[uint64_t] &tags, uint64_t loc, vector[uint32_t] &out) noexcept nogil:
+cdef inline int _held(const vector[uint64_t] &tags, uint64_t loc, vector[uint32_t] &out) except -1 nogil:
     """The tags ``loc`` holds, in order."""
     cdef size_t i = _lower(tags, loc << 32), end = _lower(tags, (loc + 1) << 32)
     out.clear()
     while i < end:
         out.push_back(<uint32_t>(tags[i] & 0xffffffffu))
         i += 1
+    return 0
 
 
-cdef inline void _set(vector[uint64_t] &tags, uint64_t loc, const vector[uint32_t] &held,
-                      vector[uint64_t] &scratch) noexcept nogil:
+cdef inline int _set(vector[uint64_t] &tags, uint64_t loc, const vector[uint32_t] &held,
+                     vector[uint64_t] &scratch) except -1 nogil:
     """``loc`` holds ``held`` (sorted) and nothing else; an empty ``held`` drops it."""
     cdef size_t lo = _lower(tags, loc << 32), hi = _lower(tags, (loc + 1) << 32), i
     if lo == hi and held.empty():
-        return
+        return 0
     scratch.clear()
     for i in range(lo):
         scratch.push_back(tags[i])
@@ -38,6 +40,7 @@ cdef inline void _set(vector[uint64_t] &tags, uint64_t loc, const vector[uint32_
     for i in range(hi, tags.size()):
         scratch.push_back(tags[i])
     tags.swap(scratch)
+    return 0
 
 
 cdef inline void _drop(vector[uint64_t] &tags, uint64_t loc) noexcept nogil:
@@ -58,7 +61,7 @@ cdef inline bint _subset(const vector[uint64_t] &a, const vector[uint64_t] &b) n
     return True
 
 
-cdef inline void _union(const vector[uint64_t] &a, const vector[uint64_t] &b, vector[uint64_t] &out) noexcept nogil:
+cdef inline int _union(const vector[uint64_t] &a, const vector[uint64_t] &b, vector[uint64_t] &out) except -1 nogil:
     cdef size_t i = 0, j = 0
     out.clear()
     while i < a.size() or j < b.size():
@@ -72,6 +75,7 @@ cdef inline void _union(const vector[uint64_t] &a, const vector[uint64_t] &b, ve
             out.push_back(a[i])
             i += 1
             j += 1
+    return 0
 
 
 cdef inline bint _sorted_has(const vector[int64_t] &values, int64_t value) noexcept nogil:

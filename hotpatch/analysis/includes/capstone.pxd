@@ -111,3 +111,15 @@ ctypedef cs_err (*cs_close_fn)(csh *handle) noexcept nogil
 # the registers an instruction reads and writes, explicit and implicit (cs_regs is uint16_t[64])
 ctypedef cs_err (*cs_regs_access_fn)(csh handle, const cs_insn *insn, uint16_t *regs_read, uint8_t *read_count,
                                      uint16_t *regs_write, uint8_t *write_count) noexcept nogil
+
+
+# Every entry point the compiled modules call, as one struct each module fills once at import
+# (``hotpatch.analysis._capstone_api.load_entry_points``).
+ctypedef struct CapstoneAPI:
+    cs_open_fn open
+    cs_option_fn option
+    cs_malloc_fn malloc
+    cs_disasm_iter_fn disasm_iter
+    cs_regs_access_fn regs_access
+    cs_free_fn free
+    cs_close_fn close

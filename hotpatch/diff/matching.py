@@ -47,9 +47,10 @@ class _Matcher:
         self.backward: dict[int, int] = {}
         kernels = diff_kernels(baseline.backend)
         self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
-        # the unmatched lists are taken a dozen times over every function: the RVAs read once
-        self._rvas_a = [f.rva for f in baseline.functions]
-        self._rvas_b = [f.rva for f in patched.functions]
+        # the unmatched lists are taken a dozen times: each is the last one filtered (pairs are never undone,
+        # so that keeps the table's order), not the whole table again
+        self._unmatched_a: list[Function] = list(baseline.functions)
+        self._unmatched_b: list[Function] = list(patched.functions)
 
     def pair(self, a: int, b: int, method: str, similarity: float | None = None) -> bool:
         if a in self.forward or b in self.backward:
@@ -60,11 +61,13 @@ class _Matcher:
 
     def unmatched_baseline(self) -> list[Function]:
         forward = self.forward
-        return [f for f, rva in zip(self.baseline.functions, self._rvas_a) if rva not in forward]
+        self._unmatched_a = [f for f in self._unmatched_a if f.rva not in forward]
+        return self._unmatched_a
 
     def unmatched_patched(self) -> list[Function]:
         backward = self.backward
-        return [f for f, rva in zip(self.patched.functions, self._rvas_b) if rva not in backward]
+        self._unmatched_b = [f for f in self._unmatched_b if f.rva not in backward]
+        return self._unmatched_b
 
 
 def match_functions(baseline: FunctionTable, patched: FunctionTable,

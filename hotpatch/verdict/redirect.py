@@ -17,8 +17,8 @@ return into the middle of the redirect: ``call rax`` is 2 bytes).
 
 from __future__ import annotations
 
+from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
-from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32
 from .strategy import PADDING_JMP_SIZE, Strategy
 
 __all__ = ["obstacles", "possible_strategies"]
@@ -35,7 +35,7 @@ def possible_strategies(table: FunctionTable, function: Function) -> list[Strate
 def obstacles(table: FunctionTable, function: Function) -> dict[Strategy, str]:
     """Why each strategy that cannot be used at ``function``'s entry cannot (usable ones are absent)."""
     entry = function.rva
-    inner_targets = _inner_branch_targets(table, function)
+    inner_targets = _targets_near_entry(table, function)
     return_addresses = _entry_return_addresses(table, function)
     room = function.size + function.pad_after
     out = {}
@@ -53,13 +53,16 @@ def obstacles(table: FunctionTable, function: Function) -> dict[Strategy, str]:
     return out
 
 
-def _inner_branch_targets(table: FunctionTable, function: Function) -> set[int]:
-    targets = set()
-    for kind, _, _, _, target in table.analysis_of(function).raw_refs:
-        if kind in (BRANCH_REL8, BRANCH_REL32) and function.rva < target < function.end_rva:
-            targets.add(target)
-    for jump_table in table.analysis_of(function).raw_tables:
-        targets.update(jump_table[3])
+def _targets_near_entry(table: FunctionTable, function: Function) -> set[int]:
+    """Where the function's branches inside it and its jump tables land in the bytes after its entry that the
+    longest redirect overwrites (no strategy cares about a landing beyond)."""
+    entry = function.rva
+    near = entry + _LONGEST
+    analysis = table.analysis_of(function)
+    targets: set[int] = diff_kernels(table.backend).branch_targets_between(analysis.raw_refs, entry,
+                                                                           min(function.end_rva, near))
+    for jump_table in analysis.raw_tables:
+        targets.update(t for t in jump_table[3] if entry < t < near)
     return targets
 
 

@@ -15,6 +15,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
@@ -74,8 +75,8 @@ def match_functions(baseline: FunctionTable, patched: FunctionTable,
                     streams: InstructionStreams | None = None) -> dict[int, Match]:
     """Baseline RVA -> Match for every function that has a counterpart."""
     m = _Matcher(baseline, patched, streams or InstructionStreams(baseline, patched))
-    _by_unique_key(m, lambda f: f.name, "name")
-    _by_unique_key(m, lambda f: f.fingerprint, "fingerprint")
+    _by_unique_key(m, "name", "name")
+    _by_unique_key(m, "fingerprint", "fingerprint")
     _by_call_graph(m)
     _by_twins(m)
     _by_fingerprint_groups(m)
@@ -85,22 +86,27 @@ def match_functions(baseline: FunctionTable, patched: FunctionTable,
     return m.forward
 
 
-def _by_unique_key(m: _Matcher, key: object, method: str) -> None:
-    get = key  # type: ignore[assignment]
-    left: dict[object, list[int]] = defaultdict(list)
-    right: dict[object, list[int]] = defaultdict(list)
-    for f in m.unmatched_baseline():
-        k = get(f)  # type: ignore[operator]
-        if k:
-            left[k].append(f.rva)
-    for f in m.unmatched_patched():
-        k = get(f)  # type: ignore[operator]
-        if k:
-            right[k].append(f.rva)
+def _by_unique_key(m: _Matcher, attribute: str, method: str) -> None:
+    """Pairs the unmatched functions whose ``attribute`` (name, fingerprint) is set and unique on each side."""
+    left = _rvas_by(m.unmatched_baseline(), attribute)
+    right = _rvas_by(m.unmatched_patched(), attribute)
     for k, rvas in left.items():
         other = right.get(k)
         if len(rvas) == 1 and other is not None and len(other) == 1:
             m.pair(rvas[0], other[0], method)
+
+
+def _rvas_by(functions: list[Function], attribute: str) -> dict[object, list[int]]:
+    """Function RVAs by their ``attribute``, those without one left out (attributes read in C: the first pass
+    reads every function of both images)."""
+    out: dict[object, list[int]] = defaultdict(list)
+    for key, rva in zip(map(attrgetter(attribute), functions), map(_RVA, functions)):
+        if key:
+            out[key].append(rva)
+    return out
+
+
+_RVA = attrgetter("rva")
 
 
 # call graphs by table object (a table's functions never change); an entry goes when its table does

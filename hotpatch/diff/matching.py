@@ -234,13 +234,16 @@ def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]])
         if len(left) * len(right) > _TWIN_SCORING_LIMIT:
             continue
         scored = []
+        neighbours_b: list[tuple[int, set[int]]] | None = None  # each b's, made once per group when needed
         for a in left:
             mapped = {m.forward[x].patched_rva for x in (*callers_a.get(a, ()), *callees_a.get(a, ()))
                       if x in m.forward}
             if not mapped:
                 continue
-            for b in right:
-                shared = len(mapped & {*callers_b.get(b, ()), *callees_b.get(b, ())})
+            if neighbours_b is None:
+                neighbours_b = [(b, {*callers_b.get(b, ()), *callees_b.get(b, ())}) for b in right]
+            for b, neighbours in neighbours_b:
+                shared = len(mapped & neighbours)
                 if shared:
                     scored.append((-shared, a, b))
         # a pair counts only when each is the other's single best: a tie is no evidence either way
@@ -249,8 +252,11 @@ def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]])
         for score, a, b in scored:
             best_a[a].append(score)
             best_b[b].append(score)
+        # each one's two best scores, taken once (not once per pair it is in)
+        tops_a = {a: sorted(scores)[:2] for a, scores in best_a.items()}
+        tops_b = {b: sorted(scores)[:2] for b, scores in best_b.items()}
         for score, a, b in sorted(scored):
-            top_a, top_b = sorted(best_a[a])[:2], sorted(best_b[b])[:2]
+            top_a, top_b = tops_a[a], tops_b[b]
             if score == top_a[0] == top_b[0] and top_a[1:] != [score] and top_b[1:] != [score]:
                 m.pair(a, b, "callgraph")
 

@@ -224,35 +224,6 @@ def test_reference_scans_agree_on_random_records() -> None:
             reference.lone_pair(taken_left, taken_right, left, right)
 
 
-def test_batched_triage_agrees_on_random_pairs() -> None:
-    """triage_equal over many pairs at once: the compiled kernel (packed records and tuples) gives the twin's
-    answer, and each entry is what triage_refs gives that pair alone."""
-    rng = random.Random(20261204)
-    kept = 0
-    for _ in range(200):
-        targets = [rng.randrange(0x1000, 0x1400) for _ in range(rng.randint(1, 30))] + [-5, 0x10FF]
-        iat_a = {t: b"k!f" for t in rng.sample(targets, 2)}
-        iat_b = {t: b"k!f" for t in rng.sample(targets, 2)}
-        function_map = {t: rng.choice(targets) for t in rng.sample(targets, min(len(targets), 6))}
-        data_a, data_b = frozenset(rng.sample(targets, 3)), frozenset(rng.sample(targets, 3))
-        columns: tuple[list, list, list, list] = ([], [], [], [])
-        for _ in range(rng.randint(0, 30)):
-            refs_a = _random_refs(rng, rng.randint(0, 12), targets)
-            refs_b = [(k, i, o, s, rng.choice(targets) if rng.random() < 0.2 else t) for k, i, o, s, t in refs_a]
-            for column, value in zip(columns, (refs_a, refs_b, ((0x1000, 0x1100),) + (((0x1300, 0x1340),)
-                                     if rng.random() < 0.5 else ()), ((0x1010, 0x1120),))):
-                column.append(value)
-        maps = (iat_a, iat_b, function_map, data_a, data_b)
-        expected = reference.triage_equal(*columns, *maps)
-        alone = [reference.triage_refs(a, b, None, ra, rb, *maps) for a, b, ra, rb in zip(*columns)]
-        assert expected == [(k, *found) for k, found in enumerate(alone) if found[0] or found[1]]
-        packed = ([_packed(r) for r in columns[0]], [_packed(r) for r in columns[1]], columns[2], columns[3])
-        assert compiled.triage_equal(*columns, *maps) == expected
-        assert compiled.triage_equal(*packed, *maps) == expected
-        kept += len(expected)
-    assert kept > 500
-
-
 def test_verdict_scans_agree_on_random_records() -> None:
     """branch_targets_between and unsupported_refs: the compiled kernels on packed records and on tuples give
     the twin's answer (targets inside the function and its fragments, in a section or past them, import slots,

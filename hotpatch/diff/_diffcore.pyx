@@ -727,26 +727,6 @@ cdef inline bint _to_classify(object target_a, object target_b, tuple ranges_a, 
 def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict iat_a, dict iat_b,
                 dict function_map, frozenset data_a, frozenset data_b):
     """Sort the reference pairs of two matched functions into (data pairs, pairs left to classify)."""
-    return _triage(refs_a, refs_b, pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
-
-
-def triage_equal(list refs_a_list, list refs_b_list, list ranges_a_list, list ranges_b_list, dict iat_a,
-                 dict iat_b, dict function_map, frozenset data_a, frozenset data_b):
-    """``triage_refs`` of every pair of functions with equal fingerprints (the lists side by side): ``(k, data,
-    rest)`` for each pair ``k`` where either is not empty, in order."""
-    cdef list out = []
-    cdef tuple found
-    cdef Py_ssize_t k
-    for k in range(len(refs_a_list)):
-        found = _triage(refs_a_list[k], refs_b_list[k], None, <tuple>ranges_a_list[k], <tuple>ranges_b_list[k],
-                        iat_a, iat_b, function_map, data_a, data_b)
-        if found[0] or found[1]:
-            out.append((k, found[0], found[1]))
-    return out
-
-
-cdef tuple _triage(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict iat_a, dict iat_b,
-                   dict function_map, frozenset data_a, frozenset data_b):
     cdef list data = [], rest = []
     cdef tuple pair
     cdef Py_ssize_t i, n, count_a = 0, count_b = 0

@@ -78,12 +78,6 @@ The contract (both implementations):
     slot: what ``TargetClassifier`` calls ``self`` on both sides) are
     dropped; the rest come back as ``(ref_a, ref_b)`` in the second.
 
-``triage_equal(refs_a_list, refs_b_list, ranges_a_list, ranges_b_list, iat_a, iat_b, function_map, data_a, data_b)``
-    ``triage_refs(refs_a_list[k], refs_b_list[k], None, ranges_a_list[k],
-    ranges_b_list[k], ...)`` for every pair ``k`` of functions with equal
-    fingerprints: ``(k, data, rest)`` for each where either list is not
-    empty, in order.
-
 ``branch_targets_between(refs, low, high)``
     The set of the targets of the rel8/rel32 branches among ``refs`` that lie
     strictly between ``low`` and ``high``.
@@ -116,7 +110,7 @@ from .align import aligned_indices
 
 __all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_targets_between", "call_graph", "callees",
            "lone_pair", "propagate", "ref_pairs", "ref_targets", "relocated_data", "similarity", "targets_within",
-           "token_ids", "triage_equal", "triage_refs", "unsupported_refs"]
+           "token_ids", "triage_refs", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -239,18 +233,6 @@ def triage_refs(refs_a: list, refs_b: list, pairs: list | None, ranges_a: tuple,
                   and target_a not in iat_a and target_b not in iat_b):
             rest.append((ra, rb))
     return data, rest
-
-
-def triage_equal(refs_a_list: list, refs_b_list: list, ranges_a_list: list, ranges_b_list: list, iat_a: dict,
-                 iat_b: dict, function_map: dict[int, int], data_a: frozenset[int],
-                 data_b: frozenset[int]) -> list[tuple[int, list[tuple[int, int]], list[tuple[tuple, tuple]]]]:
-    out = []
-    for k, (refs_a, refs_b, ranges_a, ranges_b) in enumerate(zip(refs_a_list, refs_b_list, ranges_a_list,
-                                                                 ranges_b_list)):
-        data, rest = triage_refs(refs_a, refs_b, None, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
-        if data or rest:
-            out.append((k, data, rest))
-    return out
 
 
 def propagate(queue: list, forward: dict, backward: dict, callees_a: dict, callees_b: dict, callers_a: Any,

@@ -8,7 +8,6 @@ imports, code references and read-only data reach no longer correspond.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 from ..analysis.api import FunctionAnalysis
 from ..analysis.functions import Function, FunctionTable
@@ -39,7 +38,6 @@ class Pairing:
         self.jump_tables_a = {t[1] for analysis in a.analyses for t in analysis.raw_tables}
         # what every pair's triage reads, looked up once
         self._triage = streams.kernels.triage_refs
-        self._triage_equal = streams.kernels.triage_equal
         self._iat_a, self._iat_b = self.targets_a.iat, self.targets_b.iat
         self._data_a, self._data_b = self.targets_a.all_data_targets(), self.targets_b.all_data_targets()
 
@@ -59,16 +57,9 @@ class Pairing:
         return found
 
     def classify(self, matches: dict[int, Match]) -> list[FunctionDiff]:
-        out: list[FunctionDiff | None] = []
+        out: list[FunctionDiff] = []
         rodata_checks: list[tuple[int, int, int]] = []  # (index in out, rva_a, rva_b)
         functions_b, analyses_b, index_b = self.b.functions, self.b.analyses, self.b._index
-        # Pairs with equal fingerprints (most of them) are triaged together by one kernel call, which names
-        # the few with references left to judge; their places in ``out`` are filled after it.
-        equal: list[tuple[int, Function, Function, Match]] = []
-        refs_a: list[Any] = []
-        refs_b: list[Any] = []
-        ranges_a: list[tuple[tuple[int, int], ...]] = []
-        ranges_b: list[tuple[tuple[int, int], ...]] = []
         for fa, analysis_a in zip(self.a.functions, self.a.analyses):
             match = matches.get(fa.rva)
             if match is None:
@@ -76,42 +67,21 @@ class Pairing:
                 continue
             at_b = index_b[match.patched_rva]
             fb = functions_b[at_b]
-            if fa.fingerprint == fb.fingerprint:
-                equal.append((len(out), fa, fb, match))
-                refs_a.append(analysis_a.raw_refs)
-                refs_b.append(analyses_b[at_b].raw_refs)
-                ranges_a.append(fa.ranges)
-                ranges_b.append(fb.ranges)
-                out.append(None)
-                continue
             changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at_b])
             for rva_a, rva_b in rodata:
                 rodata_checks.append((len(out), rva_a, rva_b))
-            out.append(FunctionDiff(CHANGED, fa, fb, match.method, match.similarity, tuple(changes)))
-        left = iter(self._triage_equal(refs_a, refs_b, ranges_a, ranges_b, self._iat_a, self._iat_b,
-                                       self.function_map, self._data_a, self._data_b))
-        next_k, data, rest = next(left, (-1, None, None))
-        for k, (index, fa, fb, match) in enumerate(equal):
-            changes = ()
-            if k == next_k:
-                found, rodata = self._judge(fa, fb, True, data, rest)  # type: ignore[arg-type]
-                changes = tuple(found)
-                rodata_checks.extend((index, rva_a, rva_b) for rva_a, rva_b in rodata)
-                next_k, data, rest = next(left, (-1, None, None))
-            out[index] = FunctionDiff(CHANGED if changes else UNCHANGED, fa, fb, match.method, match.similarity,
-                                      changes)
+            status = CHANGED if changes else UNCHANGED
+            out.append(FunctionDiff(status, fa, fb, match.method, match.similarity, tuple(changes)))
         if rodata_checks:
-            rodata_checks.sort(key=lambda check: check[0])  # function order, as each pair was judged (stable)
             for index, rva_a, rva_b in rodata_checks:
                 entry = out[index]
-                assert entry is not None
                 if "rodata" in entry.changes or self.items_equal(rva_a, rva_b):
                     continue
                 out[index] = FunctionDiff(CHANGED, entry.baseline, entry.patched, entry.match, entry.similarity,
                                           tuple(sorted(set(entry.changes) | {"rodata"})))
         matched_b = set(self.function_map.values())
         out.extend(FunctionDiff(ADDED, None, fb) for fb in self.b if fb.rva not in matched_b)
-        return out  # type: ignore[return-value]
+        return out
 
     def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]] | None:
         """Pairs of references that sit at the same place in matched instructions; None when the
@@ -133,11 +103,6 @@ class Pairing:
                                   self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b)
         if same_code and not data and not rest:
             return [], []  # most unchanged functions: nothing left to judge
-        return self._judge(fa, fb, same_code, data, rest)
-
-    def _judge(self, fa: Function, fb: Function, same_code: bool, data: list[tuple[int, int]],
-               rest: list[tuple[tuple, tuple]]) -> tuple[list[str], list[tuple[int, int]]]:
-        """What the triaged references of a matched pair say changed, and the read-only data pairs to compare."""
         changes: set[str] = set()
         if not same_code:
             changes.add("code")

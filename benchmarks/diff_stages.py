@@ -2,8 +2,8 @@
 
     python benchmarks/diff_stages.py BASELINE PATCHED [--profile OUT.prof] [--tracemalloc]
 
-Stages run in the order ``hotpatch.diff.compare.diff`` runs them: load (``Image.load``
-of both), discovery (``discover``: the Python around the core), analysis (the
+Stages run in the order ``hotpatch.diff.compare.diff`` runs them: load (``Image.load_fast``
+of both, as the diff reads paths), discovery (``discover``: the Python around the core), analysis (the
 compiled core's decode and fingerprints, timed inside discovery and taken out
 of it), matching (token streams and ``match_functions``), compare (classifying
 matched pairs), data diff (``diff_data`` and uncovered bytes), verdict and
@@ -99,7 +99,7 @@ def run(baseline: str, patched: str) -> tuple[Stages, int]:
     functions.fingerprint_all = stages.timed(analysis.fingerprint_all)  # type: ignore[attr-defined]
     with gc_paused():
         with stages.stage("load"):
-            image_a, image_b = Image.load(baseline), Image.load(patched)
+            image_a, image_b = Image.load_fast(baseline), Image.load_fast(patched)
         with stages.stage("discovery"):
             discover_pair = getattr(functions, "discover_pair", None)
             if discover_pair is not None:

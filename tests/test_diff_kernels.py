@@ -224,6 +224,35 @@ def test_reference_scans_agree_on_random_records() -> None:
             reference.lone_pair(taken_left, taken_right, left, right)
 
 
+def test_verdict_scans_agree_on_random_records() -> None:
+    """branch_targets_between and unsupported_refs: the compiled kernels on packed records and on tuples give
+    the twin's answer (targets inside the function and its fragments, in a section or past them, import slots,
+    zero, negative and wide targets; rel8 branches of short and long functions)."""
+    rng = random.Random(20261203)
+    found = {0: 0, 1: 0}
+    for _ in range(1500):
+        targets = [rng.randrange(0x0F00, 0x1600) for _ in range(rng.randint(1, 30))] + [0, -5, 2**64 - 3]
+        refs = _random_refs(rng, rng.randint(0, 40), targets)
+        if rng.random() < 0.5:
+            refs = [r for r in refs if r[4] < 2**63]
+        ranges = ((0x1000, 0x1100),) + (((0x1300, 0x1340),) if rng.random() < 0.5 else ())
+        bounds = sorted(rng.sample(range(0x0F00, 0x1600, 0x20), 2 * rng.randint(0, 3)))
+        sections = tuple((bounds[k], bounds[k + 1], rng.randint(0, 1)) for k in range(0, len(bounds), 2))
+        iat = {t: b"k!f" for t in rng.sample(targets, 2)}
+        low = rng.choice([0x1000, 0x1040, 0x10F0])
+        high = rng.choice([low, low + 1, low + 14, 0x1100, 2**62])
+        for rel8_leaves in (False, True):
+            expected = reference.unsupported_refs(refs, ranges, rel8_leaves, sections, iat)
+            for why, _, _ in expected:
+                found[why] += 1
+            for form in (refs, _packed(refs)):
+                assert compiled.unsupported_refs(form, ranges, rel8_leaves, sections, iat) == expected
+        expected_targets = reference.branch_targets_between(refs, low, high)
+        for form in (refs, _packed(refs)):
+            assert compiled.branch_targets_between(form, low, high) == expected_targets
+    assert found[0] > 100 and found[1] > 100  # both kinds of reason came up
+
+
 def _random_graph(rng: random.Random, size: int, side: int) -> tuple[dict[int, list[int]], defaultdict[int, list[int]]]:
     """Callees and callers of ``size`` functions numbered from ``side``, as ``matching.call_graph`` keeps them."""
     callees = {side + f: [side + rng.randrange(size) for _ in range(rng.randint(0, 4))]

@@ -169,3 +169,12 @@ def test_cli_refusal_is_one_line_and_exit_2(sample: Path, tmp_path: Path, damage
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("hotpatch: error:"), result.stderr
         assert "Traceback" not in result.stderr
+    # the diff reads both sides with the directory reader: the same refusal, whichever side is bad
+    good = str(sample)
+    for argv in ((str(target), good), (good, str(target))):
+        result = subprocess.run([sys.executable, "-m", "hotpatch.cli", "diff", "--json", *argv],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("hotpatch: error:"), result.stderr
+        assert "Traceback" not in result.stderr

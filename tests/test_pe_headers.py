@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hotpatch.diff.compare import diff
 from hotpatch.errors import CorruptImageError, NotPEError, TruncatedImageError
 from hotpatch.pe.headers import DIRECTORY_EXPORT, read_file_headers, read_headers
 from hotpatch.pe.image import Image
@@ -40,6 +41,35 @@ def test_fast_loader_reads_real_binaries_as_lief_does(toolchain: str) -> None:
 
 def test_fast_loader_reads_rust_pyd_as_lief_does(rust_pyd: Path) -> None:
     _assert_same_image(rust_pyd)  # 21,000 .pdata entries with chains, 140 imports
+
+
+#: every real pair diffed by path in the tests and benchmarks (the diff reads paths with the fast reader)
+DIFFED_PAIRS = (
+    ("cryptography", "43.0.0", "43.0.1", "cryptography/hazmat/bindings/_rust.pyd"),
+    ("numpy", "2.1.0", "2.1.1", "numpy.libs/libscipy_openblas64_-*.dll"),
+    ("numpy", "2.1.0", "2.1.1", "numpy/_core/_multiarray_umath.*.pyd"),
+    ("numpy", "2.1.0", "2.1.1", "numpy/_core/_simd.*.pyd"),
+    ("numpy", "2.1.0", "2.1.1", "numpy/random/_generator.*.pyd"),
+    ("pyzmq", "26.0.2", "26.0.3", "zmq/backend/cython/_zmq.*.pyd"),
+    ("duckdb", "1.1.0", "1.1.1", "duckdb/duckdb.cp311-win_amd64.pyd"),
+)
+
+
+@pytest.mark.realbins
+@pytest.mark.parametrize("dist,old,new,pattern", DIFFED_PAIRS, ids=[p[3].split("/")[-1] for p in DIFFED_PAIRS])
+def test_fast_loader_reads_the_diffed_real_pairs_as_lief_does(dist: str, old: str, new: str, pattern: str) -> None:
+    for version in (old, new):
+        _assert_same_image(real_binary(dist, version, pattern))
+
+
+def test_diff_reads_paths_without_lief(built_fixtures: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(cls: type, source: object) -> Image:
+        raise AssertionError(f"the diff read {source} with LIEF")
+
+    case = built_fixtures / "body_change"
+    expected = diff(Image.load(case / "baseline.dll"), Image.load(case / "patched.dll")).to_json()
+    monkeypatch.setattr(Image, "load", classmethod(refuse))
+    assert diff(case / "baseline.dll", case / "patched.dll").to_json() == expected
 
 
 def test_headers_read_from_memory_match_the_file(built_fixtures: Path) -> None:

@@ -811,3 +811,69 @@ cdef object _lone(dict taken, seq):
         elif item != first:
             return None
     return first
+
+
+# ── verdict checks ──────────────────────────────────────────────────────────
+
+def branch_targets_between(refs, int64_t low, int64_t high):
+    """The set of the targets of the rel8/rel32 branches among ``refs`` strictly between ``low`` and ``high``."""
+    cdef set out = set()
+    cdef Py_ssize_t i, count = 0
+    cdef int kind
+    cdef const PackedRef *packed = _packed(refs, &count)
+    if packed != NULL:
+        for i in range(count):
+            kind = packed[i].kind
+            if (kind == BRANCH_REL8 or kind == BRANCH_REL32) and low < packed[i].target < high:
+                out.add(packed[i].target)
+        return out
+    for ref in refs:
+        if (ref[0] == BRANCH_REL8 or ref[0] == BRANCH_REL32) and low < ref[4] < high:
+            out.add(ref[4])
+    return out
+
+
+def unsupported_refs(refs, tuple ranges, bint rel8_leaves, tuple sections, dict iat):
+    """The references a package cannot relocate, in order: ``(0, insn_rva, target)`` for a rel8 branch leaving
+    the function when ``rel8_leaves``, else ``(1, insn_rva, target)`` for a nonzero target in none of
+    ``sections`` ((begin, end, executable) sorted by begin) nor in ``iat``; targets in ``ranges`` are left out."""
+    cdef list out = []
+    cdef Py_ssize_t i, k, count = 0, n_sections = len(sections)
+    cdef int64_t target
+    cdef const PackedRef *packed = _packed(refs, &count)
+    cdef int64_t *bounds
+    if packed == NULL:
+        for ref in refs:
+            wide = ref[4]
+            if _inside_any(ranges, wide):
+                continue
+            if ref[0] == BRANCH_REL8 and rel8_leaves:
+                out.append((0, ref[1], wide))
+            elif wide != 0 and not _in_any_section(sections, wide) and wide not in iat:
+                out.append((1, ref[1], wide))
+        return out
+    bounds = <int64_t *>malloc((3 * n_sections + 1) * sizeof(int64_t))
+    if bounds == NULL:
+        raise MemoryError()
+    try:
+        for k in range(n_sections):
+            bounds[3 * k], bounds[3 * k + 1], bounds[3 * k + 2] = sections[k][0], sections[k][1], sections[k][2]
+        for i in range(count):
+            target = packed[i].target
+            if _inside(ranges, target):  # most references: branches inside the function, told apart in C
+                continue
+            if packed[i].kind == BRANCH_REL8 and rel8_leaves:
+                out.append((0, packed[i].insn_rva, target))
+            elif target != 0 and _section_of(bounds, n_sections, target) < 0 and target not in iat:
+                out.append((1, packed[i].insn_rva, target))
+    finally:
+        free(bounds)
+    return out
+
+
+cdef bint _in_any_section(tuple sections, object target):
+    cdef tuple section
+    for section in sections:
+        if section[0] <= target < section[1]:
+            return True
+    return False

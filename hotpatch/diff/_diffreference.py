@@ -78,6 +78,18 @@ The contract (both implementations):
     slot: what ``TargetClassifier`` calls ``self`` on both sides) are
     dropped; the rest come back as ``(ref_a, ref_b)`` in the second.
 
+``branch_targets_between(refs, low, high)``
+    The set of the targets of the rel8/rel32 branches among ``refs`` that lie
+    strictly between ``low`` and ``high``.
+
+``unsupported_refs(refs, ranges, rel8_leaves, sections, iat)``
+    The references a package cannot relocate, in order, leaving out those
+    whose target lies in ``ranges`` (they move with the function): ``(0,
+    insn_rva, target)`` for a rel8 branch when ``rel8_leaves``, else ``(1,
+    insn_rva, target)`` for a nonzero target in none of ``sections``
+    ((begin, end, executable), sorted by begin, not overlapping) and not a
+    key of ``iat``.
+
 ``lone_pair(taken_left, taken_right, left, right)``
     ``[(x, y)]`` when exactly one distinct element of ``left`` is not a key of
     ``taken_left`` (``x``) and exactly one of ``right`` not of ``taken_right``
@@ -96,8 +108,9 @@ from typing import Any
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from .align import aligned_indices
 
-__all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "call_graph", "callees", "lone_pair", "propagate",
-           "ref_pairs", "ref_targets", "relocated_data", "similarity", "targets_within", "token_ids", "triage_refs"]
+__all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_targets_between", "call_graph", "callees",
+           "lone_pair", "propagate", "ref_pairs", "ref_targets", "relocated_data", "similarity", "targets_within",
+           "token_ids", "triage_refs", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -239,3 +252,20 @@ def lone_pair(taken_left: dict, taken_right: dict, left: Any, right: Any) -> lis
     free_left = list(filterfalse(taken_left.__contains__, dict.fromkeys(left)))
     free_right = list(filterfalse(taken_right.__contains__, dict.fromkeys(right)))
     return [(free_left[0], free_right[0])] if len(free_left) == 1 and len(free_right) == 1 else []
+
+
+def branch_targets_between(refs: Any, low: int, high: int) -> set[int]:
+    return {ref[4] for ref in refs if (ref[0] == BRANCH_REL8 or ref[0] == BRANCH_REL32) and low < ref[4] < high}
+
+
+def unsupported_refs(refs: Any, ranges: tuple, rel8_leaves: bool, sections: tuple,
+                     iat: dict) -> list[tuple[int, int, int]]:
+    out = []
+    for kind, insn_rva, _, _, target in refs:
+        if _inside(ranges, target):
+            continue
+        if kind == BRANCH_REL8 and rel8_leaves:
+            out.append((0, insn_rva, target))
+        elif target != 0 and not any(s[0] <= target < s[1] for s in sections) and target not in iat:
+            out.append((1, insn_rva, target))
+    return out

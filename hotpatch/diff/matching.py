@@ -15,6 +15,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import attrgetter
 
 from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
@@ -47,9 +48,10 @@ class _Matcher:
         self.backward: dict[int, int] = {}
         kernels = diff_kernels(baseline.backend)
         self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
-        # the unmatched lists are taken a dozen times over every function: the RVAs read once
-        self._rvas_a = [f.rva for f in baseline.functions]
-        self._rvas_b = [f.rva for f in patched.functions]
+        # the unmatched lists are taken a dozen times: each is the last one filtered (pairs are never undone,
+        # so that keeps the table's order), not the whole table again
+        self._unmatched_a: list[Function] = list(baseline.functions)
+        self._unmatched_b: list[Function] = list(patched.functions)
 
     def pair(self, a: int, b: int, method: str, similarity: float | None = None) -> bool:
         if a in self.forward or b in self.backward:
@@ -60,19 +62,21 @@ class _Matcher:
 
     def unmatched_baseline(self) -> list[Function]:
         forward = self.forward
-        return [f for f, rva in zip(self.baseline.functions, self._rvas_a) if rva not in forward]
+        self._unmatched_a = [f for f in self._unmatched_a if f.rva not in forward]
+        return self._unmatched_a
 
     def unmatched_patched(self) -> list[Function]:
         backward = self.backward
-        return [f for f, rva in zip(self.patched.functions, self._rvas_b) if rva not in backward]
+        self._unmatched_b = [f for f in self._unmatched_b if f.rva not in backward]
+        return self._unmatched_b
 
 
 def match_functions(baseline: FunctionTable, patched: FunctionTable,
                     streams: InstructionStreams | None = None) -> dict[int, Match]:
     """Baseline RVA -> Match for every function that has a counterpart."""
     m = _Matcher(baseline, patched, streams or InstructionStreams(baseline, patched))
-    _by_unique_key(m, lambda f: f.name, "name")
-    _by_unique_key(m, lambda f: f.fingerprint, "fingerprint")
+    _by_unique_key(m, "name", "name")
+    _by_unique_key(m, "fingerprint", "fingerprint")
     _by_call_graph(m)
     _by_twins(m)
     _by_fingerprint_groups(m)
@@ -82,22 +86,27 @@ def match_functions(baseline: FunctionTable, patched: FunctionTable,
     return m.forward
 
 
-def _by_unique_key(m: _Matcher, key: object, method: str) -> None:
-    get = key  # type: ignore[assignment]
-    left: dict[object, list[int]] = defaultdict(list)
-    right: dict[object, list[int]] = defaultdict(list)
-    for f in m.unmatched_baseline():
-        k = get(f)  # type: ignore[operator]
-        if k:
-            left[k].append(f.rva)
-    for f in m.unmatched_patched():
-        k = get(f)  # type: ignore[operator]
-        if k:
-            right[k].append(f.rva)
+def _by_unique_key(m: _Matcher, attribute: str, method: str) -> None:
+    """Pairs the unmatched functions whose ``attribute`` (name, fingerprint) is set and unique on each side."""
+    left = _rvas_by(m.unmatched_baseline(), attribute)
+    right = _rvas_by(m.unmatched_patched(), attribute)
     for k, rvas in left.items():
         other = right.get(k)
         if len(rvas) == 1 and other is not None and len(other) == 1:
             m.pair(rvas[0], other[0], method)
+
+
+def _rvas_by(functions: list[Function], attribute: str) -> dict[object, list[int]]:
+    """Function RVAs by their ``attribute``, those without one left out (attributes read in C: the first pass
+    reads every function of both images)."""
+    out: dict[object, list[int]] = defaultdict(list)
+    for key, rva in zip(map(attrgetter(attribute), functions), map(_RVA, functions)):
+        if key:
+            out[key].append(rva)
+    return out
+
+
+_RVA = attrgetter("rva")
 
 
 # call graphs by table object (a table's functions never change); an entry goes when its table does
@@ -225,13 +234,16 @@ def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]])
         if len(left) * len(right) > _TWIN_SCORING_LIMIT:
             continue
         scored = []
+        neighbours_b: list[tuple[int, set[int]]] | None = None  # each b's, made once per group when needed
         for a in left:
             mapped = {m.forward[x].patched_rva for x in (*callers_a.get(a, ()), *callees_a.get(a, ()))
                       if x in m.forward}
             if not mapped:
                 continue
-            for b in right:
-                shared = len(mapped & {*callers_b.get(b, ()), *callees_b.get(b, ())})
+            if neighbours_b is None:
+                neighbours_b = [(b, {*callers_b.get(b, ()), *callees_b.get(b, ())}) for b in right]
+            for b, neighbours in neighbours_b:
+                shared = len(mapped & neighbours)
                 if shared:
                     scored.append((-shared, a, b))
         # a pair counts only when each is the other's single best: a tie is no evidence either way
@@ -240,8 +252,11 @@ def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]])
         for score, a, b in scored:
             best_a[a].append(score)
             best_b[b].append(score)
+        # each one's two best scores, taken once (not once per pair it is in)
+        tops_a = {a: sorted(scores)[:2] for a, scores in best_a.items()}
+        tops_b = {b: sorted(scores)[:2] for b, scores in best_b.items()}
         for score, a, b in sorted(scored):
-            top_a, top_b = sorted(best_a[a])[:2], sorted(best_b[b])[:2]
+            top_a, top_b = tops_a[a], tops_b[b]
             if score == top_a[0] == top_b[0] and top_a[1:] != [score] and top_b[1:] != [score]:
                 m.pair(a, b, "callgraph")
 

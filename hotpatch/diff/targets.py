@@ -35,13 +35,15 @@ class TargetClassifier:
         self.iat = table.context.iat
         self.starts = {f.rva for f in table}
         kernels = diff_kernels(table.backend)
-        self._ref_targets, self._targets_within = kernels.ref_targets, kernels.targets_within
+        self._targets_within = kernels.targets_within
         # flags precomputed per section: this runs for every reference, where Image.section_from_rva plus
         # the Section properties cost measurably more (about 0.1 s of a large diff)
         self._sections = sorted((s.rva, s.end_rva, (s.executable, s.writable)) for s in image.sections)
         self._section_starts = [s[0] for s in self._sections]
         #: (begin, end, executable) sorted by begin, for the kernels that look sections up themselves
         self.sections = tuple((begin, end, executable) for begin, end, (executable, _) in self._sections)
+        #: (begin, end) of the data (non-executable) sections
+        self._data_spans = tuple((begin, end) for begin, end, (executable, _) in self._sections if not executable)
         self._class: dict[int, tuple[str, int | str]] = {}
         self._data_targets: dict[int, frozenset[int]] = {}
         self._all_data_targets: frozenset[int] | None = None
@@ -102,15 +104,15 @@ class TargetClassifier:
         """The data (not import slots) that ``function``'s references point at."""
         found = self._data_targets.get(function.rva)
         if found is None:
-            targets = self._ref_targets((self.table.analysis_of(function).raw_refs,))
-            every = self._all_data_targets if self._all_data_targets is not None else self.all_data_targets()
-            found = self._data_targets[function.rva] = every.intersection(targets)
+            # what ``all_data_targets`` keeps of this function's targets, told apart in C (a Python int is made
+            # only for a target in data, not for each of its calls and branches)
+            within = self._targets_within((self.table.analysis_of(function).raw_refs,), self._data_spans)
+            found = self._data_targets[function.rva] = frozenset(within.difference(self.iat))
         return found
 
     def all_data_targets(self) -> frozenset[int]:
         """The data every function of the image references."""
         if self._all_data_targets is None:
-            data_sections = tuple((begin, end) for begin, end, (executable, _) in self._sections if not executable)
-            targets = self._targets_within([analysis.raw_refs for analysis in self.table.analyses], data_sections)
+            targets = self._targets_within([analysis.raw_refs for analysis in self.table.analyses], self._data_spans)
             self._all_data_targets = frozenset(targets - self.iat.keys())
         return self._all_data_targets

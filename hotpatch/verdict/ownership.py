@@ -28,8 +28,10 @@ is ``_ownership.pyx`` (compiled, over capstone's C API) or its pure-Python twin
 from __future__ import annotations
 
 import importlib
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from heapq import heappop, heappush
 from types import ModuleType
 
 from capstone import x86_const as x86
@@ -171,22 +173,41 @@ def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[i
     call_targets = _kernels(table).call_targets
     small = [(f, targets) for f, a in zip(table.functions, table.analyses) if f.size <= _WRAPPER_BYTES
              if (targets := call_targets(a.raw_refs, _CALLS, _THROUGH_IAT))]
+    # Each round visits, in table order, only the small functions that call one of the heap functions known
+    # when their turn comes (the others do nothing): those calling one known at the round's start, and the
+    # later callers of each found during the round. The rounds find what visiting every small function would.
+    callers: dict[int, list[int]] = defaultdict(list)
+    for index, (_, targets) in enumerate(small):
+        for target in targets:
+            callers[target].append(index)
     for _ in range(_WRAPPER_ROUNDS):
         grown = False
-        for function, targets in small:
+        queue = sorted({i for known in (*allocators, *deallocators) for i in callers.get(known, ())})
+        last = -1
+        while queue:
+            index = heappop(queue)
+            if index == last:
+                continue  # queued twice: visited once a round
+            last = index
+            function, targets = small[index]
             if function.rva in allocators or function.rva in deallocators:
                 continue
             if targets & allocators:
                 allocators.add(function.rva)
-                grown = True
             elif targets & deallocators.keys():
                 # which of its own arguments the wrapper hands on as the pointer to free
                 entry = {r: frozenset({("arg", r)}) for r in _ARGUMENTS}
                 passed = {tag[1] for tag, _ in scan(table, function, frozenset(allocators), deallocators, entry, {})
                           if tag[0] == "arg"}
-                if len(passed) == 1:
-                    deallocators[function.rva] = passed.pop()
-                    grown = True
+                if len(passed) != 1:
+                    continue
+                deallocators[function.rva] = passed.pop()
+            else:
+                continue
+            grown = True
+            for later in callers.get(function.rva, ()):
+                if later > index:
+                    heappush(queue, later)
         if not grown:
             break
     return frozenset(allocators), deallocators

@@ -17,49 +17,58 @@ return into the middle of the redirect: ``call rax`` is 2 bytes).
 
 from __future__ import annotations
 
+from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
-from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32
 from .strategy import PADDING_JMP_SIZE, Strategy
 
 __all__ = ["obstacles", "possible_strategies"]
 
-_LONGEST = max(strategy.width for strategy in Strategy)
+#: the strategies best first with their widths (read for every changed function)
+_WIDTHS = tuple((strategy, strategy.width) for strategy in Strategy)
+_LONGEST = max(width for _, width in _WIDTHS)
+_SHORTEST = min(width for _, width in _WIDTHS)
 
 
 def possible_strategies(table: FunctionTable, function: Function) -> list[Strategy]:
     """The strategies usable at ``function``'s entry, best first (empty: it cannot be redirected)."""
     blocked = obstacles(table, function)
-    return [strategy for strategy in Strategy if strategy not in blocked]
+    return [strategy for strategy, _ in _WIDTHS if strategy not in blocked]
 
 
 def obstacles(table: FunctionTable, function: Function) -> dict[Strategy, str]:
     """Why each strategy that cannot be used at ``function``'s entry cannot (usable ones are absent)."""
     entry = function.rva
-    inner_targets = _inner_branch_targets(table, function)
-    return_addresses = _entry_return_addresses(table, function)
     room = function.size + function.pad_after
+    if room < _SHORTEST:  # nothing fits: no landing or return address matters
+        inner_targets: set[int] = set()
+        return_addresses: set[int] = set()
+    else:
+        inner_targets = _targets_near_entry(table, function)
+        return_addresses = _entry_return_addresses(table, function)
     out = {}
-    for strategy in Strategy:
-        length = strategy.width
-        overwritten = range(entry + 1, entry + length)
+    for strategy, length in _WIDTHS:
+        last = entry + length  # a redirect of this length overwrites entry + 1 .. last - 1 past its first byte
         if length > room:
             out[strategy] = f"needs {length} bytes, {room} there"
-        elif any(t in overwritten for t in inner_targets):
+        elif any(entry < t < last for t in inner_targets):
             out[strategy] = f"a branch lands inside its {length} bytes"
-        elif any(r in overwritten for r in return_addresses):
+        elif any(entry < r < last for r in return_addresses):
             out[strategy] = f"a call returns inside its {length} bytes"
         elif strategy is Strategy.SHORT_JMP_PADDING and (function.pad_before < PADDING_JMP_SIZE or function.size < 2):
             out[strategy] = f"{function.pad_before} bytes of padding before the entry, {PADDING_JMP_SIZE} needed"
     return out
 
 
-def _inner_branch_targets(table: FunctionTable, function: Function) -> set[int]:
-    targets = set()
-    for kind, _, _, _, target in table.analysis_of(function).raw_refs:
-        if kind in (BRANCH_REL8, BRANCH_REL32) and function.rva < target < function.end_rva:
-            targets.add(target)
-    for jump_table in table.analysis_of(function).raw_tables:
-        targets.update(jump_table[3])
+def _targets_near_entry(table: FunctionTable, function: Function) -> set[int]:
+    """Where the function's branches inside it and its jump tables land in the bytes after its entry that the
+    longest redirect overwrites (no strategy cares about a landing beyond)."""
+    entry = function.rva
+    near = entry + _LONGEST
+    analysis = table.analysis_of(function)
+    targets: set[int] = diff_kernels(table.backend).branch_targets_between(analysis.raw_refs, entry,
+                                                                           min(function.end_rva, near))
+    for jump_table in analysis.raw_tables:
+        targets.update(t for t in jump_table[3] if entry < t < near)
     return targets
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..analysis.refkinds import BRANCH_REL8
+from ..analysis.api import diff_kernels
 from ..diff.result import DataChange, DiffResult
 from .clobbers import gcc_built, live_clobbers, new_clobbers
 from .layout import LayoutEvidence, find_layout_changes
@@ -116,6 +116,9 @@ def decide(result: DiffResult, allow_layout_change: bool = False, strict_exports
             continue
         subject = change.detail if kind == "changed_exports" else _rva_subject(change)
         reasons.append(Reason(kind, subject, f"{REASON_KINDS[kind]}: {change.kind} {change.detail}"))
+    # what the reference check of every changed or added function reads, looked up once
+    sections = tuple((s.rva, s.end_rva, 0) for s in sorted(result.patched.image.sections, key=lambda s: s.rva))
+    unsupported = diff_kernels(result.patched.backend).unsupported_refs
     for entry in result.functions:
         if entry.status == "changed" and entry.baseline is not None:
             if not possible_strategies(result.baseline, entry.baseline):
@@ -126,7 +129,7 @@ def decide(result: DiffResult, allow_layout_change: bool = False, strict_exports
                                       f"{entry.baseline.pad_before}/{entry.baseline.pad_after} bytes of padding "
                                       f"before/after: no redirect fits ({why})"))
         if entry.status in ("changed", "added") and entry.patched is not None:
-            reasons.extend(_unsupported_references(result, entry.patched))
+            reasons.extend(_unsupported_references(result, entry.patched, unsupported, sections))
     reasons.extend(_register_clobbers(result))
     reasons.extend(_ownership_changes(result))
     evidence = find_layout_changes(result)
@@ -145,22 +148,21 @@ def _rva_subject(change: DataChange) -> str:
     return f"{where}{rva:#x}" if rva is not None else change.kind
 
 
-def _unsupported_references(result: DiffResult, function: Any) -> list[Reason]:
+def _unsupported_references(result: DiffResult, function: Any, unsupported: Any,
+                            sections: tuple[tuple[int, int, int], ...]) -> list[Reason]:
+    """Reasons for the references of ``function`` (patched) a package cannot relocate: ``unsupported`` is the
+    diff kernels' ``unsupported_refs``, ``sections`` the patched image's as it takes them."""
     table = result.patched
-    image = table.image
     out = []
-    begin, end, fragments = function.rva, function.end_rva, function.fragments
-    too_long_for_island = function.size > _REL8_ISLAND_REACH
-    for kind, insn_rva, _, _, target in table.analysis_of(function).raw_refs:
-        if begin <= target < end or fragments and any(b <= target < e for b, e in fragments):
-            continue  # inside the function: moves with it
-        if kind == BRANCH_REL8 and too_long_for_island:
-            out.append(Reason("unsupported_reference", function.label,
-                              f"{function.label}: rel8 branch at {insn_rva:#x} leaves a function too long "
-                              "for a relay island"))
-        elif target != 0 and image.section_from_rva(target) is None and target not in table.context.iat:
-            out.append(Reason("unsupported_reference", function.label,
-                              f"{function.label}: reference at {insn_rva:#x} to {target:#x}, outside the image"))
+    label = function.label
+    for why, insn_rva, target in unsupported(table.analysis_of(function).raw_refs, function.ranges,
+                                             function.size > _REL8_ISLAND_REACH, sections, table.context.iat):
+        if why == 0:
+            out.append(Reason("unsupported_reference", label,
+                              f"{label}: rel8 branch at {insn_rva:#x} leaves a function too long for a relay island"))
+        else:
+            out.append(Reason("unsupported_reference", label,
+                              f"{label}: reference at {insn_rva:#x} to {target:#x}, outside the image"))
     return out
 
 

@@ -44,3 +44,41 @@ def test_commands_outside_rollout_do_not_import_dask() -> None:
     # every command's parser is built from every module; only `rollout` (and batch's cluster) may load Dask
     for argv in (("apply", "--help"), ("status", "--help"), ("rollback", "--help"), ("build", "--help")):
         assert "distributed" not in _loaded(*argv).split(","), argv
+
+
+def test_one_shot_commands_run_with_the_collector_paused(monkeypatch, built_fixtures) -> None:  # type: ignore[no-untyped-def]
+    """The analysis commands run with the cyclic collector paused (a full collection walks both images'
+    tables: a second of the duckdb diff); the long-running ones (apply's agent loop, rollouts) keep it."""
+    import gc
+
+    from hotpatch.cli import commands
+
+    seen: dict[str, bool] = {}
+
+    def probe(name: str):  # type: ignore[no-untyped-def]
+        def run(args) -> int:  # type: ignore[no-untyped-def]
+            seen[name] = gc.isenabled()
+            return 0
+        return run
+
+    monkeypatch.setattr(commands, "cmd_info", probe("info"))
+    dll = str(built_fixtures / "body_change" / "baseline.dll")
+    assert gc.isenabled()
+    assert commands.main(["info", dll]) == 0
+    assert seen["info"] is False and gc.isenabled()
+    parser = commands.build_parser()
+    args = parser.parse_args(["trust", "list"])
+    monkeypatch.setattr(commands, "build_parser", lambda own_only=False: _Fixed(args, probe("trust")))
+    assert commands.main(["trust", "list"]) == 0
+    assert seen["trust"] is True
+
+
+class _Fixed:
+    """A parser that returns one namespace, with its command swapped for a probe."""
+
+    def __init__(self, args, run) -> None:  # type: ignore[no-untyped-def]
+        args.run = run
+        self.args = args
+
+    def parse_args(self, argv):  # type: ignore[no-untyped-def]
+        return self.args

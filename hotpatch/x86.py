@@ -11,10 +11,16 @@ jobs on threads), and making one per call costs more than the call.
 from __future__ import annotations
 
 import ctypes
+import functools
+import importlib.util
+import os
+import sys
 import threading
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import capstone
+if TYPE_CHECKING:
+    import capstone
 
 __all__ = ["MASK64", "assemble", "assembler", "capstone_symbol", "disassembler"]
 
@@ -25,14 +31,38 @@ _local = threading.local()
 
 
 def capstone_symbol(name: str, module: str) -> int:
-    """The address of libcapstone's C function ``name`` in the library capstone's Python binding loaded, for
-    the compiled modules (``module``) that call the C API directly; they are built for capstone 5.0."""
-    if capstone.cs_version()[:2] != (5, 0):
-        raise ImportError(f"{module} was built for capstone 5.0, found {capstone.__version__}")
-    address = ctypes.cast(getattr(capstone._cs, name), ctypes.c_void_p).value
+    """The address of libcapstone's C function ``name``, for the compiled modules (``module``) that call the
+    C API directly; they are built for capstone 5.0."""
+    lib = _libcapstone()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib.cs_version(ctypes.byref(major), ctypes.byref(minor))
+    if (major.value, minor.value) != (5, 0):
+        raise ImportError(f"{module} was built for capstone 5.0, found libcapstone {major.value}.{minor.value}")
+    address = ctypes.cast(getattr(lib, name, None), ctypes.c_void_p).value
     if not address:
         raise ImportError(f"libcapstone has no {name}")
     return int(address)
+
+
+_LIBRARY = {"darwin": "libcapstone.dylib", "win32": "capstone.dll", "cygwin": "capstone.dll"}.get(
+    sys.platform, "libcapstone.so")
+
+
+@functools.cache
+def _libcapstone() -> ctypes.CDLL:
+    """The libcapstone the Python binding would load first (``$LIBCAPSTONE_PATH``, then the wheel's own lib/),
+    opened without importing the binding: its import sets up every architecture's constants, a third of
+    ``hotpatch functions`` on a small DLL. Anywhere else, the binding's own search finds it."""
+    spec = importlib.util.find_spec("capstone")
+    folders = [os.environ.get("LIBCAPSTONE_PATH")]
+    folders += [str(Path(f) / "lib") for f in (spec.submodule_search_locations or [])] if spec else []
+    for folder in filter(None, folders):
+        path = Path(folder) / _LIBRARY
+        if path.is_file():
+            return ctypes.CDLL(str(path))
+    import capstone
+
+    return capstone._cs
 
 
 def disassembler(detail: bool = False) -> capstone.Cs:
@@ -40,6 +70,8 @@ def disassembler(detail: bool = False) -> capstone.Cs:
     key = "cs_detail" if detail else "cs_lite"
     md = getattr(_local, key, None)
     if md is None:
+        import capstone
+
         md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
         md.detail = detail
         setattr(_local, key, md)

@@ -16,7 +16,6 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from hotpatch.analysis.includes.capstone cimport *
 from hotpatch.analysis._capstone_api cimport load_entry_points
-from capstone import x86_const as _x86
 
 from hotpatch.analysis._buffers cimport Decoded, Ref, Span, Table, _free_decoded, _grow, _push_ref, _push_rva
 from hotpatch.analysis._reflist cimport pack_refs
@@ -66,12 +65,14 @@ cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
 
 # capstone's numbers of the registers lea writes, by operand size (16, 32, 64 bits) and ModRM.reg + 8 * REX.R
 cdef int LEA_REGISTER[3][16]
-for _size, _names in enumerate((
-        ("AX", "CX", "DX", "BX", "SP", "BP", "SI", "DI") + tuple(f"R{n}W" for n in range(8, 16)),
-        ("EAX", "ECX", "EDX", "EBX", "ESP", "EBP", "ESI", "EDI") + tuple(f"R{n}D" for n in range(8, 16)),
-        ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI") + tuple(f"R{n}" for n in range(8, 16)))):
-    for _number, _name in enumerate(_names):
-        LEA_REGISTER[_size][_number] = getattr(_x86, "X86_REG_" + _name)
+LEA_REGISTER[:] = [
+    [X86_REG_AX, X86_REG_CX, X86_REG_DX, X86_REG_BX, X86_REG_SP, X86_REG_BP, X86_REG_SI, X86_REG_DI,
+     X86_REG_R8W, X86_REG_R9W, X86_REG_R10W, X86_REG_R11W, X86_REG_R12W, X86_REG_R13W, X86_REG_R14W, X86_REG_R15W],
+    [X86_REG_EAX, X86_REG_ECX, X86_REG_EDX, X86_REG_EBX, X86_REG_ESP, X86_REG_EBP, X86_REG_ESI, X86_REG_EDI,
+     X86_REG_R8D, X86_REG_R9D, X86_REG_R10D, X86_REG_R11D, X86_REG_R12D, X86_REG_R13D, X86_REG_R14D, X86_REG_R15D],
+    [X86_REG_RAX, X86_REG_RCX, X86_REG_RDX, X86_REG_RBX, X86_REG_RSP, X86_REG_RBP, X86_REG_RSI, X86_REG_RDI,
+     X86_REG_R8, X86_REG_R9, X86_REG_R10, X86_REG_R11, X86_REG_R12, X86_REG_R13, X86_REG_R14, X86_REG_R15],
+]
 
 # Instructions whose references need capstone's details: relative branches and
 # the bounds check of a switch. Everything else is decoded without details

@@ -128,8 +128,7 @@ def _load_backend() -> ModuleType:
     if os.environ.get("HOTPATCH_PURE_PYTHON") == "1":
         return importlib.import_module("hotpatch.analysis._reference")
     try:
-        import capstone  # noqa: F401  (loads libcapstone before the core resolves its symbols)
-
+        # the core takes libcapstone's entry points through hotpatch.x86.capstone_symbol, which opens the library
         return importlib.import_module("hotpatch.analysis._core")
     except ImportError as exc:
         raise AnalysisError(

@@ -20,7 +20,7 @@ from capstone import x86_const as _x86
 
 from cython.operator cimport dereference as deref
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memset
+from libc.string cimport memcmp, memcpy, memset
 from libcpp.unordered_map cimport unordered_map
 from libcpp.vector cimport vector
 
@@ -98,6 +98,21 @@ cdef struct Step:
     uint32_t writes_count
 
 
+# Summaries remembered by the instruction's bytes, across scans: an instruction that is not a call or a jump
+# summarises the same wherever it is (its target is the only part that depends on the address, and the heap
+# functions only matter to calls), and capstone's detail decode is most of the scan.
+cdef enum:
+    REMEMBERED = 4096  # slots, hashed on the first four bytes
+    REMEMBERED_WRITES = 8
+
+
+cdef struct Remembered:
+    uint8_t size  # 0: empty slot
+    uint8_t code[16]
+    Step step  # writes_at unused
+    uint16_t writes[REMEMBERED_WRITES]
+
+
 cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
     cdef int i
     for i in range(detail.groups_count):
@@ -151,10 +166,14 @@ cdef class _Scan:
     cdef vector[uint64_t] frees  # rva << 32 | tag
     cdef vector[int64_t] alloc_order  # allocation calls in the order the scan met them
     cdef unordered_map[int64_t, vector[int64_t]] alloc_fields
+    cdef vector[Remembered] remembered
 
     def __cinit__(self):
         self.handle = 0
         self.insn = NULL
+        cdef Remembered empty
+        memset(&empty, 0, sizeof(Remembered))
+        self.remembered.assign(REMEMBERED, empty)
         if cs.open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
         cs.option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
@@ -285,8 +304,27 @@ cdef class _Scan:
         cdef uint64_t address = <uint64_t>rva
         if size > 16:
             size = 16
+        cdef Remembered *known = NULL
+        cdef uint32_t i, key
+        if size >= 4:
+            key = (code[0] | <uint32_t>code[1] << 8 | <uint32_t>code[2] << 16 | <uint32_t>code[3] << 24)
+            known = &self.remembered[((key * 2654435761u) >> 20) % REMEMBERED]
+            if known.size and known.size <= size and memcmp(known.code, code, known.size) == 0:
+                memcpy(st, &known.step, sizeof(Step))
+                st.writes_at = self.writes.size()
+                for i in range(st.writes_count):
+                    self.writes.push_back(known.writes[i])
+                return st
+        cdef const uint8_t *start = code
         if cs.disasm_iter(self.handle, &code, &size, &address, self.insn):
             self.summarise(st)
+            if known != NULL and st.call == C_NONE and not st.is_jump and st.writes_count <= REMEMBERED_WRITES \
+                    and self.insn.id != X86_INS_CALL and self.insn.id != X86_INS_JMP and st.size <= 16:
+                known.size = <uint8_t>st.size
+                memcpy(known.code, start, st.size)
+                memcpy(&known.step, st, sizeof(Step))
+                for i in range(st.writes_count):
+                    known.writes[i] = self.writes[st.writes_at + i]
         return st
 
     cdef int summarise(self, Step *st) except -1 nogil:

@@ -148,6 +148,13 @@ cdef class _Scan:
     cdef vector[int64_t] allocators  # sorted
     cdef vector[int64_t] deallocators  # sorted
     cdef unordered_map[int64_t, int] freed_in  # deallocator -> the register its pointer is passed in
+    # the heap functions used before the current ones: the verdict alternates between the baseline's and the
+    # patched image's, and making the three above again (sorting ~1,600 allocators) costs more than a scan
+    cdef object other_allocators_of
+    cdef dict other_deallocators_of
+    cdef vector[int64_t] other_allocators
+    cdef vector[int64_t] other_deallocators
+    cdef unordered_map[int64_t, int] other_freed_in
     # per byte of the function's ranges (``place``): 1 + the index of its summary in ``steps``, and
     # 1 + the index of what reached it in ``seen`` (0: nothing yet)
     cdef vector[uint32_t] step_at
@@ -223,8 +230,14 @@ cdef class _Scan:
         self.seen_at.assign(places, 0)
         for target in switch_targets:
             self.switch_targets.push_back(target)
-        if not (allocators is self.allocators_of or allocators == self.allocators_of) \
-                or deallocators != self.deallocators_of:  # (the wrapper search passes a new, equal set each time)
+        if not self.heap_is(allocators, deallocators, self.allocators_of, self.deallocators_of):
+            # the ones before become the other ones, and the other ones are taken back when they fit
+            self.allocators.swap(self.other_allocators)
+            self.deallocators.swap(self.other_deallocators)
+            self.freed_in.swap(self.other_freed_in)
+            self.allocators_of, self.other_allocators_of = self.other_allocators_of, self.allocators_of
+            self.deallocators_of, self.other_deallocators_of = self.other_deallocators_of, self.deallocators_of
+        if not self.heap_is(allocators, deallocators, self.allocators_of, self.deallocators_of):
             self.allocators.clear()
             self.deallocators.clear()
             self.freed_in.clear()
@@ -233,8 +246,19 @@ cdef class _Scan:
             for target in sorted(deallocators):
                 self.deallocators.push_back(target)
                 self.freed_in[target] = deallocators[target]
-            self.allocators_of, self.deallocators_of = frozenset(allocators), dict(deallocators)
+            # a frozenset kept as it is, so that the next scan with the same one (the verdict's) finds it by
+            # identity instead of comparing ~1,600 members
+            self.allocators_of = allocators if type(allocators) is frozenset else frozenset(allocators)
+            self.deallocators_of = dict(deallocators)
         return 0
+
+    cdef bint heap_is(self, object allocators, object deallocators, object allocators_of,
+                      dict deallocators_of) except -1:
+        """Whether the given heap functions are those ``*_of`` (the wrapper search passes a new, equal set each
+        time; the verdict the same frozenset)."""
+        if allocators_of is None or deallocators_of is None:
+            return False
+        return (allocators is allocators_of or allocators == allocators_of) and deallocators == deallocators_of
 
     cdef void close(self):
         self.owner = None  # the image's memory is not kept alive by this thread's scanner

@@ -231,6 +231,30 @@ def test_budget_cuts_both_scans_at_the_same_instruction(monkeypatch: pytest.Monk
         assert ((("field", 0x18), at_loop + 7) in frees) == found, budget
 
 
+def test_remembered_instructions_are_told_apart_by_all_their_bytes() -> None:
+    # the two loads share their first four bytes (the scan's remembered summaries are hashed on those) and
+    # differ in the field's displacement after them; each scan must free its own field
+    near, far = assemble("mov rcx, qword ptr [rbx + 0x1078]"), assemble("mov rcx, qword ptr [rbx + 0x2078]")
+    assert near[:4] == far[:4] and near != far
+    for load, field in ((near, 0x1078), (far, 0x2078), (near, 0x1078)):
+        program = _function(load + _branch("call", _FUNCTION_RVA + len(load), _FREE_RCX) + b"\xc3")
+        frees, _ = _agree(program, program.function, _ALLOCATORS, _DEALLOCATORS)
+        assert frees == {(("field", field), _FUNCTION_RVA + len(load))}
+
+
+def test_scans_that_alternate_heap_functions_use_each_scans_own() -> None:
+    # the verdict alternates the baseline's and the patched image's heap functions; the compiled scan keeps
+    # both sets, and must not free through a deallocator of the other set
+    load = assemble("mov rcx, qword ptr [rbx + 0x28]")
+    program = _function(load + _branch("call", _FUNCTION_RVA + len(load), _OTHER) + b"\xc3")
+    site = _FUNCTION_RVA + len(load)
+    with_other = {**_DEALLOCATORS, _OTHER: x86.X86_REG_RCX}
+    for deallocators, expected in ((_DEALLOCATORS, set()), (with_other, {(("field", 0x28), site)}),
+                                   (_DEALLOCATORS, set()), (with_other, {(("field", 0x28), site)})):
+        frees, _ = _agree(program, program.function, _ALLOCATORS, deallocators)
+        assert frees == expected
+
+
 # ── real code ─────────────────────────────────────────────────────────────────
 
 

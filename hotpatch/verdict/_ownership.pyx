@@ -20,7 +20,7 @@ from capstone import x86_const as _x86
 
 from cython.operator cimport dereference as deref
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memset
+from libc.string cimport memcmp, memcpy, memset
 from libcpp.unordered_map cimport unordered_map
 from libcpp.vector cimport vector
 
@@ -98,6 +98,21 @@ cdef struct Step:
     uint32_t writes_count
 
 
+# Summaries remembered by the instruction's bytes, across scans: an instruction that is not a call or a jump
+# summarises the same wherever it is (its target is the only part that depends on the address, and the heap
+# functions only matter to calls), and capstone's detail decode is most of the scan.
+cdef enum:
+    REMEMBERED = 4096  # slots, hashed on the first four bytes
+    REMEMBERED_WRITES = 8
+
+
+cdef struct Remembered:
+    uint8_t size  # 0: empty slot
+    uint8_t code[16]
+    Step step  # writes_at unused
+    uint16_t writes[REMEMBERED_WRITES]
+
+
 cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
     cdef int i
     for i in range(detail.groups_count):
@@ -133,6 +148,13 @@ cdef class _Scan:
     cdef vector[int64_t] allocators  # sorted
     cdef vector[int64_t] deallocators  # sorted
     cdef unordered_map[int64_t, int] freed_in  # deallocator -> the register its pointer is passed in
+    # the heap functions used before the current ones: the verdict alternates between the baseline's and the
+    # patched image's, and making the three above again (sorting ~1,600 allocators) costs more than a scan
+    cdef object other_allocators_of
+    cdef dict other_deallocators_of
+    cdef vector[int64_t] other_allocators
+    cdef vector[int64_t] other_deallocators
+    cdef unordered_map[int64_t, int] other_freed_in
     # per byte of the function's ranges (``place``): 1 + the index of its summary in ``steps``, and
     # 1 + the index of what reached it in ``seen`` (0: nothing yet)
     cdef vector[uint32_t] step_at
@@ -151,10 +173,14 @@ cdef class _Scan:
     cdef vector[uint64_t] frees  # rva << 32 | tag
     cdef vector[int64_t] alloc_order  # allocation calls in the order the scan met them
     cdef unordered_map[int64_t, vector[int64_t]] alloc_fields
+    cdef vector[Remembered] remembered
 
     def __cinit__(self):
         self.handle = 0
         self.insn = NULL
+        cdef Remembered empty
+        memset(&empty, 0, sizeof(Remembered))
+        self.remembered.assign(REMEMBERED, empty)
         if cs.open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
             raise RuntimeError("cs_open failed")
         cs.option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
@@ -204,8 +230,14 @@ cdef class _Scan:
         self.seen_at.assign(places, 0)
         for target in switch_targets:
             self.switch_targets.push_back(target)
-        if not (allocators is self.allocators_of or allocators == self.allocators_of) \
-                or deallocators != self.deallocators_of:  # (the wrapper search passes a new, equal set each time)
+        if not self.heap_is(allocators, deallocators, self.allocators_of, self.deallocators_of):
+            # the ones before become the other ones, and the other ones are taken back when they fit
+            self.allocators.swap(self.other_allocators)
+            self.deallocators.swap(self.other_deallocators)
+            self.freed_in.swap(self.other_freed_in)
+            self.allocators_of, self.other_allocators_of = self.other_allocators_of, self.allocators_of
+            self.deallocators_of, self.other_deallocators_of = self.other_deallocators_of, self.deallocators_of
+        if not self.heap_is(allocators, deallocators, self.allocators_of, self.deallocators_of):
             self.allocators.clear()
             self.deallocators.clear()
             self.freed_in.clear()
@@ -214,8 +246,19 @@ cdef class _Scan:
             for target in sorted(deallocators):
                 self.deallocators.push_back(target)
                 self.freed_in[target] = deallocators[target]
-            self.allocators_of, self.deallocators_of = frozenset(allocators), dict(deallocators)
+            # a frozenset kept as it is, so that the next scan with the same one (the verdict's) finds it by
+            # identity instead of comparing ~1,600 members
+            self.allocators_of = allocators if type(allocators) is frozenset else frozenset(allocators)
+            self.deallocators_of = dict(deallocators)
         return 0
+
+    cdef bint heap_is(self, object allocators, object deallocators, object allocators_of,
+                      dict deallocators_of) except -1:
+        """Whether the given heap functions are those ``*_of`` (the wrapper search passes a new, equal set each
+        time; the verdict the same frozenset)."""
+        if allocators_of is None or deallocators_of is None:
+            return False
+        return (allocators is allocators_of or allocators == allocators_of) and deallocators == deallocators_of
 
     cdef void close(self):
         self.owner = None  # the image's memory is not kept alive by this thread's scanner
@@ -285,8 +328,27 @@ cdef class _Scan:
         cdef uint64_t address = <uint64_t>rva
         if size > 16:
             size = 16
+        cdef Remembered *known = NULL
+        cdef uint32_t i, key
+        if size >= 4:
+            key = (code[0] | <uint32_t>code[1] << 8 | <uint32_t>code[2] << 16 | <uint32_t>code[3] << 24)
+            known = &self.remembered[((key * 2654435761u) >> 20) % REMEMBERED]
+            if known.size and known.size <= size and memcmp(known.code, code, known.size) == 0:
+                memcpy(st, &known.step, sizeof(Step))
+                st.writes_at = self.writes.size()
+                for i in range(st.writes_count):
+                    self.writes.push_back(known.writes[i])
+                return st
+        cdef const uint8_t *start = code
         if cs.disasm_iter(self.handle, &code, &size, &address, self.insn):
             self.summarise(st)
+            if known != NULL and st.call == C_NONE and not st.is_jump and st.writes_count <= REMEMBERED_WRITES \
+                    and self.insn.id != X86_INS_CALL and self.insn.id != X86_INS_JMP and st.size <= 16:
+                known.size = <uint8_t>st.size
+                memcpy(known.code, start, st.size)
+                memcpy(&known.step, st, sizeof(Step))
+                for i in range(st.writes_count):
+                    known.writes[i] = self.writes[st.writes_at + i]
         return st
 
     cdef int summarise(self, Step *st) except -1 nogil:

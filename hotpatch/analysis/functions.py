@@ -276,6 +276,8 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     layout = Layout(code_section, pdata)
     scanned: set[Item] = set()
     taken: set[int] = set()  # addresses taken with lea
+    # Candidates are ``X.difference(sources, rejected)``, never ``X - sources.keys()``: the latter walks every
+    # known start (tens of thousands) each round, the former only X; _add_plausible sorts them either way.
     rejected: set[int] = set()  # candidates already judged not to start a function
     while True:
         changed = layout.insert(pending)
@@ -299,18 +301,18 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         for target in calls:
             found |= add(target, "call")
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
-            t for t in taken - sources.keys() - rejected if _boundary(image, layout, t, core)])
+            t for t in taken.difference(sources, rejected) if _boundary(image, layout, t, core)])
         if not found:
             places = layout.places(memory, kernels)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
-                t for t in kernels.named_in(places, index) - sources.keys() - rejected
+                t for t in kernels.named_in(places, index).difference(sources, rejected)
                 if acceptable(t)])
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
             found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
-                t for t in places - sources.keys() - rejected if padded(t) and acceptable(t)])
+                t for t in places.difference(sources, rejected) if padded(t) and acceptable(t)])
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.

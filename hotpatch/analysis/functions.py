@@ -279,6 +279,9 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # Candidates are ``X.difference(sources, rejected)``, never ``X - sources.keys()``: the latter walks every
     # known start (tens of thousands) each round, the former only X; _add_plausible sorts them either way.
     rejected: set[int] = set()  # candidates already judged not to start a function
+    # places named by data that ``acceptable`` refused: the same few thousand come back every round, and
+    # it never changes its mind
+    unfit: set[int] = set()
     while True:
         changed = layout.insert(pending)
         pending.clear()
@@ -304,9 +307,10 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
             t for t in taken.difference(sources, rejected) if _boundary(image, layout, t, core)])
         if not found:
             places = layout.places(memory, kernels)
-            found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
-                t for t in kernels.named_in(places, index).difference(sources, rejected)
-                if acceptable(t)])
+            named = kernels.named_in(places, index).difference(sources, rejected, unfit)
+            fit = [t for t in named if acceptable(t)]
+            unfit |= named.difference(fit)
+            found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, fit)
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets

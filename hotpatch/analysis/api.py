@@ -92,6 +92,31 @@ class FunctionAnalysis:
         return (ref[4] for ref in self.raw_refs if ref[0] == CALL_REL32)
 
 
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+_new_object = object.__new__
+_SET_RVA, _SET_RANGES, _SET_INSN_RVAS, _SET_RAW_REFS, _SET_RAW_TABLES, _SET_FINGERPRINT = _slot_setters(
+    FunctionAnalysis, ("rva", "ranges", "insn_rvas", "raw_refs", "raw_tables", "fingerprint"))
+
+
+def _analysis(rva: int, ranges: tuple[tuple[int, int], ...], insn_rvas: array,
+              raw_refs: Sequence[tuple[int, int, int, int, int]],
+              raw_tables: list[tuple[int, int, int, tuple[int, ...]]], fingerprint: str = "") -> FunctionAnalysis:
+    """``FunctionAnalysis(...)`` with its slots filled through their descriptors: the frozen dataclass's
+    ``__init__`` looks each attribute up by name through ``object.__setattr__``, and discovery makes a few
+    hundred thousand of them on a large image (about 0.3 us of 0.7 saved each)."""
+    analysis = _new_object(FunctionAnalysis)
+    _SET_RVA(analysis, rva)
+    _SET_RANGES(analysis, ranges)
+    _SET_INSN_RVAS(analysis, insn_rvas)
+    _SET_RAW_REFS(analysis, raw_refs)
+    _SET_RAW_TABLES(analysis, raw_tables)
+    _SET_FINGERPRINT(analysis, fingerprint)
+    return analysis
+
+
 @dataclass(frozen=True, eq=False)
 class AnalysisContext:
     """What the core needs from an image, in flat form."""
@@ -167,10 +192,8 @@ def decode(
     impl = impl or backend()
     with gc_paused():
         results = impl.decode(ctx, items)
-    return [
-        FunctionAnalysis(rva, ranges, insn_rvas, refs, tables)
-        for (rva, ranges), (insn_rvas, refs, tables) in zip(items, results)
-    ]
+    return [_analysis(rva, ranges, insn_rvas, refs, tables)
+            for (rva, ranges), (insn_rvas, refs, tables) in zip(items, results)]
 
 
 def fingerprint_all(
@@ -180,5 +203,5 @@ def fingerprint_all(
     impl = impl or backend()
     digests = impl.fingerprint_many(ctx, [(a.rva, a.ranges, a.raw_refs, a.raw_tables) for a in decoded],
                                     function_starts)
-    return [FunctionAnalysis(a.rva, a.ranges, a.insn_rvas, a.raw_refs, a.raw_tables, digest)
+    return [_analysis(a.rva, a.ranges, a.insn_rvas, a.raw_refs, a.raw_tables, digest)
             for a, digest in zip(decoded, digests)]

@@ -158,6 +158,29 @@ class FunctionTable:
         return cached
 
 
+def _function(rva: int, end_rva: int, name: str | None, sources: tuple[str, ...],
+              fragments: tuple[tuple[int, int], ...], pad_before: int, pad_after: int,
+              unwind: UnwindInfo | None, fingerprint: str) -> Function:
+    """``Function(...)`` with every field given, filled in directly: the frozen dataclass's ``__init__``
+    goes through ``object.__setattr__`` field by field, a third of the cost, and discovery makes one per
+    function (tens of thousands on a large image). Function has no ``__post_init__`` to skip."""
+    function = _new_object(Function)
+    fields = function.__dict__
+    fields["rva"] = rva
+    fields["end_rva"] = end_rva
+    fields["name"] = name
+    fields["sources"] = sources
+    fields["fragments"] = fragments
+    fields["pad_before"] = pad_before
+    fields["pad_after"] = pad_after
+    fields["unwind"] = unwind
+    fields["fingerprint"] = fingerprint
+    return function
+
+
+_new_object = object.__new__
+
+
 # ── discovery ──────────────────────────────────────────────────────────────
 
 
@@ -253,7 +276,12 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     layout = Layout(code_section, pdata)
     scanned: set[Item] = set()
     taken: set[int] = set()  # addresses taken with lea
+    # Candidates are ``X.difference(sources, rejected)``, never ``X - sources.keys()``: the latter walks every
+    # known start (tens of thousands) each round, the former only X; _add_plausible sorts them either way.
     rejected: set[int] = set()  # candidates already judged not to start a function
+    # places named by data that ``acceptable`` refused: the same few thousand come back every round, and
+    # it never changes its mind
+    unfit: set[int] = set()
     while True:
         changed = layout.insert(pending)
         pending.clear()
@@ -276,18 +304,19 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         for target in calls:
             found |= add(target, "call")
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
-            t for t in taken - sources.keys() - rejected if _boundary(image, layout, t, core)])
+            t for t in taken.difference(sources, rejected) if _boundary(image, layout, t, core)])
         if not found:
             places = layout.places(memory, kernels)
-            found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, [
-                t for t in kernels.named_in(places, index) - sources.keys() - rejected
-                if acceptable(t)])
+            named = kernels.named_in(places, index).difference(sources, rejected, unfit)
+            fit = [t for t in named if acceptable(t)]
+            unfit |= named.difference(fit)
+            found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, fit)
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
             found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
-                t for t in places - sources.keys() - rejected if padded(t) and acceptable(t)])
+                t for t in places.difference(sources, rejected) if padded(t) and acceptable(t)])
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
@@ -311,9 +340,9 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     functions = []
     for (rva, ranges), analysis, before, after in zip(final_layout, final, *padding):
         runtime = pdata.get(rva)
-        functions.append(Function(rva, ranges[0][1], names.get(rva), _sources_of(sources[rva]),
-                                  ranges[1:], before, after, runtime.unwind if runtime else None,
-                                  analysis.fingerprint))
+        functions.append(_function(rva, ranges[0][1], names.get(rva), _sources_of(sources[rva]),
+                                   ranges[1:], before, after, runtime.unwind if runtime else None,
+                                   analysis.fingerprint))
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
 
 

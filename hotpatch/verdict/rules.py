@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..analysis.api import diff_kernels
+from ..collector import gc_paused
 from ..diff.result import DataChange, DiffResult
 from .clobbers import gcc_built, live_clobbers, new_clobbers
 from .layout import LayoutEvidence, find_layout_changes
@@ -99,6 +100,11 @@ def diff_document(result: DiffResult, verdict: Verdict, functions: bool = True) 
 def decide(result: DiffResult, allow_layout_change: bool = False, strict_exports: bool = False) -> Verdict:
     """HOTPATCH or NEW_BASELINE for ``result``; ``strict_exports`` makes a new export a blocking reason
     rather than a note, ``allow_layout_change`` records layout evidence without blocking on it."""
+    with gc_paused():  # like the diff: many small objects, no cycles, and both tables a collection would walk
+        return _decide(result, allow_layout_change, strict_exports)
+
+
+def _decide(result: DiffResult, allow_layout_change: bool, strict_exports: bool) -> Verdict:
     reasons: list[Reason] = []
     notes: list[Reason] = []
     for change in result.data:

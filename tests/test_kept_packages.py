@@ -43,6 +43,14 @@ def _engine(backend: EmulatorBackend, state: Path) -> Engine:
     return Engine(backend, Journal(state), allow_unsigned=True, trusted_keys=[])
 
 
+def _applied(backend: EmulatorBackend, state: Path, package: Package) -> Engine:
+    """An engine over a fresh state directory with ``package`` applied."""
+    engine = _engine(backend, state)
+    with engine.transaction() as tx:
+        tx.apply(package)
+    return engine
+
+
 def _kept(state: Path) -> set[str]:
     return {path.name for path in (state / "packages").iterdir()}
 
@@ -57,9 +65,7 @@ def test_a_rolled_back_package_is_removed_after_the_write_that_retires_it(
 ) -> None:
     _, first, _ = packages
     state = tmp_path / "state"
-    engine = _engine(target, state)
-    with engine.transaction() as tx:
-        tx.apply(first)
+    engine = _applied(target, state, first)
     assert _kept(state) == {_name(first)}
 
     # every journal write that no longer names the package must find the file still there
@@ -86,9 +92,7 @@ def test_a_replaced_package_goes_and_its_successor_stays(
 ) -> None:
     _, first, second = packages
     state = tmp_path / "state"
-    engine = _engine(target, state)
-    with engine.transaction() as tx:
-        tx.apply(first)
+    engine = _applied(target, state, first)
     with engine.transaction() as tx:
         result = tx.apply(second)
     assert result.replaced == package_id_of(first)
@@ -135,9 +139,7 @@ def test_recover_removes_what_a_crash_left_and_keeps_what_records_need(
 ) -> None:
     _, first, second = packages
     state = tmp_path / "state"
-    engine = _engine(target, state)
-    with engine.transaction() as tx:
-        tx.apply(first)
+    engine = _applied(target, state, first)
     # a crash after the journal stopped naming a package and before its removal; a half-written copy
     leftover = state / "packages" / _name(second)
     leftover.write_bytes(b"whatever was there")
@@ -175,9 +177,7 @@ def test_nothing_is_removed_while_a_journal_cannot_be_read(
 ) -> None:
     _, first, _ = packages
     state = tmp_path / "state"
-    engine = _engine(target, state)
-    with engine.transaction() as tx:
-        tx.apply(first)
+    engine = _applied(target, state, first)
     with engine.transaction() as tx:
         tx.rollback()
     orphan = state / "packages" / ("ab" * 32 + ".hpk")

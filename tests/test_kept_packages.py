@@ -109,10 +109,7 @@ def test_a_package_applied_to_two_processes_stays_while_one_still_holds_it(
     state = tmp_path / "state"
     other = EmulatorBackend.load(case.baseline)
     try:
-        engines = [_engine(target, state), _engine(other, state)]
-        for engine in engines:
-            with engine.transaction() as tx:
-                tx.apply(first)
+        engines = [_applied(backend, state, first) for backend in (target, other)]
         with engines[0].transaction() as tx:
             tx.rollback()
         assert _kept(state) == {_name(first)}
@@ -128,8 +125,7 @@ def test_the_package_of_an_exited_process_goes_with_its_journal(
 ) -> None:
     _, first, _ = packages
     state = tmp_path / "state"
-    with _engine(target, state).transaction() as tx:
-        tx.apply(first)
+    _applied(target, state, first)
     assert Journal(state).close_exited(target.pid) == 1
     assert _kept(state) == set()
 

@@ -87,7 +87,7 @@ corpus: venv
 	$(PY) -m tests.corpus.measure --doc docs/CORPUS.md
 
 clean:
-	rm -rf build dist $(VENV) hotpatch/bin *.egg-info
+	rm -rf build dist $(VENV) hotpatch/bin/hotpatch-agent.exe* *.egg-info
 	find hotpatch -name '*.so' -delete
 	# the C (C++ for the ownership scan) that Cython generates next to each .pyx
 	for pyx in $(wildcard hotpatch/*/*.pyx); do rm -f "$${pyx%.pyx}.c" "$${pyx%.pyx}.cpp"; done

@@ -99,6 +99,36 @@ cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
     return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
 
 
+# ``_terminates``'s reading as two tables, for the sweep (it asks for every instruction): the prefixes it
+# skips, and the opcodes that never fall through by themselves (ret, jmp, int3, hlt)
+cdef uint8_t SKIPPED_PREFIX[256]
+cdef uint8_t ENDS_FLOW[256]
+memset(SKIPPED_PREFIX, 0, sizeof(SKIPPED_PREFIX))
+memset(ENDS_FLOW, 0, sizeof(ENDS_FLOW))
+for _byte in (0x66, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, *range(0x40, 0x50)):
+    SKIPPED_PREFIX[_byte] = 1
+for _byte in (0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4):
+    ENDS_FLOW[_byte] = 1
+
+
+cdef inline bint _ends_flow(const uint8_t *p, Py_ssize_t length) noexcept nogil:
+    """``_terminates(p, length, length)``, by table."""
+    cdef Py_ssize_t at = 0
+    cdef uint8_t op
+    while at < length and SKIPPED_PREFIX[p[at]]:
+        at += 1
+    if at >= length:
+        return False
+    op = p[at]
+    if ENDS_FLOW[op]:
+        return True
+    if at + 1 >= length:
+        return False
+    if op == 0x0F:
+        return p[at + 1] == 0x0B
+    return op == 0xFF and ((p[at + 1] >> 3) & 7 == 4 or (p[at + 1] >> 3) & 7 == 5)
+
+
 # what the lite decode of an instruction's bytes gave (its length and whether it needs details): neither
 # depends on where it lies, and the same encodings come back thousands of times in vector code
 cdef struct LiteEntry:
@@ -383,7 +413,7 @@ cdef class _Decoder:
                 rva = offset
                 if _push_rva(out, <uint32_t>rva):
                     return -1
-                if _terminates(base + rva, length, length):
+                if _ends_flow(base + rva, length):
                     after_end = True
                 elif not (after_end and _is_nop(base + rva, length)):
                     after_end = False
@@ -560,6 +590,11 @@ cdef class _Decoder:
 def terminates(const uint8_t[:] code):
     """Whether the instruction filling ``code`` never falls through (``hotpatch.analysis.flow.terminates``). For tests."""
     return bool(_terminates(&code[0], code.shape[0], code.shape[0])) if code.shape[0] else False
+
+
+def ends_flow(const uint8_t[:] code):
+    """``terminates`` as the sweep reads it (``_ends_flow``). For tests."""
+    return bool(_ends_flow(&code[0], code.shape[0])) if code.shape[0] else False
 
 
 def fast_length(const uint8_t[:] code):

@@ -116,3 +116,46 @@ def test_fast_loader_reads_wine_system_dlls_as_lief_does(wine_prefix: Path) -> N
     assert any(export.forwarder for export in kernel32.exports)
     for name in ("kernel32.dll", "ucrtbase.dll"):
         _assert_same_image(system32 / name)
+
+
+def test_mapped_image_is_laid_out_as_the_loader_does(built_fixtures: Path, rust_pyd: Path) -> None:
+    """``_mapped`` joins the file's sections in one copy; ``_mapped_in_place`` is the plain way (a zeroed
+    image, each section written at its RVA) and both loaders' memory comes from the first."""
+    from hotpatch.pe.image import _check_headers, _mapped, _mapped_in_place
+
+    paths = sorted(built_fixtures.glob("*/*.dll"))[:20] + [rust_pyd]
+    for path in paths:
+        data = path.read_bytes()
+        headers = _check_headers(data, path.name)
+        memory = _mapped(data, headers)
+        assert type(memory) is bytes and memory == _mapped_in_place(data, headers), path
+        assert len(memory) == headers.size_of_image
+    # a section over the headers (no linker makes one, nothing refuses it): written over them, as in place
+    head = headers.pe.size_of_headers
+    first = headers.sections[0]
+    moved = dataclasses.replace(first, rva=head // 2, virtual_size=min(first.virtual_size, head))
+    odd = dataclasses.replace(headers, sections=(moved,) + headers.sections[1:])
+    assert _mapped(data, odd) == _mapped_in_place(data, odd) != _mapped(data, headers)
+
+
+def test_fast_loader_builds_pe_objects_as_their_constructors_do(rust_pyd: Path) -> None:
+    """``unwind_info`` and ``fold_chains`` fill the slots directly; the fast reader reads each UNWIND_INFO once
+    and shares it between the functions that point at it (MSVC's alike prologs), as equal as LIEF's copies."""
+    import pickle
+
+    from hotpatch.pe.image import RuntimeFunction, UnwindInfo, _runtime_function, unwind_info
+
+    values = (0x3000, 1, 3, 8, 4, 5, 0, 0x4000)
+    made, direct = UnwindInfo(*values), unwind_info(*values)
+    assert direct == made and hash(direct) == hash(made) and repr(direct) == repr(made)
+    assert pickle.loads(pickle.dumps(direct)) == made and not hasattr(direct, "__dict__")
+    for extra in ((), (((0x2000, 0x2010),), (0x3100,))):
+        function = RuntimeFunction(0x1000, 0x1040, made, *extra)
+        built = _runtime_function(0x1000, 0x1040, direct, *extra)
+        assert built == function and hash(built) == hash(function) and repr(built) == repr(function)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        direct.rva = 0  # type: ignore[misc]
+    functions = Image.load_fast(rust_pyd).runtime_functions
+    by_rva = {f.unwind.rva for f in functions}
+    assert len({id(f.unwind) for f in functions}) == len(by_rva) < len(functions)
+    assert functions == Image.load(rust_pyd).runtime_functions

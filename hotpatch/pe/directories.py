@@ -224,10 +224,13 @@ class DirectoryReader:
                 head, prolog, codes, frame = unpack_from("<4B", memory, unwind_rva)
                 flags = head >> 3
                 tail = unwind_rva + 4 + 2 * (codes + (codes & 1))
+                # the tail straight from memory when it lies inside: the checked reader only to name what is not
                 if flags & _UNW_FLAG_CHAININFO:
-                    info = read("<III", tail)
+                    info = unpack_from("<III", memory, tail) if tail + 12 <= limit else read("<III", tail)
                 else:
-                    handler = read("<I", tail)[0] if flags & (_UNW_FLAG_EHANDLER | _UNW_FLAG_UHANDLER) else None
+                    handler = None
+                    if flags & (_UNW_FLAG_EHANDLER | _UNW_FLAG_UHANDLER):
+                        handler = unpack_from("<I", memory, tail)[0] if tail + 4 <= limit else read("<I", tail)[0]
                     info = make(unwind_rva, head & 7, flags, prolog, codes, frame & 0xF, frame >> 4, handler)
                 heads[unwind_rva] = info
             if type(info) is not tuple:

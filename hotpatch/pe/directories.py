@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import CorruptImageError
 from ..names import pe_name
+from ._pdata import read_pdata
 from .headers import (
     DIRECTORY_BASERELOC,
     DIRECTORY_EXCEPTION,
@@ -196,6 +197,11 @@ class DirectoryReader:
         if not rva:
             return ()
         executable = [(s.rva, s.end_rva) for s in self.sections if s.executable]
+        table = self.memory[rva:rva + size - size % 12]
+        # the common table in one compiled pass; this loop (its twin) reads any other and names what is wrong
+        read_at_once = read_pdata(self.memory, table, executable, self.model.UnwindInfo)
+        if read_at_once is not None:
+            return self.model.fold_chains(*read_at_once)  # type: ignore[no-any-return]
         memory, label, make = self.memory, self.label, self.model.unwind_info
         limit = len(memory)
         unpack_from, read = struct.unpack_from, self._unpack
@@ -208,7 +214,7 @@ class DirectoryReader:
         low = high = 0  # the executable section the last entry lay in: .pdata runs in address order
         # tens of thousands of entries on a large image: one struct call for each head, an UnwindInfo for
         # roots only, and the rare tails through the checked reader (it names a place outside the image)
-        for begin, end, unwind_rva in struct.iter_unpack("<III", memory[rva:rva + size - size % 12]):
+        for begin, end, unwind_rva in struct.iter_unpack("<III", table):
             if not begin and not end and not unwind_rva:
                 continue
             if not low <= begin < end <= high:

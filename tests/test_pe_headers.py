@@ -189,7 +189,8 @@ def test_compiled_pdata_pass_equals_the_loop_on_real_tables(built_fixtures: Path
         reader = DirectoryReader(memory, data, headers.pe, headers.sections, path.name, model)
         rva, size = headers.pe.directory(DIRECTORY_EXCEPTION)
         executable = [(s.rva, s.end_rva) for s in headers.sections if s.executable]
-        taken += read_pdata(memory, memory[rva:rva + size - size % 12], executable, model.UnwindInfo) is not None
+        table = memory[rva:rva + size - size % 12]
+        taken += read_pdata(memory, table, executable, model.UnwindInfo, model.RuntimeFunction) is not None
         assert reader.runtime_functions() == _runtime_functions_by_loop(reader, monkeypatch), path
     assert taken >= 10  # the compiled pass read them, not the loop
 
@@ -241,10 +242,10 @@ def test_compiled_pdata_pass_equals_the_loop_on_random_tables(monkeypatch: pytes
         headers = SimpleNamespace(directory={DIRECTORY_EXCEPTION: (0x1800, len(table))}.__getitem__)
         reader = DirectoryReader(image, image, headers, sections, f"random{round_}", model)  # type: ignore[arg-type]
         executable = [(s.rva, s.end_rva) for s in sections if s.executable]
-        compiled = read_pdata(image, table, executable, model.UnwindInfo)
+        compiled = read_pdata(image, table, executable, model.UnwindInfo, model.RuntimeFunction)
         if compiled is None:
             continue
         taken += 1
-        chained += any(begin in compiled[0] for begin in compiled[1])  # fragments that found their root
-        assert model.fold_chains(*compiled) == _runtime_functions_by_loop(reader, monkeypatch), round_
+        chained += any(function.fragments for function in compiled)  # fragments that found their root
+        assert compiled == _runtime_functions_by_loop(reader, monkeypatch), round_
     assert taken > 100 and chained > 50

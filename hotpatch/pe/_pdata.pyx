@@ -3,8 +3,8 @@
 
 It takes the table only when every entry is one the loop would keep without a word (no empty entry, each
 inside an executable section, each UNWIND_INFO and what it chains to inside the image) and gives what the
-loop gives to ``fold_chains``: the roots (begin -> (end, UnwindInfo)) and the fragments of chained entries
-by their root's begin. Anything else gives None, and the Python loop, its twin, reads the table and names
+loop and ``fold_chains`` give: the RuntimeFunctions, sorted, chained fragments folded into their roots,
+every object built through its slots. Anything else gives None, and the Python loop, its twin, reads the table and names
 the entry at fault; tests/test_pe_headers.py holds the two equal on real binaries and random tables.
 """
 
@@ -64,10 +64,18 @@ cdef object _made(object cls, tuple descriptors, tuple values):
     return made
 
 
-def read_pdata(const uint8_t[:] memory, const uint8_t[:] table, list executable, object unwind_cls):
-    """(roots, fragments) of the RUNTIME_FUNCTION entries in ``table`` (a multiple of 12 bytes) over the
-    mapped ``memory``, ``executable`` the (begin, end) of each executable section; None where the Python
-    loop must read it. ``unwind_cls`` is ``UnwindInfo``."""
+cdef tuple _slots_of(object cls, Py_ssize_t count):
+    descriptors = tuple([cls.__dict__[name] for name in cls.__slots__])
+    if len(descriptors) != count or {type(d).__name__ for d in descriptors} != {"member_descriptor"}:
+        raise TypeError(f"{cls!r} is not a slotted class of {count} fields")
+    return descriptors
+
+
+def read_pdata(const uint8_t[:] memory, const uint8_t[:] table, list executable, object unwind_cls,
+               object runtime_cls):
+    """The RuntimeFunctions (``runtime_cls``, sorted by begin) of the RUNTIME_FUNCTION entries in ``table``
+    (a multiple of 12 bytes) over the mapped ``memory``, ``executable`` the (begin, end) of each executable
+    section; None where the Python loop must read it. ``unwind_cls`` is ``UnwindInfo``."""
     cdef Py_ssize_t count = table.shape[0] // 12, i, s
     cdef int64_t limit = memory.shape[0], tail, low = 0, high = 0
     cdef const uint8_t *base = &memory[0] if limit else NULL
@@ -80,9 +88,7 @@ def read_pdata(const uint8_t[:] memory, const uint8_t[:] table, list executable,
         return None
     for s in range(n_sections):
         spans[2 * s], spans[2 * s + 1] = executable[s]
-    descriptors = tuple([unwind_cls.__dict__[name] for name in unwind_cls.__slots__])
-    if len(descriptors) != 8 or {type(d).__name__ for d in descriptors} != {"member_descriptor"}:
-        raise TypeError(f"{unwind_cls!r} is not the slotted UnwindInfo")
+    descriptors = _slots_of(unwind_cls, 8)
     roots = {}
     fragments = {}
     heads = {}  # unwind RVA -> its UnwindInfo (roots share them)
@@ -122,4 +128,32 @@ def read_pdata(const uint8_t[:] memory, const uint8_t[:] table, list executable,
                 unwind_rva, head & 7, flags, base[unwind_rva + 1], codes, base[unwind_rva + 3] & 0xF,
                 base[unwind_rva + 3] >> 4, handler))
         roots[begin] = (end, info)
-    return roots, fragments
+    return _folded(roots, fragments, unwind_cls, descriptors, runtime_cls, _slots_of(runtime_cls, 5))
+
+
+cdef tuple _folded(dict roots, dict fragments, object unwind_cls, tuple unwind_slots, object runtime_cls,
+                   tuple runtime_slots):
+    """``image.fold_chains`` of the pass's roots and fragments (its twin, line for line), the objects built
+    through their slots: a RuntimeFunction per root with its chained fragments, then the orphaned ones."""
+    cdef tuple empty = ()
+    out = []
+    for begin in sorted(roots):  # the keys alone: fold_chains sorts the items, whose begins are unique
+        end, unwind = roots[begin]
+        chain = fragments.pop(begin, None)
+        if chain is None:
+            out.append(_made(runtime_cls, runtime_slots, (begin, end, unwind, empty, empty)))
+            continue
+        own = sorted([r for r in chain if r[0] != begin])
+        out.append(_made(runtime_cls, runtime_slots, (begin, end, unwind, tuple([(r[0], r[1]) for r in own]),
+                                                      tuple([r[2] for r in own]))))
+    for ranges in fragments.values():
+        for start, end, unwind_rva in ranges:
+            out.append(_made(runtime_cls, runtime_slots, (
+                start, end, _made(unwind_cls, unwind_slots, (unwind_rva, 0, 0, 0, 0, 0, 0, None)), empty, empty)))
+    if fragments:
+        out.sort(key=_begin_of)
+    return tuple(out)
+
+
+def _begin_of(function):
+    return function.begin_rva

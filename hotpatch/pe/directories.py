@@ -199,9 +199,9 @@ class DirectoryReader:
         executable = [(s.rva, s.end_rva) for s in self.sections if s.executable]
         table = self.memory[rva:rva + size - size % 12]
         # the common table in one compiled pass; this loop (its twin) reads any other and names what is wrong
-        read_at_once = read_pdata(self.memory, table, executable, self.model.UnwindInfo)
+        read_at_once = read_pdata(self.memory, table, executable, self.model.UnwindInfo, self.model.RuntimeFunction)
         if read_at_once is not None:
-            return self.model.fold_chains(*read_at_once)  # type: ignore[no-any-return]
+            return read_at_once  # type: ignore[no-any-return]
         memory, label, make = self.memory, self.label, self.model.unwind_info
         limit = len(memory)
         unpack_from, read = struct.unpack_from, self._unpack

@@ -40,6 +40,8 @@ decoder = Extension(
 reflist = Extension("hotpatch.analysis._reflist", [f"{ANALYSIS}/_reflist.pyx"], extra_compile_args=["-O2"])
 discovery = Extension("hotpatch.analysis._discovery", [f"{ANALYSIS}/_discovery.pyx"], extra_compile_args=["-O2"])
 diff_core = Extension("hotpatch.diff._diffcore", ["hotpatch/diff/_diffcore.pyx"], extra_compile_args=["-O2"])
+# .pdata read in one pass (hotpatch.pe.directories' loop is its twin)
+pdata = Extension("hotpatch.pe._pdata", ["hotpatch/pe/_pdata.pyx"], extra_compile_args=["-O2"])
 # the verdict's ownership scan over capstone's C API (C++: its sets are std::vector and std::unordered_map)
 ownership = Extension("hotpatch.verdict._ownership", ["hotpatch/verdict/_ownership.pyx"], language="c++",
                       include_dirs=[capstone_include()], extra_compile_args=["-O2"])
@@ -64,7 +66,7 @@ class build_py_with_agent(build_py):
 
 
 setup(
-    ext_modules=cythonize([core, decoder, reflist, discovery, diff_core, ownership],
+    ext_modules=cythonize([core, decoder, reflist, discovery, diff_core, ownership, pdata],
                           compiler_directives={"language_level": 3}, quiet=True),
     cmdclass={"build_py": build_py_with_agent},
 )

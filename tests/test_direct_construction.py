@@ -49,3 +49,48 @@ def test_discovered_objects_equal_their_rebuilt_twins(built_fixtures: Path) -> N
         assert function == Function(**_fields(function))
         assert analysis.fingerprint == function.fingerprint != ""
         assert _fields(analysis) == _fields(FunctionAnalysis(**_fields(analysis)))
+
+
+def test_core_builds_the_analyses_the_constructor_makes(built_fixtures: Path) -> None:
+    """Both analysis implementations build FunctionAnalysis objects themselves (the compiled one in C, through
+    the slots' descriptors): field for field what ``FunctionAnalysis(...)`` makes, frozen and slotted."""
+    from hotpatch.analysis import _core as core
+    from hotpatch.analysis import _reference as reference
+
+    image = Image.load(built_fixtures / "switch_table" / "baseline.dll")
+    table = discover(image)
+    items = [(a.rva, a.ranges) for a in table.analyses]
+    starts = array("I", sorted(f.rva for f in table))
+    for impl in (core, reference):
+        decoded = impl.decode(table.context, items, FunctionAnalysis)
+        plain = impl.decode(table.context, items)
+        assert len(decoded) == len(items) > 5
+        for (rva, ranges), analysis, (insn_rvas, refs, tables) in zip(items, decoded, plain):
+            assert type(analysis) is FunctionAnalysis and not hasattr(analysis, "__dict__")
+            assert analysis.rva is rva and analysis.ranges is ranges and analysis.fingerprint == ""
+            assert analysis == FunctionAnalysis(rva, ranges, insn_rvas, refs, tables)
+        printed = impl.fingerprinted(table.context, decoded, starts, FunctionAnalysis)
+        for before, after, final in zip(decoded, printed, table.analyses):
+            assert after is not before and before.fingerprint == ""  # a copy: the input is left as it was
+            assert _fields(after) == _fields(final) and after.fingerprint != ""
+            assert pickle.loads(pickle.dumps(after)) == after
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                after.fingerprint = "x"  # type: ignore[misc]
+
+
+def test_core_refuses_a_class_without_the_analysis_slots(built_fixtures: Path) -> None:
+    from hotpatch.analysis import _core as core
+    from hotpatch.analysis import _reference as reference
+
+    @dataclasses.dataclass(frozen=True)
+    class NoSlots:
+        rva: int
+
+    table = discover(Image.load(built_fixtures / "switch_table" / "baseline.dll"))
+    items = [(a.rva, a.ranges) for a in table.analyses[:2]]
+    for impl in (core, reference):
+        for wrong in (NoSlots, dict, "FunctionAnalysis"):
+            with pytest.raises(TypeError):
+                impl.decode(table.context, items, wrong)
+            with pytest.raises(TypeError):
+                impl.fingerprinted(table.context, list(table.analyses[:2]), array("I", [0]), wrong)

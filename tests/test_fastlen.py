@@ -185,3 +185,19 @@ def test_lite_decodes_remembered_by_their_bytes_decode_as_the_twin() -> None:
             references += len(slow[1])
             instructions += len(slow[0])
     assert references > 500 and instructions > 4000
+
+
+def test_sweep_reads_flow_ends_as_terminates_does() -> None:
+    """The sweep's table reading of "never falls through" (``_ends_flow``) equals the ``_terminates`` discovery
+    shares on every opcode pair behind prefixes (skipped or not, up to a run of 15), at every length."""
+    heads = [b"", b"\x48", b"\x66", b"\xf3", b"\xf0", b"\x41\x2e", b"\x65\x48", b"\x66" * 15]
+    ends = 0
+    for head in heads:
+        for first in range(256):
+            for second in range(256) if first in (0x0F, 0xFF, 0x48, 0x66, 0xF3) else (0x00, 0x0B, 0x20, 0x28):
+                code = head + bytes((first, second))
+                for length in range(1, len(code) + 1):
+                    expected = _decode.terminates(code[:length])
+                    assert _decode.ends_flow(code[:length]) is expected, code[:length].hex()
+                    ends += expected
+    assert ends > 1000

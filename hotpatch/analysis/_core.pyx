@@ -9,11 +9,13 @@ docstring); the tests check that both give identical results.
 import hashlib
 from array import array
 
-from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.buffer cimport PyBUF_READ
+from cpython.memoryview cimport PyMemoryView_FromMemory
 
 from hotpatch.analysis._refkinds cimport (
     ABS64, BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP, IMAGE_REL32, JUMP_TABLE, MAX_TABLE_ENTRIES,
@@ -21,11 +23,12 @@ from hotpatch.analysis._refkinds cimport (
 )
 from hotpatch.analysis._reflist cimport PackedRef, RefList as PackedRefList
 from hotpatch.analysis._shared cimport _lower_bound
+from hotpatch.analysis._slots cimport Maker, field_of, make_analysis, maker_of
 
 from ._decode import decode, fast_length, instruction_text, terminates
 from ._reflist import RefList
 
-__all__ = ["IMPLEMENTATION", "RefList", "decode", "fast_length", "fingerprint", "fingerprint_many",
+__all__ = ["IMPLEMENTATION", "RefList", "decode", "fast_length", "fingerprint", "fingerprint_many", "fingerprinted",
            "instruction_text", "terminates"]
 
 IMPLEMENTATION = "cython"
@@ -112,51 +115,90 @@ cdef struct Image:
     Regions regions
     const int64_t *iat
     size_t n_iat
+    int64_t iat_low         # the lowest and highest slot (low > high when there is none)
+    int64_t iat_high
+
+
+cdef class _Hasher:
+    """What every fingerprint of one image reads, set up once (the memory, the final starts, the regions, the
+    IAT slots sorted with their names in ``labels``), and the scratch buffers they are written to."""
+    cdef object keep  # the Python objects the pointers in ``image`` point into
+    cdef object ctx
+    cdef Image image
+    cdef Buffer buffer
+    cdef Buffer spans
+    cdef list labels
+    cdef dict iat
+    cdef object blake2b
+    cdef const uint8_t[:] memory_view
+    cdef const uint32_t[:] starts_view
+
+    def __cinit__(self, ctx, function_starts):
+        cdef const int64_t[:] iat_view
+        self.ctx = ctx
+        self.memory_view = ctx.memory
+        self.starts_view = function_starts
+        memset(&self.buffer, 0, sizeof(Buffer))
+        memset(&self.spans, 0, sizeof(Buffer))
+        self.image.regions.count = 0
+        for begin, end, code in ctx.regions:
+            if self.image.regions.count < 96:
+                self.image.regions.begin[self.image.regions.count] = begin
+                self.image.regions.end[self.image.regions.count] = end
+                self.image.regions.code[self.image.regions.count] = (<bytes>code)[0]
+                self.image.regions.count += 1
+        iat = ctx.iat
+        self.iat = iat
+        # the IAT by slot, for bisection; a key no int64 target can equal is left to the dict
+        slots = sorted(slot for slot in iat if -(1 << 63) <= slot < (1 << 63)) if iat else []
+        iat_slots = array("q", slots)
+        iat_slots.append(0)  # never empty
+        iat_view = iat_slots
+        self.keep = iat_slots
+        self.labels = [iat[slot] for slot in slots]
+        self.image.memory = &self.memory_view[0] if self.memory_view.shape[0] else NULL
+        self.image.memlen = self.memory_view.shape[0]
+        self.image.starts = &self.starts_view[0] if self.starts_view.shape[0] else NULL
+        self.image.n_starts = self.starts_view.shape[0]
+        self.image.iat = &iat_view[0]
+        self.image.n_iat = len(slots)
+        self.image.iat_low = iat_view[0] if slots else 1
+        self.image.iat_high = iat_view[len(slots) - 1] if slots else 0
+        self.blake2b = hashlib.blake2b
+
+    def __dealloc__(self):
+        free(self.buffer.data)
+        free(self.spans.data)
+
+    cdef str digest(self, rva, ranges, refs, tables):
+        if type(refs) is PackedRefList and self.image.memory != NULL and type(ranges) is tuple \
+                and type(tables) is list:
+            return _fingerprint_packed(&self.image, self.labels, self.iat, rva, <tuple>ranges, <PackedRefList>refs,
+                                       <list>tables, &self.buffer, &self.spans, self.blake2b)
+        return _fingerprint_one(self.memory_view, self.starts_view, &self.image.regions, self.iat, rva, ranges,
+                                refs, tables)
 
 
 def fingerprint_many(ctx, list items, function_starts):
     """``fingerprint`` of each ``(rva, ranges, refs, tables)`` item, with the image set up once. Items whose
     references are a ``RefList`` (the decoder's) are hashed from its packed records in one C buffer."""
-    cdef const uint8_t[:] memory = ctx.memory
-    cdef const uint32_t[:] starts = function_starts
-    cdef Image image
-    cdef Buffer buffer
-    cdef Buffer spans
-    image.regions.count = 0
-    for begin, end, code in ctx.regions:
-        if image.regions.count < 96:
-            image.regions.begin[image.regions.count] = begin
-            image.regions.end[image.regions.count] = end
-            image.regions.code[image.regions.count] = (<bytes>code)[0]
-            image.regions.count += 1
-    iat = ctx.iat
-    # the IAT by slot, for bisection; a key no int64 target can equal is left to the dict
-    slots = sorted(slot for slot in iat if -(1 << 63) <= slot < (1 << 63)) if iat else []
-    iat_slots = array("q", slots)
-    iat_slots.append(0)  # never empty
-    cdef const int64_t[:] iat_view = iat_slots
-    labels = [iat[slot] for slot in slots]
-    image.memory = &memory[0] if memory.shape[0] else NULL
-    image.memlen = memory.shape[0]
-    image.starts = &starts[0] if starts.shape[0] else NULL
-    image.n_starts = starts.shape[0]
-    image.iat = &iat_view[0]
-    image.n_iat = len(slots)
-    blake2b = hashlib.blake2b
-    memset(&buffer, 0, sizeof(Buffer))
-    memset(&spans, 0, sizeof(Buffer))
+    cdef _Hasher hasher = _Hasher(ctx, function_starts)
+    return [hasher.digest(item[0], item[1], item[2], item[3]) for item in items]
+
+
+def fingerprinted(ctx, list analyses, function_starts, cls):
+    """Copies of ``analyses`` (``cls`` objects: ``api.FunctionAnalysis``) with their fingerprints, built
+    here: the same as ``fingerprint_many`` of their fields, then a new object each with its digest."""
+    cdef _Hasher hasher = _Hasher(ctx, function_starts)
+    cdef Maker maker
+    cdef tuple empty = ()
+    maker_of(&maker, cls, empty)
     out = []
-    try:
-        for item in items:
-            refs = item[2]
-            if type(refs) is PackedRefList and image.memory != NULL:
-                out.append(_fingerprint_packed(&image, labels, iat, item[0], item[1], <PackedRefList>refs, item[3],
-                                               &buffer, &spans, blake2b))
-            else:
-                out.append(_fingerprint_one(memory, starts, &image.regions, iat, item[0], item[1], refs, item[3]))
-    finally:
-        free(buffer.data)
-        free(spans.data)
+    for analysis in analyses:
+        rva, ranges = field_of(&maker, 0, analysis), field_of(&maker, 1, analysis)
+        refs, tables = field_of(&maker, 3, analysis), field_of(&maker, 4, analysis)
+        out.append(make_analysis(&maker, rva, ranges, field_of(&maker, 2, analysis), refs, tables,
+                                 hasher.digest(rva, ranges, refs, tables)))
     return out
 
 
@@ -168,23 +210,46 @@ cdef inline bint _in_spans(int64_t target, const int64_t *ranges, Py_ssize_t cou
     return False
 
 
-cdef str _fingerprint_packed(const Image *image, list labels, dict iat, int64_t rva, tuple ranges_tuple,
+cdef inline int _put_signed(Buffer *buffer, char prefix, int64_t value) except -1:
+    """``prefix`` then ``value`` in decimal (what ``b"%c%lld"`` gives, without printf's machinery)."""
+    cdef char text[24]
+    cdef int at = 24
+    cdef uint64_t magnitude = <uint64_t>(-(value + 1)) + 1 if value < 0 else <uint64_t>value
+    while True:
+        at -= 1
+        text[at] = <char>(48 + magnitude % 10)
+        magnitude //= 10
+        if magnitude == 0:
+            break
+    if value < 0:
+        at -= 1
+        text[at] = b"-"
+    at -= 1
+    text[at] = prefix
+    return _put(buffer, text + at, 24 - at)
+
+
+cdef str _fingerprint_packed(const Image *image, list labels, dict iat, object rva_obj, tuple ranges_tuple,
                              PackedRefList refs, list tables, Buffer *buffer, Buffer *spans, object blake2b):
     """``_fingerprint_one`` of a packed reference list: the masked bytes and the descriptors written to one
     buffer and hashed once (BLAKE2b of the two parts in a row is that of their concatenation)."""
     cdef const PackedRef *packed = <const PackedRef *><const char *>refs.packed
     cdef Py_ssize_t count = refs.count, n_ranges = len(ranges_tuple), r, i, at, length
     cdef const uint8_t *memory = image.memory
+    cdef int64_t rva = rva_obj
     cdef int64_t begin, end, target
     cdef int64_t *ranges
     cdef size_t index
     cdef uint8_t *piece
-    cdef char text[32]
+    cdef char text[2]
+    cdef bint has_wide = refs.wide is not None
+    cdef tuple span
     spans.size = 0
     _reserve(spans, 2 * n_ranges * sizeof(int64_t))
     ranges = <int64_t *>spans.data
     for r in range(n_ranges):
-        ranges[2 * r], ranges[2 * r + 1] = ranges_tuple[r][0], ranges_tuple[r][1]
+        span = <tuple>ranges_tuple[r]
+        ranges[2 * r], ranges[2 * r + 1] = span[0], span[1]
     buffer.size = 0
     for r in range(n_ranges):
         begin = ranges[2 * r]
@@ -205,7 +270,7 @@ cdef str _fingerprint_packed(const Image *image, list labels, dict iat, int64_t 
     for i in range(count):
         text[0] = <char>packed[i].kind
         _put(buffer, text, 1)
-        if refs.wide is not None and i in refs.wide:
+        if has_wide and i in refs.wide:
             # a target beyond 64 bits (an ABS64 of garbage): only an IAT slot could name it
             label = iat.get(refs.wide[i])
             if label is not None:
@@ -216,7 +281,11 @@ cdef str _fingerprint_packed(const Image *image, list labels, dict iat, int64_t 
             _put(buffer, ";", 1)
             continue
         target = packed[i].target
-        index = _lower_bound_64(image.iat, image.n_iat, target)
+        # most targets are code, outside the IAT's span: no search for them
+        if image.iat_low <= target <= image.iat_high:
+            index = _lower_bound_64(image.iat, image.n_iat, target)
+        else:
+            index = image.n_iat
         if index < image.n_iat and image.iat[index] == target:
             label = labels[index]
             _put(buffer, "I", 1)
@@ -231,8 +300,7 @@ cdef str _fingerprint_packed(const Image *image, list labels, dict iat, int64_t 
                 described = b"J" + bytes([table[2]]) + ",".join([str(t - rva) for t in table[3]]).encode()
                 _put(buffer, <bytes>described, len(<bytes>described))
             elif _in_spans(target, ranges, n_ranges):
-                length = snprintf(text, 32, "S%lld", <long long>(target - rva))
-                _put(buffer, text, length)
+                _put_signed(buffer, b"S", target - rva)
             else:
                 index = _lower_bound(image.starts, image.n_starts, target) if image.n_starts else 0
                 if index < image.n_starts and <int64_t>image.starts[index] == target:
@@ -247,7 +315,9 @@ cdef str _fingerprint_packed(const Image *image, list labels, dict iat, int64_t 
                     else:
                         _put(buffer, "O", 1)
         _put(buffer, ";", 1)
-    return blake2b(PyBytes_FromStringAndSize(<char *>buffer.data, buffer.size), digest_size=16).hexdigest()
+    # hashed in place: a read-only view of the buffer, not a copy of it
+    return blake2b(PyMemoryView_FromMemory(<char *>buffer.data, buffer.size, PyBUF_READ),
+                   digest_size=16).hexdigest()
 
 
 cdef inline size_t _lower_bound_64(const int64_t *values, size_t count, int64_t key) noexcept nogil:

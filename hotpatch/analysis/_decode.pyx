@@ -13,6 +13,7 @@ from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset, strstr
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython cimport array as carray
 
 from hotpatch.analysis.includes.capstone cimport *
 from hotpatch.analysis._capstone_api cimport load_entry_points
@@ -20,6 +21,7 @@ from hotpatch.analysis._capstone_api cimport load_entry_points
 from hotpatch.analysis._buffers cimport Decoded, Ref, Span, Table, _free_decoded, _grow, _push_ref, _push_rva
 from hotpatch.analysis._reflist cimport pack_refs
 from hotpatch.analysis._shared cimport _is_nop, _lower_bound, _terminates
+from hotpatch.analysis._slots cimport Maker, make_analysis, maker_of
 
 
 cdef extern from "x86_fastlen.h" nogil:
@@ -95,6 +97,36 @@ cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
     if strstr(insn.op_str, "rip") != NULL or strstr(insn.op_str, " + 0x") != NULL:
         return True
     return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
+
+
+# ``_terminates``'s reading as two tables, for the sweep (it asks for every instruction): the prefixes it
+# skips, and the opcodes that never fall through by themselves (ret, jmp, int3, hlt)
+cdef uint8_t SKIPPED_PREFIX[256]
+cdef uint8_t ENDS_FLOW[256]
+memset(SKIPPED_PREFIX, 0, sizeof(SKIPPED_PREFIX))
+memset(ENDS_FLOW, 0, sizeof(ENDS_FLOW))
+for _byte in (0x66, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, *range(0x40, 0x50)):
+    SKIPPED_PREFIX[_byte] = 1
+for _byte in (0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4):
+    ENDS_FLOW[_byte] = 1
+
+
+cdef inline bint _ends_flow(const uint8_t *p, Py_ssize_t length) noexcept nogil:
+    """``_terminates(p, length, length)``, by table."""
+    cdef Py_ssize_t at = 0
+    cdef uint8_t op
+    while at < length and SKIPPED_PREFIX[p[at]]:
+        at += 1
+    if at >= length:
+        return False
+    op = p[at]
+    if ENDS_FLOW[op]:
+        return True
+    if at + 1 >= length:
+        return False
+    if op == 0x0F:
+        return p[at + 1] == 0x0B
+    return op == 0xFF and ((p[at + 1] >> 3) & 7 == 4 or (p[at + 1] >> 3) & 7 == 5)
 
 
 # what the lite decode of an instruction's bytes gave (its length and whether it needs details): neither
@@ -381,7 +413,7 @@ cdef class _Decoder:
                 rva = offset
                 if _push_rva(out, <uint32_t>rva):
                     return -1
-                if _terminates(base + rva, length, length):
+                if _ends_flow(base + rva, length):
                     after_end = True
                 elif not (after_end and _is_nop(base + rva, length)):
                     after_end = False
@@ -560,6 +592,11 @@ def terminates(const uint8_t[:] code):
     return bool(_terminates(&code[0], code.shape[0], code.shape[0])) if code.shape[0] else False
 
 
+def ends_flow(const uint8_t[:] code):
+    """``terminates`` as the sweep reads it (``_ends_flow``). For tests."""
+    return bool(_ends_flow(&code[0], code.shape[0])) if code.shape[0] else False
+
+
 def fast_length(const uint8_t[:] code):
     """(length, interesting) from the native fast decoder; length 0 means "ask capstone". For tests."""
     cdef int interesting = 0
@@ -643,37 +680,69 @@ def instruction_text(const uint8_t[:] memory, int64_t begin, int64_t end):
 cdef Py_ssize_t BATCH = 2048
 
 
-def decode(ctx, items):
-    """(insn_rvas, refs, tables) of each ``(rva, ranges)`` item. The decode loop holds no GIL, so the
-    two images of a diff decode in parallel threads."""
+cdef int64_t *_flat_ranges(list items, uint64_t *first) except NULL:
+    """Every item's ranges as (begin, end) pairs in one malloc'd array (the caller frees it): item i's are
+    at ``2 * first[i]`` to ``2 * first[i + 1]``."""
+    cdef Py_ssize_t n = len(items), i, count = 0, at = 0
+    cdef int64_t *flat
+    for i in range(n):
+        count += len(items[i][1])
+    flat = <int64_t *>malloc((2 * count + 2) * sizeof(int64_t))  # never empty
+    if flat == NULL:
+        raise MemoryError()
+    try:
+        first[0] = 0
+        for i in range(n):
+            ranges = items[i][1]
+            if type(ranges) is tuple:  # what discovery gives: read without the iterator protocol
+                for span in <tuple>ranges:
+                    if type(span) is tuple and len(<tuple>span) == 2:
+                        flat[at], flat[at + 1] = (<tuple>span)[0], (<tuple>span)[1]
+                    else:
+                        flat[at], flat[at + 1] = span
+                    at += 2
+            else:
+                for begin, end in ranges:
+                    flat[at], flat[at + 1] = begin, end
+                    at += 2
+            first[i + 1] = at // 2
+    except BaseException:
+        free(flat)
+        raise
+    return flat
+
+
+def decode(ctx, items, cls=None):
+    """(insn_rvas, refs, tables) of each ``(rva, ranges)`` item; with ``cls`` (``api.FunctionAnalysis``),
+    that class's objects instead (``rva`` and ``ranges`` the item's, no fingerprint yet), built here rather
+    than by a Python call each. The decode loop holds no GIL, so the two images of a diff decode in
+    parallel threads."""
     cdef _Decoder decoder = _Decoder(ctx)
     cdef Decoded out
     cdef Function f
-    cdef Py_ssize_t n = len(items), start, stop, i, k
-    cdef size_t *ends
-    cdef const int64_t[:] flat_view
-    cdef const int64_t *flat
+    cdef list item_list = items if type(items) is list else list(items)
+    cdef Py_ssize_t n = len(item_list), start, stop, i, k
+    cdef size_t *ends = NULL
+    cdef int64_t *flat = NULL
     cdef const Table *table
-    cdef size_t r0, f0, t0
+    cdef size_t f0, t0, count
     cdef int failed = 0
     cdef object image_base = ctx.image_base
-    flat_ranges = array("q")
+    cdef Maker maker
+    cdef tuple empty = ()
+    cdef carray.array rvas
+    cdef carray.array rvas_template = array("I")
     firsts = array("Q", bytes(8 * (n + 1)))  # item i's ranges: flat[2 * firsts[i]:2 * firsts[i + 1]]
     cdef uint64_t[:] first = firsts
-    for i in range(n):
-        for begin, stop_rva in items[i][1]:
-            flat_ranges.append(begin)
-            flat_ranges.append(stop_rva)
-        first[i + 1] = len(flat_ranges) // 2
-    flat_ranges.append(0)  # never empty
-    flat_view = flat_ranges
-    flat = &flat_view[0]
+    if cls is not None:
+        maker_of(&maker, cls, empty)
     results = []
     memset(&out, 0, sizeof(Decoded))
-    ends = <size_t *>malloc(3 * (BATCH + 1) * sizeof(size_t))
-    if ends == NULL:
-        raise MemoryError()
     try:
+        flat = _flat_ranges(item_list, &first[0])
+        ends = <size_t *>malloc(3 * (BATCH + 1) * sizeof(size_t))
+        if ends == NULL:
+            raise MemoryError()
         for start in range(0, n, BATCH):
             stop = min(start + BATCH, n)
             out.n_rvas = out.n_refs = out.n_tables = out.n_targets = 0
@@ -693,17 +762,23 @@ def decode(ctx, items):
                 raise MemoryError()
             for i in range(stop - start):
                 k = 3 * i
-                rvas = array("I")
-                rvas.frombytes(PyBytes_FromStringAndSize(<char *>(out.rvas + ends[k]),
-                                                         (ends[k + 3] - ends[k]) * sizeof(uint32_t)))
+                count = ends[k + 3] - ends[k]
+                rvas = carray.clone(rvas_template, count, False)
+                if count:
+                    memcpy(rvas.data.as_uints, out.rvas + ends[k], count * sizeof(uint32_t))
                 refs = pack_refs(out.refs + ends[k + 1], ends[k + 4] - ends[k + 1], image_base)
                 tables = []
                 for t0 in range(ends[k + 2], ends[k + 5]):
                     table = &out.tables[t0]
                     tables.append((table.insn_rva, table.table_rva, table.entry_kind,
                                    tuple([out.targets[f0] for f0 in range(table.first, table.first + table.count)])))
-                results.append((rvas, refs, tables))
+                if cls is None:
+                    results.append((rvas, refs, tables))
+                else:
+                    item = item_list[start + i]
+                    results.append(make_analysis(&maker, item[0], item[1], rvas, refs, tables, ""))
     finally:
         _free_decoded(&out)
         free(ends)
+        free(flat)
     return results

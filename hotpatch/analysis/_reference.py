@@ -6,7 +6,7 @@ the fallback only when ``HOTPATCH_PURE_PYTHON=1`` asks for it.
 
 The contract (both implementations):
 
-``decode(ctx, items)``
+``decode(ctx, items, cls=None)``
     ``items`` is a list of ``(rva, ranges)``; ``ranges`` a tuple of
     ``(begin_rva, end_rva)``. Each range is swept linearly; a byte capstone
     cannot decode is skipped. Returns, per item, ``(insn_rvas, refs, tables)``:
@@ -14,14 +14,17 @@ The contract (both implementations):
     ``(kind, insn_rva, operand_offset, operand_size, target_rva)`` in
     instruction order (within one instruction: branch or RIP operand, then
     jump-table records, then relocations by address); ``tables`` a list of
-    ``(insn_rva, table_rva, entry_kind, targets)``.
+    ``(insn_rva, table_rva, entry_kind, targets)``. With ``cls`` (``api.FunctionAnalysis``),
+    each is instead a ``cls`` object of ``(rva, ranges, insn_rvas, refs, tables, "")``, its slots filled
+    without its ``__init__`` (the compiled core builds them in C).
 
 ``fingerprint(ctx, rva, ranges, refs, tables, function_starts)``
     BLAKE2b-128 (hex) of the function's bytes with every reference operand
     zeroed, then ``b"|"``, then per reference ``bytes([kind]) + descriptor +
     b";"`` where the descriptor names what the target *is* (see
     ``describe``), never where it is. ``fingerprint_many(ctx, items,
-    function_starts)`` gives it for each ``(rva, ranges, refs, tables)``.
+    function_starts)`` gives it for each ``(rva, ranges, refs, tables)``;
+    ``fingerprinted(ctx, analyses, function_starts, cls)`` gives copies of ``cls`` objects with it.
 """
 
 from __future__ import annotations
@@ -52,7 +55,10 @@ from .refkinds import (
     TABLE_SELF_REL32,
 )
 
-__all__ = ["decode", "fingerprint", "fingerprint_many", "instruction_text", "IMPLEMENTATION"]
+__all__ = ["decode", "fingerprint", "fingerprint_many", "fingerprinted", "instruction_text", "IMPLEMENTATION"]
+
+#: a FunctionAnalysis's slots in field order, the order ``_made`` takes the values in
+_FIELDS = ("rva", "ranges", "insn_rvas", "raw_refs", "raw_tables", "fingerprint")
 
 IMPLEMENTATION = "python"
 
@@ -69,9 +75,22 @@ def instruction_text(memory: bytes, begin: int, end: int) -> list[tuple[int, str
             in disassembler().disasm_lite(memory[begin:end], begin)]
 
 
-def decode(ctx: Any, items: list[tuple[int, tuple[tuple[int, int], ...]]]) -> list[tuple[Any, list, list]]:
+def decode(ctx: Any, items: list[tuple[int, tuple[tuple[int, int], ...]]], cls: Any = None) -> list[Any]:
     md = disassembler(detail=True)
-    return [_decode_one(md, ctx, ranges) for _, ranges in items]
+    decoded = [_decode_one(md, ctx, ranges) for _, ranges in items]
+    if cls is None:
+        return decoded
+    return [_made(cls, rva, ranges, *parts, "") for (rva, ranges), parts in zip(items, decoded)]
+
+
+def _made(cls: Any, *values: Any) -> Any:
+    """A ``cls`` object of ``values`` by ``_FIELDS``, its slots set as the compiled core sets them."""
+    if getattr(cls, "__slots__", None) != _FIELDS:
+        raise TypeError(f"{cls!r} is not a class with the slots {_FIELDS}")
+    made = object.__new__(cls)
+    for name, value in zip(_FIELDS, values):
+        cls.__dict__[name].__set__(made, value)
+    return made
 
 
 def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) -> tuple[Any, list, list]:
@@ -292,3 +311,8 @@ def fingerprint(ctx: Any, rva: int, ranges: tuple[tuple[int, int], ...], refs: l
 
 def fingerprint_many(ctx: Any, items: list, function_starts: Any) -> list[str]:
     return [fingerprint(ctx, rva, ranges, refs, tables, function_starts) for rva, ranges, refs, tables in items]
+
+
+def fingerprinted(ctx: Any, analyses: list, function_starts: Any, cls: Any) -> list[Any]:
+    return [_made(cls, a.rva, a.ranges, a.insn_rvas, a.raw_refs, a.raw_tables,
+                  fingerprint(ctx, a.rva, a.ranges, a.raw_refs, a.raw_tables, function_starts)) for a in analyses]

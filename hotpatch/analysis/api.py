@@ -191,9 +191,7 @@ def decode(
     """Decode each ``(rva, ranges)`` item (no fingerprints yet)."""
     impl = impl or backend()
     with gc_paused():
-        results = impl.decode(ctx, items)
-    return [_analysis(rva, ranges, insn_rvas, refs, tables)
-            for (rva, ranges), (insn_rvas, refs, tables) in zip(items, results)]
+        return impl.decode(ctx, items, FunctionAnalysis)  # type: ignore[no-any-return]
 
 
 def fingerprint_all(
@@ -201,7 +199,4 @@ def fingerprint_all(
 ) -> list[FunctionAnalysis]:
     """The same analyses with their fingerprints, given the final set of function starts."""
     impl = impl or backend()
-    digests = impl.fingerprint_many(ctx, [(a.rva, a.ranges, a.raw_refs, a.raw_tables) for a in decoded],
-                                    function_starts)
-    return [_analysis(a.rva, a.ranges, a.insn_rvas, a.raw_refs, a.raw_tables, digest)
-            for a, digest in zip(decoded, digests)]
+    return impl.fingerprinted(ctx, decoded, function_starts, FunctionAnalysis)  # type: ignore[no-any-return]

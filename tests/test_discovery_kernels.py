@@ -43,6 +43,40 @@ def test_kernels_agree_on_random_padding_soup() -> None:
             assert compiled.gap_places(memory, end, limit) == reference.gap_places(memory, end, limit)
 
 
+def test_batched_kernels_agree_on_random_padding_soup() -> None:
+    """The kernels that take a round's gaps, places or relocations at once, and the fill trimming of a
+    function's end: the same answers as the twin, at the ends of memory too."""
+    rng = random.Random(31)
+    for _ in range(60):
+        size = rng.randrange(16, 2000)
+        memory = padding_soup(rng, size)
+        ends = [rng.randrange(0, size + 8) for _ in range(rng.randrange(0, 20))]
+        limits = [end + rng.randrange(0, 300) for end in ends]
+        many = compiled.gap_places_many(memory, ends, limits)
+        assert many == reference.gap_places_many(memory, ends, limits)
+        assert many == [reference.gap_places(memory, end, limit) for end, limit in zip(ends, limits)]
+        places = [rng.randrange(0, size + 1) for _ in range(200)] + [0, size]
+        assert compiled.after_padding_in(memory, places) == reference.after_padding_in(memory, places)
+        # pointers: some into the image, some not; relocations near and past its end; a code section
+        base = rng.choice((0, 0x180000000))
+        relocations = array("I", sorted(rng.randrange(0, size + 12) for _ in range(40)))
+        words = bytearray(memory)
+        for reloc in relocations[::2]:
+            if reloc + 8 <= size:
+                words[reloc:reloc + 8] = (base + rng.randrange(0, size + 50)).to_bytes(8, "little")
+        low = rng.randrange(0, size)
+        code = (array("I", [low]), array("I", [min(size, low + rng.randrange(1, 400))]))
+        for code_sections in (code, (array("I"), array("I"))):
+            expected = reference.pointer_targets(bytes(words), relocations, base, *code_sections)
+            assert compiled.pointer_targets(bytes(words), relocations, base, *code_sections) == expected
+        rvas = array("I", sorted(set(rng.sample(range(0, size), rng.randrange(1, min(size, 60))))))
+        for limit in (rvas[-1] + 1, rvas[-1] + rng.randrange(1, 40)):
+            begin = rvas[0]
+            expected = reference.trimmed_end(memory, rvas, begin, limit)
+            assert compiled.trimmed_end(memory, rvas, begin, limit) == expected
+            assert begin < expected <= limit
+
+
 def test_named_agrees_with_set_intersection() -> None:
     rng = random.Random(9)
     words = [array("I", (rng.randrange(5000) for _ in range(rng.randrange(0, 400)))) for _ in range(6)]
@@ -142,6 +176,10 @@ def _image_agreement(image: Image) -> None:
             expected = reference.reachable_end(*args)
             assert compiled.reachable_end(*args) == expected
             assert compiled.reachable_end(*args[:2], list(analysis.raw_refs), *args[3:]) == expected
+        # where the function ends once trailing fill is cut, up to its end and a little past it
+        for limit in (function.end_rva, function.end_rva + 24):
+            args = (memory, analysis.insn_rvas, function.rva, limit)
+            assert compiled.trimmed_end(*args) == reference.trimmed_end(*args)
     assert compiled.call_and_lea_targets(memory, refs_lists) == reference.call_and_lea_targets(memory, refs_lists)
     assert compiled.call_and_lea_targets(memory, [list(r) for r in refs_lists]) == \
         reference.call_and_lea_targets(memory, refs_lists)
@@ -151,6 +189,13 @@ def _image_agreement(image: Image) -> None:
     words = _rva32_words(image)
     places = {rva for rva, _ in spans} | {end for _, end in spans}
     assert compiled.named(places, words) == reference.named(places, words)
+    places |= compiled.gap_starts(memory, *(array("I", column) for column in zip(*spans)),
+                                  *(array("I", column) for column in zip(*sections)))
+    assert compiled.after_padding_in(memory, sorted(places)) == reference.after_padding_in(memory, sorted(places))
+    relocations = array("I", image.relocations)
+    code = [array("I", column) for column in zip(*sections)]
+    expected = reference.pointer_targets(memory, relocations, image.image_base, *code)
+    assert compiled.pointer_targets(memory, relocations, image.image_base, *code) == expected
 
 
 def test_kernels_agree_on_every_fixture() -> None:

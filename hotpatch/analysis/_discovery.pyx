@@ -9,11 +9,13 @@ of ``padding.py`` read byte by byte); the tests check that both give identical r
 
 from array import array
 
-from libc.stdint cimport uint8_t, uint32_t, int64_t
+from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
 
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 from hotpatch.analysis._shared cimport _lower_bound, _terminates
+
+from hotpatch.analysis.padding import after_padding as _after_padding_py
 
 IMPLEMENTATION = "cython"
 
@@ -102,6 +104,20 @@ def gap_places(const uint8_t[:] memory, Py_ssize_t end, Py_ssize_t limit):
     return out
 
 
+def gap_places_many(const uint8_t[:] memory, ends, limits):
+    """``gap_places`` of each gap ``[ends[i], limits[i])``: the gaps a round changed, in one call."""
+    cdef Py_ssize_t length = memory.shape[0], i, count = len(ends)
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    cdef list out = [], fresh
+    if len(limits) != count:
+        raise ValueError("ends and limits differ in length")
+    for i in range(count):
+        fresh = []
+        _places(m, length, ends[i], limits[i], fresh)
+        out.append(fresh)
+    return out
+
+
 def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
                const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
     """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each
@@ -181,6 +197,84 @@ cdef Py_ssize_t _run_ending_at(const uint8_t *m, Py_ssize_t length, Py_ssize_t g
         else:
             pos += 1
     return best
+
+
+cdef bint _after_padding(const uint8_t *m, Py_ssize_t rva) noexcept nogil:
+    """``padding.after_padding`` for ``0 < rva <= len(memory)``: int3 or nop right before ``rva``, or a usable
+    padding run (found as ``finditer`` finds them, from nine bytes back) that ends there."""
+    cdef Py_ssize_t pos = rva - 9 if rva > 9 else 0, n
+    if m[rva - 1] == 0xCC or m[rva - 1] == 0x90:
+        return True
+    while pos < rva:
+        n = _run(m, pos, rva, False)
+        if n:
+            if pos + n == rva:
+                return True
+            pos += n
+        else:
+            pos += 1
+    return False
+
+
+def after_padding_in(memory, places):
+    """The places (in the given order) right after int3 or nop padding (``padding.after_padding``)."""
+    cdef const uint8_t[:] view = memory
+    cdef Py_ssize_t length = view.shape[0], place
+    cdef const uint8_t *m = &view[0] if length else NULL
+    cdef list out = []
+    for value in places:
+        place = value
+        if 0 < place <= length:
+            if _after_padding(m, place):
+                out.append(value)
+        elif _after_padding_py(memory, place):  # what indexing at or past either end does in Python
+            out.append(value)
+    return out
+
+
+def pointer_targets(const uint8_t[:] memory, const uint32_t[:] relocations, uint64_t image_base,
+                    const uint32_t[:] code_rvas, const uint32_t[:] code_ends):
+    """What the relocated 64-bit pointers outside code point at inside the image, as RVAs, in relocation
+    order: the little-endian value at each relocation (fewer bytes at the image's end) minus the image
+    base, kept where it lies in ``[0, len(memory))``; relocations inside a code section (``code_rvas``,
+    ``code_ends``: sorted, disjoint) are references of that code and left out."""
+    cdef Py_ssize_t length = memory.shape[0], count = relocations.shape[0], sections = code_rvas.shape[0]
+    cdef Py_ssize_t i, k, b
+    cdef uint32_t reloc
+    cdef uint64_t value
+    cdef list out = []
+    for i in range(count):
+        reloc = relocations[i]
+        # the last code section starting at or before the relocation (relocations are mostly sorted)
+        k = _lower_bound(&code_rvas[0], sections, <int64_t>reloc + 1) if sections else 0
+        if k > 0 and reloc < code_ends[k - 1]:
+            continue
+        value = 0
+        for b in range(7, -1, -1):  # bytes past the image's end are absent, as in a short slice
+            if <Py_ssize_t>reloc + b < length:
+                value = value << 8 | memory[reloc + b]
+        if value >= image_base and value - image_base < <uint64_t>length:
+            out.append(value - image_base)
+    return out
+
+
+cdef bint _fill_span(const uint8_t *m, Py_ssize_t length, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
+    """``FILL_RE.fullmatch(memory, begin, end)`` (the tokens are unambiguous: the greedy run is the only one)."""
+    cdef Py_ssize_t stop = _clip(end, length)
+    return stop > begin and _run(m, begin, stop, True) == stop - begin
+
+
+def trimmed_end(const uint8_t[:] memory, const uint32_t[:] rvas, Py_ssize_t begin, Py_ssize_t limit):
+    """Where a function whose instructions start at ``rvas`` in ``[begin, limit)`` ends once the fill after
+    its last instruction that is not fill (int3, nops, zeros) is cut off; at least one byte past ``begin``."""
+    cdef Py_ssize_t length = memory.shape[0], count = rvas.shape[0], index, insn_end, end = begin + 1
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    for index in range(count - 1, -1, -1):
+        insn_end = rvas[index + 1] if index + 1 < count else limit
+        if not _fill_span(m, length, rvas[index], insn_end):
+            end = insn_end
+            break
+    return end if end > begin + 1 else begin + 1
 
 
 def named(places, words):

@@ -10,11 +10,12 @@ from collections.abc import Iterable, Sequence
 from heapq import heappop, heappush
 
 from .flow import terminates
-from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE
+from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "call_and_lea_targets", "gap_places", "gap_starts", "named", "named_in",
-           "padding_runs", "reachable_end", "word_index"]
+__all__ = ["IMPLEMENTATION", "after_padding_in", "call_and_lea_targets", "gap_places", "gap_places_many",
+           "gap_starts", "named", "named_in", "padding_runs", "pointer_targets", "reachable_end", "trimmed_end",
+           "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -30,6 +31,11 @@ def gap_places(memory: bytes, end: int, limit: int) -> list[int]:
     found.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit) if match.end() < limit)
     # code does not begin with fill (a multi-byte nop right after a function is its padding)
     return sorted(p for p in found if not FILL_RE.match(memory, p, p + 15))
+
+
+def gap_places_many(memory: bytes, ends: Sequence[int], limits: Sequence[int]) -> list[list[int]]:
+    """``gap_places`` of each gap ``[ends[i], limits[i])``: the gaps a round changed, in one call."""
+    return [gap_places(memory, end, limit) for end, limit in zip(ends, limits)]
 
 
 def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
@@ -84,6 +90,42 @@ def _run_starting_at(memory: bytes, end: int, gap_end: int) -> int:
         return 0
     match = USABLE_PADDING_RE.match(memory, end, gap_end)
     return match.end() - end if match else 0
+
+
+def after_padding_in(memory: bytes, places: Iterable[int]) -> list[int]:
+    """The places (in the given order) right after int3 or nop padding (``padding.after_padding``)."""
+    return [place for place in places if after_padding(memory, place)]
+
+
+def pointer_targets(memory: bytes, relocations: Sequence[int], image_base: int, code_rvas: Sequence[int],
+                    code_ends: Sequence[int]) -> list[int]:
+    """What the relocated 64-bit pointers outside code point at inside the image, as RVAs, in relocation
+    order: the little-endian value at each relocation (fewer bytes at the image's end) minus the image
+    base, kept where it lies in ``[0, len(memory))``; relocations inside a code section (``code_rvas``,
+    ``code_ends``: sorted, disjoint) are references of that code and left out."""
+    out = []
+    for reloc in relocations:
+        index = bisect_right(code_rvas, reloc) - 1
+        if index >= 0 and reloc < code_ends[index]:
+            continue
+        target = int.from_bytes(memory[reloc:reloc + 8], "little") - image_base
+        if 0 <= target < len(memory):
+            out.append(target)
+    return out
+
+
+def trimmed_end(memory: bytes, rvas: Sequence[int], begin: int, limit: int) -> int:
+    """Where a function whose instructions start at ``rvas`` in ``[begin, limit)`` ends once the fill after
+    its last instruction that is not fill (int3, nops, zeros) is cut off; at least one byte past ``begin``."""
+    end = limit
+    for index in range(len(rvas) - 1, -1, -1):
+        insn_end = rvas[index + 1] if index + 1 < len(rvas) else end
+        if not FILL_RE.fullmatch(memory, rvas[index], insn_end):
+            end = insn_end
+            break
+    else:
+        end = begin + 1
+    return max(end, begin + 1)
 
 
 def named(places: Iterable[int], words: Iterable[array]) -> set[int]:

@@ -16,6 +16,7 @@ import importlib
 import re
 from array import array
 from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -25,7 +26,7 @@ from ..pe.image import Image, UnwindInfo
 from . import _discovery_reference
 from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
 from .layout import Item, Layout
-from .padding import FILL_BYTES, FILL_RE, after_padding, covered_bytes, gap_fill_bytes
+from .padding import FILL_BYTES, covered_bytes, gap_fill_bytes
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
 
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
@@ -224,6 +225,22 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     def acceptable(rva: int) -> bool:
         return code_section(rva) is not None and not inside_pdata(rva)
 
+    def add_all(rvas: Iterable[int], source: str) -> bool:
+        """``add`` of each address (without names), in one loop: a round's call targets are thousands."""
+        bit = _SOURCE_BIT[source]
+        found = False
+        for rva in rvas:
+            if not acceptable(rva):
+                continue
+            mask = sources.get(rva)
+            if mask is None:
+                sources[rva] = bit
+                pending.append(rva)
+                found = True
+            else:
+                sources[rva] = mask | bit
+        return found
+
     def add(rva: int, source: str, name: str | None = None) -> bool:
         if not acceptable(rva):
             return False
@@ -251,13 +268,13 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     for runtime in image.runtime_functions:
         if runtime.unwind.handler_rva is not None:
             add(runtime.unwind.handler_rva, "handler")
-    memory, base = image.memory, image.image_base
+    memory = image.memory
+    sections = sorted(image.executable_sections, key=lambda s: s.rva)
+    section_rvas, section_ends = array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections))
     decodable: dict[int, bool] = {}
-    for reloc in image.relocations:
-        if image.code_section(reloc) is not None:
-            continue  # pointers inside code are references of that code, not function starts
-        target = int.from_bytes(memory[reloc:reloc + 8], "little") - base
-        if not 0 <= target < len(memory) or not acceptable(target):
+    # pointers inside code are references of that code, not function starts: the kernel leaves them out
+    for target in kernels.pointer_targets(memory, ctx.relocations, image.image_base, section_rvas, section_ends):
+        if not acceptable(target):
             continue
         # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
         if target not in decodable:
@@ -270,7 +287,6 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # some other way, never more of it. Each round touches only the functions whose next start changed
     # (``Layout``), and ``decoded`` holds only the decodes of the current items.
     decoded: dict[Item, FunctionAnalysis] = {}
-    padded = cache(lambda rva: after_padding(memory, rva))  # most places are candidates round after round
     # what the 32-bit words of data name, looked up place by place each round (the words themselves go)
     index = kernels.word_index(_rva32_words(image), max((s.end_rva for s in image.executable_sections), default=0))
     layout = Layout(code_section, pdata)
@@ -300,14 +316,14 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         calls, leas = kernels.call_and_lea_targets(memory, fresh)
         # whether an address could start a function does not change: keep only those that could
         taken |= {t for t in leas if acceptable(t)}
-        found = False
-        for target in calls:
-            found |= add(target, "call")
+        found = add_all(calls, "call")
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
             t for t in taken.difference(sources, rejected) if _boundary(image, layout, t, core)])
         if not found:
             places = layout.places(memory, kernels)
-            named = kernels.named_in(places, index).difference(sources, rejected, unfit)
+            # a place's words never change and every place of an earlier round was looked at then (and is
+            # a start now, or rejected, or unfit): only the places new since then can be named anew
+            named = kernels.named_in(layout.new_places, index).difference(sources, rejected, unfit)
             fit = [t for t in named if acceptable(t)]
             unfit |= named.difference(fit)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, fit)
@@ -316,14 +332,14 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
             found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
-                t for t in places.difference(sources, rejected) if padded(t) and acceptable(t)])
+                t for t in kernels.after_padding_in(memory, places.difference(sources, rejected)) if acceptable(t)])
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
     final_layout = []
     for item in layout.ordered():
         if item[0] not in pdata:
-            trimmed = _trimmed(image, item, decoded[item])
+            trimmed = _trimmed(memory, item, decoded[item], kernels)
             if trimmed != item:
                 del decoded[item]
             item = trimmed
@@ -333,10 +349,8 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded.pop(item) for item in final_layout], starts, core)
-    sections = sorted(image.executable_sections, key=lambda s: s.rva)
-    padding = kernels.padding_runs(image.memory, array("I", (rva for rva, _ in final_layout)),
-                                   array("I", (ranges[0][1] for _, ranges in final_layout)),
-                                   array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections)))
+    padding = kernels.padding_runs(memory, array("I", (rva for rva, _ in final_layout)),
+                                   array("I", (ranges[0][1] for _, ranges in final_layout)), section_rvas, section_ends)
     functions = []
     for (rva, ranges), analysis, before, after in zip(final_layout, final, *padding):
         runtime = pdata.get(rva)
@@ -567,18 +581,7 @@ def _near_pointer(image: Image, rva: int) -> bool:
     return index >= 0 and relocations[index] + 8 >= rva
 
 
-def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],
-             analysis: FunctionAnalysis) -> tuple[int, tuple[tuple[int, int], ...]]:
+def _trimmed(memory: bytes, item: Item, analysis: FunctionAnalysis, kernels: Any = _discovery_reference) -> Item:
     """The item's range cut after its last instruction that is not fill (int3, nops, zeros)."""
     rva, ((begin, limit),) = item
-    rvas = analysis.insn_rvas
-    memory = image.memory
-    end = limit
-    for index in range(len(rvas) - 1, -1, -1):
-        insn_end = rvas[index + 1] if index + 1 < len(rvas) else end
-        if not FILL_RE.fullmatch(memory, rvas[index], insn_end):
-            end = insn_end
-            break
-    else:
-        end = begin + 1
-    return rva, ((begin, max(end, begin + 1)),)
+    return rva, ((begin, kernels.trimmed_end(memory, analysis.insn_rvas, begin, limit)),)

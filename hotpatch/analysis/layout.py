@@ -40,6 +40,13 @@ class Layout:
         self._places: set[int] = set()
         #: starts whose item or next start changed since their gap was last looked at
         self._stale: set[int] = set()
+        #: the places the last ``places`` call added
+        self.new_places: list[int] = []
+        #: a code section's end, and where a function in it ends at the latest, by the section's id
+        #: (``end_rva`` is a computed property, asked per start); ``_sections`` keeps those ids taken
+        self._section_ends: dict[int, int] = {}
+        self._section_limits: dict[int, int] = {}
+        self._sections: list[Any] = []
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -48,7 +55,8 @@ class Layout:
         """Add starts; return, sorted, the starts whose raw item is new or changed (each new start and
         the one before it, which now ends earlier), each with its item before (None if new). Their
         ``items`` are the raw ones until bounded."""
-        added = sorted(set(new).difference(self.raw))
+        raw_items, items, pdata = self.raw, self.items, self._pdata
+        added = sorted(set(new).difference(raw_items))
         if not added:
             return []
         starts = self.starts
@@ -61,11 +69,21 @@ class Layout:
                 touched.add(starts[index - 1])
         self._stale |= touched
         changed = []
+        count = len(starts)
+        # ``_raw_item`` inlined: the first round lays out every .pdata function at once (tens of thousands)
         for rva in sorted(touched):
-            raw = self._raw_item(rva)
-            if self.raw.get(rva) != raw:
-                changed.append((rva, self.items.get(rva)))
-                self.raw[rva] = self.items[rva] = raw
+            runtime = pdata.get(rva)
+            if runtime is not None:
+                raw = (rva, ((rva, runtime.end_rva),) + runtime.fragments)
+            else:
+                limit = self._section_limit(rva)
+                index = bisect_right(starts, rva)
+                if index < count and starts[index] < limit:
+                    limit = starts[index]
+                raw = (rva, ((rva, limit),))
+            if raw_items.get(rva) != raw:
+                changed.append((rva, items.get(rva)))
+                raw_items[rva] = items[rva] = raw
         return changed
 
     def bound(self, rva: int, item: Item) -> None:
@@ -90,43 +108,61 @@ class Layout:
 
     def places(self, memory: bytes, kernels: Any) -> set[int]:
         """Places outside every function where code could begin: ``kernels.gap_starts`` of the current
-        items, with only the gaps whose bounds changed looked at again. The set is the layout's own:
-        read it, do not change it."""
+        items, with only the gaps whose bounds changed looked at again (``kernels.gap_places_many``, all
+        in one call). The set is the layout's own: read it, do not change it. ``new_places`` holds the
+        places this call added: each place there now that was not there at the previous call is one."""
         gaps, places = self._gaps, self._places
+        stale = sorted(self._stale)
+        self._stale.clear()
         # every stale gap's old places go before any new ones come: a place can move from one gap to
         # another (into the gap after a new start)
-        for rva in self._stale:
+        for rva in stale:
             old = gaps.pop(rva, None)
             if old:
                 places.difference_update(old)
-        for rva in self._stale:
-            fresh = self._gap_places(memory, rva, kernels)
+        owners, ends, limits = self._gap_bounds(stale)
+        added: list[int] = []
+        for rva, fresh in zip(owners, kernels.gap_places_many(memory, ends, limits)):
             if fresh:
                 gaps[rva] = fresh
-                places.update(fresh)
-        self._stale.clear()
+                added += fresh
+        places.update(added)
+        self.new_places = added
         return places
 
-    def _gap_places(self, memory: bytes, rva: int, kernels: Any) -> list[int]:
-        """The places of the gap between the function at ``rva`` and the next start in its section."""
-        section = self._code_section(rva)
-        if section is None:
-            return []  # a .pdata entry outside the executable sections bounds no gap
-        high = section.end_rva
-        following = self.following(rva)
-        limit = following if following is not None and following < high else high
-        end = self.items[rva][1][0][1]
-        return kernels.gap_places(memory, end, limit) if end < limit else []
+    def _gap_bounds(self, rvas: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """The starts among ``rvas`` with a gap after their function before the next start in their
+        section, and each gap's bounds (a .pdata entry outside the executable sections bounds no gap)."""
+        starts, items, code_section, ends_of = self.starts, self.items, self._code_section, self._section_ends
+        count = len(starts)
+        owners: list[int] = []
+        ends: list[int] = []
+        limits: list[int] = []
+        for rva in rvas:
+            section = code_section(rva)
+            if section is None:
+                continue
+            limit = ends_of.get(id(section))
+            if limit is None:
+                self._sections.append(section)
+                limit = ends_of[id(section)] = section.end_rva
+            index = bisect_right(starts, rva)
+            if index < count and starts[index] < limit:
+                limit = starts[index]
+            end = items[rva][1][0][1]
+            if end < limit:
+                owners.append(rva)
+                ends.append(end)
+                limits.append(limit)
+        return owners, ends, limits
 
-    def _raw_item(self, rva: int) -> Item:
-        runtime = self._pdata.get(rva)
-        if runtime is not None:
-            return (rva, ((rva, runtime.end_rva),) + runtime.fragments)
+    def _section_limit(self, rva: int) -> int:
+        """Where a function starting at ``rva`` (not listed by .pdata) ends at the latest: its section's end."""
         section = self._code_section(rva)
         assert section is not None
-        limit = min(section.rva + section.virtual_size if section.virtual_size else section.end_rva,
-                    section.end_rva)
-        following = self.following(rva)
-        if following is not None:
-            limit = min(limit, following)
-        return (rva, ((rva, limit),))
+        limit = self._section_limits.get(id(section))
+        if limit is None:
+            self._sections.append(section)
+            limit = self._section_limits[id(section)] = min(
+                section.rva + section.virtual_size if section.virtual_size else section.end_rva, section.end_rva)
+        return limit

@@ -50,11 +50,19 @@ def test_batched_kernels_agree_on_random_padding_soup() -> None:
     for _ in range(60):
         size = rng.randrange(16, 2000)
         memory = padding_soup(rng, size)
-        ends = [rng.randrange(0, size + 8) for _ in range(rng.randrange(0, 20))]
-        limits = [end + rng.randrange(0, 300) for end in ends]
-        many = compiled.gap_places_many(memory, ends, limits)
-        assert many == reference.gap_places_many(memory, ends, limits)
-        assert many == [reference.gap_places(memory, end, limit) for end, limit in zip(ends, limits)]
+        # a layout's stale gaps: starts in and out of two code sections, items ending before, at and past
+        # the next start
+        cut = rng.randrange(8, size)
+        sections = (array("I", [4, cut + 4]), array("I", [cut, size + 8]))
+        starts = sorted(set(rng.sample(range(0, size + 8), rng.randrange(1, min(size, 50)))))
+        items = {rva: (rva, ((rva, rva + rng.randrange(0, 80)),)) for rva in starts}
+        stale = sorted(rng.sample(starts, rng.randrange(0, len(starts) + 1)))
+        owners, places = compiled.stale_gap_places(memory, stale, starts, items, *sections)
+        assert (owners, places) == reference.stale_gap_places(memory, stale, starts, items, *sections)
+        for rva, fresh in zip(owners, places):
+            s = 0 if rva < sections[1][0] else 1
+            following = next((start for start in starts if start > rva), sections[1][s])
+            assert fresh == reference.gap_places(memory, items[rva][1][0][1], min(following, sections[1][s]))
         places = [rng.randrange(0, size + 1) for _ in range(200)] + [0, size]
         assert compiled.after_padding_in(memory, places) == reference.after_padding_in(memory, places)
         # pointers: some into the image, some not; relocations near and past its end; a code section

@@ -66,7 +66,7 @@ def test_incremental_layout_equals_a_layout_from_scratch_after_random_insertions
             if code_section(rva) is not None:
                 pdata[rva] = _Runtime(rva + rng.randrange(1, 60),
                                       ((rva + 80, rva + 90),) if rng.random() < 0.3 else ())
-        layout = Layout(code_section, pdata)
+        layout = Layout(sections, pdata)
         known: set[int] = set()
         bounds: dict[Item, Item] = {}
         known_places: set[int] = set()  # the places at the previous call

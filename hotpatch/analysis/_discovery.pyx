@@ -104,18 +104,59 @@ def gap_places(const uint8_t[:] memory, Py_ssize_t end, Py_ssize_t limit):
     return out
 
 
-def gap_places_many(const uint8_t[:] memory, ends, limits):
-    """``gap_places`` of each gap ``[ends[i], limits[i])``: the gaps a round changed, in one call."""
-    cdef Py_ssize_t length = memory.shape[0], i, count = len(ends)
+cdef inline Py_ssize_t _upper_bound(const uint32_t[:] values, int64_t key) noexcept nogil:
+    """The number of ``values`` (sorted) at or below ``key``: ``bisect_right``."""
+    cdef Py_ssize_t lo = 0, hi = values.shape[0], mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if <int64_t>values[mid] <= key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef Py_ssize_t _list_upper_bound(list values, int64_t key) except -1:
+    """``bisect_right`` of a sorted list of ints."""
+    cdef Py_ssize_t lo = 0, hi = len(values), mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if <int64_t>values[mid] <= key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def stale_gap_places(const uint8_t[:] memory, stale, list starts, dict items, const uint32_t[:] section_rvas,
+                     const uint32_t[:] section_ends):
+    """The layout's gaps looked at again: for each start of ``stale`` in a code section (``section_rvas``,
+    ``section_ends``: sorted, disjoint), ``gap_places`` of the gap from the end of its item's first range
+    (``items[start]``) to the next of the sorted ``starts`` or its section's end; the starts with places
+    and their places."""
+    cdef Py_ssize_t length = memory.shape[0], count = len(starts), index
     cdef const uint8_t *m = &memory[0] if length else NULL
-    cdef list out = [], fresh
-    if len(limits) != count:
-        raise ValueError("ends and limits differ in length")
-    for i in range(count):
-        fresh = []
-        _places(m, length, ends[i], limits[i], fresh)
-        out.append(fresh)
-    return out
+    cdef int64_t rva, limit, end, following
+    cdef list owners = [], out = [], fresh
+    for value in stale:
+        rva = value
+        index = _upper_bound(section_rvas, rva) - 1
+        if index < 0 or rva >= section_ends[index]:
+            continue  # a .pdata entry outside the executable sections bounds no gap
+        limit = section_ends[index]
+        index = _list_upper_bound(starts, rva)
+        if index < count:
+            following = starts[index]
+            if following < limit:
+                limit = following
+        end = items[value][1][0][1]
+        if end < limit:
+            fresh = []
+            _places(m, length, end, limit, fresh)
+            if fresh:
+                owners.append(value)
+                out.append(fresh)
+    return owners, out
 
 
 def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
@@ -214,6 +255,29 @@ cdef bint _after_padding(const uint8_t *m, Py_ssize_t rva) noexcept nogil:
         else:
             pos += 1
     return False
+
+
+def acceptable_in(rvas, const uint32_t[:] code_rvas, const uint32_t[:] code_ends,
+                  const uint32_t[:] owned_begins, const uint32_t[:] owned_ends, const uint8_t[:] owned_primary):
+    """The addresses (in the given order) that could start a function: inside a code section (``code_rvas``,
+    ``code_ends``: sorted, disjoint) and not inside a .pdata function. ``owned_begins``/``owned_ends`` are
+    every .pdata range (primary ranges and fragments) sorted; ``owned_primary[i]`` says whether
+    ``owned_begins[i]`` starts a .pdata function (a fragment's first byte is no start). Only the last range
+    beginning at or before an address is asked, as discovery always did."""
+    cdef Py_ssize_t index
+    cdef int64_t rva
+    cdef list out = []
+    for value in rvas:
+        rva = value
+        index = _upper_bound(code_rvas, rva) - 1
+        if index < 0 or rva >= code_ends[index]:
+            continue
+        index = _upper_bound(owned_begins, rva) - 1
+        if index >= 0 and (owned_begins[index] < rva < owned_ends[index] or
+                           owned_begins[index] == rva and not owned_primary[index]):
+            continue
+        out.append(value)
+    return out
 
 
 def after_padding_in(memory, places):

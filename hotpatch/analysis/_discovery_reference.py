@@ -13,9 +13,9 @@ from .flow import terminates
 from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "after_padding_in", "call_and_lea_targets", "gap_places", "gap_places_many",
-           "gap_starts", "named", "named_in", "padding_runs", "pointer_targets", "reachable_end", "trimmed_end",
-           "word_index"]
+__all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "call_and_lea_targets", "gap_places",
+           "gap_starts", "stale_gap_places", "named", "named_in", "padding_runs", "pointer_targets", "reachable_end",
+           "trimmed_end", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -33,9 +33,29 @@ def gap_places(memory: bytes, end: int, limit: int) -> list[int]:
     return sorted(p for p in found if not FILL_RE.match(memory, p, p + 15))
 
 
-def gap_places_many(memory: bytes, ends: Sequence[int], limits: Sequence[int]) -> list[list[int]]:
-    """``gap_places`` of each gap ``[ends[i], limits[i])``: the gaps a round changed, in one call."""
-    return [gap_places(memory, end, limit) for end, limit in zip(ends, limits)]
+def stale_gap_places(memory: bytes, stale: Sequence[int], starts: Sequence[int], items: dict[int, tuple],
+                     section_rvas: Sequence[int], section_ends: Sequence[int]) -> tuple[list[int], list[list[int]]]:
+    """The layout's gaps looked at again: for each start of ``stale`` in a code section (``section_rvas``,
+    ``section_ends``: sorted, disjoint), ``gap_places`` of the gap from the end of its item's first range
+    (``items[start]``) to the next of the sorted ``starts`` or its section's end; the starts with places
+    and their places."""
+    owners: list[int] = []
+    out: list[list[int]] = []
+    for rva in stale:
+        index = bisect_right(section_rvas, rva) - 1
+        if index < 0 or rva >= section_ends[index]:
+            continue  # a .pdata entry outside the executable sections bounds no gap
+        limit = section_ends[index]
+        index = bisect_right(starts, rva)
+        if index < len(starts) and starts[index] < limit:
+            limit = starts[index]
+        end = items[rva][1][0][1]
+        if end < limit:
+            fresh = gap_places(memory, end, limit)
+            if fresh:
+                owners.append(rva)
+                out.append(fresh)
+    return owners, out
 
 
 def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
@@ -90,6 +110,26 @@ def _run_starting_at(memory: bytes, end: int, gap_end: int) -> int:
         return 0
     match = USABLE_PADDING_RE.match(memory, end, gap_end)
     return match.end() - end if match else 0
+
+
+def acceptable_in(rvas: Iterable[int], code_rvas: Sequence[int], code_ends: Sequence[int],
+                  owned_begins: Sequence[int], owned_ends: Sequence[int], owned_primary: bytes) -> list[int]:
+    """The addresses (in the given order) that could start a function: inside a code section (``code_rvas``,
+    ``code_ends``: sorted, disjoint) and not inside a .pdata function. ``owned_begins``/``owned_ends`` are
+    every .pdata range (primary ranges and fragments) sorted; ``owned_primary[i]`` says whether
+    ``owned_begins[i]`` starts a .pdata function (a fragment's first byte is no start). Only the last range
+    beginning at or before an address is asked, as discovery always did."""
+    out = []
+    for rva in rvas:
+        index = bisect_right(code_rvas, rva) - 1
+        if index < 0 or rva >= code_ends[index]:
+            continue
+        index = bisect_right(owned_begins, rva) - 1
+        if index >= 0 and (owned_begins[index] < rva < owned_ends[index] or
+                           owned_begins[index] == rva and not owned_primary[index]):
+            continue
+        out.append(rva)
+    return out
 
 
 def after_padding_in(memory: bytes, places: Iterable[int]) -> list[int]:

@@ -206,32 +206,30 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
     owned = sorted((begin, end) for f in image.runtime_functions for begin, end in
                    ((f.begin_rva, f.end_rva),) + f.fragments)
-    owned_starts = [begin for begin, _ in owned]
+    sections = sorted(image.executable_sections, key=lambda s: s.rva)
+    section_rvas, section_ends = array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections))
+    bounds = (section_rvas, section_ends, array("I", (begin for begin, _ in owned)),
+              array("I", (end for _, end in owned)), bytes(begin in pdata for begin, _ in owned))
 
-    def inside_pdata(rva: int) -> bool:
-        index = bisect_right(owned_starts, rva) - 1
-        return index >= 0 and owned[index][0] < rva < owned[index][1] or (
-            index >= 0 and owned[index][0] == rva and rva not in pdata)
+    def acceptable_in(rvas: Iterable[int]) -> list[int]:
+        """The addresses that could start a function: in code, not inside a .pdata function (in one call:
+        a round's call targets, lea targets and places are thousands)."""
+        return kernels.acceptable_in(rvas, *bounds)
 
     # each start's sources as a mask of bits in SOURCES' order (a set each would be tens of thousands)
     sources: dict[int, int] = dict.fromkeys(pdata, _SOURCE_BIT["pdata"])
     names: dict[int, str] = {}
     pending = list(pdata)  # starts not in the layout yet
 
-    # asked a few hundred thousand times for the same few tens of thousands of addresses on a large image
-    code_section = cache(image.code_section)
-
     @cache  # asked again for the same targets round after round
     def acceptable(rva: int) -> bool:
-        return code_section(rva) is not None and not inside_pdata(rva)
+        return bool(acceptable_in((rva,)))
 
     def add_all(rvas: Iterable[int], source: str) -> bool:
         """``add`` of each address (without names), in one loop: a round's call targets are thousands."""
         bit = _SOURCE_BIT[source]
         found = False
-        for rva in rvas:
-            if not acceptable(rva):
-                continue
+        for rva in acceptable_in(rvas):
             mask = sources.get(rva)
             if mask is None:
                 sources[rva] = bit
@@ -269,13 +267,10 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         if runtime.unwind.handler_rva is not None:
             add(runtime.unwind.handler_rva, "handler")
     memory = image.memory
-    sections = sorted(image.executable_sections, key=lambda s: s.rva)
-    section_rvas, section_ends = array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections))
     decodable: dict[int, bool] = {}
     # pointers inside code are references of that code, not function starts: the kernel leaves them out
-    for target in kernels.pointer_targets(memory, ctx.relocations, image.image_base, section_rvas, section_ends):
-        if not acceptable(target):
-            continue
+    for target in acceptable_in(kernels.pointer_targets(memory, ctx.relocations, image.image_base, section_rvas,
+                                                        section_ends)):
         # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
         if target not in decodable:
             decodable[target] = bool(core.instruction_text(memory, target, target + 15))
@@ -289,7 +284,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     decoded: dict[Item, FunctionAnalysis] = {}
     # what the 32-bit words of data name, looked up place by place each round (the words themselves go)
     index = kernels.word_index(_rva32_words(image), max((s.end_rva for s in image.executable_sections), default=0))
-    layout = Layout(code_section, pdata)
+    layout = Layout(sections, pdata)
     scanned: set[Item] = set()
     taken: set[int] = set()  # addresses taken with lea
     # Candidates are ``X.difference(sources, rejected)``, never ``X - sources.keys()``: the latter walks every
@@ -315,7 +310,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         scanned.update(current)
         calls, leas = kernels.call_and_lea_targets(memory, fresh)
         # whether an address could start a function does not change: keep only those that could
-        taken |= {t for t in leas if acceptable(t)}
+        taken.update(acceptable_in(leas))
         found = add_all(calls, "call")
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
             t for t in taken.difference(sources, rejected) if _boundary(image, layout, t, core)])
@@ -324,15 +319,15 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
             # a place's words never change and every place of an earlier round was looked at then (and is
             # a start now, or rejected, or unfit): only the places new since then can be named anew
             named = kernels.named_in(layout.new_places, index).difference(sources, rejected, unfit)
-            fit = [t for t in named if acceptable(t)]
+            fit = acceptable_in(named)
             unfit |= named.difference(fit)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, fit)
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
-            found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
-                t for t in kernels.after_padding_in(memory, places.difference(sources, rejected)) if acceptable(t)])
+            found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, acceptable_in(
+                kernels.after_padding_in(memory, places.difference(sources, rejected))))
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.

@@ -10,8 +10,9 @@ building it from scratch (tests/test_discovery_layout.py checks both after rando
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = ["Item", "Layout"]
@@ -26,9 +27,16 @@ class Layout:
     A start listed by .pdata has its .pdata ranges; any other ends before the next known start (its
     ``raw`` item), or earlier where the caller bounds it (``bound``)."""
 
-    def __init__(self, code_section: Callable[[int], Any], pdata: dict[int, Any]) -> None:
-        #: ``Image.code_section`` (memoised by the caller)
-        self._code_section = code_section
+    def __init__(self, sections: Sequence[Any], pdata: dict[int, Any]) -> None:
+        """``sections``: the executable sections (``rva``, ``end_rva``, ``virtual_size``), disjoint."""
+        ordered = sorted(sections, key=lambda section: section.rva)
+        self._section_rvas = [section.rva for section in ordered]
+        self._section_ends = [section.end_rva for section in ordered]
+        #: the same for the kernels
+        self._section_arrays = (array("I", self._section_rvas), array("I", self._section_ends))
+        #: where a function without .pdata ends at the latest in each section
+        self._section_limits = [min(s.rva + s.virtual_size if s.virtual_size else s.end_rva, s.end_rva)
+                                for s in ordered]
         self._pdata = pdata
         self.starts: list[int] = []
         #: start -> its item as the loop last bounded it
@@ -42,11 +50,6 @@ class Layout:
         self._stale: set[int] = set()
         #: the places the last ``places`` call added
         self.new_places: list[int] = []
-        #: a code section's end, and where a function in it ends at the latest, by the section's id
-        #: (``end_rva`` is a computed property, asked per start); ``_sections`` keeps those ids taken
-        self._section_ends: dict[int, int] = {}
-        self._section_limits: dict[int, int] = {}
-        self._sections: list[Any] = []
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -55,11 +58,19 @@ class Layout:
         """Add starts; return, sorted, the starts whose raw item is new or changed (each new start and
         the one before it, which now ends earlier), each with its item before (None if new). Their
         ``items`` are the raw ones until bounded."""
-        raw_items, items, pdata = self.raw, self.items, self._pdata
+        raw_items, items = self.raw, self.items
         added = sorted(set(new).difference(raw_items))
         if not added:
             return []
         starts = self.starts
+        if not starts:
+            # the first round lays out every .pdata function at once (tens of thousands): each start is new
+            # and the next one follows it in ``added``
+            starts.extend(added)
+            self._stale.update(added)
+            for rva, following in zip(added, added[1:] + [None]):
+                raw_items[rva] = items[rva] = self._raw_item(rva, following)
+            return [(rva, None) for rva in added]
         starts.extend(added)
         starts.sort()  # one sorted run and a short one: a merge
         touched = set(added)
@@ -70,21 +81,23 @@ class Layout:
         self._stale |= touched
         changed = []
         count = len(starts)
-        # ``_raw_item`` inlined: the first round lays out every .pdata function at once (tens of thousands)
         for rva in sorted(touched):
-            runtime = pdata.get(rva)
-            if runtime is not None:
-                raw = (rva, ((rva, runtime.end_rva),) + runtime.fragments)
-            else:
-                limit = self._section_limit(rva)
-                index = bisect_right(starts, rva)
-                if index < count and starts[index] < limit:
-                    limit = starts[index]
-                raw = (rva, ((rva, limit),))
+            index = bisect_right(starts, rva)
+            raw = self._raw_item(rva, starts[index] if index < count else None)
             if raw_items.get(rva) != raw:
                 changed.append((rva, items.get(rva)))
                 raw_items[rva] = items[rva] = raw
         return changed
+
+    def _raw_item(self, rva: int, following: int | None) -> Item:
+        """The item of start ``rva`` bounded only by the next start ``following`` (.pdata: its ranges)."""
+        runtime = self._pdata.get(rva)
+        if runtime is not None:
+            return (rva, ((rva, runtime.end_rva),) + runtime.fragments)
+        index = bisect_right(self._section_rvas, rva) - 1
+        assert index >= 0 and rva < self._section_ends[index], f"start {rva:#x} outside the code sections"
+        limit = self._section_limits[index]
+        return (rva, ((rva, following if following is not None and following < limit else limit),))
 
     def bound(self, rva: int, item: Item) -> None:
         """Set the item of start ``rva`` (its raw item cut where its reachable code ends)."""
@@ -108,7 +121,7 @@ class Layout:
 
     def places(self, memory: bytes, kernels: Any) -> set[int]:
         """Places outside every function where code could begin: ``kernels.gap_starts`` of the current
-        items, with only the gaps whose bounds changed looked at again (``kernels.gap_places_many``, all
+        items, with only the gaps whose bounds changed looked at again (``kernels.stale_gap_places``, all
         in one call). The set is the layout's own: read it, do not change it. ``new_places`` holds the
         places this call added: each place there now that was not there at the previous call is one."""
         gaps, places = self._gaps, self._places
@@ -120,49 +133,11 @@ class Layout:
             old = gaps.pop(rva, None)
             if old:
                 places.difference_update(old)
-        owners, ends, limits = self._gap_bounds(stale)
         added: list[int] = []
-        for rva, fresh in zip(owners, kernels.gap_places_many(memory, ends, limits)):
-            if fresh:
-                gaps[rva] = fresh
-                added += fresh
+        for rva, fresh in zip(*kernels.stale_gap_places(memory, stale, self.starts, self.items,
+                                                        *self._section_arrays)):
+            gaps[rva] = fresh
+            added += fresh
         places.update(added)
         self.new_places = added
         return places
-
-    def _gap_bounds(self, rvas: list[int]) -> tuple[list[int], list[int], list[int]]:
-        """The starts among ``rvas`` with a gap after their function before the next start in their
-        section, and each gap's bounds (a .pdata entry outside the executable sections bounds no gap)."""
-        starts, items, code_section, ends_of = self.starts, self.items, self._code_section, self._section_ends
-        count = len(starts)
-        owners: list[int] = []
-        ends: list[int] = []
-        limits: list[int] = []
-        for rva in rvas:
-            section = code_section(rva)
-            if section is None:
-                continue
-            limit = ends_of.get(id(section))
-            if limit is None:
-                self._sections.append(section)
-                limit = ends_of[id(section)] = section.end_rva
-            index = bisect_right(starts, rva)
-            if index < count and starts[index] < limit:
-                limit = starts[index]
-            end = items[rva][1][0][1]
-            if end < limit:
-                owners.append(rva)
-                ends.append(end)
-                limits.append(limit)
-        return owners, ends, limits
-
-    def _section_limit(self, rva: int) -> int:
-        """Where a function starting at ``rva`` (not listed by .pdata) ends at the latest: its section's end."""
-        section = self._code_section(rva)
-        assert section is not None
-        limit = self._section_limits.get(id(section))
-        if limit is None:
-            self._sections.append(section)
-            limit = self._section_limits[id(section)] = min(
-                section.rva + section.virtual_size if section.virtual_size else section.end_rva, section.end_rva)
-        return limit

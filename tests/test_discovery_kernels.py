@@ -11,7 +11,7 @@ import pytest
 
 from hotpatch.analysis import _discovery as compiled
 from hotpatch.analysis import _discovery_reference as reference
-from hotpatch.analysis.functions import _rva32_words, discover
+from hotpatch.analysis.functions import _rva32_spans, discover
 from hotpatch.pe.image import Image
 
 from .support.discovery import padding_soup
@@ -77,6 +77,15 @@ def test_batched_kernels_agree_on_random_padding_soup() -> None:
         for code_sections in (code, (array("I"), array("I"))):
             expected = reference.pointer_targets(bytes(words), relocations, base, *code_sections)
             assert compiled.pointer_targets(bytes(words), relocations, base, *code_sections) == expected
+        # 32-bit words at every alignment of spans of memory, one running past its end: what they name
+        begins = array("I", sorted(rng.sample(range(0, size), 2)))
+        ends = array("I", [begins[0] + rng.randrange(0, 40), size + rng.randrange(0, 9)])
+        top = rng.randrange(1, 1 << 17)
+        named = {int.from_bytes(memory[p:p + 4], "little") for p in range(size - 3)} & set(range(top))
+        places = set(rng.sample(range(top), min(top, 300))) | set(rng.sample(sorted(named), min(len(named), 20)))
+        expected = reference.named(places, reference.memory_words(memory, begins, ends))
+        assert compiled.named_in(places, compiled.memory_word_index(memory, begins, ends, top)) == expected
+        assert reference.named_in(places, reference.memory_word_index(memory, begins, ends, top)) == expected
         rvas = array("I", sorted(set(rng.sample(range(0, size), rng.randrange(1, min(size, 60))))))
         for limit in (rvas[-1] + 1, rvas[-1] + rng.randrange(1, 40)):
             begin = rvas[0]
@@ -194,9 +203,12 @@ def _image_agreement(image: Image) -> None:
     sections = sorted((s.rva, s.end_rva) for s in image.executable_sections)
     spans = [(f.rva, f.end_rva) for f in table.functions]
     _agree_on(image.memory, spans, sections)
-    words = _rva32_words(image)
+    words = reference.memory_words(memory, *_rva32_spans(image))
     places = {rva for rva, _ in spans} | {end for _, end in spans}
     assert compiled.named(places, words) == reference.named(places, words)
+    top = max(end for _, end in sections)
+    assert compiled.named_in(places, compiled.memory_word_index(memory, *_rva32_spans(image), top)) == \
+        reference.named_in(places, reference.memory_word_index(memory, *_rva32_spans(image), top))
     places |= compiled.gap_starts(memory, *(array("I", column) for column in zip(*spans)),
                                   *(array("I", column) for column in zip(*sections)))
     assert compiled.after_padding_in(memory, sorted(places)) == reference.after_padding_in(memory, sorted(places))

@@ -183,6 +183,25 @@ def word_index(words: Iterable[array], top: int) -> tuple[list[array], int]:
     return list(words), top
 
 
+def memory_words(memory: bytes, begins: Sequence[int], ends: Sequence[int]) -> list[array]:
+    """Every 32-bit value, at every alignment, of the spans ``[begins[i], ends[i])`` of ``memory``: one
+    ``array("I")`` per span and alignment."""
+    out = []
+    for low, high in zip(begins, ends):
+        for phase in range(4):
+            begin = low + phase
+            end = begin + (max(0, min(high, len(memory)) - begin) // 4) * 4
+            words = array("I")
+            words.frombytes(memory[begin:end])
+            out.append(words)
+    return out
+
+
+def memory_word_index(memory: bytes, begins: Sequence[int], ends: Sequence[int], top: int) -> tuple[list[array], int]:
+    """``word_index`` of ``memory_words``: which values below ``top`` the spans hold at some alignment."""
+    return word_index(memory_words(memory, begins, ends), top)
+
+
 def named_in(places: Iterable[int], index: tuple[list[array], int]) -> set[int]:
     """The places some word of ``word_index``'s ``index`` names: ``named`` of the places below its ``top``."""
     words, top = index

@@ -283,7 +283,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # (``Layout``), and ``decoded`` holds only the decodes of the current items.
     decoded: dict[Item, FunctionAnalysis] = {}
     # what the 32-bit words of data name, looked up place by place each round (the words themselves go)
-    index = kernels.word_index(_rva32_words(image), max((s.end_rva for s in image.executable_sections), default=0))
+    index = kernels.memory_word_index(memory, *_rva32_spans(image), max(section_ends, default=0))
     layout = Layout(sections, pdata)
     scanned: set[Item] = set()
     taken: set[int] = set()  # addresses taken with lea
@@ -413,22 +413,12 @@ def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: i
     return (rva, ((begin, end),)) if end < limit else item
 
 
-def _rva32_words(image: Image) -> list[array]:
-    """Every 32-bit value, at every alignment, of the sections that are neither code nor .pdata/.reloc:
-    where MSVC's C++ exception tables (packed, so unaligned, in FH4), CFG tables and other address
-    tables keep image-relative addresses of code."""
-    out = []
-    memory = image.memory
-    for section in image.sections:
-        if section.executable or section.name in (".pdata", ".reloc"):
-            continue
-        for phase in range(4):
-            begin = section.rva + phase
-            end = begin + (max(0, min(section.end_rva, len(memory)) - begin) // 4) * 4
-            words = array("I")
-            words.frombytes(memory[begin:end])
-            out.append(words)
-    return out
+def _rva32_spans(image: Image) -> tuple[array, array]:
+    """The sections that are neither code nor .pdata/.reloc, as (begins, ends): where MSVC's C++ exception
+    tables (packed, so unaligned, in FH4), CFG tables and other address tables keep image-relative
+    addresses of code, read as 32-bit values at every alignment (``memory_word_index``)."""
+    data = [s for s in image.sections if not s.executable and s.name not in (".pdata", ".reloc")]
+    return array("I", (s.rva for s in data)), array("I", (s.end_rva for s in data))
 
 
 def _boundary(image: Image, layout: Layout, rva: int, core: Any) -> bool:

@@ -11,7 +11,7 @@ building it from scratch (tests/test_discovery_layout.py checks both after rando
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -71,8 +71,12 @@ class Layout:
             for rva, following in zip(added, added[1:] + [None]):
                 raw_items[rva] = items[rva] = self._raw_item(rva, following)
             return [(rva, None) for rva in added]
-        starts.extend(added)
-        starts.sort()  # one sorted run and a short one: a merge
+        if len(added) < 64:  # most rounds add a few starts: sorting tens of thousands each round costs more
+            for rva in added:
+                insort(starts, rva)
+        else:
+            starts.extend(added)
+            starts.sort()  # one sorted run and a short one: a merge
         touched = set(added)
         for rva in added:
             index = bisect_left(starts, rva)

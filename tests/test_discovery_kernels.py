@@ -11,7 +11,7 @@ import pytest
 
 from hotpatch.analysis import _discovery as compiled
 from hotpatch.analysis import _discovery_reference as reference
-from hotpatch.analysis.functions import _rva32_spans, discover
+from hotpatch.analysis.functions import _rva32_spans, _section_bounds, discover
 from hotpatch.pe.image import Image
 
 from .support.discovery import padding_soup
@@ -87,6 +87,15 @@ def test_batched_kernels_agree_on_random_padding_soup() -> None:
         assert compiled.named_in(places, compiled.memory_word_index(memory, begins, ends, top)) == expected
         assert reference.named_in(places, reference.memory_word_index(memory, begins, ends, top)) == expected
         rvas = array("I", sorted(set(rng.sample(range(0, size), rng.randrange(1, min(size, 60))))))
+        # references of every kind, to code, to data, to nowhere, onto and between the instructions
+        refs = [(kind, rvas[0], 1, 4, rng.choice((rng.choice(rvas), rng.randrange(-8, size + 64))))
+                for kind in rng.choices(range(12), k=rng.randrange(0, 6))]
+        spans = (array("I", [0, size // 2]), array("I", [size // 3, size]))
+        code = (array("I", [size // 2]), array("I", [size]))
+        for begin in (rvas[0], rvas[0] + 1):
+            args = (rvas, refs, begin, rvas[-1] + 1, *code, *spans)
+            assert compiled.sane_references(*args) == reference.sane_references(*args)
+        assert compiled.sane_references(array("I"), [], 0, 0, *code, *spans) is False
         for limit in (rvas[-1] + 1, rvas[-1] + rng.randrange(1, 40)):
             begin = rvas[0]
             expected = reference.trimmed_end(memory, rvas, begin, limit)
@@ -185,6 +194,7 @@ def _image_agreement(image: Image) -> None:
     table = discover(image)
     memory = image.memory
     refs_lists = []
+    bounds = _section_bounds(image)
     for function, analysis in zip(table.functions, table.analyses):
         refs_lists.append(analysis.raw_refs)
         for horizon in (0, function.end_rva + 64):
@@ -193,6 +203,12 @@ def _image_agreement(image: Image) -> None:
             expected = reference.reachable_end(*args)
             assert compiled.reachable_end(*args) == expected
             assert compiled.reachable_end(*args[:2], list(analysis.raw_refs), *args[3:]) == expected
+        # what its references look like from its entry, and from a few bytes in (off its instructions)
+        for begin in (function.rva, function.rva + 1, function.rva + 3):
+            args = (analysis.insn_rvas[analysis.insn_rvas.index(begin):] if begin in analysis.insn_rvas
+                    else analysis.insn_rvas, analysis.raw_refs, begin, function.end_rva, *bounds)
+            assert compiled.sane_references(*args) == reference.sane_references(*args)
+            assert compiled.sane_references(args[0], list(args[1]), *args[2:]) == reference.sane_references(*args)
         # where the function ends once trailing fill is cut, up to its end and a little past it
         for limit in (function.end_rva, function.end_rva + 24):
             args = (memory, analysis.insn_rvas, function.rva, limit)

@@ -501,6 +501,53 @@ cdef int64_t _nearest_target(const PackedRef *packed, list listed, Py_ssize_t re
     return nearest
 
 
+cdef inline bint _in_spans(const uint32_t[:] rvas, const uint32_t[:] ends, int64_t target) noexcept nogil:
+    cdef Py_ssize_t index = _upper_bound(rvas, target) - 1
+    return index >= 0 and target < ends[index]
+
+
+def sane_references(const uint32_t[:] rvas, refs, int64_t begin, int64_t end, const uint32_t[:] code_rvas,
+                    const uint32_t[:] code_ends, const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
+    """Whether code decoded from ``begin`` to ``end`` (instructions at ``rvas``) starts at ``begin`` and refers
+    only where compiled code does: every branch and call into a code section (``code_rvas``, ``code_ends``)
+    and, inside the range, onto one of its instructions; every RIP-relative operand into a section
+    (``section_rvas``, ``section_ends``). All bounds sorted and disjoint."""
+    cdef Py_ssize_t count = rvas.shape[0], i, k, ref_count
+    cdef const PackedRef *packed = NULL
+    cdef list listed = None
+    cdef int kind
+    cdef int64_t target
+    cdef bint found
+    if count == 0 or rvas[0] != begin:
+        return False
+    if isinstance(refs, RefList):
+        packed = <const PackedRef *><const char *>(<RefList>refs).packed
+        ref_count = (<RefList>refs).count
+    else:
+        listed = list(refs)
+        ref_count = len(listed)
+    for i in range(ref_count):
+        if packed != NULL:
+            kind, target = packed[i].kind, packed[i].target
+        else:
+            kind, target = listed[i][0], listed[i][4]
+        if kind == BRANCH_REL8 or kind == BRANCH_REL32 or kind == CALL_REL32:
+            if not _in_spans(code_rvas, code_ends, target):
+                return False
+            if begin <= target < end:
+                found = False
+                for k in range(count):  # the instructions need not be sorted: look at each
+                    if rvas[k] == target:
+                        found = True
+                        break
+                if not found:
+                    return False  # a branch into the middle of one of its own instructions
+        elif kind == RIP_RELATIVE:
+            if not _in_spans(section_rvas, section_ends, target):
+                return False
+    return True
+
+
 def call_and_lea_targets(const uint8_t[:] memory, refs_lists):
     """Targets of direct calls, and addresses taken with ``lea r, [rip+X]``, in the given reference lists."""
     cdef Py_ssize_t memlen = memory.shape[0], i, count, at

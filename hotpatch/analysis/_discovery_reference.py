@@ -13,9 +13,9 @@ from .flow import terminates
 from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "call_and_lea_targets", "gap_places",
-           "gap_starts", "stale_gap_places", "named", "named_in", "padding_runs", "pointer_targets", "reachable_end",
-           "trimmed_end", "word_index"]
+__all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "call_and_lea_targets", "gap_places", "gap_starts",
+           "memory_word_index", "memory_words", "named", "named_in", "padding_runs", "pointer_targets",
+           "reachable_end", "sane_references", "stale_gap_places", "trimmed_end", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -287,6 +287,29 @@ def reachable_end(memory: bytes, rvas: Sequence[int], refs: Iterable[tuple[int, 
             return gap_begin
     # code that runs into the next start without branching back into the gap or beyond that start
     return gap_begin if gap_end >= 0 and kept < limit else limit
+
+
+def sane_references(rvas: Sequence[int], refs: Iterable[tuple[int, int, int, int, int]], begin: int, end: int,
+                    code_rvas: Sequence[int], code_ends: Sequence[int], section_rvas: Sequence[int],
+                    section_ends: Sequence[int]) -> bool:
+    """Whether code decoded from ``begin`` to ``end`` (instructions at ``rvas``) starts at ``begin`` and refers
+    only where compiled code does: every branch and call into a code section (``code_rvas``, ``code_ends``)
+    and, inside the range, onto one of its instructions; every RIP-relative operand into a section
+    (``section_rvas``, ``section_ends``). All bounds sorted and disjoint."""
+    if not len(rvas) or rvas[0] != begin:
+        return False
+    for kind, _, _, _, target in refs:
+        if kind in (BRANCH_REL8, BRANCH_REL32, CALL_REL32):
+            index = bisect_right(code_rvas, target) - 1
+            if index < 0 or target >= code_ends[index]:
+                return False
+            if begin <= target < end and target not in rvas:
+                return False  # a branch into the middle of one of its own instructions
+        elif kind == RIP_RELATIVE:
+            index = bisect_right(section_rvas, target) - 1
+            if index < 0 or target >= section_ends[index]:
+                return False
+    return True
 
 
 def call_and_lea_targets(memory: bytes, refs_lists: Iterable[Iterable[tuple[int, int, int, int, int]]]

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from ..collector import gc_paused
 from ..pe.image import Image, UnwindInfo
@@ -27,7 +28,7 @@ from . import _discovery_reference
 from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
 from .layout import Item, Layout
 from .padding import FILL_BYTES, covered_bytes, gap_fill_bytes
-from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
+from .refkinds import IAT_JUMP
 
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
 
@@ -485,6 +486,7 @@ def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], ho
     """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
     "runs on" if it runs to the item's end (or branches beyond it, up to its horizon)."""
     memory = image.memory
+    kernels = _kernels(core)
     full: dict[Item, FunctionAnalysis] = {}
     reached = _reach(ctx, core, memory, items, horizons, full)
     cut = [r for r, item in zip(reached, items) if r != item]
@@ -492,7 +494,7 @@ def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], ho
     out = []
     for item, r in zip(items, reached):
         analysis = redecoded[r] if r != item else full[item]
-        out.append("" if not _sane(image, core, r, analysis) else "ends" if r != item else "runs on")
+        out.append("" if not _sane(image, core, r, analysis, kernels) else "ends" if r != item else "runs on")
     return out
 
 
@@ -537,25 +539,32 @@ def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], ho
     return out  # type: ignore[return-value]
 
 
-def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis) -> bool:
+def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis, kernels: Any = _discovery_reference) -> bool:
     """No undecodable byte, every branch lands on code, every memory operand in the image."""
     (begin, end), = item[1]
     rvas = analysis.insn_rvas
-    if not rvas or rvas[0] != begin:
+    if not kernels.sane_references(rvas, analysis.raw_refs, begin, end, *_section_bounds(image)):
         return False
-    for kind, _, _, _, target in analysis.raw_refs:
-        if kind in (BRANCH_REL8, BRANCH_REL32, CALL_REL32):
-            if image.code_section(target) is None:
-                return False
-            if begin <= target < end and target not in rvas:
-                return False  # a branch into the middle of one of its own instructions
-        elif kind == RIP_RELATIVE and image.section_from_rva(target) is None:
-            return False
     if analysis.raw_tables:
         return True
     # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
     text = core.instruction_text(image.memory, begin, end)
     return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
+
+
+def _section_bounds(image: Image) -> tuple[array, array, array, array]:
+    """(rvas, ends) of the executable sections, then of all sections, sorted: for ``sane_references`` (made
+    once per image: discovery judges thousands of candidates)."""
+    cached = _SECTION_BOUNDS.get(image)
+    if cached is None:
+        code = sorted((s.rva, s.end_rva) for s in image.executable_sections)
+        every = sorted((s.rva, s.end_rva) for s in image.sections)
+        cached = _SECTION_BOUNDS[image] = (array("I", (b for b, _ in code)), array("I", (e for _, e in code)),
+                                           array("I", (b for b, _ in every)), array("I", (e for _, e in every)))
+    return cached
+
+
+_SECTION_BOUNDS: WeakKeyDictionary[Image, tuple[array, array, array, array]] = WeakKeyDictionary()
 
 
 def _near_pointer(image: Image, rva: int) -> bool:

@@ -393,8 +393,7 @@ def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
 def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, FunctionAnalysis],
                     layout: list[Item]) -> None:
     todo = list(dict.fromkeys(item for item in layout if item not in decoded))
-    for item, analysis in zip(todo, decode(ctx, todo, core)):
-        decoded[item] = analysis
+    decoded.update(zip(todo, decode(ctx, todo, core)))
 
 
 def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: int = 0,

@@ -68,8 +68,11 @@ class Layout:
             # and the next one follows it in ``added``
             starts.extend(added)
             self._stale.update(added)
+            pdata = self._pdata
             for rva, following in zip(added, added[1:] + [None]):
-                raw_items[rva] = items[rva] = self._raw_item(rva, following)
+                runtime = pdata.get(rva)  # ``_raw_item`` of a .pdata start, inline
+                raw_items[rva] = items[rva] = (rva, ((rva, runtime.end_rva),) + runtime.fragments) \
+                    if runtime is not None else self._raw_item(rva, following)
             return [(rva, None) for rva in added]
         if len(added) < 64:  # most rounds add a few starts: sorting tens of thousands each round costs more
             for rva in added:

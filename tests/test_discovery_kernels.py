@@ -96,6 +96,13 @@ def test_batched_kernels_agree_on_random_padding_soup() -> None:
             args = (rvas, refs, begin, rvas[-1] + 1, *code, *spans)
             assert compiled.sane_references(*args) == reference.sane_references(*args)
         assert compiled.sane_references(array("I"), [], 0, 0, *code, *spans) is False
+        # candidates: some on or just past a relocated pointer, judged up to the next start in their section
+        relocations = array("I", sorted(rng.sample(range(0, size), min(size, 8))))
+        candidates = rng.sample(range(size // 2, size), min(size - size // 2, 30))
+        starts = sorted(rng.sample(range(0, size + 8), min(size, 20)))
+        expected = reference.plausible_limits(candidates, relocations, starts, *code)
+        assert compiled.plausible_limits(candidates, relocations, starts, *code) == expected
+        assert all(start < limit <= size for start, limit in zip(*expected))
         for limit in (rvas[-1] + 1, rvas[-1] + rng.randrange(1, 40)):
             begin = rvas[0]
             expected = reference.trimmed_end(memory, rvas, begin, limit)

@@ -501,6 +501,36 @@ cdef int64_t _nearest_target(const PackedRef *packed, list listed, Py_ssize_t re
     return nearest
 
 
+def plausible_limits(candidates, const uint32_t[:] relocations, list starts, const uint32_t[:] code_rvas,
+                     const uint32_t[:] code_ends):
+    """The candidates worth judging, sorted, and how far each may run: up to the next of the sorted ``starts``
+    after it, within its code section (``code_rvas``, ``code_ends``: sorted, disjoint; every candidate lies in
+    one). A candidate in or right after a relocated 64-bit pointer (``relocations``, sorted) is left out:
+    mingw keeps its constructor lists in .text, and a pointer's low byte can look like a nop."""
+    cdef Py_ssize_t index, count = len(starts)
+    cdef int64_t rva, limit, following
+    cdef list ordered = [], limits = []
+    for value in candidates:
+        rva = value
+        index = _upper_bound(relocations, rva) - 1
+        if not (index >= 0 and <int64_t>relocations[index] + 8 >= rva):
+            ordered.append(value)
+    ordered.sort()
+    for value in ordered:
+        rva = value
+        index = _upper_bound(code_rvas, rva) - 1
+        if index < 0 or rva >= code_ends[index]:
+            raise ValueError(f"candidate {rva:#x} outside the code sections")
+        limit = code_ends[index]
+        index = _list_upper_bound(starts, rva)
+        if index < count:
+            following = starts[index]
+            if following < limit:
+                limit = following
+        limits.append(limit)
+    return ordered, limits
+
+
 cdef inline bint _in_spans(const uint32_t[:] rvas, const uint32_t[:] ends, int64_t target) noexcept nogil:
     cdef Py_ssize_t index = _upper_bound(rvas, target) - 1
     return index >= 0 and target < ends[index]

@@ -14,8 +14,8 @@ from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
 __all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "call_and_lea_targets", "gap_places", "gap_starts",
-           "memory_word_index", "memory_words", "named", "named_in", "padding_runs", "pointer_targets",
-           "reachable_end", "sane_references", "stale_gap_places", "trimmed_end", "word_index"]
+           "memory_word_index", "memory_words", "named", "named_in", "padding_runs", "plausible_limits",
+           "pointer_targets", "reachable_end", "sane_references", "stale_gap_places", "trimmed_end", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -287,6 +287,29 @@ def reachable_end(memory: bytes, rvas: Sequence[int], refs: Iterable[tuple[int, 
             return gap_begin
     # code that runs into the next start without branching back into the gap or beyond that start
     return gap_begin if gap_end >= 0 and kept < limit else limit
+
+
+def plausible_limits(candidates: Iterable[int], relocations: Sequence[int], starts: Sequence[int],
+                     code_rvas: Sequence[int], code_ends: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The candidates worth judging, sorted, and how far each may run: up to the next of the sorted ``starts``
+    after it, within its code section (``code_rvas``, ``code_ends``: sorted, disjoint; every candidate lies in
+    one). A candidate in or right after a relocated 64-bit pointer (``relocations``, sorted) is left out:
+    mingw keeps its constructor lists in .text, and a pointer's low byte can look like a nop."""
+    ordered = []
+    for rva in candidates:
+        index = bisect_right(relocations, rva) - 1
+        if not (index >= 0 and relocations[index] + 8 >= rva):
+            ordered.append(rva)
+    ordered.sort()
+    limits = []
+    for rva in ordered:
+        index = bisect_right(code_rvas, rva) - 1
+        if index < 0 or rva >= code_ends[index]:
+            raise ValueError(f"candidate {rva:#x} outside the code sections")
+        limit = code_ends[index]
+        index = bisect_right(starts, rva)
+        limits.append(starts[index] if index < len(starts) and starts[index] < limit else limit)
+    return ordered, limits
 
 
 def sane_references(rvas: Sequence[int], refs: Iterable[tuple[int, int, int, int, int]], begin: int, end: int,

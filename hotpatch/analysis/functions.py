@@ -460,13 +460,8 @@ def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, ca
     # Each candidate is judged up to the next known start (a rejected candidate after it bounds nothing).
     # The sweep first stops at the next candidate: a candidate that is data shows it there already, and
     # looking further is only needed for sane code that runs into the next candidate.
-    ordered = sorted(t for t in candidates if not _near_pointer(image, t))
-    limits = []
-    for rva in ordered:
-        section = image.code_section(rva)
-        assert section is not None
-        following = layout.following(rva)
-        limits.append(min(following if following is not None else section.end_rva, section.end_rva))
+    ordered, limits = _kernels(core).plausible_limits(candidates, ctx.relocations, layout.starts,
+                                                      *_section_bounds(image)[:2])
     short = [(rva, ((rva, min(limit, ordered[i + 1]) if i + 1 < len(ordered) else limit),))
              for i, (rva, limit) in enumerate(zip(ordered, limits))]
     out: list[int] = []
@@ -564,14 +559,6 @@ def _section_bounds(image: Image) -> tuple[array, array, array, array]:
 
 
 _SECTION_BOUNDS: WeakKeyDictionary[Image, tuple[array, array, array, array]] = WeakKeyDictionary()
-
-
-def _near_pointer(image: Image, rva: int) -> bool:
-    """Whether ``rva`` or the byte before it lies in a relocated 64-bit pointer (mingw keeps its
-    constructor lists in .text: a pointer's low byte can look like a nop)."""
-    relocations = image.relocations
-    index = bisect_right(relocations, rva) - 1
-    return index >= 0 and relocations[index] + 8 >= rva
 
 
 def _trimmed(memory: bytes, item: Item, analysis: FunctionAnalysis, kernels: Any = _discovery_reference) -> Item:

@@ -11,7 +11,7 @@ import pytest
 
 from hotpatch.analysis import _discovery as compiled
 from hotpatch.analysis import _discovery_reference as reference
-from hotpatch.analysis.functions import _rva32_words, discover
+from hotpatch.analysis.functions import _rva32_spans, _section_bounds, discover
 from hotpatch.pe.image import Image
 
 from .support.discovery import padding_soup
@@ -41,6 +41,73 @@ def test_kernels_agree_on_random_padding_soup() -> None:
             end = rng.randrange(0, size + 8)
             limit = rng.randrange(end, size + 16)
             assert compiled.gap_places(memory, end, limit) == reference.gap_places(memory, end, limit)
+
+
+def test_batched_kernels_agree_on_random_padding_soup() -> None:
+    """The kernels that take a round's gaps, places or relocations at once, and the fill trimming of a
+    function's end: the same answers as the twin, at the ends of memory too."""
+    rng = random.Random(31)
+    for _ in range(60):
+        size = rng.randrange(16, 2000)
+        memory = padding_soup(rng, size)
+        # a layout's stale gaps: starts in and out of two code sections, items ending before, at and past
+        # the next start
+        cut = rng.randrange(8, size)
+        sections = (array("I", [4, cut + 4]), array("I", [cut, size + 8]))
+        starts = sorted(set(rng.sample(range(0, size + 8), rng.randrange(1, min(size, 50)))))
+        items = {rva: (rva, ((rva, rva + rng.randrange(0, 80)),)) for rva in starts}
+        stale = sorted(rng.sample(starts, rng.randrange(0, len(starts) + 1)))
+        owners, places = compiled.stale_gap_places(memory, stale, starts, items, *sections)
+        assert (owners, places) == reference.stale_gap_places(memory, stale, starts, items, *sections)
+        for rva, fresh in zip(owners, places):
+            s = 0 if rva < sections[1][0] else 1
+            following = next((start for start in starts if start > rva), sections[1][s])
+            assert fresh == reference.gap_places(memory, items[rva][1][0][1], min(following, sections[1][s]))
+        places = [rng.randrange(0, size + 1) for _ in range(200)] + [0, size]
+        assert compiled.after_padding_in(memory, places) == reference.after_padding_in(memory, places)
+        # pointers: some into the image, some not; relocations near and past its end; a code section
+        base = rng.choice((0, 0x180000000))
+        relocations = array("I", sorted(rng.randrange(0, size + 12) for _ in range(40)))
+        words = bytearray(memory)
+        for reloc in relocations[::2]:
+            if reloc + 8 <= size:
+                words[reloc:reloc + 8] = (base + rng.randrange(0, size + 50)).to_bytes(8, "little")
+        low = rng.randrange(0, size)
+        code = (array("I", [low]), array("I", [min(size, low + rng.randrange(1, 400))]))
+        for code_sections in (code, (array("I"), array("I"))):
+            expected = reference.pointer_targets(bytes(words), relocations, base, *code_sections)
+            assert compiled.pointer_targets(bytes(words), relocations, base, *code_sections) == expected
+        # 32-bit words at every alignment of spans of memory, one running past its end: what they name
+        begins = array("I", sorted(rng.sample(range(0, size), 2)))
+        ends = array("I", [begins[0] + rng.randrange(0, 40), size + rng.randrange(0, 9)])
+        top = rng.randrange(1, 1 << 17)
+        named = {int.from_bytes(memory[p:p + 4], "little") for p in range(size - 3)} & set(range(top))
+        places = set(rng.sample(range(top), min(top, 300))) | set(rng.sample(sorted(named), min(len(named), 20)))
+        expected = reference.named(places, reference.memory_words(memory, begins, ends))
+        assert compiled.named_in(places, compiled.memory_word_index(memory, begins, ends, top)) == expected
+        assert reference.named_in(places, reference.memory_word_index(memory, begins, ends, top)) == expected
+        rvas = array("I", sorted(set(rng.sample(range(0, size), rng.randrange(1, min(size, 60))))))
+        # references of every kind, to code, to data, to nowhere, onto and between the instructions
+        refs = [(kind, rvas[0], 1, 4, rng.choice((rng.choice(rvas), rng.randrange(-8, size + 64))))
+                for kind in rng.choices(range(12), k=rng.randrange(0, 6))]
+        spans = (array("I", [0, size // 2]), array("I", [size // 3, size]))
+        code = (array("I", [size // 2]), array("I", [size]))
+        for begin in (rvas[0], rvas[0] + 1):
+            args = (rvas, refs, begin, rvas[-1] + 1, *code, *spans)
+            assert compiled.sane_references(*args) == reference.sane_references(*args)
+        assert compiled.sane_references(array("I"), [], 0, 0, *code, *spans) is False
+        # candidates: some on or just past a relocated pointer, judged up to the next start in their section
+        relocations = array("I", sorted(rng.sample(range(0, size), min(size, 8))))
+        candidates = rng.sample(range(size // 2, size), min(size - size // 2, 30))
+        starts = sorted(rng.sample(range(0, size + 8), min(size, 20)))
+        expected = reference.plausible_limits(candidates, relocations, starts, *code)
+        assert compiled.plausible_limits(candidates, relocations, starts, *code) == expected
+        assert all(start < limit <= size for start, limit in zip(*expected))
+        for limit in (rvas[-1] + 1, rvas[-1] + rng.randrange(1, 40)):
+            begin = rvas[0]
+            expected = reference.trimmed_end(memory, rvas, begin, limit)
+            assert compiled.trimmed_end(memory, rvas, begin, limit) == expected
+            assert begin < expected <= limit
 
 
 def test_named_agrees_with_set_intersection() -> None:
@@ -134,6 +201,7 @@ def _image_agreement(image: Image) -> None:
     table = discover(image)
     memory = image.memory
     refs_lists = []
+    bounds = _section_bounds(image)
     for function, analysis in zip(table.functions, table.analyses):
         refs_lists.append(analysis.raw_refs)
         for horizon in (0, function.end_rva + 64):
@@ -142,15 +210,35 @@ def _image_agreement(image: Image) -> None:
             expected = reference.reachable_end(*args)
             assert compiled.reachable_end(*args) == expected
             assert compiled.reachable_end(*args[:2], list(analysis.raw_refs), *args[3:]) == expected
+        # what its references look like from its entry, and from a few bytes in (off its instructions)
+        for begin in (function.rva, function.rva + 1, function.rva + 3):
+            args = (analysis.insn_rvas[analysis.insn_rvas.index(begin):] if begin in analysis.insn_rvas
+                    else analysis.insn_rvas, analysis.raw_refs, begin, function.end_rva, *bounds)
+            assert compiled.sane_references(*args) == reference.sane_references(*args)
+            assert compiled.sane_references(args[0], list(args[1]), *args[2:]) == reference.sane_references(*args)
+        # where the function ends once trailing fill is cut, up to its end and a little past it
+        for limit in (function.end_rva, function.end_rva + 24):
+            args = (memory, analysis.insn_rvas, function.rva, limit)
+            assert compiled.trimmed_end(*args) == reference.trimmed_end(*args)
     assert compiled.call_and_lea_targets(memory, refs_lists) == reference.call_and_lea_targets(memory, refs_lists)
     assert compiled.call_and_lea_targets(memory, [list(r) for r in refs_lists]) == \
         reference.call_and_lea_targets(memory, refs_lists)
     sections = sorted((s.rva, s.end_rva) for s in image.executable_sections)
     spans = [(f.rva, f.end_rva) for f in table.functions]
     _agree_on(image.memory, spans, sections)
-    words = _rva32_words(image)
+    words = reference.memory_words(memory, *_rva32_spans(image))
     places = {rva for rva, _ in spans} | {end for _, end in spans}
     assert compiled.named(places, words) == reference.named(places, words)
+    top = max(end for _, end in sections)
+    assert compiled.named_in(places, compiled.memory_word_index(memory, *_rva32_spans(image), top)) == \
+        reference.named_in(places, reference.memory_word_index(memory, *_rva32_spans(image), top))
+    places |= compiled.gap_starts(memory, *(array("I", column) for column in zip(*spans)),
+                                  *(array("I", column) for column in zip(*sections)))
+    assert compiled.after_padding_in(memory, sorted(places)) == reference.after_padding_in(memory, sorted(places))
+    relocations = array("I", image.relocations)
+    code = [array("I", column) for column in zip(*sections)]
+    expected = reference.pointer_targets(memory, relocations, image.image_base, *code)
+    assert compiled.pointer_targets(memory, relocations, image.image_base, *code) == expected
 
 
 def test_kernels_agree_on_every_fixture() -> None:

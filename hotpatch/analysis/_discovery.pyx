@@ -9,11 +9,13 @@ of ``padding.py`` read byte by byte); the tests check that both give identical r
 
 from array import array
 
-from libc.stdint cimport uint8_t, uint32_t, int64_t
+from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
 
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 from hotpatch.analysis._shared cimport _lower_bound, _terminates
+
+from hotpatch.analysis.padding import after_padding as _after_padding_py
 
 IMPLEMENTATION = "cython"
 
@@ -102,6 +104,61 @@ def gap_places(const uint8_t[:] memory, Py_ssize_t end, Py_ssize_t limit):
     return out
 
 
+cdef inline Py_ssize_t _upper_bound(const uint32_t[:] values, int64_t key) noexcept nogil:
+    """The number of ``values`` (sorted) at or below ``key``: ``bisect_right``."""
+    cdef Py_ssize_t lo = 0, hi = values.shape[0], mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if <int64_t>values[mid] <= key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+cdef Py_ssize_t _list_upper_bound(list values, int64_t key) except -1:
+    """``bisect_right`` of a sorted list of ints."""
+    cdef Py_ssize_t lo = 0, hi = len(values), mid
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if <int64_t>values[mid] <= key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def stale_gap_places(const uint8_t[:] memory, stale, list starts, dict items, const uint32_t[:] section_rvas,
+                     const uint32_t[:] section_ends):
+    """The layout's gaps looked at again: for each start of ``stale`` in a code section (``section_rvas``,
+    ``section_ends``: sorted, disjoint), ``gap_places`` of the gap from the end of its item's first range
+    (``items[start]``) to the next of the sorted ``starts`` or its section's end; the starts with places
+    and their places."""
+    cdef Py_ssize_t length = memory.shape[0], count = len(starts), index
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    cdef int64_t rva, limit, end, following
+    cdef list owners = [], out = [], fresh
+    for value in stale:
+        rva = value
+        index = _upper_bound(section_rvas, rva) - 1
+        if index < 0 or rva >= section_ends[index]:
+            continue  # a .pdata entry outside the executable sections bounds no gap
+        limit = section_ends[index]
+        index = _list_upper_bound(starts, rva)
+        if index < count:
+            following = starts[index]
+            if following < limit:
+                limit = following
+        end = items[value][1][0][1]
+        if end < limit:
+            fresh = []
+            _places(m, length, end, limit, fresh)
+            if fresh:
+                owners.append(value)
+                out.append(fresh)
+    return owners, out
+
+
 def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
                const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
     """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each
@@ -183,6 +240,107 @@ cdef Py_ssize_t _run_ending_at(const uint8_t *m, Py_ssize_t length, Py_ssize_t g
     return best
 
 
+cdef bint _after_padding(const uint8_t *m, Py_ssize_t rva) noexcept nogil:
+    """``padding.after_padding`` for ``0 < rva <= len(memory)``: int3 or nop right before ``rva``, or a usable
+    padding run (found as ``finditer`` finds them, from nine bytes back) that ends there."""
+    cdef Py_ssize_t pos = rva - 9 if rva > 9 else 0, n
+    if m[rva - 1] == 0xCC or m[rva - 1] == 0x90:
+        return True
+    while pos < rva:
+        n = _run(m, pos, rva, False)
+        if n:
+            if pos + n == rva:
+                return True
+            pos += n
+        else:
+            pos += 1
+    return False
+
+
+def acceptable_in(rvas, const uint32_t[:] code_rvas, const uint32_t[:] code_ends,
+                  const uint32_t[:] owned_begins, const uint32_t[:] owned_ends, const uint8_t[:] owned_primary):
+    """The addresses (in the given order) that could start a function: inside a code section (``code_rvas``,
+    ``code_ends``: sorted, disjoint) and not inside a .pdata function. ``owned_begins``/``owned_ends`` are
+    every .pdata range (primary ranges and fragments) sorted; ``owned_primary[i]`` says whether
+    ``owned_begins[i]`` starts a .pdata function (a fragment's first byte is no start). Only the last range
+    beginning at or before an address is asked, as discovery always did."""
+    cdef Py_ssize_t index
+    cdef int64_t rva
+    cdef list out = []
+    for value in rvas:
+        rva = value
+        index = _upper_bound(code_rvas, rva) - 1
+        if index < 0 or rva >= code_ends[index]:
+            continue
+        index = _upper_bound(owned_begins, rva) - 1
+        if index >= 0 and (owned_begins[index] < rva < owned_ends[index] or
+                           owned_begins[index] == rva and not owned_primary[index]):
+            continue
+        out.append(value)
+    return out
+
+
+def after_padding_in(memory, places):
+    """The places (in the given order) right after int3 or nop padding (``padding.after_padding``)."""
+    cdef const uint8_t[:] view = memory
+    cdef Py_ssize_t length = view.shape[0], place
+    cdef const uint8_t *m = &view[0] if length else NULL
+    cdef list out = []
+    for value in places:
+        place = value
+        if 0 < place <= length:
+            if _after_padding(m, place):
+                out.append(value)
+        elif _after_padding_py(memory, place):  # what indexing at or past either end does in Python
+            out.append(value)
+    return out
+
+
+def pointer_targets(const uint8_t[:] memory, const uint32_t[:] relocations, uint64_t image_base,
+                    const uint32_t[:] code_rvas, const uint32_t[:] code_ends):
+    """What the relocated 64-bit pointers outside code point at inside the image, as RVAs, in relocation
+    order: the little-endian value at each relocation (fewer bytes at the image's end) minus the image
+    base, kept where it lies in ``[0, len(memory))``; relocations inside a code section (``code_rvas``,
+    ``code_ends``: sorted, disjoint) are references of that code and left out."""
+    cdef Py_ssize_t length = memory.shape[0], count = relocations.shape[0], sections = code_rvas.shape[0]
+    cdef Py_ssize_t i, k, b
+    cdef uint32_t reloc
+    cdef uint64_t value
+    cdef list out = []
+    for i in range(count):
+        reloc = relocations[i]
+        # the last code section starting at or before the relocation (relocations are mostly sorted)
+        k = _lower_bound(&code_rvas[0], sections, <int64_t>reloc + 1) if sections else 0
+        if k > 0 and reloc < code_ends[k - 1]:
+            continue
+        value = 0
+        for b in range(7, -1, -1):  # bytes past the image's end are absent, as in a short slice
+            if <Py_ssize_t>reloc + b < length:
+                value = value << 8 | memory[reloc + b]
+        if value >= image_base and value - image_base < <uint64_t>length:
+            out.append(value - image_base)
+    return out
+
+
+cdef bint _fill_span(const uint8_t *m, Py_ssize_t length, Py_ssize_t begin, Py_ssize_t end) noexcept nogil:
+    """``FILL_RE.fullmatch(memory, begin, end)`` (the tokens are unambiguous: the greedy run is the only one)."""
+    cdef Py_ssize_t stop = _clip(end, length)
+    return stop > begin and _run(m, begin, stop, True) == stop - begin
+
+
+def trimmed_end(const uint8_t[:] memory, const uint32_t[:] rvas, Py_ssize_t begin, Py_ssize_t limit):
+    """Where a function whose instructions start at ``rvas`` in ``[begin, limit)`` ends once the fill after
+    its last instruction that is not fill (int3, nops, zeros) is cut off; at least one byte past ``begin``."""
+    cdef Py_ssize_t length = memory.shape[0], count = rvas.shape[0], index, insn_end, end = begin + 1
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    for index in range(count - 1, -1, -1):
+        insn_end = rvas[index + 1] if index + 1 < count else limit
+        if not _fill_span(m, length, rvas[index], insn_end):
+            end = insn_end
+            break
+    return end if end > begin + 1 else begin + 1
+
+
 def named(places, words):
     """The places (non-negative, below 2**32) equal to some value in the ``array("I")`` chunks ``words``."""
     cdef list ordered = sorted(places)
@@ -206,6 +364,24 @@ def word_index(words, Py_ssize_t top):
         with nogil:
             for i in range(chunk.shape[0]):
                 w = chunk[i]
+                if w < top:
+                    b[w >> 3] |= 1 << (w & 7)
+    return bits
+
+
+def memory_word_index(const uint8_t[:] memory, const uint32_t[:] begins, const uint32_t[:] ends, Py_ssize_t top):
+    """``word_index`` of the 32-bit values at every alignment of the spans ``[begins[i], ends[i])`` of
+    ``memory`` (``memory_words``), read in place: no copy of the data sections, four times over."""
+    cdef Py_ssize_t length = memory.shape[0], i, pos, stop
+    cdef bytearray bits = bytearray((top + 7) // 8)
+    cdef uint8_t *b = bits
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    cdef uint32_t w
+    for i in range(begins.shape[0]):
+        stop = _clip(ends[i], length) - 3
+        with nogil:
+            for pos in range(begins[i], stop):
+                w = m[pos] | <uint32_t>m[pos + 1] << 8 | <uint32_t>m[pos + 2] << 16 | <uint32_t>m[pos + 3] << 24
                 if w < top:
                     b[w >> 3] |= 1 << (w & 7)
     return bits
@@ -323,6 +499,83 @@ cdef int64_t _nearest_target(const PackedRef *packed, list listed, Py_ssize_t re
             if end <= case < nearest:
                 nearest = case
     return nearest
+
+
+def plausible_limits(candidates, const uint32_t[:] relocations, list starts, const uint32_t[:] code_rvas,
+                     const uint32_t[:] code_ends):
+    """The candidates worth judging, sorted, and how far each may run: up to the next of the sorted ``starts``
+    after it, within its code section (``code_rvas``, ``code_ends``: sorted, disjoint; every candidate lies in
+    one). A candidate in or right after a relocated 64-bit pointer (``relocations``, sorted) is left out:
+    mingw keeps its constructor lists in .text, and a pointer's low byte can look like a nop."""
+    cdef Py_ssize_t index, count = len(starts)
+    cdef int64_t rva, limit, following
+    cdef list ordered = [], limits = []
+    for value in candidates:
+        rva = value
+        index = _upper_bound(relocations, rva) - 1
+        if not (index >= 0 and <int64_t>relocations[index] + 8 >= rva):
+            ordered.append(value)
+    ordered.sort()
+    for value in ordered:
+        rva = value
+        index = _upper_bound(code_rvas, rva) - 1
+        if index < 0 or rva >= code_ends[index]:
+            raise ValueError(f"candidate {rva:#x} outside the code sections")
+        limit = code_ends[index]
+        index = _list_upper_bound(starts, rva)
+        if index < count:
+            following = starts[index]
+            if following < limit:
+                limit = following
+        limits.append(limit)
+    return ordered, limits
+
+
+cdef inline bint _in_spans(const uint32_t[:] rvas, const uint32_t[:] ends, int64_t target) noexcept nogil:
+    cdef Py_ssize_t index = _upper_bound(rvas, target) - 1
+    return index >= 0 and target < ends[index]
+
+
+def sane_references(const uint32_t[:] rvas, refs, int64_t begin, int64_t end, const uint32_t[:] code_rvas,
+                    const uint32_t[:] code_ends, const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
+    """Whether code decoded from ``begin`` to ``end`` (instructions at ``rvas``) starts at ``begin`` and refers
+    only where compiled code does: every branch and call into a code section (``code_rvas``, ``code_ends``)
+    and, inside the range, onto one of its instructions; every RIP-relative operand into a section
+    (``section_rvas``, ``section_ends``). All bounds sorted and disjoint."""
+    cdef Py_ssize_t count = rvas.shape[0], i, k, ref_count
+    cdef const PackedRef *packed = NULL
+    cdef list listed = None
+    cdef int kind
+    cdef int64_t target
+    cdef bint found
+    if count == 0 or rvas[0] != begin:
+        return False
+    if isinstance(refs, RefList):
+        packed = <const PackedRef *><const char *>(<RefList>refs).packed
+        ref_count = (<RefList>refs).count
+    else:
+        listed = list(refs)
+        ref_count = len(listed)
+    for i in range(ref_count):
+        if packed != NULL:
+            kind, target = packed[i].kind, packed[i].target
+        else:
+            kind, target = listed[i][0], listed[i][4]
+        if kind == BRANCH_REL8 or kind == BRANCH_REL32 or kind == CALL_REL32:
+            if not _in_spans(code_rvas, code_ends, target):
+                return False
+            if begin <= target < end:
+                found = False
+                for k in range(count):  # the instructions need not be sorted: look at each
+                    if rvas[k] == target:
+                        found = True
+                        break
+                if not found:
+                    return False  # a branch into the middle of one of its own instructions
+        elif kind == RIP_RELATIVE:
+            if not _in_spans(section_rvas, section_ends, target):
+                return False
+    return True
 
 
 def call_and_lea_targets(const uint8_t[:] memory, refs_lists):

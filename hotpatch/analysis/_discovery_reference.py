@@ -10,11 +10,12 @@ from collections.abc import Iterable, Sequence
 from heapq import heappop, heappush
 
 from .flow import terminates
-from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE
+from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "call_and_lea_targets", "gap_places", "gap_starts", "named", "named_in",
-           "padding_runs", "reachable_end", "word_index"]
+__all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "call_and_lea_targets", "gap_places", "gap_starts",
+           "memory_word_index", "memory_words", "named", "named_in", "padding_runs", "plausible_limits",
+           "pointer_targets", "reachable_end", "sane_references", "stale_gap_places", "trimmed_end", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -30,6 +31,31 @@ def gap_places(memory: bytes, end: int, limit: int) -> list[int]:
     found.update(match.end() for match in USABLE_PADDING_RE.finditer(memory, end, limit) if match.end() < limit)
     # code does not begin with fill (a multi-byte nop right after a function is its padding)
     return sorted(p for p in found if not FILL_RE.match(memory, p, p + 15))
+
+
+def stale_gap_places(memory: bytes, stale: Sequence[int], starts: Sequence[int], items: dict[int, tuple],
+                     section_rvas: Sequence[int], section_ends: Sequence[int]) -> tuple[list[int], list[list[int]]]:
+    """The layout's gaps looked at again: for each start of ``stale`` in a code section (``section_rvas``,
+    ``section_ends``: sorted, disjoint), ``gap_places`` of the gap from the end of its item's first range
+    (``items[start]``) to the next of the sorted ``starts`` or its section's end; the starts with places
+    and their places."""
+    owners: list[int] = []
+    out: list[list[int]] = []
+    for rva in stale:
+        index = bisect_right(section_rvas, rva) - 1
+        if index < 0 or rva >= section_ends[index]:
+            continue  # a .pdata entry outside the executable sections bounds no gap
+        limit = section_ends[index]
+        index = bisect_right(starts, rva)
+        if index < len(starts) and starts[index] < limit:
+            limit = starts[index]
+        end = items[rva][1][0][1]
+        if end < limit:
+            fresh = gap_places(memory, end, limit)
+            if fresh:
+                owners.append(rva)
+                out.append(fresh)
+    return owners, out
 
 
 def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
@@ -86,6 +112,62 @@ def _run_starting_at(memory: bytes, end: int, gap_end: int) -> int:
     return match.end() - end if match else 0
 
 
+def acceptable_in(rvas: Iterable[int], code_rvas: Sequence[int], code_ends: Sequence[int],
+                  owned_begins: Sequence[int], owned_ends: Sequence[int], owned_primary: bytes) -> list[int]:
+    """The addresses (in the given order) that could start a function: inside a code section (``code_rvas``,
+    ``code_ends``: sorted, disjoint) and not inside a .pdata function. ``owned_begins``/``owned_ends`` are
+    every .pdata range (primary ranges and fragments) sorted; ``owned_primary[i]`` says whether
+    ``owned_begins[i]`` starts a .pdata function (a fragment's first byte is no start). Only the last range
+    beginning at or before an address is asked, as discovery always did."""
+    out = []
+    for rva in rvas:
+        index = bisect_right(code_rvas, rva) - 1
+        if index < 0 or rva >= code_ends[index]:
+            continue
+        index = bisect_right(owned_begins, rva) - 1
+        if index >= 0 and (owned_begins[index] < rva < owned_ends[index] or
+                           owned_begins[index] == rva and not owned_primary[index]):
+            continue
+        out.append(rva)
+    return out
+
+
+def after_padding_in(memory: bytes, places: Iterable[int]) -> list[int]:
+    """The places (in the given order) right after int3 or nop padding (``padding.after_padding``)."""
+    return [place for place in places if after_padding(memory, place)]
+
+
+def pointer_targets(memory: bytes, relocations: Sequence[int], image_base: int, code_rvas: Sequence[int],
+                    code_ends: Sequence[int]) -> list[int]:
+    """What the relocated 64-bit pointers outside code point at inside the image, as RVAs, in relocation
+    order: the little-endian value at each relocation (fewer bytes at the image's end) minus the image
+    base, kept where it lies in ``[0, len(memory))``; relocations inside a code section (``code_rvas``,
+    ``code_ends``: sorted, disjoint) are references of that code and left out."""
+    out = []
+    for reloc in relocations:
+        index = bisect_right(code_rvas, reloc) - 1
+        if index >= 0 and reloc < code_ends[index]:
+            continue
+        target = int.from_bytes(memory[reloc:reloc + 8], "little") - image_base
+        if 0 <= target < len(memory):
+            out.append(target)
+    return out
+
+
+def trimmed_end(memory: bytes, rvas: Sequence[int], begin: int, limit: int) -> int:
+    """Where a function whose instructions start at ``rvas`` in ``[begin, limit)`` ends once the fill after
+    its last instruction that is not fill (int3, nops, zeros) is cut off; at least one byte past ``begin``."""
+    end = limit
+    for index in range(len(rvas) - 1, -1, -1):
+        insn_end = rvas[index + 1] if index + 1 < len(rvas) else end
+        if not FILL_RE.fullmatch(memory, rvas[index], insn_end):
+            end = insn_end
+            break
+    else:
+        end = begin + 1
+    return max(end, begin + 1)
+
+
 def named(places: Iterable[int], words: Iterable[array]) -> set[int]:
     """The places equal to some value in the ``array("I")`` chunks ``words``."""
     wanted = set(places)
@@ -99,6 +181,25 @@ def word_index(words: Iterable[array], top: int) -> tuple[list[array], int]:
     """What ``named_in`` looks places up in: the chunks themselves and ``top`` (a set of every word would
     take far more memory than the bitmap of the compiled kernel)."""
     return list(words), top
+
+
+def memory_words(memory: bytes, begins: Sequence[int], ends: Sequence[int]) -> list[array]:
+    """Every 32-bit value, at every alignment, of the spans ``[begins[i], ends[i])`` of ``memory``: one
+    ``array("I")`` per span and alignment."""
+    out = []
+    for low, high in zip(begins, ends):
+        for phase in range(4):
+            begin = low + phase
+            end = begin + (max(0, min(high, len(memory)) - begin) // 4) * 4
+            words = array("I")
+            words.frombytes(memory[begin:end])
+            out.append(words)
+    return out
+
+
+def memory_word_index(memory: bytes, begins: Sequence[int], ends: Sequence[int], top: int) -> tuple[list[array], int]:
+    """``word_index`` of ``memory_words``: which values below ``top`` the spans hold at some alignment."""
+    return word_index(memory_words(memory, begins, ends), top)
 
 
 def named_in(places: Iterable[int], index: tuple[list[array], int]) -> set[int]:
@@ -186,6 +287,52 @@ def reachable_end(memory: bytes, rvas: Sequence[int], refs: Iterable[tuple[int, 
             return gap_begin
     # code that runs into the next start without branching back into the gap or beyond that start
     return gap_begin if gap_end >= 0 and kept < limit else limit
+
+
+def plausible_limits(candidates: Iterable[int], relocations: Sequence[int], starts: Sequence[int],
+                     code_rvas: Sequence[int], code_ends: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The candidates worth judging, sorted, and how far each may run: up to the next of the sorted ``starts``
+    after it, within its code section (``code_rvas``, ``code_ends``: sorted, disjoint; every candidate lies in
+    one). A candidate in or right after a relocated 64-bit pointer (``relocations``, sorted) is left out:
+    mingw keeps its constructor lists in .text, and a pointer's low byte can look like a nop."""
+    ordered = []
+    for rva in candidates:
+        index = bisect_right(relocations, rva) - 1
+        if not (index >= 0 and relocations[index] + 8 >= rva):
+            ordered.append(rva)
+    ordered.sort()
+    limits = []
+    for rva in ordered:
+        index = bisect_right(code_rvas, rva) - 1
+        if index < 0 or rva >= code_ends[index]:
+            raise ValueError(f"candidate {rva:#x} outside the code sections")
+        limit = code_ends[index]
+        index = bisect_right(starts, rva)
+        limits.append(starts[index] if index < len(starts) and starts[index] < limit else limit)
+    return ordered, limits
+
+
+def sane_references(rvas: Sequence[int], refs: Iterable[tuple[int, int, int, int, int]], begin: int, end: int,
+                    code_rvas: Sequence[int], code_ends: Sequence[int], section_rvas: Sequence[int],
+                    section_ends: Sequence[int]) -> bool:
+    """Whether code decoded from ``begin`` to ``end`` (instructions at ``rvas``) starts at ``begin`` and refers
+    only where compiled code does: every branch and call into a code section (``code_rvas``, ``code_ends``)
+    and, inside the range, onto one of its instructions; every RIP-relative operand into a section
+    (``section_rvas``, ``section_ends``). All bounds sorted and disjoint."""
+    if not len(rvas) or rvas[0] != begin:
+        return False
+    for kind, _, _, _, target in refs:
+        if kind in (BRANCH_REL8, BRANCH_REL32, CALL_REL32):
+            index = bisect_right(code_rvas, target) - 1
+            if index < 0 or target >= code_ends[index]:
+                return False
+            if begin <= target < end and target not in rvas:
+                return False  # a branch into the middle of one of its own instructions
+        elif kind == RIP_RELATIVE:
+            index = bisect_right(section_rvas, target) - 1
+            if index < 0 or target >= section_ends[index]:
+                return False
+    return True
 
 
 def call_and_lea_targets(memory: bytes, refs_lists: Iterable[Iterable[tuple[int, int, int, int, int]]]

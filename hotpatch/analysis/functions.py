@@ -16,17 +16,19 @@ import importlib
 import re
 from array import array
 from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+from weakref import WeakKeyDictionary
 
 from ..collector import gc_paused
 from ..pe.image import Image, UnwindInfo
 from . import _discovery_reference
 from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
 from .layout import Item, Layout
-from .padding import FILL_BYTES, FILL_RE, after_padding, covered_bytes, gap_fill_bytes
-from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_JUMP, RIP_RELATIVE
+from .padding import FILL_BYTES, covered_bytes, gap_fill_bytes
+from .refkinds import IAT_JUMP
 
 __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOURCES"]
 
@@ -205,24 +207,38 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
     owned = sorted((begin, end) for f in image.runtime_functions for begin, end in
                    ((f.begin_rva, f.end_rva),) + f.fragments)
-    owned_starts = [begin for begin, _ in owned]
+    sections = sorted(image.executable_sections, key=lambda s: s.rva)
+    section_rvas, section_ends = array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections))
+    bounds = (section_rvas, section_ends, array("I", (begin for begin, _ in owned)),
+              array("I", (end for _, end in owned)), bytes(begin in pdata for begin, _ in owned))
 
-    def inside_pdata(rva: int) -> bool:
-        index = bisect_right(owned_starts, rva) - 1
-        return index >= 0 and owned[index][0] < rva < owned[index][1] or (
-            index >= 0 and owned[index][0] == rva and rva not in pdata)
+    def acceptable_in(rvas: Iterable[int]) -> list[int]:
+        """The addresses that could start a function: in code, not inside a .pdata function (in one call:
+        a round's call targets, lea targets and places are thousands)."""
+        return kernels.acceptable_in(rvas, *bounds)
 
     # each start's sources as a mask of bits in SOURCES' order (a set each would be tens of thousands)
     sources: dict[int, int] = dict.fromkeys(pdata, _SOURCE_BIT["pdata"])
     names: dict[int, str] = {}
     pending = list(pdata)  # starts not in the layout yet
 
-    # asked a few hundred thousand times for the same few tens of thousands of addresses on a large image
-    code_section = cache(image.code_section)
-
     @cache  # asked again for the same targets round after round
     def acceptable(rva: int) -> bool:
-        return code_section(rva) is not None and not inside_pdata(rva)
+        return bool(acceptable_in((rva,)))
+
+    def add_all(rvas: Iterable[int], source: str) -> bool:
+        """``add`` of each address (without names), in one loop: a round's call targets are thousands."""
+        bit = _SOURCE_BIT[source]
+        found = False
+        for rva in acceptable_in(rvas):
+            mask = sources.get(rva)
+            if mask is None:
+                sources[rva] = bit
+                pending.append(rva)
+                found = True
+            else:
+                sources[rva] = mask | bit
+        return found
 
     def add(rva: int, source: str, name: str | None = None) -> bool:
         if not acceptable(rva):
@@ -251,14 +267,11 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     for runtime in image.runtime_functions:
         if runtime.unwind.handler_rva is not None:
             add(runtime.unwind.handler_rva, "handler")
-    memory, base = image.memory, image.image_base
+    memory = image.memory
     decodable: dict[int, bool] = {}
-    for reloc in image.relocations:
-        if image.code_section(reloc) is not None:
-            continue  # pointers inside code are references of that code, not function starts
-        target = int.from_bytes(memory[reloc:reloc + 8], "little") - base
-        if not 0 <= target < len(memory) or not acceptable(target):
-            continue
+    # pointers inside code are references of that code, not function starts: the kernel leaves them out
+    for target in acceptable_in(kernels.pointer_targets(memory, ctx.relocations, image.image_base, section_rvas,
+                                                        section_ends)):
         # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
         if target not in decodable:
             decodable[target] = bool(core.instruction_text(memory, target, target + 15))
@@ -270,10 +283,9 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # some other way, never more of it. Each round touches only the functions whose next start changed
     # (``Layout``), and ``decoded`` holds only the decodes of the current items.
     decoded: dict[Item, FunctionAnalysis] = {}
-    padded = cache(lambda rva: after_padding(memory, rva))  # most places are candidates round after round
     # what the 32-bit words of data name, looked up place by place each round (the words themselves go)
-    index = kernels.word_index(_rva32_words(image), max((s.end_rva for s in image.executable_sections), default=0))
-    layout = Layout(code_section, pdata)
+    index = kernels.memory_word_index(memory, *_rva32_spans(image), max(section_ends, default=0))
+    layout = Layout(sections, pdata)
     scanned: set[Item] = set()
     taken: set[int] = set()  # addresses taken with lea
     # Candidates are ``X.difference(sources, rejected)``, never ``X - sources.keys()``: the latter walks every
@@ -299,31 +311,31 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         scanned.update(current)
         calls, leas = kernels.call_and_lea_targets(memory, fresh)
         # whether an address could start a function does not change: keep only those that could
-        taken |= {t for t in leas if acceptable(t)}
-        found = False
-        for target in calls:
-            found |= add(target, "call")
+        taken.update(acceptable_in(leas))
+        found = add_all(calls, "call")
         found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
             t for t in taken.difference(sources, rejected) if _boundary(image, layout, t, core)])
         if not found:
             places = layout.places(memory, kernels)
-            named = kernels.named_in(places, index).difference(sources, rejected, unfit)
-            fit = [t for t in named if acceptable(t)]
+            # a place's words never change and every place of an earlier round was looked at then (and is
+            # a start now, or rejected, or unfit): only the places new since then can be named anew
+            named = kernels.named_in(layout.new_places, index).difference(sources, rejected, unfit)
+            fit = acceptable_in(named)
             unfit |= named.difference(fit)
             found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, fit)
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
-            found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, [
-                t for t in places.difference(sources, rejected) if padded(t) and acceptable(t)])
+            found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, acceptable_in(
+                kernels.after_padding_in(memory, places.difference(sources, rejected))))
         if not found:
             break
     # Functions without .pdata end after their last instruction that is not fill.
     final_layout = []
     for item in layout.ordered():
         if item[0] not in pdata:
-            trimmed = _trimmed(image, item, decoded[item])
+            trimmed = _trimmed(memory, item, decoded[item], kernels)
             if trimmed != item:
                 del decoded[item]
             item = trimmed
@@ -333,10 +345,8 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded.pop(item) for item in final_layout], starts, core)
-    sections = sorted(image.executable_sections, key=lambda s: s.rva)
-    padding = kernels.padding_runs(image.memory, array("I", (rva for rva, _ in final_layout)),
-                                   array("I", (ranges[0][1] for _, ranges in final_layout)),
-                                   array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections)))
+    padding = kernels.padding_runs(memory, array("I", (rva for rva, _ in final_layout)),
+                                   array("I", (ranges[0][1] for _, ranges in final_layout)), section_rvas, section_ends)
     functions = []
     for (rva, ranges), analysis, before, after in zip(final_layout, final, *padding):
         runtime = pdata.get(rva)
@@ -383,8 +393,7 @@ def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
 def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, FunctionAnalysis],
                     layout: list[Item]) -> None:
     todo = list(dict.fromkeys(item for item in layout if item not in decoded))
-    for item, analysis in zip(todo, decode(ctx, todo, core)):
-        decoded[item] = analysis
+    decoded.update(zip(todo, decode(ctx, todo, core)))
 
 
 def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: int = 0,
@@ -404,22 +413,12 @@ def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: i
     return (rva, ((begin, end),)) if end < limit else item
 
 
-def _rva32_words(image: Image) -> list[array]:
-    """Every 32-bit value, at every alignment, of the sections that are neither code nor .pdata/.reloc:
-    where MSVC's C++ exception tables (packed, so unaligned, in FH4), CFG tables and other address
-    tables keep image-relative addresses of code."""
-    out = []
-    memory = image.memory
-    for section in image.sections:
-        if section.executable or section.name in (".pdata", ".reloc"):
-            continue
-        for phase in range(4):
-            begin = section.rva + phase
-            end = begin + (max(0, min(section.end_rva, len(memory)) - begin) // 4) * 4
-            words = array("I")
-            words.frombytes(memory[begin:end])
-            out.append(words)
-    return out
+def _rva32_spans(image: Image) -> tuple[array, array]:
+    """The sections that are neither code nor .pdata/.reloc, as (begins, ends): where MSVC's C++ exception
+    tables (packed, so unaligned, in FH4), CFG tables and other address tables keep image-relative
+    addresses of code, read as 32-bit values at every alignment (``memory_word_index``)."""
+    data = [s for s in image.sections if not s.executable and s.name not in (".pdata", ".reloc")]
+    return array("I", (s.rva for s in data)), array("I", (s.end_rva for s in data))
 
 
 def _boundary(image: Image, layout: Layout, rva: int, core: Any) -> bool:
@@ -461,13 +460,8 @@ def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, ca
     # Each candidate is judged up to the next known start (a rejected candidate after it bounds nothing).
     # The sweep first stops at the next candidate: a candidate that is data shows it there already, and
     # looking further is only needed for sane code that runs into the next candidate.
-    ordered = sorted(t for t in candidates if not _near_pointer(image, t))
-    limits = []
-    for rva in ordered:
-        section = image.code_section(rva)
-        assert section is not None
-        following = layout.following(rva)
-        limits.append(min(following if following is not None else section.end_rva, section.end_rva))
+    ordered, limits = _kernels(core).plausible_limits(candidates, ctx.relocations, layout.starts,
+                                                      *_section_bounds(image)[:2])
     short = [(rva, ((rva, min(limit, ordered[i + 1]) if i + 1 < len(ordered) else limit),))
              for i, (rva, limit) in enumerate(zip(ordered, limits))]
     out: list[int] = []
@@ -486,6 +480,7 @@ def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], ho
     """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
     "runs on" if it runs to the item's end (or branches beyond it, up to its horizon)."""
     memory = image.memory
+    kernels = _kernels(core)
     full: dict[Item, FunctionAnalysis] = {}
     reached = _reach(ctx, core, memory, items, horizons, full)
     cut = [r for r, item in zip(reached, items) if r != item]
@@ -493,7 +488,7 @@ def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], ho
     out = []
     for item, r in zip(items, reached):
         analysis = redecoded[r] if r != item else full[item]
-        out.append("" if not _sane(image, core, r, analysis) else "ends" if r != item else "runs on")
+        out.append("" if not _sane(image, core, r, analysis, kernels) else "ends" if r != item else "runs on")
     return out
 
 
@@ -538,20 +533,12 @@ def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], ho
     return out  # type: ignore[return-value]
 
 
-def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis) -> bool:
+def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis, kernels: Any = _discovery_reference) -> bool:
     """No undecodable byte, every branch lands on code, every memory operand in the image."""
     (begin, end), = item[1]
     rvas = analysis.insn_rvas
-    if not rvas or rvas[0] != begin:
+    if not kernels.sane_references(rvas, analysis.raw_refs, begin, end, *_section_bounds(image)):
         return False
-    for kind, _, _, _, target in analysis.raw_refs:
-        if kind in (BRANCH_REL8, BRANCH_REL32, CALL_REL32):
-            if image.code_section(target) is None:
-                return False
-            if begin <= target < end and target not in rvas:
-                return False  # a branch into the middle of one of its own instructions
-        elif kind == RIP_RELATIVE and image.section_from_rva(target) is None:
-            return False
     if analysis.raw_tables:
         return True
     # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
@@ -559,26 +546,22 @@ def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis) -> bo
     return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
 
 
-def _near_pointer(image: Image, rva: int) -> bool:
-    """Whether ``rva`` or the byte before it lies in a relocated 64-bit pointer (mingw keeps its
-    constructor lists in .text: a pointer's low byte can look like a nop)."""
-    relocations = image.relocations
-    index = bisect_right(relocations, rva) - 1
-    return index >= 0 and relocations[index] + 8 >= rva
+def _section_bounds(image: Image) -> tuple[array, array, array, array]:
+    """(rvas, ends) of the executable sections, then of all sections, sorted: for ``sane_references`` (made
+    once per image: discovery judges thousands of candidates)."""
+    cached = _SECTION_BOUNDS.get(image)
+    if cached is None:
+        code = sorted((s.rva, s.end_rva) for s in image.executable_sections)
+        every = sorted((s.rva, s.end_rva) for s in image.sections)
+        cached = _SECTION_BOUNDS[image] = (array("I", (b for b, _ in code)), array("I", (e for _, e in code)),
+                                           array("I", (b for b, _ in every)), array("I", (e for _, e in every)))
+    return cached
 
 
-def _trimmed(image: Image, item: tuple[int, tuple[tuple[int, int], ...]],
-             analysis: FunctionAnalysis) -> tuple[int, tuple[tuple[int, int], ...]]:
+_SECTION_BOUNDS: WeakKeyDictionary[Image, tuple[array, array, array, array]] = WeakKeyDictionary()
+
+
+def _trimmed(memory: bytes, item: Item, analysis: FunctionAnalysis, kernels: Any = _discovery_reference) -> Item:
     """The item's range cut after its last instruction that is not fill (int3, nops, zeros)."""
     rva, ((begin, limit),) = item
-    rvas = analysis.insn_rvas
-    memory = image.memory
-    end = limit
-    for index in range(len(rvas) - 1, -1, -1):
-        insn_end = rvas[index + 1] if index + 1 < len(rvas) else end
-        if not FILL_RE.fullmatch(memory, rvas[index], insn_end):
-            end = insn_end
-            break
-    else:
-        end = begin + 1
-    return rva, ((begin, max(end, begin + 1)),)
+    return rva, ((begin, kernels.trimmed_end(memory, analysis.insn_rvas, begin, limit)),)

@@ -10,8 +10,9 @@ building it from scratch (tests/test_discovery_layout.py checks both after rando
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable
+from array import array
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = ["Item", "Layout"]
@@ -26,9 +27,16 @@ class Layout:
     A start listed by .pdata has its .pdata ranges; any other ends before the next known start (its
     ``raw`` item), or earlier where the caller bounds it (``bound``)."""
 
-    def __init__(self, code_section: Callable[[int], Any], pdata: dict[int, Any]) -> None:
-        #: ``Image.code_section`` (memoised by the caller)
-        self._code_section = code_section
+    def __init__(self, sections: Sequence[Any], pdata: dict[int, Any]) -> None:
+        """``sections``: the executable sections (``rva``, ``end_rva``, ``virtual_size``), disjoint."""
+        ordered = sorted(sections, key=lambda section: section.rva)
+        self._section_rvas = [section.rva for section in ordered]
+        self._section_ends = [section.end_rva for section in ordered]
+        #: the same for the kernels
+        self._section_arrays = (array("I", self._section_rvas), array("I", self._section_ends))
+        #: where a function without .pdata ends at the latest in each section
+        self._section_limits = [min(s.rva + s.virtual_size if s.virtual_size else s.end_rva, s.end_rva)
+                                for s in ordered]
         self._pdata = pdata
         self.starts: list[int] = []
         #: start -> its item as the loop last bounded it
@@ -40,6 +48,8 @@ class Layout:
         self._places: set[int] = set()
         #: starts whose item or next start changed since their gap was last looked at
         self._stale: set[int] = set()
+        #: the places the last ``places`` call added
+        self.new_places: list[int] = []
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -48,12 +58,28 @@ class Layout:
         """Add starts; return, sorted, the starts whose raw item is new or changed (each new start and
         the one before it, which now ends earlier), each with its item before (None if new). Their
         ``items`` are the raw ones until bounded."""
-        added = sorted(set(new).difference(self.raw))
+        raw_items, items = self.raw, self.items
+        added = sorted(set(new).difference(raw_items))
         if not added:
             return []
         starts = self.starts
-        starts.extend(added)
-        starts.sort()  # one sorted run and a short one: a merge
+        if not starts:
+            # the first round lays out every .pdata function at once (tens of thousands): each start is new
+            # and the next one follows it in ``added``
+            starts.extend(added)
+            self._stale.update(added)
+            pdata = self._pdata
+            for rva, following in zip(added, added[1:] + [None]):
+                runtime = pdata.get(rva)  # ``_raw_item`` of a .pdata start, inline
+                raw_items[rva] = items[rva] = (rva, ((rva, runtime.end_rva),) + runtime.fragments) \
+                    if runtime is not None else self._raw_item(rva, following)
+            return [(rva, None) for rva in added]
+        if len(added) < 64:  # most rounds add a few starts: sorting tens of thousands each round costs more
+            for rva in added:
+                insort(starts, rva)
+        else:
+            starts.extend(added)
+            starts.sort()  # one sorted run and a short one: a merge
         touched = set(added)
         for rva in added:
             index = bisect_left(starts, rva)
@@ -61,12 +87,24 @@ class Layout:
                 touched.add(starts[index - 1])
         self._stale |= touched
         changed = []
+        count = len(starts)
         for rva in sorted(touched):
-            raw = self._raw_item(rva)
-            if self.raw.get(rva) != raw:
-                changed.append((rva, self.items.get(rva)))
-                self.raw[rva] = self.items[rva] = raw
+            index = bisect_right(starts, rva)
+            raw = self._raw_item(rva, starts[index] if index < count else None)
+            if raw_items.get(rva) != raw:
+                changed.append((rva, items.get(rva)))
+                raw_items[rva] = items[rva] = raw
         return changed
+
+    def _raw_item(self, rva: int, following: int | None) -> Item:
+        """The item of start ``rva`` bounded only by the next start ``following`` (.pdata: its ranges)."""
+        runtime = self._pdata.get(rva)
+        if runtime is not None:
+            return (rva, ((rva, runtime.end_rva),) + runtime.fragments)
+        index = bisect_right(self._section_rvas, rva) - 1
+        assert index >= 0 and rva < self._section_ends[index], f"start {rva:#x} outside the code sections"
+        limit = self._section_limits[index]
+        return (rva, ((rva, following if following is not None and following < limit else limit),))
 
     def bound(self, rva: int, item: Item) -> None:
         """Set the item of start ``rva`` (its raw item cut where its reachable code ends)."""
@@ -90,43 +128,23 @@ class Layout:
 
     def places(self, memory: bytes, kernels: Any) -> set[int]:
         """Places outside every function where code could begin: ``kernels.gap_starts`` of the current
-        items, with only the gaps whose bounds changed looked at again. The set is the layout's own:
-        read it, do not change it."""
+        items, with only the gaps whose bounds changed looked at again (``kernels.stale_gap_places``, all
+        in one call). The set is the layout's own: read it, do not change it. ``new_places`` holds the
+        places this call added: each place there now that was not there at the previous call is one."""
         gaps, places = self._gaps, self._places
+        stale = sorted(self._stale)
+        self._stale.clear()
         # every stale gap's old places go before any new ones come: a place can move from one gap to
         # another (into the gap after a new start)
-        for rva in self._stale:
+        for rva in stale:
             old = gaps.pop(rva, None)
             if old:
                 places.difference_update(old)
-        for rva in self._stale:
-            fresh = self._gap_places(memory, rva, kernels)
-            if fresh:
-                gaps[rva] = fresh
-                places.update(fresh)
-        self._stale.clear()
+        added: list[int] = []
+        for rva, fresh in zip(*kernels.stale_gap_places(memory, stale, self.starts, self.items,
+                                                        *self._section_arrays)):
+            gaps[rva] = fresh
+            added += fresh
+        places.update(added)
+        self.new_places = added
         return places
-
-    def _gap_places(self, memory: bytes, rva: int, kernels: Any) -> list[int]:
-        """The places of the gap between the function at ``rva`` and the next start in its section."""
-        section = self._code_section(rva)
-        if section is None:
-            return []  # a .pdata entry outside the executable sections bounds no gap
-        high = section.end_rva
-        following = self.following(rva)
-        limit = following if following is not None and following < high else high
-        end = self.items[rva][1][0][1]
-        return kernels.gap_places(memory, end, limit) if end < limit else []
-
-    def _raw_item(self, rva: int) -> Item:
-        runtime = self._pdata.get(rva)
-        if runtime is not None:
-            return (rva, ((rva, runtime.end_rva),) + runtime.fragments)
-        section = self._code_section(rva)
-        assert section is not None
-        limit = min(section.rva + section.virtual_size if section.virtual_size else section.end_rva,
-                    section.end_rva)
-        following = self.following(rva)
-        if following is not None:
-            limit = min(limit, following)
-        return (rva, ((rva, limit),))

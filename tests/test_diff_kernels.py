@@ -301,6 +301,79 @@ def test_propagation_agrees_on_random_call_graphs() -> None:
     assert paired > 500
 
 
+def test_equal_replacements_agree_with_align_opcodes() -> None:
+    """equal_replacements: the compiled kernel gives the twin's replacements (align.opcodes' equal-length
+    "replace" runs) on random callee lists with anchors and unique placeholders, shared prefixes and
+    suffixes, one side empty, and a middle past MAX_MIDDLE_WORK."""
+    rng = random.Random(20261204)
+    found = 0
+    for _ in range(3000):
+        alphabet = rng.randint(1, 12)
+        a = [rng.randrange(alphabet) for _ in range(rng.randint(0, 25))]
+        b = [x if rng.random() < 0.6 else rng.randrange(alphabet) for x in a]
+        if rng.random() < 0.5:
+            b = b[:rng.randint(0, len(b))] + [rng.randrange(alphabet) for _ in range(rng.randint(0, 5))]
+        left = [x if rng.random() < 0.7 else ("a", i) for i, x in enumerate(a)]
+        right = [y if rng.random() < 0.7 else ("b", j) for j, y in enumerate(b)]
+        expected = reference.equal_replacements(left, right)
+        assert compiled.equal_replacements(left, right) == expected, (left, right)
+        found += len(expected)
+    assert found > 1000
+    wide = [("a", i) for i in range(2001)]  # 2001 * 2001 comparisons: one replacement, unaligned
+    assert compiled.equal_replacements([1, *wide, 2], [1, *range(5000, 7001), 2]) == [(1, 2002, 1, 2002)] == \
+        reference.equal_replacements([1, *wide, 2], [1, *range(5000, 7001), 2])
+
+
+def test_triage_same_agrees_with_triage_refs_pair_by_pair() -> None:
+    """triage_same: one compiled call over many equal-code pairs gives, pair by pair, the twin's answer,
+    None exactly where triage_refs finds nothing left (packed records and tuples)."""
+    rng = random.Random(20261205)
+    lists: list[list] = [[], [], [], []]
+    for _ in range(400):
+        targets = [rng.randrange(0x1000, 0x1400) for _ in range(rng.randint(1, 20))]
+        refs_a = _random_refs(rng, rng.randint(0, 12), targets)
+        refs_b = [(k, i, o, s, rng.choice(targets) if rng.random() < 0.1 else t) for k, i, o, s, t in refs_a]
+        packed = rng.random() < 0.5
+        lists[0].append(_packed(refs_a) if packed else refs_a)
+        lists[1].append(_packed(refs_b) if packed else refs_b)
+        lists[2].append(((0x1000, 0x1100),) + (((0x1300, 0x1340),) if rng.random() < 0.5 else ()))
+        lists[3].append(((0x1010, 0x1120),))
+    iat_a, iat_b = {0x1390: b"k!f"}, {0x1391: b"k!f"}
+    function_map = {t: t + rng.choice([0, 0, 0, 1]) for t in range(0x1100, 0x1400, 3)}
+    data_a, data_b = frozenset(range(0x1200, 0x1280)), frozenset(range(0x1200, 0x1290))
+    expected = reference.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b)
+    assert compiled.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b) == expected
+    for found, refs_a, refs_b, ranges_a, ranges_b in zip(expected, *lists):
+        triaged = reference.triage_refs(list(refs_a), list(refs_b), None, ranges_a, ranges_b, iat_a, iat_b,
+                                        function_map, data_a, data_b)
+        assert found == (None if triaged == ([], []) else triaged)
+    assert 50 < expected.count(None) < len(expected) - 50
+
+
+def test_unfilled_gaps_agree_on_random_sections() -> None:
+    """unfilled_gaps: the compiled sweep gives the twin's gaps (keys, bounds) over random sections of
+    int3/nop/zero fill and code, with fragments, jump tables, overlapping and empty ranges, ranges past the
+    section's end and a section running past the memory."""
+    rng = random.Random(20261206)
+    kept = 0
+    for _ in range(2000):
+        size = rng.randint(0, 300)
+        memory = bytes(rng.choice([0xCC, 0x90, 0, 0xCC, 0x55]) if rng.random() < 0.8 else rng.randrange(256)
+                       for _ in range(size))
+        begin, limit = rng.randint(0, 20), rng.randint(0, 340)
+        ranges = []
+        for _ in range(rng.randint(0, 12)):
+            start = rng.randint(0, 330)
+            end = start + rng.randint(0, 30)
+            ranges.append((start, end, None, -1) if rng.random() < 0.2 else (start, end, rng.randrange(400),
+                                                                              rng.randint(0, 2)))
+        ranges = sorted((r for r in ranges if r[0] < limit), key=lambda r: (r[0], r[1]))
+        expected = reference.unfilled_gaps(memory, ranges, begin, limit)
+        assert compiled.unfilled_gaps(memory, ranges, begin, limit) == expected, (memory, ranges, begin, limit)
+        kept += len(expected)
+    assert kept > 1000
+
+
 def test_relocated_data_agrees_on_random_images() -> None:
     """relocated_data: pointers below the image base, past every section, in code, in data, cut short by the
     end of the image, slots in code and in data, gaps between sections."""

@@ -17,6 +17,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 
+from hotpatch.diff.align import MAX_MIDDLE_WORK as _MAX_MIDDLE_WORK
+
 IMPLEMENTATION = "cython"
 
 #: gaps without unique anchors up to this many comparisons are aligned by longest matching blocks
@@ -441,6 +443,93 @@ def aligned_packed(const uint32_t[:] a, const uint32_t[:] b):
         free(pairs.data)
 
 
+# ── callee lists ────────────────────────────────────────────────────────────
+
+#: past this many comparisons the middle is one replacement (as in ``hotpatch.diff.align.opcodes``)
+cdef int64_t MAX_MIDDLE_WORK = _MAX_MIDDLE_WORK
+
+
+def equal_replacements(list a, list b):
+    """``(a0, a1, b0, b1)`` of each "replace" opcode of ``hotpatch.diff.align.opcodes(a, b)`` whose two
+    sides are as long, in order (any hashable elements: interned as ids here)."""
+    cdef dict ids = {}
+    cdef Py_ssize_t la = len(a), lb = len(b), i, prefix = 0, suffix = 0, limit, ma, mb
+    cdef Py_ssize_t previous_i, previous_j, next_i, next_j
+    cdef list out = []
+    cdef PairBuffer pairs
+    key_a = array("I", [ids.setdefault(x, len(ids)) for x in a])
+    key_b = array("I", [ids.setdefault(y, len(ids)) for y in b])
+    cdef const uint32_t[:] va = key_a
+    cdef const uint32_t[:] vb = key_b
+    limit = min(la, lb)
+    while prefix < limit and va[prefix] == vb[prefix]:
+        prefix += 1
+    while suffix < limit - prefix and va[la - 1 - suffix] == vb[lb - 1 - suffix]:
+        suffix += 1
+    ma, mb = la - prefix - suffix, lb - prefix - suffix
+    if ma == 0 or mb == 0:
+        return out  # the middle is one insertion or deletion (or nothing)
+    if <int64_t>ma * mb > MAX_MIDDLE_WORK:
+        if ma == mb:
+            out.append((prefix, prefix + ma, prefix, prefix + mb))
+        return out
+    pairs.data = NULL
+    pairs.count = pairs.capacity = 0
+    try:
+        _reserve(va, vb)
+        _matching_blocks(&va[0], prefix, prefix + ma, &vb[0], prefix, prefix + mb, &pairs)
+        qsort(pairs.data, pairs.count, 2 * sizeof(int32_t), _by_first)
+        # the matched elements rise on both sides: a gap on both sides between two of them is a replacement
+        previous_i, previous_j = prefix, prefix
+        for i in range(pairs.count + 1):
+            if i < pairs.count:
+                next_i, next_j = pairs.data[2 * i], pairs.data[2 * i + 1]
+            else:
+                next_i, next_j = prefix + ma, prefix + mb
+            if next_i > previous_i and next_j > previous_j and next_i - previous_i == next_j - previous_j:
+                out.append((previous_i, next_i, previous_j, next_j))
+            previous_i, previous_j = next_i + 1, next_j + 1
+    finally:
+        free(pairs.data)
+    return out
+
+
+# ── uncovered bytes ─────────────────────────────────────────────────────────
+
+def unfilled_gaps(const uint8_t[:] memory, list ranges, int64_t begin, int64_t limit):
+    """The gaps of ``[begin, limit)`` between the sorted ``ranges`` ((begin, end, owner, index); index -1: a
+    jump table, which keeps the key of the gap after it) that hold a byte other than int3/nop/zero or run
+    past ``memory``: ``(anchor, part, gap_begin, gap_end)``, keyed by the last range that moved the cursor."""
+    cdef list out = []
+    cdef int64_t cursor = begin, start, end, stop, at, size = memory.shape[0]
+    cdef Py_ssize_t i, n = len(ranges)
+    cdef tuple item
+    cdef uint8_t byte
+    cdef bint filled
+    anchor, part = None, 0
+    for i in range(n + 1):
+        if i < n:
+            item = <tuple>ranges[i]
+            start, end = item[0], item[1]
+        else:
+            start = end = limit
+        if start > cursor:
+            stop = start if start < limit else limit
+            filled = stop <= size
+            at = cursor
+            while filled and at < stop:
+                byte = memory[at]
+                filled = byte == 0xCC or byte == 0x90 or byte == 0
+                at += 1
+            if not filled:
+                out.append((anchor, part, cursor, stop))
+        if end > cursor:
+            cursor = end
+            if i < n and item[3] != -1:
+                anchor, part = item[2], item[3]
+    return out
+
+
 # ── reference pairs of aligned instructions ─────────────────────────────────
 
 cdef struct Slot:
@@ -727,6 +816,25 @@ cdef inline bint _to_classify(object target_a, object target_b, tuple ranges_a, 
 def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict iat_a, dict iat_b,
                 dict function_map, frozenset data_a, frozenset data_b):
     """Sort the reference pairs of two matched functions into (data pairs, pairs left to classify)."""
+    return _triage(refs_a, refs_b, pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
+
+
+def triage_same(list refs_a_list, list refs_b_list, list ranges_a_list, list ranges_b_list, dict iat_a,
+                dict iat_b, dict function_map, frozenset data_a, frozenset data_b):
+    """``triage_refs`` (no pairs: equal fingerprints) of each pair of the lists side by side: None where both
+    lists come back empty (the pair has nothing left to judge), else ``(data, rest)``."""
+    cdef Py_ssize_t i, n = len(refs_a_list)
+    cdef list out = [None] * n, data, rest
+    for i in range(n):
+        data, rest = _triage(refs_a_list[i], refs_b_list[i], None, <tuple>ranges_a_list[i],
+                             <tuple>ranges_b_list[i], iat_a, iat_b, function_map, data_a, data_b)
+        if data or rest:
+            out[i] = (data, rest)
+    return out
+
+
+cdef tuple _triage(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict iat_a, dict iat_b,
+                   dict function_map, frozenset data_a, frozenset data_b):
     cdef list data = [], rest = []
     cdef tuple pair
     cdef Py_ssize_t i, n, count_a = 0, count_b = 0

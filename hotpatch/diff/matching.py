@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import weakref
 from bisect import bisect_left
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
 
 from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
-from .align import opcodes
 from .streams import InstructionStreams
 
 __all__ = ["Match", "match_functions", "SIMILARITY_THRESHOLD"]
@@ -48,6 +47,7 @@ class _Matcher:
         self.backward: dict[int, int] = {}
         kernels = diff_kernels(baseline.backend)
         self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
+        self.equal_replacements = kernels.equal_replacements
         # the unmatched lists are taken a dozen times: each is the last one filtered (pairs are never undone,
         # so that keeps the table's order), not the whole table again
         self._unmatched_a: list[Function] = list(baseline.functions)
@@ -88,22 +88,19 @@ def match_functions(baseline: FunctionTable, patched: FunctionTable,
 
 def _by_unique_key(m: _Matcher, attribute: str, method: str) -> None:
     """Pairs the unmatched functions whose ``attribute`` (name, fingerprint) is set and unique on each side."""
-    left = _rvas_by(m.unmatched_baseline(), attribute)
-    right = _rvas_by(m.unmatched_patched(), attribute)
-    for k, rvas in left.items():
-        other = right.get(k)
-        if len(rvas) == 1 and other is not None and len(other) == 1:
-            m.pair(rvas[0], other[0], method)
+    left, count_left = _last_rva_by(m.unmatched_baseline(), attribute)
+    right, count_right = _last_rva_by(m.unmatched_patched(), attribute)
+    # in the order each key first appears in the baseline (a dict keeps a key where it was first set)
+    for key, rva in left.items():
+        if key and count_left[key] == 1 and count_right.get(key) == 1:
+            m.pair(rva, right[key], method)
 
 
-def _rvas_by(functions: list[Function], attribute: str) -> dict[object, list[int]]:
-    """Function RVAs by their ``attribute``, those without one left out (attributes read in C: the first pass
-    reads every function of both images)."""
-    out: dict[object, list[int]] = defaultdict(list)
-    for key, rva in zip(map(attrgetter(attribute), functions), map(_RVA, functions)):
-        if key:
-            out[key].append(rva)
-    return out
+def _last_rva_by(functions: list[Function], attribute: str) -> tuple[dict[object, int], Counter[object]]:
+    """Each ``attribute`` value's last function RVA, and how many functions have it (counted and mapped in
+    C: the first pass reads every function of both images, and only the keys met once are kept)."""
+    keys = list(map(attrgetter(attribute), functions))
+    return dict(zip(keys, map(_RVA, functions))), Counter(keys)
 
 
 _RVA = attrgetter("rva")
@@ -178,10 +175,9 @@ def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple
     keys_a = [m.forward[x].patched_rva if x in m.forward else ("a", i) for i, x in enumerate(left)]
     keys_b = [y if y in m.backward else ("b", i) for i, y in enumerate(right)]
     pairs = []
-    for tag, a0, a1, b0, b1 in opcodes(keys_a, keys_b):
-        if tag == "replace" and a1 - a0 == b1 - b0:
-            pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
-                         if left[i] not in m.forward and right[j] not in m.backward)
+    for a0, a1, b0, b1 in m.equal_replacements(keys_a, keys_b):
+        pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
+                     if left[i] not in m.forward and right[j] not in m.backward)
     pairs.extend(_lone_pair(m, left, right))
     return pairs
 

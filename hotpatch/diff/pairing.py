@@ -8,6 +8,7 @@ imports, code references and read-only data reach no longer correspond.
 from __future__ import annotations
 
 from collections import Counter
+from operator import attrgetter
 
 from ..analysis.api import FunctionAnalysis
 from ..analysis.functions import Function, FunctionTable
@@ -34,6 +35,8 @@ class Pairing:
         self.data_votes: dict[str, Counter[tuple[int, int]]] = {"unchanged": Counter(), "changed": Counter()}
         self._items: tuple[DataItems, DataItems] | None = None
         self._items_equal: dict[tuple[int, int], bool] = {}
+        #: baseline data rva -> read-only data and no jump table (a pair of those is checked by content)
+        self._read_only_a: dict[int, bool] = {}
         #: jump tables are compared through the fingerprint (targets relative to the function), not as bytes
         self.jump_tables_a = {t[1] for analysis in a.analyses for t in analysis.raw_tables}
         # what every pair's triage reads, looked up once
@@ -59,28 +62,59 @@ class Pairing:
     def classify(self, matches: dict[int, Match]) -> list[FunctionDiff]:
         out: list[FunctionDiff] = []
         rodata_checks: list[tuple[int, int, int]] = []  # (index in out, rva_a, rva_b)
+        functions_a, analyses_a = self.a.functions, self.a.analyses
         functions_b, analyses_b, index_b = self.b.functions, self.b.analyses, self.b._index
-        for fa, analysis_a in zip(self.a.functions, self.a.analyses):
-            match = matches.get(fa.rva)
-            if match is None:
-                out.append(FunctionDiff(REMOVED, fa, None))
+        # where each baseline function's counterpart sits in the patched table (-1: none)
+        at_b = [-1 if match is None else index_b[match.patched_rva]
+                for match in map(matches.get, map(_RVA, functions_a))]
+        triaged = self._triage_equal_code(at_b)
+        for fa, analysis_a, at, found in zip(functions_a, analyses_a, at_b, triaged):
+            if at < 0:
+                out.append(_function_diff(REMOVED, fa, None, None, None, ()))
                 continue
-            at_b = index_b[match.patched_rva]
-            fb = functions_b[at_b]
-            changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at_b])
+            fb = functions_b[at]
+            match = matches[fa.rva]
+            if found is None:  # equal code and nothing left to judge: most unchanged functions
+                out.append(_function_diff(UNCHANGED, fa, fb, match.method, match.similarity, ()))
+                continue
+            if found is _UNEQUAL_CODE:
+                changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at])
+            else:
+                changes, rodata = self._judge(fa, fb, True, *found)
             for rva_a, rva_b in rodata:
                 rodata_checks.append((len(out), rva_a, rva_b))
             status = CHANGED if changes else UNCHANGED
-            out.append(FunctionDiff(status, fa, fb, match.method, match.similarity, tuple(changes)))
+            out.append(_function_diff(status, fa, fb, match.method, match.similarity, tuple(changes)))
         if rodata_checks:
+            known = self._items_equal
             for index, rva_a, rva_b in rodata_checks:
                 entry = out[index]
-                if "rodata" in entry.changes or self.items_equal(rva_a, rva_b):
+                if "rodata" in entry.changes:
+                    continue
+                same = known.get((rva_a, rva_b))  # most are known: the call is made for the others alone
+                if same or (same is None and self.items_equal(rva_a, rva_b)):
                     continue
                 out[index] = FunctionDiff(CHANGED, entry.baseline, entry.patched, entry.match, entry.similarity,
                                           tuple(sorted(set(entry.changes) | {"rodata"})))
         matched_b = set(self.function_map.values())
         out.extend(FunctionDiff(ADDED, None, fb) for fb in self.b if fb.rva not in matched_b)
+        return out
+
+    def _triage_equal_code(self, at_b: list[int]) -> list[object]:
+        """Per baseline function: the triage of its references against its counterpart's when both have
+        the same fingerprint (None: nothing left to judge), all such pairs in one kernel call; else
+        ``_UNEQUAL_CODE``. Triage reads and writes nothing else, so doing it ahead changes no order."""
+        functions_a, functions_b = self.a.functions, self.b.functions
+        same = [index for index, (fa, at) in enumerate(zip(functions_a, at_b))
+                if at >= 0 and fa.fingerprint == functions_b[at].fingerprint]
+        analyses_a, analyses_b = self.a.analyses, self.b.analyses
+        found = self.streams.kernels.triage_same(
+            [analyses_a[i].raw_refs for i in same], [analyses_b[at_b[i]].raw_refs for i in same],
+            [functions_a[i].ranges for i in same], [functions_b[at_b[i]].ranges for i in same],
+            self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b)
+        out: list[object] = [_UNEQUAL_CODE] * len(at_b)
+        for index, triage in zip(same, found):
+            out[index] = triage
         return out
 
     def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]] | None:
@@ -103,6 +137,12 @@ class Pairing:
                                   self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b)
         if same_code and not data and not rest:
             return [], []  # most unchanged functions: nothing left to judge
+        return self._judge(fa, fb, same_code, data, rest)
+
+    def _judge(self, fa: Function, fb: Function, same_code: bool, data: list[tuple[int, int]],
+               rest: list[tuple[tuple, tuple]]) -> tuple[list[str], list[tuple[int, int]]]:
+        """The changes a pair's triaged references show, and its read-only data pairs to check (``data`` is
+        extended in place)."""
         changes: set[str] = set()
         if not same_code:
             changes.add("code")
@@ -128,9 +168,14 @@ class Pairing:
                 data.append((value_a, value_b))  # type: ignore[arg-type]
             elif kind_a == OTHER and value_a != value_b:
                 changes.add("reference")
+        votes.update(data)  # counted in C, in the same order as one by one
+        read_only = self._read_only_a
         for pair in data:
-            votes[pair] += 1
-            if pair[0] not in self.jump_tables_a and not self.targets_a.is_writable_data(pair[0]):
+            found = read_only.get(pair[0])
+            if found is None:  # many pairs read the same data: its kind is looked up once
+                found = read_only[pair[0]] = (pair[0] not in self.jump_tables_a
+                                              and not self.targets_a.is_writable_data(pair[0]))
+            if found:
                 rodata.append(pair)
         return sorted(changes), rodata
 
@@ -152,6 +197,28 @@ class Pairing:
         if owner_a is None or owner_b is None:
             return False
         return self.function_map.get(owner_a.rva) == owner_b.rva and rva_a - owner_a.rva == rva_b - owner_b.rva
+
+
+#: ``_triage_equal_code``'s mark for a pair whose fingerprints differ (triaged on its own, after alignment)
+_UNEQUAL_CODE = object()
+_RVA = attrgetter("rva")
+_new_object = object.__new__
+
+
+def _function_diff(status: str, baseline: Function | None, patched: Function | None, match: str | None,
+                   similarity: float | None, changes: tuple[str, ...]) -> FunctionDiff:
+    """``FunctionDiff(...)`` with every field given, filled in directly: the frozen dataclass's ``__init__``
+    sets field by field through ``object.__setattr__``, and a large diff makes one per function.
+    FunctionDiff has no ``__post_init__`` to skip."""
+    entry = _new_object(FunctionDiff)
+    fields = entry.__dict__
+    fields["status"] = status
+    fields["baseline"] = baseline
+    fields["patched"] = patched
+    fields["match"] = match
+    fields["similarity"] = similarity
+    fields["changes"] = changes
+    return entry
 
 
 def _jump_destination(table: FunctionTable, rva: int) -> int:

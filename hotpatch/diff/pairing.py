@@ -8,6 +8,7 @@ imports, code references and read-only data reach no longer correspond.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from operator import attrgetter
 
 from ..analysis.api import FunctionAnalysis
@@ -67,8 +68,7 @@ class Pairing:
         # where each baseline function's counterpart sits in the patched table (-1: none)
         at_b = [-1 if match is None else index_b[match.patched_rva]
                 for match in map(matches.get, map(_RVA, functions_a))]
-        triaged = self._triage_equal_code(at_b)
-        for fa, analysis_a, at, found in zip(functions_a, analyses_a, at_b, triaged):
+        for fa, analysis_a, at, found in zip(functions_a, analyses_a, at_b, self._triaged(at_b)):
             if at < 0:
                 out.append(_function_diff(REMOVED, fa, None, None, None, ()))
                 continue
@@ -100,22 +100,25 @@ class Pairing:
         out.extend(FunctionDiff(ADDED, None, fb) for fb in self.b if fb.rva not in matched_b)
         return out
 
-    def _triage_equal_code(self, at_b: list[int]) -> list[object]:
+    def _triaged(self, at_b: list[int]) -> Iterator[object]:
         """Per baseline function: the triage of its references against its counterpart's when both have
-        the same fingerprint (None: nothing left to judge), all such pairs in one kernel call; else
-        ``_UNEQUAL_CODE``. Triage reads and writes nothing else, so doing it ahead changes no order."""
+        the same fingerprint (None: nothing left to judge), else ``_UNEQUAL_CODE``. Such pairs go to the
+        kernel a block of functions at a time: one call for many pairs, without every pair's data pairs
+        alive at once. Triage reads and writes nothing else, so doing it ahead changes no order."""
         functions_a, functions_b = self.a.functions, self.b.functions
-        same = [index for index, (fa, at) in enumerate(zip(functions_a, at_b))
-                if at >= 0 and fa.fingerprint == functions_b[at].fingerprint]
         analyses_a, analyses_b = self.a.analyses, self.b.analyses
-        found = self.streams.kernels.triage_same(
-            [analyses_a[i].raw_refs for i in same], [analyses_b[at_b[i]].raw_refs for i in same],
-            [functions_a[i].ranges for i in same], [functions_b[at_b[i]].ranges for i in same],
-            self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b)
-        out: list[object] = [_UNEQUAL_CODE] * len(at_b)
-        for index, triage in zip(same, found):
-            out[index] = triage
-        return out
+        for start in range(0, len(at_b), _TRIAGE_BLOCK):
+            stop = min(start + _TRIAGE_BLOCK, len(at_b))
+            same = [index for index in range(start, stop)
+                    if at_b[index] >= 0 and functions_a[index].fingerprint == functions_b[at_b[index]].fingerprint]
+            found = self.streams.kernels.triage_same(
+                [analyses_a[i].raw_refs for i in same], [analyses_b[at_b[i]].raw_refs for i in same],
+                [functions_a[i].ranges for i in same], [functions_b[at_b[i]].ranges for i in same],
+                self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b)
+            block: list[object] = [_UNEQUAL_CODE] * (stop - start)
+            for index, triage in zip(same, found):
+                block[index - start] = triage
+            yield from block
 
     def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]] | None:
         """Pairs of references that sit at the same place in matched instructions; None when the
@@ -199,7 +202,9 @@ class Pairing:
         return self.function_map.get(owner_a.rva) == owner_b.rva and rva_a - owner_a.rva == rva_b - owner_b.rva
 
 
-#: ``_triage_equal_code``'s mark for a pair whose fingerprints differ (triaged on its own, after alignment)
+#: baseline functions triaged per kernel call
+_TRIAGE_BLOCK = 2048
+#: ``Pairing._triaged``'s mark for a pair whose fingerprints differ (triaged on its own, after alignment)
 _UNEQUAL_CODE = object()
 _RVA = attrgetter("rva")
 _new_object = object.__new__

@@ -374,6 +374,28 @@ def test_unfilled_gaps_agree_on_random_sections() -> None:
     assert kept > 1000
 
 
+def test_call_graph_agrees_on_random_functions() -> None:
+    """call_graph: the compiled kernel gives the twin's callees and callers (each caller once per callee, in
+    function order, whatever the repeats in its callee list) into a dict and a defaultdict."""
+    rng = random.Random(20261207)
+    repeats = 0
+    for _ in range(200):
+        rvas = sorted(rng.sample(range(0x1000, 0x1400, 4), rng.randint(1, 30)))
+        targets = rvas + [rng.randrange(0x1000, 0x1400) for _ in range(5)]
+        refs_lists = [_random_refs(rng, rng.randint(0, 15), targets) for _ in rvas]
+        refs_lists = [_packed(refs) if rng.random() < 0.5 else refs for refs in refs_lists]
+        ranges = [((rva, rva + 4),) for rva in rvas]
+        pointer_tables = {t: rng.sample(rvas, min(len(rvas), 2)) for t in rng.sample(targets, 2)}
+        expected: tuple = ({}, defaultdict(list))
+        reference.call_graph([list(r) for r in refs_lists], ranges, rvas, set(rvas), pointer_tables, *expected)
+        found: tuple = ({}, defaultdict(list))
+        compiled.call_graph(refs_lists, ranges, rvas, set(rvas), pointer_tables, *found)
+        assert found == expected
+        assert list(found[1]) == list(expected[1])  # targets in the order first met
+        repeats += sum(len(callees) - len(set(callees)) for callees in expected[0].values())
+    assert repeats > 100
+
+
 def test_relocated_data_agrees_on_random_images() -> None:
     """relocated_data: pointers below the image base, past every section, in code, in data, cut short by the
     end of the image, slots in code and in data, gaps between sections."""

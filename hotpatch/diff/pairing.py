@@ -70,12 +70,12 @@ class Pairing:
                 for match in map(matches.get, map(_RVA, functions_a))]
         for fa, analysis_a, at, found in zip(functions_a, analyses_a, at_b, self._triaged(at_b)):
             if at < 0:
-                out.append(_function_diff(REMOVED, fa, None, None, None, ()))
+                out.append(FunctionDiff(REMOVED, fa, None))
                 continue
             fb = functions_b[at]
             match = matches[fa.rva]
             if found is None:  # equal code and nothing left to judge: most unchanged functions
-                out.append(_function_diff(UNCHANGED, fa, fb, match.method, match.similarity, ()))
+                out.append(FunctionDiff(UNCHANGED, fa, fb, match.method, match.similarity))
                 continue
             if found is _UNEQUAL_CODE:
                 changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at])
@@ -84,7 +84,7 @@ class Pairing:
             for rva_a, rva_b in rodata:
                 rodata_checks.append((len(out), rva_a, rva_b))
             status = CHANGED if changes else UNCHANGED
-            out.append(_function_diff(status, fa, fb, match.method, match.similarity, tuple(changes)))
+            out.append(FunctionDiff(status, fa, fb, match.method, match.similarity, tuple(changes)))
         if rodata_checks:
             known = self._items_equal
             for index, rva_a, rva_b in rodata_checks:
@@ -207,23 +207,6 @@ _TRIAGE_BLOCK = 2048
 #: ``Pairing._triaged``'s mark for a pair whose fingerprints differ (triaged on its own, after alignment)
 _UNEQUAL_CODE = object()
 _RVA = attrgetter("rva")
-_new_object = object.__new__
-
-
-def _function_diff(status: str, baseline: Function | None, patched: Function | None, match: str | None,
-                   similarity: float | None, changes: tuple[str, ...]) -> FunctionDiff:
-    """``FunctionDiff(...)`` with every field given, filled in directly: the frozen dataclass's ``__init__``
-    sets field by field through ``object.__setattr__``, and a large diff makes one per function.
-    FunctionDiff has no ``__post_init__`` to skip."""
-    entry = _new_object(FunctionDiff)
-    fields = entry.__dict__
-    fields["status"] = status
-    fields["baseline"] = baseline
-    fields["patched"] = patched
-    fields["match"] = match
-    fields["similarity"] = similarity
-    fields["changes"] = changes
-    return entry
 
 
 def _jump_destination(table: FunctionTable, rva: int) -> int:

@@ -396,6 +396,29 @@ def test_call_graph_agrees_on_random_functions() -> None:
     assert repeats > 100
 
 
+def test_interner_gives_the_ids_a_dict_gives() -> None:
+    """token_ids into the compiled Interner: the same ids, in the same order of first use, as into a dict with
+    either implementation, across many functions sharing one interner (past several growths of its table),
+    with instructions of 1 to 15 bytes, cut at the end of memory, and masked operands."""
+    rng = random.Random(20261208)
+    memory = bytes(rng.choice([0, 0x48, 0x8B, 0xE8, 0xFF, rng.randrange(256)]) for _ in range(60000))
+    interner, by_bytes, twin = compiled.new_interner(), {}, reference.new_interner()
+    for _ in range(400):
+        start = rng.randrange(0, len(memory) - 10)
+        rvas = [start]
+        for _ in range(rng.randint(0, 60)):
+            rvas.append(rvas[-1] + rng.choice([1, 2, 3, 5, 7, 15, 16]))
+        insn_rvas = array("I", rvas)
+        end_rva = rvas[-1] + rng.randint(0, 20)
+        refs = [(3, rva, rng.randint(0, 4), rng.choice([0, 1, 4]), 0) for rva in rng.sample(rvas, len(rvas) // 3)]
+        refs.sort(key=lambda r: r[1])
+        expected = reference.token_ids(memory, insn_rvas, end_rva, refs, twin)
+        assert compiled.token_ids(memory, insn_rvas, end_rva, _packed(refs), interner) == expected
+        assert compiled.token_ids(memory, insn_rvas, end_rva, refs, by_bytes) == expected
+        assert len(interner) == len(by_bytes) == len(twin)
+    assert len(interner) > 4096  # its table (4096 slots, at most half full) grew twice
+
+
 def test_relocated_data_agrees_on_random_images() -> None:
     """relocated_data: pointers below the image base, past every section, in code, in data, cut short by the
     end of the image, slots in code and in data, gaps between sections."""

@@ -50,8 +50,89 @@ cdef int _by_insn(const void *x, const void *y) noexcept nogil:
     return (a.insn_rva > b.insn_rva) - (a.insn_rva < b.insn_rva)
 
 
-def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_rva, refs, dict intern):
-    """Each instruction's bytes with its reference operands zeroed, as ids interned in ``intern``."""
+cdef class Interner:
+    """Token ids by masked instruction bytes, kept in C: what ``token_ids`` would keep in a dict (a new token
+    gets the count so far), without a bytes object and a dict lookup per instruction. A token is at most 15
+    bytes, so its bytes and length fit two words: (bytes 0-7, bytes 8-14 and the length in the top byte)."""
+
+    cdef uint64_t *keys      # two words per slot
+    cdef int32_t *ids        # -1: an empty slot
+    cdef Py_ssize_t capacity
+    cdef Py_ssize_t count
+
+    def __cinit__(self):
+        self.capacity = 0
+        self.count = 0
+        self._grow()
+
+    def __dealloc__(self):
+        free(self.keys)
+        free(self.ids)
+
+    def __len__(self):
+        return self.count
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t old_capacity = self.capacity, i, slot
+        cdef uint64_t *old_keys = self.keys
+        cdef int32_t *old_ids = self.ids
+        cdef Py_ssize_t capacity = old_capacity * 2 if old_capacity else 4096
+        keys = <uint64_t *>malloc(2 * capacity * sizeof(uint64_t))
+        ids = <int32_t *>malloc(capacity * sizeof(int32_t))
+        if keys == NULL or ids == NULL:
+            free(keys)
+            free(ids)
+            raise MemoryError()
+        memset(ids, 0xFF, capacity * sizeof(int32_t))
+        self.keys, self.ids, self.capacity = keys, ids, capacity
+        for i in range(old_capacity):
+            if old_ids[i] >= 0:
+                slot = self._slot(old_keys[2 * i], old_keys[2 * i + 1])
+                keys[2 * slot], keys[2 * slot + 1], ids[slot] = old_keys[2 * i], old_keys[2 * i + 1], old_ids[i]
+        free(old_keys)
+        free(old_ids)
+        return 0
+
+    cdef inline Py_ssize_t _slot(self, uint64_t k0, uint64_t k1) noexcept nogil:
+        """The slot holding the key, or the empty one where it would go (linear probing)."""
+        cdef uint64_t h = (k0 * <uint64_t>0x9E3779B97F4A7C15) ^ (k1 * <uint64_t>0xC2B2AE3D27D4EB4F)
+        cdef Py_ssize_t mask = self.capacity - 1, slot
+        h ^= h >> 29
+        slot = <Py_ssize_t>(h & <uint64_t>mask)
+        while self.ids[slot] >= 0 and (self.keys[2 * slot] != k0 or self.keys[2 * slot + 1] != k1):
+            slot = (slot + 1) & mask
+        return slot
+
+    cdef int32_t id_of(self, const uint8_t *raw, int64_t length) except -1:
+        cdef uint64_t k0 = 0, k1 = 0
+        cdef Py_ssize_t slot
+        cdef int64_t k
+        for k in range(length if length < 8 else 8):
+            k0 |= (<uint64_t>raw[k]) << (8 * k)
+        for k in range(8, length):
+            k1 |= (<uint64_t>raw[k]) << (8 * (k - 8))
+        k1 |= (<uint64_t>length) << 56
+        slot = self._slot(k0, k1)
+        if self.ids[slot] < 0:
+            if 2 * (self.count + 1) > self.capacity:  # at most half full: probes stay short
+                self._grow()
+                slot = self._slot(k0, k1)
+            self.keys[2 * slot], self.keys[2 * slot + 1] = k0, k1
+            self.ids[slot] = <int32_t>self.count
+            self.count += 1
+        return self.ids[slot]
+
+
+def new_interner():
+    """What ``InstructionStreams`` interns tokens in, shared by both images of a diff."""
+    return Interner()
+
+
+def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_rva, refs, intern):
+    """Each instruction's bytes with its reference operands zeroed, as ids interned in ``intern`` (a dict
+    or an ``Interner``)."""
+    cdef Interner interner = intern if type(intern) is Interner else None
+    cdef dict by_bytes = None if interner is not None else <dict?>intern
     cdef Py_ssize_t count = insn_rvas.shape[0], n_masks = 0, m = 0, i, k
     cdef Py_ssize_t size_of_memory = memory.shape[0]
     cdef Py_ssize_t n_refs = 0
@@ -100,11 +181,14 @@ def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_
                 if begin_zero < end_zero:
                     memset(raw + begin_zero, 0, end_zero - begin_zero)
                 k += 1
+            if interner is not None:
+                ids[i] = interner.id_of(raw, length)
+                continue
             token = PyBytes_FromStringAndSize(<char *>raw, length)
-            found = intern.get(token)
+            found = by_bytes.get(token)
             if found is None:
-                found = len(intern)
-                intern[token] = found
+                found = len(by_bytes)
+                by_bytes[token] = found
             ids[i] = found
     finally:
         free(masks)

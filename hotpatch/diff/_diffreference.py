@@ -13,6 +13,11 @@ The contract (both implementations):
     shared by both images of a diff; a new token gets ``len(intern)``).
     Returns an ``array('I')``.
 
+``new_interner()``
+    What ``InstructionStreams`` passes ``token_ids`` as ``intern``: a dict
+    here; the compiled kernels give an ``Interner`` that keeps the same ids
+    in C (``token_ids`` there takes either).
+
 ``similarity(a, b, threshold, max_ratio_work)``
     ``difflib.SequenceMatcher(None, a, b, autojunk=False)``: -1.0 when
     ``real_quick_ratio()`` or ``quick_ratio()`` is below ``threshold``, else
@@ -128,11 +133,15 @@ from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABL
 from .align import aligned_indices, opcodes
 
 __all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_targets_between", "call_graph", "callees",
-           "equal_replacements", "lone_pair", "propagate", "ref_pairs", "ref_targets", "relocated_data",
-           "similarity", "targets_within", "token_ids", "triage_refs", "triage_same", "unfilled_gaps",
-           "unsupported_refs"]
+           "equal_replacements", "lone_pair", "new_interner", "propagate", "ref_pairs", "ref_targets",
+           "relocated_data", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
+           "unfilled_gaps", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
+
+
+def new_interner() -> dict[bytes, int]:
+    return {}
 
 
 def token_ids(memory: bytes, insn_rvas: Any, end_rva: int, refs: list, intern: dict[bytes, int]) -> array:

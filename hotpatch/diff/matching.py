@@ -45,6 +45,9 @@ class _Matcher:
         self.streams = streams
         self.forward: dict[int, Match] = {}
         self.backward: dict[int, int] = {}
+        #: (baseline rva, patched rva) of every pair in the order made (forward's order), as propagation
+        #: takes them: a slice of it, not a tuple made per pair each time
+        self.pairs: list[tuple[int, int]] = []
         kernels = diff_kernels(baseline.backend)
         self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
         self.equal_replacements = kernels.equal_replacements
@@ -58,6 +61,7 @@ class _Matcher:
             return False
         self.forward[a] = Match(a, b, method, similarity)
         self.backward[b] = a
+        self.pairs.append((a, b))
         return True
 
     def unmatched_baseline(self) -> list[Function]:
@@ -157,14 +161,12 @@ def _by_call_graph(m: _Matcher, since: int = 0) -> None:
     and from the matched neighbours they give new anchors to (the others were propagated from already)."""
     callees_a, callers_a = call_graph(m.baseline)
     callees_b, callers_b = call_graph(m.patched)
-    queue = list(m.forward.values())[since:]
+    queue = m.pairs[since:]
     if since:
-        touched = {x for match in queue for x in (*callers_a.get(match.baseline_rva, ()),
-                                                  *callees_a.get(match.baseline_rva, ())) if x in m.forward}
-        queue.extend(m.forward[x] for x in sorted(touched))
-    m.propagate([(match.baseline_rva, match.patched_rva) for match in queue], m.forward, m.backward, callees_a,
-                callees_b, callers_a, callers_b, lambda left, right: _aligned_pairs(m, left, right),
-                lambda x, y: m.pair(x, y, "callgraph"))
+        touched = {x for a, _ in queue for x in (*callers_a.get(a, ()), *callees_a.get(a, ())) if x in m.forward}
+        queue.extend((x, m.forward[x].patched_rva) for x in sorted(touched))
+    m.propagate(queue, m.forward, m.backward, callees_a, callees_b, callers_a, callers_b,
+                lambda left, right: _aligned_pairs(m, left, right), lambda x, y: m.pair(x, y, "callgraph"))
 
 
 def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:

@@ -48,6 +48,8 @@ class _Matcher:
         #: (baseline rva, patched rva) of every pair in the order made (forward's order), as propagation
         #: takes them: a slice of it, not a tuple made per pair each time
         self.pairs: list[tuple[int, int]] = []
+        #: ``_twin_groups``' last answer, filtered the next time instead of grouping every unmatched function
+        self.twin_groups: list[tuple[list[int], list[int]]] | None = None
         kernels = diff_kernels(baseline.backend)
         self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
         self.equal_replacements = kernels.equal_replacements
@@ -216,13 +218,29 @@ def _by_twins(m: _Matcher) -> None:
 
 
 def _twin_groups(m: _Matcher) -> list[tuple[list[int], list[int]]]:
+    """Unmatched baseline and patched RVAs of each fingerprint found unmatched on both sides, the groups in
+    the order their first baseline function comes in the table (by RVA)."""
+    if m.twin_groups is not None:
+        # pairs are never undone, so a group now was a group the last time: its members filtered, the
+        # groups ordered again by their first member, give what grouping every unmatched function gives
+        forward, backward = m.forward, m.backward
+        m.twin_groups = [(left, right) for left, right in (([a for a in rvas if a not in forward],
+                                                            [b for b in other if b not in backward])
+                                                           for rvas, other in m.twin_groups) if left and right]
+        m.twin_groups.sort(key=_first_rva)
+        return m.twin_groups
     left: dict[str, list[int]] = defaultdict(list)
     right: dict[str, list[int]] = defaultdict(list)
     for f in m.unmatched_baseline():
         left[f.fingerprint].append(f.rva)
     for f in m.unmatched_patched():
         right[f.fingerprint].append(f.rva)
-    return [(rvas, right[fingerprint]) for fingerprint, rvas in left.items() if fingerprint in right]
+    m.twin_groups = [(rvas, right[fingerprint]) for fingerprint, rvas in left.items() if fingerprint in right]
+    return m.twin_groups
+
+
+def _first_rva(group: tuple[list[int], list[int]]) -> int:
+    return group[0][0]
 
 
 def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> None:

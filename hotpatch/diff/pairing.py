@@ -68,6 +68,7 @@ class Pairing:
         # where each baseline function's counterpart sits in the patched table (-1: none)
         at_b = [-1 if match is None else index_b[match.patched_rva]
                 for match in map(matches.get, map(_RVA, functions_a))]
+        unchanged_votes, known_read_only = self.data_votes["unchanged"], self._read_only_a
         for fa, analysis_a, at, found in zip(functions_a, analyses_a, at_b, self._triaged(at_b)):
             if at < 0:
                 out.append(FunctionDiff(REMOVED, fa, None))
@@ -79,6 +80,17 @@ class Pairing:
                 continue
             if found is _UNEQUAL_CODE:
                 changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at])
+            elif not found[1]:  # equal code reading data alone (the next most common): only the data to check
+                data = found[0]
+                unchanged_votes.update(data)
+                for rva_a, rva_b in data:
+                    read_only = known_read_only.get(rva_a)
+                    if read_only is None:
+                        read_only = self._is_read_only(rva_a)
+                    if read_only:
+                        rodata_checks.append((len(out), rva_a, rva_b))
+                out.append(FunctionDiff(UNCHANGED, fa, fb, match.method, match.similarity))
+                continue
             else:
                 changes, rodata = self._judge(fa, fb, True, *found)
             for rva_a, rva_b in rodata:
@@ -175,12 +187,18 @@ class Pairing:
         read_only = self._read_only_a
         for pair in data:
             found = read_only.get(pair[0])
-            if found is None:  # many pairs read the same data: its kind is looked up once
-                found = read_only[pair[0]] = (pair[0] not in self.jump_tables_a
-                                              and not self.targets_a.is_writable_data(pair[0]))
+            if found is None:
+                found = self._is_read_only(pair[0])
             if found:
                 rodata.append(pair)
         return sorted(changes), rodata
+
+    def _is_read_only(self, rva_a: int) -> bool:
+        """Whether baseline data at ``rva_a`` is compared by content: read-only and no jump table (remembered:
+        many pairs read the same data)."""
+        found = rva_a not in self.jump_tables_a and not self.targets_a.is_writable_data(rva_a)
+        self._read_only_a[rva_a] = found
+        return found
 
     def _same_code_place(self, rva_a: int, rva_b: int, hops: int = 2) -> bool:
         """Code targets correspond when they sit at the same offset in (or after) matched functions.

@@ -326,7 +326,8 @@ def test_equal_replacements_agree_with_align_opcodes() -> None:
 
 def test_triage_same_agrees_with_triage_refs_pair_by_pair() -> None:
     """triage_same: one compiled call over many equal-code pairs gives, pair by pair, the twin's answer,
-    None exactly where triage_refs finds nothing left (packed records and tuples)."""
+    None exactly where triage_refs finds nothing left (packed records and tuples), with or without the
+    function map kept in C (rva_map)."""
     rng = random.Random(20261205)
     lists: list[list] = [[], [], [], []]
     for _ in range(400):
@@ -341,8 +342,13 @@ def test_triage_same_agrees_with_triage_refs_pair_by_pair() -> None:
     iat_a, iat_b = {0x1390: b"k!f"}, {0x1391: b"k!f"}
     function_map = {t: t + rng.choice([0, 0, 0, 1]) for t in range(0x1100, 0x1400, 3)}
     data_a, data_b = frozenset(range(0x1200, 0x1280)), frozenset(range(0x1200, 0x1290))
+    function_map[2**64 - 3] = 0x1200  # outside int64: left to the dict by the map kept in C
     expected = reference.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b)
     assert compiled.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b) == expected
+    in_c = compiled.rva_map(function_map)
+    assert compiled.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b, in_c) == expected
+    assert reference.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b,
+                                 reference.rva_map(function_map)) == expected
     for found, refs_a, refs_b, ranges_a, ranges_b in zip(expected, *lists):
         triaged = reference.triage_refs(list(refs_a), list(refs_b), None, ranges_a, ranges_b, iat_a, iat_b,
                                         function_map, data_a, data_b)

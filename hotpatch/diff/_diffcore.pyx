@@ -903,22 +903,75 @@ def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict
     return _triage(refs_a, refs_b, pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
 
 
+cdef class RvaMap:
+    """A ``function_map`` (RVA -> RVA) kept in C for the triage's commonest question, whether a baseline
+    target maps to the patched one, asked before any Python int is made (open addressing, at most half
+    full). Entries outside int64 are left out: for those the dict answers."""
+
+    cdef int64_t *keys
+    cdef int64_t *values
+    cdef uint8_t *used
+    cdef Py_ssize_t mask
+
+    def __cinit__(self, dict mapping):
+        cdef Py_ssize_t capacity = 16, slot
+        cdef int64_t key, value
+        while capacity < 2 * len(mapping) + 16:
+            capacity *= 2
+        self.mask = capacity - 1
+        self.keys = <int64_t *>malloc(capacity * sizeof(int64_t))
+        self.values = <int64_t *>malloc(capacity * sizeof(int64_t))
+        self.used = <uint8_t *>malloc(capacity)
+        if self.keys == NULL or self.values == NULL or self.used == NULL:
+            raise MemoryError()
+        memset(self.used, 0, capacity)
+        for item_key, item_value in mapping.items():
+            try:
+                key, value = item_key, item_value
+            except OverflowError:
+                continue
+            slot = self._slot(key)
+            self.keys[slot], self.values[slot], self.used[slot] = key, value, 1
+
+    def __dealloc__(self):
+        free(self.keys)
+        free(self.values)
+        free(self.used)
+
+    cdef inline Py_ssize_t _slot(self, int64_t key) noexcept nogil:
+        cdef uint64_t h = <uint64_t>key * <uint64_t>0x9E3779B97F4A7C15
+        cdef Py_ssize_t slot = <Py_ssize_t>((h ^ (h >> 31)) & <uint64_t>self.mask)
+        while self.used[slot] and self.keys[slot] != key:
+            slot = (slot + 1) & self.mask
+        return slot
+
+    cdef inline bint maps_to(self, int64_t key, int64_t value) noexcept nogil:
+        cdef Py_ssize_t slot = self._slot(key)
+        return self.used[slot] and self.values[slot] == value
+
+
+def rva_map(dict function_map):
+    """What ``triage_same`` takes as ``rva_map``: the function map kept in C."""
+    return RvaMap(function_map)
+
+
 def triage_same(list refs_a_list, list refs_b_list, list ranges_a_list, list ranges_b_list, dict iat_a,
-                dict iat_b, dict function_map, frozenset data_a, frozenset data_b):
+                dict iat_b, dict function_map, frozenset data_a, frozenset data_b, RvaMap rva_map=None):
     """``triage_refs`` (no pairs: equal fingerprints) of each pair of the lists side by side: None where both
-    lists come back empty (the pair has nothing left to judge), else ``(data, rest)``."""
+    lists come back empty (the pair has nothing left to judge), else ``(data, rest)``. ``rva_map``, when
+    given, is ``rva_map(function_map)``."""
     cdef Py_ssize_t i, n = len(refs_a_list)
     cdef list out = [None] * n, data, rest
     for i in range(n):
         data, rest = _triage(refs_a_list[i], refs_b_list[i], None, <tuple>ranges_a_list[i],
-                             <tuple>ranges_b_list[i], iat_a, iat_b, function_map, data_a, data_b)
+                             <tuple>ranges_b_list[i], iat_a, iat_b, function_map, data_a, data_b, rva_map)
         if data or rest:
             out[i] = (data, rest)
     return out
 
 
 cdef tuple _triage(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict iat_a, dict iat_b,
-                   dict function_map, frozenset data_a, frozenset data_b):
+                   dict function_map, frozenset data_a, frozenset data_b, RvaMap rva_map=None):
     cdef list data = [], rest = []
     cdef tuple pair
     cdef Py_ssize_t i, n, count_a = 0, count_b = 0
@@ -933,6 +986,8 @@ cdef tuple _triage(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, d
             raw_a = packed_a[i].target
             if begin <= raw_a < end and packed_a[i].kind != JUMP_TABLE:
                 continue
+            if rva_map is not None and rva_map.maps_to(raw_a, packed_b[i].target):
+                continue  # a call to the matched function: dropped whether or not an import slot (no int made)
             target_a = raw_a
             if target_a in iat_a:
                 continue

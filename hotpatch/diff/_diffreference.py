@@ -97,7 +97,13 @@ The contract (both implementations):
     sweep's cursor before the gap (None and 0 before any). A range ending at
     or before the cursor moves nothing.
 
-``triage_same(refs_a_list, refs_b_list, ranges_a_list, ranges_b_list, iat_a, iat_b, function_map, data_a, data_b)``
+``rva_map(function_map)``
+    What ``triage_same`` may take as ``rva_map``: None here; the compiled
+    kernels keep the map in C (``RvaMap``) to drop calls to matched
+    functions before making a Python int.
+
+``triage_same(refs_a_list, refs_b_list, ranges_a_list, ranges_b_list, iat_a, iat_b, function_map, data_a, data_b,
+rva_map=None)``
     ``triage_refs`` without pairs (equal fingerprints) of each pair of the
     four lists side by side, in one list: None where both of its lists are
     empty (nothing left to judge), else ``(data, rest)``.
@@ -134,7 +140,7 @@ from .align import aligned_indices, opcodes
 
 __all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_targets_between", "call_graph", "callees",
            "equal_replacements", "lone_pair", "new_interner", "propagate", "ref_pairs", "ref_targets",
-           "relocated_data", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
+           "relocated_data", "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
            "unfilled_gaps", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
@@ -287,9 +293,13 @@ def unfilled_gaps(memory: bytes, ranges: list, begin: int, limit: int) -> list[t
     return out
 
 
+def rva_map(function_map: dict[int, int]) -> None:
+    return None  # the dict alone answers here
+
+
 def triage_same(refs_a_list: list, refs_b_list: list, ranges_a_list: list, ranges_b_list: list, iat_a: dict,
-                iat_b: dict, function_map: dict[int, int], data_a: frozenset[int],
-                data_b: frozenset[int]) -> list[tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]] | None]:
+                iat_b: dict, function_map: dict[int, int], data_a: frozenset[int], data_b: frozenset[int],
+                rva_map: Any = None) -> list[tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]] | None]:
     out: list[tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]] | None] = []
     for refs_a, refs_b, ranges_a, ranges_b in zip(refs_a_list, refs_b_list, ranges_a_list, ranges_b_list):
         data, rest = triage_refs(refs_a, refs_b, None, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)

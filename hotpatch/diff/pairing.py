@@ -119,6 +119,7 @@ class Pairing:
         alive at once. Triage reads and writes nothing else, so doing it ahead changes no order."""
         functions_a, functions_b = self.a.functions, self.b.functions
         analyses_a, analyses_b = self.a.analyses, self.b.analyses
+        rva_map = self.streams.kernels.rva_map(self.function_map)
         for start in range(0, len(at_b), _TRIAGE_BLOCK):
             stop = min(start + _TRIAGE_BLOCK, len(at_b))
             same = [index for index in range(start, stop)
@@ -126,7 +127,7 @@ class Pairing:
             found = self.streams.kernels.triage_same(
                 [analyses_a[i].raw_refs for i in same], [analyses_b[at_b[i]].raw_refs for i in same],
                 [functions_a[i].ranges for i in same], [functions_b[at_b[i]].ranges for i in same],
-                self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b)
+                self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b, rva_map)
             block: list[object] = [_UNEQUAL_CODE] * (stop - start)
             for index, triage in zip(same, found):
                 block[index - start] = triage

@@ -301,6 +301,130 @@ def test_propagation_agrees_on_random_call_graphs() -> None:
     assert paired > 500
 
 
+def test_equal_replacements_agree_with_align_opcodes() -> None:
+    """equal_replacements: the compiled kernel gives the twin's replacements (align.opcodes' equal-length
+    "replace" runs) on random callee lists with anchors and unique placeholders, shared prefixes and
+    suffixes, one side empty, and a middle past MAX_MIDDLE_WORK."""
+    rng = random.Random(20261204)
+    found = 0
+    for _ in range(3000):
+        alphabet = rng.randint(1, 12)
+        a = [rng.randrange(alphabet) for _ in range(rng.randint(0, 25))]
+        b = [x if rng.random() < 0.6 else rng.randrange(alphabet) for x in a]
+        if rng.random() < 0.5:
+            b = b[:rng.randint(0, len(b))] + [rng.randrange(alphabet) for _ in range(rng.randint(0, 5))]
+        left = [x if rng.random() < 0.7 else ("a", i) for i, x in enumerate(a)]
+        right = [y if rng.random() < 0.7 else ("b", j) for j, y in enumerate(b)]
+        expected = reference.equal_replacements(left, right)
+        assert compiled.equal_replacements(left, right) == expected, (left, right)
+        found += len(expected)
+    assert found > 1000
+    wide = [("a", i) for i in range(2001)]  # 2001 * 2001 comparisons: one replacement, unaligned
+    assert compiled.equal_replacements([1, *wide, 2], [1, *range(5000, 7001), 2]) == [(1, 2002, 1, 2002)] == \
+        reference.equal_replacements([1, *wide, 2], [1, *range(5000, 7001), 2])
+
+
+def test_triage_same_agrees_with_triage_refs_pair_by_pair() -> None:
+    """triage_same: one compiled call over many equal-code pairs gives, pair by pair, the twin's answer,
+    None exactly where triage_refs finds nothing left (packed records and tuples), with or without the
+    function map kept in C (rva_map)."""
+    rng = random.Random(20261205)
+    lists: list[list] = [[], [], [], []]
+    for _ in range(400):
+        targets = [rng.randrange(0x1000, 0x1400) for _ in range(rng.randint(1, 20))]
+        refs_a = _random_refs(rng, rng.randint(0, 12), targets)
+        refs_b = [(k, i, o, s, rng.choice(targets) if rng.random() < 0.1 else t) for k, i, o, s, t in refs_a]
+        packed = rng.random() < 0.5
+        lists[0].append(_packed(refs_a) if packed else refs_a)
+        lists[1].append(_packed(refs_b) if packed else refs_b)
+        lists[2].append(((0x1000, 0x1100),) + (((0x1300, 0x1340),) if rng.random() < 0.5 else ()))
+        lists[3].append(((0x1010, 0x1120),))
+    iat_a, iat_b = {0x1390: b"k!f"}, {0x1391: b"k!f"}
+    function_map = {t: t + rng.choice([0, 0, 0, 1]) for t in range(0x1100, 0x1400, 3)}
+    data_a, data_b = frozenset(range(0x1200, 0x1280)), frozenset(range(0x1200, 0x1290))
+    function_map[2**64 - 3] = 0x1200  # outside int64: left to the dict by the map kept in C
+    expected = reference.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b)
+    assert compiled.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b) == expected
+    in_c = compiled.rva_map(function_map)
+    assert compiled.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b, in_c) == expected
+    assert reference.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b,
+                                 reference.rva_map(function_map)) == expected
+    for found, refs_a, refs_b, ranges_a, ranges_b in zip(expected, *lists):
+        triaged = reference.triage_refs(list(refs_a), list(refs_b), None, ranges_a, ranges_b, iat_a, iat_b,
+                                        function_map, data_a, data_b)
+        assert found == (None if triaged == ([], []) else triaged)
+    assert 50 < expected.count(None) < len(expected) - 50
+
+
+def test_unfilled_gaps_agree_on_random_sections() -> None:
+    """unfilled_gaps: the compiled sweep gives the twin's gaps (keys, bounds) over random sections of
+    int3/nop/zero fill and code, with fragments, jump tables, overlapping and empty ranges, ranges past the
+    section's end and a section running past the memory."""
+    rng = random.Random(20261206)
+    kept = 0
+    for _ in range(2000):
+        size = rng.randint(0, 300)
+        memory = bytes(rng.choice([0xCC, 0x90, 0, 0xCC, 0x55]) if rng.random() < 0.8 else rng.randrange(256)
+                       for _ in range(size))
+        begin, limit = rng.randint(0, 20), rng.randint(0, 340)
+        ranges = []
+        for _ in range(rng.randint(0, 12)):
+            start = rng.randint(0, 330)
+            end = start + rng.randint(0, 30)
+            ranges.append((start, end, None, -1) if rng.random() < 0.2 else (start, end, rng.randrange(400),
+                                                                              rng.randint(0, 2)))
+        ranges = sorted((r for r in ranges if r[0] < limit), key=lambda r: (r[0], r[1]))
+        expected = reference.unfilled_gaps(memory, ranges, begin, limit)
+        assert compiled.unfilled_gaps(memory, ranges, begin, limit) == expected, (memory, ranges, begin, limit)
+        kept += len(expected)
+    assert kept > 1000
+
+
+def test_call_graph_agrees_on_random_functions() -> None:
+    """call_graph: the compiled kernel gives the twin's callees and callers (each caller once per callee, in
+    function order, whatever the repeats in its callee list) into a dict and a defaultdict."""
+    rng = random.Random(20261207)
+    repeats = 0
+    for _ in range(200):
+        rvas = sorted(rng.sample(range(0x1000, 0x1400, 4), rng.randint(1, 30)))
+        targets = rvas + [rng.randrange(0x1000, 0x1400) for _ in range(5)]
+        refs_lists = [_random_refs(rng, rng.randint(0, 15), targets) for _ in rvas]
+        refs_lists = [_packed(refs) if rng.random() < 0.5 else refs for refs in refs_lists]
+        ranges = [((rva, rva + 4),) for rva in rvas]
+        pointer_tables = {t: rng.sample(rvas, min(len(rvas), 2)) for t in rng.sample(targets, 2)}
+        expected: tuple = ({}, defaultdict(list))
+        reference.call_graph([list(r) for r in refs_lists], ranges, rvas, set(rvas), pointer_tables, *expected)
+        found: tuple = ({}, defaultdict(list))
+        compiled.call_graph(refs_lists, ranges, rvas, set(rvas), pointer_tables, *found)
+        assert found == expected
+        assert list(found[1]) == list(expected[1])  # targets in the order first met
+        repeats += sum(len(callees) - len(set(callees)) for callees in expected[0].values())
+    assert repeats > 100
+
+
+def test_interner_gives_the_ids_a_dict_gives() -> None:
+    """token_ids into the compiled Interner: the same ids, in the same order of first use, as into a dict with
+    either implementation, across many functions sharing one interner (past several growths of its table),
+    with instructions of 1 to 15 bytes, cut at the end of memory, and masked operands."""
+    rng = random.Random(20261208)
+    memory = bytes(rng.choice([0, 0x48, 0x8B, 0xE8, 0xFF, rng.randrange(256)]) for _ in range(60000))
+    interner, by_bytes, twin = compiled.new_interner(), {}, reference.new_interner()
+    for _ in range(400):
+        start = rng.randrange(0, len(memory) - 10)
+        rvas = [start]
+        for _ in range(rng.randint(0, 60)):
+            rvas.append(rvas[-1] + rng.choice([1, 2, 3, 5, 7, 15, 16]))
+        insn_rvas = array("I", rvas)
+        end_rva = rvas[-1] + rng.randint(0, 20)
+        refs = [(3, rva, rng.randint(0, 4), rng.choice([0, 1, 4]), 0) for rva in rng.sample(rvas, len(rvas) // 3)]
+        refs.sort(key=lambda r: r[1])
+        expected = reference.token_ids(memory, insn_rvas, end_rva, refs, twin)
+        assert compiled.token_ids(memory, insn_rvas, end_rva, _packed(refs), interner) == expected
+        assert compiled.token_ids(memory, insn_rvas, end_rva, refs, by_bytes) == expected
+        assert len(interner) == len(by_bytes) == len(twin)
+    assert len(interner) > 4096  # its table (4096 slots, at most half full) grew twice
+
+
 def test_relocated_data_agrees_on_random_images() -> None:
     """relocated_data: pointers below the image base, past every section, in code, in data, cut short by the
     end of the image, slots in code and in data, gaps between sections."""

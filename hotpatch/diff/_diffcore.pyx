@@ -17,6 +17,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 
+from hotpatch.diff.align import MAX_MIDDLE_WORK as _MAX_MIDDLE_WORK
+
 IMPLEMENTATION = "cython"
 
 #: gaps without unique anchors up to this many comparisons are aligned by longest matching blocks
@@ -48,8 +50,89 @@ cdef int _by_insn(const void *x, const void *y) noexcept nogil:
     return (a.insn_rva > b.insn_rva) - (a.insn_rva < b.insn_rva)
 
 
-def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_rva, refs, dict intern):
-    """Each instruction's bytes with its reference operands zeroed, as ids interned in ``intern``."""
+cdef class Interner:
+    """Token ids by masked instruction bytes, kept in C: what ``token_ids`` would keep in a dict (a new token
+    gets the count so far), without a bytes object and a dict lookup per instruction. A token is at most 15
+    bytes, so its bytes and length fit two words: (bytes 0-7, bytes 8-14 and the length in the top byte)."""
+
+    cdef uint64_t *keys      # two words per slot
+    cdef int32_t *ids        # -1: an empty slot
+    cdef Py_ssize_t capacity
+    cdef Py_ssize_t count
+
+    def __cinit__(self):
+        self.capacity = 0
+        self.count = 0
+        self._grow()
+
+    def __dealloc__(self):
+        free(self.keys)
+        free(self.ids)
+
+    def __len__(self):
+        return self.count
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t old_capacity = self.capacity, i, slot
+        cdef uint64_t *old_keys = self.keys
+        cdef int32_t *old_ids = self.ids
+        cdef Py_ssize_t capacity = old_capacity * 2 if old_capacity else 4096
+        keys = <uint64_t *>malloc(2 * capacity * sizeof(uint64_t))
+        ids = <int32_t *>malloc(capacity * sizeof(int32_t))
+        if keys == NULL or ids == NULL:
+            free(keys)
+            free(ids)
+            raise MemoryError()
+        memset(ids, 0xFF, capacity * sizeof(int32_t))
+        self.keys, self.ids, self.capacity = keys, ids, capacity
+        for i in range(old_capacity):
+            if old_ids[i] >= 0:
+                slot = self._slot(old_keys[2 * i], old_keys[2 * i + 1])
+                keys[2 * slot], keys[2 * slot + 1], ids[slot] = old_keys[2 * i], old_keys[2 * i + 1], old_ids[i]
+        free(old_keys)
+        free(old_ids)
+        return 0
+
+    cdef inline Py_ssize_t _slot(self, uint64_t k0, uint64_t k1) noexcept nogil:
+        """The slot holding the key, or the empty one where it would go (linear probing)."""
+        cdef uint64_t h = (k0 * <uint64_t>0x9E3779B97F4A7C15) ^ (k1 * <uint64_t>0xC2B2AE3D27D4EB4F)
+        cdef Py_ssize_t mask = self.capacity - 1, slot
+        h ^= h >> 29
+        slot = <Py_ssize_t>(h & <uint64_t>mask)
+        while self.ids[slot] >= 0 and (self.keys[2 * slot] != k0 or self.keys[2 * slot + 1] != k1):
+            slot = (slot + 1) & mask
+        return slot
+
+    cdef int32_t id_of(self, const uint8_t *raw, int64_t length) except -1:
+        cdef uint64_t k0 = 0, k1 = 0
+        cdef Py_ssize_t slot
+        cdef int64_t k
+        for k in range(length if length < 8 else 8):
+            k0 |= (<uint64_t>raw[k]) << (8 * k)
+        for k in range(8, length):
+            k1 |= (<uint64_t>raw[k]) << (8 * (k - 8))
+        k1 |= (<uint64_t>length) << 56
+        slot = self._slot(k0, k1)
+        if self.ids[slot] < 0:
+            if 2 * (self.count + 1) > self.capacity:  # at most half full: probes stay short
+                self._grow()
+                slot = self._slot(k0, k1)
+            self.keys[2 * slot], self.keys[2 * slot + 1] = k0, k1
+            self.ids[slot] = <int32_t>self.count
+            self.count += 1
+        return self.ids[slot]
+
+
+def new_interner():
+    """What ``InstructionStreams`` interns tokens in, shared by both images of a diff."""
+    return Interner()
+
+
+def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_rva, refs, intern):
+    """Each instruction's bytes with its reference operands zeroed, as ids interned in ``intern`` (a dict
+    or an ``Interner``)."""
+    cdef Interner interner = intern if type(intern) is Interner else None
+    cdef dict by_bytes = None if interner is not None else <dict?>intern
     cdef Py_ssize_t count = insn_rvas.shape[0], n_masks = 0, m = 0, i, k
     cdef Py_ssize_t size_of_memory = memory.shape[0]
     cdef Py_ssize_t n_refs = 0
@@ -98,11 +181,14 @@ def token_ids(const uint8_t[:] memory, const uint32_t[:] insn_rvas, int64_t end_
                 if begin_zero < end_zero:
                     memset(raw + begin_zero, 0, end_zero - begin_zero)
                 k += 1
+            if interner is not None:
+                ids[i] = interner.id_of(raw, length)
+                continue
             token = PyBytes_FromStringAndSize(<char *>raw, length)
-            found = intern.get(token)
+            found = by_bytes.get(token)
             if found is None:
-                found = len(intern)
-                intern[token] = found
+                found = len(by_bytes)
+                by_bytes[token] = found
             ids[i] = found
     finally:
         free(masks)
@@ -441,6 +527,93 @@ def aligned_packed(const uint32_t[:] a, const uint32_t[:] b):
         free(pairs.data)
 
 
+# ── callee lists ────────────────────────────────────────────────────────────
+
+#: past this many comparisons the middle is one replacement (as in ``hotpatch.diff.align.opcodes``)
+cdef int64_t MAX_MIDDLE_WORK = _MAX_MIDDLE_WORK
+
+
+def equal_replacements(list a, list b):
+    """``(a0, a1, b0, b1)`` of each "replace" opcode of ``hotpatch.diff.align.opcodes(a, b)`` whose two
+    sides are as long, in order (any hashable elements: interned as ids here)."""
+    cdef dict ids = {}
+    cdef Py_ssize_t la = len(a), lb = len(b), i, prefix = 0, suffix = 0, limit, ma, mb
+    cdef Py_ssize_t previous_i, previous_j, next_i, next_j
+    cdef list out = []
+    cdef PairBuffer pairs
+    key_a = array("I", [ids.setdefault(x, len(ids)) for x in a])
+    key_b = array("I", [ids.setdefault(y, len(ids)) for y in b])
+    cdef const uint32_t[:] va = key_a
+    cdef const uint32_t[:] vb = key_b
+    limit = min(la, lb)
+    while prefix < limit and va[prefix] == vb[prefix]:
+        prefix += 1
+    while suffix < limit - prefix and va[la - 1 - suffix] == vb[lb - 1 - suffix]:
+        suffix += 1
+    ma, mb = la - prefix - suffix, lb - prefix - suffix
+    if ma == 0 or mb == 0:
+        return out  # the middle is one insertion or deletion (or nothing)
+    if <int64_t>ma * mb > MAX_MIDDLE_WORK:
+        if ma == mb:
+            out.append((prefix, prefix + ma, prefix, prefix + mb))
+        return out
+    pairs.data = NULL
+    pairs.count = pairs.capacity = 0
+    try:
+        _reserve(va, vb)
+        _matching_blocks(&va[0], prefix, prefix + ma, &vb[0], prefix, prefix + mb, &pairs)
+        qsort(pairs.data, pairs.count, 2 * sizeof(int32_t), _by_first)
+        # the matched elements rise on both sides: a gap on both sides between two of them is a replacement
+        previous_i, previous_j = prefix, prefix
+        for i in range(pairs.count + 1):
+            if i < pairs.count:
+                next_i, next_j = pairs.data[2 * i], pairs.data[2 * i + 1]
+            else:
+                next_i, next_j = prefix + ma, prefix + mb
+            if next_i > previous_i and next_j > previous_j and next_i - previous_i == next_j - previous_j:
+                out.append((previous_i, next_i, previous_j, next_j))
+            previous_i, previous_j = next_i + 1, next_j + 1
+    finally:
+        free(pairs.data)
+    return out
+
+
+# ── uncovered bytes ─────────────────────────────────────────────────────────
+
+def unfilled_gaps(const uint8_t[:] memory, list ranges, int64_t begin, int64_t limit):
+    """The gaps of ``[begin, limit)`` between the sorted ``ranges`` ((begin, end, owner, index); index -1: a
+    jump table, which keeps the key of the gap after it) that hold a byte other than int3/nop/zero or run
+    past ``memory``: ``(anchor, part, gap_begin, gap_end)``, keyed by the last range that moved the cursor."""
+    cdef list out = []
+    cdef int64_t cursor = begin, start, end, stop, at, size = memory.shape[0]
+    cdef Py_ssize_t i, n = len(ranges)
+    cdef tuple item
+    cdef uint8_t byte
+    cdef bint filled
+    anchor, part = None, 0
+    for i in range(n + 1):
+        if i < n:
+            item = <tuple>ranges[i]
+            start, end = item[0], item[1]
+        else:
+            start = end = limit
+        if start > cursor:
+            stop = start if start < limit else limit
+            filled = stop <= size
+            at = cursor
+            while filled and at < stop:
+                byte = memory[at]
+                filled = byte == 0xCC or byte == 0x90 or byte == 0
+                at += 1
+            if not filled:
+                out.append((anchor, part, cursor, stop))
+        if end > cursor:
+            cursor = end
+            if i < n and item[3] != -1:
+                anchor, part = item[2], item[3]
+    return out
+
+
 # ── reference pairs of aligned instructions ─────────────────────────────────
 
 cdef struct Slot:
@@ -727,6 +900,78 @@ cdef inline bint _to_classify(object target_a, object target_b, tuple ranges_a, 
 def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict iat_a, dict iat_b,
                 dict function_map, frozenset data_a, frozenset data_b):
     """Sort the reference pairs of two matched functions into (data pairs, pairs left to classify)."""
+    return _triage(refs_a, refs_b, pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
+
+
+cdef class RvaMap:
+    """A ``function_map`` (RVA -> RVA) kept in C for the triage's commonest question, whether a baseline
+    target maps to the patched one, asked before any Python int is made (open addressing, at most half
+    full). Entries outside int64 are left out: for those the dict answers."""
+
+    cdef int64_t *keys
+    cdef int64_t *values
+    cdef uint8_t *used
+    cdef Py_ssize_t mask
+
+    def __cinit__(self, dict mapping):
+        cdef Py_ssize_t capacity = 16, slot
+        cdef int64_t key, value
+        while capacity < 2 * len(mapping) + 16:
+            capacity *= 2
+        self.mask = capacity - 1
+        self.keys = <int64_t *>malloc(capacity * sizeof(int64_t))
+        self.values = <int64_t *>malloc(capacity * sizeof(int64_t))
+        self.used = <uint8_t *>malloc(capacity)
+        if self.keys == NULL or self.values == NULL or self.used == NULL:
+            raise MemoryError()
+        memset(self.used, 0, capacity)
+        for item_key, item_value in mapping.items():
+            try:
+                key, value = item_key, item_value
+            except OverflowError:
+                continue
+            slot = self._slot(key)
+            self.keys[slot], self.values[slot], self.used[slot] = key, value, 1
+
+    def __dealloc__(self):
+        free(self.keys)
+        free(self.values)
+        free(self.used)
+
+    cdef inline Py_ssize_t _slot(self, int64_t key) noexcept nogil:
+        cdef uint64_t h = <uint64_t>key * <uint64_t>0x9E3779B97F4A7C15
+        cdef Py_ssize_t slot = <Py_ssize_t>((h ^ (h >> 31)) & <uint64_t>self.mask)
+        while self.used[slot] and self.keys[slot] != key:
+            slot = (slot + 1) & self.mask
+        return slot
+
+    cdef inline bint maps_to(self, int64_t key, int64_t value) noexcept nogil:
+        cdef Py_ssize_t slot = self._slot(key)
+        return self.used[slot] and self.values[slot] == value
+
+
+def rva_map(dict function_map):
+    """What ``triage_same`` takes as ``rva_map``: the function map kept in C."""
+    return RvaMap(function_map)
+
+
+def triage_same(list refs_a_list, list refs_b_list, list ranges_a_list, list ranges_b_list, dict iat_a,
+                dict iat_b, dict function_map, frozenset data_a, frozenset data_b, RvaMap rva_map=None):
+    """``triage_refs`` (no pairs: equal fingerprints) of each pair of the lists side by side: None where both
+    lists come back empty (the pair has nothing left to judge), else ``(data, rest)``. ``rva_map``, when
+    given, is ``rva_map(function_map)``."""
+    cdef Py_ssize_t i, n = len(refs_a_list)
+    cdef list out = [None] * n, data, rest
+    for i in range(n):
+        data, rest = _triage(refs_a_list[i], refs_b_list[i], None, <tuple>ranges_a_list[i],
+                             <tuple>ranges_b_list[i], iat_a, iat_b, function_map, data_a, data_b, rva_map)
+        if data or rest:
+            out[i] = (data, rest)
+    return out
+
+
+cdef tuple _triage(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict iat_a, dict iat_b,
+                   dict function_map, frozenset data_a, frozenset data_b, RvaMap rva_map=None):
     cdef list data = [], rest = []
     cdef tuple pair
     cdef Py_ssize_t i, n, count_a = 0, count_b = 0
@@ -741,6 +986,8 @@ def triage_refs(refs_a, refs_b, list pairs, tuple ranges_a, tuple ranges_b, dict
             raw_a = packed_a[i].target
             if begin <= raw_a < end and packed_a[i].kind != JUMP_TABLE:
                 continue
+            if rva_map is not None and rva_map.maps_to(raw_a, packed_b[i].target):
+                continue  # a call to the matched function: dropped whether or not an import slot (no int made)
             target_a = raw_a
             if target_a in iat_a:
                 continue

@@ -13,6 +13,11 @@ The contract (both implementations):
     shared by both images of a diff; a new token gets ``len(intern)``).
     Returns an ``array('I')``.
 
+``new_interner()``
+    What ``InstructionStreams`` passes ``token_ids`` as ``intern``: a dict
+    here; the compiled kernels give an ``Interner`` that keeps the same ids
+    in C (``token_ids`` there takes either).
+
 ``similarity(a, b, threshold, max_ratio_work)``
     ``difflib.SequenceMatcher(None, a, b, autojunk=False)``: -1.0 when
     ``real_quick_ratio()`` or ``quick_ratio()`` is below ``threshold``, else
@@ -78,6 +83,31 @@ The contract (both implementations):
     slot: what ``TargetClassifier`` calls ``self`` on both sides) are
     dropped; the rest come back as ``(ref_a, ref_b)`` in the second.
 
+``equal_replacements(a, b)``
+    ``(a0, a1, b0, b1)`` of each "replace" opcode of
+    ``hotpatch.diff.align.opcodes(a, b)`` (lists of any hashable elements)
+    whose two sides are as long, in order.
+
+``unfilled_gaps(memory, ranges, begin, limit)``
+    The gaps of a section ``[begin, limit)`` between ``ranges`` ((begin,
+    end, owner, index), sorted by begin; index -1 marks a jump table) that
+    hold a byte other than int3, nop or zero, or that run past ``memory``:
+    ``(anchor, part, gap_begin, gap_end)`` in order, where anchor and part
+    are the owner and index of the last range (not a table) that moved the
+    sweep's cursor before the gap (None and 0 before any). A range ending at
+    or before the cursor moves nothing.
+
+``rva_map(function_map)``
+    What ``triage_same`` may take as ``rva_map``: None here; the compiled
+    kernels keep the map in C (``RvaMap``) to drop calls to matched
+    functions before making a Python int.
+
+``triage_same(refs_a_list, refs_b_list, ranges_a_list, ranges_b_list, iat_a, iat_b, function_map, data_a, data_b,
+rva_map=None)``
+    ``triage_refs`` without pairs (equal fingerprints) of each pair of the
+    four lists side by side, in one list: None where both of its lists are
+    empty (nothing left to judge), else ``(data, rest)``.
+
 ``branch_targets_between(refs, low, high)``
     The set of the targets of the rel8/rel32 branches among ``refs`` that lie
     strictly between ``low`` and ``high``.
@@ -106,13 +136,18 @@ from itertools import filterfalse
 from typing import Any
 
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
-from .align import aligned_indices
+from .align import aligned_indices, opcodes
 
 __all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_targets_between", "call_graph", "callees",
-           "lone_pair", "propagate", "ref_pairs", "ref_targets", "relocated_data", "similarity", "targets_within",
-           "token_ids", "triage_refs", "unsupported_refs"]
+           "equal_replacements", "lone_pair", "new_interner", "propagate", "ref_pairs", "ref_targets",
+           "relocated_data", "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
+           "unfilled_gaps", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
+
+
+def new_interner() -> dict[bytes, int]:
+    return {}
 
 
 def token_ids(memory: bytes, insn_rvas: Any, end_rva: int, refs: list, intern: dict[bytes, int]) -> array:
@@ -233,6 +268,43 @@ def triage_refs(refs_a: list, refs_b: list, pairs: list | None, ranges_a: tuple,
                   and target_a not in iat_a and target_b not in iat_b):
             rest.append((ra, rb))
     return data, rest
+
+
+def equal_replacements(a: list, b: list) -> list[tuple[int, int, int, int]]:
+    return [(a0, a1, b0, b1) for tag, a0, a1, b0, b1 in opcodes(a, b) if tag == "replace" and a1 - a0 == b1 - b0]
+
+
+#: the fill bytes ``unfilled_gaps`` takes one by one (``uncovered._ONE_BYTE_FILL``)
+_ONE_BYTE_FILL = b"\xcc\x90\x00"
+
+
+def unfilled_gaps(memory: bytes, ranges: list, begin: int, limit: int) -> list[tuple[Any, int, int, int]]:
+    out = []
+    cursor, anchor, part = begin, None, 0
+    for start, end, owner, index in ranges + [(limit, limit, None, 0)]:
+        if start > cursor:
+            stop = min(start, limit)
+            if stop > len(memory) or memory[cursor:stop].translate(None, _ONE_BYTE_FILL):
+                out.append((anchor, part, cursor, stop))
+        if end > cursor:
+            cursor = end
+            if index != -1:
+                anchor, part = owner, index
+    return out
+
+
+def rva_map(function_map: dict[int, int]) -> None:
+    return None  # the dict alone answers here
+
+
+def triage_same(refs_a_list: list, refs_b_list: list, ranges_a_list: list, ranges_b_list: list, iat_a: dict,
+                iat_b: dict, function_map: dict[int, int], data_a: frozenset[int], data_b: frozenset[int],
+                rva_map: Any = None) -> list[tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]] | None]:
+    out: list[tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]] | None] = []
+    for refs_a, refs_b, ranges_a, ranges_b in zip(refs_a_list, refs_b_list, ranges_a_list, ranges_b_list):
+        data, rest = triage_refs(refs_a, refs_b, None, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
+        out.append((data, rest) if data or rest else None)
+    return out
 
 
 def propagate(queue: list, forward: dict, backward: dict, callees_a: dict, callees_b: dict, callers_a: Any,

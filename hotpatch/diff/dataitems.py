@@ -43,6 +43,9 @@ class DataItems:
                 starts.add(export.rva)
         self.starts = sorted(starts)
         self.relocations = image.relocations
+        ordered = sorted(image.sections, key=lambda section: section.rva)
+        self._section_rvas = [section.rva for section in ordered]
+        self._section_ends = [section.end_rva for section in ordered]
         self._relocation_set = frozenset(image.relocations)
 
     def section(self, rva: int) -> Section | None:
@@ -53,13 +56,16 @@ class DataItems:
         return self.starts[index] if index < len(self.starts) else None
 
     def extent(self, rva: int) -> int:
-        section = self.section(rva)
-        if section is None:
+        # the holding section's end bisected here, as Image.section_from_rva finds it (this runs for every
+        # data pair the diff compares)
+        index = bisect_right(self._section_rvas, rva) - 1
+        if index < 0 or rva >= self._section_ends[index]:
             return 0
-        limit = min(section.end_rva, rva + MAX_ITEM)
-        following = self.next_start(rva)
-        if following is not None:
-            limit = min(limit, following)
+        limit = min(self._section_ends[index], rva + MAX_ITEM)
+        starts = self.starts
+        following = bisect_right(starts, rva)
+        if following < len(starts):
+            limit = min(limit, starts[following])
         return max(0, limit - rva)
 
     def is_zero_initialised(self, rva: int) -> bool:
@@ -93,6 +99,8 @@ def items_equal(a: DataItems, b: DataItems, rva_a: int, rva_b: int, function_map
     slots_b = b.pointer_slots(rva_b, length)
     if slots_a != slots_b:
         return False
+    if not slots_a:  # no pointers: the bytes alone decide
+        return a.contents(rva_a, length) == b.contents(rva_b, length)
     bytes_a = bytearray(a.contents(rva_a, length))
     bytes_b = bytearray(b.contents(rva_b, length))
     for slot in slots_a:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import weakref
 from bisect import bisect_left
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from operator import attrgetter
 
 from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
-from .align import opcodes
 from .streams import InstructionStreams
 
 __all__ = ["Match", "match_functions", "SIMILARITY_THRESHOLD"]
@@ -46,8 +45,14 @@ class _Matcher:
         self.streams = streams
         self.forward: dict[int, Match] = {}
         self.backward: dict[int, int] = {}
+        #: (baseline rva, patched rva) of every pair in the order made (forward's order), as propagation
+        #: takes them: a slice of it, not a tuple made per pair each time
+        self.pairs: list[tuple[int, int]] = []
+        #: ``_twin_groups``' last answer, filtered the next time instead of grouping every unmatched function
+        self.twin_groups: list[tuple[list[int], list[int]]] | None = None
         kernels = diff_kernels(baseline.backend)
         self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
+        self.equal_replacements = kernels.equal_replacements
         # the unmatched lists are taken a dozen times: each is the last one filtered (pairs are never undone,
         # so that keeps the table's order), not the whole table again
         self._unmatched_a: list[Function] = list(baseline.functions)
@@ -58,6 +63,7 @@ class _Matcher:
             return False
         self.forward[a] = Match(a, b, method, similarity)
         self.backward[b] = a
+        self.pairs.append((a, b))
         return True
 
     def unmatched_baseline(self) -> list[Function]:
@@ -88,22 +94,19 @@ def match_functions(baseline: FunctionTable, patched: FunctionTable,
 
 def _by_unique_key(m: _Matcher, attribute: str, method: str) -> None:
     """Pairs the unmatched functions whose ``attribute`` (name, fingerprint) is set and unique on each side."""
-    left = _rvas_by(m.unmatched_baseline(), attribute)
-    right = _rvas_by(m.unmatched_patched(), attribute)
-    for k, rvas in left.items():
-        other = right.get(k)
-        if len(rvas) == 1 and other is not None and len(other) == 1:
-            m.pair(rvas[0], other[0], method)
+    left, count_left = _last_rva_by(m.unmatched_baseline(), attribute)
+    right, count_right = _last_rva_by(m.unmatched_patched(), attribute)
+    # in the order each key first appears in the baseline (a dict keeps a key where it was first set)
+    for key, rva in left.items():
+        if key and count_left[key] == 1 and count_right.get(key) == 1:
+            m.pair(rva, right[key], method)
 
 
-def _rvas_by(functions: list[Function], attribute: str) -> dict[object, list[int]]:
-    """Function RVAs by their ``attribute``, those without one left out (attributes read in C: the first pass
-    reads every function of both images)."""
-    out: dict[object, list[int]] = defaultdict(list)
-    for key, rva in zip(map(attrgetter(attribute), functions), map(_RVA, functions)):
-        if key:
-            out[key].append(rva)
-    return out
+def _last_rva_by(functions: list[Function], attribute: str) -> tuple[dict[object, int], Counter[object]]:
+    """Each ``attribute`` value's last function RVA, and how many functions have it (counted and mapped in
+    C: the first pass reads every function of both images, and only the keys met once are kept)."""
+    keys = list(map(attrgetter(attribute), functions))
+    return dict(zip(keys, map(_RVA, functions))), Counter(keys)
 
 
 _RVA = attrgetter("rva")
@@ -160,14 +163,12 @@ def _by_call_graph(m: _Matcher, since: int = 0) -> None:
     and from the matched neighbours they give new anchors to (the others were propagated from already)."""
     callees_a, callers_a = call_graph(m.baseline)
     callees_b, callers_b = call_graph(m.patched)
-    queue = list(m.forward.values())[since:]
+    queue = m.pairs[since:]
     if since:
-        touched = {x for match in queue for x in (*callers_a.get(match.baseline_rva, ()),
-                                                  *callees_a.get(match.baseline_rva, ())) if x in m.forward}
-        queue.extend(m.forward[x] for x in sorted(touched))
-    m.propagate([(match.baseline_rva, match.patched_rva) for match in queue], m.forward, m.backward, callees_a,
-                callees_b, callers_a, callers_b, lambda left, right: _aligned_pairs(m, left, right),
-                lambda x, y: m.pair(x, y, "callgraph"))
+        touched = {x for a, _ in queue for x in (*callers_a.get(a, ()), *callees_a.get(a, ())) if x in m.forward}
+        queue.extend((x, m.forward[x].patched_rva) for x in sorted(touched))
+    m.propagate(queue, m.forward, m.backward, callees_a, callees_b, callers_a, callers_b,
+                lambda left, right: _aligned_pairs(m, left, right), lambda x, y: m.pair(x, y, "callgraph"))
 
 
 def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:
@@ -178,10 +179,9 @@ def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple
     keys_a = [m.forward[x].patched_rva if x in m.forward else ("a", i) for i, x in enumerate(left)]
     keys_b = [y if y in m.backward else ("b", i) for i, y in enumerate(right)]
     pairs = []
-    for tag, a0, a1, b0, b1 in opcodes(keys_a, keys_b):
-        if tag == "replace" and a1 - a0 == b1 - b0:
-            pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
-                         if left[i] not in m.forward and right[j] not in m.backward)
+    for a0, a1, b0, b1 in m.equal_replacements(keys_a, keys_b):
+        pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
+                     if left[i] not in m.forward and right[j] not in m.backward)
     pairs.extend(_lone_pair(m, left, right))
     return pairs
 
@@ -218,13 +218,29 @@ def _by_twins(m: _Matcher) -> None:
 
 
 def _twin_groups(m: _Matcher) -> list[tuple[list[int], list[int]]]:
+    """Unmatched baseline and patched RVAs of each fingerprint found unmatched on both sides, the groups in
+    the order their first baseline function comes in the table (by RVA)."""
+    if m.twin_groups is not None:
+        # pairs are never undone, so a group now was a group the last time: its members filtered, the
+        # groups ordered again by their first member, give what grouping every unmatched function gives
+        forward, backward = m.forward, m.backward
+        m.twin_groups = [(left, right) for left, right in (([a for a in rvas if a not in forward],
+                                                            [b for b in other if b not in backward])
+                                                           for rvas, other in m.twin_groups) if left and right]
+        m.twin_groups.sort(key=_first_rva)
+        return m.twin_groups
     left: dict[str, list[int]] = defaultdict(list)
     right: dict[str, list[int]] = defaultdict(list)
     for f in m.unmatched_baseline():
         left[f.fingerprint].append(f.rva)
     for f in m.unmatched_patched():
         right[f.fingerprint].append(f.rva)
-    return [(rvas, right[fingerprint]) for fingerprint, rvas in left.items() if fingerprint in right]
+    m.twin_groups = [(rvas, right[fingerprint]) for fingerprint, rvas in left.items() if fingerprint in right]
+    return m.twin_groups
+
+
+def _first_rva(group: tuple[list[int], list[int]]) -> int:
+    return group[0][0]
 
 
 def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> None:

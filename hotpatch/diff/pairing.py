@@ -8,6 +8,8 @@ imports, code references and read-only data reach no longer correspond.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from operator import attrgetter
 
 from ..analysis.api import FunctionAnalysis
 from ..analysis.functions import Function, FunctionTable
@@ -34,6 +36,8 @@ class Pairing:
         self.data_votes: dict[str, Counter[tuple[int, int]]] = {"unchanged": Counter(), "changed": Counter()}
         self._items: tuple[DataItems, DataItems] | None = None
         self._items_equal: dict[tuple[int, int], bool] = {}
+        #: baseline data rva -> read-only data and no jump table (a pair of those is checked by content)
+        self._read_only_a: dict[int, bool] = {}
         #: jump tables are compared through the fingerprint (targets relative to the function), not as bytes
         self.jump_tables_a = {t[1] for analysis in a.analyses for t in analysis.raw_tables}
         # what every pair's triage reads, looked up once
@@ -59,29 +63,75 @@ class Pairing:
     def classify(self, matches: dict[int, Match]) -> list[FunctionDiff]:
         out: list[FunctionDiff] = []
         rodata_checks: list[tuple[int, int, int]] = []  # (index in out, rva_a, rva_b)
+        functions_a, analyses_a = self.a.functions, self.a.analyses
         functions_b, analyses_b, index_b = self.b.functions, self.b.analyses, self.b._index
-        for fa, analysis_a in zip(self.a.functions, self.a.analyses):
-            match = matches.get(fa.rva)
-            if match is None:
+        # where each baseline function's counterpart sits in the patched table (-1: none)
+        at_b = [-1 if match is None else index_b[match.patched_rva]
+                for match in map(matches.get, map(_RVA, functions_a))]
+        unchanged_votes, known_read_only = self.data_votes["unchanged"], self._read_only_a
+        for fa, analysis_a, at, found in zip(functions_a, analyses_a, at_b, self._triaged(at_b)):
+            if at < 0:
                 out.append(FunctionDiff(REMOVED, fa, None))
                 continue
-            at_b = index_b[match.patched_rva]
-            fb = functions_b[at_b]
-            changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at_b])
+            fb = functions_b[at]
+            match = matches[fa.rva]
+            if found is None:  # equal code and nothing left to judge: most unchanged functions
+                out.append(FunctionDiff(UNCHANGED, fa, fb, match.method, match.similarity))
+                continue
+            if found is _UNEQUAL_CODE:
+                changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at])
+            elif not found[1]:  # equal code reading data alone (the next most common): only the data to check
+                data = found[0]
+                unchanged_votes.update(data)
+                for rva_a, rva_b in data:
+                    read_only = known_read_only.get(rva_a)
+                    if read_only is None:
+                        read_only = self._is_read_only(rva_a)
+                    if read_only:
+                        rodata_checks.append((len(out), rva_a, rva_b))
+                out.append(FunctionDiff(UNCHANGED, fa, fb, match.method, match.similarity))
+                continue
+            else:
+                changes, rodata = self._judge(fa, fb, True, *found)
             for rva_a, rva_b in rodata:
                 rodata_checks.append((len(out), rva_a, rva_b))
             status = CHANGED if changes else UNCHANGED
             out.append(FunctionDiff(status, fa, fb, match.method, match.similarity, tuple(changes)))
         if rodata_checks:
+            known = self._items_equal
             for index, rva_a, rva_b in rodata_checks:
                 entry = out[index]
-                if "rodata" in entry.changes or self.items_equal(rva_a, rva_b):
+                if "rodata" in entry.changes:
+                    continue
+                same = known.get((rva_a, rva_b))  # most are known: the call is made for the others alone
+                if same or (same is None and self.items_equal(rva_a, rva_b)):
                     continue
                 out[index] = FunctionDiff(CHANGED, entry.baseline, entry.patched, entry.match, entry.similarity,
                                           tuple(sorted(set(entry.changes) | {"rodata"})))
         matched_b = set(self.function_map.values())
         out.extend(FunctionDiff(ADDED, None, fb) for fb in self.b if fb.rva not in matched_b)
         return out
+
+    def _triaged(self, at_b: list[int]) -> Iterator[object]:
+        """Per baseline function: the triage of its references against its counterpart's when both have
+        the same fingerprint (None: nothing left to judge), else ``_UNEQUAL_CODE``. Such pairs go to the
+        kernel a block of functions at a time: one call for many pairs, without every pair's data pairs
+        alive at once. Triage reads and writes nothing else, so doing it ahead changes no order."""
+        functions_a, functions_b = self.a.functions, self.b.functions
+        analyses_a, analyses_b = self.a.analyses, self.b.analyses
+        rva_map = self.streams.kernels.rva_map(self.function_map)
+        for start in range(0, len(at_b), _TRIAGE_BLOCK):
+            stop = min(start + _TRIAGE_BLOCK, len(at_b))
+            same = [index for index in range(start, stop)
+                    if at_b[index] >= 0 and functions_a[index].fingerprint == functions_b[at_b[index]].fingerprint]
+            found = self.streams.kernels.triage_same(
+                [analyses_a[i].raw_refs for i in same], [analyses_b[at_b[i]].raw_refs for i in same],
+                [functions_a[i].ranges for i in same], [functions_b[at_b[i]].ranges for i in same],
+                self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b, rva_map)
+            block: list[object] = [_UNEQUAL_CODE] * (stop - start)
+            for index, triage in zip(same, found):
+                block[index - start] = triage
+            yield from block
 
     def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]] | None:
         """Pairs of references that sit at the same place in matched instructions; None when the
@@ -103,6 +153,12 @@ class Pairing:
                                   self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b)
         if same_code and not data and not rest:
             return [], []  # most unchanged functions: nothing left to judge
+        return self._judge(fa, fb, same_code, data, rest)
+
+    def _judge(self, fa: Function, fb: Function, same_code: bool, data: list[tuple[int, int]],
+               rest: list[tuple[tuple, tuple]]) -> tuple[list[str], list[tuple[int, int]]]:
+        """The changes a pair's triaged references show, and its read-only data pairs to check (``data`` is
+        extended in place)."""
         changes: set[str] = set()
         if not same_code:
             changes.add("code")
@@ -128,11 +184,22 @@ class Pairing:
                 data.append((value_a, value_b))  # type: ignore[arg-type]
             elif kind_a == OTHER and value_a != value_b:
                 changes.add("reference")
+        votes.update(data)  # counted in C, in the same order as one by one
+        read_only = self._read_only_a
         for pair in data:
-            votes[pair] += 1
-            if pair[0] not in self.jump_tables_a and not self.targets_a.is_writable_data(pair[0]):
+            found = read_only.get(pair[0])
+            if found is None:
+                found = self._is_read_only(pair[0])
+            if found:
                 rodata.append(pair)
         return sorted(changes), rodata
+
+    def _is_read_only(self, rva_a: int) -> bool:
+        """Whether baseline data at ``rva_a`` is compared by content: read-only and no jump table (remembered:
+        many pairs read the same data)."""
+        found = rva_a not in self.jump_tables_a and not self.targets_a.is_writable_data(rva_a)
+        self._read_only_a[rva_a] = found
+        return found
 
     def _same_code_place(self, rva_a: int, rva_b: int, hops: int = 2) -> bool:
         """Code targets correspond when they sit at the same offset in (or after) matched functions.
@@ -152,6 +219,13 @@ class Pairing:
         if owner_a is None or owner_b is None:
             return False
         return self.function_map.get(owner_a.rva) == owner_b.rva and rva_a - owner_a.rva == rva_b - owner_b.rva
+
+
+#: baseline functions triaged per kernel call
+_TRIAGE_BLOCK = 2048
+#: ``Pairing._triaged``'s mark for a pair whose fingerprints differ (triaged on its own, after alignment)
+_UNEQUAL_CODE = object()
+_RVA = attrgetter("rva")
 
 
 def _jump_destination(table: FunctionTable, rva: int) -> int:

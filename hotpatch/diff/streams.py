@@ -26,7 +26,8 @@ class InstructionStreams:
         self.baseline = baseline
         self.patched = patched
         self.kernels: Any = diff_kernels(baseline.backend)
-        self._intern: dict[bytes, int] = {}
+        #: token ids by masked bytes (a dict with the Python kernels, kept in C with the compiled ones)
+        self._intern: Any = self.kernels.new_interner()
         self._tokens: tuple[dict[int, array], dict[int, array]] = ({}, {})
         #: (fa.rva, fb.rva) -> the alignment's i and j packed in one array (i0, j0, i1, j1, ...): a list of
         #: tuples costs about 60 bytes a pair, and a large diff aligns millions of instructions

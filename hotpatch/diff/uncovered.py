@@ -23,8 +23,10 @@ from __future__ import annotations
 from array import array
 from collections import Counter
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, itemgetter
 
-from ..analysis.api import decode, fingerprint_all
+from ..analysis.api import decode, diff_kernels, fingerprint_all
 from ..analysis.functions import FunctionTable
 from ..analysis.padding import FILL_RE
 from .result import DataChange
@@ -58,23 +60,23 @@ def uncovered_gaps(table: FunctionTable) -> dict[_Key, UncoveredGap]:
     """
     image = table.image
     memory = image.memory
+    unfilled_gaps = diff_kernels(table.backend).unfilled_gaps
+    functions = table.functions
+    # (begin, end, function rva, range index) of every range: the primary ones zipped in C, fragments apart
+    every_range = list(zip(map(_RVA, functions), map(_END_RVA, functions), map(_RVA, functions), repeat(0)))
+    every_range += [(begin, end, f.rva, index) for f in filter(_FRAGMENTS, functions)
+                    for index, (begin, end) in enumerate(f.fragments, 1)]
+    tables = _jump_tables(table)
     spans: list[tuple[_Key, int, int]] = []
     for section in image.executable_sections:
-        limit = section.rva + section.virtual_size
-        ranges = sorted((begin, end, f.rva, index) for f in table.functions
-                        for index, (begin, end) in enumerate(f.ranges) if begin < limit and end > section.rva)
-        ranges = sorted(ranges + [(begin, end, None, _TABLE) for begin, end in _jump_tables(table)
-                                  if begin < limit and end > section.rva], key=lambda r: (r[0], r[1]))
-        cursor, anchor, part = section.rva, None, 0
-        for begin, end, owner, index in ranges + [(limit, limit, None, 0)]:
-            if begin > cursor:
-                content = _without_fill(memory, cursor, min(begin, limit))
-                if content is not None:
-                    spans.append(((section.name, anchor, part), *content))
-            if end > cursor:
-                cursor = end
-                if index != _TABLE:  # a table is its function's data: the gap after it keeps its key
-                    anchor, part = owner, index
+        low, limit = section.rva, section.rva + section.virtual_size
+        ranges = sorted([r for r in every_range if r[0] < limit and r[1] > low])
+        ranges = sorted(ranges + [(begin, end, None, _TABLE) for begin, end in tables if begin < limit and end > low],
+                        key=_BEGIN_END)
+        for anchor, part, begin, end in unfilled_gaps(memory, ranges, low, limit):
+            content = _swept(memory, begin, end)
+            if content is not None:
+                spans.append(((section.name, anchor, part), *content))
     relocated = frozenset(image.relocations)
     lists = [pointer_lists(table, relocated, begin, end) for _, begin, end in spans]
     items = [(begin, _outside(begin, end, found)) for (_, begin, end), found in zip(spans, lists)]
@@ -89,7 +91,9 @@ def uncovered_gaps(table: FunctionTable) -> dict[_Key, UncoveredGap]:
             for (key, begin, end), fingerprint, found in zip(spans, prints, lists)}
 
 
-_TABLE = -1  # the "range index" of a jump table in uncovered_gaps' sweep
+_TABLE = -1  # the "range index" of a jump table in uncovered_gaps' sweep (the kernels' ``unfilled_gaps``)
+_RVA, _END_RVA, _FRAGMENTS = attrgetter("rva"), attrgetter("end_rva"), attrgetter("fragments")
+_BEGIN_END = itemgetter(0, 1)
 
 
 def _jump_tables(table: FunctionTable) -> list[tuple[int, int]]:

@@ -255,6 +255,21 @@ def test_scans_that_alternate_heap_functions_use_each_scans_own() -> None:
         assert frees == expected
 
 
+def test_scans_given_equal_copies_or_same_sized_allocators_read_them_by_content() -> None:
+    # the compiled scan keeps the allocators it last took by identity, and takes an equal copy in their place;
+    # another set of the same size, alternating with them, must still make its own allocations
+    program = _function(_branch("call", _FUNCTION_RVA, _OTHER) + _assembled("mov qword ptr [rbx + 0x30], rax")
+                        + b"\xc3")
+    with_other = frozenset({_OTHER, -_MALLOC_SLOT})  # as many members as _ALLOCATORS, _OTHER in _ALLOCATOR's place
+    assert len(with_other) == len(_ALLOCATORS)
+    stored = {_FUNCTION_RVA: {0x30}}
+    for allocators, expected in ((_ALLOCATORS, {}), (frozenset(_ALLOCATORS), {}), (with_other, stored),
+                                 (frozenset(with_other), stored), (_ALLOCATORS, {}), (with_other, stored),
+                                 (frozenset(_ALLOCATORS), {}), (set(with_other), stored)):
+        _, allocations = _agree(program, program.function, allocators, _DEALLOCATORS)
+        assert allocations == expected
+
+
 # ── real code ─────────────────────────────────────────────────────────────────
 
 

@@ -246,10 +246,13 @@ cdef class _Scan:
             for target in sorted(deallocators):
                 self.deallocators.push_back(target)
                 self.freed_in[target] = deallocators[target]
-            # a frozenset kept as it is, so that the next scan with the same one (the verdict's) finds it by
-            # identity instead of comparing ~1,600 members
-            self.allocators_of = allocators if type(allocators) is frozenset else frozenset(allocators)
+            self.allocators_of = frozenset(allocators)
             self.deallocators_of = dict(deallocators)
+        if type(allocators) is frozenset:
+            # kept as it is (when only equal to the one the tables were made from), so that the next scan with the
+            # same one (the verdict's) finds it by identity instead of comparing ~1,600 members: the wrapper search
+            # leaves an equal copy behind
+            self.allocators_of = allocators
         return 0
 
     cdef bint heap_is(self, object allocators, object deallocators, object allocators_of,

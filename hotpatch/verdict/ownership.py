@@ -180,6 +180,9 @@ def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[i
     for index, (_, targets) in enumerate(small):
         for target in targets:
             callers[target].append(index)
+    # the allocators as the scan takes them, made again only after they grew (a copy per scan of ~1,600 members,
+    # compared and sorted again by the scanner, cost more than the scans)
+    frozen = frozenset(allocators)
     for _ in range(_WRAPPER_ROUNDS):
         grown = False
         queue = sorted({i for known in (*allocators, *deallocators) for i in callers.get(known, ())})
@@ -197,7 +200,9 @@ def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[i
             elif targets & deallocators.keys():
                 # which of its own arguments the wrapper hands on as the pointer to free
                 entry = {r: frozenset({("arg", r)}) for r in _ARGUMENTS}
-                passed = {tag[1] for tag, _ in scan(table, function, frozenset(allocators), deallocators, entry, {})
+                if len(frozen) != len(allocators):  # they only grow
+                    frozen = frozenset(allocators)
+                passed = {tag[1] for tag, _ in scan(table, function, frozen, deallocators, entry, {})
                           if tag[0] == "arg"}
                 if len(passed) != 1:
                     continue

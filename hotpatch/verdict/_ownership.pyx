@@ -27,7 +27,7 @@ from libcpp.vector cimport vector
 from hotpatch.analysis.includes.capstone cimport *
 from hotpatch.analysis._capstone_api cimport load_entry_points
 from hotpatch.analysis._reflist cimport PackedRef, RefList
-from hotpatch.verdict._tagsets cimport _drop, _has, _held, _lower, _set, _sorted_has, _subset, _union
+from hotpatch.verdict._tagsets cimport _drop, _has, _held, _lower, _set, _sorted_has, _subset_of, _union_of
 
 from . import _ownership_reference as _twin
 
@@ -167,9 +167,16 @@ cdef class _Scan:
     cdef unordered_map[int64_t, uint32_t] arg_tags
     cdef vector[uint8_t] tag_kind
     cdef vector[int64_t] tag_value
-    cdef vector[vector[uint64_t]] seen
+    # What reached each place, and the paths waiting to be walked, as slices of two pools rather than a vector
+    # each: one allocation per place the scan walks was most of its time after capstone's. A place's slice is
+    # (seen_begin, seen_size) in seen_pool; a union that grows it is appended, the old slice left unused. The
+    # waiting paths are a stack, so the last one's tags are always at the end of work_pool.
+    cdef vector[uint64_t] seen_pool
+    cdef vector[size_t] seen_begin
+    cdef vector[size_t] seen_size
     cdef vector[int64_t] work_rva
-    cdef vector[vector[uint64_t]] work_tags
+    cdef vector[size_t] work_begin
+    cdef vector[uint64_t] work_pool
     cdef vector[uint64_t] frees  # rva << 32 | tag
     cdef vector[int64_t] alloc_order  # allocation calls in the order the scan met them
     cdef unordered_map[int64_t, vector[int64_t]] alloc_fields
@@ -206,7 +213,9 @@ cdef class _Scan:
         cdef unordered_map[int64_t, vector[int64_t]] no_alloc_fields
         cdef size_t places = 0
         self.steps.clear()
-        self.seen.clear()
+        self.seen_pool.clear()
+        self.seen_begin.clear()
+        self.seen_size.clear()
         self.slot_numbers.swap(no_slots)
         self.field_tags.swap(no_fields)
         self.alloc_tags.swap(no_allocs)
@@ -218,7 +227,8 @@ cdef class _Scan:
         self.tag_kind.clear()
         self.tag_value.clear()
         self.work_rva.clear()
-        self.work_tags.clear()
+        self.work_begin.clear()
+        self.work_pool.clear()
         self.frees.clear()
         self.alloc_order.clear()
         for begin, end in ranges:
@@ -310,8 +320,7 @@ cdef class _Scan:
         tags.clear()
         for code in tags_sorted:
             tags.push_back(code)
-        self.work_rva.push_back(rva)
-        self.work_tags.push_back(tags)
+        self.wait(rva, tags)
         return 0
 
     cdef Step *step(self, int64_t rva, int64_t place) except NULL nogil:
@@ -462,7 +471,8 @@ cdef class _Scan:
         cdef int64_t budget = self.budget, rva, target
         cdef vector[uint64_t] tags, merged, scratch
         cdef vector[uint32_t] held
-        cdef vector[uint64_t] *known
+        cdef const uint64_t *known
+        cdef size_t known_size, entry, begin
         cdef const Step *st
         cdef int64_t place
         cdef size_t i
@@ -470,26 +480,33 @@ cdef class _Scan:
         while not self.work_rva.empty() and budget > 0:
             rva = self.work_rva.back()
             self.work_rva.pop_back()
-            tags.swap(self.work_tags.back())
-            self.work_tags.pop_back()
+            begin = self.work_begin.back()
+            self.work_begin.pop_back()
+            tags.assign(self.work_pool.begin() + begin, self.work_pool.end())
+            self.work_pool.resize(begin)
             while budget > 0:
                 budget -= 1
                 place = self.place(rva)
                 if place < 0:
                     break  # (the twin records what reached a place outside first: nothing reads it)
                 if not self.seen_at[place]:
-                    self.seen.push_back(tags)
-                    self.seen_at[place] = self.seen.size()
+                    self.seen_begin.push_back(self.seen_pool.size())
+                    self.seen_size.push_back(tags.size())
+                    self.seen_pool.insert(self.seen_pool.end(), tags.begin(), tags.end())
+                    self.seen_at[place] = self.seen_begin.size()
                 else:
-                    known = &self.seen[self.seen_at[place] - 1]
-                    if not known.empty() and _subset(tags, known[0]):
+                    entry = self.seen_at[place] - 1
+                    known_size = self.seen_size[entry]
+                    known = self.seen_pool.const_data() + self.seen_begin[entry]
+                    if known_size and _subset_of(tags, known, known_size):
                         break
-                    if not known.empty():  # what other paths brought here joins this one
-                        _union(known[0], tags, merged)
-                        known[0] = merged
+                    if known_size:  # what other paths brought here joins this one
+                        _union_of(known, known_size, tags, merged)
                         tags.swap(merged)
-                    else:
-                        known[0] = tags
+                    # the place's tags become these, appended (``known`` is not read again: the pool may move)
+                    self.seen_begin[entry] = self.seen_pool.size()
+                    self.seen_size[entry] = tags.size()
+                    self.seen_pool.insert(self.seen_pool.end(), tags.begin(), tags.end())
                 st = self.step(rva, place)
                 if st.size == 0:
                     break
@@ -526,8 +543,14 @@ cdef class _Scan:
 
     cdef int push(self, int64_t target, const vector[uint64_t] &tags) except -1 nogil:
         if self.place(target) >= 0:
-            self.work_rva.push_back(target)
-            self.work_tags.push_back(tags)
+            self.wait(target, tags)
+        return 0
+
+    cdef int wait(self, int64_t rva, const vector[uint64_t] &tags) except -1 nogil:
+        """A path to walk from ``rva`` with ``tags``, on top of the stack."""
+        self.work_rva.push_back(rva)
+        self.work_begin.push_back(self.work_pool.size())
+        self.work_pool.insert(self.work_pool.end(), tags.begin(), tags.end())
         return 0
 
     cdef list results(self, dict allocations):

@@ -15,6 +15,7 @@ import importlib
 import random
 import struct
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -48,6 +49,13 @@ def _agree_on_table(table: FunctionTable) -> int:
     for analysis in table.analyses:  # the compiled reader of packed references, and the twin's over tuples
         assert (_ownership.call_targets(analysis.raw_refs, ownership._CALLS, ownership._THROUGH_IAT)
                 == _ownership_reference.call_targets(list(analysis.raw_refs), ownership._CALLS, ownership._THROUGH_IAT))
+    # the wrapper search's starting point: the small functions' targets, and who calls each, read by both
+    small, callers = _ownership.small_callers(table.functions, table.analyses, ownership._WRAPPER_BYTES,
+                                              ownership._CALLS, ownership._THROUGH_IAT)
+    assert (small, callers) == _ownership_reference.small_callers(
+        table.functions, [SimpleNamespace(raw_refs=list(a.raw_refs)) for a in table.analyses],
+        ownership._WRAPPER_BYTES, ownership._CALLS, ownership._THROUGH_IAT)
+    assert small and all(f.size <= ownership._WRAPPER_BYTES for f, _ in small)
     heap = ownership._find_heap_functions(table, _ownership_reference.scan)
     assert ownership._find_heap_functions(table, _ownership.scan) == heap
     scans = 0

@@ -617,17 +617,53 @@ def scan(table, function, allocators, deallocators, dict entry, dict allocations
 def call_targets(refs, calls, through_iat):
     """The targets of the references of kind ``calls``; those of kind ``through_iat`` are IAT slots, negated
     (the twin's ``call_targets``, read from a ``RefList``'s packed records)."""
+    cdef uint8_t wanted[256]
+    _wanted(wanted, calls, through_iat)
+    return _call_targets(refs, wanted, calls, through_iat)
+
+
+def small_callers(functions, analyses, Py_ssize_t max_bytes, calls, through_iat):
+    """The functions of at most ``max_bytes`` bytes that call or jump somewhere, with the targets (as
+    ``call_targets``), and per target the indices into that list of the ones reaching it, in order (the twin's
+    ``small_callers``: the wrapper search's starting point, over every function of a table)."""
+    cdef uint8_t wanted[256]
+    cdef list small = []
+    cdef dict callers = {}
+    cdef set targets
+    cdef Py_ssize_t index
+    _wanted(wanted, calls, through_iat)
+    for function, analysis in zip(functions, analyses):
+        if function.end_rva - function.rva > max_bytes:  # Function.size, without a call to the property
+            continue
+        targets = _call_targets(analysis.raw_refs, wanted, calls, through_iat)
+        if not targets:
+            continue
+        index = len(small)
+        small.append((function, targets))
+        for target in targets:
+            found = callers.get(target)
+            if found is None:
+                callers[target] = [index]
+            else:
+                (<list>found).append(index)
+    return small, callers
+
+
+cdef void _wanted(uint8_t *wanted, object calls, object through_iat):
+    """``wanted[kind]``: 0 not read, 1 a target, 2 an IAT slot (negated)."""
+    memset(wanted, 0, 256)
+    for kind in calls:
+        wanted[<uint8_t>kind] = 2 if kind in through_iat else 1
+
+
+cdef set _call_targets(object refs, const uint8_t *wanted, object calls, object through_iat):
     cdef RefList packed
     cdef const PackedRef *ref
     cdef Py_ssize_t index
-    cdef uint8_t wanted[256]
     cdef set out = set()
     if type(refs) is not RefList:
         return _twin.call_targets(refs, calls, through_iat)
     packed = <RefList>refs
-    memset(wanted, 0, sizeof(wanted))
-    for kind in calls:
-        wanted[<uint8_t>kind] = 2 if kind in through_iat else 1
     for index in range(packed.count):
         ref = (<const PackedRef *><const char *>packed.packed) + index
         if wanted[ref.kind]:

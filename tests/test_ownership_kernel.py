@@ -15,6 +15,7 @@ import importlib
 import random
 import struct
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -48,6 +49,13 @@ def _agree_on_table(table: FunctionTable) -> int:
     for analysis in table.analyses:  # the compiled reader of packed references, and the twin's over tuples
         assert (_ownership.call_targets(analysis.raw_refs, ownership._CALLS, ownership._THROUGH_IAT)
                 == _ownership_reference.call_targets(list(analysis.raw_refs), ownership._CALLS, ownership._THROUGH_IAT))
+    # the wrapper search's starting point: the small functions' targets, and who calls each, read by both
+    small, callers = _ownership.small_callers(table.functions, table.analyses, ownership._WRAPPER_BYTES,
+                                              ownership._CALLS, ownership._THROUGH_IAT)
+    assert (small, callers) == _ownership_reference.small_callers(
+        table.functions, [SimpleNamespace(raw_refs=list(a.raw_refs)) for a in table.analyses],
+        ownership._WRAPPER_BYTES, ownership._CALLS, ownership._THROUGH_IAT)
+    assert small and all(f.size <= ownership._WRAPPER_BYTES for f, _ in small)
     heap = ownership._find_heap_functions(table, _ownership_reference.scan)
     assert ownership._find_heap_functions(table, _ownership.scan) == heap
     scans = 0
@@ -253,6 +261,21 @@ def test_scans_that_alternate_heap_functions_use_each_scans_own() -> None:
                                    (_DEALLOCATORS, set()), (with_other, {(("field", 0x28), site)})):
         frees, _ = _agree(program, program.function, _ALLOCATORS, deallocators)
         assert frees == expected
+
+
+def test_scans_given_equal_copies_or_same_sized_allocators_read_them_by_content() -> None:
+    # the compiled scan keeps the allocators it last took by identity, and takes an equal copy in their place;
+    # another set of the same size, alternating with them, must still make its own allocations
+    program = _function(_branch("call", _FUNCTION_RVA, _OTHER) + _assembled("mov qword ptr [rbx + 0x30], rax")
+                        + b"\xc3")
+    with_other = frozenset({_OTHER, -_MALLOC_SLOT})  # as many members as _ALLOCATORS, _OTHER in _ALLOCATOR's place
+    assert len(with_other) == len(_ALLOCATORS)
+    stored = {_FUNCTION_RVA: {0x30}}
+    for allocators, expected in ((_ALLOCATORS, {}), (frozenset(_ALLOCATORS), {}), (with_other, stored),
+                                 (frozenset(with_other), stored), (_ALLOCATORS, {}), (with_other, stored),
+                                 (frozenset(_ALLOCATORS), {}), (set(with_other), stored)):
+        _, allocations = _agree(program, program.function, allocators, _DEALLOCATORS)
+        assert allocations == expected
 
 
 # ── real code ─────────────────────────────────────────────────────────────────

@@ -10,7 +10,7 @@ import pytest
 from hotpatch.analysis.refkinds import BRANCH_REL8, BRANCH_REL32
 from hotpatch.diff.compare import diff
 from hotpatch.verdict import rules
-from hotpatch.verdict.redirect import obstacles
+from hotpatch.verdict.redirect import obstacles, possible_strategies, redirectable
 from hotpatch.verdict.strategy import PADDING_JMP_SIZE, Strategy
 from tests.fixtures.cases import Case
 
@@ -82,3 +82,21 @@ def test_redirect_and_reference_checks_match_reading_every_reference(cases: list
             found += len(expected_refs)
     assert blocked > 100  # short functions, thin padding, calls at entries: the fixtures block strategies
     assert found > (5 if island_reach == 0 else 0)  # rel8 branches leave functions rarely (tail calls are rel32)
+
+
+def test_redirectable_says_whether_any_strategy_is_possible(cases: list[Case]) -> None:
+    # the verdict's shortcut (the short jump into the padding, checked without decoding) against the full check
+    fast = fallback = unredirectable = 0
+    for case in cases:
+        result = diff(case.baseline, case.patched)
+        table = result.baseline
+        for function in table.functions:
+            possible = bool(possible_strategies(table, function))
+            assert redirectable(table, function) == possible, (case.name, function.label)
+            if not possible:
+                unredirectable += 1
+            elif function.pad_before >= PADDING_JMP_SIZE and function.size >= 2:
+                fast += 1
+            else:
+                fallback += 1
+    assert fast > 50 and fallback > 50 and unredirectable > 0  # both paths and both answers are exercised

@@ -27,7 +27,7 @@ from libcpp.vector cimport vector
 from hotpatch.analysis.includes.capstone cimport *
 from hotpatch.analysis._capstone_api cimport load_entry_points
 from hotpatch.analysis._reflist cimport PackedRef, RefList
-from hotpatch.verdict._tagsets cimport _drop, _has, _held, _lower, _set, _sorted_has, _subset, _union
+from hotpatch.verdict._tagsets cimport _drop, _has, _held, _lower, _set, _sorted_has, _subset_of, _union_of
 
 from . import _ownership_reference as _twin
 
@@ -167,9 +167,16 @@ cdef class _Scan:
     cdef unordered_map[int64_t, uint32_t] arg_tags
     cdef vector[uint8_t] tag_kind
     cdef vector[int64_t] tag_value
-    cdef vector[vector[uint64_t]] seen
+    # What reached each place, and the paths waiting to be walked, as slices of two pools rather than a vector
+    # each: one allocation per place the scan walks was most of its time after capstone's. A place's slice is
+    # (seen_begin, seen_size) in seen_pool; a union that grows it is appended, the old slice left unused. The
+    # waiting paths are a stack, so the last one's tags are always at the end of work_pool.
+    cdef vector[uint64_t] seen_pool
+    cdef vector[size_t] seen_begin
+    cdef vector[size_t] seen_size
     cdef vector[int64_t] work_rva
-    cdef vector[vector[uint64_t]] work_tags
+    cdef vector[size_t] work_begin
+    cdef vector[uint64_t] work_pool
     cdef vector[uint64_t] frees  # rva << 32 | tag
     cdef vector[int64_t] alloc_order  # allocation calls in the order the scan met them
     cdef unordered_map[int64_t, vector[int64_t]] alloc_fields
@@ -206,7 +213,9 @@ cdef class _Scan:
         cdef unordered_map[int64_t, vector[int64_t]] no_alloc_fields
         cdef size_t places = 0
         self.steps.clear()
-        self.seen.clear()
+        self.seen_pool.clear()
+        self.seen_begin.clear()
+        self.seen_size.clear()
         self.slot_numbers.swap(no_slots)
         self.field_tags.swap(no_fields)
         self.alloc_tags.swap(no_allocs)
@@ -218,7 +227,8 @@ cdef class _Scan:
         self.tag_kind.clear()
         self.tag_value.clear()
         self.work_rva.clear()
-        self.work_tags.clear()
+        self.work_begin.clear()
+        self.work_pool.clear()
         self.frees.clear()
         self.alloc_order.clear()
         for begin, end in ranges:
@@ -246,10 +256,13 @@ cdef class _Scan:
             for target in sorted(deallocators):
                 self.deallocators.push_back(target)
                 self.freed_in[target] = deallocators[target]
-            # a frozenset kept as it is, so that the next scan with the same one (the verdict's) finds it by
-            # identity instead of comparing ~1,600 members
-            self.allocators_of = allocators if type(allocators) is frozenset else frozenset(allocators)
+            self.allocators_of = frozenset(allocators)
             self.deallocators_of = dict(deallocators)
+        if type(allocators) is frozenset:
+            # kept as it is (when only equal to the one the tables were made from), so that the next scan with the
+            # same one (the verdict's) finds it by identity instead of comparing ~1,600 members: the wrapper search
+            # leaves an equal copy behind
+            self.allocators_of = allocators
         return 0
 
     cdef bint heap_is(self, object allocators, object deallocators, object allocators_of,
@@ -307,8 +320,7 @@ cdef class _Scan:
         tags.clear()
         for code in tags_sorted:
             tags.push_back(code)
-        self.work_rva.push_back(rva)
-        self.work_tags.push_back(tags)
+        self.wait(rva, tags)
         return 0
 
     cdef Step *step(self, int64_t rva, int64_t place) except NULL nogil:
@@ -459,7 +471,8 @@ cdef class _Scan:
         cdef int64_t budget = self.budget, rva, target
         cdef vector[uint64_t] tags, merged, scratch
         cdef vector[uint32_t] held
-        cdef vector[uint64_t] *known
+        cdef const uint64_t *known
+        cdef size_t known_size, entry, begin
         cdef const Step *st
         cdef int64_t place
         cdef size_t i
@@ -467,26 +480,33 @@ cdef class _Scan:
         while not self.work_rva.empty() and budget > 0:
             rva = self.work_rva.back()
             self.work_rva.pop_back()
-            tags.swap(self.work_tags.back())
-            self.work_tags.pop_back()
+            begin = self.work_begin.back()
+            self.work_begin.pop_back()
+            tags.assign(self.work_pool.begin() + begin, self.work_pool.end())
+            self.work_pool.resize(begin)
             while budget > 0:
                 budget -= 1
                 place = self.place(rva)
                 if place < 0:
                     break  # (the twin records what reached a place outside first: nothing reads it)
                 if not self.seen_at[place]:
-                    self.seen.push_back(tags)
-                    self.seen_at[place] = self.seen.size()
+                    self.seen_begin.push_back(self.seen_pool.size())
+                    self.seen_size.push_back(tags.size())
+                    self.seen_pool.insert(self.seen_pool.end(), tags.begin(), tags.end())
+                    self.seen_at[place] = self.seen_begin.size()
                 else:
-                    known = &self.seen[self.seen_at[place] - 1]
-                    if not known.empty() and _subset(tags, known[0]):
+                    entry = self.seen_at[place] - 1
+                    known_size = self.seen_size[entry]
+                    known = self.seen_pool.const_data() + self.seen_begin[entry]
+                    if known_size and _subset_of(tags, known, known_size):
                         break
-                    if not known.empty():  # what other paths brought here joins this one
-                        _union(known[0], tags, merged)
-                        known[0] = merged
+                    if known_size:  # what other paths brought here joins this one
+                        _union_of(known, known_size, tags, merged)
                         tags.swap(merged)
-                    else:
-                        known[0] = tags
+                    # the place's tags become these, appended (``known`` is not read again: the pool may move)
+                    self.seen_begin[entry] = self.seen_pool.size()
+                    self.seen_size[entry] = tags.size()
+                    self.seen_pool.insert(self.seen_pool.end(), tags.begin(), tags.end())
                 st = self.step(rva, place)
                 if st.size == 0:
                     break
@@ -523,8 +543,14 @@ cdef class _Scan:
 
     cdef int push(self, int64_t target, const vector[uint64_t] &tags) except -1 nogil:
         if self.place(target) >= 0:
-            self.work_rva.push_back(target)
-            self.work_tags.push_back(tags)
+            self.wait(target, tags)
+        return 0
+
+    cdef int wait(self, int64_t rva, const vector[uint64_t] &tags) except -1 nogil:
+        """A path to walk from ``rva`` with ``tags``, on top of the stack."""
+        self.work_rva.push_back(rva)
+        self.work_begin.push_back(self.work_pool.size())
+        self.work_pool.insert(self.work_pool.end(), tags.begin(), tags.end())
         return 0
 
     cdef list results(self, dict allocations):
@@ -591,17 +617,53 @@ def scan(table, function, allocators, deallocators, dict entry, dict allocations
 def call_targets(refs, calls, through_iat):
     """The targets of the references of kind ``calls``; those of kind ``through_iat`` are IAT slots, negated
     (the twin's ``call_targets``, read from a ``RefList``'s packed records)."""
+    cdef uint8_t wanted[256]
+    _wanted(wanted, calls, through_iat)
+    return _call_targets(refs, wanted, calls, through_iat)
+
+
+def small_callers(functions, analyses, Py_ssize_t max_bytes, calls, through_iat):
+    """The functions of at most ``max_bytes`` bytes that call or jump somewhere, with the targets (as
+    ``call_targets``), and per target the indices into that list of the ones reaching it, in order (the twin's
+    ``small_callers``: the wrapper search's starting point, over every function of a table)."""
+    cdef uint8_t wanted[256]
+    cdef list small = []
+    cdef dict callers = {}
+    cdef set targets
+    cdef Py_ssize_t index
+    _wanted(wanted, calls, through_iat)
+    for function, analysis in zip(functions, analyses):
+        if function.end_rva - function.rva > max_bytes:  # Function.size, without a call to the property
+            continue
+        targets = _call_targets(analysis.raw_refs, wanted, calls, through_iat)
+        if not targets:
+            continue
+        index = len(small)
+        small.append((function, targets))
+        for target in targets:
+            found = callers.get(target)
+            if found is None:
+                callers[target] = [index]
+            else:
+                (<list>found).append(index)
+    return small, callers
+
+
+cdef void _wanted(uint8_t *wanted, object calls, object through_iat):
+    """``wanted[kind]``: 0 not read, 1 a target, 2 an IAT slot (negated)."""
+    memset(wanted, 0, 256)
+    for kind in calls:
+        wanted[<uint8_t>kind] = 2 if kind in through_iat else 1
+
+
+cdef set _call_targets(object refs, const uint8_t *wanted, object calls, object through_iat):
     cdef RefList packed
     cdef const PackedRef *ref
     cdef Py_ssize_t index
-    cdef uint8_t wanted[256]
     cdef set out = set()
     if type(refs) is not RefList:
         return _twin.call_targets(refs, calls, through_iat)
     packed = <RefList>refs
-    memset(wanted, 0, sizeof(wanted))
-    for kind in calls:
-        wanted[<uint8_t>kind] = 2 if kind in through_iat else 1
     for index in range(packed.count):
         ref = (<const PackedRef *><const char *>packed.packed) + index
         if wanted[ref.kind]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import capstone
 from capstone import x86_const as x86
@@ -20,7 +21,7 @@ from capstone import x86_const as x86
 from ..analysis.functions import Function, FunctionTable
 from ..x86 import disassembler
 
-__all__ = ["ENDS", "SCAN_BUDGET", "TO_64", "VOLATILE", "call_targets", "scan"]
+__all__ = ["ENDS", "SCAN_BUDGET", "TO_64", "VOLATILE", "call_targets", "scan", "small_callers"]
 
 VOLATILE = (x86.X86_REG_RAX, x86.X86_REG_RCX, x86.X86_REG_RDX, x86.X86_REG_R8, x86.X86_REG_R9,
             x86.X86_REG_R10, x86.X86_REG_R11)
@@ -33,6 +34,19 @@ def call_targets(refs: Iterable[tuple[int, int, int, int, int]], calls: frozense
                  through_iat: frozenset[int]) -> set[int]:
     """The targets of the references of kind ``calls``; those of kind ``through_iat`` are IAT slots, negated."""
     return {-t if kind in through_iat else t for kind, _, _, _, t in refs if kind in calls}
+
+
+def small_callers(functions: Iterable[Function], analyses: Iterable[Any], max_bytes: int, calls: frozenset[int],
+                  through_iat: frozenset[int]) -> tuple[list[tuple[Function, set[int]]], dict[int, list[int]]]:
+    """The functions of at most ``max_bytes`` bytes that call or jump somewhere, with the targets (as
+    ``call_targets``), and per target the indices into that list of the ones reaching it, in order."""
+    small = [(f, targets) for f, a in zip(functions, analyses) if f.size <= max_bytes
+             if (targets := call_targets(a.raw_refs, calls, through_iat))]
+    callers: dict[int, list[int]] = {}
+    for index, (_, targets) in enumerate(small):
+        for target in targets:
+            callers.setdefault(target, []).append(index)
+    return small, callers
 
 
 _Tag = tuple[str, int]  # ("field", displacement) | ("alloc", call RVA) | ("arg", register)

@@ -49,26 +49,29 @@ cdef inline void _drop(vector[uint64_t] &tags, uint64_t loc) noexcept nogil:
         tags.erase(tags.begin() + lo, tags.begin() + hi)
 
 
-cdef inline bint _subset(const vector[uint64_t] &a, const vector[uint64_t] &b) noexcept nogil:
+cdef inline bint _subset_of(const vector[uint64_t] &a, const uint64_t *b, size_t b_size) noexcept nogil:
+    """Whether ``a`` is a subset of the ``b_size`` sorted codes at ``b``."""
     cdef size_t i = 0, j = 0
     while i < a.size():
-        while j < b.size() and b[j] < a[i]:
+        while j < b_size and b[j] < a[i]:
             j += 1
-        if j == b.size() or b[j] != a[i]:
+        if j == b_size or b[j] != a[i]:
             return False
         i += 1
         j += 1
     return True
 
 
-cdef inline int _union(const vector[uint64_t] &a, const vector[uint64_t] &b, vector[uint64_t] &out) except -1 nogil:
+cdef inline int _union_of(const uint64_t *a, size_t a_size, const vector[uint64_t] &b,
+                          vector[uint64_t] &out) except -1 nogil:
+    """``out`` becomes the union of the ``a_size`` sorted codes at ``a`` and ``b``."""
     cdef size_t i = 0, j = 0
     out.clear()
-    while i < a.size() or j < b.size():
-        if j == b.size() or (i < a.size() and a[i] < b[j]):
+    while i < a_size or j < b.size():
+        if j == b.size() or (i < a_size and a[i] < b[j]):
             out.push_back(a[i])
             i += 1
-        elif i == a.size() or b[j] < a[i]:
+        elif i == a_size or b[j] < a[i]:
             out.push_back(b[j])
             j += 1
         else:

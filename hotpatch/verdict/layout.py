@@ -16,10 +16,12 @@ from array import array
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from ..analysis.functions import Function, FunctionTable, import_thunk_target
 from ..analysis.refkinds import CALL_REL32, IAT_CALL
+from ..memo import cache_of
 
 if TYPE_CHECKING:
     from ..diff.result import DiffResult
@@ -52,13 +54,14 @@ def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
     """Evidence across all changed functions: consistent displacement shifts, changed allocation sizes."""
     shifts: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))  # delta -> disp -> functions
     evidence: list[LayoutEvidence] = []
+    numbers = _TokenNumbers()
     for entry in result.functions:
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
         if entry.baseline.fingerprint == entry.patched.fingerprint:
             continue  # same instructions but for references: nothing moved inside them
         name = entry.patched.label
-        moved, sizes = _compare(result, entry.baseline, entry.patched)
+        moved, sizes = _compare(result, entry.baseline, entry.patched, numbers)
         for delta, displacement in moved:
             shifts[delta][displacement].add(name)
         evidence.extend(LayoutEvidence(name, "allocation_size", f"{name}: allocation size changed from "
@@ -88,7 +91,8 @@ def _differing_runs(result: DiffResult, fa: Function, fb: Function) -> Iterator[
     rvas_a = result.baseline.analysis_of(fa).insn_rvas
     rvas_b = result.patched.analysis_of(fb).insn_rvas
     previous_i = previous_j = -1
-    for i, j in [*result.streams.aligned(fa, fb), (len(rvas_a), len(rvas_b))]:
+    packed = iter(result.streams.aligned_packed(fa, fb))  # i0, j0, i1, j1, ...
+    for i, j in chain(zip(packed, packed), ((len(rvas_a), len(rvas_b)),)):
         if i - previous_i > 1 and j - previous_j > 1:
             yield (_decoded(result.baseline, fa, rvas_a, previous_i + 1, i),
                    _decoded(result.patched, fb, rvas_b, previous_j + 1, j))
@@ -111,6 +115,24 @@ def _token(insn: Insn) -> tuple[str, str]:
     return insn[1], _NUMBER.sub("#", insn[2])
 
 
+class _TokenNumbers:
+    """Instructions' tokens as numbers, equal when the tokens are, for every changed function: the alignment
+    only compares them, and most instructions recur, so each text is abstracted once."""
+
+    __slots__ = ("by_text", "by_token")
+
+    def __init__(self) -> None:
+        self.by_text: dict[tuple[str, str], int] = {}
+        self.by_token: dict[tuple[str, str], int] = {}
+
+    def of(self, insn: Insn) -> int:
+        text = insn[1], insn[2]
+        found = self.by_text.get(text)
+        if found is None:
+            found = self.by_text[text] = self.by_token.setdefault(_token(insn), len(self.by_token))
+        return found
+
+
 def _displacement(operands: str) -> tuple[str, int] | None:
     match = _MEMORY.search(operands)
     if match is None or match.group("base") in _FRAME_REGISTERS:
@@ -120,15 +142,15 @@ def _displacement(operands: str) -> tuple[str, int] | None:
     return match.group("base"), -value if match.group("sign") == "-" else value
 
 
-def _compare(result: DiffResult, fa: Function, fb: Function) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def _compare(result: DiffResult, fa: Function, fb: Function,
+             numbers: _TokenNumbers) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(delta, old displacement) of moved structure fields, and (old, new) allocation sizes."""
     moved: list[tuple[int, int]] = []
     sizes: list[tuple[int, int]] = []
     allocator_calls: tuple[set[int], set[int]] | None = None
-    intern: dict[tuple[str, str], int] = {}
     for insns_a, insns_b in _differing_runs(result, fa, fb):
-        tokens_a = array("I", [intern.setdefault(_token(x), len(intern)) for x in insns_a])
-        tokens_b = array("I", [intern.setdefault(_token(x), len(intern)) for x in insns_b])
+        tokens_a = array("I", [numbers.of(x) for x in insns_a])
+        tokens_b = array("I", [numbers.of(x) for x in insns_b])
         for i, j in result.streams.kernels.aligned_indices(tokens_a, tokens_b):
             ia, ib = insns_a[i], insns_b[j]
             if ia[2] == ib[2]:
@@ -149,19 +171,30 @@ def _compare(result: DiffResult, fa: Function, fb: Function) -> tuple[list[tuple
 
 def _allocator_calls(table: FunctionTable, function: Function) -> set[int]:
     """RVAs of the calls in ``function`` that reach an allocator (directly or through an import thunk)."""
-    image = table.image
+    # (kind, target) -> whether it reaches an allocator, for the table: the same few are called everywhere
+    known = cache_of(table, "layout_allocator_calls")
     out = set()
     for kind, insn_rva, _, _, target in table.analysis_of(function).raw_refs:
-        name = None
-        if kind == IAT_CALL:
-            imported = image.import_at(target)
-            name = imported.name if imported else None
-        elif kind == CALL_REL32 and table.at(target) is not None:
-            label = import_thunk_target(table, table.at(target))  # type: ignore[arg-type]
-            name = label.split("!", 1)[1] if label else None
-        if name and name.lower() in ALLOCATORS:
+        if kind != IAT_CALL and kind != CALL_REL32:
+            continue
+        allocates = known.get((kind, target))
+        if allocates is None:
+            allocates = known[kind, target] = _reaches_allocator(table, kind, target)
+        if allocates:
             out.add(insn_rva)
     return out
+
+
+def _reaches_allocator(table: FunctionTable, kind: int, target: int) -> bool:
+    """Whether a call of ``kind`` (IAT_CALL or CALL_REL32) to ``target`` reaches an allocator."""
+    name = None
+    if kind == IAT_CALL:
+        imported = table.image.import_at(target)
+        name = imported.name if imported else None
+    elif table.at(target) is not None:
+        label = import_thunk_target(table, table.at(target))  # type: ignore[arg-type]
+        name = label.split("!", 1)[1] if label else None
+    return bool(name) and name.lower() in ALLOCATORS  # type: ignore[union-attr]
 
 
 def _allocator_size(insn: Insn, allocator_calls: set[int]) -> int | None:

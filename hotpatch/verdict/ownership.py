@@ -28,7 +28,6 @@ is ``_ownership.pyx`` (compiled, over capstone's C API) or its pure-Python twin
 from __future__ import annotations
 
 import importlib
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from heapq import heappop, heappush
@@ -169,17 +168,15 @@ def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[i
     image = table.image
     allocators = {-i.iat_rva for i in image.imports if i.name in _ALLOCATORS}
     deallocators = {-i.iat_rva: _DEALLOCATORS[i.name] for i in image.imports if i.name in _DEALLOCATORS}
-    # the small functions with what they call or jump to, read once for all rounds
-    call_targets = _kernels(table).call_targets
-    small = [(f, targets) for f, a in zip(table.functions, table.analyses) if f.size <= _WRAPPER_BYTES
-             if (targets := call_targets(a.raw_refs, _CALLS, _THROUGH_IAT))]
+    # the small functions with what they call or jump to, read once for all rounds, and who calls each target.
     # Each round visits, in table order, only the small functions that call one of the heap functions known
     # when their turn comes (the others do nothing): those calling one known at the round's start, and the
     # later callers of each found during the round. The rounds find what visiting every small function would.
-    callers: dict[int, list[int]] = defaultdict(list)
-    for index, (_, targets) in enumerate(small):
-        for target in targets:
-            callers[target].append(index)
+    small, callers = _kernels(table).small_callers(table.functions, table.analyses, _WRAPPER_BYTES, _CALLS,
+                                                   _THROUGH_IAT)
+    # the allocators as the scan takes them, made again only after they grew (a copy per scan of ~1,600 members,
+    # compared and sorted again by the scanner, cost more than the scans)
+    frozen = frozenset(allocators)
     for _ in range(_WRAPPER_ROUNDS):
         grown = False
         queue = sorted({i for known in (*allocators, *deallocators) for i in callers.get(known, ())})
@@ -197,7 +194,9 @@ def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[i
             elif targets & deallocators.keys():
                 # which of its own arguments the wrapper hands on as the pointer to free
                 entry = {r: frozenset({("arg", r)}) for r in _ARGUMENTS}
-                passed = {tag[1] for tag, _ in scan(table, function, frozenset(allocators), deallocators, entry, {})
+                if len(frozen) != len(allocators):  # they only grow
+                    frozen = frozenset(allocators)
+                passed = {tag[1] for tag, _ in scan(table, function, frozen, deallocators, entry, {})
                           if tag[0] == "arg"}
                 if len(passed) != 1:
                     continue

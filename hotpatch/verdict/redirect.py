@@ -21,7 +21,7 @@ from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
 from .strategy import PADDING_JMP_SIZE, Strategy
 
-__all__ = ["obstacles", "possible_strategies"]
+__all__ = ["obstacles", "possible_strategies", "redirectable"]
 
 #: the strategies best first with their widths (read for every changed function)
 _WIDTHS = tuple((strategy, strategy.width) for strategy in Strategy)
@@ -33,6 +33,24 @@ def possible_strategies(table: FunctionTable, function: Function) -> list[Strate
     """The strategies usable at ``function``'s entry, best first (empty: it cannot be redirected)."""
     blocked = obstacles(table, function)
     return [strategy for strategy, _ in _WIDTHS if strategy not in blocked]
+
+
+def redirectable(table: FunctionTable, function: Function) -> bool:
+    """Whether some strategy is usable at ``function``'s entry (``possible_strategies`` is not empty), mostly
+    without decoding: the verdict asks this of every changed function.
+
+    The short jump into the padding overwrites the entry's first two bytes. No return address can lie between
+    them (no call instruction is one byte long), so with the padding and the size it needs, only a branch
+    landing on the entry's second byte blocks it.
+    """
+    entry = function.rva
+    if function.pad_before >= PADDING_JMP_SIZE and function.size >= Strategy.SHORT_JMP_PADDING.width:
+        analysis = table.analysis_of(function)
+        second = entry + 1
+        if not diff_kernels(table.backend).branch_targets_between(analysis.raw_refs, entry, second + 1) \
+                and not any(second in jump_table[3] for jump_table in analysis.raw_tables):
+            return True
+    return bool(possible_strategies(table, function))
 
 
 def obstacles(table: FunctionTable, function: Function) -> dict[Strategy, str]:

@@ -17,7 +17,7 @@ from ..diff.result import DataChange, DiffResult
 from .clobbers import gcc_built, live_clobbers, new_clobbers
 from .layout import LayoutEvidence, find_layout_changes
 from .ownership import ownership_changes
-from .redirect import obstacles, possible_strategies
+from .redirect import obstacles, redirectable
 
 __all__ = ["HOTPATCH", "NEW_BASELINE", "NOTE_KINDS", "REASON_KINDS", "Reason", "Verdict", "decide", "diff_document"]
 
@@ -127,7 +127,7 @@ def _decide(result: DiffResult, allow_layout_change: bool, strict_exports: bool)
     unsupported = diff_kernels(result.patched.backend).unsupported_refs
     for entry in result.functions:
         if entry.status == "changed" and entry.baseline is not None:
-            if not possible_strategies(result.baseline, entry.baseline):
+            if not redirectable(result.baseline, entry.baseline):
                 why = "; ".join(f"{strategy}: {reason}"
                                 for strategy, reason in obstacles(result.baseline, entry.baseline).items())
                 reasons.append(Reason("function_too_short", entry.baseline.label,

@@ -79,6 +79,47 @@ static uint8_t two_byte_map(uint8_t op)
     }
 }
 
+/*
+ * Two-byte (0F xx) opcodes behind a mandatory or lock prefix that MSVC emits
+ * often (SSE scalar and integer moves and arithmetic, lock xadd/cmpxchg),
+ * each a ModRM form without an immediate unless the map says so. Only the
+ * pairs listed here: the same opcode behind another prefix may be another
+ * instruction, or none.
+ */
+static uint8_t prefixed_two_byte_map(uint8_t prefix, uint8_t op)
+{
+    switch (prefix) {
+    case 0x66:
+        switch (op) {
+        case 0x14: case 0x2E: case 0x2F: case 0x54: case 0x58: case 0x59: case 0x5C: case 0x5E:
+        case 0x62: case 0x6C: case 0x6E: case 0x6F: case 0x7E: case 0x7F:
+        case 0xD4: case 0xD6: case 0xDB: case 0xEB: case 0xEF: case 0xFA: case 0xFB: case 0xFE:
+            return MODRM;
+        case 0x70: return MODRM_I8;                         /* pshufd */
+        default: return UNKNOWN;
+        }
+    case 0xF2:
+        switch (op) {
+        case 0x10: case 0x11: case 0x2A: case 0x2C: case 0x2D: case 0x51: case 0x58: case 0x59:
+        case 0x5A: case 0x5C: case 0x5D: case 0x5E: case 0x5F:
+            return MODRM;                                   /* movsd, cvt*sd, sd arithmetic */
+        default: return UNKNOWN;
+        }
+    case 0xF3:
+        switch (op) {
+        case 0x10: case 0x11: case 0x2A: case 0x2C: case 0x2D: case 0x51: case 0x58: case 0x59:
+        case 0x5A: case 0x5C: case 0x5D: case 0x5E: case 0x5F: case 0x6F: case 0x7E: case 0x7F:
+        case 0xE6: case 0xB8: case 0xBC: case 0xBD:
+            return MODRM;                                   /* movss, ss arithmetic, movdqu, popcnt/tzcnt/lzcnt */
+        default: return UNKNOWN;
+        }
+    case 0xF0:
+        return op == 0xC1 || op == 0xB1 ? MODRM : UNKNOWN;  /* lock xadd, lock cmpxchg (memory only) */
+    default:
+        return UNKNOWN;
+    }
+}
+
 /* ── ModRM ───────────────────────────────────────────────────────────── */
 
 /*
@@ -156,7 +197,7 @@ int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
 {
     size_t at = 0, length, immediate = 0;
     int opsize16 = 0, rex_w = 0, two_byte = 0;
-    uint8_t op, shape, reg = 0;
+    uint8_t op, shape, reg = 0, prefix = 0;
     int *interesting = &insn->reasons;
 
     insn->reasons = 0;
@@ -164,8 +205,17 @@ int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
     insn->modrm_offset = -1;
     insn->rex = insn->opsize16 = insn->two_byte = insn->opcode = 0;
     if (avail == 0) return 0;
-    if (code[at] == 0x66) {      /* one operand-size prefix; other prefixes go to capstone */
+    if (code[at] == 0x66) {      /* one operand-size prefix, or one F2/F3/F0 before the few opcodes that take it */
         opsize16 = 1;
+        at++;
+        /* padding: 66 90 (xchg ax, ax) and 66 66 ... 0F 1F (multi-byte nop) */
+        if (at < avail && code[at] == 0x90) return 2;
+        if (at < avail && code[at] == 0x66) {
+            while (at < avail && code[at] == 0x66 && at < 4) at++;
+            if (at + 1 >= avail || code[at] != 0x0F || code[at + 1] != 0x1F) return 0;
+        }
+    } else if (code[at] == 0xF2 || code[at] == 0xF3 || code[at] == 0xF0) {
+        prefix = code[at];
         at++;
     }
     if (at < avail && (code[at] & 0xF0) == 0x40) {
@@ -179,9 +229,14 @@ int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
         if (at >= avail) return 0;
         two_byte = 1;
         op = code[at++];
-        shape = two_byte_map(op);
+        if (prefix)
+            shape = prefixed_two_byte_map(prefix, op);
+        else if ((shape = two_byte_map(op)) == UNKNOWN && opsize16)
+            shape = prefixed_two_byte_map(0x66, op);
+    } else if (prefix == 0xF0 && op == 0xFF) {
+        shape = GROUP;           /* lock inc/dec: checked below */
     } else {
-        shape = one_byte_map(op);
+        shape = prefix ? UNKNOWN : one_byte_map(op);
     }
     if (shape == UNKNOWN) return 0;
     insn->opsize16 = (uint8_t)opsize16;
@@ -197,9 +252,12 @@ int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
                      || (two_byte && op >= 0x90 && op <= 0x9F)))
         return 0;
 
+    /* a lock prefix is valid only on a memory operand */
+    if (prefix == 0xF0 && (at >= avail || (code[at] >> 6) == 3)) return 0;
     if (shape == GROUP) {
         if (at >= avail) return 0;
         reg = (code[at] >> 3) & 7;
+        if (prefix == 0xF0 && reg > 1) return 0;
         switch (op) {
         case 0x80: case 0x83: shape = MODRM_I8; break;
         case 0x81: shape = MODRM_IZ; break;

@@ -8,9 +8,11 @@ from array import array
 from types import SimpleNamespace
 
 import capstone
+import pytest
 from capstone import x86_const as x86
 
 from hotpatch.analysis import _core, _decode, refkinds
+from tests.support.realbins import real_binary
 
 PREFIXES = [0x48, 0x4C, 0x41, 0x66, 0x0F, 0x40]
 
@@ -55,6 +57,45 @@ def test_fast_decoder_leaves_truncated_instructions_to_capstone() -> None:
     assert _core.fast_length(bytes.fromhex("48 8b 05 00 00 00 00")) == (7, True)
     assert _core.fast_length(bytes.fromhex("48 89 c8")) == (3, False)    # mov rax, rcx
     assert _core.fast_length(bytes.fromhex("e8 00 00 00 00")) == (0, True)  # call: always full decode
+
+
+def test_prefixed_sse_and_lock_forms_match_capstone() -> None:
+    # F2/F3/F0 (and 66 before SSE) take only the listed two-byte opcodes: every one accepted must be sized
+    # and flagged as capstone decodes it, the same opcode behind another prefix left to capstone
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    rng = random.Random(20261202)
+    known = {0x66: 0, 0xF2: 0, 0xF3: 0, 0xF0: 0}
+    for _ in range(80000):
+        prefix = rng.choice(list(known))
+        rex = bytes([rng.choice([0x40, 0x41, 0x44, 0x48, 0x4C, 0x49])]) if rng.random() < 0.3 else b""
+        opcode = b"\x0f" + bytes([rng.randrange(256)]) if rng.random() < 0.9 else bytes([rng.randrange(256)])
+        code = (bytes([prefix]) + rex + opcode + bytes(rng.randrange(256) for _ in range(13)))[:15]
+        length, reasons, _ = _decode.fast_decode(code)
+        if not length:
+            continue
+        known[prefix] += 1
+        decoded = list(md.disasm(code, 0x1000, 1))
+        assert decoded, f"fast decoder accepted bytes capstone rejects: {code.hex()}"
+        insn = decoded[0]
+        text = f"{code.hex()}: {insn.mnemonic} {insn.op_str}"
+        assert insn.size == length, text
+        assert _capstone_reasons(insn)[0] <= reasons, text
+        if prefix != 0x66:  # (66 before a one-byte opcode is the operand size, read as before)
+            assert "compare" not in reasons and insn.id not in (x86.X86_INS_CMP, x86.X86_INS_LEA), text
+    assert min(known.values()) > 50 and sum(known.values()) > 5000, known
+
+
+def test_padding_nops_with_operand_size_prefixes_match_capstone() -> None:
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    for code in ("6690", "66660f1f840000000000", "6666660f1f840000000000", "666666660f1f840000000000",
+                 "660f1f440000"):
+        raw = bytes.fromhex(code)
+        insn = next(md.disasm(raw, 0, 1))
+        assert _core.fast_length(raw)[0] == insn.size, code
+    # five 66s, or 66 66 before anything but a nop, stay capstone's
+    assert _core.fast_length(bytes.fromhex("66666666660f1f840000000000"))[0] == 0
+    assert _core.fast_length(bytes.fromhex("666689c8"))[0] == 0
 
 
 def _capstone_reasons(insn: capstone.CsInsn) -> tuple[set[str], int | None]:
@@ -119,10 +160,12 @@ def test_rip_operands_read_from_the_bytes_match_capstones_details() -> None:
                           first_section_rva=0x1000, image_base=0x180000000)
     ranges = ((0x1F00, 0x2080),)
     opcodes = [b"\x8b", b"\x89", b"\x8d", b"\xff", b"\x3b", b"\x39", b"\x80", b"\x83", b"\xc7", b"\x0f\x10",
-               b"\x0f\xb6", b"\x63", b"\x85", b"\x0f\x28"]
+               b"\x0f\xb6", b"\x63", b"\x85", b"\x0f\x28", b"\x0f\x6f", b"\x0f\x7f", b"\x0f\x7e", b"\x0f\x2a",
+               b"\x0f\xc1", b"\x0f\xb1"]
     decoded = kinds = leas = 0
-    for _ in range(20000):
-        prefix = rng.choice([b"", b"\x48", b"\x4c", b"\x44", b"\x41", b"\x66", b"\x66\x48", b"\x49", b"\x40"])
+    for _ in range(30000):
+        prefix = rng.choice([b"", b"\x48", b"\x4c", b"\x44", b"\x41", b"\x66", b"\x66\x48", b"\x49", b"\x40",
+                             b"\xf2", b"\xf3", b"\xf0", b"\xf2\x48", b"\xf0\x48"])
         modrm = (rng.randrange(8) << 3) | 0x05
         head = prefix + rng.choice(opcodes) + bytes([modrm])
         tail = bytes(rng.randrange(256) for _ in range(6))
@@ -201,3 +244,36 @@ def test_sweep_reads_flow_ends_as_terminates_does() -> None:
                     assert _decode.ends_flow(code[:length]) is expected, code[:length].hex()
                     ends += expected
     assert ends > 1000
+
+
+@pytest.mark.realbins
+@pytest.mark.parametrize(("name", "version", "glob"), [
+    ("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd"),
+    ("numpy", "2.1.0", "numpy/_core/_multiarray_umath*.pyd"),
+])
+def test_prefixed_instructions_of_real_binaries_decode_as_capstone_decodes(name: str, version: str,
+                                                                           glob: str) -> None:
+    # every distinct instruction behind a 66/F2/F3/F0 prefix that the analysis swept in a real MSVC or LLVM
+    # binary: where the fast decoder sizes it, capstone gives the same length and no reason it hides
+    from hotpatch.analysis.functions import discover
+    from hotpatch.pe.image import Image
+
+    image = Image.load_fast(real_binary(name, version, glob))
+    memory = image.memory
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    md.detail = True
+    seen: set[bytes] = set()
+    for analysis in discover(image).analyses:
+        for rva in analysis.insn_rvas:
+            if memory[rva] in (0x66, 0xF2, 0xF3, 0xF0):
+                seen.add(bytes(memory[rva:rva + 15]))
+    accepted = 0
+    for code in seen:
+        length, reasons, _ = _decode.fast_decode(code)
+        if not length:
+            continue
+        accepted += 1
+        insn = next(md.disasm(code, 0x1000, 1))
+        text = f"{code[:insn.size].hex()}: {insn.mnemonic} {insn.op_str}"
+        assert insn.size == length and _capstone_reasons(insn)[0] <= reasons, text
+    assert accepted > len(seen) // 2

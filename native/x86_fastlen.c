@@ -203,6 +203,7 @@ int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
     insn->reasons = 0;
     insn->bound = 0;
     insn->modrm_offset = -1;
+    insn->base_reg = -1;
     insn->rex = insn->opsize16 = insn->two_byte = insn->opcode = 0;
     if (avail == 0) return 0;
     if (code[at] == 0x66) {      /* one operand-size prefix, or one F2/F3/F0 before the few opcodes that take it */
@@ -289,6 +290,8 @@ int hp_fast_decode(const uint8_t *code, size_t avail, hp_fast_insn *insn)
         size_t modrm = modrm_length(code + at, avail - at, interesting);
         if (modrm == 0) return 0;
         insn->modrm_offset = (int)at;
+        if (*interesting & HP_DISP32)  /* mod 2: the base is ModRM.rm, or SIB.base behind rm 4 */
+            insn->base_reg = (((code[at] & 7) == 4 ? code[at + 1] : code[at]) & 7) | ((insn->rex & 1) << 3);
         if (shape == MODRM_I8) immediate = 1;
         else if (shape == MODRM_IZ) immediate = opsize16 && !rex_w ? 2 : 4;
         length = at + modrm + immediate;

@@ -44,6 +44,7 @@ typedef struct {
     int reasons;          /* HP_* bits */
     int64_t bound;        /* with HP_BOUND */
     int modrm_offset;     /* offset of the ModRM byte, -1 without one */
+    int base_reg;         /* with HP_DISP32: the base register's number (0-15, REX.B included), else -1 */
     uint8_t rex;          /* the REX prefix, 0 without one */
     uint8_t opsize16;     /* a 66 prefix */
     uint8_t two_byte;     /* 0F opcode map */

@@ -30,6 +30,7 @@ cdef extern from "x86_fastlen.h" nogil:
         int reasons
         int64_t bound
         int modrm_offset
+        int base_reg
         uint8_t rex
         uint8_t opsize16
         uint8_t two_byte
@@ -362,7 +363,7 @@ cdef class _Decoder:
                         break
                 length = hp_fast_decode(base + offset, <size_t>(end - offset), &fast)
                 interesting = fast.reasons
-                if length and interesting and not self._needs_capstone(interesting & ~HP_RIP):
+                if length and interesting and not self._needs_capstone(interesting & ~HP_RIP, &fast):
                     # what capstone's details would give, the bytes tell
                     if interesting & HP_RIP and self._rip_operand(out, f, base + offset, offset, length, &fast):
                         return -1
@@ -430,12 +431,21 @@ cdef class _Decoder:
                 offset += length
         return 0
 
-    cdef inline bint _needs_capstone(self, int reasons) noexcept nogil:
+    cdef inline bint _needs_capstone(self, int reasons, const hp_fast_insn *fast) noexcept nogil:
         """Whether a fast-decoded instruction flagged for ``reasons`` (``HP_*``) can give a reference or a
         switch bound the bytes alone do not tell: without details it would give none (the twin decodes
-        all with details; the tests hold both equal)."""
-        return bool(reasons & HP_RIP) or (reasons & HP_COMPARE and not reasons & HP_BOUND) \
-            or (reasons & HP_DISP32 and self.image_base_regs > 0) or (reasons & HP_SCALE4 and self.lea_any)
+        all with details; the tests hold both equal). A [reg + disp32] operand is an image-relative address
+        only when that base register holds the image base, and a scaled index reads a switch table only in
+        ``mov r32, [..]`` (8A/8B) or ``movsxd`` (63)."""
+        cdef int base
+        if reasons & HP_RIP or (reasons & HP_COMPARE and not reasons & HP_BOUND):
+            return True
+        if reasons & HP_DISP32 and self.image_base_regs > 0:
+            base = LEA_REGISTER[2][fast.base_reg] if 0 <= fast.base_reg < 16 else 0
+            if base == 0 or self.lea_known[base] and self.lea_value[base] == 0:
+                return True
+        return reasons & HP_SCALE4 and self.lea_any and not fast.two_byte \
+            and (fast.opcode == 0x8B or fast.opcode == 0x8A or fast.opcode == 0x63)
 
     cdef int _rip_operand(self, Decoded *out, const Function *f, const uint8_t *p, int64_t rva, int length,
                           const hp_fast_insn *fast) noexcept nogil:

@@ -277,3 +277,46 @@ def test_prefixed_instructions_of_real_binaries_decode_as_capstone_decodes(name:
         text = f"{code[:insn.size].hex()}: {insn.mnemonic} {insn.op_str}"
         assert insn.size == length and _capstone_reasons(insn)[0] <= reasons, text
     assert accepted > len(seen) // 2
+
+
+def test_disp32_and_scaled_operands_beside_an_image_base_register_decode_as_the_twin() -> None:
+    # with a register holding the image base, only operands based on that register (or a scaled mov/movsxd
+    # load) need capstone's details: others based elsewhere must still decode exactly as the twin decodes
+    from hotpatch.analysis import _reference
+
+    rng = random.Random(11)
+    memory_size = 0x3000
+    references = image_relative = 0
+    for _ in range(60):
+        code = b""
+        base = 0x1000
+        for _ in range(rng.randrange(20, 80)):
+            choice = rng.randrange(6)
+            if choice == 0:  # lea REG, [rip + X] pointing at the image base (X = -rva - 7) or elsewhere
+                reg = rng.randrange(8)
+                rva = base + len(code)
+                target = 0 if rng.random() < 0.7 else rng.randrange(0x1000, memory_size)
+                code += bytes([0x48 | (rng.random() < 0.3) << 2, 0x8D, 0x05 | reg << 3]) + struct.pack(
+                    "<i", target - rva - 7)
+                continue
+            rex = bytes([rng.choice([0x40, 0x41, 0x44, 0x48, 0x49, 0x4C])]) if rng.random() < 0.5 else b""
+            opcode = rng.choice([b"\x8b", b"\x8a", b"\x63", b"\x03", b"\x89", b"\x8d", b"\x0f\xb6", b"\x3b",
+                                 b"\x0f\x10"])
+            if opcode == b"\x63":
+                rex = bytes([0x48 | (rex[0] & 7 if rex else 0)])
+            disp = struct.pack("<i", rng.choice([rng.randrange(0x1000, memory_size), rng.randrange(-64, 64)]))
+            if rng.random() < 0.5:  # [base + index * 4 + disp32]
+                sib = rng.choice([0x80, 0x40, 0xC0]) | rng.randrange(8) << 3 | rng.randrange(8)
+                code += rex + opcode + bytes([0x84 | rng.randrange(8) << 3, sib]) + disp
+            else:  # [base + disp32]
+                code += rex + opcode + bytes([0x80 | rng.randrange(8) << 3 | rng.choice([0, 1, 2, 3, 5, 6, 7])]) \
+                    + disp
+        memory = bytes(0x1000) + code + bytes(memory_size - 0x1000 - len(code) + 64)
+        ctx = SimpleNamespace(memory=memory, relocations=array("I"), iat={}, first_section_rva=0x1000,
+                              image_base=0x180000000)
+        items = [(0x1000, ((0x1000, 0x1000 + len(code)),))]
+        for fast, slow in zip(_core.decode(ctx, items), _reference.decode(ctx, items)):
+            assert fast[0] == slow[0] and list(fast[1]) == list(slow[1]) and fast[2] == slow[2]
+            references += len(slow[1])
+            image_relative += sum(ref[0] == refkinds.IMAGE_REL32 for ref in slow[1])
+    assert references > 500 and image_relative > 100, (references, image_relative)

@@ -84,3 +84,39 @@ class _Fixed:
 
     def parse_args(self, argv):  # type: ignore[no-untyped-def]
         return self.args
+
+
+_LEAVE_PROBE = """
+import atexit, sys
+from hotpatch.cli.commands import main
+atexit.register(lambda: sys.stderr.write("interpreter teardown ran\\n"))
+sys.argv = ["hotpatch", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_one_shot_commands_leave_without_teardown_and_with_every_output_written(built_fixtures, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A one-shot command run from the command line ends through os._exit once its output is flushed (the
+    interpreter's teardown would free both images' tables object by object): its stdout, the JSON it wrote
+    with --out and the package it built are complete; called as a function, main returns."""
+    import json
+
+    from hotpatch.package.format import loads
+
+    case = built_fixtures / "body_change"
+    baseline, patched = str(case / "baseline.dll"), str(case / "patched.dll")
+    out, package = tmp_path / "diff.json", tmp_path / "patch.hpk"
+    diff = subprocess.run([sys.executable, "-c", _LEAVE_PROBE, "diff", baseline, patched, "--json", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert diff.returncode == 0, diff.stderr
+    assert "teardown" not in diff.stderr  # the atexit handler never ran: the process left through os._exit
+    assert json.loads(diff.stdout) == json.loads(out.read_text())
+    assert json.loads(diff.stdout)["functions"]
+    build = subprocess.run([sys.executable, "-c", _LEAVE_PROBE, "build", baseline, patched, "-o", str(package),
+                            "--json"], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0 and "teardown" not in build.stderr, build.stderr
+    assert json.loads(build.stdout) and loads(package.read_bytes()).sites
+    # in-process callers (tests, the demo) get the exit code back, with the interpreter left running
+    called = subprocess.run([sys.executable, "-c", _LEAVE_PROBE.replace("main()", f"main({['info', baseline]!r})")],
+                            capture_output=True, text=True, timeout=300)
+    assert called.returncode == 0 and "interpreter teardown ran" in called.stderr, called.stderr

@@ -353,7 +353,22 @@ def build_parser(*, own_only: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+def _leave(code: int) -> None:
+    """End a one-shot command's process once its output is flushed, without the interpreter's teardown: it
+    would free both images' tables object by object (about 0.07 s of CPU after a duckdb diff). Every file
+    the command wrote is closed by then; only the standard streams are still open."""
+    import os
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     # the other command modules import Dask, numpy and LIEF at load time: seconds of CPU that --version,
     # info or functions never use, so they are registered only when the command (or --help) may need them
@@ -366,7 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # objects and no cycles worth collecting, while every full collection walks both images' tables
             # (a second of the duckdb diff); what they leave is freed when the process exits
             with gc_paused():
-                return run(args)
+                code = run(args)
+            if from_command_line:
+                _leave(code)
+            return code
         return run(args)
     except HotpatchError as exc:
         print(f"hotpatch: error: {exc}", file=sys.stderr)

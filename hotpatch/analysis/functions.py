@@ -43,8 +43,10 @@ def _sources_of(mask: int) -> tuple[str, ...]:
     return tuple(source for source in SOURCES if mask & _SOURCE_BIT[source])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Function:
+    """One discovered function (slots: discovery's kernel fills them directly, tens of thousands an image)."""
+
     rva: int
     end_rva: int
     name: str | None
@@ -160,29 +162,6 @@ class FunctionTable:
         return cached
 
 
-def _function(rva: int, end_rva: int, name: str | None, sources: tuple[str, ...],
-              fragments: tuple[tuple[int, int], ...], pad_before: int, pad_after: int,
-              unwind: UnwindInfo | None, fingerprint: str) -> Function:
-    """``Function(...)`` with every field given, filled in directly: the frozen dataclass's ``__init__``
-    goes through ``object.__setattr__`` field by field, a third of the cost, and discovery makes one per
-    function (tens of thousands on a large image). Function has no ``__post_init__`` to skip."""
-    function = _new_object(Function)
-    fields = function.__dict__
-    fields["rva"] = rva
-    fields["end_rva"] = end_rva
-    fields["name"] = name
-    fields["sources"] = sources
-    fields["fragments"] = fragments
-    fields["pad_before"] = pad_before
-    fields["pad_after"] = pad_after
-    fields["unwind"] = unwind
-    fields["fingerprint"] = fingerprint
-    return function
-
-
-_new_object = object.__new__
-
-
 # ── discovery ──────────────────────────────────────────────────────────────
 
 
@@ -264,9 +243,11 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         add(thunk, "thunk")
     # Exception and termination handlers named by unwind info: the OS calls them, nothing in the code does
     # (hand-written assembly's SEH handlers have no .pdata of their own).
-    for runtime in image.runtime_functions:
-        if runtime.unwind.handler_rva is not None:
-            add(runtime.unwind.handler_rva, "handler")
+    # tens of thousands of .pdata entries name a handful of handlers: add each once, in first-named order
+    handlers = dict.fromkeys(runtime.unwind.handler_rva for runtime in image.runtime_functions)
+    handlers.pop(None, None)
+    for handler in handlers:
+        add(handler, "handler")
     memory = image.memory
     decodable: dict[int, bool] = {}
     # pointers inside code are references of that code, not function starts: the kernel leaves them out
@@ -347,12 +328,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     final = fingerprint_all(ctx, [decoded.pop(item) for item in final_layout], starts, core)
     padding = kernels.padding_runs(memory, array("I", (rva for rva, _ in final_layout)),
                                    array("I", (ranges[0][1] for _, ranges in final_layout)), section_rvas, section_ends)
-    functions = []
-    for (rva, ranges), analysis, before, after in zip(final_layout, final, *padding):
-        runtime = pdata.get(rva)
-        functions.append(_function(rva, ranges[0][1], names.get(rva), _sources_of(sources[rva]),
-                                   ranges[1:], before, after, runtime.unwind if runtime else None,
-                                   analysis.fingerprint))
+    functions = kernels.build_functions(Function, final_layout, final, *padding, pdata, names, sources, _sources_of)
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
 
 

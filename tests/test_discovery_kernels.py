@@ -293,3 +293,29 @@ def test_build_functions_refuses_a_class_without_the_slots() -> None:
 
     with pytest.raises(TypeError):
         compiled.build_functions(Loose, [], [], array("I"), array("I"), {}, {}, {}, _sources_of)
+
+
+def _sweeps_agree(image: Image, rng: random.Random) -> int:
+    """``sweep_matches`` and ``decodable_in`` of both on every function's decode, on the same decode cut short
+    or shifted by a byte (which must not match), and on random targets; the number of matches seen."""
+    table = discover(image)
+    memory = image.memory
+    matched = 0
+    for analysis in table.analyses:
+        begin, end = analysis.ranges[0]
+        rvas = analysis.insn_rvas
+        cases = [(begin, end, rvas), (begin, end, rvas[:-1]), (begin + 1, end, rvas), (begin, end - 1, rvas)]
+        for case in cases:
+            expected = reference.sweep_matches(memory, *case)
+            assert compiled.sweep_matches(memory, *case) == expected, (hex(begin), case[:2])
+            matched += expected
+    targets = [rng.randrange(-4, len(memory) + 4) for _ in range(2000)] + [f.rva for f in table.functions]
+    assert compiled.decodable_in(memory, targets) == reference.decodable_in(memory, targets)
+    return matched
+
+
+def test_sweep_kernels_agree_on_every_fixture() -> None:
+    rng = random.Random(7)
+    images = sorted(FIXTURES.glob("*/*.dll"))
+    assert len(images) > 40
+    assert sum(_sweeps_agree(Image.load(str(path)), rng) for path in images) > 1000

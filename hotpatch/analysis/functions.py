@@ -249,15 +249,11 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     for handler in handlers:
         add(handler, "handler")
     memory = image.memory
-    decodable: dict[int, bool] = {}
-    # pointers inside code are references of that code, not function starts: the kernel leaves them out
-    for target in acceptable_in(kernels.pointer_targets(memory, ctx.relocations, image.image_base, section_rvas,
-                                                        section_ends)):
-        # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
-        if target not in decodable:
-            decodable[target] = bool(core.instruction_text(memory, target, target + 15))
-        if decodable[target]:
-            add(target, "pointer")
+    # pointers inside code are references of that code, not function starts: the kernel leaves them out;
+    # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
+    for target in kernels.decodable_in(memory, acceptable_in(kernels.pointer_targets(
+            memory, ctx.relocations, image.image_base, section_rvas, section_ends))):
+        add(target, "pointer")
 
     # Follow direct calls and code addresses taken with lea until no new function appears. A function
     # without .pdata ends where no path goes on (``_reachable``): what lies behind is data or code reached
@@ -412,7 +408,7 @@ def _boundary(image: Image, layout: Layout, rva: int, core: Any) -> bool:
         previous_end = max(previous_end, end)
     if rva != previous_end and image.memory[rva - 1] not in FILL_BYTES:
         return False
-    return bool(core.instruction_text(image.memory, rva, rva + 15))
+    return bool(_kernels(core).decodable_in(image.memory, (rva,)))
 
 
 def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, add: Any, source: str,
@@ -518,8 +514,7 @@ def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis, kerne
     if analysis.raw_tables:
         return True
     # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
-    text = core.instruction_text(image.memory, begin, end)
-    return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
+    return bool(kernels.sweep_matches(image.memory, begin, end, rvas))
 
 
 def _section_bounds(image: Image) -> tuple[array, array, array, array]:

@@ -38,7 +38,9 @@ decoder = Extension(
     extra_compile_args=["-O2", "-Wno-unused-function"],
 )
 reflist = Extension("hotpatch.analysis._reflist", [f"{ANALYSIS}/_reflist.pyx"], extra_compile_args=["-O2"])
-discovery = Extension("hotpatch.analysis._discovery", [f"{ANALYSIS}/_discovery.pyx"], extra_compile_args=["-O2"])
+# (the sweep check calls capstone's C API as the decoder does)
+discovery = Extension("hotpatch.analysis._discovery", [f"{ANALYSIS}/_discovery.pyx"], include_dirs=[capstone_include()],
+                      extra_compile_args=["-O2"])
 diff_core = Extension("hotpatch.diff._diffcore", ["hotpatch/diff/_diffcore.pyx"], extra_compile_args=["-O2"])
 # .pdata read in one pass (hotpatch.pe.directories' loop is its twin)
 pdata = Extension("hotpatch.pe._pdata", ["hotpatch/pe/_pdata.pyx"], extra_compile_args=["-O2"])

@@ -21,13 +21,21 @@ def _fields(obj: object) -> dict[str, object]:
 
 
 def test_direct_function_equals_the_constructed_one() -> None:
+    from hotpatch.analysis import _discovery as compiled
+    from hotpatch.analysis import _discovery_reference as reference
+
     values = (0x1000, 0x1040, "f", ("pdata", "call"), ((0x2000, 0x2010),), 6, 3, None, "ab12")
-    made, direct = Function(*values), functions._function(*values)
-    assert direct == made and hash(direct) == hash(made) and repr(direct) == repr(made)
-    assert vars(direct) == vars(made) and list(vars(direct)) == list(vars(made))
-    assert pickle.loads(pickle.dumps(direct)) == made
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        direct.rva = 0  # type: ignore[misc]
+    analysis = FunctionAnalysis(0x1000, ((0x1000, 0x1040), (0x2000, 0x2010)), array("I"), [], [], "ab12")
+    mask = sum(1 << functions.SOURCES.index(source) for source in values[3])
+    made = Function(*values)
+    for kernels in (compiled, reference):
+        direct, = kernels.build_functions(Function, [(analysis.rva, analysis.ranges)], [analysis], array("I", [6]),
+                                          array("I", [3]), {}, {0x1000: "f"}, {0x1000: mask}, functions._sources_of)
+        assert direct == made and hash(direct) == hash(made) and repr(direct) == repr(made)
+        assert _fields(direct) == _fields(made) and not hasattr(direct, "__dict__")
+        assert pickle.loads(pickle.dumps(direct)) == made
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            direct.rva = 0  # type: ignore[misc]
 
 
 def test_direct_analysis_equals_the_constructed_one() -> None:

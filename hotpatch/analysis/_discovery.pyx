@@ -1,7 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Compiled kernels of discovery's rounds: fill and padding runs between functions, the places in gaps
 where code could begin, which of them a 32-bit word in data names, where a function's reachable code
-ends, and the call and lea targets of freshly decoded functions.
+ends, the call and lea targets of freshly decoded functions, whether capstone's plain sweep decodes where
+the core's did (over its C API, without making text), and the final ``Function`` objects.
 
 Line for line the same contract as ``hotpatch.analysis._discovery_reference`` (the regular expressions
 of ``padding.py`` read byte by byte); the tests check that both give identical results.
@@ -10,7 +11,10 @@ of ``padding.py`` read byte by byte); the tests check that both give identical r
 from array import array
 
 from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 
+from hotpatch.analysis.includes.capstone cimport *
+from hotpatch.analysis._capstone_api cimport load_entry_points
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 from hotpatch.analysis._shared cimport _lower_bound, _terminates
@@ -602,3 +606,118 @@ def call_and_lea_targets(const uint8_t[:] memory, refs_lists):
                 elif kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
                     leas.add(target)
     return calls, leas
+
+
+# ── the Function objects ───────────────────────────────────────────────────
+
+#: a Function's slots in field order, the order ``build_functions`` fills them in
+cdef tuple FUNCTION_FIELDS = ("rva", "end_rva", "name", "sources", "fragments", "pad_before", "pad_after", "unwind",
+                              "fingerprint")
+
+
+cdef inline int _set_slot(PyObject *descr, object target, object value) except -1:
+    return Py_TYPE(<object>descr).tp_descr_set(<object>descr, target, value)
+
+
+def build_functions(cls, list items, list analyses, const uint32_t[:] before, const uint32_t[:] after, dict pdata,
+                    dict names, dict sources, sources_of):
+    """A ``cls`` (``functions.Function``, slotted) for each final item ``(rva, ranges)`` with its analysis and the
+    padding before and after it: its name in ``names``, its sources ``sources_of(sources[rva])``, its unwind
+    info from the .pdata entry ``pdata[rva]`` if any. Each is made by its type's ``tp_new`` with its slots
+    filled through their member descriptors' C setters: what its ``__init__`` does, without a Python call."""
+    cdef PyObject *descr[9]
+    cdef Py_ssize_t i, count = len(items)
+    cdef tuple empty = (), item, ranges
+    cdef dict tuples = {}
+    cdef list out = []
+    if not isinstance(cls, type) or getattr(cls, "__slots__", None) != FUNCTION_FIELDS:
+        raise TypeError(f"{cls!r} is not a class with the slots {FUNCTION_FIELDS}")
+    if len(analyses) != count or before.shape[0] != count or after.shape[0] != count:
+        raise ValueError("items, analyses and paddings differ in length")
+    fields = [(<type>cls).__dict__[name] for name in FUNCTION_FIELDS]  # keeps the descriptors alive
+    for i in range(9):
+        if type(fields[i]).__name__ != "member_descriptor":
+            raise TypeError(f"{cls.__name__}.{FUNCTION_FIELDS[i]} is not a slot")
+        descr[i] = <PyObject *>fields[i]
+    for i in range(count):
+        item = items[i]
+        rva, ranges = item
+        mask = sources[rva]
+        named = tuples.get(mask)
+        if named is None:  # a handful of masks among tens of thousands of functions
+            named = tuples[mask] = sources_of(mask)
+        runtime = pdata.get(rva)
+        made = (<PyTypeObject *>cls).tp_new(<type>cls, <PyObject *>empty, NULL)
+        _set_slot(descr[0], made, rva)
+        _set_slot(descr[1], made, ranges[0][1])
+        _set_slot(descr[2], made, names.get(rva))
+        _set_slot(descr[3], made, named)
+        _set_slot(descr[4], made, ranges[1:])
+        _set_slot(descr[5], made, before[i])
+        _set_slot(descr[6], made, after[i])
+        _set_slot(descr[7], made, None if runtime is None else runtime.unwind)
+        _set_slot(descr[8], made, analyses[i].fingerprint)
+        out.append(made)
+    return out
+
+
+# ── capstone's plain sweep, without its text ───────────────────────────────
+
+cdef CapstoneAPI cs
+load_entry_points(&cs, "hotpatch.analysis._discovery")
+cdef csh _sweep_handle = 0
+cdef cs_insn *_sweep_insn = NULL
+
+
+cdef int _open_sweep() except -1:
+    """The handle ``instruction_text`` would use (x86-64, no details), opened on first use."""
+    global _sweep_handle, _sweep_insn
+    if _sweep_insn == NULL:
+        if cs.open(CS_ARCH_X86, CS_MODE_64, &_sweep_handle) != CS_ERR_OK:
+            raise RuntimeError("cs_open failed")
+        _sweep_insn = cs.malloc(_sweep_handle)
+        if _sweep_insn == NULL:
+            raise MemoryError()
+    return 0
+
+
+cdef Py_ssize_t _sweep(const uint8_t[:] memory, int64_t begin, int64_t end, const uint32_t[:] rvas) except -2:
+    """How many instructions capstone's plain sweep of ``[begin, end)`` decodes up to its first undecodable
+    byte (the core's ``instruction_text``), if they lie at ``rvas`` so far; -1 where one does not."""
+    cdef const uint8_t *code
+    cdef size_t remaining
+    cdef uint64_t address
+    cdef Py_ssize_t count = 0, known = rvas.shape[0] if rvas is not None else -1
+    _open_sweep()
+    if end > memory.shape[0]:
+        end = memory.shape[0]
+    if begin < 0 or begin >= end:
+        return 0
+    code = &memory[begin]
+    remaining = <size_t>(end - begin)
+    address = <uint64_t>begin
+    while remaining and cs.disasm_iter(_sweep_handle, &code, &remaining, &address, _sweep_insn):
+        if known >= 0 and (count >= known or _sweep_insn.address != rvas[count]):
+            return -1
+        count += 1
+        if known < 0:
+            break  # only whether one decodes
+    return count
+
+
+def sweep_matches(const uint8_t[:] memory, int64_t begin, int64_t end, const uint32_t[:] rvas):
+    """Whether capstone's plain sweep of ``[begin, end)``, up to its first undecodable byte, decodes exactly
+    the instructions at ``rvas`` (``instruction_text``'s addresses, without making its text)."""
+    return _sweep(memory, begin, end, rvas) == rvas.shape[0]
+
+
+def decodable_in(const uint8_t[:] memory, targets):
+    """The targets (in the given order) where an instruction decodes within 15 bytes (``instruction_text`` of
+    ``[target, target + 15)`` is not empty)."""
+    cdef list out = []
+    cdef int64_t target
+    for value in targets:
+        target = value
+        if _sweep(memory, target, target + 15, None) > 0:
+            out.append(value)
+    return out

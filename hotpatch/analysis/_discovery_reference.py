@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from heapq import heappop, heappush
+from typing import Any
 
+from ._reference import instruction_text
 from .flow import terminates
 from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "call_and_lea_targets", "gap_places", "gap_starts",
-           "memory_word_index", "memory_words", "named", "named_in", "padding_runs", "plausible_limits",
-           "pointer_targets", "reachable_end", "sane_references", "stale_gap_places", "trimmed_end", "word_index"]
+__all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "build_functions", "call_and_lea_targets",
+           "decodable_in", "gap_places", "gap_starts", "memory_word_index", "memory_words", "named", "named_in",
+           "padding_runs", "plausible_limits", "pointer_targets", "reachable_end", "sane_references",
+           "stale_gap_places", "sweep_matches", "trimmed_end", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -348,3 +351,32 @@ def call_and_lea_targets(memory: bytes, refs_lists: Iterable[Iterable[tuple[int,
             elif kind == RIP_RELATIVE and operand_offset >= 2 and memory[insn_rva + operand_offset - 2] == 0x8D:
                 leas.add(target)
     return calls, leas
+
+
+def build_functions(cls: Any, items: list[tuple[int, tuple[tuple[int, int], ...]]], analyses: list[Any],
+                    before: Sequence[int], after: Sequence[int], pdata: dict[int, Any], names: dict[int, str],
+                    sources: dict[int, int], sources_of: Callable[[int], tuple[str, ...]]) -> list[Any]:
+    """A ``cls`` (``functions.Function``) for each final item ``(rva, ranges)`` with its analysis and the padding
+    before and after it: its name in ``names``, its sources ``sources_of(sources[rva])``, its unwind info
+    from the .pdata entry ``pdata[rva]`` if any."""
+    if not len(analyses) == len(before) == len(after) == len(items):
+        raise ValueError("items, analyses and paddings differ in length")
+    out = []
+    for (rva, ranges), analysis, pad_before, pad_after in zip(items, analyses, before, after):
+        runtime = pdata.get(rva)
+        out.append(cls(rva, ranges[0][1], names.get(rva), sources_of(sources[rva]), ranges[1:], pad_before, pad_after,
+                       None if runtime is None else runtime.unwind, analysis.fingerprint))
+    return out
+
+
+def sweep_matches(memory: bytes, begin: int, end: int, rvas: Sequence[int]) -> bool:
+    """Whether capstone's plain sweep of ``[begin, end)``, up to its first undecodable byte, decodes exactly
+    the instructions at ``rvas`` (``instruction_text``'s addresses)."""
+    text = instruction_text(memory, begin, end)
+    return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
+
+
+def decodable_in(memory: bytes, targets: Iterable[int]) -> list[int]:
+    """The targets (in the given order) where an instruction decodes within 15 bytes (``instruction_text`` of
+    ``[target, target + 15)`` is not empty)."""
+    return [target for target in targets if instruction_text(memory, target, target + 15)]

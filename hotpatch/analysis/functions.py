@@ -43,8 +43,10 @@ def _sources_of(mask: int) -> tuple[str, ...]:
     return tuple(source for source in SOURCES if mask & _SOURCE_BIT[source])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Function:
+    """One discovered function (slots: discovery's kernel fills them directly, tens of thousands an image)."""
+
     rva: int
     end_rva: int
     name: str | None
@@ -160,29 +162,6 @@ class FunctionTable:
         return cached
 
 
-def _function(rva: int, end_rva: int, name: str | None, sources: tuple[str, ...],
-              fragments: tuple[tuple[int, int], ...], pad_before: int, pad_after: int,
-              unwind: UnwindInfo | None, fingerprint: str) -> Function:
-    """``Function(...)`` with every field given, filled in directly: the frozen dataclass's ``__init__``
-    goes through ``object.__setattr__`` field by field, a third of the cost, and discovery makes one per
-    function (tens of thousands on a large image). Function has no ``__post_init__`` to skip."""
-    function = _new_object(Function)
-    fields = function.__dict__
-    fields["rva"] = rva
-    fields["end_rva"] = end_rva
-    fields["name"] = name
-    fields["sources"] = sources
-    fields["fragments"] = fragments
-    fields["pad_before"] = pad_before
-    fields["pad_after"] = pad_after
-    fields["unwind"] = unwind
-    fields["fingerprint"] = fingerprint
-    return function
-
-
-_new_object = object.__new__
-
-
 # ── discovery ──────────────────────────────────────────────────────────────
 
 
@@ -264,19 +243,17 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         add(thunk, "thunk")
     # Exception and termination handlers named by unwind info: the OS calls them, nothing in the code does
     # (hand-written assembly's SEH handlers have no .pdata of their own).
-    for runtime in image.runtime_functions:
-        if runtime.unwind.handler_rva is not None:
-            add(runtime.unwind.handler_rva, "handler")
+    # tens of thousands of .pdata entries name a handful of handlers: add each once, in first-named order
+    handlers = dict.fromkeys(runtime.unwind.handler_rva for runtime in image.runtime_functions)
+    handlers.pop(None, None)
+    for handler in handlers:
+        add(handler, "handler")
     memory = image.memory
-    decodable: dict[int, bool] = {}
-    # pointers inside code are references of that code, not function starts: the kernel leaves them out
-    for target in acceptable_in(kernels.pointer_targets(memory, ctx.relocations, image.image_base, section_rvas,
-                                                        section_ends)):
-        # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
-        if target not in decodable:
-            decodable[target] = bool(core.instruction_text(memory, target, target + 15))
-        if decodable[target]:
-            add(target, "pointer")
+    # pointers inside code are references of that code, not function starts: the kernel leaves them out;
+    # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
+    for target in kernels.decodable_in(memory, acceptable_in(kernels.pointer_targets(
+            memory, ctx.relocations, image.image_base, section_rvas, section_ends))):
+        add(target, "pointer")
 
     # Follow direct calls and code addresses taken with lea until no new function appears. A function
     # without .pdata ends where no path goes on (``_reachable``): what lies behind is data or code reached
@@ -347,12 +324,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     final = fingerprint_all(ctx, [decoded.pop(item) for item in final_layout], starts, core)
     padding = kernels.padding_runs(memory, array("I", (rva for rva, _ in final_layout)),
                                    array("I", (ranges[0][1] for _, ranges in final_layout)), section_rvas, section_ends)
-    functions = []
-    for (rva, ranges), analysis, before, after in zip(final_layout, final, *padding):
-        runtime = pdata.get(rva)
-        functions.append(_function(rva, ranges[0][1], names.get(rva), _sources_of(sources[rva]),
-                                   ranges[1:], before, after, runtime.unwind if runtime else None,
-                                   analysis.fingerprint))
+    functions = kernels.build_functions(Function, final_layout, final, *padding, pdata, names, sources, _sources_of)
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
 
 
@@ -436,7 +408,7 @@ def _boundary(image: Image, layout: Layout, rva: int, core: Any) -> bool:
         previous_end = max(previous_end, end)
     if rva != previous_end and image.memory[rva - 1] not in FILL_BYTES:
         return False
-    return bool(core.instruction_text(image.memory, rva, rva + 15))
+    return bool(_kernels(core).decodable_in(image.memory, (rva,)))
 
 
 def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, add: Any, source: str,
@@ -542,8 +514,7 @@ def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis, kerne
     if analysis.raw_tables:
         return True
     # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
-    text = core.instruction_text(image.memory, begin, end)
-    return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
+    return bool(kernels.sweep_matches(image.memory, begin, end, rvas))
 
 
 def _section_bounds(image: Image) -> tuple[array, array, array, array]:

@@ -402,6 +402,35 @@ def test_call_graph_agrees_on_random_functions() -> None:
     assert repeats > 100
 
 
+def test_call_graph_by_index_agrees_on_packed_tables() -> None:
+    """call_graph on an image's case (every list packed, starts the set of the rvas): callees looked up by
+    index give the twin's graph, whatever the order of the rvas, functions calling themselves or another
+    one's inside, and pointer tables holding something other than a start (then the general path)."""
+    rng = random.Random(20261208)
+    indexed = general = 0
+    for _ in range(300):
+        rvas = rng.sample(range(0x1000, 0x1800, 8), rng.randint(1, 40))
+        if rng.random() < 0.5:
+            rvas.sort()
+        targets = rvas + [rva + 2 for rva in rvas[:3]] + [rng.randrange(0x1000, 0x1800) for _ in range(5)]
+        refs_lists = [_packed(_random_refs(rng, rng.randint(0, 20), targets)) for _ in rvas]
+        ranges = [((rva, rva + 4),) if rng.random() < 0.8 else ((rva, rva + 4), (rva + 0x400, rva + 0x410))
+                  for rva in rvas]
+        pointer_tables = {t: rng.sample(rvas, min(len(rvas), 3)) for t in rng.sample(targets, 3)}
+        if rng.random() < 0.2:
+            next(iter(pointer_tables.values())).append(0x1801)  # not a start
+            general += 1
+        else:
+            indexed += 1
+        expected: tuple = ({}, defaultdict(list))
+        reference.call_graph([r.tolist() for r in refs_lists], ranges, rvas, set(rvas), pointer_tables, *expected)
+        found: tuple = ({}, defaultdict(list))
+        compiled.call_graph(refs_lists, ranges, rvas, set(rvas), pointer_tables, *found)
+        assert found == expected
+        assert list(found[0]) == list(expected[0]) and list(found[1]) == list(expected[1])
+    assert indexed > 200 and general > 30
+
+
 def test_interner_gives_the_ids_a_dict_gives() -> None:
     """token_ids into the compiled Interner: the same ids, in the same order of first use, as into a dict with
     either implementation, across many functions sharing one interner (past several growths of its table),

@@ -301,6 +301,49 @@ def test_propagation_agrees_on_random_call_graphs() -> None:
     assert paired > 500
 
 
+def _two_passes(kernels, seeds: list[tuple[int, int]], graphs: tuple, seed: int,  # type: ignore[no-untyped-def]
+                settled: set[int] | None) -> tuple:
+    """The offers, matches and settled pairs of two full propagation passes (the second over every pair
+    made, as the matcher runs after more pairs were made; three tenths of the offers refused)."""
+    forward, backward, offers = dict(seeds), {b: a for a, b in seeds}, []
+    refusals = random.Random(seed)
+
+    def aligned(left: list[int], right: list[int]) -> list[tuple[int, int]]:
+        return [(x, y) for x, y in zip(left, right) if x not in forward and y not in backward]
+
+    def pair(x: int, y: int) -> bool:
+        offers.append((x, y))
+        if x in forward or y in backward or refusals.random() < 0.3:
+            return False
+        forward[x], backward[y] = y, x
+        return True
+
+    (callees_a, callers_a), (callees_b, callers_b) = graphs
+    for _ in range(2):  # the refusals leave work for the second pass
+        kernels.propagate(list(forward.items()), forward, backward, callees_a, callees_b, callers_a, callers_b,
+                          aligned, pair, settled)
+    return offers, forward, settled
+
+
+def test_settled_pairs_change_no_later_pass() -> None:
+    """propagate with a ``settled`` set: a second full pass over every pair (as the matcher runs after more
+    pairs were made) offers what a pass without it offers, in the same order, and skips the settled ones;
+    the kernel and the twin settle the same pairs."""
+    rng = random.Random(20261209)
+    skipped = offered = 0
+    for round_ in range(300):
+        size = rng.randint(1, 40)
+        graphs = (_random_graph(rng, size, 0), _random_graph(rng, size, 1000))
+        seeds = [(f, 1000 + f) for f in rng.sample(range(size), rng.randint(1, min(size, 3)))]
+        runs = [_two_passes(kernels, seeds, graphs, round_, settled)
+                for kernels, settled in ((compiled, set()), (reference, set()), (compiled, None))]
+        (fast, slow, plain) = runs
+        assert fast == slow and fast[:2] == plain[:2]
+        skipped += len(fast[2])
+        offered += len(fast[0])
+    assert skipped > 300 and offered > 500
+
+
 def test_equal_replacements_agree_with_align_opcodes() -> None:
     """equal_replacements: the compiled kernel gives the twin's replacements (align.opcodes' equal-length
     "replace" runs) on random callee lists with anchors and unique placeholders, shared prefixes and

@@ -1170,20 +1170,59 @@ cdef bint _all_in(dict taken, list items):
     return True
 
 
+#: ``_free_one``'s answer when more than one element is free
+cdef object _MANY = object()
+
+
 def propagate(list queue, dict forward, dict backward, dict callees_a, dict callees_b, callers_a, callers_b,
-              aligned_pairs, pair):
-    """Call-graph propagation from the matched ``(a, b)`` of ``queue`` (taken from its end)."""
+              aligned_pairs, pair, set settled=None):
+    """Call-graph propagation from the matched ``(a, b)`` of ``queue`` (taken from its end); a pair whose
+    ``a`` is in ``settled`` is passed over, and one found able to offer nothing ever again goes in."""
     cdef list empty = [], left, right, new
-    cdef object a, b, x, y
+    cdef object a, b, x, y, lone_a, lone_b
+    cdef bint trivial
     while queue:
         a, b = queue.pop()
+        if settled is not None and a in settled:
+            continue
         left = callees_a.get(a, empty)
         right = callees_b.get(b, empty)
-        new = [] if _all_in(forward, left) or _all_in(backward, right) else aligned_pairs(left, right)
-        new.extend(lone_pair(forward, backward, callers_a.get(a, ()), callers_b.get(b, ())))
+        trivial = _all_in(forward, left) or _all_in(backward, right)
+        new = None if trivial else aligned_pairs(left, right)
+        lone_a = _free_one(forward, callers_a.get(a, ()))
+        if lone_a is None:
+            lone_b = None
+        elif lone_a is not _MANY or (trivial and settled is not None):
+            lone_b = _free_one(backward, callers_b.get(b, ()))
+        else:
+            lone_b = _MANY  # not needed
+        if lone_a is not None and lone_a is not _MANY and lone_b is not None and lone_b is not _MANY:
+            if new is None:
+                new = []
+            new.append((lone_a, lone_b))
+        elif trivial and settled is not None and (lone_a is None or lone_b is None):
+            # every callee matched on one side, and no free caller on one side, stay so (pairs are never
+            # undone): this pair offers nothing in any later pass
+            settled.add(a)
+        if new is None:
+            continue
         for x, y in new:
             if x not in forward and y not in backward and pair(x, y):
                 queue.append((x, y))
+
+
+cdef object _free_one(dict taken, seq):
+    """The one distinct element of ``seq`` that is not a key of ``taken``; None when there is none,
+    ``_MANY`` when there are more."""
+    cdef object first = None, item
+    for item in seq:
+        if item in taken:
+            continue
+        if first is None:
+            first = item
+        elif item != first:
+            return _MANY
+    return first
 
 
 def lone_pair(dict taken_left, dict taken_right, left, right):

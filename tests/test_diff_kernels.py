@@ -301,6 +301,49 @@ def test_propagation_agrees_on_random_call_graphs() -> None:
     assert paired > 500
 
 
+def _two_passes(kernels, seeds: list[tuple[int, int]], graphs: tuple, seed: int,  # type: ignore[no-untyped-def]
+                settled: set[int] | None) -> tuple:
+    """The offers, matches and settled pairs of two full propagation passes (the second over every pair
+    made, as the matcher runs after more pairs were made; three tenths of the offers refused)."""
+    forward, backward, offers = dict(seeds), {b: a for a, b in seeds}, []
+    refusals = random.Random(seed)
+
+    def aligned(left: list[int], right: list[int]) -> list[tuple[int, int]]:
+        return [(x, y) for x, y in zip(left, right) if x not in forward and y not in backward]
+
+    def pair(x: int, y: int) -> bool:
+        offers.append((x, y))
+        if x in forward or y in backward or refusals.random() < 0.3:
+            return False
+        forward[x], backward[y] = y, x
+        return True
+
+    (callees_a, callers_a), (callees_b, callers_b) = graphs
+    for _ in range(2):  # the refusals leave work for the second pass
+        kernels.propagate(list(forward.items()), forward, backward, callees_a, callees_b, callers_a, callers_b,
+                          aligned, pair, settled)
+    return offers, forward, settled
+
+
+def test_settled_pairs_change_no_later_pass() -> None:
+    """propagate with a ``settled`` set: a second full pass over every pair (as the matcher runs after more
+    pairs were made) offers what a pass without it offers, in the same order, and skips the settled ones;
+    the kernel and the twin settle the same pairs."""
+    rng = random.Random(20261209)
+    skipped = offered = 0
+    for round_ in range(300):
+        size = rng.randint(1, 40)
+        graphs = (_random_graph(rng, size, 0), _random_graph(rng, size, 1000))
+        seeds = [(f, 1000 + f) for f in rng.sample(range(size), rng.randint(1, min(size, 3)))]
+        runs = [_two_passes(kernels, seeds, graphs, round_, settled)
+                for kernels, settled in ((compiled, set()), (reference, set()), (compiled, None))]
+        (fast, slow, plain) = runs
+        assert fast == slow and fast[:2] == plain[:2]
+        skipped += len(fast[2])
+        offered += len(fast[0])
+    assert skipped > 300 and offered > 500
+
+
 def test_equal_replacements_agree_with_align_opcodes() -> None:
     """equal_replacements: the compiled kernel gives the twin's replacements (align.opcodes' equal-length
     "replace" runs) on random callee lists with anchors and unique placeholders, shared prefixes and
@@ -400,6 +443,35 @@ def test_call_graph_agrees_on_random_functions() -> None:
         assert list(found[1]) == list(expected[1])  # targets in the order first met
         repeats += sum(len(callees) - len(set(callees)) for callees in expected[0].values())
     assert repeats > 100
+
+
+def test_call_graph_by_index_agrees_on_packed_tables() -> None:
+    """call_graph on an image's case (every list packed, starts the set of the rvas): callees looked up by
+    index give the twin's graph, whatever the order of the rvas, functions calling themselves or another
+    one's inside, and pointer tables holding something other than a start (then the general path)."""
+    rng = random.Random(20261208)
+    indexed = general = 0
+    for _ in range(300):
+        rvas = rng.sample(range(0x1000, 0x1800, 8), rng.randint(1, 40))
+        if rng.random() < 0.5:
+            rvas.sort()
+        targets = rvas + [rva + 2 for rva in rvas[:3]] + [rng.randrange(0x1000, 0x1800) for _ in range(5)]
+        refs_lists = [_packed(_random_refs(rng, rng.randint(0, 20), targets)) for _ in rvas]
+        ranges = [((rva, rva + 4),) if rng.random() < 0.8 else ((rva, rva + 4), (rva + 0x400, rva + 0x410))
+                  for rva in rvas]
+        pointer_tables = {t: rng.sample(rvas, min(len(rvas), 3)) for t in rng.sample(targets, 3)}
+        if rng.random() < 0.2:
+            next(iter(pointer_tables.values())).append(0x1801)  # not a start
+            general += 1
+        else:
+            indexed += 1
+        expected: tuple = ({}, defaultdict(list))
+        reference.call_graph([r.tolist() for r in refs_lists], ranges, rvas, set(rvas), pointer_tables, *expected)
+        found: tuple = ({}, defaultdict(list))
+        compiled.call_graph(refs_lists, ranges, rvas, set(rvas), pointer_tables, *found)
+        assert found == expected
+        assert list(found[0]) == list(expected[0]) and list(found[1]) == list(expected[1])
+    assert indexed > 200 and general > 30
 
 
 def test_interner_gives_the_ids_a_dict_gives() -> None:

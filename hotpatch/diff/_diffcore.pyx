@@ -832,11 +832,78 @@ def relocated_data(const uint8_t[:] memory, relocations, uint64_t image_base, tu
     return out
 
 
+cdef struct Start:
+    int64_t rva
+    Py_ssize_t index
+
+
+cdef int _by_rva(const void *x, const void *y) noexcept nogil:
+    cdef int64_t a = (<const Start *>x).rva, b = (<const Start *>y).rva
+    return (a > b) - (a < b)
+
+
+cdef Py_ssize_t _start_index(const Start *starts, Py_ssize_t count, int64_t rva) noexcept nogil:
+    """The function index of the start at ``rva`` (``starts`` sorted by rva), or -1."""
+    cdef Py_ssize_t low = 0, high = count, middle
+    while low < high:
+        middle = (low + high) // 2
+        if starts[middle].rva < rva:
+            low = middle + 1
+        else:
+            high = middle
+    return starts[low].index if low < count and starts[low].rva == rva else -1
+
+
+cdef bint _is_key(const int64_t *keys, Py_ssize_t count, int64_t value) noexcept nogil:
+    """Whether ``value`` is one of the sorted ``keys``."""
+    cdef Py_ssize_t low = 0, high = count, middle
+    while low < high:
+        middle = (low + high) // 2
+        if keys[middle] < value:
+            low = middle + 1
+        else:
+            high = middle
+    return low < count and keys[low] == value
+
+
+cdef int _by_int64(const void *x, const void *y) noexcept nogil:
+    cdef int64_t a = (<const int64_t *>x)[0], b = (<const int64_t *>y)[0]
+    return (a > b) - (a < b)
+
+
+cdef inline bint _fits_int64(object value):
+    return -(<object>1 << 63) <= value < (<object>1 << 63)
+
+
+cdef inline Py_ssize_t _reached(Py_ssize_t callee, Py_ssize_t caller, list rvas, list by_index, Py_ssize_t *last,
+                                Py_ssize_t *first_met, Py_ssize_t n_first) except -1:
+    """Function ``caller`` reaches ``callee``: its rva goes once onto the callee's callers list (made when
+    first met, its index noted in ``first_met``); the new count of ``first_met``."""
+    cdef list callers
+    if last[callee] == caller:
+        return n_first  # reached already from this function
+    last[callee] = caller
+    callers = by_index[callee]
+    if callers is None:
+        by_index[callee] = [rvas[caller]]
+        first_met[n_first] = callee
+        return n_first + 1
+    callers.append(rvas[caller])
+    return n_first
+
+
 def call_graph(list refs_lists, list ranges_list, list rvas, set starts, dict pointer_tables, dict callees_out,
                callers_out):
     """``callees`` of every function (``refs_lists``, ``ranges_list`` and ``rvas`` side by side) into
     ``callees_out`` (rva -> callees), and each function's rva appended once to the list of every function
     it reaches in ``callers_out`` (in function order)."""
+    if not _call_graph_indexed(refs_lists, ranges_list, rvas, starts, pointer_tables, callees_out, callers_out):
+        _call_graph_by_dict(refs_lists, ranges_list, rvas, starts, pointer_tables, callees_out, callers_out)
+
+
+cdef _call_graph_by_dict(list refs_lists, list ranges_list, list rvas, set starts, dict pointer_tables,
+                         dict callees_out, callers_out):
+    """The general case: ``callees`` per function, callers found by value."""
     cdef Py_ssize_t index
     cdef list out, found
     for index in range(len(rvas)):
@@ -849,6 +916,87 @@ def call_graph(list refs_lists, list ranges_list, list rvas, set starts, dict po
                 callers_out[target] = [rva]
             else:
                 found.append(rva)
+
+
+cdef bint _call_graph_indexed(list refs_lists, list ranges_list, list rvas, set starts, dict pointer_tables,
+                              dict callees_out, callers_out) except -1:
+    """``call_graph`` when ``starts`` is the set of ``rvas`` and every RefList is packed (the case of an
+    image's table): a callee is looked up by bisection among the starts and each one's rva object taken
+    from ``rvas`` (no Python int made per reference); a function's callers are deduplicated by index, and
+    a data reference is looked up in ``pointer_tables`` only when it is one of its keys (sorted in C).
+    Everything is built aside and written out at the end; False (nothing written) when a pointer table
+    holds something other than a start, or the case does not apply."""
+    cdef Py_ssize_t n = len(rvas), n_keys = len(pointer_tables), i, k, count, callee, n_first = 0
+    cdef Start *by_rva = NULL
+    cdef int64_t *keys = NULL
+    cdef Py_ssize_t *last = NULL
+    cdef Py_ssize_t *first_met = NULL
+    cdef const PackedRef *packed
+    cdef int kind
+    cdef int64_t target
+    cdef tuple ranges
+    cdef list out, all_callees, by_index
+    cdef object rva, found
+    if n == 0 or len(starts) != n:
+        return False
+    for rva in rvas:
+        if rva not in starts:
+            return False
+    for refs in refs_lists:
+        if _packed(refs, &count) == NULL:
+            return False
+    by_rva = <Start *>malloc(n * sizeof(Start))
+    keys = <int64_t *>malloc((n_keys + 1) * sizeof(int64_t))
+    last = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+    first_met = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
+    try:
+        if by_rva == NULL or keys == NULL or last == NULL or first_met == NULL:
+            raise MemoryError()
+        for i in range(n):
+            by_rva[i].rva = rvas[i]
+            by_rva[i].index = i
+            last[i] = -1
+        qsort(by_rva, n, sizeof(Start), _by_rva)
+        k = 0
+        for key in pointer_tables:
+            if not _fits_int64(key):
+                return False  # a key no packed target can equal: the general case says the same, slower
+            keys[k] = key
+            k += 1
+        qsort(keys, n_keys, sizeof(int64_t), _by_int64)
+        all_callees = [None] * n
+        by_index = [None] * n  # each function's callers list, made when it is first reached
+        for i in range(n):
+            packed = _packed(refs_lists[i], &count)
+            ranges = <tuple>ranges_list[i]
+            out = []
+            for k in range(count):
+                kind = packed[k].kind
+                target = packed[k].target
+                if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
+                    callee = _start_index(by_rva, n, target)
+                    if callee < 0 or _inside(ranges, target):
+                        continue
+                    out.append(rvas[callee])
+                    n_first = _reached(callee, i, rvas, by_index, last, first_met, n_first)
+                elif n_keys and _is_key(keys, n_keys, target):
+                    for found in pointer_tables[target]:
+                        callee = _start_index(by_rva, n, found) if _fits_int64(found) else -1
+                        if callee < 0:
+                            return False
+                        out.append(found)
+                        n_first = _reached(callee, i, rvas, by_index, last, first_met, n_first)
+            all_callees[i] = out
+        for i in range(n):
+            callees_out[rvas[i]] = all_callees[i]
+        for k in range(n_first):
+            callers_out[rvas[first_met[k]]] = by_index[first_met[k]]
+        return True
+    finally:
+        free(by_rva)
+        free(keys)
+        free(last)
+        free(first_met)
 
 
 def ref_targets(refs_lists):
@@ -1022,20 +1170,59 @@ cdef bint _all_in(dict taken, list items):
     return True
 
 
+#: ``_free_one``'s answer when more than one element is free
+cdef object _MANY = object()
+
+
 def propagate(list queue, dict forward, dict backward, dict callees_a, dict callees_b, callers_a, callers_b,
-              aligned_pairs, pair):
-    """Call-graph propagation from the matched ``(a, b)`` of ``queue`` (taken from its end)."""
+              aligned_pairs, pair, set settled=None):
+    """Call-graph propagation from the matched ``(a, b)`` of ``queue`` (taken from its end); a pair whose
+    ``a`` is in ``settled`` is passed over, and one found able to offer nothing ever again goes in."""
     cdef list empty = [], left, right, new
-    cdef object a, b, x, y
+    cdef object a, b, x, y, lone_a, lone_b
+    cdef bint trivial
     while queue:
         a, b = queue.pop()
+        if settled is not None and a in settled:
+            continue
         left = callees_a.get(a, empty)
         right = callees_b.get(b, empty)
-        new = [] if _all_in(forward, left) or _all_in(backward, right) else aligned_pairs(left, right)
-        new.extend(lone_pair(forward, backward, callers_a.get(a, ()), callers_b.get(b, ())))
+        trivial = _all_in(forward, left) or _all_in(backward, right)
+        new = None if trivial else aligned_pairs(left, right)
+        lone_a = _free_one(forward, callers_a.get(a, ()))
+        if lone_a is None:
+            lone_b = None
+        elif lone_a is not _MANY or (trivial and settled is not None):
+            lone_b = _free_one(backward, callers_b.get(b, ()))
+        else:
+            lone_b = _MANY  # not needed
+        if lone_a is not None and lone_a is not _MANY and lone_b is not None and lone_b is not _MANY:
+            if new is None:
+                new = []
+            new.append((lone_a, lone_b))
+        elif trivial and settled is not None and (lone_a is None or lone_b is None):
+            # every callee matched on one side, and no free caller on one side, stay so (pairs are never
+            # undone): this pair offers nothing in any later pass
+            settled.add(a)
+        if new is None:
+            continue
         for x, y in new:
             if x not in forward and y not in backward and pair(x, y):
                 queue.append((x, y))
+
+
+cdef object _free_one(dict taken, seq):
+    """The one distinct element of ``seq`` that is not a key of ``taken``; None when there is none,
+    ``_MANY`` when there are more."""
+    cdef object first = None, item
+    for item in seq:
+        if item in taken:
+            continue
+        if first is None:
+            first = item
+        elif item != first:
+            return _MANY
+    return first
 
 
 def lone_pair(dict taken_left, dict taken_right, left, right):

@@ -56,13 +56,16 @@ The contract (both implementations):
     The set of the targets of the given reference lists that lie in one of
     ``spans`` (``(begin, end)`` pairs, end excluded).
 
-``propagate(queue, forward, backward, callees_a, callees_b, callers_a, callers_b, aligned_pairs, pair)``
+``propagate(queue, forward, backward, callees_a, callees_b, callers_a, callers_b, aligned_pairs, pair, settled=None)``
     Call-graph propagation: while ``queue`` (matched ``(a, b)``, taken from
     its end) is not empty, the callees of ``a`` and ``b`` go to
     ``aligned_pairs(left, right)`` unless every one on one side is matched
     already (a key of ``forward``, resp. ``backward``), the ``lone_pair`` of
     their callers joins them, and each ``(x, y)`` both still unmatched for
-    which ``pair(x, y)`` is true goes on the queue.
+    which ``pair(x, y)`` is true goes on the queue. With a ``settled`` set, a
+    pair whose ``a`` is in it is passed over, and a pair that offered nothing
+    with every callee matched on one side and every caller matched on one
+    side goes in (it can offer nothing again: pairs are never undone).
 
 ``relocated_data(memory, relocations, image_base, sections)``
     For each relocated slot in order: the pointer there (8 bytes, or those
@@ -308,13 +311,20 @@ def triage_same(refs_a_list: list, refs_b_list: list, ranges_a_list: list, range
 
 
 def propagate(queue: list, forward: dict, backward: dict, callees_a: dict, callees_b: dict, callers_a: Any,
-              callers_b: Any, aligned_pairs: Any, pair: Any) -> None:
+              callers_b: Any, aligned_pairs: Any, pair: Any, settled: set | None = None) -> None:
     while queue:
         a, b = queue.pop()
+        if settled is not None and a in settled:
+            continue
         left, right = callees_a.get(a, []), callees_b.get(b, [])
         trivial = all(map(forward.__contains__, left)) or all(map(backward.__contains__, right))
         new = [] if trivial else aligned_pairs(left, right)
-        new.extend(lone_pair(forward, backward, callers_a.get(a, ()), callers_b.get(b, ())))
+        lone = lone_pair(forward, backward, callers_a.get(a, ()), callers_b.get(b, ()))
+        new.extend(lone)
+        if trivial and not lone and settled is not None and (
+                all(map(forward.__contains__, callers_a.get(a, ())))
+                or all(map(backward.__contains__, callers_b.get(b, ())))):
+            settled.add(a)
         for x, y in new:
             if x not in forward and y not in backward and pair(x, y):
                 queue.append((x, y))

@@ -50,6 +50,9 @@ class _Matcher:
         self.pairs: list[tuple[int, int]] = []
         #: ``_twin_groups``' last answer, filtered the next time instead of grouping every unmatched function
         self.twin_groups: list[tuple[list[int], list[int]]] | None = None
+        #: baseline RVAs of the pairs propagation found unable to offer anything again (every callee matched
+        #: on one side, every caller on one side): the later full passes go past them
+        self.settled: set[int] = set()
         kernels = diff_kernels(baseline.backend)
         self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
         self.equal_replacements = kernels.equal_replacements
@@ -168,7 +171,7 @@ def _by_call_graph(m: _Matcher, since: int = 0) -> None:
         touched = {x for a, _ in queue for x in (*callers_a.get(a, ()), *callees_a.get(a, ())) if x in m.forward}
         queue.extend((x, m.forward[x].patched_rva) for x in sorted(touched))
     m.propagate(queue, m.forward, m.backward, callees_a, callees_b, callers_a, callers_b,
-                lambda left, right: _aligned_pairs(m, left, right), lambda x, y: m.pair(x, y, "callgraph"))
+                lambda left, right: _aligned_pairs(m, left, right), lambda x, y: m.pair(x, y, "callgraph"), m.settled)
 
 
 def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:

@@ -58,9 +58,15 @@ def _agree_on_table(table: FunctionTable) -> int:
     assert small and all(f.size <= ownership._WRAPPER_BYTES for f, _ in small)
     heap = ownership._find_heap_functions(table, _ownership_reference.scan)
     assert ownership._find_heap_functions(table, _ownership.scan) == heap
+    reach = ownership._heap_targets(*heap)
     scans = 0
     for function in table.functions:
-        if ownership._reaches_heap(table, function, *heap):
+        refs = table.analysis_of(function).raw_refs
+        # the compiled reader of packed references and the twin's over tuples, against the plain definition
+        reaches = _ownership.reaches(refs, reach)
+        assert reaches == _ownership_reference.reaches(list(refs), reach) == any(
+            r[4] in heap[0] or r[4] in heap[1] or -r[4] in heap[0] or -r[4] in heap[1] for r in refs)
+        if reaches:
             _agree(table, function, *heap)
             scans += 1
     return scans

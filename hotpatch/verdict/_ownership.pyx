@@ -622,6 +622,23 @@ def call_targets(refs, calls, through_iat):
     return _call_targets(refs, wanted, calls, through_iat)
 
 
+def reaches(refs, frozenset targets):
+    """Whether a reference's target is one of ``targets`` (the twin's ``reaches``, read from a ``RefList``'s packed
+    records without making a tuple per reference)."""
+    cdef RefList packed
+    cdef const PackedRef *ref
+    cdef Py_ssize_t index
+    if type(refs) is not RefList:
+        return _twin.reaches(refs, targets)
+    packed = <RefList>refs
+    for index in range(packed.count):
+        ref = (<const PackedRef *><const char *>packed.packed) + index
+        target = ref.target if packed.wide is None or index not in packed.wide else packed.wide[index]
+        if target in targets:
+            return True
+    return False
+
+
 def small_callers(functions, analyses, Py_ssize_t max_bytes, calls, through_iat):
     """The functions of at most ``max_bytes`` bytes that call or jump somewhere, with the targets (as
     ``call_targets``), and per target the indices into that list of the ones reaching it, in order (the twin's

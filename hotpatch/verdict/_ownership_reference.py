@@ -21,7 +21,7 @@ from capstone import x86_const as x86
 from ..analysis.functions import Function, FunctionTable
 from ..x86 import disassembler
 
-__all__ = ["ENDS", "SCAN_BUDGET", "TO_64", "VOLATILE", "call_targets", "scan", "small_callers"]
+__all__ = ["ENDS", "SCAN_BUDGET", "TO_64", "VOLATILE", "call_targets", "reaches", "scan", "small_callers"]
 
 VOLATILE = (x86.X86_REG_RAX, x86.X86_REG_RCX, x86.X86_REG_RDX, x86.X86_REG_R8, x86.X86_REG_R9,
             x86.X86_REG_R10, x86.X86_REG_R11)
@@ -34,6 +34,11 @@ def call_targets(refs: Iterable[tuple[int, int, int, int, int]], calls: frozense
                  through_iat: frozenset[int]) -> set[int]:
     """The targets of the references of kind ``calls``; those of kind ``through_iat`` are IAT slots, negated."""
     return {-t if kind in through_iat else t for kind, _, _, _, t in refs if kind in calls}
+
+
+def reaches(refs: Iterable[tuple[int, int, int, int, int]], targets: frozenset[int]) -> bool:
+    """Whether a reference's target is one of ``targets``."""
+    return any(ref[4] in targets for ref in refs)
 
 
 def small_callers(functions: Iterable[Function], analyses: Iterable[Any], max_bytes: int, calls: frozenset[int],

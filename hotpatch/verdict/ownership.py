@@ -112,12 +112,13 @@ def ownership_changes(baseline: FunctionTable, old: Function, patched: FunctionT
 
 
 def ownership_evidence(table: FunctionTable, function: Function) -> OwnershipEvidence:
-    return _evidence(table, function, _scan_kernel(table), *_heap_functions(table))
+    allocators, deallocators = _heap_functions(table)
+    return _evidence(table, function, _scan_kernel(table), allocators, deallocators, _heap_reach(table))
 
 
 def _evidence(table: FunctionTable, function: Function, scan: _Scan, allocators: frozenset[int],
-              deallocators: dict[int, int]) -> OwnershipEvidence:
-    if not _reaches_heap(table, function, allocators, deallocators):
+              deallocators: dict[int, int], reach: frozenset[int]) -> OwnershipEvidence:
+    if not _reaches_heap(table, function, reach):
         return OwnershipEvidence({}, {})  # no call or jump to an allocator or deallocator: nothing to find
     frees: dict[int, int] = {}
     allocations: dict[int, set[int]] = {}
@@ -127,15 +128,26 @@ def _evidence(table: FunctionTable, function: Function, scan: _Scan, allocators:
     return OwnershipEvidence(frees, {frozenset(fields): site for site, fields in allocations.items() if fields})
 
 
-def _reaches_heap(table: FunctionTable, function: Function, allocators: frozenset[int],
-                  deallocators: dict[int, int]) -> bool:
+def _reaches_heap(table: FunctionTable, function: Function, reach: frozenset[int]) -> bool:
     """Whether a reference of the function's code designates an allocator or a deallocator (a function RVA,
-    or an IAT slot, negated): the scan reports calls to nothing else, so without one it finds nothing."""
-    for ref in table.analysis_of(function).raw_refs:
-        target = ref[4]
-        if target in allocators or target in deallocators or -target in allocators or -target in deallocators:
-            return True
-    return False
+    or an IAT slot, negated): the scan reports calls to nothing else, so without one it finds nothing.
+    ``reach`` is ``_heap_targets``'s set for the heap functions."""
+    return _kernels(table).reaches(table.analysis_of(function).raw_refs, reach)
+
+
+def _heap_targets(allocators: frozenset[int], deallocators: dict[int, int]) -> frozenset[int]:
+    """The reference targets that designate a heap function: each one as it is, and negated (a reference to an
+    IAT slot names the slot's RVA, which the heap functions hold negated)."""
+    keys = allocators | deallocators.keys()
+    return frozenset(keys | {-target for target in keys})
+
+
+def _heap_reach(table: FunctionTable) -> frozenset[int]:
+    """``_heap_targets`` of the table's heap functions, made once."""
+    memo = cache_of(table, "heap_functions")
+    if "reach" not in memo:
+        memo["reach"] = _heap_targets(*_heap_functions(table))
+    return memo["reach"]
 
 
 def _scan_kernel(table: FunctionTable) -> _Scan:

@@ -7,7 +7,7 @@
   issue's target is at least 20x the detail pass, printed as a ratio, never asserted.
 - start-up: ``hotpatch --version`` and ``hotpatch info`` on a small fixture DLL (target < 0.3 s).
 - ``hotpatch diff`` of duckdb 1.1.0 -> 1.1.1 (31 MB a side): CPU and peak RSS, against the same
-  command run by the code issue 12 was filed against (benchmarks/reference_build.py builds that
+  command run by the code issue 12 was filed against (tests/support/reference_build.py builds that
   commit once); long, so it runs only on request: ``pytest benchmarks/test_bench_commands.py --run-long``.
 CPU is measured from the children's rusage (``RUSAGE_CHILDREN`` deltas), so a loaded machine
 stretches wall time but not these figures much; peak RSS comes from ``wait4`` of that one child.
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.reference_build import ISSUE_12_COMMIT, reference_site
+from tests.support.reference_build import ISSUE_12_COMMIT, reference_site
 from tests.support.realbins import real_binary
 
 _HERE = Path(__file__).resolve().parent

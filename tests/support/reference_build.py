@@ -7,7 +7,7 @@ history (``git archive``), installs it with pip into a folder of its own under t
 (``$HOTPATCH_CACHE/reference/<commit>``, built once) and returns that folder, to put first on
 ``PYTHONPATH`` of a child process (run outside this checkout, or its own hotpatch comes first).
 
-    python -m benchmarks.reference_build [COMMIT]
+    python -m tests.support.reference_build [COMMIT]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["ISSUE_12_COMMIT", "reference_site"]
 
 # main when issue 12 (speed as users feel it) was filed
 ISSUE_12_COMMIT = "99923d1bb70bcbfa10509d4b471e8a7456805c03"
-_REPOSITORY = Path(__file__).resolve().parent.parent
+_REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def reference_site(commit: str) -> Path:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.reference_build import ISSUE_12_COMMIT, reference_site
 from tests.support.realbins import real_binary
+from tests.support.reference_build import ISSUE_12_COMMIT, reference_site
 
 _HERE = Path(__file__).resolve().parent
 _HOTPATCH = [sys.executable, "-m", "hotpatch.cli"]

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable, Sequence
 from heapq import heappop, heappush
 from typing import Any
 
-from ._reference import instruction_text
 from .flow import terminates
 from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
@@ -372,6 +371,8 @@ def build_functions(cls: Any, items: list[tuple[int, tuple[tuple[int, int], ...]
 def sweep_matches(memory: bytes, begin: int, end: int, rvas: Sequence[int]) -> bool:
     """Whether capstone's plain sweep of ``[begin, end)``, up to its first undecodable byte, decodes exactly
     the instructions at ``rvas`` (``instruction_text``'s addresses)."""
+    from ._reference import instruction_text  # the core's twin imports capstone's binding: only when asked
+
     text = instruction_text(memory, begin, end)
     return len(text) == len(rvas) and all(insn[0] == rva for insn, rva in zip(text, rvas))
 
@@ -379,4 +380,6 @@ def sweep_matches(memory: bytes, begin: int, end: int, rvas: Sequence[int]) -> b
 def decodable_in(memory: bytes, targets: Iterable[int]) -> list[int]:
     """The targets (in the given order) where an instruction decodes within 15 bytes (``instruction_text`` of
     ``[target, target + 15)`` is not empty)."""
+    from ._reference import instruction_text
+
     return [target for target in targets if instruction_text(memory, target, target + 15)]

@@ -47,6 +47,9 @@ pdata = Extension("hotpatch.pe._pdata", ["hotpatch/pe/_pdata.pyx"], extra_compil
 # the verdict's ownership scan over capstone's C API (C++: its sets are std::vector and std::unordered_map)
 ownership = Extension("hotpatch.verdict._ownership", ["hotpatch/verdict/_ownership.pyx"], language="c++",
                       include_dirs=[capstone_include()], extra_compile_args=["-O2"])
+# the layout check's text of the runs the token alignment left unpaired (C++: its tokens in std::unordered_map)
+layout = Extension("hotpatch.verdict._layout", ["hotpatch/verdict/_layout.pyx"], language="c++",
+                   include_dirs=[capstone_include()], extra_compile_args=["-O2"])
 
 
 class build_py_with_agent(build_py):
@@ -68,7 +71,7 @@ class build_py_with_agent(build_py):
 
 
 setup(
-    ext_modules=cythonize([core, decoder, reflist, discovery, diff_core, ownership, pdata],
+    ext_modules=cythonize([core, decoder, reflist, discovery, diff_core, ownership, layout, pdata],
                           compiler_directives={"language_level": 3}, quiet=True),
     cmdclass={"build_py": build_py_with_agent},
 )

@@ -7,21 +7,28 @@ and the size passed to the allocator that creates the object changes. The
 running process holds objects of the old layout; new code would read and
 write past them. Stack frames (rsp/rbp) and RIP-relative operands are not
 structures the process keeps, so they are left out.
+
+Only instructions the token alignment left unpaired can show either: the
+pairs to compare come from ``_layout.pyx`` (compiled) or its pure-Python twin
+``_layout_reference.py``, the one that goes with the tables' analysis core.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
-from array import array
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..analysis.functions import Function, FunctionTable, import_thunk_target
 from ..analysis.refkinds import CALL_REL32, IAT_CALL
+from ..errors import AnalysisError
 from ..memo import cache_of
+from . import _layout_reference
+from ._layout_reference import NUMBER as _NUMBER
+from ._layout_reference import Insn
 
 if TYPE_CHECKING:
     from ..diff.result import DiffResult
@@ -38,9 +45,10 @@ _ARGUMENT_REGISTERS = {"rcx", "ecx", "rdx", "edx", "r8", "r8d"}
 # capstone's Intel syntax: "qword ptr [rcx + rax*8 + 0x10]"; the core's instruction_text is text only,
 # about twenty times cheaper than building detail objects for every instruction of every changed function.
 _MEMORY = re.compile(r"\[(?P<base>[a-z0-9]+)(?: \+ [a-z0-9]+\*\d)?(?: (?P<sign>[+-]) (?P<disp>0x[0-9a-f]+|\d+))?\]")
-_NUMBER = re.compile(r"\b(?:0x[0-9a-f]+|\d+)\b")
 #: how many instructions before an allocator call may set its size argument
 _ALLOCATOR_WINDOW = 6
+#: ``_layout_reference.DifferingPairs`` or its compiled twin: a changed pair's instructions to compare
+_Pairs = Callable[[FunctionTable, Function, FunctionTable, Function, object], list[tuple[Insn, Insn]]]
 
 
 @dataclass(frozen=True)
@@ -54,14 +62,14 @@ def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
     """Evidence across all changed functions: consistent displacement shifts, changed allocation sizes."""
     shifts: dict[int, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))  # delta -> disp -> functions
     evidence: list[LayoutEvidence] = []
-    numbers = _TokenNumbers()
+    pairs = _differing_pairs(result)
     for entry in result.functions:
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
         if entry.baseline.fingerprint == entry.patched.fingerprint:
             continue  # same instructions but for references: nothing moved inside them
         name = entry.patched.label
-        moved, sizes = _compare(result, entry.baseline, entry.patched, numbers)
+        moved, sizes = _compare(result, entry.baseline, entry.patched, pairs)
         for delta, displacement in moved:
             shifts[delta][displacement].add(name)
         evidence.extend(LayoutEvidence(name, "allocation_size", f"{name}: allocation size changed from "
@@ -77,62 +85,6 @@ def find_layout_changes(result: DiffResult) -> list[LayoutEvidence]:
     return evidence
 
 
-#: one decoded instruction: (rva, mnemonic, operand text)
-Insn = tuple[int, str, str]
-
-
-def _differing_runs(result: DiffResult, fa: Function, fb: Function) -> Iterator[tuple[list[Insn], list[Insn]]]:
-    """Decoded runs of instructions the token alignment left unpaired, facing each other.
-
-    Aligned instructions are equal but for their reference operands (RIP-relative
-    addresses, branch targets), so they cannot show a moved field or a changed
-    allocation size; only what lies between them is worth decoding.
-    """
-    rvas_a = result.baseline.analysis_of(fa).insn_rvas
-    rvas_b = result.patched.analysis_of(fb).insn_rvas
-    previous_i = previous_j = -1
-    packed = iter(result.streams.aligned_packed(fa, fb))  # i0, j0, i1, j1, ...
-    for i, j in chain(zip(packed, packed), ((len(rvas_a), len(rvas_b)),)):
-        if i - previous_i > 1 and j - previous_j > 1:
-            yield (_decoded(result.baseline, fa, rvas_a, previous_i + 1, i),
-                   _decoded(result.patched, fb, rvas_b, previous_j + 1, j))
-        previous_i, previous_j = i, j
-
-
-def _decoded(table: FunctionTable, function: Function, rvas: Any, first: int, stop: int) -> list[Insn]:
-    """Instructions ``first`` to ``stop`` (exclusive) of ``function`` that lie in its primary range."""
-    inside = [k for k in range(first, stop) if function.rva <= rvas[k] < function.end_rva]
-    if not inside:
-        return []
-    begin = rvas[inside[0]]
-    end = rvas[inside[-1] + 1] if inside[-1] + 1 < len(rvas) else function.end_rva
-    end = min(max(end, begin + 1), function.end_rva)
-    return table.backend.instruction_text(table.image.memory, begin, end)
-
-
-def _token(insn: Insn) -> tuple[str, str]:
-    """The instruction with displacements and immediates abstracted away."""
-    return insn[1], _NUMBER.sub("#", insn[2])
-
-
-class _TokenNumbers:
-    """Instructions' tokens as numbers, equal when the tokens are, for every changed function: the alignment
-    only compares them, and most instructions recur, so each text is abstracted once."""
-
-    __slots__ = ("by_text", "by_token")
-
-    def __init__(self) -> None:
-        self.by_text: dict[tuple[str, str], int] = {}
-        self.by_token: dict[tuple[str, str], int] = {}
-
-    def of(self, insn: Insn) -> int:
-        text = insn[1], insn[2]
-        found = self.by_text.get(text)
-        if found is None:
-            found = self.by_text[text] = self.by_token.setdefault(_token(insn), len(self.by_token))
-        return found
-
-
 def _displacement(operands: str) -> tuple[str, int] | None:
     match = _MEMORY.search(operands)
     if match is None or match.group("base") in _FRAME_REGISTERS:
@@ -143,30 +95,38 @@ def _displacement(operands: str) -> tuple[str, int] | None:
 
 
 def _compare(result: DiffResult, fa: Function, fb: Function,
-             numbers: _TokenNumbers) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+             pairs: _Pairs) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(delta, old displacement) of moved structure fields, and (old, new) allocation sizes."""
     moved: list[tuple[int, int]] = []
     sizes: list[tuple[int, int]] = []
     allocator_calls: tuple[set[int], set[int]] | None = None
-    for insns_a, insns_b in _differing_runs(result, fa, fb):
-        tokens_a = array("I", [numbers.of(x) for x in insns_a])
-        tokens_b = array("I", [numbers.of(x) for x in insns_b])
-        for i, j in result.streams.kernels.aligned_indices(tokens_a, tokens_b):
-            ia, ib = insns_a[i], insns_b[j]
-            if ia[2] == ib[2]:
-                continue
-            # lea computes with its "displacement" (x * 3 + 2); only real memory accesses reach fields
-            old, new = (None, None) if ia[1] == "lea" else (_displacement(ia[2]), _displacement(ib[2]))
-            if old is not None and new is not None and old[0] == new[0] and old[1] != new[1]:
-                moved.append((new[1] - old[1], old[1]))
-            if ia[1] != "mov" or ib[1] != "mov":
-                continue
-            if allocator_calls is None:
-                allocator_calls = _allocator_calls(result.baseline, fa), _allocator_calls(result.patched, fb)
-            size_a, size_b = _allocator_size(ia, allocator_calls[0]), _allocator_size(ib, allocator_calls[1])
-            if size_a is not None and size_b is not None and size_a != size_b:
-                sizes.append((size_a, size_b))
+    for ia, ib in pairs(result.baseline, fa, result.patched, fb, result.streams.aligned_packed(fa, fb)):
+        # lea computes with its "displacement" (x * 3 + 2); only real memory accesses reach fields
+        old, new = (None, None) if ia[1] == "lea" else (_displacement(ia[2]), _displacement(ib[2]))
+        if old is not None and new is not None and old[0] == new[0] and old[1] != new[1]:
+            moved.append((new[1] - old[1], old[1]))
+        if ia[1] != "mov" or ib[1] != "mov":
+            continue
+        if allocator_calls is None:
+            allocator_calls = _allocator_calls(result.baseline, fa), _allocator_calls(result.patched, fb)
+        size_a, size_b = _allocator_size(ia, allocator_calls[0]), _allocator_size(ib, allocator_calls[1])
+        if size_a is not None and size_b is not None and size_a != size_b:
+            sizes.append((size_a, size_b))
     return moved, sizes
+
+
+def _differing_pairs(result: DiffResult) -> _Pairs:
+    """The instruction pairs' finder that goes with the tables' analysis implementation: compiled with compiled
+    (the twins agree)."""
+    aligned_indices = result.streams.kernels.aligned_indices
+    if getattr(result.baseline.backend, "IMPLEMENTATION", None) != "cython":
+        return _layout_reference.DifferingPairs(aligned_indices)
+    try:
+        compiled = importlib.import_module("hotpatch.verdict._layout")
+    except ImportError as exc:
+        raise AnalysisError(f"the compiled layout pairs hotpatch.verdict._layout are not available ({exc}); "
+                            "reinstall with 'pip install .'") from None
+    return compiled.DifferingPairs(aligned_indices)  # type: ignore[no-any-return]
 
 
 def _allocator_calls(table: FunctionTable, function: Function) -> set[int]:

@@ -22,6 +22,7 @@ from cython.operator cimport dereference as deref
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 from libcpp.unordered_map cimport unordered_map
+from libcpp.algorithm cimport sort, unique
 from libcpp.vector cimport vector
 
 from hotpatch.analysis.includes.capstone cimport *
@@ -96,6 +97,10 @@ cdef struct Step:
     int64_t field
     uint32_t writes_at  # into _Scan.writes
     uint32_t writes_count
+    # this scan's number of the slot and tag number of the field, 1 + each once asked (0: not yet), so that a
+    # place walked again does not look them up again; never taken from a remembered summary
+    uint32_t slot_number
+    uint32_t field_tag
 
 
 # Summaries remembered by the instruction's bytes, across scans: an instruction that is not a call or a jump
@@ -199,7 +204,7 @@ cdef class _Scan:
         if self.handle:
             cs.close(&self.handle)
 
-    cdef int open(self, object memory, object ranges, object switch_targets, object allocators,
+    cdef int open(self, object memory, object ranges, object jump_tables, object allocators,
                   object deallocators, int64_t budget) except -1:
         """Ready for a new function: what the last scan left is dropped, the heap functions kept when they
         are the same (a table's verdict scans every changed function with one set)."""
@@ -238,8 +243,9 @@ cdef class _Scan:
                 places += end - begin
         self.step_at.assign(places, 0)
         self.seen_at.assign(places, 0)
-        for target in switch_targets:
-            self.switch_targets.push_back(target)
+        for jump_table in jump_tables:  # (…, targets) each: the places a jump through a table may go
+            for target in jump_table[3]:
+                self.switch_targets.push_back(target)
         if not self.heap_is(allocators, deallocators, self.allocators_of, self.deallocators_of):
             # the ones before become the other ones, and the other ones are taken back when they fit
             self.allocators.swap(self.other_allocators)
@@ -316,10 +322,8 @@ cdef class _Scan:
             loc = <uint64_t>self.slot(where[1]) if isinstance(where, tuple) else <uint64_t>where
             for kind, value in held:
                 tags.push_back((loc << 32) | self.tag(_KIND_NUMBERS[kind], value))
-        tags_sorted = sorted(set(tags))
-        tags.clear()
-        for code in tags_sorted:
-            tags.push_back(code)
+        sort(tags.begin(), tags.end())
+        tags.erase(unique(tags.begin(), tags.end()), tags.end())
         self.wait(rva, tags)
         return 0
 
@@ -347,6 +351,7 @@ cdef class _Scan:
             known = &self.remembered[((key * 2654435761u) >> 20) % REMEMBERED]
             if known.size and known.size <= size and memcmp(known.code, code, known.size) == 0:
                 memcpy(st, &known.step, sizeof(Step))
+                st.slot_number = st.field_tag = 0
                 st.writes_at = self.writes.size()
                 for i in range(st.writes_count):
                     self.writes.push_back(known.writes[i])
@@ -427,7 +432,19 @@ cdef class _Scan:
         for i in range(st.writes_count):  # a write to a part of a register ends its tag
             _drop(tags, self.writes[st.writes_at + i])
 
-    cdef int track(self, const Step *st, vector[uint64_t] &tags, vector[uint32_t] &held,
+    cdef inline uint64_t slot_of(self, Step *st) except -1 nogil:
+        """The location of the step's stack slot (``slot``, asked once per step)."""
+        if not st.slot_number:
+            st.slot_number = <uint32_t>(self.slot(st.slot) - SLOTS) + 1
+        return SLOTS + st.slot_number - 1
+
+    cdef inline int64_t field_tag_of(self, Step *st) except -1 nogil:
+        """The tag of the step's field (``tag(FIELD, ...)``, asked once per step)."""
+        if not st.field_tag:
+            st.field_tag = <uint32_t>self.tag(FIELD, st.field) + 1
+        return st.field_tag - 1
+
+    cdef int track(self, Step *st, vector[uint64_t] &tags, vector[uint32_t] &held,
                    vector[uint64_t] &scratch) except -1 nogil:
         """The twin's ``_track``: what a non-branching instruction does to the tags."""
         cdef size_t i
@@ -436,7 +453,7 @@ cdef class _Scan:
         cdef int64_t site
         if st.move == M_SPILL:  # the value comes back with its tags
             _held(tags, st.reg, held)
-            _set(tags, self.slot(st.slot), held, scratch)
+            _set(tags, self.slot_of(st), held, scratch)
         elif st.move == M_STORE:
             if st.has_field:
                 _held(tags, st.reg, held)
@@ -448,13 +465,13 @@ cdef class _Scan:
                             fields.push_back(st.field)
         elif st.move == M_LOAD:
             self.written(st, tags)
-            loc = <uint64_t>self.slot(st.slot) if st.has_slot else 0
+            loc = self.slot_of(st) if st.has_slot else 0
             if st.has_slot and _lower(tags, loc << 32) != _lower(tags, (loc + 1) << 32):
                 _held(tags, loc, held)
                 _set(tags, st.reg, held, scratch)
             elif st.has_field:
                 held.clear()
-                held.push_back(self.tag(FIELD, st.field))
+                held.push_back(self.field_tag_of(st))
                 _set(tags, st.reg, held, scratch)
         elif st.move == M_MOVE:
             _held(tags, st.source, held)
@@ -463,7 +480,7 @@ cdef class _Scan:
                 _set(tags, st.reg, held, scratch)
         else:
             if st.has_slot:
-                _drop(tags, self.slot(st.slot))
+                _drop(tags, self.slot_of(st))
             self.written(st, tags)
         return 0
 
@@ -473,7 +490,7 @@ cdef class _Scan:
         cdef vector[uint32_t] held
         cdef const uint64_t *known
         cdef size_t known_size, entry, begin
-        cdef const Step *st
+        cdef Step *st
         cdef int64_t place
         cdef size_t i
         cdef int r
@@ -557,9 +574,10 @@ cdef class _Scan:
         cdef size_t i
         cdef uint64_t code
         cdef uint32_t number
-        found = sorted(set(self.frees))
+        sort(self.frees.begin(), self.frees.end())
+        self.frees.erase(unique(self.frees.begin(), self.frees.end()), self.frees.end())
         out = []
-        for code in found:
+        for code in self.frees:
             number = <uint32_t>(code & 0xffffffffu)
             out.append(((KIND_NAMES[self.tag_kind[number]], self.tag_value[number]), <int64_t>(code >> 32)))
         for i in range(self.alloc_order.size()):
@@ -603,8 +621,8 @@ def scan(table, function, allocators, deallocators, dict entry, dict allocations
     cdef _Scan state = getattr(_local, "scan", None)
     if state is None:
         state = _local.scan = _Scan()
-    state.open(table.image.memory, function.ranges, [t for jump_table in analysis.raw_tables for t in jump_table[3]],
-               allocators, deallocators, _twin.SCAN_BUDGET)
+    state.open(table.image.memory, function.ranges, analysis.raw_tables, allocators, deallocators,
+               _twin.SCAN_BUDGET)
     try:
         state.start(function.rva, entry)
         with nogil:

@@ -112,27 +112,41 @@ def ownership_changes(baseline: FunctionTable, old: Function, patched: FunctionT
 
 
 def ownership_evidence(table: FunctionTable, function: Function) -> OwnershipEvidence:
-    allocators, deallocators = _heap_functions(table)
-    return _evidence(table, function, _scan_kernel(table), allocators, deallocators, _heap_reach(table))
+    return _evidence(table, function, _heap(table))
 
 
-def _evidence(table: FunctionTable, function: Function, scan: _Scan, allocators: frozenset[int],
-              deallocators: dict[int, int], reach: frozenset[int]) -> OwnershipEvidence:
-    if not _reaches_heap(table, function, reach):
-        return OwnershipEvidence({}, {})  # no call or jump to an allocator or deallocator: nothing to find
+@dataclass(frozen=True)
+class _Heap:
+    """What the scan of every function of one table takes, looked up once for the table."""
+
+    kernels: ModuleType  # ``_kernels(table)``
+    allocators: frozenset[int]
+    deallocators: dict[int, int]
+    #: ``_heap_targets`` of the two: what a reference designates to reach one of them
+    reach: frozenset[int]
+
+
+def _heap(table: FunctionTable) -> _Heap:
+    memo = cache_of(table, "heap_functions")
+    heap = memo.get("heap")
+    if heap is None:
+        allocators, deallocators = _heap_functions(table)
+        heap = memo["heap"] = _Heap(_kernels(table), allocators, deallocators,
+                                    _heap_targets(allocators, deallocators))
+    return heap  # type: ignore[no-any-return]
+
+
+def _evidence(table: FunctionTable, function: Function, heap: _Heap) -> OwnershipEvidence:
+    # The scan reports calls to heap functions only: without a reference of the function's code designating one
+    # (a function RVA, or an IAT slot, negated) there is nothing to find.
+    if not heap.kernels.reaches(table.analysis_of(function).raw_refs, heap.reach):
+        return OwnershipEvidence({}, {})
     frees: dict[int, int] = {}
     allocations: dict[int, set[int]] = {}
-    for tag, site in scan(table, function, allocators, deallocators, {}, allocations):
+    for tag, site in heap.kernels.scan(table, function, heap.allocators, heap.deallocators, {}, allocations):
         if tag[0] == "field":
             frees.setdefault(tag[1], site)
     return OwnershipEvidence(frees, {frozenset(fields): site for site, fields in allocations.items() if fields})
-
-
-def _reaches_heap(table: FunctionTable, function: Function, reach: frozenset[int]) -> bool:
-    """Whether a reference of the function's code designates an allocator or a deallocator (a function RVA,
-    or an IAT slot, negated): the scan reports calls to nothing else, so without one it finds nothing.
-    ``reach`` is ``_heap_targets``'s set for the heap functions."""
-    return _kernels(table).reaches(table.analysis_of(function).raw_refs, reach)
 
 
 def _heap_targets(allocators: frozenset[int], deallocators: dict[int, int]) -> frozenset[int]:
@@ -140,14 +154,6 @@ def _heap_targets(allocators: frozenset[int], deallocators: dict[int, int]) -> f
     IAT slot names the slot's RVA, which the heap functions hold negated)."""
     keys = allocators | deallocators.keys()
     return frozenset(keys | {-target for target in keys})
-
-
-def _heap_reach(table: FunctionTable) -> frozenset[int]:
-    """``_heap_targets`` of the table's heap functions, made once."""
-    memo = cache_of(table, "heap_functions")
-    if "reach" not in memo:
-        memo["reach"] = _heap_targets(*_heap_functions(table))
-    return memo["reach"]
 
 
 def _scan_kernel(table: FunctionTable) -> _Scan:

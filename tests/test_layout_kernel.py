@@ -1,9 +1,9 @@
 """The layout check's compiled pairs (hotpatch/verdict/_layout.pyx) against their pure-Python twin: same pairs.
 
-Compared: the operand text with numbers abstracted (the tokens), and the instruction pairs a changed
-function's two versions give the layout check (``DifferingPairs``), in order, on random instruction
-sequences with random alignments around them, on every changed function of the fixture cases, and on
-cryptography's ``_rust.pyd`` 43.0.0 -> 43.0.1. The compiled one goes with the compiled diff kernels'
+Compared: the byte search clobbers' ``gcc_built`` asks, the operand text with numbers abstracted (the
+tokens), and the instruction pairs a changed function's two versions give the layout check
+(``DifferingPairs``), in order, on random instruction sequences with random alignments around them, on
+every changed function of the fixture cases, and on cryptography's ``_rust.pyd`` 43.0.0 -> 43.0.1. The compiled one goes with the compiled diff kernels'
 alignment, the twin with the Python one, as in a diff.
 """
 
@@ -56,6 +56,18 @@ def test_compiled_pairs_go_with_the_compiled_core(cases: list[Case]) -> None:
     pure = importlib.import_module("hotpatch.analysis._reference")
     tables = [discover(Image.load(path), pure) for path in (cases[0].baseline, cases[0].patched)]
     assert isinstance(layout._differing_pairs(diff(*tables)), _layout_reference.DifferingPairs)
+    assert layout.layout_kernels(tables[0]) is _layout_reference
+    assert layout.layout_kernels(result.baseline) is _layout
+
+
+def test_byte_search_finds_what_in_finds() -> None:
+    rng = random.Random(20261203)
+    for _ in range(3000):
+        memory = bytes(rng.choice(b"GC: (x") for _ in range(rng.randint(0, 60)))
+        needle = bytes(rng.choice(b"GC: (") for _ in range(rng.randint(0, 4)))
+        assert _layout.contains(memory, needle) == _layout_reference.contains(memory, needle) == (needle in memory)
+    for memory in (b"", b"GCC: (", b"xGCC: (GNU) 13", b"GCC: ", bytes(100000) + b"GCC: ("):
+        assert _layout.contains(memory, b"GCC: (") == (b"GCC: (" in memory)
 
 
 def test_numbers_are_abstracted_as_the_twins_pattern_does() -> None:
@@ -211,3 +223,5 @@ def test_twins_agree_on_rust_pyd_43_0_0_to_43_0_1() -> None:
     result = diff(real_binary("cryptography", "43.0.0", "cryptography/hazmat/bindings/_rust.pyd"),
                   real_binary("cryptography", "43.0.1", "cryptography/hazmat/bindings/_rust.pyd"))
     assert _agree_on_diff(result) > 1000
+    image = result.baseline.image
+    assert _layout.contains(image.memory, b"GCC: (") == _layout_reference.contains(image.memory, b"GCC: (")

@@ -17,6 +17,11 @@ from cpython cimport array
 from cython.operator cimport dereference as deref
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.string cimport strcmp
+
+
+cdef extern from "<string.h>" nogil:
+    # a GNU extension of glibc (the wheels' manylinux target has it): a tuned search for a short needle
+    void *memmem(const void *haystack, size_t haystack_size, const void *needle, size_t needle_size)
 from libcpp.string cimport string
 from libcpp.unordered_map cimport unordered_map
 from libcpp.vector cimport vector
@@ -26,7 +31,7 @@ from hotpatch.analysis._capstone_api cimport load_entry_points
 
 import array as _array
 
-__all__ = ["DifferingPairs", "abstracted"]
+__all__ = ["DifferingPairs", "abstracted", "contains"]
 
 cdef CapstoneAPI cs
 load_entry_points(&cs, "hotpatch.verdict._layout")
@@ -79,6 +84,14 @@ cdef void _abstracted(const char *text, string &out) noexcept nogil:
             out.push_back(b'#')
         else:
             out.append(text + start, i - start)
+
+
+def contains(const uint8_t[:] memory, bytes needle):
+    """``needle in memory`` (the twin's ``contains``), by ``memmem``: Python's search for a short needle in a
+    large image reads it at about 1 GB/s."""
+    if memory.shape[0] == 0:
+        return len(needle) == 0
+    return memmem(&memory[0], memory.shape[0], <const char *>needle, len(needle)) != NULL
 
 
 def abstracted(str operands):

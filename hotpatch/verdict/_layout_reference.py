@@ -18,7 +18,7 @@ from typing import Any
 
 from ..analysis.functions import Function, FunctionTable
 
-__all__ = ["NUMBER", "DifferingPairs", "Insn", "abstracted"]
+__all__ = ["NUMBER", "DifferingPairs", "Insn", "abstracted", "contains"]
 
 #: one decoded instruction: (rva, mnemonic, operand text)
 Insn = tuple[int, str, str]
@@ -71,6 +71,11 @@ def _decoded(table: FunctionTable, function: Function, rvas: Any, first: int, st
     end = rvas[inside[-1] + 1] if inside[-1] + 1 < len(rvas) else function.end_rva
     end = min(max(end, begin + 1), function.end_rva)
     return table.backend.instruction_text(table.image.memory, begin, end)  # type: ignore[no-any-return]
+
+
+def contains(memory: bytes, needle: bytes) -> bool:
+    """Whether ``needle`` occurs in ``memory`` (a whole image: the compiled twin is much faster at it)."""
+    return needle in memory
 
 
 def abstracted(operands: str) -> str:

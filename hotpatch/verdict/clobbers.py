@@ -26,6 +26,7 @@ from ..analysis.functions import Function, FunctionTable
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP
 from ..memo import cache_of
 from ..x86 import disassembler
+from .layout import layout_kernels
 
 __all__ = ["ALL_VOLATILE", "LiveClobber", "decode_at", "gcc_built", "live_clobbers",
            "new_clobbers", "volatile_writes"]
@@ -63,9 +64,10 @@ class LiveClobber:
 
 
 def gcc_built(table: FunctionTable) -> bool:
-    """mingw-w64 GCC images: the .CRT section of its runtime, or its version string in the image."""
+    """mingw-w64 GCC images: the .CRT section of its runtime, or its version string in the image (searched by
+    the layout kernels' ``contains``: Python's own search is the slow part of an MSVC image's verdict)."""
     image = table.image
-    return any(s.name == ".CRT" for s in image.sections) or b"GCC: (" in image.memory
+    return any(s.name == ".CRT" for s in image.sections) or layout_kernels(table).contains(image.memory, b"GCC: (")
 
 
 def volatile_writes(table: FunctionTable, function: Function) -> frozenset[str]:

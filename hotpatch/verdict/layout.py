@@ -20,6 +20,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from ..analysis.functions import Function, FunctionTable, import_thunk_target
@@ -33,7 +34,7 @@ from ._layout_reference import Insn
 if TYPE_CHECKING:
     from ..diff.result import DiffResult
 
-__all__ = ["LayoutEvidence", "find_layout_changes", "ALLOCATORS"]
+__all__ = ["LayoutEvidence", "find_layout_changes", "layout_kernels", "ALLOCATORS"]
 
 ALLOCATORS = frozenset({
     "malloc", "calloc", "realloc", "_aligned_malloc", "_malloc_base", "_calloc_base", "_realloc_base",
@@ -116,17 +117,20 @@ def _compare(result: DiffResult, fa: Function, fb: Function,
 
 
 def _differing_pairs(result: DiffResult) -> _Pairs:
-    """The instruction pairs' finder that goes with the tables' analysis implementation: compiled with compiled
-    (the twins agree)."""
-    aligned_indices = result.streams.kernels.aligned_indices
-    if getattr(result.baseline.backend, "IMPLEMENTATION", None) != "cython":
-        return _layout_reference.DifferingPairs(aligned_indices)
+    """The instruction pairs' finder for ``result``'s changed functions."""
+    return layout_kernels(result.baseline).DifferingPairs(result.streams.kernels.aligned_indices)  # type: ignore
+
+
+def layout_kernels(table: FunctionTable) -> ModuleType:
+    """``_layout`` or its twin ``_layout_reference``, the one that goes with the table's analysis implementation:
+    compiled with compiled (the twins agree)."""
+    if getattr(table.backend, "IMPLEMENTATION", None) != "cython":
+        return _layout_reference
     try:
-        compiled = importlib.import_module("hotpatch.verdict._layout")
+        return importlib.import_module("hotpatch.verdict._layout")
     except ImportError as exc:
-        raise AnalysisError(f"the compiled layout pairs hotpatch.verdict._layout are not available ({exc}); "
+        raise AnalysisError(f"the compiled layout kernels hotpatch.verdict._layout are not available ({exc}); "
                             "reinstall with 'pip install .'") from None
-    return compiled.DifferingPairs(aligned_indices)  # type: ignore[no-any-return]
 
 
 def _allocator_calls(table: FunctionTable, function: Function) -> set[int]:

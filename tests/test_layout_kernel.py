@@ -3,8 +3,8 @@
 Compared: the byte search clobbers' ``gcc_built`` asks, the operand text with numbers abstracted (the
 tokens), and the instruction pairs a changed function's two versions give the layout check
 (``DifferingPairs``), in order, on random instruction sequences with random alignments around them, on
-every changed function of the fixture cases, and on cryptography's ``_rust.pyd`` 43.0.0 -> 43.0.1. The compiled one goes with the compiled diff kernels'
-alignment, the twin with the Python one, as in a diff.
+every changed function of the fixture cases, and on cryptography's ``_rust.pyd`` 43.0.0 -> 43.0.1. The
+compiled one goes with the compiled diff kernels' alignment, the twin with the Python one, as in a diff.
 """
 
 from __future__ import annotations

@@ -257,11 +257,14 @@ cdef class _Scan:
             self.allocators.clear()
             self.deallocators.clear()
             self.freed_in.clear()
-            for target in sorted(allocators):
+            # sorted in C: Python's sort of ~1,600 large ints was most of the wrapper search's rebuilds
+            for target in allocators:
                 self.allocators.push_back(target)
-            for target in sorted(deallocators):
+            sort(self.allocators.begin(), self.allocators.end())
+            for target, register in deallocators.items():
                 self.deallocators.push_back(target)
-                self.freed_in[target] = deallocators[target]
+                self.freed_in[target] = register
+            sort(self.deallocators.begin(), self.deallocators.end())
             self.allocators_of = frozenset(allocators)
             self.deallocators_of = dict(deallocators)
         if type(allocators) is frozenset:

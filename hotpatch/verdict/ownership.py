@@ -195,6 +195,8 @@ def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[i
     # the allocators as the scan takes them, made again only after they grew (a copy per scan of ~1,600 members,
     # compared and sorted again by the scanner, cost more than the scans)
     frozen = frozenset(allocators)
+    # what a wrapper's arguments hold on entry: the same for every scan (the scans do not change it)
+    entry = {r: frozenset({("arg", r)}) for r in _ARGUMENTS}
     for _ in range(_WRAPPER_ROUNDS):
         grown = False
         queue = sorted({i for known in (*allocators, *deallocators) for i in callers.get(known, ())})
@@ -211,7 +213,6 @@ def _find_heap_functions(table: FunctionTable, scan: _Scan) -> tuple[frozenset[i
                 allocators.add(function.rva)
             elif targets & deallocators.keys():
                 # which of its own arguments the wrapper hands on as the pointer to free
-                entry = {r: frozenset({("arg", r)}) for r in _ARGUMENTS}
                 if len(frozen) != len(allocators):  # they only grow
                     frozen = frozenset(allocators)
                 passed = {tag[1] for tag, _ in scan(table, function, frozen, deallocators, entry, {})

@@ -495,6 +495,8 @@ cdef class _Scan:
         cdef size_t known_size, entry, begin
         cdef Step *st
         cdef int64_t place
+        cdef int64_t primary_begin = self.ranges[0] if self.ranges.size() else 0
+        cdef int64_t primary_end = self.ranges[1] if self.ranges.size() else 0
         cdef size_t i
         cdef int r
         while not self.work_rva.empty() and budget > 0:
@@ -506,7 +508,8 @@ cdef class _Scan:
             self.work_pool.resize(begin)
             while budget > 0:
                 budget -= 1
-                place = self.place(rva)
+                # the primary range is the first place() tries: most steps stay in it
+                place = rva - primary_begin if primary_begin <= rva < primary_end else self.place(rva)
                 if place < 0:
                     break  # (the twin records what reached a place outside first: nothing reads it)
                 if not self.seen_at[place]:

@@ -533,3 +533,75 @@ def test_gaps_of_single_byte_fill_need_no_regex_sweep() -> None:
         assert found == _swept(memory, begin, end), (memory, begin, end)
         kinds.add(found is None)
     assert kinds == {True, False}
+
+
+def _data_sides(kernels, memory, starts, sections, relocations, base, functions):  # type: ignore[no-untyped-def]
+    return kernels.data_side(memory, starts, [s[0] for s in sections], [s[1] for s in sections], relocations, base,
+                             functions, 64)
+
+
+def _outcome(kernels, *args):  # type: ignore[no-untyped-def]
+    """``kernels.items_equal(*args)``, or "struct.error" for the error a slot past the end of memory raises."""
+    try:
+        return kernels.items_equal(*args)
+    except struct.error:
+        return "struct.error"
+
+
+def test_items_equal_agrees_on_random_items() -> None:
+    """items_equal and item_extent: items cut by starts, sections and the cap, pointer slots at other offsets,
+    overlapping, cut by the extent or past the end of memory, pointers to matched, unmatched and no functions."""
+    rng = random.Random(20261206)
+    base = 0x180000000
+    outcomes = []
+    for _ in range(3000):
+        sides = []
+        for _ in range(2):
+            size = rng.randint(8, 160)
+            words = [rng.choice([base + rng.randrange(0, 64, 8), rng.randrange(0, 4), rng.randrange(0, 2**64)])
+                     for _ in range(size // 8 + 1)]
+            memory = b"".join(w.to_bytes(8, "little") for w in words)[:size]
+            sections = [(0, 40), (48, rng.randint(60, 200))]
+            starts = sorted(rng.sample(range(0, 200), rng.randint(0, 6)))
+            relocations = sorted(rng.sample(range(0, 200), rng.randint(0, 10)))
+            functions = set(rng.sample(range(0, 64, 8), rng.randint(0, 4)))
+            sides.append((memory, starts, sections, relocations, base, functions))
+        if rng.random() < 0.6:  # the same item moved, maybe with a byte or a pointer edited: the slots decide
+            memory, starts, sections, relocations, _, functions = sides[0]
+            edited = bytearray(memory)
+            if rng.random() < 0.5 and edited:
+                edited[rng.randrange(len(edited))] ^= 1
+            sides[1] = (bytes(edited), starts, sections, relocations, base, functions)
+        function_map = {rng.randrange(0, 64, 8): rng.randrange(0, 64, 8) for _ in range(rng.randint(0, 4))}
+        fast = [_data_sides(compiled, *side) for side in sides]
+        slow = [_data_sides(reference, *side) for side in sides]
+        for _ in range(10):
+            rva_a = rng.randrange(0, 210)
+            rva_b = rva_a if rng.random() < 0.5 else rng.randrange(0, 210)
+            assert compiled.item_extent(fast[0], rva_a) == reference.item_extent(slow[0], rva_a)
+            found = _outcome(compiled, fast[0], fast[1], rva_a, rva_b, function_map)
+            assert found == _outcome(reference, slow[0], slow[1], rva_a, rva_b, function_map), \
+                (sides, function_map, rva_a, rva_b)
+            outcomes.append(found)
+    assert min(outcomes.count(value) for value in (True, False, "struct.error")) > 50
+
+
+def test_items_equal_agrees_on_a_real_pair(rust_diff) -> None:  # type: ignore[no-untyped-def]
+    """Data pairs of _rust.pyd 43.0.0 -> 43.0.1, and their extents."""
+    result = rust_diff
+    pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
+    items = pairing.items()
+    sides = []
+    for kernels in (compiled, reference):
+        sides.append([kernels.data_side(i.image.memory, i.starts, i._section_rvas, i._section_ends, i.relocations,
+                                        i.image.image_base, i.classifier.starts, 4096) for i in items])
+    # the mapped pairs (mostly equal), and each baseline item against the next patched one (mostly not)
+    mapped = sorted(result.data_map.items())
+    pairs = mapped + [(rva_a, rva_b) for (rva_a, _), (_, rva_b) in zip(mapped, mapped[1:])]
+    answers = set()
+    for rva_a, rva_b in pairs:
+        expected = reference.items_equal(*sides[1], rva_a, rva_b, result.function_map)
+        assert compiled.items_equal(*sides[0], rva_a, rva_b, result.function_map) == expected, (rva_a, rva_b)
+        assert compiled.item_extent(sides[0][0], rva_a) == reference.item_extent(sides[1][0], rva_a)
+        answers.add(expected)
+    assert len(pairs) > 2000 and answers == {True, False}

@@ -84,9 +84,11 @@ class DiffResult:
     def function_entries(self) -> Iterator[dict[str, Any]]:
         """The ``functions`` entries of ``to_json``, one at a time (a large diff has tens of thousands)."""
 
-        def side(f: Function | None) -> dict[str, Any] | None:
-            return None if f is None else {"name": f.name, "rva": f.rva, "size": f.size}
-
+        # both sides written out here rather than by a helper: a call and a ``size`` property per side cost about
+        # a third of the entries' time on a large diff (duckdb: 105,000 sides)
         for f in self.functions:
-            yield {"status": f.status, "baseline": side(f.baseline), "patched": side(f.patched),
+            a, b = f.baseline, f.patched
+            yield {"status": f.status,
+                   "baseline": None if a is None else {"name": a.name, "rva": a.rva, "size": a.end_rva - a.rva},
+                   "patched": None if b is None else {"name": b.name, "rva": b.rva, "size": b.end_rva - b.rva},
                    "match": f.match, "similarity": f.similarity, "changes": list(f.changes)}

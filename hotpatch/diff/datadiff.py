@@ -99,11 +99,11 @@ def _data_map(a: FunctionTable, b: FunctionTable, pairing: Pairing, functions: l
     for entry in functions:
         if entry.status != "changed" or entry.baseline is None or entry.patched is None:
             continue
-        left = sorted(x for x in pairing.targets_a.data_targets(entry.baseline) if x not in data_map)
+        left = sorted(pairing.targets_a.data_targets(entry.baseline).difference(data_map))
         if not left:
             continue
         by_key: dict[tuple[bool, bytes], list[int]] = defaultdict(list)
-        for rva_b in sorted(x for x in pairing.targets_b.data_targets(entry.patched) if x not in taken):
+        for rva_b in sorted(pairing.targets_b.data_targets(entry.patched).difference(taken)):
             by_key[(pairing.targets_b.is_writable_data(rva_b), _content_key(items_b, rva_b))].append(rva_b)
         for rva_a in left:
             key = (pairing.targets_a.is_writable_data(rva_a), _content_key(items_a, rva_a))

@@ -113,8 +113,9 @@ class TargetClassifier:
     def data_targets_of(self, functions: Iterable[Function]) -> set[int]:
         """``data_targets`` of all ``functions`` together, told apart in one kernel call (a diff asks for those of
         every changed, added and removed function)."""
-        analysis_of = self.table.analysis_of
-        return self._targets_within([analysis_of(f).raw_refs for f in functions], self._data_spans) - self.iat.keys()
+        analyses, index = self.table.analyses, self.table._index
+        refs = [analyses[index[f.rva]].raw_refs for f in functions]
+        return self._targets_within(refs, self._data_spans).difference(self.iat)
 
     def all_data_targets(self) -> frozenset[int]:
         """The data every function of the image references."""

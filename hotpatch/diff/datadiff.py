@@ -15,7 +15,7 @@ from operator import itemgetter
 from ..analysis.functions import FunctionTable
 from .dataitems import DataItems
 from .pairing import Pairing
-from .result import DataChange, FunctionDiff
+from .result import ADDED, CHANGED, REMOVED, UNCHANGED, DataChange, FunctionDiff
 from .targets import TargetClassifier
 
 __all__ = ["diff_data"]
@@ -43,8 +43,9 @@ def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff],
 
     # data only the new code references
     mapped_b = set(data_map.values())
-    changed_b = pairing.targets_b.data_targets_of(f.patched for f in functions
-                                                  if f.patched is not None and f.status in ("changed", "added"))
+    moved = [f for f in functions if f.status != UNCHANGED]  # the others are most of a large diff
+    changed_b = pairing.targets_b.data_targets_of([f.patched for f in moved
+                                                   if f.patched is not None and f.status in (CHANGED, ADDED)])
     for rva in sorted(changed_b - mapped_b):
         writable = pairing.targets_b.is_writable_data(rva)
         if not writable:
@@ -57,8 +58,8 @@ def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff],
         changes.append(DataChange(kind, None, rva, size, section_name(items_b, rva),
                                   f"new {size}-byte item at patched {rva:#x}"))
     # data only the old code referenced
-    changed_a = pairing.targets_a.data_targets_of(f.baseline for f in functions
-                                                  if f.baseline is not None and f.status in ("changed", "removed"))
+    changed_a = pairing.targets_a.data_targets_of([f.baseline for f in moved
+                                                   if f.baseline is not None and f.status in (CHANGED, REMOVED)])
     for rva in sorted(changed_a - set(data_map)):
         writable = pairing.targets_a.is_writable_data(rva)
         kind = "removed_data" if writable else "removed_rodata"

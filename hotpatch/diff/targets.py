@@ -33,7 +33,8 @@ class TargetClassifier:
         image = table.image
         self.table = table
         self.iat = table.context.iat
-        self.starts = {f.rva for f in table}
+        #: the function starts: the table's own index, not a set of its own (membership is all it answers)
+        self.starts = table._index.keys()
         kernels = diff_kernels(table.backend)
         self._targets_within = kernels.targets_within
         # flags precomputed per section: this runs for every reference, where Image.section_from_rva plus

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import defaultdict
+from collections.abc import Iterable
 from operator import itemgetter
 
 from ..analysis.functions import FunctionTable
@@ -80,21 +81,20 @@ def _data_map(a: FunctionTable, b: FunctionTable, pairing: Pairing, functions: l
     data_map: dict[int, int] = {}
     taken: set[int] = set()
 
-    def pair(rva_a: int, rva_b: int) -> None:
-        if rva_a not in data_map and rva_b not in taken:
-            data_map[rva_a] = rva_b
-            taken.add(rva_b)
+    def pair(pairs: Iterable[tuple[int, int]]) -> None:
+        """Each (rva_a, rva_b) in turn, unless one side is mapped already (a loop here, not a call per pair)."""
+        for rva_a, rva_b in pairs:
+            if rva_a not in data_map and rva_b not in taken:
+                data_map[rva_a] = rva_b
+                taken.add(rva_b)
 
-    for rva_a, rva_b in _same_named_data(a, b, pairing):
-        pair(rva_a, rva_b)
-    for rva_a, rva_b in _exported_data(a, b, pairing):
-        pair(rva_a, rva_b)
+    pair(_same_named_data(a, b, pairing))
+    pair(_exported_data(a, b, pairing))
     for source in ("unchanged", "changed"):
         # most votes first, ties by pair: sorted by pair, then stably by count (no key tuple made per pair)
         ordered = sorted(pairing.data_votes[source].items())
         ordered.sort(key=itemgetter(1), reverse=True)
-        for (rva_a, rva_b), _ in ordered:
-            pair(rva_a, rva_b)
+        pair(map(itemgetter(0), ordered))
     # What a changed function still reads, maybe through different instructions: unique identical content.
     items_a, items_b = pairing.items()
     for entry in functions:
@@ -111,7 +111,7 @@ def _data_map(a: FunctionTable, b: FunctionTable, pairing: Pairing, functions: l
             same = [rva_b for rva_b in by_key.get(key, ()) if rva_b not in taken
                     and pairing.items_equal(rva_a, rva_b)]
             if len(same) == 1:
-                pair(rva_a, same[0])
+                pair(((rva_a, same[0]),))
     return data_map
 
 

@@ -171,8 +171,8 @@ def _packed(refs: list[tuple[int, int, int, int, int]]):  # type: ignore[no-unty
 
 
 def test_reference_scans_agree_on_random_records() -> None:
-    """callees, token_ids, ref_targets, targets_within, triage_refs, ref_pairs and lone_pair: the compiled
-    kernels on packed records and on tuples give the twin's answer (equal and changed code, inner targets,
+    """callees, token_ids, ref_targets, targets_within, lists_reaching, triage_refs, ref_pairs and lone_pair: the
+    compiled kernels on packed records and on tuples give the twin's answer (equal and changed code, inner targets,
     import slots, wide targets, references of one instruction apart)."""
     rng = random.Random(20261202)
     for _ in range(1500):
@@ -204,6 +204,9 @@ def test_reference_scans_agree_on_random_records() -> None:
         spans = ((0x1000, 0x1080), (0x1200, 0x1201), (0x1380, 2**40))[:rng.randint(0, 3)]
         assert compiled.targets_within([_packed(refs_a), refs_b, _packed(refs_b)], spans) == \
             reference.targets_within([refs_a, refs_b, refs_b], spans)
+        wanted = set(rng.sample(targets, rng.randint(0, min(3, len(targets)))))  # -5 and wide ones too, at times
+        assert compiled.lists_reaching([_packed(refs_a), refs_b, _packed(refs_b), []], wanted) == \
+            reference.lists_reaching([refs_a, refs_b, refs_b, []], wanted)
         args = (pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
         expected = reference.triage_refs(refs_a, refs_b, *args)
         assert compiled.triage_refs(refs_a, refs_b, *args) == expected
@@ -587,7 +590,7 @@ def test_items_equal_agrees_on_random_items() -> None:
 
 
 def test_items_equal_agrees_on_a_real_pair(rust_diff) -> None:  # type: ignore[no-untyped-def]
-    """Data pairs of _rust.pyd 43.0.0 -> 43.0.1, and their extents."""
+    """Data pairs of _rust.pyd 43.0.0 -> 43.0.1 and their extents, and the functions reaching some of its data."""
     result = rust_diff
     pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
     items = pairing.items()
@@ -605,3 +608,8 @@ def test_items_equal_agrees_on_a_real_pair(rust_diff) -> None:  # type: ignore[n
         assert compiled.item_extent(sides[0][0], rva_a) == reference.item_extent(sides[1][0], rva_a)
         answers.add(expected)
     assert len(pairs) > 2000 and answers == {True, False}
+    refs_lists = [analysis.raw_refs for analysis in result.baseline.analyses]
+    wanted = set(sorted(pairing.targets_a.all_data_targets())[::50])
+    reaching = compiled.lists_reaching(refs_lists, wanted)
+    assert 100 < len(reaching) < len(refs_lists)
+    assert reaching == reference.lists_reaching([refs.tolist() for refs in refs_lists], wanted)

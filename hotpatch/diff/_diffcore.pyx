@@ -1439,3 +1439,32 @@ def items_equal(DataSide a, DataSide b, int64_t rva_a, int64_t rva_b, dict funct
             same = _same_bytes(a, b, rva_a, rva_b, cursor, slot)
         cursor = max(cursor, slot + 8)
     return same and _same_bytes(a, b, rva_a, rva_b, cursor, length)
+
+
+def lists_reaching(refs_lists, targets):
+    """The indexes of the reference lists with a target in ``targets`` (a set), in order: the set's members sorted
+    in a C array once, each packed record bisected there (no Python int per reference)."""
+    cdef list out = []
+    cdef Py_ssize_t i, at, index = 0, count = 0, n
+    cdef const PackedRef *packed
+    cdef const int64_t[:] wanted
+    try:
+        wanted = array("q", sorted(targets))
+    except OverflowError:  # a member outside int64: the lists are read as tuples
+        wanted = None
+    for refs in refs_lists:
+        packed = _packed(refs, &count) if wanted is not None else NULL
+        if packed != NULL:
+            n = wanted.shape[0]
+            for i in range(count):
+                at = _bisect_left(wanted, packed[i].target)
+                if at < n and wanted[at] == packed[i].target:
+                    out.append(index)
+                    break
+        else:
+            for ref in refs:
+                if ref[4] in targets:
+                    out.append(index)
+                    break
+        index += 1
+    return out

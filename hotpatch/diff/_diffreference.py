@@ -139,6 +139,10 @@ rva_map=None)``
     end of the section holding it or ``max_item`` bytes, whichever comes
     first (0 outside every section).
 
+``lists_reaching(refs_lists, targets)``
+    The indexes of the reference lists, in order, with at least one target
+    in ``targets`` (a set of ints).
+
 ``items_equal(side_a, side_b, rva_a, rva_b, function_map)``
     ``hotpatch.diff.dataitems.items_equal`` of two ``data_side``: the items
     compared over the shorter extent (to the next start, the section's end
@@ -167,7 +171,7 @@ __all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_target
            "equal_replacements", "lone_pair", "new_interner", "propagate", "ref_pairs", "ref_targets",
            "relocated_data", "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
            "unfilled_gaps", "unsupported_refs", "data_side", "item_extent",
-           "items_equal"]
+           "items_equal", "lists_reaching"]
 
 IMPLEMENTATION = "python"
 
@@ -441,3 +445,7 @@ def items_equal(a: DataSide, b: DataSide, rva_a: int, rva_b: int, function_map: 
         bytes_a[slot:slot + 8] = bytes(8)
         bytes_b[slot:slot + 8] = bytes(8)
     return bytes_a == bytes_b
+
+
+def lists_reaching(refs_lists: Any, targets: set[int]) -> list[int]:
+    return [index for index, refs in enumerate(refs_lists) if any(ref[4] in targets for ref in refs)]

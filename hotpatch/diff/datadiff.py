@@ -97,9 +97,13 @@ def _data_map(a: FunctionTable, b: FunctionTable, pairing: Pairing, functions: l
         pair(map(itemgetter(0), ordered))
     # What a changed function still reads, maybe through different instructions: unique identical content.
     items_a, items_b = pairing.items()
-    for entry in functions:
-        if entry.status != "changed" or entry.baseline is None or entry.patched is None:
-            continue
+    changed = [entry for entry in functions
+               if entry.status == CHANGED and entry.baseline is not None and entry.patched is not None]
+    baselines = [entry.baseline for entry in changed]
+    # only a function reading data still unmapped can map more (the map only grows): those found in one pass
+    unmapped = pairing.targets_a.data_targets_of(baselines).difference(data_map)
+    for index in pairing.targets_a.reaching(baselines, unmapped) if unmapped else ():
+        entry = changed[index]
         left = sorted(pairing.targets_a.data_targets(entry.baseline).difference(data_map))
         if not left:
             continue

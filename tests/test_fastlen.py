@@ -230,20 +230,25 @@ def test_lite_decodes_remembered_by_their_bytes_decode_as_the_twin() -> None:
     assert references > 500 and instructions > 4000
 
 
-def test_sweep_reads_flow_ends_as_terminates_does() -> None:
-    """The sweep's table reading of "never falls through" (``_ends_flow``) equals the ``_terminates`` discovery
-    shares on every opcode pair behind prefixes (skipped or not, up to a run of 15), at every length."""
-    heads = [b"", b"\x48", b"\x66", b"\xf3", b"\xf0", b"\x41\x2e", b"\x65\x48", b"\x66" * 15]
-    ends = 0
+def test_compiled_terminates_reads_its_tables_as_flow_does() -> None:
+    """The compiled ``_terminates`` (the sweep's and discovery's, over the prefix and flow-ending byte tables in
+    ``_shared.pxd``) equals ``flow.terminates`` and ``flow.is_nop`` on every opcode pair behind prefixes
+    (skipped or not, up to a run of 15), at every length an instruction can have."""
+    from hotpatch.analysis.flow import is_nop, terminates
+
+    heads = [b"", b"\x48", b"\x66", b"\xf3", b"\xf0", b"\x41\x2e", b"\x65\x48", b"\x66" * 13]
+    ends = nops = 0
     for head in heads:
         for first in range(256):
-            for second in range(256) if first in (0x0F, 0xFF, 0x48, 0x66, 0xF3) else (0x00, 0x0B, 0x20, 0x28):
+            for second in range(256) if first in (0x0F, 0xFF, 0x48, 0x66, 0xF3) else (0x00, 0x0B, 0x1F, 0x28):
                 code = head + bytes((first, second))
-                for length in range(1, len(code) + 1):
-                    expected = _decode.terminates(code[:length])
-                    assert _decode.ends_flow(code[:length]) is expected, code[:length].hex()
+                for length in range(1, min(len(code), 15) + 1):
+                    expected = terminates(code, 0, length)
+                    assert _decode.terminates(code[:length]) is expected, code[:length].hex()
+                    assert _decode.is_nop(code[:length]) is is_nop(code, 0, length), code[:length].hex()
                     ends += expected
-    assert ends > 1000
+                    nops += is_nop(code, 0, length)
+    assert ends > 1000 and nops > 50
 
 
 @pytest.mark.realbins

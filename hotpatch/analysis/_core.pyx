@@ -25,11 +25,11 @@ from hotpatch.analysis._reflist cimport PackedRef, RefList as PackedRefList
 from hotpatch.analysis._shared cimport _lower_bound
 from hotpatch.analysis._slots cimport Maker, field_of, make_analysis, maker_of
 
-from ._decode import decode, fast_length, instruction_text, terminates
+from ._decode import X86_NUMBERS, decode, fast_length, instruction_text, terminates
 from ._reflist import RefList
 
-__all__ = ["IMPLEMENTATION", "RefList", "decode", "fast_length", "fingerprint", "fingerprint_many", "fingerprinted",
-           "instruction_text", "terminates"]
+__all__ = ["IMPLEMENTATION", "X86_NUMBERS", "RefList", "decode", "fast_length", "fingerprint", "fingerprint_many",
+           "fingerprinted", "instruction_text", "terminates"]
 
 IMPLEMENTATION = "cython"
 
@@ -212,6 +212,7 @@ def fingerprinted(ctx, list analyses, function_starts, cls):
     cdef _Hasher hasher = _Hasher(ctx, function_starts)
     cdef Maker maker
     cdef tuple empty = ()
+    memset(&maker, 0, sizeof(Maker))  # (filled by maker_of; cleared so the compiler sees it set)
     maker_of(&maker, cls, empty)
     out = []
     for analysis in analyses:

@@ -13,7 +13,7 @@ import os
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ..collector import gc_paused
@@ -32,6 +32,7 @@ __all__ = [
     "decode",
     "diff_kernels",
     "fingerprint_all",
+    "x86_numbers",
 ]
 
 
@@ -171,6 +172,26 @@ def backend() -> ModuleType:
     if _backend is None:
         _backend = _load_backend()
     return _backend
+
+
+_x86_numbers: Any = None
+
+
+def x86_numbers() -> Any:
+    """capstone's x86 numbers by their names in ``capstone.x86_const`` (``x86_numbers().X86_REG_RCX``): the
+    compiled core's, from the header it is built against, so that capstone's Python binding (its import sets
+    up every architecture, about 0.04 s) is imported only where its own decoder is used; with the Python core,
+    the binding's."""
+    global _x86_numbers
+    if _x86_numbers is None:
+        numbers = getattr(backend(), "X86_NUMBERS", None)
+        if numbers is None:
+            from capstone import x86_const
+
+            _x86_numbers = x86_const
+        else:
+            _x86_numbers = SimpleNamespace(**numbers)
+    return _x86_numbers
 
 
 def diff_kernels(impl: Any = None) -> ModuleType:

@@ -325,3 +325,24 @@ def test_disp32_and_scaled_operands_beside_an_image_base_register_decode_as_the_
             references += len(slow[1])
             image_relative += sum(ref[0] == refkinds.IMAGE_REL32 for ref in slow[1])
     assert references > 500 and image_relative > 100, (references, image_relative)
+
+
+@pytest.mark.parametrize("image_base", [0x180000000, 0, 0xFFFF_8000_0000_0000, (1 << 64) - 0x1000])
+def test_absolute_values_relative_to_the_image_base_as_the_twin_gives_them(image_base: int) -> None:
+    # ABS64 targets are the value minus the image base, in C while that fits in 64 signed bits and through
+    # Python's ints otherwise (kept aside as wide): every side of both edges, from mov rax, imm64 (48 B8)
+    from hotpatch.analysis import _reference
+
+    edges = [image_base + delta for delta in (0, 1, -1, 0x1234, -0x1234, (1 << 63) - 1, 1 << 63, -(1 << 63),
+                                              -(1 << 63) - 1, (1 << 63) + 1)]
+    rng = random.Random(image_base & 0xFFFF)
+    values = [v & ((1 << 64) - 1) for v in edges] + [0, (1 << 64) - 1, 1 << 63, (1 << 63) - 1]
+    values += [rng.randrange(1 << 64) for _ in range(200)]
+    code = b"".join(b"\x48\xb8" + struct.pack("<Q", value) for value in values) + b"\xc3"
+    memory = bytes(0x1000) + code + bytes(64)
+    ctx = SimpleNamespace(memory=memory, relocations=array("I", [0x1000 + 10 * i + 2 for i in range(len(values))]),
+                          iat={}, first_section_rva=0x1000, image_base=image_base)
+    items = [(0x1000, ((0x1000, 0x1000 + len(code)),))]
+    (fast,), (slow,) = _core.decode(ctx, items), _reference.decode(ctx, items)
+    assert fast[1] == slow[1] and len(slow[1]) == len(values)
+    assert {ref[4] for ref in slow[1]} >= {value - image_base for value in values[:6]}

@@ -296,16 +296,16 @@ cdef class _Decoder:
         open_x86(&cs, &self.lite_handle, &self.lite, False)
         if X86_REG_ENDING > 512:
             raise ImportError("capstone register numbering changed; rebuild hotpatch.analysis._decode")
-        iat_slots = array("I", sorted(ctx.iat))
-        iat_slots.append(0)  # never empty, so a pointer to its first item always exists
-        iat = iat_slots
+        # sorted once per context where it keeps them (discovery decodes hundreds of batches of one image)
+        ordered = getattr(ctx, "iat_order", None)
+        iat = ordered if ordered is not None else array("I", sorted(ctx.iat))
         self.keep = (memory, relocations, iat)
         self.memlen = memory.shape[0]
         self.base = &memory[0] if self.memlen else NULL
         self.nrelocs = relocations.shape[0]
         self.relocations = &relocations[0] if self.nrelocs else NULL
-        self.niat = iat.shape[0] - 1
-        self.iat = &iat[0]
+        self.niat = iat.shape[0]
+        self.iat = &iat[0] if self.niat else NULL
         self.first_section_rva = ctx.first_section_rva
 
     def __dealloc__(self):

@@ -13,6 +13,7 @@ import os
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +132,11 @@ class AnalysisContext:
     regions: tuple[tuple[int, int, bytes], ...]
     #: lowest section RVA: image-relative displacements below it are not addresses
     first_section_rva: int
+
+    @cached_property
+    def iat_order(self) -> array:
+        """The IAT slot RVAs sorted (``array("I")``), made once: the decoder bisects them in every batch."""
+        return array("I", sorted(self.iat))
 
     @classmethod
     def from_image(cls, image: Image) -> AnalysisContext:

@@ -14,7 +14,7 @@ from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 
 from hotpatch.analysis.includes.capstone cimport *
-from hotpatch.analysis._capstone_api cimport load_entry_points
+from hotpatch.analysis._capstone_api cimport load_entry_points, open_x86
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 from hotpatch.analysis._shared cimport _lower_bound, _terminates
@@ -669,18 +669,6 @@ cdef csh _sweep_handle = 0
 cdef cs_insn *_sweep_insn = NULL
 
 
-cdef int _open_sweep() except -1:
-    """The handle ``instruction_text`` would use (x86-64, no details), opened on first use."""
-    global _sweep_handle, _sweep_insn
-    if _sweep_insn == NULL:
-        if cs.open(CS_ARCH_X86, CS_MODE_64, &_sweep_handle) != CS_ERR_OK:
-            raise RuntimeError("cs_open failed")
-        _sweep_insn = cs.malloc(_sweep_handle)
-        if _sweep_insn == NULL:
-            raise MemoryError()
-    return 0
-
-
 cdef Py_ssize_t _sweep(const uint8_t[:] memory, int64_t begin, int64_t end, const uint32_t[:] rvas) except -2:
     """How many instructions capstone's plain sweep of ``[begin, end)`` decodes up to its first undecodable
     byte (the core's ``instruction_text``), if they lie at ``rvas`` so far; -1 where one does not."""
@@ -688,7 +676,7 @@ cdef Py_ssize_t _sweep(const uint8_t[:] memory, int64_t begin, int64_t end, cons
     cdef size_t remaining
     cdef uint64_t address
     cdef Py_ssize_t count = 0, known = rvas.shape[0] if rvas is not None else -1
-    _open_sweep()
+    open_x86(&cs, &_sweep_handle, &_sweep_insn, False)  # the handle ``instruction_text`` opens too
     if end > memory.shape[0]:
         end = memory.shape[0]
     if begin < 0 or begin >= end:

@@ -163,6 +163,47 @@ def stale_gap_places(const uint8_t[:] memory, stale, list starts, dict items, co
     return owners, out
 
 
+
+def refresh_raw_items(added, list starts, dict pdata, const uint32_t[:] section_rvas,
+                      const uint32_t[:] section_ends, const uint32_t[:] section_limits, dict raw_items, dict items):
+    """``Layout.insert``'s bookkeeping once the new starts ``added`` (sorted) are in the sorted ``starts``:
+    the touched starts (each new one and the start before each, sorted) get their raw item, their .pdata
+    ranges if ``pdata`` lists them, else up to the next start or their section's limit (``section_rvas``,
+    ``section_ends``: sorted, disjoint; ``section_limits``: where a function may end in each). Those whose
+    raw item is new or changed are set in ``raw_items`` and ``items``; returns the touched starts and the
+    changed ones, each with its item before (None if new)."""
+    cdef Py_ssize_t count = len(starts), index
+    cdef int64_t rva, limit, following
+    cdef list touched = [], changed = []
+    for value in added:
+        index = _list_upper_bound(starts, <int64_t>value - 1)
+        if index:
+            before = starts[index - 1]
+            if not touched or touched[len(touched) - 1] != before:
+                touched.append(before)  # the start before a new one is at or after the previous new one
+        touched.append(value)
+    for value in touched:
+        rva = value
+        runtime = pdata.get(value)
+        if runtime is not None:
+            raw = (value, ((value, runtime.end_rva),) + runtime.fragments)
+        else:
+            index = _upper_bound(section_rvas, rva) - 1
+            if index < 0 or rva >= section_ends[index]:
+                raise ValueError(f"start {rva:#x} outside the code sections")
+            limit = section_limits[index]
+            index = _list_upper_bound(starts, rva)
+            if index < count:
+                following = starts[index]
+                if following < limit:
+                    limit = following
+            raw = (value, ((value, limit),))
+        old = raw_items.get(value)
+        if old is None or old != raw:
+            changed.append((value, items.get(value)))
+            raw_items[value] = items[value] = raw
+    return touched, changed
+
 def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
                const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
     """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each
@@ -335,14 +376,47 @@ cdef bint _fill_span(const uint8_t *m, Py_ssize_t length, Py_ssize_t begin, Py_s
 def trimmed_end(const uint8_t[:] memory, const uint32_t[:] rvas, Py_ssize_t begin, Py_ssize_t limit):
     """Where a function whose instructions start at ``rvas`` in ``[begin, limit)`` ends once the fill after
     its last instruction that is not fill (int3, nops, zeros) is cut off; at least one byte past ``begin``."""
-    cdef Py_ssize_t length = memory.shape[0], count = rvas.shape[0], index, insn_end, end = begin + 1
-    cdef const uint8_t *m = &memory[0] if length else NULL
+    cdef Py_ssize_t length = memory.shape[0]
+    return _trimmed_end(&memory[0] if length else NULL, length, rvas, begin, limit)
+
+
+cdef Py_ssize_t _trimmed_end(const uint8_t *m, Py_ssize_t length, const uint32_t[:] rvas, Py_ssize_t begin,
+                             Py_ssize_t limit) noexcept:
+    cdef Py_ssize_t count = rvas.shape[0], index, insn_end, end = begin + 1
     for index in range(count - 1, -1, -1):
         insn_end = rvas[index + 1] if index + 1 < count else limit
         if not _fill_span(m, length, rvas[index], insn_end):
             end = insn_end
             break
     return end if end > begin + 1 else begin + 1
+
+
+def trimmed_layout(const uint8_t[:] memory, list items, dict pdata, dict decoded):
+    """The final layout of the sorted ``items``: one listed in ``pdata`` as it is, any other cut after its last
+    instruction that is not fill (``trimmed_end`` of its decode ``decoded[item]``, which goes if it is cut).
+    Returns the items, the cut ones (in order: to decode), and the items' starts and first ranges' ends."""
+    cdef Py_ssize_t length = memory.shape[0], count = len(items), i, begin, limit
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    cdef list out = [], cut = []
+    cdef tuple item
+    starts = array("I", bytes(4 * count))
+    ends = array("I", bytes(4 * count))
+    cdef uint32_t[:] starts_view = starts
+    cdef uint32_t[:] ends_view = ends
+    for i in range(count):
+        item = items[i]
+        rva = item[0]
+        if rva not in pdata:
+            begin, limit = item[1][0]
+            trimmed = (rva, ((begin, _trimmed_end(m, length, decoded[item].insn_rvas, begin, limit)),))
+            if trimmed != item:
+                del decoded[item]
+                cut.append(trimmed)
+            item = trimmed
+        out.append(item)
+        starts_view[i] = rva
+        ends_view[i] = item[1][0][1]
+    return out, cut, starts, ends
 
 
 def named(places, words):
@@ -410,6 +484,12 @@ def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list ta
     through with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none. With
     ``tail_gaps``, a jump past fill, data and fill to code that never comes back (into them or before
     them) is a tail jump: the code ends where the fill begins (the reference twin says when exactly)."""
+    return _reachable_end(memory, rvas, refs, tables, begin, limit, horizon, tail_gaps)
+
+
+cdef int64_t _reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list tables, int64_t begin,
+                            int64_t limit, int64_t horizon, bint tail_gaps) except? -1:
+    """``reachable_end``."""
     cdef Py_ssize_t count = rvas.shape[0], memlen = memory.shape[0], index, ref_index = 0, ref_count
     cdef const uint8_t *m = &memory[0] if memlen else NULL
     cdef const PackedRef *packed = NULL
@@ -483,6 +563,50 @@ def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list ta
     # code that runs into the next start without branching back into the gap or beyond that start
     return gap_begin if gap_end >= 0 and kept < limit else limit
 
+
+
+cdef object _reached(const uint8_t[:] memory, tuple item, analysis, int64_t horizon, bint tail_gaps):
+    """``functions._reachable``: the item cut where its reachable code ends, or the item itself."""
+    rva, ranges = item
+    begin, limit = ranges[0]
+    cdef int64_t end = _reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, begin,
+                                      limit, horizon, tail_gaps)
+    return (rva, ((begin, end),)) if end < limit else item
+
+
+def reach_windows(const uint8_t[:] memory, list items, list windows, list analyses, list horizons,
+                  int64_t margin, dict full, bint tail_gaps=True):
+    """``functions._reach``'s verdicts on the decodes ``analyses`` of the first ``windows`` of ``items`` (each
+    window the item's single range, perhaps cut short): an item whose window is all of it is reached on its
+    decode (which goes into ``full``); a window without jump tables whose code ends, tail gaps aside, at least
+    ``margin`` bytes before the window's end is reached on it, branches up to the item's end counting. The
+    others need their whole decode: None in the list returned, and their indexes in the second list."""
+    cdef Py_ssize_t index, count = len(items)
+    cdef int64_t limit, window_end, horizon
+    cdef list out = [], whole = []
+    cdef tuple item, window
+    if len(windows) != count or len(analyses) != count or len(horizons) != count:
+        raise ValueError("items, windows, analyses and horizons differ in length")
+    for index in range(count):
+        item, window, analysis = items[index], windows[index], analyses[index]
+        limit, window_end = item[1][0][1], window[1][0][1]
+        horizon = horizons[index]
+        if window_end == limit:
+            full[item] = analysis
+            out.append(_reached(memory, item, analysis, horizon, tail_gaps))
+            continue
+        if not analysis.raw_tables:
+            if horizon < limit:
+                horizon = limit
+            # a tail gap's cut comes before the instruction that confirms it: only an end well inside the
+            # window without tail gaps (they only ever cut earlier) is decided by the window
+            if _reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, window[1][0][0],
+                              window_end, horizon, False) <= window_end - margin:
+                out.append(_reached(memory, window, analysis, horizon, tail_gaps))
+                continue
+        out.append(None)
+        whole.append(index)
+    return out, whole
 
 cdef int64_t _nearest_target(const PackedRef *packed, list listed, Py_ssize_t ref_count, list seen_cases,
                              int64_t end, int64_t horizon, int64_t limit) except? -1:

@@ -5,7 +5,7 @@ results (the tests compare both on fixtures, real binaries and random bytes)."""
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from heapq import heappop, heappush
 from typing import Any
@@ -16,8 +16,9 @@ from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
 __all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "build_functions", "call_and_lea_targets",
            "decodable_in", "gap_places", "gap_starts", "memory_word_index", "memory_words", "named", "named_in",
-           "padding_runs", "plausible_limits", "pointer_targets", "reachable_end", "sane_references",
-           "stale_gap_places", "sweep_matches", "trimmed_end", "word_index"]
+           "padding_runs", "plausible_limits", "pointer_targets", "reach_windows", "reachable_end",
+           "refresh_raw_items", "sane_references", "stale_gap_places", "sweep_matches", "trimmed_end",
+           "trimmed_layout", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -59,6 +60,40 @@ def stale_gap_places(memory: bytes, stale: Sequence[int], starts: Sequence[int],
                 out.append(fresh)
     return owners, out
 
+
+
+def refresh_raw_items(added: Sequence[int], starts: Sequence[int], pdata: dict[int, Any],
+                      section_rvas: Sequence[int], section_ends: Sequence[int], section_limits: Sequence[int],
+                      raw_items: dict[int, tuple], items: dict[int, tuple]) -> tuple[list[int], list[tuple]]:
+    """``Layout.insert``'s bookkeeping once the new starts ``added`` (sorted) are in the sorted ``starts``:
+    the touched starts (each new one and the start before each, sorted) get their raw item, their .pdata
+    ranges if ``pdata`` lists them, else up to the next start or their section's limit (``section_rvas``,
+    ``section_ends``: sorted, disjoint; ``section_limits``: where a function may end in each). Those whose
+    raw item is new or changed are set in ``raw_items`` and ``items``; returns the touched starts and the
+    changed ones, each with its item before (None if new)."""
+    touched = set(added)
+    for rva in added:
+        index = bisect_left(starts, rva)
+        if index:
+            touched.add(starts[index - 1])
+    changed = []
+    for rva in sorted(touched):
+        runtime = pdata.get(rva)
+        if runtime is not None:
+            raw = (rva, ((rva, runtime.end_rva),) + runtime.fragments)
+        else:
+            index = bisect_right(section_rvas, rva) - 1
+            if index < 0 or rva >= section_ends[index]:
+                raise ValueError(f"start {rva:#x} outside the code sections")
+            limit = section_limits[index]
+            index = bisect_right(starts, rva)
+            if index < len(starts) and starts[index] < limit:
+                limit = starts[index]
+            raw = (rva, ((rva, limit),))
+        if raw_items.get(rva) != raw:
+            changed.append((rva, items.get(rva)))
+            raw_items[rva] = items[rva] = raw
+    return sorted(touched), changed
 
 def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
                section_ends: Sequence[int]) -> set[int]:
@@ -169,6 +204,24 @@ def trimmed_end(memory: bytes, rvas: Sequence[int], begin: int, limit: int) -> i
         end = begin + 1
     return max(end, begin + 1)
 
+
+
+def trimmed_layout(memory: bytes, items: list[tuple], pdata: dict[int, Any], decoded: dict[tuple, Any]
+                   ) -> tuple[list[tuple], list[tuple], array, array]:
+    """The final layout of the sorted ``items``: one listed in ``pdata`` as it is, any other cut after its last
+    instruction that is not fill (``trimmed_end`` of its decode ``decoded[item]``, which goes if it is cut).
+    Returns the items, the cut ones (in order: to decode), and the items' starts and first ranges' ends."""
+    out, cut = [], []
+    for item in items:
+        rva, ((begin, limit), *_) = item
+        if rva not in pdata:
+            trimmed = (rva, ((begin, trimmed_end(memory, decoded[item].insn_rvas, begin, limit)),))
+            if trimmed != item:
+                del decoded[item]
+                cut.append(trimmed)
+            item = trimmed
+        out.append(item)
+    return out, cut, array("I", (rva for rva, _ in out)), array("I", (ranges[0][1] for _, ranges in out))
 
 def named(places: Iterable[int], words: Iterable[array]) -> set[int]:
     """The places equal to some value in the ``array("I")`` chunks ``words``."""
@@ -290,6 +343,43 @@ def reachable_end(memory: bytes, rvas: Sequence[int], refs: Iterable[tuple[int, 
     # code that runs into the next start without branching back into the gap or beyond that start
     return gap_begin if gap_end >= 0 and kept < limit else limit
 
+
+
+def reach_windows(memory: bytes, items: list[tuple], windows: list[tuple], analyses: list[Any], horizons: list[int],
+                  margin: int, full: dict[tuple, Any], tail_gaps: bool = True) -> tuple[list[tuple | None], list[int]]:
+    """``functions._reach``'s verdicts on the decodes ``analyses`` of the first ``windows`` of ``items`` (each
+    window the item's single range, perhaps cut short): an item whose window is all of it is reached on its
+    decode (which goes into ``full``); a window without jump tables whose code ends, tail gaps aside, at least
+    ``margin`` bytes before the window's end is reached on it, branches up to the item's end counting. The
+    others need their whole decode: None in the list returned, and their indexes in the second list."""
+    if not len(windows) == len(analyses) == len(horizons) == len(items):
+        raise ValueError("items, windows, analyses and horizons differ in length")
+
+    def reached(item: tuple, analysis: Any, horizon: int) -> tuple:
+        rva, ((begin, limit),) = item
+        end = reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, begin, limit, horizon,
+                            tail_gaps)
+        return (rva, ((begin, end),)) if end < limit else item
+
+    out: list[tuple | None] = []
+    whole = []
+    for index, (item, window, analysis, horizon) in enumerate(zip(items, windows, analyses, horizons)):
+        limit, ((begin, window_end),) = item[1][0][1], window[1]
+        if window_end == limit:
+            full[item] = analysis
+            out.append(reached(item, analysis, horizon))
+            continue
+        if not analysis.raw_tables:
+            horizon = max(horizon, limit)
+            # a tail gap's cut comes before the instruction that confirms it: only an end well inside the
+            # window without tail gaps (they only ever cut earlier) is decided by the window
+            if reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, begin, window_end,
+                             horizon, False) <= window_end - margin:
+                out.append(reached(window, analysis, horizon))
+                continue
+        out.append(None)
+        whole.append(index)
+    return out, whole
 
 def plausible_limits(candidates: Iterable[int], relocations: Sequence[int], starts: Sequence[int],
                      code_rvas: Sequence[int], code_ends: Sequence[int]) -> tuple[list[int], list[int]]:

@@ -272,7 +272,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # it never changes its mind
     unfit: set[int] = set()
     while True:
-        changed = layout.insert(pending)
+        changed = layout.insert(pending, kernels)
         pending.clear()
         todo = [layout.raw[rva] for rva, _ in changed if rva not in pdata]
         for item, reached in zip(todo, _reach(ctx, core, memory, todo, [0] * len(todo), decoded)):
@@ -308,22 +308,14 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
                 kernels.after_padding_in(memory, places.difference(sources, rejected))))
         if not found:
             break
-    # Functions without .pdata end after their last instruction that is not fill.
-    final_layout = []
-    for item in layout.ordered():
-        if item[0] not in pdata:
-            trimmed = _trimmed(memory, item, decoded[item], kernels)
-            if trimmed != item:
-                del decoded[item]
-            item = trimmed
-        final_layout.append(item)
+    # Functions without .pdata end after their last instruction that is not fill; the others are decoded.
+    final_layout, cut, final_rvas, final_ends = kernels.trimmed_layout(memory, layout.ordered(), pdata, decoded)
     del layout, scanned
-    _decode_missing(ctx, core, decoded, final_layout)
+    _decode_missing(ctx, core, decoded, cut)
 
     starts = array("I", sorted(sources))
     final = fingerprint_all(ctx, [decoded.pop(item) for item in final_layout], starts, core)
-    padding = kernels.padding_runs(memory, array("I", (rva for rva, _ in final_layout)),
-                                   array("I", (ranges[0][1] for _, ranges in final_layout)), section_rvas, section_ends)
+    padding = kernels.padding_runs(memory, final_rvas, final_ends, section_rvas, section_ends)
     functions = kernels.build_functions(Function, final_layout, final, *padding, pdata, names, sources, _sources_of)
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
 
@@ -482,26 +474,15 @@ def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], ho
     """
     kernels = _kernels(core)
     windows = [(rva, ((begin, min(limit, begin + _REACH_WINDOW)),)) for rva, ((begin, limit),) in items]
-    out: list[Item | None] = [None] * len(items)
-    whole: list[int] = []
-    for index, (item, window, analysis) in enumerate(zip(items, windows, decode(ctx, windows, core))):
-        limit, window_end = item[1][0][1], window[1][0][1]
-        if window_end == limit:
-            full[item] = analysis
-            out[index] = _reachable(memory, item, analysis, horizons[index], kernels)
-            continue
-        if not analysis.raw_tables:
-            horizon = max(horizons[index], limit)
-            # A tail gap's cut comes before the instruction that confirms it: the window decides only where
-            # the code ends well inside it even without tail gaps (those only ever cut earlier).
-            cut = _reachable(memory, window, analysis, horizon, kernels, tail_gaps=False)
-            if cut[1][0][1] <= window_end - _WINDOW_MARGIN:
-                out[index] = _reachable(memory, window, analysis, horizon, kernels)
-                continue
-        whole.append(index)
-    for index, analysis in zip(whole, decode(ctx, [items[i] for i in whole], core)):
-        full[items[index]] = analysis
-        out[index] = _reachable(memory, items[index], analysis, horizons[index], kernels)
+    # one kernel call a round decides every item its window decides (tens of thousands in the first round)
+    out, whole = kernels.reach_windows(memory, items, windows, decode(ctx, windows, core), horizons, _WINDOW_MARGIN,
+                                       full)
+    if whole:
+        todo = [items[i] for i in whole]
+        for index, reached in zip(whole, kernels.reach_windows(memory, todo, todo, decode(ctx, todo, core),
+                                                               [horizons[i] for i in whole], _WINDOW_MARGIN,
+                                                               full)[0]):
+            out[index] = reached
     return out  # type: ignore[return-value]
 
 
@@ -531,8 +512,3 @@ def _section_bounds(image: Image) -> tuple[array, array, array, array]:
 
 _SECTION_BOUNDS: WeakKeyDictionary[Image, tuple[array, array, array, array]] = WeakKeyDictionary()
 
-
-def _trimmed(memory: bytes, item: Item, analysis: FunctionAnalysis, kernels: Any = _discovery_reference) -> Item:
-    """The item's range cut after its last instruction that is not fill (int3, nops, zeros)."""
-    rva, ((begin, limit),) = item
-    return rva, ((begin, kernels.trimmed_end(memory, analysis.insn_rvas, begin, limit)),)

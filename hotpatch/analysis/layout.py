@@ -11,9 +11,11 @@ building it from scratch (tests/test_discovery_layout.py checks both after rando
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_right, insort
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from . import _discovery_reference
 
 __all__ = ["Item", "Layout"]
 
@@ -30,13 +32,12 @@ class Layout:
     def __init__(self, sections: Sequence[Any], pdata: dict[int, Any]) -> None:
         """``sections``: the executable sections (``rva``, ``end_rva``, ``virtual_size``), disjoint."""
         ordered = sorted(sections, key=lambda section: section.rva)
-        self._section_rvas = [section.rva for section in ordered]
-        self._section_ends = [section.end_rva for section in ordered]
-        #: the same for the kernels
-        self._section_arrays = (array("I", self._section_rvas), array("I", self._section_ends))
+        #: their bounds, for the kernels
+        self._section_arrays = (array("I", (section.rva for section in ordered)),
+                                array("I", (section.end_rva for section in ordered)))
         #: where a function without .pdata ends at the latest in each section
-        self._section_limits = [min(s.rva + s.virtual_size if s.virtual_size else s.end_rva, s.end_rva)
-                                for s in ordered]
+        self._section_limits = array("I", (min(s.rva + s.virtual_size if s.virtual_size else s.end_rva, s.end_rva)
+                                           for s in ordered))
         self._pdata = pdata
         self.starts: list[int] = []
         #: start -> its item as the loop last bounded it
@@ -54,57 +55,27 @@ class Layout:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def insert(self, new: Iterable[int]) -> list[tuple[int, Item | None]]:
+    def insert(self, new: Iterable[int], kernels: Any = _discovery_reference) -> list[tuple[int, Item | None]]:
         """Add starts; return, sorted, the starts whose raw item is new or changed (each new start and
         the one before it, which now ends earlier), each with its item before (None if new). Their
-        ``items`` are the raw ones until bounded."""
-        raw_items, items = self.raw, self.items
-        added = sorted(set(new).difference(raw_items))
+        ``items`` are the raw ones until bounded. ``kernels.refresh_raw_items`` lays them out in one call
+        (the first round lays out every .pdata function at once: tens of thousands)."""
+        added = sorted(set(new).difference(self.raw))
         if not added:
             return []
         starts = self.starts
         if not starts:
-            # the first round lays out every .pdata function at once (tens of thousands): each start is new
-            # and the next one follows it in ``added``
             starts.extend(added)
-            self._stale.update(added)
-            pdata = self._pdata
-            for rva, following in zip(added, added[1:] + [None]):
-                runtime = pdata.get(rva)  # ``_raw_item`` of a .pdata start, inline
-                raw_items[rva] = items[rva] = (rva, ((rva, runtime.end_rva),) + runtime.fragments) \
-                    if runtime is not None else self._raw_item(rva, following)
-            return [(rva, None) for rva in added]
-        if len(added) < 64:  # most rounds add a few starts: sorting tens of thousands each round costs more
+        elif len(added) < 64:  # most rounds add a few starts: sorting tens of thousands each round costs more
             for rva in added:
                 insort(starts, rva)
         else:
             starts.extend(added)
             starts.sort()  # one sorted run and a short one: a merge
-        touched = set(added)
-        for rva in added:
-            index = bisect_left(starts, rva)
-            if index:
-                touched.add(starts[index - 1])
-        self._stale |= touched
-        changed = []
-        count = len(starts)
-        for rva in sorted(touched):
-            index = bisect_right(starts, rva)
-            raw = self._raw_item(rva, starts[index] if index < count else None)
-            if raw_items.get(rva) != raw:
-                changed.append((rva, items.get(rva)))
-                raw_items[rva] = items[rva] = raw
+        touched, changed = kernels.refresh_raw_items(added, starts, self._pdata, *self._section_arrays,
+                                                     self._section_limits, self.raw, self.items)
+        self._stale.update(touched)
         return changed
-
-    def _raw_item(self, rva: int, following: int | None) -> Item:
-        """The item of start ``rva`` bounded only by the next start ``following`` (.pdata: its ranges)."""
-        runtime = self._pdata.get(rva)
-        if runtime is not None:
-            return (rva, ((rva, runtime.end_rva),) + runtime.fragments)
-        index = bisect_right(self._section_rvas, rva) - 1
-        assert index >= 0 and rva < self._section_ends[index], f"start {rva:#x} outside the code sections"
-        limit = self._section_limits[index]
-        return (rva, ((rva, following if following is not None and following < limit else limit),))
 
     def bound(self, rva: int, item: Item) -> None:
         """Set the item of start ``rva`` (its raw item cut where its reachable code ends)."""

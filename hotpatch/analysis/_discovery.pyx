@@ -163,7 +163,6 @@ def stale_gap_places(const uint8_t[:] memory, stale, list starts, dict items, co
     return owners, out
 
 
-
 def refresh_raw_items(added, list starts, dict pdata, const uint32_t[:] section_rvas,
                       const uint32_t[:] section_ends, const uint32_t[:] section_limits, dict raw_items, dict items):
     """``Layout.insert``'s bookkeeping once the new starts ``added`` (sorted) are in the sorted ``starts``:
@@ -203,6 +202,24 @@ def refresh_raw_items(added, list starts, dict pdata, const uint32_t[:] section_
             changed.append((value, items.get(value)))
             raw_items[value] = items[value] = raw
     return touched, changed
+
+
+def refresh_gap_places(memory, stale, list starts, dict items, section_rvas, section_ends, dict gaps, set places):
+    """``Layout.places``' bookkeeping: the gaps after the sorted ``stale`` starts lose their places (``gaps``:
+    start -> its gap's places; ``places``: all of them), then get those of ``stale_gap_places``; returns the
+    places added, in order."""
+    cdef list added = [], fresh
+    for rva in stale:
+        old = gaps.pop(rva, None)
+        if old:  # every stale gap's old places go before new ones come: a place can move to another gap
+            places.difference_update(old)
+    owners, found = stale_gap_places(memory, stale, starts, items, section_rvas, section_ends)
+    for rva, fresh in zip(owners, found):
+        gaps[rva] = fresh
+        added.extend(fresh)
+    places.update(added)
+    return added
+
 
 def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
                const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
@@ -391,32 +408,34 @@ cdef Py_ssize_t _trimmed_end(const uint8_t *m, Py_ssize_t length, const uint32_t
     return end if end > begin + 1 else begin + 1
 
 
-def trimmed_layout(const uint8_t[:] memory, list items, dict pdata, dict decoded):
-    """The final layout of the sorted ``items``: one listed in ``pdata`` as it is, any other cut after its last
-    instruction that is not fill (``trimmed_end`` of its decode ``decoded[item]``, which goes if it is cut).
-    Returns the items, the cut ones (in order: to decode), and the items' starts and first ranges' ends."""
-    cdef Py_ssize_t length = memory.shape[0], count = len(items), i, begin, limit
+def trimmed_layout(const uint8_t[:] memory, list starts, dict items, dict pdata, dict decoded):
+    """The final layout: the item ``items[start]`` of each of the sorted ``starts``, as it is if ``pdata`` lists
+    it, else cut after its last instruction that is not fill (``trimmed_end`` of its decode ``decoded[item]``).
+    Returns the items, their decodes (None where an item was cut), the indexes of the cut ones, and the items'
+    starts and first ranges' ends as arrays."""
+    cdef Py_ssize_t length = memory.shape[0], count = len(starts), i, begin, limit
     cdef const uint8_t *m = &memory[0] if length else NULL
-    cdef list out = [], cut = []
+    cdef list out = [], analyses = [], cut = []
     cdef tuple item
-    starts = array("I", bytes(4 * count))
+    rvas = array("I", bytes(4 * count))
     ends = array("I", bytes(4 * count))
-    cdef uint32_t[:] starts_view = starts
+    cdef uint32_t[:] rvas_view = rvas
     cdef uint32_t[:] ends_view = ends
     for i in range(count):
-        item = items[i]
-        rva = item[0]
+        rva = starts[i]
+        item = items[rva]
+        analysis = decoded[item]
         if rva not in pdata:
             begin, limit = item[1][0]
-            trimmed = (rva, ((begin, _trimmed_end(m, length, decoded[item].insn_rvas, begin, limit)),))
+            trimmed = (rva, ((begin, _trimmed_end(m, length, analysis.insn_rvas, begin, limit)),))
             if trimmed != item:
-                del decoded[item]
-                cut.append(trimmed)
-            item = trimmed
+                item, analysis = trimmed, None
+                cut.append(i)
         out.append(item)
-        starts_view[i] = rva
+        analyses.append(analysis)
+        rvas_view[i] = rva
         ends_view[i] = item[1][0][1]
-    return out, cut, starts, ends
+    return out, analyses, cut, rvas, ends
 
 
 def named(places, words):
@@ -564,7 +583,6 @@ cdef int64_t _reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, ref
     return gap_begin if gap_end >= 0 and kept < limit else limit
 
 
-
 cdef object _reached(const uint8_t[:] memory, tuple item, analysis, int64_t horizon, bint tail_gaps):
     """``functions._reachable``: the item cut where its reachable code ends, or the item itself."""
     rva, ranges = item
@@ -607,6 +625,7 @@ def reach_windows(const uint8_t[:] memory, list items, list windows, list analys
         out.append(None)
         whole.append(index)
     return out, whole
+
 
 cdef int64_t _nearest_target(const PackedRef *packed, list listed, Py_ssize_t ref_count, list seen_cases,
                              int64_t end, int64_t horizon, int64_t limit) except? -1:
@@ -670,6 +689,13 @@ def sane_references(const uint32_t[:] rvas, refs, int64_t begin, int64_t end, co
     only where compiled code does: every branch and call into a code section (``code_rvas``, ``code_ends``)
     and, inside the range, onto one of its instructions; every RIP-relative operand into a section
     (``section_rvas``, ``section_ends``). All bounds sorted and disjoint."""
+    return _sane_references(rvas, refs, begin, end, code_rvas, code_ends, section_rvas, section_ends)
+
+
+cdef bint _sane_references(const uint32_t[:] rvas, refs, int64_t begin, int64_t end, const uint32_t[:] code_rvas,
+                           const uint32_t[:] code_ends, const uint32_t[:] section_rvas,
+                           const uint32_t[:] section_ends) except -1:
+    """``sane_references``."""
     cdef Py_ssize_t count = rvas.shape[0], i, k, ref_count
     cdef const PackedRef *packed = NULL
     cdef list listed = None
@@ -704,6 +730,25 @@ def sane_references(const uint32_t[:] rvas, refs, int64_t begin, int64_t end, co
             if not _in_spans(section_rvas, section_ends, target):
                 return False
     return True
+
+
+def sane_items(memory, list items, list analyses, const uint32_t[:] code_rvas,
+               const uint32_t[:] code_ends, const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
+    """For each item with its decode: ``sane_references`` of its single range, and where it has no jump table,
+    ``sweep_matches`` of that range too (a byte capstone could not decode leaves a hole in the sweep)."""
+    cdef Py_ssize_t i, count = len(items)
+    cdef int64_t begin, end
+    cdef list out = []
+    if len(analyses) != count:
+        raise ValueError("items and analyses differ in length")
+    for i in range(count):
+        (begin, end), = items[i][1]
+        analysis = analyses[i]
+        rvas = analysis.insn_rvas
+        out.append(_sane_references(rvas, analysis.raw_refs, begin, end, code_rvas, code_ends, section_rvas,
+                                    section_ends) and
+                   (bool(analysis.raw_tables) or sweep_matches(memory, begin, end, rvas)))
+    return out
 
 
 def call_and_lea_targets(const uint8_t[:] memory, refs_lists):

@@ -17,8 +17,8 @@ from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 __all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "build_functions", "call_and_lea_targets",
            "decodable_in", "gap_places", "gap_starts", "memory_word_index", "memory_words", "named", "named_in",
            "padding_runs", "plausible_limits", "pointer_targets", "reach_windows", "reachable_end",
-           "refresh_raw_items", "sane_references", "stale_gap_places", "sweep_matches", "trimmed_end",
-           "trimmed_layout", "word_index"]
+           "refresh_gap_places", "refresh_raw_items", "sane_items", "sane_references", "stale_gap_places",
+           "sweep_matches", "trimmed_end", "trimmed_layout", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -61,7 +61,6 @@ def stale_gap_places(memory: bytes, stale: Sequence[int], starts: Sequence[int],
     return owners, out
 
 
-
 def refresh_raw_items(added: Sequence[int], starts: Sequence[int], pdata: dict[int, Any],
                       section_rvas: Sequence[int], section_ends: Sequence[int], section_limits: Sequence[int],
                       raw_items: dict[int, tuple], items: dict[int, tuple]) -> tuple[list[int], list[tuple]]:
@@ -94,6 +93,25 @@ def refresh_raw_items(added: Sequence[int], starts: Sequence[int], pdata: dict[i
             changed.append((rva, items.get(rva)))
             raw_items[rva] = items[rva] = raw
     return sorted(touched), changed
+
+
+def refresh_gap_places(memory: bytes, stale: Sequence[int], starts: Sequence[int], items: dict[int, tuple],
+                       section_rvas: Sequence[int], section_ends: Sequence[int], gaps: dict[int, list[int]],
+                       places: set[int]) -> list[int]:
+    """``Layout.places``' bookkeeping: the gaps after the sorted ``stale`` starts lose their places (``gaps``:
+    start -> its gap's places; ``places``: all of them), then get those of ``stale_gap_places``; returns the
+    places added, in order."""
+    for rva in stale:
+        old = gaps.pop(rva, None)
+        if old:  # every stale gap's old places go before new ones come: a place can move to another gap
+            places.difference_update(old)
+    added: list[int] = []
+    for rva, fresh in zip(*stale_gap_places(memory, stale, starts, items, section_rvas, section_ends)):
+        gaps[rva] = fresh
+        added += fresh
+    places.update(added)
+    return added
+
 
 def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
                section_ends: Sequence[int]) -> set[int]:
@@ -205,23 +223,26 @@ def trimmed_end(memory: bytes, rvas: Sequence[int], begin: int, limit: int) -> i
     return max(end, begin + 1)
 
 
-
-def trimmed_layout(memory: bytes, items: list[tuple], pdata: dict[int, Any], decoded: dict[tuple, Any]
-                   ) -> tuple[list[tuple], list[tuple], array, array]:
-    """The final layout of the sorted ``items``: one listed in ``pdata`` as it is, any other cut after its last
-    instruction that is not fill (``trimmed_end`` of its decode ``decoded[item]``, which goes if it is cut).
-    Returns the items, the cut ones (in order: to decode), and the items' starts and first ranges' ends."""
-    out, cut = [], []
-    for item in items:
-        rva, ((begin, limit), *_) = item
+def trimmed_layout(memory: bytes, starts: list[int], items: dict[int, tuple], pdata: dict[int, Any],
+                   decoded: dict[tuple, Any]) -> tuple[list[tuple], list[Any], list[int], array, array]:
+    """The final layout: the item ``items[start]`` of each of the sorted ``starts``, as it is if ``pdata`` lists
+    it, else cut after its last instruction that is not fill (``trimmed_end`` of its decode ``decoded[item]``).
+    Returns the items, their decodes (None where an item was cut), the indexes of the cut ones, and the items'
+    starts and first ranges' ends as arrays."""
+    out, analyses, cut = [], [], []
+    for index, rva in enumerate(starts):
+        item = items[rva]
+        analysis = decoded[item]
         if rva not in pdata:
-            trimmed = (rva, ((begin, trimmed_end(memory, decoded[item].insn_rvas, begin, limit)),))
+            (begin, limit), = item[1]
+            trimmed = (rva, ((begin, trimmed_end(memory, analysis.insn_rvas, begin, limit)),))
             if trimmed != item:
-                del decoded[item]
-                cut.append(trimmed)
-            item = trimmed
+                item, analysis = trimmed, None
+                cut.append(index)
         out.append(item)
-    return out, cut, array("I", (rva for rva, _ in out)), array("I", (ranges[0][1] for _, ranges in out))
+        analyses.append(analysis)
+    return out, analyses, cut, array("I", starts), array("I", (ranges[0][1] for _, ranges in out))
+
 
 def named(places: Iterable[int], words: Iterable[array]) -> set[int]:
     """The places equal to some value in the ``array("I")`` chunks ``words``."""
@@ -344,7 +365,6 @@ def reachable_end(memory: bytes, rvas: Sequence[int], refs: Iterable[tuple[int, 
     return gap_begin if gap_end >= 0 and kept < limit else limit
 
 
-
 def reach_windows(memory: bytes, items: list[tuple], windows: list[tuple], analyses: list[Any], horizons: list[int],
                   margin: int, full: dict[tuple, Any], tail_gaps: bool = True) -> tuple[list[tuple | None], list[int]]:
     """``functions._reach``'s verdicts on the decodes ``analyses`` of the first ``windows`` of ``items`` (each
@@ -380,6 +400,7 @@ def reach_windows(memory: bytes, items: list[tuple], windows: list[tuple], analy
         out.append(None)
         whole.append(index)
     return out, whole
+
 
 def plausible_limits(candidates: Iterable[int], relocations: Sequence[int], starts: Sequence[int],
                      code_rvas: Sequence[int], code_ends: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -425,6 +446,21 @@ def sane_references(rvas: Sequence[int], refs: Iterable[tuple[int, int, int, int
             if index < 0 or target >= section_ends[index]:
                 return False
     return True
+
+
+def sane_items(memory: bytes, items: list[tuple], analyses: list[Any], code_rvas: Sequence[int],
+               code_ends: Sequence[int], section_rvas: Sequence[int], section_ends: Sequence[int]) -> list[bool]:
+    """For each item with its decode: ``sane_references`` of its single range, and where it has no jump table,
+    ``sweep_matches`` of that range too (a byte capstone could not decode leaves a hole in the sweep)."""
+    if len(items) != len(analyses):
+        raise ValueError("items and analyses differ in length")
+    out = []
+    for (_, ((begin, end),)), analysis in zip(items, analyses):
+        rvas = analysis.insn_rvas
+        out.append(sane_references(rvas, analysis.raw_refs, begin, end, code_rvas, code_ends, section_rvas,
+                                   section_ends) and
+                   (bool(analysis.raw_tables) or sweep_matches(memory, begin, end, rvas)))
+    return out
 
 
 def call_and_lea_targets(memory: bytes, refs_lists: Iterable[Iterable[tuple[int, int, int, int, int]]]

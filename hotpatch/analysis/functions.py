@@ -251,9 +251,8 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     memory = image.memory
     # pointers inside code are references of that code, not function starts: the kernel leaves them out;
     # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
-    for target in kernels.decodable_in(memory, acceptable_in(kernels.pointer_targets(
-            memory, ctx.relocations, image.image_base, section_rvas, section_ends))):
-        add(target, "pointer")
+    add_all(kernels.decodable_in(memory, acceptable_in(kernels.pointer_targets(
+        memory, ctx.relocations, image.image_base, section_rvas, section_ends))), "pointer")
 
     # Follow direct calls and code addresses taken with lea until no new function appears. A function
     # without .pdata ends where no path goes on (``_reachable``): what lies behind is data or code reached
@@ -290,7 +289,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         # whether an address could start a function does not change: keep only those that could
         taken.update(acceptable_in(leas))
         found = add_all(calls, "call")
-        found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
+        found |= _add_plausible(image, ctx, core, layout, add_all, "lea", rejected, [
             t for t in taken.difference(sources, rejected) if _boundary(image, layout, t, core)])
         if not found:
             places = layout.places(memory, kernels)
@@ -299,22 +298,24 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
             named = kernels.named_in(layout.new_places, index).difference(sources, rejected, unfit)
             fit = acceptable_in(named)
             unfit |= named.difference(fit)
-            found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, fit)
+            found |= _add_plausible(image, ctx, core, layout, add_all, "rva32", rejected, fit)
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
-            found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, acceptable_in(
+            found |= _add_plausible(image, ctx, core, layout, add_all, "gap", rejected, acceptable_in(
                 kernels.after_padding_in(memory, places.difference(sources, rejected))))
         if not found:
             break
-    # Functions without .pdata end after their last instruction that is not fill; the others are decoded.
-    final_layout, cut, final_rvas, final_ends = kernels.trimmed_layout(memory, layout.ordered(), pdata, decoded)
-    del layout, scanned
-    _decode_missing(ctx, core, decoded, cut)
+    # Functions without .pdata end after their last instruction that is not fill (decoded again if cut).
+    final_layout, analyses, cut, final_rvas, final_ends = kernels.trimmed_layout(memory, layout.starts, layout.items,
+                                                                                 pdata, decoded)
+    del layout, scanned, decoded
+    for index, analysis in zip(cut, decode(ctx, [final_layout[i] for i in cut], core)):
+        analyses[index] = analysis
 
     starts = array("I", sorted(sources))
-    final = fingerprint_all(ctx, [decoded.pop(item) for item in final_layout], starts, core)
+    final = fingerprint_all(ctx, analyses, starts, core)
     padding = kernels.padding_runs(memory, final_rvas, final_ends, section_rvas, section_ends)
     functions = kernels.build_functions(Function, final_layout, final, *padding, pdata, names, sources, _sources_of)
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
@@ -403,15 +404,13 @@ def _boundary(image: Image, layout: Layout, rva: int, core: Any) -> bool:
     return bool(_kernels(core).decodable_in(image.memory, (rva,)))
 
 
-def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, add: Any, source: str,
+def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, add_all: Any, source: str,
                    rejected: set[int], candidates: list[int]) -> bool:
-    """Add the plausible candidates as functions from ``source``; remember the others. True if any was new."""
+    """Add the plausible candidates as functions from ``source`` (``add_all``); remember the others. True if
+    any was new."""
     accepted = set(_plausible(image, ctx, core, layout, candidates))
     rejected.update(t for t in candidates if t not in accepted)
-    found = False
-    for target in sorted(accepted):
-        found |= add(target, source)
-    return found
+    return add_all(sorted(accepted), source)
 
 
 def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, candidates: list[int]) -> list[int]:
@@ -441,19 +440,18 @@ def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, ca
 
 
 def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], horizons: list[int]) -> list[str]:
-    """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
-    "runs on" if it runs to the item's end (or branches beyond it, up to its horizon)."""
+    """For each item: "" if its reachable code is not sane (an undecodable byte, a branch off code, a memory
+    operand outside the image), "ends" if that code ends inside the item, "runs on" if it runs to the item's
+    end (or branches beyond it, up to its horizon)."""
     memory = image.memory
     kernels = _kernels(core)
     full: dict[Item, FunctionAnalysis] = {}
     reached = _reach(ctx, core, memory, items, horizons, full)
     cut = [r for r, item in zip(reached, items) if r != item]
     redecoded = dict(zip(cut, decode(ctx, cut, core)))
-    out = []
-    for item, r in zip(items, reached):
-        analysis = redecoded[r] if r != item else full[item]
-        out.append("" if not _sane(image, core, r, analysis, kernels) else "ends" if r != item else "runs on")
-    return out
+    sane = kernels.sane_items(memory, reached, [redecoded[r] if r != item else full[item] for item, r in
+                                                zip(items, reached)], *_section_bounds(image))
+    return ["" if not fine else "ends" if r != item else "runs on" for item, r, fine in zip(items, reached, sane)]
 
 
 #: bytes decoded first when bounding a function without .pdata (most end well within it)
@@ -484,18 +482,6 @@ def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], ho
                                                                full)[0]):
             out[index] = reached
     return out  # type: ignore[return-value]
-
-
-def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis, kernels: Any = _discovery_reference) -> bool:
-    """No undecodable byte, every branch lands on code, every memory operand in the image."""
-    (begin, end), = item[1]
-    rvas = analysis.insn_rvas
-    if not kernels.sane_references(rvas, analysis.raw_refs, begin, end, *_section_bounds(image)):
-        return False
-    if analysis.raw_tables:
-        return True
-    # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
-    return bool(kernels.sweep_matches(image.memory, begin, end, rvas))
 
 
 def _section_bounds(image: Image) -> tuple[array, array, array, array]:

@@ -99,23 +99,11 @@ class Layout:
 
     def places(self, memory: bytes, kernels: Any) -> set[int]:
         """Places outside every function where code could begin: ``kernels.gap_starts`` of the current
-        items, with only the gaps whose bounds changed looked at again (``kernels.stale_gap_places``, all
+        items, with only the gaps whose bounds changed looked at again (``kernels.refresh_gap_places``, all
         in one call). The set is the layout's own: read it, do not change it. ``new_places`` holds the
         places this call added: each place there now that was not there at the previous call is one."""
-        gaps, places = self._gaps, self._places
         stale = sorted(self._stale)
         self._stale.clear()
-        # every stale gap's old places go before any new ones come: a place can move from one gap to
-        # another (into the gap after a new start)
-        for rva in stale:
-            old = gaps.pop(rva, None)
-            if old:
-                places.difference_update(old)
-        added: list[int] = []
-        for rva, fresh in zip(*kernels.stale_gap_places(memory, stale, self.starts, self.items,
-                                                        *self._section_arrays)):
-            gaps[rva] = fresh
-            added += fresh
-        places.update(added)
-        self.new_places = added
-        return places
+        self.new_places = kernels.refresh_gap_places(memory, stale, self.starts, self.items, *self._section_arrays,
+                                                     self._gaps, self._places)
+        return self._places

@@ -221,6 +221,44 @@ def refresh_gap_places(memory, stale, list starts, dict items, section_rvas, sec
     return added
 
 
+def settle_round(list changed, list todo, list reached, dict items, set stale, dict decoded):
+    """A round's items once bounded: the start of each raw item of ``todo`` gets its ``reached`` item in
+    ``items`` and goes ``stale``, and the whole decode of an item cut (in ``decoded``) goes, as do the decodes
+    of the ``changed`` starts' items before ``(start, item before)`` that changed. Returns the changed starts'
+    current items and those of them ``decoded`` lacks."""
+    cdef Py_ssize_t i, count = len(todo)
+    cdef list current = [], missing = []
+    if len(reached) != count:
+        raise ValueError("todo and reached differ in length")
+    for i in range(count):
+        item, cut = todo[i], reached[i]
+        rva = item[0]
+        items[rva] = cut
+        stale.add(rva)
+        if cut != item:
+            decoded.pop(item, None)
+    for rva, before in changed:
+        item = items[rva]
+        current.append(item)
+        if before is not None and before != item:
+            decoded.pop(before, None)
+    for item in current:
+        if item not in decoded:
+            missing.append(item)
+    return current, missing
+
+
+def fresh_refs(list current, dict decoded, set scanned):
+    """The references (``raw_refs`` of their decodes in ``decoded``) of the items of ``current`` not yet in
+    ``scanned``, which gets them all."""
+    cdef list out = []
+    for item in current:
+        if item not in scanned:
+            out.append(decoded[item].raw_refs)
+    scanned.update(current)
+    return out
+
+
 def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
                const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
     """The places of every gap between the functions ``(starts[i], ends[i])`` (sorted by start) of each

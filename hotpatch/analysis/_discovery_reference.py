@@ -15,10 +15,10 @@ from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
 __all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "build_functions", "call_and_lea_targets",
-           "decodable_in", "gap_places", "gap_starts", "memory_word_index", "memory_words", "named", "named_in",
-           "padding_runs", "plausible_limits", "pointer_targets", "reach_windows", "reachable_end",
-           "refresh_gap_places", "refresh_raw_items", "sane_items", "sane_references", "stale_gap_places",
-           "sweep_matches", "trimmed_end", "trimmed_layout", "word_index"]
+           "decodable_in", "fresh_refs", "gap_places", "gap_starts", "memory_word_index", "memory_words", "named",
+           "named_in", "padding_runs", "plausible_limits", "pointer_targets", "reach_windows", "reachable_end",
+           "refresh_gap_places", "refresh_raw_items", "sane_items", "sane_references", "settle_round",
+           "stale_gap_places", "sweep_matches", "trimmed_end", "trimmed_layout", "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -111,6 +111,37 @@ def refresh_gap_places(memory: bytes, stale: Sequence[int], starts: Sequence[int
         added += fresh
     places.update(added)
     return added
+
+
+def settle_round(changed: list[tuple[int, tuple | None]], todo: list[tuple], reached: list[tuple],
+                 items: dict[int, tuple], stale: set[int], decoded: dict[tuple, Any]
+                 ) -> tuple[list[tuple], list[tuple]]:
+    """A round's items once bounded: the start of each raw item of ``todo`` gets its ``reached`` item in
+    ``items`` and goes ``stale``, and the whole decode of an item cut (in ``decoded``) goes, as do the decodes
+    of the ``changed`` starts' items before ``(start, item before)`` that changed. Returns the changed starts'
+    current items and those of them ``decoded`` lacks."""
+    if len(todo) != len(reached):
+        raise ValueError("todo and reached differ in length")
+    for item, cut in zip(todo, reached):
+        items[item[0]] = cut
+        stale.add(item[0])
+        if cut != item:
+            decoded.pop(item, None)
+    current = []
+    for rva, before in changed:
+        item = items[rva]
+        current.append(item)
+        if before is not None and before != item:
+            decoded.pop(before, None)
+    return current, [item for item in current if item not in decoded]
+
+
+def fresh_refs(current: list[tuple], decoded: dict[tuple, Any], scanned: set[tuple]) -> list[Any]:
+    """The references (``raw_refs`` of their decodes in ``decoded``) of the items of ``current`` not yet in
+    ``scanned``, which gets them all."""
+    out = [decoded[item].raw_refs for item in current if item not in scanned]
+    scanned.update(current)
+    return out
 
 
 def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],

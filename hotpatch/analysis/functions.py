@@ -263,7 +263,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     index = kernels.memory_word_index(memory, *_rva32_spans(image), max(section_ends, default=0))
     layout = Layout(sections, pdata)
     scanned: set[Item] = set()
-    taken: set[int] = set()  # addresses taken with lea
+    taken: set[int] = set()  # addresses taken with lea, neither a start nor rejected as one
     # Candidates are ``X.difference(sources, rejected)``, never ``X - sources.keys()``: the latter walks every
     # known start (tens of thousands) each round, the former only X; _add_plausible sorts them either way.
     rejected: set[int] = set()  # candidates already judged not to start a function
@@ -274,23 +274,18 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
         changed = layout.insert(pending, kernels)
         pending.clear()
         todo = [layout.raw[rva] for rva, _ in changed if rva not in pdata]
-        for item, reached in zip(todo, _reach(ctx, core, memory, todo, [0] * len(todo), decoded)):
-            layout.bound(item[0], reached)
-            if reached != item:
-                decoded.pop(item, None)  # the whole decode up to the next start: its cut is decoded below
-        current = [layout.items[rva] for rva, _ in changed]
-        for (_, before), item in zip(changed, current):
-            if before is not None and before != item:
-                decoded.pop(before, None)
-        _decode_missing(ctx, core, decoded, current)
-        fresh = [decoded[item].raw_refs for item in current if item not in scanned]
-        scanned.update(current)
-        calls, leas = kernels.call_and_lea_targets(memory, fresh)
-        # whether an address could start a function does not change: keep only those that could
+        # the whole decode up to the next start of an item cut goes (its cut is decoded below)
+        current, missing = layout.settle(changed, todo, _reach(ctx, core, memory, todo, [0] * len(todo), decoded),
+                                         decoded, kernels)
+        decoded.update(zip(missing, decode(ctx, missing, core)))
+        calls, leas = kernels.call_and_lea_targets(memory, kernels.fresh_refs(current, decoded, scanned))
+        # whether an address could start a function does not change: keep only those that could; once a
+        # start or rejected, an address is no candidate again
         taken.update(acceptable_in(leas))
         found = add_all(calls, "call")
+        taken = taken.difference(sources, rejected)
         found |= _add_plausible(image, ctx, core, layout, add_all, "lea", rejected, [
-            t for t in taken.difference(sources, rejected) if _boundary(image, layout, t, core)])
+            t for t in taken if _boundary(image, layout, t, core)])
         if not found:
             places = layout.places(memory, kernels)
             # a place's words never change and every place of an earlier round was looked at then (and is
@@ -353,12 +348,6 @@ def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
         imported = table.image.import_at(refs[0][4])
         return imported.label if imported else None
     return None
-
-
-def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, FunctionAnalysis],
-                    layout: list[Item]) -> None:
-    todo = list(dict.fromkeys(item for item in layout if item not in decoded))
-    decoded.update(zip(todo, decode(ctx, todo, core)))
 
 
 def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: int = 0,

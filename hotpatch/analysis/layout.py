@@ -82,6 +82,13 @@ class Layout:
         self.items[rva] = item
         self._stale.add(rva)
 
+    def settle(self, changed: list[tuple[int, Item | None]], todo: list[Item], reached: list[Item],
+               decoded: dict[Item, Any], kernels: Any = _discovery_reference) -> tuple[list[Item], list[Item]]:
+        """``bound`` each raw item of ``todo`` (the starts ``insert`` changed that have no .pdata) to its
+        ``reached`` item, in one kernel call; the decodes ``decoded`` keeps of items no longer current go.
+        Returns the ``changed`` starts' items and those of them ``decoded`` lacks."""
+        return kernels.settle_round(changed, todo, reached, self.items, self._stale, decoded)
+
     def ordered(self) -> list[Item]:
         """Every item, sorted by RVA."""
         items = self.items

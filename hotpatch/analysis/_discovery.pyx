@@ -11,6 +11,7 @@ of ``padding.py`` read byte by byte); the tests check that both give identical r
 from array import array
 
 from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
+from libc.stdlib cimport qsort
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 
 from hotpatch.analysis.includes.capstone cimport *
@@ -378,6 +379,51 @@ def acceptable_in(rvas, const uint32_t[:] code_rvas, const uint32_t[:] code_ends
             continue
         out.append(value)
     return out
+
+
+cdef int _compare_keys(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *>a)[0], y = (<const uint64_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+def owned_spans(runtime_functions, dict pdata):
+    """Every .pdata range (each function's primary range and its fragments) sorted, as the arrays of their
+    begins and ends, and whether each begin starts a .pdata function (is in ``pdata``): ``acceptable_in``'s
+    bounds."""
+    keys = array("Q")
+    for runtime in runtime_functions:  # a range as one 64-bit key: (begin, end) order is the keys' order
+        keys.append(<uint64_t>runtime.begin_rva << 32 | <uint32_t>runtime.end_rva)
+        for begin, end in runtime.fragments:
+            keys.append(<uint64_t>begin << 32 | <uint32_t>end)
+    cdef uint64_t[:] view = keys
+    cdef Py_ssize_t i, count = view.shape[0]
+    if count:
+        qsort(&view[0], count, sizeof(uint64_t), _compare_keys)
+    begins = array("I", bytes(4 * count))
+    ends = array("I", bytes(4 * count))
+    primary = bytearray(count)
+    cdef uint32_t[:] begins_view = begins
+    cdef uint32_t[:] ends_view = ends
+    for i in range(count):
+        begins_view[i] = <uint32_t>(view[i] >> 32)
+        ends_view[i] = <uint32_t>view[i]
+        primary[i] = begins_view[i] in pdata
+    return begins, ends, bytes(primary)
+
+
+def add_sources(rvas, uint64_t bit, dict sources, list pending):
+    """Each of ``rvas`` starts a function found by the source ``bit``: its mask in ``sources`` (start -> the
+    bits of its sources) gets it; a start not there yet is new and goes to ``pending``. True if any was."""
+    cdef bint found = False
+    for rva in rvas:
+        mask = sources.get(rva)
+        if mask is None:
+            sources[rva] = bit
+            pending.append(rva)
+            found = True
+        else:
+            sources[rva] = mask | bit
+    return found
 
 
 def after_padding_in(memory, places):

@@ -14,11 +14,12 @@ from .flow import terminates
 from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "build_functions", "call_and_lea_targets",
-           "decodable_in", "fresh_refs", "gap_places", "gap_starts", "memory_word_index", "memory_words", "named",
-           "named_in", "padding_runs", "plausible_limits", "pointer_targets", "reach_windows", "reachable_end",
-           "refresh_gap_places", "refresh_raw_items", "sane_items", "sane_references", "settle_round",
-           "stale_gap_places", "sweep_matches", "trimmed_end", "trimmed_layout", "word_index"]
+__all__ = ["IMPLEMENTATION", "acceptable_in", "add_sources", "after_padding_in", "build_functions",
+           "call_and_lea_targets", "decodable_in", "fresh_refs", "gap_places", "gap_starts", "memory_word_index",
+           "memory_words", "named", "named_in", "owned_spans", "padding_runs", "plausible_limits", "pointer_targets",
+           "reach_windows", "reachable_end", "refresh_gap_places", "refresh_raw_items", "sane_items",
+           "sane_references", "settle_round", "stale_gap_places", "sweep_matches", "trimmed_end", "trimmed_layout",
+           "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -216,6 +217,30 @@ def acceptable_in(rvas: Iterable[int], code_rvas: Sequence[int], code_ends: Sequ
             continue
         out.append(rva)
     return out
+
+
+def owned_spans(runtime_functions: Iterable[Any], pdata: dict[int, Any]) -> tuple[array, array, bytes]:
+    """Every .pdata range (each function's primary range and its fragments) sorted, as the arrays of their
+    begins and ends, and whether each begin starts a .pdata function (is in ``pdata``): ``acceptable_in``'s
+    bounds."""
+    owned = sorted((begin, end) for f in runtime_functions for begin, end in ((f.begin_rva, f.end_rva),) + f.fragments)
+    return (array("I", (begin for begin, _ in owned)), array("I", (end for _, end in owned)),
+            bytes(begin in pdata for begin, _ in owned))
+
+
+def add_sources(rvas: Iterable[int], bit: int, sources: dict[int, int], pending: list[int]) -> bool:
+    """Each of ``rvas`` starts a function found by the source ``bit``: its mask in ``sources`` (start -> the
+    bits of its sources) gets it; a start not there yet is new and goes to ``pending``. True if any was."""
+    found = False
+    for rva in rvas:
+        mask = sources.get(rva)
+        if mask is None:
+            sources[rva] = bit
+            pending.append(rva)
+            found = True
+        else:
+            sources[rva] = mask | bit
+    return found
 
 
 def after_padding_in(memory: bytes, places: Iterable[int]) -> list[int]:

@@ -183,13 +183,10 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     kernels = _kernels(core)
     ctx = AnalysisContext.from_image(image)
     pdata = {f.begin_rva: f for f in image.runtime_functions}
-    # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
-    owned = sorted((begin, end) for f in image.runtime_functions for begin, end in
-                   ((f.begin_rva, f.end_rva),) + f.fragments)
     sections = sorted(image.executable_sections, key=lambda s: s.rva)
     section_rvas, section_ends = array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections))
-    bounds = (section_rvas, section_ends, array("I", (begin for begin, _ in owned)),
-              array("I", (end for _, end in owned)), bytes(begin in pdata for begin, _ in owned))
+    # every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses
+    bounds = (section_rvas, section_ends, *kernels.owned_spans(image.runtime_functions, pdata))
 
     def acceptable_in(rvas: Iterable[int]) -> list[int]:
         """The addresses that could start a function: in code, not inside a .pdata function (in one call:
@@ -207,17 +204,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
 
     def add_all(rvas: Iterable[int], source: str) -> bool:
         """``add`` of each address (without names), in one loop: a round's call targets are thousands."""
-        bit = _SOURCE_BIT[source]
-        found = False
-        for rva in acceptable_in(rvas):
-            mask = sources.get(rva)
-            if mask is None:
-                sources[rva] = bit
-                pending.append(rva)
-                found = True
-            else:
-                sources[rva] = mask | bit
-        return found
+        return kernels.add_sources(acceptable_in(rvas), _SOURCE_BIT[source], sources, pending)
 
     def add(rva: int, source: str, name: str | None = None) -> bool:
         if not acceptable(rva):
@@ -460,7 +447,8 @@ def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], ho
     extent (data swept as code) would otherwise be decoded to the next known start, often far away.
     """
     kernels = _kernels(core)
-    windows = [(rva, ((begin, min(limit, begin + _REACH_WINDOW)),)) for rva, ((begin, limit),) in items]
+    windows = [(rva, ((begin, limit if limit < begin + _REACH_WINDOW else begin + _REACH_WINDOW),))
+               for rva, ((begin, limit),) in items]
     # one kernel call a round decides every item its window decides (tens of thousands in the first round)
     out, whole = kernels.reach_windows(memory, items, windows, decode(ctx, windows, core), horizons, _WINDOW_MARGIN,
                                        full)

@@ -121,9 +121,16 @@ cdef inline Py_ssize_t _upper_bound(const uint32_t[:] values, int64_t key) noexc
     return lo
 
 
-cdef Py_ssize_t _list_upper_bound(list values, int64_t key) except -1:
-    """``bisect_right`` of a sorted list of ints."""
-    cdef Py_ssize_t lo = 0, hi = len(values), mid
+cdef Py_ssize_t _list_upper_bound(list values, int64_t key, Py_ssize_t lo=0) except -1:
+    """``bisect_right`` of a sorted list of ints, known to be at least ``lo``: galloping from there first, as
+    a round's sorted starts are looked up one after another (the probes are Python ints: few is cheap)."""
+    cdef Py_ssize_t count = len(values), hi = lo, step = 1, mid
+    while hi < count and <int64_t>values[hi] <= key:
+        lo = hi + 1
+        hi = lo + step
+        step <<= 1
+    if hi > count:
+        hi = count
     while lo < hi:
         mid = (lo + hi) >> 1
         if <int64_t>values[mid] <= key:
@@ -139,17 +146,20 @@ def stale_gap_places(const uint8_t[:] memory, stale, list starts, dict items, co
     ``section_ends``: sorted, disjoint), ``gap_places`` of the gap from the end of its item's first range
     (``items[start]``) to the next of the sorted ``starts`` or its section's end; the starts with places
     and their places."""
-    cdef Py_ssize_t length = memory.shape[0], count = len(starts), index
+    cdef Py_ssize_t length = memory.shape[0], count = len(starts), index, known = 0
     cdef const uint8_t *m = &memory[0] if length else NULL
-    cdef int64_t rva, limit, end, following
+    cdef int64_t rva, limit, end, following, previous = -1
     cdef list owners = [], out = [], fresh
     for value in stale:
         rva = value
+        if rva < previous:
+            known = 0  # not ascending: search from the first start
+        previous = rva
         index = _upper_bound(section_rvas, rva) - 1
         if index < 0 or rva >= section_ends[index]:
             continue  # a .pdata entry outside the executable sections bounds no gap
         limit = section_ends[index]
-        index = _list_upper_bound(starts, rva)
+        index = known = _list_upper_bound(starts, rva, known)
         if index < count:
             following = starts[index]
             if following < limit:
@@ -172,11 +182,15 @@ def refresh_raw_items(added, list starts, dict pdata, const uint32_t[:] section_
     ``section_ends``: sorted, disjoint; ``section_limits``: where a function may end in each). Those whose
     raw item is new or changed are set in ``raw_items`` and ``items``; returns the touched starts and the
     changed ones, each with its item before (None if new)."""
-    cdef Py_ssize_t count = len(starts), index
-    cdef int64_t rva, limit, following
+    cdef Py_ssize_t count = len(starts), index = 0, known = 0
+    cdef int64_t rva, limit, following, previous = -1
     cdef list touched = [], changed = []
     for value in added:
-        index = _list_upper_bound(starts, <int64_t>value - 1)
+        rva = value
+        if rva < previous:
+            index = 0  # not ascending: search from the first start
+        previous = rva
+        index = _list_upper_bound(starts, rva - 1, index)  # ascending: on from the previous search
         if index:
             before = starts[index - 1]
             if not touched or touched[len(touched) - 1] != before:
@@ -192,7 +206,7 @@ def refresh_raw_items(added, list starts, dict pdata, const uint32_t[:] section_
             if index < 0 or rva >= section_ends[index]:
                 raise ValueError(f"start {rva:#x} outside the code sections")
             limit = section_limits[index]
-            index = _list_upper_bound(starts, rva)
+            index = known = _list_upper_bound(starts, rva, known)
             if index < count:
                 following = starts[index]
                 if following < limit:

@@ -19,6 +19,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
+from operator import attrgetter
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -35,6 +36,8 @@ __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOUR
 #: discovery sources, in the order they are tried
 SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "handler", "pointer", "call", "lea", "rva32", "gap")
 _SOURCE_BIT = {source: 1 << index for index, source in enumerate(SOURCES)}
+#: the handler an unwind info names, if any (read from every .pdata function)
+_HANDLER_RVA = attrgetter("unwind.handler_rva")
 
 
 @cache
@@ -198,43 +201,33 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     names: dict[int, str] = {}
     pending = list(pdata)  # starts not in the layout yet
 
-    @cache  # asked again for the same targets round after round
-    def acceptable(rva: int) -> bool:
-        return bool(acceptable_in((rva,)))
-
     def add_all(rvas: Iterable[int], source: str) -> bool:
-        """``add`` of each address (without names), in one loop: a round's call targets are thousands."""
+        """Each address that could start a function starts one found by ``source`` (without names), in one
+        call: a round's call targets are thousands."""
         return kernels.add_sources(acceptable_in(rvas), _SOURCE_BIT[source], sources, pending)
 
-    def add(rva: int, source: str, name: str | None = None) -> bool:
-        if not acceptable(rva):
-            return False
-        mask = sources.get(rva)
-        new = mask is None
-        sources[rva] = (mask or 0) | _SOURCE_BIT[source]
-        if new:
-            pending.append(rva)
-        if name and rva not in names:
-            names[rva] = name
-        return new
-
-    for export in image.exports:
-        if export.forwarder is None:
-            add(export.rva, "export", export.name)
-    for symbol in image.symbols:
-        if symbol.is_function:
-            add(symbol.rva, "symbol", symbol.name)
-    if image.entry_rva is not None:
-        add(image.entry_rva, "entry")
-    for thunk in _import_thunks(image):
-        add(thunk, "thunk")
     # Exception and termination handlers named by unwind info: the OS calls them, nothing in the code does
     # (hand-written assembly's SEH handlers have no .pdata of their own).
     # tens of thousands of .pdata entries name a handful of handlers: add each once, in first-named order
-    handlers = dict.fromkeys(runtime.unwind.handler_rva for runtime in image.runtime_functions)
+    handlers = dict.fromkeys(map(_HANDLER_RVA, image.runtime_functions))
     handlers.pop(None, None)
-    for handler in handlers:
-        add(handler, "handler")
+    # the starts the image names itself, in this order (a start keeps the first name it gets), judged at once
+    listed: list[tuple[int, str, str | None]] = [
+        (export.rva, "export", export.name) for export in image.exports if export.forwarder is None]
+    listed += [(symbol.rva, "symbol", symbol.name) for symbol in image.symbols if symbol.is_function]
+    if image.entry_rva is not None:
+        listed.append((image.entry_rva, "entry", None))
+    listed += [(thunk, "thunk", None) for thunk in _import_thunks(image)]
+    listed += [(handler, "handler", None) for handler in handlers]
+    fit = set(acceptable_in([rva for rva, _, _ in listed]))
+    for rva, source, name in listed:
+        if rva in fit:
+            mask = sources.get(rva)
+            if mask is None:
+                pending.append(rva)
+            sources[rva] = (mask or 0) | _SOURCE_BIT[source]
+            if name and rva not in names:
+                names[rva] = name
     memory = image.memory
     # pointers inside code are references of that code, not function starts: the kernel leaves them out;
     # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode

@@ -35,6 +35,17 @@ def test_compiled_reference_kinds_equal_the_python_ones() -> None:
     assert core.KINDS == python_side
 
 
+def test_compiled_x86_numbers_equal_the_binding_ones() -> None:
+    # the verdict reads capstone's numbers from the compiled core (its header), not from the Python binding
+    from capstone import x86_const
+
+    from hotpatch.analysis.api import x86_numbers
+
+    assert len(core.X86_NUMBERS) > 80
+    assert core.X86_NUMBERS == {name: getattr(x86_const, name) for name in core.X86_NUMBERS}
+    assert all(getattr(x86_numbers(), name) == value for name, value in core.X86_NUMBERS.items())
+
+
 def _assert_same(path: Path) -> int:
     image = Image.load(path)
     compiled = discover(image)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from hotpatch.cli.commands import _OWN_COMMANDS, build_parser
 
 _PROBE = """
@@ -40,6 +42,27 @@ def test_info_and_functions_load_no_lief(built_fixtures) -> None:  # type: ignor
     # the compiled core opens libcapstone itself, without the binding's import (a third of a small DLL's run)
     assert _loaded("info", dll, "--json") == ""
     assert _loaded("functions", dll, "--json") == ""
+
+
+def test_diff_and_verdict_modules_load_no_capstone_binding() -> None:
+    # the verdict takes capstone's numbers from the compiled core; the binding's import (every architecture's
+    # constants, 0.04 s) waits for the code that decodes with it (a GCC image's clobbers, the Python twins)
+    probe = ("import sys, hotpatch.diff.compare, hotpatch.verdict.rules, hotpatch.verdict.ownership, "
+             "hotpatch.verdict.clobbers; print('capstone' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.mark.realbins
+def test_diff_of_msvc_images_loads_no_capstone_binding() -> None:
+    from tests.support.realbins import real_binary
+
+    pair = [str(real_binary("pyzmq", version, "zmq/backend/cython/_zmq*.pyd")) for version in ("26.0.2", "26.0.3")]
+    probe = _PROBE.replace("redirect_stdout(io.StringIO())", "redirect_stdout(io.StringIO()) as out").replace(
+        'print(",".join(heavy))', 'print(",".join(heavy), "functions" in out.getvalue())')
+    done = subprocess.run([sys.executable, "-c", probe, "diff", *pair, "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.strip() == "True", done.stderr  # the diff was written, and no heavy module loaded
 
 
 def test_commands_outside_rollout_do_not_import_dask() -> None:

@@ -76,7 +76,7 @@ def test_incremental_layout_equals_a_layout_from_scratch_after_random_insertions
             if round_ == 0:
                 new |= pdata.keys()
             items_before, raw_before = dict(layout.items), dict(layout.raw)
-            changed = layout.insert(new)
+            changed = layout.insert(new, kernels)
             known |= new
             starts = sorted(known)
             scratch = _scratch_items(starts, sections, pdata)

@@ -230,20 +230,25 @@ def test_lite_decodes_remembered_by_their_bytes_decode_as_the_twin() -> None:
     assert references > 500 and instructions > 4000
 
 
-def test_sweep_reads_flow_ends_as_terminates_does() -> None:
-    """The sweep's table reading of "never falls through" (``_ends_flow``) equals the ``_terminates`` discovery
-    shares on every opcode pair behind prefixes (skipped or not, up to a run of 15), at every length."""
-    heads = [b"", b"\x48", b"\x66", b"\xf3", b"\xf0", b"\x41\x2e", b"\x65\x48", b"\x66" * 15]
-    ends = 0
+def test_compiled_terminates_reads_its_tables_as_flow_does() -> None:
+    """The compiled ``_terminates`` (the sweep's and discovery's, over the prefix and flow-ending byte tables in
+    ``_shared.pxd``) equals ``flow.terminates`` and ``flow.is_nop`` on every opcode pair behind prefixes
+    (skipped or not, up to a run of 15), at every length an instruction can have."""
+    from hotpatch.analysis.flow import is_nop, terminates
+
+    heads = [b"", b"\x48", b"\x66", b"\xf3", b"\xf0", b"\x41\x2e", b"\x65\x48", b"\x66" * 13]
+    ends = nops = 0
     for head in heads:
         for first in range(256):
-            for second in range(256) if first in (0x0F, 0xFF, 0x48, 0x66, 0xF3) else (0x00, 0x0B, 0x20, 0x28):
+            for second in range(256) if first in (0x0F, 0xFF, 0x48, 0x66, 0xF3) else (0x00, 0x0B, 0x1F, 0x28):
                 code = head + bytes((first, second))
-                for length in range(1, len(code) + 1):
-                    expected = _decode.terminates(code[:length])
-                    assert _decode.ends_flow(code[:length]) is expected, code[:length].hex()
+                for length in range(1, min(len(code), 15) + 1):
+                    expected = terminates(code, 0, length)
+                    assert _decode.terminates(code[:length]) is expected, code[:length].hex()
+                    assert _decode.is_nop(code[:length]) is is_nop(code, 0, length), code[:length].hex()
                     ends += expected
-    assert ends > 1000
+                    nops += is_nop(code, 0, length)
+    assert ends > 1000 and nops > 50
 
 
 @pytest.mark.realbins
@@ -320,3 +325,24 @@ def test_disp32_and_scaled_operands_beside_an_image_base_register_decode_as_the_
             references += len(slow[1])
             image_relative += sum(ref[0] == refkinds.IMAGE_REL32 for ref in slow[1])
     assert references > 500 and image_relative > 100, (references, image_relative)
+
+
+@pytest.mark.parametrize("image_base", [0x180000000, 0, 0xFFFF_8000_0000_0000, (1 << 64) - 0x1000])
+def test_absolute_values_relative_to_the_image_base_as_the_twin_gives_them(image_base: int) -> None:
+    # ABS64 targets are the value minus the image base, in C while that fits in 64 signed bits and through
+    # Python's ints otherwise (kept aside as wide): every side of both edges, from mov rax, imm64 (48 B8)
+    from hotpatch.analysis import _reference
+
+    edges = [image_base + delta for delta in (0, 1, -1, 0x1234, -0x1234, (1 << 63) - 1, 1 << 63, -(1 << 63),
+                                              -(1 << 63) - 1, (1 << 63) + 1)]
+    rng = random.Random(image_base & 0xFFFF)
+    values = [v & ((1 << 64) - 1) for v in edges] + [0, (1 << 64) - 1, 1 << 63, (1 << 63) - 1]
+    values += [rng.randrange(1 << 64) for _ in range(200)]
+    code = b"".join(b"\x48\xb8" + struct.pack("<Q", value) for value in values) + b"\xc3"
+    memory = bytes(0x1000) + code + bytes(64)
+    ctx = SimpleNamespace(memory=memory, relocations=array("I", [0x1000 + 10 * i + 2 for i in range(len(values))]),
+                          iat={}, first_section_rva=0x1000, image_base=image_base)
+    items = [(0x1000, ((0x1000, 0x1000 + len(code)),))]
+    (fast,), (slow,) = _core.decode(ctx, items), _reference.decode(ctx, items)
+    assert fast[1] == slow[1] and len(slow[1]) == len(values)
+    assert {ref[4] for ref in slow[1]} >= {value - image_base for value in values[:6]}

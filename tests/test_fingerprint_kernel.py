@@ -56,10 +56,12 @@ def test_packed_fingerprint_of_wide_targets_missing_tables_and_edges() -> None:
         (RIP_RELATIVE, 0x48, 3, 4, 0x210),  # data
         (RIP_RELATIVE, 0x50, 3, 4, (1 << 62) + 5),  # nowhere
         (RIP_RELATIVE, 0x3F0, 3, 4, -5),  # an operand cut by the range end: masked up to it
+        (CALL_REL32, 0x58, 1, 4, 0x800),  # a start past the memory (the starts' bitmap ends there)
+        (CALL_REL32, 0x5A, 1, 4, 0x808),  # and none
     ]
     wide = {1: far, 2: -far}
     ranges = ((0x0, 0x60), (0x1F0, 0x1FC), (0x3F0, 0x3F6))
-    starts = array("I", [0x0, 0x180])
+    starts = array("I", [0x0, 0x180, 0x800])
     packed = _packed(refs, wide)
     assert packed == refs
     fast = core.fingerprint_many(ctx, [(0x0, ranges, packed, [])], starts)

@@ -93,8 +93,9 @@ def dispatcher_dll(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def without_tail_gaps(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Discovery with the reachable-end rule as it was: every branch target below the next start kept."""
-    rule = _discovery.reachable_end
+    rule, batched = _discovery.reachable_end, _discovery.reach_windows
     monkeypatch.setattr(_discovery, "reachable_end", lambda *args: rule(*args[:7], False))
+    monkeypatch.setattr(_discovery, "reach_windows", lambda *args: batched(*args[:7], False))
     yield
 
 

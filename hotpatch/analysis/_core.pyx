@@ -10,7 +10,7 @@ import hashlib
 from array import array
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.stdio cimport snprintf
 from libc.string cimport memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -25,11 +25,11 @@ from hotpatch.analysis._reflist cimport PackedRef, RefList as PackedRefList
 from hotpatch.analysis._shared cimport _lower_bound
 from hotpatch.analysis._slots cimport Maker, field_of, make_analysis, maker_of
 
-from ._decode import decode, fast_length, instruction_text, terminates
+from ._decode import X86_NUMBERS, decode, fast_length, instruction_text, terminates
 from ._reflist import RefList
 
-__all__ = ["IMPLEMENTATION", "RefList", "decode", "fast_length", "fingerprint", "fingerprint_many", "fingerprinted",
-           "instruction_text", "terminates"]
+__all__ = ["IMPLEMENTATION", "X86_NUMBERS", "RefList", "decode", "fast_length", "fingerprint", "fingerprint_many",
+           "fingerprinted", "instruction_text", "terminates"]
 
 IMPLEMENTATION = "cython"
 
@@ -105,6 +105,12 @@ cdef inline int _put(Buffer *buffer, const char *text, size_t length) except -1:
     return 0
 
 
+cdef inline int _put_keeping(Buffer *buffer, bytes text, size_t room) except -1:
+    """``text``, with ``room`` bytes still free after it."""
+    _reserve(buffer, len(text) + room)
+    return _put(buffer, text, len(text))
+
+
 # what every packed fingerprint reads, set up once: the memory, the final starts, the regions, the IAT
 # slots (sorted; ``labels`` holds their names in the same order)
 cdef struct Image:
@@ -112,6 +118,8 @@ cdef struct Image:
     Py_ssize_t memlen
     const uint32_t *starts
     size_t n_starts
+    const uint8_t *start_bits  # bit t set when t is a start, for 0 <= t < bits_limit (the others bisect)
+    int64_t bits_limit
     Regions regions
     const int64_t *iat
     size_t n_iat
@@ -125,6 +133,7 @@ cdef class _Hasher:
     cdef object keep  # the Python objects the pointers in ``image`` point into
     cdef object ctx
     cdef Image image
+    cdef uint8_t *start_bits
     cdef Buffer buffer
     cdef Buffer spans
     cdef list labels
@@ -135,6 +144,7 @@ cdef class _Hasher:
 
     def __cinit__(self, ctx, function_starts):
         cdef const int64_t[:] iat_view
+        cdef size_t i
         self.ctx = ctx
         self.memory_view = ctx.memory
         self.starts_view = function_starts
@@ -160,6 +170,15 @@ cdef class _Hasher:
         self.image.memlen = self.memory_view.shape[0]
         self.image.starts = &self.starts_view[0] if self.starts_view.shape[0] else NULL
         self.image.n_starts = self.starts_view.shape[0]
+        # most references name a function: one bit each over the image instead of a search each
+        self.image.bits_limit = self.image.memlen
+        self.start_bits = <uint8_t *>calloc((self.image.bits_limit >> 3) + 1, 1)
+        if self.start_bits == NULL:
+            raise MemoryError()
+        for i in range(self.image.n_starts):
+            if self.image.starts[i] < self.image.bits_limit:
+                self.start_bits[self.image.starts[i] >> 3] |= 1 << (self.image.starts[i] & 7)
+        self.image.start_bits = self.start_bits
         self.image.iat = &iat_view[0]
         self.image.n_iat = len(slots)
         self.image.iat_low = iat_view[0] if slots else 1
@@ -169,6 +188,7 @@ cdef class _Hasher:
     def __dealloc__(self):
         free(self.buffer.data)
         free(self.spans.data)
+        free(self.start_bits)
 
     cdef str digest(self, rva, ranges, refs, tables):
         if type(refs) is PackedRefList and self.image.memory != NULL and type(ranges) is tuple \
@@ -192,6 +212,7 @@ def fingerprinted(ctx, list analyses, function_starts, cls):
     cdef _Hasher hasher = _Hasher(ctx, function_starts)
     cdef Maker maker
     cdef tuple empty = ()
+    memset(&maker, 0, sizeof(Maker))  # (filled by maker_of; cleared so the compiler sees it set)
     maker_of(&maker, cls, empty)
     out = []
     for analysis in analyses:
@@ -210,8 +231,21 @@ cdef inline bint _in_spans(int64_t target, const int64_t *ranges, Py_ssize_t cou
     return False
 
 
-cdef inline int _put_signed(Buffer *buffer, char prefix, int64_t value) except -1:
-    """``prefix`` then ``value`` in decimal (what ``b"%c%lld"`` gives, without printf's machinery)."""
+# room every reference's descriptor takes at most besides an IAT name or a jump table: its kind, "S" with a
+# signed 64-bit number (20 characters) or "D" and a region code, and ";"
+cdef enum:
+    DESCRIPTOR_ROOM = 23
+
+
+cdef inline void _add(Buffer *buffer, char c) noexcept nogil:
+    """One character into room already reserved."""
+    buffer.data[buffer.size] = <uint8_t>c
+    buffer.size += 1
+
+
+cdef inline void _add_signed(Buffer *buffer, char prefix, int64_t value) noexcept nogil:
+    """``prefix`` then ``value`` in decimal (what ``b"%c%lld"`` gives, without printf's machinery), into room
+    already reserved."""
     cdef char text[24]
     cdef int at = 24
     cdef uint64_t magnitude = <uint64_t>(-(value + 1)) + 1 if value < 0 else <uint64_t>value
@@ -226,7 +260,16 @@ cdef inline int _put_signed(Buffer *buffer, char prefix, int64_t value) except -
         text[at] = b"-"
     at -= 1
     text[at] = prefix
-    return _put(buffer, text + at, 24 - at)
+    memcpy(buffer.data + buffer.size, text + at, 24 - at)
+    buffer.size += 24 - at
+
+
+cdef inline bint _is_start(const Image *image, int64_t target) noexcept nogil:
+    cdef size_t index
+    if 0 <= target < image.bits_limit:
+        return (image.start_bits[target >> 3] >> (target & 7)) & 1
+    index = _lower_bound(image.starts, image.n_starts, target) if image.n_starts else 0
+    return index < image.n_starts and <int64_t>image.starts[index] == target
 
 
 cdef str _fingerprint_packed(const Image *image, list labels, dict iat, object rva_obj, tuple ranges_tuple,
@@ -241,7 +284,6 @@ cdef str _fingerprint_packed(const Image *image, list labels, dict iat, object r
     cdef int64_t *ranges
     cdef size_t index
     cdef uint8_t *piece
-    cdef char text[2]
     cdef bint has_wide = refs.wide is not None
     cdef tuple span
     spans.size = 0
@@ -265,20 +307,21 @@ cdef str _fingerprint_packed(const Image *image, list labels, dict iat, object r
             if packed[i].operand_size and 0 <= at < length:
                 memset(piece + at, 0, min(<Py_ssize_t>packed[i].operand_size, length - at))
         buffer.size += length
-    _put(buffer, "|", 1)
+    # room for every fixed-size descriptor; an IAT name or a jump table reserves its own and keeps this room
+    _reserve(buffer, 1 + count * DESCRIPTOR_ROOM)
+    _add(buffer, b"|")
     table_at = None
     for i in range(count):
-        text[0] = <char>packed[i].kind
-        _put(buffer, text, 1)
+        _add(buffer, <char>packed[i].kind)
         if has_wide and i in refs.wide:
             # a target beyond 64 bits (an ABS64 of garbage): only an IAT slot could name it
             label = iat.get(refs.wide[i])
             if label is not None:
-                _put(buffer, "I", 1)
-                _put(buffer, <bytes>label, len(<bytes>label))
+                _add(buffer, b"I")
+                _put_keeping(buffer, <bytes>label, (count - i) * DESCRIPTOR_ROOM)
             else:
-                _put(buffer, "O", 1)
-            _put(buffer, ";", 1)
+                _add(buffer, b"O")
+            _add(buffer, b";")
             continue
         target = packed[i].target
         # most targets are code, outside the IAT's span: no search for them
@@ -287,9 +330,8 @@ cdef str _fingerprint_packed(const Image *image, list labels, dict iat, object r
         else:
             index = image.n_iat
         if index < image.n_iat and image.iat[index] == target:
-            label = labels[index]
-            _put(buffer, "I", 1)
-            _put(buffer, <bytes>label, len(<bytes>label))
+            _add(buffer, b"I")
+            _put_keeping(buffer, <bytes>labels[index], (count - i) * DESCRIPTOR_ROOM)
         else:
             table = None
             if packed[i].kind == JUMP_TABLE:
@@ -298,23 +340,20 @@ cdef str _fingerprint_packed(const Image *image, list labels, dict iat, object r
                 table = table_at.get(packed[i].insn_rva)
             if table is not None:
                 described = b"J" + bytes([table[2]]) + ",".join([str(t - rva) for t in table[3]]).encode()
-                _put(buffer, <bytes>described, len(<bytes>described))
+                _put_keeping(buffer, <bytes>described, (count - i) * DESCRIPTOR_ROOM)
             elif _in_spans(target, ranges, n_ranges):
-                _put_signed(buffer, b"S", target - rva)
+                _add_signed(buffer, b"S", target - rva)
+            elif _is_start(image, target):
+                _add(buffer, b"F")
             else:
-                index = _lower_bound(image.starts, image.n_starts, target) if image.n_starts else 0
-                if index < image.n_starts and <int64_t>image.starts[index] == target:
-                    _put(buffer, "F", 1)
+                for r in range(image.regions.count):
+                    if image.regions.begin[r] <= target < image.regions.end[r]:
+                        _add(buffer, b"D")
+                        _add(buffer, image.regions.code[r])
+                        break
                 else:
-                    for r in range(image.regions.count):
-                        if image.regions.begin[r] <= target < image.regions.end[r]:
-                            text[0] = b"D"
-                            text[1] = image.regions.code[r]
-                            _put(buffer, text, 2)
-                            break
-                    else:
-                        _put(buffer, "O", 1)
-        _put(buffer, ";", 1)
+                    _add(buffer, b"O")
+        _add(buffer, b";")
     # hashed in place: a read-only view of the buffer, not a copy of it
     return blake2b(PyMemoryView_FromMemory(<char *>buffer.data, buffer.size, PyBUF_READ),
                    digest_size=16).hexdigest()

@@ -16,7 +16,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython cimport array as carray
 
 from hotpatch.analysis.includes.capstone cimport *
-from hotpatch.analysis._capstone_api cimport load_entry_points
+from hotpatch.analysis._capstone_api cimport load_entry_points, open_x86
 
 from hotpatch.analysis._buffers cimport Decoded, Ref, Span, Table, _free_decoded, _grow, _push_ref, _push_rva
 from hotpatch.analysis._reflist cimport pack_refs
@@ -66,6 +66,39 @@ cdef inline bint _has_group(cs_detail *detail, int group) noexcept nogil:
 
 # ── decode ─────────────────────────────────────────────────────────────────
 
+#: capstone's x86 numbers (registers, instructions, operand types, groups) by their names in the binding's
+#: ``capstone.x86_const``, as the header the compiled modules are built against defines them: the verdict
+#: reads them here (``hotpatch.analysis.api.x86_numbers``) rather than import the binding for a few numbers
+X86_NUMBERS = {
+    "X86_REG_RAX": X86_REG_RAX, "X86_REG_RBX": X86_REG_RBX, "X86_REG_RCX": X86_REG_RCX, "X86_REG_RDX": X86_REG_RDX,
+    "X86_REG_RSI": X86_REG_RSI, "X86_REG_RDI": X86_REG_RDI, "X86_REG_RBP": X86_REG_RBP, "X86_REG_RSP": X86_REG_RSP,
+    "X86_REG_R8": X86_REG_R8, "X86_REG_R9": X86_REG_R9, "X86_REG_R10": X86_REG_R10, "X86_REG_R11": X86_REG_R11,
+    "X86_REG_R12": X86_REG_R12, "X86_REG_R13": X86_REG_R13, "X86_REG_R14": X86_REG_R14, "X86_REG_R15": X86_REG_R15,
+    "X86_REG_EAX": X86_REG_EAX, "X86_REG_EBX": X86_REG_EBX, "X86_REG_ECX": X86_REG_ECX, "X86_REG_EDX": X86_REG_EDX,
+    "X86_REG_ESI": X86_REG_ESI, "X86_REG_EDI": X86_REG_EDI, "X86_REG_EBP": X86_REG_EBP, "X86_REG_ESP": X86_REG_ESP,
+    "X86_REG_AX": X86_REG_AX, "X86_REG_BX": X86_REG_BX, "X86_REG_CX": X86_REG_CX, "X86_REG_DX": X86_REG_DX,
+    "X86_REG_SI": X86_REG_SI, "X86_REG_DI": X86_REG_DI, "X86_REG_BP": X86_REG_BP, "X86_REG_SP": X86_REG_SP,
+    "X86_REG_AL": X86_REG_AL, "X86_REG_AH": X86_REG_AH, "X86_REG_BL": X86_REG_BL, "X86_REG_BH": X86_REG_BH,
+    "X86_REG_CL": X86_REG_CL, "X86_REG_CH": X86_REG_CH, "X86_REG_DL": X86_REG_DL, "X86_REG_DH": X86_REG_DH,
+    "X86_REG_SIL": X86_REG_SIL, "X86_REG_DIL": X86_REG_DIL, "X86_REG_BPL": X86_REG_BPL, "X86_REG_SPL": X86_REG_SPL,
+    "X86_REG_R8D": X86_REG_R8D, "X86_REG_R9D": X86_REG_R9D, "X86_REG_R10D": X86_REG_R10D,
+    "X86_REG_R11D": X86_REG_R11D, "X86_REG_R12D": X86_REG_R12D, "X86_REG_R13D": X86_REG_R13D,
+    "X86_REG_R14D": X86_REG_R14D, "X86_REG_R15D": X86_REG_R15D, "X86_REG_R8W": X86_REG_R8W,
+    "X86_REG_R9W": X86_REG_R9W, "X86_REG_R10W": X86_REG_R10W, "X86_REG_R11W": X86_REG_R11W,
+    "X86_REG_R12W": X86_REG_R12W, "X86_REG_R13W": X86_REG_R13W, "X86_REG_R14W": X86_REG_R14W,
+    "X86_REG_R15W": X86_REG_R15W, "X86_REG_R8B": X86_REG_R8B, "X86_REG_R9B": X86_REG_R9B,
+    "X86_REG_R10B": X86_REG_R10B, "X86_REG_R11B": X86_REG_R11B, "X86_REG_R12B": X86_REG_R12B,
+    "X86_REG_R13B": X86_REG_R13B, "X86_REG_R14B": X86_REG_R14B, "X86_REG_R15B": X86_REG_R15B,
+    "X86_REG_RIP": X86_REG_RIP, "X86_REG_ENDING": X86_REG_ENDING, "X86_INS_RET": X86_INS_RET,
+    "X86_INS_RETF": X86_INS_RETF, "X86_INS_INT3": X86_INS_INT3, "X86_INS_UD2": X86_INS_UD2,
+    "X86_INS_HLT": X86_INS_HLT, "X86_INS_CALL": X86_INS_CALL, "X86_INS_JMP": X86_INS_JMP, "X86_INS_MOV": X86_INS_MOV,
+    "X86_INS_LEA": X86_INS_LEA, "X86_INS_CMP": X86_INS_CMP, "X86_INS_MOVSXD": X86_INS_MOVSXD,
+    "X86_INS_XOR": X86_INS_XOR, "X86_INS_SUB": X86_INS_SUB, "X86_INS_PXOR": X86_INS_PXOR, "X86_INS_SBB": X86_INS_SBB,
+    "X86_INS_ENDING": X86_INS_ENDING, "X86_OP_REG": X86_OP_REG, "X86_OP_IMM": X86_OP_IMM, "X86_OP_MEM": X86_OP_MEM,
+    "X86_GRP_JUMP": X86_GRP_JUMP
+}
+
+
 # capstone's numbers of the registers lea writes, by operand size (16, 32, 64 bits) and ModRM.reg + 8 * REX.R
 cdef int LEA_REGISTER[3][16]
 LEA_REGISTER[:] = [
@@ -98,36 +131,6 @@ cdef inline bint _needs_detail(cs_insn *insn) noexcept nogil:
     if strstr(insn.op_str, "rip") != NULL or strstr(insn.op_str, " + 0x") != NULL:
         return True
     return (insn.id == X86_INS_MOV or insn.id == X86_INS_MOVSXD) and strstr(insn.op_str, "*4") != NULL
-
-
-# ``_terminates``'s reading as two tables, for the sweep (it asks for every instruction): the prefixes it
-# skips, and the opcodes that never fall through by themselves (ret, jmp, int3, hlt)
-cdef uint8_t SKIPPED_PREFIX[256]
-cdef uint8_t ENDS_FLOW[256]
-memset(SKIPPED_PREFIX, 0, sizeof(SKIPPED_PREFIX))
-memset(ENDS_FLOW, 0, sizeof(ENDS_FLOW))
-for _byte in (0x66, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, *range(0x40, 0x50)):
-    SKIPPED_PREFIX[_byte] = 1
-for _byte in (0xC3, 0xC2, 0xCB, 0xCA, 0xE9, 0xEB, 0xCC, 0xF4):
-    ENDS_FLOW[_byte] = 1
-
-
-cdef inline bint _ends_flow(const uint8_t *p, Py_ssize_t length) noexcept nogil:
-    """``_terminates(p, length, length)``, by table."""
-    cdef Py_ssize_t at = 0
-    cdef uint8_t op
-    while at < length and SKIPPED_PREFIX[p[at]]:
-        at += 1
-    if at >= length:
-        return False
-    op = p[at]
-    if ENDS_FLOW[op]:
-        return True
-    if at + 1 >= length:
-        return False
-    if op == 0x0F:
-        return p[at + 1] == 0x0B
-    return op == 0xFF and ((p[at + 1] >> 3) & 7 == 4 or (p[at + 1] >> 3) & 7 == 5)
 
 
 # what the lite decode of an instruction's bytes gave (its length and whether it needs details): neither
@@ -289,27 +292,20 @@ cdef class _Decoder:
         cdef const uint8_t[:] memory = ctx.memory
         cdef const uint32_t[:] relocations = ctx.relocations
         cdef const uint32_t[:] iat
-        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
-            raise RuntimeError("cs_open failed")
-        cs.option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
-        self.insn = cs.malloc(self.handle)
-        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.lite_handle) != CS_ERR_OK:
-            raise RuntimeError("cs_open failed")
-        self.lite = cs.malloc(self.lite_handle)
-        if self.insn == NULL or self.lite == NULL:
-            raise MemoryError()
+        open_x86(&cs, &self.handle, &self.insn, True)
+        open_x86(&cs, &self.lite_handle, &self.lite, False)
         if X86_REG_ENDING > 512:
             raise ImportError("capstone register numbering changed; rebuild hotpatch.analysis._decode")
-        iat_slots = array("I", sorted(ctx.iat))
-        iat_slots.append(0)  # never empty, so a pointer to its first item always exists
-        iat = iat_slots
+        # sorted once per context where it keeps them (discovery decodes hundreds of batches of one image)
+        ordered = getattr(ctx, "iat_order", None)
+        iat = ordered if ordered is not None else array("I", sorted(ctx.iat))
         self.keep = (memory, relocations, iat)
         self.memlen = memory.shape[0]
         self.base = &memory[0] if self.memlen else NULL
         self.nrelocs = relocations.shape[0]
         self.relocations = &relocations[0] if self.nrelocs else NULL
-        self.niat = iat.shape[0] - 1
-        self.iat = &iat[0]
+        self.niat = iat.shape[0]
+        self.iat = &iat[0] if self.niat else NULL
         self.first_section_rva = ctx.first_section_rva
 
     def __dealloc__(self):
@@ -414,7 +410,7 @@ cdef class _Decoder:
                 rva = offset
                 if _push_rva(out, <uint32_t>rva):
                     return -1
-                if _ends_flow(base + rva, length):
+                if _terminates(base + rva, length, length):
                     after_end = True
                 elif not (after_end and _is_nop(base + rva, length)):
                     after_end = False
@@ -602,9 +598,9 @@ def terminates(const uint8_t[:] code):
     return bool(_terminates(&code[0], code.shape[0], code.shape[0])) if code.shape[0] else False
 
 
-def ends_flow(const uint8_t[:] code):
-    """``terminates`` as the sweep reads it (``_ends_flow``). For tests."""
-    return bool(_ends_flow(&code[0], code.shape[0])) if code.shape[0] else False
+def is_nop(const uint8_t[:] code):
+    """Whether the instruction filling ``code`` is a nop (``hotpatch.analysis.flow.is_nop``). For tests."""
+    return bool(_is_nop(&code[0], code.shape[0])) if code.shape[0] else False
 
 
 def fast_length(const uint8_t[:] code):
@@ -664,17 +660,11 @@ cdef cs_insn *_text_insn = NULL
 
 def instruction_text(const uint8_t[:] memory, int64_t begin, int64_t end):
     """(rva, mnemonic, operands) of the instructions in [begin, end), up to the first undecodable byte."""
-    global _text_handle, _text_insn
     cdef const uint8_t *code
     cdef size_t remaining
     cdef uint64_t address
     cdef list out = []
-    if _text_insn == NULL:
-        if cs.open(CS_ARCH_X86, CS_MODE_64, &_text_handle) != CS_ERR_OK:
-            raise RuntimeError("cs_open failed")
-        _text_insn = cs.malloc(_text_handle)
-        if _text_insn == NULL:
-            raise MemoryError()
+    open_x86(&cs, &_text_handle, &_text_insn, False)
     end = min(end, <int64_t>memory.shape[0])
     if begin < 0 or begin >= end:
         return out

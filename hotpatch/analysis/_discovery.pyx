@@ -11,10 +11,11 @@ of ``padding.py`` read byte by byte); the tests check that both give identical r
 from array import array
 
 from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
+from libc.stdlib cimport qsort
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 
 from hotpatch.analysis.includes.capstone cimport *
-from hotpatch.analysis._capstone_api cimport load_entry_points
+from hotpatch.analysis._capstone_api cimport load_entry_points, open_x86
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 from hotpatch.analysis._shared cimport _lower_bound, _terminates
@@ -120,9 +121,16 @@ cdef inline Py_ssize_t _upper_bound(const uint32_t[:] values, int64_t key) noexc
     return lo
 
 
-cdef Py_ssize_t _list_upper_bound(list values, int64_t key) except -1:
-    """``bisect_right`` of a sorted list of ints."""
-    cdef Py_ssize_t lo = 0, hi = len(values), mid
+cdef Py_ssize_t _list_upper_bound(list values, int64_t key, Py_ssize_t lo=0) except -1:
+    """``bisect_right`` of a sorted list of ints, known to be at least ``lo``: galloping from there first, as
+    a round's sorted starts are looked up one after another (the probes are Python ints: few is cheap)."""
+    cdef Py_ssize_t count = len(values), hi = lo, step = 1, mid
+    while hi < count and <int64_t>values[hi] <= key:
+        lo = hi + 1
+        hi = lo + step
+        step <<= 1
+    if hi > count:
+        hi = count
     while lo < hi:
         mid = (lo + hi) >> 1
         if <int64_t>values[mid] <= key:
@@ -138,17 +146,20 @@ def stale_gap_places(const uint8_t[:] memory, stale, list starts, dict items, co
     ``section_ends``: sorted, disjoint), ``gap_places`` of the gap from the end of its item's first range
     (``items[start]``) to the next of the sorted ``starts`` or its section's end; the starts with places
     and their places."""
-    cdef Py_ssize_t length = memory.shape[0], count = len(starts), index
+    cdef Py_ssize_t length = memory.shape[0], count = len(starts), index, known = 0
     cdef const uint8_t *m = &memory[0] if length else NULL
-    cdef int64_t rva, limit, end, following
+    cdef int64_t rva, limit, end, following, previous = -1
     cdef list owners = [], out = [], fresh
     for value in stale:
         rva = value
+        if rva < previous:
+            known = 0  # not ascending: search from the first start
+        previous = rva
         index = _upper_bound(section_rvas, rva) - 1
         if index < 0 or rva >= section_ends[index]:
             continue  # a .pdata entry outside the executable sections bounds no gap
         limit = section_ends[index]
-        index = _list_upper_bound(starts, rva)
+        index = known = _list_upper_bound(starts, rva, known)
         if index < count:
             following = starts[index]
             if following < limit:
@@ -161,6 +172,106 @@ def stale_gap_places(const uint8_t[:] memory, stale, list starts, dict items, co
                 owners.append(value)
                 out.append(fresh)
     return owners, out
+
+
+def refresh_raw_items(added, list starts, dict pdata, const uint32_t[:] section_rvas,
+                      const uint32_t[:] section_ends, const uint32_t[:] section_limits, dict raw_items, dict items):
+    """``Layout.insert``'s bookkeeping once the new starts ``added`` (sorted) are in the sorted ``starts``:
+    the touched starts (each new one and the start before each, sorted) get their raw item, their .pdata
+    ranges if ``pdata`` lists them, else up to the next start or their section's limit (``section_rvas``,
+    ``section_ends``: sorted, disjoint; ``section_limits``: where a function may end in each). Those whose
+    raw item is new or changed are set in ``raw_items`` and ``items``; returns the touched starts and the
+    changed ones, each with its item before (None if new)."""
+    cdef Py_ssize_t count = len(starts), index = 0, known = 0
+    cdef int64_t rva, limit, following, previous = -1
+    cdef list touched = [], changed = []
+    for value in added:
+        rva = value
+        if rva < previous:
+            index = 0  # not ascending: search from the first start
+        previous = rva
+        index = _list_upper_bound(starts, rva - 1, index)  # ascending: on from the previous search
+        if index:
+            before = starts[index - 1]
+            if not touched or touched[len(touched) - 1] != before:
+                touched.append(before)  # the start before a new one is at or after the previous new one
+        touched.append(value)
+    for value in touched:
+        rva = value
+        runtime = pdata.get(value)
+        if runtime is not None:
+            raw = (value, ((value, runtime.end_rva),) + runtime.fragments)
+        else:
+            index = _upper_bound(section_rvas, rva) - 1
+            if index < 0 or rva >= section_ends[index]:
+                raise ValueError(f"start {rva:#x} outside the code sections")
+            limit = section_limits[index]
+            index = known = _list_upper_bound(starts, rva, known)
+            if index < count:
+                following = starts[index]
+                if following < limit:
+                    limit = following
+            raw = (value, ((value, limit),))
+        old = raw_items.get(value)
+        if old is None or old != raw:
+            changed.append((value, items.get(value)))
+            raw_items[value] = items[value] = raw
+    return touched, changed
+
+
+def refresh_gap_places(memory, stale, list starts, dict items, section_rvas, section_ends, dict gaps, set places):
+    """``Layout.places``' bookkeeping: the gaps after the sorted ``stale`` starts lose their places (``gaps``:
+    start -> its gap's places; ``places``: all of them), then get those of ``stale_gap_places``; returns the
+    places added, in order."""
+    cdef list added = [], fresh
+    for rva in stale:
+        old = gaps.pop(rva, None)
+        if old:  # every stale gap's old places go before new ones come: a place can move to another gap
+            places.difference_update(old)
+    owners, found = stale_gap_places(memory, stale, starts, items, section_rvas, section_ends)
+    for rva, fresh in zip(owners, found):
+        gaps[rva] = fresh
+        added.extend(fresh)
+    places.update(added)
+    return added
+
+
+def settle_round(list changed, list todo, list reached, dict items, set stale, dict decoded):
+    """A round's items once bounded: the start of each raw item of ``todo`` gets its ``reached`` item in
+    ``items`` and goes ``stale``, and the whole decode of an item cut (in ``decoded``) goes, as do the decodes
+    of the ``changed`` starts' items before ``(start, item before)`` that changed. Returns the changed starts'
+    current items and those of them ``decoded`` lacks."""
+    cdef Py_ssize_t i, count = len(todo)
+    cdef list current = [], missing = []
+    if len(reached) != count:
+        raise ValueError("todo and reached differ in length")
+    for i in range(count):
+        item, cut = todo[i], reached[i]
+        rva = item[0]
+        items[rva] = cut
+        stale.add(rva)
+        if cut != item:
+            decoded.pop(item, None)
+    for rva, before in changed:
+        item = items[rva]
+        current.append(item)
+        if before is not None and before != item:
+            decoded.pop(before, None)
+    for item in current:
+        if item not in decoded:
+            missing.append(item)
+    return current, missing
+
+
+def fresh_refs(list current, dict decoded, set scanned):
+    """The references (``raw_refs`` of their decodes in ``decoded``) of the items of ``current`` not yet in
+    ``scanned``, which gets them all."""
+    cdef list out = []
+    for item in current:
+        if item not in scanned:
+            out.append(decoded[item].raw_refs)
+    scanned.update(current)
+    return out
 
 
 def gap_starts(const uint8_t[:] memory, const uint32_t[:] starts, const uint32_t[:] ends,
@@ -284,6 +395,51 @@ def acceptable_in(rvas, const uint32_t[:] code_rvas, const uint32_t[:] code_ends
     return out
 
 
+cdef int _compare_keys(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *>a)[0], y = (<const uint64_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+def owned_spans(runtime_functions, dict pdata):
+    """Every .pdata range (each function's primary range and its fragments) sorted, as the arrays of their
+    begins and ends, and whether each begin starts a .pdata function (is in ``pdata``): ``acceptable_in``'s
+    bounds."""
+    keys = array("Q")
+    for runtime in runtime_functions:  # a range as one 64-bit key: (begin, end) order is the keys' order
+        keys.append(<uint64_t>runtime.begin_rva << 32 | <uint32_t>runtime.end_rva)
+        for begin, end in runtime.fragments:
+            keys.append(<uint64_t>begin << 32 | <uint32_t>end)
+    cdef uint64_t[:] view = keys
+    cdef Py_ssize_t i, count = view.shape[0]
+    if count:
+        qsort(&view[0], count, sizeof(uint64_t), _compare_keys)
+    begins = array("I", bytes(4 * count))
+    ends = array("I", bytes(4 * count))
+    primary = bytearray(count)
+    cdef uint32_t[:] begins_view = begins
+    cdef uint32_t[:] ends_view = ends
+    for i in range(count):
+        begins_view[i] = <uint32_t>(view[i] >> 32)
+        ends_view[i] = <uint32_t>view[i]
+        primary[i] = begins_view[i] in pdata
+    return begins, ends, bytes(primary)
+
+
+def add_sources(rvas, uint64_t bit, dict sources, list pending):
+    """Each of ``rvas`` starts a function found by the source ``bit``: its mask in ``sources`` (start -> the
+    bits of its sources) gets it; a start not there yet is new and goes to ``pending``. True if any was."""
+    cdef bint found = False
+    for rva in rvas:
+        mask = sources.get(rva)
+        if mask is None:
+            sources[rva] = bit
+            pending.append(rva)
+            found = True
+        else:
+            sources[rva] = mask | bit
+    return found
+
+
 def after_padding_in(memory, places):
     """The places (in the given order) right after int3 or nop padding (``padding.after_padding``)."""
     cdef const uint8_t[:] view = memory
@@ -335,14 +491,49 @@ cdef bint _fill_span(const uint8_t *m, Py_ssize_t length, Py_ssize_t begin, Py_s
 def trimmed_end(const uint8_t[:] memory, const uint32_t[:] rvas, Py_ssize_t begin, Py_ssize_t limit):
     """Where a function whose instructions start at ``rvas`` in ``[begin, limit)`` ends once the fill after
     its last instruction that is not fill (int3, nops, zeros) is cut off; at least one byte past ``begin``."""
-    cdef Py_ssize_t length = memory.shape[0], count = rvas.shape[0], index, insn_end, end = begin + 1
-    cdef const uint8_t *m = &memory[0] if length else NULL
+    cdef Py_ssize_t length = memory.shape[0]
+    return _trimmed_end(&memory[0] if length else NULL, length, rvas, begin, limit)
+
+
+cdef Py_ssize_t _trimmed_end(const uint8_t *m, Py_ssize_t length, const uint32_t[:] rvas, Py_ssize_t begin,
+                             Py_ssize_t limit) noexcept:
+    cdef Py_ssize_t count = rvas.shape[0], index, insn_end, end = begin + 1
     for index in range(count - 1, -1, -1):
         insn_end = rvas[index + 1] if index + 1 < count else limit
         if not _fill_span(m, length, rvas[index], insn_end):
             end = insn_end
             break
     return end if end > begin + 1 else begin + 1
+
+
+def trimmed_layout(const uint8_t[:] memory, list starts, dict items, dict pdata, dict decoded):
+    """The final layout: the item ``items[start]`` of each of the sorted ``starts``, as it is if ``pdata`` lists
+    it, else cut after its last instruction that is not fill (``trimmed_end`` of its decode ``decoded[item]``).
+    Returns the items, their decodes (None where an item was cut), the indexes of the cut ones, and the items'
+    starts and first ranges' ends as arrays."""
+    cdef Py_ssize_t length = memory.shape[0], count = len(starts), i, begin, limit
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    cdef list out = [], analyses = [], cut = []
+    cdef tuple item
+    rvas = array("I", bytes(4 * count))
+    ends = array("I", bytes(4 * count))
+    cdef uint32_t[:] rvas_view = rvas
+    cdef uint32_t[:] ends_view = ends
+    for i in range(count):
+        rva = starts[i]
+        item = items[rva]
+        analysis = decoded[item]
+        if rva not in pdata:
+            begin, limit = item[1][0]
+            trimmed = (rva, ((begin, _trimmed_end(m, length, analysis.insn_rvas, begin, limit)),))
+            if trimmed != item:
+                item, analysis = trimmed, None
+                cut.append(i)
+        out.append(item)
+        analyses.append(analysis)
+        rvas_view[i] = rva
+        ends_view[i] = item[1][0][1]
+    return out, analyses, cut, rvas, ends
 
 
 def named(places, words):
@@ -410,6 +601,12 @@ def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list ta
     through with no branch (up to ``horizon``) or jump-table target beyond it; ``limit`` if none. With
     ``tail_gaps``, a jump past fill, data and fill to code that never comes back (into them or before
     them) is a tail jump: the code ends where the fill begins (the reference twin says when exactly)."""
+    return _reachable_end(memory, rvas, refs, tables, begin, limit, horizon, tail_gaps)
+
+
+cdef int64_t _reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list tables, int64_t begin,
+                            int64_t limit, int64_t horizon, bint tail_gaps) except? -1:
+    """``reachable_end``."""
     cdef Py_ssize_t count = rvas.shape[0], memlen = memory.shape[0], index, ref_index = 0, ref_count
     cdef const uint8_t *m = &memory[0] if memlen else NULL
     cdef const PackedRef *packed = NULL
@@ -484,6 +681,50 @@ def reachable_end(const uint8_t[:] memory, const uint32_t[:] rvas, refs, list ta
     return gap_begin if gap_end >= 0 and kept < limit else limit
 
 
+cdef object _reached(const uint8_t[:] memory, tuple item, analysis, int64_t horizon, bint tail_gaps):
+    """``functions._reachable``: the item cut where its reachable code ends, or the item itself."""
+    rva, ranges = item
+    begin, limit = ranges[0]
+    cdef int64_t end = _reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, begin,
+                                      limit, horizon, tail_gaps)
+    return (rva, ((begin, end),)) if end < limit else item
+
+
+def reach_windows(const uint8_t[:] memory, list items, list windows, list analyses, list horizons,
+                  int64_t margin, dict full, bint tail_gaps=True):
+    """``functions._reach``'s verdicts on the decodes ``analyses`` of the first ``windows`` of ``items`` (each
+    window the item's single range, perhaps cut short): an item whose window is all of it is reached on its
+    decode (which goes into ``full``); a window without jump tables whose code ends, tail gaps aside, at least
+    ``margin`` bytes before the window's end is reached on it, branches up to the item's end counting. The
+    others need their whole decode: None in the list returned, and their indexes in the second list."""
+    cdef Py_ssize_t index, count = len(items)
+    cdef int64_t limit, window_end, horizon
+    cdef list out = [], whole = []
+    cdef tuple item, window
+    if len(windows) != count or len(analyses) != count or len(horizons) != count:
+        raise ValueError("items, windows, analyses and horizons differ in length")
+    for index in range(count):
+        item, window, analysis = items[index], windows[index], analyses[index]
+        limit, window_end = item[1][0][1], window[1][0][1]
+        horizon = horizons[index]
+        if window_end == limit:
+            full[item] = analysis
+            out.append(_reached(memory, item, analysis, horizon, tail_gaps))
+            continue
+        if not analysis.raw_tables:
+            if horizon < limit:
+                horizon = limit
+            # a tail gap's cut comes before the instruction that confirms it: only an end well inside the
+            # window without tail gaps (they only ever cut earlier) is decided by the window
+            if _reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, window[1][0][0],
+                              window_end, horizon, False) <= window_end - margin:
+                out.append(_reached(memory, window, analysis, horizon, tail_gaps))
+                continue
+        out.append(None)
+        whole.append(index)
+    return out, whole
+
+
 cdef int64_t _nearest_target(const PackedRef *packed, list listed, Py_ssize_t ref_count, list seen_cases,
                              int64_t end, int64_t horizon, int64_t limit) except? -1:
     """The nearest branch target at or after ``end`` (below ``horizon``) of the first ``ref_count``
@@ -546,6 +787,13 @@ def sane_references(const uint32_t[:] rvas, refs, int64_t begin, int64_t end, co
     only where compiled code does: every branch and call into a code section (``code_rvas``, ``code_ends``)
     and, inside the range, onto one of its instructions; every RIP-relative operand into a section
     (``section_rvas``, ``section_ends``). All bounds sorted and disjoint."""
+    return _sane_references(rvas, refs, begin, end, code_rvas, code_ends, section_rvas, section_ends)
+
+
+cdef bint _sane_references(const uint32_t[:] rvas, refs, int64_t begin, int64_t end, const uint32_t[:] code_rvas,
+                           const uint32_t[:] code_ends, const uint32_t[:] section_rvas,
+                           const uint32_t[:] section_ends) except -1:
+    """``sane_references``."""
     cdef Py_ssize_t count = rvas.shape[0], i, k, ref_count
     cdef const PackedRef *packed = NULL
     cdef list listed = None
@@ -580,6 +828,25 @@ def sane_references(const uint32_t[:] rvas, refs, int64_t begin, int64_t end, co
             if not _in_spans(section_rvas, section_ends, target):
                 return False
     return True
+
+
+def sane_items(memory, list items, list analyses, const uint32_t[:] code_rvas,
+               const uint32_t[:] code_ends, const uint32_t[:] section_rvas, const uint32_t[:] section_ends):
+    """For each item with its decode: ``sane_references`` of its single range, and where it has no jump table,
+    ``sweep_matches`` of that range too (a byte capstone could not decode leaves a hole in the sweep)."""
+    cdef Py_ssize_t i, count = len(items)
+    cdef int64_t begin, end
+    cdef list out = []
+    if len(analyses) != count:
+        raise ValueError("items and analyses differ in length")
+    for i in range(count):
+        (begin, end), = items[i][1]
+        analysis = analyses[i]
+        rvas = analysis.insn_rvas
+        out.append(_sane_references(rvas, analysis.raw_refs, begin, end, code_rvas, code_ends, section_rvas,
+                                    section_ends) and
+                   (bool(analysis.raw_tables) or sweep_matches(memory, begin, end, rvas)))
+    return out
 
 
 def call_and_lea_targets(const uint8_t[:] memory, refs_lists):
@@ -669,18 +936,6 @@ cdef csh _sweep_handle = 0
 cdef cs_insn *_sweep_insn = NULL
 
 
-cdef int _open_sweep() except -1:
-    """The handle ``instruction_text`` would use (x86-64, no details), opened on first use."""
-    global _sweep_handle, _sweep_insn
-    if _sweep_insn == NULL:
-        if cs.open(CS_ARCH_X86, CS_MODE_64, &_sweep_handle) != CS_ERR_OK:
-            raise RuntimeError("cs_open failed")
-        _sweep_insn = cs.malloc(_sweep_handle)
-        if _sweep_insn == NULL:
-            raise MemoryError()
-    return 0
-
-
 cdef Py_ssize_t _sweep(const uint8_t[:] memory, int64_t begin, int64_t end, const uint32_t[:] rvas) except -2:
     """How many instructions capstone's plain sweep of ``[begin, end)`` decodes up to its first undecodable
     byte (the core's ``instruction_text``), if they lie at ``rvas`` so far; -1 where one does not."""
@@ -688,7 +943,7 @@ cdef Py_ssize_t _sweep(const uint8_t[:] memory, int64_t begin, int64_t end, cons
     cdef size_t remaining
     cdef uint64_t address
     cdef Py_ssize_t count = 0, known = rvas.shape[0] if rvas is not None else -1
-    _open_sweep()
+    open_x86(&cs, &_sweep_handle, &_sweep_insn, False)  # the handle ``instruction_text`` opens too
     if end > memory.shape[0]:
         end = memory.shape[0]
     if begin < 0 or begin >= end:

@@ -5,7 +5,7 @@ results (the tests compare both on fixtures, real binaries and random bytes)."""
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from heapq import heappop, heappush
 from typing import Any
@@ -14,10 +14,12 @@ from .flow import terminates
 from .padding import FILL_BYTES, FILL_RE, USABLE_PADDING_RE, after_padding
 from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 
-__all__ = ["IMPLEMENTATION", "acceptable_in", "after_padding_in", "build_functions", "call_and_lea_targets",
-           "decodable_in", "gap_places", "gap_starts", "memory_word_index", "memory_words", "named", "named_in",
-           "padding_runs", "plausible_limits", "pointer_targets", "reachable_end", "sane_references",
-           "stale_gap_places", "sweep_matches", "trimmed_end", "word_index"]
+__all__ = ["IMPLEMENTATION", "acceptable_in", "add_sources", "after_padding_in", "build_functions",
+           "call_and_lea_targets", "decodable_in", "fresh_refs", "gap_places", "gap_starts", "memory_word_index",
+           "memory_words", "named", "named_in", "owned_spans", "padding_runs", "plausible_limits", "pointer_targets",
+           "reach_windows", "reachable_end", "refresh_gap_places", "refresh_raw_items", "sane_items",
+           "sane_references", "settle_round", "stale_gap_places", "sweep_matches", "trimmed_end", "trimmed_layout",
+           "word_index"]
 
 IMPLEMENTATION = "python"
 
@@ -58,6 +60,89 @@ def stale_gap_places(memory: bytes, stale: Sequence[int], starts: Sequence[int],
                 owners.append(rva)
                 out.append(fresh)
     return owners, out
+
+
+def refresh_raw_items(added: Sequence[int], starts: Sequence[int], pdata: dict[int, Any],
+                      section_rvas: Sequence[int], section_ends: Sequence[int], section_limits: Sequence[int],
+                      raw_items: dict[int, tuple], items: dict[int, tuple]) -> tuple[list[int], list[tuple]]:
+    """``Layout.insert``'s bookkeeping once the new starts ``added`` (sorted) are in the sorted ``starts``:
+    the touched starts (each new one and the start before each, sorted) get their raw item, their .pdata
+    ranges if ``pdata`` lists them, else up to the next start or their section's limit (``section_rvas``,
+    ``section_ends``: sorted, disjoint; ``section_limits``: where a function may end in each). Those whose
+    raw item is new or changed are set in ``raw_items`` and ``items``; returns the touched starts and the
+    changed ones, each with its item before (None if new)."""
+    touched = set(added)
+    for rva in added:
+        index = bisect_left(starts, rva)
+        if index:
+            touched.add(starts[index - 1])
+    changed = []
+    for rva in sorted(touched):
+        runtime = pdata.get(rva)
+        if runtime is not None:
+            raw = (rva, ((rva, runtime.end_rva),) + runtime.fragments)
+        else:
+            index = bisect_right(section_rvas, rva) - 1
+            if index < 0 or rva >= section_ends[index]:
+                raise ValueError(f"start {rva:#x} outside the code sections")
+            limit = section_limits[index]
+            index = bisect_right(starts, rva)
+            if index < len(starts) and starts[index] < limit:
+                limit = starts[index]
+            raw = (rva, ((rva, limit),))
+        if raw_items.get(rva) != raw:
+            changed.append((rva, items.get(rva)))
+            raw_items[rva] = items[rva] = raw
+    return sorted(touched), changed
+
+
+def refresh_gap_places(memory: bytes, stale: Sequence[int], starts: Sequence[int], items: dict[int, tuple],
+                       section_rvas: Sequence[int], section_ends: Sequence[int], gaps: dict[int, list[int]],
+                       places: set[int]) -> list[int]:
+    """``Layout.places``' bookkeeping: the gaps after the sorted ``stale`` starts lose their places (``gaps``:
+    start -> its gap's places; ``places``: all of them), then get those of ``stale_gap_places``; returns the
+    places added, in order."""
+    for rva in stale:
+        old = gaps.pop(rva, None)
+        if old:  # every stale gap's old places go before new ones come: a place can move to another gap
+            places.difference_update(old)
+    added: list[int] = []
+    for rva, fresh in zip(*stale_gap_places(memory, stale, starts, items, section_rvas, section_ends)):
+        gaps[rva] = fresh
+        added += fresh
+    places.update(added)
+    return added
+
+
+def settle_round(changed: list[tuple[int, tuple | None]], todo: list[tuple], reached: list[tuple],
+                 items: dict[int, tuple], stale: set[int], decoded: dict[tuple, Any]
+                 ) -> tuple[list[tuple], list[tuple]]:
+    """A round's items once bounded: the start of each raw item of ``todo`` gets its ``reached`` item in
+    ``items`` and goes ``stale``, and the whole decode of an item cut (in ``decoded``) goes, as do the decodes
+    of the ``changed`` starts' items before ``(start, item before)`` that changed. Returns the changed starts'
+    current items and those of them ``decoded`` lacks."""
+    if len(todo) != len(reached):
+        raise ValueError("todo and reached differ in length")
+    for item, cut in zip(todo, reached):
+        items[item[0]] = cut
+        stale.add(item[0])
+        if cut != item:
+            decoded.pop(item, None)
+    current = []
+    for rva, before in changed:
+        item = items[rva]
+        current.append(item)
+        if before is not None and before != item:
+            decoded.pop(before, None)
+    return current, [item for item in current if item not in decoded]
+
+
+def fresh_refs(current: list[tuple], decoded: dict[tuple, Any], scanned: set[tuple]) -> list[Any]:
+    """The references (``raw_refs`` of their decodes in ``decoded``) of the items of ``current`` not yet in
+    ``scanned``, which gets them all."""
+    out = [decoded[item].raw_refs for item in current if item not in scanned]
+    scanned.update(current)
+    return out
 
 
 def gap_starts(memory: bytes, starts: Sequence[int], ends: Sequence[int], section_rvas: Sequence[int],
@@ -134,6 +219,30 @@ def acceptable_in(rvas: Iterable[int], code_rvas: Sequence[int], code_ends: Sequ
     return out
 
 
+def owned_spans(runtime_functions: Iterable[Any], pdata: dict[int, Any]) -> tuple[array, array, bytes]:
+    """Every .pdata range (each function's primary range and its fragments) sorted, as the arrays of their
+    begins and ends, and whether each begin starts a .pdata function (is in ``pdata``): ``acceptable_in``'s
+    bounds."""
+    owned = sorted((begin, end) for f in runtime_functions for begin, end in ((f.begin_rva, f.end_rva),) + f.fragments)
+    return (array("I", (begin for begin, _ in owned)), array("I", (end for _, end in owned)),
+            bytes(begin in pdata for begin, _ in owned))
+
+
+def add_sources(rvas: Iterable[int], bit: int, sources: dict[int, int], pending: list[int]) -> bool:
+    """Each of ``rvas`` starts a function found by the source ``bit``: its mask in ``sources`` (start -> the
+    bits of its sources) gets it; a start not there yet is new and goes to ``pending``. True if any was."""
+    found = False
+    for rva in rvas:
+        mask = sources.get(rva)
+        if mask is None:
+            sources[rva] = bit
+            pending.append(rva)
+            found = True
+        else:
+            sources[rva] = mask | bit
+    return found
+
+
 def after_padding_in(memory: bytes, places: Iterable[int]) -> list[int]:
     """The places (in the given order) right after int3 or nop padding (``padding.after_padding``)."""
     return [place for place in places if after_padding(memory, place)]
@@ -168,6 +277,27 @@ def trimmed_end(memory: bytes, rvas: Sequence[int], begin: int, limit: int) -> i
     else:
         end = begin + 1
     return max(end, begin + 1)
+
+
+def trimmed_layout(memory: bytes, starts: list[int], items: dict[int, tuple], pdata: dict[int, Any],
+                   decoded: dict[tuple, Any]) -> tuple[list[tuple], list[Any], list[int], array, array]:
+    """The final layout: the item ``items[start]`` of each of the sorted ``starts``, as it is if ``pdata`` lists
+    it, else cut after its last instruction that is not fill (``trimmed_end`` of its decode ``decoded[item]``).
+    Returns the items, their decodes (None where an item was cut), the indexes of the cut ones, and the items'
+    starts and first ranges' ends as arrays."""
+    out, analyses, cut = [], [], []
+    for index, rva in enumerate(starts):
+        item = items[rva]
+        analysis = decoded[item]
+        if rva not in pdata:
+            (begin, limit), = item[1]
+            trimmed = (rva, ((begin, trimmed_end(memory, analysis.insn_rvas, begin, limit)),))
+            if trimmed != item:
+                item, analysis = trimmed, None
+                cut.append(index)
+        out.append(item)
+        analyses.append(analysis)
+    return out, analyses, cut, array("I", starts), array("I", (ranges[0][1] for _, ranges in out))
 
 
 def named(places: Iterable[int], words: Iterable[array]) -> set[int]:
@@ -291,6 +421,43 @@ def reachable_end(memory: bytes, rvas: Sequence[int], refs: Iterable[tuple[int, 
     return gap_begin if gap_end >= 0 and kept < limit else limit
 
 
+def reach_windows(memory: bytes, items: list[tuple], windows: list[tuple], analyses: list[Any], horizons: list[int],
+                  margin: int, full: dict[tuple, Any], tail_gaps: bool = True) -> tuple[list[tuple | None], list[int]]:
+    """``functions._reach``'s verdicts on the decodes ``analyses`` of the first ``windows`` of ``items`` (each
+    window the item's single range, perhaps cut short): an item whose window is all of it is reached on its
+    decode (which goes into ``full``); a window without jump tables whose code ends, tail gaps aside, at least
+    ``margin`` bytes before the window's end is reached on it, branches up to the item's end counting. The
+    others need their whole decode: None in the list returned, and their indexes in the second list."""
+    if not len(windows) == len(analyses) == len(horizons) == len(items):
+        raise ValueError("items, windows, analyses and horizons differ in length")
+
+    def reached(item: tuple, analysis: Any, horizon: int) -> tuple:
+        rva, ((begin, limit),) = item
+        end = reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, begin, limit, horizon,
+                            tail_gaps)
+        return (rva, ((begin, end),)) if end < limit else item
+
+    out: list[tuple | None] = []
+    whole = []
+    for index, (item, window, analysis, horizon) in enumerate(zip(items, windows, analyses, horizons)):
+        limit, ((begin, window_end),) = item[1][0][1], window[1]
+        if window_end == limit:
+            full[item] = analysis
+            out.append(reached(item, analysis, horizon))
+            continue
+        if not analysis.raw_tables:
+            horizon = max(horizon, limit)
+            # a tail gap's cut comes before the instruction that confirms it: only an end well inside the
+            # window without tail gaps (they only ever cut earlier) is decided by the window
+            if reachable_end(memory, analysis.insn_rvas, analysis.raw_refs, analysis.raw_tables, begin, window_end,
+                             horizon, False) <= window_end - margin:
+                out.append(reached(window, analysis, horizon))
+                continue
+        out.append(None)
+        whole.append(index)
+    return out, whole
+
+
 def plausible_limits(candidates: Iterable[int], relocations: Sequence[int], starts: Sequence[int],
                      code_rvas: Sequence[int], code_ends: Sequence[int]) -> tuple[list[int], list[int]]:
     """The candidates worth judging, sorted, and how far each may run: up to the next of the sorted ``starts``
@@ -335,6 +502,21 @@ def sane_references(rvas: Sequence[int], refs: Iterable[tuple[int, int, int, int
             if index < 0 or target >= section_ends[index]:
                 return False
     return True
+
+
+def sane_items(memory: bytes, items: list[tuple], analyses: list[Any], code_rvas: Sequence[int],
+               code_ends: Sequence[int], section_rvas: Sequence[int], section_ends: Sequence[int]) -> list[bool]:
+    """For each item with its decode: ``sane_references`` of its single range, and where it has no jump table,
+    ``sweep_matches`` of that range too (a byte capstone could not decode leaves a hole in the sweep)."""
+    if len(items) != len(analyses):
+        raise ValueError("items and analyses differ in length")
+    out = []
+    for (_, ((begin, end),)), analysis in zip(items, analyses):
+        rvas = analysis.insn_rvas
+        out.append(sane_references(rvas, analysis.raw_refs, begin, end, code_rvas, code_ends, section_rvas,
+                                   section_ends) and
+                   (bool(analysis.raw_tables) or sweep_matches(memory, begin, end, rvas)))
+    return out
 
 
 def call_and_lea_targets(memory: bytes, refs_lists: Iterable[Iterable[tuple[int, int, int, int, int]]]

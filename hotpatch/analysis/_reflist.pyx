@@ -3,7 +3,7 @@
 fingerprints, discovery's kernels and the diff as the tuples the pure-Python twin gives."""
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 from hotpatch.analysis._buffers cimport Ref
 from hotpatch.analysis._refkinds cimport ABS64
@@ -77,6 +77,8 @@ cdef RefList pack_refs(const Ref *refs, Py_ssize_t count, object image_base):
     cdef PackedRef *out = <PackedRef *><char *>packed
     cdef Py_ssize_t index
     cdef dict wide = None
+    cdef bint base_fits = 0 <= image_base < (1 << 64)  # a PE32+ image base always does
+    cdef uint64_t base = image_base if base_fits else 0, value
     for index in range(count):
         out[index].insn_rva = <uint32_t>refs[index].insn_rva
         out[index].kind = <uint8_t>refs[index].kind
@@ -84,7 +86,15 @@ cdef RefList pack_refs(const Ref *refs, Py_ssize_t count, object image_base):
         out[index].operand_size = <uint8_t>refs[index].operand_size
         out[index].target = refs[index].target
         if refs[index].kind == ABS64:
-            target = (<uint64_t>refs[index].target) - image_base
+            # value - image_base as Python's ints give it, in C while the difference fits in 64 signed bits
+            value = <uint64_t>refs[index].target
+            if base_fits and value >= base and value - base < (<uint64_t>1 << 63):
+                out[index].target = <int64_t>(value - base)
+                continue
+            if base_fits and value < base and base - value <= (<uint64_t>1 << 63):
+                out[index].target = <int64_t>(value - base)  # negative: the wrapped difference, two's complement
+                continue
+            target = value - image_base
             if -(1 << 63) <= target < (1 << 63):
                 out[index].target = target
             else:

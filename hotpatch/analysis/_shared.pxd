@@ -3,17 +3,31 @@
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 
 
+# ``flow.py``'s ``_PREFIXES`` and ``_TERMINATING`` as byte tables: the sweep asks for every instruction
+cdef extern from *:
+    """
+    #ifndef HOTPATCH_FLOW_TABLES
+    #define HOTPATCH_FLOW_TABLES
+    static const unsigned char hp_skipped_prefix[256] = {
+        [0x26] = 1, [0x2E] = 1, [0x36] = 1, [0x3E] = 1, [0x40] = 1, [0x41] = 1, [0x42] = 1, [0x43] = 1,
+        [0x44] = 1, [0x45] = 1, [0x46] = 1, [0x47] = 1, [0x48] = 1, [0x49] = 1, [0x4A] = 1, [0x4B] = 1,
+        [0x4C] = 1, [0x4D] = 1, [0x4E] = 1, [0x4F] = 1, [0x64] = 1, [0x65] = 1, [0x66] = 1, [0xF2] = 1,
+        [0xF3] = 1
+    };
+    static const unsigned char hp_ends_flow[256] = {
+        [0xC2] = 1, [0xC3] = 1, [0xCA] = 1, [0xCB] = 1, [0xCC] = 1, [0xE9] = 1, [0xEB] = 1, [0xF4] = 1
+    };
+    #endif
+    """
+    const uint8_t hp_skipped_prefix[256]
+    const uint8_t hp_ends_flow[256]
+
+
 cdef inline Py_ssize_t _opcode_at(const uint8_t *p, Py_ssize_t length) noexcept nogil:
     """Offset of the opcode byte (prefixes skipped) in an instruction of ``length`` bytes, or ``length``."""
     cdef Py_ssize_t at = 0
-    cdef uint8_t b
-    while at < length:
-        b = p[at]
-        if b == 0x66 or b == 0xF2 or b == 0xF3 or b == 0x2E or b == 0x3E or b == 0x26 or b == 0x36 \
-                or b == 0x64 or b == 0x65 or 0x40 <= b <= 0x4F:
-            at += 1
-        else:
-            break
+    while at < length and hp_skipped_prefix[p[at]]:
+        at += 1
     return at
 
 
@@ -26,8 +40,7 @@ cdef inline bint _terminates(const uint8_t *p, Py_ssize_t length, Py_ssize_t rea
     if at >= length:
         return False
     op = p[at]
-    if op == 0xC3 or op == 0xC2 or op == 0xCB or op == 0xCA or op == 0xE9 or op == 0xEB or op == 0xCC \
-            or op == 0xF4:
+    if hp_ends_flow[op]:  # ret, jmp, int3, hlt
         return True
     if at + 1 >= readable:
         return False

@@ -13,7 +13,8 @@ import os
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
+from functools import cached_property
+from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ..collector import gc_paused
@@ -32,6 +33,7 @@ __all__ = [
     "decode",
     "diff_kernels",
     "fingerprint_all",
+    "x86_numbers",
 ]
 
 
@@ -131,6 +133,11 @@ class AnalysisContext:
     #: lowest section RVA: image-relative displacements below it are not addresses
     first_section_rva: int
 
+    @cached_property
+    def iat_order(self) -> array:
+        """The IAT slot RVAs sorted (``array("I")``), made once: the decoder bisects them in every batch."""
+        return array("I", sorted(self.iat))
+
     @classmethod
     def from_image(cls, image: Image) -> AnalysisContext:
         regions = tuple(
@@ -171,6 +178,26 @@ def backend() -> ModuleType:
     if _backend is None:
         _backend = _load_backend()
     return _backend
+
+
+_x86_numbers: Any = None
+
+
+def x86_numbers() -> Any:
+    """capstone's x86 numbers by their names in ``capstone.x86_const`` (``x86_numbers().X86_REG_RCX``): the
+    compiled core's, from the header it is built against, so that capstone's Python binding (its import sets
+    up every architecture, about 0.04 s) is imported only where its own decoder is used; with the Python core,
+    the binding's."""
+    global _x86_numbers
+    if _x86_numbers is None:
+        numbers = getattr(backend(), "X86_NUMBERS", None)
+        if numbers is None:
+            from capstone import x86_const
+
+            _x86_numbers = x86_const
+        else:
+            _x86_numbers = SimpleNamespace(**numbers)
+    return _x86_numbers
 
 
 def diff_kernels(impl: Any = None) -> ModuleType:

@@ -19,6 +19,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
+from operator import attrgetter
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -35,6 +36,8 @@ __all__ = ["Function", "FunctionTable", "discover", "import_thunk_target", "SOUR
 #: discovery sources, in the order they are tried
 SOURCES = ("pdata", "export", "symbol", "entry", "thunk", "handler", "pointer", "call", "lea", "rva32", "gap")
 _SOURCE_BIT = {source: 1 << index for index, source in enumerate(SOURCES)}
+#: the handler an unwind info names, if any (read from every .pdata function)
+_HANDLER_RVA = attrgetter("unwind.handler_rva")
 
 
 @cache
@@ -183,13 +186,10 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     kernels = _kernels(core)
     ctx = AnalysisContext.from_image(image)
     pdata = {f.begin_rva: f for f in image.runtime_functions}
-    # Every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses.
-    owned = sorted((begin, end) for f in image.runtime_functions for begin, end in
-                   ((f.begin_rva, f.end_rva),) + f.fragments)
     sections = sorted(image.executable_sections, key=lambda s: s.rva)
     section_rvas, section_ends = array("I", (s.rva for s in sections)), array("I", (s.end_rva for s in sections))
-    bounds = (section_rvas, section_ends, array("I", (begin for begin, _ in owned)),
-              array("I", (end for _, end in owned)), bytes(begin in pdata for begin, _ in owned))
+    # every byte owned by a .pdata function (primary range or fragment), for rejecting inner addresses
+    bounds = (section_rvas, section_ends, *kernels.owned_spans(image.runtime_functions, pdata))
 
     def acceptable_in(rvas: Iterable[int]) -> list[int]:
         """The addresses that could start a function: in code, not inside a .pdata function (in one call:
@@ -201,59 +201,38 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     names: dict[int, str] = {}
     pending = list(pdata)  # starts not in the layout yet
 
-    @cache  # asked again for the same targets round after round
-    def acceptable(rva: int) -> bool:
-        return bool(acceptable_in((rva,)))
-
     def add_all(rvas: Iterable[int], source: str) -> bool:
-        """``add`` of each address (without names), in one loop: a round's call targets are thousands."""
-        bit = _SOURCE_BIT[source]
-        found = False
-        for rva in acceptable_in(rvas):
-            mask = sources.get(rva)
-            if mask is None:
-                sources[rva] = bit
-                pending.append(rva)
-                found = True
-            else:
-                sources[rva] = mask | bit
-        return found
+        """Each address that could start a function starts one found by ``source`` (without names), in one
+        call: a round's call targets are thousands."""
+        return kernels.add_sources(acceptable_in(rvas), _SOURCE_BIT[source], sources, pending)
 
-    def add(rva: int, source: str, name: str | None = None) -> bool:
-        if not acceptable(rva):
-            return False
-        mask = sources.get(rva)
-        new = mask is None
-        sources[rva] = (mask or 0) | _SOURCE_BIT[source]
-        if new:
-            pending.append(rva)
-        if name and rva not in names:
-            names[rva] = name
-        return new
-
-    for export in image.exports:
-        if export.forwarder is None:
-            add(export.rva, "export", export.name)
-    for symbol in image.symbols:
-        if symbol.is_function:
-            add(symbol.rva, "symbol", symbol.name)
-    if image.entry_rva is not None:
-        add(image.entry_rva, "entry")
-    for thunk in _import_thunks(image):
-        add(thunk, "thunk")
     # Exception and termination handlers named by unwind info: the OS calls them, nothing in the code does
     # (hand-written assembly's SEH handlers have no .pdata of their own).
     # tens of thousands of .pdata entries name a handful of handlers: add each once, in first-named order
-    handlers = dict.fromkeys(runtime.unwind.handler_rva for runtime in image.runtime_functions)
+    handlers = dict.fromkeys(map(_HANDLER_RVA, image.runtime_functions))
     handlers.pop(None, None)
-    for handler in handlers:
-        add(handler, "handler")
+    # the starts the image names itself, in this order (a start keeps the first name it gets), judged at once
+    listed: list[tuple[int, str, str | None]] = [
+        (export.rva, "export", export.name) for export in image.exports if export.forwarder is None]
+    listed += [(symbol.rva, "symbol", symbol.name) for symbol in image.symbols if symbol.is_function]
+    if image.entry_rva is not None:
+        listed.append((image.entry_rva, "entry", None))
+    listed += [(thunk, "thunk", None) for thunk in _import_thunks(image)]
+    listed += [(handler, "handler", None) for handler in handlers]
+    fit = set(acceptable_in([rva for rva, _, _ in listed]))
+    for rva, source, name in listed:
+        if rva in fit:
+            mask = sources.get(rva)
+            if mask is None:
+                pending.append(rva)
+            sources[rva] = (mask or 0) | _SOURCE_BIT[source]
+            if name and rva not in names:
+                names[rva] = name
     memory = image.memory
     # pointers inside code are references of that code, not function starts: the kernel leaves them out;
     # data kept in code sections (mingw's constructor lists) is pointed at too: it must decode
-    for target in kernels.decodable_in(memory, acceptable_in(kernels.pointer_targets(
-            memory, ctx.relocations, image.image_base, section_rvas, section_ends))):
-        add(target, "pointer")
+    add_all(kernels.decodable_in(memory, acceptable_in(kernels.pointer_targets(
+        memory, ctx.relocations, image.image_base, section_rvas, section_ends))), "pointer")
 
     # Follow direct calls and code addresses taken with lea until no new function appears. A function
     # without .pdata ends where no path goes on (``_reachable``): what lies behind is data or code reached
@@ -264,7 +243,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     index = kernels.memory_word_index(memory, *_rva32_spans(image), max(section_ends, default=0))
     layout = Layout(sections, pdata)
     scanned: set[Item] = set()
-    taken: set[int] = set()  # addresses taken with lea
+    taken: set[int] = set()  # addresses taken with lea, neither a start nor rejected as one
     # Candidates are ``X.difference(sources, rejected)``, never ``X - sources.keys()``: the latter walks every
     # known start (tens of thousands) each round, the former only X; _add_plausible sorts them either way.
     rejected: set[int] = set()  # candidates already judged not to start a function
@@ -272,26 +251,21 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     # it never changes its mind
     unfit: set[int] = set()
     while True:
-        changed = layout.insert(pending)
+        changed = layout.insert(pending, kernels)
         pending.clear()
         todo = [layout.raw[rva] for rva, _ in changed if rva not in pdata]
-        for item, reached in zip(todo, _reach(ctx, core, memory, todo, [0] * len(todo), decoded)):
-            layout.bound(item[0], reached)
-            if reached != item:
-                decoded.pop(item, None)  # the whole decode up to the next start: its cut is decoded below
-        current = [layout.items[rva] for rva, _ in changed]
-        for (_, before), item in zip(changed, current):
-            if before is not None and before != item:
-                decoded.pop(before, None)
-        _decode_missing(ctx, core, decoded, current)
-        fresh = [decoded[item].raw_refs for item in current if item not in scanned]
-        scanned.update(current)
-        calls, leas = kernels.call_and_lea_targets(memory, fresh)
-        # whether an address could start a function does not change: keep only those that could
+        # the whole decode up to the next start of an item cut goes (its cut is decoded below)
+        current, missing = layout.settle(changed, todo, _reach(ctx, core, memory, todo, [0] * len(todo), decoded),
+                                         decoded, kernels)
+        decoded.update(zip(missing, decode(ctx, missing, core)))
+        calls, leas = kernels.call_and_lea_targets(memory, kernels.fresh_refs(current, decoded, scanned))
+        # whether an address could start a function does not change: keep only those that could; once a
+        # start or rejected, an address is no candidate again
         taken.update(acceptable_in(leas))
         found = add_all(calls, "call")
-        found |= _add_plausible(image, ctx, core, layout, add, "lea", rejected, [
-            t for t in taken.difference(sources, rejected) if _boundary(image, layout, t, core)])
+        taken = taken.difference(sources, rejected)
+        found |= _add_plausible(image, ctx, core, layout, add_all, "lea", rejected, [
+            t for t in taken if _boundary(image, layout, t, core)])
         if not found:
             places = layout.places(memory, kernels)
             # a place's words never change and every place of an earlier round was looked at then (and is
@@ -299,31 +273,25 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
             named = kernels.named_in(layout.new_places, index).difference(sources, rejected, unfit)
             fit = acceptable_in(named)
             unfit |= named.difference(fit)
-            found |= _add_plausible(image, ctx, core, layout, add, "rva32", rejected, fit)
+            found |= _add_plausible(image, ctx, core, layout, add_all, "rva32", rejected, fit)
         if not found:
             # Code right after a function's last instruction or its int3/nop padding, outside every
             # function, that decodes as sane code is a function nothing names: C++ exception funclets
             # (FH4 packs their addresses), functions whose only callers are themselves unnamed.
-            found |= _add_plausible(image, ctx, core, layout, add, "gap", rejected, acceptable_in(
+            found |= _add_plausible(image, ctx, core, layout, add_all, "gap", rejected, acceptable_in(
                 kernels.after_padding_in(memory, places.difference(sources, rejected))))
         if not found:
             break
-    # Functions without .pdata end after their last instruction that is not fill.
-    final_layout = []
-    for item in layout.ordered():
-        if item[0] not in pdata:
-            trimmed = _trimmed(memory, item, decoded[item], kernels)
-            if trimmed != item:
-                del decoded[item]
-            item = trimmed
-        final_layout.append(item)
-    del layout, scanned
-    _decode_missing(ctx, core, decoded, final_layout)
+    # Functions without .pdata end after their last instruction that is not fill (decoded again if cut).
+    final_layout, analyses, cut, final_rvas, final_ends = kernels.trimmed_layout(memory, layout.starts, layout.items,
+                                                                                 pdata, decoded)
+    del layout, scanned, decoded
+    for index, analysis in zip(cut, decode(ctx, [final_layout[i] for i in cut], core)):
+        analyses[index] = analysis
 
     starts = array("I", sorted(sources))
-    final = fingerprint_all(ctx, [decoded.pop(item) for item in final_layout], starts, core)
-    padding = kernels.padding_runs(memory, array("I", (rva for rva, _ in final_layout)),
-                                   array("I", (ranges[0][1] for _, ranges in final_layout)), section_rvas, section_ends)
+    final = fingerprint_all(ctx, analyses, starts, core)
+    padding = kernels.padding_runs(memory, final_rvas, final_ends, section_rvas, section_ends)
     functions = kernels.build_functions(Function, final_layout, final, *padding, pdata, names, sources, _sources_of)
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
 
@@ -360,12 +328,6 @@ def import_thunk_target(table: FunctionTable, function: Function) -> str | None:
         imported = table.image.import_at(refs[0][4])
         return imported.label if imported else None
     return None
-
-
-def _decode_missing(ctx: AnalysisContext, core: Any, decoded: dict[Item, FunctionAnalysis],
-                    layout: list[Item]) -> None:
-    todo = list(dict.fromkeys(item for item in layout if item not in decoded))
-    decoded.update(zip(todo, decode(ctx, todo, core)))
 
 
 def _reachable(memory: bytes, item: Item, analysis: FunctionAnalysis, horizon: int = 0,
@@ -411,15 +373,13 @@ def _boundary(image: Image, layout: Layout, rva: int, core: Any) -> bool:
     return bool(_kernels(core).decodable_in(image.memory, (rva,)))
 
 
-def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, add: Any, source: str,
+def _add_plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, add_all: Any, source: str,
                    rejected: set[int], candidates: list[int]) -> bool:
-    """Add the plausible candidates as functions from ``source``; remember the others. True if any was new."""
+    """Add the plausible candidates as functions from ``source`` (``add_all``); remember the others. True if
+    any was new."""
     accepted = set(_plausible(image, ctx, core, layout, candidates))
     rejected.update(t for t in candidates if t not in accepted)
-    found = False
-    for target in sorted(accepted):
-        found |= add(target, source)
-    return found
+    return add_all(sorted(accepted), source)
 
 
 def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, candidates: list[int]) -> list[int]:
@@ -449,19 +409,18 @@ def _plausible(image: Image, ctx: AnalysisContext, core: Any, layout: Layout, ca
 
 
 def _judged(image: Image, ctx: AnalysisContext, core: Any, items: list[Item], horizons: list[int]) -> list[str]:
-    """For each item: "" if its reachable code is not sane, "ends" if that code ends inside the item,
-    "runs on" if it runs to the item's end (or branches beyond it, up to its horizon)."""
+    """For each item: "" if its reachable code is not sane (an undecodable byte, a branch off code, a memory
+    operand outside the image), "ends" if that code ends inside the item, "runs on" if it runs to the item's
+    end (or branches beyond it, up to its horizon)."""
     memory = image.memory
     kernels = _kernels(core)
     full: dict[Item, FunctionAnalysis] = {}
     reached = _reach(ctx, core, memory, items, horizons, full)
     cut = [r for r, item in zip(reached, items) if r != item]
     redecoded = dict(zip(cut, decode(ctx, cut, core)))
-    out = []
-    for item, r in zip(items, reached):
-        analysis = redecoded[r] if r != item else full[item]
-        out.append("" if not _sane(image, core, r, analysis, kernels) else "ends" if r != item else "runs on")
-    return out
+    sane = kernels.sane_items(memory, reached, [redecoded[r] if r != item else full[item] for item, r in
+                                                zip(items, reached)], *_section_bounds(image))
+    return ["" if not fine else "ends" if r != item else "runs on" for item, r, fine in zip(items, reached, sane)]
 
 
 #: bytes decoded first when bounding a function without .pdata (most end well within it)
@@ -481,40 +440,18 @@ def _reach(ctx: AnalysisContext, core: Any, memory: bytes, items: list[Item], ho
     extent (data swept as code) would otherwise be decoded to the next known start, often far away.
     """
     kernels = _kernels(core)
-    windows = [(rva, ((begin, min(limit, begin + _REACH_WINDOW)),)) for rva, ((begin, limit),) in items]
-    out: list[Item | None] = [None] * len(items)
-    whole: list[int] = []
-    for index, (item, window, analysis) in enumerate(zip(items, windows, decode(ctx, windows, core))):
-        limit, window_end = item[1][0][1], window[1][0][1]
-        if window_end == limit:
-            full[item] = analysis
-            out[index] = _reachable(memory, item, analysis, horizons[index], kernels)
-            continue
-        if not analysis.raw_tables:
-            horizon = max(horizons[index], limit)
-            # A tail gap's cut comes before the instruction that confirms it: the window decides only where
-            # the code ends well inside it even without tail gaps (those only ever cut earlier).
-            cut = _reachable(memory, window, analysis, horizon, kernels, tail_gaps=False)
-            if cut[1][0][1] <= window_end - _WINDOW_MARGIN:
-                out[index] = _reachable(memory, window, analysis, horizon, kernels)
-                continue
-        whole.append(index)
-    for index, analysis in zip(whole, decode(ctx, [items[i] for i in whole], core)):
-        full[items[index]] = analysis
-        out[index] = _reachable(memory, items[index], analysis, horizons[index], kernels)
+    windows = [(rva, ((begin, limit if limit < begin + _REACH_WINDOW else begin + _REACH_WINDOW),))
+               for rva, ((begin, limit),) in items]
+    # one kernel call a round decides every item its window decides (tens of thousands in the first round)
+    out, whole = kernels.reach_windows(memory, items, windows, decode(ctx, windows, core), horizons, _WINDOW_MARGIN,
+                                       full)
+    if whole:
+        todo = [items[i] for i in whole]
+        for index, reached in zip(whole, kernels.reach_windows(memory, todo, todo, decode(ctx, todo, core),
+                                                               [horizons[i] for i in whole], _WINDOW_MARGIN,
+                                                               full)[0]):
+            out[index] = reached
     return out  # type: ignore[return-value]
-
-
-def _sane(image: Image, core: Any, item: Item, analysis: FunctionAnalysis, kernels: Any = _discovery_reference) -> bool:
-    """No undecodable byte, every branch lands on code, every memory operand in the image."""
-    (begin, end), = item[1]
-    rvas = analysis.insn_rvas
-    if not kernels.sane_references(rvas, analysis.raw_refs, begin, end, *_section_bounds(image)):
-        return False
-    if analysis.raw_tables:
-        return True
-    # a byte capstone could not decode leaves a hole in the sweep, where the plain disassembly stops
-    return bool(kernels.sweep_matches(image.memory, begin, end, rvas))
 
 
 def _section_bounds(image: Image) -> tuple[array, array, array, array]:
@@ -531,8 +468,3 @@ def _section_bounds(image: Image) -> tuple[array, array, array, array]:
 
 _SECTION_BOUNDS: WeakKeyDictionary[Image, tuple[array, array, array, array]] = WeakKeyDictionary()
 
-
-def _trimmed(memory: bytes, item: Item, analysis: FunctionAnalysis, kernels: Any = _discovery_reference) -> Item:
-    """The item's range cut after its last instruction that is not fill (int3, nops, zeros)."""
-    rva, ((begin, limit),) = item
-    return rva, ((begin, kernels.trimmed_end(memory, analysis.insn_rvas, begin, limit)),)

@@ -11,9 +11,11 @@ building it from scratch (tests/test_discovery_layout.py checks both after rando
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_left, bisect_right, insort
+from bisect import bisect_right, insort
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from . import _discovery_reference
 
 __all__ = ["Item", "Layout"]
 
@@ -30,13 +32,12 @@ class Layout:
     def __init__(self, sections: Sequence[Any], pdata: dict[int, Any]) -> None:
         """``sections``: the executable sections (``rva``, ``end_rva``, ``virtual_size``), disjoint."""
         ordered = sorted(sections, key=lambda section: section.rva)
-        self._section_rvas = [section.rva for section in ordered]
-        self._section_ends = [section.end_rva for section in ordered]
-        #: the same for the kernels
-        self._section_arrays = (array("I", self._section_rvas), array("I", self._section_ends))
+        #: their bounds, for the kernels
+        self._section_arrays = (array("I", (section.rva for section in ordered)),
+                                array("I", (section.end_rva for section in ordered)))
         #: where a function without .pdata ends at the latest in each section
-        self._section_limits = [min(s.rva + s.virtual_size if s.virtual_size else s.end_rva, s.end_rva)
-                                for s in ordered]
+        self._section_limits = array("I", (min(s.rva + s.virtual_size if s.virtual_size else s.end_rva, s.end_rva)
+                                           for s in ordered))
         self._pdata = pdata
         self.starts: list[int] = []
         #: start -> its item as the loop last bounded it
@@ -54,62 +55,39 @@ class Layout:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def insert(self, new: Iterable[int]) -> list[tuple[int, Item | None]]:
+    def insert(self, new: Iterable[int], kernels: Any = _discovery_reference) -> list[tuple[int, Item | None]]:
         """Add starts; return, sorted, the starts whose raw item is new or changed (each new start and
         the one before it, which now ends earlier), each with its item before (None if new). Their
-        ``items`` are the raw ones until bounded."""
-        raw_items, items = self.raw, self.items
-        added = sorted(set(new).difference(raw_items))
+        ``items`` are the raw ones until bounded. ``kernels.refresh_raw_items`` lays them out in one call
+        (the first round lays out every .pdata function at once: tens of thousands)."""
+        added = sorted(set(new).difference(self.raw))
         if not added:
             return []
         starts = self.starts
         if not starts:
-            # the first round lays out every .pdata function at once (tens of thousands): each start is new
-            # and the next one follows it in ``added``
             starts.extend(added)
-            self._stale.update(added)
-            pdata = self._pdata
-            for rva, following in zip(added, added[1:] + [None]):
-                runtime = pdata.get(rva)  # ``_raw_item`` of a .pdata start, inline
-                raw_items[rva] = items[rva] = (rva, ((rva, runtime.end_rva),) + runtime.fragments) \
-                    if runtime is not None else self._raw_item(rva, following)
-            return [(rva, None) for rva in added]
-        if len(added) < 64:  # most rounds add a few starts: sorting tens of thousands each round costs more
+        elif len(added) < 64:  # most rounds add a few starts: sorting tens of thousands each round costs more
             for rva in added:
                 insort(starts, rva)
         else:
             starts.extend(added)
             starts.sort()  # one sorted run and a short one: a merge
-        touched = set(added)
-        for rva in added:
-            index = bisect_left(starts, rva)
-            if index:
-                touched.add(starts[index - 1])
-        self._stale |= touched
-        changed = []
-        count = len(starts)
-        for rva in sorted(touched):
-            index = bisect_right(starts, rva)
-            raw = self._raw_item(rva, starts[index] if index < count else None)
-            if raw_items.get(rva) != raw:
-                changed.append((rva, items.get(rva)))
-                raw_items[rva] = items[rva] = raw
+        touched, changed = kernels.refresh_raw_items(added, starts, self._pdata, *self._section_arrays,
+                                                     self._section_limits, self.raw, self.items)
+        self._stale.update(touched)
         return changed
-
-    def _raw_item(self, rva: int, following: int | None) -> Item:
-        """The item of start ``rva`` bounded only by the next start ``following`` (.pdata: its ranges)."""
-        runtime = self._pdata.get(rva)
-        if runtime is not None:
-            return (rva, ((rva, runtime.end_rva),) + runtime.fragments)
-        index = bisect_right(self._section_rvas, rva) - 1
-        assert index >= 0 and rva < self._section_ends[index], f"start {rva:#x} outside the code sections"
-        limit = self._section_limits[index]
-        return (rva, ((rva, following if following is not None and following < limit else limit),))
 
     def bound(self, rva: int, item: Item) -> None:
         """Set the item of start ``rva`` (its raw item cut where its reachable code ends)."""
         self.items[rva] = item
         self._stale.add(rva)
+
+    def settle(self, changed: list[tuple[int, Item | None]], todo: list[Item], reached: list[Item],
+               decoded: dict[Item, Any], kernels: Any = _discovery_reference) -> tuple[list[Item], list[Item]]:
+        """``bound`` each raw item of ``todo`` (the starts ``insert`` changed that have no .pdata) to its
+        ``reached`` item, in one kernel call; the decodes ``decoded`` keeps of items no longer current go.
+        Returns the ``changed`` starts' items and those of them ``decoded`` lacks."""
+        return kernels.settle_round(changed, todo, reached, self.items, self._stale, decoded)
 
     def ordered(self) -> list[Item]:
         """Every item, sorted by RVA."""
@@ -128,23 +106,11 @@ class Layout:
 
     def places(self, memory: bytes, kernels: Any) -> set[int]:
         """Places outside every function where code could begin: ``kernels.gap_starts`` of the current
-        items, with only the gaps whose bounds changed looked at again (``kernels.stale_gap_places``, all
+        items, with only the gaps whose bounds changed looked at again (``kernels.refresh_gap_places``, all
         in one call). The set is the layout's own: read it, do not change it. ``new_places`` holds the
         places this call added: each place there now that was not there at the previous call is one."""
-        gaps, places = self._gaps, self._places
         stale = sorted(self._stale)
         self._stale.clear()
-        # every stale gap's old places go before any new ones come: a place can move from one gap to
-        # another (into the gap after a new start)
-        for rva in stale:
-            old = gaps.pop(rva, None)
-            if old:
-                places.difference_update(old)
-        added: list[int] = []
-        for rva, fresh in zip(*kernels.stale_gap_places(memory, stale, self.starts, self.items,
-                                                        *self._section_arrays)):
-            gaps[rva] = fresh
-            added += fresh
-        places.update(added)
-        self.new_places = added
-        return places
+        self.new_places = kernels.refresh_gap_places(memory, stale, self.starts, self.items, *self._section_arrays,
+                                                     self._gaps, self._places)
+        return self._places

@@ -66,6 +66,13 @@ class DirectoryReader:
             raise CorruptImageError(f"{self.label}: corrupt directory: {fmt} at RVA {rva:#x} is outside the image") \
                 from None
 
+    def _array(self, kind: str, rva: int, count: int) -> tuple[int, ...] | None:
+        """``count`` little-endian items (``H`` or ``I``) from ``rva`` in one call, or None when they do not all
+        lie in the image (the caller reads them one at a time, as ``_unpack`` names the first outside it)."""
+        if 0 <= rva and rva + struct.calcsize(kind) * count <= len(self.memory):
+            return struct.unpack_from(f"<{count}{kind}", self.memory, rva)
+        return None
+
     def _string(self, rva: int) -> bytes:
         end = self.memory.find(b"\0", rva)
         if rva <= 0 or rva >= len(self.memory) or end < 0:
@@ -83,13 +90,18 @@ class DirectoryReader:
             raise CorruptImageError(f"{self.label}: corrupt export directory: {count_functions} functions, "
                                     f"{count_names} names")
         name_of: dict[int, bytes] = {}
+        slots, pointers = self._array("H", ordinals, count_names), self._array("I", names, count_names)
         for index in range(count_names):
-            slot = self._unpack("<H", ordinals + 2 * index)[0]
-            name_of.setdefault(slot, self._string(self._u32(names + 4 * index)))
+            if slots is None or pointers is None:  # read one at a time: the first fault is named
+                slot, pointer = self._unpack("<H", ordinals + 2 * index)[0], self._u32(names + 4 * index)
+            else:
+                slot, pointer = slots[index], pointers[index]
+            name_of.setdefault(slot, self._string(pointer))
         out = []
         export = self.model.Export
+        addresses = self._array("I", functions, count_functions)
         for slot in range(count_functions):
-            address = self._u32(functions + 4 * slot)
+            address = self._u32(functions + 4 * slot) if addresses is None else addresses[slot]
             name = name_of.get(slot)
             if not address and name is None:
                 continue  # an unused ordinal
@@ -137,12 +149,15 @@ class DirectoryReader:
             if block_size < 8:
                 break
             count = (min(block_size, end - cursor) - 8) // 2
-            for (entry,) in struct.iter_unpack("<H", self.memory[cursor + 8:cursor + 8 + 2 * count]):
-                if entry >> 12 == _REL_BASED_DIR64:
-                    target = page + (entry & 0xFFF)
-                    if target + 8 > self.headers.size_of_image:
-                        raise CorruptImageError(f"{self.label}: corrupt base relocation at {target:#x}")
-                    out.append(target)
+            raw = self.memory[cursor + 8:cursor + 8 + 2 * count]
+            # a block's entries in one call (an odd tail cut by the image end raises as one at a time does)
+            entries = struct.unpack(f"<{count}H", raw) if len(raw) == 2 * count else \
+                [entry for (entry,) in struct.iter_unpack("<H", raw)]
+            targets = [page + (entry & 0xFFF) for entry in entries if entry >> 12 == _REL_BASED_DIR64]
+            if targets and max(targets) + 8 > self.headers.size_of_image:
+                target = next(t for t in targets if t + 8 > self.headers.size_of_image)
+                raise CorruptImageError(f"{self.label}: corrupt base relocation at {target:#x}")
+            out += targets
             cursor += block_size
         out.sort()
         return tuple(out)

@@ -478,9 +478,10 @@ def _build(directories: Any, data: bytes, path: str | None, label: str, headers:
         raise UnsupportedArchitectureError(f"{label}: ARM64EC/ARM64X hybrid image; only PE32+ x86-64 is supported")
 
     code = hashlib.sha256()
+    view = memoryview(memory)  # the sections hashed in place, not copied
     for section in headers.sections:
         if section.executable:
-            code.update(memory[section.rva:section.end_rva])
+            code.update(view[section.rva:section.end_rva])
     identity = Identity(headers.machine, headers.timedatestamp, headers.size_of_image, headers.checksum,
                         code.hexdigest())
     entry = headers.pe.entry_rva

@@ -16,7 +16,6 @@ without the GIL.
 
 import threading
 
-from capstone import x86_const as _x86
 
 from cython.operator cimport dereference as deref
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
@@ -40,15 +39,15 @@ load_entry_points(&cs, "hotpatch.verdict._ownership")
 
 # ── the twin's constants, as tables ───────────────────────────────────────────
 
-cdef int REG_RAX = _x86.X86_REG_RAX
-cdef int REG_RSP = _x86.X86_REG_RSP
+cdef int REG_RAX = X86_REG_RAX
+cdef int REG_RSP = X86_REG_RSP
 cdef uint16_t TO_64[1024]
 cdef uint8_t ENDS[4096]
 cdef int VOLATILE[16]
 cdef int VOLATILE_COUNT = len(_twin.VOLATILE)
-if _x86.X86_REG_ENDING > 1024 or _x86.X86_INS_ENDING > 4096 or VOLATILE_COUNT > 16:
+if X86_REG_ENDING > 1024 or X86_INS_ENDING > 4096 or VOLATILE_COUNT > 16:
     raise ImportError("capstone's numbering changed; rebuild hotpatch.verdict._ownership")
-for _reg in range(_x86.X86_REG_ENDING):
+for _reg in range(X86_REG_ENDING):
     TO_64[_reg] = _twin.TO_64.get(_reg, _reg)
 memset(ENDS, 0, sizeof(ENDS))
 for _id in _twin.ENDS:

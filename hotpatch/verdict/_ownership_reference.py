@@ -13,15 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import capstone
-from capstone import x86_const as x86
-
+from ..analysis.api import x86_numbers
 from ..analysis.functions import Function, FunctionTable
 from ..x86 import disassembler
 
+if TYPE_CHECKING:
+    import capstone
+
 __all__ = ["ENDS", "SCAN_BUDGET", "TO_64", "VOLATILE", "call_targets", "reaches", "scan", "small_callers"]
+
+x86 = x86_numbers()  # capstone's numbers; its binding is imported only when this scan decodes
 
 VOLATILE = (x86.X86_REG_RAX, x86.X86_REG_RCX, x86.X86_REG_RDX, x86.X86_REG_R8, x86.X86_REG_R9,
             x86.X86_REG_R10, x86.X86_REG_R11)
@@ -154,7 +157,7 @@ def _summarise(insn: capstone.CsInsn, allocators: frozenset[int], deallocators: 
     if insn.id in ENDS:
         return _Step(insn.size, ends=True)
     operands = insn.operands
-    if insn.group(capstone.CS_GRP_JUMP):
+    if insn.group(x86.X86_GRP_JUMP):
         direct = len(operands) == 1 and operands[0].type == x86.X86_OP_IMM
         return _Step(insn.size, jump=int(operands[0].imm) if direct else -1,
                      unconditional=insn.id == x86.X86_INS_JMP)

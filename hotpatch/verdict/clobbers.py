@@ -18,18 +18,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import capstone
-from capstone import x86_const as x86
-
+from ..analysis.api import x86_numbers
 from ..analysis.functions import Function, FunctionTable
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP
 from ..memo import cache_of
 from ..x86 import disassembler
 from .layout import layout_kernels
 
+if TYPE_CHECKING:
+    import capstone
+
 __all__ = ["ALL_VOLATILE", "LiveClobber", "decode_at", "gcc_built", "live_clobbers",
            "new_clobbers", "volatile_writes"]
+
+x86 = x86_numbers()  # capstone's numbers; its binding is imported only when a GCC image's code is decoded here
 
 _FAMILIES = {
     "rax": ("rax", "eax", "ax", "al", "ah"), "rcx": ("rcx", "ecx", "cx", "cl", "ch"),
@@ -193,7 +197,7 @@ def _live_after(table: FunctionTable, function: Function, start_rva: int, regist
                 pending = pending - _clobbered_by(table, insn)
                 rva = next_rva
                 continue
-            if insn.group(capstone.CS_GRP_JUMP):
+            if insn.group(x86.X86_GRP_JUMP):
                 target = _direct_target(insn)
                 conditional = insn.id != x86.X86_INS_JMP
                 if target is None and _through_rip(insn):  # a tail jump through an import or a pointer

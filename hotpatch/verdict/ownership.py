@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from heapq import heappop, heappush
 from types import ModuleType
 
-from capstone import x86_const as x86
-
+from ..analysis.api import x86_numbers
 from ..analysis.functions import Function, FunctionTable
 from ..analysis.refkinds import BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP
 from ..errors import AnalysisError
@@ -42,6 +41,8 @@ from ..memo import cache_of
 from . import _ownership_reference
 
 __all__ = ["OwnershipChange", "ownership_changes", "ownership_evidence"]
+
+x86 = x86_numbers()  # capstone's register numbers, without importing its binding
 
 _Tag = tuple[str, int]  # ("field", displacement) | ("alloc", call RVA) | ("arg", register)
 #: the scan of one function (``_ownership_reference.scan`` or its compiled twin ``_ownership.scan``)

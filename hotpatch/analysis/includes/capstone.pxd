@@ -103,6 +103,11 @@ cdef extern from "capstone/x86.h" nogil:
     int X86_INS_CMP
     int X86_INS_MOV
     int X86_INS_MOVSXD
+    # the x86 numbers the verdict reads too (``_decode.X86_NUMBERS``)
+    int X86_REG_AL, X86_REG_AH, X86_REG_BL, X86_REG_BH, X86_REG_CL, X86_REG_CH, X86_REG_DL, X86_REG_DH, X86_REG_SIL
+    int X86_REG_DIL, X86_REG_BPL, X86_REG_SPL, X86_REG_R8B, X86_REG_R9B, X86_REG_R10B, X86_REG_R11B, X86_REG_R12B
+    int X86_REG_R13B, X86_REG_R14B, X86_REG_R15B, X86_INS_RET, X86_INS_RETF, X86_INS_INT3, X86_INS_UD2, X86_INS_HLT
+    int X86_INS_XOR, X86_INS_SUB, X86_INS_PXOR, X86_INS_SBB, X86_GRP_JUMP
 
 
 ctypedef cs_err (*cs_open_fn)(cs_arch arch, cs_mode mode, csh *handle) noexcept nogil

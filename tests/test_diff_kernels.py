@@ -112,6 +112,11 @@ def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignor
                            pointer_tables, callees_out, callers_out)
         graphs.append((callees_out, dict(callers_out)))
     assert graphs[0] == graphs[1] and sum(map(len, graphs[0][1].values())) > 10000
+    image = table.image
+    code_spans = tuple(sorted((section.rva, section.end_rva) for section in image.executable_sections))
+    tables = compiled.pointer_tables(image.memory, image.relocations, image.image_base, code_spans, starts)
+    assert len(tables) > 100 and tables == reference.pointer_tables(image.memory, image.relocations,
+                                                                    image.image_base, code_spans, starts)
     pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
     image = table.image
     relocated = compiled.relocated_data(image.memory, image.relocations, image.image_base, pairing.targets_a.sections)
@@ -513,6 +518,32 @@ def test_relocated_data_agrees_on_random_images() -> None:
         fast = compiled.relocated_data(memory, relocations, base, sections)
         assert fast == reference.relocated_data(memory, relocations, base, sections)
         found += len(fast)
+    assert found > 300
+
+
+def test_pointer_tables_agree_on_random_images() -> None:
+    """pointer_tables: runs of relocated slots (and slots 4 bytes apart, repeated or out of order), pointers at
+    starts, at other places, below the image base and far past it, slots in code, in a gap and past the end of
+    the image (a pointer cut short there reads as the bytes there are), code spans that touch or are empty."""
+    rng = random.Random(20261209)
+    base = 0x180000000
+    found = 0
+    for _ in range(400):
+        size = rng.randint(16, 400)
+        starts = set(rng.sample(range(0, 0x200), 20))
+        code_spans = tuple(sorted(rng.choice([((0x10, 0x60),), ((0x10, 0x60), (0x60, 0x60), (0x60, 0x90)), (),
+                                              ((0x100, 0x140),)])))
+        pool = sorted(starts)
+        words = [rng.choice([base + rng.choice(pool), base + rng.randrange(0, 0x200), rng.randrange(0, 2**64),
+                             base - 8, 0]) for _ in range(size // 8 + 1)]
+        memory = b"".join(w.to_bytes(8, "little") for w in words)[:size]
+        relocations = [8 * rng.randrange(0, size // 8 + 2) for _ in range(rng.randint(0, 24))]
+        relocations += [slot + 4 for slot in relocations[:2]] + relocations[:1]
+        rng.shuffle(relocations)
+        fast = compiled.pointer_tables(memory, tuple(relocations), base, code_spans, starts)
+        expected = reference.pointer_tables(memory, tuple(relocations), base, code_spans, starts)
+        assert fast == expected and list(fast) == list(expected)
+        found += sum(map(len, fast.values()))
     assert found > 300
 
 

@@ -52,6 +52,17 @@ The contract (both implementations):
     to ``callers_out[target]`` for every function it reaches, in function
     order (a list made for a target first seen).
 
+``pointer_tables(memory, relocations, image_base, code_spans, starts)``
+    Data address -> the function ``starts`` pointed at by the run of
+    relocated 8-byte slots that begins there: a slot of ``relocations``
+    begins a run when the slot 8 bytes before is not relocated and it lies
+    outside code (``code_spans``: ``(begin, end)`` sorted by begin; in code
+    when the last span beginning at or before it ends after it, as
+    ``Image.is_executable_rva`` says); the run goes on while
+    the next slot is relocated. A slot's pointer is its 8 bytes (or those
+    left before the end of ``memory``) less ``image_base``. Only runs that
+    point at a start are kept, in the order of ``relocations``.
+
 ``targets_within(refs_lists, spans)``
     The set of the targets of the given reference lists that lie in one of
     ``spans`` (``(begin, end)`` pairs, end excluded).
@@ -142,7 +153,7 @@ from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABL
 from .align import aligned_indices, opcodes
 
 __all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_targets_between", "call_graph", "callees",
-           "equal_replacements", "lone_pair", "new_interner", "propagate", "ref_pairs", "ref_targets",
+           "equal_replacements", "lone_pair", "new_interner", "pointer_tables", "propagate", "ref_pairs", "ref_targets",
            "relocated_data", "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
            "unfilled_gaps", "unsupported_refs"]
 
@@ -239,6 +250,27 @@ def call_graph(refs_lists: list, ranges_list: list, rvas: list, starts: set[int]
         out = callees_out[rva] = callees(refs, ranges, starts, pointer_tables)
         for target in dict.fromkeys(out):
             callers_out.setdefault(target, []).append(rva)
+
+
+def pointer_tables(memory: bytes, relocations: Any, image_base: int, code_spans: tuple,
+                   starts: set[int]) -> dict[int, list[int]]:
+    relocated = set(relocations)
+    begins = [span[0] for span in code_spans]
+    out: dict[int, list[int]] = {}
+    for slot in relocations:
+        index = bisect_right(begins, slot) - 1
+        if slot - 8 in relocated or (index >= 0 and slot < code_spans[index][1]):
+            continue  # not the first slot of a run
+        run = []
+        at = slot
+        while at in relocated:
+            target = int.from_bytes(memory[at:at + 8], "little") - image_base
+            if target in starts:
+                run.append(target)
+            at += 8
+        if run:
+            out[slot] = run
+    return out
 
 
 def ref_targets(refs_lists: Any) -> set[int]:

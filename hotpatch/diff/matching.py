@@ -144,21 +144,10 @@ def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, li
 def _pointer_tables(table: FunctionTable, starts: set[int]) -> dict[int, list[int]]:
     """Data address -> the functions pointed at by the relocated slots that run from it."""
     image = table.image
-    relocations = set(image.relocations)
-    out: dict[int, list[int]] = {}
-    for slot in image.relocations:
-        if slot - 8 in relocations or image.is_executable_rva(slot):
-            continue  # not the first slot of a run
-        run = []
-        at = slot
-        while at in relocations:
-            target = int.from_bytes(image.memory[at:at + 8], "little") - image.image_base
-            if target in starts:
-                run.append(target)
-            at += 8
-        if run:
-            out[slot] = run
-    return out
+    code_spans = tuple((section.rva, section.end_rva)
+                       for section in sorted(image.executable_sections, key=attrgetter("rva")))
+    return diff_kernels(table.backend).pointer_tables(image.memory, image.relocations, image.image_base, code_spans,
+                                                      starts)
 
 
 def _by_call_graph(m: _Matcher, since: int = 0) -> None:

@@ -306,6 +306,53 @@ def test_propagation_agrees_on_random_call_graphs() -> None:
     assert paired > 500
 
 
+def _twins_paired(kernels, graphs: tuple, mapping: dict[int, int], groups: list, limit: int) -> list:  # type: ignore[no-untyped-def]
+    """The pairs ``twins_by_neighbours`` offers, in order (each one taken: later groups see it)."""
+    mapping, offers = dict(mapping), []
+
+    def pair(x: int, y: int) -> bool:
+        offers.append((x, y))
+        mapping[x] = y
+        return True
+
+    (callees_a, callers_a), (callees_b, callers_b) = graphs
+    kernels.twins_by_neighbours(groups, mapping, callees_a, callers_a, callees_b, callers_b, limit, pair)
+    return offers
+
+
+def test_twins_by_neighbours_agrees_on_random_call_graphs() -> None:
+    """twins_by_neighbours: the compiled kernel and the twin pair the same twins in the same order, with
+    ties (no evidence), groups past the scoring limit, neighbours matched by an earlier group's pairs, and
+    patched graphs that copy the baseline's with a few edges moved."""
+    rng = random.Random(20261210)
+    paired = 0
+    for _ in range(400):
+        size = rng.randint(2, 40)
+        callees_a, callers_a = _random_graph(rng, size, 0)
+        callees_b: dict[int, list[int]] = {1000 + f: [1000 + (g if rng.random() < 0.9 else rng.randrange(size))
+                                                      for g in out] for f, out in callees_a.items()}
+        callers_b: defaultdict[int, list[int]] = defaultdict(list)
+        for caller, out in callees_b.items():
+            for target in dict.fromkeys(out):
+                callers_b[target].append(caller)
+        matched = rng.sample(range(size), rng.randint(0, size))
+        mapping = {f: 1000 + f for f in matched}
+        free = [f for f in range(size) if f not in mapping]
+        rng.shuffle(free)
+        groups = []
+        while free:
+            take = free[:rng.randint(1, 6)]
+            free = free[len(take):]
+            right = sorted(1000 + f for f in take if rng.random() < 0.9) or [1000 + take[0]]
+            groups.append((sorted(take), right))
+        graphs = ((callees_a, callers_a), (callees_b, callers_b))
+        limit = rng.choice([4, 16, 4096])
+        fast = _twins_paired(compiled, graphs, mapping, groups, limit)
+        assert fast == _twins_paired(reference, graphs, mapping, groups, limit)
+        paired += len(fast)
+    assert paired > 500
+
+
 def _two_passes(kernels, seeds: list[tuple[int, int]], graphs: tuple, seed: int,  # type: ignore[no-untyped-def]
                 settled: set[int] | None) -> tuple:
     """The offers, matches and settled pairs of two full propagation passes (the second over every pair

@@ -1297,6 +1297,94 @@ def propagate(list queue, dict forward, dict backward, dict callees_a, dict call
                 queue.append((x, y))
 
 
+cdef Py_ssize_t _shared(set x, set y):
+    """``len(x & y)`` without the set."""
+    cdef Py_ssize_t count = 0
+    cdef object item
+    if len(x) > len(y):
+        x, y = y, x
+    for item in x:
+        if item in y:
+            count += 1
+    return count
+
+
+cdef void _note_best(Py_ssize_t *best, Py_ssize_t *ties, Py_ssize_t index, Py_ssize_t shared) noexcept:
+    if shared > best[index]:
+        best[index], ties[index] = shared, 1
+    elif shared == best[index]:
+        ties[index] += 1
+
+
+def twins_by_neighbours(list groups, dict mapping, dict callees_a, callers_a, dict callees_b, callers_b,
+                        Py_ssize_t limit, pair):
+    """Per group ``(left, right)`` of twins (``len(left) * len(right)`` at most ``limit``), in order: each
+    ``a`` scored against each ``b`` by how many of a's matched callers and callees (through ``mapping``) are
+    b's callers and callees; ``pair(a, b)`` for each pair where each is the other's single best (a tie is
+    no evidence), most shared first, then by rva."""
+    cdef list left, right, neighbours_b, chosen
+    cdef set mapped
+    cdef Py_ssize_t n_left, n_right, i, j, k, shared, n_scored
+    cdef Py_ssize_t *score_i = <Py_ssize_t *>malloc((limit + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *score_j = <Py_ssize_t *>malloc((limit + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *score = <Py_ssize_t *>malloc((limit + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *best = <Py_ssize_t *>malloc((2 * limit + 2) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *ties = <Py_ssize_t *>malloc((2 * limit + 2) * sizeof(Py_ssize_t))
+    cdef object a, x, y
+    try:
+        if score_i == NULL or score_j == NULL or score == NULL or best == NULL or ties == NULL:
+            raise MemoryError()
+        for group in groups:
+            left, right = group
+            n_left, n_right = len(left), len(right)
+            if n_left * n_right > limit:
+                continue
+            n_scored = 0
+            neighbours_b = None  # each b's, made once per group when needed
+            for i in range(n_left):
+                a = left[i]
+                mapped = set()
+                for x in callers_a.get(a, ()):
+                    y = mapping.get(x)
+                    if y is not None:
+                        mapped.add(y)
+                for x in callees_a.get(a, ()):
+                    y = mapping.get(x)
+                    if y is not None:
+                        mapped.add(y)
+                if not mapped:
+                    continue
+                if neighbours_b is None:
+                    neighbours_b = [{*callers_b.get(b, ()), *callees_b.get(b, ())} for b in right]
+                for j in range(n_right):
+                    shared = _shared(mapped, <set>neighbours_b[j])
+                    if shared:
+                        score_i[n_scored], score_j[n_scored], score[n_scored] = i, j, shared
+                        n_scored += 1
+            if not n_scored:
+                continue
+            # best[:n_left] for each a, best[n_left:] for each b: the best shared count and how many reach it
+            for k in range(n_left + n_right):
+                best[k], ties[k] = 0, 0
+            for k in range(n_scored):
+                _note_best(best, ties, score_i[k], score[k])
+                _note_best(best, ties, n_left + score_j[k], score[k])
+            chosen = []
+            for k in range(n_scored):
+                i, j, shared = score_i[k], score_j[k], score[k]
+                if shared == best[i] == best[n_left + j] and ties[i] == 1 and ties[n_left + j] == 1:
+                    chosen.append((-shared, left[i], right[j]))
+            chosen.sort()
+            for _, x, y in chosen:
+                pair(x, y)
+    finally:
+        free(score_i)
+        free(score_j)
+        free(score)
+        free(best)
+        free(ties)
+
+
 cdef object _free_one(dict taken, seq):
     """The one distinct element of ``seq`` that is not a key of ``taken``; None when there is none,
     ``_MANY`` when there are more."""

@@ -78,6 +78,16 @@ The contract (both implementations):
     with every callee matched on one side and every caller matched on one
     side goes in (it can offer nothing again: pairs are never undone).
 
+``twins_by_neighbours(groups, mapping, callees_a, callers_a, callees_b, callers_b, limit, pair)``
+    For each ``(left, right)`` of ``groups`` in order whose product of
+    lengths is at most ``limit``: each ``a`` of ``left`` is scored against
+    each ``b`` of ``right`` by how many of a's callers and callees, through
+    ``mapping`` (its matched ones), are callers or callees of ``b``
+    (scores of 0 are left out). Then, most shared first and by ``(a, b)``,
+    ``pair(a, b)`` for each pair whose score is the single best of ``a``
+    and the single best of ``b`` (a tie is no evidence). A group's pairs are
+    made before the next group is scored.
+
 ``relocated_data(memory, relocations, image_base, sections)``
     For each relocated slot in order: the pointer there (8 bytes, or those
     left before the end of ``memory``) less ``image_base`` when that lies in
@@ -155,7 +165,7 @@ from .align import aligned_indices, opcodes
 __all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_targets_between", "call_graph", "callees",
            "equal_replacements", "lone_pair", "new_interner", "pointer_tables", "propagate", "ref_pairs", "ref_targets",
            "relocated_data", "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
-           "unfilled_gaps", "unsupported_refs"]
+           "twins_by_neighbours", "unfilled_gaps", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -360,6 +370,38 @@ def propagate(queue: list, forward: dict, backward: dict, callees_a: dict, calle
         for x, y in new:
             if x not in forward and y not in backward and pair(x, y):
                 queue.append((x, y))
+
+
+def twins_by_neighbours(groups: list, mapping: dict[int, int], callees_a: dict, callers_a: Any, callees_b: dict,
+                        callers_b: Any, limit: int, pair: Any) -> None:
+    for left, right in groups:
+        if len(left) * len(right) > limit:
+            continue
+        scored = []
+        neighbours_b: list[tuple[int, set[int]]] | None = None  # each b's, made once per group when needed
+        for a in left:
+            mapped = {mapping[x] for x in (*callers_a.get(a, ()), *callees_a.get(a, ())) if x in mapping}
+            if not mapped:
+                continue
+            if neighbours_b is None:
+                neighbours_b = [(b, {*callers_b.get(b, ()), *callees_b.get(b, ())}) for b in right]
+            for b, neighbours in neighbours_b:
+                shared = len(mapped & neighbours)
+                if shared:
+                    scored.append((-shared, a, b))
+        # a pair counts only when each is the other's single best: a tie is no evidence either way
+        best_a: dict[int, list[int]] = defaultdict(list)
+        best_b: dict[int, list[int]] = defaultdict(list)
+        for score, a, b in scored:
+            best_a[a].append(score)
+            best_b[b].append(score)
+        # each one's two best scores, taken once (not once per pair it is in)
+        tops_a = {a: sorted(scores)[:2] for a, scores in best_a.items()}
+        tops_b = {b: sorted(scores)[:2] for b, scores in best_b.items()}
+        for score, a, b in sorted(scored):
+            top_a, top_b = tops_a[a], tops_b[b]
+            if score == top_a[0] == top_b[0] and top_a[1:] != [score] and top_b[1:] != [score]:
+                pair(a, b)
 
 
 def lone_pair(taken_left: dict, taken_right: dict, left: Any, right: Any) -> list[tuple[int, int]]:

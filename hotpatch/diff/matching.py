@@ -63,6 +63,9 @@ class _Matcher:
         # so that keeps the table's order), not the whole table again
         self._unmatched_a: list[Function] = list(baseline.functions)
         self._unmatched_b: list[Function] = list(patched.functions)
+        #: ``anchors``' last answer, and how many pairs it holds
+        self._anchors: list[int] = []
+        self._anchored = 0
 
     def pair(self, a: int, b: int, method: str, similarity: float | None = None) -> bool:
         if a in self.forward or b in self.backward:
@@ -83,6 +86,15 @@ class _Matcher:
             backward[b] = a
             mapping[a] = b
             made.append((a, b))
+
+    def anchors(self) -> list[int]:
+        """The baseline RVAs of every pair, sorted: the last answer merged with the pairs made since (pairs are
+        never undone; two sorted runs merge in one linear pass, where sorting every pair again does not)."""
+        made = self.pairs[self._anchored:]
+        if made:
+            self._anchors = sorted(self._anchors + sorted(a for a, _ in made))
+            self._anchored += len(made)
+        return self._anchors
 
     def unmatched_baseline(self) -> list[Function]:
         forward = self.forward
@@ -273,7 +285,7 @@ def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]])
 
 def _twins_by_gap(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> None:
     mapping = m.mapping
-    anchors = sorted(mapping)
+    anchors = m.anchors()
     if not anchors:
         return
     for left, right in groups:
@@ -314,7 +326,7 @@ def _by_similarity(m: _Matcher) -> None:
     counts_b = [m.patched.analysis_of(f).instruction_count for f in right_sorted]
     by_place = sorted(right, key=lambda f: f.rva)
     places_b = [f.rva for f in by_place]
-    anchors = sorted(m.forward)
+    anchors = m.anchors()
     scored: list[tuple[float, int, int]] = []
     for fa in left:
         na = count_a[fa.rva]

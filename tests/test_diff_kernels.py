@@ -419,6 +419,30 @@ def test_equal_replacements_agree_with_align_opcodes() -> None:
         reference.equal_replacements([1, *wide, 2], [1, *range(5000, 7001), 2])
 
 
+def test_aligned_callees_agree_on_random_callee_lists() -> None:
+    """aligned_callees: the compiled kernel gives the twin's pairs on random callee lists with repeats, callees
+    matched to each other, to another one's counterpart or not at all, one side all matched or empty, a lone
+    unmatched callee on each side, and a middle past MAX_MIDDLE_WORK."""
+    rng = random.Random(20261211)
+    found = 0
+    for _ in range(3000):
+        size = rng.randint(1, 12)
+        mapping = {x: 100 + (x if rng.random() < 0.8 else rng.randrange(size)) for x in range(size)
+                   if rng.random() < 0.6}
+        backward = {y: x for x, y in mapping.items()}
+        left = [rng.randrange(size) for _ in range(rng.randint(0, 20))]
+        right = [100 + (x if rng.random() < 0.7 else rng.randrange(size)) for x in left]
+        if rng.random() < 0.5:
+            right = right[:rng.randint(0, len(right))] + [100 + rng.randrange(size) for _ in range(rng.randint(0, 4))]
+        expected = reference.aligned_callees(mapping, backward, left, right)
+        assert compiled.aligned_callees(mapping, backward, left, right) == expected, (mapping, left, right)
+        found += len(expected)
+    assert found > 1000
+    wide, other = list(range(3000, 5001)), list(range(7000, 9001))  # 2001 * 2001 comparisons: paired in order
+    assert compiled.aligned_callees({1: 2}, {2: 1}, [1, *wide, 1], [2, *other, 2]) == \
+        reference.aligned_callees({1: 2}, {2: 1}, [1, *wide, 1], [2, *other, 2])
+
+
 def test_triage_same_agrees_with_triage_refs_pair_by_pair() -> None:
     """triage_same: one compiled call over many equal-code pairs gives, pair by pair, the twin's answer,
     None exactly where triage_refs finds nothing left (packed records and tuples), with or without the

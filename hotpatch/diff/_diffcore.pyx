@@ -537,14 +537,17 @@ def equal_replacements(list a, list b):
     """``(a0, a1, b0, b1)`` of each "replace" opcode of ``hotpatch.diff.align.opcodes(a, b)`` whose two
     sides are as long, in order (any hashable elements: interned as ids here)."""
     cdef dict ids = {}
-    cdef Py_ssize_t la = len(a), lb = len(b), i, prefix = 0, suffix = 0, limit, ma, mb
+    key_a = array("I", [ids.setdefault(x, len(ids)) for x in a])
+    key_b = array("I", [ids.setdefault(y, len(ids)) for y in b])
+    return _equal_replacements(key_a, key_b)
+
+
+cdef list _equal_replacements(const uint32_t[:] va, const uint32_t[:] vb):
+    """``equal_replacements`` of two sequences of ids (equal elements, equal ids)."""
+    cdef Py_ssize_t la = va.shape[0], lb = vb.shape[0], i, prefix = 0, suffix = 0, limit, ma, mb
     cdef Py_ssize_t previous_i, previous_j, next_i, next_j
     cdef list out = []
     cdef PairBuffer pairs
-    key_a = array("I", [ids.setdefault(x, len(ids)) for x in a])
-    key_b = array("I", [ids.setdefault(y, len(ids)) for y in b])
-    cdef const uint32_t[:] va = key_a
-    cdef const uint32_t[:] vb = key_b
     limit = min(la, lb)
     while prefix < limit and va[prefix] == vb[prefix]:
         prefix += 1
@@ -575,6 +578,53 @@ def equal_replacements(list a, list b):
             previous_i, previous_j = next_i + 1, next_j + 1
     finally:
         free(pairs.data)
+    return out
+
+
+def aligned_callees(dict mapping, dict backward, list left, list right):
+    """The unmatched callees of ``left`` and ``right`` that face each other between callees matched to each
+    other (``mapping``: baseline -> patched of every pair, ``backward`` its inverse), then their ``lone_pair``;
+    nothing when every one on one side is matched."""
+    cdef dict ids = {}
+    cdef Py_ssize_t i, j, n_left = len(left), n_right = len(right)
+    cdef list out = []
+    cdef uint32_t fresh = 0
+    cdef object x, y
+    if _all_in(mapping, left) or _all_in(backward, right):
+        return out
+    # a matched callee is its counterpart (interned), an unmatched one an id of its own
+    key_a = array("I", bytes(4 * n_left))
+    key_b = array("I", bytes(4 * n_right))
+    cdef uint32_t[:] va = key_a
+    cdef uint32_t[:] vb = key_b
+    for i in range(n_left):
+        y = mapping.get(left[i])
+        if y is None:
+            va[i] = fresh
+            fresh += 1
+        else:
+            found = ids.get(y)
+            if found is None:
+                ids[y] = found = fresh
+                fresh += 1
+            va[i] = found
+    for j in range(n_right):
+        y = right[j]
+        if y in backward:
+            found = ids.get(y)
+            if found is None:
+                ids[y] = found = fresh
+                fresh += 1
+            vb[j] = found
+        else:
+            vb[j] = fresh
+            fresh += 1
+    for a0, a1, b0, b1 in _equal_replacements(va, vb):
+        for i, j in zip(range(a0, a1), range(b0, b1)):
+            x, y = left[i], right[j]
+            if x not in mapping and y not in backward:
+                out.append((x, y))
+    out.extend(lone_pair(mapping, backward, left, right))
     return out
 
 

@@ -107,6 +107,15 @@ The contract (both implementations):
     slot: what ``TargetClassifier`` calls ``self`` on both sides) are
     dropped; the rest come back as ``(ref_a, ref_b)`` in the second.
 
+``aligned_callees(mapping, backward, left, right)``
+    Nothing when every element of ``left`` is a key of ``mapping`` (baseline
+    -> patched of every pair) or every one of ``right`` a key of
+    ``backward`` (its inverse). Else each matched element becomes its
+    counterpart (``mapping[x]``, resp. itself) and each unmatched one a
+    placeholder of its own; the unmatched pairs facing each other in the
+    ``equal_replacements`` of those two lists, in order, then the
+    ``lone_pair`` of ``left`` and ``right``.
+
 ``equal_replacements(a, b)``
     ``(a0, a1, b0, b1)`` of each "replace" opcode of
     ``hotpatch.diff.align.opcodes(a, b)`` (lists of any hashable elements)
@@ -162,10 +171,10 @@ from typing import Any
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from .align import aligned_indices, opcodes
 
-__all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_targets_between", "call_graph", "callees",
-           "equal_replacements", "lone_pair", "new_interner", "pointer_tables", "propagate", "ref_pairs", "ref_targets",
-           "relocated_data", "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
-           "twins_by_neighbours", "unfilled_gaps", "unsupported_refs"]
+__all__ = ["IMPLEMENTATION", "aligned_callees", "aligned_indices", "aligned_packed", "branch_targets_between",
+           "call_graph", "callees", "equal_replacements", "lone_pair", "new_interner", "pointer_tables", "propagate",
+           "ref_pairs", "ref_targets", "relocated_data", "rva_map", "similarity", "targets_within", "token_ids",
+           "triage_refs", "triage_same", "twins_by_neighbours", "unfilled_gaps", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -317,6 +326,21 @@ def triage_refs(refs_a: list, refs_b: list, pairs: list | None, ranges_a: tuple,
 
 def equal_replacements(a: list, b: list) -> list[tuple[int, int, int, int]]:
     return [(a0, a1, b0, b1) for tag, a0, a1, b0, b1 in opcodes(a, b) if tag == "replace" and a1 - a0 == b1 - b0]
+
+
+def aligned_callees(mapping: dict[int, int], backward: dict[int, int], left: list[int],
+                    right: list[int]) -> list[tuple[int, int]]:
+    if all(map(mapping.__contains__, left)) or all(map(backward.__contains__, right)):
+        return []  # nothing left to pair on one side
+    # Matched callees become anchors (their counterpart), unmatched ones unique placeholders.
+    keys_a = [mapping[x] if x in mapping else ("a", i) for i, x in enumerate(left)]
+    keys_b = [y if y in backward else ("b", i) for i, y in enumerate(right)]
+    pairs = []
+    for a0, a1, b0, b1 in equal_replacements(keys_a, keys_b):
+        pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
+                     if left[i] not in mapping and right[j] not in backward)
+    pairs.extend(lone_pair(mapping, backward, left, right))
+    return pairs
 
 
 #: the fill bytes ``unfilled_gaps`` takes one by one (``uncovered._ONE_BYTE_FILL``)

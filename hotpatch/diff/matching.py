@@ -15,6 +15,7 @@ from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from operator import attrgetter
 
 from ..analysis.api import diff_kernels
@@ -56,8 +57,7 @@ class _Matcher:
         #: on one side, every caller on one side): the later full passes go past them
         self.settled: set[int] = set()
         kernels = diff_kernels(baseline.backend)
-        self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
-        self.equal_replacements = kernels.equal_replacements
+        self.propagate, self.aligned_callees = kernels.propagate, kernels.aligned_callees
         self.twins_by_neighbours = kernels.twins_by_neighbours
         # the unmatched lists are taken a dozen times: each is the last one filtered (pairs are never undone,
         # so that keeps the table's order), not the whole table again
@@ -200,28 +200,7 @@ def _by_call_graph(m: _Matcher, since: int = 0) -> None:
         touched = {x for a, _ in queue for x in (*callers_a.get(a, ()), *callees_a.get(a, ())) if x in mapping}
         queue.extend((x, mapping[x]) for x in sorted(touched))
     m.propagate(queue, m.forward, m.backward, callees_a, callees_b, callers_a, callers_b,
-                lambda left, right: _aligned_pairs(m, left, right), lambda x, y: m.pair(x, y, "callgraph"), m.settled)
-
-
-def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:
-    """Unmatched callees facing each other between callees already matched to each other."""
-    mapping, backward = m.mapping, m.backward
-    if all(map(mapping.__contains__, left)) or all(map(backward.__contains__, right)):
-        return []  # nothing left to pair on one side
-    # Matched callees become anchors (their counterpart), unmatched ones unique placeholders.
-    keys_a = [mapping[x] if x in mapping else ("a", i) for i, x in enumerate(left)]
-    keys_b = [y if y in backward else ("b", i) for i, y in enumerate(right)]
-    pairs = []
-    for a0, a1, b0, b1 in m.equal_replacements(keys_a, keys_b):
-        pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
-                     if left[i] not in mapping and right[j] not in backward)
-    pairs.extend(_lone_pair(m, left, right))
-    return pairs
-
-
-def _lone_pair(m: _Matcher, left: Iterable[int], right: Iterable[int]) -> list[tuple[int, int]]:
-    """The one unmatched element of ``left`` with the one of ``right``, when each side has exactly one."""
-    return m.lone_pair(m.forward, m.backward, left, right)
+                partial(m.aligned_callees, m.mapping, m.backward), lambda x, y: m.pair(x, y, "callgraph"), m.settled)
 
 
 #: a fingerprint group larger than this on both sides is paired by position only (the scoring is quadratic)

@@ -1382,6 +1382,8 @@ def twins_by_neighbours(list groups, dict mapping, dict callees_a, callers_a, di
     cdef Py_ssize_t *ties = <Py_ssize_t *>malloc((2 * limit + 2) * sizeof(Py_ssize_t))
     cdef object a, x, y
     try:
+        if limit < 0:
+            return  # no group fits (and no table of -1 entries)
         if score_i == NULL or score_j == NULL or score == NULL or best == NULL or ties == NULL:
             raise MemoryError()
         for group in groups:

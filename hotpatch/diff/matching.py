@@ -139,23 +139,10 @@ def _last_rva_by(functions: list[Function], attribute: str) -> tuple[dict[object
 
 
 _RVA = attrgetter("rva")
-_RANGES_OF = attrgetter("ranges")
 
 
 # call graphs by table object (a table's functions never change); an entry goes when its table does
 _CALL_GRAPHS: dict[int, tuple[dict[int, list[int]], dict[int, list[int]]]] = {}
-# each function's ranges in table order, by table object, likewise
-_RANGES: dict[int, list[tuple[tuple[int, int], ...]]] = {}
-
-
-def function_ranges(table: FunctionTable) -> list[tuple[tuple[int, int], ...]]:
-    """``Function.ranges`` of every function of ``table`` in order (cached per table: the call graph and the
-    triage of the matched pairs read them all, and the property makes a tuple each time)."""
-    cached = _RANGES.get(id(table))
-    if cached is None:
-        cached = _RANGES[id(table)] = list(map(_RANGES_OF, table.functions))
-        weakref.finalize(table, _RANGES.pop, id(table), None)
-    return cached
 
 
 def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
@@ -172,7 +159,7 @@ def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, li
     starts = {f.rva for f in table}
     pointer_tables = _pointer_tables(table, starts)
     diff_kernels(table.backend).call_graph([analysis.raw_refs for analysis in table.analyses],
-                                           function_ranges(table),
+                                           [function.ranges for function in table.functions],
                                            [function.rva for function in table.functions], starts, pointer_tables,
                                            callees, callers)
     _CALL_GRAPHS[id(table)] = (callees, callers)

@@ -15,7 +15,7 @@ from operator import attrgetter
 from ..analysis.api import FunctionAnalysis
 from ..analysis.functions import Function, FunctionTable
 from .dataitems import DataItems, items_equal
-from .matching import Match, function_ranges
+from .matching import Match
 from .result import ADDED, CHANGED, REMOVED, UNCHANGED, FunctionDiff
 from .streams import InstructionStreams
 from .targets import CODE, DATA, FUNCTION, IMPORT, OTHER, TargetClassifier
@@ -124,7 +124,6 @@ class Pairing:
         alive at once. Triage reads and writes nothing else, so doing it ahead changes no order."""
         functions_a, functions_b = self.a.functions, self.b.functions
         analyses_a, analyses_b = self.a.analyses, self.b.analyses
-        ranges_a, ranges_b = function_ranges(self.a), function_ranges(self.b)
         rva_map = self.streams.kernels.rva_map(self.function_map)
         for start in range(0, len(at_b), _TRIAGE_BLOCK):
             stop = min(start + _TRIAGE_BLOCK, len(at_b))
@@ -132,7 +131,7 @@ class Pairing:
                     if at_b[index] >= 0 and functions_a[index].fingerprint == functions_b[at_b[index]].fingerprint]
             found = self.streams.kernels.triage_same(
                 [analyses_a[i].raw_refs for i in same], [analyses_b[at_b[i]].raw_refs for i in same],
-                [ranges_a[i] for i in same], [ranges_b[at_b[i]] for i in same],
+                [functions_a[i].ranges for i in same], [functions_b[at_b[i]].ranges for i in same],
                 self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b, rva_map)
             block: list[object] = [_UNEQUAL_CODE] * (stop - start)
             for index, triage in zip(same, found):

@@ -23,7 +23,7 @@ demo-rollout: venv fixtures
 	$(PY) -m hotpatch.rollout.demo --fixtures $(FIXTURES) --work build/demo-rollout
 
 test: venv fixtures
-	$(PY) -m pytest tests -m "not unstable"
+	$(PY) -m pytest tests
 
 # the corpus's live runs alone (make test runs them too): apply and roll back each HOTPATCH fix in a running host
 corpus-live: venv fixtures

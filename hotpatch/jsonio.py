@@ -49,7 +49,9 @@ def dumps_streamed(document: dict[str, Any], key: str, items: Iterable[Any]) -> 
         yield b"[\n"
         while chunk:
             text = orjson.dumps(chunk, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_INDENT_2)
-            yield b"  " + text[2:-2].replace(b"\n", b"\n  ")  # the items, without the chunk's own brackets
+            # the items without the chunk's own brackets: "[\n" + items + "\n]" indented whole is "[\n  " + the
+            # items indented + "\n  ]", so one slice of it is the piece (one copy of megabytes, not three)
+            yield text.replace(b"\n", b"\n  ")[2:-4]
             chunk = list(islice(iterator, _CHUNK))
             if chunk:
                 yield b",\n"

@@ -176,8 +176,8 @@ def _packed(refs: list[tuple[int, int, int, int, int]]):  # type: ignore[no-unty
 
 
 def test_reference_scans_agree_on_random_records() -> None:
-    """callees, token_ids, ref_targets, targets_within, triage_refs, ref_pairs and lone_pair: the compiled
-    kernels on packed records and on tuples give the twin's answer (equal and changed code, inner targets,
+    """callees, token_ids, ref_targets, targets_within, lists_reaching, triage_refs, ref_pairs and lone_pair: the
+    compiled kernels on packed records and on tuples give the twin's answer (equal and changed code, inner targets,
     import slots, wide targets, references of one instruction apart)."""
     rng = random.Random(20261202)
     for _ in range(1500):
@@ -209,6 +209,9 @@ def test_reference_scans_agree_on_random_records() -> None:
         spans = ((0x1000, 0x1080), (0x1200, 0x1201), (0x1380, 2**40))[:rng.randint(0, 3)]
         assert compiled.targets_within([_packed(refs_a), refs_b, _packed(refs_b)], spans) == \
             reference.targets_within([refs_a, refs_b, refs_b], spans)
+        wanted = set(rng.sample(targets, rng.randint(0, min(3, len(targets)))))  # -5 and wide ones too, at times
+        assert compiled.lists_reaching([_packed(refs_a), refs_b, _packed(refs_b), []], wanted) == \
+            reference.lists_reaching([refs_a, refs_b, refs_b, []], wanted)
         args = (pairs, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
         expected = reference.triage_refs(refs_a, refs_b, *args)
         assert compiled.triage_refs(refs_a, refs_b, *args) == expected
@@ -635,3 +638,80 @@ def test_gaps_of_single_byte_fill_need_no_regex_sweep() -> None:
         assert found == _swept(memory, begin, end), (memory, begin, end)
         kinds.add(found is None)
     assert kinds == {True, False}
+
+
+def _data_sides(kernels, memory, starts, sections, relocations, base, functions):  # type: ignore[no-untyped-def]
+    return kernels.data_side(memory, starts, [s[0] for s in sections], [s[1] for s in sections], relocations, base,
+                             functions, 64)
+
+
+def _outcome(kernels, *args):  # type: ignore[no-untyped-def]
+    """``kernels.items_equal(*args)``, or "struct.error" for the error a slot past the end of memory raises."""
+    try:
+        return kernels.items_equal(*args)
+    except struct.error:
+        return "struct.error"
+
+
+def test_items_equal_agrees_on_random_items() -> None:
+    """items_equal and item_extent: items cut by starts, sections and the cap, pointer slots at other offsets,
+    overlapping, cut by the extent or past the end of memory, pointers to matched, unmatched and no functions."""
+    rng = random.Random(20261206)
+    base = 0x180000000
+    outcomes = []
+    for _ in range(3000):
+        sides = []
+        for _ in range(2):
+            size = rng.randint(8, 160)
+            words = [rng.choice([base + rng.randrange(0, 64, 8), rng.randrange(0, 4), rng.randrange(0, 2**64)])
+                     for _ in range(size // 8 + 1)]
+            memory = b"".join(w.to_bytes(8, "little") for w in words)[:size]
+            sections = [(0, 40), (48, rng.randint(60, 200))]
+            starts = sorted(rng.sample(range(0, 200), rng.randint(0, 6)))
+            relocations = sorted(rng.sample(range(0, 200), rng.randint(0, 10)))
+            functions = set(rng.sample(range(0, 64, 8), rng.randint(0, 4)))
+            sides.append((memory, starts, sections, relocations, base, functions))
+        if rng.random() < 0.6:  # the same item moved, maybe with a byte or a pointer edited: the slots decide
+            memory, starts, sections, relocations, _, functions = sides[0]
+            edited = bytearray(memory)
+            if rng.random() < 0.5 and edited:
+                edited[rng.randrange(len(edited))] ^= 1
+            sides[1] = (bytes(edited), starts, sections, relocations, base, functions)
+        function_map = {rng.randrange(0, 64, 8): rng.randrange(0, 64, 8) for _ in range(rng.randint(0, 4))}
+        fast = [_data_sides(compiled, *side) for side in sides]
+        slow = [_data_sides(reference, *side) for side in sides]
+        for _ in range(10):
+            rva_a = rng.randrange(0, 210)
+            rva_b = rva_a if rng.random() < 0.5 else rng.randrange(0, 210)
+            assert compiled.item_extent(fast[0], rva_a) == reference.item_extent(slow[0], rva_a)
+            found = _outcome(compiled, fast[0], fast[1], rva_a, rva_b, function_map)
+            assert found == _outcome(reference, slow[0], slow[1], rva_a, rva_b, function_map), \
+                (sides, function_map, rva_a, rva_b)
+            outcomes.append(found)
+    assert min(outcomes.count(value) for value in (True, False, "struct.error")) > 50
+
+
+def test_items_equal_agrees_on_a_real_pair(rust_diff) -> None:  # type: ignore[no-untyped-def]
+    """Data pairs of _rust.pyd 43.0.0 -> 43.0.1 and their extents, and the functions reaching some of its data."""
+    result = rust_diff
+    pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
+    items = pairing.items()
+    sides = []
+    for kernels in (compiled, reference):
+        sides.append([kernels.data_side(i.image.memory, i.starts, i._section_rvas, i._section_ends, i.relocations,
+                                        i.image.image_base, i.classifier.starts, 4096) for i in items])
+    # the mapped pairs (mostly equal), and each baseline item against the next patched one (mostly not)
+    mapped = sorted(result.data_map.items())
+    pairs = mapped + [(rva_a, rva_b) for (rva_a, _), (_, rva_b) in zip(mapped, mapped[1:])]
+    answers = set()
+    for rva_a, rva_b in pairs:
+        expected = reference.items_equal(*sides[1], rva_a, rva_b, result.function_map)
+        assert compiled.items_equal(*sides[0], rva_a, rva_b, result.function_map) == expected, (rva_a, rva_b)
+        assert compiled.item_extent(sides[0][0], rva_a) == reference.item_extent(sides[1][0], rva_a)
+        answers.add(expected)
+    assert len(pairs) > 2000 and answers == {True, False}
+    refs_lists = [analysis.raw_refs for analysis in result.baseline.analyses]
+    wanted = set(sorted(pairing.targets_a.all_data_targets())[::50])
+    reaching = compiled.lists_reaching(refs_lists, wanted)
+    assert 100 < len(reaching) < len(refs_lists)
+    assert reaching == reference.lists_reaching([refs.tolist() for refs in refs_lists], wanted)

@@ -11,7 +11,7 @@ from array import array
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from hotpatch.analysis._refkinds cimport BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
@@ -1537,3 +1537,160 @@ cdef bint _in_any_section(tuple sections, object target):
         if section[0] <= target < section[1]:
             return True
     return False
+
+
+# ── data items ──────────────────────────────────────────────────────────────
+
+cdef class DataSide:
+    """One image's data items as ``items_equal`` reads them, kept as C arrays (``DataItems`` builds one per
+    image): what the twin bisects in Python lists, bisected here without a Python int per step."""
+
+    cdef const uint8_t[:] memory
+    cdef object starts_array, sections_array, relocations_array  # own the buffers read below
+    cdef const int64_t[:] starts
+    cdef const int64_t[:] section_rvas
+    cdef const int64_t[:] section_ends
+    cdef const int64_t[:] relocations
+    cdef object image_base
+    cdef object functions
+    cdef int64_t max_item
+
+    def __init__(self, const uint8_t[:] memory, starts, section_rvas, section_ends, relocations, image_base,
+                 functions, int64_t max_item):
+        self.memory = memory
+        self.starts_array = array("q", starts)
+        self.sections_array = (array("q", section_rvas), array("q", section_ends))
+        self.relocations_array = array("q", relocations)
+        self.starts = self.starts_array
+        self.section_rvas, self.section_ends = self.sections_array
+        self.relocations = self.relocations_array
+        self.image_base = image_base
+        self.functions = functions
+        self.max_item = max_item
+
+    cdef int64_t extent(self, int64_t rva) noexcept:
+        cdef Py_ssize_t index = _bisect_right(self.section_rvas, rva) - 1
+        if index < 0 or rva >= self.section_ends[index]:
+            return 0
+        cdef int64_t limit = min(self.section_ends[index], rva + self.max_item)
+        cdef Py_ssize_t following = _bisect_right(self.starts, rva)
+        if following < self.starts.shape[0]:
+            limit = min(limit, self.starts[following])
+        return max(0, limit - rva)
+
+    cdef object pointer_at(self, int64_t rva):
+        """``struct.unpack_from("<Q", memory, rva)[0] - image_base``, with struct's error past the end."""
+        cdef Py_ssize_t size = self.memory.shape[0]
+        cdef uint64_t value = 0
+        if rva < 0 or rva + 8 > size:
+            import struct
+            raise struct.error(f"unpack_from requires a buffer of at least {rva + 8} bytes for unpacking 8 bytes "
+                               f"at offset {rva} (actual buffer size is {size})")
+        memcpy(&value, &self.memory[rva], 8)  # x64 images on a little-endian host: the value as stored
+        return value - self.image_base
+
+
+cdef inline Py_ssize_t _bisect_right(const int64_t[:] values, int64_t x) noexcept:
+    cdef Py_ssize_t low = 0, high = values.shape[0], middle
+    while low < high:
+        middle = (low + high) // 2
+        if x < values[middle]:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+cdef inline Py_ssize_t _bisect_left(const int64_t[:] values, int64_t x) noexcept:
+    cdef Py_ssize_t low = 0, high = values.shape[0], middle
+    while low < high:
+        middle = (low + high) // 2
+        if values[middle] < x:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def data_side(memory, starts, section_rvas, section_ends, relocations, image_base, functions, int64_t max_item):
+    return DataSide(memory, starts, section_rvas, section_ends, relocations, image_base, functions, max_item)
+
+
+def item_extent(DataSide side, int64_t rva):
+    return side.extent(rva)
+
+
+cdef inline bint _same_bytes(DataSide a, DataSide b, int64_t rva_a, int64_t rva_b, int64_t low,
+                             int64_t high) noexcept:
+    """``memory[rva + low:rva + high]`` equal on both sides, each cut at the end of its memory as a slice is."""
+    cdef int64_t end_a = min(rva_a + high, <int64_t>a.memory.shape[0])
+    cdef int64_t end_b = min(rva_b + high, <int64_t>b.memory.shape[0])
+    cdef int64_t size_a = max(0, end_a - (rva_a + low))
+    cdef int64_t size_b = max(0, end_b - (rva_b + low))
+    if size_a != size_b:
+        return False
+    return size_a == 0 or memcmp(&a.memory[rva_a + low], &b.memory[rva_b + low], size_a) == 0
+
+
+def items_equal(DataSide a, DataSide b, int64_t rva_a, int64_t rva_b, dict function_map):
+    """The twin's ``items_equal``: slots compared in order as it does (its errors at the same slot), then the
+    bytes between the whole slots compared in place instead of zeroed in two copies."""
+    cdef int64_t length = min(a.extent(rva_a), b.extent(rva_b))
+    if length <= 0:
+        return True
+    cdef Py_ssize_t low_a = _bisect_left(a.relocations, rva_a), high_a = _bisect_left(a.relocations, rva_a + length)
+    cdef Py_ssize_t low_b = _bisect_left(b.relocations, rva_b), high_b = _bisect_left(b.relocations, rva_b + length)
+    cdef Py_ssize_t k, count = high_a - low_a
+    if count != high_b - low_b:
+        return False
+    for k in range(count):
+        if a.relocations[low_a + k] - rva_a != b.relocations[low_b + k] - rva_b:
+            return False
+    if count == 0:  # no pointers: the bytes alone decide
+        return _same_bytes(a, b, rva_a, rva_b, 0, length)
+    cdef int64_t slot, cursor = 0
+    cdef bint same = True
+    for k in range(count):
+        slot = a.relocations[low_a + k] - rva_a
+        if slot + 8 > length:
+            continue
+        target_a = a.pointer_at(rva_a + slot)
+        target_b = b.pointer_at(rva_b + slot)
+        mapped = function_map.get(target_a)
+        if mapped is not None and mapped != target_b:
+            return False
+        if mapped is None and (target_a in a.functions or target_b in b.functions):
+            return False  # a removed function, or one the old pointer did not designate
+        if same and slot > cursor:
+            same = _same_bytes(a, b, rva_a, rva_b, cursor, slot)
+        cursor = max(cursor, slot + 8)
+    return same and _same_bytes(a, b, rva_a, rva_b, cursor, length)
+
+
+def lists_reaching(refs_lists, targets):
+    """The indexes of the reference lists with a target in ``targets`` (a set), in order: the set's members sorted
+    in a C array once, each packed record bisected there (no Python int per reference)."""
+    cdef list out = []
+    cdef Py_ssize_t i, at, index = 0, count = 0, n
+    cdef const PackedRef *packed
+    cdef const int64_t[:] wanted
+    try:
+        wanted = array("q", sorted(targets))
+    except OverflowError:  # a member outside int64: the lists are read as tuples
+        wanted = None
+    for refs in refs_lists:
+        packed = _packed(refs, &count) if wanted is not None else NULL
+        if packed != NULL:
+            n = wanted.shape[0]
+            for i in range(count):
+                at = _bisect_left(wanted, packed[i].target)
+                if at < n and wanted[at] == packed[i].target:
+                    out.append(index)
+                    break
+        else:
+            for ref in refs:
+                if ref[4] in targets:
+                    out.append(index)
+                    break
+        index += 1
+    return out

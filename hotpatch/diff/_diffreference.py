@@ -157,12 +157,38 @@ rva_map=None)``
     ``[(x, y)]`` when exactly one distinct element of ``left`` is not a key of
     ``taken_left`` (``x``) and exactly one of ``right`` not of ``taken_right``
     (``y``), else ``[]``.
+
+``data_side(memory, starts, section_rvas, section_ends, relocations, image_base, functions, max_item)``
+    One image's data items as ``items_equal`` reads them: its mapped
+    ``memory``, the sorted item ``starts``, its sections' RVAs and ends
+    (sorted by RVA), its sorted relocated slots, ``image_base``, the set of
+    its function starts and the most bytes of one item compared.
+
+``item_extent(side, rva)``
+    The bytes of an item compared from ``rva``: to the next item start, the
+    end of the section holding it or ``max_item`` bytes, whichever comes
+    first (0 outside every section).
+
+``lists_reaching(refs_lists, targets)``
+    The indexes of the reference lists, in order, with at least one target
+    in ``targets`` (a set of ints).
+
+``items_equal(side_a, side_b, rva_a, rva_b, function_map)``
+    ``hotpatch.diff.dataitems.items_equal`` of two ``data_side``: the items
+    compared over the shorter extent (to the next start, the section's end
+    or ``max_item`` bytes); the relocated slots inside must sit at the same
+    offsets, and each whole one must designate corresponding functions
+    (``function_map``) or, when its baseline target is unmatched, no
+    function on either side; the bytes (as far as ``memory`` holds them)
+    must be equal outside those slots. A slot read past the end of
+    ``memory`` raises ``struct.error``.
 """
 
 from __future__ import annotations
 
+import struct
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from difflib import SequenceMatcher
 from itertools import filterfalse
@@ -172,9 +198,10 @@ from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABL
 from .align import aligned_indices, opcodes
 
 __all__ = ["IMPLEMENTATION", "aligned_callees", "aligned_indices", "aligned_packed", "branch_targets_between",
-           "call_graph", "callees", "equal_replacements", "lone_pair", "new_interner", "pointer_tables", "propagate",
-           "ref_pairs", "ref_targets", "relocated_data", "rva_map", "similarity", "targets_within", "token_ids",
-           "triage_refs", "triage_same", "twins_by_neighbours", "unfilled_gaps", "unsupported_refs"]
+           "call_graph", "callees", "data_side", "equal_replacements", "item_extent", "items_equal", "lists_reaching",
+           "lone_pair", "new_interner", "pointer_tables", "propagate", "ref_pairs", "ref_targets", "relocated_data",
+           "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
+           "twins_by_neighbours", "unfilled_gaps", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -449,3 +476,74 @@ def unsupported_refs(refs: Any, ranges: tuple, rel8_leaves: bool, sections: tupl
         elif target != 0 and not any(s[0] <= target < s[1] for s in sections) and target not in iat:
             out.append((1, insn_rva, target))
     return out
+
+
+class DataSide:
+    """``data_side``'s answer: one image's data items, as ``items_equal`` reads them."""
+
+    __slots__ = ("memory", "starts", "section_rvas", "section_ends", "relocations", "image_base", "functions",
+                 "max_item")
+
+    def __init__(self, memory: bytes, starts: Any, section_rvas: Any, section_ends: Any, relocations: Any,
+                 image_base: int, functions: Any, max_item: int) -> None:
+        self.memory, self.starts, self.relocations = memory, starts, relocations
+        self.section_rvas, self.section_ends = section_rvas, section_ends
+        self.image_base, self.functions, self.max_item = image_base, functions, max_item
+
+    def extent(self, rva: int) -> int:
+        index = bisect_right(self.section_rvas, rva) - 1
+        if index < 0 or rva >= self.section_ends[index]:
+            return 0
+        limit = min(self.section_ends[index], rva + self.max_item)
+        following = bisect_right(self.starts, rva)
+        if following < len(self.starts):
+            limit = min(limit, self.starts[following])
+        return max(0, limit - rva)
+
+    def pointer_slots(self, rva: int, length: int) -> list[int]:
+        low = bisect_left(self.relocations, rva)
+        high = bisect_left(self.relocations, rva + length)
+        return [slot - rva for slot in self.relocations[low:high]]
+
+    def pointer_at(self, rva: int) -> int:
+        return struct.unpack_from("<Q", self.memory, rva)[0] - self.image_base
+
+
+def data_side(memory: bytes, starts: Any, section_rvas: Any, section_ends: Any, relocations: Any, image_base: int,
+              functions: Any, max_item: int) -> DataSide:
+    return DataSide(memory, starts, section_rvas, section_ends, relocations, image_base, functions, max_item)
+
+
+def item_extent(side: DataSide, rva: int) -> int:
+    return side.extent(rva)
+
+
+def items_equal(a: DataSide, b: DataSide, rva_a: int, rva_b: int, function_map: dict[int, int]) -> bool:
+    length = min(a.extent(rva_a), b.extent(rva_b))
+    if length <= 0:
+        return True
+    slots_a = a.pointer_slots(rva_a, length)
+    slots_b = b.pointer_slots(rva_b, length)
+    if slots_a != slots_b:
+        return False
+    if not slots_a:  # no pointers: the bytes alone decide
+        return a.memory[rva_a:rva_a + length] == b.memory[rva_b:rva_b + length]
+    bytes_a = bytearray(a.memory[rva_a:rva_a + length])
+    bytes_b = bytearray(b.memory[rva_b:rva_b + length])
+    for slot in slots_a:
+        if slot + 8 > length:
+            continue
+        target_a = a.pointer_at(rva_a + slot)
+        target_b = b.pointer_at(rva_b + slot)
+        mapped = function_map.get(target_a)
+        if mapped is not None and mapped != target_b:
+            return False
+        if mapped is None and (target_a in a.functions or target_b in b.functions):
+            return False  # a removed function, or one the old pointer did not designate
+        bytes_a[slot:slot + 8] = bytes(8)
+        bytes_b[slot:slot + 8] = bytes(8)
+    return bytes_a == bytes_b
+
+
+def lists_reaching(refs_lists: Any, targets: set[int]) -> list[int]:
+    return [index for index, refs in enumerate(refs_lists) if any(ref[4] in targets for ref in refs)]

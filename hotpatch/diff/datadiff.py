@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import defaultdict
+from collections.abc import Iterable
+from operator import itemgetter
 
 from ..analysis.functions import FunctionTable
 from .dataitems import DataItems
 from .pairing import Pairing
-from .result import DataChange, FunctionDiff
+from .result import ADDED, CHANGED, REMOVED, UNCHANGED, DataChange, FunctionDiff
 from .targets import TargetClassifier
 
 __all__ = ["diff_data"]
@@ -42,8 +44,9 @@ def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff],
 
     # data only the new code references
     mapped_b = set(data_map.values())
-    changed_b = _data_of(b, pairing.targets_b, {f.patched.rva for f in functions
-                                                if f.patched is not None and f.status in ("changed", "added")})
+    moved = [f for f in functions if f.status != UNCHANGED]  # the others are most of a large diff
+    changed_b = pairing.targets_b.data_targets_of([f.patched for f in moved
+                                                   if f.patched is not None and f.status in (CHANGED, ADDED)])
     for rva in sorted(changed_b - mapped_b):
         writable = pairing.targets_b.is_writable_data(rva)
         if not writable:
@@ -56,8 +59,8 @@ def diff_data(a: FunctionTable, b: FunctionTable, functions: list[FunctionDiff],
         changes.append(DataChange(kind, None, rva, size, section_name(items_b, rva),
                                   f"new {size}-byte item at patched {rva:#x}"))
     # data only the old code referenced
-    changed_a = _data_of(a, pairing.targets_a, {f.baseline.rva for f in functions
-                                                if f.baseline is not None and f.status in ("changed", "removed")})
+    changed_a = pairing.targets_a.data_targets_of([f.baseline for f in moved
+                                                   if f.baseline is not None and f.status in (CHANGED, REMOVED)])
     for rva in sorted(changed_a - set(data_map)):
         writable = pairing.targets_a.is_writable_data(rva)
         kind = "removed_data" if writable else "removed_rodata"
@@ -78,35 +81,41 @@ def _data_map(a: FunctionTable, b: FunctionTable, pairing: Pairing, functions: l
     data_map: dict[int, int] = {}
     taken: set[int] = set()
 
-    def pair(rva_a: int, rva_b: int) -> None:
-        if rva_a not in data_map and rva_b not in taken:
-            data_map[rva_a] = rva_b
-            taken.add(rva_b)
+    def pair(pairs: Iterable[tuple[int, int]]) -> None:
+        """Each (rva_a, rva_b) in turn, unless one side is mapped already (a loop here, not a call per pair)."""
+        for rva_a, rva_b in pairs:
+            if rva_a not in data_map and rva_b not in taken:
+                data_map[rva_a] = rva_b
+                taken.add(rva_b)
 
-    for rva_a, rva_b in _same_named_data(a, b, pairing):
-        pair(rva_a, rva_b)
-    for rva_a, rva_b in _exported_data(a, b, pairing):
-        pair(rva_a, rva_b)
+    pair(_same_named_data(a, b, pairing))
+    pair(_exported_data(a, b, pairing))
     for source in ("unchanged", "changed"):
-        for (rva_a, rva_b), _ in sorted(pairing.data_votes[source].items(), key=lambda kv: (-kv[1], kv[0])):
-            pair(rva_a, rva_b)
+        # most votes first, ties by pair: sorted by pair, then stably by count (no key tuple made per pair)
+        ordered = sorted(pairing.data_votes[source].items())
+        ordered.sort(key=itemgetter(1), reverse=True)
+        pair(map(itemgetter(0), ordered))
     # What a changed function still reads, maybe through different instructions: unique identical content.
     items_a, items_b = pairing.items()
-    for entry in functions:
-        if entry.status != "changed" or entry.baseline is None or entry.patched is None:
-            continue
-        left = sorted(x for x in _data_of(a, pairing.targets_a, {entry.baseline.rva}) if x not in data_map)
+    changed = [entry for entry in functions
+               if entry.status == CHANGED and entry.baseline is not None and entry.patched is not None]
+    baselines = [entry.baseline for entry in changed]
+    # only a function reading data still unmapped can map more (the map only grows): those found in one pass
+    unmapped = pairing.targets_a.data_targets_of(baselines).difference(data_map)
+    for index in pairing.targets_a.reaching(baselines, unmapped) if unmapped else ():
+        entry = changed[index]
+        left = sorted(pairing.targets_a.data_targets(entry.baseline).difference(data_map))
         if not left:
             continue
         by_key: dict[tuple[bool, bytes], list[int]] = defaultdict(list)
-        for rva_b in sorted(x for x in _data_of(b, pairing.targets_b, {entry.patched.rva}) if x not in taken):
+        for rva_b in sorted(pairing.targets_b.data_targets(entry.patched).difference(taken)):
             by_key[(pairing.targets_b.is_writable_data(rva_b), _content_key(items_b, rva_b))].append(rva_b)
         for rva_a in left:
             key = (pairing.targets_a.is_writable_data(rva_a), _content_key(items_a, rva_a))
             same = [rva_b for rva_b in by_key.get(key, ()) if rva_b not in taken
                     and pairing.items_equal(rva_a, rva_b)]
             if len(same) == 1:
-                pair(rva_a, same[0])
+                pair(((rva_a, same[0]),))
     return data_map
 
 
@@ -142,15 +151,6 @@ def _exported_data(a: FunctionTable, b: FunctionTable, pairing: Pairing) -> list
 
     left, right = exported(a, pairing.targets_a), exported(b, pairing.targets_b)
     return [(left[name], right[name]) for name in sorted(left.keys() & right.keys())]
-
-
-def _data_of(table: FunctionTable, targets: TargetClassifier, rvas: set[int]) -> set[int]:
-    out: set[int] = set()
-    for rva in rvas:
-        function = table.at(rva)
-        if function is not None:
-            out |= targets.data_targets(function)
-    return out
 
 
 def _resized(items_a: DataItems, items_b: DataItems, pairing: Pairing) -> list[DataChange]:

@@ -9,7 +9,6 @@ compared by what they point at rather than by value.
 
 from __future__ import annotations
 
-import struct
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
@@ -33,8 +32,8 @@ class DataItems:
         starts = classifier.only_data(referenced)
         # what relocated pointers in the image point at in data, and the slots in data themselves (a pointer in
         # data is an item boundary too: tables of pointers)
-        starts.update(diff_kernels(table.backend).relocated_data(image.memory, image.relocations, image.image_base,
-                                                                 classifier.sections))
+        kernels = diff_kernels(table.backend)
+        starts.update(kernels.relocated_data(image.memory, image.relocations, image.image_base, classifier.sections))
         for symbol in image.symbols:
             if classifier.is_data(symbol.rva):
                 starts.add(symbol.rva)
@@ -46,7 +45,10 @@ class DataItems:
         ordered = sorted(image.sections, key=lambda section: section.rva)
         self._section_rvas = [section.rva for section in ordered]
         self._section_ends = [section.end_rva for section in ordered]
-        self._relocation_set = frozenset(image.relocations)
+        #: what ``items_equal`` reads, in the kernels' form (C arrays with the compiled ones)
+        self.side = kernels.data_side(image.memory, self.starts, self._section_rvas, self._section_ends,
+                                      self.relocations, image.image_base, classifier.starts, MAX_ITEM)
+        self._items_equal, self._item_extent = kernels.items_equal, kernels.item_extent
 
     def section(self, rva: int) -> Section | None:
         return self.image.section_from_rva(rva)
@@ -56,17 +58,8 @@ class DataItems:
         return self.starts[index] if index < len(self.starts) else None
 
     def extent(self, rva: int) -> int:
-        # the holding section's end bisected here, as Image.section_from_rva finds it (this runs for every
-        # data pair the diff compares)
-        index = bisect_right(self._section_rvas, rva) - 1
-        if index < 0 or rva >= self._section_ends[index]:
-            return 0
-        limit = min(self._section_ends[index], rva + MAX_ITEM)
-        starts = self.starts
-        following = bisect_right(starts, rva)
-        if following < len(starts):
-            limit = min(limit, starts[following])
-        return max(0, limit - rva)
+        """Bytes from ``rva`` to the next item start, its section's end or ``MAX_ITEM``, whichever comes first."""
+        return self._item_extent(self.side, rva)
 
     def is_zero_initialised(self, rva: int) -> bool:
         """In the part of its section the loader fills with zeros (.bss, or past the raw data)."""
@@ -79,9 +72,6 @@ class DataItems:
         high = bisect_left(self.relocations, rva + length)
         return [slot - rva for slot in self.relocations[low:high]]
 
-    def pointer_at(self, rva: int) -> int:
-        return struct.unpack_from("<Q", self.image.memory, rva)[0] - self.image.image_base
-
     def contents(self, rva: int, length: int) -> bytes:
         return self.image.memory[rva:rva + length]
 
@@ -92,28 +82,5 @@ def items_equal(a: DataItems, b: DataItems, rva_a: int, rva_b: int, function_map
     Pointer slots are compared by what they designate, never by value, so the
     preferred image bases and code that moved do not make items differ.
     """
-    length = min(a.extent(rva_a), b.extent(rva_b))
-    if length <= 0:
-        return True
-    slots_a = a.pointer_slots(rva_a, length)
-    slots_b = b.pointer_slots(rva_b, length)
-    if slots_a != slots_b:
-        return False
-    if not slots_a:  # no pointers: the bytes alone decide
-        return a.contents(rva_a, length) == b.contents(rva_b, length)
-    bytes_a = bytearray(a.contents(rva_a, length))
-    bytes_b = bytearray(b.contents(rva_b, length))
-    for slot in slots_a:
-        if slot + 8 > length:
-            continue
-        target_a = a.pointer_at(rva_a + slot)
-        target_b = b.pointer_at(rva_b + slot)
-        mapped = function_map.get(target_a)
-        if mapped is not None and mapped != target_b:
-            return False
-        if mapped is None and (a.table.at(target_a) is not None or b.table.at(target_b) is not None):
-            return False  # a removed function, or one the old pointer did not designate
-
-        bytes_a[slot:slot + 8] = bytes(8)
-        bytes_b[slot:slot + 8] = bytes(8)
-    return bytes_a == bytes_b
+    # the diff kernels' (their twin is this comparison in Python): it runs for every data pair a diff compares
+    return a._items_equal(a.side, b.side, rva_a, rva_b, function_map)

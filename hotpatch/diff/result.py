@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from ..analysis.functions import Function, FunctionTable
@@ -30,6 +31,7 @@ class DataChange:
 
 
 UNCHANGED, CHANGED, ADDED, REMOVED = "unchanged", "changed", "added", "removed"
+_STATUS = attrgetter("status")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class DiffResult:
     streams: InstructionStreams | None = field(repr=False, default=None)
 
     def summary(self) -> dict[str, int]:
-        counts = Counter(f.status for f in self.functions)
+        counts = Counter(map(_STATUS, self.functions))  # counted in C: a large diff has tens of thousands
         return {s: counts.get(s, 0) for s in (UNCHANGED, CHANGED, ADDED, REMOVED)}
 
     def by_status(self, status: str) -> list[FunctionDiff]:
@@ -84,9 +86,12 @@ class DiffResult:
     def function_entries(self) -> Iterator[dict[str, Any]]:
         """The ``functions`` entries of ``to_json``, one at a time (a large diff has tens of thousands)."""
 
-        def side(f: Function | None) -> dict[str, Any] | None:
-            return None if f is None else {"name": f.name, "rva": f.rva, "size": f.size}
-
+        # both sides written out here rather than by a helper: a call and a ``size`` property per side cost a fifth
+        # of the entries' time on a large diff (duckdb: 105,000 sides); a kernel making these dicts in C measured
+        # no faster (the dicts and the attribute reads are the cost)
         for f in self.functions:
-            yield {"status": f.status, "baseline": side(f.baseline), "patched": side(f.patched),
+            a, b = f.baseline, f.patched
+            yield {"status": f.status,
+                   "baseline": None if a is None else {"name": a.name, "rva": a.rva, "size": a.end_rva - a.rva},
+                   "patched": None if b is None else {"name": b.name, "rva": b.rva, "size": b.end_rva - b.rva},
                    "match": f.match, "similarity": f.similarity, "changes": list(f.changes)}

@@ -69,10 +69,10 @@ class Pairing:
         # each baseline function's match, and where its counterpart sits in the patched table (-1: none)
         matched = list(map(matches.get, map(_RVA, functions_a)))
         at_b = [-1 if match is None else index_b[match.patched_rva] for match in matched]
-        # the data pairs that vote for equal code, in order: counted in one call at the end (Counter.update a
-        # pair at a time costs more than the counting)
+        # the data pairs that vote for equal code, in order: counted a block at a time (Counter.update a pair
+        # at a time costs more than the counting; all at the end would keep every pair alive till then)
         unchanged_data: list[tuple[int, int]] = []
-        known_read_only = self._read_only_a
+        unchanged_votes, known_read_only = self.data_votes["unchanged"], self._read_only_a
         for fa, analysis_a, at, match, found in zip(functions_a, analyses_a, at_b, matched,
                                                     chain.from_iterable(self._triaged(at_b))):
             if at < 0:
@@ -87,6 +87,9 @@ class Pairing:
             elif not found[1]:  # equal code reading data alone (the next most common): only the data to check
                 data = found[0]
                 unchanged_data += data
+                if len(unchanged_data) >= _VOTES_BLOCK:
+                    unchanged_votes.update(unchanged_data)
+                    unchanged_data.clear()
                 for rva_a, rva_b in data:
                     read_only = known_read_only.get(rva_a)
                     if read_only is None:
@@ -101,7 +104,7 @@ class Pairing:
                 rodata_checks.append((len(out), rva_a, rva_b))
             status = CHANGED if changes else UNCHANGED
             out.append(FunctionDiff(status, fa, fb, match.method, match.similarity, tuple(changes)))
-        self.data_votes["unchanged"].update(unchanged_data)
+        unchanged_votes.update(unchanged_data)
         if rodata_checks:
             known = self._items_equal
             for index, rva_a, rva_b in rodata_checks:
@@ -165,7 +168,7 @@ class Pairing:
                unchanged_data: list[tuple[int, int]]) -> tuple[list[str], list[tuple[int, int]]]:
         """The changes a pair's triaged references show, and its read-only data pairs to check (``data`` is
         extended in place; with equal code its pairs join ``unchanged_data``, the votes ``classify`` counts
-        at its end, else they are counted as votes for changed code)."""
+        a block at a time, else they are counted as votes for changed code)."""
         changes: set[str] = set()
         if not same_code:
             changes.add("code")
@@ -232,6 +235,8 @@ class Pairing:
 
 #: baseline functions triaged per kernel call
 _TRIAGE_BLOCK = 2048
+#: equal code's data votes counted per Counter.update call
+_VOTES_BLOCK = 4096
 #: ``Pairing._triaged``'s mark for a pair whose fingerprints differ (triaged on its own, after alignment)
 _UNEQUAL_CODE = object()
 _RVA = attrgetter("rva")

@@ -112,6 +112,11 @@ def test_reference_scans_agree_on_a_real_pair(rust_diff) -> None:  # type: ignor
                            pointer_tables, callees_out, callers_out)
         graphs.append((callees_out, dict(callers_out)))
     assert graphs[0] == graphs[1] and sum(map(len, graphs[0][1].values())) > 10000
+    image = table.image
+    code_spans = tuple(sorted((section.rva, section.end_rva) for section in image.executable_sections))
+    tables = compiled.pointer_tables(image.memory, image.relocations, image.image_base, code_spans, starts)
+    assert len(tables) > 100 and tables == reference.pointer_tables(image.memory, image.relocations,
+                                                                    image.image_base, code_spans, starts)
     pairing = Pairing(result.baseline, result.patched, result.function_map, result.streams)
     image = table.image
     relocated = compiled.relocated_data(image.memory, image.relocations, image.image_base, pairing.targets_a.sections)
@@ -304,6 +309,53 @@ def test_propagation_agrees_on_random_call_graphs() -> None:
     assert paired > 500
 
 
+def _twins_paired(kernels, graphs: tuple, mapping: dict[int, int], groups: list, limit: int) -> list:  # type: ignore[no-untyped-def]
+    """The pairs ``twins_by_neighbours`` offers, in order (each one taken: later groups see it)."""
+    mapping, offers = dict(mapping), []
+
+    def pair(x: int, y: int) -> bool:
+        offers.append((x, y))
+        mapping[x] = y
+        return True
+
+    (callees_a, callers_a), (callees_b, callers_b) = graphs
+    kernels.twins_by_neighbours(groups, mapping, callees_a, callers_a, callees_b, callers_b, limit, pair)
+    return offers
+
+
+def test_twins_by_neighbours_agrees_on_random_call_graphs() -> None:
+    """twins_by_neighbours: the compiled kernel and the twin pair the same twins in the same order, with
+    ties (no evidence), groups past the scoring limit, neighbours matched by an earlier group's pairs, and
+    patched graphs that copy the baseline's with a few edges moved."""
+    rng = random.Random(20261210)
+    paired = 0
+    for _ in range(400):
+        size = rng.randint(2, 40)
+        callees_a, callers_a = _random_graph(rng, size, 0)
+        callees_b: dict[int, list[int]] = {1000 + f: [1000 + (g if rng.random() < 0.9 else rng.randrange(size))
+                                                      for g in out] for f, out in callees_a.items()}
+        callers_b: defaultdict[int, list[int]] = defaultdict(list)
+        for caller, out in callees_b.items():
+            for target in dict.fromkeys(out):
+                callers_b[target].append(caller)
+        matched = rng.sample(range(size), rng.randint(0, size))
+        mapping = {f: 1000 + f for f in matched}
+        free = [f for f in range(size) if f not in mapping]
+        rng.shuffle(free)
+        groups = []
+        while free:
+            take = free[:rng.randint(1, 6)]
+            free = free[len(take):]
+            right = sorted(1000 + f for f in take if rng.random() < 0.9) or [1000 + take[0]]
+            groups.append((sorted(take), right))
+        graphs = ((callees_a, callers_a), (callees_b, callers_b))
+        limit = rng.choice([4, 16, 4096])
+        fast = _twins_paired(compiled, graphs, mapping, groups, limit)
+        assert fast == _twins_paired(reference, graphs, mapping, groups, limit)
+        paired += len(fast)
+    assert paired > 500
+
+
 def _two_passes(kernels, seeds: list[tuple[int, int]], graphs: tuple, seed: int,  # type: ignore[no-untyped-def]
                 settled: set[int] | None) -> tuple:
     """The offers, matches and settled pairs of two full propagation passes (the second over every pair
@@ -368,6 +420,30 @@ def test_equal_replacements_agree_with_align_opcodes() -> None:
     wide = [("a", i) for i in range(2001)]  # 2001 * 2001 comparisons: one replacement, unaligned
     assert compiled.equal_replacements([1, *wide, 2], [1, *range(5000, 7001), 2]) == [(1, 2002, 1, 2002)] == \
         reference.equal_replacements([1, *wide, 2], [1, *range(5000, 7001), 2])
+
+
+def test_aligned_callees_agree_on_random_callee_lists() -> None:
+    """aligned_callees: the compiled kernel gives the twin's pairs on random callee lists with repeats, callees
+    matched to each other, to another one's counterpart or not at all, one side all matched or empty, a lone
+    unmatched callee on each side, and a middle past MAX_MIDDLE_WORK."""
+    rng = random.Random(20261211)
+    found = 0
+    for _ in range(3000):
+        size = rng.randint(1, 12)
+        mapping = {x: 100 + (x if rng.random() < 0.8 else rng.randrange(size)) for x in range(size)
+                   if rng.random() < 0.6}
+        backward = {y: x for x, y in mapping.items()}
+        left = [rng.randrange(size) for _ in range(rng.randint(0, 20))]
+        right = [100 + (x if rng.random() < 0.7 else rng.randrange(size)) for x in left]
+        if rng.random() < 0.5:
+            right = right[:rng.randint(0, len(right))] + [100 + rng.randrange(size) for _ in range(rng.randint(0, 4))]
+        expected = reference.aligned_callees(mapping, backward, left, right)
+        assert compiled.aligned_callees(mapping, backward, left, right) == expected, (mapping, left, right)
+        found += len(expected)
+    assert found > 1000
+    wide, other = list(range(3000, 5001)), list(range(7000, 9001))  # 2001 * 2001 comparisons: paired in order
+    assert compiled.aligned_callees({1: 2}, {2: 1}, [1, *wide, 1], [2, *other, 2]) == \
+        reference.aligned_callees({1: 2}, {2: 1}, [1, *wide, 1], [2, *other, 2])
 
 
 def test_triage_same_agrees_with_triage_refs_pair_by_pair() -> None:
@@ -516,6 +592,32 @@ def test_relocated_data_agrees_on_random_images() -> None:
         fast = compiled.relocated_data(memory, relocations, base, sections)
         assert fast == reference.relocated_data(memory, relocations, base, sections)
         found += len(fast)
+    assert found > 300
+
+
+def test_pointer_tables_agree_on_random_images() -> None:
+    """pointer_tables: runs of relocated slots (and slots 4 bytes apart, repeated or out of order), pointers at
+    starts, at other places, below the image base and far past it, slots in code, in a gap and past the end of
+    the image (a pointer cut short there reads as the bytes there are), code spans that touch or are empty."""
+    rng = random.Random(20261209)
+    base = 0x180000000
+    found = 0
+    for _ in range(400):
+        size = rng.randint(16, 400)
+        starts = set(rng.sample(range(0, 0x200), 20))
+        code_spans = tuple(sorted(rng.choice([((0x10, 0x60),), ((0x10, 0x60), (0x60, 0x60), (0x60, 0x90)), (),
+                                              ((0x100, 0x140),)])))
+        pool = sorted(starts)
+        words = [rng.choice([base + rng.choice(pool), base + rng.randrange(0, 0x200), rng.randrange(0, 2**64),
+                             base - 8, 0]) for _ in range(size // 8 + 1)]
+        memory = b"".join(w.to_bytes(8, "little") for w in words)[:size]
+        relocations = [8 * rng.randrange(0, size // 8 + 2) for _ in range(rng.randint(0, 24))]
+        relocations += [slot + 4 for slot in relocations[:2]] + relocations[:1]
+        rng.shuffle(relocations)
+        fast = compiled.pointer_tables(memory, tuple(relocations), base, code_spans, starts)
+        expected = reference.pointer_tables(memory, tuple(relocations), base, code_spans, starts)
+        assert fast == expected and list(fast) == list(expected)
+        found += sum(map(len, fast.values()))
     assert found > 300
 
 

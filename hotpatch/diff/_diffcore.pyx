@@ -537,14 +537,17 @@ def equal_replacements(list a, list b):
     """``(a0, a1, b0, b1)`` of each "replace" opcode of ``hotpatch.diff.align.opcodes(a, b)`` whose two
     sides are as long, in order (any hashable elements: interned as ids here)."""
     cdef dict ids = {}
-    cdef Py_ssize_t la = len(a), lb = len(b), i, prefix = 0, suffix = 0, limit, ma, mb
+    key_a = array("I", [ids.setdefault(x, len(ids)) for x in a])
+    key_b = array("I", [ids.setdefault(y, len(ids)) for y in b])
+    return _equal_replacements(key_a, key_b)
+
+
+cdef list _equal_replacements(const uint32_t[:] va, const uint32_t[:] vb):
+    """``equal_replacements`` of two sequences of ids (equal elements, equal ids)."""
+    cdef Py_ssize_t la = va.shape[0], lb = vb.shape[0], i, prefix = 0, suffix = 0, limit, ma, mb
     cdef Py_ssize_t previous_i, previous_j, next_i, next_j
     cdef list out = []
     cdef PairBuffer pairs
-    key_a = array("I", [ids.setdefault(x, len(ids)) for x in a])
-    key_b = array("I", [ids.setdefault(y, len(ids)) for y in b])
-    cdef const uint32_t[:] va = key_a
-    cdef const uint32_t[:] vb = key_b
     limit = min(la, lb)
     while prefix < limit and va[prefix] == vb[prefix]:
         prefix += 1
@@ -575,6 +578,53 @@ def equal_replacements(list a, list b):
             previous_i, previous_j = next_i + 1, next_j + 1
     finally:
         free(pairs.data)
+    return out
+
+
+def aligned_callees(dict mapping, dict backward, list left, list right):
+    """The unmatched callees of ``left`` and ``right`` that face each other between callees matched to each
+    other (``mapping``: baseline -> patched of every pair, ``backward`` its inverse), then their ``lone_pair``;
+    nothing when every one on one side is matched."""
+    cdef dict ids = {}
+    cdef Py_ssize_t i, j, n_left = len(left), n_right = len(right)
+    cdef list out = []
+    cdef uint32_t fresh = 0
+    cdef object x, y
+    if _all_in(mapping, left) or _all_in(backward, right):
+        return out
+    # a matched callee is its counterpart (interned), an unmatched one an id of its own
+    key_a = array("I", bytes(4 * n_left))
+    key_b = array("I", bytes(4 * n_right))
+    cdef uint32_t[:] va = key_a
+    cdef uint32_t[:] vb = key_b
+    for i in range(n_left):
+        y = mapping.get(left[i])
+        if y is None:
+            va[i] = fresh
+            fresh += 1
+        else:
+            found = ids.get(y)
+            if found is None:
+                ids[y] = found = fresh
+                fresh += 1
+            va[i] = found
+    for j in range(n_right):
+        y = right[j]
+        if y in backward:
+            found = ids.get(y)
+            if found is None:
+                ids[y] = found = fresh
+                fresh += 1
+            vb[j] = found
+        else:
+            vb[j] = fresh
+            fresh += 1
+    for a0, a1, b0, b1 in _equal_replacements(va, vb):
+        for i, j in zip(range(a0, a1), range(b0, b1)):
+            x, y = left[i], right[j]
+            if x not in mapping and y not in backward:
+                out.append((x, y))
+    out.extend(lone_pair(mapping, backward, left, right))
     return out
 
 
@@ -832,26 +882,49 @@ def relocated_data(const uint8_t[:] memory, relocations, uint64_t image_base, tu
     return out
 
 
-cdef struct Start:
-    int64_t rva
-    Py_ssize_t index
+# function starts by rva (open addressing, at most half full): a callee's index in a few probes, where a
+# bisection among fifty thousand starts takes sixteen scattered reads
+cdef struct StartSet:
+    int64_t *rvas
+    Py_ssize_t *indexes  # -1: an empty slot
+    Py_ssize_t mask
 
 
-cdef int _by_rva(const void *x, const void *y) noexcept nogil:
-    cdef int64_t a = (<const Start *>x).rva, b = (<const Start *>y).rva
-    return (a > b) - (a < b)
+cdef inline Py_ssize_t _start_slot(const StartSet *s, int64_t rva) noexcept nogil:
+    cdef uint64_t h = <uint64_t>rva * <uint64_t>0x9E3779B97F4A7C15
+    cdef Py_ssize_t slot = <Py_ssize_t>((h ^ (h >> 29)) & <uint64_t>s.mask)
+    while s.indexes[slot] >= 0 and s.rvas[slot] != rva:
+        slot = (slot + 1) & s.mask
+    return slot
 
 
-cdef Py_ssize_t _start_index(const Start *starts, Py_ssize_t count, int64_t rva) noexcept nogil:
-    """The function index of the start at ``rva`` (``starts`` sorted by rva), or -1."""
-    cdef Py_ssize_t low = 0, high = count, middle
-    while low < high:
-        middle = (low + high) // 2
-        if starts[middle].rva < rva:
-            low = middle + 1
-        else:
-            high = middle
-    return starts[low].index if low < count and starts[low].rva == rva else -1
+cdef int _start_set(StartSet *s, list rvas) except -1:
+    """``s`` filled with ``rvas`` (distinct, each fitting int64) and their indexes; freed by ``_free_starts``."""
+    cdef Py_ssize_t capacity = 16, n = len(rvas), i, slot
+    cdef int64_t rva
+    while capacity < 2 * n + 16:
+        capacity *= 2
+    s.mask = capacity - 1
+    s.rvas = <int64_t *>malloc(capacity * sizeof(int64_t))
+    s.indexes = <Py_ssize_t *>malloc(capacity * sizeof(Py_ssize_t))
+    if s.rvas == NULL or s.indexes == NULL:
+        raise MemoryError()
+    memset(s.indexes, 0xff, capacity * sizeof(Py_ssize_t))
+    for i in range(n):
+        rva = rvas[i]
+        slot = _start_slot(s, rva)
+        s.rvas[slot], s.indexes[slot] = rva, i
+    return 0
+
+
+cdef inline Py_ssize_t _start_index(const StartSet *s, int64_t rva) noexcept nogil:
+    """The function index of the start at ``rva``, or -1."""
+    return s.indexes[_start_slot(s, rva)]
+
+
+cdef void _free_starts(StartSet *s) noexcept:
+    free(s.rvas)
+    free(s.indexes)
 
 
 cdef bint _is_key(const int64_t *keys, Py_ssize_t count, int64_t value) noexcept nogil:
@@ -927,13 +1000,14 @@ cdef bint _call_graph_indexed(list refs_lists, list ranges_list, list rvas, set 
     Everything is built aside and written out at the end; False (nothing written) when a pointer table
     holds something other than a start, or the case does not apply."""
     cdef Py_ssize_t n = len(rvas), n_keys = len(pointer_tables), i, k, count, callee, n_first = 0
-    cdef Start *by_rva = NULL
+    cdef StartSet by_rva
     cdef int64_t *keys = NULL
     cdef Py_ssize_t *last = NULL
     cdef Py_ssize_t *first_met = NULL
     cdef const PackedRef *packed
     cdef int kind
-    cdef int64_t target
+    cdef int64_t target, begin, end
+    cdef bint fragments
     cdef tuple ranges
     cdef list out, all_callees, by_index
     cdef object rva, found
@@ -945,18 +1019,17 @@ cdef bint _call_graph_indexed(list refs_lists, list ranges_list, list rvas, set 
     for refs in refs_lists:
         if _packed(refs, &count) == NULL:
             return False
-    by_rva = <Start *>malloc(n * sizeof(Start))
+    by_rva.rvas = NULL
+    by_rva.indexes = NULL
     keys = <int64_t *>malloc((n_keys + 1) * sizeof(int64_t))
     last = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
     first_met = <Py_ssize_t *>malloc(n * sizeof(Py_ssize_t))
     try:
-        if by_rva == NULL or keys == NULL or last == NULL or first_met == NULL:
+        if keys == NULL or last == NULL or first_met == NULL:
             raise MemoryError()
+        _start_set(&by_rva, rvas)
         for i in range(n):
-            by_rva[i].rva = rvas[i]
-            by_rva[i].index = i
             last[i] = -1
-        qsort(by_rva, n, sizeof(Start), _by_rva)
         k = 0
         for key in pointer_tables:
             if not _fits_int64(key):
@@ -969,19 +1042,23 @@ cdef bint _call_graph_indexed(list refs_lists, list ranges_list, list rvas, set 
         for i in range(n):
             packed = _packed(refs_lists[i], &count)
             ranges = <tuple>ranges_list[i]
+            begin, end = ranges[0] if ranges else (0, 0)
+            fragments = len(ranges) > 1  # the own range was checked already
             out = []
             for k in range(count):
                 kind = packed[k].kind
                 target = packed[k].target
                 if kind == CALL_REL32 or kind == BRANCH_REL32 or kind == BRANCH_REL8:
-                    callee = _start_index(by_rva, n, target)
-                    if callee < 0 or _inside(ranges, target):
+                    if begin <= target < end:
+                        continue  # most branches stay in the function's own range: no look-up
+                    callee = _start_index(&by_rva, target)
+                    if callee < 0 or (fragments and _inside(ranges, target)):
                         continue
                     out.append(rvas[callee])
                     n_first = _reached(callee, i, rvas, by_index, last, first_met, n_first)
                 elif n_keys and _is_key(keys, n_keys, target):
                     for found in pointer_tables[target]:
-                        callee = _start_index(by_rva, n, found) if _fits_int64(found) else -1
+                        callee = _start_index(&by_rva, found) if _fits_int64(found) else -1
                         if callee < 0:
                             return False
                         out.append(found)
@@ -993,10 +1070,69 @@ cdef bint _call_graph_indexed(list refs_lists, list ranges_list, list rvas, set 
             callers_out[rvas[first_met[k]]] = by_index[first_met[k]]
         return True
     finally:
-        free(by_rva)
+        _free_starts(&by_rva)
         free(keys)
         free(last)
         free(first_met)
+
+
+cdef bint _in_last_span(tuple spans, int64_t rva) except -1:
+    """Whether ``rva`` lies before the end of the last of ``spans`` (sorted by begin) beginning at or before it."""
+    cdef tuple span, last = None
+    cdef int64_t begin
+    for span in spans:
+        begin = span[0]
+        if begin > rva:
+            break
+        last = span
+    return last is not None and rva < <int64_t>last[1]
+
+
+def pointer_tables(const uint8_t[:] memory, relocations, uint64_t image_base, tuple code_spans, set starts):
+    """Data address -> the function ``starts`` pointed at by the run of relocated 8-byte slots that begins
+    there (a slot starts a run when the one 8 bytes before is not relocated and it lies outside
+    ``code_spans``); only runs that point at a start are kept, in the order of ``relocations``. A pointer
+    cut short by the end of ``memory`` reads as the bytes there are; ``code_spans`` sorted by begin, a slot
+    in code when the last span beginning at or before it ends after it (``Image.is_executable_rva``)."""
+    cdef Py_ssize_t n = len(relocations), i, k, size = memory.shape[0], available
+    cdef int64_t *slots = <int64_t *>malloc((n + 1) * sizeof(int64_t))
+    cdef int64_t at
+    cdef uint64_t value
+    cdef dict out = {}
+    cdef list run
+    cdef object target
+    if slots == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            slots[i] = relocations[i]
+        qsort(slots, n, sizeof(int64_t), _by_int64)
+        for slot in relocations:
+            at = slot
+            if _is_key(slots, n, at - 8) or _in_last_span(code_spans, at):
+                continue  # not the first slot of a run
+            run = None
+            while _is_key(slots, n, at):
+                value = 0
+                available = size - at if 0 <= at < size else 0
+                if available > 8:
+                    available = 8
+                for k in range(available):
+                    value |= (<uint64_t>memory[at + k]) << (8 * k)
+                # below the image base the target is negative, far above it past every RVA: never a start
+                if value >= image_base and value - image_base < (<uint64_t>1 << 62):
+                    target = <int64_t>(value - image_base)
+                    if target in starts:
+                        if run is None:
+                            run = [target]
+                        else:
+                            run.append(target)
+                at += 8
+            if run is not None:
+                out[slot] = run
+    finally:
+        free(slots)
+    return out
 
 
 def ref_targets(refs_lists):
@@ -1209,6 +1345,96 @@ def propagate(list queue, dict forward, dict backward, dict callees_a, dict call
         for x, y in new:
             if x not in forward and y not in backward and pair(x, y):
                 queue.append((x, y))
+
+
+cdef Py_ssize_t _shared(set x, set y):
+    """``len(x & y)`` without the set."""
+    cdef Py_ssize_t count = 0
+    cdef object item
+    if len(x) > len(y):
+        x, y = y, x
+    for item in x:
+        if item in y:
+            count += 1
+    return count
+
+
+cdef void _note_best(Py_ssize_t *best, Py_ssize_t *ties, Py_ssize_t index, Py_ssize_t shared) noexcept:
+    if shared > best[index]:
+        best[index], ties[index] = shared, 1
+    elif shared == best[index]:
+        ties[index] += 1
+
+
+def twins_by_neighbours(list groups, dict mapping, dict callees_a, callers_a, dict callees_b, callers_b,
+                        Py_ssize_t limit, pair):
+    """Per group ``(left, right)`` of twins (``len(left) * len(right)`` at most ``limit``), in order: each
+    ``a`` scored against each ``b`` by how many of a's matched callers and callees (through ``mapping``) are
+    b's callers and callees; ``pair(a, b)`` for each pair where each is the other's single best (a tie is
+    no evidence), most shared first, then by rva."""
+    cdef list left, right, neighbours_b, chosen
+    cdef set mapped
+    cdef Py_ssize_t n_left, n_right, i, j, k, shared, n_scored
+    cdef Py_ssize_t *score_i = <Py_ssize_t *>malloc((limit + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *score_j = <Py_ssize_t *>malloc((limit + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *score = <Py_ssize_t *>malloc((limit + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *best = <Py_ssize_t *>malloc((2 * limit + 2) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t *ties = <Py_ssize_t *>malloc((2 * limit + 2) * sizeof(Py_ssize_t))
+    cdef object a, x, y
+    try:
+        if limit < 0:
+            return  # no group fits (and no table of -1 entries)
+        if score_i == NULL or score_j == NULL or score == NULL or best == NULL or ties == NULL:
+            raise MemoryError()
+        for group in groups:
+            left, right = group
+            n_left, n_right = len(left), len(right)
+            if n_left * n_right > limit:
+                continue
+            n_scored = 0
+            neighbours_b = None  # each b's, made once per group when needed
+            for i in range(n_left):
+                a = left[i]
+                mapped = set()
+                for x in callers_a.get(a, ()):
+                    y = mapping.get(x)
+                    if y is not None:
+                        mapped.add(y)
+                for x in callees_a.get(a, ()):
+                    y = mapping.get(x)
+                    if y is not None:
+                        mapped.add(y)
+                if not mapped:
+                    continue
+                if neighbours_b is None:
+                    neighbours_b = [{*callers_b.get(b, ()), *callees_b.get(b, ())} for b in right]
+                for j in range(n_right):
+                    shared = _shared(mapped, <set>neighbours_b[j])
+                    if shared:
+                        score_i[n_scored], score_j[n_scored], score[n_scored] = i, j, shared
+                        n_scored += 1
+            if not n_scored:
+                continue
+            # best[:n_left] for each a, best[n_left:] for each b: the best shared count and how many reach it
+            for k in range(n_left + n_right):
+                best[k], ties[k] = 0, 0
+            for k in range(n_scored):
+                _note_best(best, ties, score_i[k], score[k])
+                _note_best(best, ties, n_left + score_j[k], score[k])
+            chosen = []
+            for k in range(n_scored):
+                i, j, shared = score_i[k], score_j[k], score[k]
+                if shared == best[i] == best[n_left + j] and ties[i] == 1 and ties[n_left + j] == 1:
+                    chosen.append((-shared, left[i], right[j]))
+            chosen.sort()
+            for _, x, y in chosen:
+                pair(x, y)
+    finally:
+        free(score_i)
+        free(score_j)
+        free(score)
+        free(best)
+        free(ties)
 
 
 cdef object _free_one(dict taken, seq):

@@ -52,6 +52,17 @@ The contract (both implementations):
     to ``callers_out[target]`` for every function it reaches, in function
     order (a list made for a target first seen).
 
+``pointer_tables(memory, relocations, image_base, code_spans, starts)``
+    Data address -> the function ``starts`` pointed at by the run of
+    relocated 8-byte slots that begins there: a slot of ``relocations``
+    begins a run when the slot 8 bytes before is not relocated and it lies
+    outside code (``code_spans``: ``(begin, end)`` sorted by begin; in code
+    when the last span beginning at or before it ends after it, as
+    ``Image.is_executable_rva`` says); the run goes on while
+    the next slot is relocated. A slot's pointer is its 8 bytes (or those
+    left before the end of ``memory``) less ``image_base``. Only runs that
+    point at a start are kept, in the order of ``relocations``.
+
 ``targets_within(refs_lists, spans)``
     The set of the targets of the given reference lists that lie in one of
     ``spans`` (``(begin, end)`` pairs, end excluded).
@@ -66,6 +77,16 @@ The contract (both implementations):
     pair whose ``a`` is in it is passed over, and a pair that offered nothing
     with every callee matched on one side and every caller matched on one
     side goes in (it can offer nothing again: pairs are never undone).
+
+``twins_by_neighbours(groups, mapping, callees_a, callers_a, callees_b, callers_b, limit, pair)``
+    For each ``(left, right)`` of ``groups`` in order whose product of
+    lengths is at most ``limit``: each ``a`` of ``left`` is scored against
+    each ``b`` of ``right`` by how many of a's callers and callees, through
+    ``mapping`` (its matched ones), are callers or callees of ``b``
+    (scores of 0 are left out). Then, most shared first and by ``(a, b)``,
+    ``pair(a, b)`` for each pair whose score is the single best of ``a``
+    and the single best of ``b`` (a tie is no evidence). A group's pairs are
+    made before the next group is scored.
 
 ``relocated_data(memory, relocations, image_base, sections)``
     For each relocated slot in order: the pointer there (8 bytes, or those
@@ -85,6 +106,15 @@ The contract (both implementations):
     whose targets both lie in their own function's ranges (and in no import
     slot: what ``TargetClassifier`` calls ``self`` on both sides) are
     dropped; the rest come back as ``(ref_a, ref_b)`` in the second.
+
+``aligned_callees(mapping, backward, left, right)``
+    Nothing when every element of ``left`` is a key of ``mapping`` (baseline
+    -> patched of every pair) or every one of ``right`` a key of
+    ``backward`` (its inverse). Else each matched element becomes its
+    counterpart (``mapping[x]``, resp. itself) and each unmatched one a
+    placeholder of its own; the unmatched pairs facing each other in the
+    ``equal_replacements`` of those two lists, in order, then the
+    ``lone_pair`` of ``left`` and ``right``.
 
 ``equal_replacements(a, b)``
     ``(a0, a1, b0, b1)`` of each "replace" opcode of
@@ -167,11 +197,11 @@ from typing import Any
 from ..analysis.refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, JUMP_TABLE
 from .align import aligned_indices, opcodes
 
-__all__ = ["IMPLEMENTATION", "aligned_indices", "aligned_packed", "branch_targets_between", "call_graph", "callees",
-           "equal_replacements", "lone_pair", "new_interner", "propagate", "ref_pairs", "ref_targets",
-           "relocated_data", "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
-           "unfilled_gaps", "unsupported_refs", "data_side", "item_extent",
-           "items_equal", "lists_reaching"]
+__all__ = ["IMPLEMENTATION", "aligned_callees", "aligned_indices", "aligned_packed", "branch_targets_between",
+           "call_graph", "callees", "data_side", "equal_replacements", "item_extent", "items_equal", "lists_reaching",
+           "lone_pair", "new_interner", "pointer_tables", "propagate", "ref_pairs", "ref_targets", "relocated_data",
+           "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
+           "twins_by_neighbours", "unfilled_gaps", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -268,6 +298,27 @@ def call_graph(refs_lists: list, ranges_list: list, rvas: list, starts: set[int]
             callers_out.setdefault(target, []).append(rva)
 
 
+def pointer_tables(memory: bytes, relocations: Any, image_base: int, code_spans: tuple,
+                   starts: set[int]) -> dict[int, list[int]]:
+    relocated = set(relocations)
+    begins = [span[0] for span in code_spans]
+    out: dict[int, list[int]] = {}
+    for slot in relocations:
+        index = bisect_right(begins, slot) - 1
+        if slot - 8 in relocated or (index >= 0 and slot < code_spans[index][1]):
+            continue  # not the first slot of a run
+        run = []
+        at = slot
+        while at in relocated:
+            target = int.from_bytes(memory[at:at + 8], "little") - image_base
+            if target in starts:
+                run.append(target)
+            at += 8
+        if run:
+            out[slot] = run
+    return out
+
+
 def ref_targets(refs_lists: Any) -> set[int]:
     return {ref[4] for refs in refs_lists for ref in refs}
 
@@ -302,6 +353,21 @@ def triage_refs(refs_a: list, refs_b: list, pairs: list | None, ranges_a: tuple,
 
 def equal_replacements(a: list, b: list) -> list[tuple[int, int, int, int]]:
     return [(a0, a1, b0, b1) for tag, a0, a1, b0, b1 in opcodes(a, b) if tag == "replace" and a1 - a0 == b1 - b0]
+
+
+def aligned_callees(mapping: dict[int, int], backward: dict[int, int], left: list[int],
+                    right: list[int]) -> list[tuple[int, int]]:
+    if all(map(mapping.__contains__, left)) or all(map(backward.__contains__, right)):
+        return []  # nothing left to pair on one side
+    # Matched callees become anchors (their counterpart), unmatched ones unique placeholders.
+    keys_a = [mapping[x] if x in mapping else ("a", i) for i, x in enumerate(left)]
+    keys_b = [y if y in backward else ("b", i) for i, y in enumerate(right)]
+    pairs = []
+    for a0, a1, b0, b1 in equal_replacements(keys_a, keys_b):
+        pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
+                     if left[i] not in mapping and right[j] not in backward)
+    pairs.extend(lone_pair(mapping, backward, left, right))
+    return pairs
 
 
 #: the fill bytes ``unfilled_gaps`` takes one by one (``uncovered._ONE_BYTE_FILL``)
@@ -355,6 +421,38 @@ def propagate(queue: list, forward: dict, backward: dict, callees_a: dict, calle
         for x, y in new:
             if x not in forward and y not in backward and pair(x, y):
                 queue.append((x, y))
+
+
+def twins_by_neighbours(groups: list, mapping: dict[int, int], callees_a: dict, callers_a: Any, callees_b: dict,
+                        callers_b: Any, limit: int, pair: Any) -> None:
+    for left, right in groups:
+        if len(left) * len(right) > limit:
+            continue
+        scored = []
+        neighbours_b: list[tuple[int, set[int]]] | None = None  # each b's, made once per group when needed
+        for a in left:
+            mapped = {mapping[x] for x in (*callers_a.get(a, ()), *callees_a.get(a, ())) if x in mapping}
+            if not mapped:
+                continue
+            if neighbours_b is None:
+                neighbours_b = [(b, {*callers_b.get(b, ()), *callees_b.get(b, ())}) for b in right]
+            for b, neighbours in neighbours_b:
+                shared = len(mapped & neighbours)
+                if shared:
+                    scored.append((-shared, a, b))
+        # a pair counts only when each is the other's single best: a tie is no evidence either way
+        best_a: dict[int, list[int]] = defaultdict(list)
+        best_b: dict[int, list[int]] = defaultdict(list)
+        for score, a, b in scored:
+            best_a[a].append(score)
+            best_b[b].append(score)
+        # each one's two best scores, taken once (not once per pair it is in)
+        tops_a = {a: sorted(scores)[:2] for a, scores in best_a.items()}
+        tops_b = {b: sorted(scores)[:2] for b, scores in best_b.items()}
+        for score, a, b in sorted(scored):
+            top_a, top_b = tops_a[a], tops_b[b]
+            if score == top_a[0] == top_b[0] and top_a[1:] != [score] and top_b[1:] != [score]:
+                pair(a, b)
 
 
 def lone_pair(taken_left: dict, taken_right: dict, left: Any, right: Any) -> list[tuple[int, int]]:

@@ -15,6 +15,7 @@ from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from operator import attrgetter
 
 from ..analysis.api import diff_kernels
@@ -45,6 +46,8 @@ class _Matcher:
         self.streams = streams
         self.forward: dict[int, Match] = {}
         self.backward: dict[int, int] = {}
+        #: baseline rva -> patched rva of every pair (forward without the Match: what the neighbour scans read)
+        self.mapping: dict[int, int] = {}
         #: (baseline rva, patched rva) of every pair in the order made (forward's order), as propagation
         #: takes them: a slice of it, not a tuple made per pair each time
         self.pairs: list[tuple[int, int]] = []
@@ -54,20 +57,44 @@ class _Matcher:
         #: on one side, every caller on one side): the later full passes go past them
         self.settled: set[int] = set()
         kernels = diff_kernels(baseline.backend)
-        self.lone_pair, self.propagate = kernels.lone_pair, kernels.propagate
-        self.equal_replacements = kernels.equal_replacements
+        self.propagate, self.aligned_callees = kernels.propagate, kernels.aligned_callees
+        self.twins_by_neighbours = kernels.twins_by_neighbours
         # the unmatched lists are taken a dozen times: each is the last one filtered (pairs are never undone,
         # so that keeps the table's order), not the whole table again
         self._unmatched_a: list[Function] = list(baseline.functions)
         self._unmatched_b: list[Function] = list(patched.functions)
+        #: ``anchors``' last answer, and how many pairs it holds
+        self._anchors: list[int] = []
+        self._anchored = 0
 
     def pair(self, a: int, b: int, method: str, similarity: float | None = None) -> bool:
         if a in self.forward or b in self.backward:
             return False
         self.forward[a] = Match(a, b, method, similarity)
         self.backward[b] = a
+        self.mapping[a] = b
         self.pairs.append((a, b))
         return True
+
+    def pair_all(self, pairs: Iterable[tuple[int, int]], method: str) -> None:
+        """``pair`` of each ``(a, b)`` in order (one loop, not a method call a pair: stages make tens of thousands)."""
+        forward, backward, mapping, made = self.forward, self.backward, self.mapping, self.pairs
+        for a, b in pairs:
+            if a in forward or b in backward:
+                continue
+            forward[a] = Match(a, b, method)
+            backward[b] = a
+            mapping[a] = b
+            made.append((a, b))
+
+    def anchors(self) -> list[int]:
+        """The baseline RVAs of every pair, sorted: the last answer merged with the pairs made since (pairs are
+        never undone; two sorted runs merge in one linear pass, where sorting every pair again does not)."""
+        made = self.pairs[self._anchored:]
+        if made:
+            self._anchors = sorted(self._anchors + sorted(a for a, _ in made))
+            self._anchored += len(made)
+        return self._anchors
 
     def unmatched_baseline(self) -> list[Function]:
         forward = self.forward
@@ -100,9 +127,8 @@ def _by_unique_key(m: _Matcher, attribute: str, method: str) -> None:
     left, count_left = _last_rva_by(m.unmatched_baseline(), attribute)
     right, count_right = _last_rva_by(m.unmatched_patched(), attribute)
     # in the order each key first appears in the baseline (a dict keeps a key where it was first set)
-    for key, rva in left.items():
-        if key and count_left[key] == 1 and count_right.get(key) == 1:
-            m.pair(rva, right[key], method)
+    m.pair_all([(rva, right[key]) for key, rva in left.items()
+                if key and count_left[key] == 1 and count_right.get(key) == 1], method)
 
 
 def _last_rva_by(functions: list[Function], attribute: str) -> tuple[dict[object, int], Counter[object]]:
@@ -144,21 +170,10 @@ def call_graph(table: FunctionTable) -> tuple[dict[int, list[int]], dict[int, li
 def _pointer_tables(table: FunctionTable, starts: set[int]) -> dict[int, list[int]]:
     """Data address -> the functions pointed at by the relocated slots that run from it."""
     image = table.image
-    relocations = set(image.relocations)
-    out: dict[int, list[int]] = {}
-    for slot in image.relocations:
-        if slot - 8 in relocations or image.is_executable_rva(slot):
-            continue  # not the first slot of a run
-        run = []
-        at = slot
-        while at in relocations:
-            target = int.from_bytes(image.memory[at:at + 8], "little") - image.image_base
-            if target in starts:
-                run.append(target)
-            at += 8
-        if run:
-            out[slot] = run
-    return out
+    code_spans = tuple((section.rva, section.end_rva)
+                       for section in sorted(image.executable_sections, key=attrgetter("rva")))
+    return diff_kernels(table.backend).pointer_tables(image.memory, image.relocations, image.image_base, code_spans,
+                                                      starts)
 
 
 def _by_call_graph(m: _Matcher, since: int = 0) -> None:
@@ -168,30 +183,11 @@ def _by_call_graph(m: _Matcher, since: int = 0) -> None:
     callees_b, callers_b = call_graph(m.patched)
     queue = m.pairs[since:]
     if since:
-        touched = {x for a, _ in queue for x in (*callers_a.get(a, ()), *callees_a.get(a, ())) if x in m.forward}
-        queue.extend((x, m.forward[x].patched_rva) for x in sorted(touched))
+        mapping = m.mapping
+        touched = {x for a, _ in queue for x in (*callers_a.get(a, ()), *callees_a.get(a, ())) if x in mapping}
+        queue.extend((x, mapping[x]) for x in sorted(touched))
     m.propagate(queue, m.forward, m.backward, callees_a, callees_b, callers_a, callers_b,
-                lambda left, right: _aligned_pairs(m, left, right), lambda x, y: m.pair(x, y, "callgraph"), m.settled)
-
-
-def _aligned_pairs(m: _Matcher, left: list[int], right: list[int]) -> list[tuple[int, int]]:
-    """Unmatched callees facing each other between callees already matched to each other."""
-    if all(map(m.forward.__contains__, left)) or all(map(m.backward.__contains__, right)):
-        return []  # nothing left to pair on one side
-    # Matched callees become anchors (their counterpart), unmatched ones unique placeholders.
-    keys_a = [m.forward[x].patched_rva if x in m.forward else ("a", i) for i, x in enumerate(left)]
-    keys_b = [y if y in m.backward else ("b", i) for i, y in enumerate(right)]
-    pairs = []
-    for a0, a1, b0, b1 in m.equal_replacements(keys_a, keys_b):
-        pairs.extend((left[i], right[j]) for i, j in zip(range(a0, a1), range(b0, b1))
-                     if left[i] not in m.forward and right[j] not in m.backward)
-    pairs.extend(_lone_pair(m, left, right))
-    return pairs
-
-
-def _lone_pair(m: _Matcher, left: Iterable[int], right: Iterable[int]) -> list[tuple[int, int]]:
-    """The one unmatched element of ``left`` with the one of ``right``, when each side has exactly one."""
-    return m.lone_pair(m.forward, m.backward, left, right)
+                partial(m.aligned_callees, m.mapping, m.backward), lambda x, y: m.pair(x, y, "callgraph"), m.settled)
 
 
 #: a fingerprint group larger than this on both sides is paired by position only (the scoring is quadratic)
@@ -249,39 +245,13 @@ def _first_rva(group: tuple[list[int], list[int]]) -> int:
 def _twins_by_neighbours(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> None:
     callees_a, callers_a = call_graph(m.baseline)
     callees_b, callers_b = call_graph(m.patched)
-    for left, right in groups:
-        if len(left) * len(right) > _TWIN_SCORING_LIMIT:
-            continue
-        scored = []
-        neighbours_b: list[tuple[int, set[int]]] | None = None  # each b's, made once per group when needed
-        for a in left:
-            mapped = {m.forward[x].patched_rva for x in (*callers_a.get(a, ()), *callees_a.get(a, ()))
-                      if x in m.forward}
-            if not mapped:
-                continue
-            if neighbours_b is None:
-                neighbours_b = [(b, {*callers_b.get(b, ()), *callees_b.get(b, ())}) for b in right]
-            for b, neighbours in neighbours_b:
-                shared = len(mapped & neighbours)
-                if shared:
-                    scored.append((-shared, a, b))
-        # a pair counts only when each is the other's single best: a tie is no evidence either way
-        best_a: dict[int, list[int]] = defaultdict(list)
-        best_b: dict[int, list[int]] = defaultdict(list)
-        for score, a, b in scored:
-            best_a[a].append(score)
-            best_b[b].append(score)
-        # each one's two best scores, taken once (not once per pair it is in)
-        tops_a = {a: sorted(scores)[:2] for a, scores in best_a.items()}
-        tops_b = {b: sorted(scores)[:2] for b, scores in best_b.items()}
-        for score, a, b in sorted(scored):
-            top_a, top_b = tops_a[a], tops_b[b]
-            if score == top_a[0] == top_b[0] and top_a[1:] != [score] and top_b[1:] != [score]:
-                m.pair(a, b, "callgraph")
+    m.twins_by_neighbours(groups, m.mapping, callees_a, callers_a, callees_b, callers_b, _TWIN_SCORING_LIMIT,
+                          lambda a, b: m.pair(a, b, "callgraph"))
 
 
 def _twins_by_gap(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> None:
-    anchors = sorted(m.forward)
+    mapping = m.mapping
+    anchors = m.anchors()
     if not anchors:
         return
     for left, right in groups:
@@ -289,7 +259,7 @@ def _twins_by_gap(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> Non
         for a in left:
             index = bisect_left(anchors, a)
             if 0 < index < len(anchors):
-                by_gap_a[(m.forward[anchors[index - 1]].patched_rva, m.forward[anchors[index]].patched_rva)].append(a)
+                by_gap_a[(mapping[anchors[index - 1]], mapping[anchors[index]])].append(a)
         for (low, high), twins_a in by_gap_a.items():
             twins_b = [b for b in right if low < b < high]
             if len(twins_a) == len(twins_b):
@@ -322,7 +292,7 @@ def _by_similarity(m: _Matcher) -> None:
     counts_b = [m.patched.analysis_of(f).instruction_count for f in right_sorted]
     by_place = sorted(right, key=lambda f: f.rva)
     places_b = [f.rva for f in by_place]
-    anchors = sorted(m.forward)
+    anchors = m.anchors()
     scored: list[tuple[float, int, int]] = []
     for fa in left:
         na = count_a[fa.rva]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from itertools import chain
 from operator import attrgetter
 
 from ..analysis.api import FunctionAnalysis
@@ -65,24 +66,30 @@ class Pairing:
         rodata_checks: list[tuple[int, int, int]] = []  # (index in out, rva_a, rva_b)
         functions_a, analyses_a = self.a.functions, self.a.analyses
         functions_b, analyses_b, index_b = self.b.functions, self.b.analyses, self.b._index
-        # where each baseline function's counterpart sits in the patched table (-1: none)
-        at_b = [-1 if match is None else index_b[match.patched_rva]
-                for match in map(matches.get, map(_RVA, functions_a))]
+        # each baseline function's match, and where its counterpart sits in the patched table (-1: none)
+        matched = list(map(matches.get, map(_RVA, functions_a)))
+        at_b = [-1 if match is None else index_b[match.patched_rva] for match in matched]
+        # the data pairs that vote for equal code, in order: counted a block at a time (Counter.update a pair
+        # at a time costs more than the counting; all at the end would keep every pair alive till then)
+        unchanged_data: list[tuple[int, int]] = []
         unchanged_votes, known_read_only = self.data_votes["unchanged"], self._read_only_a
-        for fa, analysis_a, at, found in zip(functions_a, analyses_a, at_b, self._triaged(at_b)):
+        for fa, analysis_a, at, match, found in zip(functions_a, analyses_a, at_b, matched,
+                                                    chain.from_iterable(self._triaged(at_b))):
             if at < 0:
                 out.append(FunctionDiff(REMOVED, fa, None))
                 continue
             fb = functions_b[at]
-            match = matches[fa.rva]
             if found is None:  # equal code and nothing left to judge: most unchanged functions
                 out.append(FunctionDiff(UNCHANGED, fa, fb, match.method, match.similarity))
                 continue
             if found is _UNEQUAL_CODE:
-                changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at])
+                changes, rodata = self._compare(fa, fb, analysis_a, analyses_b[at], unchanged_data)
             elif not found[1]:  # equal code reading data alone (the next most common): only the data to check
                 data = found[0]
-                unchanged_votes.update(data)
+                unchanged_data += data
+                if len(unchanged_data) >= _VOTES_BLOCK:
+                    unchanged_votes.update(unchanged_data)
+                    unchanged_data.clear()
                 for rva_a, rva_b in data:
                     read_only = known_read_only.get(rva_a)
                     if read_only is None:
@@ -92,11 +99,12 @@ class Pairing:
                 out.append(FunctionDiff(UNCHANGED, fa, fb, match.method, match.similarity))
                 continue
             else:
-                changes, rodata = self._judge(fa, fb, True, *found)
+                changes, rodata = self._judge(fa, fb, True, *found, unchanged_data)
             for rva_a, rva_b in rodata:
                 rodata_checks.append((len(out), rva_a, rva_b))
             status = CHANGED if changes else UNCHANGED
             out.append(FunctionDiff(status, fa, fb, match.method, match.similarity, tuple(changes)))
+        unchanged_votes.update(unchanged_data)
         if rodata_checks:
             known = self._items_equal
             for index, rva_a, rva_b in rodata_checks:
@@ -112,9 +120,9 @@ class Pairing:
         out.extend(FunctionDiff(ADDED, None, fb) for fb in self.b if fb.rva not in matched_b)
         return out
 
-    def _triaged(self, at_b: list[int]) -> Iterator[object]:
-        """Per baseline function: the triage of its references against its counterpart's when both have
-        the same fingerprint (None: nothing left to judge), else ``_UNEQUAL_CODE``. Such pairs go to the
+    def _triaged(self, at_b: list[int]) -> Iterator[list[object]]:
+        """Per baseline function, in blocks: the triage of its references against its counterpart's when both
+        have the same fingerprint (None: nothing left to judge), else ``_UNEQUAL_CODE``. Such pairs go to the
         kernel a block of functions at a time: one call for many pairs, without every pair's data pairs
         alive at once. Triage reads and writes nothing else, so doing it ahead changes no order."""
         functions_a, functions_b = self.a.functions, self.b.functions
@@ -131,7 +139,7 @@ class Pairing:
             block: list[object] = [_UNEQUAL_CODE] * (stop - start)
             for index, triage in zip(same, found):
                 block[index - start] = triage
-            yield from block
+            yield block
 
     def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]] | None:
         """Pairs of references that sit at the same place in matched instructions; None when the
@@ -142,8 +150,8 @@ class Pairing:
         return self.streams.kernels.ref_pairs(analysis_a.raw_refs, analysis_b.raw_refs, analysis_a.insn_rvas,
                                               analysis_b.insn_rvas, self.streams.aligned_packed(fa, fb))
 
-    def _compare(self, fa: Function, fb: Function, analysis_a: FunctionAnalysis,
-                 analysis_b: FunctionAnalysis) -> tuple[list[str], list[tuple[int, int]]]:
+    def _compare(self, fa: Function, fb: Function, analysis_a: FunctionAnalysis, analysis_b: FunctionAnalysis,
+                 unchanged_data: list[tuple[int, int]]) -> tuple[list[str], list[tuple[int, int]]]:
         same_code = fa.fingerprint == fb.fingerprint
         # Calls to matched functions drop out, data on both sides comes back apart; with equal fingerprints
         # the branches inside the function and the imports are known to be the same and are left out too.
@@ -153,17 +161,18 @@ class Pairing:
                                   self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b)
         if same_code and not data and not rest:
             return [], []  # most unchanged functions: nothing left to judge
-        return self._judge(fa, fb, same_code, data, rest)
+        return self._judge(fa, fb, same_code, data, rest, unchanged_data)
 
     def _judge(self, fa: Function, fb: Function, same_code: bool, data: list[tuple[int, int]],
-               rest: list[tuple[tuple, tuple]]) -> tuple[list[str], list[tuple[int, int]]]:
+               rest: list[tuple[tuple, tuple]],
+               unchanged_data: list[tuple[int, int]]) -> tuple[list[str], list[tuple[int, int]]]:
         """The changes a pair's triaged references show, and its read-only data pairs to check (``data`` is
-        extended in place)."""
+        extended in place; with equal code its pairs join ``unchanged_data``, the votes ``classify`` counts
+        a block at a time, else they are counted as votes for changed code)."""
         changes: set[str] = set()
         if not same_code:
             changes.add("code")
         rodata: list[tuple[int, int]] = []
-        votes = self.data_votes["unchanged" if same_code else "changed"]
         function_map = self.function_map
         for ra, rb in rest:
             kind_a, value_a = self.targets_a.classify(fa, ra[4])
@@ -184,7 +193,10 @@ class Pairing:
                 data.append((value_a, value_b))  # type: ignore[arg-type]
             elif kind_a == OTHER and value_a != value_b:
                 changes.add("reference")
-        votes.update(data)  # counted in C, in the same order as one by one
+        if same_code:
+            unchanged_data += data
+        else:
+            self.data_votes["changed"].update(data)  # counted in C, in the same order as one by one
         read_only = self._read_only_a
         for pair in data:
             found = read_only.get(pair[0])
@@ -223,6 +235,8 @@ class Pairing:
 
 #: baseline functions triaged per kernel call
 _TRIAGE_BLOCK = 2048
+#: equal code's data votes counted per Counter.update call
+_VOTES_BLOCK = 4096
 #: ``Pairing._triaged``'s mark for a pair whose fingerprints differ (triaged on its own, after alignment)
 _UNEQUAL_CODE = object()
 _RVA = attrgetter("rva")

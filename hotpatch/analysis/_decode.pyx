@@ -286,6 +286,10 @@ cdef class _Decoder:
     # hold the image base (only then can a [reg + disp32] or a scaled index carry a reference)
     cdef bint lea_any
     cdef int image_base_regs
+    # registers that held the image base earlier in the sweep: LLVM loads it once and a linear sweep
+    # meets other code that reuses the register before the switch that reads through it
+    cdef uint8_t base_seen[512]
+    cdef bint base_seen_any
     cdef LiteEntry lite_seen[LITE_SLOTS]
 
     def __cinit__(self, ctx):
@@ -341,12 +345,17 @@ cdef class _Decoder:
         out.n_reads = 0
         if base == NULL:
             return 0
+        last_cmp = -1
         for range_index in range(f.n_ranges):
             begin = f.ranges[2 * range_index]
             end = min(f.ranges[2 * range_index + 1], <int64_t>memlen)
-            memset(self.lea_known, 0, sizeof(self.lea_known))
-            self.lea_any, self.image_base_regs = False, 0
-            last_cmp = -1
+            # a range that starts where the last one ended continues its code (chained unwind entries split
+            # a function at prologue boundaries): the table base loaded before the split is still there
+            if range_index == 0 or begin != f.ranges[2 * range_index - 1]:
+                memset(self.lea_known, 0, sizeof(self.lea_known))
+                memset(self.base_seen, 0, sizeof(self.base_seen))
+                self.lea_any, self.image_base_regs, self.base_seen_any = False, 0, False
+                last_cmp = -1
             offset = begin
             # the sweep only moves forward: the first relocation at or after each instruction is found by
             # moving this cursor, not by a search per instruction
@@ -436,9 +445,9 @@ cdef class _Decoder:
         cdef int base
         if reasons & HP_RIP or (reasons & HP_COMPARE and not reasons & HP_BOUND):
             return True
-        if reasons & HP_DISP32 and self.image_base_regs > 0:
+        if reasons & HP_DISP32 and (self.image_base_regs > 0 or self.base_seen_any):
             base = LEA_REGISTER[2][fast.base_reg] if 0 <= fast.base_reg < 16 else 0
-            if base == 0 or self.lea_known[base] and self.lea_value[base] == 0:
+            if base == 0 or self.lea_known[base] and self.lea_value[base] == 0 or self.base_seen[base]:
                 return True
         return reasons & HP_SCALE4 and self.lea_any and not fast.two_byte \
             and (fast.opcode == 0x8B or fast.opcode == 0x8A or fast.opcode == 0x63)
@@ -469,9 +478,18 @@ cdef class _Decoder:
             self.image_base_regs -= 1
         if target == 0:
             self.image_base_regs += 1
+            self.base_seen[reg] = 1
+            self.base_seen_any = True
         self.lea_value[reg] = target
         self.lea_known[reg] = 1
         self.lea_any = True
+
+    cdef inline bint _image_base(self, const Function *f, int reg, int64_t disp) noexcept nogil:
+        """Whether ``[reg + .. + disp]`` addresses from the image base: ``reg`` holds it now, or held it before
+        and ``disp`` lies in the function (its own switch tables; the twin's ``_image_base``)."""
+        if self.lea_known[reg] and self.lea_value[reg] == 0:
+            return True
+        return self.base_seen[reg] and _in_function(f, disp)
 
     cdef int _detailed(self, Decoded *out, const Function *f, cs_insn *insn, int64_t *last_cmp) noexcept nogil:
         """References of one instruction decoded with details (branch, RIP operand, switch)."""
@@ -514,7 +532,7 @@ cdef class _Decoder:
                         return -1
                     break
                 if op.type == X86_OP_MEM and x.encoding.disp_size == 4 and 0 < op.mem.base < 512 \
-                        and self.lea_known[op.mem.base] and self.lea_value[op.mem.base] == 0 \
+                        and self._image_base(f, op.mem.base, op.mem.disp) \
                         and self.first_section_rva <= op.mem.disp < <int64_t>self.memlen:
                     # MSVC addresses tables as [image base register + index + RVA]
                     if _push_ref(out, IMAGE_REL32, rva, x.encoding.disp_offset, 4, op.mem.disp):
@@ -535,19 +553,19 @@ cdef class _Decoder:
     cdef int _jump_table(self, Decoded *out, const Function *f, cs_insn *insn, int64_t last_cmp) noexcept nogil:
         cdef cs_x86 *x = &insn.detail.x86
         cdef x86_op_mem *mem
-        cdef int64_t table, base_target
+        cdef int64_t table
         cdef int entry_kind
         cdef Table *entry
         if x.op_count != 2 or x.operands[1].type != X86_OP_MEM:
             return 0
         mem = &x.operands[1].mem
-        if mem.index == 0 or mem.scale != 4 or mem.base < 0 or mem.base >= 512 or not self.lea_known[mem.base]:
+        if mem.index == 0 or mem.scale != 4 or mem.base < 0 or mem.base >= 512:
             return 0
-        base_target = self.lea_value[mem.base]
-        if insn.id == X86_INS_MOVSXD and mem.disp == 0:
-            table = base_target
+        if insn.id == X86_INS_MOVSXD and mem.disp == 0 and self.lea_known[mem.base]:
+            table = self.lea_value[mem.base]
             entry_kind = TABLE_SELF_REL32
-        elif insn.id == X86_INS_MOV and base_target == 0 and mem.disp > 0 and x.operands[0].size == 4:
+        elif insn.id == X86_INS_MOV and mem.disp > 0 and x.operands[0].size == 4 \
+                and self._image_base(f, mem.base, mem.disp):
             table = mem.disp
             entry_kind = TABLE_IMAGE_REL32
         else:

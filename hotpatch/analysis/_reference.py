@@ -102,10 +102,15 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
     tables: list[tuple[int, int, int, tuple[int, ...]]] = []
     skips: list[tuple[int, int]] = []  # jump tables found ahead in this function: data, not code
     reads: set[int] = set()  # places inside the function its instructions read (not lea): data
+    lea_targets: dict[int, int] = {}
+    base_seen: set[int] = set()  # registers that held the image base earlier in the sweep
+    last_cmp = -1
     for range_index, (begin, end) in enumerate(ranges):
+        if range_index == 0 or begin != ranges[range_index - 1][1]:
+            # a range that does not continue the last one starts with nothing known (see the compiled decoder)
+            lea_targets, base_seen = {}, set()
+            last_cmp = -1
         end = min(end, len(memory))
-        lea_targets: dict[int, int] = {}
-        last_cmp = -1
         offset = begin
         after_end = False  # the last instruction swept does not fall through
         while offset < end:
@@ -139,10 +144,13 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
                             refs.append((kind, rva, insn.disp_offset, 4, target))
                             if insn.id == x86.X86_INS_LEA:
                                 lea_targets[insn.operands[0].reg] = target
+                                if target == 0:
+                                    base_seen.add(insn.operands[0].reg)
                             elif _in_ranges(target, ranges):
                                 reads.add(target)
                             break
-                        if op.type == x86.X86_OP_MEM and insn.disp_size == 4 and lea_targets.get(op.mem.base) == 0 \
+                        if op.type == x86.X86_OP_MEM and insn.disp_size == 4 \
+                                and _image_base(lea_targets, base_seen, ranges, op.mem.base, op.mem.disp) \
                                 and ctx.first_section_rva <= op.mem.disp < len(memory):
                             # MSVC addresses tables as [image base register + index + RVA]
                             refs.append((IMAGE_REL32, rva, insn.disp_offset, 4, op.mem.disp))
@@ -156,7 +164,7 @@ def _decode_one(md: capstone.Cs, ctx: Any, ranges: tuple[tuple[int, int], ...]) 
                         and ops[1].type == x86.X86_OP_IMM else -1
                 elif insn_id == x86.X86_INS_MOVSXD or insn_id == x86.X86_INS_MOV:
                     found = len(tables)
-                    _jump_table(ctx, insn, lea_targets, last_cmp, ranges, refs, tables)
+                    _jump_table(ctx, insn, lea_targets, base_seen, last_cmp, ranges, refs, tables)
                     if len(tables) > found:
                         _skip_table(skips, tables[-1], rva, ranges, range_index)
                 index = bisect_left(relocations, rva)
@@ -220,19 +228,27 @@ def _in_ranges(target: int, ranges: tuple[tuple[int, int], ...]) -> bool:
     return any(begin <= target < end for begin, end in ranges)
 
 
-def _jump_table(ctx: Any, insn: Any, lea_targets: dict[int, int], last_cmp: int,
+def _image_base(lea_targets: dict[int, int], base_seen: set[int], ranges: tuple[tuple[int, int], ...],
+                reg: int, disp: int) -> bool:
+    """Whether ``[reg + .. + disp]`` addresses from the image base: ``reg`` holds it now, or held it before and
+    ``disp`` lies in the function (LLVM loads the base once; a linear sweep meets code reusing the register
+    before the switch that reads through it)."""
+    return lea_targets.get(reg) == 0 or reg in base_seen and _in_ranges(disp, ranges)
+
+
+def _jump_table(ctx: Any, insn: Any, lea_targets: dict[int, int], base_seen: set[int], last_cmp: int,
                 ranges: tuple[tuple[int, int], ...], refs: list, tables: list) -> None:
-    """Recognise the indexed load of a switch: GCC (table-relative) or MSVC (image-relative)."""
+    """Recognise the indexed load of a switch: GCC (table-relative) or MSVC and LLVM (image-relative)."""
     ops = insn.operands
     if len(ops) != 2 or ops[1].type != x86.X86_OP_MEM:
         return
     mem = ops[1].mem
-    if mem.index == 0 or mem.scale != 4 or mem.base not in lea_targets:
+    if mem.index == 0 or mem.scale != 4:
         return
-    base_target = lea_targets[mem.base]
-    if insn.id == x86.X86_INS_MOVSXD and mem.disp == 0:
-        table, entry_kind = base_target, TABLE_SELF_REL32
-    elif insn.id == x86.X86_INS_MOV and base_target == 0 and mem.disp > 0 and ops[0].size == 4:
+    if insn.id == x86.X86_INS_MOVSXD and mem.disp == 0 and mem.base in lea_targets:
+        table, entry_kind = lea_targets[mem.base], TABLE_SELF_REL32
+    elif insn.id == x86.X86_INS_MOV and mem.disp > 0 and ops[0].size == 4 \
+            and _image_base(lea_targets, base_seen, ranges, mem.base, mem.disp):
         table, entry_kind = mem.disp, TABLE_IMAGE_REL32
     else:
         return

@@ -121,6 +121,17 @@ cdef inline Py_ssize_t _upper_bound(const uint32_t[:] values, int64_t key) noexc
     return lo
 
 
+cdef inline int64_t _before_next(list starts, Py_ssize_t index, int64_t limit) except? -1:
+    """``limit``, or the start at ``index`` of the sorted ``starts`` (the one after a function's) when that comes
+    first: where the function can end at the latest."""
+    cdef int64_t following
+    if index < len(starts):
+        following = starts[index]
+        if following < limit:
+            return following
+    return limit
+
+
 cdef Py_ssize_t _list_upper_bound(list values, int64_t key, Py_ssize_t lo=0) except -1:
     """``bisect_right`` of a sorted list of ints, known to be at least ``lo``: galloping from there first, as
     a round's sorted starts are looked up one after another (the probes are Python ints: few is cheap)."""
@@ -146,9 +157,9 @@ def stale_gap_places(const uint8_t[:] memory, stale, list starts, dict items, co
     ``section_ends``: sorted, disjoint), ``gap_places`` of the gap from the end of its item's first range
     (``items[start]``) to the next of the sorted ``starts`` or its section's end; the starts with places
     and their places."""
-    cdef Py_ssize_t length = memory.shape[0], count = len(starts), index, known = 0
+    cdef Py_ssize_t length = memory.shape[0], index, known = 0
     cdef const uint8_t *m = &memory[0] if length else NULL
-    cdef int64_t rva, limit, end, following, previous = -1
+    cdef int64_t rva, limit, end, previous = -1
     cdef list owners = [], out = [], fresh
     for value in stale:
         rva = value
@@ -158,12 +169,8 @@ def stale_gap_places(const uint8_t[:] memory, stale, list starts, dict items, co
         index = _upper_bound(section_rvas, rva) - 1
         if index < 0 or rva >= section_ends[index]:
             continue  # a .pdata entry outside the executable sections bounds no gap
-        limit = section_ends[index]
-        index = known = _list_upper_bound(starts, rva, known)
-        if index < count:
-            following = starts[index]
-            if following < limit:
-                limit = following
+        known = _list_upper_bound(starts, rva, known)
+        limit = _before_next(starts, known, section_ends[index])
         end = items[value][1][0][1]
         if end < limit:
             fresh = []
@@ -182,8 +189,8 @@ def refresh_raw_items(added, list starts, dict pdata, const uint32_t[:] section_
     ``section_ends``: sorted, disjoint; ``section_limits``: where a function may end in each). Those whose
     raw item is new or changed are set in ``raw_items`` and ``items``; returns the touched starts and the
     changed ones, each with its item before (None if new)."""
-    cdef Py_ssize_t count = len(starts), index = 0, known = 0
-    cdef int64_t rva, limit, following, previous = -1
+    cdef Py_ssize_t index = 0, known = 0
+    cdef int64_t rva, limit, previous = -1
     cdef list touched = [], changed = []
     for value in added:
         rva = value
@@ -205,12 +212,8 @@ def refresh_raw_items(added, list starts, dict pdata, const uint32_t[:] section_
             index = _upper_bound(section_rvas, rva) - 1
             if index < 0 or rva >= section_ends[index]:
                 raise ValueError(f"start {rva:#x} outside the code sections")
-            limit = section_limits[index]
-            index = known = _list_upper_bound(starts, rva, known)
-            if index < count:
-                following = starts[index]
-                if following < limit:
-                    limit = following
+            known = _list_upper_bound(starts, rva, known)
+            limit = _before_next(starts, known, section_limits[index])
             raw = (value, ((value, limit),))
         old = raw_items.get(value)
         if old is None or old != raw:

@@ -200,16 +200,22 @@ def x86_numbers() -> Any:
     return _x86_numbers
 
 
+def kernels_for(impl: Any, compiled: str, twin: str, what: str) -> ModuleType:
+    """The kernels that go with an analysis implementation: the module ``compiled`` with the compiled core, its
+    pure-Python ``twin`` with the Python one (the twins agree); ``what`` names them in the error when the compiled
+    module did not build."""
+    if getattr(impl, "IMPLEMENTATION", None) != "cython":
+        return importlib.import_module(twin)
+    try:
+        return importlib.import_module(compiled)
+    except ImportError as exc:
+        raise AnalysisError(f"the compiled {what} {compiled} did not load ({exc}); "
+                            "reinstall with 'pip install .'") from None
+
+
 def diff_kernels(impl: Any = None) -> ModuleType:
     """The diff kernels that go with an analysis implementation: compiled with compiled, Python with Python."""
-    impl = impl or backend()
-    if getattr(impl, "IMPLEMENTATION", None) != "cython":
-        return importlib.import_module("hotpatch.diff._diffreference")
-    try:
-        return importlib.import_module("hotpatch.diff._diffcore")
-    except ImportError as exc:
-        raise AnalysisError(f"the compiled diff kernels hotpatch.diff._diffcore are not available ({exc}); "
-                            "reinstall with 'pip install .'") from None
+    return kernels_for(impl or backend(), "hotpatch.diff._diffcore", "hotpatch.diff._diffreference", "diff kernels")
 
 
 def decode(

@@ -846,11 +846,22 @@ cdef int _section_of(const int64_t *sections, Py_ssize_t n_sections, int64_t rva
     return <int>(low - 1)
 
 
+cdef inline uint64_t _pointer_at(const uint8_t[:] memory, int64_t at) noexcept:
+    """The little-endian pointer at ``at``; one cut short by the end of ``memory`` reads as the bytes there are."""
+    cdef Py_ssize_t size = memory.shape[0], available = size - at if 0 <= at < size else 0, k
+    cdef uint64_t value = 0
+    if available > 8:
+        available = 8
+    for k in range(available):
+        value |= (<uint64_t>memory[at + k]) << (8 * k)
+    return value
+
+
 def relocated_data(const uint8_t[:] memory, relocations, uint64_t image_base, tuple sections):
     """For each relocated slot in order: the pointer's target (its value less ``image_base``) when it lies
     in data, then the slot itself when it lies in data (``sections``: (begin, end, executable) sorted by
     begin; a pointer cut short by the end of ``memory`` reads as the bytes there are)."""
-    cdef Py_ssize_t n_sections = len(sections), k, size = memory.shape[0], available
+    cdef Py_ssize_t n_sections = len(sections), k
     cdef int64_t *bounds = <int64_t *>malloc((3 * n_sections + 1) * sizeof(int64_t))
     cdef list out = []
     cdef int64_t slot
@@ -863,12 +874,7 @@ def relocated_data(const uint8_t[:] memory, relocations, uint64_t image_base, tu
             bounds[3 * k], bounds[3 * k + 1], bounds[3 * k + 2] = sections[k][0], sections[k][1], sections[k][2]
         for item in relocations:
             slot = item
-            value = 0
-            available = size - slot if 0 <= slot < size else 0
-            if available > 8:
-                available = 8
-            for k in range(available):
-                value |= (<uint64_t>memory[slot + k]) << (8 * k)
+            value = _pointer_at(memory, slot)
             # below the image base the target is negative, far above it beyond every section: never data
             if value >= image_base and value - image_base < (<uint64_t>1 << 62):
                 found = _section_of(bounds, n_sections, <int64_t>(value - image_base))
@@ -1094,7 +1100,7 @@ def pointer_tables(const uint8_t[:] memory, relocations, uint64_t image_base, tu
     ``code_spans``); only runs that point at a start are kept, in the order of ``relocations``. A pointer
     cut short by the end of ``memory`` reads as the bytes there are; ``code_spans`` sorted by begin, a slot
     in code when the last span beginning at or before it ends after it (``Image.is_executable_rva``)."""
-    cdef Py_ssize_t n = len(relocations), i, k, size = memory.shape[0], available
+    cdef Py_ssize_t n = len(relocations), i
     cdef int64_t *slots = <int64_t *>malloc((n + 1) * sizeof(int64_t))
     cdef int64_t at
     cdef uint64_t value
@@ -1113,12 +1119,7 @@ def pointer_tables(const uint8_t[:] memory, relocations, uint64_t image_base, tu
                 continue  # not the first slot of a run
             run = None
             while _is_key(slots, n, at):
-                value = 0
-                available = size - at if 0 <= at < size else 0
-                if available > 8:
-                    available = 8
-                for k in range(available):
-                    value |= (<uint64_t>memory[at + k]) << (8 * k)
+                value = _pointer_at(memory, at)
                 # below the image base the target is negative, far above it past every RVA: never a start
                 if value >= image_base and value - image_base < (<uint64_t>1 << 62):
                     target = <int64_t>(value - image_base)

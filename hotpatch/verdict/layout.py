@@ -15,7 +15,6 @@ pairs to compare come from ``_layout.pyx`` (compiled) or its pure-Python twin
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,9 +22,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from ..analysis.api import kernels_for
 from ..analysis.functions import Function, FunctionTable, import_thunk_target
 from ..analysis.refkinds import CALL_REL32, IAT_CALL
-from ..errors import AnalysisError
 from ..memo import cache_of
 from . import _layout_reference
 from ._layout_reference import NUMBER as _NUMBER
@@ -124,13 +123,7 @@ def _differing_pairs(result: DiffResult) -> _Pairs:
 def layout_kernels(table: FunctionTable) -> ModuleType:
     """``_layout`` or its twin ``_layout_reference``, the one that goes with the table's analysis implementation:
     compiled with compiled (the twins agree)."""
-    if getattr(table.backend, "IMPLEMENTATION", None) != "cython":
-        return _layout_reference
-    try:
-        return importlib.import_module("hotpatch.verdict._layout")
-    except ImportError as exc:
-        raise AnalysisError(f"the compiled layout kernels hotpatch.verdict._layout are not available ({exc}); "
-                            "reinstall with 'pip install .'") from None
+    return kernels_for(table.backend, "hotpatch.verdict._layout", _layout_reference.__name__, "layout kernels")
 
 
 def _allocator_calls(table: FunctionTable, function: Function) -> set[int]:

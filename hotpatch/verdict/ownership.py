@@ -27,16 +27,14 @@ is ``_ownership.pyx`` (compiled, over capstone's C API) or its pure-Python twin
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from heapq import heappop, heappush
 from types import ModuleType
 
-from ..analysis.api import x86_numbers
+from ..analysis.api import kernels_for, x86_numbers
 from ..analysis.functions import Function, FunctionTable
 from ..analysis.refkinds import BRANCH_REL32, CALL_REL32, IAT_CALL, IAT_JUMP
-from ..errors import AnalysisError
 from ..memo import cache_of
 from . import _ownership_reference
 
@@ -164,13 +162,7 @@ def _scan_kernel(table: FunctionTable) -> _Scan:
 def _kernels(table: FunctionTable) -> ModuleType:
     """The scan and call-target reader that go with the table's analysis implementation: compiled with
     compiled (the twins agree)."""
-    if getattr(table.backend, "IMPLEMENTATION", None) != "cython":
-        return _ownership_reference
-    try:
-        return importlib.import_module("hotpatch.verdict._ownership")
-    except ImportError as exc:
-        raise AnalysisError(f"the compiled ownership scan hotpatch.verdict._ownership is not available ({exc}); "
-                            "reinstall with 'pip install .'") from None
+    return kernels_for(table.backend, "hotpatch.verdict._ownership", _ownership_reference.__name__, "ownership scan")
 
 
 def _heap_functions(table: FunctionTable) -> tuple[frozenset[int], dict[int, int]]:

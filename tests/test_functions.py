@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from bisect import bisect_right
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from hotpatch import Image, discover
+from hotpatch.analysis.functions import FunctionTable
 from hotpatch.analysis.padding import USABLE_PADDING_RE
 from hotpatch.verdict.rules import decide
 
@@ -140,3 +144,35 @@ def test_terminating_instructions_by_their_bytes(code: str, expected: bool) -> N
     assert terminates(raw, 0, len(raw)) is expected
     # the compiled core stops its sweep at the same instructions: data right after them is skipped
     assert _core.terminates(raw) is expected
+
+
+def _assert_containing_as_every_span(table: FunctionTable, probes: set[int]) -> None:
+    """``containing`` answers as one sorted list of every span (primary ranges and fragments) does."""
+    spans = sorted((begin, end, i) for i, f in enumerate(table.functions) for begin, end in f.ranges)
+    begins = [s[0] for s in spans]
+    for rva in sorted(probes):
+        index = bisect_right(begins, rva) - 1
+        expected = table.functions[spans[index][2]] if index >= 0 and rva < spans[index][1] else None
+        assert table.containing(rva) is expected, hex(rva)
+
+
+def test_containing_with_fragments_anywhere_answers_as_every_span_sorted(built_fixtures: Path) -> None:
+    """The primary ranges bisected with the fragments' own index give what one index of every span gives,
+    fragments overlapping functions, each other and sharing begins included."""
+    table = discover(Image.load(built_fixtures / "switch_table" / "baseline.dll"))
+    rng = random.Random(6)
+    high = table.functions[-1].end_rva + 64
+    functions = tuple(dataclasses.replace(f, fragments=tuple(sorted(
+        (begin, begin + rng.randrange(1, 48)) for begin in (rng.randrange(0, high) for _ in range(rng.randrange(3))))))
+        for f in table.functions)
+    assert sum(len(f.fragments) for f in functions) > 0
+    synthetic = dataclasses.replace(table, functions=functions)
+    probes = {x + d for f in functions for begin, end in f.ranges for x in (begin, end) for d in (-1, 0, 1)}
+    _assert_containing_as_every_span(synthetic, probes | {-1} | {rng.randrange(0, high) for _ in range(2000)})
+
+
+def test_containing_on_a_real_binary_answers_as_every_span_sorted(rust_pyd: Path) -> None:
+    table = discover(Image.load_fast(rust_pyd))
+    assert any(f.fragments for f in table)
+    probes = {x + d for f in table for begin, end in f.ranges for x in (begin, end) for d in (-1, 0, 1)}
+    _assert_containing_as_every_span(table, probes)

@@ -105,11 +105,18 @@ class FunctionTable:
         return self.analyses[self._index[function.rva]]
 
     def containing(self, rva: int) -> Function | None:
-        """The function whose primary range or fragments contain ``rva``."""
-        spans = self._spans
-        index = bisect_right(spans[0], rva) - 1
-        if index >= 0 and rva < spans[1][index]:
-            return spans[2][index]
+        """The function whose primary range or fragments contain ``rva``: the last span, of all of them sorted
+        by (begin, end, function index), that begins at or before ``rva``, when it runs past ``rva``."""
+        # the primary ranges are sorted with the functions: only the few fragments need an index of their own
+        # (a diff asks a handful of times; sorting every function's spans cost more than all the asking)
+        index = bisect_right(self._starts, rva) - 1
+        best = None if index < 0 else (self.functions[index].rva, self.functions[index].end_rva, index)
+        fragments = self._fragment_spans
+        at = bisect_right(fragments[0], rva) - 1
+        if at >= 0 and (best is None or fragments[1][at] > best):
+            best = fragments[1][at]
+        if best is not None and rva < best[1]:
+            return self.functions[best[2]]
         return None
 
     def preceding(self, rva: int) -> Function | None:
@@ -156,12 +163,14 @@ class FunctionTable:
         return cached
 
     @property
-    def _spans(self) -> tuple[list[int], list[int], list[Function]]:
-        cached = self.__dict__.get("_spans_cache")
+    def _fragment_spans(self) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """The begins of every fragment sorted, and the (begin, end, function index) of each."""
+        cached = self.__dict__.get("_fragment_spans_cache")
         if cached is None:
-            spans = sorted((begin, end, i) for i, f in enumerate(self.functions) for begin, end in f.ranges)
-            cached = ([s[0] for s in spans], [s[1] for s in spans], [self.functions[s[2]] for s in spans])
-            object.__setattr__(self, "_spans_cache", cached)
+            spans = sorted((begin, end, i) for i, f in enumerate(self.functions) if f.fragments
+                           for begin, end in f.fragments)
+            cached = ([s[0] for s in spans], spans)
+            object.__setattr__(self, "_fragment_spans_cache", cached)
         return cached
 
 

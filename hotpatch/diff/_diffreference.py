@@ -131,15 +131,18 @@ The contract (both implementations):
     or before the cursor moves nothing.
 
 ``rva_map(function_map)``
-    What ``triage_same`` may take as ``rva_map``: None here; the compiled
+    What ``triage_block`` may take as ``rva_map``: None here; the compiled
     kernels keep the map in C (``RvaMap``) to drop calls to matched
     functions before making a Python int.
 
-``triage_same(refs_a_list, refs_b_list, ranges_a_list, ranges_b_list, iat_a, iat_b, function_map, data_a, data_b,
-rva_map=None)``
-    ``triage_refs`` without pairs (equal fingerprints) of each pair of the
-    four lists side by side, in one list: None where both of its lists are
-    empty (nothing left to judge), else ``(data, rest)``.
+``triage_block(functions_a, analyses_a, functions_b, analyses_b, at_b, start, stop, iat_a, iat_b, function_map,
+data_a, data_b, rva_map, unequal)``
+    Per baseline function ``index`` in ``[start, stop)``, whose counterpart
+    is ``functions_b[at_b[index]]`` (-1: none), in one list: ``unequal``
+    when it has none or their fingerprints differ, else ``triage_refs``
+    without pairs (equal fingerprints) of the two functions' ``raw_refs``
+    and ``ranges``: None where both of its lists are empty (nothing left to
+    judge), else ``(data, rest)``.
 
 ``branch_targets_between(refs, low, high)``
     The set of the targets of the rel8/rel32 branches among ``refs`` that lie
@@ -200,7 +203,7 @@ from .align import aligned_indices, opcodes
 __all__ = ["IMPLEMENTATION", "aligned_callees", "aligned_indices", "aligned_packed", "branch_targets_between",
            "call_graph", "callees", "data_side", "equal_replacements", "item_extent", "items_equal", "lists_reaching",
            "lone_pair", "new_interner", "pointer_tables", "propagate", "ref_pairs", "ref_targets", "relocated_data",
-           "rva_map", "similarity", "targets_within", "token_ids", "triage_refs", "triage_same",
+           "rva_map", "similarity", "targets_within", "token_ids", "triage_block", "triage_refs",
            "twins_by_neighbours", "unfilled_gaps", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
@@ -393,12 +396,17 @@ def rva_map(function_map: dict[int, int]) -> None:
     return None  # the dict alone answers here
 
 
-def triage_same(refs_a_list: list, refs_b_list: list, ranges_a_list: list, ranges_b_list: list, iat_a: dict,
-                iat_b: dict, function_map: dict[int, int], data_a: frozenset[int], data_b: frozenset[int],
-                rva_map: Any = None) -> list[tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]] | None]:
-    out: list[tuple[list[tuple[int, int]], list[tuple[tuple, tuple]]] | None] = []
-    for refs_a, refs_b, ranges_a, ranges_b in zip(refs_a_list, refs_b_list, ranges_a_list, ranges_b_list):
-        data, rest = triage_refs(refs_a, refs_b, None, ranges_a, ranges_b, iat_a, iat_b, function_map, data_a, data_b)
+def triage_block(functions_a: Any, analyses_a: Any, functions_b: Any, analyses_b: Any, at_b: list[int], start: int,
+                 stop: int, iat_a: dict, iat_b: dict, function_map: dict[int, int], data_a: frozenset[int],
+                 data_b: frozenset[int], rva_map: Any, unequal: object) -> list[object]:
+    out: list[object] = []
+    for index in range(start, stop):
+        at = at_b[index]
+        if at < 0 or functions_a[index].fingerprint != functions_b[at].fingerprint:
+            out.append(unequal)
+            continue
+        data, rest = triage_refs(analyses_a[index].raw_refs, analyses_b[at].raw_refs, None, functions_a[index].ranges,
+                                 functions_b[at].ranges, iat_a, iat_b, function_map, data_a, data_b)
         out.append((data, rest) if data or rest else None)
     return out
 

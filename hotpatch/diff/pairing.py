@@ -122,24 +122,18 @@ class Pairing:
 
     def _triaged(self, at_b: list[int]) -> Iterator[list[object]]:
         """Per baseline function, in blocks: the triage of its references against its counterpart's when both
-        have the same fingerprint (None: nothing left to judge), else ``_UNEQUAL_CODE``. Such pairs go to the
-        kernel a block of functions at a time: one call for many pairs, without every pair's data pairs
-        alive at once. Triage reads and writes nothing else, so doing it ahead changes no order."""
+        have the same fingerprint (None: nothing left to judge), else ``_UNEQUAL_CODE``. A block of functions
+        goes to the kernel in one call (which reads their fingerprints, ranges and references itself), without
+        every pair's data pairs alive at once. Triage reads and writes nothing else, so doing it ahead changes
+        no order."""
+        kernels = self.streams.kernels
         functions_a, functions_b = self.a.functions, self.b.functions
         analyses_a, analyses_b = self.a.analyses, self.b.analyses
-        rva_map = self.streams.kernels.rva_map(self.function_map)
+        rva_map = kernels.rva_map(self.function_map)
         for start in range(0, len(at_b), _TRIAGE_BLOCK):
-            stop = min(start + _TRIAGE_BLOCK, len(at_b))
-            same = [index for index in range(start, stop)
-                    if at_b[index] >= 0 and functions_a[index].fingerprint == functions_b[at_b[index]].fingerprint]
-            found = self.streams.kernels.triage_same(
-                [analyses_a[i].raw_refs for i in same], [analyses_b[at_b[i]].raw_refs for i in same],
-                [functions_a[i].ranges for i in same], [functions_b[at_b[i]].ranges for i in same],
-                self._iat_a, self._iat_b, self.function_map, self._data_a, self._data_b, rva_map)
-            block: list[object] = [_UNEQUAL_CODE] * (stop - start)
-            for index, triage in zip(same, found):
-                block[index - start] = triage
-            yield block
+            yield kernels.triage_block(functions_a, analyses_a, functions_b, analyses_b, at_b, start,
+                                       min(start + _TRIAGE_BLOCK, len(at_b)), self._iat_a, self._iat_b,
+                                       self.function_map, self._data_a, self._data_b, rva_map, _UNEQUAL_CODE)
 
     def ref_pairs(self, fa: Function, fb: Function) -> list[tuple[tuple, tuple]] | None:
         """Pairs of references that sit at the same place in matched instructions; None when the

@@ -11,7 +11,7 @@ threshold.
 from __future__ import annotations
 
 import weakref
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -261,7 +261,8 @@ def _twins_by_gap(m: _Matcher, groups: list[tuple[list[int], list[int]]]) -> Non
             if 0 < index < len(anchors):
                 by_gap_a[(mapping[anchors[index - 1]], mapping[anchors[index]])].append(a)
         for (low, high), twins_a in by_gap_a.items():
-            twins_b = [b for b in right if low < b < high]
+            # ``right`` is in table order (by RVA): the twins strictly between low and high are one slice of it
+            twins_b = right[bisect_right(right, low):bisect_left(right, high)]
             if len(twins_a) == len(twins_b):
                 for a, b in zip(twins_a, twins_b):
                     m.pair(a, b, "fingerprint")

@@ -1706,3 +1706,29 @@ def lists_reaching(refs_lists, targets):
                     break
         index += 1
     return out
+
+
+# ── unique-key matching ─────────────────────────────────────────────────────
+
+def unique_pairs(list keys_a, list rvas_a, list keys_b, list rvas_b):
+    """``(rvas_a[i], rvas_b[j])`` for each key set (truthy) that is ``keys_a[i]`` alone in ``keys_a`` and
+    ``keys_b[j]`` alone in ``keys_b``, in baseline order."""
+    cdef dict at_a = {}, at_b = {}
+    cdef list out = []
+    cdef Py_ssize_t i, n_a = len(keys_a), n_b = len(keys_b)
+    cdef object key, found
+    # each key's index, or _MANY once it is met again
+    for i in range(n_a):
+        key = keys_a[i]
+        at_a[key] = _MANY if key in at_a else i
+    for i in range(n_b):
+        key = keys_b[i]
+        at_b[key] = _MANY if key in at_b else i
+    for i in range(n_a):
+        key = keys_a[i]
+        if not key or at_a[key] is _MANY:
+            continue
+        found = at_b.get(key)
+        if found is not None and found is not _MANY:
+            out.append((rvas_a[i], rvas_b[<Py_ssize_t>found]))
+    return out

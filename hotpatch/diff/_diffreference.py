@@ -144,6 +144,10 @@ data_a, data_b, rva_map, unequal)``
     and ``ranges``: None where both of its lists are empty (nothing left to
     judge), else ``(data, rest)``.
 
+``unique_pairs(keys_a, rvas_a, keys_b, rvas_b)``
+    ``(rvas_a[i], rvas_b[j])`` for each key that is set (truthy), met once
+    in ``keys_a`` (at i) and once in ``keys_b`` (at j), in baseline order.
+
 ``branch_targets_between(refs, low, high)``
     The set of the targets of the rel8/rel32 branches among ``refs`` that lie
     strictly between ``low`` and ``high``.
@@ -192,7 +196,7 @@ from __future__ import annotations
 import struct
 from array import array
 from bisect import bisect_left, bisect_right
-from collections import defaultdict
+from collections import Counter, defaultdict
 from difflib import SequenceMatcher
 from itertools import filterfalse
 from typing import Any
@@ -204,7 +208,7 @@ __all__ = ["IMPLEMENTATION", "aligned_callees", "aligned_indices", "aligned_pack
            "call_graph", "callees", "data_side", "equal_replacements", "item_extent", "items_equal", "lists_reaching",
            "lone_pair", "new_interner", "pointer_tables", "propagate", "ref_pairs", "ref_targets", "relocated_data",
            "rva_map", "similarity", "targets_within", "token_ids", "triage_block", "triage_refs",
-           "twins_by_neighbours", "unfilled_gaps", "unsupported_refs"]
+           "twins_by_neighbours", "unfilled_gaps", "unique_pairs", "unsupported_refs"]
 
 IMPLEMENTATION = "python"
 
@@ -555,3 +559,9 @@ def items_equal(a: DataSide, b: DataSide, rva_a: int, rva_b: int, function_map: 
 
 def lists_reaching(refs_lists: Any, targets: set[int]) -> list[int]:
     return [index for index, refs in enumerate(refs_lists) if any(ref[4] in targets for ref in refs)]
+
+
+def unique_pairs(keys_a: list, rvas_a: list[int], keys_b: list, rvas_b: list[int]) -> list[tuple[int, int]]:
+    count_a, count_b = Counter(keys_a), Counter(keys_b)
+    rva_b = dict(zip(keys_b, rvas_b))
+    return [(rva, rva_b[key]) for key, rva in zip(keys_a, rvas_a) if key and count_a[key] == 1 and count_b[key] == 1]

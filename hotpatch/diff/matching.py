@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import weakref
 from bisect import bisect_left, bisect_right
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -58,7 +58,7 @@ class _Matcher:
         self.settled: set[int] = set()
         kernels = diff_kernels(baseline.backend)
         self.propagate, self.aligned_callees = kernels.propagate, kernels.aligned_callees
-        self.twins_by_neighbours = kernels.twins_by_neighbours
+        self.twins_by_neighbours, self.unique_pairs = kernels.twins_by_neighbours, kernels.unique_pairs
         # the unmatched lists are taken a dozen times: each is the last one filtered (pairs are never undone,
         # so that keeps the table's order), not the whole table again
         self._unmatched_a: list[Function] = list(baseline.functions)
@@ -123,19 +123,12 @@ def match_functions(baseline: FunctionTable, patched: FunctionTable,
 
 
 def _by_unique_key(m: _Matcher, attribute: str, method: str) -> None:
-    """Pairs the unmatched functions whose ``attribute`` (name, fingerprint) is set and unique on each side."""
-    left, count_left = _last_rva_by(m.unmatched_baseline(), attribute)
-    right, count_right = _last_rva_by(m.unmatched_patched(), attribute)
-    # in the order each key first appears in the baseline (a dict keeps a key where it was first set)
-    m.pair_all([(rva, right[key]) for key, rva in left.items()
-                if key and count_left[key] == 1 and count_right.get(key) == 1], method)
-
-
-def _last_rva_by(functions: list[Function], attribute: str) -> tuple[dict[object, int], Counter[object]]:
-    """Each ``attribute`` value's last function RVA, and how many functions have it (counted and mapped in
-    C: the first pass reads every function of both images, and only the keys met once are kept)."""
-    keys = list(map(attrgetter(attribute), functions))
-    return dict(zip(keys, map(_RVA, functions))), Counter(keys)
+    """Pairs the unmatched functions whose ``attribute`` (name, fingerprint) is set and unique on each side, in
+    baseline order (counted and paired in one kernel: the first pass reads every function of both images)."""
+    key = attrgetter(attribute)
+    left, right = m.unmatched_baseline(), m.unmatched_patched()
+    m.pair_all(m.unique_pairs(list(map(key, left)), list(map(_RVA, left)), list(map(key, right)),
+                              list(map(_RVA, right))), method)
 
 
 _RVA = attrgetter("rva")

@@ -267,6 +267,7 @@ def _rebuilt_by_both(image: Image) -> None:
     args = (Function, items, list(table.analyses), before, after, pdata, names, sources, _sources_of)
     made = compiled.build_functions(*args)
     assert made == reference.build_functions(*args) == list(table.functions)
+    assert [f.ranges for f in made] == [f.ranges for f in reference.build_functions(*args)] == [r for _, r in items]
     assert all(type(f) is Function and f.unwind is (pdata[f.rva].unwind if f.rva in pdata else None) for f in made)
 
 
@@ -284,6 +285,7 @@ def test_built_functions_are_frozen_slotted_and_pickle() -> None:
     with pytest.raises(AttributeError):
         function.rva = 0  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(function)) == function
+    assert pickle.loads(pickle.dumps(function)).ranges == function.ranges
 
 
 def test_build_functions_refuses_a_class_without_the_slots() -> None:

@@ -894,8 +894,10 @@ def build_functions(cls, list items, list analyses, const uint32_t[:] before, co
     """A ``cls`` (``functions.Function``, slotted) for each final item ``(rva, ranges)`` with its analysis and the
     padding before and after it: its name in ``names``, its sources ``sources_of(sources[rva])``, its unwind
     info from the .pdata entry ``pdata[rva]`` if any. Each is made by its type's ``tp_new`` with its slots
-    filled through their member descriptors' C setters: what its ``__init__`` does, without a Python call."""
-    cdef PyObject *descr[9]
+    filled through their member descriptors' C setters: what its ``__init__`` does, without a Python call. Its
+    ``ranges`` slot (outside the fields) gets the item's ranges themselves: ``(rva, end_rva)`` and the fragments,
+    what ``__post_init__`` would make anew."""
+    cdef PyObject *descr[10]
     cdef Py_ssize_t i, count = len(items)
     cdef tuple empty = (), item, ranges
     cdef dict tuples = {}
@@ -905,9 +907,10 @@ def build_functions(cls, list items, list analyses, const uint32_t[:] before, co
     if len(analyses) != count or before.shape[0] != count or after.shape[0] != count:
         raise ValueError("items, analyses and paddings differ in length")
     fields = [(<type>cls).__dict__[name] for name in FUNCTION_FIELDS]  # keeps the descriptors alive
-    for i in range(9):
+    fields.append(getattr(cls, "ranges", None))
+    for i in range(10):
         if type(fields[i]).__name__ != "member_descriptor":
-            raise TypeError(f"{cls.__name__}.{FUNCTION_FIELDS[i]} is not a slot")
+            raise TypeError(f"{cls.__name__}.{(FUNCTION_FIELDS + ('ranges',))[i]} is not a slot")
         descr[i] = <PyObject *>fields[i]
     for i in range(count):
         item = items[i]
@@ -927,6 +930,9 @@ def build_functions(cls, list items, list analyses, const uint32_t[:] before, co
         _set_slot(descr[6], made, after[i])
         _set_slot(descr[7], made, None if runtime is None else runtime.unwind)
         _set_slot(descr[8], made, analyses[i].fingerprint)
+        if ranges[0][0] != rva:  # discovery's items all begin at their start: this is only for other callers
+            ranges = ((rva, ranges[0][1]),) + ranges[1:]
+        _set_slot(descr[9], made, ranges)
         out.append(made)
     return out
 

@@ -17,7 +17,7 @@ import re
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from operator import attrgetter
 from typing import Any
@@ -46,9 +46,20 @@ def _sources_of(mask: int) -> tuple[str, ...]:
     return tuple(source for source in SOURCES if mask & _SOURCE_BIT[source])
 
 
+class _Ranged:
+    """The slot ``Function.ranges`` lives in: outside the dataclass's fields, so equality, hashing, repr and
+    pickles are the fields' alone."""
+
+    __slots__ = ("ranges",)
+    ranges: tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True, slots=True)
-class Function:
-    """One discovered function (slots: discovery's kernel fills them directly, tens of thousands an image)."""
+class Function(_Ranged):
+    """One discovered function (slots: discovery's kernel fills them directly, tens of thousands an image).
+
+    ``ranges`` (the primary range, then the fragments) is made once, not at each read: the diff reads it
+    hundreds of thousands of times (matching, pairing) and a fresh tuple cost more than the rest of a read."""
 
     rva: int
     end_rva: int
@@ -62,13 +73,18 @@ class Function:
     unwind: UnwindInfo | None = None
     fingerprint: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ranges", ((self.rva, self.end_rva),) + self.fragments)
+
+    def __setstate__(self, state: list[Any]) -> None:
+        """Unpickled (the state is the fields' values, as dataclass pickles a frozen slotted class)."""
+        for field, value in zip(fields(self), state):
+            object.__setattr__(self, field.name, value)
+        self.__post_init__()
+
     @property
     def size(self) -> int:
         return self.end_rva - self.rva
-
-    @property
-    def ranges(self) -> tuple[tuple[int, int], ...]:
-        return ((self.rva, self.end_rva),) + self.fragments
 
     @property
     def label(self) -> str:

@@ -13,7 +13,6 @@ next known start.
 from __future__ import annotations
 
 import importlib
-import re
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
@@ -233,7 +232,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     listed += [(symbol.rva, "symbol", symbol.name) for symbol in image.symbols if symbol.is_function]
     if image.entry_rva is not None:
         listed.append((image.entry_rva, "entry", None))
-    listed += [(thunk, "thunk", None) for thunk in _import_thunks(image)]
+    listed += [(thunk, "thunk", None) for thunk in _import_thunks(image, kernels)]
     listed += [(handler, "handler", None) for handler in handlers]
     fit = set(acceptable_in([rva for rva, _, _ in listed]))
     for rva, source, name in listed:
@@ -312,10 +311,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
 
 
-_THUNK_RE = re.compile(rb"\xff\x25(....)", re.DOTALL)
-
-
-def _import_thunks(image: Image) -> list[int]:
+def _import_thunks(image: Image, kernels: Any = _discovery_reference) -> list[int]:
     """``jmp [rip+IAT slot]`` stubs: the linker's import thunks (mingw calls CRT functions through them).
 
     ``FF 25`` right after a REX byte is the tail of MSVC's 7-byte ``48 FF 25`` tail jump to an import, not
@@ -326,9 +322,7 @@ def _import_thunks(image: Image) -> list[int]:
     out: list[int] = []
     memory = image.memory
     for section in image.executable_sections:
-        for match in _THUNK_RE.finditer(memory, section.rva, section.end_rva):
-            rva = match.start()
-            target = rva + 6 + int.from_bytes(match.group(1), "little", signed=True)
+        for rva, target in kernels.rip_jumps(memory, array("I", (section.rva,)), array("I", (section.end_rva,))):
             if image.import_at(target) is None:
                 continue
             if rva > section.rva and 0x40 <= memory[rva - 1] <= 0x4F and not (out and out[-1] == rva - 6):

@@ -463,8 +463,8 @@ def after_padding_in(memory, places):
 def rip_jumps(const uint8_t[:] memory, const uint32_t[:] begins, const uint32_t[:] ends):
     """Every ``jmp [rip+disp32]`` (FF 25 and four bytes) in the spans ``[begins[i], ends[i])`` of ``memory``, in
     the given order, found as a regular expression's search finds them (left to right, no two overlapping):
-    each as (its RVA, the RVA its displacement names). A memchr for the FF: tens of MB of code, a few hundred
-    jumps."""
+    each as (its RVA, the RVA its displacement names). A memchr for the 25: tens of MB of code hold a few hundred
+    jumps, and FF bytes fifty times as many as 25s."""
     cdef Py_ssize_t length = memory.shape[0], i, pos, last
     cdef const uint8_t *m = &memory[0] if length else NULL
     cdef const uint8_t *hit
@@ -474,11 +474,11 @@ def rip_jumps(const uint8_t[:] memory, const uint32_t[:] begins, const uint32_t[
         pos = begins[i]
         last = _clip(ends[i], length) - 6  # where the last whole jump of the span would start
         while pos <= last:
-            hit = <const uint8_t *>memchr(m + pos, 0xFF, <size_t>(last + 1 - pos))
+            hit = <const uint8_t *>memchr(m + pos + 1, 0x25, <size_t>(last + 1 - pos))  # a jump's second byte
             if hit == NULL:
                 break
-            pos = hit - m
-            if m[pos + 1] != 0x25:
+            pos = hit - m - 1
+            if m[pos] != 0xFF:
                 pos += 1
                 continue
             displacement = <int32_t>(m[pos + 2] | <uint32_t>m[pos + 3] << 8 | <uint32_t>m[pos + 4] << 16

@@ -33,9 +33,26 @@ def test_direct_function_equals_the_constructed_one() -> None:
                                           array("I", [3]), {}, {0x1000: "f"}, {0x1000: mask}, functions._sources_of)
         assert direct == made and hash(direct) == hash(made) and repr(direct) == repr(made)
         assert _fields(direct) == _fields(made) and not hasattr(direct, "__dict__")
-        assert pickle.loads(pickle.dumps(direct)) == made
+        assert direct.ranges == made.ranges == analysis.ranges
+        unpickled = pickle.loads(pickle.dumps(direct))
+        assert unpickled == made and unpickled.ranges == made.ranges
         with pytest.raises(dataclasses.FrozenInstanceError):
             direct.rva = 0  # type: ignore[misc]
+
+
+def test_direct_ranges_begin_at_the_entry() -> None:
+    """``ranges`` is ``(rva, end_rva)`` and the fragments however the item's first range begins, as a
+    Function constructed from the same fields has it; a replaced Function's follows its fields."""
+    from hotpatch.analysis import _discovery as compiled
+    from hotpatch.analysis import _discovery_reference as reference
+
+    analysis = FunctionAnalysis(0x1000, ((0x1000, 0x1040),), array("I"), [], [], "ab12")
+    item = (0x1000, ((0x0FF0, 0x1040), (0x2000, 0x2010)))
+    for kernels in (compiled, reference):
+        direct, = kernels.build_functions(Function, [item], [analysis], array("I", [0]), array("I", [0]), {}, {},
+                                          {0x1000: 1}, functions._sources_of)
+        assert direct.ranges == ((0x1000, 0x1040), (0x2000, 0x2010))
+        assert dataclasses.replace(direct, end_rva=0x1030).ranges == ((0x1000, 0x1030), (0x2000, 0x2010))
 
 
 def test_direct_analysis_equals_the_constructed_one() -> None:
@@ -55,6 +72,7 @@ def test_discovered_objects_equal_their_rebuilt_twins(built_fixtures: Path) -> N
     assert len(table) > 5
     for function, analysis in zip(table.functions, table.analyses):
         assert function == Function(**_fields(function))
+        assert function.ranges == Function(**_fields(function)).ranges == analysis.ranges
         assert analysis.fingerprint == function.fingerprint != ""
         assert _fields(analysis) == _fields(FunctionAnalysis(**_fields(analysis)))
 

@@ -13,7 +13,15 @@ import pytest
 
 from hotpatch.analysis import _discovery as compiled
 from hotpatch.analysis import _discovery_reference as reference
-from hotpatch.analysis.functions import SOURCES, Function, _rva32_spans, _section_bounds, _sources_of, discover
+from hotpatch.analysis.functions import (
+    SOURCES,
+    Function,
+    _import_thunks,
+    _rva32_spans,
+    _section_bounds,
+    _sources_of,
+    discover,
+)
 from hotpatch.pe.image import Image
 
 from .support.discovery import padding_soup
@@ -110,6 +118,23 @@ def test_batched_kernels_agree_on_random_padding_soup() -> None:
             expected = reference.trimmed_end(memory, rvas, begin, limit)
             assert compiled.trimmed_end(memory, rvas, begin, limit) == expected
             assert begin < expected <= limit
+
+
+def test_rip_jumps_agree_on_random_bytes() -> None:
+    """FF 25 back to back, overlapping, cut by a span's end or by memory's: found as the regex finds them."""
+    rng = random.Random(25)
+    for _ in range(300):
+        size = rng.randrange(0, 200)
+        memory = bytes(rng.choice((0xFF, 0x25, 0x25, 0xFF, 0x00, 0x48, rng.randrange(256))) for _ in range(size))
+        cuts = sorted(rng.randrange(0, size + 20) for _ in range(2 * rng.randrange(0, 4)))
+        begins, ends = array("I", cuts[0::2]), array("I", cuts[1::2])
+        if rng.random() < 0.2:
+            begins, ends = ends, begins  # spans given backwards or empty find nothing
+        assert compiled.rip_jumps(memory, begins, ends) == reference.rip_jumps(memory, begins, ends)
+    memory = bytes.fromhex("ff25ff25ff25 01000000 ff25 feffffff ff2580")
+    found = compiled.rip_jumps(memory, array("I", [0]), array("I", [len(memory)]))
+    assert found == reference.rip_jumps(memory, array("I", [0]), array("I", [len(memory)]))
+    assert [rva for rva, _ in found] == [0, 10] and found[1] == (10, 14)
 
 
 def test_named_agrees_with_set_intersection() -> None:
@@ -241,6 +266,9 @@ def _image_agreement(image: Image) -> None:
     code = [array("I", column) for column in zip(*sections)]
     expected = reference.pointer_targets(memory, relocations, image.image_base, *code)
     assert compiled.pointer_targets(memory, relocations, image.image_base, *code) == expected
+    every = [array("I", (s.rva for s in image.sections)), array("I", (s.end_rva for s in image.sections))]
+    assert compiled.rip_jumps(memory, *every) == reference.rip_jumps(memory, *every)
+    assert _import_thunks(image, compiled) == _import_thunks(image, reference)
 
 
 def test_kernels_agree_on_every_fixture() -> None:
@@ -267,6 +295,7 @@ def _rebuilt_by_both(image: Image) -> None:
     args = (Function, items, list(table.analyses), before, after, pdata, names, sources, _sources_of)
     made = compiled.build_functions(*args)
     assert made == reference.build_functions(*args) == list(table.functions)
+    assert [f.ranges for f in made] == [f.ranges for f in reference.build_functions(*args)] == [r for _, r in items]
     assert all(type(f) is Function and f.unwind is (pdata[f.rva].unwind if f.rva in pdata else None) for f in made)
 
 
@@ -284,6 +313,7 @@ def test_built_functions_are_frozen_slotted_and_pickle() -> None:
     with pytest.raises(AttributeError):
         function.rva = 0  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(function)) == function
+    assert pickle.loads(pickle.dumps(function)).ranges == function.ranges
 
 
 def test_build_functions_refuses_a_class_without_the_slots() -> None:

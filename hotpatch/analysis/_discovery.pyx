@@ -10,8 +10,9 @@ of ``padding.py`` read byte by byte); the tests check that both give identical r
 
 from array import array
 
-from libc.stdint cimport uint8_t, uint32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t, int64_t, uint64_t
 from libc.stdlib cimport qsort
+from libc.string cimport memchr
 from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 
 from hotpatch.analysis.includes.capstone cimport *
@@ -459,6 +460,34 @@ def after_padding_in(memory, places):
     return out
 
 
+def rip_jumps(const uint8_t[:] memory, const uint32_t[:] begins, const uint32_t[:] ends):
+    """Every ``jmp [rip+disp32]`` (FF 25 and four bytes) in the spans ``[begins[i], ends[i])`` of ``memory``, in
+    the given order, found as a regular expression's search finds them (left to right, no two overlapping):
+    each as (its RVA, the RVA its displacement names). A memchr for the 25: tens of MB of code hold a few hundred
+    jumps, and FF bytes fifty times as many as 25s."""
+    cdef Py_ssize_t length = memory.shape[0], i, pos, last
+    cdef const uint8_t *m = &memory[0] if length else NULL
+    cdef const uint8_t *hit
+    cdef int64_t displacement
+    cdef list out = []
+    for i in range(begins.shape[0]):
+        pos = begins[i]
+        last = _clip(ends[i], length) - 6  # where the last whole jump of the span would start
+        while pos <= last:
+            hit = <const uint8_t *>memchr(m + pos + 1, 0x25, <size_t>(last + 1 - pos))  # a jump's second byte
+            if hit == NULL:
+                break
+            pos = hit - m - 1
+            if m[pos] != 0xFF:
+                pos += 1
+                continue
+            displacement = <int32_t>(m[pos + 2] | <uint32_t>m[pos + 3] << 8 | <uint32_t>m[pos + 4] << 16
+                                     | <uint32_t>m[pos + 5] << 24)
+            out.append((pos, pos + 6 + displacement))
+            pos += 6
+    return out
+
+
 def pointer_targets(const uint8_t[:] memory, const uint32_t[:] relocations, uint64_t image_base,
                     const uint32_t[:] code_rvas, const uint32_t[:] code_ends):
     """What the relocated 64-bit pointers outside code point at inside the image, as RVAs, in relocation
@@ -894,8 +923,10 @@ def build_functions(cls, list items, list analyses, const uint32_t[:] before, co
     """A ``cls`` (``functions.Function``, slotted) for each final item ``(rva, ranges)`` with its analysis and the
     padding before and after it: its name in ``names``, its sources ``sources_of(sources[rva])``, its unwind
     info from the .pdata entry ``pdata[rva]`` if any. Each is made by its type's ``tp_new`` with its slots
-    filled through their member descriptors' C setters: what its ``__init__`` does, without a Python call."""
-    cdef PyObject *descr[9]
+    filled through their member descriptors' C setters: what its ``__init__`` does, without a Python call. Its
+    ``ranges`` slot (outside the fields) gets the item's ranges themselves: ``(rva, end_rva)`` and the fragments,
+    what ``__post_init__`` would make anew."""
+    cdef PyObject *descr[10]
     cdef Py_ssize_t i, count = len(items)
     cdef tuple empty = (), item, ranges
     cdef dict tuples = {}
@@ -905,9 +936,10 @@ def build_functions(cls, list items, list analyses, const uint32_t[:] before, co
     if len(analyses) != count or before.shape[0] != count or after.shape[0] != count:
         raise ValueError("items, analyses and paddings differ in length")
     fields = [(<type>cls).__dict__[name] for name in FUNCTION_FIELDS]  # keeps the descriptors alive
-    for i in range(9):
+    fields.append(getattr(cls, "ranges", None))
+    for i in range(10):
         if type(fields[i]).__name__ != "member_descriptor":
-            raise TypeError(f"{cls.__name__}.{FUNCTION_FIELDS[i]} is not a slot")
+            raise TypeError(f"{cls.__name__}.{(FUNCTION_FIELDS + ('ranges',))[i]} is not a slot")
         descr[i] = <PyObject *>fields[i]
     for i in range(count):
         item = items[i]
@@ -927,6 +959,9 @@ def build_functions(cls, list items, list analyses, const uint32_t[:] before, co
         _set_slot(descr[6], made, after[i])
         _set_slot(descr[7], made, None if runtime is None else runtime.unwind)
         _set_slot(descr[8], made, analyses[i].fingerprint)
+        if ranges[0][0] != rva:  # discovery's items all begin at their start: this is only for other callers
+            ranges = ((rva, ranges[0][1]),) + ranges[1:]
+        _set_slot(descr[9], made, ranges)
         out.append(made)
     return out
 

@@ -4,6 +4,7 @@ results (the tests compare both on fixtures, real binaries and random bytes)."""
 
 from __future__ import annotations
 
+import re
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
@@ -17,7 +18,7 @@ from .refkinds import BRANCH_REL8, BRANCH_REL32, CALL_REL32, RIP_RELATIVE
 __all__ = ["IMPLEMENTATION", "acceptable_in", "add_sources", "after_padding_in", "build_functions",
            "call_and_lea_targets", "decodable_in", "fresh_refs", "gap_places", "gap_starts", "memory_word_index",
            "memory_words", "named", "named_in", "owned_spans", "padding_runs", "plausible_limits", "pointer_targets",
-           "reach_windows", "reachable_end", "refresh_gap_places", "refresh_raw_items", "sane_items",
+           "reach_windows", "reachable_end", "refresh_gap_places", "refresh_raw_items", "rip_jumps", "sane_items",
            "sane_references", "settle_round", "stale_gap_places", "sweep_matches", "trimmed_end", "trimmed_layout",
            "word_index"]
 
@@ -246,6 +247,17 @@ def add_sources(rvas: Iterable[int], bit: int, sources: dict[int, int], pending:
 def after_padding_in(memory: bytes, places: Iterable[int]) -> list[int]:
     """The places (in the given order) right after int3 or nop padding (``padding.after_padding``)."""
     return [place for place in places if after_padding(memory, place)]
+
+
+#: ``jmp [rip+disp32]``
+_RIP_JUMP_RE = re.compile(rb"\xff\x25(....)", re.DOTALL)
+
+
+def rip_jumps(memory: bytes, begins: Sequence[int], ends: Sequence[int]) -> list[tuple[int, int]]:
+    """Every ``jmp [rip+disp32]`` (FF 25 and four bytes) in the spans ``[begins[i], ends[i])`` of ``memory``, in
+    the given order, as the regular expression finds them: each as (its RVA, the RVA its displacement names)."""
+    return [(match.start(), match.start() + 6 + int.from_bytes(match.group(1), "little", signed=True))
+            for begin, end in zip(begins, ends) for match in _RIP_JUMP_RE.finditer(memory, begin, end)]
 
 
 def pointer_targets(memory: bytes, relocations: Sequence[int], image_base: int, code_rvas: Sequence[int],

@@ -13,12 +13,11 @@ next known start.
 from __future__ import annotations
 
 import importlib
-import re
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, fields
+from functools import cache, cached_property
 from operator import attrgetter
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -46,9 +45,20 @@ def _sources_of(mask: int) -> tuple[str, ...]:
     return tuple(source for source in SOURCES if mask & _SOURCE_BIT[source])
 
 
+class _Ranged:
+    """The slot ``Function.ranges`` lives in: outside the dataclass's fields, so equality, hashing, repr and
+    pickles are the fields' alone."""
+
+    __slots__ = ("ranges",)
+    ranges: tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True, slots=True)
-class Function:
-    """One discovered function (slots: discovery's kernel fills them directly, tens of thousands an image)."""
+class Function(_Ranged):
+    """One discovered function (slots: discovery's kernel fills them directly, tens of thousands an image).
+
+    ``ranges`` (the primary range, then the fragments) is made once, not at each read: the diff reads it
+    hundreds of thousands of times (matching, pairing) and a fresh tuple cost more than the rest of a read."""
 
     rva: int
     end_rva: int
@@ -62,13 +72,18 @@ class Function:
     unwind: UnwindInfo | None = None
     fingerprint: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ranges", ((self.rva, self.end_rva),) + self.fragments)
+
+    def __setstate__(self, state: list[Any]) -> None:
+        """Unpickled (the state is the fields' values, as dataclass pickles a frozen slotted class)."""
+        for field, value in zip(fields(self), state):
+            object.__setattr__(self, field.name, value)
+        self.__post_init__()
+
     @property
     def size(self) -> int:
         return self.end_rva - self.rva
-
-    @property
-    def ranges(self) -> tuple[tuple[int, int], ...]:
-        return ((self.rva, self.end_rva),) + self.fragments
 
     @property
     def label(self) -> str:
@@ -146,32 +161,22 @@ class FunctionTable:
         spans = sorted((begin, end, f) for f in self.functions for begin, end in f.ranges)
         return [(a[2], b[2]) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
 
-    @property
+    # cached in the instance's __dict__ on first use (the table is frozen, its functions never change), then
+    # read as plain attributes: analysis_of, at and containing run tens of thousands of times a diff
+    @cached_property
     def _index(self) -> dict[int, int]:
-        cached = self.__dict__.get("_index_cache")
-        if cached is None:
-            cached = {f.rva: i for i, f in enumerate(self.functions)}
-            object.__setattr__(self, "_index_cache", cached)
-        return cached
+        return {f.rva: i for i, f in enumerate(self.functions)}
 
-    @property
+    @cached_property
     def _starts(self) -> list[int]:
-        cached = self.__dict__.get("_starts_cache")
-        if cached is None:
-            cached = [f.rva for f in self.functions]
-            object.__setattr__(self, "_starts_cache", cached)
-        return cached
+        return [f.rva for f in self.functions]
 
-    @property
+    @cached_property
     def _fragment_spans(self) -> tuple[list[int], list[tuple[int, int, int]]]:
         """The begins of every fragment sorted, and the (begin, end, function index) of each."""
-        cached = self.__dict__.get("_fragment_spans_cache")
-        if cached is None:
-            spans = sorted((begin, end, i) for i, f in enumerate(self.functions) if f.fragments
-                           for begin, end in f.fragments)
-            cached = ([s[0] for s in spans], spans)
-            object.__setattr__(self, "_fragment_spans_cache", cached)
-        return cached
+        spans = sorted((begin, end, i) for i, f in enumerate(self.functions) if f.fragments
+                       for begin, end in f.fragments)
+        return [s[0] for s in spans], spans
 
 
 # ── discovery ──────────────────────────────────────────────────────────────
@@ -226,7 +231,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     listed += [(symbol.rva, "symbol", symbol.name) for symbol in image.symbols if symbol.is_function]
     if image.entry_rva is not None:
         listed.append((image.entry_rva, "entry", None))
-    listed += [(thunk, "thunk", None) for thunk in _import_thunks(image)]
+    listed += [(thunk, "thunk", None) for thunk in _import_thunks(image, kernels)]
     listed += [(handler, "handler", None) for handler in handlers]
     fit = set(acceptable_in([rva for rva, _, _ in listed]))
     for rva, source, name in listed:
@@ -305,10 +310,7 @@ def _discover(image: Image, impl: Any) -> FunctionTable:
     return FunctionTable(image, tuple(functions), tuple(final), ctx, core)
 
 
-_THUNK_RE = re.compile(rb"\xff\x25(....)", re.DOTALL)
-
-
-def _import_thunks(image: Image) -> list[int]:
+def _import_thunks(image: Image, kernels: Any = _discovery_reference) -> list[int]:
     """``jmp [rip+IAT slot]`` stubs: the linker's import thunks (mingw calls CRT functions through them).
 
     ``FF 25`` right after a REX byte is the tail of MSVC's 7-byte ``48 FF 25`` tail jump to an import, not
@@ -319,9 +321,7 @@ def _import_thunks(image: Image) -> list[int]:
     out: list[int] = []
     memory = image.memory
     for section in image.executable_sections:
-        for match in _THUNK_RE.finditer(memory, section.rva, section.end_rva):
-            rva = match.start()
-            target = rva + 6 + int.from_bytes(match.group(1), "little", signed=True)
+        for rva, target in kernels.rip_jumps(memory, array("I", (section.rva,)), array("I", (section.end_rva,))):
             if image.import_at(target) is None:
                 continue
             if rva > section.rva and 0x40 <= memory[rva - 1] <= 0x4F and not (out and out[-1] == rva - 6):

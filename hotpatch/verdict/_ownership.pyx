@@ -25,7 +25,7 @@ from libcpp.algorithm cimport sort, unique
 from libcpp.vector cimport vector
 
 from hotpatch.analysis.includes.capstone cimport *
-from hotpatch.analysis._capstone_api cimport load_entry_points
+from hotpatch.analysis._capstone_api cimport load_entry_points, open_x86
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.verdict._tagsets cimport _drop, _has, _held, _lower, _set, _sorted_has, _subset_of, _union_of
 
@@ -192,10 +192,7 @@ cdef class _Scan:
         cdef Remembered empty
         memset(&empty, 0, sizeof(Remembered))
         self.remembered.assign(REMEMBERED, empty)
-        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
-            raise RuntimeError("cs_open failed")
-        cs.option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
-        self.insn = cs.malloc(self.handle)
+        open_x86(&cs, &self.handle, &self.insn, True)
 
     def __dealloc__(self):
         if self.insn != NULL:

@@ -104,16 +104,19 @@ cdef struct Step:
 
 # Summaries remembered by the instruction's bytes, across scans: an instruction that is not a call or a jump
 # summarises the same wherever it is (its target is the only part that depends on the address, and the heap
-# functions only matter to calls), and capstone's detail decode is most of the scan.
+# functions only matter to calls), and capstone's detail decode is most of the scan. A conditional jump is
+# remembered too, its target as a distance from the instruction (jmp is not: it may be a tail call to a heap
+# function).
 cdef enum:
-    REMEMBERED = 4096  # slots, hashed on the first four bytes
+    REMEMBERED_BITS = 12
+    REMEMBERED = 1 << REMEMBERED_BITS  # slots, hashed on the first four bytes
     REMEMBERED_WRITES = 8
 
 
 cdef struct Remembered:
     uint8_t size  # 0: empty slot
     uint8_t code[16]
-    Step step  # writes_at unused
+    Step step  # writes_at unused; a jump's target is ``rva + step.jump``
     uint16_t writes[REMEMBERED_WRITES]
 
 
@@ -347,10 +350,12 @@ cdef class _Scan:
         cdef uint32_t i, key
         if size >= 4:
             key = (code[0] | <uint32_t>code[1] << 8 | <uint32_t>code[2] << 16 | <uint32_t>code[3] << 24)
-            known = &self.remembered[((key * 2654435761u) >> 20) % REMEMBERED]
+            known = &self.remembered[(key * 2654435761u) >> (32 - REMEMBERED_BITS)]
             if known.size and known.size <= size and memcmp(known.code, code, known.size) == 0:
                 memcpy(st, &known.step, sizeof(Step))
                 st.slot_number = st.field_tag = 0
+                if st.is_jump:
+                    st.jump += rva
                 st.writes_at = self.writes.size()
                 for i in range(st.writes_count):
                     self.writes.push_back(known.writes[i])
@@ -358,11 +363,15 @@ cdef class _Scan:
         cdef const uint8_t *start = code
         if cs.disasm_iter(self.handle, &code, &size, &address, self.insn):
             self.summarise(st)
-            if known != NULL and st.call == C_NONE and not st.is_jump and st.writes_count <= REMEMBERED_WRITES \
-                    and self.insn.id != X86_INS_CALL and self.insn.id != X86_INS_JMP and st.size <= 16:
+            # a jump's target only when it is one (a negative one goes through the tables, and might not elsewhere)
+            if known != NULL and st.call == C_NONE and (not st.is_jump or st.jump >= 0) \
+                    and st.writes_count <= REMEMBERED_WRITES and self.insn.id != X86_INS_CALL \
+                    and self.insn.id != X86_INS_JMP and st.size <= 16:
                 known.size = <uint8_t>st.size
                 memcpy(known.code, start, st.size)
                 memcpy(&known.step, st, sizeof(Step))
+                if st.is_jump:
+                    known.step.jump -= rva
                 for i in range(st.writes_count):
                     known.writes[i] = self.writes[st.writes_at + i]
         return st
@@ -426,8 +435,10 @@ cdef class _Scan:
             st.has_slot, st.slot = True, op0.mem.disp
         return 0
 
-    cdef void written(self, const Step *st, vector[uint64_t] &tags) noexcept nogil:
+    cdef inline void written(self, const Step *st, vector[uint64_t] &tags) noexcept nogil:
         cdef uint32_t i
+        if tags.empty():
+            return
         for i in range(st.writes_count):  # a write to a part of a register ends its tag
             _drop(tags, self.writes[st.writes_at + i])
 
@@ -450,6 +461,12 @@ cdef class _Scan:
         cdef uint64_t loc
         cdef vector[int64_t] *fields
         cdef int64_t site
+        if tags.empty() and st.move != M_LOAD:
+            # nothing held, and only a load makes a tag: what is left of the below is the slot's number, asked as
+            # there (most steps of a scan hold nothing)
+            if st.has_slot:
+                self.slot_of(st)
+            return 0
         if st.move == M_SPILL:  # the value comes back with its tags
             _held(tags, st.reg, held)
             _set(tags, self.slot_of(st), held, scratch)
@@ -534,8 +551,9 @@ cdef class _Scan:
                         _held(tags, self.freed_in[st.target], held)
                         for i in range(held.size()):
                             self.frees.push_back((<uint64_t>rva << 32) | held[i])
-                    for r in range(VOLATILE_COUNT):
-                        _drop(tags, VOLATILE[r])
+                    if not tags.empty():
+                        for r in range(VOLATILE_COUNT):
+                            _drop(tags, VOLATILE[r])
                     if st.call == C_ALLOC and st.is_call:
                         held.clear()
                         held.push_back(self.tag(ALLOC, rva))

@@ -533,17 +533,20 @@ cdef class _Scan:
                 else:
                     entry = self.seen_at[place] - 1
                     known_size = self.seen_size[entry]
-                    known = self.seen_pool.const_data() + self.seen_begin[entry]
-                    if known_size and _subset_of(tags, known, known_size):
-                        break
-                    if known_size:  # what other paths brought here joins this one
+                    if known_size:
+                        known = self.seen_pool.const_data() + self.seen_begin[entry]
+                        if _subset_of(tags, known, known_size):
+                            break
+                        # what other paths brought here joins this one
                         _union_of(known, known_size, tags, merged)
                         tags.swap(merged)
-                    # the place's tags become these, appended (``known`` is not read again: the pool may move)
-                    self.seen_begin[entry] = self.seen_pool.size()
-                    self.seen_size[entry] = tags.size()
-                    self.seen_pool.insert(self.seen_pool.end(), tags.begin(), tags.end())
-                st = self.step(rva, place)
+                    if known_size or not tags.empty():  # (nothing to nothing: the place's record stays empty)
+                        # the place's tags become these, appended (``known`` is not read again: the pool may move)
+                        self.seen_begin[entry] = self.seen_pool.size()
+                        self.seen_size[entry] = tags.size()
+                        self.seen_pool.insert(self.seen_pool.end(), tags.begin(), tags.end())
+                # the summary made when the place was first walked, if it was (most steps walk a place again)
+                st = &self.steps[self.step_at[place] - 1] if self.step_at[place] else self.step(rva, place)
                 if st.size == 0:
                     break
                 if st.call != C_NONE:

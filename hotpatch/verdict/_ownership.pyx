@@ -79,20 +79,10 @@ cdef enum:
 
 
 cdef struct Step:
-    int size  # 0: nothing decodes here
-    int call
+    # (ordered and sized to fit a cache line: most steps walk a place again and read only its summary)
     int64_t target
-    bint is_call
-    bint ends
-    bint is_jump
     int64_t jump  # -1: through a table
-    bint unconditional
-    int move
-    int reg
-    int source
-    bint has_slot
     int64_t slot
-    bint has_field
     int64_t field
     uint32_t writes_at  # into _Scan.writes
     uint32_t writes_count
@@ -100,6 +90,17 @@ cdef struct Step:
     # place walked again does not look them up again; never taken from a remembered summary
     uint32_t slot_number
     uint32_t field_tag
+    uint16_t reg
+    uint16_t source
+    uint8_t size  # 0: nothing decodes here
+    uint8_t call
+    uint8_t move
+    uint8_t is_call
+    uint8_t ends
+    uint8_t is_jump
+    uint8_t unconditional
+    uint8_t has_slot
+    uint8_t has_field
 
 
 # Summaries remembered by the instruction's bytes, across scans: an instruction that is not a call or a jump

@@ -256,6 +256,23 @@ def test_remembered_instructions_are_told_apart_by_all_their_bytes() -> None:
         assert frees == {(("field", field), _FUNCTION_RVA + len(load))}
 
 
+def test_remembered_conditional_jumps_go_where_their_own_address_sends_them() -> None:
+    # the same je bytes at two addresses: the scan remembers a conditional jump's target as a distance, so
+    # each must reach the load and free 22 bytes after its own start (int3 one byte before)
+    jumps = {}
+    for pad, field in ((b"", 8), (b"\x90", 0x10)):
+        at = _FUNCTION_RVA + len(pad)
+        jump = _branch("je", at, at + 22)
+        load = assemble(f"mov rcx, qword ptr [rbx + {field:#x}]")
+        body = pad + jump + b"\xcc" * (22 - len(jump)) + load
+        site = _FUNCTION_RVA + len(body)
+        program = _function(body + _branch("call", site, _FREE_RCX) + b"\xc3")
+        frees, _ = _agree(program, program.function, _ALLOCATORS, _DEALLOCATORS)
+        assert frees == {(("field", field), site)}
+        jumps[pad] = jump
+    assert jumps[b""] == jumps[b"\x90"]
+
+
 def test_scans_that_alternate_heap_functions_use_each_scans_own() -> None:
     # the verdict alternates the baseline's and the patched image's heap functions; the compiled scan keeps
     # both sets, and must not free through a deallocator of the other set

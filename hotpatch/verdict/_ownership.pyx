@@ -25,7 +25,7 @@ from libcpp.algorithm cimport sort, unique
 from libcpp.vector cimport vector
 
 from hotpatch.analysis.includes.capstone cimport *
-from hotpatch.analysis._capstone_api cimport load_entry_points
+from hotpatch.analysis._capstone_api cimport load_entry_points, open_x86
 from hotpatch.analysis._reflist cimport PackedRef, RefList
 from hotpatch.verdict._tagsets cimport _drop, _has, _held, _lower, _set, _sorted_has, _subset_of, _union_of
 
@@ -79,20 +79,10 @@ cdef enum:
 
 
 cdef struct Step:
-    int size  # 0: nothing decodes here
-    int call
+    # (ordered and sized to fit a cache line: most steps walk a place again and read only its summary)
     int64_t target
-    bint is_call
-    bint ends
-    bint is_jump
     int64_t jump  # -1: through a table
-    bint unconditional
-    int move
-    int reg
-    int source
-    bint has_slot
     int64_t slot
-    bint has_field
     int64_t field
     uint32_t writes_at  # into _Scan.writes
     uint32_t writes_count
@@ -100,20 +90,34 @@ cdef struct Step:
     # place walked again does not look them up again; never taken from a remembered summary
     uint32_t slot_number
     uint32_t field_tag
+    uint16_t reg
+    uint16_t source
+    uint8_t size  # 0: nothing decodes here
+    uint8_t call
+    uint8_t move
+    uint8_t is_call
+    uint8_t ends
+    uint8_t is_jump
+    uint8_t unconditional
+    uint8_t has_slot
+    uint8_t has_field
 
 
 # Summaries remembered by the instruction's bytes, across scans: an instruction that is not a call or a jump
 # summarises the same wherever it is (its target is the only part that depends on the address, and the heap
-# functions only matter to calls), and capstone's detail decode is most of the scan.
+# functions only matter to calls), and capstone's detail decode is most of the scan. A conditional jump is
+# remembered too, its target as a distance from the instruction (jmp is not: it may be a tail call to a heap
+# function).
 cdef enum:
-    REMEMBERED = 4096  # slots, hashed on the first four bytes
+    REMEMBERED_BITS = 12
+    REMEMBERED = 1 << REMEMBERED_BITS  # slots, hashed on the first four bytes
     REMEMBERED_WRITES = 8
 
 
 cdef struct Remembered:
     uint8_t size  # 0: empty slot
     uint8_t code[16]
-    Step step  # writes_at unused
+    Step step  # writes_at unused; a jump's target is ``rva + step.jump``
     uint16_t writes[REMEMBERED_WRITES]
 
 
@@ -192,10 +196,7 @@ cdef class _Scan:
         cdef Remembered empty
         memset(&empty, 0, sizeof(Remembered))
         self.remembered.assign(REMEMBERED, empty)
-        if cs.open(CS_ARCH_X86, CS_MODE_64, &self.handle) != CS_ERR_OK:
-            raise RuntimeError("cs_open failed")
-        cs.option(self.handle, CS_OPT_DETAIL, CS_OPT_ON)
-        self.insn = cs.malloc(self.handle)
+        open_x86(&cs, &self.handle, &self.insn, True)
 
     def __dealloc__(self):
         if self.insn != NULL:
@@ -350,10 +351,12 @@ cdef class _Scan:
         cdef uint32_t i, key
         if size >= 4:
             key = (code[0] | <uint32_t>code[1] << 8 | <uint32_t>code[2] << 16 | <uint32_t>code[3] << 24)
-            known = &self.remembered[((key * 2654435761u) >> 20) % REMEMBERED]
+            known = &self.remembered[(key * 2654435761u) >> (32 - REMEMBERED_BITS)]
             if known.size and known.size <= size and memcmp(known.code, code, known.size) == 0:
                 memcpy(st, &known.step, sizeof(Step))
                 st.slot_number = st.field_tag = 0
+                if st.is_jump:
+                    st.jump += rva
                 st.writes_at = self.writes.size()
                 for i in range(st.writes_count):
                     self.writes.push_back(known.writes[i])
@@ -361,11 +364,15 @@ cdef class _Scan:
         cdef const uint8_t *start = code
         if cs.disasm_iter(self.handle, &code, &size, &address, self.insn):
             self.summarise(st)
-            if known != NULL and st.call == C_NONE and not st.is_jump and st.writes_count <= REMEMBERED_WRITES \
-                    and self.insn.id != X86_INS_CALL and self.insn.id != X86_INS_JMP and st.size <= 16:
+            # a jump's target only when it is one (a negative one goes through the tables, and might not elsewhere)
+            if known != NULL and st.call == C_NONE and (not st.is_jump or st.jump >= 0) \
+                    and st.writes_count <= REMEMBERED_WRITES and self.insn.id != X86_INS_CALL \
+                    and self.insn.id != X86_INS_JMP and st.size <= 16:
                 known.size = <uint8_t>st.size
                 memcpy(known.code, start, st.size)
                 memcpy(&known.step, st, sizeof(Step))
+                if st.is_jump:
+                    known.step.jump -= rva
                 for i in range(st.writes_count):
                     known.writes[i] = self.writes[st.writes_at + i]
         return st
@@ -429,8 +436,10 @@ cdef class _Scan:
             st.has_slot, st.slot = True, op0.mem.disp
         return 0
 
-    cdef void written(self, const Step *st, vector[uint64_t] &tags) noexcept nogil:
+    cdef inline void written(self, const Step *st, vector[uint64_t] &tags) noexcept nogil:
         cdef uint32_t i
+        if tags.empty():
+            return
         for i in range(st.writes_count):  # a write to a part of a register ends its tag
             _drop(tags, self.writes[st.writes_at + i])
 
@@ -453,6 +462,12 @@ cdef class _Scan:
         cdef uint64_t loc
         cdef vector[int64_t] *fields
         cdef int64_t site
+        if tags.empty() and st.move != M_LOAD:
+            # nothing held, and only a load makes a tag: what is left of the below is the slot's number, asked as
+            # there (most steps of a scan hold nothing)
+            if st.has_slot:
+                self.slot_of(st)
+            return 0
         if st.move == M_SPILL:  # the value comes back with its tags
             _held(tags, st.reg, held)
             _set(tags, self.slot_of(st), held, scratch)
@@ -519,17 +534,20 @@ cdef class _Scan:
                 else:
                     entry = self.seen_at[place] - 1
                     known_size = self.seen_size[entry]
-                    known = self.seen_pool.const_data() + self.seen_begin[entry]
-                    if known_size and _subset_of(tags, known, known_size):
-                        break
-                    if known_size:  # what other paths brought here joins this one
+                    if known_size:
+                        known = self.seen_pool.const_data() + self.seen_begin[entry]
+                        if _subset_of(tags, known, known_size):
+                            break
+                        # what other paths brought here joins this one
                         _union_of(known, known_size, tags, merged)
                         tags.swap(merged)
-                    # the place's tags become these, appended (``known`` is not read again: the pool may move)
-                    self.seen_begin[entry] = self.seen_pool.size()
-                    self.seen_size[entry] = tags.size()
-                    self.seen_pool.insert(self.seen_pool.end(), tags.begin(), tags.end())
-                st = self.step(rva, place)
+                    if known_size or not tags.empty():  # (nothing to nothing: the place's record stays empty)
+                        # the place's tags become these, appended (``known`` is not read again: the pool may move)
+                        self.seen_begin[entry] = self.seen_pool.size()
+                        self.seen_size[entry] = tags.size()
+                        self.seen_pool.insert(self.seen_pool.end(), tags.begin(), tags.end())
+                # the summary made when the place was first walked, if it was (most steps walk a place again)
+                st = &self.steps[self.step_at[place] - 1] if self.step_at[place] else self.step(rva, place)
                 if st.size == 0:
                     break
                 if st.call != C_NONE:
@@ -537,8 +555,9 @@ cdef class _Scan:
                         _held(tags, self.freed_in[st.target], held)
                         for i in range(held.size()):
                             self.frees.push_back((<uint64_t>rva << 32) | held[i])
-                    for r in range(VOLATILE_COUNT):
-                        _drop(tags, VOLATILE[r])
+                    if not tags.empty():
+                        for r in range(VOLATILE_COUNT):
+                            _drop(tags, VOLATILE[r])
                     if st.call == C_ALLOC and st.is_call:
                         held.clear()
                         held.push_back(self.tag(ALLOC, rva))

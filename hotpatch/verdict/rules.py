@@ -160,9 +160,9 @@ def _unsupported_references(result: DiffResult, function: Any, unsupported: Any,
     diff kernels' ``unsupported_refs``, ``sections`` the patched image's as it takes them."""
     table = result.patched
     out = []
-    label = function.label
     for why, insn_rva, target in unsupported(table.analysis_of(function).raw_refs, function.ranges,
                                              function.size > _REL8_ISLAND_REACH, sections, table.context.iat):
+        label = function.label  # (made only for a reason: most functions have none)
         if why == 0:
             out.append(Reason("unsupported_reference", label,
                               f"{label}: rel8 branch at {insn_rva:#x} leaves a function too long for a relay island"))

@@ -12,7 +12,6 @@ next known start.
 
 from __future__ import annotations
 
-import importlib
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
@@ -25,7 +24,7 @@ from weakref import WeakKeyDictionary
 from ..collector import gc_paused
 from ..pe.image import Image, UnwindInfo
 from . import _discovery_reference
-from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all
+from .api import AnalysisContext, FunctionAnalysis, backend, decode, fingerprint_all, kernels_for
 from .layout import Item, Layout
 from .padding import FILL_BYTES, covered_bytes, gap_fill_bytes
 from .refkinds import IAT_JUMP
@@ -190,9 +189,7 @@ def discover(image: Image, impl: Any = None) -> FunctionTable:
 
 def _kernels(core: Any) -> Any:
     """Discovery's round kernels that go with an analysis implementation: compiled with compiled."""
-    if getattr(core, "IMPLEMENTATION", None) == "cython":
-        return importlib.import_module("hotpatch.analysis._discovery")
-    return _discovery_reference
+    return kernels_for(core, "hotpatch.analysis._discovery", _discovery_reference.__name__, "discovery kernels")
 
 
 def _discover(image: Image, impl: Any) -> FunctionTable:

@@ -13,7 +13,7 @@ import os
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -200,6 +200,7 @@ def x86_numbers() -> Any:
     return _x86_numbers
 
 
+@cache  # asked per changed function by the verdict: the lookup is made once per implementation
 def kernels_for(impl: Any, compiled: str, twin: str, what: str) -> ModuleType:
     """The kernels that go with an analysis implementation: the module ``compiled`` with the compiled core, its
     pure-Python ``twin`` with the Python one (the twins agree); ``what`` names them in the error when the compiled

@@ -17,8 +17,6 @@ return into the middle of the redirect: ``call rax`` is 2 bytes).
 
 from __future__ import annotations
 
-from functools import cache
-
 from ..analysis.api import diff_kernels
 from ..analysis.functions import Function, FunctionTable
 from .strategy import PADDING_JMP_SIZE, Strategy
@@ -29,8 +27,6 @@ __all__ = ["obstacles", "possible_strategies", "redirectable"]
 _WIDTHS = tuple((strategy, strategy.width) for strategy in Strategy)
 _LONGEST = max(width for _, width in _WIDTHS)
 _SHORTEST = min(width for _, width in _WIDTHS)
-#: ``diff_kernels`` by analysis implementation, looked up once (the verdict asks for every changed function)
-_kernels = cache(diff_kernels)
 
 
 def possible_strategies(table: FunctionTable, function: Function) -> list[Strategy]:
@@ -51,7 +47,7 @@ def redirectable(table: FunctionTable, function: Function) -> bool:
     if function.pad_before >= PADDING_JMP_SIZE and function.size >= Strategy.SHORT_JMP_PADDING.width:
         analysis = table.analysis_of(function)
         second = entry + 1
-        if not _kernels(table.backend).branch_targets_between(analysis.raw_refs, entry, second + 1) \
+        if not diff_kernels(table.backend).branch_targets_between(analysis.raw_refs, entry, second + 1) \
                 and not any(second in jump_table[3] for jump_table in analysis.raw_tables):
             return True
     return bool(possible_strategies(table, function))
@@ -87,7 +83,7 @@ def _targets_near_entry(table: FunctionTable, function: Function) -> set[int]:
     entry = function.rva
     near = entry + _LONGEST
     analysis = table.analysis_of(function)
-    targets: set[int] = _kernels(table.backend).branch_targets_between(analysis.raw_refs, entry,
+    targets: set[int] = diff_kernels(table.backend).branch_targets_between(analysis.raw_refs, entry,
                                                                            min(function.end_rva, near))
     for jump_table in analysis.raw_tables:
         targets.update(t for t in jump_table[3] if entry < t < near)
